@@ -1,0 +1,493 @@
+/*
+ * mqrt._atomic - word-level atomics on a shared-memory buffer.
+ *
+ * The user-space counterpart of the kernel's <linux/atomic.h> and <linux/bitops.h>,
+ * for words that live in a multiprocessing.shared_memory segment mapped by several
+ * processes.  Only word-level primitives live here; rings, sbitmap and everything
+ * above them are Python (mqrt/ring.py, mqrt/sbitmap.py), so they can be read,
+ * instrumented and deliberately broken.
+ *
+ * Memory-ordering model (GCC __atomic builtins):
+ *   read / read32                    relaxed load            (READ_ONCE)
+ *   set / set32                      relaxed store           (WRITE_ONCE)
+ *   load_acquire / load_acquire32    acquire load            (smp_load_acquire)
+ *   store_release / store_release32  release store           (smp_store_release)
+ *   cmpxchg, xchg, fetch_*           sequentially consistent (value-returning RMW
+ *                                    atomics are fully ordered in the kernel too)
+ *   test_and_set_bit, test_and_clear_bit   fully ordered
+ *   test_and_set_bit_lock            acquire                 (lock a bit)
+ *   clear_bit_unlock                 release                 (unlock a bit)
+ *   set_bit, clear_bit               relaxed (like the kernel's non-returning bitops)
+ *   find_and_set_zero_bit            relaxed scan, acquire test-and-set (sbitmap's
+ *                                    find_next_zero_bit + test_and_set_bit_lock loop)
+ *   fence()                          full barrier            (smp_mb)
+ *
+ * 64-bit operations work on unsigned words (unsigned long: bitmap words, ring
+ * counters); 32-bit operations work on signed words (atomic_t: ws_active, wait_cnt,
+ * nr_active).  Arguments wrap modulo the word size, as kernel atomics do.
+ *
+ * Every access is checked against the buffer: an offset outside it raises IndexError,
+ * a misaligned one ValueError, and a released view ValueError - never a segfault.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    char *base;          /* NULL once released */
+    Py_ssize_t len;
+} AtomicView;
+
+static inline void *
+word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
+{
+    Py_ssize_t off;
+
+    if (self->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released AtomicView");
+        return NULL;
+    }
+    off = PyLong_AsSsize_t(arg);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    if (off < 0 || off > self->len - width) {
+        PyErr_Format(PyExc_IndexError,
+                     "offset %zd out of range for a %zd-byte word in a %zd-byte buffer",
+                     off, width, self->len);
+        return NULL;
+    }
+    if (off & (width - 1)) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not %zd-byte aligned", off, width);
+        return NULL;
+    }
+    return self->base + off;
+}
+
+static inline int
+get_u64(PyObject *arg, uint64_t *out)
+{
+    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(arg);
+    return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static inline int
+get_i32(PyObject *arg, int32_t *out)
+{
+    uint64_t v = (uint64_t)PyLong_AsUnsignedLongLongMask(arg);
+    if (v == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    *out = (int32_t)(uint32_t)v;
+    return 0;
+}
+
+static inline int
+get_bitnr(PyObject *arg, unsigned *out)
+{
+    long nr = PyLong_AsLong(arg);
+    if (nr == -1 && PyErr_Occurred())
+        return -1;
+    if (nr < 0 || nr > 63) {
+        PyErr_Format(PyExc_ValueError, "bit number %ld out of range 0..63", nr);
+        return -1;
+    }
+    *out = (unsigned)nr;
+    return 0;
+}
+
+static int
+check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- loads and stores ------------------------------------------------------------ */
+
+#define DEFINE_LOAD(fn, type, width, order, box)                                        \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        type *p;                                                                      \
+        if (check_nargs(#fn, nargs, 1) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], width)))                                   \
+            return NULL;                                                              \
+        return box(__atomic_load_n(p, order));                                        \
+    }
+
+#define DEFINE_STORE(fn, type, width, order, unbox)                                     \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        type *p;                                                                      \
+        type v;                                                                       \
+        if (check_nargs(#fn, nargs, 2) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+            return NULL;                                                              \
+        __atomic_store_n(p, v, order);                                                \
+        Py_RETURN_NONE;                                                               \
+    }
+
+/* ---- read-modify-write ------------------------------------------------------------ */
+
+#define DEFINE_RMW(fn, type, width, builtin, box, unbox)                                \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        type *p;                                                                      \
+        type v;                                                                       \
+        if (check_nargs(#fn, nargs, 2) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+            return NULL;                                                              \
+        return box(builtin(p, v, __ATOMIC_SEQ_CST));                                  \
+    }
+
+#define DEFINE_FETCH_ANDNOT(fn, type, width, box, unbox)                                \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        type *p;                                                                      \
+        type v;                                                                       \
+        if (check_nargs(#fn, nargs, 2) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+            return NULL;                                                              \
+        return box(__atomic_fetch_and(p, (type)~v, __ATOMIC_SEQ_CST));                \
+    }
+
+/* cmpxchg(off, old, new) returns the value found; it succeeded iff that equals old. */
+#define DEFINE_CMPXCHG(fn, type, width, box, unbox)                                     \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        type *p;                                                                      \
+        type expected, desired;                                                       \
+        if (check_nargs(#fn, nargs, 3) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &expected) < 0   \
+            || unbox(args[2], &desired) < 0)                                          \
+            return NULL;                                                              \
+        __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,       \
+                                    __ATOMIC_SEQ_CST);                                \
+        return box(expected);                                                         \
+    }
+
+#define BOX_U64(v) PyLong_FromUnsignedLongLong((unsigned long long)(v))
+#define BOX_I32(v) PyLong_FromLong((long)(v))
+
+DEFINE_LOAD(av_read, uint64_t, 8, __ATOMIC_RELAXED, BOX_U64)
+DEFINE_LOAD(av_load_acquire, uint64_t, 8, __ATOMIC_ACQUIRE, BOX_U64)
+DEFINE_STORE(av_set, uint64_t, 8, __ATOMIC_RELAXED, get_u64)
+DEFINE_STORE(av_store_release, uint64_t, 8, __ATOMIC_RELEASE, get_u64)
+DEFINE_CMPXCHG(av_cmpxchg, uint64_t, 8, BOX_U64, get_u64)
+DEFINE_RMW(av_xchg, uint64_t, 8, __atomic_exchange_n, BOX_U64, get_u64)
+DEFINE_RMW(av_fetch_add, uint64_t, 8, __atomic_fetch_add, BOX_U64, get_u64)
+DEFINE_RMW(av_fetch_sub, uint64_t, 8, __atomic_fetch_sub, BOX_U64, get_u64)
+DEFINE_RMW(av_fetch_or, uint64_t, 8, __atomic_fetch_or, BOX_U64, get_u64)
+DEFINE_RMW(av_fetch_and, uint64_t, 8, __atomic_fetch_and, BOX_U64, get_u64)
+DEFINE_FETCH_ANDNOT(av_fetch_andnot, uint64_t, 8, BOX_U64, get_u64)
+
+DEFINE_LOAD(av_read32, int32_t, 4, __ATOMIC_RELAXED, BOX_I32)
+DEFINE_LOAD(av_load_acquire32, int32_t, 4, __ATOMIC_ACQUIRE, BOX_I32)
+DEFINE_STORE(av_set32, int32_t, 4, __ATOMIC_RELAXED, get_i32)
+DEFINE_STORE(av_store_release32, int32_t, 4, __ATOMIC_RELEASE, get_i32)
+DEFINE_CMPXCHG(av_cmpxchg32, int32_t, 4, BOX_I32, get_i32)
+DEFINE_RMW(av_xchg32, int32_t, 4, __atomic_exchange_n, BOX_I32, get_i32)
+DEFINE_RMW(av_fetch_add32, int32_t, 4, __atomic_fetch_add, BOX_I32, get_i32)
+DEFINE_RMW(av_fetch_sub32, int32_t, 4, __atomic_fetch_sub, BOX_I32, get_i32)
+DEFINE_RMW(av_fetch_or32, int32_t, 4, __atomic_fetch_or, BOX_I32, get_i32)
+DEFINE_RMW(av_fetch_and32, int32_t, 4, __atomic_fetch_and, BOX_I32, get_i32)
+
+/* ---- bit operations on 64-bit words ------------------------------------------------ */
+
+static PyObject *
+av_test_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t *p;
+    unsigned nr;
+    if (check_nargs("test_bit", nargs, 2) < 0)
+        return NULL;
+    if (!(p = word_addr(self, args[0], 8)) || get_bitnr(args[1], &nr) < 0)
+        return NULL;
+    return PyBool_FromLong((__atomic_load_n(p, __ATOMIC_RELAXED) >> nr) & 1);
+}
+
+#define DEFINE_BITOP(fn, builtin, order, make_mask, returns_old)                        \
+    static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
+    {                                                                                 \
+        uint64_t *p;                                                                  \
+        uint64_t old;                                                                 \
+        unsigned nr;                                                                  \
+        if (check_nargs(#fn, nargs, 2) < 0)                                           \
+            return NULL;                                                              \
+        if (!(p = word_addr(self, args[0], 8)) || get_bitnr(args[1], &nr) < 0)        \
+            return NULL;                                                              \
+        old = builtin(p, make_mask(nr), order);                                       \
+        if (returns_old)                                                              \
+            return PyBool_FromLong((old >> nr) & 1);                                  \
+        Py_RETURN_NONE;                                                               \
+    }
+
+#define BIT(nr) ((uint64_t)1 << (nr))
+#define NOTBIT(nr) (~((uint64_t)1 << (nr)))
+
+DEFINE_BITOP(av_set_bit, __atomic_fetch_or, __ATOMIC_RELAXED, BIT, 0)
+DEFINE_BITOP(av_clear_bit, __atomic_fetch_and, __ATOMIC_RELAXED, NOTBIT, 0)
+DEFINE_BITOP(av_clear_bit_unlock, __atomic_fetch_and, __ATOMIC_RELEASE, NOTBIT, 0)
+DEFINE_BITOP(av_test_and_set_bit, __atomic_fetch_or, __ATOMIC_SEQ_CST, BIT, 1)
+DEFINE_BITOP(av_test_and_set_bit_lock, __atomic_fetch_or, __ATOMIC_ACQUIRE, BIT, 1)
+DEFINE_BITOP(av_test_and_clear_bit, __atomic_fetch_and, __ATOMIC_SEQ_CST, NOTBIT, 1)
+
+/* First zero bit at or above `from` among bits [0, depth) of val, or depth if none. */
+static inline unsigned
+next_zero_bit(uint64_t val, unsigned depth, unsigned from)
+{
+    uint64_t free;
+    if (from >= depth)
+        return depth;
+    free = ~val & (depth == 64 ? ~(uint64_t)0 : BIT(depth) - 1) & (~(uint64_t)0 << from);
+    return free ? (unsigned)__builtin_ctzll(free) : depth;
+}
+
+/*
+ * find_and_set_zero_bit(off, depth, hint, wrap) -> bit number or -1
+ *
+ * Find a zero bit among bits [0, depth) of the word at `off`, starting the search at
+ * `hint`, and set it with acquire ordering; on a lost race move past the bit and
+ * search again.  With `wrap` (and a non-zero hint) the search restarts from bit 0
+ * once it runs off the end.  This is the word loop of sbitmap's __sbitmap_get_word():
+ * the same hint handling, including moving back to 0 when the next hint would reach
+ * depth - 1.
+ */
+static PyObject *
+av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t *p, val;
+    long depth, hint;
+    int wrap;
+    unsigned nr;
+
+    if (check_nargs("find_and_set_zero_bit", nargs, 4) < 0)
+        return NULL;
+    if (!(p = word_addr(self, args[0], 8)))
+        return NULL;
+    depth = PyLong_AsLong(args[1]);
+    if (depth == -1 && PyErr_Occurred())
+        return NULL;
+    hint = PyLong_AsLong(args[2]);
+    if (hint == -1 && PyErr_Occurred())
+        return NULL;
+    if ((wrap = PyObject_IsTrue(args[3])) < 0)
+        return NULL;
+    if (depth < 0 || depth > 64) {
+        PyErr_Format(PyExc_ValueError, "depth %ld out of range 0..64", depth);
+        return NULL;
+    }
+    if (hint < 0) {
+        PyErr_Format(PyExc_ValueError, "hint %ld is negative", hint);
+        return NULL;
+    }
+    wrap = wrap && hint;
+    for (;;) {
+        val = __atomic_load_n(p, __ATOMIC_RELAXED);
+        nr = next_zero_bit(val, (unsigned)depth, (unsigned)(hint < 64 ? hint : 64));
+        if (nr >= (unsigned)depth) {
+            if (hint && wrap) {
+                hint = 0;
+                continue;
+            }
+            return PyLong_FromLong(-1);
+        }
+        if (!(__atomic_fetch_or(p, BIT(nr), __ATOMIC_ACQUIRE) & BIT(nr)))
+            return PyLong_FromLong((long)nr);
+        hint = nr + 1;
+        if (hint >= depth - 1)
+            hint = 0;
+    }
+}
+
+/* ---- object plumbing ---------------------------------------------------------------- */
+
+static PyObject *
+av_release(AtomicView *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->base != NULL) {
+        self->base = NULL;
+        self->len = 0;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+av_enter(AtomicView *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+av_exit(AtomicView *self, PyObject *args)
+{
+    return av_release(self, NULL);
+}
+
+static int
+av_init(AtomicView *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *obj;
+    static char *kwlist[] = {"buffer", NULL};
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:AtomicView", kwlist, &obj))
+        return -1;
+    av_release(self, NULL);
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (((uintptr_t)self->view.buf & 7) != 0) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "buffer is not 8-byte aligned");
+        return -1;
+    }
+    self->base = self->view.buf;
+    self->len = self->view.len;
+    return 0;
+}
+
+static void
+av_dealloc(AtomicView *self)
+{
+    av_release(self, NULL);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+av_get_nbytes(AtomicView *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->len);
+}
+
+static PyObject *
+av_get_released(AtomicView *self, void *closure)
+{
+    return PyBool_FromLong(self->base == NULL);
+}
+
+#define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
+
+static PyMethodDef av_methods[] = {
+    FAST("read", av_read, "read(off) -> int: relaxed 64-bit load (READ_ONCE)."),
+    FAST("set", av_set, "set(off, v): relaxed 64-bit store (WRITE_ONCE)."),
+    FAST("load_acquire", av_load_acquire, "load_acquire(off) -> int: acquire 64-bit load."),
+    FAST("store_release", av_store_release, "store_release(off, v): release 64-bit store."),
+    FAST("cmpxchg", av_cmpxchg,
+         "cmpxchg(off, old, new) -> int: value found; the swap happened iff it equals old."),
+    FAST("xchg", av_xchg, "xchg(off, v) -> int: store v, return the old value."),
+    FAST("fetch_add", av_fetch_add, "fetch_add(off, v) -> int: old value."),
+    FAST("fetch_sub", av_fetch_sub, "fetch_sub(off, v) -> int: old value."),
+    FAST("fetch_or", av_fetch_or, "fetch_or(off, mask) -> int: old value."),
+    FAST("fetch_and", av_fetch_and, "fetch_and(off, mask) -> int: old value."),
+    FAST("fetch_andnot", av_fetch_andnot, "fetch_andnot(off, mask) -> int: old value."),
+    FAST("read32", av_read32, "read32(off) -> int: relaxed signed 32-bit load (atomic_read)."),
+    FAST("set32", av_set32, "set32(off, v): relaxed signed 32-bit store (atomic_set)."),
+    FAST("load_acquire32", av_load_acquire32, "load_acquire32(off) -> int"),
+    FAST("store_release32", av_store_release32, "store_release32(off, v)"),
+    FAST("cmpxchg32", av_cmpxchg32, "cmpxchg32(off, old, new) -> int: value found."),
+    FAST("xchg32", av_xchg32, "xchg32(off, v) -> int: old value."),
+    FAST("fetch_add32", av_fetch_add32, "fetch_add32(off, v) -> int: old value."),
+    FAST("fetch_sub32", av_fetch_sub32, "fetch_sub32(off, v) -> int: old value."),
+    FAST("fetch_or32", av_fetch_or32, "fetch_or32(off, mask) -> int: old value."),
+    FAST("fetch_and32", av_fetch_and32, "fetch_and32(off, mask) -> int: old value."),
+    FAST("test_bit", av_test_bit, "test_bit(off, nr) -> bool: relaxed."),
+    FAST("set_bit", av_set_bit, "set_bit(off, nr): atomic, relaxed."),
+    FAST("clear_bit", av_clear_bit, "clear_bit(off, nr): atomic, relaxed."),
+    FAST("clear_bit_unlock", av_clear_bit_unlock, "clear_bit_unlock(off, nr): release."),
+    FAST("test_and_set_bit", av_test_and_set_bit,
+         "test_and_set_bit(off, nr) -> bool: old bit; fully ordered."),
+    FAST("test_and_set_bit_lock", av_test_and_set_bit_lock,
+         "test_and_set_bit_lock(off, nr) -> bool: old bit; acquire."),
+    FAST("test_and_clear_bit", av_test_and_clear_bit,
+         "test_and_clear_bit(off, nr) -> bool: old bit; fully ordered."),
+    FAST("find_and_set_zero_bit", av_find_and_set_zero_bit,
+         "find_and_set_zero_bit(off, depth, hint, wrap) -> int: the bit set, or -1."),
+    {"release", (PyCFunction)av_release, METH_NOARGS,
+     "Release the buffer (idempotent); later operations raise ValueError."},
+    {"__enter__", (PyCFunction)av_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)av_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef av_getset[] = {
+    {"nbytes", (getter)av_get_nbytes, NULL, "Size of the buffer in bytes (0 once released).", NULL},
+    {"released", (getter)av_get_released, NULL, "True once release() was called.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AtomicViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mqrt._atomic.AtomicView",
+    .tp_basicsize = sizeof(AtomicView),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AtomicView(buffer): atomic word operations at byte offsets of a writable buffer.\n\n"
+              "Holds a buffer export until release(); a SharedMemory cannot close while\n"
+              "a view on it is alive.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)av_init,
+    .tp_dealloc = (destructor)av_dealloc,
+    .tp_methods = av_methods,
+    .tp_getset = av_getset,
+};
+
+/* ---- module functions ----------------------------------------------------------------- */
+
+static PyObject *
+mod_fence(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_cpu_relax(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"fence", mod_fence, METH_NOARGS, "fence(): full memory barrier (smp_mb)."},
+    {"cpu_relax", mod_cpu_relax, METH_NOARGS, "cpu_relax(): spin-wait hint (PAUSE / YIELD)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef atomic_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mqrt._atomic",
+    .m_doc = "Word-level atomics on shared memory: the user-space <linux/atomic.h> and "
+             "<linux/bitops.h>.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__atomic(void)
+{
+    PyObject *m;
+
+    if (PyType_Ready(&AtomicViewType) < 0)
+        return NULL;
+    m = PyModule_Create(&atomic_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "AtomicView", (PyObject *)&AtomicViewType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

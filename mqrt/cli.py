@@ -1,0 +1,48 @@
+"""The ``mqrt`` command line: ``mqrt microbench`` now; ``bench``, ``race`` and more later.
+
+User mistakes end in a one-line ``mqrt: error: ...`` naming the bad option and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mqrt import __version__
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line naming the field, exit status 2."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqrt",
+        description="The Linux blk-mq block layer in user space: real processes as CPUs, "
+        "shared-memory hardware queues and sbitmap tags on real atomics.",
+    )
+    parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from mqrt import microbench
+
+    microbench.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        parser.exit(2, f"mqrt: error: {exc}\n")
+    except KeyboardInterrupt:
+        print("mqrt: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,338 @@
+"""The shared-memory arena: one owner, one declared layout, attach by name.
+
+No kernel counterpart: this is what the kernel gets for free (one address space).
+
+Layout
+    Every structure that lives in shared memory is declared once, as a numpy
+    structured dtype built by :func:`cacheline_struct`, and placed in a
+    :class:`Layout` as a named :class:`Region`.  Each region starts on its own
+    64-byte cache line; inside a struct, each *group* of fields starts a new line, so
+    words written by different CPUs never share one (the kernel's
+    ``____cacheline_aligned_in_smp``).  Offsets are computed here and nowhere else:
+    hot paths read them from :meth:`Region.offsets`; debug views use
+    :meth:`Arena.view` (a numpy structured array over the same bytes).
+
+Ownership
+    One process, the owner, creates the segment (:meth:`Arena.create`), initialises
+    it, and is the only one that unlinks it.  Children attach by
+    :class:`ArenaHandle` (name, size, layout version) and only ever ``close()``.
+    Names are ``mqrt-<owner pid>-<random>`` so a leak names its culprit; the segment
+    is created 0600.  The owner unlinks on every exit path it can see: the ``with``
+    block (normal end, exception, Ctrl-C), SIGTERM (turned into ``SystemExit`` by
+    :func:`exit_on_sigterm`), interpreter exit (``atexit``), and, as a last resort
+    when the owner is SIGKILLed, Python's resource tracker, with which the owner's
+    segment stays registered.
+
+Python 3.11's resource tracker (python/cpython#82300)
+    ``SharedMemory(name)`` registers the segment with the *attaching* process's
+    resource tracker, which then unlinks it (with a warning) when that process ends,
+    pulling the memory from under the owner; ``track=False`` only arrived in 3.13.
+    :func:`_attach_untracked` attaches without registering: ``track=False`` where it
+    exists, otherwise by suppressing the registration for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker, shared_memory
+from types import SimpleNamespace
+
+import numpy as np
+
+from mqrt._atomic import AtomicView
+
+#: Size of a cache line on every machine we target (x86-64, arm64).
+CACHELINE = 64
+#: Prefix of every segment a run creates, followed by ``<owner pid>-<random>``.
+SEGMENT_PREFIX = "mqrt-"
+#: Bumped whenever the layout of any shared structure changes shape.
+LAYOUT_VERSION = 1
+#: Where Linux keeps POSIX shared memory.
+SHM_DIR = "/dev/shm"
+
+
+def _align(n: int, to: int = CACHELINE) -> int:
+    return (n + to - 1) // to * to
+
+
+def cacheline_struct(*groups: Sequence[tuple[str, str]]) -> np.dtype:
+    """Build a little-endian structured dtype in which each group of fields starts a
+    new cache line.
+
+    Each group is a sequence of ``(name, numpy format)`` pairs laid out in order with
+    natural alignment; the struct's size is rounded up to a whole number of lines.
+    Put fields written by different parties in different groups.
+    """
+    names: list[str] = []
+    formats: list[str] = []
+    offsets: list[int] = []
+    off = 0
+    for group in groups:
+        off = _align(off)
+        for name, fmt in group:
+            dt = np.dtype(fmt)
+            off = _align(off, dt.alignment)
+            names.append(name)
+            formats.append(fmt)
+            offsets.append(off)
+            off += dt.itemsize
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": _align(off)}
+    )
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named, cache-line-aligned array of ``count`` structs in the arena."""
+
+    name: str
+    offset: int  #: byte offset of element 0 in the segment
+    dtype: np.dtype
+    count: int = 1
+
+    @property
+    def stride(self) -> int:
+        """Bytes from one element to the next."""
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.stride * self.count
+
+    def addr(self, index: int = 0, fieldname: str | None = None) -> int:
+        """Absolute offset of element ``index`` (or of one of its fields)."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"{self.name}[{index}] out of range 0..{self.count - 1}")
+        base = self.offset + index * self.stride
+        return base if fieldname is None else base + self.dtype.fields[fieldname][1]
+
+    def offsets(self, index: int = 0) -> SimpleNamespace:
+        """Absolute offsets of every field of element ``index``, as attributes."""
+        base = self.addr(index)
+        return SimpleNamespace(**{name: base + spec[1] for name, spec in self.dtype.fields.items()})
+
+
+@dataclass
+class Layout:
+    """The arena's map: regions in declaration order, each on its own cache line."""
+
+    regions: dict[str, Region] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, name: str, dtype: np.dtype | str, count: int = 1) -> Region:
+        """Append a region of ``count`` elements of ``dtype`` and return it."""
+        if name in self.regions:
+            raise ValueError(f"layout already has a region named {name!r}")
+        if count < 1:
+            raise ValueError(f"region {name!r}: count must be >= 1, got {count}")
+        region = Region(name, _align(self.size), np.dtype(dtype), count)
+        self.regions[name] = region
+        self.size = _align(region.offset + region.nbytes)
+        return region
+
+    def __getitem__(self, name: str) -> Region:
+        return self.regions[name]
+
+    def describe(self) -> str:
+        """The layout as a table: offset, size, count and name of every region."""
+        lines = [f"{'offset':>10} {'bytes':>10} {'count':>6}  region"]
+        for r in self.regions.values():
+            lines.append(f"{r.offset:#10x} {r.nbytes:>10} {r.count:>6}  {r.name}")
+        lines.append(f"{'':>10} {self.size:>10}  total")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ArenaHandle:
+    """What a child needs to attach: never the data, only where it is."""
+
+    name: str
+    size: int
+    layout_version: int = LAYOUT_VERSION
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach to an existing segment without registering it with this process's
+    resource tracker (see the module docstring, python/cpython#82300)."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    except TypeError:  # Python < 3.13: no track= parameter
+        pass
+    original = resource_tracker.register
+
+    def skip_shared_memory(rname: str, rtype: str) -> None:
+        if rtype != "shared_memory":
+            original(rname, rtype)
+
+    resource_tracker.register = skip_shared_memory  # type: ignore[assignment]
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = original  # type: ignore[assignment]
+
+
+class Arena:
+    """One shared-memory segment holding every shared structure of a run.
+
+    Use :meth:`create` in the owner and :meth:`attach` in children, both as context
+    managers.  ``atomic`` is the :class:`~mqrt._atomic.AtomicView` through which all
+    shared words are read and written.
+    """
+
+    def __init__(self, shm: shared_memory.SharedMemory, layout: Layout, owner: bool):
+        self._shm = shm
+        self.layout = layout
+        self.atomic = AtomicView(shm.buf)
+        #: pid of the creating process, or None in an attached child.  Compared with
+        #: os.getpid() before unlinking, so a forked copy of the owner never unlinks.
+        self._owner_pid = os.getpid() if owner else None
+        self._closed = False
+        if owner:
+            self._finalizer = weakref.finalize(self, _unlink_at_exit, shm, os.getpid())
+        else:
+            self._finalizer = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, layout: Layout) -> Arena:
+        """Create a zero-filled segment big enough for ``layout`` (mode 0600)."""
+        if layout.size <= 0:
+            raise ValueError("cannot create an arena for an empty layout")
+        for _ in range(8):
+            name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
+            except FileExistsError:
+                continue
+            return cls(shm, layout, owner=True)
+        raise FileExistsError("could not find a free segment name")
+
+    @classmethod
+    def attach(cls, handle: ArenaHandle, layout: Layout) -> Arena:
+        """Attach to the owner's segment; the caller only ever closes it."""
+        if handle.layout_version != LAYOUT_VERSION:
+            raise ValueError(
+                f"arena {handle.name} has layout version {handle.layout_version}, "
+                f"this mqrt speaks {LAYOUT_VERSION}"
+            )
+        if layout.size != handle.size:
+            raise ValueError(
+                f"arena {handle.name} is {handle.size} bytes but the layout needs {layout.size}"
+            )
+        shm = _attach_untracked(handle.name)
+        if shm.size < handle.size:
+            shm.close()
+            raise ValueError(f"arena {handle.name} is smaller than its handle says")
+        return cls(shm, layout, owner=False)
+
+    @property
+    def handle(self) -> ArenaHandle:
+        return ArenaHandle(self._shm.name, self.layout.size)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @property
+    def is_owner(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    def close(self) -> None:
+        """Drop this process's mapping; the owner also unlinks the segment.
+
+        Idempotent.  If numpy views from :meth:`view` are still alive the mapping
+        stays until they are collected, but the name is unlinked regardless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.atomic.release()
+        with contextlib.suppress(BufferError):
+            self._shm.close()
+        if self.is_owner:
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            with contextlib.suppress(FileNotFoundError):
+                self._shm.unlink()
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- access --------------------------------------------------------------------
+
+    @property
+    def buf(self) -> memoryview:
+        """The raw bytes (for bulk copies such as ring entries)."""
+        return self._shm.buf
+
+    def view(self, region: Region | str) -> np.ndarray:
+        """A numpy structured array over ``region``, for reading and debugging.
+
+        Not for the hot path or for read-modify-write: use :attr:`atomic`.
+        """
+        r = self.layout[region] if isinstance(region, str) else region
+        return np.ndarray((r.count,), dtype=r.dtype, buffer=self._shm.buf, offset=r.offset)
+
+
+def _unlink_at_exit(shm: shared_memory.SharedMemory, owner_pid: int) -> None:
+    """Last-chance unlink when an owner's arena is collected or the interpreter exits
+    without closing it; never in a forked copy of the owner."""
+    if os.getpid() != owner_pid:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` inside the block, so ``finally`` clauses
+    and ``with`` blocks (and so arena unlinks) run when the owner is terminated."""
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def segment_owner(name: str) -> int | None:
+    """The owner pid encoded in a segment name, or None if it is not ours."""
+    if not name.startswith(SEGMENT_PREFIX):
+        return None
+    pid, _, _ = name[len(SEGMENT_PREFIX) :].partition("-")
+    return int(pid) if pid.isdigit() else None
+
+
+def list_segments() -> list[str]:
+    """Names of every mqrt segment in /dev/shm."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if segment_owner(n) is not None)
+    except FileNotFoundError:
+        return []
+
+
+def stale_segments() -> list[str]:
+    """Segments whose owner process no longer exists: leaks."""
+    stale = []
+    for n in list_segments():
+        pid = segment_owner(n)
+        try:
+            os.kill(pid, 0)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            stale.append(n)
+        except PermissionError:
+            pass
+    return stale

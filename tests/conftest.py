@@ -1,0 +1,56 @@
+"""Suite-wide guards: every test must leave no mqrt segment and no child process behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import psutil
+import pytest
+
+from mqrt import shm
+from tests.helpers import wait_until
+
+
+def _tracker_pid() -> int | None:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+def _children() -> set[int]:
+    tracker = _tracker_pid()
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.pid != tracker and p.status() != psutil.STATUS_ZOMBIE
+    }
+
+
+def _leaked(before: set[str]) -> list[str]:
+    """Segments this test created (owned by us, or by a process that is gone)."""
+    mine = os.getpid()
+    stale = set(shm.stale_segments())
+    return [
+        n
+        for n in shm.list_segments()
+        if n not in before and (shm.segment_owner(n) == mine or n in stale)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """Fail any test that leaves an mqrt-* segment or a child process behind (with
+    patience: process tables and the resource tracker lag a little)."""
+    segments_before = set(shm.list_segments())
+    children_before = _children()
+    yield
+    if not wait_until(lambda: not _leaked(segments_before), timeout=5.0):
+        leaked = _leaked(segments_before)
+        pytest.fail(f"test left shared-memory segments behind: {leaked}")
+    if not wait_until(lambda: not (_children() - children_before), timeout=5.0):
+        left = _children() - children_before
+        for pid in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        pytest.fail(f"test left child processes behind: {sorted(left)}")

@@ -1,0 +1,52 @@
+"""Helpers for tests that start real processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+#: The start method mqrt uses for its children (see mqrt/shm.py and the README).
+ctx = mp.get_context("fork")
+
+#: Generous: only reached when something deadlocks.
+DEADLOCK_TIMEOUT = 60.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` with backoff until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+        interval = min(interval * 2, 0.2)
+
+
+def run_processes(
+    target: Callable[..., Any],
+    args_list: Iterable[Sequence[Any]],
+    timeout: float = DEADLOCK_TIMEOUT,
+) -> None:
+    """Start one process per argument tuple, wait for all, and fail on any non-zero
+    exit or on a deadlock (every process is killed and reaped either way)."""
+    procs = [ctx.Process(target=target, args=tuple(a)) for a in args_list]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [p.pid for p in procs if p.is_alive()]
+        assert not hung, f"processes {hung} still running after {timeout}s: deadlock?"
+        codes = [p.exitcode for p in procs]
+        assert all(c == 0 for c in codes), f"child exit codes: {codes}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+            p.close()
