@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: The start method mqrt uses for its children (see mqrt/shm.py and the README).
@@ -27,13 +27,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 def run_processes(
-    target: Callable[..., Any],
-    args_list: Iterable[Sequence[Any]],
-    timeout: float = DEADLOCK_TIMEOUT,
+    *jobs: tuple[Callable[..., Any], Sequence[Any]], timeout: float = DEADLOCK_TIMEOUT
 ) -> None:
-    """Start one process per argument tuple, wait for all, and fail on any non-zero
-    exit or on a deadlock (every process is killed and reaped either way)."""
-    procs = [ctx.Process(target=target, args=tuple(a)) for a in args_list]
+    """Start one process per ``(target, args)`` job, wait for all, and fail on any
+    non-zero exit or on a deadlock (every process is killed and reaped either way)."""
+    procs = [ctx.Process(target=target, args=tuple(args)) for target, args in jobs]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

@@ -160,7 +160,7 @@ def test_exact_totals_across_processes():
     layout = Layout()
     region = layout.add("counters", COUNTERS)
     with Arena.create(layout) as arena:
-        run_processes(_hammer, [(arena.handle, layout, i) for i in range(NPROC)])
+        run_processes(*[(_hammer, (arena.handle, layout, i)) for i in range(NPROC)])
         (row,) = arena.view(region)
         assert int(row["fetch_add"]) == NPROC * LOOPS
         assert int(row["cmpxchg"]) == NPROC * LOOPS
