@@ -1,0 +1,880 @@
+"""Port of ``lib/sbitmap.c`` and ``include/linux/sbitmap.h``: the scalable bitmap and
+the tag allocator's ``sbitmap_queue``, shared by real processes.
+
+Design
+    A tag space of ``depth`` bits is spread over ``map_nr`` words of
+    ``1 << shift`` bits, each word on its own cache line with its ``cleared`` mask on
+    the next, so CPUs allocating from different words do not bounce lines.  Each
+    CPU keeps an allocation hint (``alloc_hint[cpu]``) and starts searching at its
+    word; a freed tag's bit goes back as that CPU's hint (cache locality).  Frees
+    are *deferred*: a free sets the bit in ``cleared``; an allocator that finds a
+    word full folds ``cleared`` back into ``word`` under the word's ``swap_lock``
+    (one xchg and one andnot instead of one atomic per free).
+
+    ``sbitmap_queue`` adds sleeping: 8 wait states (``ws``) with a wait queue each,
+    ``ws_active`` counting sleepers (so a free with nobody asleep costs one load),
+    and ``wake_batch``: waiters are woken only once that many bits have been freed.
+    Two wake-up generations are implemented, selectable per bitmap
+    (:class:`SbqGeneration`):
+
+    * ``CURRENT`` (Linux 6.2+, with the 6.5 "fix batching wakeup"): global
+      ``completion_cnt``/``wakeup_cnt``; every ``wake_batch`` frees wake up to
+      ``wake_batch`` waiters, scanning the wait states from ``wake_index`` and
+      advancing the index first.  ``wake_batch = clamp(min(depth,
+      min_shallow_depth) / 8, 1, 8)``; a shallow depth applies to the whole bitmap,
+      converted to a per-word limit proportionally.
+    * ``LEGACY`` (Linux <= 6.1, after the 040b83fcecfb lost-wake-up fix): a
+      per-wait-state ``wait_cnt`` counts down; the free that takes it to zero
+      wakes ``wake_batch`` waiters on that state, advances ``wake_index`` and resets
+      the count.  ``wake_batch`` counts usable bits per word under the shallow
+      depth; shallow depth applies per word; ``recalculate_wake_batch`` keeps a
+      minimum batch of 4 for depth >= 32.
+
+    Later issues switch historical bugs back on in both; the code is kept in the
+    kernel's shape (same function boundaries, same names) so each fix has one place.
+
+Deviations from Linux
+    * Per-CPU variables are per *emulated* CPU slots in shared memory, each on its
+      own cache line; "this CPU" is the ``cpu`` the handle was built for.
+    * ``resize`` cannot grow the bitmap past the depth it was declared with (the
+      kernel sizes ``map`` at init too).
+    * Sleeping uses :mod:`mqrt.wait` (eventfds, real processes); wait states refer to
+      waiters by slot.
+    * The word search loop (``__sbitmap_get_word``: find_next_zero_bit +
+      test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`.
+
+Concurrency (who writes what; every RMW through :mod:`mqrt._atomic`)
+    * ``word``: any CPU; bits set by test_and_set_bit_lock (acquire), cleared in
+      bulk by the fold (andnot, fully ordered) or directly by :meth:`Sbitmap.clear_bit`
+      and ``clear_batch``.
+    * ``cleared``: any CPU sets bits (fetch_or, fully ordered: it doubles as the
+      kernel's smp_mb__after_atomic before the ``ws_active`` check); only the fold,
+      under ``swap_lock``, takes it (xchg).  Invariant: a bit set in ``cleared`` is
+      in use in ``word`` until the fold.
+    * ``alloc_hint[cpu]``: written by that CPU only (plain 32-bit stores), read by
+      anyone for show().
+    * ``depth``, ``map_nr``, ``wake_batch``, ``min_shallow_depth``: written by the
+      configuring process (init, resize, recalculate), read by all with relaxed
+      loads (READ_ONCE); like the kernel, a resize under load is not atomic with
+      concurrent gets.
+    * ``ws_active``, ``wake_index``, ``completion_cnt``, ``wakeup_cnt``,
+      ``ws[i].wait_cnt``: atomics; the wait queues: see :mod:`mqrt.wait`.
+
+How to benchmark
+    ``mqrt microbench`` reports ``sbitmap.get_put`` (one process) and
+    ``sbitmap.get_put.contended`` (several processes on one bitmap).
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mqrt._atomic import AtomicView, fence
+from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
+
+#: Number of wait queues in a sbitmap_queue.
+SBQ_WAIT_QUEUES = 8
+#: Maximum number of bits freed before waiters are woken.
+SBQ_WAKE_BATCH = 8
+BITS_PER_LONG = 64
+UINT_MAX = 0xFFFFFFFF
+
+#: struct sbitmap_word: the bits, then ``cleared`` and its lock on the next line.
+SBITMAP_WORD = cacheline_struct(
+    [("word", "<u8")],
+    [("cleared", "<u8"), ("swap_lock", "<u8")],
+)
+
+#: The scalar part of struct sbitmap + struct sbitmap_queue.
+SBQ_HEADER = cacheline_struct(
+    # Read-mostly configuration (written by init/resize/recalculate only).
+    [
+        ("depth", "<u4"),  # number of bits used in the whole bitmap
+        ("shift", "<u4"),  # log2(number of bits used per word)
+        ("map_nr", "<u4"),  # number of words in use
+        ("round_robin", "<u4"),  # allocate bits in strict round-robin order
+        ("wake_batch", "<u4"),  # bits to free before waking waiters
+        ("min_shallow_depth", "<u4"),  # smallest shallow depth ever passed to get_shallow
+    ],
+    [("ws_active", "<i4")],  # sleepers on any wait state
+    [("wake_index", "<i4")],  # next wait state to wake
+    [("completion_cnt", "<i4"), ("wakeup_cnt", "<i4")],  # CURRENT generation only
+)
+
+#: Per-CPU allocation hint, one cache line each.
+ALLOC_HINT = cacheline_struct([("hint", "<u4")])
+
+#: struct sbq_wait_state.
+SBQ_WAIT_STATE = cacheline_struct([("wait_cnt", "<i4"), ("wait", WAIT_QUEUE_HEAD)])
+
+
+class SbqGeneration(enum.Enum):
+    """Which kernel's wake-up scheme a sbitmap_queue runs (see the module docstring)."""
+
+    CURRENT = "current"  #: 6.2+: completion_cnt / wakeup_cnt
+    LEGACY = "legacy"  #: <= 6.1: per wait state wait_cnt
+
+
+class SbitmapWarning(RuntimeWarning):
+    """The kernel would WARN_ON_ONCE here."""
+
+
+def calculate_shift(depth: int) -> int:
+    """sbitmap_calculate_shift(): bits per word as log2, spreading a small bitmap
+    over at least 4 words (cache lines)."""
+    shift = BITS_PER_LONG.bit_length() - 1
+    if depth >= 4:
+        while (4 << shift) > depth:
+            shift -= 1
+    return shift
+
+
+@dataclass(frozen=True)
+class SbitmapSpec:
+    """Geometry and placement of one sbitmap (picklable, data-free)."""
+
+    name: str
+    depth: int  #: bits allocated; resize may lower the depth in use, never raise it
+    shift: int
+    nr_cpus: int
+    round_robin: bool
+    header: Region
+    words: Region
+    hints: Region
+
+    @property
+    def map_nr(self) -> int:
+        return (self.depth + (1 << self.shift) - 1) >> self.shift
+
+
+@dataclass(frozen=True)
+class SbitmapQueueSpec:
+    sb: SbitmapSpec
+    generation: SbqGeneration
+    ws: Region
+
+
+def _u32(v: int) -> int:
+    return v & UINT_MAX
+
+
+class Sbitmap:
+    """A handle on a shared sbitmap for one emulated CPU (``cpu`` picks the hint)."""
+
+    @staticmethod
+    def declare(
+        layout: Layout,
+        name: str,
+        depth: int,
+        nr_cpus: int,
+        *,
+        shift: int = -1,
+        round_robin: bool = False,
+    ) -> SbitmapSpec:
+        """Reserve the bitmap's regions (sbitmap_init_node's allocation)."""
+        if depth < 1 or depth > 1 << 24:
+            raise ValueError(f"{name}: depth must be in 1..{1 << 24}, got {depth}")
+        if nr_cpus < 1:
+            raise ValueError(f"{name}: nr_cpus must be >= 1, got {nr_cpus}")
+        if shift < 0:
+            shift = calculate_shift(depth)
+        if shift > 6:
+            raise ValueError(f"{name}: shift must be in 0..6, got {shift}")
+        map_nr = (depth + (1 << shift) - 1) >> shift
+        header = layout.add(f"{name}.header", SBQ_HEADER)
+        words = layout.add(f"{name}.map", SBITMAP_WORD, map_nr)
+        hints = layout.add(f"{name}.alloc_hint", ALLOC_HINT, nr_cpus)
+        return SbitmapSpec(name, depth, shift, nr_cpus, round_robin, header, words, hints)
+
+    @staticmethod
+    def init(arena: Arena, spec: SbitmapSpec, seed: int = 0) -> None:
+        """Owner only: an empty bitmap; hints random per CPU (zero when round-robin)."""
+        a = arena.atomic
+        o = spec.header.offsets()
+        a.set32(o.depth, spec.depth)
+        a.set32(o.shift, spec.shift)
+        a.set32(o.map_nr, spec.map_nr)
+        a.set32(o.round_robin, int(spec.round_robin))
+        rng = random.Random(seed)
+        for cpu in range(spec.nr_cpus):
+            hint = 0 if spec.round_robin else rng.randrange(spec.depth)
+            a.set32(spec.hints.addr(cpu), hint)
+
+    def __init__(self, arena: Arena, spec: SbitmapSpec, cpu: int = 0, seed: int | None = None):
+        if not 0 <= cpu < spec.nr_cpus:
+            raise ValueError(f"{spec.name}: cpu {cpu} out of range 0..{spec.nr_cpus - 1}")
+        self.spec = spec
+        self.cpu = cpu
+        self.a: AtomicView = arena.atomic
+        self.shift = spec.shift
+        self.bits_per_word = 1 << spec.shift
+        self.round_robin = spec.round_robin
+        o = spec.header.offsets()
+        self._depth = o.depth
+        self._map_nr = o.map_nr
+        self._hint = spec.hints.addr(cpu)
+        w = spec.words
+        self._word = [w.addr(i, "word") for i in range(w.count)]
+        self._cleared = [w.addr(i, "cleared") for i in range(w.count)]
+        self._swap_lock = [w.addr(i, "swap_lock") for i in range(w.count)]
+        self._rng = random.Random(cpu if seed is None else seed)
+
+    # -- geometry ---------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return self.a.read32(self._depth)
+
+    @property
+    def map_nr(self) -> int:
+        return self.a.read32(self._map_nr)
+
+    def map_depth(self, index: int) -> int:
+        """__map_depth(): bits in word ``index`` (the last word may be partial)."""
+        if index == self.a.read32(self._map_nr) - 1:
+            return self.a.read32(self._depth) - (index << self.shift)
+        return self.bits_per_word
+
+    # -- allocation hints (this CPU's) -------------------------------------------------
+
+    def _hint_before_get(self, depth: int) -> int:
+        """update_alloc_hint_before_get()."""
+        hint = self.a.read32(self._hint)
+        if hint >= depth:
+            hint = self._rng.randrange(depth) if depth else 0
+            self.a.set32(self._hint, hint)
+        return hint
+
+    def _hint_after_get(self, depth: int, hint: int, nr: int) -> None:
+        """update_alloc_hint_after_get(): zero after a failure; past the bit we took
+        if we used the hint (or always, round-robin)."""
+        if nr == -1:
+            self.a.set32(self._hint, 0)
+        elif nr == hint or self.round_robin:
+            hint = nr + 1
+            if hint >= depth - 1:
+                hint = 0
+            self.a.set32(self._hint, hint)
+
+    def update_cpu_hint(self, cpu: int, nr: int) -> None:
+        """sbitmap_update_cpu_hint(): a freed bit becomes ``cpu``'s next hint."""
+        if not self.round_robin and nr < self.a.read32(self._depth):
+            self.a.set32(self.spec.hints.addr(cpu), nr)
+
+    # -- the search --------------------------------------------------------------------
+
+    def deferred_clear(self, index: int, depth: int, alloc_hint: int, wrap: bool) -> bool:
+        """sbitmap_deferred_clear(): fold word ``index``'s ``cleared`` bits back into
+        ``word`` under ``swap_lock``.  True if the caller should search again: bits
+        were folded, or (nothing to fold) the word still has a free bit in the range
+        being searched."""
+        a = self.a
+        lock = self._swap_lock[index]
+        spin_lock(a, lock)
+        try:
+            if not a.read(self._cleared[index]):
+                if depth == 0:
+                    return False
+                word_mask = (1 << depth) - 1
+                if not wrap and alloc_hint:
+                    word_mask &= ~((1 << alloc_hint) - 1)
+                return (a.read(self._word[index]) & word_mask) != word_mask
+            mask = a.xchg(self._cleared[index], 0)
+            a.fetch_andnot(self._word[index], mask)
+            return True
+        finally:
+            spin_unlock(a, lock)
+
+    def _find_bit_in_word(self, index: int, depth: int, alloc_hint: int, wrap: bool) -> int:
+        """sbitmap_find_bit_in_word()."""
+        while True:
+            nr = self.a.find_and_set_zero_bit(self._word[index], depth, alloc_hint, wrap)
+            if nr != -1:
+                return nr
+            if not self.deferred_clear(index, depth, alloc_hint, wrap):
+                return -1
+
+    def _find_bit(
+        self,
+        word_depth: Callable[[int], int],
+        index: int,
+        alloc_hint: int,
+        wrap: bool,
+    ) -> int:
+        """sbitmap_find_bit(): every word once, starting at ``index``."""
+        map_nr = self.a.read32(self._map_nr)
+        for _ in range(map_nr):
+            nr = self._find_bit_in_word(index, word_depth(index), alloc_hint, wrap)
+            if nr != -1:
+                return nr + (index << self.shift)
+            alloc_hint = 0
+            index += 1
+            if index >= map_nr:
+                index = 0
+        return -1
+
+    def get(self) -> int:
+        """sbitmap_get(): a free bit, set, or -1 when the bitmap is full.
+
+        The hot path: __sbitmap_get() and sbitmap_find_bit() inlined, one C call
+        per word tried; a full word drops into _find_bit_in_word() to fold its
+        deferred clears.
+        """
+        a = self.a
+        depth = a.read32(self._depth)
+        hint = self._hint_before_get(depth)
+        map_nr = a.read32(self._map_nr)
+        shift = self.shift
+        index = hint >> shift
+        if self.round_robin:
+            alloc_hint, wrap = hint & (self.bits_per_word - 1), False
+        else:
+            alloc_hint, wrap = 0, True
+        nr = -1
+        for _ in range(map_nr):
+            if index == map_nr - 1:
+                word_depth = depth - (index << shift)
+            else:
+                word_depth = self.bits_per_word
+            nr = a.find_and_set_zero_bit(self._word[index], word_depth, alloc_hint, wrap)
+            if nr == -1:
+                nr = self._find_bit_in_word(index, word_depth, alloc_hint, wrap)
+            if nr != -1:
+                nr += index << shift
+                break
+            alloc_hint = 0
+            index += 1
+            if index >= map_nr:
+                index = 0
+        self._hint_after_get(depth, hint, nr)
+        return nr
+
+    def get_shallow(self, shallow_depth: int, legacy: bool = False) -> int:
+        """sbitmap_get_shallow(): like :meth:`get` but limited to ``shallow_depth``:
+        of the whole bitmap, spread proportionally over the words (``legacy=False``,
+        current kernels), or per word (``legacy=True``, <= 6.1)."""
+        depth = self.a.read32(self._depth)
+        hint = self._hint_before_get(depth)
+        index = hint >> self.shift
+        if legacy:
+
+            def word_depth(i: int) -> int:
+                return min(self.map_depth(i), shallow_depth)
+        else:
+
+            def word_depth(i: int) -> int:
+                return self.map_depth_with_shallow(i, shallow_depth)
+
+        nr = self._find_bit(word_depth, index, hint & (self.bits_per_word - 1), True)
+        self._hint_after_get(depth, hint, nr)
+        return nr
+
+    def map_depth_with_shallow(self, index: int, shallow_depth: int) -> int:
+        """__map_depth_with_shallow(): word ``index``'s share of a whole-bitmap
+        shallow depth, the remainder going to the leading words."""
+        word_depth = self.map_depth(index)
+        depth = self.a.read32(self._depth)
+        if shallow_depth >= depth:
+            return word_depth
+        shallow_word_depth, remainder = divmod(word_depth * shallow_depth, depth)
+        if remainder >= (index + 1) * word_depth:
+            shallow_word_depth += 1
+        return shallow_word_depth
+
+    # -- freeing ------------------------------------------------------------------------
+
+    def clear_bit(self, bitnr: int) -> None:
+        """sbitmap_clear_bit(): free a bit immediately."""
+        self.a.clear_bit(self._word[bitnr >> self.shift], bitnr & (self.bits_per_word - 1))
+
+    def deferred_clear_bit(self, bitnr: int) -> None:
+        """sbitmap_deferred_clear_bit() followed by a full barrier
+        (smp_mb__after_atomic): mark the bit in ``cleared``; the next allocator that
+        finds the word full folds it back."""
+        self.a.fetch_or(self._cleared[bitnr >> self.shift], 1 << (bitnr & (self.bits_per_word - 1)))
+
+    def test_bit(self, bitnr: int) -> bool:
+        return self.a.test_bit(self._word[bitnr >> self.shift], bitnr & (self.bits_per_word - 1))
+
+    # -- whole-map operations ---------------------------------------------------------------
+
+    def resize(self, depth: int) -> None:
+        """sbitmap_resize(): fold every word, then use ``depth`` bits (at most the
+        declared depth)."""
+        if not 1 <= depth <= self.spec.depth:
+            raise ValueError(
+                f"{self.spec.name}: resize depth must be in 1..{self.spec.depth}, got {depth}"
+            )
+        for i in range(self.a.read32(self._map_nr)):
+            self.deferred_clear(i, 0, 0, False)
+        self.a.set32(self._depth, depth)
+        self.a.set32(self._map_nr, (depth + self.bits_per_word - 1) >> self.shift)
+
+    def _weight(self, set_bits: bool) -> int:
+        """__sbitmap_weight(): bits set in ``word`` (or in ``cleared``)."""
+        total = 0
+        offs = self._word if set_bits else self._cleared
+        for i in range(self.a.read32(self._map_nr)):
+            total += (self.a.read(offs[i]) & ((1 << self.map_depth(i)) - 1)).bit_count()
+        return total
+
+    def weight(self) -> int:
+        """sbitmap_weight(): bits in use (set and not pending a deferred clear)."""
+        return self._weight(True) - self._weight(False)
+
+    def any_bit_set(self) -> bool:
+        """sbitmap_any_bit_set(): any bit in use?"""
+        for i in range(self.a.read32(self._map_nr)):
+            if self.a.read(self._word[i]) & ~self.a.read(self._cleared[i]):
+                return True
+        return False
+
+    def alloc_hints(self) -> list[int]:
+        return [_u32(self.a.read32(self.spec.hints.addr(c))) for c in range(self.spec.nr_cpus)]
+
+    def show(self) -> str:
+        """sbitmap_show(): for debugging; the format may change at any time."""
+        return (
+            f"depth={self.depth}\n"
+            f"busy={self.weight()}\n"
+            f"cleared={self._weight(False)}\n"
+            f"bits_per_word={self.bits_per_word}\n"
+            f"map_nr={self.map_nr}\n"
+        )
+
+    def bitmap_show(self) -> str:
+        """sbitmap_bitmap_show(): the bits in use as a hex dump, 16 bytes a line,
+        bytes grouped in pairs, bit 0 the least significant bit of byte 0."""
+        bits = 0
+        nbits = 0
+        for i in range(self.map_nr):
+            word = self.a.read(self._word[i]) & ~self.a.read(self._cleared[i])
+            width = self.map_depth(i)
+            bits |= (word & ((1 << width) - 1)) << nbits
+            nbits += width
+        out = io.StringIO()
+        for offset in range((nbits + 7) // 8):
+            byte = (bits >> (offset * 8)) & 0xFF
+            if offset % 16 == 0:
+                if offset:
+                    out.write("\n")
+                out.write(f"{offset:08x}:")
+            if offset % 2 == 0:
+                out.write(" ")
+            out.write(f"{byte:02x}")
+        if nbits:
+            out.write("\n")
+        return out.getvalue()
+
+
+class SbitmapQueue:
+    """A handle on a shared sbitmap_queue for one emulated CPU.
+
+    ``waiters`` is this process's :class:`~mqrt.wait.Waiters` (its slot is the one
+    that sleeps in :meth:`prepare_to_wait`).
+    """
+
+    @staticmethod
+    def declare(
+        layout: Layout,
+        name: str,
+        depth: int,
+        nr_cpus: int,
+        *,
+        shift: int = -1,
+        round_robin: bool = False,
+        generation: SbqGeneration = SbqGeneration.CURRENT,
+    ) -> SbitmapQueueSpec:
+        """Reserve a sbitmap_queue's regions (sbitmap_queue_init_node's allocation)."""
+        sb = Sbitmap.declare(layout, name, depth, nr_cpus, shift=shift, round_robin=round_robin)
+        ws = layout.add(f"{name}.ws", SBQ_WAIT_STATE, SBQ_WAIT_QUEUES)
+        return SbitmapQueueSpec(sb, SbqGeneration(generation), ws)
+
+    @classmethod
+    def init(cls, arena: Arena, spec: SbitmapQueueSpec, seed: int = 0) -> None:
+        """Owner only: sbitmap_queue_init_node()."""
+        Sbitmap.init(arena, spec.sb, seed)
+        a = arena.atomic
+        o = spec.sb.header.offsets()
+        a.set32(o.min_shallow_depth, UINT_MAX)
+        a.set32(o.ws_active, 0)
+        a.set32(o.wake_index, 0)
+        a.set32(o.completion_cnt, 0)
+        a.set32(o.wakeup_cnt, 0)
+        wake_batch = _calc_wake_batch(spec, spec.sb.depth, UINT_MAX)
+        a.set32(o.wake_batch, wake_batch)
+        for i in range(SBQ_WAIT_QUEUES):
+            a.set32(spec.ws.addr(i, "wait_cnt"), wake_batch)
+            WaitQueue.init(arena, spec.ws.addr(i, "wait"))
+
+    def __init__(
+        self,
+        arena: Arena,
+        spec: SbitmapQueueSpec,
+        waiters: Waiters,
+        cpu: int = 0,
+        seed: int | None = None,
+    ):
+        self.spec = spec
+        self.sb = Sbitmap(arena, spec.sb, cpu, seed)
+        self.a = arena.atomic
+        self.cpu = cpu
+        self.generation = spec.generation
+        self.legacy = spec.generation is SbqGeneration.LEGACY
+        o = spec.sb.header.offsets()
+        self._wake_batch = o.wake_batch
+        self._min_shallow_depth = o.min_shallow_depth
+        self._ws_active = o.ws_active
+        self._wake_index = o.wake_index
+        self._completion_cnt = o.completion_cnt
+        self._wakeup_cnt = o.wakeup_cnt
+        self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
+        self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
+        self._warned_shallow = False
+
+    # -- configuration --------------------------------------------------------------------
+
+    @property
+    def wake_batch(self) -> int:
+        return self.a.read32(self._wake_batch)
+
+    @property
+    def min_shallow_depth(self) -> int:
+        return _u32(self.a.read32(self._min_shallow_depth))
+
+    def _update_wake_batch(self, wake_batch: int) -> None:
+        """Store a new wake_batch; the legacy scheme also resets every wait_cnt to 1
+        so sleepers on a count above the new batch are not stranded (6c0ca7ae292a)."""
+        if self.a.read32(self._wake_batch) == wake_batch:
+            return
+        self.a.set32(self._wake_batch, wake_batch)
+        if self.legacy:
+            fence()  # pairs with the fence in _legacy_wake_up before wait_cnt is reset
+            for off in self._wait_cnt:
+                self.a.set32(off, 1)
+
+    def set_min_shallow_depth(self, min_shallow_depth: int) -> None:
+        """sbitmap_queue_min_shallow_depth(): declare the smallest shallow depth that
+        will be used, and size wake_batch so such waiters can still be woken."""
+        self.a.set32(self._min_shallow_depth, min_shallow_depth)
+        self._update_wake_batch(_calc_wake_batch(self.spec, self.sb.depth, min_shallow_depth))
+
+    def recalculate_wake_batch(self, users: int) -> None:
+        """sbitmap_queue_recalculate_wake_batch(): size wake_batch to each of
+        ``users``' fair share of the depth (shared tags)."""
+        depth = self.sb.depth
+        share = (depth + users - 1) // users
+        if self.legacy:
+            min_batch = 4 if depth >= 4 * SBQ_WAIT_QUEUES else 1
+        else:
+            min_batch = 1
+        self._update_wake_batch(max(min_batch, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+
+    def resize(self, depth: int) -> None:
+        """sbitmap_queue_resize()."""
+        self._update_wake_batch(_calc_wake_batch(self.spec, depth, self.min_shallow_depth))
+        self.sb.resize(depth)
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def get(self) -> int:
+        """__sbitmap_queue_get(): a free tag or -1."""
+        return self.sb.get()
+
+    def get_shallow(self, shallow_depth: int) -> int:
+        """sbitmap_queue_get_shallow(): a free tag below the shallow limit, or -1."""
+        if shallow_depth < self.min_shallow_depth and not self._warned_shallow:
+            self._warned_shallow = True
+            warnings.warn(
+                f"{self.spec.sb.name}: shallow depth {shallow_depth} is below "
+                f"min_shallow_depth {self.min_shallow_depth}: wake-ups may be missed",
+                SbitmapWarning,
+                stacklevel=2,
+            )
+        return self.sb.get_shallow(shallow_depth, legacy=self.legacy)
+
+    def get_batch(self, nr_tags: int) -> tuple[int, int]:
+        """__sbitmap_queue_get_batch(): up to ``nr_tags`` free bits of one word taken at
+        once; returns ``(mask, offset)``: bit i of mask set means tag offset + i was
+        taken.  ``(0, 0)`` if none (and always with round-robin)."""
+        sb, a = self.sb, self.a
+        if sb.round_robin or nr_tags < 1:
+            return 0, 0
+        depth = sb.depth
+        hint = sb._hint_before_get(depth)
+        map_nr = sb.map_nr
+        index = hint >> sb.shift
+        for _ in range(map_nr):
+            map_depth = sb.map_depth(index)
+            sb.deferred_clear(index, 0, 0, False)
+            word_off = sb._word[index]
+            val = a.read(word_off)
+            full = (1 << map_depth) - 1
+            if val & full != full:
+                nr = ((~val) & full & -(~val & full)).bit_length() - 1  # first zero bit
+                if nr + nr_tags <= map_depth:
+                    get_mask = ((1 << nr_tags) - 1) << nr
+                    while True:
+                        found = a.cmpxchg(word_off, val, val | get_mask)
+                        if found == val:
+                            break
+                        val = found
+                    get_mask = (get_mask & ~val) >> nr
+                    if get_mask:
+                        offset = nr + (index << sb.shift)
+                        sb._hint_after_get(depth, hint, offset + nr_tags - 1)
+                        return get_mask, offset
+            index += 1
+            if index >= map_nr:
+                index = 0
+        return 0, 0
+
+    # -- freeing ----------------------------------------------------------------------------
+
+    def clear(self, nr: int, cpu: int) -> None:
+        """sbitmap_queue_clear(): free tag ``nr`` allocated on ``cpu``, wake waiters
+        if a batch is complete, and make the tag ``cpu``'s next hint."""
+        # The fully ordered fetch_or is the kernel's smp_mb__before_atomic +
+        # set_bit + smp_mb__after_atomic: the request's last use happens before the
+        # bit can be reused, and the bit is visible before ws_active is read in
+        # wake_up (pairs with the barrier in prepare_to_wait's state change).
+        self.sb.deferred_clear_bit(nr)
+        if self.a.read32(self._ws_active):  # both generations return at once if 0
+            self.wake_up(1)
+        self.sb.update_cpu_hint(cpu, nr)
+
+    def clear_batch(self, offset: int, tags: list[int]) -> None:
+        """sbitmap_queue_clear_batch(): free many tags at once, straight from ``word``
+        (not deferred), then one wake-up for all of them."""
+        sb, a = self.sb, self.a
+        addr = -1
+        mask = 0
+        for tag in tags:
+            t = tag - offset
+            this = sb._word[t >> sb.shift]
+            if addr != this:
+                if mask:
+                    a.fetch_andnot(addr, mask)
+                mask = 0
+                addr = this
+            mask |= 1 << (t & (sb.bits_per_word - 1))
+        if mask:
+            a.fetch_andnot(addr, mask)
+        self.wake_up(len(tags))
+        sb.update_cpu_hint(self.cpu, tags[-1] - offset)
+
+    # -- waking -------------------------------------------------------------------------------
+
+    def wake_up(self, nr: int) -> None:
+        """sbitmap_queue_wake_up(): account ``nr`` freed bits; wake waiters when a
+        batch is complete."""
+        if self.legacy:
+            while self._legacy_wake_up_once([nr]):
+                pass
+            return
+        a = self.a
+        if not a.read32(self._ws_active):
+            return
+        wake_batch = a.read32(self._wake_batch)
+        a.fetch_add32(self._completion_cnt, nr)
+        wakeups = a.read32(self._wakeup_cnt)
+        while True:
+            if _s32(a.read32(self._completion_cnt) - wakeups) < wake_batch:
+                return
+            found = a.cmpxchg32(self._wakeup_cnt, wakeups, wakeups + wake_batch)
+            if found == wakeups:
+                break
+            wakeups = found
+        self._wake_up_ws(wake_batch)
+
+    def _wake_up_ws(self, nr: int) -> None:
+        """__sbitmap_queue_wake_up(): wake up to ``nr`` waiters across the wait
+        states, starting at wake_index and advancing it before each state."""
+        a = self.a
+        if not a.read32(self._ws_active):
+            return
+        wake_index = a.read32(self._wake_index)
+        for _ in range(SBQ_WAIT_QUEUES):
+            ws = self.ws[wake_index]
+            wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
+            if ws.active():
+                woken = ws.wake_up_nr(nr)
+                if woken == nr:
+                    break
+                nr -= woken
+        if wake_index != a.read32(self._wake_index):
+            a.set32(self._wake_index, wake_index)
+
+    def _legacy_wake_ptr(self) -> int:
+        """sbq_wake_ptr(): the first wait state from wake_index with sleepers and a
+        non-zero wait_cnt, or -1."""
+        a = self.a
+        if not a.read32(self._ws_active):
+            return -1
+        wake_index = a.read32(self._wake_index)
+        for _ in range(SBQ_WAIT_QUEUES):
+            if self.ws[wake_index].active() and a.read32(self._wait_cnt[wake_index]):
+                if wake_index != a.read32(self._wake_index):
+                    a.set32(self._wake_index, wake_index)
+                return wake_index
+            wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
+        return -1
+
+    def _legacy_wake_up_once(self, nr: list[int]) -> bool:
+        """__sbq_wake_up() (<= 6.1): count ``nr[0]`` frees down on one wait state's
+        wait_cnt; at zero, wake wake_batch waiters there, advance wake_index and
+        reset the count.  Returns True if the caller should go round again."""
+        a = self.a
+        if nr[0] <= 0:
+            return False
+        i = self._legacy_wake_ptr()
+        if i < 0:
+            return False
+        ws = self.ws[i]
+        cnt_off = self._wait_cnt[i]
+        cur = a.read32(cnt_off)
+        while True:
+            if cur == 0:
+                return True  # a concurrent waker is resetting this one: try another
+            sub = min(nr[0], cur)
+            wait_cnt = cur - sub
+            found = a.cmpxchg32(cnt_off, cur, wait_cnt)
+            if found == cur:
+                break
+            cur = found
+        if wait_cnt > 0:
+            # Counted on a queue that may have emptied meanwhile: go again so the
+            # free is not lost.
+            return not ws.active()
+        nr[0] -= sub
+        ret = not ws.active()
+        wake_batch = a.read32(self._wake_batch)
+        ws.wake_up_nr(wake_batch)
+        fence()  # pairs with _update_wake_batch: see the new batch before the reset
+        # sbq_index_atomic_inc(): advance wake_index unless someone else just did.
+        old = a.read32(self._wake_index)
+        a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
+        a.set32(cnt_off, wake_batch)
+        return ret or nr[0] > 0
+
+    def wake_all(self) -> None:
+        """sbitmap_queue_wake_all(): wake every waiter on every wait state."""
+        fence()
+        wake_index = self.a.read32(self._wake_index)
+        for _ in range(SBQ_WAIT_QUEUES):
+            ws = self.ws[wake_index]
+            if ws.active():
+                ws.wake_up()
+            wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
+
+    # -- sleeping ------------------------------------------------------------------------------
+
+    def wait_ptr(self, wait_index: list[int]) -> int:
+        """sbq_wait_ptr(): the wait state to sleep on, round-robin through the
+        caller's ``wait_index`` (a one-element list, per hctx in blk-mq)."""
+        i = wait_index[0]
+        wait_index[0] = (i + 1) % SBQ_WAIT_QUEUES
+        return i
+
+    def prepare_to_wait(self, ws_index: int, wait: SbqWait) -> None:
+        """sbitmap_prepare_to_wait(): count this sleeper in ws_active (once per wait)
+        and queue it exclusively on wait state ``ws_index``."""
+        if not wait.active:
+            self.a.fetch_add32(self._ws_active, 1)
+            wait.active = True
+        self.ws[ws_index].prepare_to_wait_exclusive()
+
+    def finish_wait(self, ws_index: int, wait: SbqWait) -> None:
+        """sbitmap_finish_wait()."""
+        self.ws[ws_index].finish_wait()
+        if wait.active:
+            self.a.fetch_sub32(self._ws_active, 1)
+            wait.active = False
+
+    def get_sleep(
+        self,
+        wait_index: list[int],
+        timeout: float | None = None,
+        before_sleep: Callable[[], None] | None = None,
+    ) -> int:
+        """Allocate a bit, sleeping while the bitmap is full: the wait loop of
+        blk_mq_get_tag().  ``before_sleep`` runs between the failed try and the
+        sleep (blk-mq runs the hardware queue there).  Returns -1 only if
+        ``timeout`` seconds pass without a wake-up."""
+        nr = self.get()
+        if nr != -1:
+            return nr
+        wait = SbqWait()
+        ws_index = self.wait_ptr(wait_index)
+        while True:
+            if before_sleep is not None:
+                before_sleep()
+            nr = self.get()
+            if nr != -1:
+                break
+            self.prepare_to_wait(ws_index, wait)
+            nr = self.get()
+            if nr != -1:
+                break
+            woken = self.ws[ws_index].w.schedule(timeout)
+            self.finish_wait(ws_index, wait)
+            if not woken:
+                return self.get()
+            ws_index = self.wait_ptr(wait_index)
+        self.finish_wait(ws_index, wait)
+        return nr
+
+    # -- debugfs ---------------------------------------------------------------------------------
+
+    def show(self) -> str:
+        """sbitmap_queue_show(): the body of debugfs ``hctxN/tags`` after
+        ``bitmap_tags:``.  For debugging; the format may change at any time."""
+        a = self.a
+        lines = [self.sb.show().rstrip("\n")]
+        lines.append("alloc_hint={" + ", ".join(str(h) for h in self.sb.alloc_hints()) + "}")
+        lines.append(f"wake_batch={self.wake_batch}")
+        lines.append(f"wake_index={a.read32(self._wake_index)}")
+        lines.append(f"ws_active={a.read32(self._ws_active)}")
+        lines.append("ws={")
+        for i, ws in enumerate(self.ws):
+            state = "active" if ws.active() else "inactive"
+            if self.legacy:
+                lines.append(f"\t{{.wait_cnt={a.read32(self._wait_cnt[i])}, .wait={state}}},")
+            else:
+                lines.append(f"\t{{.wait={state}}},")
+        lines.append("}")
+        lines.append(f"round_robin={int(self.sb.round_robin)}")
+        lines.append(f"min_shallow_depth={self.min_shallow_depth}")
+        return "\n".join(lines) + "\n"
+
+
+class SbqWait:
+    """struct sbq_wait: whether this wait is counted in ws_active."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+def _s32(v: int) -> int:
+    """Wrap to a signed 32-bit value (atomic_t arithmetic)."""
+    v &= UINT_MAX
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _calc_wake_batch(spec: SbitmapQueueSpec, depth: int, min_shallow_depth: int) -> int:
+    """sbq_calc_wake_batch() for the queue's generation."""
+    if spec.generation is SbqGeneration.LEGACY:
+        shift = spec.sb.shift
+        shallow = min(1 << shift, min_shallow_depth)
+        depth = (depth >> shift) * shallow + min(depth & ((1 << shift) - 1), shallow)
+    else:
+        depth = min(depth, min_shallow_depth)
+    return max(1, min(depth // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH))

@@ -1,0 +1,359 @@
+"""Wait queues whose sleepers are real processes: the user-space kernel/sched/wait.c.
+
+A *waiter* is a process that may sleep (a CPU worker, a test process).  Each waiter
+owns one slot in the arena's waiter table and one eventfd.  The owner of the run
+creates every eventfd before it forks its children, so every process can wake every
+waiter; a waiter sleeps by polling its own eventfd.
+
+Why eventfd and not a futex or a pipe
+    A futex would let waiters and wakers share nothing but a word, but a process
+    blocked in ``FUTEX_WAIT`` cannot watch anything else, and a CPU worker must keep
+    taking interrupts while it waits for a tag (in the kernel the CPU runs the
+    interrupt that frees the tag while the task sleeps).  An eventfd is a file
+    descriptor, so it joins the worker's one wait point (epoll/``connection.wait``)
+    next to its interrupt and control pipes.  Unlike a pipe it never fills up and a
+    wake-up before the sleep is not lost: the counter stays set.
+
+Shared state (all in the arena, changed only under the queue's bit spinlock except
+where noted):
+
+=================  =========================  ================================================
+field              written by                 notes
+=================  =========================  ================================================
+head.lock          any process (bit 0)        test_and_set_bit_lock / clear_bit_unlock
+head.first/last    under lock                 doubly linked list of waiter slots, -1 = empty;
+                                              ``first`` is also read without the lock by
+                                              :meth:`WaitQueue.active` (waitqueue_active)
+entry.next/prev    under the lock of the      the entry is on at most one queue at a time
+                   queue it is on
+entry.queued_on    under lock                 byte offset of that queue's head, or -1
+entry.state        the waiter (RUNNING/       try_to_wake_up's TASK_UNINTERRUPTIBLE ->
+                   SLEEPING), a waker by CAS  TASK_RUNNING: only a waker that wins the CAS
+                   SLEEPING -> RUNNING        wakes, dequeues and counts the entry
+=================  =========================  ================================================
+
+A waker writes the eventfd while still holding the queue lock, so once
+:meth:`WaitQueue.finish_wait` has taken and dropped that lock no wake-up for this
+wait can arrive late; ``finish_wait`` then drains the eventfd, and the next wait
+starts clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import select
+from dataclasses import dataclass
+
+import numpy as np
+
+from mqrt._atomic import cpu_relax
+from mqrt.shm import Arena, Layout, Region, cacheline_struct
+
+#: A wait_queue_head_t: embedded in other structs (e.g. sbitmap's wait states).
+WAIT_QUEUE_HEAD = np.dtype(
+    {"names": ["lock", "first", "last"], "formats": ["<u8", "<i4", "<i4"], "offsets": [0, 8, 12]},
+    align=True,
+)
+
+#: One wait_queue_entry per waiter slot.
+WAIT_QUEUE_ENTRY = cacheline_struct(
+    [("next", "<i4"), ("prev", "<i4"), ("state", "<i4"), ("flags", "<i4"), ("queued_on", "<i8")]
+)
+
+#: Spins on a busy bit lock before yielding the core (the holder may be preempted).
+SPINS_BEFORE_YIELD = 64
+
+NIL = -1
+
+
+class TaskState(enum.IntEnum):
+    """The part of a task's state that wake-ups look at."""
+
+    RUNNING = 0
+    UNINTERRUPTIBLE = 2  # TASK_UNINTERRUPTIBLE: asleep, or about to be
+
+
+class WqFlag(enum.IntFlag):
+    EXCLUSIVE = 0x01  #: WQ_FLAG_EXCLUSIVE: wake_up_nr(n) wakes at most n of these
+
+
+@dataclass(frozen=True)
+class WaitersSpec:
+    """The waiter table: one wait_queue_entry per process that may sleep."""
+
+    nr_waiters: int
+    entries: Region
+
+
+def spin_lock(a, off: int) -> None:
+    """Take the bit spinlock in bit 0 of the word at ``off`` (acquire)."""
+    spins = 0
+    while a.test_and_set_bit_lock(off, 0):
+        spins += 1
+        if spins < SPINS_BEFORE_YIELD:
+            cpu_relax()
+        else:
+            os.sched_yield()
+            spins = 0
+
+
+def spin_unlock(a, off: int) -> None:
+    """Release the bit spinlock (release ordering)."""
+    a.clear_bit_unlock(off, 0)
+
+
+class Waiters:
+    """The waiter table and one eventfd per slot.
+
+    Build it in the owner before forking (:meth:`create_eventfds`); forked children
+    inherit the descriptors.  ``me`` is this process's slot, or None for a process
+    that only wakes.
+    """
+
+    @staticmethod
+    def declare(layout: Layout, nr_waiters: int, name: str = "waiters") -> WaitersSpec:
+        if nr_waiters < 1:
+            raise ValueError(f"nr_waiters must be >= 1, got {nr_waiters}")
+        return WaitersSpec(nr_waiters, layout.add(name, WAIT_QUEUE_ENTRY, nr_waiters))
+
+    @staticmethod
+    def init(arena: Arena, spec: WaitersSpec) -> None:
+        """Owner only: every entry off every queue and running."""
+        v = arena.view(spec.entries)
+        v["next"] = v["prev"] = NIL
+        v["state"] = TaskState.RUNNING
+        v["flags"] = 0
+        v["queued_on"] = NIL
+        del v
+
+    @staticmethod
+    def create_eventfds(spec: WaitersSpec) -> list[int]:
+        """Owner only, before forking: one non-blocking eventfd per slot."""
+        return [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(spec.nr_waiters)]
+
+    def __init__(self, arena: Arena, spec: WaitersSpec, eventfds: list[int], me: int | None):
+        if len(eventfds) != spec.nr_waiters:
+            raise ValueError(f"{len(eventfds)} eventfds for {spec.nr_waiters} waiter slots")
+        if me is not None and not 0 <= me < spec.nr_waiters:
+            raise ValueError(f"waiter slot {me} out of range 0..{spec.nr_waiters - 1}")
+        self.a = arena.atomic
+        self.spec = spec
+        self.eventfds = eventfds
+        self.me = me
+        r = spec.entries
+        self._base = r.offset
+        self._stride = r.stride
+        f = r.dtype.fields
+        self._next = f["next"][1]
+        self._prev = f["prev"][1]
+        self._state = f["state"][1]
+        self._flags = f["flags"][1]
+        self._queued_on = f["queued_on"][1]
+        self._poll: select.poll | None = None
+
+    def entry(self, slot: int) -> int:
+        """Byte offset of slot's wait_queue_entry."""
+        return self._base + slot * self._stride
+
+    # -- the sleeping side (this process's slot) -------------------------------------
+
+    def set_state(self, state: TaskState) -> None:
+        """set_current_state(): a full barrier orders it against the caller's next
+        check of the condition it sleeps on."""
+        self.a.xchg32(self.entry(self.me) + self._state, state)  # type: ignore[operator]
+
+    def schedule(self, timeout: float | None = None) -> bool:
+        """Sleep until woken (or ``timeout`` seconds pass); True if woken.
+
+        Returns at once if a wake-up already arrived since the last drain, as a
+        kernel task whose state was set back to RUNNING does not sleep.
+        """
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.eventfds[self.me], select.POLLIN)  # type: ignore[index]
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        if not self._poll.poll(ms):
+            return False
+        self.drain()  # consumed: the next schedule() sleeps again
+        return True
+
+    def drain(self) -> None:
+        """Forget wake-ups that arrived after the wait ended."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.eventfds[self.me])  # type: ignore[index]
+
+    # -- the waking side ---------------------------------------------------------------
+
+    def try_to_wake_up(self, slot: int) -> bool:
+        """Move slot from UNINTERRUPTIBLE to RUNNING and kick its eventfd; False if it
+        was already running (then nothing is done, as in the kernel)."""
+        off = self.entry(slot) + self._state
+        if self.a.cmpxchg32(off, TaskState.UNINTERRUPTIBLE, TaskState.RUNNING) != (
+            TaskState.UNINTERRUPTIBLE
+        ):
+            return False
+        os.eventfd_write(self.eventfds[slot], 1)
+        return True
+
+
+class WaitQueue:
+    """A wait_queue_head_t at byte offset ``head`` of the arena."""
+
+    def __init__(self, waiters: Waiters, head: int):
+        self.w = waiters
+        self.a = waiters.a
+        self.head = head
+        self._lock = head + WAIT_QUEUE_HEAD.fields["lock"][1]
+        self._first = head + WAIT_QUEUE_HEAD.fields["first"][1]
+        self._last = head + WAIT_QUEUE_HEAD.fields["last"][1]
+
+    @staticmethod
+    def init(arena: Arena, head: int) -> None:
+        """Owner only: an empty queue (init_waitqueue_head)."""
+        a = arena.atomic
+        a.set(head + WAIT_QUEUE_HEAD.fields["lock"][1], 0)
+        a.set32(head + WAIT_QUEUE_HEAD.fields["first"][1], NIL)
+        a.set32(head + WAIT_QUEUE_HEAD.fields["last"][1], NIL)
+
+    def active(self) -> bool:
+        """waitqueue_active(): anyone queued?  Lockless; the caller supplies the
+        barrier that orders it against its own condition update."""
+        return self.a.load_acquire32(self._first) != NIL
+
+    # -- list manipulation, lock held -----------------------------------------------------
+
+    def _add_tail(self, slot: int, flags: int) -> None:
+        w, a = self.w, self.a
+        e = w.entry(slot)
+        last = a.read32(self._last)
+        a.set32(e + w._next, NIL)
+        a.set32(e + w._prev, last)
+        a.set32(e + w._flags, flags)
+        a.set(e + w._queued_on, self.head)
+        if last == NIL:
+            a.store_release32(self._first, slot)
+        else:
+            a.set32(w.entry(last) + w._next, slot)
+        a.set32(self._last, slot)
+
+    def _add_head(self, slot: int) -> None:
+        w, a = self.w, self.a
+        e = w.entry(slot)
+        first = a.read32(self._first)
+        a.set32(e + w._next, first)
+        a.set32(e + w._prev, NIL)
+        a.set32(e + w._flags, 0)
+        a.set(e + w._queued_on, self.head)
+        if first == NIL:
+            a.set32(self._last, slot)
+        else:
+            a.set32(w.entry(first) + w._prev, slot)
+        a.store_release32(self._first, slot)
+
+    def _del(self, slot: int) -> None:
+        w, a = self.w, self.a
+        e = w.entry(slot)
+        nxt = a.read32(e + w._next)
+        prv = a.read32(e + w._prev)
+        if prv == NIL:
+            a.store_release32(self._first, nxt)
+        else:
+            a.set32(w.entry(prv) + w._next, nxt)
+        if nxt == NIL:
+            a.set32(self._last, prv)
+        else:
+            a.set32(w.entry(nxt) + w._prev, prv)
+        a.set32(e + w._next, NIL)
+        a.set32(e + w._prev, NIL)
+        a.set(e + w._queued_on, NIL)
+
+    def _queued_here(self, slot: int) -> bool:
+        return self.a.read(self.w.entry(slot) + self.w._queued_on) == self.head
+
+    # -- the kernel's API -------------------------------------------------------------------
+
+    def prepare_to_wait_exclusive(self) -> None:
+        """Queue this process's entry at the tail as an exclusive waiter (if it is not
+        queued yet) and mark it about to sleep."""
+        me = self.w.me
+        assert me is not None, "a process without a waiter slot cannot sleep"
+        spin_lock(self.a, self._lock)
+        try:
+            if not self._queued_here(me):
+                self._add_tail(me, WqFlag.EXCLUSIVE)
+            self.w.set_state(TaskState.UNINTERRUPTIBLE)
+        finally:
+            spin_unlock(self.a, self._lock)
+
+    def prepare_to_wait(self) -> None:
+        """Like :meth:`prepare_to_wait_exclusive` for a non-exclusive waiter: queued at
+        the head, woken by every wake-up."""
+        me = self.w.me
+        assert me is not None, "a process without a waiter slot cannot sleep"
+        spin_lock(self.a, self._lock)
+        try:
+            if not self._queued_here(me):
+                self._add_head(me)
+            self.w.set_state(TaskState.UNINTERRUPTIBLE)
+        finally:
+            spin_unlock(self.a, self._lock)
+
+    def finish_wait(self) -> None:
+        """Back to running; take the entry off the queue if no waker did."""
+        me = self.w.me
+        assert me is not None
+        self.w.set_state(TaskState.RUNNING)
+        if self.a.read(self.w.entry(me) + self.w._queued_on) != NIL:
+            spin_lock(self.a, self._lock)
+            try:
+                if self._queued_here(me):
+                    self._del(me)
+            finally:
+                spin_unlock(self.a, self._lock)
+        self.w.drain()
+
+    def wake_up_nr(self, nr: int) -> int:
+        """Wake every non-exclusive waiter and up to ``nr`` exclusive ones, oldest
+        first; woken entries leave the queue (autoremove_wake_function).  Returns the
+        number of exclusive waiters woken.  An entry whose task is already running
+        is skipped and not counted, as try_to_wake_up() reports it."""
+        w, a = self.w, self.a
+        woken = 0
+        spin_lock(a, self._lock)
+        try:
+            slot = a.read32(self._first)
+            while slot != NIL and (nr <= 0 or woken < nr):
+                e = w.entry(slot)
+                nxt = a.read32(e + w._next)
+                exclusive = a.read32(e + w._flags) & WqFlag.EXCLUSIVE
+                if w.try_to_wake_up(slot):
+                    self._del(slot)
+                    if exclusive:
+                        woken += 1
+                slot = nxt
+        finally:
+            spin_unlock(a, self._lock)
+        return woken
+
+    def wake_up(self) -> int:
+        """wake_up(): every non-exclusive waiter and one exclusive one."""
+        return self.wake_up_nr(1)
+
+    def wake_up_all(self) -> int:
+        """wake_up_all(): every waiter."""
+        return self.wake_up_nr(0)
+
+    def waiters(self) -> list[int]:
+        """Queued slots, oldest first (a snapshot taken under the lock; debugging)."""
+        out = []
+        spin_lock(self.a, self._lock)
+        try:
+            slot = self.a.read32(self._first)
+            while slot != NIL:
+                out.append(slot)
+                slot = self.a.read32(self.w.entry(slot) + self.w._next)
+        finally:
+            spin_unlock(self.a, self._lock)
+        return out
