@@ -537,6 +537,10 @@ class SbitmapQueue:
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
+        #: This handle's contention counters: failed tries that went to the wait
+        #: loop, and sleeps in it.
+        self.nr_waits = 0
+        self.nr_sleeps = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -805,11 +809,13 @@ class SbitmapQueue:
     ) -> int:
         """Allocate a bit, sleeping while the bitmap is full: the wait loop of
         blk_mq_get_tag().  ``before_sleep`` runs between the failed try and the
-        sleep (blk-mq runs the hardware queue there).  Returns -1 only if
-        ``timeout`` seconds pass without a wake-up."""
+        sleep (blk-mq runs the hardware queue there).  Returns -1 only if a sleep
+        lasts ``timeout`` seconds without a wake-up: a stranded waiter, which is
+        what the timeout is for."""
         nr = self.get()
         if nr != -1:
             return nr
+        self.nr_waits += 1
         wait = SbqWait()
         ws_index = self.wait_ptr(wait_index)
         while True:
@@ -822,10 +828,11 @@ class SbitmapQueue:
             nr = self.get()
             if nr != -1:
                 break
+            self.nr_sleeps += 1
             woken = self.ws[ws_index].w.schedule(timeout)
             self.finish_wait(ws_index, wait)
             if not woken:
-                return self.get()
+                return -1
             ws_index = self.wait_ptr(wait_index)
         self.finish_wait(ws_index, wait)
         return nr

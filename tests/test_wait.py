@@ -1,0 +1,109 @@
+"""mqrt.wait: wake-up semantics scripted in one process, and a real sleeping process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from mqrt.shm import Arena, Layout, cacheline_struct
+from mqrt.wait import WAIT_QUEUE_HEAD, TaskState, Waiters, WaitQueue
+from tests.helpers import ctx
+
+
+@pytest.fixture
+def wq_rig():
+    layout = Layout()
+    spec = Waiters.declare(layout, 5)
+    head = layout.add("head", cacheline_struct([("wait", WAIT_QUEUE_HEAD)]))
+    with Arena.create(layout) as arena:
+        Waiters.init(arena, spec)
+        WaitQueue.init(arena, head.addr(0, "wait"))
+        fds = Waiters.create_eventfds(spec)
+        try:
+            yield lambda me: WaitQueue(Waiters(arena, spec, fds, me), head.addr(0, "wait"))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def state(wq, slot):
+    return wq.a.read32(wq.w.entry(slot) + wq.w._state)
+
+
+def test_exclusive_waiters_fifo_and_counted(wq_rig):
+    for me in (1, 2, 3):
+        wq_rig(me).prepare_to_wait_exclusive()
+    waker = wq_rig(0)
+    assert waker.active() and waker.waiters() == [1, 2, 3]
+    assert waker.wake_up_nr(2) == 2
+    assert waker.waiters() == [3]
+    assert state(waker, 1) == state(waker, 2) == TaskState.RUNNING
+    assert state(waker, 3) == TaskState.UNINTERRUPTIBLE
+    assert waker.wake_up_all() == 1 and not waker.active()
+
+
+def test_non_exclusive_go_first_and_are_all_woken(wq_rig):
+    wq_rig(1).prepare_to_wait_exclusive()
+    wq_rig(2).prepare_to_wait()
+    wq_rig(3).prepare_to_wait()
+    waker = wq_rig(0)
+    assert waker.waiters() == [3, 2, 1]  # non-exclusive waiters are queued at the head
+    assert waker.wake_up() == 1  # both non-exclusive and one exclusive
+    assert waker.waiters() == []
+
+
+def test_running_entry_is_skipped_not_counted(wq_rig):
+    """try_to_wake_up() on a task that is already running does nothing, so the
+    wake-up goes to the next exclusive waiter."""
+    a, b = wq_rig(1), wq_rig(2)
+    a.prepare_to_wait_exclusive()
+    b.prepare_to_wait_exclusive()
+    a.w.set_state(TaskState.RUNNING)  # finish_wait has begun, entry still queued
+    waker = wq_rig(0)
+    assert waker.wake_up_nr(1) == 1
+    assert waker.waiters() == [1]  # a stays queued, b was woken
+    a.finish_wait()
+    assert waker.waiters() == []
+
+
+def test_wake_before_sleep_is_not_lost(wq_rig):
+    me = wq_rig(1)
+    me.prepare_to_wait_exclusive()
+    wq_rig(0).wake_up()
+    t0 = time.monotonic()
+    assert me.w.schedule(5.0)  # returns at once: the eventfd kept the wake-up
+    assert time.monotonic() - t0 < 1.0
+    me.finish_wait()
+    assert not me.w.schedule(0)  # consumed; nothing stale left
+
+
+def _sleeper(make, ready_fd):
+    wq = make(1)
+    wq.prepare_to_wait_exclusive()
+    os.write(ready_fd, b"x")
+    assert wq.w.schedule(30.0), "never woken"
+    wq.finish_wait()
+
+
+def test_real_process_sleeps_until_woken(wq_rig):
+    r, w = os.pipe()
+    p = ctx.Process(target=_sleeper, args=(wq_rig, w))
+    p.start()
+    try:
+        assert os.read(r, 1) == b"x"
+        time.sleep(0.1)
+        assert p.is_alive()  # asleep, not spinning through
+        waker = wq_rig(0)
+        assert waker.waiters() == [1]
+        assert waker.wake_up() == 1
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join()
+        p.close()
+        os.close(r)
+        os.close(w)
