@@ -1,0 +1,94 @@
+"""The mqrt command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mqrt import __version__
+
+REQUIRED_CASES = {
+    "atomic.cmpxchg",
+    "atomic.fetch_add",
+    "atomic.test_and_set_bit",
+    "peer.atomics.cmpxchg",
+    "ring.spsc.batch",
+    "ring.mpsc.2producers",
+    "peer.mp_queue",
+    "peer.mp_pipe",
+    "peer.faster_fifo.batch",
+    "sbitmap.get_put",
+    "sbitmap.get_put.contended",
+}
+
+
+def mqrt(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    code = f"{prelude}\nimport sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_version_and_help():
+    out = mqrt("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mqrt {__version__}"
+    out = mqrt("--help")
+    assert out.returncode == 0 and "microbench" in out.stdout
+    out = mqrt("microbench", "--help")
+    assert out.returncode == 0 and "--repeat" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("microbench", "--repeat", "0"), "mqrt: error: --repeat must be >= 1, got 0"),
+        (("microbench", "--case", "nope"), "mqrt: error: --case nope matches no case"),
+        (("microbench", "--repeat", "x"), "invalid int value: 'x'"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_user_errors_are_one_line_not_tracebacks(args, message):
+    out = mqrt(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_microbench_json_has_every_case_and_meets_schema():
+    out = mqrt("microbench", "--quick", "--repeat", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["schema"] == "mqrt.microbench/1"
+    results = doc["results"]
+    assert set(results) >= REQUIRED_CASES, REQUIRED_CASES - set(results)
+    for name, r in results.items():
+        assert r["unit"] in ("ns/op", "ops/s"), name
+        assert isinstance(r["value"], (int, float)) and r["value"] > 0, name
+    assert {c["check"] for c in doc["checks"]} >= {"atomic.cmpxchg", "sbitmap.get_put"}
+
+
+def test_missing_peers_are_skipped_with_a_note():
+    out = mqrt(
+        "microbench", "--quick", "--repeat", "1", "--json", "--case", "peer.atomics.*",
+        "--case", "peer.faster_fifo.*", "--case", "atomic.cmpxchg",
+        prelude="import sys; sys.modules['atomics'] = None; sys.modules['faster_fifo'] = None",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert set(doc["results"]) == {"atomic.cmpxchg"}
+    assert any("'atomics' package is not installed" in n for n in doc["notes"])
+    assert any("'faster_fifo' package is not installed" in n for n in doc["notes"])
+
+
+def test_microbench_table_output():
+    out = mqrt("microbench", "--quick", "--repeat", "1", "--case", "sbitmap.get_put")
+    assert out.returncode == 0, out.stderr
+    assert "sbitmap.get_put" in out.stdout and "targets" in out.stdout
