@@ -152,8 +152,26 @@ class _RingBase:
             self._buf[self._data : self._data + end - self._data_end]
         )
 
+    def put_many(self, entries: Sequence[bytes] | bytes) -> int:
+        raise NotImplementedError
+
+    def get_many_raw(self, max_entries: int) -> bytes:
+        raise NotImplementedError
+
+    def put(self, entry: bytes) -> bool:
+        """Publish one entry; False if the ring is full."""
+        return self.put_many(entry) == 1
+
+    def get(self) -> bytes | None:
+        """One entry, or None if the ring is empty."""
+        return self.get_many_raw(1) or None
+
+    def get_many(self, max_entries: int) -> list[bytes]:
+        """Up to ``max_entries`` entries, oldest first."""
+        return _split(self.get_many_raw(max_entries), self._es)
+
     def __len__(self) -> int:
-        """Entries published and not yet consumed (a snapshot)."""
+        """Entries published (or, MPSC, reserved) and not yet consumed: a snapshot."""
         return self._a.load_acquire(self._tail_off) - self._a.load_acquire(self._head_off)
 
 
@@ -188,10 +206,6 @@ class SpscRing(_RingBase):
         self._head_cache = self._a.load_acquire(self._head_off)
         return self.spec.nr_entries - (self._tail - self._head_cache)
 
-    def put(self, entry: bytes) -> bool:
-        """Publish one entry; False if the ring is full."""
-        return self.put_many(entry) == 1
-
     def put_many(self, entries: Sequence[bytes] | bytes) -> int:
         """Copy as many whole entries as fit, publish them with one release store, and
         return how many were taken (0 when full)."""
@@ -212,15 +226,6 @@ class SpscRing(_RingBase):
         return n
 
     # -- consumer ------------------------------------------------------------------
-
-    def get(self) -> bytes | None:
-        """One entry, or None if the ring is empty."""
-        blob = self.get_many_raw(1)
-        return blob or None
-
-    def get_many(self, max_entries: int) -> list[bytes]:
-        """Up to ``max_entries`` entries, oldest first."""
-        return _split(self.get_many_raw(max_entries), self._es)
 
     def get_many_raw(self, max_entries: int) -> bytes:
         """Up to ``max_entries`` entries as one blob (for struct/numpy parsing)."""
@@ -267,10 +272,6 @@ class MpscRing(_RingBase):
         return self._seq + (pos & self._mask) * 8
 
     # -- producers -----------------------------------------------------------------
-
-    def put(self, entry: bytes) -> bool:
-        """Publish one entry; False if the ring is full."""
-        return self.put_many(entry) == 1
 
     def put_many(self, entries: Sequence[bytes] | bytes) -> int:
         """Reserve a run of slots with one CAS, copy, publish; return how many were
@@ -319,13 +320,6 @@ class MpscRing(_RingBase):
             a.store_release(self._seq_off(p), p + 1)
 
     # -- consumer ------------------------------------------------------------------
-
-    def get(self) -> bytes | None:
-        blob = self.get_many_raw(1)
-        return blob or None
-
-    def get_many(self, max_entries: int) -> list[bytes]:
-        return _split(self.get_many_raw(max_entries), self._es)
 
     def get_many_raw(self, max_entries: int) -> bytes:
         """Up to ``max_entries`` published entries, in position order, as one blob."""

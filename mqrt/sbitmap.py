@@ -679,8 +679,9 @@ class SbitmapQueue:
         """sbitmap_queue_wake_up(): account ``nr`` freed bits; wake waiters when a
         batch is complete."""
         if self.legacy:
-            while self._legacy_wake_up_once([nr]):
-                pass
+            again = True
+            while again:
+                again, nr = self._legacy_wake_up_once(nr)
             return
         a = self.a
         if not a.read32(self._ws_active):
@@ -730,23 +731,23 @@ class SbitmapQueue:
             wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
         return -1
 
-    def _legacy_wake_up_once(self, nr: list[int]) -> bool:
-        """__sbq_wake_up() (<= 6.1): count ``nr[0]`` frees down on one wait state's
+    def _legacy_wake_up_once(self, nr: int) -> tuple[bool, int]:
+        """__sbq_wake_up() (<= 6.1): count ``nr`` frees down on one wait state's
         wait_cnt; at zero, wake wake_batch waiters there, advance wake_index and
-        reset the count.  Returns True if the caller should go round again."""
+        reset the count.  Returns (go round again?, frees still to count)."""
         a = self.a
-        if nr[0] <= 0:
-            return False
+        if nr <= 0:
+            return False, nr
         i = self._legacy_wake_ptr()
         if i < 0:
-            return False
+            return False, nr
         ws = self.ws[i]
         cnt_off = self._wait_cnt[i]
         cur = a.read32(cnt_off)
         while True:
             if cur == 0:
-                return True  # a concurrent waker is resetting this one: try another
-            sub = min(nr[0], cur)
+                return True, nr  # a concurrent waker is resetting this one: try another
+            sub = min(nr, cur)
             wait_cnt = cur - sub
             found = a.cmpxchg32(cnt_off, cur, wait_cnt)
             if found == cur:
@@ -755,8 +756,8 @@ class SbitmapQueue:
         if wait_cnt > 0:
             # Counted on a queue that may have emptied meanwhile: go again so the
             # free is not lost.
-            return not ws.active()
-        nr[0] -= sub
+            return not ws.active(), nr
+        nr -= sub
         ret = not ws.active()
         wake_batch = a.read32(self._wake_batch)
         ws.wake_up_nr(wake_batch)
@@ -765,7 +766,7 @@ class SbitmapQueue:
         old = a.read32(self._wake_index)
         a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
         a.set32(cnt_off, wake_batch)
-        return ret or nr[0] > 0
+        return ret or nr > 0, nr
 
     def wake_all(self) -> None:
         """sbitmap_queue_wake_all(): wake every waiter on every wait state."""

@@ -277,25 +277,23 @@ class WaitQueue:
     def prepare_to_wait_exclusive(self) -> None:
         """Queue this process's entry at the tail as an exclusive waiter (if it is not
         queued yet) and mark it about to sleep."""
-        me = self.w.me
-        assert me is not None, "a process without a waiter slot cannot sleep"
-        spin_lock(self.a, self._lock)
-        try:
-            if not self._queued_here(me):
-                self._add_tail(me, WqFlag.EXCLUSIVE)
-            self.w.set_state(TaskState.UNINTERRUPTIBLE)
-        finally:
-            spin_unlock(self.a, self._lock)
+        self._prepare(exclusive=True)
 
     def prepare_to_wait(self) -> None:
         """Like :meth:`prepare_to_wait_exclusive` for a non-exclusive waiter: queued at
         the head, woken by every wake-up."""
+        self._prepare(exclusive=False)
+
+    def _prepare(self, exclusive: bool) -> None:
         me = self.w.me
         assert me is not None, "a process without a waiter slot cannot sleep"
         spin_lock(self.a, self._lock)
         try:
             if not self._queued_here(me):
-                self._add_head(me)
+                if exclusive:
+                    self._add_tail(me, WqFlag.EXCLUSIVE)
+                else:
+                    self._add_head(me)
             self.w.set_state(TaskState.UNINTERRUPTIBLE)
         finally:
             spin_unlock(self.a, self._lock)
