@@ -27,6 +27,7 @@ import fnmatch
 import json
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import time
@@ -86,6 +87,8 @@ def _cpus() -> list[int]:
 
 
 def _child_main(conn, barrier, cpu: int | None, fn: Callable[..., float], args: tuple) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     barrier.wait()
@@ -463,19 +466,24 @@ def run(
     repeat: int,
     scale: float,
     progress: Callable[[str, int, int], None] | None = None,
-) -> dict[str, Result]:
+) -> tuple[dict[str, Result], bool]:
+    """Every case ``repeat`` times, interleaved (case A, B, ..., A, B, ...) so that
+    a noisy moment does not land on all repetitions of one case.  Ctrl-C stops the
+    run and keeps what was measured; the flag says whether that happened."""
     results: dict[str, Result] = {}
     total = len(cases) * repeat
     done = 0
-    for _ in range(repeat):
-        for case in cases:
-            if progress:
-                progress(case.name, done, total)
-            results.setdefault(case.name, Result(case.name, case.unit)).samples.append(
-                case.run(scale)
-            )
-            done += 1
-    return results
+    try:
+        for _ in range(repeat):
+            for case in cases:
+                if progress:
+                    progress(case.name, done, total)
+                sample = case.run(scale)
+                results.setdefault(case.name, Result(case.name, case.unit)).samples.append(sample)
+                done += 1
+    except KeyboardInterrupt:
+        return results, True
+    return results, False
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -570,7 +578,9 @@ def main(args: argparse.Namespace) -> int:
         status_ctx = prog
 
     with exit_on_sigterm(), status_ctx:
-        results = run(cases, args.repeat, scale, progress_cb)
+        results, interrupted = run(cases, args.repeat, scale, progress_cb)
+    if interrupted:
+        notes.append("interrupted: partial results (fewer repetitions for some cases)")
     checks = check_targets(results)
     if args.json:
         doc = {
@@ -592,4 +602,4 @@ def main(args: argparse.Namespace) -> int:
         render_table(results, cases, checks, args.repeat)
         for note in notes:
             print(f"note: {note}")
-    return 0
+    return 130 if interrupted else 0

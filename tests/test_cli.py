@@ -92,3 +92,23 @@ def test_microbench_table_output():
     out = mqrt("microbench", "--quick", "--repeat", "1", "--case", "sbitmap.get_put")
     assert out.returncode == 0, out.stderr
     assert "sbitmap.get_put" in out.stdout and "targets" in out.stdout
+
+
+def test_ctrl_c_keeps_partial_results_and_leaves_nothing():
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mqrt", "microbench", "--case", "ring.*", "--repeat", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "ring.spsc.batch" in out and "interrupted: partial results" in out
+    assert "Traceback" not in err
+    # The autouse fixture checks that no segment or child process is left.
