@@ -18,12 +18,18 @@ def _tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _children() -> set[int]:
+    """Live descendants, except the resource tracker (it lives as long as we do)."""
     tracker = _tracker_pid()
     return {
-        p.pid
-        for p in psutil.Process().children(recursive=True)
-        if p.pid != tracker and p.status() != psutil.STATUS_ZOMBIE
+        p.pid for p in psutil.Process().children(recursive=True) if p.pid != tracker and _alive(p)
     }
 
 
