@@ -26,8 +26,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from mqrt import microbench
+    from mqrt import bench, microbench
 
+    bench.add_parser(sub)
     microbench.add_parser(sub)
     return parser
 

@@ -218,7 +218,8 @@ class Sbitmap:
         o = spec.header.offsets()
         self._depth = o.depth
         self._map_nr = o.map_nr
-        self._hint = spec.hints.addr(cpu)
+        self._hints = [spec.hints.addr(c) for c in range(spec.nr_cpus)]
+        self._hint = self._hints[cpu]
         w = spec.words
         self._word = [w.addr(i, "word") for i in range(w.count)]
         self._cleared = [w.addr(i, "cleared") for i in range(w.count)]
@@ -265,7 +266,7 @@ class Sbitmap:
     def update_cpu_hint(self, cpu: int, nr: int) -> None:
         """sbitmap_update_cpu_hint(): a freed bit becomes ``cpu``'s next hint."""
         if not self.round_robin and nr < self.a.read32(self._depth):
-            self.a.set32(self.spec.hints.addr(cpu), nr)
+            self.a.set32(self._hints[cpu], nr)
 
     # -- the search --------------------------------------------------------------------
 
@@ -328,7 +329,9 @@ class Sbitmap:
         """
         a = self.a
         depth = a.read32(self._depth)
-        hint = self._hint_before_get(depth)
+        hint = a.read32(self._hint)
+        if hint >= depth:  # update_alloc_hint_before_get(), inlined
+            hint = self._hint_before_get(depth)
         map_nr = a.read32(self._map_nr)
         shift = self.shift
         index = hint >> shift
@@ -352,7 +355,8 @@ class Sbitmap:
             index += 1
             if index >= map_nr:
                 index = 0
-        self._hint_after_get(depth, hint, nr)
+        if nr in (-1, hint) or self.round_robin:
+            self._hint_after_get(depth, hint, nr)
         return nr
 
     def get_shallow(self, shallow_depth: int, legacy: bool = False) -> int:
@@ -648,10 +652,13 @@ class SbitmapQueue:
         # set_bit + smp_mb__after_atomic: the request's last use happens before the
         # bit can be reused, and the bit is visible before ws_active is read in
         # wake_up (pairs with the barrier in prepare_to_wait's state change).
-        self.sb.deferred_clear_bit(nr)
-        if self.a.read32(self._ws_active):  # both generations return at once if 0
+        # deferred_clear_bit() and update_cpu_hint() inlined (the hot path).
+        sb, a = self.sb, self.a
+        a.fetch_or(sb._cleared[nr >> sb.shift], 1 << (nr & (sb.bits_per_word - 1)))
+        if a.read32(self._ws_active):  # both generations return at once if 0
             self.wake_up(1)
-        self.sb.update_cpu_hint(cpu, nr)
+        if not sb.round_robin and nr < a.read32(sb._depth):
+            a.set32(sb._hints[cpu], nr)
 
     def clear_batch(self, offset: int, tags: list[int]) -> None:
         """sbitmap_queue_clear_batch(): free many tags at once, straight from ``word``

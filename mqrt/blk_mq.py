@@ -1,0 +1,1604 @@
+"""Port of ``block/blk-mq.c`` (and the structs of ``include/linux/blk-mq.h``): tag sets,
+request queues, software and hardware contexts, and the data path from a bio to a
+freed tag, running on real processes.
+
+::
+
+    CPU c (worker process)                                any CPU (IPI / kblockd)
+    bio --> plug (merge, flush at 32) --> tag (sbitmap_queue, fair share, sleep)
+        --> rq (static pool in shm, IDLE->IN_FLIGHT) --> issue directly: ->queue_rq
+            | busy: hctx->dispatch / ctx list, run hw queue (inline, or kblockd on
+            | a CPU of hctx->cpumask), SCHED_RESTART, 3 ms rerun on RESOURCE
+        --> driver completes --> complete_request (rq_affinity: local, softirq,
+            or IPI to the submitting CPU) --> ->complete --> end_request
+        --> bio done to the submitter --> free: IDLE, put tag, wake waiters,
+            restart the hw queue if marked
+
+Two phases, as in the kernel's alloc/init and run: in the owner (before the children
+are forked) :func:`alloc_tag_set` and :func:`init_queue` validate, map CPUs to hw
+queues and *declare* every shared structure in a :class:`~mqrt.shm.Layout`;
+:func:`init_shared` initialises the arena.  In each CPU worker, :class:`BlkMq` is that
+CPU's view of every queue and runs the data path; it asks its CPU for the services a
+kernel CPU has (softirqs, timers, IPIs, kblockd, sleeping) through :class:`CpuSys`.
+
+Deviations from Linux
+    * No I/O scheduler (``none``): the driver tag is allocated with the request and is
+      its identity; requests live in the tag set's pool at ``tags.rq_base + tag``.
+    * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
+    * ``hctx->next_cpu`` (kblockd CPU round robin) and ``wait_index`` are per CPU.
+    * The request state word carries a generation (bits 8+) and an ``allocated``
+      bit next to MQ_RQ_*; every transition is a cmpxchg from the expected state,
+      so a request finishes exactly once even when a completion races a timeout.
+    * A queue's hctxs, ctxs and tag set are fixed for the run (no update_nr_hw_queues,
+      no hotplug); TAG_QUEUE_SHARED is decided when the queues are set up.
+
+Concurrency (see docs/ARCHITECTURE.md for the full table)
+    * ``rq.state``: cmpxchg/store_release by whoever moves it; the setup block is
+      written by the allocating CPU before the request is published to the driver.
+    * ctx lists, ``hctx->dispatch``, ``q->requeue_list``: :class:`RqList`, under their
+      own bit spinlock; ``ctx_map`` bits change only under the ctx's list lock.
+    * ``hctx->state`` bits: atomic set/clear/test; ``dispatch_busy``: relaxed, a hint.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from mqrt.blk_mq_cpumap import (
+    HCTX_MAX_TYPES,
+    HctxType,
+    QueueMap,
+    Topology,
+    map_for,
+    map_queues,
+    queue_cpumasks,
+)
+from mqrt.blk_mq_tag import BLK_MQ_TAG_MIN, Tags, TagsSpec, declare_tags, init_tags
+from mqrt.blk_mq_types import (
+    BLK_DEF_MAX_SECTORS,
+    BLK_DEFAULT_TIMEOUT_MS,
+    BLK_MAX_REQUEST_COUNT,
+    BLK_MQ_CPU_WORK_BATCH,
+    BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR,
+    BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT,
+    BLK_MQ_MAX_DEPTH,
+    BLK_MQ_RESOURCE_DELAY_NS,
+    BLK_PLUG_FLUSH_SIZE,
+    SECTOR_SHIFT,
+    BlkMqFlag,
+    BlkMqOps,
+    BlkStatus,
+    EhRet,
+    HctxState,
+    QueueFlag,
+    ReqOp,
+    Rqf,
+    RqState,
+)
+from mqrt.sbitmap import SbqGeneration
+from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.wait import Waiters, spin_lock, spin_unlock
+
+#: The statuses with which a driver refuses a request for now.
+_BUSY = (int(BlkStatus.RESOURCE), int(BlkStatus.DEV_RESOURCE))
+# Plain ints for the hot path (enum arithmetic costs a Python call each).
+_IN_FLIGHT = int(RqState.IN_FLIGHT)
+_RQF_MQ_INFLIGHT = int(Rqf.MQ_INFLIGHT)
+_RQF_RESV = int(Rqf.RESV)
+_STOPPED = 1 << HctxState.STOPPED
+_SCHED_RESTART = 1 << HctxState.SCHED_RESTART
+_QUIESCED = 1 << QueueFlag.QUIESCED
+
+
+class BlkMqError(ValueError):
+    """A tag set or queue the kernel would refuse (-EINVAL / -ENOMEM), named."""
+
+
+# -- shared-memory layout ------------------------------------------------------------------
+
+#: rq.state: bits 0-1 MQ_RQ_*, bit 2 "allocated" (a tag owns it), bits 8+ generation.
+RQ_STATE_MASK = 0x3
+RQ_ALLOCATED = 0x4
+RQ_GEN_SHIFT = 8
+_OWNED_OR_BUSY = RQ_ALLOCATED | RQ_STATE_MASK
+
+#: The setup block of a request, written once by the allocating CPU (one pack_into):
+#: start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status.
+RQ_SETUP = struct.Struct("<QQIIHHHBxIi")
+#: deadline_ns, io_start_time_ns: written together by blk_mq_start_request().
+RQ_TIMES = struct.Struct("<QQ")
+#: io_start_time_ns + the setup block: everything the completion reads, in one go.
+RQ_END = struct.Struct("<QQQIIHHHBxIi")
+
+
+def request_dtype(cmd_size: int) -> np.dtype:
+    """struct request + its driver PDU (``cmd_size`` bytes), one request a line or more.
+
+    ======  ====  ================  =====================================================
+    offset  size  field             owner
+    ======  ====  ================  =====================================================
+    0       8     state             cmpxchg by whoever moves it (see the module docstring)
+    8       8     deadline_ns       the CPU that started it; read by timeout work
+    16      8     io_start_time_ns  the CPU that started it
+    24      40    setup block       the allocating CPU (RQ_SETUP), before issue
+    64      n     pdu               the driver, while it owns the request
+    ======  ====  ================  =====================================================
+    """
+    fields = [
+        ("state", "<u8"),
+        ("deadline_ns", "<u8"),
+        ("io_start_time_ns", "<u8"),
+        ("start_time_ns", "<u8"),
+        ("sector", "<u8"),
+        ("nr_sectors", "<u4"),
+        ("nr_bios", "<u4"),
+        ("cpu", "<u2"),
+        ("hctx", "<u2"),
+        ("q", "<u2"),
+        ("op", "<u1"),
+        ("pad", "<u1"),
+        ("rq_flags", "<u4"),
+        ("status", "<i4"),
+    ]
+    groups = [fields]
+    if cmd_size:
+        groups.append([("pdu", f"V{cmd_size}")])
+    dt = cacheline_struct(*groups)
+    assert dt.fields["start_time_ns"][1] == 24 and dt.fields["status"][1] == 60
+    assert RQ_SETUP.size == 40
+    return dt
+
+
+#: A list of request ids under a bit spinlock (ctx rq_lists, hctx->dispatch,
+#: q->requeue_list).  ``head``/``tail`` are monotonic; they start at RQ_LIST_ORIGIN so
+#: add-at-head can move ``head`` down.
+RQ_LIST_HEADER = cacheline_struct([("lock", "<u8"), ("head", "<u8"), ("tail", "<u8")])
+RQ_LIST_ORIGIN = 1 << 40
+
+#: struct blk_mq_hw_ctx, the shared part.
+HCTX = cacheline_struct(
+    [("state", "<u8")],  # BLK_MQ_S_* bits
+    [("nr_active", "<i4"), ("max_active", "<i4")],  # requests holding a shared tag
+    [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
+    [("ctx_map", "(4,)<u8")],  # ctxs with pending requests, by index_hw (<= 256 ctxs)
+)
+MAX_CTX_PER_HCTX = 256
+
+#: struct request_queue, the shared part.
+QUEUE = cacheline_struct(
+    [("queue_flags", "<u8")],  # QUEUE_FLAG_* bits
+    [("nr_active_requests_shared_tags", "<i4"), ("max_active", "<i4")],
+)
+
+
+@dataclass(frozen=True)
+class RqListSpec:
+    name: str
+    capacity: int  #: a power of two, at least the number of requests that can be on it
+    header: Region
+    data: Region
+
+
+def declare_rq_list(layout: Layout, name: str, nr: int) -> RqListSpec:
+    capacity = 1 << max(1, (nr - 1).bit_length())
+    header = layout.add(f"{name}.header", RQ_LIST_HEADER)
+    data = layout.add(f"{name}.data", "<u4", capacity)
+    return RqListSpec(name, capacity, header, data)
+
+
+class RqList:
+    """A FIFO of request ids in the arena, every access under its lock."""
+
+    def __init__(self, arena: Arena, spec: RqListSpec):
+        self.a = arena.atomic
+        self.spec = spec
+        o = spec.header.offsets()
+        self._lock, self._head, self._tail = o.lock, o.head, o.tail
+        self._mask = spec.capacity - 1
+        self._ids = arena.buf[spec.data.offset : spec.data.offset + 4 * spec.capacity].cast("I")
+
+    @staticmethod
+    def init(arena: Arena, spec: RqListSpec) -> None:
+        o = spec.header.offsets()
+        arena.atomic.set(o.lock, 0)
+        arena.atomic.set(o.head, RQ_LIST_ORIGIN)
+        arena.atomic.set(o.tail, RQ_LIST_ORIGIN)
+
+    def close(self) -> None:
+        self._ids.release()
+
+    def empty(self) -> bool:
+        """list_empty_careful(): lockless, a hint (relaxed loads)."""
+        return self.a.read(self._head) == self.a.read(self._tail)
+
+    def __len__(self) -> int:
+        return self.a.read(self._tail) - self.a.read(self._head)
+
+    def add(self, ids: list[int], at_head: bool = False) -> None:
+        a, ids_mv, mask = self.a, self._ids, self._mask
+        spin_lock(a, self._lock)
+        try:
+            head, tail = a.read(self._head), a.read(self._tail)
+            if tail - head + len(ids) > self.spec.capacity:
+                raise OverflowError(f"{self.spec.name}: more requests than its capacity")
+            if at_head:
+                for rq_id in reversed(ids):
+                    head -= 1
+                    ids_mv[head & mask] = rq_id
+                a.set(self._head, head)
+            else:
+                for rq_id in ids:
+                    ids_mv[tail & mask] = rq_id
+                    tail += 1
+                a.set(self._tail, tail)
+        finally:
+            spin_unlock(a, self._lock)
+
+    def take(self, max_nr: int = -1) -> list[int]:
+        """Remove and return up to ``max_nr`` ids from the head (all with -1)."""
+        a, ids_mv, mask = self.a, self._ids, self._mask
+        spin_lock(a, self._lock)
+        try:
+            head, tail = a.read(self._head), a.read(self._tail)
+            n = tail - head if max_nr < 0 else min(max_nr, tail - head)
+            out = [ids_mv[(head + i) & mask] for i in range(n)]
+            a.set(self._head, head + n)
+            return out
+        finally:
+            spin_unlock(a, self._lock)
+
+    def snapshot(self) -> list[int]:
+        """The ids on the list (under the lock; debugfs)."""
+        spin_lock(self.a, self._lock)
+        try:
+            head, tail = self.a.read(self._head), self.a.read(self._tail)
+            return [self._ids[i & self._mask] for i in range(head, tail)]
+        finally:
+            spin_unlock(self.a, self._lock)
+
+
+# -- tag sets (blk_mq_alloc_tag_set) -------------------------------------------------------
+
+
+def _default_pool_limit() -> int:
+    """How many bytes a request pool may take: a quarter of /dev/shm's free space."""
+    import os
+
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize // 4
+    except OSError:
+        return 1 << 30
+
+
+@dataclass
+class TagSet:
+    """struct blk_mq_tag_set: what a driver fills in before :func:`alloc_tag_set`."""
+
+    ops: BlkMqOps
+    nr_hw_queues: int  #: hardware queues over all maps
+    queue_depth: int  #: tags per hardware queue, reserved ones included
+    reserved_tags: int = 0
+    nr_maps: int = 1  #: 1..3: DEFAULT, READ, POLL
+    cmd_size: int = 0  #: bytes of driver data per request (the PDU)
+    timeout_ms: int = 0  #: request timeout; 0 means 30 s
+    flags: BlkMqFlag = BlkMqFlag(0)  # noqa: RUF009 (an immutable enum value)
+    driver_data: Any = None
+    numa_node: int = -1
+    name: str = "set0"
+    #: The emulated memory limit for the request pool (bytes): a pool that would not
+    #: fit halves the depth, as blk_mq_alloc_map_and_rqs() does on -ENOMEM.
+    pool_limit_bytes: int | None = None
+    generation: SbqGeneration = SbqGeneration.CURRENT
+
+    # Filled in by alloc_tag_set():
+    nr_cpus: int = 0
+    topology: Topology | None = None
+    map: list[QueueMap] = field(default_factory=list)
+    tags: list[TagsSpec] = field(default_factory=list)
+    rq_region: Region | None = None
+    tag_list: list[RequestQueue] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  #: what the kernel would pr_info
+
+    @property
+    def shared_tags(self) -> bool:
+        """blk_mq_is_shared_tags(): one tag space for every hctx."""
+        return bool(self.flags & BlkMqFlag.TAG_HCTX_SHARED)
+
+    @property
+    def timeout_ns(self) -> int:
+        return (self.timeout_ms or BLK_DEFAULT_TIMEOUT_MS) * 1_000_000
+
+    def tags_for(self, hctx_idx: int) -> TagsSpec:
+        return self.tags[0] if self.shared_tags else self.tags[hctx_idx]
+
+
+def _einval(msg: str) -> BlkMqError:
+    return BlkMqError(f"EINVAL: {msg}")
+
+
+def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
+    """blk_mq_alloc_tag_set(): validate, map CPUs to hardware queues and declare the
+    tags and the request pool in ``layout``.  Raises :class:`BlkMqError` where the
+    kernel returns -EINVAL or -ENOMEM; capped values are noted in ``tset.messages``."""
+    if tset.tags:
+        raise _einval(f"tag set {tset.name} is already allocated")
+    if tset.nr_hw_queues < 1:
+        raise _einval(f"nr_hw_queues must be >= 1, got {tset.nr_hw_queues}")
+    if tset.queue_depth < 1:
+        raise _einval(f"queue_depth must be >= 1, got {tset.queue_depth}")
+    if tset.reserved_tags < 0:
+        raise _einval(f"reserved_tags must be >= 0, got {tset.reserved_tags}")
+    if tset.queue_depth < tset.reserved_tags + BLK_MQ_TAG_MIN:
+        raise _einval(
+            f"queue_depth must be >= reserved_tags + {BLK_MQ_TAG_MIN} "
+            f"({tset.reserved_tags + BLK_MQ_TAG_MIN}), got {tset.queue_depth}"
+        )
+    if tset.ops.queue_rq is None:
+        raise _einval(f"{tset.ops.name}: ops.queue_rq is required")
+    if (tset.ops.get_budget is None) != (tset.ops.put_budget is None):
+        raise _einval(f"{tset.ops.name}: ops.get_budget and ops.put_budget go together")
+    if not 0 <= tset.cmd_size <= 4096:
+        raise _einval(f"cmd_size must be in 0..4096, got {tset.cmd_size}")
+    if tset.timeout_ms < 0:
+        raise _einval(f"timeout must be >= 0 ms, got {tset.timeout_ms}")
+    if tset.queue_depth > BLK_MQ_MAX_DEPTH:
+        tset.messages.append(f"blk-mq: reduced tag depth to {BLK_MQ_MAX_DEPTH}")
+        tset.queue_depth = BLK_MQ_MAX_DEPTH
+    if tset.nr_maps == 0:
+        tset.nr_maps = 1
+    elif not 1 <= tset.nr_maps <= HCTX_MAX_TYPES:
+        raise _einval(f"nr_maps must be in 1..{HCTX_MAX_TYPES}, got {tset.nr_maps}")
+    nr_cpus = topology.nr_cpus
+    if tset.nr_maps == 1 and tset.nr_hw_queues > nr_cpus:
+        tset.messages.append(
+            f"blk-mq: nr_hw_queues capped at {nr_cpus} (nr_cpu_ids) from {tset.nr_hw_queues}"
+        )
+        tset.nr_hw_queues = nr_cpus
+    tset.nr_cpus = nr_cpus
+    tset.topology = topology
+    tset.map = [QueueMap(nr_queues=tset.nr_hw_queues) for _ in range(tset.nr_maps)]
+    _update_queue_map(tset)
+    _alloc_map_and_rqs(tset, layout)
+    return tset
+
+
+def _update_queue_map(tset: TagSet) -> None:
+    """blk_mq_update_queue_map(): the driver's map_queues, or the default map."""
+    if tset.nr_maps == 1:
+        tset.map[HctxType.DEFAULT].nr_queues = tset.nr_hw_queues
+    if tset.ops.map_queues is not None:
+        tset.ops.map_queues(tset)
+    else:
+        if tset.nr_maps > 1:
+            raise _einval(f"{tset.ops.name}: nr_maps > 1 needs ops.map_queues")
+        map_queues(tset.map[HctxType.DEFAULT], tset.topology)  # type: ignore[arg-type]
+    for i, qmap in enumerate(tset.map):
+        if qmap.nr_queues and len(qmap.mq_map) != tset.nr_cpus:
+            raise _einval(f"{tset.ops.name}: map {HctxType(i).name} maps no CPUs")
+        for cpu, hctx in enumerate(qmap.mq_map):
+            if not 0 <= hctx < tset.nr_hw_queues:
+                raise _einval(
+                    f"{tset.ops.name}: map {HctxType(i).name} sends CPU {cpu} to hctx {hctx}, "
+                    f"outside 0..{tset.nr_hw_queues - 1}"
+                )
+
+
+def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
+    """blk_mq_alloc_map_and_rqs() for every hctx (or the shared tags), halving the
+    depth while the request pool does not fit the memory limit."""
+    limit = tset.pool_limit_bytes if tset.pool_limit_bytes is not None else _default_pool_limit()
+    rq_dtype = request_dtype(tset.cmd_size)
+    nr_tags_sets = 1 if tset.shared_tags else tset.nr_hw_queues
+    depth = tset.queue_depth
+    while nr_tags_sets * tset.queue_depth * rq_dtype.itemsize > limit:
+        tset.queue_depth >>= 1
+        if tset.queue_depth < tset.reserved_tags + BLK_MQ_TAG_MIN:
+            tset.queue_depth = depth
+            raise BlkMqError(
+                f"ENOMEM: blk-mq: failed to allocate request map: {nr_tags_sets} x "
+                f"{rq_dtype.itemsize}-byte requests do not fit {limit} bytes at any depth"
+            )
+    if depth != tset.queue_depth:
+        tset.messages.append(f"blk-mq: reduced tag depth ({depth} -> {tset.queue_depth})")
+    round_robin = bool(tset.flags & BlkMqFlag.TAG_RR)
+    for i in range(nr_tags_sets):
+        name = f"{tset.name}.shared_tags" if tset.shared_tags else f"{tset.name}.tags{i}"
+        tset.tags.append(
+            declare_tags(
+                layout,
+                name,
+                i,
+                tset.queue_depth,
+                tset.reserved_tags,
+                tset.nr_cpus,
+                i * tset.queue_depth,
+                round_robin=round_robin,
+                generation=tset.generation,
+            )
+        )
+    tset.rq_region = layout.add(f"{tset.name}.rqs", rq_dtype, nr_tags_sets * tset.queue_depth)
+
+
+def free_tag_set(tset: TagSet) -> None:
+    """blk_mq_free_tag_set(): forget the tags; the arena's owner frees the memory."""
+    if tset.tag_list:
+        raise BlkMqError(f"EBUSY: tag set {tset.name} still has queues: clean them up first")
+    tset.tags.clear()
+    tset.map.clear()
+    tset.rq_region = None
+
+
+# -- request queues (blk_mq_init_queue) ---------------------------------------------------
+
+
+@dataclass
+class RequestQueue:
+    """struct request_queue with its hctxs and ctxs, as declared for a run."""
+
+    tag_set: TagSet
+    index: int  #: position among the run's queues (the ``q`` field of requests)
+    name: str
+    queuedata: Any = None
+    rq_affinity: int = 1  #: 0: complete where the irq lands, 1: same LLC, 2: same CPU
+    nomerges: int = 0  #: 0: merge, 2: never (1 behaves like 0: no merge cache here)
+    max_sectors: int = BLK_DEF_MAX_SECTORS
+
+    # Built by init_queue():
+    nr_hw_queues: int = 0
+    hctx_type: list[HctxType] = field(default_factory=list)
+    hctx_cpus: list[list[int]] = field(default_factory=list)  #: hctx->cpumask
+    ctx_hctx: list[list[int]] = field(default_factory=list)  #: [cpu][type] -> hctx
+    hctx_ctxs: list[list[int]] = field(default_factory=list)  #: hctx -> cpus by index_hw
+    header: Region | None = None
+    hctx_region: Region | None = None
+    dispatch: list[RqListSpec] = field(default_factory=list)
+    ctx_lists: list[list[RqListSpec | None]] = field(default_factory=list)  #: [cpu][type]
+    requeue_list: RqListSpec | None = None
+
+    @property
+    def shared(self) -> bool:
+        """BLK_MQ_F_TAG_QUEUE_SHARED: another queue uses this tag set."""
+        return bool(self.tag_set.flags & BlkMqFlag.TAG_QUEUE_SHARED)
+
+    def mapped(self, hctx_idx: int) -> bool:
+        """blk_mq_hw_queue_mapped(): some CPU maps to this hctx."""
+        return bool(self.hctx_cpus[hctx_idx])
+
+
+def init_queue(
+    tset: TagSet,
+    layout: Layout,
+    index: int,
+    name: str,
+    *,
+    queuedata: Any = None,
+    rq_affinity: int = 1,
+    nomerges: int = 0,
+) -> RequestQueue:
+    """blk_mq_init_queue(): ctxs, hctxs and the ctx -> hctx map (blk_mq_map_swqueue),
+    declared in ``layout``; a second queue on the set turns on TAG_QUEUE_SHARED."""
+    if not tset.tags:
+        raise _einval(f"tag set {tset.name} is not allocated")
+    if rq_affinity not in (0, 1, 2):
+        raise _einval(f"rq_affinity must be 0, 1 or 2, got {rq_affinity}")
+    if nomerges not in (0, 1, 2):
+        raise _einval(f"nomerges must be 0, 1 or 2, got {nomerges}")
+    q = RequestQueue(tset, index, name, queuedata, rq_affinity, nomerges)
+    q.nr_hw_queues = tset.nr_hw_queues
+    nr_cpus = tset.nr_cpus
+    # blk_mq_map_swqueue(): each ctx's hctx per type; each hctx's cpumask and ctxs.
+    q.ctx_hctx = [[map_for(tset.map, cpu, HctxType(t)) for t in HctxType] for cpu in range(nr_cpus)]
+    q.hctx_type = [HctxType.DEFAULT] * q.nr_hw_queues
+    masks: list[set[int]] = [set() for _ in range(q.nr_hw_queues)]
+    for t, qmap in enumerate(tset.map):
+        if not qmap.nr_queues:
+            continue
+        for h, cpus in enumerate(queue_cpumasks(qmap, q.nr_hw_queues)):
+            if cpus:
+                masks[h].update(cpus)
+                q.hctx_type[h] = HctxType(t)
+    q.hctx_cpus = [sorted(m) for m in masks]
+    q.hctx_ctxs = [sorted(m) for m in masks]
+    for h, ctxs in enumerate(q.hctx_ctxs):
+        if len(ctxs) > MAX_CTX_PER_HCTX:
+            raise _einval(f"hctx {h} has {len(ctxs)} ctxs, at most {MAX_CTX_PER_HCTX}")
+    prefix = f"{name}"
+    q.header = layout.add(f"{prefix}.queue", QUEUE)
+    q.hctx_region = layout.add(f"{prefix}.hctx", HCTX, q.nr_hw_queues)
+    depth = tset.queue_depth
+    pool = len(tset.tags) * depth
+    q.dispatch = [
+        declare_rq_list(
+            layout, f"{prefix}.hctx{h}.dispatch", depth if not tset.shared_tags else pool
+        )
+        for h in range(q.nr_hw_queues)
+    ]
+    q.ctx_lists = []
+    for cpu in range(nr_cpus):
+        lists: list[RqListSpec | None] = []
+        for t in range(HCTX_MAX_TYPES):
+            qmap = tset.map[t] if t < tset.nr_maps else None
+            if qmap is None or not qmap.nr_queues:
+                lists.append(None)  # aliases DEFAULT
+            else:
+                lists.append(declare_rq_list(layout, f"{prefix}.cpu{cpu}.rq_list{t}", pool))
+        q.ctx_lists.append(lists)
+    q.requeue_list = declare_rq_list(layout, f"{prefix}.requeue_list", pool)
+    for h in range(q.nr_hw_queues):  # blk_mq_init_hctx(): ->init_hctx for each hctx
+        if q.mapped(h):
+            try:
+                tset.ops.init_hctx(q, h)
+            except Exception as exc:
+                raise BlkMqError(f"EFAULT: {name}: init_hctx failed for hctx {h}: {exc}") from exc
+    # blk_mq_add_queue_tag_set(): a second user makes the set shared.
+    tset.tag_list.append(q)
+    if len(tset.tag_list) > 1:
+        tset.flags |= BlkMqFlag.TAG_QUEUE_SHARED
+    return q
+
+
+def init_sq_queue(
+    ops: BlkMqOps, queue_depth: int, layout: Layout, topology: Topology, name: str = "sq0"
+) -> RequestQueue:
+    """blk_mq_init_sq_queue(): a tag set of one hw queue and a queue on it."""
+    tset = TagSet(ops=ops, nr_hw_queues=1, queue_depth=queue_depth, name=f"{name}.set")
+    alloc_tag_set(tset, layout, topology)
+    return init_queue(tset, layout, 0, name)
+
+
+def cleanup_queue(q: RequestQueue) -> None:
+    """blk_cleanup_queue(): detach from the tag set; the last-but-one user leaving
+    turns TAG_QUEUE_SHARED off again."""
+    tset = q.tag_set
+    if q in tset.tag_list:
+        tset.tag_list.remove(q)
+    if len(tset.tag_list) <= 1:
+        tset.flags &= ~BlkMqFlag.TAG_QUEUE_SHARED
+
+
+def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None:
+    """Owner only: initialise every tag set and queue in the arena."""
+    seen: set[int] = set()
+    for q in queues:
+        tset = q.tag_set
+        if id(tset) not in seen:
+            seen.add(id(tset))
+            for i, spec in enumerate(tset.tags):
+                init_tags(arena, spec, seed + 2 * i)
+            v = arena.view(tset.rq_region)  # type: ignore[arg-type]
+            v[:] = np.zeros(1, v.dtype)
+            for rq_id in range(len(v)):
+                tset.ops.init_request(rq_id)
+            del v
+        v = arena.view(q.header)  # type: ignore[arg-type]
+        flags = 0
+        if q.rq_affinity >= 1:
+            flags |= 1 << QueueFlag.SAME_COMP
+        if q.rq_affinity == 2:
+            flags |= 1 << QueueFlag.SAME_FORCE
+        v["queue_flags"] = flags
+        del v
+        for spec in [*q.dispatch, q.requeue_list, *(s for lists in q.ctx_lists for s in lists)]:
+            if spec is not None:
+                RqList.init(arena, spec)
+
+
+# -- one CPU's view: handles ---------------------------------------------------------------
+
+
+class CpuSys(Protocol):
+    """What the block layer needs from the CPU it runs on (a worker process)."""
+
+    cpu: int
+
+    def raise_softirq(self, fn: Callable[[int, int], None], rq_id: int, gen: int) -> None:
+        """Run ``fn(rq_id, gen)`` on this CPU soon (BLOCK_SOFTIRQ)."""
+
+    def add_timer(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on this CPU at ``expires_ns`` (an hrtimer)."""
+
+    def ipi_complete(self, cpu: int, q: int, rq_id: int, gen: int) -> None:
+        """Complete request ``rq_id`` of queue ``q`` on ``cpu`` (the IPI)."""
+
+    def kblockd_run(self, cpu: int, q: int, hctx: int, delay_ns: int) -> None:
+        """Run hctx on ``cpu`` after ``delay_ns`` (mod_delayed_work semantics)."""
+
+    def kick_requeue(self, q: int) -> None:
+        """Schedule q's requeue work."""
+
+    def bio_done(self, cpu: int, q: int, info: tuple) -> None:
+        """Hand a finished request's bios back to the job that submitted them."""
+
+    def schedule(self) -> None:
+        """Sleep until this CPU's waiter is woken, taking interrupts meanwhile."""
+
+
+class Request:
+    """A CPU's accessor for one request of a pool (a static_rqs entry).
+
+    One object per request per process, made once: the hot path never allocates.
+    Fields are read from and written to the shared pool.
+    """
+
+    __slots__ = ("_a", "_buf", "base", "id", "pdu", "tag", "tags", "timeout_ns")
+
+    def __init__(
+        self, arena: Arena, region: Region, rq_id: int, tags: Tags, tag: int, timeout_ns: int
+    ):
+        self._a = arena.atomic
+        self._buf = arena.buf
+        self.id = rq_id
+        self.base = region.addr(rq_id)
+        self.tags = tags
+        self.tag = tag
+        self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
+        if "pdu" in region.dtype.fields:
+            off = self.base + region.dtype.fields["pdu"][1]
+            self.pdu: memoryview | None = arena.buf[
+                off : off + region.dtype.fields["pdu"][0].itemsize
+            ]
+        else:
+            self.pdu = None
+
+    def setup(self) -> tuple:
+        """(start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status)."""
+        return RQ_SETUP.unpack_from(self._buf, self.base + 24)
+
+    @property
+    def state_word(self) -> int:
+        return self._a.load_acquire(self.base)
+
+    @property
+    def state(self) -> RqState:
+        return RqState(self._a.load_acquire(self.base) & RQ_STATE_MASK)
+
+    @property
+    def gen(self) -> int:
+        return self._a.read(self.base) >> RQ_GEN_SHIFT
+
+    @property
+    def status(self) -> int:
+        return self._a.read32(self.base + 60)
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._a.set32(self.base + 60, int(value))
+
+    @property
+    def op(self) -> ReqOp:
+        return ReqOp(self._buf[self.base + 54])
+
+    @property
+    def cpu(self) -> int:
+        return self.setup()[4]
+
+    @property
+    def q(self) -> int:
+        return self.setup()[6]
+
+    @property
+    def nr_bytes(self) -> int:
+        return self.setup()[2] << SECTOR_SHIFT
+
+    @property
+    def rq_flags(self) -> Rqf:
+        return Rqf(self._a.read32(self.base + 56))
+
+    @property
+    def deadline_ns(self) -> int:
+        return self._a.read(self.base + 8)
+
+    def show(self) -> str:
+        """debugfs one-liner for hctxN/busy and hctxN/dispatch."""
+        st = self.setup()
+        return (
+            f"{self.id:#x} {{.op={ReqOp(st[7]).name}, .rq_flags={Rqf(st[8])!s}, "
+            f".state={self.state.name.lower()}, .tag={self.tag}, .internal_tag=-1}}"
+        )
+
+
+class HwCtx:
+    """A CPU's handle on one ``struct blk_mq_hw_ctx``."""
+
+    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags | None):
+        self.q = q
+        self.queue = queue
+        self.index = index
+        self.type = q.hctx_type[index]
+        self.cpumask = q.hctx_cpus[index]
+        self._cpuset = frozenset(self.cpumask)
+        self.tags = tags
+        self.a = arena.atomic
+        o = q.hctx_region.offsets(index)  # type: ignore[union-attr]
+        self.state_off = o.state
+        self.dispatch_busy_off = o.dispatch_busy
+        self._ctx_map = o.ctx_map
+        self.dispatch = RqList(arena, q.dispatch[index])
+        self.ctx_lists = [RqList(arena, q.ctx_lists[cpu][self.type]) for cpu in q.hctx_ctxs[index]]  # type: ignore[arg-type]
+        # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
+        if q.tag_set.shared_tags:
+            qo = q.header.offsets()  # type: ignore[union-attr]
+            self.active_off, self.active_bit = qo.queue_flags, QueueFlag.HCTX_ACTIVE
+            self.nr_active_off = qo.nr_active_requests_shared_tags
+        else:
+            self.active_off, self.active_bit = o.state, HctxState.TAG_ACTIVE
+            self.nr_active_off = o.nr_active
+        self.max_active_off = self.nr_active_off + 4
+        self.wait_index = [0]
+        self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here
+        self.next_cpu_idx = 0
+        self.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
+        # This CPU's counters for the hctx (debugfs-like, reported at the end).
+        self.stats = {"run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0}
+
+    def may_queue(self) -> bool:
+        return self.tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)  # type: ignore[union-attr]
+
+    @property
+    def nr_active(self) -> int:
+        return self.a.read32(self.nr_active_off)
+
+    @property
+    def dispatch_busy(self) -> int:
+        return self.a.read32(self.dispatch_busy_off)
+
+    def test_state(self, bit: HctxState) -> bool:
+        return self.a.test_bit(self.state_off, bit)
+
+    def stopped(self) -> bool:
+        return self.a.test_bit(self.state_off, HctxState.STOPPED)
+
+    def mark_pending(self, index_hw: int) -> None:
+        """blk_mq_hctx_mark_pending() (under the ctx list lock)."""
+        off = self._ctx_map + 8 * (index_hw >> 6)
+        if not self.a.test_bit(off, index_hw & 63):
+            self.a.set_bit(off, index_hw & 63)
+
+    def has_pending(self) -> bool:
+        """blk_mq_hctx_has_pending(): dispatch list or any ctx marked."""
+        if not self.dispatch.empty():
+            return True
+        a = self.a
+        return any(a.read(self._ctx_map + 8 * w) for w in range(4))
+
+    def busy_ctxs(self) -> list[int]:
+        """index_hw of every ctx marked pending."""
+        out = []
+        for w in range(4):
+            word = self.a.read(self._ctx_map + 8 * w)
+            while word:
+                low = word & -word
+                out.append(w * 64 + low.bit_length() - 1)
+                word ^= low
+        return out
+
+    def clear_pending(self, index_hw: int) -> None:
+        self.a.clear_bit(self._ctx_map + 8 * (index_hw >> 6), index_hw & 63)
+
+    def updatedispatch_busy_off(self, busy: bool) -> None:
+        """blk_mq_updatedispatch_busy_off(): the EWMA of busy dispatches."""
+        ewma = self.a.read32(self.dispatch_busy_off)
+        if not ewma and not busy:
+            return
+        ewma *= BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT - 1
+        if busy:
+            ewma += 1 << BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR
+        self.a.set32(self.dispatch_busy_off, ewma // BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT)
+
+    def in_cpumask(self, cpu: int) -> bool:
+        return cpu in self._cpuset
+
+
+class Queue:
+    """A CPU's handle on a request queue: its hctxs and this CPU's ctx."""
+
+    def __init__(self, arena: Arena, q: RequestQueue, tags: list[Tags], cpu: int):
+        self.q = q
+        self.index = q.index
+        self.tset = q.tag_set
+        self.ops = q.tag_set.ops
+        self.shared = q.shared
+        self.timeout_ns = q.tag_set.timeout_ns
+        self.a = arena.atomic
+        self.hctxs = [
+            HwCtx(arena, q, self, h, tags[0] if self.tset.shared_tags else tags[h])
+            for h in range(q.nr_hw_queues)
+        ]
+        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
+        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
+        self.hctx_by_op = [
+            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
+        ]
+        o = q.header.offsets()  # type: ignore[union-attr]
+        self.flags_off = o.queue_flags
+        self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]
+        self.max_sectors = q.max_sectors
+        self.merge = q.nomerges != 2
+        self.same_comp = q.rq_affinity >= 1
+        self.same_force = q.rq_affinity == 2
+        self.nr_hw_queues = q.nr_hw_queues
+        #: ctx rq_lists by (submitting cpu, type) for inserts (any CPU may insert).
+        self.ctx_lists: dict[tuple[int, int], tuple[RqList, int]] = {}
+        for h, hctx in enumerate(self.hctxs):
+            for index_hw, ctx_cpu in enumerate(q.hctx_ctxs[h]):
+                self.ctx_lists[(ctx_cpu, hctx.type)] = (hctx.ctx_lists[index_hw], index_hw)
+
+    def quiesced(self) -> bool:
+        return self.a.test_bit(self.flags_off, QueueFlag.QUIESCED)
+
+    def close(self) -> None:
+        self.requeue_list.close()
+        for h in self.hctxs:
+            h.dispatch.close()
+            for lst in h.ctx_lists:
+                lst.close()
+
+
+class Plug:
+    """struct blk_plug: requests collected by one task before a batch issue."""
+
+    __slots__ = ("last", "rqs")
+
+    def __init__(self) -> None:
+        self.rqs: list[tuple[Queue, HwCtx, int]] = []
+        #: The merge target: (queue, op, end sector, sectors, bios, rq id) of the last
+        #: request plugged.
+        self.last: tuple[Queue, int, int, int, int, int] | None = None
+
+
+class Stopped(Exception):
+    """The run is stopping: a CPU abandons a wait (no tag will come)."""
+
+
+# -- the data path ---------------------------------------------------------------------------
+
+
+class BlkMq:
+    """The block layer on one CPU: per-CPU handles of every queue and the data path.
+
+    Counters in ``self.stats`` are this CPU's and are reported at the end of a run.
+    """
+
+    def __init__(
+        self,
+        arena: Arena,
+        waiters: Waiters,
+        cpu: int,
+        queues: list[RequestQueue],
+        sys: CpuSys,
+    ):
+        self.arena = arena
+        self.a = arena.atomic
+        self.buf = arena.buf
+        self.cpu = cpu
+        self.sys = sys
+        self.clock = time.monotonic_ns
+        self.plug: Plug | None = None
+        self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
+        self._tags: dict[int, list[Tags]] = {}
+        for q in queues:
+            tset = q.tag_set
+            if id(tset) in self._tags:
+                continue
+            tags = [Tags(arena, spec, waiters, cpu) for spec in tset.tags]
+            self._tags[id(tset)] = tags
+            self._rqs[id(tset)] = [
+                Request(arena, tset.rq_region, t.rq_base + tag, t, tag, tset.timeout_ns)  # type: ignore[arg-type]
+                for t in tags
+                for tag in range(t.nr_tags)
+            ]
+        self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu) for q in queues]
+        for queue in self.queues:
+            for hctx in queue.hctxs:
+                hctx.run_sync = lambda hctx=hctx: self.run_hw_queue(hctx, False)
+        #: per queue: the request pool accessors of its tag set, and their offsets
+        self.rqs = [self._rqs[id(q.tag_set)] for q in queues]
+        self.rq_base = [[rq.base for rq in pool] for pool in self.rqs]
+        # Hot-path counters (attributes: cheaper than dict entries).
+        self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
+        self.topology = queues[0].tag_set.topology if queues else None
+        self.stats = dict.fromkeys(
+            (
+                "busy",
+                "ipis_sent",
+                "softirqs",
+                "requeued",
+                "timeouts",
+                "timer_resets",
+                "hctx_runs",
+                "kblockd_runs",
+                "restarts",
+                "stale_completions",
+                "violations",
+                "plug_flushes",
+            ),
+            0,
+        )
+        self.violations: list[str] = []
+
+    def counters(self) -> dict[str, int]:
+        """This CPU's block-layer counters."""
+        return {
+            "bios": self.nr_bios,
+            "merges": self.nr_merges,
+            "requests": self.nr_bios - self.nr_merges,
+            "issued": self.nr_issued,
+            "completed": self.nr_completed,
+            **self.stats,
+        }
+
+    def close(self) -> None:
+        for queue in self.queues:
+            queue.close()
+        for pool in self._rqs.values():
+            for rq in pool:
+                if rq.pdu is not None:
+                    rq.pdu.release()
+
+    def violation(self, what: str) -> None:
+        self.stats["violations"] += 1
+        if len(self.violations) < 20:
+            self.violations.append(f"cpu{self.cpu}: {what}")
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def alloc_request(
+        self,
+        queue: Queue,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        start_ns: int,
+        *,
+        reserved: bool = False,
+        nowait: bool = False,
+    ) -> int:
+        """__blk_mq_alloc_requests(): a tag (sleeping while none is free unless
+        ``nowait``), its request set up and owned; the request id, or -1."""
+        hctx = queue.hctx_by_op[op]
+        tags = hctx.tags
+        if tags is None:
+            raise BlkMqError(f"{queue.q.name}: hctx {hctx.index} has no tags (unmapped)")
+        shared = queue.shared
+        if shared:
+            tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
+            tag = -1
+        elif reserved:
+            tag = -1
+        else:  # the fast path of blk_mq_get_tag(), inlined
+            tag = tags.bitmap_sb.get()
+            if tag >= 0:
+                tag += tags.nr_reserved_tags
+        if tag < 0:
+            tag = tags.get_tag(
+                reserved,
+                nowait,
+                hctx.may_queue if shared else None,
+                hctx.wait_index,
+                hctx.run_sync,
+                self.io_schedule,
+            )
+            if tag < 0:
+                return -1
+        rq_id = tags.rq_base + tag
+        base = self.rq_base[queue.index][rq_id]
+        a = self.a
+        st = a.read(base)
+        if st & _OWNED_OR_BUSY or a.cmpxchg(base, st, st | RQ_ALLOCATED) != st:
+            self.violation(f"tag {tag} of {tags.spec.index} handed out while owned ({st:#x})")
+        rq_flags = 0
+        if shared:
+            rq_flags = _RQF_MQ_INFLIGHT
+            nr = a.fetch_add32(hctx.nr_active_off, 1) + 1
+            if nr > a.read32(hctx.max_active_off):
+                a.set32(hctx.max_active_off, nr)
+        if reserved:
+            rq_flags |= _RQF_RESV
+        RQ_SETUP.pack_into(
+            self.buf,
+            base + 24,
+            start_ns,
+            sector,
+            nr_sectors,
+            1,
+            self.cpu,
+            hctx.index,
+            queue.index,
+            op,
+            rq_flags,
+            0,
+        )
+        return rq_id
+
+    # -- submission ------------------------------------------------------------------------------
+
+    def start_plug(self) -> None:
+        """blk_start_plug()."""
+        if self.plug is None:
+            self.plug = Plug()
+
+    def finish_plug(self) -> None:
+        """blk_finish_plug(): issue what the plug collected."""
+        plug = self.plug
+        if plug is not None:
+            self.plug = None
+            if plug.rqs:
+                self.flush_plug(plug)
+
+    def submit_bio(
+        self, queue: Queue, op: int, sector: int, nr_sectors: int, start_ns: int
+    ) -> None:
+        """blk_mq_submit_bio(): merge into the plug, or allocate a request and plug
+        it, or issue it (directly, or through the ctx when the hctx is busy)."""
+        self.nr_bios += 1
+        plug = self.plug
+        if plug is not None:
+            last = plug.last
+            # blk_attempt_plug_merge(), back merges only: the plug remembers its last
+            # request as (queue, op, end sector, sectors, bios, rq id).
+            if (
+                last is not None
+                and last[0] is queue
+                and last[1] == op
+                and last[2] == sector
+                and last[3] + nr_sectors <= queue.max_sectors
+                and queue.merge
+            ):
+                nr = last[3] + nr_sectors
+                struct.pack_into(
+                    "<II", self.buf, self.rq_base[queue.index][last[5]] + 40, nr, last[4] + 1
+                )
+                plug.last = (queue, op, sector + nr_sectors, nr, last[4] + 1, last[5])
+                self.nr_merges += 1
+                return
+            rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns)
+            # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
+            if plug.rqs and (
+                len(plug.rqs) >= BLK_MAX_REQUEST_COUNT
+                or last[3] << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE  # type: ignore[index]
+            ):
+                self.flush_plug(plug)
+            plug.rqs.append((queue, queue.hctx_by_op[op], rq_id))
+            plug.last = (queue, op, sector + nr_sectors, nr_sectors, 1, rq_id)
+            return
+        rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns)
+        hctx = queue.hctx_by_op[op]
+        if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
+            self.insert_request(queue, rq_id)
+            self.run_hw_queue(hctx, True)
+        else:
+            self.try_issue_directly(queue, hctx, rq_id)
+
+    def io_schedule(self) -> None:
+        """io_schedule(): the task is about to sleep, so its plug is flushed first
+        (from_schedule: queued to the ctxs, hw queues run by kblockd)."""
+        plug = self.plug
+        if plug is not None and plug.rqs:
+            self.flush_plug(plug, from_schedule=True)
+        self.sys.schedule()
+
+    def flush_plug(self, plug: Plug, from_schedule: bool = False) -> None:
+        """blk_mq_flush_plug_list(): issue the plugged requests hctx by hctx; what a
+        busy driver refuses goes to ``hctx->dispatch``, the rest to the ctxs."""
+        rqs, plug.rqs = plug.rqs, []
+        plug.last = None
+        self.stats["plug_flushes"] += 1
+        if from_schedule:  # blk_mq_dispatch_plug_list(plug, from_schedule)
+            for queue, _hctx, rq_id in rqs:
+                self.insert_request(queue, rq_id)
+            for hctx in dict.fromkeys(h for _q, h, _r in rqs):
+                self.run_hw_queue(hctx, True)
+            return
+        i = 0
+        n = len(rqs)
+        queued = 0
+        prev: HwCtx | None = None
+        while i < n:
+            queue, hctx, rq_id = rqs[i]
+            i += 1
+            if prev is not None and hctx is not prev:
+                if queued and prev.queue.ops.commit_rqs is not None:
+                    prev.queue.ops.commit_rqs(self, prev)
+                queued = 0
+            prev = hctx
+            last = i == n or rqs[i][1] is not hctx
+            ret = self.request_issue_directly(queue, hctx, rq_id, last)
+            if ret == 0:
+                queued += 1
+            elif ret in _BUSY:
+                hctx.dispatch.add([rq_id])  # blk_mq_request_bypass_insert()
+                if queued and queue.ops.commit_rqs is not None:
+                    queue.ops.commit_rqs(self, hctx)
+                rest = rqs[i:]
+                for q2, _h2, r2 in rest:  # blk_mq_dispatch_plug_list() for the rest
+                    self.insert_request(q2, r2)
+                self.run_hw_queue(hctx, False)
+                for _q2, h2, _r2 in rest:
+                    if h2 is not hctx:
+                        self.run_hw_queue(h2, True)
+                return
+            else:
+                self.end_request_by_id(queue, rq_id, ret)
+
+    def request_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
+        """blk_mq_request_issue_directly(): budget, then ->queue_rq."""
+        a = self.a
+        if a.read(hctx.state_off) & _STOPPED or a.read(queue.flags_off) & _QUIESCED:
+            return BlkStatus.RESOURCE
+        ops = queue.ops
+        if ops.get_budget is not None and not ops.get_budget(self, queue):
+            return BlkStatus.RESOURCE
+        return self._issue_directly(queue, hctx, rq_id, last)
+
+    def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
+        """__blk_mq_issue_directly()."""
+        rq = self.rqs[queue.index][rq_id]
+        ret = queue.ops.queue_rq(self, hctx, rq, last)
+        self.nr_issued += 1
+        if ret == 0:
+            if self.a.read32(hctx.dispatch_busy_off):
+                hctx.updatedispatch_busy_off(False)
+        elif ret in _BUSY:
+            self.stats["busy"] += 1
+            hctx.stats["busy"] += 1
+            hctx.updatedispatch_busy_off(True)
+            self._requeue_unstarted(rq)
+            if queue.ops.put_budget is not None:
+                queue.ops.put_budget(self, queue)
+        else:
+            hctx.updatedispatch_busy_off(False)
+        return ret
+
+    def try_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int) -> None:
+        """blk_mq_try_issue_directly()."""
+        a = self.a
+        if a.read(hctx.state_off) & _STOPPED or a.read(queue.flags_off) & _QUIESCED:
+            self.insert_request(queue, rq_id)
+            return
+        ops = queue.ops
+        if ops.get_budget is not None and not ops.get_budget(self, queue):
+            self.insert_request(queue, rq_id)
+            self.run_hw_queue(hctx, False)
+            return
+        ret = self._issue_directly(queue, hctx, rq_id, True)
+        if ret == 0:
+            return
+        if ret in _BUSY:
+            hctx.dispatch.add([rq_id])
+            self.run_hw_queue(hctx, False)
+        else:
+            self.end_request_by_id(queue, rq_id, ret)
+
+    def insert_request(self, queue: Queue, rq_id: int, at_head: bool = False) -> None:
+        """blk_mq_insert_request() without an elevator: onto the submitting CPU's ctx
+        list for the request's hctx, marking the ctx pending."""
+        base = self.rqs[queue.index][rq_id].base
+        st = RQ_SETUP.unpack_from(self.buf, base + 24)
+        hctx = queue.hctxs[st[5]]
+        lst, index_hw = queue.ctx_lists[(st[4], hctx.type)]
+        spin_lock(self.a, lst._lock)
+        try:
+            # The list's own lock is held: add without re-taking it.
+            a, ids_mv, mask = self.a, lst._ids, lst._mask
+            head, tail = a.read(lst._head), a.read(lst._tail)
+            if at_head:
+                head -= 1
+                ids_mv[head & mask] = rq_id
+                a.set(lst._head, head)
+            else:
+                ids_mv[tail & mask] = rq_id
+                a.set(lst._tail, tail + 1)
+            hctx.mark_pending(index_hw)
+        finally:
+            spin_unlock(self.a, lst._lock)
+        hctx.stats["queued"] += 1
+
+    # -- running hardware queues -----------------------------------------------------------------
+
+    def run_hw_queue(self, hctx: HwCtx, run_async: bool) -> None:
+        """blk_mq_run_hw_queue(): dispatch now on this CPU if it is in the hctx's
+        cpumask and the run may be synchronous; otherwise on kblockd."""
+        if hctx.queue.quiesced() or not hctx.has_pending():
+            return
+        if run_async or not hctx.in_cpumask(self.cpu) or hctx.queue.tset.flags & BlkMqFlag.BLOCKING:
+            self.delay_run_hw_queue(hctx, 0)
+            return
+        self.sched_dispatch_requests(hctx)
+
+    def delay_run_hw_queue(self, hctx: HwCtx, delay_ns: int) -> None:
+        """blk_mq_delay_run_hw_queue(): kblockd on the hctx's next CPU."""
+        self.sys.kblockd_run(self._next_cpu(hctx), hctx.queue.index, hctx.index, delay_ns)
+
+    def _next_cpu(self, hctx: HwCtx) -> int:
+        """blk_mq_hctx_next_cpu(): stay on a CPU of the mask for a batch of runs."""
+        mask = hctx.cpumask
+        if len(mask) == 1:
+            return mask[0]
+        hctx.next_cpu_batch -= 1
+        if hctx.next_cpu_batch <= 0:
+            hctx.next_cpu_idx = (hctx.next_cpu_idx + 1) % len(mask)
+            hctx.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
+        return mask[hctx.next_cpu_idx]
+
+    def run_work(self, q: int, h: int) -> None:
+        """blk_mq_run_work_fn(): kblockd ran this hctx's work on this CPU."""
+        self.stats["kblockd_runs"] += 1
+        self.sched_dispatch_requests(self.queues[q].hctxs[h])
+
+    def run_hw_queues(self, queue: Queue, run_async: bool) -> None:
+        for hctx in queue.hctxs:
+            if hctx.cpumask:
+                self.run_hw_queue(hctx, run_async)
+
+    def stop_hw_queues(self, queue: Queue) -> None:
+        """blk_mq_stop_hw_queues()."""
+        for hctx in queue.hctxs:
+            self.a.set_bit(hctx.state_off, HctxState.STOPPED)
+
+    def start_stopped_hw_queues(self, queue: Queue, run_async: bool) -> None:
+        """blk_mq_start_stopped_hw_queues()."""
+        for hctx in queue.hctxs:
+            if self.a.test_and_clear_bit(hctx.state_off, HctxState.STOPPED):
+                self.run_hw_queue(hctx, run_async)
+
+    def sched_dispatch_requests(self, hctx: HwCtx) -> None:
+        """blk_mq_sched_dispatch_requests() with no elevator: the dispatch list first
+        (marking SCHED_RESTART), then one ctx at a time while the hctx is busy, else
+        every busy ctx at once."""
+        if hctx.stopped() or hctx.queue.quiesced():
+            return
+        self.stats["hctx_runs"] += 1
+        hctx.stats["run"] += 1
+        rq_list = hctx.dispatch.take() if not hctx.dispatch.empty() else []
+        if rq_list:
+            self.a.set_bit(hctx.state_off, HctxState.SCHED_RESTART)  # mark_restart_hctx
+            if not self.dispatch_rq_list(hctx, rq_list):
+                return
+            need_dispatch = True
+        else:
+            need_dispatch = bool(hctx.dispatch_busy)
+        if need_dispatch:
+            self._do_dispatch_ctx(hctx)
+            return
+        rq_list = self._flush_busy_ctxs(hctx)
+        if rq_list:
+            self.dispatch_rq_list(hctx, rq_list)
+
+    def _flush_busy_ctxs(self, hctx: HwCtx, max_per_ctx: int = -1) -> list[int]:
+        """blk_mq_flush_busy_ctxs(): splice every pending ctx's list."""
+        out: list[int] = []
+        a = self.a
+        for index_hw in hctx.busy_ctxs():
+            lst = hctx.ctx_lists[index_hw]
+            spin_lock(a, lst._lock)
+            try:
+                head, tail = a.read(lst._head), a.read(lst._tail)
+                n = tail - head if max_per_ctx < 0 else min(max_per_ctx, tail - head)
+                out.extend(lst._ids[(head + i) & lst._mask] for i in range(n))
+                a.set(lst._head, head + n)
+                if head + n == tail:
+                    hctx.clear_pending(index_hw)
+            finally:
+                spin_unlock(a, lst._lock)
+        return out
+
+    def _do_dispatch_ctx(self, hctx: HwCtx) -> None:
+        """blk_mq_do_dispatch_ctx(): one request at a time round robin over the ctxs."""
+        while True:
+            rq_list = self._flush_busy_ctxs(hctx, 1)
+            if not rq_list:
+                return
+            for i, rq_id in enumerate(rq_list):
+                if not self.dispatch_rq_list(hctx, [rq_id]):
+                    rest = rq_list[i + 1 :]
+                    if rest:
+                        hctx.dispatch.add(rest)
+                    return
+
+    def dispatch_rq_list(self, hctx: HwCtx, rq_list: list[int]) -> bool:
+        """blk_mq_dispatch_rq_list(): ->queue_rq each request in order; on BUSY put
+        the rest on ``hctx->dispatch`` and arrange a rerun: now if SCHED_RESTART is not
+        set, after 3 ms on BLK_STS_RESOURCE, or on the next completion.  True if the
+        whole list was issued."""
+        queue = hctx.queue
+        ops = queue.ops
+        rqs = self.rqs[queue.index]
+        queued = 0
+        ret = BlkStatus.OK
+        needs_resource = False
+        no_budget = False
+        i = 0
+        n = len(rq_list)
+        while i < n:
+            rq_id = rq_list[i]
+            if ops.get_budget is not None and not ops.get_budget(self, queue):
+                no_budget = True
+                break
+            i += 1
+            ret = ops.queue_rq(self, hctx, rqs[rq_id], i == n)
+            self.nr_issued += 1
+            if ret == BlkStatus.OK:
+                queued += 1
+                continue
+            if ret in _BUSY:
+                needs_resource = ret == BlkStatus.RESOURCE
+                self.stats["busy"] += 1
+                hctx.stats["busy"] += 1
+                self._requeue_unstarted(rqs[rq_id])
+                if ops.put_budget is not None:
+                    ops.put_budget(self, queue)
+                i -= 1  # blk_mq_handle_dev_resource(): back at the head
+                break
+            self.end_request_by_id(queue, rq_id, ret)
+        hctx.stats["dispatched"] += queued
+        if i < n and queued and ops.commit_rqs is not None:
+            ops.commit_rqs(self, hctx)
+        if i < n:
+            hctx.dispatch.add(rq_list[i:])
+            needs_restart = self.a.test_bit(hctx.state_off, HctxState.SCHED_RESTART)
+            if no_budget:
+                needs_resource = True
+            if not needs_restart:
+                self.run_hw_queue(hctx, True)
+            elif needs_resource:
+                self.delay_run_hw_queue(hctx, BLK_MQ_RESOURCE_DELAY_NS)
+            hctx.updatedispatch_busy_off(True)
+            return False
+        if hctx.a.read32(hctx.dispatch_busy_off):
+            hctx.updatedispatch_busy_off(False)
+        return True
+
+    # -- the driver's side -------------------------------------------------------------------------
+
+    def start_request(self, rq: Request) -> None:
+        """blk_mq_start_request(): arm the timeout, then IN_FLIGHT (release: the
+        timeout work that sees IN_FLIGHT sees the deadline)."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if st & _OWNED_OR_BUSY != RQ_ALLOCATED:
+            self.violation(f"start of request {rq.id} in state {st:#x}")
+        now = self.clock()
+        RQ_TIMES.pack_into(self.buf, base + 8, now + rq.timeout_ns, now)
+        a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
+
+    def _requeue_unstarted(self, rq: Request) -> None:
+        """__blk_mq_requeue_request(): a started request the driver refused goes back
+        to IDLE (it keeps its tag: no scheduler)."""
+        a = self.a
+        st = a.read(rq.base)
+        if st & RQ_STATE_MASK == RqState.IN_FLIGHT:
+            a.store_release(rq.base, st & ~RQ_STATE_MASK)
+            a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
+
+    def requeue_request(self, rq: Request, kick: bool) -> None:
+        """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
+        self._requeue_unstarted(rq)
+        queue = self.queues[self.buf[rq.base + 52]]
+        queue.requeue_list.add([rq.id])
+        self.stats["requeued"] += 1
+        if kick:
+            self.sys.kick_requeue(queue.index)
+
+    def requeue_work(self, q: int) -> None:
+        """blk_mq_requeue_work(): reinsert requeued requests (DONTPREP ones straight to
+        the dispatch list, others at the head of their ctx) and run the queues."""
+        queue = self.queues[q]
+        rqs = self.rqs[q]
+        for rq_id in queue.requeue_list.take():
+            if rqs[rq_id].rq_flags & Rqf.DONTPREP:
+                queue.hctxs[self.buf[rqs[rq_id].base + 50]].dispatch.add([rq_id])
+            else:
+                self.insert_request(queue, rq_id, at_head=True)
+        self.run_hw_queues(queue, False)
+
+    def complete_request(self, rq: Request, gen: int = -1) -> bool:
+        """blk_mq_complete_request(): IN_FLIGHT -> COMPLETE (once: a stale or second
+        completion is counted and dropped), then ->complete here, in a softirq, or on
+        the submitting CPU by IPI, as rq_affinity says.  ``gen`` pins the request's
+        generation for completions that travelled (timers, IPIs)."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if (gen >= 0 and st >> RQ_GEN_SHIFT != gen) or st & RQ_STATE_MASK != RqState.IN_FLIGHT:
+            self.stats["stale_completions"] += 1
+            return False
+        if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | RqState.COMPLETE) != st:
+            self.stats["stale_completions"] += 1
+            return False
+        buf = self.buf
+        queue = self.queues[buf[base + 52]]
+        submit_cpu = buf[base + 48] | buf[base + 49] << 8
+        cpu = self.cpu
+        if (
+            queue.same_comp
+            and submit_cpu != cpu
+            and (queue.same_force or not self.topology.share_cache(cpu, submit_cpu))  # type: ignore[union-attr]
+        ):
+            self.stats["ipis_sent"] += 1
+            self.sys.ipi_complete(submit_cpu, queue.index, rq.id, (st >> RQ_GEN_SHIFT) & 0xFFFFFFFF)
+            return True
+        if queue.nr_hw_queues == 1:
+            self.stats["softirqs"] += 1
+            self.sys.raise_softirq(self._complete_softirq, rq.id, queue.index)
+            return True
+        queue.ops.complete(self, rq)
+        return True
+
+    def _complete_softirq(self, rq_id: int, q: int) -> None:
+        """blk_done_softirq() / the IPI's handler: ->complete on this CPU."""
+        queue = self.queues[q]
+        queue.ops.complete(self, self.rqs[q][rq_id])
+
+    def ipi_complete(self, q: int, rq_id: int, gen: int) -> None:
+        """The IPI arrived: the request must still be the one that was completed."""
+        rq = self.rqs[q][rq_id]
+        if rq.gen & 0xFFFFFFFF != gen or rq.state != RqState.COMPLETE:
+            self.stats["stale_completions"] += 1
+            return
+        self.queues[q].ops.complete(self, rq)
+
+    def end_request(self, rq: Request, status: int = 0) -> None:
+        """blk_mq_end_request(): account, hand the bios back to their submitter and
+        free the request (exactly once: a CAS to the next generation's IDLE)."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if not st & RQ_ALLOCATED or not st & RQ_STATE_MASK:
+            self.violation(f"end of request {rq.id} in state {st:#x}")
+            return
+        if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
+            self.stats["stale_completions"] += 1
+            return
+        # io_start, start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status
+        io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, _st = (
+            RQ_END.unpack_from(self.buf, base + 16)
+        )
+        self.nr_completed += 1
+        self.sys.bio_done(
+            cpu, q, (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+        )
+        hctx = self.queues[q].hctxs[h]
+        if rq_flags & _RQF_MQ_INFLIGHT:
+            a.fetch_sub32(hctx.nr_active_off, 1)
+        # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint.
+        tags = rq.tags
+        tag = rq.tag - tags.nr_reserved_tags
+        if tag >= 0:
+            tags.bitmap_tags.clear(tag, cpu)
+        else:
+            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+        if a.read(hctx.state_off) & _SCHED_RESTART:  # blk_mq_sched_restart()
+            a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
+            self.stats["restarts"] += 1
+            hctx.stats["restart"] += 1
+            self.run_hw_queue(hctx, True)
+
+    def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:
+        self.end_request(self.rqs[queue.index][rq_id], status)
+
+    # -- timeouts ---------------------------------------------------------------------------------
+
+    def timeout_work(self, q: int) -> int:
+        """blk_mq_timeout_work(): call ->timeout for every expired in-flight request of
+        the queue; idle the hctxs of a shared map when nothing is in flight.  Returns
+        the number of requests that timed out."""
+        queue = self.queues[q]
+        now = self.clock()
+        a = self.a
+        expired = 0
+        busy = 0
+        for rq in self.rqs[q]:
+            st = a.load_acquire(rq.base)
+            if not st & RQ_ALLOCATED or self.buf[rq.base + 52] != q:
+                continue
+            busy += 1
+            if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
+                continue
+            if a.read(rq.base + 8) > now or a.read32(rq.base + 56) & Rqf.TIMED_OUT:
+                continue
+            # blk_mq_rq_timed_out(): the request must still be this generation.
+            a.fetch_or32(rq.base + 56, int(Rqf.TIMED_OUT))
+            if a.read(rq.base) != st:
+                continue
+            expired += 1
+            self.stats["timeouts"] += 1
+            if queue.ops.timeout(self, rq) == EhRet.RESET_TIMER:
+                self.stats["timer_resets"] += 1
+                a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
+                a.set(rq.base + 8, self.clock() + queue.timeout_ns)
+        if not busy and queue.shared:
+            for hctx in queue.hctxs:
+                if hctx.tags is not None:
+                    hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
+        return expired
+
+    # -- iteration (debugfs, invariants) -----------------------------------------------------------
+
+    def busy_iter(self, q: int) -> list[Request]:
+        """blk_mq_queue_tag_busy_iter(): requests of queue ``q`` holding a tag."""
+        return [
+            rq
+            for rq in self.rqs[q]
+            if self.a.load_acquire(rq.base) & RQ_ALLOCATED and self.buf[rq.base + 52] == q
+        ]
+
+
+def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
+    """At the end of a run (every CPU stopped): no tag still allocated, every request
+    IDLE and unowned, nr_active back to 0, lists empty.  Returns counts and the
+    first few problems found."""
+    problems: list[str] = []
+    leaked_tags = 0
+    busy_rqs = 0
+    sets = {id(q.tag_set): q.tag_set for q in queues}
+    a = arena.atomic
+    for tset in sets.values():
+        v = arena.view(tset.rq_region)  # type: ignore[arg-type]
+        states = v["state"].copy()
+        del v
+        for rq_id, st in enumerate(states):
+            if int(st) & (RQ_ALLOCATED | RQ_STATE_MASK):
+                busy_rqs += 1
+                if len(problems) < 10:
+                    problems.append(
+                        f"{tset.name}: request {rq_id} still owned (state {int(st):#x})"
+                    )
+        for spec in tset.tags:
+            for sbq in (spec.bitmap_tags, spec.breserved_tags):
+                if sbq is None:
+                    continue
+                sb = sbq.sb
+                used = 0
+                for i in range(sb.map_nr):
+                    word = a.read(sb.words.addr(i, "word")) & ~a.read(sb.words.addr(i, "cleared"))
+                    used += word.bit_count()
+                leaked_tags += used
+                if used and len(problems) < 10:
+                    problems.append(f"{sb.name}: {used} tags still allocated")
+    negative_active = 0
+    for q in queues:
+        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        for h, nr in enumerate(v["nr_active"]):
+            if nr != 0:
+                negative_active += int(nr < 0)
+                problems.append(f"{q.name}: hctx{h} nr_active={int(nr)} at the end")
+        del v
+        qv = arena.view(q.header)  # type: ignore[arg-type]
+        nr = int(qv["nr_active_requests_shared_tags"][0])
+        del qv
+        if nr != 0:
+            negative_active += int(nr < 0)
+            problems.append(f"{q.name}: nr_active_requests_shared_tags={nr} at the end")
+    return {
+        "leaked_tags": leaked_tags,
+        "owned_requests": busy_rqs,
+        "nr_active_negative": negative_active,
+        "problems": problems,
+    }
+
+
+def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
+    """Per hctx (or per queue with shared tags): the most requests it ever held."""
+    if q.tag_set.shared_tags:
+        v = arena.view(q.header)  # type: ignore[arg-type]
+        out = [{"hctx": -1, "max_active": int(v["max_active"][0])}]
+    else:
+        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        out = [{"hctx": h, "max_active": int(m)} for h, m in enumerate(v["max_active"])]
+    del v
+    return out
+
+
+def warn_messages(tset: TagSet) -> None:
+    """Emit the kernel's pr_info messages for a tag set as warnings."""
+    for msg in tset.messages:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,272 @@
+"""Port of ``block/blk-mq-tag.c``: tag allocation on sbitmap_queues, reserved tags,
+active-queue tracking and the fair share of a shared tag map.
+
+Tag allocation using scalable bitmaps: each :class:`Tags` (``struct blk_mq_tags``)
+owns a ``bitmap_tags`` sbitmap_queue for normal tags and, when the set reserves some,
+a ``breserved_tags`` one; reserved tags are numbered ``0..nr_reserved_tags-1`` and
+normal tags follow them.  When several request queues share the tags
+(``BLK_MQ_F_TAG_QUEUE_SHARED``) each active queue is held to its fair share of the
+depth (:meth:`Tags.may_queue`, the kernel's ``hctx_may_queue``) and ``wake_batch`` is
+recalculated for the number of active users.
+
+Deviations from Linux
+    * A tag's request lives in the tag set's request pool in shared memory at
+      ``rq_base + tag`` (``tags->static_rqs``); with no I/O scheduler the driver tag
+      is the request's identity, so there is no separate ``rqs[]`` indirection.
+    * ``tags->lock`` is a bit spinlock in the arena.
+    * The wait loop sleeps through the calling CPU's ``schedule`` callback, which keeps
+      taking that CPU's interrupts, IPIs and timers while the task sleeps.
+
+Concurrency
+    * ``active_queues``: changed under ``lock`` together with ``wake_batch``
+      (``blk_mq_update_wake_batch``); read locklessly by :meth:`Tags.may_queue`
+      (READ_ONCE), as in the kernel.
+    * ``nr_active`` (per hctx, or per queue with ``TAG_HCTX_SHARED``): atomic
+      increment after a tag is taken, decrement when it is freed; the fair-share test
+      reads it before taking the tag, so it can overshoot by one per racing CPU, as
+      in the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mqrt.sbitmap import SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
+from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.wait import Waiters, spin_lock, spin_unlock
+
+#: The "no tag" sentinel (BLK_MQ_NO_TAG).
+BLK_MQ_NO_TAG = -1
+#: The smallest usable depth beyond the reserved tags (BLK_MQ_TAG_MIN).
+BLK_MQ_TAG_MIN = 1
+#: The floor of a queue's fair share of a shared tag map.
+FAIR_SHARE_MIN = 4
+
+#: The scalar part of struct blk_mq_tags.
+TAGS_HEADER = cacheline_struct(
+    [("active_queues", "<i4")],  # users of a shared map; changed under lock
+    [("lock", "<u8")],  # tags->lock (bit spinlock)
+)
+
+
+@dataclass(frozen=True)
+class TagsSpec:
+    """Placement of one ``struct blk_mq_tags`` (picklable, data-free)."""
+
+    index: int  #: which tags of the set (hctx index, or 0 for shared tags)
+    nr_tags: int  #: every tag, reserved ones included (the set's queue_depth)
+    nr_reserved_tags: int
+    rq_base: int  #: request id of tag 0 in the set's request pool
+    header: Region
+    bitmap_tags: SbitmapQueueSpec
+    breserved_tags: SbitmapQueueSpec | None
+
+
+def declare_tags(
+    layout: Layout,
+    name: str,
+    index: int,
+    nr_tags: int,
+    nr_reserved_tags: int,
+    nr_cpus: int,
+    rq_base: int,
+    *,
+    round_robin: bool = False,
+    generation: SbqGeneration = SbqGeneration.CURRENT,
+) -> TagsSpec:
+    """blk_mq_init_tags(): reserve one tags' header and bitmaps in ``layout``."""
+    depth = nr_tags - nr_reserved_tags
+    header = layout.add(f"{name}.header", TAGS_HEADER)
+    bitmap = SbitmapQueue.declare(
+        layout,
+        f"{name}.bitmap_tags",
+        depth,
+        nr_cpus,
+        round_robin=round_robin,
+        generation=generation,
+    )
+    reserved = None
+    if nr_reserved_tags:
+        reserved = SbitmapQueue.declare(
+            layout,
+            f"{name}.breserved_tags",
+            nr_reserved_tags,
+            nr_cpus,
+            round_robin=round_robin,
+            generation=generation,
+        )
+    return TagsSpec(index, nr_tags, nr_reserved_tags, rq_base, header, bitmap, reserved)
+
+
+def init_tags(arena: Arena, spec: TagsSpec, seed: int = 0) -> None:
+    """Owner only: empty bitmaps, no active queues."""
+    o = spec.header.offsets()
+    arena.atomic.set32(o.active_queues, 0)
+    arena.atomic.set(o.lock, 0)
+    SbitmapQueue.init(arena, spec.bitmap_tags, seed)
+    if spec.breserved_tags is not None:
+        SbitmapQueue.init(arena, spec.breserved_tags, seed + 1)
+
+
+class Tags:
+    """One CPU's handle on a ``struct blk_mq_tags``."""
+
+    def __init__(self, arena: Arena, spec: TagsSpec, waiters: Waiters, cpu: int):
+        self.spec = spec
+        self.a = arena.atomic
+        self.cpu = cpu
+        self.nr_tags = spec.nr_tags
+        self.nr_reserved_tags = spec.nr_reserved_tags
+        self.rq_base = spec.rq_base
+        self.bitmap_tags = SbitmapQueue(arena, spec.bitmap_tags, waiters, cpu)
+        self.bitmap_sb = self.bitmap_tags.sb  #: for the allocation fast path
+        self.breserved_tags = (
+            SbitmapQueue(arena, spec.breserved_tags, waiters, cpu)
+            if spec.breserved_tags is not None
+            else None
+        )
+        o = spec.header.offsets()
+        self._active_queues = o.active_queues
+        self._lock = o.lock
+        #: Contention counters of this CPU on these tags.
+        self.nr_tag_waits = 0
+        self.nr_tag_sleeps = 0
+
+    # -- active queues and the fair share -------------------------------------------------
+
+    @property
+    def active_queues(self) -> int:
+        return self.a.read32(self._active_queues)
+
+    def _update_active(self, delta: int) -> int:
+        """Change active_queues and recalculate wake_batch under tags->lock."""
+        spin_lock(self.a, self._lock)
+        try:
+            users = self.a.read32(self._active_queues) + delta
+            self.a.set32(self._active_queues, users)
+            if users > 0:  # blk_mq_update_wake_batch()
+                self.bitmap_tags.recalculate_wake_batch(users)
+                if self.breserved_tags is not None:
+                    self.breserved_tags.recalculate_wake_batch(users)
+            return users
+        finally:
+            spin_unlock(self.a, self._lock)
+
+    def tag_busy(self, state_off: int, active_bit: int) -> None:
+        """__blk_mq_tag_busy(): mark a user active (its hctx's TAG_ACTIVE bit, or its
+        queue's HCTX_ACTIVE flag with shared tags) and count it once."""
+        if self.a.test_bit(state_off, active_bit) or self.a.test_and_set_bit(state_off, active_bit):
+            return
+        self._update_active(+1)
+
+    def tag_idle(self, state_off: int, active_bit: int) -> None:
+        """__blk_mq_tag_idle(): the user went idle: uncount it and wake everyone, so
+        waiters re-evaluate their fair share."""
+        if not self.a.test_and_clear_bit(state_off, active_bit):
+            return
+        self._update_active(-1)
+        self.bitmap_tags.wake_all()
+        if self.breserved_tags is not None:
+            self.breserved_tags.wake_all()
+
+    def may_queue(self, state_off: int, active_bit: int, nr_active_off: int) -> bool:
+        """hctx_may_queue() for a shared map: may this user take one more tag?"""
+        a = self.a
+        depth = self.bitmap_tags.sb.depth
+        if depth == 1:  # a map of one tag cannot be shared out
+            return True
+        if not a.test_bit(state_off, active_bit):
+            return True
+        users = a.read32(self._active_queues)
+        if users <= 0:
+            return True
+        share = max((depth + users - 1) // users, FAIR_SHARE_MIN)
+        return a.read32(nr_active_off) < share
+
+    def fair_share(self) -> int:
+        """The depth each active user may hold right now (for reports and tests)."""
+        users = max(1, self.active_queues)
+        depth = self.bitmap_tags.sb.depth
+        return depth if depth == 1 else max((depth + users - 1) // users, FAIR_SHARE_MIN)
+
+    # -- allocation -------------------------------------------------------------------------
+
+    def get_tag(
+        self,
+        reserved: bool,
+        nowait: bool,
+        may_queue: Callable[[], bool] | None,
+        wait_index: list[int],
+        run_queue: Callable[[], None],
+        schedule: Callable[[], None],
+    ) -> int:
+        """blk_mq_get_tag(): a tag (reserved tags first in the numbering), or
+        BLK_MQ_NO_TAG if none is free and ``nowait``.
+
+        ``may_queue`` is the fair-share test of a shared map (None when not shared);
+        a user over its share sleeps as if the map were full.  Before sleeping, the
+        hardware queue is run (``run_queue``) so requests already queued can complete
+        and free tags; ``schedule`` sleeps this CPU's task until a wake-up while still
+        taking its interrupts.
+        """
+        if reserved:
+            bt = self.breserved_tags
+            if bt is None:
+                raise ValueError("reserved tag requested from tags with no reserved tags")
+            offset = 0
+        else:
+            bt = self.bitmap_tags
+            offset = self.nr_reserved_tags
+        tag = bt.sb.get() if may_queue is None or may_queue() else -1
+        if tag != -1:
+            return tag + offset
+        if nowait:
+            return BLK_MQ_NO_TAG
+        self.nr_tag_waits += 1
+        wait = SbqWait()
+        ws_index = bt.wait_ptr(wait_index)
+        try:
+            while True:
+                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                if tag != -1:
+                    break
+                run_queue()
+                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                if tag != -1:
+                    break
+                bt.prepare_to_wait(ws_index, wait)
+                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                if tag != -1:
+                    break
+                self.nr_tag_sleeps += 1
+                schedule()
+                bt.finish_wait(ws_index, wait)
+                ws_index = bt.wait_ptr(wait_index)
+        finally:
+            bt.finish_wait(ws_index, wait)
+        return tag + offset
+
+    def put_tag(self, tag: int, cpu: int) -> None:
+        """blk_mq_put_tag(): free ``tag``; it becomes the allocating ``cpu``'s next
+        hint (cache locality), and waiters are woken by batch."""
+        if tag >= self.nr_reserved_tags:
+            self.bitmap_tags.clear(tag - self.nr_reserved_tags, cpu)
+        else:
+            self.breserved_tags.clear(tag, cpu)  # type: ignore[union-attr]
+
+    # -- debugfs ------------------------------------------------------------------------------
+
+    def show(self) -> str:
+        """The body of debugfs ``hctxN/tags``.  For debugging; the format may change."""
+        out = [
+            f"nr_tags={self.nr_tags}",
+            f"nr_reserved_tags={self.nr_reserved_tags}",
+            f"active_queues={self.active_queues}",
+            "",
+            "bitmap_tags:",
+            self.bitmap_tags.show().rstrip("\n"),
+        ]
+        if self.breserved_tags is not None:
+            out += ["", "breserved_tags:", self.breserved_tags.show().rstrip("\n")]
+        return "\n".join(out) + "\n"

@@ -1,0 +1,494 @@
+"""A CPU: one worker process per emulated CPU, pinned to a host core.
+
+The process is the CPU *and* the task running fio on it.  It owns its ctx (the
+software staging queue of every request queue), runs its I/O jobs, and is where its
+"interrupts" happen: softirqs raised by completions, hrtimers (null_blk's
+``irqmode=timer``, the ``mbps`` refill), kblockd work (hctx runs, requeue and
+timeout work) and IPIs from other CPUs arriving on its pipe.
+
+One wait point: an epoll over the IPI pipe, the control pipe and the CPU's waiter
+eventfd, with the next timer as timeout.  When its jobs are at full depth (or
+rate-limited, or finished) the CPU blocks there; it never spins on a core another
+CPU may need.  While the task sleeps for a tag (:meth:`Cpu.schedule`) the same wait
+keeps taking interrupts, as a kernel CPU does.
+
+IPI messages (48 bytes, written whole: < PIPE_BUF, so never interleaved):
+
+==============  =====================================================================
+kind            fields
+==============  =====================================================================
+IPI_COMPLETE    q, rq id, generation: run ->complete here (rq_affinity)
+IPI_RUN         q, hctx, delay: kblockd work, run the hctx here
+IPI_BIO_DONE    q, op, nr_bios, bytes, start, io_start, status: a job's I/Os finished
+==============  =====================================================================
+
+Life cycle (driven by the runtime over the control pipe): ready -> start -> run until
+the deadline or ``stop`` -> drain own I/Os -> ``drained`` -> keep serving interrupts
+until ``exit`` -> result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import resource
+import select
+import signal
+import struct
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
+from mqrt.shm import Arena, Region, cacheline_struct
+from mqrt.wait import Waiters, WaitersSpec
+from mqrt.workers.ioengine import IoJob, JobSpec
+
+IPI = struct.Struct("<BBHiIiQQQQ")
+IPI_COMPLETE, IPI_RUN, IPI_BIO_DONE = 1, 2, 3
+#: How often a CPU publishes its live counters to the arena, ns.
+PUBLISH_NS = 50_000_000
+
+#: Per CPU live counters, written by that CPU only (plain stores), read by the runtime
+#: for progress and for a CPU that died before reporting.
+CPU_STATS = cacheline_struct(
+    [
+        ("completed", "<u8"),  # I/Os completed (all jobs, ramp included)
+        ("submitted", "<u8"),
+        ("inflight", "<i8"),
+        ("heartbeat_ns", "<u8"),
+        ("phase", "<u8"),  # 0 setup, 1 ready, 2 running, 3 draining, 4 drained
+    ]
+)
+PHASE_READY, PHASE_RUNNING, PHASE_DRAINING, PHASE_DRAINED = 1, 2, 3, 4
+
+
+@dataclass
+class CpuPlan:
+    """What a CPU needs, inherited through fork (never pickled)."""
+
+    cpu: int
+    host_core: int | None  #: host CPU to pin to, None: do not pin
+    arena: Arena
+    waiters: WaitersSpec
+    eventfds: list[int]
+    ipi_r: list[int]
+    ipi_w: list[int]
+    stats: Region
+    queues: list[RequestQueue]
+    driver: Any  #: the driver's ops object (bind(arena, mq, cpu))
+    job: JobSpec
+    dev_bytes: int
+    timeout_scan_cpu: list[int]  #: per queue, the CPU running its timeout work
+    bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
+    seed: int
+
+
+class Cpu:
+    """One emulated CPU: the services blk-mq needs (:class:`mqrt.blk_mq.CpuSys`) and
+    the event loop."""
+
+    def __init__(self, plan: CpuPlan, ctl, res):
+        self.plan = plan
+        self.cpu = plan.cpu
+        self.ctl = ctl
+        self.res = res
+        self.clock = time.monotonic_ns
+        self.arena = plan.arena
+        self.waiters = Waiters(plan.arena, plan.waiters, plan.eventfds, plan.cpu)
+        self.efd = plan.eventfds[plan.cpu]
+        self.ipi_fd = plan.ipi_r[plan.cpu]
+        self.ipi_w = plan.ipi_w
+        self.softirqs: deque[tuple[Callable[[int, int], None], int, int]] = deque()
+        self.timers: list[tuple[int, int, Callable[..., None], tuple]] = []
+        self._timer_seq = 0
+        self.runs: dict[tuple[int, int], int] = {}  #: pending kblockd runs -> due ns
+        self.requeue_pending: set[int] = set()
+        self.outbox: dict[int, bytearray] = {}
+        self._ipi_rest = b""
+        self.stopping = False  #: stop submitting
+        self.exiting = False  #: the runtime said exit
+        self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
+        self.mq = BlkMq(plan.arena, self.waiters, plan.cpu, plan.queues, self)
+        plan.driver.bind(plan.arena, self.mq, plan.cpu)
+        self.jobs = [
+            IoJob(plan.job, plan.cpu, q.index, plan.dev_bytes, plan.seed) for q in plan.queues
+        ]
+        o = plan.stats.offsets(plan.cpu)
+        self._st = o
+        self.epoll = select.epoll()
+        for fd in (self.ipi_fd, self.efd, ctl.fileno()):
+            self.epoll.register(fd, select.EPOLLIN)
+
+    # -- CpuSys: what blk-mq asks of its CPU -----------------------------------------------------
+
+    def raise_softirq(self, fn: Callable[[int, int], None], a: int, b: int) -> None:
+        self.softirqs.append((fn, a, b))
+
+    def add_timer(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args))
+
+    def ipi_complete(self, cpu: int, q: int, rq_id: int, gen: int) -> None:
+        self._send(cpu, IPI.pack(IPI_COMPLETE, 0, q, rq_id, gen, 0, 0, 0, 0, 0))
+
+    def kblockd_run(self, cpu: int, q: int, hctx: int, delay_ns: int) -> None:
+        if cpu == self.cpu:
+            self.runs[(q, hctx)] = self.clock() + delay_ns  # mod_delayed_work()
+        else:
+            self._send(cpu, IPI.pack(IPI_RUN, 0, q, hctx, 0, 0, delay_ns, 0, 0, 0))
+
+    def kick_requeue(self, q: int) -> None:
+        self.requeue_pending.add(q)
+
+    def bio_done(self, cpu: int, q: int, info: tuple) -> None:
+        if cpu == self.cpu:
+            self.jobs[q].done(info, self.clock())
+        else:
+            op, nr_bios, nbytes, start, io_start, status = info
+            self._send(
+                cpu,
+                IPI.pack(IPI_BIO_DONE, op, q, nr_bios, 0, status, nbytes, start, io_start, 0),
+            )
+
+    def schedule(self) -> None:
+        """The task sleeps (for a tag): wait for a wake-up while taking interrupts."""
+        self.counters["tag_sleeps"] += 1
+        self._flush_outbox()
+        if self.exiting:
+            raise Stopped
+        timeout = self._wait_timeout(None)
+        for fd, _ev in self.epoll.poll(timeout):
+            if fd == self.ipi_fd:
+                self._handle_ipis()
+            elif fd == self.ctl.fileno():
+                self._handle_ctl()
+        self._interrupts()
+        if self.exiting:
+            raise Stopped
+
+    # -- IPIs --------------------------------------------------------------------------------------
+
+    def _send(self, cpu: int, msg: bytes) -> None:
+        pending = self.outbox.get(cpu)
+        if pending:
+            pending += msg
+            return
+        try:
+            os.write(self.ipi_w[cpu], msg)
+        except BlockingIOError:
+            self.outbox[cpu] = bytearray(msg)
+
+    def _flush_outbox(self) -> None:
+        for cpu, pending in list(self.outbox.items()):
+            while pending:
+                n = min(len(pending), (4096 // IPI.size) * IPI.size)
+                try:
+                    os.write(self.ipi_w[cpu], pending[:n])
+                except BlockingIOError:
+                    break
+                del pending[:n]
+            if not pending:
+                del self.outbox[cpu]
+
+    def _handle_ipis(self) -> None:
+        try:
+            data = self._ipi_rest + os.read(self.ipi_fd, IPI.size * 256)
+        except BlockingIOError:
+            return
+        usable = len(data) - len(data) % IPI.size
+        self._ipi_rest = data[usable:]
+        mq = self.mq
+        now = self.clock()
+        for kind, op, q, a, b, status, c, t0, t1, _t2 in IPI.iter_unpack(data[:usable]):
+            self.counters["ipis_received"] += 1
+            if kind == IPI_BIO_DONE:
+                self.jobs[q].done((op, a, c, t0, t1, status), now)
+            elif kind == IPI_COMPLETE:
+                mq.ipi_complete(q, a, b)
+            elif kind == IPI_RUN:
+                self.runs[(q, a)] = now + c
+
+    # -- interrupts, timers and kblockd ------------------------------------------------------------
+
+    def _interrupts(self) -> bool:
+        """Run softirqs, due timers and due kblockd work; True if anything ran."""
+        ran = False
+        mq = self.mq
+        softirqs = self.softirqs
+        while softirqs:
+            fn, a, b = softirqs.popleft()
+            fn(a, b)
+            ran = True
+        timers = self.timers
+        if timers:
+            now = self.clock()
+            while timers and timers[0][0] <= now:
+                _, _, fn, args = heapq.heappop(timers)
+                fn(*args)
+                ran = True
+                while softirqs:
+                    f, a, b = softirqs.popleft()
+                    f(a, b)
+        if self.runs:
+            now = self.clock()
+            due = [k for k, t in self.runs.items() if t <= now]
+            for key in due:
+                del self.runs[key]
+                mq.run_work(*key)
+                ran = True
+        if self.requeue_pending:
+            for q in sorted(self.requeue_pending):
+                self.requeue_pending.discard(q)
+                mq.requeue_work(q)
+                ran = True
+        return ran
+
+    def _wait_timeout(self, until_ns: int | None) -> float:
+        """Seconds epoll may block: up to the next timer, kblockd run or ``until_ns``
+        (-1: forever)."""
+        deadlines = []
+        if self.timers:
+            deadlines.append(self.timers[0][0])
+        if self.runs:
+            deadlines.append(min(self.runs.values()))
+        if until_ns is not None:
+            deadlines.append(until_ns)
+        if self.softirqs or self.requeue_pending or self.outbox:
+            return 0.0 if not self.outbox else 0.001
+        if not deadlines:
+            return -1
+        return max(0.0, (min(deadlines) - self.clock()) / 1e9)
+
+    def _periodic(self, q: int, fn: Callable[[int], Any], period_ns: int) -> None:
+        """A self-rearming timer (the timeout work, the bandwidth timer)."""
+
+        def tick() -> None:
+            if not self.exiting:
+                fn(q)
+                self.add_timer(self.clock() + period_ns, tick)
+
+        self.add_timer(self.clock() + period_ns, tick)
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def _handle_ctl(self) -> None:
+        while self.ctl.poll():
+            try:
+                msg = msgpack.unpackb(self.ctl.recv_bytes())
+            except EOFError:
+                self.exiting = self.stopping = True
+                return
+            cmd = msg.get("cmd")
+            if cmd == "stop":
+                self.stopping = True
+            elif cmd == "exit":
+                self.exiting = self.stopping = True
+            elif cmd == "start":
+                self._start_ns = msg["t0"]
+
+    def _publish(self, phase: int) -> None:
+        a = self.arena.atomic
+        o = self._st
+        submitted = sum(j.submitted for j in self.jobs)
+        inflight = sum(j.inflight for j in self.jobs)
+        a.set(o.submitted, submitted)
+        a.set(o.completed, submitted - inflight)
+        a.set(o.inflight, inflight & 0xFFFFFFFFFFFFFFFF)
+        a.set(o.heartbeat_ns, self.clock())
+        a.set(o.phase, phase)
+
+    def _send_res(self, msg: dict) -> None:
+        self.res.send_bytes(msgpack.packb(msg))
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def main(self) -> None:
+        self._publish(PHASE_READY)
+        self._send_res(
+            {"msg": "ready", "cpu": self.cpu, "pid": os.getpid(), "host_core": self.plan.host_core}
+        )
+        self._start_ns = None
+        while self._start_ns is None and not self.exiting:
+            self.ctl.poll(None)
+            self._handle_ctl()
+        if self.exiting:
+            self._report()
+            return
+        self._setup_periodic()
+        t0 = self._start_ns
+        spec = self.plan.job
+        ramp_ns = int(spec.ramp_time * 1e9)
+        end_ns = t0 + ramp_ns + int(spec.runtime * 1e9)
+        for job in self.jobs:
+            job.record_from_ns = t0 + ramp_ns
+        now = self.clock()
+        if now < t0:
+            time.sleep((t0 - now) / 1e9)
+        self.ru_start = resource.getrusage(resource.RUSAGE_SELF)
+        self.t_run0 = self.clock()
+        try:
+            self._run(end_ns)
+            self._drain()
+        except Stopped:
+            pass
+        self.t_run1 = self.clock()
+        self.ru_end = resource.getrusage(resource.RUSAGE_SELF)
+        self._publish(PHASE_DRAINED)
+        self._send_res({"msg": "drained", "cpu": self.cpu})
+        with contextlib.suppress(Stopped):
+            while not self.exiting:
+                self._serve(None)
+        self._report()
+
+    def _setup_periodic(self) -> None:
+        plan = self.plan
+        for q, owner in enumerate(plan.timeout_scan_cpu):
+            if owner == self.cpu:
+                queue = self.mq.queues[q]
+                period = min(max(queue.timeout_ns // 8, 1_000_000), 200_000_000)
+                self._periodic(q, self.mq.timeout_work, period)
+        for q, owner in enumerate(plan.bw_timer_cpu):
+            if owner == self.cpu:
+                from mqrt.device.null_blk import TIMER_INTERVAL_NS
+
+                self._periodic(q, lambda q: plan.driver.bw_timer(self.mq, q), TIMER_INTERVAL_NS)
+
+    def _run(self, end_ns: int) -> None:
+        """Submit while the jobs have room; serve interrupts; block when idle."""
+        mq = self.mq
+        jobs = self.jobs
+        queues = mq.queues
+        spec = self.plan.job
+        batch = spec.batch
+        iodepth = spec.iodepth
+        clock = self.clock
+        rate_gap = int(1e9 / spec.rate_iops) if spec.rate_iops else 0
+        next_pub = clock() + PUBLISH_NS
+        next_allowed = [clock()] * len(jobs)
+        while True:
+            now = clock()
+            if now >= end_ns or self.stopping:
+                return
+            if now >= next_pub:
+                self._publish(PHASE_RUNNING)
+                next_pub = now + PUBLISH_NS
+            progressed = False
+            wake_at = end_ns
+            for job in jobs:
+                room = iodepth - job.inflight
+                if room <= 0:
+                    continue
+                n = min(room, batch)
+                if rate_gap:
+                    i = job.q
+                    if now < next_allowed[i]:
+                        wake_at = min(wake_at, next_allowed[i])
+                        continue
+                    n = min(n, 1 + (now - next_allowed[i]) // rate_gap)
+                    next_allowed[i] += n * rate_gap
+                    if next_allowed[i] < now - 1_000_000_000:
+                        next_allowed[i] = now  # do not bank more than a second
+                queue = queues[job.q]
+                mq.start_plug()
+                for _ in range(n):
+                    op, sector, nr_sectors = job.next_bio()
+                    mq.submit_bio(queue, op, sector, nr_sectors, clock())
+                mq.finish_plug()
+                progressed = True
+            if self._interrupts():
+                progressed = True
+            if not progressed:
+                self._serve(wake_at)
+
+    def _serve(self, until_ns: int | None) -> None:
+        """Block in the one wait point until something happens, then handle it."""
+        self._flush_outbox()
+        timeout = self._wait_timeout(until_ns)
+        if timeout != 0.0:
+            self.counters["idle_waits"] += 1
+        for fd, _ev in self.epoll.poll(timeout):
+            if fd == self.ipi_fd:
+                self._handle_ipis()
+            elif fd == self.efd:
+                self.waiters.drain()  # a stale wake-up: nobody is sleeping
+            else:
+                self._handle_ctl()
+        self._interrupts()
+
+    def _drain(self) -> None:
+        """The deadline passed: submit nothing more, wait for our I/Os to finish."""
+        self._publish(PHASE_DRAINING)
+        while any(j.inflight for j in self.jobs) and not self.exiting:
+            self._serve(None)
+
+    def _report(self) -> None:
+        mq = self.mq
+        ru0 = getattr(self, "ru_start", None) or resource.getrusage(resource.RUSAGE_SELF)
+        ru1 = getattr(self, "ru_end", None) or resource.getrusage(resource.RUSAGE_SELF)
+        hctx_stats = [
+            {"q": q.index, "hctx": h.index, **h.stats}
+            for q in mq.queues
+            for h in q.hctxs
+            if any(h.stats.values())
+        ]
+        tags_stats = {"tag_waits": 0, "tag_sleeps": 0}
+        for tags_list in mq._tags.values():
+            for t in tags_list:
+                tags_stats["tag_waits"] += t.nr_tag_waits
+                tags_stats["tag_sleeps"] += t.nr_tag_sleeps
+        self._send_res(
+            {
+                "msg": "result",
+                "cpu": self.cpu,
+                "pid": os.getpid(),
+                "host_core": self.plan.host_core,
+                "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
+                "usr_s": ru1.ru_utime - ru0.ru_utime,
+                "sys_s": ru1.ru_stime - ru0.ru_stime,
+                "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
+                "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
+                "blk_mq": mq.counters(),
+                "cpu_counters": {**self.counters, **tags_stats},
+                "hctx": hctx_stats,
+                "violations": mq.violations,
+                "jobs": [j.to_wire() for j in self.jobs],
+            }
+        )
+
+
+def cpu_main(plan: CpuPlan, ctl, res) -> None:
+    """Entry point of a CPU worker process (forked by the runtime)."""
+    # Ctrl-C reaches the whole process group; the runtime alone decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if plan.host_core is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {plan.host_core})
+    try:
+        cpu = Cpu(plan, ctl, res)
+        profile_dir = os.environ.get("MQRT_PROFILE_DIR")
+        if profile_dir:  # a developer's aid: cProfile each CPU into that folder
+            import cProfile
+
+            cProfile.runctx(
+                "cpu.main()",
+                globals(),
+                {"cpu": cpu},
+                os.path.join(profile_dir, f"cpu{plan.cpu}.prof"),
+            )
+        else:
+            cpu.main()
+    except Exception:
+        with contextlib.suppress(Exception):
+            res.send_bytes(
+                msgpack.packb({"msg": "error", "cpu": plan.cpu, "error": traceback.format_exc()})
+            )
+        os._exit(1)
+    os._exit(0)
