@@ -209,6 +209,9 @@ class NullbOps(BlkMqOps):
         self.faults = bool(self.timeout_fault or self.requeue_fault or self.mbps)
         self.seed = seed
         self.devices: list[NullbDevice] = []
+        #: The queue counts in use (capped at the CPU count by setup()).
+        self.submit_queues = cfg.submit_queues
+        self.poll_queues = cfg.poll_queues
         self._rng = random.Random(seed)
         self._init_hctx_calls = 0
         self._requeue_selection: dict[tuple[int, int], int] = {}
@@ -363,8 +366,8 @@ class NullbOps(BlkMqOps):
     def map_queues(self, tset: TagSet) -> None:
         """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues."""
         topo: Topology = tset.topology  # type: ignore[assignment]
-        submit = self.cfg.submit_queues
-        poll = self.cfg.poll_queues if tset.nr_maps > HctxType.POLL else 0
+        submit = self.submit_queues
+        poll = self.poll_queues if tset.nr_maps > HctxType.POLL else 0
         if submit + poll != tset.nr_hw_queues:
             # nr_hw_queues was capped at the CPU count: shrink the submit queues.
             submit = max(1, tset.nr_hw_queues - poll)
@@ -417,12 +420,15 @@ def setup(
         flags |= BlkMqFlag.TAG_HCTX_SHARED
     if cfg.no_sched:
         flags |= BlkMqFlag.NO_SCHED_BY_DEFAULT
-    poll = cfg.poll_queues
+    # null_validate_conf(): at most one submit (and poll) queue per CPU.
+    submit = min(cfg.submit_queues, topology.nr_cpus)
+    poll = min(cfg.poll_queues, topology.nr_cpus)
+    ops.submit_queues, ops.poll_queues = submit, poll
 
     def new_set(name: str) -> TagSet:
         tset = TagSet(
             ops=ops,
-            nr_hw_queues=cfg.submit_queues + poll,
+            nr_hw_queues=submit + poll,
             queue_depth=cfg.hw_queue_depth,
             nr_maps=3 if poll else 1,
             cmd_size=8,  # struct nullb_cmd: the fake_timeout flag

@@ -217,7 +217,7 @@ def _cpu_totals(result) -> dict[str, float]:
 
 def fio_json(result, config: dict[str, Any], spec) -> dict[str, Any]:
     job = spec.job
-    runtime_ms = int(job.runtime * 1000)
+    runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
     )
@@ -455,5 +455,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if args.output:
             out.close()
+    if result.interrupted:
+        print("mqrt: interrupted: the figures cover the time before Ctrl-C", file=sys.stderr)
+        return 130
     inv = result.invariants
     return 0 if not inv.get("violations") else 3

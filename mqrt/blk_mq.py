@@ -165,7 +165,8 @@ RQ_LIST_ORIGIN = 1 << 40
 #: struct blk_mq_hw_ctx, the shared part.
 HCTX = cacheline_struct(
     [("state", "<u8")],  # BLK_MQ_S_* bits
-    [("nr_active", "<i4"), ("max_active", "<i4")],  # requests holding a shared tag
+    # requests holding a shared tag; the most held under a fair-share limit
+    [("nr_active", "<i4"), ("max_active", "<i4")],
     [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
     [("ctx_map", "(4,)<u8")],  # ctxs with pending requests, by index_hw (<= 256 ctxs)
 )
@@ -533,11 +534,10 @@ def init_queue(
         q.ctx_lists.append(lists)
     q.requeue_list = declare_rq_list(layout, f"{prefix}.requeue_list", pool)
     for h in range(q.nr_hw_queues):  # blk_mq_init_hctx(): ->init_hctx for each hctx
-        if q.mapped(h):
-            try:
-                tset.ops.init_hctx(q, h)
-            except Exception as exc:
-                raise BlkMqError(f"EFAULT: {name}: init_hctx failed for hctx {h}: {exc}") from exc
+        try:
+            tset.ops.init_hctx(q, h)
+        except Exception as exc:
+            raise BlkMqError(f"EFAULT: {name}: init_hctx failed for hctx {h}: {exc}") from exc
     # blk_mq_add_queue_tag_set(): a second user makes the set shared.
     tset.tag_list.append(q)
     if len(tset.tag_list) > 1:
@@ -998,7 +998,9 @@ class BlkMq:
         if shared:
             rq_flags = _RQF_MQ_INFLIGHT
             nr = a.fetch_add32(hctx.nr_active_off, 1) + 1
-            if nr > a.read32(hctx.max_active_off):
+            # Instrumentation: the most requests a user held after a check that held
+            # it to its fair share (it may overshoot by one per racing CPU).
+            if tags.last_share and nr > a.read32(hctx.max_active_off):
                 a.set32(hctx.max_active_off, nr)
         if reserved:
             rq_flags |= _RQF_RESV

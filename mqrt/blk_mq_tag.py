@@ -129,6 +129,9 @@ class Tags:
         o = spec.header.offsets()
         self._active_queues = o.active_queues
         self._lock = o.lock
+        #: The share this CPU's last fair-share check allowed (0: not limited); lets
+        #: the caller record how far a limited user went (max_active).
+        self.last_share = 0
         #: Contention counters of this CPU on these tags.
         self.nr_tag_waits = 0
         self.nr_tag_sleeps = 0
@@ -173,15 +176,17 @@ class Tags:
     def may_queue(self, state_off: int, active_bit: int, nr_active_off: int) -> bool:
         """hctx_may_queue() for a shared map: may this user take one more tag?"""
         a = self.a
+        self.last_share = 0
         depth = self.bitmap_tags.sb.depth
         if depth == 1:  # a map of one tag cannot be shared out
             return True
         if not a.test_bit(state_off, active_bit):
             return True
         users = a.read32(self._active_queues)
-        if users <= 0:
+        if users <= 1:
             return True
         share = max((depth + users - 1) // users, FAIR_SHARE_MIN)
+        self.last_share = share  # instrumentation: this CPU's last check was limited
         return a.read32(nr_active_off) < share
 
     def fair_share(self) -> int:

@@ -84,6 +84,7 @@ class RunResult:
     wall_s: float
     dead: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
 
 
 def _exit_name(code: int | None) -> str:
@@ -219,6 +220,7 @@ def _drive(
     timeout_s = max(q.tag_set.timeout_ns for q in queues) / 1e9
     next_progress = 0.0
     stop_sent = exit_sent = False
+    interrupted = False
     setup_s = 0.0
 
     def stop_all(what: str) -> None:
@@ -268,7 +270,17 @@ def _drive(
             next_progress = now + 0.25
             spec.progress(_snapshot(arena, stats_region, n, t0_ns, end_ns))
         waitables = [res_r[i] for i in alive] + [procs[i].sentinel for i in alive]
-        for obj in wait(waitables, timeout=0.25):
+        try:
+            ready_objs = wait(waitables, timeout=0.25)
+        except KeyboardInterrupt:
+            # The first Ctrl-C stops the run cleanly (the CPUs drain and report what
+            # they measured); a second one aborts.
+            if interrupted or phase != "running":
+                raise
+            interrupted = True
+            stop_all("stop")
+            continue
+        for obj in ready_objs:
             if obj in by_conn:
                 i = by_conn[obj]
                 try:
@@ -344,6 +356,7 @@ def _drive(
         wall_s=wall,
         dead=[dead[i] for i in sorted(dead)],
         messages=messages,
+        interrupted=interrupted,
     )
     if dead or errors:
         parts = [

@@ -333,11 +333,13 @@ class Cpu:
             time.sleep((t0 - now) / 1e9)
         self.ru_start = resource.getrusage(resource.RUSAGE_SELF)
         self.t_run0 = self.clock()
+        self.t_stop = t0 + ramp_ns
         try:
             self._run(end_ns)
+            self.t_stop = self.clock()
             self._drain()
         except Stopped:
-            pass
+            self.t_stop = min(self.clock(), end_ns)
         self.t_run1 = self.clock()
         self.ru_end = resource.getrusage(resource.RUSAGE_SELF)
         self._publish(PHASE_DRAINED)
@@ -376,9 +378,12 @@ class Cpu:
             now = clock()
             if now >= end_ns or self.stopping:
                 return
-            if now >= next_pub:
+            if now >= next_pub:  # also where a busy CPU looks at its control pipe
                 self._publish(PHASE_RUNNING)
                 next_pub = now + PUBLISH_NS
+                if self.ctl.poll():
+                    self._handle_ctl()
+                    continue
             progressed = False
             wake_at = end_ns
             for job in jobs:
@@ -450,6 +455,12 @@ class Cpu:
                 "pid": os.getpid(),
                 "host_core": self.plan.host_core,
                 "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
+                # the time the jobs' statistics cover (after ramp_time, until submission
+                # stopped: the deadline, or earlier on a stop)
+                "measured_ns": max(
+                    0,
+                    getattr(self, "t_stop", 0) - (self.jobs[0].record_from_ns if self.jobs else 0),
+                ),
                 "usr_s": ru1.ru_utime - ru0.ru_utime,
                 "sys_s": ru1.ru_stime - ru0.ru_stime,
                 "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),

@@ -1,0 +1,99 @@
+"""``mqrt bench`` as a user runs it: fio-shaped JSON, one-line errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_cli import mqrt
+
+
+def test_bench_json_is_fio_shaped_with_an_mqrt_object():
+    out = mqrt(
+        "bench", "--runtime", "0.3", "--cpus", "2", "--irqmode", "timer",
+        "--completion-nsec", "20000", "--output-format", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["fio version"].startswith("mqrt-")
+    (job,) = report["jobs"]
+    assert job["jobname"] == "nullb0"
+    read = job["read"]
+    assert (
+        read["iops"] > 0 and read["total_ios"] > 0 and read["io_bytes"] == 4096 * read["total_ios"]
+    )
+    pct = read["clat_ns"]["percentile"]
+    assert "99.000000" in pct and "99.990000" in pct
+    assert pct["50.000000"] <= pct["99.000000"]
+    for key in ("lat_ns", "slat_ns", "bw", "bw_bytes", "runtime"):
+        assert key in read
+    assert job["write"]["total_ios"] == 0
+    for key in ("usr_cpu", "sys_cpu", "ctx", "iodepth_level", "latency_us", "latency_ms"):
+        assert key in job
+    assert set(job["iodepth_level"]) == {"1", "2", "4", "8", "16", "32", ">=64"}
+    m = report["mqrt"]
+    assert m["schema"] == "mqrt.bench/1"
+    assert m["config"]["nullb"]["irqmode"] == "timer"
+    assert m["config"]["job"]["iodepth"] == 32
+    assert m["invariants"]["violations"] == 0
+    assert len(m["cpus"]) == 2
+    assert {"tag_waits", "tag_sleeps", "ipis_received"} <= set(m["cpus"][0]["counters"])
+    assert {"busy", "requeued", "completed"} <= set(m["cpus"][0]["blk_mq"])
+
+
+def test_bench_text_summary_reads_like_fio():
+    out = mqrt("bench", "--runtime", "0.2", "--cpus", "1", "--irqmode", "none", "-q")
+    assert out.returncode == 0, out.stderr
+    assert "read: IOPS=" in out.stdout and "clat percentiles (" in out.stdout
+    assert "IO depths    :" in out.stdout and "mqrt: invariants ok" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--irqmode", "fast"), "irqmode: must be none|softirq|timer (or 0|1|2), got 'fast'"),
+        (("--cpus", "0"), "cpus: must be 1..256, got '0'"),
+        (("--bs", "1000"), "bs: must be a multiple of 512, got 1000"),
+        (("--hw_queue_depth", "0"), "hw_queue_depth: must be 1..65536, got '0'"),
+        (("--requeue", "1,2"), "requeue: expected '<interval>,<probability>,<space>,<times>'"),
+        (("--rw", "sideways"), "rw: must be read|write|randread"),
+        (("--cpus-allowed", "0-999"), "cpus_allowed: CPUs"),
+        (("--init_hctx", "1,100,0,1"), "EFAULT: nullb0: init_hctx failed for hctx 0"),
+        (("--driver", "nvme"), "driver: nvme is not available yet"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, message):
+    out = mqrt("bench", "--runtime", "0.1", *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_cleanly_with_what_was_measured():
+    code = "import sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", "--runtime", "20", "--irqmode", "timer",
+         "--output-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    report = json.loads(out)
+    read = report["jobs"][0]["read"]
+    assert read["total_ios"] > 0 and read["runtime"] < 10_000
+    assert report["mqrt"]["invariants"]["violations"] == 0

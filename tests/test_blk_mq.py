@@ -1,0 +1,291 @@
+"""The block layer's data path, step by step in one process (tests/blk_mq_rig.py):
+plugging and merging, direct issue, the dispatch list and its reruns, completion
+affinity, exactly-once completion, timeouts, requeue, fair share, reserved tags."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mqrt.blk_mq import (
+    RQ_ALLOCATED,
+    RQ_GEN_SHIFT,
+    TagSet,
+    alloc_tag_set,
+    check_invariants,
+    init_queue,
+)
+from mqrt.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
+from tests.blk_mq_rig import Rig, ScriptOps
+
+READ = int(ReqOp.READ)
+
+
+def script_setup(
+    ops, depth=8, nr_hw_queues=1, reserved=0, nr_queues=1, timeout_ms=0, rq_affinity=1
+):
+    def setup(layout, topology):
+        tset = TagSet(
+            ops=ops,
+            nr_hw_queues=nr_hw_queues,
+            queue_depth=depth,
+            reserved_tags=reserved,
+            timeout_ms=timeout_ms,
+        )
+        alloc_tag_set(tset, layout, topology)
+        queues = [
+            init_queue(tset, layout, i, f"q{i}", rq_affinity=rq_affinity) for i in range(nr_queues)
+        ]
+        return ops, queues
+
+    return setup
+
+
+@pytest.fixture
+def rig_factory():
+    rigs = []
+
+    def make(ops=None, nr_cpus=1, **kw):
+        ops = ops or ScriptOps()
+        rig = Rig(script_setup(ops, **kw), nr_cpus=nr_cpus)
+        rigs.append(rig)
+        return rig, ops
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def clean(rig) -> dict:
+    inv = check_invariants(rig.arena, rig.queues)
+    assert inv["problems"] == [], inv
+    return inv
+
+
+def test_direct_issue_then_end_request_frees_the_tag(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 800, 8, 123)
+    assert ops.calls == 1 and ops.last_flags == [True]
+    rq = ops.started[0]
+    assert rq.state is RqState.IN_FLIGHT and rq.state_word & RQ_ALLOCATED
+    gen = rq.gen
+    rig.mq.end_request(rq, BlkStatus.OK)
+    ((cpu, qi, info),) = rig.sys.done
+    assert (cpu, qi) == (0, 0)
+    op, nr_bios, nbytes, start, io_start, status = info
+    assert (op, nr_bios, nbytes, start, status) == (READ, 1, 4096, 123, 0)
+    assert io_start >= start
+    assert rq.state is RqState.IDLE and rq.gen == gen + 1
+    clean(rig)
+
+
+def test_plug_merges_adjacent_bios_into_one_request(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    rig.mq.start_plug()
+    for i in range(4):
+        rig.mq.submit_bio(q, READ, 1000 + 8 * i, 8, 0)
+    rig.mq.submit_bio(q, READ, 5000, 8, 0)  # not adjacent: a new request
+    rig.mq.finish_plug()
+    assert ops.calls == 2 and ops.last_flags == [False, True]
+    first = ops.started[0].setup()
+    assert first[1:4] == (1000, 32, 4)  # sector, nr_sectors, nr_bios
+    for rq in list(ops.started):
+        rig.mq.end_request(rq)
+    assert [d[2][1] for d in rig.sys.done] == [4, 1]
+    assert rig.mq.counters()["merges"] == 3
+    clean(rig)
+
+
+def test_plug_flushes_at_32_requests(rig_factory):
+    rig, ops = rig_factory(depth=64)
+    q = rig.mq.queues[0]
+    rig.mq.start_plug()
+    for i in range(33):
+        rig.mq.submit_bio(q, READ, 10_000 * i, 8, 0)
+    assert ops.calls == 32  # BLK_MAX_REQUEST_COUNT reached: flushed before the 33rd
+    rig.mq.finish_plug()
+    assert ops.calls == 33
+    for rq in list(ops.started):
+        rig.mq.end_request(rq)
+    clean(rig)
+
+
+def test_resource_puts_the_request_on_dispatch_and_reruns_after_3ms(rig_factory):
+    rig, ops = rig_factory(ScriptOps([BlkStatus.RESOURCE, BlkStatus.RESOURCE]))
+    q = rig.mq.queues[0]
+    hctx = q.hctxs[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    # Direct issue said busy, the synchronous run said busy again: the request waits
+    # on hctx->dispatch, SCHED_RESTART is set, and a rerun is due in 3 ms.
+    assert ops.calls == 2 and not ops.started
+    assert hctx.dispatch.snapshot() and hctx.test_state(HctxState.SCHED_RESTART)
+    assert rig.sys.runs == {(0, 0): BLK_MQ_RESOURCE_DELAY_NS}
+    assert hctx.dispatch_busy > 0
+    assert rig.sys.run_kblockd() == 1
+    assert len(ops.started) == 1 and not hctx.dispatch.snapshot()
+    rig.mq.end_request(ops.started[0])
+    assert not hctx.test_state(HctxState.SCHED_RESTART)  # cleared by the free's restart
+    clean(rig)
+
+
+def test_dev_resource_waits_for_the_next_completion(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    hctx = q.hctxs[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)  # in flight, holds a tag
+    ops.script = [BlkStatus.DEV_RESOURCE, BlkStatus.DEV_RESOURCE]
+    rig.mq.submit_bio(q, READ, 80, 8, 0)
+    assert len(ops.started) == 1 and hctx.dispatch.snapshot()
+    assert rig.sys.runs == {}  # DEV_RESOURCE: no timed rerun, a completion restarts
+    rig.mq.end_request(ops.started[0])
+    assert rig.sys.runs == {(0, 0): 0}  # blk_mq_sched_restart(): an async run
+    rig.sys.run_kblockd()
+    assert len(ops.started) == 2
+    rig.mq.end_request(ops.started[1])
+    assert rig.mq.counters()["restarts"] >= 1
+    clean(rig)
+
+
+def test_a_request_completes_exactly_once(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    rq = ops.started[0]
+    gen = rq.gen
+    assert rig.mq.complete_request(rq, gen)
+    assert rq.state is RqState.COMPLETE
+    assert not rig.mq.complete_request(rq, gen)  # a second completion is dropped
+    assert rig.sys.run_softirqs() == 1  # one hw queue: completion via the softirq
+    assert len(rig.sys.done) == 1
+    # The tag is reused: a completion carrying the old generation is stale.
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    again = ops.started[1]
+    if again.id == rq.id:
+        assert not rig.mq.complete_request(again, gen)
+    assert rig.mq.counters()["stale_completions"] >= 1
+    assert rig.mq.complete_request(again, again.gen)
+    rig.sys.run_softirqs()
+    assert len(rig.sys.done) == 2
+    clean(rig)
+
+
+def test_timeout_work_times_out_a_lost_request(rig_factory):
+    rig, ops = rig_factory(timeout_ms=1)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    rq = ops.started[0]
+    assert rig.mq.timeout_work(0) == 0 or rq.deadline_ns <= time.monotonic_ns()
+    time.sleep(0.005)
+    rig.mq.timeout_work(0)
+    assert ops.timed_out == [rq.id]
+    rig.sys.run_softirqs()
+    ((_, _, info),) = rig.sys.done
+    assert info[5] == BlkStatus.TIMEOUT
+    assert rig.mq.timeout_work(0) == 0  # nothing left
+    clean(rig)
+
+
+def test_requeue_goes_back_through_the_ctx(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    rq = ops.started.pop()
+    rig.mq.requeue_request(rq, True)
+    assert rq.state is RqState.IDLE and rq.state_word & RQ_ALLOCATED
+    assert q.requeue_list.snapshot() == [rq.id] and rig.sys.requeue_kicks == [0]
+    rig.sys.run_requeue()
+    assert ops.calls == 2 and ops.started == [rq]
+    rig.mq.end_request(rq)
+    clean(rig)
+
+
+def test_nowait_allocation_fails_when_the_map_is_full(rig_factory):
+    rig, _ops = rig_factory(depth=4)
+    q = rig.mq.queues[0]
+    ids = [rig.mq.alloc_request(q, READ, 0, 8, 0, nowait=True) for _ in range(4)]
+    assert sorted(ids) == [0, 1, 2, 3]
+    assert rig.mq.alloc_request(q, READ, 0, 8, 0, nowait=True) == -1
+
+
+def test_reserved_tags_come_first_in_the_numbering(rig_factory):
+    rig, _ops = rig_factory(depth=8, reserved=2)
+    q = rig.mq.queues[0]
+    res = sorted(
+        rig.mq.alloc_request(q, READ, 0, 8, 0, reserved=True, nowait=True) for _ in range(2)
+    )
+    assert res == [0, 1]
+    assert rig.mq.alloc_request(q, READ, 0, 8, 0, reserved=True, nowait=True) == -1
+    normal = {rig.mq.alloc_request(q, READ, 0, 8, 0, nowait=True) for _ in range(6)}
+    assert normal == set(range(2, 8))
+
+
+def test_fair_share_holds_an_active_queue_to_its_share(rig_factory):
+    rig, _ops = rig_factory(depth=16, nr_queues=2)
+    q0, q1 = rig.mq.queues
+    assert q0.shared and q1.shared
+    assert rig.mq.alloc_request(q1, READ, 0, 8, 0, nowait=True) >= 0  # q1 becomes active
+    got = 0
+    while rig.mq.alloc_request(q0, READ, 0, 8, 0, nowait=True) >= 0:
+        got += 1
+    # Two active users of 16 tags: each may hold max(ceil(16 / 2), 4) = 8.
+    assert got == 8
+    assert q0.hctxs[0].tags.active_queues == 2
+    assert q0.hctxs[0].tags.fair_share() == 8
+
+
+def test_rq_affinity_2_completes_on_the_submitting_cpu(rig_factory):
+    rig, ops = rig_factory(nr_cpus=2, rq_affinity=2)
+    mq0, mq1 = rig.mqs
+    mq0.submit_bio(mq0.queues[0], READ, 0, 8, 0)
+    rq0 = ops.started[0]
+    rq1 = mq1.rqs[0][rq0.id]  # CPU 1's accessor for the same request
+    assert mq1.complete_request(rq1)
+    ((cpu, q, rq_id, gen),) = rig.cpus[1].ipis
+    assert (cpu, q, rq_id) == (0, 0, rq0.id)
+    mq0.ipi_complete(q, rq_id, gen)  # the IPI arrives on CPU 0
+    ((done_cpu, _q, _info),) = rig.cpus[0].done
+    assert done_cpu == 0
+    clean(rig)
+
+
+def test_rq_affinity_1_completes_locally_when_the_cache_is_shared(rig_factory):
+    rig, ops = rig_factory(nr_cpus=2, rq_affinity=1)
+    mq0, mq1 = rig.mqs
+    mq0.submit_bio(mq0.queues[0], READ, 0, 8, 0)
+    rq1 = mq1.rqs[0][ops.started[0].id]
+    assert mq1.complete_request(rq1)
+    assert rig.cpus[1].ipis == [] and rig.cpus[1].run_softirqs() == 1
+    # CPU 1 ended it; the bio goes back to its submitter, CPU 0.
+    ((_cpu, _q, _info),) = rig.cpus[1].done
+    assert rig.cpus[1].done[0][0] == 0
+    clean(rig)
+
+
+def test_generation_advances_once_per_request_lifetime(rig_factory):
+    rig, ops = rig_factory(depth=1)
+    q = rig.mq.queues[0]
+    for i in range(5):
+        rig.mq.submit_bio(q, READ, 8 * i, 8, 0)
+        rig.mq.end_request(ops.started[-1])
+    word = rig.mq.rqs[0][0].state_word
+    assert word >> RQ_GEN_SHIFT == 5 and not word & RQ_ALLOCATED
+    clean(rig)
+
+
+def test_tags_show_uses_debugfs_keys(rig_factory):
+    rig, _ops = rig_factory(depth=8, reserved=1)
+    text = rig.mq.queues[0].hctxs[0].tags.show()
+    for key in (
+        "nr_tags=8",
+        "nr_reserved_tags=1",
+        "active_queues=0",
+        "bitmap_tags:",
+        "breserved_tags:",
+        "depth=7",
+        "wake_batch=",
+        "ws_active=0",
+    ):
+        assert key in text
