@@ -783,8 +783,8 @@ class HwCtx:
     def clear_pending(self, index_hw: int) -> None:
         self.a.clear_bit(self._ctx_map + 8 * (index_hw >> 6), index_hw & 63)
 
-    def updatedispatch_busy_off(self, busy: bool) -> None:
-        """blk_mq_updatedispatch_busy_off(): the EWMA of busy dispatches."""
+    def update_dispatch_busy(self, busy: bool) -> None:
+        """blk_mq_update_dispatch_busy(): the EWMA of busy dispatches."""
         ewma = self.a.read32(self.dispatch_busy_off)
         if not ewma and not busy:
             return
@@ -902,7 +902,11 @@ class BlkMq:
         #: per queue: the request pool accessors of its tag set, and their offsets
         self.rqs = [self._rqs[id(q.tag_set)] for q in queues]
         self.rq_base = [[rq.base for rq in pool] for pool in self.rqs]
+        #: Per queue: bi_end_io of the bios this CPU submits, called directly when
+        #: they complete here (None: always through ``sys.bio_done``).
+        self.end_io: list[Callable[[tuple, int], None]] | None = None
         # Hot-path counters (attributes: cheaper than dict entries).
+
         self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
         self.topology = queues[0].tag_set.topology if queues else None
         self.stats = dict.fromkeys(
@@ -1103,6 +1107,7 @@ class BlkMq:
         n = len(rqs)
         queued = 0
         prev: HwCtx | None = None
+        a = self.a
         while i < n:
             queue, hctx, rq_id = rqs[i]
             i += 1
@@ -1112,7 +1117,23 @@ class BlkMq:
                 queued = 0
             prev = hctx
             last = i == n or rqs[i][1] is not hctx
-            ret = self.request_issue_directly(queue, hctx, rq_id, last)
+            ops = queue.ops
+            if (
+                ops.get_budget is None
+                and not a.read(hctx.state_off) & _STOPPED
+                and not a.read(queue.flags_off) & _QUIESCED
+            ):
+                # blk_mq_request_issue_directly() without a budget to take, inlined.
+                ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
+                self.nr_issued += 1
+                if ret == 0:
+                    queued += 1
+                    if a.read32(hctx.dispatch_busy_off):
+                        hctx.update_dispatch_busy(False)
+                    continue
+                ret = self._issue_failed(queue, hctx, rq_id, ret)
+            else:
+                ret = self.request_issue_directly(queue, hctx, rq_id, last)
             if ret == 0:
                 queued += 1
             elif ret in _BUSY:
@@ -1142,21 +1163,26 @@ class BlkMq:
 
     def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
         """__blk_mq_issue_directly()."""
-        rq = self.rqs[queue.index][rq_id]
-        ret = queue.ops.queue_rq(self, hctx, rq, last)
+        ret = queue.ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
         self.nr_issued += 1
         if ret == 0:
             if self.a.read32(hctx.dispatch_busy_off):
-                hctx.updatedispatch_busy_off(False)
-        elif ret in _BUSY:
+                hctx.update_dispatch_busy(False)
+            return 0
+        return self._issue_failed(queue, hctx, rq_id, ret)
+
+    def _issue_failed(self, queue: Queue, hctx: HwCtx, rq_id: int, ret: int) -> int:
+        """The rest of __blk_mq_issue_directly() when ->queue_rq did not take it."""
+        rq = self.rqs[queue.index][rq_id]
+        if ret in _BUSY:
             self.stats["busy"] += 1
             hctx.stats["busy"] += 1
-            hctx.updatedispatch_busy_off(True)
+            hctx.update_dispatch_busy(True)
             self._requeue_unstarted(rq)
             if queue.ops.put_budget is not None:
                 queue.ops.put_budget(self, queue)
         else:
-            hctx.updatedispatch_busy_off(False)
+            hctx.update_dispatch_busy(False)
         return ret
 
     def try_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int) -> None:
@@ -1352,10 +1378,10 @@ class BlkMq:
                 self.run_hw_queue(hctx, True)
             elif needs_resource:
                 self.delay_run_hw_queue(hctx, BLK_MQ_RESOURCE_DELAY_NS)
-            hctx.updatedispatch_busy_off(True)
+            hctx.update_dispatch_busy(True)
             return False
         if hctx.a.read32(hctx.dispatch_busy_off):
-            hctx.updatedispatch_busy_off(False)
+            hctx.update_dispatch_busy(False)
         return True
 
     # -- the driver's side -------------------------------------------------------------------------
@@ -1465,9 +1491,11 @@ class BlkMq:
             RQ_END.unpack_from(self.buf, base + 16)
         )
         self.nr_completed += 1
-        self.sys.bio_done(
-            cpu, q, (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
-        )
+        info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+        if cpu == self.cpu and self.end_io is not None:
+            self.end_io[q](info, self.clock())  # bio_endio() on the submitting CPU
+        else:
+            self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
         if rq_flags & _RQF_MQ_INFLIGHT:
             a.fetch_sub32(hctx.nr_active_off, 1)

@@ -44,6 +44,7 @@ import contextlib
 import enum
 import os
 import select
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,12 @@ WAIT_QUEUE_ENTRY = cacheline_struct(
 
 #: Spins on a busy bit lock before yielding the core (the holder may be preempted).
 SPINS_BEFORE_YIELD = 64
+#: Yields after which a still-taken lock calls :data:`long_spin_hook`.
+LONG_SPIN_YIELDS = 256
+#: A process may install a check here, called every LONG_SPIN_YIELDS yields while a
+#: bit spinlock stays taken; it can raise to abandon the wait (a CPU worker does when
+#: its run is being stopped: the holder may be a process that was killed).
+long_spin_hook: Callable[[], None] | None = None
 
 NIL = -1
 
@@ -89,7 +96,7 @@ class WaitersSpec:
 
 def spin_lock(a, off: int) -> None:
     """Take the bit spinlock in bit 0 of the word at ``off`` (acquire)."""
-    spins = 0
+    spins = yields = 0
     while a.test_and_set_bit_lock(off, 0):
         spins += 1
         if spins < SPINS_BEFORE_YIELD:
@@ -97,6 +104,9 @@ def spin_lock(a, off: int) -> None:
         else:
             os.sched_yield()
             spins = 0
+            yields += 1
+            if yields % LONG_SPIN_YIELDS == 0 and long_spin_hook is not None:
+                long_spin_hook()
 
 
 def spin_unlock(a, off: int) -> None:

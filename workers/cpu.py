@@ -45,6 +45,7 @@ from typing import Any
 
 import msgpack
 
+from mqrt import wait
 from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
 from mqrt.shm import Arena, Region, cacheline_struct
 from mqrt.wait import Waiters, WaitersSpec
@@ -120,11 +121,21 @@ class Cpu:
         self.jobs = [
             IoJob(plan.job, plan.cpu, q.index, plan.dev_bytes, plan.seed) for q in plan.queues
         ]
+        self.mq.end_io = [job.done for job in self.jobs]
+
         o = plan.stats.offsets(plan.cpu)
         self._st = o
         self.epoll = select.epoll()
         for fd in (self.ipi_fd, self.efd, ctl.fileno()):
             self.epoll.register(fd, select.EPOLLIN)
+        wait.long_spin_hook = self._check_exit  # a lock holder may have been killed
+
+    def _check_exit(self) -> None:
+        """Called while spinning long on a lock: give up if the run is ending."""
+        if self.ctl.poll():
+            self._handle_ctl()
+        if self.exiting:
+            raise Stopped
 
     # -- CpuSys: what blk-mq asks of its CPU -----------------------------------------------------
 
