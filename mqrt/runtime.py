@@ -34,8 +34,9 @@ from typing import Any
 
 import msgpack
 
-from mqrt.blk_mq import check_invariants, fair_share_report, init_shared
+from mqrt.blk_mq import init_shared
 from mqrt.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
+from mqrt.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.shm import Arena, Layout, exit_on_sigterm
 from mqrt.wait import Waiters
 

@@ -13,9 +13,9 @@ from mqrt.blk_mq import (
     RQ_GEN_SHIFT,
     TagSet,
     alloc_tag_set,
-    check_invariants,
     init_queue,
 )
+from mqrt.blk_mq_debugfs import check_invariants
 from mqrt.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
 from tests.blk_mq_rig import Rig, ScriptOps
 

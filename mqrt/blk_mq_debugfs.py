@@ -1,0 +1,78 @@
+"""Port of ``block/blk-mq-debugfs.c`` (the parts mqrt needs): views of hctxs and
+queues with the kernel's key names and flag names, the end-of-run invariant check and
+the fair-share report.  For debugging and reports; never imported by the hot path;
+the formats may change at any time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqrt.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.shm import Arena
+
+
+def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
+    """At the end of a run (every CPU stopped): no tag still allocated, every request
+    IDLE and unowned, nr_active back to 0, lists empty.  Returns counts and the
+    first few problems found."""
+    problems: list[str] = []
+    leaked_tags = 0
+    busy_rqs = 0
+    sets = {id(q.tag_set): q.tag_set for q in queues}
+    a = arena.atomic
+    for tset in sets.values():
+        v = arena.view(tset.rq_region)  # type: ignore[arg-type]
+        states = v["state"].copy()
+        del v
+        for rq_id, st in enumerate(states):
+            if int(st) & (RQ_ALLOCATED | RQ_STATE_MASK):
+                busy_rqs += 1
+                if len(problems) < 10:
+                    problems.append(
+                        f"{tset.name}: request {rq_id} still owned (state {int(st):#x})"
+                    )
+        for spec in tset.tags:
+            for sbq in (spec.bitmap_tags, spec.breserved_tags):
+                if sbq is None:
+                    continue
+                sb = sbq.sb
+                used = 0
+                for i in range(sb.map_nr):
+                    word = a.read(sb.words.addr(i, "word")) & ~a.read(sb.words.addr(i, "cleared"))
+                    used += word.bit_count()
+                leaked_tags += used
+                if used and len(problems) < 10:
+                    problems.append(f"{sb.name}: {used} tags still allocated")
+    negative_active = 0
+    for q in queues:
+        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        for h, nr in enumerate(v["nr_active"]):
+            if nr != 0:
+                negative_active += int(nr < 0)
+                problems.append(f"{q.name}: hctx{h} nr_active={int(nr)} at the end")
+        del v
+        qv = arena.view(q.header)  # type: ignore[arg-type]
+        nr = int(qv["nr_active_requests_shared_tags"][0])
+        del qv
+        if nr != 0:
+            negative_active += int(nr < 0)
+            problems.append(f"{q.name}: nr_active_requests_shared_tags={nr} at the end")
+    return {
+        "leaked_tags": leaked_tags,
+        "owned_requests": busy_rqs,
+        "nr_active_negative": negative_active,
+        "problems": problems,
+    }
+
+
+def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
+    """Per hctx (or per queue with shared tags): the most requests it ever held."""
+    if q.tag_set.shared_tags:
+        v = arena.view(q.header)  # type: ignore[arg-type]
+        out = [{"hctx": -1, "max_active": int(v["max_active"][0])}]
+    else:
+        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        out = [{"hctx": h, "max_active": int(m)} for h, m in enumerate(v["max_active"])]
+    del v
+    return out

@@ -1,0 +1,69 @@
+"""Port of ``block/blk-mq-sched.c`` for the ``none`` elevator: who decides what an
+hctx run dispatches.
+
+The dispatch list (``hctx->dispatch``, requests a driver refused before) always goes
+first, marking SCHED_RESTART so the next completion reruns the queue; then, while the
+hctx is busy, one request at a time round robin over the ctxs
+(``blk_mq_do_dispatch_ctx``), otherwise every pending ctx's list at once
+(``blk_mq_flush_busy_ctxs``).  ``blk_mq_dispatch_rq_list`` itself is in
+:mod:`mqrt.blk_mq`, as in the kernel.
+
+Deviations from Linux: no elevator, so no sched tags and no ``->dispatch_request``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mqrt.blk_mq_types import HctxState
+
+if TYPE_CHECKING:
+    from mqrt.blk_mq import BlkMq
+    from mqrt.blk_mq_structs import HwCtx
+
+
+def dispatch_requests(mq: BlkMq, hctx: HwCtx) -> None:
+    """blk_mq_sched_dispatch_requests() with no elevator: the dispatch list first
+    (marking SCHED_RESTART), then one ctx at a time while the hctx is busy, else
+    every busy ctx at once."""
+    if hctx.stopped() or hctx.queue.quiesced():
+        return
+    mq.stats["hctx_runs"] += 1
+    hctx.stats["run"] += 1
+    rq_list = hctx.dispatch.take() if not hctx.dispatch.empty() else []
+    if rq_list:
+        mq.a.set_bit(hctx.state_off, HctxState.SCHED_RESTART)  # mark_restart_hctx
+        if not mq.dispatch_rq_list(hctx, rq_list):
+            return
+        need_dispatch = True
+    else:
+        need_dispatch = bool(hctx.dispatch_busy)
+    if need_dispatch:
+        do_dispatch_ctx(mq, hctx)
+        return
+    rq_list = flush_busy_ctxs(mq, hctx)
+    if rq_list:
+        mq.dispatch_rq_list(hctx, rq_list)
+
+
+def flush_busy_ctxs(mq: BlkMq, hctx: HwCtx, max_per_ctx: int = -1) -> list[int]:
+    """blk_mq_flush_busy_ctxs(): splice every pending ctx's list."""
+    out: list[int] = []
+    for index_hw in hctx.busy_ctxs():
+        # The pending bit is cleared under the ctx's lock once its list is empty.
+        out += hctx.ctx_lists[index_hw].take(max_per_ctx, lambda i=index_hw: hctx.clear_pending(i))
+    return out
+
+
+def do_dispatch_ctx(mq: BlkMq, hctx: HwCtx) -> None:
+    """blk_mq_do_dispatch_ctx(): one request at a time round robin over the ctxs."""
+    while True:
+        rq_list = flush_busy_ctxs(mq, hctx, 1)
+        if not rq_list:
+            return
+        for i, rq_id in enumerate(rq_list):
+            if not mq.dispatch_rq_list(hctx, [rq_id]):
+                rest = rq_list[i + 1 :]
+                if rest:
+                    hctx.dispatch.add(rest)
+                return

@@ -1,0 +1,582 @@
+"""The structs of ``include/linux/blk-mq.h`` and ``block/blk-mq.h`` and their
+shared-memory layout: the tag set, the request queue, requests, hctxs, ctx lists,
+and each CPU's handles on them.
+
+The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) and
+the data path that uses them are in :mod:`mqrt.blk_mq`.
+
+Shared layout (one numpy dtype per struct, contended words on their own lines):
+
+=====================  ====================================  ============================
+struct                 fields (shared part)                  written by
+=====================  ====================================  ============================
+request (pool)         state, deadline, io_start, setup,     see :func:`request_dtype`
+                       pdu
+blk_mq_hw_ctx          state bits, nr_active/max_active,     atomics (any CPU)
+                       dispatch_busy, ctx_map
+request_queue          queue_flags, nr_active (shared tags)  atomics (any CPU)
+lists (ctx rq_lists,   lock, head, tail, ids                 under the list's lock
+dispatch, requeue)
+=====================  ====================================  ============================
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from mqrt.blk_mq_cpumap import HctxType, QueueMap, Topology
+from mqrt.blk_mq_tag import Tags, TagsSpec
+from mqrt.blk_mq_types import (
+    BLK_DEF_MAX_SECTORS,
+    BLK_DEFAULT_TIMEOUT_MS,
+    BLK_MQ_CPU_WORK_BATCH,
+    BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR,
+    BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT,
+    SECTOR_SHIFT,
+    BlkMqFlag,
+    BlkMqOps,
+    BlkStatus,
+    HctxState,
+    QueueFlag,
+    ReqOp,
+    Rqf,
+    RqState,
+)
+from mqrt.sbitmap import SbqGeneration
+from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.wait import spin_lock, spin_unlock
+
+#: The statuses with which a driver refuses a request for now.
+_BUSY = (int(BlkStatus.RESOURCE), int(BlkStatus.DEV_RESOURCE))
+# Plain ints for the hot path (enum arithmetic costs a Python call each).
+_IN_FLIGHT = int(RqState.IN_FLIGHT)
+_RQF_MQ_INFLIGHT = int(Rqf.MQ_INFLIGHT)
+_RQF_RESV = int(Rqf.RESV)
+_STOPPED = 1 << HctxState.STOPPED
+_SCHED_RESTART = 1 << HctxState.SCHED_RESTART
+_QUIESCED = 1 << QueueFlag.QUIESCED
+
+
+class BlkMqError(ValueError):
+    """A tag set or queue the kernel would refuse (-EINVAL / -ENOMEM), named."""
+
+
+# -- shared-memory layout ------------------------------------------------------------------
+
+#: rq.state: bits 0-1 MQ_RQ_*, bit 2 "allocated" (a tag owns it), bits 8+ generation.
+RQ_STATE_MASK = 0x3
+RQ_ALLOCATED = 0x4
+RQ_GEN_SHIFT = 8
+_OWNED_OR_BUSY = RQ_ALLOCATED | RQ_STATE_MASK
+
+#: The setup block of a request, written once by the allocating CPU (one pack_into):
+#: start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status.
+RQ_SETUP = struct.Struct("<QQIIHHHBxIi")
+#: deadline_ns, io_start_time_ns: written together by blk_mq_start_request().
+RQ_TIMES = struct.Struct("<QQ")
+#: io_start_time_ns + the setup block: everything the completion reads, in one go.
+RQ_END = struct.Struct("<QQQIIHHHBxIi")
+
+
+def request_dtype(cmd_size: int) -> np.dtype:
+    """struct request + its driver PDU (``cmd_size`` bytes), one request a line or more.
+
+    ======  ====  ================  =====================================================
+    offset  size  field             owner
+    ======  ====  ================  =====================================================
+    0       8     state             cmpxchg by whoever moves it (see the module docstring)
+    8       8     deadline_ns       the CPU that started it; read by timeout work
+    16      8     io_start_time_ns  the CPU that started it
+    24      40    setup block       the allocating CPU (RQ_SETUP), before issue
+    64      n     pdu               the driver, while it owns the request
+    ======  ====  ================  =====================================================
+    """
+    fields = [
+        ("state", "<u8"),
+        ("deadline_ns", "<u8"),
+        ("io_start_time_ns", "<u8"),
+        ("start_time_ns", "<u8"),
+        ("sector", "<u8"),
+        ("nr_sectors", "<u4"),
+        ("nr_bios", "<u4"),
+        ("cpu", "<u2"),
+        ("hctx", "<u2"),
+        ("q", "<u2"),
+        ("op", "<u1"),
+        ("pad", "<u1"),
+        ("rq_flags", "<u4"),
+        ("status", "<i4"),
+    ]
+    groups = [fields]
+    if cmd_size:
+        groups.append([("pdu", f"V{cmd_size}")])
+    dt = cacheline_struct(*groups)
+    assert dt.fields["start_time_ns"][1] == 24 and dt.fields["status"][1] == 60
+    assert RQ_SETUP.size == 40
+    return dt
+
+
+#: A list of request ids under a bit spinlock (ctx rq_lists, hctx->dispatch,
+#: q->requeue_list).  ``head``/``tail`` are monotonic; they start at RQ_LIST_ORIGIN so
+#: add-at-head can move ``head`` down.
+RQ_LIST_HEADER = cacheline_struct([("lock", "<u8"), ("head", "<u8"), ("tail", "<u8")])
+RQ_LIST_ORIGIN = 1 << 40
+
+#: struct blk_mq_hw_ctx, the shared part.
+HCTX = cacheline_struct(
+    [("state", "<u8")],  # BLK_MQ_S_* bits
+    # requests holding a shared tag; the most held under a fair-share limit
+    [("nr_active", "<i4"), ("max_active", "<i4")],
+    [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
+    [("ctx_map", "(4,)<u8")],  # ctxs with pending requests, by index_hw (<= 256 ctxs)
+)
+MAX_CTX_PER_HCTX = 256
+
+#: struct request_queue, the shared part.
+QUEUE = cacheline_struct(
+    [("queue_flags", "<u8")],  # QUEUE_FLAG_* bits
+    [("nr_active_requests_shared_tags", "<i4"), ("max_active", "<i4")],
+)
+
+
+@dataclass(frozen=True)
+class RqListSpec:
+    name: str
+    capacity: int  #: a power of two, at least the number of requests that can be on it
+    header: Region
+    data: Region
+
+
+def declare_rq_list(layout: Layout, name: str, nr: int) -> RqListSpec:
+    capacity = 1 << max(1, (nr - 1).bit_length())
+    header = layout.add(f"{name}.header", RQ_LIST_HEADER)
+    data = layout.add(f"{name}.data", "<u4", capacity)
+    return RqListSpec(name, capacity, header, data)
+
+
+class RqList:
+    """A FIFO of request ids in the arena, every access under its lock."""
+
+    def __init__(self, arena: Arena, spec: RqListSpec):
+        self.a = arena.atomic
+        self.spec = spec
+        o = spec.header.offsets()
+        self._lock, self._head, self._tail = o.lock, o.head, o.tail
+        self._mask = spec.capacity - 1
+        self._ids = arena.buf[spec.data.offset : spec.data.offset + 4 * spec.capacity].cast("I")
+
+    @staticmethod
+    def init(arena: Arena, spec: RqListSpec) -> None:
+        o = spec.header.offsets()
+        arena.atomic.set(o.lock, 0)
+        arena.atomic.set(o.head, RQ_LIST_ORIGIN)
+        arena.atomic.set(o.tail, RQ_LIST_ORIGIN)
+
+    def close(self) -> None:
+        self._ids.release()
+
+    def empty(self) -> bool:
+        """list_empty_careful(): lockless, a hint (relaxed loads)."""
+        return self.a.read(self._head) == self.a.read(self._tail)
+
+    def __len__(self) -> int:
+        return self.a.read(self._tail) - self.a.read(self._head)
+
+    def add(
+        self, ids: list[int], at_head: bool = False, then: Callable[[], None] | None = None
+    ) -> None:
+        """Append ``ids`` (or put them at the head, in order); ``then`` runs before the
+        lock is dropped (blk_mq_hctx_mark_pending() under ctx->lock)."""
+        a, ids_mv, mask = self.a, self._ids, self._mask
+        spin_lock(a, self._lock)
+        try:
+            head, tail = a.read(self._head), a.read(self._tail)
+            if tail - head + len(ids) > self.spec.capacity:
+                raise OverflowError(f"{self.spec.name}: more requests than its capacity")
+            if at_head:
+                for rq_id in reversed(ids):
+                    head -= 1
+                    ids_mv[head & mask] = rq_id
+                a.set(self._head, head)
+            else:
+                for rq_id in ids:
+                    ids_mv[tail & mask] = rq_id
+                    tail += 1
+                a.set(self._tail, tail)
+            if then is not None:
+                then()
+        finally:
+            spin_unlock(a, self._lock)
+
+    def take(self, max_nr: int = -1, if_emptied: Callable[[], None] | None = None) -> list[int]:
+        """Remove and return up to ``max_nr`` ids from the head (all with -1);
+        ``if_emptied`` runs under the lock when that leaves the list empty."""
+        a, ids_mv, mask = self.a, self._ids, self._mask
+        spin_lock(a, self._lock)
+        try:
+            head, tail = a.read(self._head), a.read(self._tail)
+            n = tail - head if max_nr < 0 else min(max_nr, tail - head)
+            out = [ids_mv[(head + i) & mask] for i in range(n)]
+            a.set(self._head, head + n)
+            if if_emptied is not None and head + n == tail:
+                if_emptied()
+            return out
+        finally:
+            spin_unlock(a, self._lock)
+
+    def snapshot(self) -> list[int]:
+        """The ids on the list (under the lock; debugfs)."""
+        spin_lock(self.a, self._lock)
+        try:
+            head, tail = self.a.read(self._head), self.a.read(self._tail)
+            return [self._ids[i & self._mask] for i in range(head, tail)]
+        finally:
+            spin_unlock(self.a, self._lock)
+
+
+@dataclass
+class TagSet:
+    """struct blk_mq_tag_set: what a driver fills in before :func:`alloc_tag_set`."""
+
+    ops: BlkMqOps
+    nr_hw_queues: int  #: hardware queues over all maps
+    queue_depth: int  #: tags per hardware queue, reserved ones included
+    reserved_tags: int = 0
+    nr_maps: int = 1  #: 1..3: DEFAULT, READ, POLL
+    cmd_size: int = 0  #: bytes of driver data per request (the PDU)
+    timeout_ms: int = 0  #: request timeout; 0 means 30 s
+    flags: BlkMqFlag = BlkMqFlag(0)  # noqa: RUF009 (an immutable enum value)
+    driver_data: Any = None
+    numa_node: int = -1
+    name: str = "set0"
+    #: The emulated memory limit for the request pool (bytes): a pool that would not
+    #: fit halves the depth, as blk_mq_alloc_map_and_rqs() does on -ENOMEM.
+    pool_limit_bytes: int | None = None
+    generation: SbqGeneration = SbqGeneration.CURRENT
+
+    # Filled in by alloc_tag_set():
+    nr_cpus: int = 0
+    topology: Topology | None = None
+    map: list[QueueMap] = field(default_factory=list)
+    tags: list[TagsSpec] = field(default_factory=list)
+    rq_region: Region | None = None
+    tag_list: list[RequestQueue] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  #: what the kernel would pr_info
+
+    @property
+    def shared_tags(self) -> bool:
+        """blk_mq_is_shared_tags(): one tag space for every hctx."""
+        return bool(self.flags & BlkMqFlag.TAG_HCTX_SHARED)
+
+    @property
+    def timeout_ns(self) -> int:
+        return (self.timeout_ms or BLK_DEFAULT_TIMEOUT_MS) * 1_000_000
+
+    def tags_for(self, hctx_idx: int) -> TagsSpec:
+        return self.tags[0] if self.shared_tags else self.tags[hctx_idx]
+
+
+@dataclass
+class RequestQueue:
+    """struct request_queue with its hctxs and ctxs, as declared for a run."""
+
+    tag_set: TagSet
+    index: int  #: position among the run's queues (the ``q`` field of requests)
+    name: str
+    queuedata: Any = None
+    rq_affinity: int = 1  #: 0: complete where the irq lands, 1: same LLC, 2: same CPU
+    nomerges: int = 0  #: 0: merge, 2: never (1 behaves like 0: no merge cache here)
+    max_sectors: int = BLK_DEF_MAX_SECTORS
+
+    # Built by init_queue():
+    nr_hw_queues: int = 0
+    hctx_type: list[HctxType] = field(default_factory=list)
+    hctx_cpus: list[list[int]] = field(default_factory=list)  #: hctx->cpumask
+    ctx_hctx: list[list[int]] = field(default_factory=list)  #: [cpu][type] -> hctx
+    hctx_ctxs: list[list[int]] = field(default_factory=list)  #: hctx -> cpus by index_hw
+    header: Region | None = None
+    hctx_region: Region | None = None
+    dispatch: list[RqListSpec] = field(default_factory=list)
+    ctx_lists: list[list[RqListSpec | None]] = field(default_factory=list)  #: [cpu][type]
+    requeue_list: RqListSpec | None = None
+
+    @property
+    def shared(self) -> bool:
+        """BLK_MQ_F_TAG_QUEUE_SHARED: another queue uses this tag set."""
+        return bool(self.tag_set.flags & BlkMqFlag.TAG_QUEUE_SHARED)
+
+    def mapped(self, hctx_idx: int) -> bool:
+        """blk_mq_hw_queue_mapped(): some CPU maps to this hctx."""
+        return bool(self.hctx_cpus[hctx_idx])
+
+
+# -- one CPU's view: handles ---------------------------------------------------------------
+
+
+class CpuSys(Protocol):
+    """What the block layer needs from the CPU it runs on (a worker process)."""
+
+    cpu: int
+
+    def raise_softirq(self, fn: Callable[[int, int], None], rq_id: int, gen: int) -> None:
+        """Run ``fn(rq_id, gen)`` on this CPU soon (BLOCK_SOFTIRQ)."""
+
+    def add_timer(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on this CPU at ``expires_ns`` (an hrtimer)."""
+
+    def ipi_complete(self, cpu: int, q: int, rq_id: int, gen: int) -> None:
+        """Complete request ``rq_id`` of queue ``q`` on ``cpu`` (the IPI)."""
+
+    def kblockd_run(self, cpu: int, q: int, hctx: int, delay_ns: int) -> None:
+        """Run hctx on ``cpu`` after ``delay_ns`` (mod_delayed_work semantics)."""
+
+    def kick_requeue(self, q: int) -> None:
+        """Schedule q's requeue work."""
+
+    def bio_done(self, cpu: int, q: int, info: tuple) -> None:
+        """Hand a finished request's bios back to the job that submitted them."""
+
+    def schedule(self) -> None:
+        """Sleep until this CPU's waiter is woken, taking interrupts meanwhile."""
+
+
+class Request:
+    """A CPU's accessor for one request of a pool (a static_rqs entry).
+
+    One object per request per process, made once: the hot path never allocates.
+    Fields are read from and written to the shared pool.
+    """
+
+    __slots__ = ("_a", "_buf", "base", "id", "pdu", "tag", "tags", "timeout_ns")
+
+    def __init__(
+        self, arena: Arena, region: Region, rq_id: int, tags: Tags, tag: int, timeout_ns: int
+    ):
+        self._a = arena.atomic
+        self._buf = arena.buf
+        self.id = rq_id
+        self.base = region.addr(rq_id)
+        self.tags = tags
+        self.tag = tag
+        self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
+        if "pdu" in region.dtype.fields:
+            off = self.base + region.dtype.fields["pdu"][1]
+            self.pdu: memoryview | None = arena.buf[
+                off : off + region.dtype.fields["pdu"][0].itemsize
+            ]
+        else:
+            self.pdu = None
+
+    def setup(self) -> tuple:
+        """(start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status)."""
+        return RQ_SETUP.unpack_from(self._buf, self.base + 24)
+
+    @property
+    def state_word(self) -> int:
+        return self._a.load_acquire(self.base)
+
+    @property
+    def state(self) -> RqState:
+        return RqState(self._a.load_acquire(self.base) & RQ_STATE_MASK)
+
+    @property
+    def gen(self) -> int:
+        return self._a.read(self.base) >> RQ_GEN_SHIFT
+
+    @property
+    def status(self) -> int:
+        return self._a.read32(self.base + 60)
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._a.set32(self.base + 60, int(value))
+
+    @property
+    def op(self) -> ReqOp:
+        return ReqOp(self._buf[self.base + 54])
+
+    @property
+    def cpu(self) -> int:
+        return self.setup()[4]
+
+    @property
+    def q(self) -> int:
+        return self.setup()[6]
+
+    @property
+    def nr_bytes(self) -> int:
+        return self.setup()[2] << SECTOR_SHIFT
+
+    @property
+    def rq_flags(self) -> Rqf:
+        return Rqf(self._a.read32(self.base + 56))
+
+    @property
+    def deadline_ns(self) -> int:
+        return self._a.read(self.base + 8)
+
+    def show(self) -> str:
+        """debugfs one-liner for hctxN/busy and hctxN/dispatch."""
+        st = self.setup()
+        return (
+            f"{self.id:#x} {{.op={ReqOp(st[7]).name}, .rq_flags={Rqf(st[8])!s}, "
+            f".state={self.state.name.lower()}, .tag={self.tag}, .internal_tag=-1}}"
+        )
+
+
+class HwCtx:
+    """A CPU's handle on one ``struct blk_mq_hw_ctx``."""
+
+    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags | None):
+        self.q = q
+        self.queue = queue
+        self.index = index
+        self.type = q.hctx_type[index]
+        self.cpumask = q.hctx_cpus[index]
+        self._cpuset = frozenset(self.cpumask)
+        self.tags = tags
+        self.a = arena.atomic
+        o = q.hctx_region.offsets(index)  # type: ignore[union-attr]
+        self.state_off = o.state
+        self.dispatch_busy_off = o.dispatch_busy
+        self._ctx_map = o.ctx_map
+        self.dispatch = RqList(arena, q.dispatch[index])
+        self.ctx_lists = [RqList(arena, q.ctx_lists[cpu][self.type]) for cpu in q.hctx_ctxs[index]]  # type: ignore[arg-type]
+        # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
+        if q.tag_set.shared_tags:
+            qo = q.header.offsets()  # type: ignore[union-attr]
+            self.active_off, self.active_bit = qo.queue_flags, QueueFlag.HCTX_ACTIVE
+            self.nr_active_off = qo.nr_active_requests_shared_tags
+        else:
+            self.active_off, self.active_bit = o.state, HctxState.TAG_ACTIVE
+            self.nr_active_off = o.nr_active
+        self.max_active_off = self.nr_active_off + 4
+        self.wait_index = [0]
+        self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here
+        self.next_cpu_idx = 0
+        self.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
+        # This CPU's counters for the hctx (debugfs-like, reported at the end).
+        self.stats = {"run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0}
+
+    def may_queue(self) -> bool:
+        return self.tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)  # type: ignore[union-attr]
+
+    @property
+    def nr_active(self) -> int:
+        return self.a.read32(self.nr_active_off)
+
+    @property
+    def dispatch_busy(self) -> int:
+        return self.a.read32(self.dispatch_busy_off)
+
+    def test_state(self, bit: HctxState) -> bool:
+        return self.a.test_bit(self.state_off, bit)
+
+    def stopped(self) -> bool:
+        return self.a.test_bit(self.state_off, HctxState.STOPPED)
+
+    def mark_pending(self, index_hw: int) -> None:
+        """blk_mq_hctx_mark_pending() (under the ctx list lock)."""
+        off = self._ctx_map + 8 * (index_hw >> 6)
+        if not self.a.test_bit(off, index_hw & 63):
+            self.a.set_bit(off, index_hw & 63)
+
+    def has_pending(self) -> bool:
+        """blk_mq_hctx_has_pending(): dispatch list or any ctx marked."""
+        if not self.dispatch.empty():
+            return True
+        a = self.a
+        return any(a.read(self._ctx_map + 8 * w) for w in range(4))
+
+    def busy_ctxs(self) -> list[int]:
+        """index_hw of every ctx marked pending."""
+        out = []
+        for w in range(4):
+            word = self.a.read(self._ctx_map + 8 * w)
+            while word:
+                low = word & -word
+                out.append(w * 64 + low.bit_length() - 1)
+                word ^= low
+        return out
+
+    def clear_pending(self, index_hw: int) -> None:
+        self.a.clear_bit(self._ctx_map + 8 * (index_hw >> 6), index_hw & 63)
+
+    def update_dispatch_busy(self, busy: bool) -> None:
+        """blk_mq_update_dispatch_busy(): the EWMA of busy dispatches."""
+        ewma = self.a.read32(self.dispatch_busy_off)
+        if not ewma and not busy:
+            return
+        ewma *= BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT - 1
+        if busy:
+            ewma += 1 << BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR
+        self.a.set32(self.dispatch_busy_off, ewma // BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT)
+
+    def in_cpumask(self, cpu: int) -> bool:
+        return cpu in self._cpuset
+
+
+class Queue:
+    """A CPU's handle on a request queue: its hctxs and this CPU's ctx."""
+
+    def __init__(self, arena: Arena, q: RequestQueue, tags: list[Tags], cpu: int):
+        self.q = q
+        self.index = q.index
+        self.tset = q.tag_set
+        self.ops = q.tag_set.ops
+        self.shared = q.shared
+        self.timeout_ns = q.tag_set.timeout_ns
+        self.a = arena.atomic
+        self.hctxs = [
+            HwCtx(arena, q, self, h, tags[0] if self.tset.shared_tags else tags[h])
+            for h in range(q.nr_hw_queues)
+        ]
+        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
+        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
+        self.hctx_by_op = [
+            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
+        ]
+        o = q.header.offsets()  # type: ignore[union-attr]
+        self.flags_off = o.queue_flags
+        self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]
+        self.max_sectors = q.max_sectors
+        self.merge = q.nomerges != 2
+        self.same_comp = q.rq_affinity >= 1
+        self.same_force = q.rq_affinity == 2
+        self.nr_hw_queues = q.nr_hw_queues
+        #: ctx rq_lists by (submitting cpu, type) for inserts (any CPU may insert).
+        self.ctx_lists: dict[tuple[int, int], tuple[RqList, int]] = {}
+        for h, hctx in enumerate(self.hctxs):
+            for index_hw, ctx_cpu in enumerate(q.hctx_ctxs[h]):
+                self.ctx_lists[(ctx_cpu, hctx.type)] = (hctx.ctx_lists[index_hw], index_hw)
+
+    def quiesced(self) -> bool:
+        return self.a.test_bit(self.flags_off, QueueFlag.QUIESCED)
+
+    def close(self) -> None:
+        self.requeue_list.close()
+        for h in self.hctxs:
+            h.dispatch.close()
+            for lst in h.ctx_lists:
+                lst.close()
+
+
+class Plug:
+    """struct blk_plug: requests collected by one task before a batch issue."""
+
+    __slots__ = ("last", "rqs")
+
+    def __init__(self) -> None:
+        self.rqs: list[tuple[Queue, HwCtx, int]] = []
+        #: The merge target: (queue, op, end sector, sectors, bios, rq id) of the last
+        #: request plugged.
+        self.last: tuple[Queue, int, int, int, int, int] | None = None
+
+
+class Stopped(Exception):
+    """The run is stopping: a CPU abandons a wait (no tag will come)."""
