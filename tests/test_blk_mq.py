@@ -289,3 +289,59 @@ def test_tags_show_uses_debugfs_keys(rig_factory):
         "ws_active=0",
     ):
         assert key in text
+
+
+class BudgetOps(ScriptOps):
+    """A driver with a device budget (SCSI's queue_depth per LUN): the block layer
+    takes it before ->queue_rq; the driver gives it back when the request ends."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.budget = budget
+
+    def get_budget(self, mq, queue):
+        if self.budget <= 0:
+            return False
+        self.budget -= 1
+        return True
+
+    def put_budget(self, mq, queue):
+        self.budget += 1
+
+    def complete(self, mq, rq):
+        self.put_budget(mq, None)
+        mq.end_request(rq, rq.status)
+
+
+def test_no_budget_parks_the_request_until_a_completion_returns_it(rig_factory):
+    rig, ops = rig_factory(BudgetOps(1))
+    q = rig.mq.queues[0]
+    hctx = q.hctxs[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 0)  # takes the only budget
+    rig.mq.submit_bio(q, READ, 80, 8, 0)  # none left: ctx, then hctx->dispatch
+    assert len(ops.started) == 1 and hctx.dispatch.snapshot()
+    assert rig.sys.runs == {(0, 0): 0}  # SCHED_RESTART was not set yet: rerun now
+    rig.sys.run_kblockd()
+    assert hctx.test_state(HctxState.SCHED_RESTART)
+    assert rig.sys.runs == {(0, 0): BLK_MQ_RESOURCE_DELAY_NS}  # no budget: retry in 3 ms
+    rig.mq.complete_request(ops.started[0])
+    rig.sys.run_softirqs()  # ->complete gives the budget back; the free restarts
+    assert rig.sys.runs == {(0, 0): 0}  # mod_delayed_work: the restart runs now
+    rig.sys.run_kblockd()
+    assert len(ops.started) == 2 and ops.budget == 0
+    rig.mq.complete_request(ops.started[1])
+    rig.sys.run_softirqs()
+    assert ops.budget == 1
+    clean(rig)
+
+
+def test_stopped_hctx_queues_until_started(rig_factory):
+    rig, ops = rig_factory()
+    q = rig.mq.queues[0]
+    rig.mq.stop_hw_queues(q)
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    assert ops.calls == 0 and q.hctxs[0].has_pending()
+    rig.mq.start_stopped_hw_queues(q, False)
+    assert len(ops.started) == 1
+    rig.mq.end_request(ops.started[0])
+    clean(rig)

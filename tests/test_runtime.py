@@ -155,3 +155,33 @@ def _tracker_pid():
     from multiprocessing import resource_tracker
 
     return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+def test_rate_iops_caps_each_job():
+    result = run_nullb(cpus=2, irqmode="none", rate_iops=2000, runtime=0.5)
+    assert_clean(result)
+    iops = totals(result)["ios"] / 0.5
+    assert 0.6 * 4000 <= iops <= 1.2 * 4000, iops
+
+
+def test_mbps_caps_the_bandwidth():
+    result = run_nullb(cpus=2, irqmode="none", mbps=20, runtime=0.6, bs="64k")
+    assert_clean(result)
+    t = totals(result)
+    mib_s = t["ios"] * 65536 / 0.6 / (1 << 20)
+    assert mib_s <= 20 * 1.3, mib_s  # the bucket is refilled 50 times a second
+    assert t["busy"] > 0  # the driver said DEV_RESOURCE and stopped the queues
+
+
+def test_sequential_io_merges_in_the_plug():
+    result = run_nullb(cpus=1, irqmode="none", rw="read", bs="4k", iodepth=32)
+    assert_clean(result)
+    t = totals(result)
+    assert t["merges"] > 0 and t["requests"] < t["bios"]
+
+
+def test_blocking_queue_runs_hw_queues_from_kblockd():
+    result = run_nullb(cpus=2, irqmode="timer", blocking=1, requeue="1,20,0,-1")
+    assert_clean(result)
+    t = totals(result)
+    assert t["kblockd_runs"] > 0 and t["requeued"] > 0
