@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from mqrt import __version__
 from mqrt.blk_stat import (
     DEFAULT_PERCENTILES,
@@ -290,6 +292,8 @@ def _mqrt_object(result, config, cpu) -> dict[str, Any]:
             "ios": cpu["ios"],
             "cpu_us_per_io": cpu["cpu_us_per_io"],
             "setup_to_first_io_s": result.setup_s,
+            # from the start of this process (imports included) to the first I/O
+            "start_to_first_io_s": result.t0_wall - psutil.Process().create_time(),
             "wall_s": result.wall_s,
         },
         "cpus": [
@@ -320,7 +324,18 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _lat_unit(h: dict[str, Any]) -> tuple[str, int]:
+    """fio's way: nsec for short latencies, msec only when even the minimum is a
+    millisecond or more, usec otherwise."""
+    if h["max"] < 10_000:
+        return "nsec", 1
+    if h["min"] >= 1_000_000:
+        return "msec", 1_000_000
+    return "usec", 1000
+
+
 def render_text(report: dict[str, Any], out) -> None:
+
     """fio's human summary, one block per job, then mqrt's own lines."""
     m = report["mqrt"]
     for job in report["jobs"]:
@@ -338,7 +353,7 @@ def render_text(report: dict[str, Any], out) -> None:
             )
             for lat_name in ("slat", "clat", "lat"):
                 h = d[f"{lat_name}_ns"]
-                unit, div = choose_unit(h["max"])
+                unit, div = _lat_unit(h)
                 print(
                     f"    {lat_name:>4} ({unit}): min={h['min'] // div}, max={h['max'] // div}, "
                     f"avg={h['mean'] / div:.2f}, stdev={h['stddev'] / div:.2f}",
@@ -361,7 +376,7 @@ def render_text(report: dict[str, Any], out) -> None:
     print(
         f"\nmqrt: {len(m['cpus'])} CPUs ({m['host']['topology']}), "
         f"{s['cpu_us_per_io']:.2f} us of CPU per I/O, "
-        f"first I/O {s['setup_to_first_io_s'] * 1000:.0f} ms after start",
+        f"first I/O {s['start_to_first_io_s'] * 1000:.0f} ms after the command started",
         file=out,
     )
     if "violations" in inv:

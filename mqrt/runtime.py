@@ -86,6 +86,7 @@ class RunResult:
     dead: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
+    t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
 
 
 def _exit_name(code: int | None) -> str:
@@ -223,6 +224,7 @@ def _drive(
     stop_sent = exit_sent = False
     interrupted = False
     setup_s = 0.0
+    t0_wall = 0.0
 
     def stop_all(what: str) -> None:
         nonlocal stop_sent, exit_sent
@@ -246,6 +248,7 @@ def _drive(
             else:
                 t0_ns = time.monotonic_ns() + 20_000_000
                 setup_s = (t0_ns / 1e9) - t_begin
+                t0_wall = time.time() + 0.02
                 for i in range(n):
                     _send(ctl_w[i], {"cmd": "start", "t0": t0_ns})
                 job = spec.job
@@ -358,6 +361,7 @@ def _drive(
         dead=[dead[i] for i in sorted(dead)],
         messages=messages,
         interrupted=interrupted,
+        t0_wall=t0_wall,
     )
     if dead or errors:
         parts = [
