@@ -335,7 +335,6 @@ def _lat_unit(h: dict[str, Any]) -> tuple[str, int]:
 
 
 def render_text(report: dict[str, Any], out) -> None:
-
     """fio's human summary, one block per job, then mqrt's own lines."""
     m = report["mqrt"]
     for job in report["jobs"]:
