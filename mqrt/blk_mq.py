@@ -411,6 +411,7 @@ class BlkMq:
         # Hot-path counters (attributes: cheaper than dict entries).
 
         self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
+        self.nr_batch_tags = 0
         self.topology = queues[0].tag_set.topology if queues else None
         self.stats = dict.fromkeys(
             (
@@ -439,6 +440,7 @@ class BlkMq:
             "requests": self.nr_bios - self.nr_merges,
             "issued": self.nr_issued,
             "completed": self.nr_completed,
+            "batch_tags": self.nr_batch_tags,
             **self.stats,
         }
 
@@ -475,32 +477,41 @@ class BlkMq:
         if tags is None:
             raise BlkMqError(f"{queue.q.name}: hctx {hctx.index} has no tags (unmapped)")
         shared = queue.shared
-        if shared:
-            tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
-            tag = -1
-        elif reserved:
-            tag = -1
-        else:  # the fast path of blk_mq_get_tag(), inlined
-            tag = tags.bitmap_sb.get()
-            if tag >= 0:
-                tag += tags.nr_reserved_tags
-        if tag < 0:
-            tag = tags.get_tag(
-                reserved,
-                nowait,
-                hctx.may_queue if shared else None,
-                hctx.wait_index,
-                hctx.run_sync,
-                self.io_schedule,
-            )
-            if tag < 0:
-                return -1
-        rq_id = tags.rq_base + tag
-        base = self.rq_base[queue.index][rq_id]
         a = self.a
-        st = a.read(base)
-        if st & _OWNED_OR_BUSY or a.cmpxchg(base, st, st | RQ_ALLOCATED) != st:
-            self.violation(f"tag {tag} of {tags.spec.index} handed out while owned ({st:#x})")
+        rq_id = -1
+        plug = self.plug
+        if plug is not None and not shared and not reserved:
+            # blk_mq_get_new_requests() with a plug: the plug's cached requests, after
+            # taking a batch of tags for its nr_ios (not with shared tags).
+            cached = plug.cached
+            if not cached and plug.nr_ios > 1:
+                self._alloc_batch(tags, hctx, plug)
+            if cached and cached[-1][0] is hctx:
+                rq_id = cached.pop()[1]
+        if rq_id < 0:
+            if shared:
+                tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
+                tag = -1
+            elif reserved:
+                tag = -1
+            else:  # the fast path of blk_mq_get_tag(), inlined
+                tag = tags.bitmap_sb.get()
+                if tag >= 0:
+                    tag += tags.nr_reserved_tags
+            if tag < 0:
+                tag = tags.get_tag(
+                    reserved,
+                    nowait,
+                    hctx.may_queue if shared else None,
+                    hctx.wait_index,
+                    hctx.run_sync,
+                    self.io_schedule,
+                )
+                if tag < 0:
+                    return -1
+            rq_id = tags.rq_base + tag
+            self._own(self.rq_base[queue.index][rq_id], rq_id)
+        base = self.rq_base[queue.index][rq_id]
         rq_flags = 0
         if shared:
             rq_flags = _RQF_MQ_INFLIGHT
@@ -527,20 +538,62 @@ class BlkMq:
         )
         return rq_id
 
+    def _own(self, base: int, rq_id: int) -> None:
+        """A tag was just taken: its request (at ``base``) must be free; mark it
+        allocated (the cmpxchg is the invariant check: no tag is handed out twice)."""
+        a = self.a
+        st = a.read(base)
+        if st & _OWNED_OR_BUSY or a.cmpxchg(base, st, st | RQ_ALLOCATED) != st:
+            self.violation(f"request {rq_id} handed out while owned ({st:#x})")
+
+    def _alloc_batch(self, tags: Tags, hctx: HwCtx, plug: Plug) -> None:
+        """__blk_mq_alloc_requests_batch(): up to the plug's nr_ios tags from one word
+        of the bitmap at once (one cmpxchg), cached on the plug in tag order."""
+        nr = min(plug.nr_ios, BLK_MAX_REQUEST_COUNT)
+        plug.nr_ios = 1
+        mask, offset = tags.bitmap_tags.get_batch(nr)
+        first = tags.rq_base + tags.nr_reserved_tags + offset
+        pool = self.rq_base[hctx.queue.index]
+        got = []
+        while mask:
+            low = mask & -mask
+            mask ^= low
+            rq_id = first + low.bit_length() - 1
+            self._own(pool[rq_id], rq_id)
+            got.append((hctx, rq_id))
+        got.reverse()
+        plug.cached += got
+        self.nr_batch_tags += len(got)
+
+    def _free_plug_rqs(self, plug: Plug) -> None:
+        """blk_mq_free_plug_rqs(): give back the cached requests nobody used."""
+        a = self.a
+        for hctx, rq_id in plug.cached:
+            base = self.rq_base[hctx.queue.index][rq_id]
+            st = a.read(base)
+            a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT)
+            tags = hctx.tags
+            tags.put_tag(rq_id - tags.rq_base, self.cpu)  # type: ignore[union-attr]
+        plug.cached.clear()
+
     # -- submission ------------------------------------------------------------------------------
 
-    def start_plug(self) -> None:
-        """blk_start_plug()."""
+    def start_plug(self, nr_ios: int = 1) -> None:
+        """blk_start_plug_nr_ios(): ``nr_ios`` is how many I/Os the task is about to
+        submit (fio's batch), so tags can be taken in one go."""
         if self.plug is None:
-            self.plug = Plug()
+            self.plug = Plug(min(nr_ios, BLK_MAX_REQUEST_COUNT))
 
     def finish_plug(self) -> None:
-        """blk_finish_plug(): issue what the plug collected."""
+        """blk_finish_plug(): issue what the plug collected, free unused cached
+        requests."""
         plug = self.plug
         if plug is not None:
             self.plug = None
             if plug.rqs:
                 self.flush_plug(plug)
+            if plug.cached:
+                self._free_plug_rqs(plug)
 
     def submit_bio(
         self, queue: Queue, op: int, sector: int, nr_sectors: int, start_ns: int
@@ -590,8 +643,11 @@ class BlkMq:
         """io_schedule(): the task is about to sleep, so its plug is flushed first
         (from_schedule: queued to the ctxs, hw queues run by kblockd)."""
         plug = self.plug
-        if plug is not None and plug.rqs:
-            self.flush_plug(plug, from_schedule=True)
+        if plug is not None:
+            if plug.rqs:
+                self.flush_plug(plug, from_schedule=True)
+            if plug.cached:
+                self._free_plug_rqs(plug)
         self.sys.schedule()
 
     def flush_plug(self, plug: Plug, from_schedule: bool = False) -> None:

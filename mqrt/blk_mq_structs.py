@@ -569,10 +569,15 @@ class Queue:
 class Plug:
     """struct blk_plug: requests collected by one task before a batch issue."""
 
-    __slots__ = ("last", "rqs")
+    __slots__ = ("cached", "last", "nr_ios", "rqs")
 
-    def __init__(self) -> None:
+    def __init__(self, nr_ios: int = 1) -> None:
         self.rqs: list[tuple[Queue, HwCtx, int]] = []
+        #: I/Os the task said it will submit; > 1 lets the first allocation take a
+        #: batch of tags (then 1).
+        self.nr_ios = nr_ios
+        #: (hctx, request id) taken in a batch and not used yet, next one last.
+        self.cached: list[tuple[HwCtx, int]] = []
         #: The merge target: (queue, op, end sector, sectors, bios, rq id) of the last
         #: request plugged.
         self.last: tuple[Queue, int, int, int, int, int] | None = None

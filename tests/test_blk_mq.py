@@ -345,3 +345,26 @@ def test_stopped_hctx_queues_until_started(rig_factory):
     assert len(ops.started) == 1
     rig.mq.end_request(ops.started[0])
     clean(rig)
+
+
+def test_plug_takes_a_batch_of_tags_and_frees_what_it_did_not_use(rig_factory):
+    rig, ops = rig_factory(depth=256)  # 64-bit words: a batch of 8 fits one word
+    q = rig.mq.queues[0]
+    rig.mq.start_plug(8)
+    for i in range(3):
+        rig.mq.submit_bio(q, READ, 10_000 * i, 8, 0)
+    assert rig.mq.nr_batch_tags == 8 and len(rig.mq.plug.cached) == 5
+    rig.mq.finish_plug()
+    assert ops.calls == 3
+    for rq in list(ops.started):
+        rig.mq.end_request(rq)
+    clean(rig)  # the 5 unused tags went back
+
+
+def test_no_tag_batch_with_shared_tags(rig_factory):
+    rig, _ops = rig_factory(depth=256, nr_queues=2)
+    q = rig.mq.queues[0]
+    rig.mq.start_plug(8)
+    rig.mq.submit_bio(q, READ, 0, 8, 0)
+    assert rig.mq.nr_batch_tags == 0  # TAG_QUEUE_SHARED: one tag at a time
+    rig.mq.plug = None

@@ -412,7 +412,7 @@ class Cpu:
                     if next_allowed[i] < now - 1_000_000_000:
                         next_allowed[i] = now  # do not bank more than a second
                 queue = queues[job.q]
-                mq.start_plug()
+                mq.start_plug(n)
                 for _ in range(n):
                     op, sector, nr_sectors = job.next_bio()
                     mq.submit_bio(queue, op, sector, nr_sectors, clock())
