@@ -365,3 +365,34 @@ class WaitQueue:
         finally:
             spin_unlock(self.a, self._lock)
         return out
+
+
+# -- one wait point with precise timeouts --------------------------------------------------------
+
+#: epoll rounds timeouts up to whole milliseconds: shorter waits use select(), which
+#: sleeps to the microsecond (with the timer slack made small by precise_timers()).
+EPOLL_MIN_TIMEOUT = 0.005
+
+PR_SET_TIMERSLACK = 29
+
+
+def precise_timers(slack_ns: int = 1000) -> bool:
+    """Ask the kernel for ``slack_ns`` of timer slack for this process instead of the
+    default 50 µs (prctl PR_SET_TIMERSLACK): a CPU's hrtimers and a device's service
+    times are microseconds.  False if the call is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def wait_fds(ep: select.epoll, fds: list[int], timeout: float) -> list[int]:
+    """Wait until one of ``fds`` (all registered in ``ep``) is readable or ``timeout``
+    seconds pass (-1: forever); the readable ones."""
+    if 0 < timeout < EPOLL_MIN_TIMEOUT:
+        return select.select(fds, [], [], timeout)[0]
+    return [fd for fd, _ev in ep.poll(timeout)]

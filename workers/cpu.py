@@ -125,8 +125,15 @@ class Cpu:
 
         o = plan.stats.offsets(plan.cpu)
         self._st = o
+        #: Interrupt vectors affine to this CPU: fd -> handler (the driver's irq).
+        self.irq_handlers: dict[int, Callable[[], None]] = dict(
+            plan.driver.irq_handlers(self.mq, plan.cpu)
+            if hasattr(plan.driver, "irq_handlers")
+            else ()
+        )
+        self._fds = [self.ipi_fd, self.efd, ctl.fileno(), *self.irq_handlers]
         self.epoll = select.epoll()
-        for fd in (self.ipi_fd, self.efd, ctl.fileno()):
+        for fd in self._fds:
             self.epoll.register(fd, select.EPOLLIN)
         wait.long_spin_hook = self._check_exit  # a lock holder may have been killed
 
@@ -175,9 +182,11 @@ class Cpu:
         if self.exiting:
             raise Stopped
         timeout = self._wait_timeout(None)
-        for fd, _ev in self.epoll.poll(timeout):
+        for fd in wait.wait_fds(self.epoll, self._fds, timeout):
             if fd == self.ipi_fd:
                 self._handle_ipis()
+            elif fd in self.irq_handlers:
+                self.irq_handlers[fd]()
             elif fd == self.ctl.fileno():
                 self._handle_ctl()
         self._interrupts()
@@ -429,9 +438,11 @@ class Cpu:
         timeout = self._wait_timeout(until_ns)
         if timeout != 0.0:
             self.counters["idle_waits"] += 1
-        for fd, _ev in self.epoll.poll(timeout):
+        for fd in wait.wait_fds(self.epoll, self._fds, timeout):
             if fd == self.ipi_fd:
                 self._handle_ipis()
+            elif fd in self.irq_handlers:
+                self.irq_handlers[fd]()
             elif fd == self.efd:
                 self.waiters.drain()  # a stale wake-up: nobody is sleeping
             else:
@@ -493,6 +504,7 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
     if plan.host_core is not None:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {plan.host_core})
+    wait.precise_timers()
     try:
         cpu = Cpu(plan, ctl, res)
         profile_dir = os.environ.get("MQRT_PROFILE_DIR")

@@ -1,0 +1,133 @@
+"""NVMe wire formats and constants (``include/linux/nvme.h``, NVMe Base Specification):
+opcodes, status codes, the 64-byte submission and 16-byte completion entries, command
+ids with a generation, and the per-queue-pair layout in shared memory.
+
+Entries are packed with :mod:`struct` (little endian, as on the wire):
+
+* SQE: ``opcode, flags, cid, nsid, cdw2-3, mptr, prp1, prp2, cdw10..cdw15``.
+  Read/write: ``slba = cdw10 | cdw11 << 32``, ``nlb - 1 = cdw12 & 0xffff``.
+* CQE: ``result (dw0), dw1, sq_head, sq_id, cid, status`` where ``status`` bit 0 is the
+  phase tag and bits 15:1 are the status field (SC 8:1, SCT 11:9, CRD, M, DNR).
+
+Linux writes status codes as ``SCT << 8 | SC`` (e.g. ``NVME_SC_READ_ERROR`` = 0x281);
+so do we.  A command id is ``genctr << 12 | tag`` (4-bit generation, 12-bit tag), so a
+completion for an older use of a tag is caught ("genctr mismatch").
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from mqrt.shm import cacheline_struct
+
+SQE = struct.Struct("<BBHIQQQQIIIIII")
+CQE = struct.Struct("<IIHHHH")
+assert SQE.size == 64 and CQE.size == 16
+
+#: Largest queue the controller supports (CAP.MQES + 1).
+NVME_MAX_QUEUE_DEPTH = 4096
+#: Linux's defaults: io_queue_depth and the admin queue's depth.
+NVME_IO_QUEUE_DEPTH = 1024
+NVME_AQ_DEPTH = 32
+NVME_QID_ADMIN = 0
+
+CID_TAG_BITS = 12
+CID_TAG_MASK = (1 << CID_TAG_BITS) - 1
+CID_GENCTR_MASK = 0xF
+
+
+def nvme_cid(genctr: int, tag: int) -> int:
+    """nvme_cid(): the command id of ``tag`` in its ``genctr``-th use."""
+    return ((genctr & CID_GENCTR_MASK) << CID_TAG_BITS) | tag
+
+
+def nvme_tag_from_cid(cid: int) -> int:
+    return cid & CID_TAG_MASK
+
+
+def nvme_genctr_from_cid(cid: int) -> int:
+    return (cid >> CID_TAG_BITS) & CID_GENCTR_MASK
+
+
+class AdminOpcode(enum.IntEnum):
+    DELETE_SQ = 0x00
+    CREATE_SQ = 0x01
+    GET_LOG_PAGE = 0x02
+    DELETE_CQ = 0x04
+    CREATE_CQ = 0x05
+    IDENTIFY = 0x06
+    ABORT = 0x08
+    SET_FEATURES = 0x09
+    GET_FEATURES = 0x0A
+
+
+class IoOpcode(enum.IntEnum):
+    FLUSH = 0x00
+    WRITE = 0x01
+    READ = 0x02
+
+
+class Feature(enum.IntEnum):
+    ARBITRATION = 0x01
+    NUM_QUEUES = 0x07
+    IRQ_COALESCE = 0x08
+    IRQ_CONFIG = 0x09
+
+
+class IdentifyCns(enum.IntEnum):
+    NAMESPACE = 0x00
+    CONTROLLER = 0x01
+    ACTIVE_NS_LIST = 0x02
+
+
+class Status(enum.IntEnum):
+    """NVME_SC_*: ``SCT << 8 | SC``."""
+
+    SUCCESS = 0x000
+    INVALID_OPCODE = 0x001
+    INVALID_FIELD = 0x002
+    CMDID_CONFLICT = 0x003
+    DATA_XFER_ERROR = 0x004
+    INTERNAL = 0x006
+    ABORT_REQ = 0x007  #: Command Abort Requested
+    ABORT_QUEUE = 0x008  #: Command Aborted due to SQ Deletion
+    INVALID_NS = 0x00B
+    LBA_RANGE = 0x080
+    NS_NOT_READY = 0x082
+    CQ_INVALID = 0x100
+    QID_INVALID = 0x101
+    QUEUE_SIZE = 0x102
+    ABORT_LIMIT = 0x103
+    WRITE_FAULT = 0x280
+    READ_ERROR = 0x281
+    HOST_ABORTED_CMD = 0x371  #: Linux: completed by the host (reset, cancel)
+
+    @property
+    def dnr(self) -> bool:
+        return False
+
+
+#: The status field of a CQE: phase in bit 0, the status code above it.
+def cqe_status(status: int, phase: int) -> int:
+    return ((status & 0x7FFF) << 1) | (phase & 1)
+
+
+#: Controller registers the host and the device share (the subset mqrt needs).
+NVME_REGS = cacheline_struct(
+    [("cc_en", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],  # host writes CC.EN
+    [("need_kick", "<u4")],  # device: "I am going to sleep, kick me" (event index)
+    [("resets", "<u4")],  # completed controller resets (host counts)
+)
+
+#: One queue pair's shared words.  The rings themselves are separate regions.
+NVME_QUEUE = cacheline_struct(
+    [("sq_tail_db", "<u4")],  # SQ tail doorbell: the host's last published tail
+    [("cq_head_db", "<u4")],  # CQ head doorbell: the host's last consumed head
+    # struct nvme_queue (host side), shared by the CPUs that use this queue:
+    [("sq_lock", "<u8"), ("sq_tail", "<u4"), ("last_sq_tail", "<u4")],
+    [("cq_lock", "<u8"), ("cq_head", "<u4"), ("cq_phase", "<u4")],
+    # written by the device only (published for debugfs and tests)
+    [("dev_sq_head", "<u4"), ("dev_cq_tail", "<u4"), ("dev_phase", "<u4")],
+    [("created", "<u4"), ("q_depth", "<u4"), ("cqid", "<u4"), ("iv", "<u4")],
+)
