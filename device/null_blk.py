@@ -306,8 +306,8 @@ class NullbOps(BlkMqOps):
                 sts = self._handle_throttled(mq, dev, nbytes)
                 if sts != BlkStatus.OK:
                     return sts
+            rq.pdu[0] = fake_timeout  # type: ignore[index]  (before the request is visible)
             mq.start_request(rq)
-            rq.pdu[0] = fake_timeout  # type: ignore[index]
             if fake_timeout:
                 return BlkStatus.OK
         else:
@@ -353,14 +353,16 @@ class NullbOps(BlkMqOps):
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
         """null_complete_rq(): end the request with the command's status."""
-        mq.end_request(rq, rq.status)
+        mq.end_request(rq)
 
-    def timeout(self, mq: BlkMq, rq: Request) -> EhRet:
+    def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
         """null_timeout_rq(): fail the request with BLK_STS_TIMEOUT; complete it if
-        the timeout was injected (otherwise its own completion is still coming)."""
-        rq.status = BlkStatus.TIMEOUT
+        the timeout was injected (otherwise its own completion is still coming and
+        carries the error)."""
         if rq.pdu[0]:  # type: ignore[index]  (cmd->fake_timeout)
-            mq.complete_request(rq)
+            mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
+        elif rq.gen == gen:
+            rq.status = BlkStatus.TIMEOUT
         return EhRet.DONE
 
     def map_queues(self, tset: TagSet) -> None:

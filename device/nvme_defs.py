@@ -127,6 +127,10 @@ NVME_QUEUE = cacheline_struct(
     # struct nvme_queue (host side), shared by the CPUs that use this queue:
     [("sq_lock", "<u8"), ("sq_tail", "<u4"), ("last_sq_tail", "<u4")],
     [("cq_lock", "<u8"), ("cq_head", "<u4"), ("cq_phase", "<u4")],
+    # the vector's pending bit (MSI-X PBA): set by the device when it raises the
+    # interrupt (a pipe write only if it was clear), cleared by the host's handler
+    # before it reaps; both with xchg
+    [("irq_pending", "<u4")],
     # written by the device only (published for debugfs and tests)
     [("dev_sq_head", "<u4"), ("dev_cq_tail", "<u4"), ("dev_phase", "<u4")],
     [("created", "<u4"), ("q_depth", "<u4"), ("cqid", "<u4"), ("iv", "<u4")],

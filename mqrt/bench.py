@@ -67,9 +67,17 @@ RUN_KNOBS: tuple[Knob, ...] = (
 
 def _groups() -> list[tuple[str, tuple[Knob, ...]]]:
     from mqrt.device.null_blk import NULLB_KNOBS
+    from mqrt.device.nvme import NVME_KNOBS
+    from mqrt.device.nvme_model import DEVICE_KNOBS
     from mqrt.workers.ioengine import JOB_KNOBS
 
-    return [("job (fio)", JOB_KNOBS), ("run", RUN_KNOBS), ("nullb (null_blk)", NULLB_KNOBS)]
+    return [
+        ("job (fio)", JOB_KNOBS),
+        ("run", RUN_KNOBS),
+        ("nullb (null_blk; --driver nullb)", NULLB_KNOBS),
+        ("nvme driver (--driver nvme)", NVME_KNOBS),
+        ("nvme device (the controller process)", DEVICE_KNOBS),
+    ]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +113,8 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 def build(given: dict[str, Any]):
     """Validate every option and build the RunSpec (UsageError-free: KnobError)."""
-    from mqrt.device import null_blk
+    from mqrt.device import null_blk, nvme
+    from mqrt.device.nvme_model import DEVICE_KNOBS
     from mqrt.runtime import RunSpec
     from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
 
@@ -113,27 +122,19 @@ def build(given: dict[str, Any]):
     job_names = {k.name for k in JOB_KNOBS}
     run_names = {k.name for k in RUN_KNOBS}
     nullb_names = {k.name for k in null_blk.NULLB_KNOBS}
-    unknown = set(given) - job_names - run_names - nullb_names
+    nvme_names = {k.name for k in (*nvme.NVME_KNOBS, *DEVICE_KNOBS)}
+    unknown = set(given) - job_names - run_names - nullb_names - nvme_names
     if unknown:
         raise KnobError(f"unknown option {sorted(unknown)[0]!r}")
     job = JobSpec.from_options({k: v for k, v in given.items() if k in job_names})
     runv = parse_knobs(RUN_KNOBS, {k: v for k, v in given.items() if k in run_names})
-    if runv["driver"] != "nullb":
-        raise KnobError("driver: nvme is not available yet (the NVMe device issue); use nullb")
+    if runv["driver"] == "nvme":
+        return _build_nvme(given, job, runv, nullb_names, nvme_names)
+    wrong = sorted(set(given) & nvme_names)
+    if wrong:
+        raise KnobError(f"{wrong[0]}: an nvme option; add --driver nvme")
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
-    cpus_allowed = None
-    if runv["cpus_allowed"]:
-        from mqrt.blk_mq_cpumap import host_cpus, parse_cpulist
-
-        try:
-            cpus_allowed = parse_cpulist(runv["cpus_allowed"])
-        except ValueError as exc:
-            raise KnobError(f"cpus_allowed: {exc}") from None
-        bad = sorted(set(cpus_allowed) - set(host_cpus()))
-        if not cpus_allowed or bad:
-            raise KnobError(
-                f"cpus_allowed: CPUs {bad or cpus_allowed} are not available to this process"
-            )
+    cpus_allowed = _cpus_allowed(runv)
     dev_bytes = nullb.gb << 30
     if job.bs % nullb.blocksize:
         raise KnobError(
@@ -166,6 +167,58 @@ def build(given: dict[str, Any]):
         "nullb": null_blk.describe(nullb),
     }
     return spec, config
+
+
+def _build_nvme(given, job, runv, nullb_names, nvme_names):
+    from mqrt.device import nvme
+    from mqrt.runtime import RunSpec
+    from mqrt.workers.ioengine import JOB_KNOBS
+
+    wrong = sorted(set(given) & nullb_names)
+    if wrong:
+        raise KnobError(f"{wrong[0]}: a nullb option; it does not apply to --driver nvme")
+    cfg = nvme.parse_config({k: v for k, v in given.items() if k in nvme_names})
+    if job.bs % cfg.lba_size:
+        raise KnobError(f"bs: must be a multiple of the lba_size {cfg.lba_size}, got {job.bs}")
+    cpus_allowed = _cpus_allowed(runv)
+    dev_bytes = cfg.ns_gb << 30
+
+    def setup(layout, topology):
+        ops, queues = nvme.setup(
+            cfg, layout, topology, rq_affinity=runv["rq_affinity"], timeout_ms=runv["io_timeout"]
+        )
+        return ops, queues, dev_bytes
+
+    spec = RunSpec(
+        nr_cpus=runv["cpus"],
+        job=job,
+        setup=setup,
+        cpus_allowed=cpus_allowed,
+        cpus_per_core=runv["cpus_per_core"] or None,
+        pin=runv["pin"],
+        seed=runv["seed"],
+    )
+    config = {
+        "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},
+        "run": runv,
+        "nvme": nvme.describe(cfg),
+    }
+    return spec, config
+
+
+def _cpus_allowed(runv) -> list[int] | None:
+    if not runv["cpus_allowed"]:
+        return None
+    from mqrt.blk_mq_cpumap import host_cpus, parse_cpulist
+
+    try:
+        cpus = parse_cpulist(runv["cpus_allowed"])
+    except ValueError as exc:
+        raise KnobError(f"cpus_allowed: {exc}") from None
+    bad = sorted(set(cpus) - set(host_cpus()))
+    if not cpus or bad:
+        raise KnobError(f"cpus_allowed: CPUs {bad or cpus} are not available to this process")
+    return cpus
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -228,10 +281,12 @@ def fio_json(result, config: dict[str, Any], spec) -> dict[str, Any]:
     job_opts = {k: str(v) for k, v in config["job"].items()}
     for qi, qinfo in enumerate(result.queues):
         merged = _merge_jobs(result, qi)
+        nr_errors = sum(d["errors"] for d in merged["dirs"])
         entry: dict[str, Any] = {
             "jobname": qinfo["name"],
             "groupid": 0,
-            "error": 0,
+            "error": 5 if nr_errors else 0,  # fio reports the first errno: EIO
+            "total_err": nr_errors,
             "eta": 0,
             "elapsed": round(result.wall_s),
             "job options": job_opts,
@@ -275,7 +330,9 @@ def fio_json(result, config: dict[str, Any], spec) -> dict[str, Any]:
         "timestamp": int(now),
         "timestamp_ms": int(now * 1000),
         "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now)),
-        "global options": {k: str(v) for k, v in config["nullb"].items()},
+        "global options": {
+            k: str(v) for k, v in config.get("nullb", config.get("nvme", {})).items()
+        },
         "jobs": jobs,
         "mqrt": _mqrt_object(result, config, cpu),
     }
@@ -311,8 +368,18 @@ def _mqrt_object(result, config, cpu) -> dict[str, Any]:
             for c in result.cpus
         ],
         "queues": result.queues,
+        "device": result.device,
+        "driver": _sum_driver(result),
         "messages": result.messages,
     }
+
+
+def _sum_driver(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in result.cpus:
+        for k, v in c.get("driver", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _si(x: float) -> str:
@@ -338,7 +405,8 @@ def render_text(report: dict[str, Any], out) -> None:
     """fio's human summary, one block per job, then mqrt's own lines."""
     m = report["mqrt"]
     for job in report["jobs"]:
-        print(f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err= 0", file=out)
+        err = f"{job['error']} ({job['total_err']} I/Os failed)" if job["error"] else "0"
+        print(f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err= {err}", file=out)
         for name in ("read", "write"):
             d = job[name]
             if not d["total_ios"]:
@@ -438,14 +506,30 @@ class _Progress:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mqrt.blk_mq import BlkMqError
     from mqrt.cli import UsageError
-    from mqrt.runtime import RunError, run
 
     try:
         spec, config = build(_given(args))
     except KnobError as exc:
         raise UsageError(str(exc)) from None
+    out = sys.stdout
+    if args.output:  # opened before the run: a bad path must not cost the results
+        try:
+            out = open(args.output, "w")  # noqa: SIM115
+        except OSError as exc:
+            raise UsageError(f"-o: cannot write {args.output}: {exc.strerror}") from None
+    try:
+        return _run_and_report(spec, config, args, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _run_and_report(spec, config, args: argparse.Namespace, out) -> int:
+    from mqrt.blk_mq import BlkMqError
+    from mqrt.cli import UsageError
+    from mqrt.runtime import RunError, run
+
     progress = _Progress(not args.quiet and args.output_format == "normal")
     spec.progress = progress
     try:
@@ -453,24 +537,17 @@ def main(args: argparse.Namespace) -> int:
     except BlkMqError as exc:
         raise UsageError(str(exc)) from None
     except RunError as exc:
-        progress.done()
         print(f"mqrt: error: {exc}", file=sys.stderr)
         return 1
     finally:
         progress.done()
     report = fio_json(result, config, spec)
-    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        if args.output_format == "json":
-            json.dump(report, out, indent=2)
-            out.write("\n")
-        else:
-            render_text(report, out)
-    finally:
-        if args.output:
-            out.close()
+    if args.output_format == "json":
+        json.dump(report, out, indent=2)
+        out.write("\n")
+    else:
+        render_text(report, out)
     if result.interrupted:
         print("mqrt: interrupted: the figures cover the time before Ctrl-C", file=sys.stderr)
         return 130
-    inv = result.invariants
-    return 0 if not inv.get("violations") else 3
+    return 0 if not result.invariants.get("violations") else 3

@@ -919,11 +919,12 @@ class BlkMq:
                 self.insert_request(queue, rq_id, at_head=True)
         self.run_hw_queues(queue, False)
 
-    def complete_request(self, rq: Request, gen: int = -1) -> bool:
+    def complete_request(self, rq: Request, gen: int = -1, status: int | None = None) -> bool:
         """blk_mq_complete_request(): IN_FLIGHT -> COMPLETE (once: a stale or second
         completion is counted and dropped), then ->complete here, in a softirq, or on
         the submitting CPU by IPI, as rq_affinity says.  ``gen`` pins the request's
-        generation for completions that travelled (timers, IPIs)."""
+        generation for completions that travelled (timers, IPIs, timeouts);
+        ``status``, if given, is the driver's error, written once the completion won."""
         a = self.a
         base = rq.base
         st = a.read(base)
@@ -933,6 +934,8 @@ class BlkMq:
         if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | RqState.COMPLETE) != st:
             self.stats["stale_completions"] += 1
             return False
+        if status is not None:
+            a.set32(base + 60, int(status))
         buf = self.buf
         queue = self.queues[buf[base + 52]]
         submit_cpu = buf[base + 48] | buf[base + 49] << 8
@@ -965,22 +968,27 @@ class BlkMq:
             return
         self.queues[q].ops.complete(self, rq)
 
-    def end_request(self, rq: Request, status: int = 0) -> None:
+    def end_request(self, rq: Request, status: int | None = None) -> None:
         """blk_mq_end_request(): account, hand the bios back to their submitter and
-        free the request (exactly once: a CAS to the next generation's IDLE)."""
+        free the request (exactly once: a CAS to the next generation's IDLE).
+        ``status`` None: the request's own status (the driver's cmd->error).  A
+        request the driver failed before starting it may be ended too."""
         a = self.a
         base = rq.base
         st = a.read(base)
-        if not st & RQ_ALLOCATED or not st & RQ_STATE_MASK:
+        if not st & RQ_ALLOCATED:
             self.violation(f"end of request {rq.id} in state {st:#x}")
             return
+
         if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
             self.stats["stale_completions"] += 1
             return
         # io_start, start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status
-        io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, _st = (
+        io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
             RQ_END.unpack_from(self.buf, base + 16)
         )
+        if status is None:
+            status = rq_status
         self.nr_completed += 1
         info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
         if cpu == self.cpu and self.end_io is not None:
@@ -1026,13 +1034,16 @@ class BlkMq:
                 continue
             if a.read(rq.base + 8) > now or a.read32(rq.base + 56) & Rqf.TIMED_OUT:
                 continue
-            # blk_mq_rq_timed_out(): the request must still be this generation.
+            # blk_mq_rq_timed_out(): the request must still be this generation; if it
+            # was ended and reused meanwhile, take the flag back off the new one (only
+            # this CPU scans this queue).
             a.fetch_or32(rq.base + 56, int(Rqf.TIMED_OUT))
             if a.read(rq.base) != st:
+                a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
                 continue
             expired += 1
             self.stats["timeouts"] += 1
-            if queue.ops.timeout(self, rq) == EhRet.RESET_TIMER:
+            if queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT) == EhRet.RESET_TIMER:
                 self.stats["timer_resets"] += 1
                 a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
                 a.set(rq.base + 8, self.clock() + queue.timeout_ns)

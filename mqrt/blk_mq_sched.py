@@ -56,14 +56,19 @@ def flush_busy_ctxs(mq: BlkMq, hctx: HwCtx, max_per_ctx: int = -1) -> list[int]:
 
 
 def do_dispatch_ctx(mq: BlkMq, hctx: HwCtx) -> None:
-    """blk_mq_do_dispatch_ctx(): one request at a time round robin over the ctxs."""
+    """blk_mq_do_dispatch_ctx(): one request at a time, round robin over the ctxs
+    from ``dispatch_from``; stop at the first the driver refuses (dispatch_rq_list
+    has put it on ``hctx->dispatch`` and arranged the rerun)."""
+    nr_ctx = len(hctx.ctx_lists)
     while True:
-        rq_list = flush_busy_ctxs(mq, hctx, 1)
-        if not rq_list:
+        rq_id = -1
+        start = hctx.dispatch_from
+        for index_hw in sorted(hctx.busy_ctxs(), key=lambda i: (i < start, i)):
+            got = hctx.ctx_lists[index_hw].take(1, lambda i=index_hw: hctx.clear_pending(i))
+
+            if got:
+                rq_id = got[0]
+                hctx.dispatch_from = (index_hw + 1) % nr_ctx  # round robin for fairness
+                break
+        if rq_id < 0 or not mq.dispatch_rq_list(hctx, [rq_id]):
             return
-        for i, rq_id in enumerate(rq_list):
-            if not mq.dispatch_rq_list(hctx, [rq_id]):
-                rest = rq_list[i + 1 :]
-                if rest:
-                    hctx.dispatch.add(rest)
-                return

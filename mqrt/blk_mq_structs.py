@@ -457,6 +457,7 @@ class HwCtx:
             self.nr_active_off = o.nr_active
         self.max_active_off = self.nr_active_off + 4
         self.wait_index = [0]
+        self.dispatch_from = 0  #: index_hw of the ctx to dispatch from next (per CPU)
         self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here
         self.next_cpu_idx = 0
         self.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH

@@ -135,11 +135,14 @@ class BlkMqOps:
     map_queues: Any = None
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
-        """->complete(rq): finish a request on the CPU chosen by rq_affinity."""
-        mq.end_request(rq, rq.status)
+        """->complete(rq): finish a request on the CPU chosen by rq_affinity (with
+        the status the driver left in it)."""
+        mq.end_request(rq)
 
-    def timeout(self, mq: BlkMq, rq: Request) -> EhRet:
-        """->timeout(rq): the request is past its deadline."""
+    def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
+        """->timeout(rq): the request is past its deadline.  ``gen`` is the
+        generation that timed out: pass it to ``complete_request`` (the kernel pins
+        the request with a reference instead)."""
         return EhRet.RESET_TIMER
 
     def init_hctx(self, q: RequestQueue, hctx_idx: int) -> None:

@@ -10,6 +10,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -98,7 +99,10 @@ class Knob:
         if self.kind == "size":
             return raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(raw)
         if self.kind == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
         if self.kind == "choice":
             assert self.choices is not None
             key = str(raw).strip().lower()

@@ -87,6 +87,7 @@ class RunResult:
     messages: list[str] = field(default_factory=list)
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
     t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
+    device: dict[str, Any] = field(default_factory=dict)  #: the device's counters
 
 
 def _exit_name(code: int | None) -> str:
@@ -101,102 +102,9 @@ def _exit_name(code: int | None) -> str:
 
 
 def run(spec: RunSpec) -> RunResult:
-    """Run one job on every emulated CPU and return what they measured."""
-    from mqrt.workers.cpu import CPU_STATS, CpuPlan, cpu_main
-
-    t_begin = time.monotonic()
-    allowed = spec.cpus_allowed or host_cpus()
-    if spec.cpus_per_core:
-        topology = Topology.emulated(spec.nr_cpus, spec.cpus_per_core)
-    else:
-        topology = Topology.host(spec.nr_cpus, allowed)
-    plan_cores = pin_plan(spec.nr_cpus, allowed)
-    messages = []
-    if spec.nr_cpus > len(allowed):
-        messages.append(
-            f"{spec.nr_cpus} emulated CPUs on {len(allowed)} host cores "
-            f"({format_cpulist(allowed)}): pinning wraps around, CPUs share cores"
-        )
-    layout = Layout()
-    ops, queues, dev_bytes = spec.setup(layout, topology)
-    for q in queues:
-        messages.extend(q.tag_set.messages)
-    messages = list(dict.fromkeys(messages))
-    wspec = Waiters.declare(layout, spec.nr_cpus)
-    stats_region = layout.add("cpu_stats", CPU_STATS, spec.nr_cpus)
-
-    procs: list[Any] = []
-    fds: list[int] = []
-    conns: list[Any] = []
-    with exit_on_sigterm(), Arena.create(layout) as arena:
-        try:
-            init_shared(arena, queues, spec.seed)
-            if hasattr(ops, "init_shared"):
-                ops.init_shared(arena)
-            Waiters.init(arena, wspec)
-            eventfds = Waiters.create_eventfds(wspec)
-            fds += eventfds
-            ipi_r, ipi_w = [], []
-            for _ in range(spec.nr_cpus):
-                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                ipi_r.append(r)
-                ipi_w.append(w)
-            fds += ipi_r + ipi_w
-            timeout_cpu = [q.index % spec.nr_cpus for q in queues]
-            bw_cpu = [q.hctx_cpus[0][0] if getattr(ops, "mbps", 0) else -1 for q in queues]
-            ctl_w, res_r = [], []
-            for cpu in range(spec.nr_cpus):
-                c_r, c_w = _fork.Pipe(duplex=False)
-                r_r, r_w = _fork.Pipe(duplex=False)
-                conns += [c_r, c_w, r_r, r_w]
-                plan = CpuPlan(
-                    cpu=cpu,
-                    host_core=plan_cores[cpu] if spec.pin else None,
-                    arena=arena,
-                    waiters=wspec,
-                    eventfds=eventfds,
-                    ipi_r=ipi_r,
-                    ipi_w=ipi_w,
-                    stats=stats_region,
-                    queues=queues,
-                    driver=ops,
-                    job=spec.job,
-                    dev_bytes=dev_bytes,
-                    timeout_scan_cpu=timeout_cpu,
-                    bw_timer_cpu=bw_cpu,
-                    seed=spec.seed,
-                )
-                p = _fork.Process(
-                    target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True
-                )
-                p.start()
-                procs.append(p)
-                ctl_w.append(c_w)
-                res_r.append(r_r)
-            for c in conns:
-                if c not in ctl_w and c not in res_r:
-                    c.close()
-            return _drive(
-                spec,
-                arena,
-                queues,
-                procs,
-                ctl_w,
-                res_r,
-                stats_region,
-                topology,
-                allowed,
-                messages,
-                t_begin,
-            )
-        finally:
-            _reap(procs)
-            for c in conns:
-                with contextlib.suppress(OSError):
-                    c.close()
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+    """Run one job on every emulated CPU (and the driver's device process, if it has
+    one) and return what they measured."""
+    return _Run(spec).run()
 
 
 def _send(conn, msg: dict) -> None:
@@ -204,174 +112,353 @@ def _send(conn, msg: dict) -> None:
         conn.send_bytes(msgpack.packb(msg))
 
 
-def _drive(
-    spec, arena, queues, procs, ctl_w, res_r, stats_region, topology, allowed, messages, t_begin
-) -> RunResult:
-    n = spec.nr_cpus
-    by_conn = {c: i for i, c in enumerate(res_r)}
-    by_sentinel = {p.sentinel: i for i, p in enumerate(procs)}
-    ready: set[int] = set()
-    drained: set[int] = set()
-    results: dict[int, dict] = {}
-    dead: dict[int, dict] = {}
-    errors: dict[int, str] = {}
-    phase = "setup"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    t0_ns = 0
-    end_ns = 0
-    timeout_s = max(q.tag_set.timeout_ns for q in queues) / 1e9
-    next_progress = 0.0
-    stop_sent = exit_sent = False
-    interrupted = False
-    setup_s = 0.0
-    t0_wall = 0.0
+def _recv(conn) -> dict | None:
+    try:
+        return msgpack.unpackb(conn.recv_bytes())
+    except (EOFError, OSError):
+        return None
 
-    def stop_all(what: str) -> None:
-        nonlocal stop_sent, exit_sent
-        for i in range(n):
-            if i not in dead:
-                _send(ctl_w[i], {"cmd": what})
-        if what == "exit":
-            exit_sent = stop_sent = True
+
+class _Run:
+    """One run: build, start, drive, collect, clean up."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.n = spec.nr_cpus
+        self.t_begin = time.monotonic()
+        self.allowed = spec.cpus_allowed or host_cpus()
+        if spec.cpus_per_core:
+            self.topology = Topology.emulated(spec.nr_cpus, spec.cpus_per_core)
         else:
-            stop_sent = True
-
-    while True:
-        alive = [i for i in range(n) if i not in dead and i not in results]
-        if not alive:
-            break
-        now = time.monotonic()
-        if phase == "setup" and len(ready) == n - len(dead):
-            if dead:
-                stop_all("exit")
-                phase = "exit"
-            else:
-                t0_ns = time.monotonic_ns() + 20_000_000
-                setup_s = (t0_ns / 1e9) - t_begin
-                t0_wall = time.time() + 0.02
-                for i in range(n):
-                    _send(ctl_w[i], {"cmd": "start", "t0": t0_ns})
-                job = spec.job
-                end_ns = t0_ns + int((job.ramp_time + job.runtime) * 1e9)
-                deadline = end_ns / 1e9 + timeout_s + DRAIN_GRACE_S
-                phase = "running"
-        if phase in ("running",) and len(drained) + len(dead) >= n:
-            stop_all("exit")
-            phase = "exit"
-            deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-        if now > deadline and phase != "exit":
-            stuck = sorted(set(range(n)) - drained - set(dead))
-            errors[-1] = (
-                f"CPUs {format_cpulist(stuck)} did not finish within "
-                f"{deadline - t_begin:.0f} s of the start ({phase}): stopping them"
+            self.topology = Topology.host(spec.nr_cpus, self.allowed)
+        self.plan_cores = pin_plan(spec.nr_cpus, self.allowed)
+        self.messages: list[str] = []
+        if spec.nr_cpus > len(self.allowed):
+            self.messages.append(
+                f"{spec.nr_cpus} emulated CPUs on {len(self.allowed)} host cores "
+                f"({format_cpulist(self.allowed)}): pinning wraps around, CPUs share cores"
             )
-            stop_all("exit")
-            phase = "exit"
-            deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-        elif now > deadline:
-            break
-        if spec.progress is not None and phase == "running" and now >= next_progress:
-            next_progress = now + 0.25
-            spec.progress(_snapshot(arena, stats_region, n, t0_ns, end_ns))
-        waitables = [res_r[i] for i in alive] + [procs[i].sentinel for i in alive]
+        self.procs: list[Any] = []  # every child, CPUs first, then the device
+        self.fds: list[int] = []
+        self.conns: list[Any] = []
+        self.device: Any = None  # the device process, if the driver has one
+        self.device_ctl = self.device_res = None
+        self.device_result: dict[str, Any] = {}
+        self.device_info: dict[str, Any] = {}
+
+    def run(self) -> RunResult:
+        from mqrt.workers.cpu import CPU_STATS
+
+        spec = self.spec
+        layout = Layout()
+        self.ops, self.queues, self.dev_bytes = spec.setup(layout, self.topology)
+        for q in self.queues:
+            self.messages.extend(q.tag_set.messages)
+        self.messages = list(dict.fromkeys(self.messages))
+        self.wspec = Waiters.declare(layout, self.n)
+        self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
+        with exit_on_sigterm(), Arena.create(layout) as arena:
+            self.arena = arena
+            try:
+                self._init_arena()
+                if hasattr(self.ops, "start_device"):
+                    self._start_device()
+                self._start_cpus()
+                return self._drive()
+            finally:
+                _reap(self.procs)
+                for c in self.conns:
+                    with contextlib.suppress(OSError):
+                        c.close()
+                for fd in self.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def _init_arena(self) -> None:
+        arena, ops = self.arena, self.ops
+        init_shared(arena, self.queues, self.spec.seed)
+        if hasattr(ops, "init_shared"):
+            ops.init_shared(arena)
+        Waiters.init(arena, self.wspec)
+        self.eventfds = Waiters.create_eventfds(self.wspec)
+        self.fds += self.eventfds
+        if hasattr(ops, "make_fds"):
+            self.fds += ops.make_fds()
+        self.ipi_r, self.ipi_w = [], []
+        for _ in range(self.n):
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.ipi_r.append(r)
+            self.ipi_w.append(w)
+        self.fds += self.ipi_r + self.ipi_w
+
+    def _start_device(self) -> None:
+        """Fork the device, wait for it, and let the driver probe it."""
+        p, ctl, res = self.ops.start_device(self.arena, None)
+        self.procs.append(p)
+        self.conns += [ctl, res]
+        self.device, self.device_ctl, self.device_res = p, ctl, res
+        if not wait([res, p.sentinel], timeout=READY_TIMEOUT_S) or not res.poll():
+            raise RunError(f"device (pid {p.pid}) did not start: {_exit_name(p.exitcode)}")
+        msg = _recv(res)
+        if not msg or msg.get("msg") != "ready":
+            raise RunError(f"device (pid {p.pid}) failed to start: {msg and msg.get('error')}")
         try:
-            ready_objs = wait(waitables, timeout=0.25)
-        except KeyboardInterrupt:
-            # The first Ctrl-C stops the run cleanly (the CPUs drain and report what
-            # they measured); a second one aborts.
-            if interrupted or phase != "running":
-                raise
-            interrupted = True
-            stop_all("stop")
-            continue
-        for obj in ready_objs:
-            if obj in by_conn:
-                i = by_conn[obj]
-                try:
-                    msg = msgpack.unpackb(obj.recv_bytes())
-                except (EOFError, OSError):
-                    continue
-                kind = msg.get("msg")
-                if kind == "ready":
-                    ready.add(i)
-                elif kind == "drained":
-                    drained.add(i)
-                elif kind == "result":
-                    results[i] = msg
-                elif kind == "error":
-                    errors[i] = msg["error"]
-            else:
-                i = by_sentinel[obj]
-                if i in results:
-                    continue
-                procs[i].join(0.1)
-                # A result may still be in the pipe.
-                while res_r[i].poll(0):
-                    try:
-                        msg = msgpack.unpackb(res_r[i].recv_bytes())
-                    except (EOFError, OSError):
-                        break
-                    if msg.get("msg") == "result":
-                        results[i] = msg
-                    elif msg.get("msg") == "error":
-                        errors[i] = msg["error"]
-                if i in results:
-                    continue
-                dead[i] = {
-                    "role": "cpu",
-                    "cpu": i,
-                    "pid": procs[i].pid,
-                    "how": _exit_name(procs[i].exitcode),
-                    "error": errors.get(i, ""),
-                    "partial": _cpu_counters(arena, stats_region, i),
-                }
-                if not exit_sent:
+            self.device_info = self.ops.probe(self.arena)
+        except RuntimeError as exc:
+            raise RunError(f"{exc} (device pid {p.pid}: {_exit_name(p.exitcode)})") from None
+
+    def _start_cpus(self) -> None:
+        from mqrt.workers.cpu import CpuPlan, cpu_main
+
+        spec, queues, ops = self.spec, self.queues, self.ops
+        timeout_cpu = [q.index % self.n for q in queues]
+        bw_cpu = [q.hctx_cpus[0][0] if getattr(ops, "mbps", 0) else -1 for q in queues]
+        self.ctl_w, self.res_r = [], []
+        child_ends = []
+        for cpu in range(self.n):
+            c_r, c_w = _fork.Pipe(duplex=False)
+            r_r, r_w = _fork.Pipe(duplex=False)
+            self.conns += [c_r, c_w, r_r, r_w]
+            child_ends += [c_r, r_w]
+            plan = CpuPlan(
+                cpu=cpu,
+                host_core=self.plan_cores[cpu] if spec.pin else None,
+                arena=self.arena,
+                waiters=self.wspec,
+                eventfds=self.eventfds,
+                ipi_r=self.ipi_r,
+                ipi_w=self.ipi_w,
+                stats=self.stats_region,
+                queues=queues,
+                driver=ops,
+                job=spec.job,
+                dev_bytes=self.dev_bytes,
+                timeout_scan_cpu=timeout_cpu,
+                bw_timer_cpu=bw_cpu,
+                seed=spec.seed,
+                owner_pid=os.getpid(),
+            )
+            p = _fork.Process(
+                target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True
+            )
+            p.start()
+            self.procs.insert(cpu, p)
+            self.ctl_w.append(c_w)
+            self.res_r.append(r_r)
+        for c in child_ends:
+            c.close()
+
+    def _drive(self) -> RunResult:
+        spec, arena, n = self.spec, self.arena, self.n
+        procs, ctl_w, res_r = self.procs, self.ctl_w, self.res_r
+        by_conn = {c: i for i, c in enumerate(res_r)}
+        by_sentinel = {procs[i].sentinel: i for i in range(n)}
+        ready: set[int] = set()
+        drained: set[int] = set()
+        results: dict[int, dict] = {}
+        dead: dict[int, dict] = {}
+        errors: dict[int, str] = {}
+        phase = "setup"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        t0_ns = end_ns = 0
+        timeout_s = max(q.tag_set.timeout_ns for q in self.queues) / 1e9
+        next_progress = 0.0
+        exit_sent = interrupted = False
+        setup_s = t0_wall = 0.0
+        device_dead: dict[str, Any] | None = None
+
+        def stop_all(what: str) -> None:
+            nonlocal exit_sent
+            for i in range(n):
+                if i not in dead:
+                    _send(ctl_w[i], {"cmd": what})
+            exit_sent = exit_sent or what == "exit"
+
+        while True:
+            alive = [i for i in range(n) if i not in dead and i not in results]
+            if not alive:
+                break
+            now = time.monotonic()
+            if phase == "setup" and len(ready) == n - len(dead):
+                if dead:
                     stop_all("exit")
                     phase = "exit"
-                    deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-    wall = time.monotonic() - t_begin
-    _reap(procs)
-    invariants = check_invariants(arena, queues) if not dead else {"skipped": "a CPU died"}
-    cpu_violations = [v for r in results.values() for v in r.get("violations", [])]
-    if isinstance(invariants, dict) and "problems" in invariants:
-        invariants["violations"] = (
-            sum(r["blk_mq"]["violations"] for r in results.values())
-            + len(invariants["problems"])
-            + sum(j["inflight"] for r in results.values() for j in r["jobs"])
+                else:
+                    t0_ns = time.monotonic_ns() + 20_000_000
+                    setup_s = (t0_ns / 1e9) - self.t_begin
+                    t0_wall = time.time() + 0.02
+                    for i in range(n):
+                        _send(ctl_w[i], {"cmd": "start", "t0": t0_ns})
+                    job = spec.job
+                    end_ns = t0_ns + int((job.ramp_time + job.runtime) * 1e9)
+                    deadline = end_ns / 1e9 + timeout_s + DRAIN_GRACE_S
+                    phase = "running"
+            if phase == "running" and len(drained) + len(dead) >= n:
+                stop_all("exit")
+                phase = "exit"
+                deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+            if now > deadline and phase != "exit":
+                stuck = sorted(set(range(n)) - drained - set(dead))
+                errors[-1] = (
+                    f"CPUs {format_cpulist(stuck)} did not finish within "
+                    f"{deadline - self.t_begin:.0f} s of the start ({phase}): stopping them"
+                )
+                stop_all("exit")
+                phase = "exit"
+                deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+            elif now > deadline:
+                break
+            if spec.progress is not None and phase == "running" and now >= next_progress:
+                next_progress = now + 0.25
+                spec.progress(_snapshot(arena, self.stats_region, n, t0_ns, end_ns))
+            waitables = [res_r[i] for i in alive] + [procs[i].sentinel for i in alive]
+            if self.device is not None and device_dead is None:
+                waitables.append(self.device.sentinel)
+            try:
+                ready_objs = wait(waitables, timeout=0.25)
+            except KeyboardInterrupt:
+                # The first Ctrl-C stops the run cleanly (the CPUs drain and report
+                # what they measured); a second one aborts.
+                if interrupted or phase != "running":
+                    raise
+                interrupted = True
+                stop_all("stop")
+                continue
+            for obj in ready_objs:
+                if self.device is not None and obj == self.device.sentinel:
+                    device_dead = self._device_died()
+                    if not exit_sent:
+                        stop_all("exit")
+                        phase = "exit"
+                        deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+                elif obj in by_conn:
+                    i = by_conn[obj]
+                    msg = _recv(obj)
+                    if msg is None:
+                        continue
+                    kind = msg.get("msg")
+                    if kind == "ready":
+                        ready.add(i)
+                    elif kind == "drained":
+                        drained.add(i)
+                    elif kind == "result":
+                        results[i] = msg
+                    elif kind == "error":
+                        errors[i] = msg["error"]
+                else:
+                    i = by_sentinel[obj]
+                    if i in results:
+                        continue
+                    procs[i].join(0.1)
+                    while res_r[i].poll(0):  # a result may still be in the pipe
+                        msg = _recv(res_r[i])
+                        if msg is None:
+                            break
+                        if msg.get("msg") == "result":
+                            results[i] = msg
+                        elif msg.get("msg") == "error":
+                            errors[i] = msg["error"]
+                    if i in results:
+                        continue
+                    dead[i] = {
+                        "role": "cpu",
+                        "cpu": i,
+                        "pid": procs[i].pid,
+                        "how": _exit_name(procs[i].exitcode),
+                        "error": errors.get(i, ""),
+                        "partial": _cpu_counters(arena, self.stats_region, i),
+                    }
+                    if not exit_sent:
+                        stop_all("exit")
+                        phase = "exit"
+                        deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+        wall = time.monotonic() - self.t_begin
+        if self.device is not None and device_dead is None:
+            device_dead = self._stop_device()
+        dead_list = [dead[i] for i in sorted(dead)]
+        if device_dead is not None:
+            dead_list.append(device_dead)
+        _reap(self.procs)
+        if dead_list:
+            invariants: dict[str, Any] = {"skipped": "a process died"}
+        else:
+            invariants = check_invariants(arena, self.queues)
+            invariants["violations"] = (
+                sum(r["blk_mq"]["violations"] for r in results.values())
+                + len(invariants["problems"])
+                + sum(j["inflight"] for r in results.values() for j in r["jobs"])
+            )
+            invariants["problems"] = [
+                v for r in results.values() for v in r.get("violations", [])
+            ] + invariants["problems"]
+            invariants["stale_completions"] = sum(
+                r["blk_mq"]["stale_completions"] for r in results.values()
+            )
+        result = RunResult(
+            cpus=[results[i] for i in sorted(results)],
+            invariants=invariants,
+            queues=[
+                {"name": q.name, "index": q.index, "fair_share": fair_share_report(arena, q)}
+                for q in self.queues
+            ],
+            host={
+                "cores": os.cpu_count(),
+                "cpus_allowed": format_cpulist(self.allowed),
+                "pinned": [results[i].get("host_core") for i in sorted(results)],
+            },
+            topology=self.topology.describe(),
+            setup_s=setup_s,
+            wall_s=wall,
+            dead=dead_list,
+            messages=self.messages,
+            interrupted=interrupted,
+            t0_wall=t0_wall,
+            device={**self.device_info, **self.device_result} if self.device else {},
         )
-        invariants["problems"] = cpu_violations + invariants["problems"]
-        invariants["stale_completions"] = sum(
-            r["blk_mq"]["stale_completions"] for r in results.values()
+        if dead_list or errors:
+            parts = [
+                f"{d['role'] if d['role'] == 'device' else 'cpu' + str(d['cpu'])} "
+                f"(pid {d['pid']}) died: {d['how']}"
+                + (f"\n{d['error'].rstrip()}" if d["error"] else "")
+                for d in dead_list
+            ]
+            parts += [e.rstrip() for k, e in sorted(errors.items()) if k not in dead]
+            raise RunError("; ".join(parts), result)
+        return result
+
+    def _device_died(self) -> dict[str, Any]:
+        p = self.device
+        p.join(0.1)
+        error = ""
+        while self.device_res.poll(0):
+            msg = _recv(self.device_res)
+            if msg is None:
+                break
+            if msg.get("msg") == "error":
+                error = msg["error"]
+        counters = (
+            self.ops.device_counters(self.arena) if hasattr(self.ops, "device_counters") else {}
         )
-    result = RunResult(
-        cpus=[results[i] for i in sorted(results)],
-        invariants=invariants,
-        queues=[
-            {"name": q.name, "index": q.index, "fair_share": fair_share_report(arena, q)}
-            for q in queues
-        ],
-        host={
-            "cores": os.cpu_count(),
-            "cpus_allowed": format_cpulist(allowed),
-            "pinned": [r.get("host_core") for r in (results[i] for i in sorted(results))],
-        },
-        topology=topology.describe(),
-        setup_s=setup_s,
-        wall_s=wall,
-        dead=[dead[i] for i in sorted(dead)],
-        messages=messages,
-        interrupted=interrupted,
-        t0_wall=t0_wall,
-    )
-    if dead or errors:
-        parts = [
-            f"cpu{d['cpu']} (pid {d['pid']}) died: {d['how']}"
-            + (f"\n{d['error'].rstrip()}" if d["error"] else "")
-            for d in result.dead
-        ]
-        parts += [e.rstrip() for k, e in sorted(errors.items()) if k not in dead]
-        raise RunError("; ".join(parts), result)
-    return result
+        self.device_result = {"counters": counters}
+        return {"role": "device", "pid": p.pid, "how": _exit_name(p.exitcode), "error": error,
+                "partial": counters}  # fmt: skip
+
+    def _stop_device(self) -> dict[str, Any] | None:
+        """Disable the controller, tell the device to exit, collect its counters."""
+        with contextlib.suppress(Exception):
+            self.ops.shutdown(self.arena)
+        _send(self.device_ctl, {"cmd": "exit"})
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not wait([self.device_res, self.device.sentinel], timeout=0.25):
+                continue
+            msg = _recv(self.device_res) if self.device_res.poll() else None
+            if msg is not None and msg.get("msg") == "result":
+                self.device_result = {"counters": msg["counters"]}
+                return None
+            if msg is None and not self.device.is_alive():
+                return self._device_died()
+        return self._device_died()
 
 
 def _cpu_counters(arena: Arena, region, i: int) -> dict[str, int]:

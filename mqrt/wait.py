@@ -189,6 +189,10 @@ class Waiters:
         self.drain()  # consumed: the next schedule() sleeps again
         return True
 
+    def sleeping(self) -> bool:
+        """This process's task is still marked asleep (no waker has run it)."""
+        return self.a.read32(self.entry(self.me) + self._state) == TaskState.UNINTERRUPTIBLE  # type: ignore[operator]
+
     def drain(self) -> None:
         """Forget wake-ups that arrived after the wait ended."""
         with contextlib.suppress(BlockingIOError):
@@ -370,24 +374,9 @@ class WaitQueue:
 # -- one wait point with precise timeouts --------------------------------------------------------
 
 #: epoll rounds timeouts up to whole milliseconds: shorter waits use select(), which
-#: sleeps to the microsecond (with the timer slack made small by precise_timers()).
+#: sleeps to the microsecond (with the timer slack made small by
+#: :func:`mqrt.proc.precise_timers`).
 EPOLL_MIN_TIMEOUT = 0.005
-
-PR_SET_TIMERSLACK = 29
-
-
-def precise_timers(slack_ns: int = 1000) -> bool:
-    """Ask the kernel for ``slack_ns`` of timer slack for this process instead of the
-    default 50 µs (prctl PR_SET_TIMERSLACK): a CPU's hrtimers and a device's service
-    times are microseconds.  False if the call is not available."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def wait_fds(ep: select.epoll, fds: list[int], timeout: float) -> list[int]:

@@ -158,10 +158,9 @@ class ScriptOps(BlkMqOps):
         self.started.append(rq)
         return 0
 
-    def timeout(self, mq, rq):
+    def timeout(self, mq, rq, gen):
         from mqrt.blk_mq_types import BlkStatus, EhRet
 
         self.timed_out.append(rq.id)
-        rq.status = BlkStatus.TIMEOUT
-        mq.complete_request(rq)
+        mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
         return EhRet.DONE

@@ -64,7 +64,10 @@ def test_bench_text_summary_reads_like_fio():
         (("--rw", "sideways"), "rw: must be read|write|randread"),
         (("--cpus-allowed", "0-999"), "cpus_allowed: CPUs"),
         (("--init_hctx", "1,100,0,1"), "EFAULT: nullb0: init_hctx failed for hctx 0"),
-        (("--driver", "nvme"), "driver: nvme is not available yet"),
+        (("--driver", "nvme", "--irqmode", "none"), "irqmode: a nullb option"),
+        (("--latency_ns", "5"), "latency_ns: an nvme option; add --driver nvme"),
+        (("--runtime", "nan"), "runtime: must be 0.01..86400, got 'nan'"),
+        (("-o", "/nonexistent/dir/x.json"), "cannot write /nonexistent/dir/x.json"),
     ],
 )
 def test_bad_options_are_one_line_errors(args, message):

@@ -185,3 +185,38 @@ def test_blocking_queue_runs_hw_queues_from_kblockd():
     assert_clean(result)
     t = totals(result)
     assert t["kblockd_runs"] > 0 and t["requeued"] > 0
+
+
+def test_killing_the_runtime_takes_its_cpus_and_segment_with_it():
+    import subprocess
+    import sys
+
+    from mqrt import shm
+    from tests.helpers import wait_until
+
+    code = "import sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", "--runtime", "30", "--cpus", "3", "-q",
+         "--irqmode", "timer", "--hw_queue_depth", "4", "--iodepth", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        runtime = psutil.Process(p.pid)
+        assert wait_until(lambda: len(runtime.children()) >= 3, timeout=20)
+        cpus = [c for c in runtime.children() if c.pid != _tracker_pid()]
+        assert wait_until(
+            lambda: any(shm.segment_owner(n) == p.pid for n in shm.list_segments()), timeout=20
+        )
+        p.kill()
+        p.wait(10)
+        assert wait_until(lambda: not any(c.is_running() and c.status() != "zombie"
+                                          for c in cpus), timeout=10)  # fmt: skip
+        assert wait_until(
+            lambda: not any(shm.segment_owner(n) == p.pid for n in shm.list_segments()),
+            timeout=10,
+        )
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

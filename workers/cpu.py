@@ -34,7 +34,6 @@ import heapq
 import os
 import resource
 import select
-import signal
 import struct
 import time
 import traceback
@@ -47,6 +46,7 @@ import msgpack
 
 from mqrt import wait
 from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
+from mqrt.proc import child_init
 from mqrt.shm import Arena, Region, cacheline_struct
 from mqrt.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
@@ -89,6 +89,7 @@ class CpuPlan:
     timeout_scan_cpu: list[int]  #: per queue, the CPU running its timeout work
     bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
     seed: int
+    owner_pid: int  #: the runtime (the CPU dies with it)
 
 
 class Cpu:
@@ -176,20 +177,13 @@ class Cpu:
             )
 
     def schedule(self) -> None:
-        """The task sleeps (for a tag): wait for a wake-up while taking interrupts."""
+        """The task sleeps (for a tag) until a waker sets it running again; the CPU
+        keeps taking its interrupts (which may be what frees the tag) meanwhile."""
         self.counters["tag_sleeps"] += 1
-        self._flush_outbox()
-        if self.exiting:
-            raise Stopped
-        timeout = self._wait_timeout(None)
-        for fd in wait.wait_fds(self.epoll, self._fds, timeout):
-            if fd == self.ipi_fd:
-                self._handle_ipis()
-            elif fd in self.irq_handlers:
-                self.irq_handlers[fd]()
-            elif fd == self.ctl.fileno():
-                self._handle_ctl()
-        self._interrupts()
+        while self.waiters.sleeping():
+            if self.exiting:
+                raise Stopped
+            self._serve(None, in_sleep=True)
         if self.exiting:
             raise Stopped
 
@@ -429,22 +423,33 @@ class Cpu:
                 progressed = True
             if self._interrupts():
                 progressed = True
-            if not progressed:
+            if progressed:
+                # A busy CPU still takes its IPIs and interrupts at once (a zero
+                # timeout look at its wait point), and sends what it owes others.
+                self._serve(None, timeout=0.0)
+            else:
                 self._serve(wake_at)
 
-    def _serve(self, until_ns: int | None) -> None:
-        """Block in the one wait point until something happens, then handle it."""
-        self._flush_outbox()
-        timeout = self._wait_timeout(until_ns)
-        if timeout != 0.0:
-            self.counters["idle_waits"] += 1
+    def _serve(
+        self, until_ns: int | None, in_sleep: bool = False, timeout: float | None = None
+    ) -> None:
+        """Block in the one wait point until something happens (or ``timeout``
+        seconds), then handle it: IPIs, interrupt vectors, control, softirqs, timers,
+        kblockd work."""
+        if self.outbox:
+            self._flush_outbox()
+        if timeout is None:
+            timeout = self._wait_timeout(until_ns)
+            if timeout != 0.0:
+                self.counters["idle_waits"] += 1
         for fd in wait.wait_fds(self.epoll, self._fds, timeout):
             if fd == self.ipi_fd:
                 self._handle_ipis()
             elif fd in self.irq_handlers:
                 self.irq_handlers[fd]()
             elif fd == self.efd:
-                self.waiters.drain()  # a stale wake-up: nobody is sleeping
+                if not in_sleep:
+                    self.waiters.drain()  # a stale wake-up: nobody is sleeping
             else:
                 self._handle_ctl()
         self._interrupts()
@@ -488,6 +493,7 @@ class Cpu:
                 "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
                 "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
                 "blk_mq": mq.counters(),
+                "driver": dict(getattr(self.plan.driver, "stats", {})),
                 "cpu_counters": {**self.counters, **tags_stats},
                 "hctx": hctx_stats,
                 "violations": mq.violations,
@@ -498,13 +504,7 @@ class Cpu:
 
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
     """Entry point of a CPU worker process (forked by the runtime)."""
-    # Ctrl-C reaches the whole process group; the runtime alone decides what stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if plan.host_core is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {plan.host_core})
-    wait.precise_timers()
+    child_init(plan.owner_pid, plan.host_core)
     try:
         cpu = Cpu(plan, ctl, res)
         profile_dir = os.environ.get("MQRT_PROFILE_DIR")

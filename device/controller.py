@@ -1,0 +1,665 @@
+"""The NVMe controller: one device process serving submission queues in shared memory.
+
+::
+
+    host (CPUs)                             controller (this process)
+    SQE -> SQ ring, SQ tail doorbell ---->  fetch (admin first, then I/O SQs by
+      kick (eventfd) only if the device       arbitration), while channels and the
+      asked for one (need_kick)               IOPS/bandwidth buckets allow
+                                            serve: latency from the service model
+    CQ ring <---- CQE (phase bit) <-------  post when due; a full CQ holds them back
+    irq pipe of the CQ's vector <--------   interrupt (coalesced: THR / TIME)
+    CQ head doorbell ------------------->   room in the CQ again
+
+Doorbells without wasting a core (the event-index idea): when the controller has
+nothing to fetch it sets ``need_kick`` (xchg, a full barrier), looks at every SQ tail
+doorbell once more, and only then sleeps on its kick eventfd; a host that rings a
+doorbell swaps ``need_kick`` back to 0 and writes the eventfd only if it was set.  A
+busy controller is never kicked; an idle one costs nothing.
+
+Every wait is one ``select`` over the kick eventfd and the control pipe, with the next
+due completion or coalescing deadline as timeout (microsecond resolution).
+
+Deviations from NVMe
+    * Indices, phases and doorbells are as in the spec (wrapped, one slot kept free);
+      "PRPs" of admin commands are byte offsets of the arena's admin data buffer.
+    * No data is transferred: reads and writes only take time.
+    * Without coalescing, the controller raises each vector once per pass over its
+      queues (all the CQEs it posted in that pass), not once per CQE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import random
+import select
+import struct
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from mqrt import wait
+from mqrt.device.nvme_defs import (
+    CQE,
+    NVME_QID_ADMIN,
+    SQE,
+    AdminOpcode,
+    Feature,
+    IdentifyCns,
+    IoOpcode,
+    Status,
+    cqe_status,
+)
+from mqrt.device.nvme_model import ServiceModel
+from mqrt.proc import child_init
+from mqrt.shm import Arena, Region, cacheline_struct
+
+#: The controller's counters, written by it alone (plain stores), read by the runtime.
+DEV_COUNTERS = cacheline_struct(
+    [
+        ("commands", "<u8"),  # I/O commands fetched
+        ("admin_commands", "<u8"),
+        ("completions", "<u8"),  # CQEs posted
+        ("interrupts", "<u8"),  # vector writes
+        ("coalesced", "<u8"),  # CQEs that rode on another CQE's interrupt
+        ("irq_merged", "<u8"),  # interrupts not sent: the vector was still pending
+        ("kicks", "<u8"),  # wake-ups by a host kick
+        ("sleeps", "<u8"),  # times the controller blocked with nothing to do
+        ("doorbell_reads", "<u8"),
+        ("cq_full_stalls", "<u8"),  # times a CQE had to wait for room in its CQ
+        ("aborts", "<u8"),  # commands aborted by an Abort command
+        ("resets", "<u8"),  # controller disables (CC.EN 1 -> 0)
+        ("dropped", "<u8"),  # completions dropped (fault)
+        ("lost_irqs", "<u8"),  # interrupts not delivered (fault)
+        ("errors", "<u8"),  # error statuses injected
+        ("busy_ns", "<u8"),  # time spent not blocked
+        ("heartbeat_ns", "<u8"),
+    ]
+)
+
+#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
+#: mqes (0's based max queue entries), the number of I/O queue pairs it can make.
+IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHH")
+#: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
+IDENTIFY_NS = struct.Struct("<QQQB")
+
+
+@dataclass(frozen=True)
+class QueueRegions:
+    """Where queue pair ``qid`` lives: its shared words and its two rings."""
+
+    qid: int
+    max_depth: int  #: entries the rings have room for
+    words: Region
+    sq: Region
+    cq: Region
+
+
+@dataclass(frozen=True)
+class Namespace:
+    nsid: int
+    nr_blocks: int
+    lba_shift: int
+
+
+@dataclass
+class ControllerPlan:
+    """Everything the controller process needs, inherited through fork."""
+
+    arena: Arena
+    regs: Region
+    queues: list[QueueRegions]
+    data: Region  #: the admin data buffer (identify)
+    counters: Region
+    kick_fd: int
+    irq_w: list[int]  #: write end of each interrupt vector's pipe
+    namespaces: list[Namespace]
+    model: dict[str, Any]  #: DEVICE_KNOBS values
+    faults: dict[str, Any]  #: fault knobs (lost_irq, drop, error, delay), probabilities
+    max_io_queues: int
+    serial: str = "MQRT0001"
+
+
+@dataclass
+class _Sq:
+    qid: int
+    cqid: int
+    depth: int
+    base: int  #: offset of the ring
+    tail_db: int  #: offset of the tail doorbell
+    prio: int = 1  #: 0 high, 1 medium, 2 low
+    head: int = 0
+    credit: int = 0
+
+
+@dataclass
+class _Cq:
+    qid: int
+    depth: int
+    base: int
+    head_db: int
+    iv: int
+    ien: bool
+    tail: int = 0
+    phase: int = 1
+    pending: deque = field(default_factory=deque)  #: CQEs waiting for room
+    irq_count: int = 0  #: CQEs posted since the last interrupt
+    irq_first_ns: int = 0
+    stalled: bool = False
+
+
+@dataclass(order=True)
+class _Cmd:
+    done_ns: int
+    seq: int
+    sqid: int = field(compare=False)
+    cid: int = field(compare=False)
+    sq_head: int = field(compare=False)
+    status: int = field(compare=False, default=0)
+    result: int = field(compare=False, default=0)
+    nbytes: int = field(compare=False, default=0)
+    aborted: bool = field(compare=False, default=False)
+    drop: bool = field(compare=False, default=False)
+
+
+class Controller:
+    def __init__(self, plan: ControllerPlan, ctl, res):
+        self.plan = plan
+        self.ctl = ctl
+        self.res = res
+        self.a = plan.arena.atomic
+        self.buf = plan.arena.buf
+        self.clock = time.monotonic_ns
+        r = plan.regs.offsets()
+        self._cc_en, self._csts_rdy, self._need_kick = r.cc_en, r.csts_rdy, r.need_kick
+        self._csts_cfs = r.csts_cfs
+        self.counters = {name: 0 for name in DEV_COUNTERS.names}
+        self._cnt = plan.counters.offsets()
+        self.model = ServiceModel.from_values(plan.model)
+        self.channels = plan.model["channels"]
+        self.rng = random.Random(plan.model["dev_seed"] * 7919 + 1)
+        self.faults = plan.faults
+        self.arbitration = plan.model["arbitration"]
+        burst = plan.model["arb_burst"]
+        self.burst = 1 << 30 if burst == 7 else 1 << burst
+        self.wrr = [int(x) for x in str(plan.model["wrr_weights"]).split(",")]
+        self.coalesce_thr = plan.model["irq_coalesce_thr"]
+        self.coalesce_time_ns = plan.model["irq_coalesce_time"] * 100_000
+        self.ns = {n.nsid: n for n in plan.namespaces}
+        self.sqs: dict[int, _Sq] = {}
+        self.cqs: dict[int, _Cq] = {}
+        self.inflight: list[_Cmd] = []  #: heap by completion time
+        self.by_cid: dict[tuple[int, int], _Cmd] = {}
+        self._seq = 0
+        self._rr = 0
+        self.enabled = False
+        self.exiting = False
+        self._fds = [plan.kick_fd, ctl.fileno()]
+        self.capped = False
+        self._qoffs = [q.words.offsets() for q in plan.queues]
+        self._io_sqs: list[_Sq] = []  #: the I/O SQs in qid order (rebuilt on changes)
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def _sq_regions(self, qid: int) -> QueueRegions | None:
+        return self.plan.queues[qid] if 0 <= qid < len(self.plan.queues) else None
+
+    def _enable(self) -> None:
+        """CC.EN 0 -> 1: the admin queue pair comes up; CSTS.RDY = 1."""
+        q = self.plan.queues[NVME_QID_ADMIN]
+        o = q.words.offsets()
+        depth = self.a.read32(o.q_depth)
+        self.cqs = {0: _Cq(0, depth, q.cq.offset, o.cq_head_db, 0, True)}
+        self.sqs = {0: _Sq(0, 0, depth, q.sq.offset, o.sq_tail_db, prio=0)}
+        self.enabled = True
+        self.a.store_release32(self._csts_rdy, 1)
+
+    def _disable(self) -> None:
+        """CC.EN 1 -> 0 (a controller reset): every queue and command is dropped."""
+        for qid in list(self.sqs):
+            self._publish_queue(qid, created=0)
+        self.sqs.clear()
+        self.cqs.clear()
+        self._io_sqs = []
+        self.inflight.clear()
+        self.by_cid.clear()
+        self.enabled = False
+        self.counters["resets"] += 1
+        self.a.store_release32(self._csts_rdy, 0)
+
+    def _publish_queue(self, qid: int, **values: int) -> None:
+        o = self._qoffs[qid]
+        for name, v in values.items():
+            self.a.set32(getattr(o, name), v)
+
+    # -- fetching --------------------------------------------------------------------------------
+
+    def _sq_new(self, sq: _Sq) -> int:
+        """Entries the host has published and we have not fetched."""
+        self.counters["doorbell_reads"] += 1
+        tail = self.a.load_acquire32(sq.tail_db)
+        return (tail - sq.head) % sq.depth
+
+    def _fetch(self, sq: _Sq) -> tuple:
+        off = sq.base + sq.head * SQE.size
+        sqe = SQE.unpack_from(self.buf, off)
+        sq.head = (sq.head + 1) % sq.depth
+        return sqe
+
+    def _admin_pass(self) -> int:
+        sq = self.sqs.get(0)
+        if sq is None:
+            return 0
+        n = self._sq_new(sq)
+        for _ in range(n):
+            sqe = self._fetch(sq)
+            self.counters["admin_commands"] += 1
+            status, result = self._admin(sqe)
+            self._post(0, sqe[2], sq.head, status, result)
+        return n
+
+    def _io_pass(self, now: int) -> int:
+        """Arbitrate over the I/O SQs and start what the channels and caps allow;
+        how many commands started.  ``self.capped`` says the caps held one back."""
+        self.capped = False
+        sqs = self._io_sqs
+        if not sqs:
+            return 0
+        self.model.refill(now)
+        free = start_free = self.channels - len(self.inflight)
+        if free <= 0:
+            return 0
+        if self.arbitration == "wrr":
+            if all(sq.credit <= 0 for sq in sqs):
+                for sq in sqs:
+                    sq.credit = self.wrr[min(sq.prio, 2)]
+            order = sorted(sqs, key=lambda s: s.prio)
+        else:
+            k = self._rr % len(sqs)
+            order = sqs[k:] + sqs[:k]
+            self._rr += 1
+        for sq in order:
+            n = self._sq_new(sq)
+            if not n:
+                continue
+            take = min(n, free, self.burst)
+            if self.arbitration == "wrr":
+                take = min(take, max(sq.credit, 0))
+            for _ in range(take):
+                off = sq.base + sq.head * SQE.size
+                sqe = SQE.unpack_from(self.buf, off)
+                nbytes = ((sqe[10] & 0xFFFF) + 1) << self._lba_shift(sqe[3])
+                if not self.model.admit(nbytes):
+                    self.capped = True
+                    return start_free - free
+                sq.head = (sq.head + 1) % sq.depth
+                sq.credit -= 1
+                self._start(sq, sqe, nbytes, now)
+                free -= 1
+            if free <= 0:
+                break
+        return start_free - free
+
+    def _lba_shift(self, nsid: int) -> int:
+        ns = self.ns.get(nsid)
+        return ns.lba_shift if ns is not None else 9
+
+    def _start(self, sq: _Sq, sqe: tuple, nbytes: int, now: int) -> None:
+        """A command enters service: check it, draw its service time, apply faults."""
+        opcode, _flags, cid, nsid = sqe[0], sqe[1], sqe[2], sqe[3]
+        self.counters["commands"] += 1
+        status = Status.SUCCESS
+        ns = self.ns.get(nsid)
+        if opcode not in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH):
+            status = Status.INVALID_OPCODE
+        elif ns is None:
+            status = Status.INVALID_NS
+        elif opcode != IoOpcode.FLUSH:
+            slba = sqe[8] | sqe[9] << 32
+            nlb = (sqe[10] & 0xFFFF) + 1
+            if slba + nlb > ns.nr_blocks:
+                status = Status.LBA_RANGE
+        service = self.model.service_ns()
+        faults = self.faults
+        drop = False
+        if faults:
+            rng = self.rng
+            if faults.get("error_pct") and rng.random() * 100 < faults["error_pct"]:
+                status = Status.READ_ERROR if opcode == IoOpcode.READ else Status.WRITE_FAULT
+                self.counters["errors"] += 1
+            if faults.get("delay_pct") and rng.random() * 100 < faults["delay_pct"]:
+                service += faults["delay_ns"]
+            if faults.get("drop_pct") and rng.random() * 100 < faults["drop_pct"]:
+                drop = True
+        self._seq += 1
+        cmd = _Cmd(now + service, self._seq, sq.qid, cid, sq.head, status, 0, nbytes,
+                   drop=drop)  # fmt: skip
+        heapq.heappush(self.inflight, cmd)
+        self.by_cid[(sq.qid, cid)] = cmd
+
+    def _complete_due(self, now: int) -> int:
+        inflight = self.inflight
+        n = 0
+        while inflight and inflight[0].done_ns <= now:
+            n += 1
+            cmd = heapq.heappop(inflight)
+            self.by_cid.pop((cmd.sqid, cmd.cid), None)
+            if cmd.aborted:
+                continue  # already completed by the Abort
+            if cmd.drop:
+                self.counters["dropped"] += 1
+                continue
+            sq = self.sqs.get(cmd.sqid)
+            if sq is None:
+                continue  # its queue was deleted meanwhile
+            self._post(sq.cqid, cmd.cid, cmd.sq_head, cmd.status, cmd.result, sqid=cmd.sqid)
+        return n
+
+    # -- completions and interrupts ----------------------------------------------------------------
+
+    def _post(self, cqid: int, cid: int, sq_head: int, status: int, result: int,
+              sqid: int | None = None) -> None:  # fmt: skip
+        cq = self.cqs.get(cqid)
+        if cq is None:
+            return
+        cq.pending.append((result, sq_head, cqid if sqid is None else sqid, cid, status))
+        self._drain_cq(cq)
+
+    def _drain_cq(self, cq: _Cq) -> None:
+        """Write pending CQEs while the CQ has room; the phase word goes last."""
+        a, buf = self.a, self.buf
+        while cq.pending:
+            head = a.load_acquire32(cq.head_db)
+            if (cq.tail + 1) % cq.depth == head:
+                if not cq.stalled:
+                    cq.stalled = True
+                    self.counters["cq_full_stalls"] += 1
+                return
+            cq.stalled = False
+            result, sq_head, sqid, cid, status = cq.pending.popleft()
+            off = cq.base + cq.tail * CQE.size
+            struct.pack_into("<IIHH", buf, off, result, 0, sq_head, sqid)
+            # Publish: cid + status (with the phase tag) in one release store, after
+            # the rest of the entry; pairs with the host's load_acquire of this word.
+            a.store_release32(off + 12, cid | cqe_status(status, cq.phase) << 16)
+            cq.tail += 1
+            if cq.tail == cq.depth:
+                cq.tail = 0
+                cq.phase ^= 1
+            self.counters["completions"] += 1
+            if cq.irq_count == 0:
+                cq.irq_first_ns = self.clock()
+            cq.irq_count += 1
+        self._publish_queue(cq.qid, dev_cq_tail=cq.tail, dev_phase=cq.phase)
+
+    def _interrupts(self, now: int, end_of_pass: bool) -> int:
+        """Raise the vectors whose coalescing condition holds; the earliest time a
+        held-back interrupt is due (0: none)."""
+        due = 0
+        for cq in self.cqs.values():
+            if not cq.irq_count or not cq.ien:
+                continue
+            thr_met = cq.irq_count >= self.coalesce_thr + 1
+            time_met = self.coalesce_time_ns and now - cq.irq_first_ns >= self.coalesce_time_ns
+            coalescing = self.coalesce_thr or self.coalesce_time_ns
+            if (not coalescing and end_of_pass) or (coalescing and (thr_met or time_met)):
+                self._raise(cq)
+            elif coalescing and self.coalesce_time_ns:
+                t = cq.irq_first_ns + self.coalesce_time_ns
+                due = t if not due else min(due, t)
+        return due
+
+    def _raise(self, cq: _Cq) -> None:
+        self.counters["coalesced"] += cq.irq_count - 1
+        cq.irq_count = 0
+        lost = self.faults.get("lost_irq_pct") if self.faults else 0
+        if lost and cq.qid and self.rng.random() * 100 < lost:
+            self.counters["lost_irqs"] += 1
+            return
+        # The pending bit: a vector still pending (the host has not run its handler
+        # yet) is not signalled again; the handler will find these CQEs too.
+        if self.a.xchg32(self._qoffs[cq.qid].irq_pending, 1):
+            self.counters["irq_merged"] += 1
+            return
+        self.counters["interrupts"] += 1
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.plan.irq_w[cq.iv], b"\x01")
+
+    # -- admin commands ----------------------------------------------------------------------------
+
+    def _admin(self, sqe: tuple) -> tuple[int, int]:
+        opcode = sqe[0]
+        cdw10, cdw11 = sqe[8], sqe[9]
+        if opcode == AdminOpcode.IDENTIFY:
+            return self._identify(cdw10 & 0xFF, sqe[3], sqe[6])
+        if opcode == AdminOpcode.SET_FEATURES:
+            return self._set_features(cdw10 & 0xFF, cdw11)
+        if opcode == AdminOpcode.CREATE_CQ:
+            return self._create_cq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
+        if opcode == AdminOpcode.CREATE_SQ:
+            return self._create_sq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
+        if opcode == AdminOpcode.DELETE_SQ:
+            qid = cdw10 & 0xFFFF
+            if qid == 0 or qid not in self.sqs:
+                return Status.QID_INVALID, 0
+            for key in [k for k in self.by_cid if k[0] == qid]:
+                self.by_cid.pop(key).aborted = True
+            del self.sqs[qid]
+            self._publish_queue(qid, created=0)
+            self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+            return Status.SUCCESS, 0
+        if opcode == AdminOpcode.DELETE_CQ:
+            qid = cdw10 & 0xFFFF
+            if qid == 0 or qid not in self.cqs or any(s.cqid == qid for s in self.sqs.values()):
+                return Status.QID_INVALID, 0
+            del self.cqs[qid]
+            return Status.SUCCESS, 0
+        if opcode == AdminOpcode.ABORT:
+            return self._abort(cdw10 & 0xFFFF, cdw10 >> 16)
+        return Status.INVALID_OPCODE, 0
+
+    def _identify(self, cns: int, nsid: int, prp1: int) -> tuple[int, int]:
+        data = self.plan.data
+        if not data.offset <= prp1 < data.offset + data.nbytes:
+            return Status.INVALID_FIELD, 0
+        if cns == IdentifyCns.CONTROLLER:
+            max_depth = (
+                min(q.max_depth for q in self.plan.queues[1:]) if len(self.plan.queues) > 1 else 2
+            )
+            IDENTIFY_CTRL.pack_into(
+                self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
+                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues,
+            )  # fmt: skip
+            return Status.SUCCESS, 0
+        if cns == IdentifyCns.NAMESPACE:
+            ns = self.ns.get(nsid)
+            if ns is None:
+                return Status.INVALID_NS, 0
+            IDENTIFY_NS.pack_into(self.buf, prp1, ns.nr_blocks, ns.nr_blocks, ns.nr_blocks,
+                                  ns.lba_shift)  # fmt: skip
+            return Status.SUCCESS, 0
+        return Status.INVALID_FIELD, 0
+
+    def _set_features(self, fid: int, cdw11: int) -> tuple[int, int]:
+        if fid == Feature.NUM_QUEUES:
+            n = min(self.plan.max_io_queues, (cdw11 & 0xFFFF) + 1, (cdw11 >> 16) + 1)
+            return Status.SUCCESS, (n - 1) | (n - 1) << 16
+        if fid == Feature.IRQ_COALESCE:
+            self.coalesce_thr = cdw11 & 0xFF
+            self.coalesce_time_ns = ((cdw11 >> 8) & 0xFF) * 100_000
+            return Status.SUCCESS, 0
+        if fid == Feature.ARBITRATION:
+            ab = cdw11 & 0x7
+            self.burst = 1 << 30 if ab == 7 else 1 << ab
+            self.wrr = [((cdw11 >> s) & 0xFF) + 1 for s in (24, 16, 8)]
+            return Status.SUCCESS, 0
+        return Status.INVALID_FIELD, 0
+
+    def _create_cq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
+        regions = self._sq_regions(qid)
+        if qid == 0 or regions is None or qid in self.cqs:
+            return Status.QID_INVALID, 0
+        if not 2 <= depth <= regions.max_depth:
+            return Status.QUEUE_SIZE, 0
+        iv = cdw11 >> 16
+        if iv >= len(self.plan.irq_w):
+            return Status.INVALID_FIELD, 0  # Invalid Interrupt Vector
+        o = regions.words.offsets()
+        self.cqs[qid] = _Cq(qid, depth, regions.cq.offset, o.cq_head_db, iv, bool(cdw11 & 2))
+        self._publish_queue(qid, dev_cq_tail=0, dev_phase=1, iv=iv)
+        return Status.SUCCESS, 0
+
+    def _create_sq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
+        regions = self._sq_regions(qid)
+        cqid = cdw11 >> 16
+        if qid == 0 or regions is None or qid in self.sqs:
+            return Status.QID_INVALID, 0
+        if cqid not in self.cqs or cqid == 0:
+            return Status.CQ_INVALID, 0
+        if not 2 <= depth <= regions.max_depth:
+            return Status.QUEUE_SIZE, 0
+        o = regions.words.offsets()
+        self.sqs[qid] = _Sq(qid, cqid, depth, regions.sq.offset, o.sq_tail_db,
+                            prio=(cdw11 >> 1) & 0x3)  # fmt: skip
+        self._publish_queue(qid, created=1, q_depth=depth, cqid=cqid, dev_sq_head=0)
+        self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+        return Status.SUCCESS, 0
+
+    def _abort(self, sqid: int, cid: int) -> tuple[int, int]:
+        """Abort (08h): complete the command with ABORT_REQ if it is still here.
+        Result bit 0 set means it was *not* aborted."""
+        cmd = self.by_cid.pop((sqid, cid), None)
+        if cmd is None or cmd.aborted or cmd.drop:
+            return Status.SUCCESS, 1
+        cmd.aborted = True
+        self.counters["aborts"] += 1
+        sq = self.sqs.get(sqid)
+        if sq is not None:
+            self._post(sq.cqid, cid, cmd.sq_head, Status.ABORT_REQ, 0, sqid=sqid)
+        return Status.SUCCESS, 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _publish_counters(self) -> None:
+        a = self.a
+        c = self.counters
+        o = self._cnt
+        c["heartbeat_ns"] = self.clock()
+        for name, v in c.items():
+            a.set(getattr(o, name), v)
+
+    def _handle_ctl(self) -> None:
+        while self.ctl.poll():
+            try:
+                msg = msgpack.unpackb(self.ctl.recv_bytes())
+            except EOFError:
+                self.exiting = True
+                return
+            if msg.get("cmd") == "exit":
+                self.exiting = True
+
+    def _anything_new(self) -> bool:
+        return any(self._sq_new(sq) for sq in self.sqs.values())
+
+    def run(self) -> None:
+        a = self.a
+        self._publish_counters()
+        self.res.send_bytes(msgpack.packb({"msg": "ready", "role": "device", "pid": os.getpid()}))
+        next_pub = 0
+        busy_from = self.clock()
+        while not self.exiting:
+            now = self.clock()
+            cc_en = a.load_acquire32(self._cc_en)
+            if cc_en and not self.enabled:
+                self._enable()
+            elif not cc_en and self.enabled:
+                self._disable()
+            progressed = 0
+            if self.enabled:
+                progressed += self._admin_pass()
+                progressed += self._complete_due(now)
+                progressed += self._io_pass(now)
+                if self.model.latency_ns == 0:
+                    progressed += self._complete_due(now)  # zero latency: done at once
+                for cq in self.cqs.values():
+                    if cq.pending:
+                        self._drain_cq(cq)
+            irq_due = self._interrupts(now, True) if self.enabled else 0
+            if now >= next_pub:
+                next_pub = now + 50_000_000
+                self._publish_counters()
+            if progressed:
+                continue
+            # Nothing moved: sleep until the next due completion, held-back interrupt,
+            # bucket refill or CQ-head poll, asking for a kick (event index) so new
+            # submissions wake us at once.
+            deadlines = [irq_due] if irq_due else []
+            if self.inflight:
+                deadlines.append(self.inflight[0].done_ns)
+            if any(cq.pending for cq in self.cqs.values()):
+                deadlines.append(now + 20_000)  # CQ full: poll the head doorbell
+            if self.enabled and self.capped:
+                deadlines.append(now + self.model.wait_ns())
+            timeout = -1.0 if not deadlines else max(0.0, (min(deadlines) - self.clock()) / 1e9)
+            a.xchg32(self._need_kick, 1)  # full barrier before the re-check
+            if (
+                self.enabled
+                and not self.capped
+                and len(self.inflight) < self.channels
+                and self._anything_new()
+            ):
+                a.set32(self._need_kick, 0)
+                continue
+            if a.load_acquire32(self._cc_en) != int(self.enabled):
+                a.set32(self._need_kick, 0)
+                continue
+            self.counters["sleeps"] += 1
+            self.counters["busy_ns"] += self.clock() - busy_from
+            ready = wait.wait_fds(self._ep, self._fds, timeout)
+            busy_from = self.clock()
+            a.set32(self._need_kick, 0)
+            for fd in ready:
+                if fd == self.plan.kick_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self.plan.kick_fd)
+                    self.counters["kicks"] += 1
+                else:
+                    self._handle_ctl()
+        self.counters["busy_ns"] += self.clock() - busy_from
+        self._publish_counters()
+        self.res.send_bytes(
+            msgpack.packb({"msg": "result", "role": "device", "counters": self.counters})
+        )
+
+    def setup_wait(self) -> None:
+        self._ep = select.epoll()
+        for fd in self._fds:
+            self._ep.register(fd, select.EPOLLIN)
+
+
+def controller_main(plan: ControllerPlan, ctl, res, host_core: int | None, owner_pid: int) -> None:
+    """Entry point of the device process (forked by the runtime)."""
+    child_init(owner_pid, host_core)
+    try:
+        ctrl = Controller(plan, ctl, res)
+        ctrl.setup_wait()
+        profile_dir = os.environ.get("MQRT_PROFILE_DIR")
+        if profile_dir:  # a developer's aid, as for the CPUs
+            import cProfile
+
+            cProfile.runctx("ctrl.run()", globals(), {"ctrl": ctrl},
+                            os.path.join(profile_dir, "device.prof"))  # fmt: skip
+        else:
+            ctrl.run()
+    except Exception:
+        with contextlib.suppress(Exception):
+            res.send_bytes(msgpack.packb({"msg": "error", "role": "device",
+                                          "error": traceback.format_exc()}))  # fmt: skip
+        os._exit(1)
+    os._exit(0)

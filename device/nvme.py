@@ -1,0 +1,574 @@
+"""The nvme driver (``drivers/nvme/host/pci.c``): blk-mq ops over a controller process.
+
+Host side of every queue pair (``struct nvme_queue``) lives in shared memory because
+several CPU processes play the host: ``sq_tail``/``last_sq_tail`` under ``sq_lock``
+(the CPUs of an hctx share its SQ), ``cq_head``/``cq_phase`` under ``cq_lock`` (the
+CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
+
+* ``queue_rq`` (``nvme_queue_rq``): start the request, build the SQE with command id
+  ``genctr << 12 | tag``, copy it at the SQ tail; ring the doorbell only when
+  ``bd->last`` (``commit_rqs`` rings it when a batch ends early).  After the doorbell
+  a kick goes to the controller only if it asked for one (``need_kick``).
+* the interrupt (``nvme_irq`` -> ``nvme_poll_cq``): reap CQEs while their phase tag
+  matches, look each command id up with the generation check ("genctr mismatch"),
+  complete through blk-mq, then one CQ head doorbell write.
+* ``timeout`` (``nvme_timeout``): poll the CQ first ("completion polled": a lost
+  interrupt); otherwise send an Abort on the admin queue and give the command another
+  timeout; a command that times out again after its abort is completed by the host
+  with ``NVME_SC_HOST_ABORTED_CMD`` (see Deviations).
+* ``map_queues``: the default map over the I/O queues; vector ``qid`` is affine to the
+  first CPU of hctx ``qid - 1``.  Namespaces are request queues on the controller's
+  tag set (``TAG_QUEUE_SHARED`` with more than one).
+
+The probe (``nvme_probe`` / ``nvme_reset_work``) runs in the runtime before the CPUs
+start: enable the controller, identify it and its namespaces, set the number of
+queues, interrupt coalescing and arbitration, and create each I/O CQ before its SQ.
+
+Deviations from Linux
+    * A command that times out after its Abort is completed by the host with
+      ``HOST_ABORTED_CMD`` instead of a full controller reset (the reset is not
+      modelled yet); a late CQE for it is then dropped as stale by the genctr check.
+    * Admin commands from CPUs (Abort) are fire-and-forget; their completions are
+      reaped by CPU 0, which the admin vector is affine to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
+from mqrt.blk_mq_cpumap import Topology
+from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet
+from mqrt.device.controller import (
+    DEV_COUNTERS,
+    IDENTIFY_CTRL,
+    ControllerPlan,
+    Namespace,
+    QueueRegions,
+    controller_main,
+)
+from mqrt.device.nvme_defs import (
+    CID_TAG_MASK,
+    CQE,
+    NVME_AQ_DEPTH,
+    NVME_QUEUE,
+    NVME_REGS,
+    SQE,
+    AdminOpcode,
+    Feature,
+    IdentifyCns,
+    IoOpcode,
+    Status,
+    nvme_cid,
+)
+from mqrt.device.nvme_model import DEVICE_KNOBS
+from mqrt.knobs import Knob, KnobError, parse_knobs
+from mqrt.shm import Arena, Layout, Region
+from mqrt.wait import spin_lock, spin_unlock
+
+_fork = mp.get_context("fork")
+
+#: nvme module parameters and controller shape mqrt models.
+NVME_KNOBS: tuple[Knob, ...] = (
+    Knob("io_queue_depth", "int", 1024,
+         "Entries per I/O queue (the tag set gets one less). Default: 1024", 2, 4096),
+    Knob("nr_io_queues", "int", 0,
+         "I/O queue pairs to create (0: one per CPU, as nvme does). Default: 0", 0, 1024),
+    Knob("nr_namespaces", "int", 1,
+         "Namespaces on the controller, each a request queue. Default: 1", 1, 64),
+    Knob("ns_gb", "int", 128, "Size of each namespace in GB. Default: 128", 1, 1 << 20),
+    Knob("lba_size", "int", 512, "Logical block size in bytes. Default: 512", 512, 4096),
+    Knob("lost_irq", "float", 0.0,
+         "Percent of interrupts the device loses (the timeout polls the CQ). Default: 0",
+         0.0, 100.0),
+    Knob("drop_completion", "float", 0.0,
+         "Percent of commands whose completion the device drops (timeout, abort). "
+         "Default: 0", 0.0, 100.0),
+    Knob("error_status", "float", 0.0,
+         "Percent of commands completed with a media error. Default: 0", 0.0, 100.0),
+    Knob("delay_pct", "float", 0.0, "Percent of commands delayed by delay_ns. Default: 0",
+         0.0, 100.0),
+    Knob("delay_ns", "int", 1_000_000, "Extra service time of delayed commands. Default: 1 ms",
+         0, 60_000_000_000),
+)  # fmt: skip
+
+#: NVMe status -> blk_status_t (nvme_error_status()).
+_BLK_STATUS = {
+    Status.SUCCESS: BlkStatus.OK,
+    Status.LBA_RANGE: BlkStatus.TARGET,
+    Status.INVALID_NS: BlkStatus.TARGET,
+    Status.INVALID_OPCODE: BlkStatus.NOTSUPP,
+    Status.READ_ERROR: BlkStatus.MEDIUM,
+    Status.WRITE_FAULT: BlkStatus.MEDIUM,
+    Status.ABORT_REQ: BlkStatus.IOERR,
+    Status.HOST_ABORTED_CMD: BlkStatus.IOERR,
+}
+
+#: Request PDU (struct nvme_iod): genctr, aborted flag.
+IOD = struct.Struct("<BB")
+NVME_CMD_SIZE = 8
+
+
+def nvme_error_status(status: int) -> int:
+    return int(_BLK_STATUS.get(status, BlkStatus.IOERR))
+
+
+class NvmeQueue:
+    """One process's handle on a queue pair (struct nvme_queue)."""
+
+    def __init__(self, arena: Arena, regions: QueueRegions, regs: Region, kick_fd: int):
+        self.a = a = arena.atomic
+        self.buf = arena.buf
+        self.qid = regions.qid
+        o = regions.words.offsets()
+        self.o = o
+        self.sq_base = regions.sq.offset
+        self.cq_base = regions.cq.offset
+        self.depth = a.read32(o.q_depth) or regions.max_depth
+        r = regs.offsets()
+        self._need_kick = r.need_kick
+        self.kick_fd = kick_fd
+        self.nr_doorbells = 0
+        self.nr_kicks = 0
+
+    def refresh(self) -> None:
+        self.depth = self.a.read32(self.o.q_depth)
+
+    # -- submission (nvme_sq_copy_cmd, nvme_write_sq_db) ----------------------------------
+
+    def submit(self, sqe_args: tuple, ring: bool) -> None:
+        a, o = self.a, self.o
+        spin_lock(a, o.sq_lock)
+        try:
+            tail = a.read32(o.sq_tail)
+            SQE.pack_into(self.buf, self.sq_base + tail * SQE.size, *sqe_args)
+            tail += 1
+            if tail == self.depth:
+                tail = 0
+            a.set32(o.sq_tail, tail)
+            if ring:
+                self._write_sq_db(tail)
+        finally:
+            spin_unlock(a, o.sq_lock)
+
+    def commit(self) -> None:
+        """nvme_commit_rqs(): ring the doorbell for entries written without it."""
+        a, o = self.a, self.o
+        spin_lock(a, o.sq_lock)
+        try:
+            tail = a.read32(o.sq_tail)
+            if tail != a.read32(o.last_sq_tail):
+                self._write_sq_db(tail)
+        finally:
+            spin_unlock(a, o.sq_lock)
+
+    def _write_sq_db(self, tail: int) -> None:
+        """The doorbell store is an xchg (a full barrier): the entries are visible
+        before it, and it is ordered before the need_kick check (pairs with the
+        controller's xchg of need_kick before its last look at the doorbells)."""
+        a = self.a
+        a.xchg32(self.o.sq_tail_db, tail)
+        a.set32(self.o.last_sq_tail, tail)
+        self.nr_doorbells += 1
+        if a.read32(self._need_kick) and a.xchg32(self._need_kick, 0):
+            self.nr_kicks += 1
+            os.eventfd_write(self.kick_fd, 1)
+
+    # -- completion (nvme_cqe_pending, nvme_update_cq_head, nvme_ring_cq_doorbell) --------
+
+    def reap(self, budget: int = 1 << 30, trylock: bool = False) -> list[tuple]:
+        """Consume CQEs while their phase tag matches ours: a list of
+        (cid, status, result, sq_head, sq_id).  With ``trylock``, give up at once if
+        another CPU is reaping (nvme_poll_irqdisable's cq_poll_lock)."""
+        a, o, buf = self.a, self.o, self.buf
+        if trylock:
+            if a.test_and_set_bit_lock(o.cq_lock, 0):
+                return []
+        else:
+            spin_lock(a, o.cq_lock)
+        out = []
+        try:
+            head = a.read32(o.cq_head)
+            phase = a.read32(o.cq_phase)
+            depth = self.depth
+            base = self.cq_base
+            while len(out) < budget:
+                off = base + head * CQE.size
+                word = a.load_acquire32(off + 12)  # cid | status << 16: phase first
+                if (word >> 16) & 1 != phase:
+                    break
+                result, _dw1, sq_head, sq_id = struct.unpack_from("<IIHH", buf, off)
+                out.append((word & 0xFFFF, (word >> 17) & 0x7FFF, result, sq_head, sq_id))
+                head += 1
+                if head == depth:
+                    head = 0
+                    phase ^= 1
+            if out:
+                a.set32(o.cq_head, head)
+                a.set32(o.cq_phase, phase)
+                a.store_release32(o.cq_head_db, head)  # after the entries were read
+        finally:
+            spin_unlock(a, o.cq_lock)
+        return out
+
+
+@dataclass
+class NvmeConfig:
+    values: dict[str, Any]  #: NVME_KNOBS + DEVICE_KNOBS
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def parse_config(given: dict[str, Any]) -> NvmeConfig:
+    return NvmeConfig(parse_knobs((*NVME_KNOBS, *DEVICE_KNOBS), given))
+
+
+class NvmeOps(BlkMqOps):
+    """The nvme driver's blk_mq_ops plus the controller's plumbing (created in the
+    runtime; CPUs use a forked copy, bound with :meth:`bind`)."""
+
+    name = "nvme"
+
+    def __init__(self, cfg: NvmeConfig, nr_io_queues: int):
+        self.cfg = cfg
+        self.nr_io_queues = nr_io_queues
+        self.lba_shift = cfg.lba_size.bit_length() - 1
+        self.sect_shift = self.lba_shift - 9
+        self.regions: list[QueueRegions] = []
+        self.regs: Region | None = None
+        self.data: Region | None = None
+        self.counters: Region | None = None
+        self.admin_cid: Region | None = None
+        self.kick_fd = -1
+        self.irq_r: list[int] = []
+        self.irq_w: list[int] = []
+        self.vector_cpu: list[int] = []  #: vector -> CPU it is affine to
+        self.queues: list[RequestQueue] = []
+        self.nvmeqs: list[NvmeQueue] = []
+        self.mq: BlkMq | None = None
+        self.stats = {"genctr_mismatch": 0, "completion_polled": 0, "aborts_sent": 0,
+                      "host_aborted": 0, "interrupts": 0, "cqes": 0}  # fmt: skip
+
+    # -- layout (in the owner) ----------------------------------------------------------
+
+    def declare(self, layout: Layout) -> None:
+        depth = self.cfg.io_queue_depth
+        self.regs = layout.add("nvme.regs", NVME_REGS)
+        self.data = layout.add("nvme.admin_data", "V4096")
+        self.counters = layout.add("nvme.counters", DEV_COUNTERS)
+        self.admin_cid = layout.add("nvme.admin_cid", "<u8")
+        for qid in range(self.nr_io_queues + 1):
+            qdepth = NVME_AQ_DEPTH if qid == 0 else depth
+            words = layout.add(f"nvme.q{qid}", NVME_QUEUE)
+            sq = layout.add(f"nvme.q{qid}.sq", "V64", qdepth)
+            cq = layout.add(f"nvme.q{qid}.cq", "V16", qdepth)
+            self.regions.append(QueueRegions(qid, qdepth, words, sq, cq))
+
+    def init_shared(self, arena: Arena) -> None:
+        """Owner only: the admin queue's depth; host phases start at 1."""
+        a = arena.atomic
+        for q in self.regions:
+            o = q.words.offsets()
+            a.set32(o.q_depth, q.max_depth if q.qid == 0 else 0)
+            a.set32(o.cq_phase, 1)
+
+    def make_fds(self) -> list[int]:
+        """Owner only, before forking: the kick eventfd and one pipe per vector."""
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        for _ in self.regions:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.irq_r.append(r)
+            self.irq_w.append(w)
+        return [self.kick_fd, *self.irq_r, *self.irq_w]
+
+    def device_plan(self, arena: Arena) -> ControllerPlan:
+        cfg = self.cfg
+        nr_blocks = (cfg.ns_gb << 30) >> self.lba_shift
+        faults = {
+            "lost_irq_pct": cfg.lost_irq,
+            "drop_pct": cfg.drop_completion,
+            "error_pct": cfg.error_status,
+            "delay_pct": cfg.delay_pct,
+            "delay_ns": cfg.delay_ns,
+        }
+        return ControllerPlan(
+            arena=arena,
+            regs=self.regs,  # type: ignore[arg-type]
+            queues=self.regions,
+            data=self.data,  # type: ignore[arg-type]
+            counters=self.counters,  # type: ignore[arg-type]
+            kick_fd=self.kick_fd,
+            irq_w=self.irq_w,
+            namespaces=[
+                Namespace(i + 1, nr_blocks, self.lba_shift) for i in range(cfg.nr_namespaces)
+            ],
+            model={k.name: cfg.values[k.name] for k in DEVICE_KNOBS},
+            faults={k: v for k, v in faults.items() if v} if any(faults.values()) else {},
+            max_io_queues=self.nr_io_queues,
+        )
+
+    def start_device(self, arena: Arena, host_core: int | None):
+        """Fork the controller process; (process, control conn, result conn)."""
+        c_r, c_w = _fork.Pipe(duplex=False)
+        r_r, r_w = _fork.Pipe(duplex=False)
+        p = _fork.Process(
+            target=controller_main,
+            args=(self.device_plan(arena), c_r, r_w, host_core, os.getpid()),
+            name="mqrt-nvme",
+            daemon=True,
+        )
+        p.start()
+        c_r.close()
+        r_w.close()
+        return p, c_w, r_r
+
+    # -- the probe (in the owner, once the controller runs) ------------------------------
+
+    def probe(self, arena: Arena, timeout: float = 10.0) -> dict[str, Any]:
+        """nvme_probe(): enable, identify, set features, create the I/O queues."""
+        a = arena.atomic
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        admin = NvmeQueue(arena, self.regions[0], self.regs, self.kick_fd)  # type: ignore[arg-type]
+        a.store_release32(r.cc_en, 1)
+        self._kick(a, r.need_kick, force=True)
+        deadline = time.monotonic() + timeout
+        while not a.load_acquire32(r.csts_rdy):
+            if time.monotonic() > deadline:
+                raise RuntimeError("nvme: controller did not become ready (CSTS.RDY)")
+            time.sleep(0.0005)
+        cfg = self.cfg
+        data = self.data.offset  # type: ignore[union-attr]
+
+        def cmd(opcode, nsid=0, cdw10=0, cdw11=0, prp1=0) -> int:
+            status, result = self.admin_sync(admin, opcode, nsid, cdw10, cdw11, prp1, deadline)
+            if status != Status.SUCCESS:
+                raise RuntimeError(
+                    f"nvme: admin {AdminOpcode(opcode).name} failed with status {status:#x}"
+                )
+            return result
+
+        cmd(AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, prp1=data)
+        ident = IDENTIFY_CTRL.unpack_from(arena.buf, data)
+        nn, mqes = ident[6], ident[7]
+        if nn < cfg.nr_namespaces:
+            raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
+        for nsid in range(1, cfg.nr_namespaces + 1):
+            cmd(AdminOpcode.IDENTIFY, nsid, IdentifyCns.NAMESPACE, prp1=data)
+        n = self.nr_io_queues
+        res = cmd(AdminOpcode.SET_FEATURES, 0, Feature.NUM_QUEUES, (n - 1) | (n - 1) << 16)
+        if (res & 0xFFFF) + 1 < n:
+            raise RuntimeError(f"nvme: controller grants {(res & 0xFFFF) + 1} I/O queues, not {n}")
+        thr, tim = cfg.irq_coalesce_thr, cfg.irq_coalesce_time
+        cmd(AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8)
+        depth = min(cfg.io_queue_depth, mqes + 1)
+        for qid in range(1, n + 1):
+            o = self.regions[qid].words.offsets()
+            a.set32(o.q_depth, depth)
+            # Create the CQ (vector qid, interrupts enabled) before its SQ.
+            cmd(AdminOpcode.CREATE_CQ, 0, (depth - 1) << 16 | qid, qid << 16 | 0x3)
+            cmd(AdminOpcode.CREATE_SQ, 0, (depth - 1) << 16 | qid, qid << 16 | 1 << 1 | 1)
+        return {"namespaces": nn, "io_queues": n, "queue_depth": depth,
+                "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
+
+    def _kick(self, a, need_kick_off: int, force: bool = False) -> None:
+        if force or (a.read32(need_kick_off) and a.xchg32(need_kick_off, 0)):
+            os.eventfd_write(self.kick_fd, 1)
+
+    def _admin_cid(self, a) -> int:
+        return a.fetch_add(self.admin_cid.offset, 1) & CID_TAG_MASK  # type: ignore[union-attr]
+
+    def admin_sync(self, admin: NvmeQueue, opcode, nsid, cdw10, cdw11, prp1,
+                   deadline: float) -> tuple[int, int]:  # fmt: skip
+        """Submit an admin command and wait for its completion (polling the admin CQ,
+        sleeping on its vector's pipe)."""
+        a = admin.a
+        cid = self._admin_cid(a)
+        admin.submit((opcode, 0, cid, nsid, 0, 0, prp1, 0, cdw10, cdw11, 0, 0, 0, 0), True)
+        while True:
+            a.xchg32(admin.o.irq_pending, 0)  # acknowledge the admin vector, then reap
+            for got_cid, status, result, _sqh, _sqid in admin.reap():
+                if got_cid == cid:
+                    return status, result
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nvme: admin {AdminOpcode(opcode).name} timed out")
+            select.select([self.irq_r[0]], [], [], 0.01)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.irq_r[0], 4096)
+
+    def shutdown(self, arena: Arena) -> None:
+        """nvme_dev_disable() at the end of a run: CC.EN = 0."""
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        arena.atomic.store_release32(r.cc_en, 0)
+        self._kick(arena.atomic, r.need_kick, force=True)
+
+    def device_counters(self, arena: Arena) -> dict[str, int]:
+        v = arena.view(self.counters)  # type: ignore[arg-type]
+        out = {name: int(v[name][0]) for name in v.dtype.names}
+        del v
+        return out
+
+    # -- in a CPU ----------------------------------------------------------------------------------
+
+    def bind(self, arena: Arena, mq: BlkMq | None, cpu: int) -> None:
+        self.mq = mq
+        self.cpu = cpu
+        self.nvmeqs = [NvmeQueue(arena, q, self.regs, self.kick_fd) for q in self.regions]  # type: ignore[arg-type]
+        for q in self.nvmeqs[1:]:
+            q.refresh()
+
+    def irq_handlers(self, mq: BlkMq, cpu: int) -> list[tuple[int, Any]]:
+        """The vectors affine to ``cpu``: fd -> nvme_irq for that queue."""
+        out = []
+        for vec, owner in enumerate(self.vector_cpu):
+            if owner == cpu:
+                out.append((self.irq_r[vec], lambda vec=vec: self.nvme_irq(vec)))
+        return out
+
+    def map_queues(self, tset: TagSet) -> None:
+        """nvme_pci_map_queues(): the DEFAULT map over the I/O queues."""
+        from mqrt.blk_mq_cpumap import map_queues
+
+        map_queues(tset.map[0], tset.topology)  # type: ignore[arg-type]
+
+    def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
+        """nvme_queue_rq()."""
+        pdu = rq.pdu
+        genctr = (pdu[0] + 1) & 0xF  # type: ignore[index]
+        pdu[0] = genctr  # type: ignore[index]
+        pdu[1] = 0  # type: ignore[index]
+        st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
+        mq.start_request(rq)
+        opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE
+        slba = st[1] >> self.sect_shift
+        nlb = (st[2] >> self.sect_shift) - 1
+        self.nvmeqs[hctx.index + 1].submit(
+            (
+                opcode, 0, nvme_cid(genctr, rq.tag), st[6] + 1, 0, 0, 0, 0,
+                slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
+            ),
+            last,
+        )  # fmt: skip
+        return 0
+
+    def commit_rqs(self, mq: BlkMq, hctx: HwCtx) -> None:
+        self.nvmeqs[hctx.index + 1].commit()
+
+    def nvme_irq(self, vec: int) -> None:
+        """nvme_irq(): the vector fired: reap its CQ (and, on vector 0, admin CQEs)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.irq_r[vec], 4096)
+        self.stats["interrupts"] += 1
+        # Acknowledge (clear the pending bit) before reaping: a CQE posted after the
+        # reap raises the vector again.
+        q = self.nvmeqs[vec]
+        q.a.xchg32(q.o.irq_pending, 0)
+        self.poll_cq(vec)
+
+    def poll_cq(self, qid: int, trylock: bool = False) -> int:
+        """nvme_poll_cq(): complete every CQE found; how many."""
+        cqes = self.nvmeqs[qid].reap(trylock=trylock)
+        if qid == 0:
+            return len(cqes)  # Abort completions: nothing to end (abort_endio)
+        mq = self.mq
+        tags = mq.queues[0].hctxs[qid - 1].tags  # type: ignore[union-attr]
+        for cid, status, _result, _sqh, _sqid in cqes:
+            self.stats["cqes"] += 1
+            self._handle_cqe(mq, tags, cid, status)
+        return len(cqes)
+
+    def _handle_cqe(self, mq, tags, cid: int, status: int) -> None:
+        """nvme_handle_cqe(): command id -> request, with the genctr check."""
+        tag = cid & CID_TAG_MASK
+        if tag >= tags.nr_tags:
+            self.stats["genctr_mismatch"] += 1
+            return
+        rq = mq.rqs[0][tags.rq_base + tag]  # every namespace shares the tag set's pool
+        genctr = rq.pdu[0]  # type: ignore[index]
+        if cid >> 12 != genctr:
+            # "request %#x genctr mismatch (got %#x expected %#x)"
+            self.stats["genctr_mismatch"] += 1
+            return
+        mq.complete_request(rq, rq.gen, status=nvme_error_status(status))
+
+    def complete(self, mq: BlkMq, rq: Request) -> None:
+        """nvme_pci_complete_rq() -> nvme_complete_rq(): end with the status."""
+        mq.end_request(rq)
+
+    def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
+        """nvme_timeout()."""
+        st = rq.setup()
+        qid = st[5] + 1
+        before = rq.state_word
+        self.poll_cq(qid)  # a lost interrupt? poll the CQ first
+        if rq.state_word != before:
+            # "I/O tag %d QID %d timeout, completion polled"
+            self.stats["completion_polled"] += 1
+            return EhRet.DONE
+        pdu = rq.pdu
+        if not pdu[1]:  # type: ignore[index]
+            # "I/O tag %d QID %d timeout, aborting": an Abort on the admin queue.
+            pdu[1] = 1  # type: ignore[index]
+            self.stats["aborts_sent"] += 1
+            admin = self.nvmeqs[0]
+            cid = self._admin_cid(admin.a)
+            abort_cdw10 = qid | nvme_cid(pdu[0], rq.tag) << 16  # type: ignore[index]
+            admin.submit(
+                (AdminOpcode.ABORT, 0, cid, 0, 0, 0, 0, 0, abort_cdw10, 0, 0, 0, 0, 0), True
+            )
+            return EhRet.RESET_TIMER
+        # Timed out again after its abort: the host gives up on it.
+        self.stats["host_aborted"] += 1
+        mq.complete_request(rq, gen, status=nvme_error_status(Status.HOST_ABORTED_CMD))
+        return EhRet.DONE
+
+
+def setup(
+    cfg: NvmeConfig,
+    layout: Layout,
+    topology: Topology,
+    *,
+    rq_affinity: int = 1,
+    timeout_ms: int = 30_000,
+    pool_limit_bytes: int | None = None,
+) -> tuple[NvmeOps, list[RequestQueue]]:
+    """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
+    nr_io_queues = cfg.nr_io_queues or topology.nr_cpus
+    nr_io_queues = min(nr_io_queues, topology.nr_cpus)
+    ops = NvmeOps(cfg, nr_io_queues)
+    ops.declare(layout)
+    tset = TagSet(
+        ops=ops,
+        nr_hw_queues=nr_io_queues,
+        queue_depth=cfg.io_queue_depth - 1,  # the SQ keeps one slot empty
+        cmd_size=NVME_CMD_SIZE,
+        timeout_ms=timeout_ms,
+        name="nvme_tag_set",
+        pool_limit_bytes=pool_limit_bytes,
+    )
+    alloc_tag_set(tset, layout, topology)
+    if tset.queue_depth > cfg.io_queue_depth - 1:
+        raise KnobError("io_queue_depth: inconsistent tag set depth")
+    queues = [
+        init_queue(tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity)
+        for i in range(cfg.nr_namespaces)
+    ]
+    ops.queues = queues
+    q0 = queues[0]
+    ops.vector_cpu = [0] + [q0.hctx_cpus[h][0] if q0.hctx_cpus[h] else 0
+                            for h in range(nr_io_queues)]  # fmt: skip
+    return ops, queues
+
+
+def describe(cfg: NvmeConfig) -> dict[str, Any]:
+    return dict(cfg.values)
