@@ -46,7 +46,6 @@ import msgpack
 
 from mqrt import wait
 from mqrt.device.nvme_defs import (
-    CQE,
     NVME_QID_ADMIN,
     SQE,
     AdminOpcode,
@@ -59,6 +58,8 @@ from mqrt.device.nvme_defs import (
 from mqrt.device.nvme_model import ServiceModel
 from mqrt.proc import child_init
 from mqrt.shm import Arena, Region, cacheline_struct
+
+_IO_OPCODES = frozenset((IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH))
 
 #: The controller's counters, written by it alone (plain stores), read by the runtime.
 DEV_COUNTERS = cacheline_struct(
@@ -154,20 +155,6 @@ class _Cq:
     stalled: bool = False
 
 
-@dataclass(order=True)
-class _Cmd:
-    done_ns: int
-    seq: int
-    sqid: int = field(compare=False)
-    cid: int = field(compare=False)
-    sq_head: int = field(compare=False)
-    status: int = field(compare=False, default=0)
-    result: int = field(compare=False, default=0)
-    nbytes: int = field(compare=False, default=0)
-    aborted: bool = field(compare=False, default=False)
-    drop: bool = field(compare=False, default=False)
-
-
 class Controller:
     def __init__(self, plan: ControllerPlan, ctl, res):
         self.plan = plan
@@ -192,10 +179,13 @@ class Controller:
         self.coalesce_thr = plan.model["irq_coalesce_thr"]
         self.coalesce_time_ns = plan.model["irq_coalesce_time"] * 100_000
         self.ns = {n.nsid: n for n in plan.namespaces}
+        self._lba_shift = {n.nsid: n.lba_shift for n in plan.namespaces}
         self.sqs: dict[int, _Sq] = {}
         self.cqs: dict[int, _Cq] = {}
-        self.inflight: list[_Cmd] = []  #: heap by completion time
-        self.by_cid: dict[tuple[int, int], _Cmd] = {}
+        #: commands in service, a heap of (done_ns, seq, sqid, cid, sq_head, status, drop)
+        self.inflight: list[tuple] = []
+        self.by_cid: dict[tuple[int, int], tuple] = {}
+        self.aborted: set[int] = set()  #: seqs completed early by an Abort
         self._seq = 0
         self._rr = 0
         self.enabled = False
@@ -229,6 +219,7 @@ class Controller:
         self._io_sqs = []
         self.inflight.clear()
         self.by_cid.clear()
+        self.aborted.clear()
         self.enabled = False
         self.counters["resets"] += 1
         self.a.store_release32(self._csts_rdy, 0)
@@ -271,63 +262,64 @@ class Controller:
         sqs = self._io_sqs
         if not sqs:
             return 0
-        self.model.refill(now)
+        model = self.model
+        model.refill(now)
         free = start_free = self.channels - len(self.inflight)
         if free <= 0:
             return 0
-        if self.arbitration == "wrr":
+        wrr = self.arbitration == "wrr"
+        if wrr:
             if all(sq.credit <= 0 for sq in sqs):
                 for sq in sqs:
                     sq.credit = self.wrr[min(sq.prio, 2)]
             order = sorted(sqs, key=lambda s: s.prio)
         else:
             k = self._rr % len(sqs)
-            order = sqs[k:] + sqs[:k]
+            order = sqs[k:] + sqs[:k] if k else sqs
             self._rr += 1
+        buf, unpack, size = self.buf, SQE.unpack_from, SQE.size
+        lba_shift = self._lba_shift
         for sq in order:
             n = self._sq_new(sq)
             if not n:
                 continue
             take = min(n, free, self.burst)
-            if self.arbitration == "wrr":
+            if wrr:
                 take = min(take, max(sq.credit, 0))
             for _ in range(take):
-                off = sq.base + sq.head * SQE.size
-                sqe = SQE.unpack_from(self.buf, off)
-                nbytes = ((sqe[10] & 0xFFFF) + 1) << self._lba_shift(sqe[3])
-                if not self.model.admit(nbytes):
+                sqe = unpack(buf, sq.base + sq.head * size)
+                nbytes = ((sqe[10] & 0xFFFF) + 1) << lba_shift.get(sqe[3], 9)
+                if not model.admit(nbytes):
                     self.capped = True
                     return start_free - free
-                sq.head = (sq.head + 1) % sq.depth
+                sq.head += 1
+                if sq.head == sq.depth:
+                    sq.head = 0
                 sq.credit -= 1
-                self._start(sq, sqe, nbytes, now)
+                self._start(sq, sqe, now)
                 free -= 1
             if free <= 0:
                 break
         return start_free - free
 
-    def _lba_shift(self, nsid: int) -> int:
-        ns = self.ns.get(nsid)
-        return ns.lba_shift if ns is not None else 9
-
-    def _start(self, sq: _Sq, sqe: tuple, nbytes: int, now: int) -> None:
-        """A command enters service: check it, draw its service time, apply faults."""
-        opcode, _flags, cid, nsid = sqe[0], sqe[1], sqe[2], sqe[3]
+    def _start(self, sq: _Sq, sqe: tuple, now: int) -> None:
+        """A command enters service: check it, draw its service time, apply faults.
+        In flight it is a tuple ``(done_ns, seq, sqid, cid, sq_head, status, drop)``."""
+        opcode, cid, nsid = sqe[0], sqe[2], sqe[3]
         self.counters["commands"] += 1
-        status = Status.SUCCESS
+        status = 0
         ns = self.ns.get(nsid)
-        if opcode not in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH):
+        if opcode not in _IO_OPCODES:
             status = Status.INVALID_OPCODE
         elif ns is None:
             status = Status.INVALID_NS
-        elif opcode != IoOpcode.FLUSH:
-            slba = sqe[8] | sqe[9] << 32
-            nlb = (sqe[10] & 0xFFFF) + 1
-            if slba + nlb > ns.nr_blocks:
-                status = Status.LBA_RANGE
-        service = self.model.service_ns()
-        faults = self.faults
+        elif opcode != IoOpcode.FLUSH and (sqe[8] | sqe[9] << 32) + (sqe[10] & 0xFFFF) >= (
+            ns.nr_blocks
+        ):
+            status = Status.LBA_RANGE
+        service = self.model.service_ns() if self.model.latency_ns else 0
         drop = False
+        faults = self.faults
         if faults:
             rng = self.rng
             if faults.get("error_pct") and rng.random() * 100 < faults["error_pct"]:
@@ -338,27 +330,31 @@ class Controller:
             if faults.get("drop_pct") and rng.random() * 100 < faults["drop_pct"]:
                 drop = True
         self._seq += 1
-        cmd = _Cmd(now + service, self._seq, sq.qid, cid, sq.head, status, 0, nbytes,
-                   drop=drop)  # fmt: skip
+        cmd = (now + service, self._seq, sq.qid, cid, sq.head, status, drop)
         heapq.heappush(self.inflight, cmd)
         self.by_cid[(sq.qid, cid)] = cmd
 
     def _complete_due(self, now: int) -> int:
+        """Move every command whose service time is over to its CQ's pending list."""
         inflight = self.inflight
         n = 0
-        while inflight and inflight[0].done_ns <= now:
+        by_cid, aborted = self.by_cid, self.aborted
+        while inflight and inflight[0][0] <= now:
+            _done, seq, sqid, cid, sq_head, status, drop = heapq.heappop(inflight)
             n += 1
-            cmd = heapq.heappop(inflight)
-            self.by_cid.pop((cmd.sqid, cmd.cid), None)
-            if cmd.aborted:
-                continue  # already completed by the Abort
-            if cmd.drop:
+            if aborted and seq in aborted:
+                aborted.discard(seq)  # already completed by its Abort
+                continue
+            by_cid.pop((sqid, cid), None)
+            if drop:
                 self.counters["dropped"] += 1
                 continue
-            sq = self.sqs.get(cmd.sqid)
+            sq = self.sqs.get(sqid)
             if sq is None:
                 continue  # its queue was deleted meanwhile
-            self._post(sq.cqid, cmd.cid, cmd.sq_head, cmd.status, cmd.result, sqid=cmd.sqid)
+            cq = self.cqs.get(sq.cqid)
+            if cq is not None:
+                cq.pending.append((0, sq_head, sqid, cid, status))
         return n
 
     # -- completions and interrupts ----------------------------------------------------------------
@@ -372,31 +368,42 @@ class Controller:
         self._drain_cq(cq)
 
     def _drain_cq(self, cq: _Cq) -> None:
-        """Write pending CQEs while the CQ has room; the phase word goes last."""
+        """Write pending CQEs while the CQ has room (one head doorbell read per
+        drain); in each entry the phase word goes last."""
         a, buf = self.a, self.buf
-        while cq.pending:
-            head = a.load_acquire32(cq.head_db)
-            if (cq.tail + 1) % cq.depth == head:
-                if not cq.stalled:
-                    cq.stalled = True
-                    self.counters["cq_full_stalls"] += 1
-                return
-            cq.stalled = False
-            result, sq_head, sqid, cid, status = cq.pending.popleft()
-            off = cq.base + cq.tail * CQE.size
-            struct.pack_into("<IIHH", buf, off, result, 0, sq_head, sqid)
-            # Publish: cid + status (with the phase tag) in one release store, after
-            # the rest of the entry; pairs with the host's load_acquire of this word.
-            a.store_release32(off + 12, cid | cqe_status(status, cq.phase) << 16)
-            cq.tail += 1
-            if cq.tail == cq.depth:
-                cq.tail = 0
-                cq.phase ^= 1
-            self.counters["completions"] += 1
+        head = a.load_acquire32(cq.head_db)
+        room = (head - cq.tail - 1) % cq.depth
+        pending = cq.pending
+        n = min(room, len(pending))
+        if n:
+            tail, phase, depth, base = cq.tail, cq.phase, cq.depth, cq.base
+            pack = struct.pack_into
+            release = a.store_release32
+            for _ in range(n):
+                result, sq_head, sqid, cid, status = pending.popleft()
+                off = base + tail * 16
+                pack("<IIHH", buf, off, result, 0, sq_head, sqid)
+                # Publish: cid + status (with the phase tag) in one release store,
+                # after the rest of the entry; pairs with the host's load_acquire.
+                release(off + 12, cid | cqe_status(status, phase) << 16)
+                tail += 1
+                if tail == depth:
+                    tail = 0
+                    phase ^= 1
+            cq.tail, cq.phase = tail, phase
+            self.counters["completions"] += n
             if cq.irq_count == 0:
                 cq.irq_first_ns = self.clock()
-            cq.irq_count += 1
-        self._publish_queue(cq.qid, dev_cq_tail=cq.tail, dev_phase=cq.phase)
+            cq.irq_count += n
+            o = self._qoffs[cq.qid]
+            a.set32(o.dev_cq_tail, tail)
+            a.set32(o.dev_phase, phase)
+        if pending:  # the CQ is full: the rest waits for the host to free room
+            if not cq.stalled:
+                cq.stalled = True
+                self.counters["cq_full_stalls"] += 1
+        else:
+            cq.stalled = False
 
     def _interrupts(self, now: int, end_of_pass: bool) -> int:
         """Raise the vectors whose coalescing condition holds; the earliest time a
@@ -449,7 +456,7 @@ class Controller:
             if qid == 0 or qid not in self.sqs:
                 return Status.QID_INVALID, 0
             for key in [k for k in self.by_cid if k[0] == qid]:
-                self.by_cid.pop(key).aborted = True
+                self.aborted.add(self.by_cid.pop(key)[1])
             del self.sqs[qid]
             self._publish_queue(qid, created=0)
             self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
@@ -535,13 +542,13 @@ class Controller:
         """Abort (08h): complete the command with ABORT_REQ if it is still here.
         Result bit 0 set means it was *not* aborted."""
         cmd = self.by_cid.pop((sqid, cid), None)
-        if cmd is None or cmd.aborted or cmd.drop:
+        if cmd is None or cmd[6]:  # gone, or dropped: nothing here to abort
             return Status.SUCCESS, 1
-        cmd.aborted = True
+        self.aborted.add(cmd[1])
         self.counters["aborts"] += 1
         sq = self.sqs.get(sqid)
         if sq is not None:
-            self._post(sq.cqid, cid, cmd.sq_head, Status.ABORT_REQ, 0, sqid=sqid)
+            self._post(sq.cqid, cid, cmd[4], Status.ABORT_REQ, 0, sqid=sqid)
         return Status.SUCCESS, 0
 
     # -- the loop ------------------------------------------------------------------------------
@@ -601,7 +608,7 @@ class Controller:
             # submissions wake us at once.
             deadlines = [irq_due] if irq_due else []
             if self.inflight:
-                deadlines.append(self.inflight[0].done_ns)
+                deadlines.append(self.inflight[0][0])
             if any(cq.pending for cq in self.cqs.values()):
                 deadlines.append(now + 20_000)  # CQ full: poll the head doorbell
             if self.enabled and self.capped:
