@@ -27,9 +27,9 @@ import fnmatch
 import json
 import multiprocessing as mp
 import os
-import signal
 import statistics
 import sys
+import threading
 import time
 import timeit
 from collections.abc import Callable, Iterator
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqrt import __version__
+from mqrt.proc import child_init
 from mqrt.ring import MpscRing, SpscRing
 from mqrt.sbitmap import SbitmapQueue
 from mqrt.shm import Arena, Layout, cacheline_struct, exit_on_sigterm
@@ -86,12 +87,16 @@ def _cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def _child_main(conn, barrier, cpu: int | None, fn: Callable[..., float], args: tuple) -> None:
-    # Ctrl-C reaches the whole process group; the parent alone decides what stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    barrier.wait()
+def _child_main(
+    conn, barrier, cpu: int | None, fn: Callable[..., float], args: tuple, parent: int
+) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone decides what stops,
+    # and a child never outlives it.
+    child_init(parent, cpu)
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:  # the parent gave up before the start
+        return
     conn.send(fn(*args))
     conn.close()
 
@@ -102,7 +107,9 @@ def _parties(*jobs: tuple[Callable[..., float], tuple, int | None]) -> list[floa
     barrier = _fork.Barrier(len(jobs))
     pipes = [_fork.Pipe(duplex=False) for _ in jobs]
     procs = [
-        _fork.Process(target=_child_main, args=(w, barrier, cpu, fn, args), daemon=True)
+        _fork.Process(
+            target=_child_main, args=(w, barrier, cpu, fn, args, os.getpid()), daemon=True
+        )
         for (fn, args, cpu), (_, w) in zip(jobs, pipes, strict=True)
     ]
     try:
@@ -116,9 +123,15 @@ def _parties(*jobs: tuple[Callable[..., float], tuple, int | None]) -> list[floa
                 raise RuntimeError(f"microbench child {p.pid} hung or died (exit {p.exitcode})")
             out.append(r.recv())
         return out
+    except BaseException:
+        barrier.abort()  # children still waiting at the barrier leave at once
+        raise
     finally:
         for p in procs:
+            if p.pid is None:  # interrupted before it was started
+                continue
             p.join(5)
+
             if p.is_alive():
                 p.kill()
                 p.join()
