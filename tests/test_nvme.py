@@ -1,0 +1,143 @@
+"""The NVMe driver against a real controller process: phase-bit wraps, interrupts,
+faults that end with every request finished once, stale command ids, and a device
+killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from mqrt.bench import build
+from mqrt.runtime import RunError, run
+from tests.test_runtime import assert_clean, totals
+
+
+def run_nvme(**given):
+    given.setdefault("runtime", 0.4)
+    given.setdefault("cpus", 2)
+    given["driver"] = "nvme"
+    spec, _config = build(given)
+    return run(spec)
+
+
+def device(result) -> dict[str, int]:
+    return result.device["counters"]
+
+
+def driver(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in result.cpus:
+        for k, v in c["driver"].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def test_nvme_run_finishes_every_request_and_wraps_the_phase_many_times():
+    # 8-entry queues: every CQ wraps (and flips its phase) every 8 completions.
+    result = run_nvme(io_queue_depth=8, iodepth=4, latency_ns=0, rw="randrw")
+    assert_clean(result)
+    t, dev = totals(result), device(result)
+    assert t["ios"] > 200
+    assert dev["commands"] == t["requests"] == dev["completions"] - dev["admin_commands"]
+    assert dev["completions"] // 8 > 20  # laps
+    assert result.device["queue_depth"] == 8 and result.device["io_queues"] == 2
+    assert dev["interrupts"] > 0 and driver(result)["genctr_mismatch"] == 0
+
+
+def test_coalescing_delivers_many_completions_per_interrupt():
+    result = run_nvme(latency_ns=0, irq_coalesce_thr=7, irq_coalesce_time=2, iodepth=32)
+    assert_clean(result)
+    dev = device(result)
+    assert dev["coalesced"] > dev["interrupts"]  # more than one CQE per interrupt
+
+
+def test_dropped_completions_are_aborted_and_finish_once():
+    result = run_nvme(drop_completion=5, io_timeout=40, latency_ns=20_000, runtime=0.6)
+    assert_clean(result)
+    dev, drv, t = device(result), driver(result), totals(result)
+    assert dev["dropped"] > 0
+    assert drv["aborts_sent"] >= dev["dropped"] and drv["host_aborted"] == dev["dropped"]
+    assert t["errors"] == dev["dropped"]
+
+
+def test_a_lost_interrupt_is_found_by_the_timeout_polling_the_cq():
+    # iodepth 1: nothing else will raise the vector, only the timeout can find it.
+    result = run_nvme(lost_irq=20, io_timeout=20, iodepth=1, latency_ns=10_000, cpus=1)
+    assert_clean(result)
+    assert device(result)["lost_irqs"] > 0
+    assert driver(result)["completion_polled"] > 0
+    assert totals(result)["errors"] == 0
+
+
+def test_error_statuses_reach_the_job():
+    result = run_nvme(error_status=10, latency_ns=0)
+    assert_clean(result)
+    assert totals(result)["errors"] == device(result)["errors"] > 0
+
+
+def test_namespaces_share_the_controllers_tag_set():
+    result = run_nvme(nr_namespaces=2, io_queue_depth=16, iodepth=16, latency_ns=20_000)
+    assert_clean(result)
+    assert len(result.queues) == 2
+    per_ns = [sum(c["jobs"][q]["read"]["ios"] for c in result.cpus) for q in range(2)]
+    assert min(per_ns) > 0.25 * sum(per_ns)
+
+
+def test_a_stale_completion_is_caught_by_the_genctr_check():
+    from mqrt.device.nvme import NvmeOps
+
+    class FakeTags:
+        nr_tags = 8
+        rq_base = 0
+
+    class FakeRq:
+        pdu = bytearray([3, 0])
+        gen = 0
+
+    class FakeMq:
+        rqs = [[FakeRq()] * 8]
+
+        def complete_request(self, *a, **k):
+            raise AssertionError("a stale CQE must not complete anything")
+
+    ops = NvmeOps.__new__(NvmeOps)
+    ops.stats = {"genctr_mismatch": 0}
+    ops._handle_cqe(FakeMq(), FakeTags(), (2 << 12) | 5, 0)  # genctr 2, the request is at 3
+    assert ops.stats["genctr_mismatch"] == 1
+
+
+def test_the_device_killed_mid_run_is_reported_and_nothing_is_left():
+    me = psutil.Process()
+    killed: list[int] = []
+
+    def progress(snap):
+        if killed or snap["elapsed_s"] < 0.2:
+            return
+        dev = [p for p in me.children() if p.pid == getattr(progress, "dev_pid", -1)]
+        for p in dev:
+            killed.append(p.pid)
+            os.kill(p.pid, signal.SIGKILL)
+
+    spec, _ = build({"driver": "nvme", "runtime": 3, "cpus": 2, "latency_ns": 20_000})
+    import mqrt.runtime as rt
+
+    original = rt._Run._start_device
+
+    def start_device(self):
+        original(self)
+        progress.dev_pid = self.device.pid
+
+    spec.progress = progress
+    rt._Run._start_device = start_device
+    try:
+        with pytest.raises(RunError) as err:
+            run(spec)
+    finally:
+        rt._Run._start_device = original
+    assert killed
+    msg = str(err.value)
+    assert "device" in msg and "SIGKILL" in msg and str(killed[0]) in msg
+    assert [c["cpu"] for c in err.value.partial.cpus] == [0, 1]  # the CPUs still reported
