@@ -98,7 +98,8 @@ def test_a_stale_completion_is_caught_by_the_genctr_check():
         gen = 0
 
     class FakeMq:
-        rqs = [[FakeRq()] * 8]
+        def __init__(self):
+            self.rqs = [[FakeRq()] * 8]
 
         def complete_request(self, *a, **k):
             raise AssertionError("a stale CQE must not complete anything")
