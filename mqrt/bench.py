@@ -115,7 +115,6 @@ def build(given: dict[str, Any]):
     """Validate every option and build the RunSpec (UsageError-free: KnobError)."""
     from mqrt.device import null_blk, nvme
     from mqrt.device.nvme_model import DEVICE_KNOBS
-    from mqrt.runtime import RunSpec
     from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
 
     given = {canonical(k): v for k, v in given.items()}
@@ -152,6 +151,14 @@ def build(given: dict[str, Any]):
         )
         return ops, queues, dev_bytes
 
+    return _spec(job, runv, setup, cpus_allowed, "nullb", null_blk.describe(nullb))
+
+
+def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
+    """The RunSpec and the configuration the report shows, for either driver."""
+    from mqrt.runtime import RunSpec
+    from mqrt.workers.ioengine import JOB_KNOBS
+
     spec = RunSpec(
         nr_cpus=runv["cpus"],
         job=job,
@@ -164,15 +171,13 @@ def build(given: dict[str, Any]):
     config = {
         "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},
         "run": runv,
-        "nullb": null_blk.describe(nullb),
+        driver: driver_config,
     }
     return spec, config
 
 
 def _build_nvme(given, job, runv, nullb_names, nvme_names):
     from mqrt.device import nvme
-    from mqrt.runtime import RunSpec
-    from mqrt.workers.ioengine import JOB_KNOBS
 
     wrong = sorted(set(given) & nullb_names)
     if wrong:
@@ -189,21 +194,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
         )
         return ops, queues, dev_bytes
 
-    spec = RunSpec(
-        nr_cpus=runv["cpus"],
-        job=job,
-        setup=setup,
-        cpus_allowed=cpus_allowed,
-        cpus_per_core=runv["cpus_per_core"] or None,
-        pin=runv["pin"],
-        seed=runv["seed"],
-    )
-    config = {
-        "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},
-        "run": runv,
-        "nvme": nvme.describe(cfg),
-    }
-    return spec, config
+    return _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))
 
 
 def _cpus_allowed(runv) -> list[int] | None:
