@@ -368,6 +368,101 @@ def _sbitmap_contended(scale: float) -> float:
         return statistics.median(costs)
 
 
+# -- references for the NVMe path: a bare loop and a bare wake-up ----------------------
+
+REF_QD = 32
+_SQE = bytes(64)
+_CQE = bytes(16)
+
+
+def _ref_worker(arena, sq_spec, cq_spec, efd: int, n: int) -> float:
+    """Keep REF_QD entries outstanding: submit, sleep on the eventfd "interrupt",
+    reap the CQ, refill; ops/s."""
+    sq, cq = SpscRing(arena, sq_spec), SpscRing(arena, cq_spec)
+    done = inflight = 0
+    t0 = time.perf_counter()
+    while done < n:
+        room = min(REF_QD - inflight, n - done - inflight)
+        if room > 0:
+            inflight += sq.put_many(_SQE * room)
+        got = len(cq.get_many_raw(REF_QD)) // 16
+        if not got:
+            os.eventfd_read(efd)  # blocks until the device's interrupt
+            continue
+        done += got
+        inflight -= got
+    return n / (time.perf_counter() - t0)
+
+
+def _ref_device(arena, specs: list, efds: list[int], total: int) -> float:
+    """Poll every SQ, complete at once into its CQ, one eventfd write per batch."""
+    rings = [
+        (SpscRing(arena, s), SpscRing(arena, c), e) for (s, c), e in zip(specs, efds, strict=True)
+    ]
+    done = 0
+    while done < total:
+        idle = True
+        for sq, cq, efd in rings:
+            n = len(sq.get_many_raw(REF_QD)) // 64
+            if n:
+                idle = False
+                cq.put_many(_CQE * n)
+                os.eventfd_write(efd, 1)
+                done += n
+        if idle:
+            os.sched_yield()
+    return 0.0
+
+
+def _ref_loop(scale: float) -> float:
+    nr = 2
+    n = int(100_000 * scale)
+    decl = []
+    for i in range(nr):
+        decl.append(lambda lay, i=i: SpscRing.declare(lay, f"sq{i}", 64, 64))
+        decl.append(lambda lay, i=i: SpscRing.declare(lay, f"cq{i}", 64, 16))
+    with _arena(*decl) as (arena, specs):
+        pairs = [(specs[2 * i], specs[2 * i + 1]) for i in range(nr)]
+        efds = [os.eventfd(0) for _ in range(nr)]
+        try:
+            rates = _parties(
+                *[(_ref_worker, (arena, *pairs[i], efds[i], n), _pin(i)) for i in range(nr)],
+                (_ref_device, (arena, pairs, efds, n * nr), None),
+            )
+        finally:
+            for fd in efds:
+                os.close(fd)
+    return sum(rates)
+
+
+def _ref_pong(efd_in: int, efd_out: int, n: int) -> float:
+    for _ in range(n):
+        os.eventfd_read(efd_in)
+        os.eventfd_write(efd_out, 1)
+    return 0.0
+
+
+def _ref_ping(efd_out: int, efd_in: int, n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        os.eventfd_write(efd_out, 1)
+        os.eventfd_read(efd_in)
+        samples.append(time.perf_counter_ns() - t0)
+    return float(statistics.median(samples))
+
+
+def _ref_wakeup(scale: float) -> float:
+    n = max(200, int(5_000 * scale))
+    a, b = os.eventfd(0), os.eventfd(0)
+    try:
+        rtt, _ = _parties((_ref_ping, (a, b, n), _pin(0)), (_ref_pong, (a, b, n), _pin(1)))
+    finally:
+        os.close(a)
+        os.close(b)
+    return rtt
+
+
 CASES: list[Case] = [
     Case("atomic.cmpxchg", "ns/op", _ours("cmpxchg"), what="mqrt._atomic cmpxchg"),
     Case("atomic.fetch_add", "ns/op", _ours("fetch_add"), what="mqrt._atomic fetch_add"),
@@ -403,6 +498,19 @@ CASES: list[Case] = [
         "ns/op",
         _sbitmap_contended,
         what="sbitmap_queue get + clear, 2 processes, one bitmap",
+    ),
+    Case(
+        "ref.sq_cq_loop.qd32",
+        "ops/s",
+        _ref_loop,
+        what="bare SQ -> polling device -> CQ, eventfd interrupts, 2 workers x qd32 "
+        "(the reference for mqrt bench --driver nvme)",
+    ),
+    Case(
+        "ref.wakeup_rtt",
+        "ns/op",
+        _ref_wakeup,
+        what="blocking eventfd wake-up round trip between two cores (median)",
     ),
 ]
 

@@ -116,3 +116,11 @@ def test_ctrl_c_keeps_partial_results_and_leaves_nothing():
     assert "ring.spsc.batch" in out and "interrupted: partial results" in out
     assert "Traceback" not in err
     # The autouse fixture checks that no segment or child process is left.
+
+
+def test_microbench_reference_cases_for_the_nvme_path_run():
+    out = mqrt("microbench", "--quick", "--repeat", "1", "--case", "ref.*", "--json")
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert results["ref.sq_cq_loop.qd32"]["value"] > 0
+    assert results["ref.wakeup_rtt"]["value"] > 0
