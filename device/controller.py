@@ -329,8 +329,15 @@ class Controller:
                 service += faults["delay_ns"]
             if faults.get("drop_pct") and rng.random() * 100 < faults["drop_pct"]:
                 drop = True
+        if not service and not drop:
+            # Done as soon as fetched: straight to the CQ (nothing to abort or wait for).
+            cq = self.cqs.get(sq.cqid)
+            if cq is not None:
+                cq.pending.append((0, sq.head, sq.qid, cid, status))
+            return
         self._seq += 1
         cmd = (now + service, self._seq, sq.qid, cid, sq.head, status, drop)
+
         heapq.heappush(self.inflight, cmd)
         self.by_cid[(sq.qid, cid)] = cmd
 
