@@ -29,7 +29,7 @@ from typing import Any
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
 from mqrt.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
 from mqrt.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
-from mqrt.knobs import Knob, KnobError
+from mqrt.knobs import Knob, KnobError, KnobValues
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 
 IRQMODES = {"none": 0, "softirq": 1, "timer": 2, "0": 0, "1": 1, "2": 2}
@@ -156,17 +156,8 @@ NULLB_SHARED = cacheline_struct(
 )
 
 
-@dataclass
-class NullbConfig:
+class NullbConfig(KnobValues):
     """One null_blk configuration (all devices alike), validated."""
-
-    values: dict[str, Any]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> NullbConfig:

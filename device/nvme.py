@@ -40,7 +40,6 @@ import os
 import select
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
@@ -69,7 +68,7 @@ from mqrt.device.nvme_defs import (
     nvme_cid,
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
-from mqrt.knobs import Knob, KnobError, parse_knobs
+from mqrt.knobs import Knob, KnobError, KnobValues, parse_knobs
 from mqrt.shm import Arena, Layout, Region
 from mqrt.wait import spin_lock, spin_unlock
 
@@ -219,15 +218,8 @@ class NvmeQueue:
         return out
 
 
-@dataclass
-class NvmeConfig:
-    values: dict[str, Any]  #: NVME_KNOBS + DEVICE_KNOBS
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+class NvmeConfig(KnobValues):
+    """The nvme driver's and the device's knobs (NVME_KNOBS + DEVICE_KNOBS), validated."""
 
 
 def parse_config(given: dict[str, Any]) -> NvmeConfig:

@@ -103,10 +103,6 @@ class Status(enum.IntEnum):
     READ_ERROR = 0x281
     HOST_ABORTED_CMD = 0x371  #: Linux: completed by the host (reset, cancel)
 
-    @property
-    def dnr(self) -> bool:
-        return False
-
 
 #: The status field of a CQE: phase in bit 0, the status code above it.
 def cqe_status(status: int, phase: int) -> int:

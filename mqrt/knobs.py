@@ -132,3 +132,16 @@ def parse_knobs(table: Iterable[Knob], given: Mapping[str, Any]) -> dict[str, An
             raise KnobError(f"unknown option {raw_name!r}")
         out[name] = knobs[name].parse(raw)
     return out
+
+
+@dataclass
+class KnobValues:
+    """Validated knob values, read as attributes (``cfg.irqmode``)."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
