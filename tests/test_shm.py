@@ -212,3 +212,16 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_mqrt_process_has_one_thread():
+    """A second thread (numpy's BLAS pool) could take a process-directed SIGTERM, and
+    the main thread would then sleep on through it (the owner would never unlink)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import mqrt.shm, psutil; print(psutil.Process().num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")},
+    ).stdout
+    assert out.strip() == "1"
