@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
-from mqrt.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
+from mqrt.blk_mq_cpumap import HctxType, Topology, map_queue_types
 from mqrt.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
 from mqrt.knobs import Knob, KnobError, KnobValues
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
@@ -95,7 +95,7 @@ NULLB_KNOBS: tuple[Knob, ...] = (
         "poll_queues",
         "int",
         0,
-        "Number of IOPOLL submission queues (mapped, not used by the generator yet). Default: 0",
+        "Queues for polled I/O (hipri), after the submit queues. Default: 0",
         0,
         1024,
     ),
@@ -364,18 +364,7 @@ class NullbOps(BlkMqOps):
         if submit + poll != tset.nr_hw_queues:
             # nr_hw_queues was capped at the CPU count: shrink the submit queues.
             submit = max(1, tset.nr_hw_queues - poll)
-        qmaps = [QueueMap(submit, 0)]
-        if tset.nr_maps > 1:
-            qmaps.append(QueueMap(0, 0))
-        if tset.nr_maps > 2:
-            qmaps.append(QueueMap(poll, submit))
-        for i, qmap in enumerate(qmaps):
-            tset.map[i].nr_queues = qmap.nr_queues
-            tset.map[i].queue_offset = qmap.queue_offset
-            if qmap.nr_queues:
-                map_queues(tset.map[i], topo)
-            else:
-                tset.map[i].mq_map[:] = []
+        map_queue_types(tset.map, topo, (submit, 0, poll))
 
 
 def _s64(v: int) -> int:

@@ -43,7 +43,7 @@ import time
 from typing import Any
 
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
-from mqrt.blk_mq_cpumap import Topology
+from mqrt.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet
 from mqrt.device.controller import (
     DEV_COUNTERS,
@@ -80,6 +80,9 @@ NVME_KNOBS: tuple[Knob, ...] = (
          "Entries per I/O queue (the tag set gets one less). Default: 1024", 2, 4096),
     Knob("nr_io_queues", "int", 0,
          "I/O queue pairs to create (0: one per CPU, as nvme does). Default: 0", 0, 1024),
+    Knob("poll_queues", "int", 0,
+         "Queue pairs for polled I/O (hipri): no interrupts, reaped by the submitter. "
+         "Default: 0", 0, 1024),
     Knob("nr_namespaces", "int", 1,
          "Namespaces on the controller, each a request queue. Default: 1", 1, 64),
     Knob("ns_gb", "int", 128, "Size of each namespace in GB. Default: 128", 1, 1 << 20),
@@ -139,6 +142,13 @@ class NvmeQueue:
 
     def refresh(self) -> None:
         self.depth = self.a.read32(self.o.q_depth)
+
+    def cqe_pending(self) -> bool:
+        """nvme_cqe_pending(): does the CQE at our head carry our phase?  A lockless
+        peek (the poll path's cheap test before it takes the CQ lock)."""
+        a, o = self.a, self.o
+        off = self.cq_base + a.read32(o.cq_head) * CQE.size
+        return (a.load_acquire32(off + 12) >> 16) & 1 == a.read32(o.cq_phase)
 
     # -- submission (nvme_sq_copy_cmd, nvme_write_sq_db) ----------------------------------
 
@@ -232,9 +242,10 @@ class NvmeOps(BlkMqOps):
 
     name = "nvme"
 
-    def __init__(self, cfg: NvmeConfig, nr_io_queues: int):
+    def __init__(self, cfg: NvmeConfig, nr_io_queues: int, nr_poll_queues: int = 0):
         self.cfg = cfg
-        self.nr_io_queues = nr_io_queues
+        self.nr_io_queues = nr_io_queues  #: every I/O queue pair, poll queues last
+        self.nr_poll_queues = nr_poll_queues
         self.lba_shift = cfg.lba_size.bit_length() - 1
         self.sect_shift = self.lba_shift - 9
         self.regions: list[QueueRegions] = []
@@ -364,11 +375,14 @@ class NvmeOps(BlkMqOps):
         thr, tim = cfg.irq_coalesce_thr, cfg.irq_coalesce_time
         cmd(AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8)
         depth = min(cfg.io_queue_depth, mqes + 1)
+        first_poll = n - self.nr_poll_queues + 1
         for qid in range(1, n + 1):
             o = self.regions[qid].words.offsets()
             a.set32(o.q_depth, depth)
-            # Create the CQ (vector qid, interrupts enabled) before its SQ.
-            cmd(AdminOpcode.CREATE_CQ, 0, (depth - 1) << 16 | qid, qid << 16 | 0x3)
+            # Create the CQ before its SQ: vector qid with interrupts enabled, or, for a
+            # poll queue, interrupts disabled (nvme_create_cq without IRQ_ENABLED).
+            flags = 0x1 if qid >= first_poll else qid << 16 | 0x3
+            cmd(AdminOpcode.CREATE_CQ, 0, (depth - 1) << 16 | qid, flags)
             cmd(AdminOpcode.CREATE_SQ, 0, (depth - 1) << 16 | qid, qid << 16 | 1 << 1 | 1)
         return {"namespaces": nn, "io_queues": n, "queue_depth": depth,
                 "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
@@ -428,10 +442,20 @@ class NvmeOps(BlkMqOps):
         return out
 
     def map_queues(self, tset: TagSet) -> None:
-        """nvme_pci_map_queues(): the DEFAULT map over the I/O queues."""
-        from mqrt.blk_mq_cpumap import map_queues
+        """nvme_pci_map_queues(): DEFAULT over the interrupt-driven queues, no READ
+        queues, POLL over the poll queues (numbered after them)."""
+        from mqrt.blk_mq_cpumap import map_queue_types
 
-        map_queues(tset.map[0], tset.topology)  # type: ignore[arg-type]
+        poll = self.nr_poll_queues
+        map_queue_types(tset.map, tset.topology, (self.nr_io_queues - poll, 0, poll))  # type: ignore[arg-type]
+
+    def poll(self, mq: BlkMq, hctx: HwCtx) -> int:
+        """nvme_poll(): a lockless look at the CQ, then reap it unless another CPU
+        is already doing so."""
+        q = self.nvmeqs[hctx.index + 1]
+        if not q.cqe_pending():
+            return 0
+        return self.poll_cq(hctx.index + 1, trylock=True)
 
     def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
         """nvme_queue_rq()."""
@@ -535,13 +559,15 @@ def setup(
     pool_limit_bytes: int | None = None,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
-    nr_io_queues = cfg.nr_io_queues or topology.nr_cpus
-    nr_io_queues = min(nr_io_queues, topology.nr_cpus)
-    ops = NvmeOps(cfg, nr_io_queues)
+    nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
+    nr_poll = min(cfg.poll_queues, topology.nr_cpus)
+    nr_io_queues = nr_default + nr_poll
+    ops = NvmeOps(cfg, nr_io_queues, nr_poll)
     ops.declare(layout)
     tset = TagSet(
         ops=ops,
         nr_hw_queues=nr_io_queues,
+        nr_maps=HCTX_MAX_TYPES if nr_poll else 1,  # nvme_alloc_io_tag_set()
         queue_depth=cfg.io_queue_depth - 1,  # the SQ keeps one slot empty
         cmd_size=NVME_CMD_SIZE,
         timeout_ms=timeout_ms,
@@ -557,8 +583,10 @@ def setup(
     ]
     ops.queues = queues
     q0 = queues[0]
+    # Vector qid is affine to the first CPU of hctx qid - 1; poll queues have none.
     ops.vector_cpu = [0] + [q0.hctx_cpus[h][0] if q0.hctx_cpus[h] else 0
-                            for h in range(nr_io_queues)]  # fmt: skip
+                            for h in range(nr_default)] + [-1] * nr_poll  # fmt: skip
+
     return ops, queues
 
 

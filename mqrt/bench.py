@@ -87,9 +87,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    seen: set[str] = set()
     for title, knobs in _groups():
         g = p.add_argument_group(title)
         for k in knobs:
+            if k.name in seen:  # a knob both drivers have (poll_queues): listed once
+                continue
+            seen.add(k.name)
             flags = [f"--{k.name}"]
             if "_" in k.name:
                 flags.append(f"--{k.name.replace('_', '-')}")
@@ -129,7 +133,7 @@ def build(given: dict[str, Any]):
     runv = parse_knobs(RUN_KNOBS, {k: v for k, v in given.items() if k in run_names})
     if runv["driver"] == "nvme":
         return _build_nvme(given, job, runv, nullb_names, nvme_names)
-    wrong = sorted(set(given) & nvme_names)
+    wrong = sorted(set(given) & (nvme_names - nullb_names))
     if wrong:
         raise KnobError(f"{wrong[0]}: an nvme option; add --driver nvme")
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
@@ -179,7 +183,7 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
 def _build_nvme(given, job, runv, nullb_names, nvme_names):
     from mqrt.device import nvme
 
-    wrong = sorted(set(given) & nullb_names)
+    wrong = sorted(set(given) & (nullb_names - nvme_names))
     if wrong:
         raise KnobError(f"{wrong[0]}: a nullb option; it does not apply to --driver nvme")
     cfg = nvme.parse_config({k: v for k, v in given.items() if k in nvme_names})

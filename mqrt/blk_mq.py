@@ -65,6 +65,7 @@ from mqrt.blk_mq_structs import (  # noqa: F401  (re-exported: the kernel's blk-
     _OWNED_OR_BUSY,
     _QUIESCED,
     _RQF_MQ_INFLIGHT,
+    _RQF_POLLED,
     _RQF_RESV,
     _SCHED_RESTART,
     _STOPPED,
@@ -427,6 +428,8 @@ class BlkMq:
                 "stale_completions",
                 "violations",
                 "plug_flushes",
+                "polls",
+                "polled",
             ),
             0,
         )
@@ -469,10 +472,12 @@ class BlkMq:
         *,
         reserved: bool = False,
         nowait: bool = False,
+        polled: bool = False,
     ) -> int:
         """__blk_mq_alloc_requests(): a tag (sleeping while none is free unless
-        ``nowait``), its request set up and owned; the request id, or -1."""
-        hctx = queue.hctx_by_op[op]
+        ``nowait``), its request set up and owned; the request id, or -1.  A
+        ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         tags = hctx.tags
         if tags is None:
             raise BlkMqError(f"{queue.q.name}: hctx {hctx.index} has no tags (unmapped)")
@@ -522,6 +527,8 @@ class BlkMq:
                 a.set32(hctx.max_active_off, nr)
         if reserved:
             rq_flags |= _RQF_RESV
+        if polled:
+            rq_flags |= _RQF_POLLED
         RQ_SETUP.pack_into(
             self.buf,
             base + 24,
@@ -596,11 +603,21 @@ class BlkMq:
                 self._free_plug_rqs(plug)
 
     def submit_bio(
-        self, queue: Queue, op: int, sector: int, nr_sectors: int, start_ns: int
+        self,
+        queue: Queue,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        start_ns: int,
+        polled: bool = False,
     ) -> None:
         """blk_mq_submit_bio(): merge into the plug, or allocate a request and plug
-        it, or issue it (directly, or through the ctx when the hctx is busy)."""
+        it, or issue it (directly, or through the ctx when the hctx is busy).  A
+        ``polled`` bio (REQ_POLLED) goes to the POLL hctx if the queue has one; the
+        submitter then reaps it with :meth:`poll`."""
         self.nr_bios += 1
+        if polled and not queue.poll_capable:
+            polled = False
         plug = self.plug
         if plug is not None:
             last = plug.last
@@ -621,23 +638,37 @@ class BlkMq:
                 plug.last = (queue, op, sector + nr_sectors, nr, last[4] + 1, last[5])
                 self.nr_merges += 1
                 return
-            rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns)
+            rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
             # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
             if plug.rqs and (
                 len(plug.rqs) >= BLK_MAX_REQUEST_COUNT
                 or last[3] << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE  # type: ignore[index]
             ):
                 self.flush_plug(plug)
-            plug.rqs.append((queue, queue.hctx_by_op[op], rq_id))
+            hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+            plug.rqs.append((queue, hctx, rq_id))
             plug.last = (queue, op, sector + nr_sectors, nr_sectors, 1, rq_id)
             return
-        rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns)
-        hctx = queue.hctx_by_op[op]
+        rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
             self.insert_request(queue, rq_id)
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+
+    def poll(self, hctx: HwCtx) -> int:
+        """blk_mq_poll() / bio_poll(): ask the driver to reap ``hctx`` (a POLL hctx)
+        once; how many completions it found.  Polled requests complete right here,
+        on the reaping CPU (blk_mq_complete_request_remote() declines them)."""
+        fn = hctx.queue.ops.poll
+        if fn is None:
+            return 0
+        self.stats["polls"] += 1
+        found = fn(self, hctx)
+        if found:
+            self.stats["polled"] += found
+        return found
 
     def io_schedule(self) -> None:
         """io_schedule(): the task is about to sleep, so its plug is flushed first
@@ -938,6 +969,9 @@ class BlkMq:
             a.set32(base + 60, int(status))
         buf = self.buf
         queue = self.queues[buf[base + 52]]
+        if buf[base + 56] & _RQF_POLLED:  # reaped by polling: complete in this task
+            queue.ops.complete(self, rq)
+            return True
         submit_cpu = buf[base + 48] | buf[base + 49] << 8
         cpu = self.cpu
         if (

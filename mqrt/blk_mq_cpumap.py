@@ -287,6 +287,21 @@ def map_queues(qmap: QueueMap, topo: Topology) -> None:
     qmap.mq_map[:] = mq_map
 
 
+def map_queue_types(qmaps: Sequence[QueueMap], topo: Topology, counts: Sequence[int]) -> None:
+    """The drivers' ``->map_queues`` for DEFAULT/READ/POLL: map ``i`` gets ``counts[i]``
+    queues after those of the maps before it (the hctx numbering of null_map_queues()
+    and nvme_pci_map_queues()); a map with none is left empty (aliases DEFAULT)."""
+    offset = 0
+    for qmap, nr in zip(qmaps, counts, strict=False):
+        qmap.nr_queues = nr
+        qmap.queue_offset = offset
+        if nr:
+            map_queues(qmap, topo)
+        else:
+            qmap.mq_map[:] = []
+        offset += nr
+
+
 def map_queues_fallback(qmap: QueueMap, topo: Topology) -> None:
     """Map every CPU to ``queue_offset``: ``blk_mq_clear_mq_map()``, the drivers' fallback."""
     qmap.mq_map[:] = [qmap.queue_offset] * topo.nr_cpus

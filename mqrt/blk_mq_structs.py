@@ -57,6 +57,7 @@ _BUSY = (int(BlkStatus.RESOURCE), int(BlkStatus.DEV_RESOURCE))
 _IN_FLIGHT = int(RqState.IN_FLIGHT)
 _RQF_MQ_INFLIGHT = int(Rqf.MQ_INFLIGHT)
 _RQF_RESV = int(Rqf.RESV)
+_RQF_POLLED = int(Rqf.POLLED)
 _STOPPED = 1 << HctxState.STOPPED
 _SCHED_RESTART = 1 << HctxState.SCHED_RESTART
 _QUIESCED = 1 << QueueFlag.QUIESCED
@@ -542,6 +543,12 @@ class Queue:
         self.hctx_by_op = [
             self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
         ]
+        #: QUEUE_FLAG_POLL: the set has poll queues, so polled bios use the POLL map
+        #: (without them a polled bio is an ordinary one, as blk_queue_poll says).
+        tset = q.tag_set
+        self.poll_capable = tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues > 0
+        self.hctx_poll = self.ctx_hctx[HctxType.POLL] if self.poll_capable else None
+
         o = q.header.offsets()  # type: ignore[union-attr]
         self.flags_off = o.queue_flags
         self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]

@@ -99,6 +99,9 @@ class Rqf(enum.IntFlag):
     TIMED_OUT = 1 << 3
     RESV = 1 << 4  #: holds a reserved tag
     IO_STAT = 1 << 5
+    #: a polled request (the kernel's REQ_POLLED / REQ_HIPRI in cmd_flags): mapped to
+    #: the POLL hctx and completed by whoever reaps it, never by an interrupt or IPI
+    POLLED = 1 << 6
 
 
 class ReqOp(enum.IntEnum):
@@ -133,6 +136,8 @@ class BlkMqOps:
     put_budget: Any = None
     #: ->map_queues(set): fill set.map[] (otherwise blk_mq_map_queues on DEFAULT).
     map_queues: Any = None
+    #: ->poll(hctx) -> int: reap a POLL hctx's completions (no interrupt); how many.
+    poll: Any = None
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
         """->complete(rq): finish a request on the CPU chosen by rq_affinity (with

@@ -86,6 +86,25 @@ def test_namespaces_share_the_controllers_tag_set():
     assert min(per_ns) > 0.25 * sum(per_ns)
 
 
+def test_polled_io_goes_to_the_poll_queues_and_raises_no_interrupt():
+    result = run_nvme(poll_queues=2, hipri=1, latency_ns=5_000, iodepth=8, rw="randrw")
+    assert_clean(result)
+    t, drv = totals(result), driver(result)
+    assert result.device["io_queues"] == 4  # 2 interrupt-driven, then 2 poll queues
+    assert t["ios"] > 100
+    assert drv["interrupts"] == 0  # no I/O vector fired on any CPU
+    assert t["polled"] == drv["cqes"] == t["requests"]  # each reaped by a poll
+    assert t["ipis_sent"] == 0  # completed by the CPU that reaped it
+
+
+@pytest.mark.parametrize("given", [{"hipri": 1}, {"poll_queues": 1}])
+def test_without_both_poll_queues_and_hipri_io_is_interrupt_driven(given):
+    result = run_nvme(latency_ns=0, **given)
+    assert_clean(result)
+    t, drv = totals(result), driver(result)
+    assert t["polls"] == 0 and drv["interrupts"] > 0 and drv["cqes"] == t["requests"]
+
+
 def test_a_stale_completion_is_caught_by_the_genctr_check():
     from mqrt.device.nvme import NvmeOps
 

@@ -123,6 +123,12 @@ class Cpu:
             IoJob(plan.job, plan.cpu, q.index, plan.dev_bytes, plan.seed) for q in plan.queues
         ]
         self.mq.end_io = [job.done for job in self.jobs]
+        #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
+        self.poll_hctxs = (
+            list(dict.fromkeys(q.hctx_poll for q in self.mq.queues if q.hctx_poll is not None))
+            if plan.job.hipri
+            else []
+        )
 
         o = plan.stats.offsets(plan.cpu)
         self._st = o
@@ -183,6 +189,8 @@ class Cpu:
         while self.waiters.sleeping():
             if self.exiting:
                 raise Stopped
+            if self._poll_inflight(in_sleep=True):  # our own polled I/Os may be what frees a tag
+                continue
             self._serve(None, in_sleep=True)
         if self.exiting:
             raise Stopped
@@ -384,6 +392,7 @@ class Cpu:
         spec = self.plan.job
         batch = spec.batch
         iodepth = spec.iodepth
+        hipri = spec.hipri
         clock = self.clock
         rate_gap = int(1e9 / spec.rate_iops) if spec.rate_iops else 0
         next_pub = clock() + PUBLISH_NS
@@ -418,7 +427,8 @@ class Cpu:
                 mq.start_plug(n)
                 for _ in range(n):
                     op, sector, nr_sectors = job.next_bio()
-                    mq.submit_bio(queue, op, sector, nr_sectors, clock())
+                    mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
+
                 mq.finish_plug()
                 progressed = True
             if self._interrupts():
@@ -427,8 +437,20 @@ class Cpu:
                 # A busy CPU still takes its IPIs and interrupts at once (a zero
                 # timeout look at its wait point), and sends what it owes others.
                 self._serve(None, timeout=0.0)
-            else:
+            elif not self._poll_inflight():
                 self._serve(wake_at)
+
+    def _poll_inflight(self, in_sleep: bool = False) -> bool:
+        """With polled I/Os in flight, reap the poll queues once (io_uring's
+        io_iopoll_check) and take interrupts without blocking; False when there is
+        nothing to poll for, so the caller may block."""
+        if not self.poll_hctxs or not any(j.inflight for j in self.jobs):
+            return False
+        mq = self.mq
+        for hctx in self.poll_hctxs:
+            mq.poll(hctx)
+        self._serve(None, in_sleep=in_sleep, timeout=0.0)
+        return True
 
     def _serve(
         self, until_ns: int | None, in_sleep: bool = False, timeout: float | None = None
@@ -458,7 +480,8 @@ class Cpu:
         """The deadline passed: submit nothing more, wait for our I/Os to finish."""
         self._publish(PHASE_DRAINING)
         while any(j.inflight for j in self.jobs) and not self.exiting:
-            self._serve(None)
+            if not self._poll_inflight():
+                self._serve(None)
 
     def _report(self) -> None:
         mq = self.mq

@@ -75,6 +75,13 @@ JOB_KNOBS: tuple[Knob, ...] = (
         check=lambda v: _plist_check(v) if v else None,
     ),
     Knob("randseed", "int", 0x1234, "Seed of the offset generator. Default: 0x1234", 0, 1 << 63),
+    Knob(
+        "hipri",
+        "bool",
+        False,
+        "Polled I/O (io_uring IOPOLL): bios go to the poll queues and the submitting "
+        "CPU reaps them itself, spinning (needs --poll_queues). Default: 0",
+    ),
 )
 
 #: Samples folded into the histograms at a time.
@@ -97,6 +104,7 @@ class JobSpec:
     size: int
     percentile_list: str
     randseed: int
+    hipri: bool = False
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
