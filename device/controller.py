@@ -47,6 +47,7 @@ import msgpack
 from mqrt import wait
 from mqrt.device.nvme_defs import (
     NVME_QID_ADMIN,
+    NVME_SC_DNR,
     SQE,
     AdminOpcode,
     Feature,
@@ -323,7 +324,10 @@ class Controller:
         if faults:
             rng = self.rng
             if faults.get("error_pct") and rng.random() * 100 < faults["error_pct"]:
-                status = Status.READ_ERROR if opcode == IoOpcode.READ else Status.WRITE_FAULT
+                # a media error is final: Do Not Retry
+                status = NVME_SC_DNR | (
+                    Status.READ_ERROR if opcode == IoOpcode.READ else Status.WRITE_FAULT
+                )
                 self.counters["errors"] += 1
             if faults.get("delay_pct") and rng.random() * 100 < faults["delay_pct"]:
                 service += faults["delay_ns"]

@@ -42,9 +42,10 @@ import struct
 import time
 from typing import Any
 
+from mqrt import wait
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
 from mqrt.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
-from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet
+from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
 from mqrt.device.controller import (
     DEV_COUNTERS,
     IDENTIFY_CTRL,
@@ -57,10 +58,14 @@ from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
     NVME_AQ_DEPTH,
+    NVME_MAX_RETRIES,
     NVME_QUEUE,
     NVME_REGS,
+    NVME_SC_DNR,
+    NVME_SC_MASK,
     SQE,
     AdminOpcode,
+    CtrlState,
     Feature,
     IdentifyCns,
     IoOpcode,
@@ -113,13 +118,26 @@ _BLK_STATUS = {
     Status.HOST_ABORTED_CMD: BlkStatus.IOERR,
 }
 
-#: Request PDU (struct nvme_iod): genctr, aborted flag.
-IOD = struct.Struct("<BB")
+#: Request PDU (struct nvme_iod + nvme_request): genctr, aborted flag, retries.
+IOD = struct.Struct("<BBB")
 NVME_CMD_SIZE = 8
+_GENCTR, _ABORTED, _RETRIES = 0, 1, 2
+
+_DONTPREP = int(Rqf.DONTPREP)
+_LIVE, _RESETTING, _DEAD = int(CtrlState.LIVE), int(CtrlState.RESETTING), int(CtrlState.DEAD)
 
 
 def nvme_error_status(status: int) -> int:
-    return int(_BLK_STATUS.get(status, BlkStatus.IOERR))
+    """nvme_error_status(): the NVMe status (SCT << 8 | SC, flags above) -> blk_status_t."""
+    return int(_BLK_STATUS.get(status & NVME_SC_MASK, BlkStatus.IOERR))
+
+
+def set_queue_enabled(a, o, on: bool) -> None:
+    """Set or clear NVMEQ_ENABLED of the queue whose words are at ``o`` (under its
+    sq_lock, which every submitter holds while it checks the flag)."""
+    spin_lock(a, o.sq_lock)
+    a.set32(o.enabled, int(on))
+    spin_unlock(a, o.sq_lock)
 
 
 class NvmeQueue:
@@ -152,20 +170,42 @@ class NvmeQueue:
 
     # -- submission (nvme_sq_copy_cmd, nvme_write_sq_db) ----------------------------------
 
-    def submit(self, sqe_args: tuple, ring: bool) -> None:
+    def submit(self, sqe_args: tuple, ring: bool) -> bool:
+        """Copy one SQE at the tail (ringing the doorbell if ``ring``); False, and
+        nothing written, while the queue is disabled (a reset is under way)."""
+        if not self.lock_enabled():
+            return False
+        try:
+            self.copy_cmd(sqe_args, ring)
+        finally:
+            spin_unlock(self.a, self.o.sq_lock)
+        return True
+
+    def lock_enabled(self) -> bool:
+        """Take sq_lock if the queue is enabled (NVMEQ_ENABLED); False, unlocked, if
+        it is not.  A reset clears ``enabled`` under the same lock, so a command
+        either is in the SQ before the reset looks, or is never written."""
         a, o = self.a, self.o
         spin_lock(a, o.sq_lock)
-        try:
-            tail = a.read32(o.sq_tail)
-            SQE.pack_into(self.buf, self.sq_base + tail * SQE.size, *sqe_args)
-            tail += 1
-            if tail == self.depth:
-                tail = 0
-            a.set32(o.sq_tail, tail)
-            if ring:
-                self._write_sq_db(tail)
-        finally:
-            spin_unlock(a, o.sq_lock)
+        if a.read32(o.enabled):
+            return True
+        spin_unlock(a, o.sq_lock)
+        return False
+
+    def unlock(self) -> None:
+        spin_unlock(self.a, self.o.sq_lock)
+
+    def copy_cmd(self, sqe_args: tuple, ring: bool) -> None:
+        """nvme_sq_copy_cmd() (+ the doorbell when ``ring``); under sq_lock."""
+        a, o = self.a, self.o
+        tail = a.read32(o.sq_tail)
+        SQE.pack_into(self.buf, self.sq_base + tail * SQE.size, *sqe_args)
+        tail += 1
+        if tail == self.depth:
+            tail = 0
+        a.set32(o.sq_tail, tail)
+        if ring:
+            self._write_sq_db(tail)
 
     def commit(self) -> None:
         """nvme_commit_rqs(): ring the doorbell for entries written without it."""
@@ -227,6 +267,27 @@ class NvmeQueue:
             spin_unlock(a, o.cq_lock)
         return out
 
+    def reset(self) -> None:
+        """nvme_init_queue() for a queue the controller has dropped (it is disabled,
+        so nobody submits): tails, heads and doorbells to 0, phase 1, the CQ zeroed
+        so no old entry carries the phase the host expects next."""
+        a, o = self.a, self.o
+        spin_lock(a, o.sq_lock)
+        spin_lock(a, o.cq_lock)
+        try:
+            for name in ("sq_tail", "last_sq_tail", "sq_tail_db", "cq_head", "cq_head_db"):
+                a.set32(getattr(o, name), 0)
+            a.set32(o.cq_phase, 1)
+            a.xchg32(o.irq_pending, 0)
+            depth = self.depth or a.read32(o.q_depth)
+            self.buf[self.cq_base : self.cq_base + depth * CQE.size] = bytes(depth * CQE.size)
+        finally:
+            spin_unlock(a, o.cq_lock)
+            spin_unlock(a, o.sq_lock)
+
+    def set_enabled(self, on: bool) -> None:
+        set_queue_enabled(self.a, self.o, on)
+
 
 class NvmeConfig(KnobValues):
     """The nvme driver's and the device's knobs (NVME_KNOBS + DEVICE_KNOBS), validated."""
@@ -260,8 +321,9 @@ class NvmeOps(BlkMqOps):
         self.queues: list[RequestQueue] = []
         self.nvmeqs: list[NvmeQueue] = []
         self.mq: BlkMq | None = None
-        self.stats = {"genctr_mismatch": 0, "completion_polled": 0, "aborts_sent": 0,
-                      "host_aborted": 0, "interrupts": 0, "cqes": 0}  # fmt: skip
+        self.stats = dict.fromkeys(
+            ("genctr_mismatch", "completion_polled", "aborts_sent", "resets", "cancelled",
+             "retries", "interrupts", "cqes"), 0)  # fmt: skip
 
     # -- layout (in the owner) ----------------------------------------------------------
 
@@ -339,53 +401,79 @@ class NvmeOps(BlkMqOps):
     # -- the probe (in the owner, once the controller runs) ------------------------------
 
     def probe(self, arena: Arena, timeout: float = 10.0) -> dict[str, Any]:
-        """nvme_probe(): enable, identify, set features, create the I/O queues."""
-        a = arena.atomic
-        r = self.regs.offsets()  # type: ignore[union-attr]
+        """nvme_probe() -> nvme_reset_work(): enable, identify the controller and its
+        namespaces, then the features and I/O queues (:meth:`_setup_io`)."""
         admin = NvmeQueue(arena, self.regions[0], self.regs, self.kick_fd)  # type: ignore[arg-type]
-        a.store_release32(r.cc_en, 1)
-        self._kick(a, r.need_kick, force=True)
         deadline = time.monotonic() + timeout
-        while not a.load_acquire32(r.csts_rdy):
-            if time.monotonic() > deadline:
-                raise RuntimeError("nvme: controller did not become ready (CSTS.RDY)")
-            time.sleep(0.0005)
+        self._enable_ctrl(admin, deadline)
         cfg = self.cfg
         data = self.data.offset  # type: ignore[union-attr]
-
-        def cmd(opcode, nsid=0, cdw10=0, cdw11=0, prp1=0) -> int:
-            status, result = self.admin_sync(admin, opcode, nsid, cdw10, cdw11, prp1, deadline)
-            if status != Status.SUCCESS:
-                raise RuntimeError(
-                    f"nvme: admin {AdminOpcode(opcode).name} failed with status {status:#x}"
-                )
-            return result
-
-        cmd(AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, prp1=data)
+        self._admin_cmd(admin, deadline, AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, 0, data)
         ident = IDENTIFY_CTRL.unpack_from(arena.buf, data)
         nn, mqes = ident[6], ident[7]
         if nn < cfg.nr_namespaces:
             raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
         for nsid in range(1, cfg.nr_namespaces + 1):
-            cmd(AdminOpcode.IDENTIFY, nsid, IdentifyCns.NAMESPACE, prp1=data)
+            self._admin_cmd(
+                admin, deadline, AdminOpcode.IDENTIFY, nsid, IdentifyCns.NAMESPACE, 0, data
+            )
+        depth = min(cfg.io_queue_depth, mqes + 1)
+        for q in self.regions[1:]:
+            admin.a.set32(q.words.offsets().q_depth, depth)
+        self._setup_io(admin, deadline)
+        admin.a.set32(self.regs.offsets().ctrl_state, _LIVE)  # type: ignore[union-attr]
+        return {"namespaces": nn, "io_queues": self.nr_io_queues, "queue_depth": depth,
+                "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
+
+    def _enable_ctrl(self, admin: NvmeQueue, deadline: float) -> None:
+        """CC.EN = 1 and wait for CSTS.RDY (nvme_enable_ctrl); the admin queue is
+        usable from then on."""
+        a = admin.a
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        a.store_release32(r.cc_en, 1)
+        self._kick(a, r.need_kick, force=True)
+        while not a.load_acquire32(r.csts_rdy):
+            self._reset_wait(deadline, "did not become ready (CSTS.RDY)")
+        admin.set_enabled(True)
+
+    def _setup_io(self, admin: NvmeQueue, deadline: float) -> None:
+        """nvme_setup_io_queues(): the number of queues, interrupt coalescing, then
+        each I/O CQ before its SQ; a queue is enabled once both exist."""
+        cfg = self.cfg
         n = self.nr_io_queues
-        res = cmd(AdminOpcode.SET_FEATURES, 0, Feature.NUM_QUEUES, (n - 1) | (n - 1) << 16)
+        res = self._admin_cmd(
+            admin, deadline, AdminOpcode.SET_FEATURES, 0, Feature.NUM_QUEUES,
+            (n - 1) | (n - 1) << 16,
+        )  # fmt: skip
         if (res & 0xFFFF) + 1 < n:
             raise RuntimeError(f"nvme: controller grants {(res & 0xFFFF) + 1} I/O queues, not {n}")
         thr, tim = cfg.irq_coalesce_thr, cfg.irq_coalesce_time
-        cmd(AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8)
-        depth = min(cfg.io_queue_depth, mqes + 1)
+        self._admin_cmd(
+            admin, deadline, AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8
+        )
         first_poll = n - self.nr_poll_queues + 1
+        a = admin.a
         for qid in range(1, n + 1):
-            o = self.regions[qid].words.offsets()
-            a.set32(o.q_depth, depth)
-            # Create the CQ before its SQ: vector qid with interrupts enabled, or, for a
-            # poll queue, interrupts disabled (nvme_create_cq without IRQ_ENABLED).
+            q = self.regions[qid]
+            depth = a.read32(q.words.offsets().q_depth)
+            # Vector qid with interrupts enabled, or, for a poll queue, interrupts
+            # disabled (nvme_create_cq without NVME_CQ_IRQ_ENABLED).
             flags = 0x1 if qid >= first_poll else qid << 16 | 0x3
-            cmd(AdminOpcode.CREATE_CQ, 0, (depth - 1) << 16 | qid, flags)
-            cmd(AdminOpcode.CREATE_SQ, 0, (depth - 1) << 16 | qid, qid << 16 | 1 << 1 | 1)
-        return {"namespaces": nn, "io_queues": n, "queue_depth": depth,
-                "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
+            size_qid = (depth - 1) << 16 | qid
+            self._admin_cmd(admin, deadline, AdminOpcode.CREATE_CQ, 0, size_qid, flags)
+            self._admin_cmd(
+                admin, deadline, AdminOpcode.CREATE_SQ, 0, size_qid, qid << 16 | 1 << 1 | 1
+            )
+            set_queue_enabled(a, q.words.offsets(), True)
+
+    def _admin_cmd(self, admin: NvmeQueue, deadline: float, opcode: int, nsid: int = 0,
+                   cdw10: int = 0, cdw11: int = 0, prp1: int = 0) -> int:  # fmt: skip
+        status, result = self.admin_sync(admin, opcode, nsid, cdw10, cdw11, prp1, deadline)
+        if status != Status.SUCCESS:
+            raise RuntimeError(
+                f"nvme: admin {AdminOpcode(opcode).name} failed with status {status:#x}"
+            )
+        return result
 
     def _kick(self, a, need_kick_off: int, force: bool = False) -> None:
         if force or (a.read32(need_kick_off) and a.xchg32(need_kick_off, 0)):
@@ -400,7 +488,9 @@ class NvmeOps(BlkMqOps):
         sleeping on its vector's pipe)."""
         a = admin.a
         cid = self._admin_cid(a)
-        admin.submit((opcode, 0, cid, nsid, 0, 0, prp1, 0, cdw10, cdw11, 0, 0, 0, 0), True)
+        sqe = (opcode, 0, cid, nsid, 0, 0, prp1, 0, cdw10, cdw11, 0, 0, 0, 0)
+        if not admin.submit(sqe, True):
+            raise RuntimeError(f"nvme: admin {AdminOpcode(opcode).name}: admin queue disabled")
         while True:
             a.xchg32(admin.o.irq_pending, 0)  # acknowledge the admin vector, then reap
             for got_cid, status, result, _sqh, _sqid in admin.reap():
@@ -408,7 +498,8 @@ class NvmeOps(BlkMqOps):
                     return status, result
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nvme: admin {AdminOpcode(opcode).name} timed out")
-            select.select([self.irq_r[0]], [], [], 0.01)
+            # (another CPU may take the vector's byte: look again soon regardless)
+            select.select([self.irq_r[0]], [], [], 0.002)
             with contextlib.suppress(BlockingIOError):
                 os.read(self.irq_r[0], 4096)
 
@@ -432,6 +523,7 @@ class NvmeOps(BlkMqOps):
         self.nvmeqs = [NvmeQueue(arena, q, self.regs, self.kick_fd) for q in self.regions]  # type: ignore[arg-type]
         for q in self.nvmeqs[1:]:
             q.refresh()
+        self._ctrl_state = self.regs.offsets().ctrl_state  # type: ignore[union-attr]
 
     def irq_handlers(self, mq: BlkMq, cpu: int) -> list[tuple[int, Any]]:
         """The vectors affine to ``cpu``: fd -> nvme_irq for that queue."""
@@ -458,23 +550,36 @@ class NvmeOps(BlkMqOps):
         return self.poll_cq(hctx.index + 1, trylock=True)
 
     def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
-        """nvme_queue_rq()."""
-        pdu = rq.pdu
-        genctr = (pdu[0] + 1) & 0xF  # type: ignore[index]
-        pdu[0] = genctr  # type: ignore[index]
-        pdu[1] = 0  # type: ignore[index]
-        st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
-        mq.start_request(rq)
-        opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE
-        slba = st[1] >> self.sect_shift
-        nlb = (st[2] >> self.sect_shift) - 1
-        self.nvmeqs[hctx.index + 1].submit(
-            (
-                opcode, 0, nvme_cid(genctr, rq.tag), st[6] + 1, 0, 0, 0, 0,
-                slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
-            ),
-            last,
-        )  # fmt: skip
+        """nvme_queue_rq(): a disabled queue (a reset is under way) refuses with
+        BLK_STS_RESOURCE, and blk-mq retries later; a dead controller fails it."""
+        nvmeq = self.nvmeqs[hctx.index + 1]
+        if not nvmeq.lock_enabled():
+            if nvmeq.a.read32(self._ctrl_state) == _DEAD:
+                return BlkStatus.IOERR
+            return BlkStatus.RESOURCE
+        try:
+            pdu = rq.pdu
+            genctr = (pdu[_GENCTR] + 1) & 0xF  # type: ignore[index]
+            pdu[_GENCTR] = genctr  # type: ignore[index]
+            pdu[_ABORTED] = 0  # type: ignore[index]
+            a = nvmeq.a
+            if not a.read32(rq.base + 56) & _DONTPREP:  # nvme_setup_cmd(): a new command
+                pdu[_RETRIES] = 0  # type: ignore[index]
+                a.fetch_or32(rq.base + 56, _DONTPREP)
+            st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
+            mq.start_request(rq)
+            opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE
+            slba = st[1] >> self.sect_shift
+            nlb = (st[2] >> self.sect_shift) - 1
+            nvmeq.copy_cmd(
+                (
+                    opcode, 0, nvme_cid(genctr, rq.tag), st[6] + 1, 0, 0, 0, 0,
+                    slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
+                ),
+                last,
+            )  # fmt: skip
+        finally:
+            nvmeq.unlock()
         return 0
 
     def commit_rqs(self, mq: BlkMq, hctx: HwCtx) -> None:
@@ -493,9 +598,12 @@ class NvmeOps(BlkMqOps):
 
     def poll_cq(self, qid: int, trylock: bool = False) -> int:
         """nvme_poll_cq(): complete every CQE found; how many."""
-        cqes = self.nvmeqs[qid].reap(trylock=trylock)
+        nvmeq = self.nvmeqs[qid]
         if qid == 0:
-            return len(cqes)  # Abort completions: nothing to end (abort_endio)
+            if nvmeq.a.read32(self._ctrl_state) != _LIVE:
+                return 0  # the CPU resetting the controller reaps the admin CQ itself
+            return len(nvmeq.reap(trylock=trylock))  # Aborts: nothing to end (abort_endio)
+        cqes = nvmeq.reap(trylock=trylock)
         mq = self.mq
         tags = mq.queues[0].hctxs[qid - 1].tags  # type: ignore[union-attr]
         for cid, status, _result, _sqh, _sqid in cqes:
@@ -510,43 +618,124 @@ class NvmeOps(BlkMqOps):
             self.stats["genctr_mismatch"] += 1
             return
         rq = mq.rqs[0][tags.rq_base + tag]  # every namespace shares the tag set's pool
-        genctr = rq.pdu[0]  # type: ignore[index]
+        genctr = rq.pdu[_GENCTR]  # type: ignore[index]
         if cid >> 12 != genctr:
             # "request %#x genctr mismatch (got %#x expected %#x)"
             self.stats["genctr_mismatch"] += 1
             return
-        mq.complete_request(rq, rq.gen, status=nvme_error_status(status))
+        # The request's status word holds the NVMe status (nvme_req(req)->status),
+        # written by whichever completion wins.
+        mq.complete_request(rq, rq.gen, status=status)
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
-        """nvme_pci_complete_rq() -> nvme_complete_rq(): end with the status."""
-        mq.end_request(rq)
+        """nvme_pci_complete_rq() -> nvme_complete_rq(): nvme_decide_disposition()
+        retries a failed command without DNR (up to nvme_max_retries, not on a dead
+        controller) by requeueing it; otherwise the request ends with the status
+        mapped by nvme_error_status()."""
+        status = rq.status
+        if status:
+            pdu = rq.pdu
+            if (
+                not status & NVME_SC_DNR
+                and pdu[_RETRIES] < NVME_MAX_RETRIES  # type: ignore[index]
+                and mq.a.read32(self._ctrl_state) != _DEAD
+            ):
+                pdu[_RETRIES] += 1  # type: ignore[index]
+                self.stats["retries"] += 1
+                mq.requeue_request(rq, kick=True)
+                return
+        mq.end_request(rq, nvme_error_status(status))
 
     def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
-        """nvme_timeout()."""
+        """nvme_timeout(): poll the CQ ("completion polled": a lost interrupt); while
+        a reset runs, wait for it; the first time, send an Abort; a command that
+        times out again after its Abort resets the controller."""
+        a = mq.a
+        if a.read32(self._ctrl_state) == _RESETTING:
+            return EhRet.RESET_TIMER  # the reset cancels it
         st = rq.setup()
         qid = st[5] + 1
         before = rq.state_word
-        self.poll_cq(qid)  # a lost interrupt? poll the CQ first
+        self.poll_cq(qid)
         if rq.state_word != before:
             # "I/O tag %d QID %d timeout, completion polled"
             self.stats["completion_polled"] += 1
             return EhRet.DONE
         pdu = rq.pdu
-        if not pdu[1]:  # type: ignore[index]
-            # "I/O tag %d QID %d timeout, aborting": an Abort on the admin queue.
-            pdu[1] = 1  # type: ignore[index]
-            self.stats["aborts_sent"] += 1
+        if not pdu[_ABORTED]:  # type: ignore[index]
+            # "I/O tag %d QID %d timeout, aborting": an Abort on the admin queue (not
+            # sent while the admin queue is disabled by a reset).
+            pdu[_ABORTED] = 1  # type: ignore[index]
             admin = self.nvmeqs[0]
-            cid = self._admin_cid(admin.a)
-            abort_cdw10 = qid | nvme_cid(pdu[0], rq.tag) << 16  # type: ignore[index]
-            admin.submit(
-                (AdminOpcode.ABORT, 0, cid, 0, 0, 0, 0, 0, abort_cdw10, 0, 0, 0, 0, 0), True
-            )
+            abort_cdw10 = qid | nvme_cid(pdu[_GENCTR], rq.tag) << 16  # type: ignore[index]
+            sqe = (AdminOpcode.ABORT, 0, self._admin_cid(a), 0, 0, 0, 0, 0, abort_cdw10,
+                   0, 0, 0, 0, 0)  # fmt: skip
+            if admin.submit(sqe, True):
+                self.stats["aborts_sent"] += 1
             return EhRet.RESET_TIMER
-        # Timed out again after its abort: the host gives up on it.
-        self.stats["host_aborted"] += 1
-        mq.complete_request(rq, gen, status=nvme_error_status(Status.HOST_ABORTED_CMD))
-        return EhRet.DONE
+        # "I/O tag %d QID %d timeout, reset controller"
+        self.reset_ctrl(mq)
+        return EhRet.DONE  # cancelled by the reset (or completed before it)
+
+    def reset_ctrl(self, mq: BlkMq, timeout: float = 5.0) -> bool:
+        """nvme_dev_disable() + nvme_reset_work(), run by the CPU whose timeout fired
+        (the kernel queues it on nvme-reset-wq): False if a reset is already under
+        way.  Every command the controller held is cancelled with HOST_ABORTED_CMD
+        and, having no DNR, retried by :meth:`complete`; a controller that does not
+        come back is marked DEAD and what is left fails."""
+        a = mq.a
+        if a.cmpxchg32(self._ctrl_state, _LIVE, _RESETTING) != _LIVE:
+            return False
+        self.stats["resets"] += 1
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        admin = self.nvmeqs[0]
+        try:
+            # Disable: no new SQE anywhere (NVMEQ_ENABLED off under each sq_lock),
+            # CC.EN = 0, then reap what the controller had posted before it stopped.
+            for nvmeq in self.nvmeqs:
+                nvmeq.set_enabled(False)
+            a.store_release32(r.cc_en, 0)
+            self._kick(a, r.need_kick, force=True)
+            while a.load_acquire32(r.csts_rdy):
+                self._reset_wait(deadline, "did not stop (CSTS.RDY stays 1)")
+            for qid in range(1, len(self.nvmeqs)):
+                self.poll_cq(qid)  # nvme_reap_pending_cqes()
+            # nvme_cancel_request() for every command still started.
+            self.stats["cancelled"] += self._cancel_all(mq, Status.HOST_ABORTED_CMD)
+            # nvme_reset_work(): fresh queues, enable, features, I/O queues again.
+            for nvmeq in self.nvmeqs:
+                nvmeq.reset()
+            self._enable_ctrl(admin, deadline)
+            self._setup_io(admin, deadline)
+        except RuntimeError as exc:
+            # nvme_remove_dead_ctrl(): fail everything, now and from now on.
+            a.set32(self._ctrl_state, _DEAD)
+            mq.violation(f"nvme: controller reset failed, controller dead: {exc}")
+            self._cancel_all(mq, NVME_SC_DNR | Status.HOST_ABORTED_CMD)
+            return True
+        a.fetch_add32(r.resets, 1)
+        a.set32(self._ctrl_state, _LIVE)
+        for queue in mq.queues:  # nvme_start_queues(): run what waited
+            mq.run_hw_queues(queue, True)
+        return True
+
+    def _reset_wait(self, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"controller {what}")
+        if wait.long_spin_hook is not None:
+            wait.long_spin_hook()  # the run may be ending (the device may have died)
+        time.sleep(0.0002)
+
+    @staticmethod
+    def _cancel_all(mq: BlkMq, status: int) -> int:
+        """blk_mq_tagset_busy_iter(nvme_cancel_request): complete every started
+        request of the tag set with ``status``; how many this call completed."""
+        n = 0
+        for rq in mq.rqs[0]:  # the namespaces share the set's pool
+            if rq.state == RqState.IN_FLIGHT and mq.complete_request(rq, rq.gen, status=status):
+                n += 1
+        return n
 
 
 def setup(

@@ -104,6 +104,22 @@ class Status(enum.IntEnum):
     HOST_ABORTED_CMD = 0x371  #: Linux: completed by the host (reset, cancel)
 
 
+#: Status field bits above SCT/SC: Do Not Retry, and the mask of SCT << 8 | SC.
+NVME_SC_DNR = 0x4000
+NVME_SC_MASK = 0x7FF
+#: nvme_max_retries (module parameter): retries of a command failed without DNR.
+NVME_MAX_RETRIES = 5
+
+
+class CtrlState(enum.IntEnum):
+    """enum nvme_ctrl_state (the subset a PCIe controller goes through here)."""
+
+    NEW = 0
+    LIVE = 1
+    RESETTING = 2
+    DEAD = 3
+
+
 #: The status field of a CQE: phase in bit 0, the status code above it.
 def cqe_status(status: int, phase: int) -> int:
     return ((status & 0x7FFF) << 1) | (phase & 1)
@@ -113,7 +129,9 @@ def cqe_status(status: int, phase: int) -> int:
 NVME_REGS = cacheline_struct(
     [("cc_en", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],  # host writes CC.EN
     [("need_kick", "<u4")],  # device: "I am going to sleep, kick me" (event index)
-    [("resets", "<u4")],  # completed controller resets (host counts)
+    # struct nvme_ctrl (host side): completed resets and the state, moved by cmpxchg
+    # (LIVE -> RESETTING by the CPU that performs the reset, back to LIVE or DEAD)
+    [("resets", "<u4"), ("ctrl_state", "<u4")],
 )
 
 #: One queue pair's shared words.  The rings themselves are separate regions.
@@ -121,7 +139,8 @@ NVME_QUEUE = cacheline_struct(
     [("sq_tail_db", "<u4")],  # SQ tail doorbell: the host's last published tail
     [("cq_head_db", "<u4")],  # CQ head doorbell: the host's last consumed head
     # struct nvme_queue (host side), shared by the CPUs that use this queue:
-    [("sq_lock", "<u8"), ("sq_tail", "<u4"), ("last_sq_tail", "<u4")],
+    # ``enabled`` is NVMEQ_ENABLED: read and written under sq_lock only
+    [("sq_lock", "<u8"), ("sq_tail", "<u4"), ("last_sq_tail", "<u4"), ("enabled", "<u4")],
     [("cq_lock", "<u8"), ("cq_head", "<u4"), ("cq_phase", "<u4")],
     # the vector's pending bit (MSI-X PBA): set by the device when it raises the
     # interrupt (a pipe write only if it was clear), cleared by the host's handler

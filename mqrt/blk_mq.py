@@ -921,11 +921,12 @@ class BlkMq:
         a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
 
     def _requeue_unstarted(self, rq: Request) -> None:
-        """__blk_mq_requeue_request(): a started request the driver refused goes back
-        to IDLE (it keeps its tag: no scheduler)."""
+        """__blk_mq_requeue_request(): a started request (refused by the driver, or
+        completed and sent back by its ->complete) goes back to IDLE; it keeps its
+        tag (no scheduler)."""
         a = self.a
         st = a.read(rq.base)
-        if st & RQ_STATE_MASK == RqState.IN_FLIGHT:
+        if st & RQ_STATE_MASK != RqState.IDLE:
             a.store_release(rq.base, st & ~RQ_STATE_MASK)
             a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
 

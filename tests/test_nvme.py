@@ -54,13 +54,29 @@ def test_coalescing_delivers_many_completions_per_interrupt():
     assert dev["coalesced"] > dev["interrupts"]  # more than one CQE per interrupt
 
 
-def test_dropped_completions_are_aborted_and_finish_once():
+def test_dropped_completions_end_in_a_controller_reset_and_finish_once():
+    # timeout -> Abort (the controller has no such command) -> timeout again ->
+    # reset: every started command is cancelled with HOST_ABORTED_CMD and retried.
     result = run_nvme(drop_completion=5, io_timeout=40, latency_ns=20_000, runtime=0.6)
     assert_clean(result)
     dev, drv, t = device(result), driver(result), totals(result)
     assert dev["dropped"] > 0
-    assert drv["aborts_sent"] >= dev["dropped"] and drv["host_aborted"] == dev["dropped"]
-    assert t["errors"] == dev["dropped"]
+    assert 0 < drv["resets"] <= dev["resets"]  # the controller saw each CC.EN 1 -> 0
+    assert drv["aborts_sent"] > 0
+    assert drv["cancelled"] >= dev["dropped"]  # a dropped command is only ever cancelled
+    assert t["requeued"] == drv["retries"]
+    assert t["errors"] == drv["cancelled"] - drv["retries"]  # failed after 5 retries
+    assert t["ios"] == t["requests"]  # and each request ended exactly once
+
+
+def test_commands_held_past_their_timeout_are_aborted_and_retried():
+    # 10% of commands take 100 ms against a 20 ms timeout: the Abort completes them
+    # with ABORT_REQ (no DNR), so they are retried; none fails.
+    result = run_nvme(delay_pct=10, delay_ns=100_000_000, io_timeout=20, latency_ns=20_000)
+    assert_clean(result)
+    dev, drv, t = device(result), driver(result), totals(result)
+    assert dev["aborts"] > 0 and drv["retries"] >= dev["aborts"]
+    assert t["errors"] == 0 and t["ios"] == t["requests"]
 
 
 def test_a_lost_interrupt_is_found_by_the_timeout_polling_the_cq():
