@@ -108,6 +108,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    out.add_argument(
+        "--reference",
+        action="store_true",
+        help="after an nvme run, also time the bare SQ -> device -> CQ loop (~1 s) and "
+        "give this run's IOPS as a share of it (the eventfd wake-up round trip, next to "
+        "the latency percentiles, is always measured)",
+    )
     p.set_defaults(func=main)
 
 
@@ -451,6 +458,8 @@ def render_text(report: dict[str, Any], out) -> None:
         )
         for p in inv["problems"][:10]:
             print(f"  ! {p}", file=out)
+    if "reference" in m:
+        _render_reference(report, out)
     for msg in m["messages"]:
         print(f"mqrt: note: {msg}", file=out)
     totals: dict[str, int] = {}
@@ -469,6 +478,34 @@ def render_text(report: dict[str, Any], out) -> None:
         "merges",
     )
     print("mqrt: " + ", ".join(f"{k}={totals.get(k, 0)}" for k in keys), file=out)
+
+
+def _render_reference(report: dict[str, Any], out) -> None:
+    """This run next to the bare references measured right after it."""
+    ref = report["mqrt"]["reference"]
+    rtt = ref["wakeup_rtt_ns"]
+    pct = {}
+    iops = 0.0
+    for job in report["jobs"]:
+        for name in ("read", "write"):
+            iops += job[name]["iops"]
+            pct = pct or job[name]["clat_ns"].get("percentile", {})
+    line = f"mqrt: reference: eventfd wake-up round trip {rtt / 1000:.1f} us"
+    if pct:
+        p50, p99 = pct.get("50.000000"), pct.get("99.000000")
+        if p50 and p99:
+            line += (
+                f"; clat p50 {p50 / 1000:.1f} us ({p50 / rtt:.1f}x), "
+                f"p99 {p99 / 1000:.1f} us ({p99 / rtt:.1f}x)"
+            )
+    print(line, file=out)
+    loop = ref.get("sq_cq_loop_iops")
+    if loop:
+        print(
+            f"mqrt: reference: bare SQ -> device -> CQ loop {_si(loop)} IOPS; "
+            f"this run {_si(iops)} = {100 * iops / loop:.1f}% of it",
+            file=out,
+        )
 
 
 class _Progress:
@@ -537,6 +574,10 @@ def _run_and_report(spec, config, args: argparse.Namespace, out) -> int:
     finally:
         progress.done()
     report = fio_json(result, config, spec)
+    if "nvme" in config and not result.interrupted:
+        from mqrt.microbench import reference_figures
+
+        report["mqrt"]["reference"] = reference_figures(args.reference)
     if args.output_format == "json":
         json.dump(report, out, indent=2)
         out.write("\n")

@@ -463,6 +463,16 @@ def _ref_wakeup(scale: float) -> float:
     return rtt
 
 
+def reference_figures(loop: bool) -> dict[str, float]:
+    """The bare references ``mqrt bench`` prints next to a device run, measured in
+    that run: the eventfd wake-up round trip (median ns, always: ~0.1 s) and, with
+    ``loop``, the bare SQ -> device -> CQ loop's IOPS (~1 s)."""
+    out = {"wakeup_rtt_ns": _ref_wakeup(0.04)}
+    if loop:
+        out["sq_cq_loop_iops"] = _ref_loop(1.0)
+    return out
+
+
 CASES: list[Case] = [
     Case("atomic.cmpxchg", "ns/op", _ours("cmpxchg"), what="mqrt._atomic cmpxchg"),
     Case("atomic.fetch_add", "ns/op", _ours("fetch_add"), what="mqrt._atomic fetch_add"),

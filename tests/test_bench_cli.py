@@ -53,6 +53,16 @@ def test_bench_text_summary_reads_like_fio():
     assert "IO depths    :" in out.stdout and "mqrt: invariants ok" in out.stdout
 
 
+def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
+    out = mqrt(
+        "bench", "--driver", "nvme", "--runtime", "0.3", "--cpus", "1", "--iodepth", "1",
+        "--latency_ns", "0", "-q", "--reference",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "mqrt: reference: eventfd wake-up round trip" in out.stdout
+    assert "clat p50" in out.stdout and "bare SQ -> device -> CQ loop" in out.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
