@@ -14,22 +14,27 @@ CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
   complete through blk-mq, then one CQ head doorbell write.
 * ``timeout`` (``nvme_timeout``): poll the CQ first ("completion polled": a lost
   interrupt); otherwise send an Abort on the admin queue and give the command another
-  timeout; a command that times out again after its abort is completed by the host
-  with ``NVME_SC_HOST_ABORTED_CMD`` (see Deviations).
-* ``map_queues``: the default map over the I/O queues; vector ``qid`` is affine to the
-  first CPU of hctx ``qid - 1``.  Namespaces are request queues on the controller's
-  tag set (``TAG_QUEUE_SHARED`` with more than one).
+  timeout; a command that times out again after its Abort resets the controller
+  (:meth:`NvmeOps.reset_ctrl`).  Cancelled and aborted commands have no DNR, so
+  ``complete`` (``nvme_complete_rq``) retries them up to ``nvme_max_retries``.
+* ``poll`` (``nvme_poll``): poll queues (``poll_queues``) are created without an
+  interrupt; the CPU that submitted a polled bio reaps them.
+* ``map_queues``: DEFAULT over the interrupt-driven queues, POLL over the poll queues;
+  vector ``qid`` is affine to the first CPU of hctx ``qid - 1``.  Namespaces are
+  request queues on the controller's tag set (``TAG_QUEUE_SHARED`` with more than one).
 
 The probe (``nvme_probe`` / ``nvme_reset_work``) runs in the runtime before the CPUs
 start: enable the controller, identify it and its namespaces, set the number of
 queues, interrupt coalescing and arbitration, and create each I/O CQ before its SQ.
+A reset runs the same steps again, on the CPU whose timeout fired.
 
 Deviations from Linux
-    * A command that times out after its Abort is completed by the host with
-      ``HOST_ABORTED_CMD`` instead of a full controller reset (the reset is not
-      modelled yet); a late CQE for it is then dropped as stale by the genctr check.
+    * The reset runs inline in the timeout handler of the CPU that decided it (the
+      kernel queues it on nvme-reset-wq); other CPUs' submissions get
+      ``BLK_STS_RESOURCE`` from the disabled queues meanwhile, and are rerun.
     * Admin commands from CPUs (Abort) are fire-and-forget; their completions are
-      reaped by CPU 0, which the admin vector is affine to.
+      reaped by CPU 0, which the admin vector is affine to (by the resetting CPU
+      during a reset).
 """
 
 from __future__ import annotations
