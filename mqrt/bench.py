@@ -43,6 +43,14 @@ RUN_KNOBS: tuple[Knob, ...] = (
         choices={"nullb": "nullb", "nvme": "nvme"},
     ),
     Knob(
+        "mode",
+        "choice",
+        "mq",
+        "How CPUs feed the driver: mq (blk-mq), sq (the legacy single request queue "
+        "under one lock), raw (the driver fed directly, no block layer). Default: mq",
+        choices={m: m for m in ("mq", "sq", "raw")},
+    ),
+    Knob(
         "rq_affinity",
         "int",
         1,
@@ -138,6 +146,7 @@ def build(given: dict[str, Any]):
         raise KnobError(f"unknown option {sorted(unknown)[0]!r}")
     job = JobSpec.from_options({k: v for k, v in given.items() if k in job_names})
     runv = parse_knobs(RUN_KNOBS, {k: v for k, v in given.items() if k in run_names})
+    _apply_mode(given, runv)
     if runv["driver"] == "nvme":
         return _build_nvme(given, job, runv, nullb_names, nvme_names)
     wrong = sorted(set(given) & (nvme_names - nullb_names))
@@ -165,6 +174,20 @@ def build(given: dict[str, Any]):
     return _spec(job, runv, setup, cpus_allowed, "nullb", null_blk.describe(nullb))
 
 
+def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
+    """sq has one hw queue, raw one per CPU: set the driver's queue count, refusing a
+    contradicting one."""
+    mode = runv["mode"]
+    if mode == "mq":
+        return
+    key = "nr_io_queues" if runv["driver"] == "nvme" else "submit_queues"
+    forced = 1 if mode == "sq" else runv["cpus"]
+    if key in given and str(given[key]) != str(forced):
+        what = "one hw queue" if mode == "sq" else "one hw queue per CPU"
+        raise KnobError(f"{key}: --mode {mode} uses {what} ({forced}), got {given[key]!r}")
+    given[key] = forced
+
+
 def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
     """The RunSpec and the configuration the report shows, for either driver."""
     from mqrt.runtime import RunSpec
@@ -178,6 +201,7 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
         cpus_per_core=runv["cpus_per_core"] or None,
         pin=runv["pin"],
         seed=runv["seed"],
+        mode=runv["mode"],
     )
     config = {
         "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},

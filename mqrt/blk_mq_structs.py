@@ -141,6 +141,7 @@ MAX_CTX_PER_HCTX = 256
 #: struct request_queue, the shared part.
 QUEUE = cacheline_struct(
     [("queue_flags", "<u8")],  # QUEUE_FLAG_* bits
+    [("queue_lock", "<u8")],  # the legacy queue_lock (bit 0): --mode sq only
     [("nr_active_requests_shared_tags", "<i4"), ("max_active", "<i4")],
 )
 
@@ -344,6 +345,9 @@ class CpuSys(Protocol):
 
     def schedule(self) -> None:
         """Sleep until this CPU's waiter is woken, taking interrupts meanwhile."""
+
+    def idle_wait(self) -> None:
+        """Wait until something happens on this CPU (an interrupt, an IPI), serving it."""
 
 
 class Request:
@@ -551,6 +555,7 @@ class Queue:
 
         o = q.header.offsets()  # type: ignore[union-attr]
         self.flags_off = o.queue_flags
+        self.lock_off = o.queue_lock
         self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]
         self.max_sectors = q.max_sectors
         self.merge = q.nomerges != 2

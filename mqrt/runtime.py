@@ -70,6 +70,7 @@ class RunSpec:
     cpus_per_core: int | None = None  #: emulated topology (None: from the host)
     pin: bool = True
     seed: int = 0
+    mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.blk_mq_modes)
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
 
@@ -237,6 +238,7 @@ class _Run:
                 bw_timer_cpu=bw_cpu,
                 seed=spec.seed,
                 owner_pid=os.getpid(),
+                mode=spec.mode,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True

@@ -46,6 +46,7 @@ import msgpack
 
 from mqrt import wait
 from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
+from mqrt.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.proc import child_init
 from mqrt.shm import Arena, Region, cacheline_struct
 from mqrt.wait import Waiters, WaitersSpec
@@ -90,6 +91,7 @@ class CpuPlan:
     bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
     seed: int
     owner_pid: int  #: the runtime (the CPU dies with it)
+    mode: str = "mq"  #: mq, sq or raw (mqrt.blk_mq_modes)
 
 
 class Cpu:
@@ -117,7 +119,8 @@ class Cpu:
         self.stopping = False  #: stop submitting
         self.exiting = False  #: the runtime said exit
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
-        self.mq = BlkMq(plan.arena, self.waiters, plan.cpu, plan.queues, self)
+        mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
+        self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
         self.jobs = [
             IoJob(plan.job, plan.cpu, q.index, plan.dev_bytes, plan.seed) for q in plan.queues
@@ -439,6 +442,13 @@ class Cpu:
                 self._serve(None, timeout=0.0)
             elif not self._poll_inflight():
                 self._serve(wake_at)
+
+    def idle_wait(self) -> None:
+        """Wait for something to happen (a completion, most likely), serving it."""
+        if self.exiting:
+            raise Stopped
+        if not self._poll_inflight():
+            self._serve(None)
 
     def _poll_inflight(self, in_sleep: bool = False) -> bool:
         """With polled I/Os in flight, reap the poll queues once (io_uring's
