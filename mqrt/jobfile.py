@@ -1,0 +1,302 @@
+"""fio job files for ``mqrt bench --jobfile FILE``.
+
+The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt reads:
+
+* An ini-like file: ``[name]`` starts a job section; ``[global]`` starts a global
+  section.  As in fio, every section whose name starts with ``global`` is a global
+  section.  A global section sets defaults for the jobs that *follow* it; a file may
+  have several, each adding to (or overriding) the defaults so far.  A job's own
+  options override the defaults.  Job names must be unique within the file.
+* One option per line: ``option=value`` (blanks around ``=`` are ignored; the value
+  runs to the end of the line) or a bare ``option``, which means ``option=1`` (fio's
+  ``time_based``, ``group_reporting``).  Option names take dashes or underscores.
+* A line whose first non-blank character is ``#`` or ``;`` is a comment.  As in fio,
+  there are no trailing comments: ``bs=4k # small`` is the value ``4k # small``.
+* ``${VAR}`` in a value is replaced by the environment variable ``VAR`` (once, not
+  recursively).  Unlike fio, which substitutes an empty string, an unset variable is
+  an error naming it.
+* ``include FILE`` inside a section reads FILE's options into that section (a global
+  section's includes set defaults).  FILE is relative to the including file (then to
+  the working directory, where fio looks first); includes nest up to
+  :data:`MAX_INCLUDE_DEPTH` deep, a cycle is an error, and an included file may not
+  contain sections (as in fio).
+* Not supported: fio's reserved keywords (``$ncpus``, ``$mb_memory``,
+  ``$pagesize``), arithmetic in values, option aliases, and several job files per
+  run.
+
+Every option must be one the caller supports (``known``) or one of
+:data:`ACCEPTED_NO_EFFECT`, fio options accepted without effect in an emulation;
+those are returned separately (:attr:`JobSection.no_effect`) so the caller can say
+so.  Anything else is an error.  Values stay strings: the caller validates them and
+can report a bad value with its line (:meth:`JobSection.line_of`,
+:meth:`JobSection.located`).  Every error is a :class:`~mqrt.knobs.KnobError` with a
+one-line message starting with ``file:line:``, e.g.
+``jobs.fio:7: unknown option 'verify' (supported: see mqrt bench --help)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from mqrt.knobs import KnobError, canonical
+
+__all__ = [
+    "ACCEPTED_NO_EFFECT",
+    "MAX_INCLUDE_DEPTH",
+    "JobSection",
+    "parse_jobfile",
+    "parse_jobfile_text",
+]
+
+#: fio options accepted in a job file but without effect in the emulation: option ->
+#: why.  Kept short on purpose; any other option the caller does not support is an
+#: error, never silently ignored.
+ACCEPTED_NO_EFFECT: Mapping[str, str] = {
+    "ioengine": "I/O always goes through the emulated blk-mq and driver; there is no engine",
+    "direct": "there is no page cache in the emulation; every I/O is direct",
+    "invalidate": "there is no page cache to invalidate",
+    "filename": "the target is the emulated device, not a host file",
+    "thread": "each emulated CPU is a process; jobs run inside it either way",
+    "group_reporting": "the report already merges every CPU's job on a device",
+    "time_based": "mqrt jobs always run for runtime (fio's time_based)",
+    "norandommap": "offsets never use a random map (fio's norandommap behaviour)",
+    "name": "a job is named by its [section]",
+    "description": "free text, not shown in the report",
+}
+
+#: How deep ``include`` may nest.
+MAX_INCLUDE_DEPTH = 16
+
+_ENV = re.compile(r"\$\{([^}]*)\}")
+
+
+#: A file being read: its resolved path and its name in messages.
+_Frame = tuple[Path, str]
+
+
+class _Opt(NamedTuple):
+    value: str
+    file: str
+    line: int
+    no_effect: bool
+
+
+@dataclass
+class JobSection:
+    """One job of the file, with the defaults of the global sections above it."""
+
+    #: The job's name (its ``[section]``).
+    name: str
+    #: Supported options (canonical names) -> value, globals merged, in file order.
+    options: dict[str, str]
+    #: Every option (also the no-effect ones) -> (file, line) where it was set.
+    lines: dict[str, tuple[str, int]]
+    #: Options of :data:`ACCEPTED_NO_EFFECT` that were given -> value.
+    no_effect: dict[str, str]
+    #: Where the ``[section]`` header is: (file, line).
+    header: tuple[str, int]
+
+    def line_of(self, option: str) -> str:
+        """``file:line`` where ``option`` was set (the section header if it was not)."""
+        file, line = self.lines.get(canonical(option), self.header)
+        return f"{file}:{line}"
+
+    def located(self, exc: KnobError) -> KnobError:
+        """``exc`` (from validating the values) with ``file:line:`` in front, the line of
+        the option its message starts with (``iodepth: must be ...``), or of the header."""
+        message = str(exc)
+        option = message.split(":", 1)[0]
+        return KnobError(f"{self.line_of(option)}: {message}")
+
+
+def parse_jobfile(
+    path: str | os.PathLike[str],
+    known: Collection[str],
+    *,
+    flags: Collection[str] | None = None,
+) -> list[JobSection]:
+    """The jobs of the fio job file at ``path``, in file order.
+
+    ``known``: the option names the caller supports (dashes or underscores).
+    ``flags``: if given, the supported options that may appear bare (``option``
+    alone); another supported option without a value is then an error.
+    """
+    display = os.fspath(path)
+    text = _read(Path(display), display, None)
+    parser = _Parser(known, flags)
+    parser.parse(text, display, Path(display).parent, ((Path(display).resolve(), display),))
+    return parser.finish(display, text)
+
+
+def parse_jobfile_text(
+    text: str,
+    known: Collection[str],
+    filename: str = "<string>",
+    *,
+    flags: Collection[str] | None = None,
+) -> list[JobSection]:
+    """:func:`parse_jobfile` for a job file's text; ``filename`` names it in errors and
+    ``include`` paths are relative to its directory (the working directory by default)."""
+    parser = _Parser(known, flags)
+    parser.parse(text, filename, Path(filename).parent, ())
+    return parser.finish(filename, text)
+
+
+def _read(path: Path, display: str, at: str | None) -> str:
+    """The text of a job file; ``at`` is the ``file:line`` of the include naming it."""
+    where = f"{at}: include {display!r}" if at else display
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KnobError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise KnobError(f"{display}:{line}: not UTF-8 text") from None
+
+
+class _Section:
+    def __init__(self, name: str, file: str, line: int, defaults: dict[str, _Opt]) -> None:
+        self.name = name
+        self.header = (file, line)
+        self.is_global = name.startswith("global")  # fio: strncmp(name, "global", 6)
+        self.opts: dict[str, _Opt] = dict(defaults)
+
+
+class _Parser:
+    def __init__(self, known: Collection[str], flags: Collection[str] | None) -> None:
+        self.known = {canonical(k) for k in known}
+        self.flags = None if flags is None else {canonical(k) for k in flags}
+        self.defaults: dict[str, _Opt] = {}
+        self.section: _Section | None = None
+        self.jobs: list[JobSection] = []
+        self.names: dict[str, str] = {}  # job name -> file:line of its header
+
+    def parse(
+        self, text: str, file: str, base: Path, stack: tuple[_Frame, ...], depth: int = 0
+    ) -> None:
+        """Read ``text`` (of ``file``, in directory ``base``).  ``stack``: the files
+        being read, outermost first; ``depth``: how many includes deep ``text`` is."""
+        nested = depth > 0
+        for lineno, raw in enumerate(text.split("\n"), 1):
+            line = raw.strip()
+            if not line or line[0] in "#;":
+                continue
+            at = f"{file}:{lineno}"
+            if line.startswith("["):
+                if nested:
+                    raise KnobError(f"{at}: {line!r}: an included file may not contain sections")
+                self._header(line, file, lineno)
+            elif self.section is None:
+                raise KnobError(
+                    f"{at}: {line!r} outside of a [section] (a job file starts with [global]"
+                    " or [name])"
+                )
+            elif line == "include" or line.startswith(("include ", "include\t")):
+                self._include(line[len("include") :].strip(), at, base, stack, depth)
+            else:
+                self._option(line, file, lineno)
+
+    def finish(self, file: str, text: str) -> list[JobSection]:
+        self._close()
+        if not self.jobs:
+            last = max(1, text.count("\n") + (not text.endswith("\n")))
+            raise KnobError(f"{file}:{last}: no job section (a job is a [name] section)")
+        return self.jobs
+
+    def _header(self, line: str, file: str, lineno: int) -> None:
+        at = f"{file}:{lineno}"
+        if not line.endswith("]"):
+            raise KnobError(f"{at}: malformed section header {line!r} (expected [name])")
+        name = line[1:-1].strip()
+        if not name:
+            raise KnobError(f"{at}: empty section name {line!r}")
+        self._close()
+        section = _Section(name, file, lineno, self.defaults)
+        if not section.is_global:
+            if name in self.names:
+                raise KnobError(
+                    f"{at}: duplicate job section [{name}] (first at {self.names[name]})"
+                )
+            self.names[name] = at
+        self.section = section
+
+    def _close(self) -> None:
+        section, self.section = self.section, None
+        if section is None:
+            return
+        if section.is_global:
+            self.defaults = section.opts
+            return
+        opts = section.opts
+        self.jobs.append(
+            JobSection(
+                name=section.name,
+                options={k: o.value for k, o in opts.items() if not o.no_effect},
+                lines={k: (o.file, o.line) for k, o in opts.items()},
+                no_effect={k: o.value for k, o in opts.items() if o.no_effect},
+                header=section.header,
+            )
+        )
+
+    def _include(
+        self, name: str, at: str, base: Path, stack: tuple[_Frame, ...], depth: int
+    ) -> None:
+        if not name:
+            raise KnobError(f"{at}: include needs a file name (include FILE)")
+        given = Path(name)
+        candidates = [given] if given.is_absolute() else [base / given, given]
+        path = next((p for p in candidates if p.exists()), candidates[0])
+        display = os.fspath(path)
+        real = path.resolve()
+        if any(real == r for r, _ in stack):
+            chain = " -> ".join([*(d for _, d in stack), display])
+            raise KnobError(f"{at}: include cycle: {chain}")
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise KnobError(f"{at}: include {name!r}: nested more than {MAX_INCLUDE_DEPTH} deep")
+        text = _read(path, display, at)
+        self.parse(text, display, path.parent, (*stack, (real, display)), depth + 1)
+
+    def _option(self, line: str, file: str, lineno: int) -> None:
+        at = f"{file}:{lineno}"
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not key:
+            raise KnobError(f"{at}: malformed line {line!r} (expected option=value)")
+        name = canonical(key)
+        if name in self.known:
+            no_effect = False
+        elif name in ACCEPTED_NO_EFFECT:
+            no_effect = True
+        else:
+            raise KnobError(f"{at}: unknown option {key!r} (supported: see mqrt bench --help)")
+        if not eq:
+            if self.flags is not None and not no_effect and name not in self.flags:
+                raise KnobError(f"{at}: option {key!r} needs a value ({key}=VALUE)")
+            value = "1"
+        value = _expand(value, at, key)
+        assert self.section is not None
+        opts = self.section.opts
+        opts.pop(name, None)  # a later setting moves to the end: file order
+        opts[name] = _Opt(value, file, lineno, no_effect)
+
+
+def _expand(value: str, at: str, key: str) -> str:
+    """``${VAR}`` -> the environment variable's value (fio's ``option_dup_subs``)."""
+
+    def sub(m: re.Match[str]) -> str:
+        var = m.group(1)
+        if not var:
+            raise KnobError(f"{at}: {key}: '${{}}' names no environment variable")
+        env = os.environ.get(var)
+        if env is None:
+            raise KnobError(f"{at}: {key}: environment variable {var!r} is not set")
+        return env
+
+    return _ENV.sub(sub, value)
