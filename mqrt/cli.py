@@ -26,10 +26,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from mqrt import bench, microbench
+    from mqrt import bench, compare, microbench, plot
 
     bench.add_parser(sub)
+    compare.add_parser(sub)
     microbench.add_parser(sub)
+    plot.add_parser(sub)
     return parser
 
 
