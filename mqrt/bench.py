@@ -1,36 +1,26 @@
-"""``mqrt bench``: run an fio-shaped job on emulated CPUs through blk-mq and a driver,
-and report it the way fio does (human summary, or fio-shaped JSON with an ``mqrt``
-object: configuration, host, invariants, per-CPU and per-hctx counters).
+"""``mqrt bench``: run fio-shaped jobs on emulated CPUs through blk-mq (or the
+legacy single queue, or no block layer) and a driver, and report them the way fio
+does: a human summary or fio-shaped JSON, with an ``mqrt`` object (configuration,
+host, the sweep's points, invariants, per-CPU and per-hctx counters).
 
 Options carry fio's names for the job (``--rw``, ``--bs``, ``--iodepth`` ...) and
-null_blk's for the device (``--irqmode``, ``--completion_nsec``, ``--submit_queues``
-...); dashes and underscores are both accepted.  A bad value is a one-line error
-naming the option and what it accepts.
+null_blk's and nvme's for the devices (``--irqmode``, ``--completion_nsec``,
+``--submit_queues`` ...); dashes and underscores are both accepted.  A bad value is a
+one-line error naming the option and what it accepts.  A list of values sweeps
+(:mod:`mqrt.sweep`); a fio job file gives the jobs (:mod:`mqrt.jobfile`).  Without
+any option, a small mq-versus-sq sweep over 1..N CPUs runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
-import psutil
-
-from mqrt import __version__
-from mqrt.blk_stat import (
-    DEFAULT_PERCENTILES,
-    LatHist,
-    choose_unit,
-    dir_stats_json,
-    format_percentiles_text,
-    iodepth_level,
-    parse_percentile_list,
-)
 from mqrt.knobs import Knob, KnobError, canonical, parse_knobs
-
-SCHEMA = "mqrt.bench/1"
 
 #: Options of the run itself (not of the job or the driver).
 RUN_KNOBS: tuple[Knob, ...] = (
@@ -106,6 +96,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             if "_" in k.name:
                 flags.append(f"--{k.name.replace('_', '-')}")
             g.add_argument(*flags, dest=f"knob_{k.name}", metavar="V", default=None, help=k.help)
+    sw = p.add_argument_group(
+        "sweep (any numeric or choice option may be a list: 1,2,4 or 1-8 or 1-8:x2)"
+    )
+    sw.add_argument(
+        "jobfile", nargs="?", metavar="JOBFILE",
+        help="a fio job file: each job section runs in turn (command-line options override it)",
+    )  # fmt: skip
+    sw.add_argument(
+        "--repeat", type=_positive_int, default=None, metavar="N",
+        help="runs per point; the median run stands for the point. Default: 1 (3 for the "
+        "default sweep)",
+    )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument(
         "--output-format",
@@ -123,7 +125,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "give this run's IOPS as a share of it (the eventfd wake-up round trip, next to "
         "the latency percentiles, is always measured)",
     )
+    out.add_argument(
+        "--plot", metavar="FILE.png",
+        help="draw IOPS versus CPUs per mode and the latency percentiles (needs mqrt[plot])",
+    )  # fmt: skip
     p.set_defaults(func=main)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 1..1000, got {text!r}")
+    return n
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,324 +266,106 @@ def _cpus_allowed(runv) -> list[int] | None:
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def _merge_jobs(result, q: int) -> dict[str, Any]:
-    """One fio job per request queue: every CPU's job on it, merged."""
-    dirs = []
-    for name in ("read", "write"):
-        ios = nbytes = errors = 0
-        clat, slat, lat = LatHist(), LatHist(), LatHist()
-        for cpu in result.cpus:
-            d = cpu["jobs"][q][name]
-            ios += d["ios"]
-            nbytes += d["bytes"]
-            errors += d["errors"]
-            clat.merge(LatHist.from_bytes(d["clat"]))
-            slat.merge(LatHist.from_bytes(d["slat"]))
-            lat.merge(LatHist.from_bytes(d["lat"]))
-        dirs.append(
-            {"ios": ios, "bytes": nbytes, "errors": errors, "clat": clat, "slat": slat, "lat": lat}
-        )
-    depth: dict[int, int] = {}
-    for cpu in result.cpus:
-        for d, c in enumerate(cpu["jobs"][q]["depth_counts"]):
-            if c:
-                depth[d] = depth.get(d, 0) + c
-    return {"dirs": dirs, "depth": depth}
+#: What ``mqrt bench`` with no option runs: the blk-mq paper's comparison in small.
+DEFAULT_RUNTIME_S = 2.0
+DEFAULT_REPEAT = 3
 
 
-def _cpu_totals(result) -> dict[str, float]:
-    usr = sum(c["usr_s"] for c in result.cpus)
-    sys_ = sum(c["sys_s"] for c in result.cpus)
-    elapsed = sum(c["elapsed_ns"] for c in result.cpus) / 1e9
-    ios = sum(
-        c["jobs"][q][d]["ios"]
-        for c in result.cpus
-        for q in range(len(c["jobs"]))
-        for d in ("read", "write")
-    )
+def default_sweep() -> dict[str, Any]:
+    """mq versus sq over 1, 2, 4 ... up to this process's host CPUs (at most 4 points
+    per mode), nullb completing inline, so the block layer is what is measured."""
+    n = len(os.sched_getaffinity(0))
+    cpus = [1]
+    while cpus[-1] * 2 <= n and len(cpus) < 4:
+        cpus.append(cpus[-1] * 2)
+    if cpus[-1] != n and len(cpus) < 4:
+        cpus.append(n)
     return {
-        "usr_s": usr,
-        "sys_s": sys_,
-        "usr_cpu": 100.0 * usr / elapsed if elapsed else 0.0,
-        "sys_cpu": 100.0 * sys_ / elapsed if elapsed else 0.0,
-        "ctx": sum(c["ctx_switches"] for c in result.cpus),
-        "cpu_us_per_io": 1e6 * (usr + sys_) / ios if ios else 0.0,
-        "ios": ios,
+        "mode": "mq,sq",
+        "cpus": ",".join(map(str, cpus)),
+        "irqmode": "none",
+        "runtime": str(DEFAULT_RUNTIME_S),
     }
 
 
-def fio_json(result, config: dict[str, Any], spec) -> dict[str, Any]:
-    job = spec.job
-    runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
-    plist = (
-        parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
-    )
-    cpu = _cpu_totals(result)
-    jobs = []
-    job_opts = {k: str(v) for k, v in config["job"].items()}
-    for qi, qinfo in enumerate(result.queues):
-        merged = _merge_jobs(result, qi)
-        nr_errors = sum(d["errors"] for d in merged["dirs"])
-        entry: dict[str, Any] = {
-            "jobname": qinfo["name"],
-            "groupid": 0,
-            "error": 5 if nr_errors else 0,  # fio reports the first errno: EIO
-            "total_err": nr_errors,
-            "eta": 0,
-            "elapsed": round(result.wall_s),
-            "job options": job_opts,
-        }
-        all_lat = LatHist()
-        for name, d in zip(("read", "write"), merged["dirs"], strict=True):
-            entry[name] = dir_stats_json(
-                io_bytes=d["bytes"],
-                runtime_ms=runtime_ms if d["ios"] else 0,
-                total_ios=d["ios"],
-                clat=d["clat"],
-                lat=d["lat"],
-                slat=d["slat"],
-                plist=plist,
-            )
-            all_lat.merge(d["lat"])
-        empty = LatHist()
-        entry["trim"] = dir_stats_json(
-            io_bytes=0, runtime_ms=0, total_ios=0, clat=empty, lat=empty, slat=empty
-        )
-        entry["sync"] = {"total_ios": 0, "lat_ns": empty.fio_json(None)}
-        lat_ns, lat_us, lat_ms = all_lat.latency_buckets()
-        entry.update(
-            {
-                "job_runtime": runtime_ms,
-                "usr_cpu": cpu["usr_cpu"],
-                "sys_cpu": cpu["sys_cpu"],
-                "ctx": cpu["ctx"],
-                "majf": 0,
-                "minf": 0,
-                "iodepth_level": iodepth_level(merged["depth"]),
-                "latency_ns": lat_ns,
-                "latency_us": lat_us,
-                "latency_ms": lat_ms,
-            }
-        )
-        jobs.append(entry)
-    now = time.time()
-    return {
-        "fio version": f"mqrt-{__version__}",
-        "timestamp": int(now),
-        "timestamp_ms": int(now * 1000),
-        "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now)),
-        "global options": {
-            k: str(v) for k, v in config.get("nullb", config.get("nvme", {})).items()
-        },
-        "jobs": jobs,
-        "mqrt": _mqrt_object(result, config, cpu),
-    }
+def _all_knobs() -> dict[str, Knob]:
+    return {k.name: k for _title, knobs in _groups() for k in knobs}
 
 
-def _mqrt_object(result, config, cpu) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA,
-        "version": __version__,
-        "config": config,
-        "host": {**result.host, "python": sys.version.split()[0], "topology": result.topology},
-        "invariants": result.invariants,
-        "summary": {
-            "ios": cpu["ios"],
-            "cpu_us_per_io": cpu["cpu_us_per_io"],
-            "setup_to_first_io_s": result.setup_s,
-            # from the start of this process (imports included) to the first I/O
-            "start_to_first_io_s": result.t0_wall - psutil.Process().create_time(),
-            "wall_s": result.wall_s,
-        },
-        "cpus": [
-            {
-                "cpu": c["cpu"],
-                "pid": c["pid"],
-                "host_core": c["host_core"],
-                "usr_s": c["usr_s"],
-                "sys_s": c["sys_s"],
-                "ctx_switches": c["ctx_switches"],
-                "blk_mq": c["blk_mq"],
-                "counters": c["cpu_counters"],
-                "hctx": c["hctx"],
-            }
-            for c in result.cpus
-        ],
-        "queues": result.queues,
-        "device": result.device,
-        "driver": _sum_driver(result),
-        "messages": result.messages,
-    }
+def _typed(config: dict[str, Any], name: str) -> Any:
+    for section in config.values():
+        if isinstance(section, dict) and name in section:
+            return section[name]
+    return None
 
 
-def _sum_driver(result) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in result.cpus:
-        for k, v in c.get("driver", {}).items():
-            out[k] = out.get(k, 0) + v
-    return out
+def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], int, bool]:
+    """Every point of the command, built and validated before anything runs: the
+    points (each with its RunSpec), the axes with typed values, the repetitions, and
+    whether this is the default sweep."""
+    from mqrt.sweep import points, split_axes
+
+    given = _given(args)
+    knobs = _all_knobs()
+    is_default = not given and not args.jobfile
+    repeat = args.repeat or (DEFAULT_REPEAT if is_default else 1)
+    sections: list[tuple[str | None, dict[str, Any], Any]] = []
+    if is_default:
+        sections.append((None, default_sweep(), None))
+    elif args.jobfile:
+        from mqrt.jobfile import parse_jobfile
+
+        flags = [k.name for k in knobs.values() if k.kind == "bool"]
+        for sec in parse_jobfile(args.jobfile, knobs, flags=flags):
+            sections.append((sec.name, {**sec.options, **given}, sec))
+    else:
+        sections.append((None, given, None))
+    planned = []
+    axes_all: dict[str, list[Any]] = {}
+    for name, options, sec in sections:
+        try:
+            base, axes = split_axes(options, knobs)
+        except KnobError as exc:
+            raise sec.located(exc) if sec is not None else exc from None
+        for p in points(base, axes):
+            try:
+                spec, config = build(dict(p.given))
+            except KnobError as exc:
+                where = f" (at {_point_label(name, p.params)})" if axes or name else ""
+                err = KnobError(f"{exc}{where}")
+                raise (sec.located(err) if sec is not None else err) from None
+            p.params = {k: _typed(config, k) for k in p.params}
+            if len(sections) > 1:
+                p.params = {"job": name, **p.params}
+            p.spec, p.config = spec, config
+            planned.append(p)
+            for k, v in p.params.items():
+                vals = axes_all.setdefault(k, [])
+                if v not in vals:
+                    vals.append(v)
+    for i, p in enumerate(planned):
+        p.index = i
+    return planned, axes_all, repeat, is_default
 
 
-def _si(x: float) -> str:
-    """fio's short numbers: 950, 12.3k, 123k, 1234k -> 1.23M."""
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            v = x / div
-            return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
-    return f"{x:.0f}"
+def _point_label(section: str | None, params: dict[str, Any]) -> str:
+    from mqrt.sweep import format_params
 
-
-def _lat_unit(h: dict[str, Any]) -> tuple[str, int]:
-    """fio's way: nsec for short latencies, msec only when even the minimum is a
-    millisecond or more, usec otherwise."""
-    if h["max"] < 10_000:
-        return "nsec", 1
-    if h["min"] >= 1_000_000:
-        return "msec", 1_000_000
-    return "usec", 1000
-
-
-def render_text(report: dict[str, Any], out) -> None:
-    """fio's human summary, one block per job, then mqrt's own lines."""
-    m = report["mqrt"]
-    for job in report["jobs"]:
-        err = f"{job['error']} ({job['total_err']} I/Os failed)" if job["error"] else "0"
-        print(f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err= {err}", file=out)
-        for name in ("read", "write"):
-            d = job[name]
-            if not d["total_ios"]:
-                continue
-            mib = d["bw_bytes"] / (1 << 20)
-            print(
-                f"  {name}: IOPS={_si(d['iops'])}, BW={mib:.1f}MiB/s "
-                f"({d['bw_bytes'] / 1e6:.1f}MB/s)({d['io_bytes'] / (1 << 20):.0f}MiB/"
-                f"{d['runtime']}msec)",
-                file=out,
-            )
-            for lat_name in ("slat", "clat", "lat"):
-                h = d[f"{lat_name}_ns"]
-                unit, div = _lat_unit(h)
-                print(
-                    f"    {lat_name:>4} ({unit}): min={h['min'] // div}, max={h['max'] // div}, "
-                    f"avg={h['mean'] / div:.2f}, stdev={h['stddev'] / div:.2f}",
-                    file=out,
-                )
-            pct = d["clat_ns"].get("percentile", {})
-            if pct:
-                unit, _ = choose_unit(max(pct.values()))
-                print(f"    clat percentiles ({unit}):", file=out)
-                out.write(format_percentiles_text(pct, unit))
-        lvl = job["iodepth_level"]
-        print(
-            f"  cpu          : usr={job['usr_cpu']:.2f}%, sys={job['sys_cpu']:.2f}%, "
-            f"ctx={job['ctx']}, majf=0, minf=0",
-            file=out,
-        )
-        print("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in lvl.items()), file=out)
-    s = m["summary"]
-    inv = m["invariants"]
-    print(
-        f"\nmqrt: {len(m['cpus'])} CPUs ({m['host']['topology']}), "
-        f"{s['cpu_us_per_io']:.2f} us of CPU per I/O, "
-        f"first I/O {s['start_to_first_io_s'] * 1000:.0f} ms after the command started",
-        file=out,
-    )
-    if "violations" in inv:
-        state = "ok" if not inv["violations"] else "VIOLATED"
-        print(
-            f"mqrt: invariants {state}: {inv['violations']} violations, "
-            f"{inv['leaked_tags']} tags leaked, {inv['owned_requests']} requests still owned, "
-            f"{inv['stale_completions']} stale completions dropped",
-            file=out,
-        )
-        for p in inv["problems"][:10]:
-            print(f"  ! {p}", file=out)
-    if "reference" in m:
-        _render_reference(report, out)
-    for msg in m["messages"]:
-        print(f"mqrt: note: {msg}", file=out)
-    totals: dict[str, int] = {}
-    for c in m["cpus"]:
-        for k, v in {**c["blk_mq"], **c["counters"]}.items():
-            totals[k] = totals.get(k, 0) + v
-    keys = (
-        "tag_waits",
-        "tag_sleeps",
-        "busy",
-        "requeued",
-        "timeouts",
-        "ipis_sent",
-        "kblockd_runs",
-        "restarts",
-        "merges",
-    )
-    print("mqrt: " + ", ".join(f"{k}={totals.get(k, 0)}" for k in keys), file=out)
-
-
-def _render_reference(report: dict[str, Any], out) -> None:
-    """This run next to the bare references measured right after it."""
-    ref = report["mqrt"]["reference"]
-    rtt = ref["wakeup_rtt_ns"]
-    pct = {}
-    iops = 0.0
-    for job in report["jobs"]:
-        for name in ("read", "write"):
-            iops += job[name]["iops"]
-            pct = pct or job[name]["clat_ns"].get("percentile", {})
-    line = f"mqrt: reference: eventfd wake-up round trip {rtt / 1000:.1f} us"
-    if pct:
-        p50, p99 = pct.get("50.000000"), pct.get("99.000000")
-        if p50 and p99:
-            line += (
-                f"; clat p50 {p50 / 1000:.1f} us ({p50 / rtt:.1f}x), "
-                f"p99 {p99 / 1000:.1f} us ({p99 / rtt:.1f}x)"
-            )
-    print(line, file=out)
-    loop = ref.get("sq_cq_loop_iops")
-    if loop:
-        print(
-            f"mqrt: reference: bare SQ -> device -> CQ loop {_si(loop)} IOPS; "
-            f"this run {_si(iops)} = {100 * iops / loop:.1f}% of it",
-            file=out,
-        )
-
-
-class _Progress:
-    """A one-line live status on stderr, only when it is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.last = None
-
-    def __call__(self, snap: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        iops = 0.0
-        if self.last is not None:
-            dt = now - self.last[0]
-            if dt > 0:
-                iops = (snap["completed"] - self.last[1]) / dt
-        self.last = (now, snap["completed"])
-        sys.stderr.write(
-            f"\rmqrt: [R] {snap['elapsed_s']:.1f}s [{_si(iops)} IOPS] "
-            f"[inflight {snap['inflight']}] [eta {snap['remaining_s']:.0f}s]   "
-        )
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled and self.last is not None:
-            sys.stderr.write("\r" + " " * 70 + "\r")
-            sys.stderr.flush()
+    label = format_params(params)
+    return f"job {section}: {label}" if section else label
 
 
 def main(args: argparse.Namespace) -> int:
     from mqrt.cli import UsageError
 
     try:
-        spec, config = build(_given(args))
+        planned, axes, repeat, is_default = plan_points(args)
     except KnobError as exc:
         raise UsageError(str(exc)) from None
+    if args.plot:
+        from mqrt.plot import check_available
+
+        check_available()
     out = sys.stdout
     if args.output:  # opened before the run: a bad path must not cost the results
         try:
@@ -575,30 +373,58 @@ def main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"-o: cannot write {args.output}: {exc.strerror}") from None
     try:
-        return _run_and_report(spec, config, args, out)
+        return _run_and_report(planned, axes, repeat, is_default, args, out)
     finally:
         if out is not sys.stdout:
             out.close()
 
 
-def _run_and_report(spec, config, args: argparse.Namespace, out) -> int:
+def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
+    from mqrt.bench_report import assemble, run_summary
+    from mqrt.bench_text import Progress, render_report
     from mqrt.blk_mq import BlkMqError
     from mqrt.cli import UsageError
     from mqrt.runtime import RunError, run
+    from mqrt.sweep import format_params
 
-    progress = _Progress(not args.quiet and args.output_format == "normal")
-    spec.progress = progress
+    job0 = planned[0].spec.job
+    progress = Progress(not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15)
+    t0 = time.monotonic()
+    interrupted = False
+    messages: list[str] = []
     try:
-        result = run(spec)
-    except BlkMqError as exc:
-        raise UsageError(str(exc)) from None
-    except RunError as exc:
-        print(f"mqrt: error: {exc}", file=sys.stderr)
-        return 1
+        for p in planned:
+            for rep in range(repeat):
+                label = format_params(p.params)
+                if repeat > 1:
+                    label = f"{label} #{rep + 1}".strip()
+                progress.start_run(label)
+                p.spec.progress = progress
+                try:
+                    result = run(p.spec)
+                except BlkMqError as exc:
+                    raise UsageError(str(exc)) from None
+                except RunError as exc:
+                    progress.done()
+                    print(f"mqrt: error: {exc}", file=sys.stderr)
+                    return 1
+                progress.end_run()
+                p.runs.append(run_summary(result, p.config, p.spec))
+                for msg in result.messages:
+                    if msg not in messages:
+                        messages.append(msg)
+                if result.interrupted:
+                    interrupted = True
+                    break
+            if interrupted:
+                break
     finally:
         progress.done()
-    report = fio_json(result, config, spec)
-    if "nvme" in config and not result.interrupted:
+    report = assemble(
+        planned, axes, repeat, wall_s=time.monotonic() - t0, interrupted=interrupted,
+        messages=messages,
+    )  # fmt: skip
+    if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
         from mqrt.microbench import reference_figures
 
         report["mqrt"]["reference"] = reference_figures(args.reference)
@@ -606,8 +432,20 @@ def _run_and_report(spec, config, args: argparse.Namespace, out) -> int:
         json.dump(report, out, indent=2)
         out.write("\n")
     else:
-        render_text(report, out)
-    if result.interrupted:
+        render_report(report, out)
+        if is_default:
+            print(
+                "mqrt: this was the default sweep; go further with e.g. "
+                "mqrt bench --mode mq,sq,raw --cpus 1-8 --driver nvme --repeat 5 "
+                "--plot scaling.png (mqrt bench --help lists every option)",
+                file=out,
+            )
+    if args.plot and report["mqrt"]["points"]:
+        from mqrt.plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"mqrt: plot written to {args.plot}", file=sys.stderr)
+    if interrupted:
         print("mqrt: interrupted: the figures cover the time before Ctrl-C", file=sys.stderr)
         return 130
-    return 0 if not result.invariants.get("violations") else 3
+    return 0 if not report["mqrt"]["invariants"]["violations"] else 3

@@ -157,6 +157,15 @@ def _draw_latency(ax: Axes, bench: Bench, colors: Mapping[str, Any]) -> None:
     ax.legend(fontsize="x-small", ncol=2 if drawn > 6 else 1)
 
 
+def check_available() -> None:
+    """Raise the one-line UsageError now if matplotlib is missing (``mqrt bench
+    --plot`` checks before it runs anything)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise _usage_error(MISSING_MATPLOTLIB)
+
+
 def plot_report(report: dict[str, Any], path: str) -> None:
     """Draw ``report`` (an ``mqrt bench`` report, or fio JSON) as a PNG at ``path``.
 

@@ -37,13 +37,18 @@ def test_bench_json_is_fio_shaped_with_an_mqrt_object():
         assert key in job
     assert set(job["iodepth_level"]) == {"1", "2", "4", "8", "16", "32", ">=64"}
     m = report["mqrt"]
-    assert m["schema"] == "mqrt.bench/1"
+    assert m["schema"] == "mqrt.bench/2"
     assert m["config"]["nullb"]["irqmode"] == "timer"
     assert m["config"]["job"]["iodepth"] == 32
-    assert m["invariants"]["violations"] == 0
-    assert len(m["cpus"]) == 2
-    assert {"tag_waits", "tag_sleeps", "ipis_received"} <= set(m["cpus"][0]["counters"])
-    assert {"busy", "requeued", "completed"} <= set(m["cpus"][0]["blk_mq"])
+    assert m["invariants"] == {"violations": 0, "runs": 1}
+    assert m["sweep"]["axes"] == {} and m["sweep"]["repeat"] == 1
+    (point,) = m["points"]
+    assert point["params"] == {} and point["iops"] == read["iops"] == point["iops_runs"][0]
+    run = point["run"]
+    assert len(run["cpus"]) == 2 and run["invariants"]["violations"] == 0
+    assert {"tag_waits", "tag_sleeps", "ipis_received"} <= set(run["cpus"][0]["counters"])
+    assert {"busy", "requeued", "completed"} <= set(run["cpus"][0]["blk_mq"])
+    assert {"cores", "python", "topology"} <= set(m["host"])
 
 
 def test_bench_text_summary_reads_like_fio():
@@ -60,7 +65,7 @@ def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "mqrt: reference: eventfd wake-up round trip" in out.stdout
-    assert "clat p50" in out.stdout and "bare SQ -> device -> CQ loop" in out.stdout
+    assert "lat p50" in out.stdout and "bare SQ -> device -> CQ loop" in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,275 @@
+"""The report of ``mqrt bench``: fio's JSON (``jobs[]`` per run, shaped as fio 3.x
+prints it) and the versioned ``mqrt`` object -- host, configuration, the sweep and
+its points (median repetition, every repetition's IOPS, bandwidth and p99), and each
+point's counters per CPU and per hctx."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from mqrt import __version__
+from mqrt.blk_stat import (
+    DEFAULT_PERCENTILES,
+    LatHist,
+    dir_stats_json,
+    iodepth_level,
+    parse_percentile_list,
+)
+from mqrt.sweep import Point, format_params, median_index
+
+#: Version of the ``mqrt`` object; 2 added the sweep and its points.
+SCHEMA = "mqrt.bench/2"
+
+
+def _merge_jobs(result, q: int) -> dict[str, Any]:
+    """One fio job per request queue: every CPU's job on it, merged."""
+    dirs = []
+    for name in ("read", "write"):
+        ios = nbytes = errors = 0
+        clat, slat, lat = LatHist(), LatHist(), LatHist()
+        for cpu in result.cpus:
+            d = cpu["jobs"][q][name]
+            ios += d["ios"]
+            nbytes += d["bytes"]
+            errors += d["errors"]
+            clat.merge(LatHist.from_bytes(d["clat"]))
+            slat.merge(LatHist.from_bytes(d["slat"]))
+            lat.merge(LatHist.from_bytes(d["lat"]))
+        dirs.append(
+            {"ios": ios, "bytes": nbytes, "errors": errors, "clat": clat, "slat": slat, "lat": lat}
+        )
+    depth: dict[int, int] = {}
+    for cpu in result.cpus:
+        for d, c in enumerate(cpu["jobs"][q]["depth_counts"]):
+            if c:
+                depth[d] = depth.get(d, 0) + c
+    return {"dirs": dirs, "depth": depth}
+
+
+def _cpu_totals(result) -> dict[str, float]:
+    usr = sum(c["usr_s"] for c in result.cpus)
+    sys_ = sum(c["sys_s"] for c in result.cpus)
+    elapsed = sum(c["elapsed_ns"] for c in result.cpus) / 1e9
+    ios = sum(
+        c["jobs"][q][d]["ios"]
+        for c in result.cpus
+        for q in range(len(c["jobs"]))
+        for d in ("read", "write")
+    )
+    return {
+        "usr_s": usr,
+        "sys_s": sys_,
+        "usr_cpu": 100.0 * usr / elapsed if elapsed else 0.0,
+        "sys_cpu": 100.0 * sys_ / elapsed if elapsed else 0.0,
+        "ctx": sum(c["ctx_switches"] for c in result.cpus),
+        "cpu_us_per_io": 1e6 * (usr + sys_) / ios if ios else 0.0,
+        "ios": ios,
+    }
+
+
+def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]], LatHist]:
+    """fio's ``jobs[]`` for one run (one job per request queue, every CPU's I/O on it
+    merged) and the run's total-latency histogram (reads and writes)."""
+    job = spec.job
+    runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
+    plist = (
+        parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
+    )
+    cpu = _cpu_totals(result)
+    jobs = []
+    run_lat = LatHist()
+    job_opts = {k: str(v) for k, v in config["job"].items()}
+    for qi, qinfo in enumerate(result.queues):
+        merged = _merge_jobs(result, qi)
+        nr_errors = sum(d["errors"] for d in merged["dirs"])
+        entry: dict[str, Any] = {
+            "jobname": qinfo["name"],
+            "groupid": 0,
+            "error": 5 if nr_errors else 0,  # fio reports the first errno: EIO
+            "total_err": nr_errors,
+            "eta": 0,
+            "elapsed": round(result.wall_s),
+            "job options": job_opts,
+        }
+        all_lat = LatHist()
+        for name, d in zip(("read", "write"), merged["dirs"], strict=True):
+            entry[name] = dir_stats_json(
+                io_bytes=d["bytes"],
+                runtime_ms=runtime_ms if d["ios"] else 0,
+                total_ios=d["ios"],
+                clat=d["clat"],
+                lat=d["lat"],
+                slat=d["slat"],
+                plist=plist,
+            )
+            all_lat.merge(d["lat"])
+            run_lat.merge(d["lat"])
+        empty = LatHist()
+        entry["trim"] = dir_stats_json(
+            io_bytes=0, runtime_ms=0, total_ios=0, clat=empty, lat=empty, slat=empty
+        )
+        entry["sync"] = {"total_ios": 0, "lat_ns": empty.fio_json(None)}
+        lat_ns, lat_us, lat_ms = all_lat.latency_buckets()
+        entry.update(
+            {
+                "job_runtime": runtime_ms,
+                "usr_cpu": cpu["usr_cpu"],
+                "sys_cpu": cpu["sys_cpu"],
+                "ctx": cpu["ctx"],
+                "majf": 0,
+                "minf": 0,
+                "iodepth_level": iodepth_level(merged["depth"]),
+                "latency_ns": lat_ns,
+                "latency_us": lat_us,
+                "latency_ms": lat_ms,
+            }
+        )
+        jobs.append(entry)
+    return jobs, run_lat
+
+
+def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
+    """What mqrt adds about one run: configuration, invariants, summary, and the
+    counters per CPU and per hctx, the device's and the driver's."""
+    cpu = _cpu_totals(result)
+    return {
+        "config": config,
+        "topology": result.topology,
+        "invariants": result.invariants,
+        "summary": {
+            "ios": cpu["ios"],
+            "cpu_us_per_io": cpu["cpu_us_per_io"],
+            "setup_to_first_io_s": result.setup_s,
+            # from the start of this process (imports included) to the first I/O
+            "start_to_first_io_s": result.t0_wall - psutil.Process().create_time(),
+            "wall_s": result.wall_s,
+        },
+        "cpus": [
+            {
+                "cpu": c["cpu"],
+                "pid": c["pid"],
+                "host_core": c["host_core"],
+                "usr_s": c["usr_s"],
+                "sys_s": c["sys_s"],
+                "ctx_switches": c["ctx_switches"],
+                "blk_mq": c["blk_mq"],
+                "counters": c["cpu_counters"],
+                "hctx": c["hctx"],
+            }
+            for c in result.cpus
+        ],
+        "queues": result.queues,
+        "device": result.device,
+        "driver": _sum_driver(result),
+        "messages": result.messages,
+    }
+
+
+def _sum_driver(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in result.cpus:
+        for k, v in c.get("driver", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def run_summary(result, config: dict[str, Any], spec) -> dict[str, Any]:
+    """One repetition of a point: its fio jobs, headline figures and detail."""
+    jobs, lat = run_jobs(result, config, spec)
+    job = spec.job
+    plist = (
+        parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
+    )
+    lat_json = lat.fio_json(plist)
+    dirs = [j[d] for j in jobs for d in ("read", "write")]
+    return {
+        "iops": sum(d["iops"] for d in dirs),
+        "bw_bytes": sum(d["bw_bytes"] for d in dirs),
+        "lat_ns": lat_json,
+        "p99_ns": lat_json.get("percentile", {}).get("99.000000", 0),
+        "measured_s": max((c["measured_ns"] for c in result.cpus), default=0) / 1e9,
+        "interrupted": result.interrupted,
+        "jobs": jobs,
+        "detail": run_detail(result, config),
+        "host": {**result.host, "python": sys.version.split()[0], "topology": result.topology},
+    }
+
+
+def assemble(
+    points: list[Point],
+    axes: dict[str, list[Any]],
+    repeat: int,
+    *,
+    wall_s: float,
+    interrupted: bool,
+    messages: list[str],
+) -> dict[str, Any]:
+    """The whole report: fio's top level with the median repetition's jobs of every
+    point (named after the point when there is a sweep), and the ``mqrt`` object."""
+    jobs: list[dict[str, Any]] = []
+    out_points = []
+    violations = 0
+    measured = 0.0
+    done = [p for p in points if p.runs]
+    for p in done:
+        for r in p.runs:
+            violations += r["detail"]["invariants"].get("violations", 0)
+            measured += r["measured_s"]
+        m = median_index(r["iops"] for r in p.runs)
+        med = p.runs[m]
+        first = len(jobs)
+        suffix = f" {format_params(p.params)}" if p.params else ""
+        jobs += [{**j, "jobname": j["jobname"] + suffix} for j in med["jobs"]]
+        out_points.append(
+            {
+                "params": p.params,
+                "iops": med["iops"],
+                "iops_runs": [r["iops"] for r in p.runs],
+                "bw_bytes": med["bw_bytes"],
+                "bw_bytes_runs": [r["bw_bytes"] for r in p.runs],
+                "lat_ns": med["lat_ns"],
+                "p99_ns_runs": [r["p99_ns"] for r in p.runs],
+                "cpu_us_per_io": med["detail"]["summary"]["cpu_us_per_io"],
+                "job_index": first,
+                "nr_jobs": len(med["jobs"]),
+                "median_run": m,
+                "run": med["detail"],
+            }
+        )
+    config = done[0].runs[0]["detail"]["config"] if done else {}
+    driver_config = config.get("nullb", config.get("nvme", {}))
+    now = time.time()
+    return {
+        "fio version": f"mqrt-{__version__}",
+        "timestamp": int(now),
+        "timestamp_ms": int(now * 1000),
+        "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now)),
+        "global options": {k: str(v) for k, v in driver_config.items()},
+        "jobs": jobs,
+        "mqrt": {
+            "schema": SCHEMA,
+            "version": __version__,
+            "host": done[0].runs[0]["host"] if done else {},
+            "config": config,
+            "sweep": {
+                "axes": axes,
+                "repeat": repeat,
+                "points": len(points),
+                "points_done": sum(
+                    len(p.runs) == repeat and not p.runs[-1]["interrupted"] for p in points
+                ),
+                "wall_s": wall_s,
+                "measured_s": measured,
+                # start-up, tear-down and collection: the sweep's own cost
+                "overhead_pct": 100.0 * max(0.0, wall_s - measured) / wall_s if wall_s else 0.0,
+            },
+            "points": out_points,
+            "invariants": {"violations": violations, "runs": sum(len(p.runs) for p in done)},
+            "interrupted": interrupted,
+            "messages": messages,
+        },
+    }
