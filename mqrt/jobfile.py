@@ -63,7 +63,6 @@ ACCEPTED_NO_EFFECT: Mapping[str, str] = {
     "filename": "the target is the emulated device, not a host file",
     "thread": "each emulated CPU is a process; jobs run inside it either way",
     "group_reporting": "the report already merges every CPU's job on a device",
-    "time_based": "mqrt jobs always run for runtime (fio's time_based)",
     "norandommap": "offsets never use a random map (fio's norandommap behaviour)",
     "name": "a job is named by its [section]",
     "description": "free text, not shown in the report",

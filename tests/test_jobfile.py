@@ -86,7 +86,7 @@ def test_later_setting_in_a_section_wins(tmp_path):
 def test_whitespace_dashes_and_bare_booleans(tmp_path):
     (job,) = parse(
         tmp_path,
-        "  [ j ]  \n\trw  =  randrw \ncompletion-nsec=20000\npin\ntime_based\nrwmixread=\n",
+        "  [ j ]  \n\trw  =  randrw \ncompletion-nsec=20000\npin\ndirect\nrwmixread=\n",
     )
     assert job.name == "j"
     assert job.options == {
@@ -95,7 +95,7 @@ def test_whitespace_dashes_and_bare_booleans(tmp_path):
         "pin": "1",
         "rwmixread": "",
     }
-    assert job.no_effect == {"time_based": "1"}
+    assert job.no_effect == {"direct": "1"}
     assert job.header == (str(tmp_path / "jobs.fio"), 1)
 
 

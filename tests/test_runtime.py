@@ -220,3 +220,21 @@ def test_killing_the_runtime_takes_its_cpus_and_segment_with_it():
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_without_time_based_each_job_does_exactly_size_bytes():
+    result = run_nullb(time_based=0, size="400k", bs="4k", runtime=30, irqmode="timer",
+                       completion_nsec=20_000)  # fmt: skip
+    assert_clean(result)
+    assert [j["submitted"] for c in result.cpus for j in c["jobs"]] == [100, 100]
+    assert totals(result)["ios"] == 200
+    assert result.wall_s < 10  # ended with the work, not at the 30 s runtime
+
+
+def test_iodepth_batch_complete_waits_for_completions_before_refilling():
+    result = run_nullb(iodepth=8, iodepth_batch_complete=8, irqmode="timer",
+                       completion_nsec=20_000)  # fmt: skip
+    assert_clean(result)
+    depth = [sum(c["jobs"][0]["depth_counts"][d] for c in result.cpus) for d in range(9)]
+    # a refill starts from an empty queue: each batch of 8 is submitted at depths 0..7
+    assert depth[0] == depth[7] > 0

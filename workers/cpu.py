@@ -396,14 +396,18 @@ class Cpu:
         batch = spec.batch
         iodepth = spec.iodepth
         hipri = spec.hipri
+        batch_complete = spec.iodepth_batch_complete
         clock = self.clock
         rate_gap = int(1e9 / spec.rate_iops) if spec.rate_iops else 0
         next_pub = clock() + PUBLISH_NS
         next_allowed = [clock()] * len(jobs)
+        sized = all(job.limit for job in jobs)
         while True:
             now = clock()
             if now >= end_ns or self.stopping:
                 return
+            if sized and all(j.submitted >= j.limit and not j.inflight for j in jobs):
+                return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
                 self._publish(PHASE_RUNNING)
                 next_pub = now + PUBLISH_NS
@@ -414,9 +418,13 @@ class Cpu:
             wake_at = end_ns
             for job in jobs:
                 room = iodepth - job.inflight
-                if room <= 0:
+                if room <= 0 or (room < batch_complete and job.inflight):
                     continue
                 n = min(room, batch)
+                if job.limit:  # not time_based: this job ends after --size bytes
+                    n = min(n, job.limit - job.submitted)
+                    if n <= 0:
+                        continue
                 if rate_gap:
                     i = job.q
                     if now < next_allowed[i]:

@@ -76,6 +76,21 @@ JOB_KNOBS: tuple[Knob, ...] = (
     ),
     Knob("randseed", "int", 0x1234, "Seed of the offset generator. Default: 0x1234", 0, 1 << 63),
     Knob(
+        "iodepth_batch_complete",
+        "int",
+        1,
+        "Completions a job waits for before it submits again (fio's "
+        "iodepth_batch_complete_min; 0 or 1: refill at once). Default: 1",
+        0,
+        65536,
+    ),
+    Knob(
+        "time_based",
+        "bool",
+        True,
+        "Run for runtime (1), or end each job once it has done --size bytes (0). Default: 1",
+    ),
+    Knob(
         "hipri",
         "bool",
         False,
@@ -104,6 +119,8 @@ class JobSpec:
     size: int
     percentile_list: str
     randseed: int
+    iodepth_batch_complete: int = 1
+    time_based: bool = True
     hipri: bool = False
 
     @classmethod
@@ -111,6 +128,8 @@ class JobSpec:
         v = parse_knobs(JOB_KNOBS, given)
         if v["bs"] % 512:
             raise KnobError(f"bs: must be a multiple of 512, got {v['bs']}")
+        if not v["time_based"] and v["size"] < v["bs"]:
+            raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
         return cls(**v)
 
     @property
@@ -170,6 +189,8 @@ class IoJob:
         self._next_block = 0
         self.inflight = 0
         self.submitted = 0
+        #: I/Os this job does in all when not time_based (0: no limit)
+        self.limit = 0 if spec.time_based else spec.size // spec.bs
         self.record_from_ns = 0
         self.depth_counts = [0] * 65
         self._done: list[tuple] = []
