@@ -413,6 +413,7 @@ class BlkMq:
 
         self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
         self.nr_batch_tags = 0
+        self._idle_at: dict[int, int] = {}  #: queue -> when its timeout work may idle it
         self.topology = queues[0].tag_set.topology if queues else None
         self.stats = dict.fromkeys(
             (
@@ -1082,7 +1083,14 @@ class BlkMq:
                 self.stats["timer_resets"] += 1
                 a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
                 a.set(rq.base + 8, self.clock() + queue.timeout_ns)
-        if not busy and queue.shared:
+        # The kernel's queue timer is armed at each request's deadline, and the work
+        # idles the queue's hctxs when it finds nothing pending: a queue goes idle
+        # about one timeout after it was last busy.  This CPU is the queue's only
+        # scanner, so it keeps that moment itself.
+        idle_at = self._idle_at.get(q)
+        if busy or idle_at is None:
+            self._idle_at[q] = now + queue.timeout_ns
+        elif queue.shared and now >= idle_at:
             for hctx in queue.hctxs:
                 if hctx.tags is not None:
                     hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)

@@ -71,6 +71,8 @@ class RunSpec:
     pin: bool = True
     seed: int = 0
     mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.blk_mq_modes)
+    #: per request queue, the job to run on it (None: ``job`` on every queue)
+    queue_jobs: list[Any] | None = None
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
 
@@ -239,6 +241,7 @@ class _Run:
                 seed=spec.seed,
                 owner_pid=os.getpid(),
                 mode=spec.mode,
+                queue_jobs=spec.queue_jobs,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True

@@ -92,6 +92,9 @@ class CpuPlan:
     seed: int
     owner_pid: int  #: the runtime (the CPU dies with it)
     mode: str = "mq"  #: mq, sq or raw (mqrt.blk_mq_modes)
+    #: per request queue, the job to run on it (None: ``job`` on every queue); the
+    #: run's runtime, ramp_time and hipri come from ``job``
+    queue_jobs: list[JobSpec] | None = None
 
 
 class Cpu:
@@ -123,7 +126,14 @@ class Cpu:
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
         self.jobs = [
-            IoJob(plan.job, plan.cpu, q.index, plan.dev_bytes, plan.seed) for q in plan.queues
+            IoJob(
+                plan.queue_jobs[q.index] if plan.queue_jobs else plan.job,
+                plan.cpu,
+                q.index,
+                plan.dev_bytes,
+                plan.seed,
+            )
+            for q in plan.queues
         ]
         self.mq.end_io = [job.done for job in self.jobs]
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
@@ -392,13 +402,18 @@ class Cpu:
         mq = self.mq
         jobs = self.jobs
         queues = mq.queues
-        spec = self.plan.job
-        batch = spec.batch
-        iodepth = spec.iodepth
-        hipri = spec.hipri
-        batch_complete = spec.iodepth_batch_complete
+        hipri = self.plan.job.hipri
         clock = self.clock
-        rate_gap = int(1e9 / spec.rate_iops) if spec.rate_iops else 0
+        # per job: its iodepth, submit batch, completions to wait for, rate gap (ns)
+        shape = [
+            (
+                j.spec.iodepth,
+                j.spec.batch,
+                j.spec.iodepth_batch_complete,
+                int(1e9 / j.spec.rate_iops) if j.spec.rate_iops else 0,
+            )
+            for j in jobs
+        ]
         next_pub = clock() + PUBLISH_NS
         next_allowed = [clock()] * len(jobs)
         sized = all(job.limit for job in jobs)
@@ -416,7 +431,8 @@ class Cpu:
                     continue
             progressed = False
             wake_at = end_ns
-            for job in jobs:
+            for i, job in enumerate(jobs):
+                iodepth, batch, batch_complete, rate_gap = shape[i]
                 room = iodepth - job.inflight
                 if room <= 0 or (room < batch_complete and job.inflight):
                     continue
@@ -426,7 +442,6 @@ class Cpu:
                     if n <= 0:
                         continue
                 if rate_gap:
-                    i = job.q
                     if now < next_allowed[i]:
                         wake_at = min(wake_at, next_allowed[i])
                         continue
