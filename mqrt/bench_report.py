@@ -82,7 +82,10 @@ def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]]
     cpu = _cpu_totals(result)
     jobs = []
     run_lat = LatHist()
+    # one fio job per CPU on each device, reported together (fio: numjobs with
+    # group_reporting); consumers such as fio-plot select files by numjobs
     job_opts = {k: str(v) for k, v in config["job"].items()}
+    job_opts.update(numjobs=str(len(result.cpus)), group_reporting="1")
     for qi, qinfo in enumerate(result.queues):
         merged = _merge_jobs(result, qi)
         nr_errors = sum(d["errors"] for d in merged["dirs"])
