@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mqrt import blk_mq_sched
+from mqrt import blk_mq_sched, inject
 from mqrt.blk_mq_cpumap import (
     HCTX_MAX_TYPES,
     HctxType,
@@ -414,6 +414,8 @@ class BlkMq:
         self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
         self.nr_batch_tags = 0
         self._idle_at: dict[int, int] = {}  #: queue -> when its timeout work may idle it
+        #: Called after each violation (a CPU publishes it for the runtime's detectors).
+        self.on_violation: Callable[[], None] | None = None
         self.topology = queues[0].tag_set.topology if queues else None
         self.stats = dict.fromkeys(
             (
@@ -460,6 +462,8 @@ class BlkMq:
         self.stats["violations"] += 1
         if len(self.violations) < 20:
             self.violations.append(f"cpu{self.cpu}: {what}")
+        if self.on_violation is not None:
+            self.on_violation()
 
     # -- allocation ----------------------------------------------------------------------------
 
@@ -969,6 +973,8 @@ class BlkMq:
             return False
         if status is not None:
             a.set32(base + 60, int(status))
+        if inject.armed:
+            inject.hit("rq.complete.before_end")
         buf = self.buf
         queue = self.queues[buf[base + 52]]
         if buf[base + 56] & _RQF_POLLED:  # reaped by polling: complete in this task
@@ -1032,8 +1038,8 @@ class BlkMq:
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
-        if rq_flags & _RQF_MQ_INFLIGHT:
-            a.fetch_sub32(hctx.nr_active_off, 1)
+        if rq_flags & _RQF_MQ_INFLIGHT and a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000:
+            self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
         # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint.
         tags = rq.tags
         tag = rq.tag - tags.nr_reserved_tags

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mqrt import inject
 from mqrt.sbitmap import SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.wait import Waiters, spin_lock, spin_unlock
@@ -161,6 +162,8 @@ class Tags:
         queue's HCTX_ACTIVE flag with shared tags) and count it once."""
         if self.a.test_bit(state_off, active_bit) or self.a.test_and_set_bit(state_off, active_bit):
             return
+        if inject.armed:
+            inject.hit("tag.busy.before_recalc")
         self._update_active(+1)
 
     def tag_idle(self, state_off: int, active_bit: int) -> None:
@@ -236,6 +239,8 @@ class Tags:
                 tag = bt.sb.get() if may_queue is None or may_queue() else -1
                 if tag != -1:
                     break
+                if inject.armed:
+                    inject.hit("tag.get.after_fail")
                 run_queue()
                 tag = bt.sb.get() if may_queue is None or may_queue() else -1
                 if tag != -1:
@@ -245,6 +250,8 @@ class Tags:
                 if tag != -1:
                     break
                 self.nr_tag_sleeps += 1
+                if inject.armed:
+                    inject.hit("tag.get.before_sleep")
                 schedule()
                 bt.finish_wait(ws_index, wait)
                 ws_index = bt.wait_ptr(wait_index)

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgpack
 
+from mqrt import inject
 from mqrt.blk_mq import init_shared
 from mqrt.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.blk_mq_debugfs import check_invariants, fair_share_report
@@ -73,6 +74,13 @@ class RunSpec:
     mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.blk_mq_modes)
     #: per request queue, the job to run on it (None: ``job`` on every queue)
     queue_jobs: list[Any] | None = None
+    #: injection points to arm for the run: name -> (percent, max µs) (mqrt.inject)
+    inject: dict[str, tuple[float, int]] | None = None
+    #: watch the run with mqrt.race_detect's detectors: the first finding stops it
+    detect: bool = False
+    #: detector thresholds (seconds): no progress, and a lost wake-up
+    hang_s: float = 1.0
+    lost_wakeup_s: float = 0.3
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
 
@@ -91,6 +99,8 @@ class RunResult:
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
     t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
     device: dict[str, Any] = field(default_factory=dict)  #: the device's counters
+    #: what a detector found (mqrt.race_detect.Finding.to_dict()), if it stopped the run
+    finding: dict[str, Any] | None = None
 
 
 def _exit_name(code: int | None) -> str:
@@ -166,9 +176,11 @@ class _Run:
                 self._init_arena()
                 if hasattr(self.ops, "start_device"):
                     self._start_device()
+                inject.configure(spec.inject or {}, spec.seed)
                 self._start_cpus()
                 return self._drive()
             finally:
+                inject.configure({})
                 _reap(self.procs)
                 for c in self.conns:
                     with contextlib.suppress(OSError):
@@ -272,6 +284,16 @@ class _Run:
         setup_s = t0_wall = 0.0
         device_dead: dict[str, Any] | None = None
 
+        monitor = None
+        if spec.detect:
+            from mqrt.race_detect import Monitor
+
+            monitor = Monitor(
+                arena, self.queues, self.wspec, self.eventfds, self.stats_region, n,
+                hang_s=spec.hang_s, lost_wakeup_s=spec.lost_wakeup_s,
+            )  # fmt: skip
+        finding = None
+
         def stop_all(what: str) -> None:
             nonlocal exit_sent
             for i in range(n):
@@ -313,6 +335,17 @@ class _Run:
                 deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
             elif now > deadline:
                 break
+            if monitor is not None and phase == "running" and finding is None:
+                found = monitor.check()
+                if found is not None:
+                    # A detector fired: keep what it saw, stop everything now (a hung
+                    # CPU cannot drain).
+                    found.at_s = time.monotonic() - t0_ns / 1e9
+                    finding = found.to_dict()
+                    stop_all("exit")
+                    phase = "exit"
+                    deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+                    continue
             if spec.progress is not None and phase == "running" and now >= next_progress:
                 next_progress = now + 0.25
                 spec.progress(_snapshot(arena, self.stats_region, n, t0_ns, end_ns))
@@ -320,7 +353,7 @@ class _Run:
             if self.device is not None and device_dead is None:
                 waitables.append(self.device.sentinel)
             try:
-                ready_objs = wait(waitables, timeout=0.25)
+                ready_objs = wait(waitables, timeout=0.1 if monitor is not None else 0.25)
             except KeyboardInterrupt:
                 # The first Ctrl-C stops the run cleanly (the CPUs drain and report
                 # what they measured); a second one aborts.
@@ -377,6 +410,8 @@ class _Run:
                         stop_all("exit")
                         phase = "exit"
                         deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+        if monitor is not None:
+            monitor.close()
         wall = time.monotonic() - self.t_begin
         if self.device is not None and device_dead is None:
             device_dead = self._stop_device()
@@ -418,6 +453,7 @@ class _Run:
             messages=self.messages,
             interrupted=interrupted,
             t0_wall=t0_wall,
+            finding=finding,
             device={**self.device_info, **self.device_result} if self.device else {},
         )
         if dead_list or errors:

@@ -74,6 +74,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mqrt import inject
 from mqrt._atomic import AtomicView, fence
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
@@ -298,6 +299,8 @@ class Sbitmap:
             nr = self.a.find_and_set_zero_bit(self._word[index], depth, alloc_hint, wrap)
             if nr != -1:
                 return nr
+            if inject.armed:
+                inject.hit("sbitmap.get.before_fold")
             if not self.deferred_clear(index, depth, alloc_hint, wrap):
                 return -1
 
@@ -655,6 +658,8 @@ class SbitmapQueue:
         # deferred_clear_bit() and update_cpu_hint() inlined (the hot path).
         sb, a = self.sb, self.a
         a.fetch_or(sb._cleared[nr >> sb.shift], 1 << (nr & (sb.bits_per_word - 1)))
+        if inject.armed:
+            inject.hit("sbq.clear.before_wake")
         if a.read32(self._ws_active):  # both generations return at once if 0
             self.wake_up(1)
         if not sb.round_robin and nr < a.read32(sb._depth):
@@ -703,6 +708,8 @@ class SbitmapQueue:
             if found == wakeups:
                 break
             wakeups = found
+        if inject.armed:
+            inject.hit("sbq.wake.before_wakeup")
         self._wake_up_ws(wake_batch)
 
     def _wake_up_ws(self, nr: int) -> None:
@@ -766,6 +773,8 @@ class SbitmapQueue:
             return not ws.active(), nr
         nr -= sub
         ret = not ws.active()
+        if inject.armed:
+            inject.hit("sbq.wake.before_reset")
         wake_batch = a.read32(self._wake_batch)
         ws.wake_up_nr(wake_batch)
         fence()  # pairs with _update_wake_batch: see the new batch before the reset

@@ -44,7 +44,7 @@ from typing import Any
 
 import msgpack
 
-from mqrt import wait
+from mqrt import inject, wait
 from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
 from mqrt.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.proc import child_init
@@ -66,6 +66,8 @@ CPU_STATS = cacheline_struct(
         ("inflight", "<i8"),
         ("heartbeat_ns", "<u8"),
         ("phase", "<u8"),  # 0 setup, 1 ready, 2 running, 3 draining, 4 drained
+        ("violations", "<u8"),  # invariant violations seen (published at once)
+        ("stale", "<u8"),  # stale or second completions dropped
     ]
 )
 PHASE_READY, PHASE_RUNNING, PHASE_DRAINING, PHASE_DRAINED = 1, 2, 3, 4
@@ -136,6 +138,8 @@ class Cpu:
             for q in plan.queues
         ]
         self.mq.end_io = [job.done for job in self.jobs]
+        self.mq.on_violation = self._on_violation
+        self._next_pub = 0
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
         self.poll_hctxs = (
             list(dict.fromkeys(q.hctx_poll for q in self.mq.queues if q.hctx_poll is not None))
@@ -202,6 +206,7 @@ class Cpu:
         while self.waiters.sleeping():
             if self.exiting:
                 raise Stopped
+            self._maybe_publish(PHASE_RUNNING)
             if self._poll_inflight(in_sleep=True):  # our own polled I/Os may be what frees a tag
                 continue
             self._serve(None, in_sleep=True)
@@ -338,6 +343,16 @@ class Cpu:
         a.set(o.inflight, inflight & 0xFFFFFFFFFFFFFFFF)
         a.set(o.heartbeat_ns, self.clock())
         a.set(o.phase, phase)
+        a.set(o.stale, self.mq.stats["stale_completions"])
+        self._next_pub = self.clock() + PUBLISH_NS
+
+    def _on_violation(self) -> None:
+        """BlkMq found a broken invariant: publish it now (the runtime's detectors)."""
+        self.arena.atomic.set(self._st.violations, self.mq.stats["violations"])
+
+    def _maybe_publish(self, phase: int) -> None:
+        if self.clock() >= self._next_pub:
+            self._publish(phase)
 
     def _send_res(self, msg: dict) -> None:
         self.res.send_bytes(msgpack.packb(msg))
@@ -513,6 +528,7 @@ class Cpu:
         """The deadline passed: submit nothing more, wait for our I/Os to finish."""
         self._publish(PHASE_DRAINING)
         while any(j.inflight for j in self.jobs) and not self.exiting:
+            self._maybe_publish(PHASE_DRAINING)
             if not self._poll_inflight():
                 self._serve(None)
 
@@ -551,6 +567,7 @@ class Cpu:
                 "blk_mq": mq.counters(),
                 "driver": dict(getattr(self.plan.driver, "stats", {})),
                 "cpu_counters": {**self.counters, **tags_stats},
+                "inject_hits": dict(inject.hits),
                 "hctx": hctx_stats,
                 "violations": mq.violations,
                 "jobs": [j.to_wire() for j in self.jobs],
@@ -561,6 +578,7 @@ class Cpu:
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
     """Entry point of a CPU worker process (forked by the runtime)."""
     child_init(plan.owner_pid, plan.host_core)
+    inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)
         profile_dir = os.environ.get("MQRT_PROFILE_DIR")

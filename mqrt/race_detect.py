@@ -1,0 +1,249 @@
+"""Online detectors: the runtime's watch over a run's shared state, for ``mqrt race``
+(and any run that asks for it).
+
+The owner process looks at the arena about ten times a second, without taking any
+lock a CPU takes, and reports the first of these it sees:
+
+``violation``
+    a CPU found a broken invariant on its own path: a tag handed out while its
+    request was owned (a tag owned twice), a request ended in a state it cannot be
+    ended in (a freed request used), ``nr_active`` below zero.  CPUs count these in
+    their shared counters at once.
+``double_completion``
+    a completion found its request already completed or of another generation (a
+    request completed twice, or a stale one used); CPUs publish these counts every
+    50 ms.
+``nr_active_negative``
+    an hctx's (or queue's) ``nr_active`` word is below zero.
+``lost_wakeup``
+    a task sleeps on a tag map's wait queue while the map has free tags and no
+    request holds any of its tags, so no free will ever come to wake it; reported
+    once that has lasted ``lost_wakeup_s``.
+``hang``
+    no I/O submitted or completed anywhere for ``hang_s`` while requests are in
+    flight or tasks wait for tags.
+
+Each finding carries a snapshot taken at once: every tag map in the kernel's debugfs
+format (``sbitmap_queue_show``), the sleeping tasks and where they sleep, ``nr_active``
+per hctx, and the requests that hold tags.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqrt.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
+from mqrt.blk_mq_tag import Tags
+from mqrt.blk_mq_types import RqState
+from mqrt.shm import Arena
+from mqrt.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
+
+_QUEUED_ON = WAIT_QUEUE_ENTRY.fields["queued_on"][1]
+
+DETECTORS: dict[str, str] = {
+    "violation": "a CPU saw a tag owned twice, a freed request used, or nr_active < 0",
+    "double_completion": "a request completed twice, or a completion of a stale generation",
+    "nr_active_negative": "an nr_active counter below zero",
+    "lost_wakeup": "a task asleep for a tag while tags are free and none is in use",
+    "hang": "no progress while requests are in flight or tasks wait for tags",
+}
+
+
+@dataclass
+class Finding:
+    detector: str
+    message: str
+    at_s: float  #: seconds after the I/O started
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector,
+            "message": self.message,
+            "at_s": self.at_s,
+            "snapshot": self.snapshot,
+        }
+
+
+class _Map:
+    """One tag map (a struct blk_mq_tags) and the requests of its tags."""
+
+    def __init__(self, name: str, tags: Tags, rqs: list[Request]):
+        self.name = name
+        self.tags = tags
+        self.rqs = rqs
+        self.stuck_since: float | None = None
+
+
+class Monitor:
+    """The detectors over one run's arena (built in the owner once the CPUs exist)."""
+
+    def __init__(
+        self,
+        arena: Arena,
+        queues: list,
+        wspec,
+        eventfds: list[int],
+        cpu_stats,
+        nr_cpus: int,
+        *,
+        hang_s: float = 1.0,
+        lost_wakeup_s: float = 0.3,
+    ):
+        self.arena = arena
+        self.a = arena.atomic
+        self.hang_s = hang_s
+        self.lost_wakeup_s = lost_wakeup_s
+        self.waiters = Waiters(arena, wspec, eventfds, None)
+        self.nr_waiters = wspec.nr_waiters
+        self.stats = [cpu_stats.offsets(i) for i in range(nr_cpus)]
+        self.maps: list[_Map] = []
+        self.queue_views: list[Queue] = []
+        by_set: dict[int, list[Tags]] = {}
+        for q in queues:
+            tset = q.tag_set
+            if id(tset) not in by_set:
+                tags = [Tags(arena, spec, self.waiters, 0) for spec in tset.tags]
+                by_set[id(tset)] = tags
+                for i, t in enumerate(tags):
+                    rqs = [
+                        Request(arena, tset.rq_region, t.rq_base + tag, t, tag, tset.timeout_ns)
+                        for tag in range(t.nr_tags)
+                    ]
+                    label = f"{tset.name}/tags{i}" if len(tags) > 1 else tset.name
+                    self.maps.append(_Map(label, t, rqs))
+            self.queue_views.append(Queue(arena, q, by_set[id(tset)], 0))
+        self.t0 = time.monotonic()
+        self._progress = -1
+        self._progress_at = self.t0
+
+    def close(self) -> None:
+        """Let go of every view into the arena (before it is unmapped)."""
+        for qv in self.queue_views:
+            qv.close()
+        for m in self.maps:
+            for rq in m.rqs:
+                if rq.pdu is not None:
+                    rq.pdu.release()
+        self.maps.clear()
+        self.queue_views.clear()
+
+    # -- what the CPUs published ------------------------------------------------------------
+
+    def _sum_stat(self, name: str) -> int:
+        return sum(self.a.read(getattr(o, name)) for o in self.stats)
+
+    def sleeping(self) -> list[dict[str, Any]]:
+        """Tasks asleep (TASK_UNINTERRUPTIBLE) and the wait-queue head they are on."""
+        out = []
+        for slot in range(self.nr_waiters):
+            entry = self.waiters.entry(slot)
+            if self.a.read32(entry + self.waiters._state) == TaskState.UNINTERRUPTIBLE:
+                out.append({"cpu": slot, "queued_on": self._where(self.a.read(entry + _QUEUED_ON))})
+        return out
+
+    def _where(self, head: int) -> str:
+        for m in self.maps:
+            for i, ws in enumerate(m.tags.bitmap_tags.ws):
+                if ws.head == head:
+                    return f"{m.name} bitmap_tags ws[{i}]"
+        return f"wait queue @{head:#x}" if head else "no wait queue"
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check(self) -> Finding | None:
+        """Run every detector once; the first finding, with its snapshot."""
+        now = time.monotonic()
+        found = self._check(now)
+        if found is not None:
+            found.snapshot = self.snapshot()
+        return found
+
+    def _check(self, now: float) -> Finding | None:
+        at = now - self.t0
+        v = self._sum_stat("violations")
+        if v:
+            return Finding("violation", f"{v} invariant violation(s) reported by the CPUs", at)
+        stale = self._sum_stat("stale")
+        if stale:
+            return Finding(
+                "double_completion",
+                f"{stale} completion(s) of a request already completed or of another generation",
+                at,
+            )
+        for qv in self.queue_views:
+            for h in qv.hctxs:
+                nr = self.a.read32(h.nr_active_off)
+                if nr >= 1 << 31:
+                    return Finding(
+                        "nr_active_negative",
+                        f"{qv.q.name} hctx{h.index}: nr_active = {nr - (1 << 32)}",
+                        at,
+                    )
+        busy_total = 0
+        waiting_total = 0
+        for m in self.maps:
+            bt = m.tags.bitmap_tags
+            busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
+            busy_total += busy
+            waiting = any(ws.active() for ws in bt.ws)
+            waiting_total += waiting
+            free = bt.sb.depth - busy
+            if waiting and busy == 0 and free > 0:
+                if m.stuck_since is None:
+                    m.stuck_since = now
+                elif now - m.stuck_since >= self.lost_wakeup_s:
+                    return Finding(
+                        "lost_wakeup",
+                        f"{m.name}: tasks asleep for a tag for "
+                        f"{now - m.stuck_since:.2f} s with {free} of {bt.sb.depth} tags free "
+                        f"and none in use (wake_batch={bt.wake_batch})",
+                        at,
+                    )
+            else:
+                m.stuck_since = None
+        progress = self._sum_stat("completed") + self._sum_stat("submitted")
+        if progress != self._progress:
+            self._progress, self._progress_at = progress, now
+        elif (busy_total or waiting_total) and now - self._progress_at >= self.hang_s:
+            return Finding(
+                "hang",
+                f"no I/O submitted or completed for {now - self._progress_at:.2f} s with "
+                f"{busy_total} request(s) holding tags and tasks waiting on "
+                f"{waiting_total} tag map(s)",
+                at,
+            )
+        return None
+
+    # -- the report's state --------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state worth reading next to a finding, in debugfs shapes."""
+        a = self.a
+        maps = {}
+        for m in self.maps:
+            held = []
+            for rq in m.rqs:
+                st = a.read(rq.base)
+                if st & RQ_ALLOCATED:
+                    held.append(
+                        {"tag": rq.tag, "state": RqState(st & RQ_STATE_MASK).name, "gen": st >> 8}
+                    )
+            maps[m.name] = {"tags": m.tags.show(), "held": held}
+        hctxs = [
+            {
+                "queue": qv.q.name,
+                "hctx": h.index,
+                "nr_active": _s32(a.read32(h.nr_active_off)),
+                "state": a.read(h.state_off),
+            }
+            for qv in self.queue_views
+            for h in qv.hctxs
+        ]
+        return {"maps": maps, "sleeping": self.sleeping(), "hctx": hctxs}
+
+
+def _s32(v: int) -> int:
+    return v - (1 << 32) if v >= 1 << 31 else v

@@ -1,0 +1,99 @@
+"""Each online detector fires on a constructed violation in a real run (the code is
+broken on purpose in the owner before the CPUs are forked), and a correct run stays
+clean with the detectors on."""
+
+from __future__ import annotations
+
+import pytest
+
+from mqrt.bench import build
+from mqrt.blk_mq import BlkMq
+from mqrt.runtime import run
+from mqrt.sbitmap import Sbitmap, SbitmapQueue
+
+
+def watched(**given):
+    given.setdefault("runtime", 5)
+    given.setdefault("cpus", 2)
+    spec, _config = build(given)
+    spec.detect = True
+    return run(spec)
+
+
+def test_a_correct_run_with_waiters_stays_clean():
+    result = watched(runtime=0.6, irqmode="timer", completion_nsec=20_000, hw_queue_depth=16,
+                     iodepth=16)  # fmt: skip
+    assert result.finding is None and result.invariants["violations"] == 0
+    assert sum(c["cpu_counters"]["tag_sleeps"] for c in result.cpus) > 0  # it did wait
+
+
+def test_lost_wakeup(monkeypatch):
+    monkeypatch.setattr(SbitmapQueue, "wake_up", lambda self, nr: None)  # frees wake nobody
+    result = watched(irqmode="timer", completion_nsec=20_000, hw_queue_depth=8, iodepth=16)
+    f = result.finding
+    assert f is not None and f["detector"] == "lost_wakeup", f
+    assert f["at_s"] < 3
+    assert f["snapshot"]["sleeping"] and "wake_batch=" in f["message"]
+    (tags,) = f["snapshot"]["maps"].values()
+    assert "ws_active=" in tags["tags"] and tags["held"] == []
+
+
+def test_hang():
+    # null_blk's timeout fault: every request is lost until its 30 s timeout
+    result = watched(timeout="1,100,0,-1", io_timeout=30_000, iodepth=4)
+    f = result.finding
+    assert f is not None and f["detector"] == "hang", f
+    assert f["at_s"] < 3 and "request(s) holding tags" in f["message"]
+
+
+def test_tag_owned_twice(monkeypatch):
+    real_get = Sbitmap.get
+
+    def get_always_zero(self):  # hands out bit 0 whether or not it is free
+        real_get(self)
+        return 0
+
+    monkeypatch.setattr(Sbitmap, "get", get_always_zero)
+    result = watched(irqmode="timer", completion_nsec=50_000, iodepth=4)
+    f = result.finding
+    assert f is not None and f["detector"] == "violation", f
+
+
+def test_double_completion(monkeypatch):
+    real = BlkMq.complete_request
+
+    def twice(self, rq, gen=-1, status=None):
+        won = real(self, rq, gen, status)
+        real(self, rq, gen, status)  # a second completion of the same request
+        return won
+
+    monkeypatch.setattr(BlkMq, "complete_request", twice)
+    result = watched(irqmode="softirq", iodepth=4)
+    f = result.finding
+    assert f is not None and f["detector"] == "double_completion", f
+
+
+def test_nr_active_below_zero(monkeypatch):
+    real = BlkMq.end_request
+
+    def end_and_decrement_again(self, rq, status=None):
+        hctx = self.queues[self.buf[rq.base + 52]].hctxs[self.buf[rq.base + 50]]
+        real(self, rq, status)
+        self.a.fetch_sub32(hctx.nr_active_off, 1)
+
+    monkeypatch.setattr(BlkMq, "end_request", end_and_decrement_again)
+    result = watched(nr_devices=2, shared_tags=1, irqmode="timer", completion_nsec=20_000,
+                     iodepth=4)  # fmt: skip
+    f = result.finding
+    assert f is not None and f["detector"] in ("violation", "nr_active_negative"), f
+
+
+@pytest.mark.parametrize("point", ["sbq.clear.before_wake", "tag.get.before_sleep"])
+def test_injected_delays_are_inserted_and_keep_the_run_correct(point):
+    spec, _ = build({"runtime": 0.4, "cpus": 2, "irqmode": "timer", "hw_queue_depth": 8,
+                     "iodepth": 8})  # fmt: skip
+    spec.detect = True
+    spec.inject = {point: (50.0, 100)}
+    result = run(spec)
+    assert result.finding is None and result.invariants["violations"] == 0
+    assert sum(c["inject_hits"].get(point, 0) for c in result.cpus) > 0
