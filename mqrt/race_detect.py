@@ -16,9 +16,11 @@ lock a CPU takes, and reports the first of these it sees:
 ``nr_active_negative``
     an hctx's (or queue's) ``nr_active`` word is below zero.
 ``lost_wakeup``
-    a task sleeps on a tag map's wait queue while the map has free tags and no
-    request holds any of its tags, so no free will ever come to wake it; reported
-    once that has lasted ``lost_wakeup_s``.
+    one sleep of a task on a tag map's wait queue has lasted ``lost_wakeup_s`` while
+    at least ``wake_batch`` tags are free (a whole batch was freed after the map
+    was last full, so the task should have been woken), or while some are free and
+    none is in use (no free will ever come to wake it).  A sleep is told from the
+    next by the sleeper's ``sleep_seq``.
 ``hang``
     no I/O submitted or completed anywhere for ``hang_s`` while requests are in
     flight or tasks wait for tags.
@@ -46,7 +48,7 @@ DETECTORS: dict[str, str] = {
     "violation": "a CPU saw a tag owned twice, a freed request used, or nr_active < 0",
     "double_completion": "a request completed twice, or a completion of a stale generation",
     "nr_active_negative": "an nr_active counter below zero",
-    "lost_wakeup": "a task asleep for a tag while tags are free and none is in use",
+    "lost_wakeup": "a task asleep for a tag while a whole batch of tags is free",
     "hang": "no progress while requests are in flight or tasks wait for tags",
 }
 
@@ -74,7 +76,6 @@ class _Map:
         self.name = name
         self.tags = tags
         self.rqs = rqs
-        self.stuck_since: float | None = None
 
 
 class Monitor:
@@ -115,6 +116,12 @@ class Monitor:
                     label = f"{tset.name}/tags{i}" if len(tags) > 1 else tset.name
                     self.maps.append(_Map(label, t, rqs))
             self.queue_views.append(Queue(arena, q, by_set[id(tset)], 0))
+        self._ws_of = {
+            ws.head: (m, f"bitmap_tags ws[{i}]")
+            for m in self.maps
+            for i, ws in enumerate(m.tags.bitmap_tags.ws)
+        }
+        self._first_seen: dict[tuple[int, int], float] = {}
         self.t0 = time.monotonic()
         self._progress = -1
         self._progress_at = self.t0
@@ -145,11 +152,27 @@ class Monitor:
         return out
 
     def _where(self, head: int) -> str:
-        for m in self.maps:
-            for i, ws in enumerate(m.tags.bitmap_tags.ws):
-                if ws.head == head:
-                    return f"{m.name} bitmap_tags ws[{i}]"
+        where = self._ws_of.get(head)
+        if where is not None:
+            return f"{where[0].name} {where[1]}"
         return f"wait queue @{head:#x}" if head else "no wait queue"
+
+    def _sleeps(self, now: float) -> dict[tuple[int, int], tuple[float, tuple]]:
+        """Every sleep on a tag map's wait queue going on now, by (slot, sleep_seq):
+        since when it has been seen, and on which map and wait state."""
+        a, w = self.a, self.waiters
+        seen = {}
+        for slot in range(self.nr_waiters):
+            entry = w.entry(slot)
+            if a.read32(entry + w._state) != TaskState.UNINTERRUPTIBLE:
+                continue
+            where = self._ws_of.get(a.read(entry + _QUEUED_ON))
+            if where is None:
+                continue
+            key = (slot, a.read32(entry + w._sleep_seq))
+            seen[key] = (self._first_seen.get(key, now), where)
+        self._first_seen = {k: v[0] for k, v in seen.items()}
+        return seen
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -184,26 +207,29 @@ class Monitor:
                     )
         busy_total = 0
         waiting_total = 0
+        asleep = self._sleeps(now)
         for m in self.maps:
             bt = m.tags.bitmap_tags
             busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
             busy_total += busy
-            waiting = any(ws.active() for ws in bt.ws)
-            waiting_total += waiting
-            free = bt.sb.depth - busy
-            if waiting and busy == 0 and free > 0:
-                if m.stuck_since is None:
-                    m.stuck_since = now
-                elif now - m.stuck_since >= self.lost_wakeup_s:
+            waiting_total += any(ws.active() for ws in bt.ws)
+            depth = bt.sb.depth
+            free = depth - busy
+            wake_batch = bt.wake_batch
+            # A sleep that enough frees should have ended: at least wake_batch tags
+            # free (a whole batch was freed after the map was last full), or some
+            # free and none in use (no free will ever come again).
+            if free < max(1, wake_batch) and busy:
+                continue
+            for (slot, _seq), (since, where) in asleep.items():
+                if where[0] is m and now - since >= self.lost_wakeup_s:
                     return Finding(
                         "lost_wakeup",
-                        f"{m.name}: tasks asleep for a tag for "
-                        f"{now - m.stuck_since:.2f} s with {free} of {bt.sb.depth} tags free "
-                        f"and none in use (wake_batch={bt.wake_batch})",
+                        f"cpu{slot} asleep for a tag on {m.name} {where[1]} for "
+                        f"{now - since:.2f} s while {free} of {depth} tags are free "
+                        f"({busy} in use, wake_batch={wake_batch})",
                         at,
                     )
-            else:
-                m.stuck_since = None
         progress = self._sum_stat("completed") + self._sum_stat("submitted")
         if progress != self._progress:
             self._progress, self._progress_at = progress, now

@@ -60,8 +60,11 @@ WAIT_QUEUE_HEAD = np.dtype(
 
 #: One wait_queue_entry per waiter slot.
 WAIT_QUEUE_ENTRY = cacheline_struct(
-    [("next", "<i4"), ("prev", "<i4"), ("state", "<i4"), ("flags", "<i4"), ("queued_on", "<i8")]
-)
+    [("next", "<i4"), ("prev", "<i4"), ("state", "<i4"), ("flags", "<i4"), ("queued_on", "<i8"),
+     # bumped by its owner each time it prepares to sleep: tells one sleep from the
+     # next to an observer (the race detectors); never read by the wait logic
+     ("sleep_seq", "<u4")]
+)  # fmt: skip
 
 #: Spins on a busy bit lock before yielding the core (the holder may be preempted).
 SPINS_BEFORE_YIELD = 64
@@ -161,6 +164,7 @@ class Waiters:
         self._state = f["state"][1]
         self._flags = f["flags"][1]
         self._queued_on = f["queued_on"][1]
+        self._sleep_seq = f["sleep_seq"][1]
         self._poll: select.poll | None = None
 
     def entry(self, slot: int) -> int:
@@ -309,6 +313,8 @@ class WaitQueue:
                 else:
                     self._add_head(me)
             self.w.set_state(TaskState.UNINTERRUPTIBLE)
+            seq = self.w.entry(me) + self.w._sleep_seq
+            self.a.set32(seq, (self.a.read32(seq) + 1) & 0xFFFFFFFF)
         finally:
             spin_unlock(self.a, self._lock)
 
