@@ -1,4 +1,4 @@
-"""The ``mqrt`` command line: ``mqrt microbench`` now; ``bench``, ``race`` and more later.
+"""The ``mqrt`` command line: ``bench``, ``compare``, ``plot``, ``race``, ``microbench``.
 
 User mistakes end in a one-line ``mqrt: error: ...`` naming the bad option and exit
 status 2, never a traceback.
@@ -26,12 +26,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from mqrt import bench, compare, microbench, plot
+    from mqrt import bench, compare, microbench, plot, race
 
     bench.add_parser(sub)
     compare.add_parser(sub)
     microbench.add_parser(sub)
     plot.add_parser(sub)
+    race.add_parser(sub)
     return parser
 
 

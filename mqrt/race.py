@@ -1,0 +1,289 @@
+"""``mqrt race``: switch a historical sbitmap or shared-tag bug back on, provoke it,
+and catch it.
+
+``mqrt race list [--json]``
+    the catalogue (:mod:`mqrt.race_bugs`): name, kernel commit, what goes wrong.
+``mqrt race run NAME [--seed S] [--timeout T] [--fixed] [--json]``
+    run the bug's scenario with the old code until a detector
+    (:mod:`mqrt.race_detect`) fires or ``T`` seconds pass; each attempt uses the
+    next seed.  With ``--fixed`` the same scenario runs on our (fixed) code until it
+    has completed ``--requests`` I/Os cleanly or the time is up.  A report is written
+    either way: the finding, the tag maps in debugfs format, who sleeps where, the
+    configuration and the seed to run it again.
+``mqrt race run --all``
+    the whole catalogue, one after the other.
+
+Exit status: 0 when every run did what it was asked (the bug reproduced; with
+``--fixed``, the run stayed clean), 1 otherwise, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from mqrt.race_bugs import CATALOGUE, Bug
+
+#: Defaults: how long a bug may take to show, and how many clean I/Os make --fixed pass.
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_FIXED_TIMEOUT_S = 120.0
+DEFAULT_FIXED_REQUESTS = 1_000_000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "race",
+        help="reproduce historical sbitmap / shared-tag races and hangs",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rsub = p.add_subparsers(dest="race_command", metavar="ACTION")
+    lp = rsub.add_parser("list", help="the catalogue of bugs")
+    lp.add_argument("--json", action="store_true", help="a JSON list of objects")
+    lp.set_defaults(func=main_list)
+    rp = rsub.add_parser("run", help="provoke a bug (or, with --fixed, show it is gone)")
+    rp.add_argument("name", nargs="?", metavar="NAME", help="a name from `mqrt race list`")
+    rp.add_argument("--all", action="store_true", help="run every bug of the catalogue")
+    rp.add_argument("--seed", type=int, default=0, help="first seed (attempt i uses S+i)")
+    rp.add_argument(
+        "--timeout", type=float, default=None, metavar="T",
+        help=f"seconds to try. Default: {DEFAULT_TIMEOUT_S:.0f} "
+        f"({DEFAULT_FIXED_TIMEOUT_S:.0f} with --fixed)",
+    )  # fmt: skip
+    rp.add_argument("--fixed", action="store_true", help="run the scenario on the fixed code")
+    rp.add_argument(
+        "--requests", type=int, default=DEFAULT_FIXED_REQUESTS, metavar="N",
+        help=f"with --fixed: clean I/Os needed to pass. Default: {DEFAULT_FIXED_REQUESTS}",
+    )  # fmt: skip
+    rp.add_argument("--json", action="store_true", help="print a JSON object per bug")
+    rp.add_argument(
+        "--report-dir", default="mqrt-race-reports", metavar="DIR",
+        help="where reports are written. Default: ./mqrt-race-reports",
+    )  # fmt: skip
+    rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    rp.set_defaults(func=main_run)
+    p.set_defaults(func=lambda args: p.print_help() or 0)
+
+
+def main_list(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "name": b.name,
+            "commit": b.commit,
+            "subject": b.subject,
+            "what": b.what,
+            "detectors": list(b.detectors),
+        }
+        for b in CATALOGUE.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(b.name) for b in CATALOGUE.values())
+    for b in CATALOGUE.values():
+        print(f"{b.name:<{width}}  {b.commit:<12}  {b.what}")
+        print(f"{'':<{width}}  {'':<12}  ({b.subject})")
+    return 0
+
+
+def main_run(args: argparse.Namespace) -> int:
+    from mqrt.cli import UsageError
+
+    if args.all == bool(args.name):
+        raise UsageError("race run: give a NAME or --all")
+    if args.name and args.name not in CATALOGUE:
+        raise UsageError(
+            f"race run: no bug {args.name!r} (see mqrt race list: {', '.join(CATALOGUE)})"
+        )
+    if args.timeout is not None and not 0 < args.timeout <= 86400:
+        raise UsageError(f"--timeout: must be in (0, 86400] seconds, got {args.timeout}")
+    if args.requests < 1:
+        raise UsageError(f"--requests: must be >= 1, got {args.requests}")
+    bugs = list(CATALOGUE.values()) if args.all else [CATALOGUE[args.name]]
+    timeout = args.timeout or (DEFAULT_FIXED_TIMEOUT_S if args.fixed else DEFAULT_TIMEOUT_S)
+    ok = True
+    outcomes = []
+    for bug in bugs:
+        out = run_bug(
+            bug,
+            seed=args.seed,
+            timeout=timeout,
+            fixed=args.fixed,
+            requests=args.requests,
+            report_dir=args.report_dir,
+            progress=None if args.quiet or args.json else _progress,
+        )
+        outcomes.append(out)
+        ok &= out["clean"] if args.fixed else out["reproduced"]
+        if not args.json:
+            _print_outcome(out)
+    if args.json:
+        print(
+            json.dumps(outcomes[0] if len(outcomes) == 1 and not args.all else outcomes, indent=2)
+        )
+    return 0 if ok else 1
+
+
+def _progress(text: str) -> None:
+    print(f"mqrt race: {text}", file=sys.stderr)
+
+
+def _print_outcome(out: dict[str, Any]) -> None:
+    name = out["name"]
+    if out["fixed"]:
+        state = "clean" if out["clean"] else f"NOT clean ({out['finding']['detector']})"
+        print(
+            f"{name} (fixed): {state} over {out['requests']:,} requests in "
+            f"{out['seconds']:.1f} s, {out['attempts']} attempt(s)"
+        )
+    elif out["reproduced"]:
+        f = out["finding"]
+        print(
+            f"{name}: reproduced in {out['seconds']:.1f} s after {out['requests']:,} "
+            f"requests (seed {out['seed_found']}): {f['detector']}: {f['message']}"
+        )
+    else:
+        print(f"{name}: not reproduced in {out['seconds']:.1f} s ({out['requests']:,} requests)")
+    print(f"  report: {out['report']}")
+
+
+def run_bug(
+    bug: Bug,
+    *,
+    seed: int = 0,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    fixed: bool = False,
+    requests: int = DEFAULT_FIXED_REQUESTS,
+    report_dir: str | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Attempts of the bug's scenario (seed, seed+1, ...) until a detector fires, or
+    (``fixed``) until ``requests`` I/Os ran clean, or ``timeout`` seconds pass."""
+    from mqrt.runtime import run
+
+    t0 = time.monotonic()
+    total = 0
+    attempts = 0
+    finding = None
+    seed_found = None
+    config: dict[str, Any] = {}
+    while True:
+        left = timeout - (time.monotonic() - t0)
+        if left <= 0.2:
+            break
+        s = seed + attempts
+        spec, config = build_scenario(bug, s, min(bug.scenario.attempt_s, left))
+        attempts += 1
+        if fixed:
+            result = run(spec)
+        else:
+            with bug.switched_on():
+                result = run(spec)
+        total += sum(j[d]["ios"] for c in result.cpus for j in c["jobs"] for d in ("read", "write"))
+        if result.finding is not None:
+            finding, seed_found = result.finding, s
+            break
+        if fixed and total >= requests:
+            break
+        if result.interrupted:
+            break
+        if progress is not None:
+            progress(f"{bug.name}: attempt {attempts} (seed {s}) clean, {total:,} requests")
+    seconds = time.monotonic() - t0
+    out = {
+        "name": bug.name,
+        "commit": bug.commit,
+        "fixed": fixed,
+        "reproduced": finding is not None and not fixed,
+        "clean": finding is None,
+        "seconds": round(seconds, 3),
+        "requests": total,
+        "attempts": attempts,
+        "seed": seed,
+        "seed_found": seed_found,
+        "finding": finding,
+    }
+    out["report"] = write_report(out, bug, config, report_dir) if report_dir else None
+    return out
+
+
+def build_scenario(bug: Bug, seed: int, runtime: float):
+    """The RunSpec of one attempt: the scenario's options, per-queue jobs, injection
+    points and the detectors."""
+    from mqrt.bench import build
+    from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
+
+    sc = bug.scenario
+    given = {**sc.given, "runtime": runtime, "seed": seed}
+    spec, config = build(given)
+    if sc.queue_jobs:
+        job_names = {k.name for k in JOB_KNOBS}
+        base = {k: v for k, v in given.items() if k in job_names}
+        nr_queues = int(sc.given.get("nr_devices", sc.given.get("nr_namespaces", 1)))
+        spec.queue_jobs = [
+            JobSpec.from_options({**base, **sc.queue_jobs.get(q, {})}) for q in range(nr_queues)
+        ]
+        config["queue_jobs"] = {str(q): o for q, o in sc.queue_jobs.items()}
+    spec.detect = True
+    spec.inject = dict(sc.inject) or None
+    config["inject"] = {k: list(v) for k, v in sc.inject.items()}
+    return spec, config
+
+
+def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_dir: str) -> str:
+    """The human report next to a JSON copy; returns the text report's path."""
+    os.makedirs(report_dir, exist_ok=True)
+    tag = "fixed" if out["fixed"] else "bug"
+    base = os.path.join(report_dir, f"{bug.name}-{tag}-seed{out['seed']}")
+    f = out["finding"]
+    lines = [
+        f"mqrt race: {bug.name} ({'fixed code' if out['fixed'] else 'bug switched on'})",
+        f'kernel: {bug.commit} "{bug.subject}"',
+        "",
+        _wrap(bug.explanation),
+        "",
+        f"outcome: {_outcome_line(out)}",
+        f"seconds: {out['seconds']:.2f}, requests: {out['requests']:,}, "
+        f"attempts: {out['attempts']} (seeds {out['seed']}..{out['seed'] + out['attempts'] - 1})",
+        f"rerun: mqrt race run {bug.name} --seed {out['seed_found'] or out['seed']}"
+        + (" --fixed" if out["fixed"] else ""),
+    ]
+    if f is not None:
+        snap = f.get("snapshot", {})
+        lines += ["", f"finding: {f['detector']} at {f['at_s']:.2f} s: {f['message']}", ""]
+        lines.append("sleeping tasks:")
+        for s in snap.get("sleeping", []):
+            lines.append(f"  cpu{s['cpu']} on {s['queued_on']}")
+        for name, m in snap.get("maps", {}).items():
+            lines += ["", f"debugfs {name} tags:", m["tags"].rstrip()]
+            held = ", ".join(f"{h['tag']}:{h['state']}" for h in m["held"]) or "none"
+            lines.append(f"requests holding tags: {held}")
+        lines += ["", "hctx nr_active:"]
+        for h in snap.get("hctx", []):
+            lines.append(f"  {h['queue']} hctx{h['hctx']}: nr_active={h['nr_active']}")
+        if snap.get("events"):
+            lines += ["", "last events per CPU:", snap["events"].rstrip()]
+    lines += ["", "configuration:", json.dumps(config, indent=2, default=str)]
+    path = base + ".txt"
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(base + ".json", "w") as fh:
+        json.dump({**out, "config": config, "explanation": bug.explanation}, fh, indent=2,
+                  default=str)  # fmt: skip
+    return path
+
+
+def _outcome_line(out: dict[str, Any]) -> str:
+    if out["fixed"]:
+        return "clean" if out["clean"] else f"a detector fired: {out['finding']['detector']}"
+    return "reproduced" if out["reproduced"] else "not reproduced"
+
+
+def _wrap(text: str, width: int = 88) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width)
