@@ -30,6 +30,7 @@ from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_s
 from mqrt.blk_mq_cpumap import HctxType, Topology, map_queue_types
 from mqrt.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
 from mqrt.knobs import Knob, KnobError, KnobValues
+from mqrt.sbitmap import SbqGeneration
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 
 IRQMODES = {"none": 0, "softirq": 1, "timer": 2, "0": 0, "1": 1, "2": 2}
@@ -391,6 +392,7 @@ def setup(
     timeout_ms: int = NULLB_TIMEOUT_MS,
     seed: int = 0,
     pool_limit_bytes: int | None = None,
+    generation: SbqGeneration = SbqGeneration.CURRENT,
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
     queues, and the fault state, declared in ``layout``."""
@@ -419,6 +421,7 @@ def setup(
             numa_node=cfg.home_node,
             name=name,
             pool_limit_bytes=pool_limit_bytes,
+            generation=generation,
         )
         return alloc_tag_set(tset, layout, topology)
 

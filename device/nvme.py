@@ -79,6 +79,7 @@ from mqrt.device.nvme_defs import (
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.knobs import Knob, KnobError, KnobValues, parse_knobs
+from mqrt.sbitmap import SbqGeneration
 from mqrt.shm import Arena, Layout, Region
 from mqrt.wait import spin_lock, spin_unlock
 
@@ -751,6 +752,7 @@ def setup(
     rq_affinity: int = 1,
     timeout_ms: int = 30_000,
     pool_limit_bytes: int | None = None,
+    generation: SbqGeneration = SbqGeneration.CURRENT,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
     nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
@@ -767,6 +769,7 @@ def setup(
         timeout_ms=timeout_ms,
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
+        generation=generation,
     )
     alloc_tag_set(tset, layout, topology)
     if tset.queue_depth > cfg.io_queue_depth - 1:

@@ -59,6 +59,14 @@ RUN_KNOBS: tuple[Knob, ...] = (
         64,
     ),
     Knob("pin", "bool", True, "Pin each emulated CPU to a host core. Default: 1"),
+    Knob(
+        "sbitmap",
+        "choice",
+        "current",
+        "Tag wake-up scheme: current (Linux 6.2+ completion counting) or legacy "
+        "(<= 6.1 per-wait-queue wait_cnt). Default: current",
+        choices={"current": "current", "legacy": "legacy"},
+    ),
     Knob("seed", "int", 0, "Seed for everything random in the run. Default: 0", 0, 1 << 62),
 )
 
@@ -184,6 +192,7 @@ def build(given: dict[str, Any]):
             rq_affinity=runv["rq_affinity"],
             timeout_ms=runv["io_timeout"],
             seed=runv["seed"],
+            generation=_generation(runv),
         )
         return ops, queues, dev_bytes
 
@@ -241,11 +250,22 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
 
     def setup(layout, topology):
         ops, queues = nvme.setup(
-            cfg, layout, topology, rq_affinity=runv["rq_affinity"], timeout_ms=runv["io_timeout"]
+            cfg,
+            layout,
+            topology,
+            rq_affinity=runv["rq_affinity"],
+            timeout_ms=runv["io_timeout"],
+            generation=_generation(runv),
         )
         return ops, queues, dev_bytes
 
     return _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))
+
+
+def _generation(runv):
+    from mqrt.sbitmap import SbqGeneration
+
+    return SbqGeneration.LEGACY if runv["sbitmap"] == "legacy" else SbqGeneration.CURRENT
 
 
 def _cpus_allowed(runv) -> list[int] | None:

@@ -27,11 +27,12 @@ Design
       per-wait-state ``wait_cnt`` counts down; the free that takes it to zero
       wakes ``wake_batch`` waiters on that state, advances ``wake_index`` and resets
       the count.  ``wake_batch`` counts usable bits per word under the shallow
-      depth; shallow depth applies per word; ``recalculate_wake_batch`` keeps a
-      minimum batch of 4 for depth >= 32.
+      depth; shallow depth applies per word.
 
-    Later issues switch historical bugs back on in both; the code is kept in the
-    kernel's shape (same function boundaries, same names) so each fix has one place.
+    Both generations carry every later fix that applies to them (e.g. b5fcf7871acb's
+    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race_bugs`
+    switches historical bugs back on.  The code keeps the kernel's shape (same
+    function boundaries, same names) so each fix has one place.
 
 Deviations from Linux
     * Per-CPU variables are per *emulated* CPU slots in shared memory, each on its
@@ -581,11 +582,7 @@ class SbitmapQueue:
         ``users``' fair share of the depth (shared tags)."""
         depth = self.sb.depth
         share = (depth + users - 1) // users
-        if self.legacy:
-            min_batch = 4 if depth >= 4 * SBQ_WAIT_QUEUES else 1
-        else:
-            min_batch = 1
-        self._update_wake_batch(max(min_batch, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+        self._update_wake_batch(max(1, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
 
     def resize(self, depth: int) -> None:
         """sbitmap_queue_resize()."""
