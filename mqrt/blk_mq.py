@@ -1102,6 +1102,25 @@ class BlkMq:
                     hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
         return expired
 
+    # -- sysfs -------------------------------------------------------------------------------------
+
+    def update_nr_requests(self, q: int, nr: int) -> None:
+        """blk_mq_update_nr_requests(): a write to queue/nr_requests resizes each
+        tags' bitmap (sbitmap_queue_resize, which recomputes wake_batch).  The kernel
+        freezes the queue around it; here the I/O keeps going (see Deviations)."""
+        queue = self.queues[q]
+        done: set[int] = set()
+        for hctx in queue.hctxs:
+            tags = hctx.tags
+            if tags is None or id(tags) in done:
+                continue
+            done.add(id(tags))
+            if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:
+                raise BlkMqError(
+                    f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
+                )
+            tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
+
     # -- iteration (debugfs, invariants) -----------------------------------------------------------
 
     def busy_iter(self, q: int) -> list[Request]:

@@ -40,6 +40,10 @@ POINTS: dict[str, str] = {
         "sbitmap_find_bit_in_word(): the word looked full, before the deferred "
         "cleared bits are folded back in (the ::cleared race)"
     ),
+    "sbitmap.fold.after_xchg": (
+        "sbitmap_deferred_clear(): the cleared mask was taken (xchg), before it is "
+        "cleared out of the word"
+    ),
     "sbq.clear.before_wake": (
         "sbitmap_queue_clear(): the bit is freed, before ws_active is read and waiters are woken"
     ),

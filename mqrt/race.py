@@ -229,8 +229,10 @@ def build_scenario(bug: Bug, seed: int, runtime: float):
         ]
         config["queue_jobs"] = {str(q): o for q, o in sc.queue_jobs.items()}
     spec.detect = True
+    spec.actions = list(sc.actions) or None
     spec.inject = dict(sc.inject) or None
     config["inject"] = {k: list(v) for k, v in sc.inject.items()}
+    config["actions"] = [list(a) for a in sc.actions]
     return spec, config
 
 

@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mqrt import inject
 from mqrt.blk_mq_tag import Tags
+from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue
 from mqrt.wait import spin_lock, spin_unlock
 
 
@@ -30,6 +32,8 @@ class Scenario:
     given: dict[str, Any]
     queue_jobs: dict[int, dict[str, Any]] = field(default_factory=dict)
     inject: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: sysfs writes during the run: (seconds after the start, action, args)
+    actions: tuple[tuple[float, str, tuple], ...] = ()
     attempt_s: float = 5.0
 
 
@@ -112,4 +116,205 @@ WAKE_BATCH_FAIR_SHARE = Bug(
 )
 
 
-CATALOGUE: dict[str, Bug] = {b.name: b for b in (WAKE_BATCH_FAIR_SHARE,)}
+# -- 106397376c03: one waiter per completion batch (the 6.2 rework) --------------------------
+
+
+def _wake_up_ws_first_queue(self: SbitmapQueue, nr: int) -> None:
+    """6.2's __sbitmap_queue_wake_up() before 106397376c03: wake on the first wait
+    queue that has sleepers and stop there, however few it held."""
+    a = self.a
+    if not a.read32(self._ws_active):
+        return
+    wake_index = a.read32(self._wake_index)
+    for _ in range(SBQ_WAIT_QUEUES):
+        ws = self.ws[wake_index]
+        wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
+        if ws.active() and ws.wake_up_nr(nr):
+            break
+    if wake_index != a.read32(self._wake_index):
+        a.set32(self._wake_index, wake_index)
+
+
+ONE_WAITER_PER_BATCH = Bug(
+    name="one_waiter_per_batch",
+    commit="106397376c03",
+    subject="sbitmap: fix batching wakeup",
+    what="after the 6.2 wake-up rework a batch of frees wakes one wait queue, often one task",
+    explanation=(
+        "Linux 6.2 replaced the per-wait-queue wait_cnt with global completion and "
+        "wake-up counters: every wake_batch frees, __sbitmap_queue_wake_up() wakes up "
+        "to wake_batch waiters. It stopped at the first wait queue that woke anybody, "
+        "though. Waiters spread over the 8 wait queues (each hctx round-robins its "
+        "wait_index), so a queue often held one task: a batch of frees woke one task "
+        "instead of a batch, the others slept on, and once the tags in flight were too "
+        "few to complete another batch they were never woken. The fix keeps waking "
+        "across the wait queues until wake_batch tasks are woken. Scenario: 8 CPUs on "
+        "one hw queue of 16 tags (wake_batch 2), each wanting 8 I/Os in flight."
+    ),
+    scenario=Scenario(
+        given={
+            "cpus": 8,
+            "hw_queue_depth": 16,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 8,
+        },
+        attempt_s=5.0,
+    ),
+    patches=((SbitmapQueue, "_wake_up_ws", _wake_up_ws_first_queue),),
+)
+
+
+# -- 6c0ca7ae292a: wait_cnt left above a lowered wake_batch ------------------------------------
+
+
+def _update_wake_batch_keep_wait_cnt(self: SbitmapQueue, wake_batch: int) -> None:
+    """Before 6c0ca7ae292a: a new wake_batch was stored, but each wait queue kept
+    counting down from the old one."""
+    if self.a.read32(self._wake_batch) != wake_batch:
+        self.a.set32(self._wake_batch, wake_batch)
+
+
+RESIZE_WAKEUP_HANG = Bug(
+    name="resize_wakeup_hang",
+    commit="6c0ca7ae292a",
+    subject="sbitmap: fix wakeup hang after sbq resize",
+    what="after nr_requests is lowered, sleepers wait for more frees than can happen",
+    explanation=(
+        "In the legacy scheme each of the 8 wait queues counts frees down from "
+        "wake_batch (wait_cnt) and wakes its sleepers at zero. Writing a smaller "
+        "nr_requests resizes the tag bitmap and lowers wake_batch, but the wait queues "
+        "went on counting down from the old, larger batch: with fewer tags than that "
+        "left to free, the count never reached zero and the sleepers were never woken. "
+        "The fix resets every wait_cnt when wake_batch changes. Scenario: legacy "
+        "sbitmap, 64 tags (wake_batch 8), 2 CPUs keeping 32 I/Os each; 0.3 s in, "
+        "nr_requests drops to 4."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 32,
+            "cpus": 2,
+        },
+        actions=((0.3, "nr_requests", (0, 4)),),
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "_update_wake_batch", _update_wake_batch_keep_wait_cnt),),
+)
+
+
+# -- b5fcf7871acb: a minimum batch of 4 above a small fair share --------------------------------
+
+
+def _recalculate_wake_batch_min4(self: SbitmapQueue, users: int) -> None:
+    """Before b5fcf7871acb: the batch for ``users`` sharers had a floor of 4 when
+    the map has 32 tags or more."""
+    depth = self.sb.depth
+    share = (depth + users - 1) // users
+    min_batch = 4 if depth >= 4 * SBQ_WAIT_QUEUES else 1
+    self._update_wake_batch(max(min_batch, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+
+
+WAKE_BATCH_MIN4 = Bug(
+    name="wake_batch_min4",
+    commit="b5fcf7871acb",
+    subject="sbitmap: correct wake_batch recalculation to avoid potential IO hung",
+    what="a floor of 4 on the shared-tag wake_batch strands sleepers of a small fair share",
+    explanation=(
+        "180dccb0dba4 sized wake_batch from the fair share of shared tags, but kept a "
+        "minimum batch of 4 for maps of 32 tags or more. In the legacy scheme a batch "
+        "of frees wakes the sleepers of one wait queue only; with a fair share of 7 "
+        "and waiters on several wait queues, the queue's own 7 frees complete one "
+        "batch, wake one wait queue, and the 3 left over never make another: the "
+        "other sleepers stay asleep while the quiet queues keep their share. The fix "
+        "drops the floor (wake_batch = share / 8, at least 1). Scenario: legacy "
+        "sbitmap, 10 null_blk devices sharing 64 tags, devices 1-9 quiet after a "
+        "burst, 4 CPUs keeping 32 I/Os each on device 0."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "nr_devices": 10,
+            "shared_tags": 1,
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 32,
+            "io_timeout": 30_000,
+            "cpus": 4,
+        },
+        queue_jobs={q: {"time_based": 0, "size": "16k", "iodepth": 4} for q in range(1, 10)},
+        attempt_s=5.0,
+    ),
+    patches=((SbitmapQueue, "recalculate_wake_batch", _recalculate_wake_batch_min4),),
+)
+
+
+# -- 72d04bdcf3f7: the sbitmap_word::cleared race ----------------------------------------------
+
+
+def _deferred_clear_racy(
+    self: Sbitmap, index: int, depth: int, alloc_hint: int, wrap: bool
+) -> bool:
+    """Before 72d04bdcf3f7: ``cleared`` was tested without swap_lock, and a word
+    with nothing to fold was reported as full."""
+    a = self.a
+    if not a.read(self._cleared[index]):
+        return False
+    lock = self._swap_lock[index]
+    spin_lock(a, lock)
+    try:
+        mask = a.xchg(self._cleared[index], 0)
+        if inject.armed:
+            inject.hit("sbitmap.fold.after_xchg")
+        a.fetch_andnot(self._word[index], mask)
+        return True
+    finally:
+        spin_unlock(a, lock)
+
+
+CLEARED_RACE = Bug(
+    name="cleared_race",
+    commit="72d04bdcf3f7",
+    subject="sbitmap: fix io hung due to race on sbitmap_word::cleared",
+    what="an allocator sees a full word with nothing to fold and sleeps while tags are free",
+    explanation=(
+        "Frees are deferred: a freed tag's bit goes to the word's cleared mask, and an "
+        "allocator that finds the word full folds cleared back in under swap_lock. The "
+        "check for something to fold was made without the lock: while one allocator "
+        "had taken the cleared mask (xchg) but not yet cleared those bits from the "
+        "word, a second saw the word full and cleared empty, concluded the map was "
+        "full and slept, with most tags free. Only a whole batch of later frees could "
+        "wake it; with little else in flight that takes long or never comes. The fix "
+        "tests and folds under the lock and re-checks the word for a free bit. "
+        "Scenario: 2 CPUs with one 50 ms I/O each in flight on 64 tags (wake_batch 8), "
+        "so they allocate in step; the fold is held open 2 ms."
+    ),
+    scenario=Scenario(
+        given={
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 50_000_000,
+            "iodepth": 1,
+            "cpus": 2,
+        },
+        inject={"sbitmap.fold.after_xchg": (100.0, 2000)},
+        attempt_s=10.0,
+    ),
+    patches=((Sbitmap, "deferred_clear", _deferred_clear_racy),),
+)
+
+
+CATALOGUE = {
+    b.name: b
+    for b in (
+        WAKE_BATCH_FAIR_SHARE,
+        ONE_WAITER_PER_BATCH,
+        RESIZE_WAKEUP_HANG,
+        WAKE_BATCH_MIN4,
+        CLEARED_RACE,
+    )
+}

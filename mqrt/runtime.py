@@ -74,6 +74,8 @@ class RunSpec:
     mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.blk_mq_modes)
     #: per request queue, the job to run on it (None: ``job`` on every queue)
     queue_jobs: list[Any] | None = None
+    #: (seconds after the start, action, args) done once by CPU 0 (workers.cpu)
+    actions: list[tuple[float, str, tuple]] | None = None
     #: injection points to arm for the run: name -> (percent, max µs) (mqrt.inject)
     inject: dict[str, tuple[float, int]] | None = None
     #: watch the run with mqrt.race_detect's detectors: the first finding stops it
@@ -254,6 +256,7 @@ class _Run:
                 owner_pid=os.getpid(),
                 mode=spec.mode,
                 queue_jobs=spec.queue_jobs,
+                actions=spec.actions,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True

@@ -289,6 +289,8 @@ class Sbitmap:
                     word_mask &= ~((1 << alloc_hint) - 1)
                 return (a.read(self._word[index]) & word_mask) != word_mask
             mask = a.xchg(self._cleared[index], 0)
+            if inject.armed:
+                inject.hit("sbitmap.fold.after_xchg")
             a.fetch_andnot(self._word[index], mask)
             return True
         finally:

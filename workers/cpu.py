@@ -97,6 +97,9 @@ class CpuPlan:
     #: per request queue, the job to run on it (None: ``job`` on every queue); the
     #: run's runtime, ramp_time and hipri come from ``job``
     queue_jobs: list[JobSpec] | None = None
+    #: (seconds after the start, action, args) run once by CPU 0: a sysfs write in
+    #: the middle of a run, e.g. ("nr_requests", (queue, nr))
+    actions: list[tuple[float, str, tuple]] | None = None
 
 
 class Cpu:
@@ -401,6 +404,10 @@ class Cpu:
 
     def _setup_periodic(self) -> None:
         plan = self.plan
+        if self.cpu == 0:
+            for at_s, action, args in plan.actions or ():
+                fn = {"nr_requests": self.mq.update_nr_requests}[action]
+                self.add_timer(self._start_ns + int(at_s * 1e9), fn, *args)
         for q, owner in enumerate(plan.timeout_scan_cpu):
             if owner == self.cpu:
                 queue = self.mq.queues[q]
