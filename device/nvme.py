@@ -612,13 +612,17 @@ class NvmeOps(BlkMqOps):
         cqes = nvmeq.reap(trylock=trylock)
         mq = self.mq
         tags = mq.queues[0].hctxs[qid - 1].tags  # type: ignore[union-attr]
+        batch: list[Request] = []  # DEFINE_IO_COMP_BATCH(iob)
         for cid, status, _result, _sqh, _sqid in cqes:
             self.stats["cqes"] += 1
-            self._handle_cqe(mq, tags, cid, status)
+            self._handle_cqe(mq, tags, cid, status, batch)
+        if batch:  # nvme_pci_complete_batch()
+            mq.end_request_batch(batch)  # type: ignore[union-attr]
         return len(cqes)
 
-    def _handle_cqe(self, mq, tags, cid: int, status: int) -> None:
-        """nvme_handle_cqe(): command id -> request, with the genctr check."""
+    def _handle_cqe(self, mq, tags, cid: int, status: int, batch: list | None = None) -> None:
+        """nvme_handle_cqe(): command id -> request, with the genctr check; a
+        successful one joins the completion batch, others complete one by one."""
         tag = cid & CID_TAG_MASK
         if tag >= tags.nr_tags:
             self.stats["genctr_mismatch"] += 1
@@ -628,6 +632,9 @@ class NvmeOps(BlkMqOps):
         if cid >> 12 != genctr:
             # "request %#x genctr mismatch (got %#x expected %#x)"
             self.stats["genctr_mismatch"] += 1
+            return
+        if status == 0 and batch is not None:  # blk_mq_add_to_batch()
+            mq.add_to_batch(rq, rq.gen, batch)
             return
         # The request's status word holds the NVMe status (nvme_req(req)->status),
         # written by whichever completion wins.

@@ -433,6 +433,7 @@ class BlkMq:
                 "plug_flushes",
                 "polls",
                 "polled",
+                "batched_completions",
             ),
             0,
         )
@@ -1052,6 +1053,69 @@ class BlkMq:
             self.stats["restarts"] += 1
             hctx.stats["restart"] += 1
             self.run_hw_queue(hctx, True)
+
+    def add_to_batch(self, rq: Request, gen: int, batch: list[Request]) -> bool:
+        """blk_mq_add_to_batch(): a request that completed without error joins the
+        caller's completion batch (IN_FLIGHT -> COMPLETE, once, like
+        complete_request()); False if another completion or a timeout owns it."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if st >> RQ_GEN_SHIFT != gen or st & RQ_STATE_MASK != RqState.IN_FLIGHT:
+            self.stats["stale_completions"] += 1
+            return False
+        if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | RqState.COMPLETE) != st:
+            self.stats["stale_completions"] += 1
+            return False
+        a.set32(base + 60, 0)
+        batch.append(rq)
+        return True
+
+    def end_request_batch(self, batch: list[Request]) -> None:
+        """blk_mq_end_request_batch(): end every request of a completion batch on this
+        CPU (rq_affinity does not apply), then give each tag map its tags back in one
+        sbitmap_queue_clear_batch() -- one wake-up accounting for all of them."""
+        a, buf = self.a, self.buf
+        freed: dict[int, tuple[Tags, list[int]]] = {}
+        restart = []
+        now = self.clock()
+        for rq in batch:
+            base = rq.base
+            st = a.read(base)
+            if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
+                self.stats["stale_completions"] += 1
+                continue
+            io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, status = (
+                RQ_END.unpack_from(buf, base + 16)
+            )
+            self.nr_completed += 1
+            info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+            if cpu == self.cpu and self.end_io is not None:
+                self.end_io[q](info, now)
+            else:
+                self.sys.bio_done(cpu, q, info)
+            hctx = self.queues[q].hctxs[h]
+            if (
+                rq_flags & _RQF_MQ_INFLIGHT
+                and a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000
+            ):
+                self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
+            tags = rq.tags
+            if rq.tag < tags.nr_reserved_tags:  # reserved tags are not batched
+                tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+            else:
+                freed.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+            if a.read(hctx.state_off) & _SCHED_RESTART:
+                restart.append(hctx)
+        for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()
+            tags.bitmap_tags.clear_batch(tags.nr_reserved_tags, tag_list)
+        self.stats["batched_completions"] += len(batch)
+        for hctx in dict.fromkeys(restart):
+            if a.read(hctx.state_off) & _SCHED_RESTART:
+                a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
+                self.stats["restarts"] += 1
+                hctx.stats["restart"] += 1
+                self.run_hw_queue(hctx, True)
 
     def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:
         self.end_request(self.rqs[queue.index][rq_id], status)

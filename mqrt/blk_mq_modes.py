@@ -117,6 +117,16 @@ class SqBlkMq(BlkMq):
         finally:
             self._unlock(queue)
 
+    def end_request_batch(self, batch):
+        queues = list(dict.fromkeys(self.queues[self.buf[rq.base + 52]] for rq in batch))
+        for queue in queues:
+            self._lock(queue)
+        try:
+            super().end_request_batch(batch)
+        finally:
+            for queue in reversed(queues):
+                self._unlock(queue)
+
     def timeout_work(self, q: int) -> int:
         queue = self.queues[q]
         self._lock(queue)
@@ -213,6 +223,11 @@ class RawBlkMq(BlkMq):
             a.set32(base + 60, int(status))
         self.queues[self.buf[base + 52]].ops.complete(self, rq)
         return True
+
+    def end_request_batch(self, batch):
+        """No tag bitmap to free in bulk: each slot goes back to its free list."""
+        for rq in batch:
+            self.end_request(rq)
 
     def end_request(self, rq, status=None):
         """Free the slot (next generation, IDLE) and hand the bio back."""
