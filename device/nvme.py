@@ -47,7 +47,7 @@ import struct
 import time
 from typing import Any
 
-from mqrt import wait
+from mqrt import trace, wait
 from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
 from mqrt.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
@@ -81,6 +81,7 @@ from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.knobs import Knob, KnobError, KnobValues, parse_knobs
 from mqrt.sbitmap import SbqGeneration
 from mqrt.shm import Arena, Layout, Region
+from mqrt.trace import Ev
 from mqrt.wait import spin_lock, spin_unlock
 
 _fork = mp.get_context("fork")
@@ -600,7 +601,9 @@ class NvmeOps(BlkMqOps):
         # reap raises the vector again.
         q = self.nvmeqs[vec]
         q.a.xchg32(q.o.irq_pending, 0)
-        self.poll_cq(vec)
+        found = self.poll_cq(vec)
+        if trace.on:
+            trace.emit(Ev.IRQ, -1, 0, max(vec - 1, 0), 0, found)
 
     def poll_cq(self, qid: int, trylock: bool = False) -> int:
         """nvme_poll_cq(): complete every CQE found; how many."""

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mqrt import blk_mq_sched, inject
+from mqrt import blk_mq_sched, inject, trace
 from mqrt.blk_mq_cpumap import (
     HCTX_MAX_TYPES,
     HctxType,
@@ -110,6 +110,7 @@ from mqrt.blk_mq_types import (
     RqState,
 )
 from mqrt.shm import Arena, Layout
+from mqrt.trace import Ev
 from mqrt.wait import Waiters
 
 # -- tag sets (blk_mq_alloc_tag_set) -------------------------------------------------------
@@ -365,6 +366,10 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
 # -- the data path ---------------------------------------------------------------------------
 
 
+_EV_TAG_GET, _EV_END, _EV_COMPLETE = int(Ev.TAG_GET), int(Ev.END), int(Ev.COMPLETE)
+_EV_REQUEUE, _EV_TIMEOUT, _EV_DISPATCH = int(Ev.REQUEUE), int(Ev.TIMEOUT), int(Ev.DISPATCH)
+
+
 class BlkMq:
     """The block layer on one CPU: per-CPU handles of every queue and the data path.
 
@@ -549,6 +554,9 @@ class BlkMq:
             rq_flags,
             0,
         )
+        if trace.on:
+            trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, a.read(base) >> RQ_GEN_SHIFT,
+                       hctx.index, queue.index)  # fmt: skip
         return rq_id
 
     def _own(self, base: int, rq_id: int) -> None:
@@ -720,6 +728,8 @@ class BlkMq:
                 and not a.read(queue.flags_off) & _QUIESCED
             ):
                 # blk_mq_request_issue_directly() without a budget to take, inlined.
+                if trace.verbose:
+                    trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
                 ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
                 self.nr_issued += 1
                 if ret == 0:
@@ -759,6 +769,8 @@ class BlkMq:
 
     def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
         """__blk_mq_issue_directly()."""
+        if trace.verbose:
+            trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
         ret = queue.ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
         self.nr_issued += 1
         if ret == 0:
@@ -879,6 +891,9 @@ class BlkMq:
                 no_budget = True
                 break
             i += 1
+            if trace.verbose:
+                trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index,
+                           hctx.queue.index)  # fmt: skip
             ret = ops.queue_rq(self, hctx, rqs[rq_id], i == n)
             self.nr_issued += 1
             if ret == BlkStatus.OK:
@@ -942,6 +957,8 @@ class BlkMq:
         queue = self.queues[self.buf[rq.base + 52]]
         queue.requeue_list.add([rq.id])
         self.stats["requeued"] += 1
+        if trace.on:
+            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf[rq.base + 50], queue.index)
         if kick:
             self.sys.kick_requeue(queue.index)
 
@@ -974,6 +991,9 @@ class BlkMq:
             return False
         if status is not None:
             a.set32(base + 60, int(status))
+        if trace.verbose:
+            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + 50],
+                       self.buf[base + 52])  # fmt: skip
         if inject.armed:
             inject.hit("rq.complete.before_end")
         buf = self.buf
@@ -1033,6 +1053,8 @@ class BlkMq:
         if status is None:
             status = rq_status
         self.nr_completed += 1
+        if trace.on:
+            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
         info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
         if cpu == self.cpu and self.end_io is not None:
             self.end_io[q](info, self.clock())  # bio_endio() on the submitting CPU
@@ -1089,6 +1111,8 @@ class BlkMq:
                 RQ_END.unpack_from(buf, base + 16)
             )
             self.nr_completed += 1
+            if trace.on:
+                trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
             info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
             if cpu == self.cpu and self.end_io is not None:
                 self.end_io[q](info, now)
@@ -1149,7 +1173,11 @@ class BlkMq:
                 continue
             expired += 1
             self.stats["timeouts"] += 1
-            if queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT) == EhRet.RESET_TIMER:
+            verdict = queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT)
+            if trace.on:
+                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[rq.base + 50], q,
+                           int(verdict))  # fmt: skip
+            if verdict == EhRet.RESET_TIMER:
                 self.stats["timer_resets"] += 1
                 a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
                 a.set(rq.base + 8, self.clock() + queue.timeout_ns)

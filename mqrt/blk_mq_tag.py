@@ -32,9 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt import inject
+from mqrt import inject, trace
 from mqrt.sbitmap import SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.trace import Ev
 from mqrt.wait import Waiters, spin_lock, spin_unlock
 
 #: The "no tag" sentinel (BLK_MQ_NO_TAG).
@@ -117,6 +118,7 @@ class Tags:
         self.spec = spec
         self.a = arena.atomic
         self.cpu = cpu
+        self.index = spec.index  #: the hctx these tags serve (0 for shared tags)
         self.nr_tags = spec.nr_tags
         self.nr_reserved_tags = spec.nr_reserved_tags
         self.rq_base = spec.rq_base
@@ -149,6 +151,8 @@ class Tags:
         try:
             users = self.a.read32(self._active_queues) + delta
             self.a.set32(self._active_queues, users)
+            if trace.on:
+                trace.emit(Ev.TAG_BUSY if delta > 0 else Ev.TAG_IDLE, -1, 0, self.index, 0, users)
             if users > 0:  # blk_mq_update_wake_batch()
                 self.bitmap_tags.recalculate_wake_batch(users)
                 if self.breserved_tags is not None:
@@ -252,7 +256,11 @@ class Tags:
                 self.nr_tag_sleeps += 1
                 if inject.armed:
                     inject.hit("tag.get.before_sleep")
+                if trace.on:
+                    trace.emit(Ev.TAG_SLEEP, -1, 0, self.index, 0, ws_index)
                 schedule()
+                if trace.on:
+                    trace.emit(Ev.TAG_WAKE, -1, 0, self.index, 0, ws_index)
                 bt.finish_wait(ws_index, wait)
                 ws_index = bt.wait_ptr(wait_index)
         finally:

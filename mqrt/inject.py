@@ -24,7 +24,9 @@ import random
 import time
 from collections.abc import Mapping
 
+from mqrt import trace
 from mqrt.knobs import KnobError
+from mqrt.trace import Ev
 
 #: Every injection point: name -> where it is and which window it widens.
 POINTS: dict[str, str] = {
@@ -124,6 +126,8 @@ def hit(name: str) -> None:
         return
     us = _rng.randint(1, entry[1])
     hits[name] = hits.get(name, 0) + 1
+    if trace.on:
+        trace.emit(Ev.INJECT, -1, 0, 0, 0, us)
     if us <= SPIN_MAX_US:
         end = time.perf_counter_ns() + us * 1000
         while time.perf_counter_ns() < end:

@@ -12,6 +12,8 @@ and catch it.
     configuration and the seed to run it again.
 ``mqrt race run --all``
     the whole catalogue, one after the other.
+``mqrt race show DUMP``
+    the whole event trace of a failed run, merged across CPUs in time order.
 
 Exit status: 0 when every run did what it was asked (the bug reproduced; with
 ``--fixed``, the run stayed clean), 1 otherwise, 2 on a usage error.
@@ -28,6 +30,8 @@ from typing import Any
 
 from mqrt.race_bugs import CATALOGUE, Bug
 
+#: Records per CPU in the event trace of a race run.
+TRACE_ENTRIES = 4096
 #: Defaults: how long a bug may take to show, and how many clean I/Os make --fixed pass.
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_FIXED_TIMEOUT_S = 120.0
@@ -66,7 +70,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     rp.set_defaults(func=main_run)
+    sp = rsub.add_parser("show", help="print a trace dump as a merged, time-ordered view")
+    sp.add_argument("dump", metavar="DUMP", help="a .trace file written by a failed run")
+    sp.set_defaults(func=main_show)
     p.set_defaults(func=lambda args: p.print_help() or 0)
+
+
+def main_show(args: argparse.Namespace) -> int:
+    from mqrt.cli import UsageError
+    from mqrt.trace import render_dump
+
+    try:
+        text = render_dump(args.dump)
+    except OSError as exc:
+        raise UsageError(f"race show: cannot read {args.dump}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"race show: {args.dump} is not an mqrt trace dump ({exc})") from None
+    sys.stdout.write(text)
+    return 0
 
 
 def main_list(args: argparse.Namespace) -> int:
@@ -170,6 +191,7 @@ def run_bug(
     attempts = 0
     finding = None
     seed_found = None
+    trace_dump = None
     config: dict[str, Any] = {}
     while True:
         left = timeout - (time.monotonic() - t0)
@@ -177,6 +199,9 @@ def run_bug(
             break
         s = seed + attempts
         spec, config = build_scenario(bug, s, min(bug.scenario.attempt_s, left))
+        if report_dir:
+            os.makedirs(report_dir, exist_ok=True)
+            spec.trace_dump = os.path.join(report_dir, f"{_base_name(bug, fixed, seed)}.trace")
         attempts += 1
         if fixed:
             result = run(spec)
@@ -186,6 +211,7 @@ def run_bug(
         total += sum(j[d]["ios"] for c in result.cpus for j in c["jobs"] for d in ("read", "write"))
         if result.finding is not None:
             finding, seed_found = result.finding, s
+            trace_dump = result.trace_dump
             break
         if fixed and total >= requests:
             break
@@ -206,6 +232,7 @@ def run_bug(
         "seed": seed,
         "seed_found": seed_found,
         "finding": finding,
+        "trace_dump": trace_dump,
     }
     out["report"] = write_report(out, bug, config, report_dir) if report_dir else None
     return out
@@ -229,6 +256,8 @@ def build_scenario(bug: Bug, seed: int, runtime: float):
         ]
         config["queue_jobs"] = {str(q): o for q, o in sc.queue_jobs.items()}
     spec.detect = True
+    spec.trace_entries = TRACE_ENTRIES
+    spec.trace_detail = True
     spec.actions = list(sc.actions) or None
     spec.inject = dict(sc.inject) or None
     config["inject"] = {k: list(v) for k, v in sc.inject.items()}
@@ -239,8 +268,7 @@ def build_scenario(bug: Bug, seed: int, runtime: float):
 def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_dir: str) -> str:
     """The human report next to a JSON copy; returns the text report's path."""
     os.makedirs(report_dir, exist_ok=True)
-    tag = "fixed" if out["fixed"] else "bug"
-    base = os.path.join(report_dir, f"{bug.name}-{tag}-seed{out['seed']}")
+    base = os.path.join(report_dir, _base_name(bug, out["fixed"], out["seed"]))
     f = out["finding"]
     lines = [
         f"mqrt race: {bug.name} ({'fixed code' if out['fixed'] else 'bug switched on'})",
@@ -269,6 +297,8 @@ def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_d
             lines.append(f"  {h['queue']} hctx{h['hctx']}: nr_active={h['nr_active']}")
         if snap.get("events"):
             lines += ["", "last events per CPU:", snap["events"].rstrip()]
+        if out.get("trace_dump"):
+            lines.append(f"whole trace: mqrt race show {out['trace_dump']}")
     lines += ["", "configuration:", json.dumps(config, indent=2, default=str)]
     path = base + ".txt"
     with open(path, "w") as fh:
@@ -277,6 +307,10 @@ def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_d
         json.dump({**out, "config": config, "explanation": bug.explanation}, fh, indent=2,
                   default=str)  # fmt: skip
     return path
+
+
+def _base_name(bug: Bug, fixed: bool, seed: int) -> str:
+    return f"{bug.name}-{'fixed' if fixed else 'bug'}-seed{seed}"
 
 
 def _outcome_line(out: dict[str, Any]) -> str:

@@ -40,7 +40,11 @@ from mqrt.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
 from mqrt.blk_mq_tag import Tags
 from mqrt.blk_mq_types import RqState
 from mqrt.shm import Arena
+from mqrt.trace import TraceSpec, format_records, last_events, read_all
 from mqrt.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
+
+#: Events per CPU shown next to a finding.
+EVENTS_PER_CPU = 24
 
 _QUEUED_ON = WAIT_QUEUE_ENTRY.fields["queued_on"][1]
 
@@ -92,11 +96,13 @@ class Monitor:
         *,
         hang_s: float = 1.0,
         lost_wakeup_s: float = 0.3,
+        trace: TraceSpec | None = None,
     ):
         self.arena = arena
         self.a = arena.atomic
         self.hang_s = hang_s
         self.lost_wakeup_s = lost_wakeup_s
+        self.trace = trace
         self.waiters = Waiters(arena, wspec, eventfds, None)
         self.nr_waiters = wspec.nr_waiters
         self.stats = [cpu_stats.offsets(i) for i in range(nr_cpus)]
@@ -268,7 +274,13 @@ class Monitor:
             for qv in self.queue_views
             for h in qv.hctxs
         ]
-        return {"maps": maps, "sleeping": self.sleeping(), "hctx": hctxs}
+        out = {"maps": maps, "sleeping": self.sleeping(), "hctx": hctxs}
+        if self.trace is not None:
+            # CPUs flush their events before they sleep or wait: a hung CPU's last
+            # events are all there.
+            recent = last_events(read_all(self.arena, self.trace), EVENTS_PER_CPU)
+            out["events"] = format_records(recent)
+        return out
 
 
 def _s32(v: int) -> int:

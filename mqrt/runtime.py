@@ -39,6 +39,7 @@ from mqrt.blk_mq import init_shared
 from mqrt.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.shm import Arena, Layout, exit_on_sigterm
+from mqrt.trace import TraceSpec, dump_msgpack, read_all
 from mqrt.wait import Waiters
 
 _fork = mp.get_context("fork")
@@ -83,6 +84,12 @@ class RunSpec:
     #: detector thresholds (seconds): no progress, and a lost wake-up
     hang_s: float = 1.0
     lost_wakeup_s: float = 0.3
+    #: event trace: records per CPU ring (0: no trace), every request's events too
+    trace_entries: int = 0
+    trace_detail: bool = False
+    #: where to dump the trace (msgpack) when the run fails: a detector fired, an
+    #: invariant broke or a process died (None: never)
+    trace_dump: str | None = None
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
 
@@ -103,6 +110,8 @@ class RunResult:
     device: dict[str, Any] = field(default_factory=dict)  #: the device's counters
     #: what a detector found (mqrt.race_detect.Finding.to_dict()), if it stopped the run
     finding: dict[str, Any] | None = None
+    #: the trace dump written for a failed run (RunSpec.trace_dump), if any
+    trace_dump: str | None = None
 
 
 def _exit_name(code: int | None) -> str:
@@ -172,6 +181,9 @@ class _Run:
         self.messages = list(dict.fromkeys(self.messages))
         self.wspec = Waiters.declare(layout, self.n)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
+        self.trace_spec = (
+            TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
+        )
         with exit_on_sigterm(), Arena.create(layout) as arena:
             self.arena = arena
             try:
@@ -257,6 +269,8 @@ class _Run:
                 mode=spec.mode,
                 queue_jobs=spec.queue_jobs,
                 actions=spec.actions,
+                trace=self.trace_spec,
+                trace_detail=spec.trace_detail,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True
@@ -293,7 +307,7 @@ class _Run:
 
             monitor = Monitor(
                 arena, self.queues, self.wspec, self.eventfds, self.stats_region, n,
-                hang_s=spec.hang_s, lost_wakeup_s=spec.lost_wakeup_s,
+                hang_s=spec.hang_s, lost_wakeup_s=spec.lost_wakeup_s, trace=self.trace_spec,
             )  # fmt: skip
         finding = None
 
@@ -415,6 +429,21 @@ class _Run:
                         deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
         if monitor is not None:
             monitor.close()
+        failed = (
+            finding is not None or dead or any(r["blk_mq"]["violations"] for r in results.values())
+        )
+        dumped = None
+        if self.trace_spec is not None and spec.trace_dump and failed:
+            dumped = spec.trace_dump
+            dump_msgpack(
+                read_all(arena, self.trace_spec, quiescent=True),
+                dumped,
+                {
+                    "finding": finding and {k: finding[k] for k in ("detector", "message")},
+                    "cpus": n,
+                    "seed": spec.seed,
+                },
+            )
         wall = time.monotonic() - self.t_begin
         if self.device is not None and device_dead is None:
             device_dead = self._stop_device()
@@ -457,6 +486,7 @@ class _Run:
             interrupted=interrupted,
             t0_wall=t0_wall,
             finding=finding,
+            trace_dump=dumped,
             device={**self.device_info, **self.device_result} if self.device else {},
         )
         if dead_list or errors:
