@@ -75,9 +75,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt import inject
+from mqrt import inject, trace
 from mqrt._atomic import AtomicView, fence
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.trace import Ev
 from mqrt.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
 
 #: Number of wait queues in a sbitmap_queue.
@@ -114,6 +115,9 @@ ALLOC_HINT = cacheline_struct([("hint", "<u4")])
 
 #: struct sbq_wait_state.
 SBQ_WAIT_STATE = cacheline_struct([("wait_cnt", "<i4"), ("wait", WAIT_QUEUE_HEAD)])
+
+
+_EV_WAKE_UP, _EV_WAKE_BATCH = int(Ev.WAKE_UP), int(Ev.WAKE_BATCH)
 
 
 class SbqGeneration(enum.Enum):
@@ -568,6 +572,8 @@ class SbitmapQueue:
         if self.a.read32(self._wake_batch) == wake_batch:
             return
         self.a.set32(self._wake_batch, wake_batch)
+        if trace.on:
+            trace.emit(_EV_WAKE_BATCH, -1, 0, 0, 0, wake_batch)
         if self.legacy:
             fence()  # pairs with the fence in _legacy_wake_up before wait_cnt is reset
             for off in self._wait_cnt:
@@ -723,6 +729,8 @@ class SbitmapQueue:
             wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
             if ws.active():
                 woken = ws.wake_up_nr(nr)
+                if trace.on and woken:
+                    trace.emit(_EV_WAKE_UP, -1, 0, 0, 0, woken)
                 if woken == nr:
                     break
                 nr -= woken
@@ -775,7 +783,9 @@ class SbitmapQueue:
         if inject.armed:
             inject.hit("sbq.wake.before_reset")
         wake_batch = a.read32(self._wake_batch)
-        ws.wake_up_nr(wake_batch)
+        woken = ws.wake_up_nr(wake_batch)
+        if trace.on and woken:
+            trace.emit(_EV_WAKE_UP, -1, 0, 0, 0, woken)
         fence()  # pairs with _update_wake_batch: see the new batch before the reset
         # sbq_index_atomic_inc(): advance wake_index unless someone else just did.
         old = a.read32(self._wake_index)
