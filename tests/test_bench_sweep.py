@@ -120,12 +120,12 @@ def test_the_default_bench_is_a_small_mq_versus_sq_sweep():
 def test_ctrl_c_mid_sweep_reports_the_points_so_far():
     code = "import sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"
     p = subprocess.Popen(
-        [sys.executable, "-c", code, "bench", "--cpus", "1,2", "--runtime", "1.5",
+        [sys.executable, "-c", code, "bench", "--cpus", "1,2", "--runtime", "4",
          "--irqmode", "none", "--output-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(2.8)  # into the second point
+        time.sleep(6.0)  # into the second point (start-up takes well under 2 s)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
