@@ -136,3 +136,22 @@ def test_ctrl_c_mid_sweep_reports_the_points_so_far():
     m = json.loads(out)["mqrt"]
     assert m["interrupted"] and m["sweep"]["points_done"] < m["sweep"]["points"] == 2
     assert m["points"] and m["invariants"]["violations"] == 0
+
+
+def test_the_status_line_names_the_run_and_the_eta(monkeypatch, capsys):
+    from mqrt.bench_text import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    p = Progress(True, total_runs=4, run_s=2.0)
+    p.t0 -= 5  # the command has been running for a while
+    p.start_run("cpus=2 mode=sq")
+    p({"completed": 0, "inflight": 3, "remaining_s": 1.0})
+    p.last = (p.last[0] - 1.0, 0)  # one second later, 250k I/Os done
+    p({"completed": 250_000, "inflight": 3, "remaining_s": 0.5})
+    p.done()
+    err = capsys.readouterr().err
+    assert "run 1/4 [cpus=2 mode=sq]" in err and "250k IOPS" in err
+    assert "eta 6s" in err  # 0.5 s of this run + 3 more runs of 2 s
+    quiet = Progress(True, total_runs=1, run_s=1.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not Progress(True, total_runs=1, run_s=1.0).enabled and quiet.enabled

@@ -65,3 +65,16 @@ def test_race_usage_errors_are_one_line(args, message):
     out = mqrt(*args)
     assert out.returncode == 2 and message in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_reproduced_bug_leaves_a_trace_that_race_show_prints(tmp_path):
+    out = run_bug(CATALOGUE["wake_batch_fair_share"], seed=1, timeout=30, report_dir=str(tmp_path))
+    assert out["reproduced"] and out["trace_dump"]
+    report = (tmp_path / "wake_batch_fair_share-bug-seed1.txt").read_text()
+    assert "last events per CPU:" in report and "TAG_SLEEP" in report
+    shown = mqrt("race", "show", out["trace_dump"])
+    assert shown.returncode == 0, shown.stderr
+    assert "lost_wakeup" in shown.stdout  # the finding, in the dump's header
+    assert "TAG_GET" in shown.stdout and "END" in shown.stdout and "TAG_SLEEP" in shown.stdout
+    bad = mqrt("race", "show", str(tmp_path / "wake_batch_fair_share-bug-seed1.txt"))
+    assert bad.returncode == 2 and "is not an mqrt trace dump" in bad.stderr
