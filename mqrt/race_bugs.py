@@ -226,13 +226,18 @@ WAKE_BATCH_MIN4 = Bug(
     explanation=(
         "180dccb0dba4 sized wake_batch from the fair share of shared tags, but kept a "
         "minimum batch of 4 for maps of 32 tags or more. In the legacy scheme a batch "
-        "of frees wakes the sleepers of one wait queue only; with a fair share of 7 "
-        "and waiters on several wait queues, the queue's own 7 frees complete one "
-        "batch, wake one wait queue, and the 3 left over never make another: the "
-        "other sleepers stay asleep while the quiet queues keep their share. The fix "
-        "drops the floor (wake_batch = share / 8, at least 1). Scenario: legacy "
-        "sbitmap, 10 null_blk devices sharing 64 tags, devices 1-9 quiet after a "
-        "burst, 4 CPUs keeping 32 I/Os each on device 0."
+        "of frees wakes the sleepers of one wait queue only, and each wait queue counts "
+        "its own batch down. With a fair share of 7 and sleepers spread over several "
+        "wait queues, the queue's own 7 tags in flight complete one batch of 4, wake one "
+        "wait queue, and the 3 left over cannot finish the next: when the submitters "
+        "that keep the tags busy stop, the sleepers of the other wait queues are never "
+        "woken while the quiet queues keep their share. The fix drops the floor "
+        "(wake_batch = share / 8, at least 1, so every free counts toward a wake-up). "
+        "Scenario: legacy sbitmap, 10 null_blk devices sharing 64 tags (fair share 7), "
+        "devices 1-9 quiet after a 4-I/O burst but still active; 6 CPUs on device 0 "
+        "each submit one I/O at a time up to 32 in flight (300 us timer completions), so "
+        "most of them sleep over the share; every 1 s attempt ends with the sleepers "
+        "woken one batch at a time, each taking one tag and stopping."
     ),
     scenario=Scenario(
         given={
@@ -241,13 +246,14 @@ WAKE_BATCH_MIN4 = Bug(
             "shared_tags": 1,
             "hw_queue_depth": 64,
             "irqmode": "timer",
-            "completion_nsec": 20_000,
+            "completion_nsec": 300_000,
             "iodepth": 32,
+            "iodepth_batch_submit": 1,
             "io_timeout": 30_000,
-            "cpus": 4,
+            "cpus": 6,
         },
         queue_jobs={q: {"time_based": 0, "size": "16k", "iodepth": 4} for q in range(1, 10)},
-        attempt_s=5.0,
+        attempt_s=1.0,
     ),
     patches=((SbitmapQueue, "recalculate_wake_batch", _recalculate_wake_batch_min4),),
 )
@@ -260,7 +266,9 @@ def _deferred_clear_racy(
     self: Sbitmap, index: int, depth: int, alloc_hint: int, wrap: bool
 ) -> bool:
     """Before 72d04bdcf3f7: ``cleared`` was tested without swap_lock, and a word
-    with nothing to fold was reported as full."""
+    with nothing to fold was reported as full.  (The kernel of 5.10 to 6.10 took no
+    lock at all here; taking it around the fold only, as the fix's first version
+    did, leaves the same race.)"""
     a = self.a
     if not a.read(self._cleared[index]):
         return False
@@ -290,21 +298,101 @@ CLEARED_RACE = Bug(
         "full and slept, with most tags free. Only a whole batch of later frees could "
         "wake it; with little else in flight that takes long or never comes. The fix "
         "tests and folds under the lock and re-checks the word for a free bit. "
-        "Scenario: 2 CPUs with one 50 ms I/O each in flight on 64 tags (wake_batch 8), "
-        "so they allocate in step; the fold is held open 2 ms."
+        "Scenario (the commit's: one 64-bit word, wake_batch 8): two null_blk devices "
+        "with their own 256 tags (64-bit words); 25 ms in, device 0's nr_requests is "
+        "cut to 64, leaving it one word (the resize also folds the first round's "
+        "frees, so the word starts empty). 2 CPUs each submit one I/O to device 0 every "
+        "50 ms (rate_iops 20, 20 us completions), so they allocate in step and the word "
+        "fills with deferred frees every 32 rounds. The failed search is delayed up to "
+        "300 us before the fold (the two allocators arrive apart) and the fold is held "
+        "open up to 5 ms; the loser sleeps while 8 frees of the other CPU's one I/O "
+        "every 50 ms take 400 ms. Device 1 carries the bulk of the I/O (32 deep per "
+        "CPU) so that a run of the fixed code completes many requests."
     ),
     scenario=Scenario(
         given={
-            "hw_queue_depth": 64,
+            "nr_devices": 2,
+            "shared_tags": 0,
+            "hw_queue_depth": 256,
             "irqmode": "timer",
-            "completion_nsec": 50_000_000,
-            "iodepth": 1,
+            "completion_nsec": 20_000,
+            "iodepth": 32,
+            "iodepth_batch_submit": 1,
             "cpus": 2,
         },
-        inject={"sbitmap.fold.after_xchg": (100.0, 2000)},
-        attempt_s=10.0,
+        queue_jobs={0: {"iodepth": 1, "rate_iops": 20}},
+        actions=((0.025, "nr_requests", (0, 64)),),
+        inject={
+            "sbitmap.get.before_fold": (100.0, 300),
+            "sbitmap.fold.after_xchg": (100.0, 5000),
+        },
+        attempt_s=3.6,
     ),
     patches=((Sbitmap, "deferred_clear", _deferred_clear_racy),),
+)
+
+
+# -- 4acb83417cad: a batch of frees counted as one ----------------------------------------------
+
+
+def _clear_batch_counted_once(self: SbitmapQueue, offset: int, tags: list[int]) -> None:
+    """sbitmap_queue_clear_batch() before 4acb83417cad: the batch's bits were freed,
+    then sbitmap_queue_wake_up() ran once, so the whole batch counted as one free
+    toward wake_batch."""
+    sb, a = self.sb, self.a
+    addr = -1
+    mask = 0
+    for tag in tags:
+        t = tag - offset
+        this = sb._word[t >> sb.shift]
+        if addr != this:
+            if mask:
+                a.fetch_andnot(addr, mask)
+            mask = 0
+            addr = this
+        mask |= 1 << (t & (sb.bits_per_word - 1))
+    if mask:
+        a.fetch_andnot(addr, mask)
+    self.wake_up(1)
+    sb.update_cpu_hint(self.cpu, tags[-1] - offset)
+
+
+BATCH_COUNTED_ONCE = Bug(
+    name="batch_counted_once",
+    commit="4acb83417cad",
+    subject="sbitmap: fix batched wait_cnt accounting",
+    what="a batched completion's tags count as one free: sleepers wait on frees that never come",
+    explanation=(
+        "Batched completions (blk_mq_end_request_batch, used by nvme's interrupt and "
+        "poll paths) give a batch of tags back with one sbitmap_queue_clear_batch(). In "
+        "the legacy scheme each wait queue counts frees down from wake_batch (wait_cnt) "
+        "and wakes its sleepers at zero, but clear_batch() called the wake-up once per "
+        "batch, so k tags freed together counted as one. A wait queue then needed "
+        "wake_batch batches instead of wake_batch tags: with the tags in flight coming "
+        "back in fewer batches than the sleepers' counts need, they were never woken, "
+        "the map empty. The fix passes the number of bits freed to "
+        "sbitmap_queue_wake_up() and counts them all against wait_cnt. Scenario: legacy "
+        "sbitmap, the nvme driver with one I/O queue of 64 tags (wake_batch 8), 100 us "
+        "service time and interrupt coalescing (8 completions or 100 us per "
+        "interrupt), so each interrupt ends a batch; 4 CPUs submit one I/O at a time up "
+        "to 32 in flight each."
+    ),
+    scenario=Scenario(
+        given={
+            "driver": "nvme",
+            "sbitmap": "legacy",
+            "io_queue_depth": 65,
+            "nr_io_queues": 1,
+            "latency_ns": 100_000,
+            "irq_coalesce_thr": 7,
+            "irq_coalesce_time": 1,
+            "iodepth": 32,
+            "iodepth_batch_submit": 1,
+            "cpus": 4,
+        },
+        attempt_s=1.0,
+    ),
+    patches=((SbitmapQueue, "clear_batch", _clear_batch_counted_once),),
 )
 
 
@@ -316,5 +404,6 @@ CATALOGUE = {
         RESIZE_WAKEUP_HANG,
         WAKE_BATCH_MIN4,
         CLEARED_RACE,
+        BATCH_COUNTED_ONCE,
     )
 }
