@@ -116,6 +116,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="runs per point; the median run stands for the point. Default: 1 (3 for the "
         "default sweep)",
     )  # fmt: skip
+    sw.add_argument(
+        "--inject", metavar="NAME=PCT:MAX_US,...", default="",
+        help="hold race windows open: at each named point (see mqrt.inject.POINTS: "
+        "sbq.clear.before_wake, tag.get.before_sleep, ...) wait up to MAX_US "
+        "microseconds, PCT percent of the time (seeded by --seed)",
+    )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument(
         "--output-format",
@@ -393,6 +399,12 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         planned, axes, repeat, is_default = plan_points(args)
+        if args.inject:
+            from mqrt.inject import parse
+
+            table = parse(args.inject)
+            for p in planned:
+                p.spec.inject = table
     except KnobError as exc:
         raise UsageError(str(exc)) from None
     if args.plot:

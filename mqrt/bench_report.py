@@ -162,6 +162,7 @@ def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
                 "blk_mq": c["blk_mq"],
                 "counters": c["cpu_counters"],
                 "hctx": c["hctx"],
+                "inject_hits": c.get("inject_hits", {}),
             }
             for c in result.cpus
         ],

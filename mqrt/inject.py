@@ -53,6 +53,10 @@ POINTS: dict[str, str] = {
         "__sbq_wake_up() (legacy): wait_cnt reached 0, before waiters are woken and "
         "wait_cnt is reset to wake_batch"
     ),
+    "sbq.wake.before_cnt_reset": (
+        "__sbq_wake_up() (legacy): the sleepers were woken, before wake_index moves on "
+        "and wait_cnt is reset (the wait queue reads as being reset: wait_cnt 0)"
+    ),
     "sbq.wake.before_wakeup": (
         "sbitmap_queue_wake_up() (current): a batch was claimed (wakeup_cnt moved), "
         "before the wait queues are woken"

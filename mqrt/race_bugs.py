@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqrt import inject
+from mqrt import inject, trace
 from mqrt.blk_mq_tag import Tags
-from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue
+from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue, SbqWait
+from mqrt.trace import Ev
 from mqrt.wait import spin_lock, spin_unlock
 
 
@@ -74,6 +75,8 @@ def _update_active_without_recalc(self: Tags, delta: int) -> int:
     try:
         users = self.a.read32(self._active_queues) + delta
         self.a.set32(self._active_queues, users)
+        if trace.on:
+            trace.emit(Ev.TAG_BUSY if delta > 0 else Ev.TAG_IDLE, -1, 0, self.index, 0, users)
         return users
     finally:
         spin_unlock(self.a, self._lock)
@@ -113,55 +116,6 @@ WAKE_BATCH_FAIR_SHARE = Bug(
         attempt_s=5.0,
     ),
     patches=((Tags, "_update_active", _update_active_without_recalc),),
-)
-
-
-# -- 106397376c03: one waiter per completion batch (the 6.2 rework) --------------------------
-
-
-def _wake_up_ws_first_queue(self: SbitmapQueue, nr: int) -> None:
-    """6.2's __sbitmap_queue_wake_up() before 106397376c03: wake on the first wait
-    queue that has sleepers and stop there, however few it held."""
-    a = self.a
-    if not a.read32(self._ws_active):
-        return
-    wake_index = a.read32(self._wake_index)
-    for _ in range(SBQ_WAIT_QUEUES):
-        ws = self.ws[wake_index]
-        wake_index = (wake_index + 1) % SBQ_WAIT_QUEUES
-        if ws.active() and ws.wake_up_nr(nr):
-            break
-    if wake_index != a.read32(self._wake_index):
-        a.set32(self._wake_index, wake_index)
-
-
-ONE_WAITER_PER_BATCH = Bug(
-    name="one_waiter_per_batch",
-    commit="106397376c03",
-    subject="sbitmap: fix batching wakeup",
-    what="after the 6.2 wake-up rework a batch of frees wakes one wait queue, often one task",
-    explanation=(
-        "Linux 6.2 replaced the per-wait-queue wait_cnt with global completion and "
-        "wake-up counters: every wake_batch frees, __sbitmap_queue_wake_up() wakes up "
-        "to wake_batch waiters. It stopped at the first wait queue that woke anybody, "
-        "though. Waiters spread over the 8 wait queues (each hctx round-robins its "
-        "wait_index), so a queue often held one task: a batch of frees woke one task "
-        "instead of a batch, the others slept on, and once the tags in flight were too "
-        "few to complete another batch they were never woken. The fix keeps waking "
-        "across the wait queues until wake_batch tasks are woken. Scenario: 8 CPUs on "
-        "one hw queue of 16 tags (wake_batch 2), each wanting 8 I/Os in flight."
-    ),
-    scenario=Scenario(
-        given={
-            "cpus": 8,
-            "hw_queue_depth": 16,
-            "irqmode": "timer",
-            "completion_nsec": 20_000,
-            "iodepth": 8,
-        },
-        attempt_s=5.0,
-    ),
-    patches=((SbitmapQueue, "_wake_up_ws", _wake_up_ws_first_queue),),
 )
 
 
@@ -396,14 +350,107 @@ BATCH_COUNTED_ONCE = Bug(
 )
 
 
+# -- 872b844c: a waiter not counted in ws_active ------------------------------------------------
+
+
+def _prepare_to_wait_uncounted(self: SbitmapQueue, ws_index: int, wait: SbqWait) -> None:
+    """The shared-tag wait before 872b844c: the task queued itself on the wait queue
+    directly, without counting itself in ws_active."""
+    self.ws[ws_index].prepare_to_wait_exclusive()
+
+
+def _finish_wait_uncounted(self: SbitmapQueue, ws_index: int, wait: SbqWait) -> None:
+    self.ws[ws_index].finish_wait()
+
+
+WS_ACTIVE_UNCOUNTED = Bug(
+    name="ws_active_uncounted",
+    commit="872b844c",
+    subject="blk-mq: Fix sbitmap ws_active for shared tags",
+    what="a waiter that does not count itself in ws_active is skipped by every free",
+    explanation=(
+        "sbitmap_queue_clear() skips the wake-up entirely while ws_active is 0, so a "
+        "free costs one load when nobody sleeps; that only works if every sleeper counts "
+        "itself in ws_active (sbitmap_prepare_to_wait). With shared tags, "
+        "blk_mq_mark_tag_wait() queued the hctx's dispatch_wait entry on the tag wait "
+        "queue with __add_wait_queue(), uncounted: no free ever looked at it, and when "
+        "it was the only waiter it waited until something else reran the queue. The fix "
+        "increments and decrements ws_active around that wait. mqrt has no "
+        "dispatch-time driver tag (no I/O scheduler), so the same omission is switched "
+        "on where our tasks wait for a tag: the sleepers queue without counting "
+        "themselves. Scenario: 2 null_blk devices on one shared tag set of 16 tags, 2 "
+        "CPUs keeping 16 I/Os each, 50 us completions."
+    ),
+    scenario=Scenario(
+        given={
+            "nr_devices": 2,
+            "shared_tags": 1,
+            "hw_queue_depth": 16,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 16,
+            "cpus": 2,
+        },
+        attempt_s=3.0,
+    ),
+    patches=(
+        (SbitmapQueue, "prepare_to_wait", _prepare_to_wait_uncounted),
+        (SbitmapQueue, "finish_wait", _finish_wait_uncounted),
+    ),
+)
+
+
+# -- 10825410b956: a floor of 4 even on tiny queues ----------------------------------------------
+
+
+def _recalculate_wake_batch_floor4(self: SbitmapQueue, users: int) -> None:
+    """180dccb0dba4's first recalculation: the fair share's batch, but never below 4,
+    whatever the depth."""
+    depth = self.sb.depth
+    share = (depth + users - 1) // users
+    self._update_wake_batch(max(4, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+
+
+WAKE_BATCH_ABOVE_DEPTH = Bug(
+    name="wake_batch_above_depth",
+    commit="10825410b956",
+    subject="blk-mq: Fix wrong wakeup batch configuration which will cause hang",
+    what="on a shallow shared queue, wake_batch is raised above the depth: nobody is ever woken",
+    explanation=(
+        "180dccb0dba4 started recalculating wake_batch whenever a shared tag map gained "
+        "or lost an active queue, and to keep batching cheap it never let the batch go "
+        "below 4. On a queue of depth 1 to 3 that raised wake_batch above the number of "
+        "tags: a sleeper needs 4 frees, only the depth can ever be in flight, and once "
+        "every submitter sleeps nothing wakes them. The fix clamps the minimum batch to "
+        "1 unless the depth is at least 32 (and b5fcf7871acb later dropped the floor). "
+        "Scenario: 2 null_blk devices sharing a tag set of 2 tags, 2 CPUs keeping 4 "
+        "I/Os each per device."
+    ),
+    scenario=Scenario(
+        given={
+            "nr_devices": 2,
+            "shared_tags": 1,
+            "hw_queue_depth": 2,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 4,
+            "cpus": 2,
+        },
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "recalculate_wake_batch", _recalculate_wake_batch_floor4),),
+)
+
+
 CATALOGUE = {
     b.name: b
     for b in (
         WAKE_BATCH_FAIR_SHARE,
-        ONE_WAITER_PER_BATCH,
         RESIZE_WAKEUP_HANG,
         WAKE_BATCH_MIN4,
         CLEARED_RACE,
         BATCH_COUNTED_ONCE,
+        WS_ACTIVE_UNCOUNTED,
+        WAKE_BATCH_ABOVE_DEPTH,
     )
 }

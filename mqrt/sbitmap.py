@@ -786,6 +786,8 @@ class SbitmapQueue:
         woken = ws.wake_up_nr(wake_batch)
         if trace.on and woken:
             trace.emit(_EV_WAKE_UP, -1, 0, 0, 0, woken)
+        if inject.armed:
+            inject.hit("sbq.wake.before_cnt_reset")
         fence()  # pairs with _update_wake_batch: see the new batch before the reset
         # sbq_index_atomic_inc(): advance wake_index unless someone else just did.
         old = a.read32(self._wake_index)

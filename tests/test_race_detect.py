@@ -97,3 +97,17 @@ def test_injected_delays_are_inserted_and_keep_the_run_correct(point):
     result = run(spec)
     assert result.finding is None and result.invariants["violations"] == 0
     assert sum(c["inject_hits"].get(point, 0) for c in result.cpus) > 0
+
+
+def test_bench_inject_option_arms_points_and_reports_hits():
+    import json
+
+    from tests.test_cli import mqrt
+
+    out = mqrt("bench", "--runtime", "0.3", "--irqmode", "timer", "--hw_queue_depth", "8",
+               "--inject", "sbq.clear.before_wake=20:50", "--output-format", "json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cpus = json.loads(out.stdout)["mqrt"]["points"][0]["run"]["cpus"]
+    assert sum(c["inject_hits"].get("sbq.clear.before_wake", 0) for c in cpus) > 0
+    bad = mqrt("bench", "--inject", "no.such.point=1:2")
+    assert bad.returncode == 2 and "inject: no point 'no.such.point'" in bad.stderr
