@@ -393,6 +393,7 @@ def setup(
     seed: int = 0,
     pool_limit_bytes: int | None = None,
     generation: SbqGeneration = SbqGeneration.CURRENT,
+    async_depth: int = 0,
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
     queues, and the fault state, declared in ``layout``."""
@@ -429,7 +430,9 @@ def setup(
     queues = []
     for i in range(cfg.nr_devices):
         tset = shared_set if shared_set is not None else new_set(f"nullb{i}.tag_set")
-        q = init_queue(tset, layout, i, f"nullb{i}", rq_affinity=rq_affinity)
+        q = init_queue(
+            tset, layout, i, f"nullb{i}", rq_affinity=rq_affinity, async_depth=async_depth
+        )
         queues.append(q)
         ops.devices.append(NullbDevice(i, q, layout.add(f"nullb{i}.fault", NULLB_SHARED)))
     return ops, queues

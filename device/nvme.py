@@ -763,6 +763,7 @@ def setup(
     timeout_ms: int = 30_000,
     pool_limit_bytes: int | None = None,
     generation: SbqGeneration = SbqGeneration.CURRENT,
+    async_depth: int = 0,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
     nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
@@ -785,7 +786,9 @@ def setup(
     if tset.queue_depth > cfg.io_queue_depth - 1:
         raise KnobError("io_queue_depth: inconsistent tag set depth")
     queues = [
-        init_queue(tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity)
+        init_queue(
+            tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth
+        )
         for i in range(cfg.nr_namespaces)
     ]
     ops.queues = queues

@@ -60,6 +60,15 @@ RUN_KNOBS: tuple[Knob, ...] = (
     ),
     Knob("pin", "bool", True, "Pin each emulated CPU to a host core. Default: 1"),
     Knob(
+        "async_depth",
+        "int",
+        0,
+        "Writes take tags below this shallow depth, as mq-deadline's async_depth "
+        "limits them (0: no limit). Default: 0",
+        0,
+        10240,
+    ),
+    Knob(
         "sbitmap",
         "choice",
         "current",
@@ -209,6 +218,7 @@ def build(given: dict[str, Any]):
             timeout_ms=runv["io_timeout"],
             seed=runv["seed"],
             generation=_generation(runv),
+            async_depth=runv["async_depth"],
         )
         return ops, queues, dev_bytes
 
@@ -272,6 +282,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
             rq_affinity=runv["rq_affinity"],
             timeout_ms=runv["io_timeout"],
             generation=_generation(runv),
+            async_depth=runv["async_depth"],
         )
         return ops, queues, dev_bytes
 

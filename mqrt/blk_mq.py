@@ -106,9 +106,11 @@ from mqrt.blk_mq_types import (
     EhRet,
     HctxState,
     QueueFlag,
+    ReqOp,
     Rqf,
     RqState,
 )
+from mqrt.sbitmap import SbitmapQueue
 from mqrt.shm import Arena, Layout
 from mqrt.trace import Ev
 from mqrt.wait import Waiters
@@ -255,16 +257,22 @@ def init_queue(
     queuedata: Any = None,
     rq_affinity: int = 1,
     nomerges: int = 0,
+    async_depth: int = 0,
 ) -> RequestQueue:
     """blk_mq_init_queue(): ctxs, hctxs and the ctx -> hctx map (blk_mq_map_swqueue),
-    declared in ``layout``; a second queue on the set turns on TAG_QUEUE_SHARED."""
+    declared in ``layout``; a second queue on the set turns on TAG_QUEUE_SHARED.
+    ``async_depth`` limits writes to a shallow depth of the tag map, as mq-deadline
+    does (its tags then declare it as their min_shallow_depth)."""
     if not tset.tags:
         raise _einval(f"tag set {tset.name} is not allocated")
     if rq_affinity not in (0, 1, 2):
         raise _einval(f"rq_affinity must be 0, 1 or 2, got {rq_affinity}")
     if nomerges not in (0, 1, 2):
         raise _einval(f"nomerges must be 0, 1 or 2, got {nomerges}")
+    if not 0 <= async_depth <= tset.queue_depth:
+        raise _einval(f"async_depth must be in 0..{tset.queue_depth}, got {async_depth}")
     q = RequestQueue(tset, index, name, queuedata, rq_affinity, nomerges)
+    q.async_depth = async_depth
     q.nr_hw_queues = tset.nr_hw_queues
     nr_cpus = tset.nr_cpus
     # blk_mq_map_swqueue(): each ctx's hctx per type; each hctx's cpumask and ctxs.
@@ -343,8 +351,11 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
         tset = q.tag_set
         if id(tset) not in seen:
             seen.add(id(tset))
+            shallow = [x.async_depth for x in queues if x.tag_set is tset and x.async_depth]
             for i, spec in enumerate(tset.tags):
                 init_tags(arena, spec, seed + 2 * i)
+                if shallow:  # blk_mq_set_min_shallow_depth() (the scheduler's init)
+                    SbitmapQueue.init_min_shallow_depth(arena, spec.bitmap_tags, min(shallow))
             v = arena.view(tset.rq_region)  # type: ignore[arg-type]
             v[:] = np.zeros(1, v.dtype)
             for rq_id in range(len(v)):
@@ -366,6 +377,7 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
 # -- the data path ---------------------------------------------------------------------------
 
 
+_WRITE = int(ReqOp.WRITE)
 _EV_TAG_GET, _EV_END, _EV_COMPLETE = int(Ev.TAG_GET), int(Ev.END), int(Ev.COMPLETE)
 _EV_REQUEUE, _EV_TIMEOUT, _EV_DISPATCH = int(Ev.REQUEUE), int(Ev.TIMEOUT), int(Ev.DISPATCH)
 
@@ -511,7 +523,11 @@ class BlkMq:
             elif reserved:
                 tag = -1
             else:  # the fast path of blk_mq_get_tag(), inlined
-                tag = tags.bitmap_sb.get()
+                shallow = queue.async_depth if op == _WRITE else 0
+                if shallow:
+                    tag = tags.bitmap_tags.get_shallow(shallow)
+                else:
+                    tag = tags.bitmap_sb.get()
                 if tag >= 0:
                     tag += tags.nr_reserved_tags
             if tag < 0:
@@ -522,6 +538,7 @@ class BlkMq:
                     hctx.wait_index,
                     hctx.run_sync,
                     self.io_schedule,
+                    shallow=queue.async_depth if op == _WRITE else 0,
                 )
                 if tag < 0:
                     return -1

@@ -293,6 +293,9 @@ class RequestQueue:
     queuedata: Any = None
     rq_affinity: int = 1  #: 0: complete where the irq lands, 1: same LLC, 2: same CPU
     nomerges: int = 0  #: 0: merge, 2: never (1 behaves like 0: no merge cache here)
+    #: writes allocate tags below this shallow depth (an I/O scheduler's limit_depth,
+    #: mq-deadline's async_depth); 0: no limit
+    async_depth: int = 0
     max_sectors: int = BLK_DEF_MAX_SECTORS
 
     # Built by init_queue():
@@ -559,6 +562,7 @@ class Queue:
         self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]
         self.max_sectors = q.max_sectors
         self.merge = q.nomerges != 2
+        self.async_depth = q.async_depth
         self.same_comp = q.rq_affinity >= 1
         self.same_force = q.rq_affinity == 2
         self.nr_hw_queues = q.nr_hw_queues

@@ -212,6 +212,7 @@ class Tags:
         wait_index: list[int],
         run_queue: Callable[[], None],
         schedule: Callable[[], None],
+        shallow: int = 0,
     ) -> int:
         """blk_mq_get_tag(): a tag (reserved tags first in the numbering), or
         BLK_MQ_NO_TAG if none is free and ``nowait``.
@@ -230,7 +231,13 @@ class Tags:
         else:
             bt = self.bitmap_tags
             offset = self.nr_reserved_tags
-        tag = bt.sb.get() if may_queue is None or may_queue() else -1
+
+        def try_get() -> int:
+            if may_queue is not None and not may_queue():
+                return -1
+            return bt.get_shallow(shallow) if shallow else bt.sb.get()
+
+        tag = try_get()
         if tag != -1:
             return tag + offset
         if nowait:
@@ -240,17 +247,17 @@ class Tags:
         ws_index = bt.wait_ptr(wait_index)
         try:
             while True:
-                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                tag = try_get()
                 if tag != -1:
                     break
                 if inject.armed:
                     inject.hit("tag.get.after_fail")
                 run_queue()
-                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                tag = try_get()
                 if tag != -1:
                     break
                 bt.prepare_to_wait(ws_index, wait)
-                tag = bt.sb.get() if may_queue is None or may_queue() else -1
+                tag = try_get()
                 if tag != -1:
                     break
                 self.nr_tag_sleeps += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqrt import inject, trace
+from mqrt import sbitmap as sbitmap_module
 from mqrt.blk_mq_tag import Tags
 from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue, SbqWait
 from mqrt.trace import Ev
@@ -46,8 +47,8 @@ class Bug:
     what: str  #: one line: what goes wrong
     explanation: str  #: a paragraph: the mechanism, and the fix
     scenario: Scenario
-    #: (class, attribute, buggy function): what switching the bug on replaces
-    patches: tuple[tuple[type, str, Callable[..., Any]], ...]
+    #: (class or module, attribute, buggy function): what switching the bug on replaces
+    patches: tuple[tuple[Any, str, Callable[..., Any]], ...]
     #: the detectors expected to catch it
     detectors: tuple[str, ...] = ("lost_wakeup", "hang")
 
@@ -442,6 +443,47 @@ WAKE_BATCH_ABOVE_DEPTH = Bug(
 )
 
 
+# -- a0934fd2b1208 (min_shallow_depth): a batch larger than a shallow limit ---------------------
+
+
+def _calc_wake_batch_without_shallow(spec: Any, depth: int, min_shallow_depth: int) -> int:
+    """sbq_calc_wake_batch() before min_shallow_depth existed: a batch for the whole
+    depth, whatever shallow limit the allocators use."""
+    return max(1, min(depth // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH))
+
+
+SHALLOW_MISSED_WAKEUP = Bug(
+    name="shallow_missed_wakeup",
+    commit="a0934fd2b1208",
+    subject="sbitmap: fix missed wakeups caused by sbitmap_queue_get_shallow()",
+    what="writes limited to a shallow depth can never free a whole wake_batch",
+    explanation=(
+        "I/O schedulers limit some requests to a shallow part of the tag map (kyber's "
+        "and mq-deadline's async_depth for writes, bfq's weights) with "
+        "sbitmap_queue_get_shallow(). wake_batch was sized for the whole depth, so when "
+        "only shallow allocators were waiting, fewer tags than a batch could ever be in "
+        "flight: their frees never completed a batch and the sleepers were never woken. "
+        "The fix makes users declare the smallest shallow depth they will use "
+        "(sbitmap_queue_min_shallow_depth, blk_mq_set_min_shallow_depth) and sizes "
+        "wake_batch for it. Scenario: randwrite with async_depth 2 on 64 tags (wake_batch "
+        "8 without the fix, 1 with it), one CPU keeping 16 writes queued."
+    ),
+    scenario=Scenario(
+        given={
+            "rw": "randwrite",
+            "async_depth": 2,
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 16,
+            "cpus": 1,
+        },
+        attempt_s=3.0,
+    ),
+    patches=((sbitmap_module, "_calc_wake_batch", _calc_wake_batch_without_shallow),),
+)
+
+
 CATALOGUE = {
     b.name: b
     for b in (
@@ -452,5 +494,6 @@ CATALOGUE = {
         BATCH_COUNTED_ONCE,
         WS_ACTIVE_UNCOUNTED,
         WAKE_BATCH_ABOVE_DEPTH,
+        SHALLOW_MISSED_WAKEUP,
     )
 }

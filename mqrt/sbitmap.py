@@ -527,6 +527,19 @@ class SbitmapQueue:
             a.set32(spec.ws.addr(i, "wait_cnt"), wake_batch)
             WaitQueue.init(arena, spec.ws.addr(i, "wait"))
 
+    @staticmethod
+    def init_min_shallow_depth(
+        arena: Arena, spec: SbitmapQueueSpec, min_shallow_depth: int
+    ) -> None:
+        """Owner only, at init: sbitmap_queue_min_shallow_depth() before any user."""
+        a = arena.atomic
+        o = spec.sb.header.offsets()
+        a.set32(o.min_shallow_depth, min_shallow_depth)
+        wake_batch = _calc_wake_batch(spec, spec.sb.depth, min_shallow_depth)
+        a.set32(o.wake_batch, wake_batch)
+        for i in range(SBQ_WAIT_QUEUES):
+            a.set32(spec.ws.addr(i, "wait_cnt"), wake_batch)
+
     def __init__(
         self,
         arena: Arena,
