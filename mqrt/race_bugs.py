@@ -443,7 +443,7 @@ WAKE_BATCH_ABOVE_DEPTH = Bug(
 )
 
 
-# -- a0934fd2b1208 (min_shallow_depth): a batch larger than a shallow limit ---------------------
+# -- Linux 4.18 (min_shallow_depth): a batch larger than a shallow limit ----------------------
 
 
 def _calc_wake_batch_without_shallow(spec: Any, depth: int, min_shallow_depth: int) -> int:
@@ -454,7 +454,7 @@ def _calc_wake_batch_without_shallow(spec: Any, depth: int, min_shallow_depth: i
 
 SHALLOW_MISSED_WAKEUP = Bug(
     name="shallow_missed_wakeup",
-    commit="a0934fd2b1208",
+    commit="v4.18-rc1",  # Omar Sandoval, 2018; the hash could not be checked here
     subject="sbitmap: fix missed wakeups caused by sbitmap_queue_get_shallow()",
     what="writes limited to a shallow depth can never free a whole wake_batch",
     explanation=(
