@@ -571,7 +571,7 @@ class BlkMq:
             rq_flags,
             0,
         )
-        if trace.on:
+        if trace.verbose:
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
