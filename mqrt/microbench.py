@@ -359,6 +359,23 @@ def _sbitmap(scale: float) -> float:
         return _sbq_loop(rig, 0, int(100_000 * scale))
 
 
+def _trace_emit(scale: float) -> float:
+    """One trace event as the data path writes it (``if trace.on: trace.emit(...)``)."""
+    from mqrt import trace
+
+    n = int(200_000 * scale)
+    with _arena(lambda lay: trace.TraceSpec.declare(lay, 1, 4096)) as (arena, (spec,)):
+        trace.install(trace.Tracer(arena, spec, 0))
+        try:
+            t0 = time.perf_counter_ns()
+            for i in range(n):
+                if trace.on:
+                    trace.emit(10, i, 3, 0, 0, 0)
+            return (time.perf_counter_ns() - t0) / n
+        finally:
+            trace.install(None)
+
+
 def _sbitmap_contended(scale: float) -> float:
     nproc = 2
     with _sbq_rig(nproc) as rig:
@@ -508,6 +525,12 @@ CASES: list[Case] = [
         "ns/op",
         _sbitmap_contended,
         what="sbitmap_queue get + clear, 2 processes, one bitmap",
+    ),
+    Case(
+        "trace.emit",
+        "ns/op",
+        _trace_emit,
+        what="one event into this CPU's trace ring (one is written per I/O by bench --trace)",
     ),
     Case(
         "ref.sq_cq_loop.qd32",

@@ -276,8 +276,8 @@ class Monitor:
         ]
         out = {"maps": maps, "sleeping": self.sleeping(), "hctx": hctxs}
         if self.trace is not None:
-            # CPUs flush their events before they sleep or wait: a hung CPU's last
-            # events are all there.
+            # every event is published as it is written: a hung CPU's last events
+            # are all there
             recent = last_events(read_all(self.arena, self.trace), EVENTS_PER_CPU)
             out["events"] = format_records(recent)
         return out

@@ -102,7 +102,6 @@ import time
 import timeit
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -357,88 +356,6 @@ class Tracer:
         return f"Tracer(cpu={self.cpu}, head={self.head}, entries={self.spec.entries})"
 
 
-class BufferedTracer:
-    """A CPU's writer that gathers events in its own process and copies them to its
-    ring in bulk: ``emit`` appends a tuple; ``flush`` packs them all with one
-    ``struct`` call and publishes them with one head store (the same ordering as
-    :class:`Tracer`): about half the cost of :class:`Tracer` per event.  A CPU
-    flushes when it goes idle or to sleep and every ``flush_every`` events, so
-    readers lag by at most that; a CPU killed between flushes loses its unflushed
-    events.  Installed as the process's tracer with
-    :func:`install`."""
-
-    enabled = True
-
-    def __init__(
-        self,
-        arena: Arena,
-        spec: TraceSpec,
-        cpu: int,
-        *,
-        flush_every: int = 256,
-        barrier: bool = HEAD_NEEDS_BARRIER,
-    ) -> None:
-        if flush_every < 1:
-            raise TraceError(f"flush_every must be >= 1, got {flush_every}")
-        self.spec = spec
-        self.cpu = cpu
-        self._a = arena.atomic
-        self._head_off = spec.head_offset(cpu)
-        self._head = self._a.read(self._head_off)
-        self._publish = self._a.xchg if barrier else self._a.store_release
-        self._ring = np.ndarray((spec.entries,), RECORD_DTYPE, arena.buf, spec.ring_offset(cpu))
-        self._buf = arena.buf
-        self._base = spec.ring_offset(cpu)
-        self._pending: list[tuple[int, ...]] = []
-        self._packers: dict[int, struct.Struct] = {}
-        append = self._pending.append
-        now = time.monotonic_ns
-        pending = self._pending
-        flush = self.flush
-
-        def emit(
-            ev: int, tag: int = -1, gen: int = 0, hctx: int = 0, q: int = 0, arg: int = 0
-        ) -> None:
-            append((now(), cpu, ev, hctx, q, tag, gen & 0xFFFFFFFF, arg))
-            if len(pending) >= flush_every:
-                flush()
-
-        self.emit: EmitFn = emit
-
-    def _packer(self, n: int) -> struct.Struct:
-        """One Struct for ``n`` records: a flush packs them in one call."""
-        packer = self._packers.get(n)
-        if packer is None:
-            packer = self._packers[n] = struct.Struct("<" + RECORD.format[1:] * n)
-        return packer
-
-    def flush(self) -> None:
-        """Pack the gathered events into the ring (one call per contiguous stretch)
-        and publish them."""
-        pending = self._pending
-        if not pending:
-            return
-        entries = self.spec.entries
-        recs = pending[-entries:]  # only the newest ``entries`` can be kept
-        skipped = len(pending) - len(recs)
-        pending.clear()
-        self._head += skipped
-        start = self._head & (entries - 1)
-        first = min(len(recs), entries - start)
-        flat = chain.from_iterable
-        self._packer(first).pack_into(
-            self._buf, self._base + start * RECORD_SIZE, *flat(recs[:first])
-        )
-        if first < len(recs):
-            rest = recs[first:]
-            self._packer(len(rest)).pack_into(self._buf, self._base, *flat(rest))
-        self._head += len(recs)
-        self._publish(self._head_off, self._head)
-
-    def close(self) -> None:
-        self.flush()
-
-
 class NullTracer:
     """A tracer that records nothing: same interface, ``emit`` is a no-op method."""
 
@@ -679,10 +596,10 @@ verbose = False
 #: This process's ``emit`` (a no-op until :func:`install`).
 emit: EmitFn = NULL_TRACER.emit
 #: This process's tracer, or None.
-current: Tracer | BufferedTracer | None = None
+current: Tracer | None = None
 
 
-def install(tracer: Tracer | BufferedTracer | None, detail: bool = False) -> None:
+def install(tracer: Tracer | None, detail: bool = False) -> None:
     """Make ``tracer`` this process's tracer (None: trace nothing); ``detail`` turns
     on :data:`verbose`."""
     global on, emit, current, verbose
@@ -690,9 +607,3 @@ def install(tracer: Tracer | BufferedTracer | None, detail: bool = False) -> Non
     on = tracer is not None
     verbose = on and detail
     emit = tracer.emit if tracer is not None else NULL_TRACER.emit
-
-
-def flush() -> None:
-    """Publish this process's buffered events, if its tracer buffers."""
-    if isinstance(current, BufferedTracer):
-        current.flush()

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-import mqrt.trace as mtrace
 from mqrt.shm import Arena, Layout, cacheline_struct
 from mqrt.trace import (
     RECORD,
@@ -255,20 +254,3 @@ def test_msgpack_round_trip_and_render(tmp_path, trace):
     (tmp_path / "bad").write_bytes(b"\x91\x01")
     with pytest.raises(TraceError, match="not an mqrt trace dump"):
         load_msgpack(tmp_path / "bad")
-
-
-def test_buffered_tracer_publishes_on_flush_and_keeps_the_newest():
-    layout = Layout()
-    spec = mtrace.TraceSpec.declare(layout, 2, 64)
-    with Arena.create(layout) as arena:
-        t = mtrace.BufferedTracer(arena, spec, 1, flush_every=50)
-        for i in range(40):
-            t.emit(mtrace.Ev.TAG_GET, i, 1 << 40 | i, 2, 3, i * 7)
-        assert mtrace.read_ring(arena, spec, 1, quiescent=True) == []  # not flushed yet
-        for i in range(40, 200):  # flushes every 50 events, wraps the 64-entry ring
-            t.emit(mtrace.Ev.TAG_GET, i, i, 2, 3, i * 7)
-        t.flush()
-        recs = mtrace.read_ring(arena, spec, 1, quiescent=True)
-        assert [r.tag for r in recs] == list(range(136, 200))
-        assert all(r.cpu == 1 and r.arg == r.tag * 7 and r.hctx == 2 for r in recs)
-        t.close()

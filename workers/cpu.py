@@ -49,7 +49,7 @@ from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
 from mqrt.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.proc import child_init
 from mqrt.shm import Arena, Region, cacheline_struct
-from mqrt.trace import BufferedTracer, TraceSpec
+from mqrt.trace import Tracer, TraceSpec
 from mqrt.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
 
@@ -146,7 +146,7 @@ class Cpu:
         self.mq.end_io = [job.done for job in self.jobs]
         self.mq.on_violation = self._on_violation
         if plan.trace is not None:
-            trace.install(BufferedTracer(plan.arena, plan.trace, plan.cpu), plan.trace_detail)
+            trace.install(Tracer(plan.arena, plan.trace, plan.cpu), plan.trace_detail)
         self._next_pub = 0
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
         self.poll_hctxs = (
@@ -361,8 +361,6 @@ class Cpu:
     def _maybe_publish(self, phase: int) -> None:
         if self.clock() >= self._next_pub:
             self._publish(phase)
-            if trace.on:
-                trace.flush()
 
     def _send_res(self, msg: dict) -> None:
         self.res.send_bytes(msgpack.packb(msg))
@@ -454,8 +452,6 @@ class Cpu:
                 return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
                 self._publish(PHASE_RUNNING)
-                if trace.on:
-                    trace.flush()
                 next_pub = now + PUBLISH_NS
                 if self.ctl.poll():
                     self._handle_ctl()
@@ -528,8 +524,6 @@ class Cpu:
             timeout = self._wait_timeout(until_ns)
             if timeout != 0.0:
                 self.counters["idle_waits"] += 1
-                if trace.on:
-                    trace.flush()  # about to block: what this CPU did is readable
         for fd in wait.wait_fds(self.epoll, self._fds, timeout):
             if fd == self.ipi_fd:
                 self._handle_ipis()
@@ -551,8 +545,6 @@ class Cpu:
                 self._serve(None)
 
     def _report(self) -> None:
-        if trace.on:
-            trace.flush()
         mq = self.mq
         ru0 = getattr(self, "ru_start", None) or resource.getrusage(resource.RUSAGE_SELF)
         ru1 = getattr(self, "ru_end", None) or resource.getrusage(resource.RUSAGE_SELF)
