@@ -1078,8 +1078,8 @@ class BlkMq:
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
-        if rq_flags & _RQF_MQ_INFLIGHT and a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000:
-            self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
+        if rq_flags & _RQF_MQ_INFLIGHT:
+            self._dec_active(hctx)
         # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint.
         tags = rq.tags
         tag = rq.tag - tags.nr_reserved_tags
@@ -1136,11 +1136,8 @@ class BlkMq:
             else:
                 self.sys.bio_done(cpu, q, info)
             hctx = self.queues[q].hctxs[h]
-            if (
-                rq_flags & _RQF_MQ_INFLIGHT
-                and a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000
-            ):
-                self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
+            if rq_flags & _RQF_MQ_INFLIGHT:
+                self._dec_active(hctx)
             tags = rq.tags
             if rq.tag < tags.nr_reserved_tags:  # reserved tags are not batched
                 tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
@@ -1157,6 +1154,11 @@ class BlkMq:
                 self.stats["restarts"] += 1
                 hctx.stats["restart"] += 1
                 self.run_hw_queue(hctx, True)
+
+    def _dec_active(self, hctx: HwCtx) -> None:
+        """__blk_mq_dec_active_requests(); below zero is a broken invariant."""
+        if self.a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000:
+            self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
 
     def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:
         self.end_request(self.rqs[queue.index][rq_id], status)

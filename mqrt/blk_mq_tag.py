@@ -149,10 +149,7 @@ class Tags:
         """Change active_queues and recalculate wake_batch under tags->lock."""
         spin_lock(self.a, self._lock)
         try:
-            users = self.a.read32(self._active_queues) + delta
-            self.a.set32(self._active_queues, users)
-            if trace.on:
-                trace.emit(Ev.TAG_BUSY if delta > 0 else Ev.TAG_IDLE, -1, 0, self.index, 0, users)
+            users = self._count_active(delta)
             if users > 0:  # blk_mq_update_wake_batch()
                 self.bitmap_tags.recalculate_wake_batch(users)
                 if self.breserved_tags is not None:
@@ -160,6 +157,14 @@ class Tags:
             return users
         finally:
             spin_unlock(self.a, self._lock)
+
+    def _count_active(self, delta: int) -> int:
+        """active_queues += delta (the caller holds tags->lock); the new count."""
+        users = self.a.read32(self._active_queues) + delta
+        self.a.set32(self._active_queues, users)
+        if trace.on:
+            trace.emit(Ev.TAG_BUSY if delta > 0 else Ev.TAG_IDLE, -1, 0, self.index, 0, users)
+        return users
 
     def tag_busy(self, state_off: int, active_bit: int) -> None:
         """__blk_mq_tag_busy(): mark a user active (its hctx's TAG_ACTIVE bit, or its

@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqrt import inject, trace
+from mqrt import inject
 from mqrt import sbitmap as sbitmap_module
 from mqrt.blk_mq_tag import Tags
 from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue, SbqWait
-from mqrt.trace import Ev
 from mqrt.wait import spin_lock, spin_unlock
 
 
@@ -74,11 +73,7 @@ def _update_active_without_recalc(self: Tags, delta: int) -> int:
     active_queues only; wake_batch stayed sized for the whole depth."""
     spin_lock(self.a, self._lock)
     try:
-        users = self.a.read32(self._active_queues) + delta
-        self.a.set32(self._active_queues, users)
-        if trace.on:
-            trace.emit(Ev.TAG_BUSY if delta > 0 else Ev.TAG_IDLE, -1, 0, self.index, 0, users)
-        return users
+        return self._count_active(delta)
     finally:
         spin_unlock(self.a, self._lock)
 
@@ -294,22 +289,9 @@ def _clear_batch_counted_once(self: SbitmapQueue, offset: int, tags: list[int]) 
     """sbitmap_queue_clear_batch() before 4acb83417cad: the batch's bits were freed,
     then sbitmap_queue_wake_up() ran once, so the whole batch counted as one free
     toward wake_batch."""
-    sb, a = self.sb, self.a
-    addr = -1
-    mask = 0
-    for tag in tags:
-        t = tag - offset
-        this = sb._word[t >> sb.shift]
-        if addr != this:
-            if mask:
-                a.fetch_andnot(addr, mask)
-            mask = 0
-            addr = this
-        mask |= 1 << (t & (sb.bits_per_word - 1))
-    if mask:
-        a.fetch_andnot(addr, mask)
+    self._clear_bits(offset, tags)
     self.wake_up(1)
-    sb.update_cpu_hint(self.cpu, tags[-1] - offset)
+    self.sb.update_cpu_hint(self.cpu, tags[-1] - offset)
 
 
 BATCH_COUNTED_ONCE = Bug(

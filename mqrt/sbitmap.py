@@ -686,6 +686,13 @@ class SbitmapQueue:
     def clear_batch(self, offset: int, tags: list[int]) -> None:
         """sbitmap_queue_clear_batch(): free many tags at once, straight from ``word``
         (not deferred), then one wake-up for all of them."""
+        self._clear_bits(offset, tags)
+        self.wake_up(len(tags))
+        self.sb.update_cpu_hint(self.cpu, tags[-1] - offset)
+
+    def _clear_bits(self, offset: int, tags: list[int]) -> None:
+        """Clear the bits of ``tags`` (numbered from ``offset``) from ``word``, one
+        andnot per word touched."""
         sb, a = self.sb, self.a
         addr = -1
         mask = 0
@@ -700,8 +707,6 @@ class SbitmapQueue:
             mask |= 1 << (t & (sb.bits_per_word - 1))
         if mask:
             a.fetch_andnot(addr, mask)
-        self.wake_up(len(tags))
-        sb.update_cpu_hint(self.cpu, tags[-1] - offset)
 
     # -- waking -------------------------------------------------------------------------------
 
