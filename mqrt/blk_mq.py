@@ -571,7 +571,7 @@ class BlkMq:
             rq_flags,
             0,
         )
-        if trace.verbose:
+        if trace.on:
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
@@ -745,7 +745,7 @@ class BlkMq:
                 and not a.read(queue.flags_off) & _QUIESCED
             ):
                 # blk_mq_request_issue_directly() without a budget to take, inlined.
-                if trace.verbose:
+                if trace.on:
                     trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
                 ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
                 self.nr_issued += 1
@@ -786,7 +786,7 @@ class BlkMq:
 
     def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
         """__blk_mq_issue_directly()."""
-        if trace.verbose:
+        if trace.on:
             trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
         ret = queue.ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
         self.nr_issued += 1
@@ -908,7 +908,7 @@ class BlkMq:
                 no_budget = True
                 break
             i += 1
-            if trace.verbose:
+            if trace.on:
                 trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index,
                            hctx.queue.index)  # fmt: skip
             ret = ops.queue_rq(self, hctx, rqs[rq_id], i == n)
@@ -1008,7 +1008,7 @@ class BlkMq:
             return False
         if status is not None:
             a.set32(base + 60, int(status))
-        if trace.verbose:
+        if trace.on:
             trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + 50],
                        self.buf[base + 52])  # fmt: skip
         if inject.armed:

@@ -257,7 +257,6 @@ def build_scenario(bug: Bug, seed: int, runtime: float):
         config["queue_jobs"] = {str(q): o for q, o in sc.queue_jobs.items()}
     spec.detect = True
     spec.trace_entries = TRACE_ENTRIES
-    spec.trace_detail = True
     spec.actions = list(sc.actions) or None
     spec.inject = dict(sc.inject) or None
     config["inject"] = {k: list(v) for k, v in sc.inject.items()}

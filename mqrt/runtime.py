@@ -84,9 +84,8 @@ class RunSpec:
     #: detector thresholds (seconds): no progress, and a lost wake-up
     hang_s: float = 1.0
     lost_wakeup_s: float = 0.3
-    #: event trace: records per CPU ring (0: no trace), every request's events too
+    #: event trace: records per CPU ring (0: no trace)
     trace_entries: int = 0
-    trace_detail: bool = False
     #: where to dump the trace (msgpack) when the run fails: a detector fired, an
     #: invariant broke or a process died (None: never)
     trace_dump: str | None = None
@@ -270,7 +269,6 @@ class _Run:
                 queue_jobs=spec.queue_jobs,
                 actions=spec.actions,
                 trace=self.trace_spec,
-                trace_detail=spec.trace_detail,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True

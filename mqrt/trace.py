@@ -73,34 +73,32 @@ Ordering (single writer per ring, lock-free readers: a seqlock in reverse)
     CPU, never called from a Python signal handler.
 
 Cost (``measure_emit_ns()``: ``tracer.emit(ev, tag, gen, hctx, q, arg)`` with six
-positional arguments, best of 7 x 200k calls; CPython 3.11.7, x86-64, 2-vCPU VM)
+positional arguments, best of 5 x 200k calls; CPython 3.11.7, x86-64, 2-vCPU VM)
     =========================  ========  =========================================
     tracer                     ns/event  where it goes
     =========================  ========  =========================================
-    ``Tracer`` (x86: release)  ~500      ``pack_into`` ~150, ``monotonic_ns`` ~60,
-                                         head store ~30, the Python call the rest
-    ``Tracer(barrier=True)``   ~530      ``xchg`` instead of the release store
-    ``NullTracer``             ~53       a method call that does nothing
+    ``Tracer`` (x86: release)  ~100      the C ``TraceWriter.emit``: the call and
+                                         six int conversions ~60, the clock ~25
+                                         (vDSO), the 32-byte store and the head
+    ``Tracer(barrier=True)``   ~105      ``xchg`` instead of the release store
+    ``NullTracer``             ~52       a method call that does nothing
     =========================  ========  =========================================
 
-    ``emit`` is a closure over locals (the packer, the buffer, the ring's base and
-    mask, the head offset, the clock), stored on the instance: no attribute chain
-    and no bound method on the hot path; that is ~40 ns cheaper than the same body
-    as a method reading ``self._*``.  Hot callers should also hoist ``Ev.X`` into a
-    module constant and guard argument computations with ``if tracer.enabled:``.
-    At five to six events per I/O (get, dispatch, IRQ, complete, end) that is about
-    3 µs per I/O; compare it with the I/O's own cost before tracing everything.
+    The same record written from Python (``struct.pack_into`` ~140,
+    ``time.monotonic_ns`` ~65, the head store and the call) cost ~500 ns; at five
+    events per I/O (get, dispatch, IRQ, complete, end) that was ~2.5 µs against an
+    I/O's own ~9 µs, which is why the writer is C.  Hot callers should still hoist
+    ``Ev.X`` into a module constant and test ``trace.on`` before computing arguments.
 """
 
 from __future__ import annotations
 
 import enum
-import operator
 import platform
 import struct
-import time
+import sys
 import timeit
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -108,7 +106,7 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 import numpy as np
 
-from mqrt._atomic import fence
+from mqrt._atomic import TraceWriter, fence
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 
 
@@ -203,18 +201,6 @@ class Record(NamedTuple):
 
 FIELDS: tuple[str, ...] = Record._fields
 
-#: (bits, signed) of every field after the timestamp and the CPU, in argument order
-#: of :data:`RECORD` (ev, hctx, q, tag, gen, arg).
-_WIDTHS: tuple[tuple[int, bool], ...] = (
-    (16, False),
-    (16, False),
-    (16, False),
-    (32, True),
-    (32, False),
-    (64, True),
-)
-_EMIT_ARGS = ("ev", "hctx", "q", "tag", "gen", "arg")
-
 
 class TraceError(ValueError):
     """A trace declared, attached or read with the wrong geometry."""
@@ -265,63 +251,13 @@ class EmitFn(Protocol):
     ) -> None: ...
 
 
-def _truncate(value: object, bits: int, signed: bool) -> tuple[int, bool]:
-    """``value`` cut to ``bits`` like a C assignment, and whether it was an integer."""
-    try:
-        v = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return 0, False
-    v &= (1 << bits) - 1
-    if signed and v >> (bits - 1):
-        v -= 1 << bits
-    return v, True
-
-
-def _make_emit(
-    pack_into: Callable[..., None],
-    buf: memoryview,
-    base: int,
-    mask: int,
-    cpu: int,
-    head_off: int,
-    position: int,
-    publish: Callable[[int, int], Any],
-    now: Callable[[], int],
-) -> EmitFn:
-    """Build the hot ``emit`` closure: every name it touches is a local of this frame."""
-    n = position
-    struct_error = struct.error
-
-    def emit(ev: int, tag: int = -1, gen: int = 0, hctx: int = 0, q: int = 0, arg: int = 0) -> None:
-        nonlocal n
-        try:
-            pack_into(buf, base + ((n & mask) << 5), now(), cpu, ev, hctx, q, tag, gen, arg)
-        except struct_error:
-            # Out of range or not an integer: struct may have written part of the
-            # slot, so rewrite all of it (truncated) and publish before raising.
-            fields = [
-                _truncate(v, bits, signed)
-                for v, (bits, signed) in zip((ev, hctx, q, tag, gen, arg), _WIDTHS, strict=True)
-            ]
-            pack_into(buf, base + ((n & mask) << 5), now(), cpu, *(v for v, _ in fields))
-            n += 1
-            publish(head_off, n)
-            bad = [name for name, (_, ok) in zip(_EMIT_ARGS, fields, strict=True) if not ok]
-            if bad:
-                raise TypeError(f"trace emit: {', '.join(bad)} must be integers") from None
-            return
-        n += 1
-        publish(head_off, n)
-
-    return emit
-
-
 class Tracer:
     """The writer of one CPU's ring.
 
-    ``emit(ev, tag=-1, gen=0, hctx=0, q=0, arg=0)`` appends one record; it is an
-    instance attribute (a closure), not a method, to keep the call as cheap as
-    CPython allows.  Create one per CPU, in the process that is that CPU, after
+    ``emit(ev, tag=-1, gen=0, hctx=0, q=0, arg=0)`` appends one record; it is the
+    bound ``emit`` of a C :class:`~mqrt._atomic.TraceWriter` (the record store, the
+    clock and the head store in one call), kept as an instance attribute so hot
+    callers fetch it once.  Create one per CPU, in the process that is that CPU, after
     attaching the arena; it continues after the records already in the ring.
     """
 
@@ -330,22 +266,22 @@ class Tracer:
     def __init__(
         self, arena: Arena, spec: TraceSpec, cpu: int, *, barrier: bool = HEAD_NEEDS_BARRIER
     ) -> None:
+        if sys.byteorder != "little":
+            raise TraceError("the trace writer stores records in native order: little-endian only")
         self.spec = spec
         self.cpu = cpu
         self._atomic = arena.atomic
         self._head_off = spec.head_offset(cpu)
-        a = arena.atomic
-        self.emit: EmitFn = _make_emit(
-            RECORD.pack_into,
-            arena.buf,
+        self._writer = TraceWriter(
+            arena.atomic,
             spec.ring_offset(cpu),
-            spec.entries - 1,
-            cpu,
+            spec.entries,
             self._head_off,
-            a.read(self._head_off),
-            a.xchg if barrier else a.store_release,
-            time.monotonic_ns,
+            cpu,
+            arena.atomic.read(self._head_off),
+            barrier,
         )
+        self.emit: EmitFn = self._writer.emit
 
     @property
     def head(self) -> int:
@@ -588,22 +524,15 @@ def measure_emit_ns(number: int = 200_000, repeat: int = 5) -> dict[str, float]:
 #: True while this process has a tracer installed; the hot paths test it first:
 #: ``if trace.on: trace.emit(Ev.X, ...)``.
 on = False
-#: Also trace the events every request goes through besides its end (tag get on the
-#: fast path, dispatch, completion): on for race runs, off for ``bench --trace``.
-#: Each costs ~0.5 µs per I/O in CPython; the slow paths (sleeps, wake-ups, busy,
-#: requeue, timeouts, interrupts) are always traced.
-verbose = False
 #: This process's ``emit`` (a no-op until :func:`install`).
 emit: EmitFn = NULL_TRACER.emit
 #: This process's tracer, or None.
 current: Tracer | None = None
 
 
-def install(tracer: Tracer | None, detail: bool = False) -> None:
-    """Make ``tracer`` this process's tracer (None: trace nothing); ``detail`` turns
-    on :data:`verbose`."""
-    global on, emit, current, verbose
+def install(tracer: Tracer | None) -> None:
+    """Make ``tracer`` this process's tracer (None: trace nothing)."""
+    global on, emit, current
     current = tracer
     on = tracer is not None
-    verbose = on and detail
     emit = tracer.emit if tracer is not None else NULL_TRACER.emit

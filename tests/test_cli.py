@@ -17,6 +17,9 @@ REQUIRED_CASES = {
     "peer.atomics.cmpxchg",
     "ring.spsc.batch",
     "ring.mpsc.2producers",
+    "trace.emit",
+    "blk_mq.io",
+    "blk_mq.io.traced",
     "peer.mp_queue",
     "peer.mp_pipe",
     "peer.faster_fifo.batch",
@@ -72,7 +75,11 @@ def test_microbench_json_has_every_case_and_meets_schema():
     for name, r in results.items():
         assert r["unit"] in ("ns/op", "ops/s"), name
         assert isinstance(r["value"], (int, float)) and r["value"] > 0, name
-    assert {c["check"] for c in doc["checks"]} >= {"atomic.cmpxchg", "sbitmap.get_put"}
+    assert {c["check"] for c in doc["checks"]} >= {
+        "atomic.cmpxchg",
+        "sbitmap.get_put",
+        "blk_mq.io.traced over blk_mq.io",
+    }
 
 
 def test_missing_peers_are_skipped_with_a_note():

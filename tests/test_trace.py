@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mqrt._atomic import TraceWriter
 from mqrt.shm import Arena, Layout, cacheline_struct
 from mqrt.trace import (
     RECORD,
@@ -108,6 +109,45 @@ def test_emit_defaults_truncation_and_bad_fields(trace):
         (0, Ev.TAG_PUT, 0, 0, 4, 0, 0),  # written whole and published, then raised
     ]
     assert tr.head == 3
+
+
+def test_emit_stamps_the_monotonic_clock_and_rejects_bad_calls_unwritten(trace):
+    arena, spec = trace
+    tr = Tracer(arena, spec, cpu=1)
+    before = time.monotonic_ns()
+    tr.emit(Ev.MARK, 1)
+    after = time.monotonic_ns()
+    (rec,) = read_ring(arena, spec, 1)
+    assert before <= rec.t_ns <= after
+    for call, match in [
+        (lambda: tr.emit(Ev.MARK, bogus=1), "unexpected keyword argument 'bogus'"),
+        (lambda: tr.emit(Ev.MARK, 1, tag=2), "repeated keyword argument 'tag'"),
+        (lambda: tr.emit(tag=2), "missing required argument 'ev'"),
+        (lambda: tr.emit(1, 2, 3, 4, 5, 6, 7), "at most 6 arguments"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            call()
+    assert tr.head == 1  # a call rejected before writing writes nothing
+
+
+def test_trace_writer_checks_its_geometry_and_outlives_no_buffer(trace):
+    arena, spec = trace
+    a = arena.atomic
+    ring, head = spec.ring_offset(0), spec.head_offset(0)
+    with pytest.raises(ValueError, match="power of two"):
+        TraceWriter(a, ring, 6, head, 0, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        TraceWriter(a, a.nbytes - 64, 4, head, 0, 0)
+    with pytest.raises(ValueError, match="not an aligned word"):
+        TraceWriter(a, ring, 8, head + 4, 0, 0)
+    with pytest.raises(ValueError, match="cpu must be"):
+        TraceWriter(a, ring, 8, head, 70_000, 0)
+    w = TraceWriter(a, ring, 8, head, 0, 5)
+    w.emit(Ev.MARK)
+    assert w.position == 6 and a.read(head) == 6
+    arena.close()  # releases the buffer under the writer: an error, never a crash
+    with pytest.raises(ValueError, match="released"):
+        w.emit(Ev.MARK)
 
 
 def test_null_tracer_is_a_no_op(trace):

@@ -102,7 +102,6 @@ class CpuPlan:
     #: the middle of a run, e.g. ("nr_requests", (queue, nr))
     actions: list[tuple[float, str, tuple]] | None = None
     trace: TraceSpec | None = None  #: the event trace's rings, if the run traces
-    trace_detail: bool = False
 
 
 class Cpu:
@@ -146,7 +145,7 @@ class Cpu:
         self.mq.end_io = [job.done for job in self.jobs]
         self.mq.on_violation = self._on_violation
         if plan.trace is not None:
-            trace.install(Tracer(plan.arena, plan.trace, plan.cpu), plan.trace_detail)
+            trace.install(Tracer(plan.arena, plan.trace, plan.cpu))
         self._next_pub = 0
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
         self.poll_hctxs = (
