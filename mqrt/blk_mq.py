@@ -611,6 +611,9 @@ class BlkMq:
             st = a.read(base)
             a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT)
             tags = hctx.tags
+            if trace.on:
+                trace.emit(Ev.TAG_PUT, rq_id - tags.rq_base, st >> RQ_GEN_SHIFT,  # type: ignore[union-attr]
+                           hctx.index, hctx.queue.index)  # fmt: skip
             tags.put_tag(rq_id - tags.rq_base, self.cpu)  # type: ignore[union-attr]
         plug.cached.clear()
 
@@ -1026,6 +1029,9 @@ class BlkMq:
             and (queue.same_force or not self.topology.share_cache(cpu, submit_cpu))  # type: ignore[union-attr]
         ):
             self.stats["ipis_sent"] += 1
+            if trace.on:
+                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf[base + 50], queue.index,
+                           submit_cpu)  # fmt: skip
             self.sys.ipi_complete(submit_cpu, queue.index, rq.id, (st >> RQ_GEN_SHIFT) & 0xFFFFFFFF)
             return True
         if queue.nr_hw_queues == 1:

@@ -245,6 +245,8 @@ class Tags:
         tag = try_get()
         if tag != -1:
             return tag + offset
+        if trace.on:
+            trace.emit(Ev.TAG_GET_FAIL, -1, 0, self.index, 0, int(nowait))
         if nowait:
             return BLK_MQ_NO_TAG
         self.nr_tag_waits += 1

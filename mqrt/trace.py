@@ -118,7 +118,7 @@ class Ev(enum.IntEnum):
     """
 
     TAG_GET = 1  #: blk_mq_get_tag() got ``tag``
-    TAG_GET_FAIL = 2  #: a get found no free tag (before sleeping or failing)
+    TAG_GET_FAIL = 2  #: a get found no free tag, before sleeping or failing (arg: 1 if nowait)
     TAG_PUT = 3  #: blk_mq_put_tag(): ``tag`` freed back to the sbitmap
     TAG_SLEEP = 4  #: the task sleeps on a wait queue for a tag (arg: wait queue index)
     TAG_WAKE = 5  #: the sleeping task was woken (arg: wait queue index)
