@@ -632,8 +632,8 @@ TARGETS: list[tuple[str, str | None, float]] = [
 ]
 
 #: (case, baseline, the most it may cost over the baseline, in %).  The trace's cost
-#: on the block layer alone is an upper bound of its IOPS cost in ``mqrt bench``,
-#: where each I/O also spends time in the ioengine.
+#: on a CPU's per-I/O work without its event loop is an upper bound of its IOPS cost
+#: in ``mqrt bench``, where each I/O also pays for the event loop.
 OVERHEADS: list[tuple[str, str, float]] = [
     ("blk_mq.io.traced", "blk_mq.io", 10.0),
 ]

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import psutil
 import pytest
 
 from mqrt import shm
 from tests.helpers import wait_until
+
+# A shell without job control starts background commands (`cmd &`) with SIGINT
+# ignored, and an ignored signal stays ignored across exec: the Ctrl-C tests' children
+# would never see their SIGINT.  Give this process (and so every child it starts)
+# the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _tracker_pid() -> int | None:
