@@ -48,3 +48,17 @@ def run_processes(
                 p.kill()
             p.join()
             p.close()
+
+
+def wait_for_children(pid: int, n: int, timeout: float = 30.0) -> bool:
+    """Wait until process ``pid`` has at least ``n`` live children (a run's CPUs have
+    started), so a test's signal lands in the run, not in its start-up."""
+    import psutil
+
+    def started() -> bool:
+        try:
+            return len(psutil.Process(pid).children()) >= n
+        except psutil.NoSuchProcess:
+            return True  # it already ended: let the caller see how
+
+    return wait_until(started, timeout)

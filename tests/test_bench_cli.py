@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.helpers import wait_for_children
 from tests.test_cli import mqrt
 
 
@@ -102,7 +103,8 @@ def test_ctrl_c_stops_cleanly_with_what_was_measured():
         text=True,
     )  # fmt: skip
     try:
-        time.sleep(1.5)
+        assert wait_for_children(p.pid, 2)  # the run's CPUs exist (start-up varies)
+        time.sleep(1.0)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:

@@ -14,6 +14,7 @@ import pytest
 from mqrt.knobs import KnobError
 from mqrt.sweep import expand_values, median_index, split_axes
 from mqrt.workers.ioengine import JOB_KNOBS
+from tests.helpers import wait_for_children
 from tests.test_cli import mqrt
 
 _KNOBS = {k.name: k for k in JOB_KNOBS}
@@ -125,7 +126,8 @@ def test_ctrl_c_mid_sweep_reports_the_points_so_far():
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(6.0)  # into the second point (start-up takes well under 2 s)
+        assert wait_for_children(p.pid, 1)  # the first point's CPUs exist
+        time.sleep(5.0)  # into the second point, or between the two
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
