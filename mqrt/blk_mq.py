@@ -110,7 +110,7 @@ from mqrt.blk_mq_types import (
     Rqf,
     RqState,
 )
-from mqrt.sbitmap import SbitmapQueue
+from mqrt.sbitmap import UINT_MAX
 from mqrt.shm import Arena, Layout
 from mqrt.trace import Ev
 from mqrt.wait import Waiters
@@ -351,11 +351,13 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
         tset = q.tag_set
         if id(tset) not in seen:
             seen.add(id(tset))
-            shallow = [x.async_depth for x in queues if x.tag_set is tset and x.async_depth]
+            # blk_mq_set_min_shallow_depth(): the scheduler's shallowest write limit.
+            shallow = min(
+                (x.async_depth for x in queues if x.tag_set is tset and x.async_depth),
+                default=UINT_MAX,
+            )
             for i, spec in enumerate(tset.tags):
-                init_tags(arena, spec, seed + 2 * i)
-                if shallow:  # blk_mq_set_min_shallow_depth() (the scheduler's init)
-                    SbitmapQueue.init_min_shallow_depth(arena, spec.bitmap_tags, min(shallow))
+                init_tags(arena, spec, seed + 2 * i, shallow)
             v = arena.view(tset.rq_region)  # type: ignore[arg-type]
             v[:] = np.zeros(1, v.dtype)
             for rq_id in range(len(v)):
@@ -517,13 +519,13 @@ class BlkMq:
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
         if rq_id < 0:
+            shallow = queue.async_depth if op == _WRITE else 0
             if shared:
                 tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
                 tag = -1
             elif reserved:
                 tag = -1
             else:  # the fast path of blk_mq_get_tag(), inlined
-                shallow = queue.async_depth if op == _WRITE else 0
                 if shallow:
                     tag = tags.bitmap_tags.get_shallow(shallow)
                 else:
@@ -538,7 +540,7 @@ class BlkMq:
                     hctx.wait_index,
                     hctx.run_sync,
                     self.io_schedule,
-                    shallow=queue.async_depth if op == _WRITE else 0,
+                    shallow=shallow,
                 )
                 if tag < 0:
                     return -1

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mqrt import inject, trace
-from mqrt.sbitmap import SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
+from mqrt.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.trace import Ev
 from mqrt.wait import Waiters, spin_lock, spin_unlock
@@ -101,12 +101,16 @@ def declare_tags(
     return TagsSpec(index, nr_tags, nr_reserved_tags, rq_base, header, bitmap, reserved)
 
 
-def init_tags(arena: Arena, spec: TagsSpec, seed: int = 0) -> None:
-    """Owner only: empty bitmaps, no active queues."""
+def init_tags(
+    arena: Arena, spec: TagsSpec, seed: int = 0, min_shallow_depth: int = UINT_MAX
+) -> None:
+    """Owner only: empty bitmaps, no active queues; ``min_shallow_depth`` is the
+    shallowest limit allocations of bitmap_tags will use (an I/O scheduler's, set by
+    blk_mq_set_min_shallow_depth())."""
     o = spec.header.offsets()
     arena.atomic.set32(o.active_queues, 0)
     arena.atomic.set(o.lock, 0)
-    SbitmapQueue.init(arena, spec.bitmap_tags, seed)
+    SbitmapQueue.init(arena, spec.bitmap_tags, seed, min_shallow_depth)
     if spec.breserved_tags is not None:
         SbitmapQueue.init(arena, spec.breserved_tags, seed + 1)
 

@@ -511,34 +511,28 @@ class SbitmapQueue:
         return SbitmapQueueSpec(sb, SbqGeneration(generation), ws)
 
     @classmethod
-    def init(cls, arena: Arena, spec: SbitmapQueueSpec, seed: int = 0) -> None:
-        """Owner only: sbitmap_queue_init_node()."""
+    def init(
+        cls,
+        arena: Arena,
+        spec: SbitmapQueueSpec,
+        seed: int = 0,
+        min_shallow_depth: int = UINT_MAX,
+    ) -> None:
+        """Owner only: sbitmap_queue_init_node(), then, with a ``min_shallow_depth``,
+        sbitmap_queue_min_shallow_depth() before any user."""
         Sbitmap.init(arena, spec.sb, seed)
         a = arena.atomic
         o = spec.sb.header.offsets()
-        a.set32(o.min_shallow_depth, UINT_MAX)
+        a.set32(o.min_shallow_depth, min_shallow_depth)
         a.set32(o.ws_active, 0)
         a.set32(o.wake_index, 0)
         a.set32(o.completion_cnt, 0)
         a.set32(o.wakeup_cnt, 0)
-        wake_batch = _calc_wake_batch(spec, spec.sb.depth, UINT_MAX)
-        a.set32(o.wake_batch, wake_batch)
-        for i in range(SBQ_WAIT_QUEUES):
-            a.set32(spec.ws.addr(i, "wait_cnt"), wake_batch)
-            WaitQueue.init(arena, spec.ws.addr(i, "wait"))
-
-    @staticmethod
-    def init_min_shallow_depth(
-        arena: Arena, spec: SbitmapQueueSpec, min_shallow_depth: int
-    ) -> None:
-        """Owner only, at init: sbitmap_queue_min_shallow_depth() before any user."""
-        a = arena.atomic
-        o = spec.sb.header.offsets()
-        a.set32(o.min_shallow_depth, min_shallow_depth)
         wake_batch = _calc_wake_batch(spec, spec.sb.depth, min_shallow_depth)
         a.set32(o.wake_batch, wake_batch)
         for i in range(SBQ_WAIT_QUEUES):
             a.set32(spec.ws.addr(i, "wait_cnt"), wake_batch)
+            WaitQueue.init(arena, spec.ws.addr(i, "wait"))
 
     def __init__(
         self,

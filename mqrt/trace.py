@@ -515,7 +515,7 @@ def measure_emit_ns(number: int = 200_000, repeat: int = 5) -> dict[str, float]:
                 )
             )
             out[name] = best / number * 1e9
-        del tracers  # drop the closures' references to the buffer before closing
+        del tracers  # drop the writers' references to the view before closing
     return out
 
 
