@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from mqrt.errors import UsageError
 from mqrt.knobs import Knob, KnobError, canonical, parse_knobs
 
 #: Options of the run itself (not of the job or the driver).
@@ -406,7 +407,6 @@ def _point_label(section: str | None, params: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mqrt.cli import UsageError
 
     try:
         planned, axes, repeat, is_default = plan_points(args)
@@ -439,7 +439,6 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.bench_report import assemble, run_summary
     from mqrt.bench_text import Progress, render_report
     from mqrt.blk_mq import BlkMqError
-    from mqrt.cli import UsageError
     from mqrt.runtime import RunError, run
     from mqrt.sweep import format_params
 

@@ -12,10 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from mqrt import __version__
-
-
-class UsageError(Exception):
-    """A user mistake: reported as one line naming the field, exit status 2."""
+from mqrt.errors import UsageError
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -22,18 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mqrt.errors import UsageError
+
 Metric = Literal["iops", "bw", "p99"]
 METRICS: tuple[Metric, ...] = ("iops", "bw", "p99")
 #: Oldest report schema with ``points``.
 MIN_SCHEMA = 2
 _SCHEMA_RE = re.compile(r"^mqrt\.bench/(\d+)$")
 _P99 = 99.0
-
-
-def _usage_error(msg: str) -> Exception:
-    from mqrt.cli import UsageError
-
-    return UsageError(msg)
 
 
 @dataclass(frozen=True)
@@ -111,9 +107,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        raise _usage_error(f"{name}: no such file") from None
+        raise UsageError(f"{name}: no such file") from None
     except OSError as exc:
-        raise _usage_error(f"{name}: cannot read: {exc.strerror}") from None
+        raise UsageError(f"{name}: cannot read: {exc.strerror}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -123,11 +119,11 @@ def load_report(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             data = None
         if data is None:
-            raise _usage_error(
+            raise UsageError(
                 f"{name}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
             ) from None
     if not isinstance(data, dict):
-        raise _usage_error(f"{name}: not an mqrt bench report (the JSON is not an object)")
+        raise UsageError(f"{name}: not an mqrt bench report (the JSON is not an object)")
     return data
 
 
@@ -137,7 +133,7 @@ def bench_from_report(report: Mapping[str, Any], name: str) -> Bench:
         return _from_mqrt(report, name)
     if isinstance(report.get("jobs"), list) and "fio version" in report:
         return _from_fio(report, name)
-    raise _usage_error(
+    raise UsageError(
         f"{name}: not an mqrt bench report (no 'mqrt' object) nor fio JSON (no 'jobs')"
     )
 
@@ -149,19 +145,19 @@ def load_bench(path: str | Path) -> Bench:
 def _from_mqrt(report: Mapping[str, Any], name: str) -> Bench:
     m = report["mqrt"]
     if not isinstance(m, dict):
-        raise _usage_error(f"{name}: not an mqrt bench report ('mqrt' is not an object)")
+        raise UsageError(f"{name}: not an mqrt bench report ('mqrt' is not an object)")
     schema = m.get("schema")
     match = _SCHEMA_RE.match(schema) if isinstance(schema, str) else None
     if match is None:
-        raise _usage_error(f"{name}: not an mqrt bench report (schema {schema!r})")
+        raise UsageError(f"{name}: not an mqrt bench report (schema {schema!r})")
     if int(match.group(1)) < MIN_SCHEMA:
-        raise _usage_error(
+        raise UsageError(
             f"{name}: schema {schema} is too old (no sweep points); "
             f"need mqrt.bench/{MIN_SCHEMA} or later: re-run mqrt bench"
         )
     raw_points = m.get("points")
     if not isinstance(raw_points, list) or not raw_points:
-        raise _usage_error(f"{name}: the report has no points")
+        raise UsageError(f"{name}: the report has no points")
     sweep = m.get("sweep") if isinstance(m.get("sweep"), dict) else {}
     axes = sweep.get("axes") if isinstance(sweep.get("axes"), dict) else {}
     points = [_mqrt_point(p, i, name) for i, p in enumerate(raw_points)]
@@ -180,7 +176,7 @@ def _from_mqrt(report: Mapping[str, Any], name: str) -> Bench:
 
 def _num(value: Any, what: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise _usage_error(f"{name}: {what} is not a number: {value!r}")
+        raise UsageError(f"{name}: {what} is not a number: {value!r}")
     return float(value)
 
 
@@ -201,14 +197,14 @@ def _percentiles(lat: Any) -> dict[float, float]:
 
 def _mqrt_point(p: Any, i: int, name: str) -> Point:
     if not isinstance(p, dict) or not isinstance(p.get("params"), dict):
-        raise _usage_error(f"{name}: point {i} has no 'params' object")
+        raise UsageError(f"{name}: point {i} has no 'params' object")
     where = f"point {i} ({format_params(p['params'])})"
     if "iops" not in p:
-        raise _usage_error(f"{name}: {where} has no 'iops'")
+        raise UsageError(f"{name}: {where} has no 'iops'")
     iops = _num(p["iops"], f"{where} iops", name)
     runs_raw = p.get("iops_runs") or [iops]
     if not isinstance(runs_raw, list):
-        raise _usage_error(f"{name}: {where} iops_runs is not a list")
+        raise UsageError(f"{name}: {where} iops_runs is not a list")
     iops_runs = tuple(_num(r, f"{where} iops_runs", name) for r in runs_raw)
     bw = _num(p.get("bw_bytes", 0.0), f"{where} bw_bytes", name)
     bw_raw = p.get("bw_bytes_runs", p.get("bw_runs"))
@@ -260,7 +256,7 @@ def _from_fio(report: Mapping[str, Any], name: str) -> Bench:
     seen: dict[str, int] = {}
     for i, job in enumerate(report["jobs"]):
         if not isinstance(job, dict):
-            raise _usage_error(f"{name}: jobs[{i}] is not an object")
+            raise UsageError(f"{name}: jobs[{i}] is not an object")
         jobname = str(job.get("jobname", f"job{i}"))
         seen[jobname] = seen.get(jobname, 0) + 1
         if seen[jobname] > 1:  # numjobs without group_reporting repeats the name
@@ -293,7 +289,7 @@ def _from_fio(report: Mapping[str, Any], name: str) -> Bench:
             )
         )
     if not points:
-        raise _usage_error(f"{name}: the fio report has no jobs")
+        raise UsageError(f"{name}: the fio report has no jobs")
     opts = report.get("global options") if isinstance(report.get("global options"), dict) else {}
     title = " ".join(f"{k}={opts[k]}" for k in ("filename", "ioengine", "rw", "bs") if k in opts)
     return Bench(
@@ -384,13 +380,13 @@ def compare(a: Bench, b: Bench, metric: Metric = "iops") -> list[Row]:
         if pb.key not in a_keys
     )
     if not any(r.status == "both" for r in rows):
-        raise _usage_error(
+        raise UsageError(
             f"{b.name}: no point in common with {a.name} "
             f"(A: {_some(a.points)}; B: {_some(b.points)})"
         )
     if metric == "p99" and all(r.a is None or r.b is None for r in rows if r.status == "both"):
         missing = a.name if all(p.p99_ns is None for p in a.points) else b.name
-        raise _usage_error(f"{missing}: --metric p99: the report has no 99th percentile latency")
+        raise UsageError(f"{missing}: --metric p99: the report has no 99th percentile latency")
     return rows
 
 

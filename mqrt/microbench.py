@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqrt import __version__
+from mqrt.errors import UsageError
 from mqrt.proc import child_init
 from mqrt.ring import MpscRing, SpscRing
 from mqrt.sbitmap import SbitmapQueue
@@ -789,7 +790,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mqrt.cli import UsageError
 
     if args.repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mqrt.compare import Bench, Point, bench_from_report, format_params, load_report
+from mqrt.errors import UsageError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,12 +28,6 @@ if TYPE_CHECKING:
 MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install 'mqrt[plot]'"
 #: Percentile ticks of the latency panel (shown when the data reaches them).
 _NINES = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999)
-
-
-def _usage_error(msg: str) -> Exception:
-    from mqrt.cli import UsageError
-
-    return UsageError(msg)
 
 
 def _is_number(v: Any) -> bool:
@@ -163,7 +158,7 @@ def check_available() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise _usage_error(MISSING_MATPLOTLIB)
+        raise UsageError(MISSING_MATPLOTLIB)
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
@@ -177,7 +172,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise _usage_error(MISSING_MATPLOTLIB) from None
+        raise UsageError(MISSING_MATPLOTLIB) from None
     del matplotlib  # imported first so a missing package is the message above
 
     bench = bench_from_report(report, "the report")
@@ -195,7 +190,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     try:
         fig.savefig(path, format="png", dpi=100)
     except OSError as exc:
-        raise _usage_error(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from mqrt.errors import UsageError
 from mqrt.race_bugs import CATALOGUE, Bug
 
 #: Records per CPU in the event trace of a race run.
@@ -77,7 +78,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_show(args: argparse.Namespace) -> int:
-    from mqrt.cli import UsageError
     from mqrt.trace import render_dump
 
     try:
@@ -112,7 +112,6 @@ def main_list(args: argparse.Namespace) -> int:
 
 
 def main_run(args: argparse.Namespace) -> int:
-    from mqrt.cli import UsageError
 
     if args.all == bool(args.name):
         raise UsageError("race run: give a NAME or --all")
