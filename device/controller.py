@@ -44,7 +44,6 @@ from typing import Any
 
 import msgpack
 
-from mqrt import wait
 from mqrt.device.nvme_defs import (
     NVME_QID_ADMIN,
     NVME_SC_DNR,
@@ -57,8 +56,9 @@ from mqrt.device.nvme_defs import (
     cqe_status,
 )
 from mqrt.device.nvme_model import ServiceModel
-from mqrt.proc import child_init
-from mqrt.shm import Arena, Region, cacheline_struct
+from mqrt.lib import wait
+from mqrt.lib.proc import child_init
+from mqrt.lib.shm import Arena, Region, cacheline_struct
 
 _IO_OPCODES = frozenset((IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH))
 

@@ -26,12 +26,12 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
-from mqrt.blk_mq_cpumap import HctxType, Topology, map_queue_types
-from mqrt.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
-from mqrt.knobs import Knob, KnobError, KnobValues
-from mqrt.sbitmap import SbqGeneration
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.block.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
+from mqrt.block.blk_mq_cpumap import HctxType, Topology, map_queue_types
+from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
+from mqrt.lib.knobs import Knob, KnobError, KnobValues
+from mqrt.lib.sbitmap import SbqGeneration
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 
 IRQMODES = {"none": 0, "softirq": 1, "timer": 2, "0": 0, "1": 1, "2": 2}
 IRQMODE_NAMES = {0: "none", 1: "softirq", 2: "timer"}
@@ -378,7 +378,7 @@ def mb_per_tick(mbps: int) -> int:
 
 def parse_config(given: dict[str, Any]) -> NullbConfig:
     """The knobs given (names with dashes or underscores), validated, with defaults."""
-    from mqrt.knobs import parse_knobs
+    from mqrt.lib.knobs import parse_knobs
 
     return NullbConfig.from_values(parse_knobs(NULLB_KNOBS, given))
 

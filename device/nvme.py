@@ -47,10 +47,9 @@ import struct
 import time
 from typing import Any
 
-from mqrt import trace, wait
-from mqrt.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
-from mqrt.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
-from mqrt.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
+from mqrt.block.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
+from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
+from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
 from mqrt.device.controller import (
     DEV_COUNTERS,
     IDENTIFY_CTRL,
@@ -78,11 +77,12 @@ from mqrt.device.nvme_defs import (
     nvme_cid,
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
-from mqrt.knobs import Knob, KnobError, KnobValues, parse_knobs
-from mqrt.sbitmap import SbqGeneration
-from mqrt.shm import Arena, Layout, Region
-from mqrt.trace import Ev
-from mqrt.wait import spin_lock, spin_unlock
+from mqrt.lib import trace, wait
+from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
+from mqrt.lib.sbitmap import SbqGeneration
+from mqrt.lib.shm import Arena, Layout, Region
+from mqrt.lib.trace import Ev
+from mqrt.lib.wait import spin_lock, spin_unlock
 
 _fork = mp.get_context("fork")
 
@@ -543,7 +543,7 @@ class NvmeOps(BlkMqOps):
     def map_queues(self, tset: TagSet) -> None:
         """nvme_pci_map_queues(): DEFAULT over the interrupt-driven queues, no READ
         queues, POLL over the poll queues (numbered after them)."""
-        from mqrt.blk_mq_cpumap import map_queue_types
+        from mqrt.block.blk_mq_cpumap import map_queue_types
 
         poll = self.nr_poll_queues
         map_queue_types(tset.map, tset.topology, (self.nr_io_queues - poll, 0, poll))  # type: ignore[arg-type]

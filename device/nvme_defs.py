@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import struct
 
-from mqrt.shm import cacheline_struct
+from mqrt.lib.shm import cacheline_struct
 
 SQE = struct.Struct("<BBHIQQQQIIIIII")
 CQE = struct.Struct("<IIHHHH")

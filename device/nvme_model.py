@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from mqrt.knobs import Knob
+from mqrt.lib.knobs import Knob
 
 LATENCY_DISTS = {"fixed": "fixed", "uniform": "uniform", "exponential": "exponential",
                  "exp": "exponential", "lognormal": "lognormal"}  # fmt: skip

@@ -2,7 +2,7 @@
 
 Each emulated CPU is a pinned worker process; hardware dispatch queues are lock-free
 rings in shared memory; tags come from a port of lib/sbitmap.c running on real atomics
-(:mod:`mqrt._atomic`).  See README.md and docs/ARCHITECTURE.md.
+(:mod:`mqrt.lib._atomic`).  See README.md and docs/ARCHITECTURE.md.
 """
 
 import os as _os

@@ -24,7 +24,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from mqrt import bench, compare, microbench, plot, race
+    from mqrt import compare, plot
+    from mqrt.bench import main as bench
+    from mqrt.microbench import main as microbench
+    from mqrt.race import main as race
 
     bench.add_parser(sub)
     compare.add_parser(sub)

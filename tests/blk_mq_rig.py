@@ -1,11 +1,11 @@
-"""The test side of the in-process rig (:mod:`mqrt.blk_mq_rig`): a scripted driver."""
+"""The test side of the in-process rig (:mod:`mqrt.testing`): a scripted driver."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mqrt.blk_mq_rig import Rig, ScriptedCpu
-from mqrt.blk_mq_types import BlkMqOps
+from mqrt.block.blk_mq_types import BlkMqOps
+from mqrt.testing import Rig, ScriptedCpu
 
 __all__ = ["Rig", "ScriptOps", "ScriptedCpu"]
 
@@ -35,7 +35,7 @@ class ScriptOps(BlkMqOps):
         return 0
 
     def timeout(self, mq, rq, gen):
-        from mqrt.blk_mq_types import BlkStatus, EhRet
+        from mqrt.block.blk_mq_types import BlkStatus, EhRet
 
         self.timed_out.append(rq.id)
         mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)

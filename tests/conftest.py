@@ -9,7 +9,7 @@ import signal
 import psutil
 import pytest
 
-from mqrt import shm
+from mqrt.lib import shm
 from tests.helpers import wait_until
 
 # A shell without job control starts background commands (`cmd &`) with SIGINT

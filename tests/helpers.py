@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-#: The start method mqrt uses for its children (see mqrt/shm.py and the README).
+#: The start method mqrt uses for its children (see mqrt/lib/shm.py and the README).
 ctx = mp.get_context("fork")
 
 #: Generous: only reached when something deadlocks.

@@ -1,4 +1,4 @@
-"""mqrt._atomic: semantics in one process, exact totals across real processes."""
+"""mqrt.lib._atomic: semantics in one process, exact totals across real processes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import mmap
 
 import pytest
 
-from mqrt import _atomic
-from mqrt._atomic import AtomicView
-from mqrt.shm import Arena, Layout, cacheline_struct
+from mqrt.lib import _atomic
+from mqrt.lib._atomic import AtomicView
+from mqrt.lib.shm import Arena, Layout, cacheline_struct
 from tests.helpers import run_processes
 
 COUNTERS = cacheline_struct(

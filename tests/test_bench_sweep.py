@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mqrt.knobs import KnobError
-from mqrt.sweep import expand_values, median_index, split_axes
+from mqrt.bench.sweep import expand_values, median_index, split_axes
+from mqrt.lib.knobs import KnobError
 from mqrt.workers.ioengine import JOB_KNOBS
 from tests.helpers import wait_for_children
 from tests.test_cli import mqrt
@@ -141,7 +141,7 @@ def test_ctrl_c_mid_sweep_reports_the_points_so_far():
 
 
 def test_the_status_line_names_the_run_and_the_eta(monkeypatch, capsys):
-    from mqrt.bench_text import Progress
+    from mqrt.bench.text import Progress
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     p = Progress(True, total_runs=4, run_s=2.0)

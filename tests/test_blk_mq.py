@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from mqrt.blk_mq import (
+from mqrt.block.blk_mq import (
     RQ_ALLOCATED,
     RQ_GEN_SHIFT,
     TagSet,
     alloc_tag_set,
     init_queue,
 )
-from mqrt.blk_mq_debugfs import check_invariants
-from mqrt.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
+from mqrt.block.blk_mq_debugfs import check_invariants
+from mqrt.block.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
 from tests.blk_mq_rig import Rig, ScriptOps
 
 READ = int(ReqOp.READ)

@@ -1,4 +1,4 @@
-"""mqrt.blk_mq_cpumap: cpulists, topologies and blk_mq_map_queues() tables (Linux 5.10)."""
+"""mqrt.block.blk_mq_cpumap: cpulists, topologies and blk_mq_map_queues() tables (Linux 5.10)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqrt import blk_mq_cpumap as cpumap
-from mqrt.blk_mq_cpumap import (
+from mqrt.block import blk_mq_cpumap as cpumap
+from mqrt.block.blk_mq_cpumap import (
     HCTX_MAX_TYPES,
     HctxType,
     QueueMap,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from mqrt.blk_mq import (
+from mqrt.block.blk_mq import (
     BlkMqError,
     TagSet,
     alloc_tag_set,
@@ -19,11 +19,11 @@ from mqrt.blk_mq import (
     init_sq_queue,
     request_dtype,
 )
-from mqrt.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
-from mqrt.blk_mq_types import BLK_MQ_MAX_DEPTH, BlkMqFlag, BlkMqOps
+from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
+from mqrt.block.blk_mq_types import BLK_MQ_MAX_DEPTH, BlkMqFlag, BlkMqOps
 from mqrt.device.null_blk import parse_config, setup
-from mqrt.knobs import KnobError
-from mqrt.shm import Layout
+from mqrt.lib.knobs import KnobError
+from mqrt.lib.shm import Layout
 
 
 class Ops(BlkMqOps):

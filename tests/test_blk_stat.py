@@ -1,4 +1,4 @@
-"""mqrt.blk_stat: fio's histogram arithmetic, percentiles, moments and JSON shapes."""
+"""mqrt.block.blk_stat: fio's histogram arithmetic, percentiles, moments and JSON shapes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqrt.blk_stat import (
+from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     PLAT_NR,
     LatHist,

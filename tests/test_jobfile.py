@@ -1,4 +1,4 @@
-"""fio job files (``mqrt.jobfile``): sections, globals, comments, ``${VAR}``,
+"""fio job files (``mqrt.bench.jobfile``): sections, globals, comments, ``${VAR}``,
 ``include``, no-effect options, and every error with its exact ``file:line``."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from mqrt.jobfile import (
+from mqrt.bench.jobfile import (
     ACCEPTED_NO_EFFECT,
     MAX_INCLUDE_DEPTH,
     JobSection,
     parse_jobfile,
     parse_jobfile_text,
 )
-from mqrt.knobs import Knob, KnobError, parse_knobs
+from mqrt.lib.knobs import Knob, KnobError, parse_knobs
 
 KNOWN = ("rw", "bs", "iodepth", "runtime", "size", "rwmixread", "pin", "completion-nsec")
 

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mqrt.ring import MpscRing, SpscRing
-from mqrt.sbitmap import SbitmapQueue, SbqGeneration
-from mqrt.shm import Arena, Layout
-from mqrt.wait import Waiters
+from mqrt.lib.ring import MpscRing, SpscRing
+from mqrt.lib.sbitmap import SbitmapQueue, SbqGeneration
+from mqrt.lib.shm import Arena, Layout
+from mqrt.lib.wait import Waiters
 
 SETTINGS = settings(
     max_examples=40,

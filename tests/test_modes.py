@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mqrt.knobs import KnobError
+from mqrt.lib.knobs import KnobError
 from tests.test_nvme import run_nvme
 from tests.test_runtime import assert_clean, run_nullb, totals
 

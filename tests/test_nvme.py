@@ -10,8 +10,8 @@ import signal
 import psutil
 import pytest
 
-from mqrt.bench import build
-from mqrt.runtime import RunError, run
+from mqrt.bench.main import build
+from mqrt.runtime.owner import RunError, run
 from tests.test_runtime import assert_clean, totals
 
 
@@ -158,7 +158,7 @@ def test_the_device_killed_mid_run_is_reported_and_nothing_is_left():
             os.kill(p.pid, signal.SIGKILL)
 
     spec, _ = build({"driver": "nvme", "runtime": 3, "cpus": 2, "latency_ns": 20_000})
-    import mqrt.runtime as rt
+    import mqrt.runtime.owner as rt
 
     original = rt._Run._start_device
 

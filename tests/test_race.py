@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from mqrt.race import run_bug
-from mqrt.race_bugs import CATALOGUE
+from mqrt.race.bugs import CATALOGUE
+from mqrt.race.main import run_bug
 from tests.test_cli import mqrt
 
 #: Budget of a reproduction in the suite, and clean requests of the quick --fixed form.

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from mqrt.bench import build
-from mqrt.blk_mq import BlkMq
-from mqrt.runtime import run
-from mqrt.sbitmap import Sbitmap, SbitmapQueue
+from mqrt.bench.main import build
+from mqrt.block.blk_mq import BlkMq
+from mqrt.lib.sbitmap import Sbitmap, SbitmapQueue
+from mqrt.runtime.owner import run
 
 
 def watched(**given):

@@ -1,4 +1,4 @@
-"""mqrt.ring: scripted interleavings in one process, exact delivery across processes."""
+"""mqrt.lib.ring: scripted interleavings in one process, exact delivery across processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from mqrt.ring import MpscRing, RingError, SpscRing
-from mqrt.shm import Arena, Layout
+from mqrt.lib.ring import MpscRing, RingError, SpscRing
+from mqrt.lib.shm import Arena, Layout
 from tests.helpers import run_processes
 
 ENTRY = struct.Struct("<QQ48x")  # (producer, sequence) padded to 64 bytes

@@ -12,8 +12,8 @@ import signal
 import psutil
 import pytest
 
-from mqrt.bench import build
-from mqrt.runtime import RunError, run
+from mqrt.bench.main import build
+from mqrt.runtime.owner import RunError, run
 
 
 def run_nullb(**given):
@@ -191,7 +191,7 @@ def test_killing_the_runtime_takes_its_cpus_and_segment_with_it():
     import subprocess
     import sys
 
-    from mqrt import shm
+    from mqrt.lib import shm
     from tests.helpers import wait_until
 
     code = "import sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"

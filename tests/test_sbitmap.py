@@ -1,4 +1,4 @@
-"""mqrt.sbitmap: the kernel's arithmetic, scripted wake-ups, and real processes."""
+"""mqrt.lib.sbitmap: the kernel's arithmetic, scripted wake-ups, and real processes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mqrt.sbitmap import (
+from mqrt.lib.sbitmap import (
     SBQ_WAIT_QUEUES,
     SbitmapQueue,
     SbitmapWarning,
@@ -16,8 +16,8 @@ from mqrt.sbitmap import (
     SbqWait,
     calculate_shift,
 )
-from mqrt.shm import Arena, Layout
-from mqrt.wait import TaskState, Waiters
+from mqrt.lib.shm import Arena, Layout
+from mqrt.lib.wait import TaskState, Waiters
 from tests.helpers import run_processes
 
 GENERATIONS = list(SbqGeneration)

@@ -1,4 +1,4 @@
-"""mqrt.shm: layout declaration, ownership, and cleanup on every exit path."""
+"""mqrt.lib.shm: layout declaration, ownership, and cleanup on every exit path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from mqrt import shm
-from mqrt.shm import CACHELINE, Arena, ArenaHandle, Layout, cacheline_struct
+from mqrt.lib import shm
+from mqrt.lib.shm import CACHELINE, Arena, ArenaHandle, Layout, cacheline_struct
 from tests.helpers import ctx, wait_until
 
 
@@ -111,7 +111,7 @@ def test_forked_copy_of_owner_does_not_unlink():
 
 ATTACH_AND_EXIT = """
 import sys
-from mqrt.shm import Arena, ArenaHandle, Layout
+from mqrt.lib.shm import Arena, ArenaHandle, Layout
 layout = Layout(); layout.add("x", "<u8")
 with Arena.attach(ArenaHandle(sys.argv[1], int(sys.argv[2])), layout) as arena:
     arena.atomic.fetch_add(0, 1)
@@ -139,7 +139,7 @@ def test_unrelated_attacher_does_not_destroy_segment():
 
 OWNER_SCRIPT = """
 import multiprocessing as mp, sys, time
-from mqrt.shm import Arena, Layout, exit_on_sigterm
+from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
 
 def child(handle, layout):
     with Arena.attach(handle, layout):
@@ -218,7 +218,11 @@ def test_an_mqrt_process_has_one_thread():
     """A second thread (numpy's BLAS pool) could take a process-directed SIGTERM, and
     the main thread would then sleep on through it (the owner would never unlink)."""
     out = subprocess.run(
-        [sys.executable, "-c", "import mqrt.shm, psutil; print(psutil.Process().num_threads())"],
+        [
+            sys.executable,
+            "-c",
+            "import mqrt.lib.shm, psutil; print(psutil.Process().num_threads())",
+        ],
         capture_output=True,
         text=True,
         check=True,

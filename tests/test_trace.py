@@ -1,4 +1,4 @@
-"""mqrt.trace: ring order and wrap-around in one process, exact tails and no torn
+"""mqrt.lib.trace: ring order and wrap-around in one process, exact tails and no torn
 records across real writer processes, dumps and the text view."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from mqrt._atomic import TraceWriter
-from mqrt.shm import Arena, Layout, cacheline_struct
-from mqrt.trace import (
+from mqrt.lib._atomic import TraceWriter
+from mqrt.lib.shm import Arena, Layout, cacheline_struct
+from mqrt.lib.trace import (
     RECORD,
     RECORD_DTYPE,
     Ev,

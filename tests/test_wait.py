@@ -1,4 +1,4 @@
-"""mqrt.wait: wake-up semantics scripted in one process, and a real sleeping process."""
+"""mqrt.lib.wait: wake-up semantics scripted in one process, and a real sleeping process."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from mqrt.shm import Arena, Layout, cacheline_struct
-from mqrt.wait import WAIT_QUEUE_HEAD, TaskState, Waiters, WaitQueue
+from mqrt.lib.shm import Arena, Layout, cacheline_struct
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, TaskState, Waiters, WaitQueue
 from tests.helpers import ctx
 
 

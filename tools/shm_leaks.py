@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from mqrt import shm
+from mqrt.lib import shm
 
 
 def main() -> int:

@@ -44,13 +44,13 @@ from typing import Any
 
 import msgpack
 
-from mqrt import inject, trace, wait
-from mqrt.blk_mq import BlkMq, RequestQueue, Stopped
-from mqrt.blk_mq_modes import RawBlkMq, SqBlkMq
-from mqrt.proc import child_init
-from mqrt.shm import Arena, Region, cacheline_struct
-from mqrt.trace import Tracer, TraceSpec
-from mqrt.wait import Waiters, WaitersSpec
+from mqrt.block.blk_mq import BlkMq, RequestQueue, Stopped
+from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
+from mqrt.lib import inject, trace, wait
+from mqrt.lib.proc import child_init
+from mqrt.lib.shm import Arena, Region, cacheline_struct
+from mqrt.lib.trace import Tracer, TraceSpec
+from mqrt.lib.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
 
 IPI = struct.Struct("<BBHiIiQQQQ")
@@ -94,7 +94,7 @@ class CpuPlan:
     bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
     seed: int
     owner_pid: int  #: the runtime (the CPU dies with it)
-    mode: str = "mq"  #: mq, sq or raw (mqrt.blk_mq_modes)
+    mode: str = "mq"  #: mq, sq or raw (mqrt.block.blk_mq_modes)
     #: per request queue, the job to run on it (None: ``job`` on every queue); the
     #: run's runtime, ramp_time and hipri come from ``job``
     queue_jobs: list[JobSpec] | None = None
@@ -105,7 +105,7 @@ class CpuPlan:
 
 
 class Cpu:
-    """One emulated CPU: the services blk-mq needs (:class:`mqrt.blk_mq.CpuSys`) and
+    """One emulated CPU: the services blk-mq needs (:class:`mqrt.block.blk_mq.CpuSys`) and
     the event loop."""
 
     def __init__(self, plan: CpuPlan, ctl, res):

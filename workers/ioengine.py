@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from mqrt.blk_mq_types import BlkStatus, ReqOp
-from mqrt.blk_stat import LatHist, parse_percentile_list
-from mqrt.knobs import Knob, KnobError, parse_knobs
+from mqrt.block.blk_mq_types import BlkStatus, ReqOp
+from mqrt.block.blk_stat import LatHist, parse_percentile_list
+from mqrt.lib.knobs import Knob, KnobError, parse_knobs
 
 RW_MODES = {
     "read": "read",

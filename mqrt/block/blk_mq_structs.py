@@ -3,7 +3,7 @@ shared-memory layout: the tag set, the request queue, requests, hctxs, ctx lists
 and each CPU's handles on them.
 
 The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) and
-the data path that uses them are in :mod:`mqrt.blk_mq`.
+the data path that uses them are in :mod:`mqrt.block.blk_mq`.
 
 Shared layout (one numpy dtype per struct, contended words on their own lines):
 
@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mqrt.blk_mq_cpumap import HctxType, QueueMap, Topology
-from mqrt.blk_mq_tag import Tags, TagsSpec
-from mqrt.blk_mq_types import (
+from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology
+from mqrt.block.blk_mq_tag import Tags, TagsSpec
+from mqrt.block.blk_mq_types import (
     BLK_DEF_MAX_SECTORS,
     BLK_DEFAULT_TIMEOUT_MS,
     BLK_MQ_CPU_WORK_BATCH,
@@ -47,9 +47,9 @@ from mqrt.blk_mq_types import (
     Rqf,
     RqState,
 )
-from mqrt.sbitmap import SbqGeneration
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
-from mqrt.wait import spin_lock, spin_unlock
+from mqrt.lib.sbitmap import SbqGeneration
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib.wait import spin_lock, spin_unlock
 
 #: The statuses with which a driver refuses a request for now.
 _BUSY = (int(BlkStatus.RESOURCE), int(BlkStatus.DEV_RESOURCE))

@@ -1,6 +1,6 @@
 """Port of ``block/blk-mq.c``: tag set allocation, request queue setup, and the data
 path from a bio to a freed tag, running on real processes (the structs themselves are
-in :mod:`mqrt.blk_mq_structs`, the dispatch policy in :mod:`mqrt.blk_mq_sched`).
+in :mod:`mqrt.block.blk_mq_structs`, the dispatch policy in :mod:`mqrt.block.blk_mq_sched`).
 
 ::
 
@@ -16,7 +16,7 @@ in :mod:`mqrt.blk_mq_structs`, the dispatch policy in :mod:`mqrt.blk_mq_sched`).
 
 Two phases, as in the kernel's alloc/init and run: in the owner (before the children
 are forked) :func:`alloc_tag_set` and :func:`init_queue` validate, map CPUs to hw
-queues and *declare* every shared structure in a :class:`~mqrt.shm.Layout`;
+queues and *declare* every shared structure in a :class:`~mqrt.lib.shm.Layout`;
 :func:`init_shared` initialises the arena.  In each CPU worker, :class:`BlkMq` is that
 CPU's view of every queue and runs the data path; it asks its CPU for the services a
 kernel CPU has (softirqs, timers, IPIs, kblockd, sleeping) through :class:`CpuSys`.
@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from mqrt import blk_mq_sched, inject, trace
-from mqrt.blk_mq_cpumap import (
+from mqrt.block import blk_mq_sched
+from mqrt.block.blk_mq_cpumap import (
     HCTX_MAX_TYPES,
     HctxType,
     QueueMap,
@@ -59,7 +59,7 @@ from mqrt.blk_mq_cpumap import (
     map_queues,
     queue_cpumasks,
 )
-from mqrt.blk_mq_structs import (  # noqa: F401  (re-exported: the kernel's blk-mq.h)
+from mqrt.block.blk_mq_structs import (  # noqa: F401  (re-exported: the kernel's blk-mq.h)
     _BUSY,
     _IN_FLIGHT,
     _OWNED_OR_BUSY,
@@ -92,8 +92,8 @@ from mqrt.blk_mq_structs import (  # noqa: F401  (re-exported: the kernel's blk-
     declare_rq_list,
     request_dtype,
 )
-from mqrt.blk_mq_tag import BLK_MQ_TAG_MIN, Tags, declare_tags, init_tags
-from mqrt.blk_mq_types import (
+from mqrt.block.blk_mq_tag import BLK_MQ_TAG_MIN, Tags, declare_tags, init_tags
+from mqrt.block.blk_mq_types import (
     BLK_MAX_REQUEST_COUNT,
     BLK_MQ_CPU_WORK_BATCH,
     BLK_MQ_MAX_DEPTH,
@@ -110,10 +110,11 @@ from mqrt.blk_mq_types import (
     Rqf,
     RqState,
 )
-from mqrt.sbitmap import UINT_MAX
-from mqrt.shm import Arena, Layout
-from mqrt.trace import Ev
-from mqrt.wait import Waiters
+from mqrt.lib import inject, trace
+from mqrt.lib.sbitmap import UINT_MAX
+from mqrt.lib.shm import Arena, Layout
+from mqrt.lib.trace import Ev
+from mqrt.lib.wait import Waiters
 
 # -- tag sets (blk_mq_alloc_tag_set) -------------------------------------------------------
 

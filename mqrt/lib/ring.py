@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 
 #: SPSC control words, each on its own cache line (written by different processes).
 SPSC_HEADER = cacheline_struct(

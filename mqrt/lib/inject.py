@@ -24,9 +24,9 @@ import random
 import time
 from collections.abc import Mapping
 
-from mqrt import trace
-from mqrt.knobs import KnobError
-from mqrt.trace import Ev
+from mqrt.lib import trace
+from mqrt.lib.knobs import KnobError
+from mqrt.lib.trace import Ev
 
 #: Every injection point: name -> where it is and which window it widens.
 POINTS: dict[str, str] = {

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqrt.knobs import Knob, KnobError, canonical
+from mqrt.lib.knobs import Knob, KnobError, canonical
 
 #: Kinds of knob that may be swept (a "str" knob may contain commas of its own).
 SWEEPABLE_KINDS = frozenset({"int", "size", "float", "bool", "choice"})

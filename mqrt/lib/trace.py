@@ -26,7 +26,7 @@ Record (``RECORD``, 32 bytes, little-endian, naturally aligned)
     non-integer field is written as 0 and then raises ``TypeError``, so a bad call
     still leaves a valid, published record behind and never a torn one.
 
-Shared memory (:class:`TraceSpec`, declared in a :class:`~mqrt.shm.Layout`)
+Shared memory (:class:`TraceSpec`, declared in a :class:`~mqrt.lib.shm.Layout`)
     ``<name>.head``: ``nr_cpus`` headers, each on its own cache line, holding ``head``
     (u64): how many records that CPU has ever written.  ``<name>.records``:
     ``nr_cpus`` rings of ``entries`` records (a power of two, default 4096, so 128 KiB
@@ -106,8 +106,8 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 import numpy as np
 
-from mqrt._atomic import TraceWriter, fence
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib._atomic import TraceWriter, fence
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 
 
 class Ev(enum.IntEnum):
@@ -134,7 +134,7 @@ class Ev(enum.IntEnum):
     TAG_BUSY = 15  #: __blk_mq_tag_busy(): a queue became active (arg: active users)
     TAG_IDLE = 16  #: __blk_mq_tag_idle(): a queue went idle (arg: active users)
     WAKE_BATCH = 17  #: sbitmap_queue wake_batch recalculated (arg: the new batch)
-    INJECT = 18  #: a window-widening delay (mqrt.inject) was taken (arg: µs)
+    INJECT = 18  #: a window-widening delay (mqrt.lib.inject) was taken (arg: µs)
     MARK = 19  #: free use (tests, ad-hoc instrumentation)
 
 
@@ -156,7 +156,7 @@ ARG_FORMATS: dict[int, str] = {
 
 #: The record as stored: see the table in the module docstring.
 RECORD = struct.Struct("<QHHHHiIq")
-#: The same record as a numpy dtype, for :meth:`~mqrt.shm.Arena.view` and debugging.
+#: The same record as a numpy dtype, for :meth:`~mqrt.lib.shm.Arena.view` and debugging.
 RECORD_DTYPE = np.dtype(
     [
         ("t_ns", "<u8"),
@@ -255,7 +255,7 @@ class Tracer:
     """The writer of one CPU's ring.
 
     ``emit(ev, tag=-1, gen=0, hctx=0, q=0, arg=0)`` appends one record; it is the
-    bound ``emit`` of a C :class:`~mqrt._atomic.TraceWriter` (the record store, the
+    bound ``emit`` of a C :class:`~mqrt.lib._atomic.TraceWriter` (the record store, the
     clock and the head store in one call), kept as an instance attribute so hot
     callers fetch it once.  Create one per CPU, in the process that is that CPU, after
     attaching the arena; it continues after the records already in the ring.

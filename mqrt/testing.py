@@ -4,7 +4,7 @@ step by the caller instead of by worker processes.
 
 Used by the deterministic interleaving tests (which request is busy, when a timer
 fires, when kblockd runs) and by ``mqrt microbench``'s in-process data-path cases;
-the multi-process behaviour runs on real workers (:mod:`mqrt.runtime`).
+the multi-process behaviour runs on real workers (:mod:`mqrt.runtime.owner`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import heapq
 import os
 from collections import deque
 
-from mqrt.blk_mq import BlkMq, init_shared
-from mqrt.blk_mq_cpumap import Topology
-from mqrt.shm import Arena, Layout
-from mqrt.wait import Waiters
+from mqrt.block.blk_mq import BlkMq, init_shared
+from mqrt.block.blk_mq_cpumap import Topology
+from mqrt.lib.shm import Arena, Layout
+from mqrt.lib.wait import Waiters
 
 
 class ScriptedCpu:

@@ -2,12 +2,12 @@
 back on.
 
 Each entry names the kernel commit that fixed the bug, says what went wrong, and
-carries the buggy version of *our* function (the port in :mod:`mqrt.sbitmap` and
-:mod:`mqrt.blk_mq_tag` is the fixed code).  Switching a bug on replaces that function
+carries the buggy version of *our* function (the port in :mod:`mqrt.lib.sbitmap` and
+:mod:`mqrt.block.blk_mq_tag` is the fixed code).  Switching a bug on replaces that function
 on its class in the owner process before the CPUs are forked, so they run the old
 code; switching it off puts ours back.  A scenario (options of ``mqrt bench``, per
 queue jobs, injection points) is what provokes it on this kind of host, and the
-detectors of :mod:`mqrt.race_detect` say when it happened.
+detectors of :mod:`mqrt.runtime.detectors` say when it happened.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqrt import inject
-from mqrt import sbitmap as sbitmap_module
-from mqrt.blk_mq_tag import Tags
-from mqrt.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue, SbqWait
-from mqrt.wait import spin_lock, spin_unlock
+from mqrt.block.blk_mq_tag import Tags
+from mqrt.lib import inject
+from mqrt.lib import sbitmap as sbitmap_module
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue, SbqWait
+from mqrt.lib.wait import spin_lock, spin_unlock
 
 
 @dataclass(frozen=True)

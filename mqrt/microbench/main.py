@@ -5,7 +5,7 @@ Every case is repeated (``--repeat``, default 5) and the median is reported with
 spread; compare ratios within one run, not absolute numbers across runs.
 
 Cases
-    atomic.*                   one mqrt._atomic call from Python on shared memory
+    atomic.*                   one mqrt.lib._atomic call from Python on shared memory
     peer.atomics.*             the same operation with the PyPI ``atomics`` package
     ring.spsc.batch            SpscRing, 64-byte entries, batches of 32, producer and
                                consumer pinned to different cores
@@ -38,11 +38,11 @@ from typing import Any
 
 from mqrt import __version__
 from mqrt.errors import UsageError
-from mqrt.proc import child_init
-from mqrt.ring import MpscRing, SpscRing
-from mqrt.sbitmap import SbitmapQueue
-from mqrt.shm import Arena, Layout, cacheline_struct, exit_on_sigterm
-from mqrt.wait import Waiters
+from mqrt.lib.proc import child_init
+from mqrt.lib.ring import MpscRing, SpscRing
+from mqrt.lib.sbitmap import SbitmapQueue
+from mqrt.lib.shm import Arena, Layout, cacheline_struct, exit_on_sigterm
+from mqrt.lib.wait import Waiters
 
 SCHEMA = "mqrt.microbench/1"
 ENTRY_SIZE = 64
@@ -362,7 +362,7 @@ def _sbitmap(scale: float) -> float:
 
 def _trace_emit(scale: float) -> float:
     """One trace event as the data path writes it (``if trace.on: trace.emit(...)``)."""
-    from mqrt import trace
+    from mqrt.lib import trace
 
     n = int(200_000 * scale)
     with _arena(lambda lay: trace.TraceSpec.declare(lay, 1, 4096)) as (arena, (spec,)):
@@ -391,9 +391,9 @@ def _blk_mq_io(traced: bool) -> Callable[[float], float]:
     without the event trace."""
 
     def run(scale: float) -> float:
-        from mqrt import trace
-        from mqrt.blk_mq_rig import Rig
         from mqrt.device import null_blk
+        from mqrt.lib import trace
+        from mqrt.testing import Rig
         from mqrt.workers.ioengine import IoJob, JobSpec
 
         cfg = null_blk.parse_config({"irqmode": 0})
@@ -550,13 +550,13 @@ def reference_figures(loop: bool) -> dict[str, float]:
 
 
 CASES: list[Case] = [
-    Case("atomic.cmpxchg", "ns/op", _ours("cmpxchg"), what="mqrt._atomic cmpxchg"),
-    Case("atomic.fetch_add", "ns/op", _ours("fetch_add"), what="mqrt._atomic fetch_add"),
+    Case("atomic.cmpxchg", "ns/op", _ours("cmpxchg"), what="mqrt.lib._atomic cmpxchg"),
+    Case("atomic.fetch_add", "ns/op", _ours("fetch_add"), what="mqrt.lib._atomic fetch_add"),
     Case(
         "atomic.test_and_set_bit",
         "ns/op",
         _ours("test_and_set_bit"),
-        what="mqrt._atomic test_and_set_bit",
+        what="mqrt.lib._atomic test_and_set_bit",
     ),
     Case("peer.atomics.cmpxchg", "ns/op", _peer("cmpxchg"), "atomics", "atomics cmpxchg_strong"),
     Case("peer.atomics.fetch_add", "ns/op", _peer("fetch_add"), "atomics", "atomics fetch_add"),

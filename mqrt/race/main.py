@@ -2,10 +2,10 @@
 and catch it.
 
 ``mqrt race list [--json]``
-    the catalogue (:mod:`mqrt.race_bugs`): name, kernel commit, what goes wrong.
+    the catalogue (:mod:`mqrt.race.bugs`): name, kernel commit, what goes wrong.
 ``mqrt race run NAME [--seed S] [--timeout T] [--fixed] [--json]``
     run the bug's scenario with the old code until a detector
-    (:mod:`mqrt.race_detect`) fires or ``T`` seconds pass; each attempt uses the
+    (:mod:`mqrt.runtime.detectors`) fires or ``T`` seconds pass; each attempt uses the
     next seed.  With ``--fixed`` the same scenario runs on our (fixed) code until it
     has completed ``--requests`` I/Os cleanly or the time is up.  A report is written
     either way: the finding, the tag maps in debugfs format, who sleeps where, the
@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from mqrt.errors import UsageError
-from mqrt.race_bugs import CATALOGUE, Bug
+from mqrt.race.bugs import CATALOGUE, Bug
 
 #: Records per CPU in the event trace of a race run.
 TRACE_ENTRIES = 4096
@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_show(args: argparse.Namespace) -> int:
-    from mqrt.trace import render_dump
+    from mqrt.lib.trace import render_dump
 
     try:
         text = render_dump(args.dump)
@@ -183,7 +183,7 @@ def run_bug(
 ) -> dict[str, Any]:
     """Attempts of the bug's scenario (seed, seed+1, ...) until a detector fires, or
     (``fixed``) until ``requests`` I/Os ran clean, or ``timeout`` seconds pass."""
-    from mqrt.runtime import run
+    from mqrt.runtime.owner import run
 
     t0 = time.monotonic()
     total = 0
@@ -240,7 +240,7 @@ def run_bug(
 def build_scenario(bug: Bug, seed: int, runtime: float):
     """The RunSpec of one attempt: the scenario's options, per-queue jobs, injection
     points and the detectors."""
-    from mqrt.bench import build
+    from mqrt.bench.main import build
     from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
 
     sc = bug.scenario

@@ -30,7 +30,7 @@ Design
       depth; shallow depth applies per word.
 
     Both generations carry every later fix that applies to them (e.g. b5fcf7871acb's
-    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race_bugs`
+    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race.bugs`
     switches historical bugs back on.  The code keeps the kernel's shape (same
     function boundaries, same names) so each fix has one place.
 
@@ -39,12 +39,12 @@ Deviations from Linux
       own cache line; "this CPU" is the ``cpu`` the handle was built for.
     * ``resize`` cannot grow the bitmap past the depth it was declared with (the
       kernel sizes ``map`` at init too).
-    * Sleeping uses :mod:`mqrt.wait` (eventfds, real processes); wait states refer to
+    * Sleeping uses :mod:`mqrt.lib.wait` (eventfds, real processes); wait states refer to
       waiters by slot.
     * The word search loop (``__sbitmap_get_word``: find_next_zero_bit +
       test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`.
 
-Concurrency (who writes what; every RMW through :mod:`mqrt._atomic`)
+Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
     * ``word``: any CPU; bits set by test_and_set_bit_lock (acquire), cleared in
       bulk by the fold (andnot, fully ordered) or directly by :meth:`Sbitmap.clear_bit`
       and ``clear_batch``.
@@ -59,7 +59,7 @@ Concurrency (who writes what; every RMW through :mod:`mqrt._atomic`)
       loads (READ_ONCE); like the kernel, a resize under load is not atomic with
       concurrent gets.
     * ``ws_active``, ``wake_index``, ``completion_cnt``, ``wakeup_cnt``,
-      ``ws[i].wait_cnt``: atomics; the wait queues: see :mod:`mqrt.wait`.
+      ``ws[i].wait_cnt``: atomics; the wait queues: see :mod:`mqrt.lib.wait`.
 
 How to benchmark
     ``mqrt microbench`` reports ``sbitmap.get_put`` (one process) and
@@ -75,11 +75,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt import inject, trace
-from mqrt._atomic import AtomicView, fence
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
-from mqrt.trace import Ev
-from mqrt.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
+from mqrt.lib import inject, trace
+from mqrt.lib._atomic import AtomicView, fence
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib.trace import Ev
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
 
 #: Number of wait queues in a sbitmap_queue.
 SBQ_WAIT_QUEUES = 8
@@ -490,7 +490,7 @@ class Sbitmap:
 class SbitmapQueue:
     """A handle on a shared sbitmap_queue for one emulated CPU.
 
-    ``waiters`` is this process's :class:`~mqrt.wait.Waiters` (its slot is the one
+    ``waiters`` is this process's :class:`~mqrt.lib.wait.Waiters` (its slot is the one
     that sleeps in :meth:`prepare_to_wait`).
     """
 

@@ -34,13 +34,13 @@ from typing import Any
 
 import msgpack
 
-from mqrt import inject
-from mqrt.blk_mq import init_shared
-from mqrt.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
-from mqrt.blk_mq_debugfs import check_invariants, fair_share_report
-from mqrt.shm import Arena, Layout, exit_on_sigterm
-from mqrt.trace import TraceSpec, dump_msgpack, read_all
-from mqrt.wait import Waiters
+from mqrt.block.blk_mq import init_shared
+from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
+from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
+from mqrt.lib import inject
+from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
+from mqrt.lib.trace import TraceSpec, dump_msgpack, read_all
+from mqrt.lib.wait import Waiters
 
 _fork = mp.get_context("fork")
 
@@ -72,14 +72,14 @@ class RunSpec:
     cpus_per_core: int | None = None  #: emulated topology (None: from the host)
     pin: bool = True
     seed: int = 0
-    mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.blk_mq_modes)
+    mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.block.blk_mq_modes)
     #: per request queue, the job to run on it (None: ``job`` on every queue)
     queue_jobs: list[Any] | None = None
     #: (seconds after the start, action, args) done once by CPU 0 (workers.cpu)
     actions: list[tuple[float, str, tuple]] | None = None
-    #: injection points to arm for the run: name -> (percent, max µs) (mqrt.inject)
+    #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
     inject: dict[str, tuple[float, int]] | None = None
-    #: watch the run with mqrt.race_detect's detectors: the first finding stops it
+    #: watch the run with mqrt.runtime.detectors's detectors: the first finding stops it
     detect: bool = False
     #: detector thresholds (seconds): no progress, and a lost wake-up
     hang_s: float = 1.0
@@ -107,7 +107,7 @@ class RunResult:
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
     t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
     device: dict[str, Any] = field(default_factory=dict)  #: the device's counters
-    #: what a detector found (mqrt.race_detect.Finding.to_dict()), if it stopped the run
+    #: what a detector found (mqrt.runtime.detectors.Finding.to_dict()), if it stopped the run
     finding: dict[str, Any] | None = None
     #: the trace dump written for a failed run (RunSpec.trace_dump), if any
     trace_dump: str | None = None
@@ -301,7 +301,7 @@ class _Run:
 
         monitor = None
         if spec.detect:
-            from mqrt.race_detect import Monitor
+            from mqrt.runtime.detectors import Monitor
 
             monitor = Monitor(
                 arena, self.queues, self.wspec, self.eventfds, self.stats_region, n,

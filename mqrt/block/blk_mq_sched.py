@@ -6,7 +6,7 @@ first, marking SCHED_RESTART so the next completion reruns the queue; then, whil
 hctx is busy, one request at a time round robin over the ctxs
 (``blk_mq_do_dispatch_ctx``), otherwise every pending ctx's list at once
 (``blk_mq_flush_busy_ctxs``).  ``blk_mq_dispatch_rq_list`` itself is in
-:mod:`mqrt.blk_mq`, as in the kernel.
+:mod:`mqrt.block.blk_mq`, as in the kernel.
 
 Deviations from Linux: no elevator, so no sched tags and no ``->dispatch_request``.
 """
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mqrt.blk_mq_types import HctxState
+from mqrt.block.blk_mq_types import HctxState
 
 if TYPE_CHECKING:
-    from mqrt.blk_mq import BlkMq
-    from mqrt.blk_mq_structs import HwCtx
+    from mqrt.block.blk_mq import BlkMq
+    from mqrt.block.blk_mq_structs import HwCtx
 
 
 def dispatch_requests(mq: BlkMq, hctx: HwCtx) -> None:

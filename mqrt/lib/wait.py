@@ -49,8 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqrt._atomic import cpu_relax
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib._atomic import cpu_relax
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 
 #: A wait_queue_head_t: embedded in other structs (e.g. sbitmap's wait states).
 WAIT_QUEUE_HEAD = np.dtype(
@@ -381,7 +381,7 @@ class WaitQueue:
 
 #: epoll rounds timeouts up to whole milliseconds: shorter waits use select(), which
 #: sleeps to the microsecond (with the timer slack made small by
-#: :func:`mqrt.proc.precise_timers`).
+#: :func:`mqrt.lib.proc.precise_timers`).
 EPOLL_MIN_TIMEOUT = 0.005
 
 

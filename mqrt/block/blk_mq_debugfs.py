@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mqrt.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
-from mqrt.shm import Arena
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.lib.shm import Arena
 
 
 def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mqrt._atomic import AtomicView
+from mqrt.lib._atomic import AtomicView
 
 #: Size of a cache line on every machine we target (x86-64, arm64).
 CACHELINE = 64
@@ -181,7 +181,7 @@ class Arena:
     """One shared-memory segment holding every shared structure of a run.
 
     Use :meth:`create` in the owner and :meth:`attach` in children, both as context
-    managers.  ``atomic`` is the :class:`~mqrt._atomic.AtomicView` through which all
+    managers.  ``atomic`` is the :class:`~mqrt.lib._atomic.AtomicView` through which all
     shared words are read and written.
     """
 

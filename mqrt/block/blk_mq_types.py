@@ -1,7 +1,7 @@
 """The public vocabulary of ``include/linux/blk-mq.h`` and ``include/linux/blk_types.h``:
 flags, state bits, statuses, request states and the driver's ops.
 
-Kept apart from :mod:`mqrt.blk_mq` so drivers (``mqrt.device``) and reports can name
+Kept apart from :mod:`mqrt.block.blk_mq` so drivers (``mqrt.device``) and reports can name
 things without importing the data path.  Flags are exposed by *name*: their bit
 values changed across kernel versions (the values here are those of current kernels).
 """
@@ -12,7 +12,7 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mqrt.blk_mq import BlkMq, Request, RequestQueue
+    from mqrt.block.blk_mq import BlkMq, Request, RequestQueue
 
 #: Largest queue_depth a tag set may ask for (BLK_MQ_MAX_DEPTH).
 BLK_MQ_MAX_DEPTH = 10240

@@ -7,7 +7,7 @@ Options carry fio's names for the job (``--rw``, ``--bs``, ``--iodepth`` ...) an
 null_blk's and nvme's for the devices (``--irqmode``, ``--completion_nsec``,
 ``--submit_queues`` ...); dashes and underscores are both accepted.  A bad value is a
 one-line error naming the option and what it accepts.  A list of values sweeps
-(:mod:`mqrt.sweep`); a fio job file gives the jobs (:mod:`mqrt.jobfile`).  Without
+(:mod:`mqrt.bench.sweep`); a fio job file gives the jobs (:mod:`mqrt.bench.jobfile`).  Without
 any option, a small mq-versus-sq sweep over 1..N CPUs runs.
 """
 
@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from mqrt.errors import UsageError
-from mqrt.knobs import Knob, KnobError, canonical, parse_knobs
+from mqrt.lib.knobs import Knob, KnobError, canonical, parse_knobs
 
 #: Options of the run itself (not of the job or the driver).
 RUN_KNOBS: tuple[Knob, ...] = (
@@ -128,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     sw.add_argument(
         "--inject", metavar="NAME=PCT:MAX_US,...", default="",
-        help="hold race windows open: at each named point (see mqrt.inject.POINTS: "
+        help="hold race windows open: at each named point (see mqrt.lib.inject.POINTS: "
         "sbq.clear.before_wake, tag.get.before_sleep, ...) wait up to MAX_US "
         "microseconds, PCT percent of the time (seeded by --seed)",
     )  # fmt: skip
@@ -242,7 +242,7 @@ def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
 
 def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
     """The RunSpec and the configuration the report shows, for either driver."""
-    from mqrt.runtime import RunSpec
+    from mqrt.runtime.owner import RunSpec
     from mqrt.workers.ioengine import JOB_KNOBS
 
     spec = RunSpec(
@@ -291,7 +291,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
 
 
 def _generation(runv):
-    from mqrt.sbitmap import SbqGeneration
+    from mqrt.lib.sbitmap import SbqGeneration
 
     return SbqGeneration.LEGACY if runv["sbitmap"] == "legacy" else SbqGeneration.CURRENT
 
@@ -299,7 +299,7 @@ def _generation(runv):
 def _cpus_allowed(runv) -> list[int] | None:
     if not runv["cpus_allowed"]:
         return None
-    from mqrt.blk_mq_cpumap import host_cpus, parse_cpulist
+    from mqrt.block.blk_mq_cpumap import host_cpus, parse_cpulist
 
     try:
         cpus = parse_cpulist(runv["cpus_allowed"])
@@ -354,7 +354,7 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     """Every point of the command, built and validated before anything runs: the
     points (each with its RunSpec), the axes with typed values, the repetitions, and
     whether this is the default sweep."""
-    from mqrt.sweep import points, split_axes
+    from mqrt.bench.sweep import points, split_axes
 
     given = _given(args)
     knobs = _all_knobs()
@@ -364,7 +364,7 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     if is_default:
         sections.append((None, default_sweep(), None))
     elif args.jobfile:
-        from mqrt.jobfile import parse_jobfile
+        from mqrt.bench.jobfile import parse_jobfile
 
         flags = [k.name for k in knobs.values() if k.kind == "bool"]
         for sec in parse_jobfile(args.jobfile, knobs, flags=flags):
@@ -400,7 +400,7 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
 
 
 def _point_label(section: str | None, params: dict[str, Any]) -> str:
-    from mqrt.sweep import format_params
+    from mqrt.bench.sweep import format_params
 
     label = format_params(params)
     return f"job {section}: {label}" if section else label
@@ -411,7 +411,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         planned, axes, repeat, is_default = plan_points(args)
         if args.inject:
-            from mqrt.inject import parse
+            from mqrt.lib.inject import parse
 
             table = parse(args.inject)
             for p in planned:
@@ -436,11 +436,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
-    from mqrt.bench_report import assemble, run_summary
-    from mqrt.bench_text import Progress, render_report
-    from mqrt.blk_mq import BlkMqError
-    from mqrt.runtime import RunError, run
-    from mqrt.sweep import format_params
+    from mqrt.bench.report import assemble, run_summary
+    from mqrt.bench.sweep import format_params
+    from mqrt.bench.text import Progress, render_report
+    from mqrt.block.blk_mq import BlkMqError
+    from mqrt.runtime.owner import RunError, run
 
     job0 = planned[0].spec.job
     progress = Progress(not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15)
@@ -486,7 +486,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         messages=messages,
     )  # fmt: skip
     if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
-        from mqrt.microbench import reference_figures
+        from mqrt.microbench.main import reference_figures
 
         report["mqrt"]["reference"] = reference_figures(args.reference)
     if args.output_format == "json":

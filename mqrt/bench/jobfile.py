@@ -29,7 +29,7 @@ Every option must be one the caller supports (``known``) or one of
 those are returned separately (:attr:`JobSection.no_effect`) so the caller can say
 so.  Anything else is an error.  Values stay strings: the caller validates them and
 can report a bad value with its line (:meth:`JobSection.line_of`,
-:meth:`JobSection.located`).  Every error is a :class:`~mqrt.knobs.KnobError` with a
+:meth:`JobSection.located`).  Every error is a :class:`~mqrt.lib.knobs.KnobError` with a
 one-line message starting with ``file:line:``, e.g.
 ``jobs.fio:7: unknown option 'verify' (supported: see mqrt bench --help)``.
 """
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from mqrt.knobs import KnobError, canonical
+from mqrt.lib.knobs import KnobError, canonical
 
 __all__ = [
     "ACCEPTED_NO_EFFECT",

@@ -32,11 +32,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt import inject, trace
-from mqrt.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
-from mqrt.shm import Arena, Layout, Region, cacheline_struct
-from mqrt.trace import Ev
-from mqrt.wait import Waiters, spin_lock, spin_unlock
+from mqrt.lib import inject, trace
+from mqrt.lib.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib.trace import Ev
+from mqrt.lib.wait import Waiters, spin_lock, spin_unlock
 
 #: The "no tag" sentinel (BLK_MQ_NO_TAG).
 BLK_MQ_NO_TAG = -1

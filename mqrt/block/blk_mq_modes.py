@@ -2,7 +2,7 @@
 picture (Bjørling et al., SYSTOR 2013) on any host:
 
 ``mq``
-    :class:`mqrt.blk_mq.BlkMq` as built: per-CPU ctxs, hw queues, sbitmap tags.
+    :class:`mqrt.block.blk_mq.BlkMq` as built: per-CPU ctxs, hw queues, sbitmap tags.
 ``sq``
     :class:`SqBlkMq`, the single request queue of the block layer before blk-mq: one
     hw queue and one ``queue_lock`` that every submission, dispatch, completion and
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from mqrt.blk_mq import BlkMq
-from mqrt.blk_mq_structs import (
+from mqrt.block.blk_mq import BlkMq
+from mqrt.block.blk_mq_structs import (
     _BUSY,
     _IN_FLIGHT,
     RQ_ALLOCATED,
@@ -37,8 +37,8 @@ from mqrt.blk_mq_structs import (
     HwCtx,
     Queue,
 )
-from mqrt.blk_mq_types import SECTOR_SHIFT, RqState
-from mqrt.wait import spin_lock, spin_unlock
+from mqrt.block.blk_mq_types import SECTOR_SHIFT, RqState
+from mqrt.lib.wait import spin_lock, spin_unlock
 
 MODES = ("mq", "sq", "raw")
 

@@ -1,10 +1,10 @@
 /*
- * mqrt._atomic - word-level atomics on a shared-memory buffer.
+ * mqrt.lib._atomic - word-level atomics on a shared-memory buffer.
  *
  * The user-space counterpart of the kernel's <linux/atomic.h> and <linux/bitops.h>,
  * for words that live in a multiprocessing.shared_memory segment mapped by several
  * processes.  Only word-level primitives live here; rings, sbitmap and everything
- * above them are Python (mqrt/ring.py, mqrt/sbitmap.py), so they can be read,
+ * above them are Python (mqrt/lib/ring.py, mqrt/lib/sbitmap.py), so they can be read,
  * instrumented and deliberately broken.
  *
  * Memory-ordering model (GCC __atomic builtins):
@@ -30,7 +30,7 @@
  * a misaligned one ValueError, and a released view ValueError - never a segfault.
  *
  * One writer sits above the words: TraceWriter, which appends the event trace's
- * 32-byte records (mqrt/trace.py has the format and the ordering argument).  It is
+ * 32-byte records (mqrt/lib/trace.py has the format and the ordering argument).  It is
  * here because tracing is meant to stay on: in CPython, struct.pack_into + the clock +
  * the head store cost ~500 ns an event, in C ~100 ns.  Readers stay in Python.
  */
@@ -432,7 +432,7 @@ static PyGetSetDef av_getset[] = {
 
 static PyTypeObject AtomicViewType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mqrt._atomic.AtomicView",
+    .tp_name = "mqrt.lib._atomic.AtomicView",
     .tp_basicsize = sizeof(AtomicView),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "AtomicView(buffer): atomic word operations at byte offsets of a writable buffer.\n\n"
@@ -447,7 +447,7 @@ static PyTypeObject AtomicViewType = {
 
 /* ---- the event trace's record writer ---------------------------------------------------- */
 
-/* The record of mqrt/trace.py (struct "<QHHHHiIq"); the layout is little-endian, so
+/* The record of mqrt/lib/trace.py (struct "<QHHHHiIq"); the layout is little-endian, so
  * this struct is it on the little-endian hosts mqrt runs on (checked at import). */
 typedef struct {
     uint64_t t_ns;
@@ -639,11 +639,11 @@ static PyGetSetDef tw_getset[] = {
 
 static PyTypeObject TraceWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mqrt._atomic.TraceWriter",
+    .tp_name = "mqrt.lib._atomic.TraceWriter",
     .tp_basicsize = sizeof(TraceWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "TraceWriter(view, ring_off, entries, head_off, cpu, position, barrier=False):\n"
-              "the single writer of one CPU's trace ring (see mqrt/trace.py).",
+              "the single writer of one CPU's trace ring (see mqrt/lib/trace.py).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)tw_init,
     .tp_dealloc = (destructor)tw_dealloc,
@@ -681,7 +681,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef atomic_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "mqrt._atomic",
+    .m_name = "mqrt.lib._atomic",
     .m_doc = "Word-level atomics on shared memory: the user-space <linux/atomic.h> and "
              "<linux/bitops.h>.",
     .m_size = -1,

@@ -12,14 +12,14 @@ from typing import Any
 import psutil
 
 from mqrt import __version__
-from mqrt.blk_stat import (
+from mqrt.bench.sweep import Point, format_params, median_index
+from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     LatHist,
     dir_stats_json,
     iodepth_level,
     parse_percentile_list,
 )
-from mqrt.sweep import Point, format_params, median_index
 
 #: Version of the ``mqrt`` object; 2 added the sweep and its points.
 SCHEMA = "mqrt.bench/2"

@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mqrt.blk_stat import choose_unit, format_percentiles_text
-from mqrt.sweep import format_params
+from mqrt.bench.sweep import format_params
+from mqrt.block.blk_stat import choose_unit, format_percentiles_text
 
 
 def _si(x: float) -> str:

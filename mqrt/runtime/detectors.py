@@ -36,12 +36,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqrt.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
-from mqrt.blk_mq_tag import Tags
-from mqrt.blk_mq_types import RqState
-from mqrt.shm import Arena
-from mqrt.trace import TraceSpec, format_records, last_events, read_all
-from mqrt.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
+from mqrt.block.blk_mq_tag import Tags
+from mqrt.block.blk_mq_types import RqState
+from mqrt.lib.shm import Arena
+from mqrt.lib.trace import TraceSpec, format_records, last_events, read_all
+from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
 
 #: Events per CPU shown next to a finding.
 EVENTS_PER_CPU = 24

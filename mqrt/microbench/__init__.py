@@ -1,0 +1,1 @@
+"""``mqrt microbench``: the primitives and the hot path measured beside their peers."""
