@@ -26,8 +26,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from mqrt.block.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
+from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HctxType, Topology, map_queue_types
+from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
+from mqrt.block.blk_mq_structs import HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
 from mqrt.lib.knobs import Knob, KnobError, KnobValues
 from mqrt.lib.sbitmap import SbqGeneration

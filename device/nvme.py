@@ -47,8 +47,10 @@ import struct
 import time
 from typing import Any
 
-from mqrt.block.blk_mq import BlkMq, HwCtx, Request, RequestQueue, TagSet, alloc_tag_set, init_queue
+from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
+from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
+from mqrt.block.blk_mq_structs import HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
 from mqrt.device.controller import (
     DEV_COUNTERS,

@@ -13,8 +13,9 @@ import heapq
 import os
 from collections import deque
 
-from mqrt.block.blk_mq import BlkMq, init_shared
+from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import Topology
+from mqrt.block.blk_mq_setup import init_shared
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
 

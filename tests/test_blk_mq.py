@@ -8,14 +8,9 @@ import time
 
 import pytest
 
-from mqrt.block.blk_mq import (
-    RQ_ALLOCATED,
-    RQ_GEN_SHIFT,
-    TagSet,
-    alloc_tag_set,
-    init_queue,
-)
 from mqrt.block.blk_mq_debugfs import check_invariants
+from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_GEN_SHIFT, TagSet
 from mqrt.block.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
 from tests.blk_mq_rig import Rig, ScriptOps
 

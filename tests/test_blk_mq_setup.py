@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from mqrt.block.blk_mq import (
-    BlkMqError,
-    TagSet,
+from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
+from mqrt.block.blk_mq_setup import (
     alloc_tag_set,
     cleanup_queue,
     free_tag_set,
     init_queue,
     init_sq_queue,
-    request_dtype,
 )
-from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
+from mqrt.block.blk_mq_structs import BlkMqError, TagSet, request_dtype
 from mqrt.block.blk_mq_types import BLK_MQ_MAX_DEPTH, BlkMqFlag, BlkMqOps
 from mqrt.device.null_blk import parse_config, setup
 from mqrt.lib.knobs import KnobError

@@ -44,8 +44,9 @@ from typing import Any
 
 import msgpack
 
-from mqrt.block.blk_mq import BlkMq, RequestQueue, Stopped
+from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
+from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.lib import inject, trace, wait
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct

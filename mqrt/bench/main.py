@@ -439,7 +439,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.bench.report import assemble, run_summary
     from mqrt.bench.sweep import format_params
     from mqrt.bench.text import Progress, render_report
-    from mqrt.block.blk_mq import BlkMqError
+    from mqrt.block.blk_mq_structs import BlkMqError
     from mqrt.runtime.owner import RunError, run
 
     job0 = planned[0].spec.job

@@ -12,7 +12,8 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mqrt.block.blk_mq import BlkMq, Request, RequestQueue
+    from mqrt.block.blk_mq import BlkMq
+    from mqrt.block.blk_mq_structs import Request, RequestQueue
 
 #: Largest queue_depth a tag set may ask for (BLK_MQ_MAX_DEPTH).
 BLK_MQ_MAX_DEPTH = 10240

@@ -34,9 +34,9 @@ from typing import Any
 
 import msgpack
 
-from mqrt.block.blk_mq import init_shared
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
+from mqrt.block.blk_mq_setup import init_shared
 from mqrt.lib import inject
 from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
 from mqrt.lib.trace import TraceSpec, dump_msgpack, read_all
