@@ -45,6 +45,9 @@ from typing import Any
 import msgpack
 
 from mqrt.device.nvme_defs import (
+    CQE,
+    CQE_HEAD,
+    CQE_OFF_CID_STATUS,
     NVME_QID_ADMIN,
     NVME_SC_DNR,
     SQE,
@@ -388,15 +391,15 @@ class Controller:
         n = min(room, len(pending))
         if n:
             tail, phase, depth, base = cq.tail, cq.phase, cq.depth, cq.base
-            pack = struct.pack_into
+            pack = CQE_HEAD.pack_into
             release = a.store_release32
             for _ in range(n):
                 result, sq_head, sqid, cid, status = pending.popleft()
-                off = base + tail * 16
-                pack("<IIHH", buf, off, result, 0, sq_head, sqid)
+                off = base + tail * CQE.size
+                pack(buf, off, result, 0, sq_head, sqid)
                 # Publish: cid + status (with the phase tag) in one release store,
                 # after the rest of the entry; pairs with the host's load_acquire.
-                release(off + 12, cid | cqe_status(status, phase) << 16)
+                release(off + CQE_OFF_CID_STATUS, cid | cqe_status(status, phase) << 16)
                 tail += 1
                 if tail == depth:
                     tail = 0

@@ -50,7 +50,7 @@ from typing import Any
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import HwCtx, Request, RequestQueue, TagSet
+from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
 from mqrt.device.controller import (
     DEV_COUNTERS,
@@ -63,6 +63,7 @@ from mqrt.device.controller import (
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
+    CQE_OFF_CID_STATUS,
     NVME_AQ_DEPTH,
     NVME_MAX_RETRIES,
     NVME_QUEUE,
@@ -175,7 +176,7 @@ class NvmeQueue:
         peek (the poll path's cheap test before it takes the CQ lock)."""
         a, o = self.a, self.o
         off = self.cq_base + a.read32(o.cq_head) * CQE.size
-        return (a.load_acquire32(off + 12) >> 16) & 1 == a.read32(o.cq_phase)
+        return (a.load_acquire32(off + CQE_OFF_CID_STATUS) >> 16) & 1 == a.read32(o.cq_phase)
 
     # -- submission (nvme_sq_copy_cmd, nvme_write_sq_db) ----------------------------------
 
@@ -259,7 +260,7 @@ class NvmeQueue:
             base = self.cq_base
             while len(out) < budget:
                 off = base + head * CQE.size
-                word = a.load_acquire32(off + 12)  # cid | status << 16: phase first
+                word = a.load_acquire32(off + CQE_OFF_CID_STATUS)  # cid | status << 16: phase first
                 if (word >> 16) & 1 != phase:
                     break
                 result, _dw1, sq_head, sq_id = struct.unpack_from("<IIHH", buf, off)
@@ -572,9 +573,9 @@ class NvmeOps(BlkMqOps):
             pdu[_GENCTR] = genctr  # type: ignore[index]
             pdu[_ABORTED] = 0  # type: ignore[index]
             a = nvmeq.a
-            if not a.read32(rq.base + 56) & _DONTPREP:  # nvme_setup_cmd(): a new command
+            if not a.read32(rq.base + RQ_OFF_FLAGS) & _DONTPREP:  # nvme_setup_cmd(): a new command
                 pdu[_RETRIES] = 0  # type: ignore[index]
-                a.fetch_or32(rq.base + 56, _DONTPREP)
+                a.fetch_or32(rq.base + RQ_OFF_FLAGS, _DONTPREP)
             st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
             mq.start_request(rq)
             opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE

@@ -17,13 +17,46 @@ completion for an older use of a tag is caught ("genctr mismatch").
 from __future__ import annotations
 
 import enum
-import struct
 
-from mqrt.lib.shm import cacheline_struct
+import numpy as np
 
-SQE = struct.Struct("<BBHIQQQQIIIIII")
-CQE = struct.Struct("<IIHHHH")
-assert SQE.size == 64 and CQE.size == 16
+from mqrt.lib.shm import cacheline_struct, field_offset, struct_of
+
+#: struct nvme_command: the 64-byte submission queue entry, packed as on the wire.
+SQE_LAYOUT = np.dtype(
+    [
+        ("opcode", "u1"),
+        ("flags", "u1"),
+        ("command_id", "<u2"),
+        ("nsid", "<u4"),
+        ("cdw2", "<u8"),  # cdw2-3
+        ("metadata", "<u8"),  # mptr
+        ("prp1", "<u8"),
+        ("prp2", "<u8"),
+        *((f"cdw{i}", "<u4") for i in range(10, 16)),
+    ]
+)
+#: struct nvme_completion: the 16-byte completion queue entry.  ``command_id`` and
+#: ``status`` (with the phase tag in bit 0) form its last dword, published last.
+CQE_LAYOUT = np.dtype(
+    [
+        ("result", "<u4"),
+        ("dw1", "<u4"),
+        ("sq_head", "<u2"),
+        ("sq_id", "<u2"),
+        ("command_id", "<u2"),
+        ("status", "<u2"),
+    ]
+)
+SQE = struct_of(SQE_LAYOUT, "opcode", "cdw15")
+CQE = struct_of(CQE_LAYOUT, "result", "status")
+#: The CQE up to its last dword: what the device writes before publishing.
+CQE_HEAD = struct_of(CQE_LAYOUT, "result", "sq_id")
+#: Offset of the CQE's last dword (command_id | status << 16): one 32-bit store or load.
+CQE_OFF_CID_STATUS = field_offset(CQE_LAYOUT, "command_id")
+assert SQE.size == SQE_LAYOUT.itemsize == 64 and CQE.size == CQE_LAYOUT.itemsize == 16
+assert CQE_OFF_CID_STATUS == CQE_HEAD.size == CQE.size - 4
+assert field_offset(CQE_LAYOUT, "status") == CQE_OFF_CID_STATUS + 2
 
 #: Largest queue the controller supports (CAP.MQES + 1).
 NVME_MAX_QUEUE_DEPTH = 4096

@@ -7,6 +7,7 @@ declare regions in a Layout.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology, map_queues
@@ -446,3 +447,44 @@ def test_null_blk_init_hctx_fault():
     with pytest.raises(BlkMqError) as exc:
         setup(cfg, Layout(), Topology.emulated(2))
     assert str(exc.value).startswith("EFAULT")
+
+
+def test_request_layout_is_declared_once():
+    """The hot paths' structs and offsets are derived from the request's dtype: what
+    numpy writes by field name, the structs read back at the derived offsets."""
+    from mqrt.block import blk_mq_structs as s
+
+    rq = np.zeros(1, s.REQUEST)
+    values = {
+        "deadline_ns": 11, "io_start_time_ns": 12, "start_time_ns": 13, "sector": 14,
+        "nr_sectors": 15, "nr_bios": 16, "cpu": 257, "hctx": 18, "q": 19, "op": 1,
+        "rq_flags": 21, "status": -22,
+    }  # fmt: skip
+    for name, v in values.items():
+        rq[name] = v
+    buf = rq.tobytes()
+    order = ["start_time_ns", "sector", "nr_sectors", "nr_bios", "cpu", "hctx", "q", "op",
+             "rq_flags", "status"]  # fmt: skip
+    assert s.RQ_SETUP.unpack_from(buf, s.RQ_OFF_SETUP) == tuple(values[k] for k in order)
+    assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (12, *(values[k] for k in order))
+    assert s.RQ_TIMES.unpack_from(buf, s.RQ_OFF_DEADLINE) == (11, 12)
+    assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16)
+    assert buf[s.RQ_OFF_HCTX] == 18 and buf[s.RQ_OFF_Q] == 19 and buf[s.RQ_OFF_OP] == 1
+    assert buf[s.RQ_OFF_CPU] | buf[s.RQ_OFF_CPU + 1] << 8 == 257
+    # A PDU follows on its own line; the block layer's fields do not move.
+    with_pdu = request_dtype(40)
+    assert with_pdu.fields["pdu"][1] == 64
+    assert all(with_pdu.fields[k][1] == s.REQUEST.fields[k][1] for k in values)
+
+
+def test_nvme_entries_are_declared_once():
+    from mqrt.device.nvme_defs import CQE, CQE_HEAD, CQE_LAYOUT, CQE_OFF_CID_STATUS, SQE
+
+    cqe = np.zeros(1, CQE_LAYOUT)
+    cqe["command_id"], cqe["status"], cqe["sq_id"] = 0x123, 0x281 << 1 | 1, 7
+    buf = cqe.tobytes()
+    assert int.from_bytes(buf[CQE_OFF_CID_STATUS : CQE_OFF_CID_STATUS + 4], "little") == (
+        0x123 | (0x281 << 1 | 1) << 16
+    )
+    assert CQE.unpack(buf)[3:] == (7, 0x123, 0x281 << 1 | 1)
+    assert CQE_HEAD.size == CQE_OFF_CID_STATUS and SQE.size == 64

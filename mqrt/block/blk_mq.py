@@ -40,7 +40,6 @@ Concurrency (see docs/ARCHITECTURE.md for the full table)
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 
@@ -58,7 +57,17 @@ from mqrt.block.blk_mq_structs import (
     RQ_ALLOCATED,
     RQ_END,
     RQ_GEN_SHIFT,
+    RQ_OFF_CPU,
+    RQ_OFF_DEADLINE,
+    RQ_OFF_FLAGS,
+    RQ_OFF_HCTX,
+    RQ_OFF_IO_START,
+    RQ_OFF_NR_SECTORS,
+    RQ_OFF_Q,
+    RQ_OFF_SETUP,
+    RQ_OFF_STATUS,
     RQ_SETUP,
+    RQ_SIZE,
     RQ_STATE_MASK,
     RQ_TIMES,
     BlkMqError,
@@ -92,7 +101,12 @@ from mqrt.lib.wait import Waiters
 # -- the data path ---------------------------------------------------------------------------
 
 
+#: Tags freed by a completion batch, per tag map: id(tags) -> (tags, tags to free).
+TagBatch = dict[int, tuple[Tags, list[int]]]
+
 _WRITE = int(ReqOp.WRITE)
+_COMPLETE = int(RqState.COMPLETE)
+_TIMED_OUT = int(Rqf.TIMED_OUT)
 _EV_TAG_GET, _EV_END, _EV_COMPLETE = int(Ev.TAG_GET), int(Ev.END), int(Ev.COMPLETE)
 _EV_REQUEUE, _EV_TIMEOUT, _EV_DISPATCH = int(Ev.REQUEUE), int(Ev.TIMEOUT), int(Ev.DISPATCH)
 
@@ -274,7 +288,7 @@ class BlkMq:
             rq_flags |= _RQF_POLLED
         RQ_SETUP.pack_into(
             self.buf,
-            base + 24,
+            base + RQ_OFF_SETUP,
             start_ns,
             sector,
             nr_sectors,
@@ -381,8 +395,11 @@ class BlkMq:
                 and queue.merge
             ):
                 nr = last[3] + nr_sectors
-                struct.pack_into(
-                    "<II", self.buf, self.rq_base[queue.index][last[5]] + 40, nr, last[4] + 1
+                RQ_SIZE.pack_into(
+                    self.buf,
+                    self.rq_base[queue.index][last[5]] + RQ_OFF_NR_SECTORS,
+                    nr,
+                    last[4] + 1,
                 )
                 plug.last = (queue, op, sector + nr_sectors, nr, last[4] + 1, last[5])
                 self.nr_merges += 1
@@ -552,7 +569,7 @@ class BlkMq:
         """blk_mq_insert_request() without an elevator: onto the submitting CPU's ctx
         list for the request's hctx, marking the ctx pending."""
         base = self.rqs[queue.index][rq_id].base
-        st = RQ_SETUP.unpack_from(self.buf, base + 24)
+        st = RQ_SETUP.unpack_from(self.buf, base + RQ_OFF_SETUP)
         hctx = queue.hctxs[st[5]]
         lst, index_hw = queue.ctx_lists[(st[4], hctx.type)]
         lst.add([rq_id], at_head, lambda: hctx.mark_pending(index_hw))
@@ -673,7 +690,7 @@ class BlkMq:
         if st & _OWNED_OR_BUSY != RQ_ALLOCATED:
             self.violation(f"start of request {rq.id} in state {st:#x}")
         now = self.clock()
-        RQ_TIMES.pack_into(self.buf, base + 8, now + rq.timeout_ns, now)
+        RQ_TIMES.pack_into(self.buf, base + RQ_OFF_DEADLINE, now + rq.timeout_ns, now)
         a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
 
     def _requeue_unstarted(self, rq: Request) -> None:
@@ -684,16 +701,16 @@ class BlkMq:
         st = a.read(rq.base)
         if st & RQ_STATE_MASK != RqState.IDLE:
             a.store_release(rq.base, st & ~RQ_STATE_MASK)
-            a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
+            a.fetch_and32(rq.base + RQ_OFF_FLAGS, ~_TIMED_OUT)
 
     def requeue_request(self, rq: Request, kick: bool) -> None:
         """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
         self._requeue_unstarted(rq)
-        queue = self.queues[self.buf[rq.base + 52]]
+        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
         queue.requeue_list.add([rq.id])
         self.stats["requeued"] += 1
         if trace.on:
-            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf[rq.base + 50], queue.index)
+            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf[rq.base + RQ_OFF_HCTX], queue.index)
         if kick:
             self.sys.kick_requeue(queue.index)
 
@@ -704,10 +721,26 @@ class BlkMq:
         rqs = self.rqs[q]
         for rq_id in queue.requeue_list.take():
             if rqs[rq_id].rq_flags & Rqf.DONTPREP:
-                queue.hctxs[self.buf[rqs[rq_id].base + 50]].dispatch.add([rq_id])
+                queue.hctxs[self.buf[rqs[rq_id].base + RQ_OFF_HCTX]].dispatch.add([rq_id])
             else:
                 self.insert_request(queue, rq_id, at_head=True)
         self.run_hw_queues(queue, False)
+
+    def _mark_complete(self, rq: Request, gen: int) -> int:
+        """IN_FLIGHT -> COMPLETE, once: the request's state word before the change,
+        or -1 when the completion is stale (another generation, already completed or
+        timed out) -- counted and dropped.  ``gen`` < 0 accepts any generation."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if (
+            (gen >= 0 and st >> RQ_GEN_SHIFT != gen)
+            or st & RQ_STATE_MASK != _IN_FLIGHT
+            or a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | _COMPLETE) != st
+        ):
+            self.stats["stale_completions"] += 1
+            return -1
+        return st
 
     def complete_request(self, rq: Request, gen: int = -1, status: int | None = None) -> bool:
         """blk_mq_complete_request(): IN_FLIGHT -> COMPLETE (once: a stale or second
@@ -715,28 +748,23 @@ class BlkMq:
         the submitting CPU by IPI, as rq_affinity says.  ``gen`` pins the request's
         generation for completions that travelled (timers, IPIs, timeouts);
         ``status``, if given, is the driver's error, written once the completion won."""
-        a = self.a
+        st = self._mark_complete(rq, gen)
+        if st < 0:
+            return False
         base = rq.base
-        st = a.read(base)
-        if (gen >= 0 and st >> RQ_GEN_SHIFT != gen) or st & RQ_STATE_MASK != RqState.IN_FLIGHT:
-            self.stats["stale_completions"] += 1
-            return False
-        if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | RqState.COMPLETE) != st:
-            self.stats["stale_completions"] += 1
-            return False
+        buf = self.buf
         if status is not None:
-            a.set32(base + 60, int(status))
+            self.a.set32(base + RQ_OFF_STATUS, int(status))
         if trace.on:
-            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + 50],
-                       self.buf[base + 52])  # fmt: skip
+            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX],
+                       buf[base + RQ_OFF_Q])  # fmt: skip
         if inject.armed:
             inject.hit("rq.complete.before_end")
-        buf = self.buf
-        queue = self.queues[buf[base + 52]]
-        if buf[base + 56] & _RQF_POLLED:  # reaped by polling: complete in this task
+        queue = self.queues[buf[base + RQ_OFF_Q]]
+        if buf[base + RQ_OFF_FLAGS] & _RQF_POLLED:  # reaped by polling: complete in this task
             queue.ops.complete(self, rq)
             return True
-        submit_cpu = buf[base + 48] | buf[base + 49] << 8
+        submit_cpu = buf[base + RQ_OFF_CPU] | buf[base + RQ_OFF_CPU + 1] << 8
         cpu = self.cpu
         if (
             queue.same_comp
@@ -745,7 +773,7 @@ class BlkMq:
         ):
             self.stats["ipis_sent"] += 1
             if trace.on:
-                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf[base + 50], queue.index,
+                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX], queue.index,
                            submit_cpu)  # fmt: skip
             self.sys.ipi_complete(submit_cpu, queue.index, rq.id, (st >> RQ_GEN_SHIFT) & 0xFFFFFFFF)
             return True
@@ -769,24 +797,31 @@ class BlkMq:
             return
         self.queues[q].ops.complete(self, rq)
 
-    def end_request(self, rq: Request, status: int | None = None) -> None:
-        """blk_mq_end_request(): account, hand the bios back to their submitter and
-        free the request (exactly once: a CAS to the next generation's IDLE).
-        ``status`` None: the request's own status (the driver's cmd->error).  A
-        request the driver failed before starting it may be ended too."""
+    def _end(
+        self,
+        rq: Request,
+        status: int | None,
+        now: int,
+        batch: dict[int, tuple[Tags, list[int]]] | None,
+    ) -> HwCtx | None:
+        """The end of one request, shared by every way a request ends: free it
+        (exactly once: a CAS to the next generation's IDLE), account, hand its bios
+        back to the submitter, drop its active count and put its tag (into ``batch``
+        to be freed in bulk, if given).  ``status`` None: the request's own status
+        (the driver's cmd->error).  Returns its hctx, or None if it was not ours to
+        end (a stale or second end, counted)."""
         a = self.a
         base = rq.base
         st = a.read(base)
         if not st & RQ_ALLOCATED:
             self.violation(f"end of request {rq.id} in state {st:#x}")
-            return
-
+            return None
         if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
             self.stats["stale_completions"] += 1
-            return
+            return None
         # io_start, start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status
         io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
-            RQ_END.unpack_from(self.buf, base + 16)
+            RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
         )
         if status is None:
             status = rq_status
@@ -795,39 +830,53 @@ class BlkMq:
             trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
         info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
         if cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, self.clock())  # bio_endio() on the submitting CPU
+            self.end_io[q](info, now)  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
         if rq_flags & _RQF_MQ_INFLIGHT:
             self._dec_active(hctx)
-        # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint.
+        self._put_rq_tag(rq, cpu, batch)
+        return hctx
+
+    def _put_rq_tag(self, rq: Request, cpu: int, batch: TagBatch | None) -> None:
+        """blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or joins
+        ``batch`` (reserved tags are never batched)."""
         tags = rq.tags
         tag = rq.tag - tags.nr_reserved_tags
-        if tag >= 0:
+        if tag < 0:
+            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+        elif batch is None:
             tags.bitmap_tags.clear(tag, cpu)
         else:
-            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
-        if a.read(hctx.state_off) & _SCHED_RESTART:  # blk_mq_sched_restart()
+            batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+
+    def _sched_restart(self, hctx: HwCtx) -> None:
+        """blk_mq_sched_restart(): a run was deferred until a request of this hctx
+        ended; run it now."""
+        a = self.a
+        if a.read(hctx.state_off) & _SCHED_RESTART:
             a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
             self.stats["restarts"] += 1
             hctx.stats["restart"] += 1
             self.run_hw_queue(hctx, True)
 
+    def end_request(self, rq: Request, status: int | None = None) -> None:
+        """blk_mq_end_request(): account, hand the bios back to their submitter and
+        free the request (exactly once).  ``status`` None: the request's own status
+        (the driver's cmd->error).  A request the driver failed before starting it
+        may be ended too."""
+        hctx = self._end(rq, status, self.clock(), None)
+        if hctx is not None and self.a.read(hctx.state_off) & _SCHED_RESTART:
+            self._sched_restart(hctx)
+
     def add_to_batch(self, rq: Request, gen: int, batch: list[Request]) -> bool:
         """blk_mq_add_to_batch(): a request that completed without error joins the
         caller's completion batch (IN_FLIGHT -> COMPLETE, once, like
         complete_request()); False if another completion or a timeout owns it."""
-        a = self.a
-        base = rq.base
-        st = a.read(base)
-        if st >> RQ_GEN_SHIFT != gen or st & RQ_STATE_MASK != RqState.IN_FLIGHT:
-            self.stats["stale_completions"] += 1
+        if self._mark_complete(rq, gen) < 0:
             return False
-        if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | RqState.COMPLETE) != st:
-            self.stats["stale_completions"] += 1
-            return False
-        a.set32(base + 60, 0)
+        self.a.set32(rq.base + RQ_OFF_STATUS, 0)
         batch.append(rq)
         return True
 
@@ -835,46 +884,19 @@ class BlkMq:
         """blk_mq_end_request_batch(): end every request of a completion batch on this
         CPU (rq_affinity does not apply), then give each tag map its tags back in one
         sbitmap_queue_clear_batch() -- one wake-up accounting for all of them."""
-        a, buf = self.a, self.buf
-        freed: dict[int, tuple[Tags, list[int]]] = {}
+        a = self.a
+        freed: TagBatch = {}
         restart = []
         now = self.clock()
         for rq in batch:
-            base = rq.base
-            st = a.read(base)
-            if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
-                self.stats["stale_completions"] += 1
-                continue
-            io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, status = (
-                RQ_END.unpack_from(buf, base + 16)
-            )
-            self.nr_completed += 1
-            if trace.on:
-                trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
-            info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
-            if cpu == self.cpu and self.end_io is not None:
-                self.end_io[q](info, now)
-            else:
-                self.sys.bio_done(cpu, q, info)
-            hctx = self.queues[q].hctxs[h]
-            if rq_flags & _RQF_MQ_INFLIGHT:
-                self._dec_active(hctx)
-            tags = rq.tags
-            if rq.tag < tags.nr_reserved_tags:  # reserved tags are not batched
-                tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
-            else:
-                freed.setdefault(id(tags), (tags, []))[1].append(rq.tag)
-            if a.read(hctx.state_off) & _SCHED_RESTART:
+            hctx = self._end(rq, None, now, freed)
+            if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
                 restart.append(hctx)
         for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()
             tags.bitmap_tags.clear_batch(tags.nr_reserved_tags, tag_list)
         self.stats["batched_completions"] += len(batch)
         for hctx in dict.fromkeys(restart):
-            if a.read(hctx.state_off) & _SCHED_RESTART:
-                a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
-                self.stats["restarts"] += 1
-                hctx.stats["restart"] += 1
-                self.run_hw_queue(hctx, True)
+            self._sched_restart(hctx)
 
     def _dec_active(self, hctx: HwCtx) -> None:
         """__blk_mq_dec_active_requests(); below zero is a broken invariant."""
@@ -896,31 +918,32 @@ class BlkMq:
         expired = 0
         busy = 0
         for rq in self.rqs[q]:
-            st = a.load_acquire(rq.base)
-            if not st & RQ_ALLOCATED or self.buf[rq.base + 52] != q:
+            base = rq.base
+            st = a.load_acquire(base)
+            if not st & RQ_ALLOCATED or self.buf[base + RQ_OFF_Q] != q:
                 continue
             busy += 1
             if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
                 continue
-            if a.read(rq.base + 8) > now or a.read32(rq.base + 56) & Rqf.TIMED_OUT:
+            if a.read(base + RQ_OFF_DEADLINE) > now or a.read32(base + RQ_OFF_FLAGS) & _TIMED_OUT:
                 continue
             # blk_mq_rq_timed_out(): the request must still be this generation; if it
             # was ended and reused meanwhile, take the flag back off the new one (only
             # this CPU scans this queue).
-            a.fetch_or32(rq.base + 56, int(Rqf.TIMED_OUT))
-            if a.read(rq.base) != st:
-                a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
+            a.fetch_or32(base + RQ_OFF_FLAGS, _TIMED_OUT)
+            if a.read(base) != st:
+                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
                 continue
             expired += 1
             self.stats["timeouts"] += 1
             verdict = queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT)
             if trace.on:
-                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[rq.base + 50], q,
+                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + RQ_OFF_HCTX], q,
                            int(verdict))  # fmt: skip
             if verdict == EhRet.RESET_TIMER:
                 self.stats["timer_resets"] += 1
-                a.fetch_and32(rq.base + 56, ~int(Rqf.TIMED_OUT))
-                a.set(rq.base + 8, self.clock() + queue.timeout_ns)
+                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+                a.set(base + RQ_OFF_DEADLINE, self.clock() + queue.timeout_ns)
         # The kernel's queue timer is armed at each request's deadline, and the work
         # idles the queue's hctxs when it finds nothing pending: a queue goes idle
         # about one timeout after it was last busy.  This CPU is the queue's only
@@ -952,13 +975,3 @@ class BlkMq:
                     f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
                 )
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
-
-    # -- iteration (debugfs, invariants) -----------------------------------------------------------
-
-    def busy_iter(self, q: int) -> list[Request]:
-        """blk_mq_queue_tag_busy_iter(): requests of queue ``q`` holding a tag."""
-        return [
-            rq
-            for rq in self.rqs[q]
-            if self.a.load_acquire(rq.base) & RQ_ALLOCATED and self.buf[rq.base + 52] == q
-        ]

@@ -28,21 +28,17 @@ from collections import deque
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_structs import (
     _BUSY,
-    _IN_FLIGHT,
     RQ_ALLOCATED,
-    RQ_END,
-    RQ_GEN_SHIFT,
+    RQ_OFF_Q,
+    RQ_OFF_SETUP,
+    RQ_OFF_STATUS,
     RQ_SETUP,
-    RQ_STATE_MASK,
     HwCtx,
     Queue,
 )
-from mqrt.block.blk_mq_types import SECTOR_SHIFT, RqState
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 MODES = ("mq", "sq", "raw")
-
-_COMPLETE = int(RqState.COMPLETE)
 
 
 class SqBlkMq(BlkMq):
@@ -110,7 +106,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request(self, rq, status=None):
-        queue = self.queues[self.buf[rq.base + 52]]
+        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
         self._lock(queue)
         try:
             super().end_request(rq, status)
@@ -118,7 +114,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request_batch(self, batch):
-        queues = list(dict.fromkeys(self.queues[self.buf[rq.base + 52]] for rq in batch))
+        queues = list(dict.fromkeys(self.queues[self.buf[rq.base + RQ_OFF_Q]] for rq in batch))
         for queue in queues:
             self._lock(queue)
         try:
@@ -190,7 +186,7 @@ class RawBlkMq(BlkMq):
         st = a.read(base)
         a.set(base, st | RQ_ALLOCATED)  # private: nobody else takes this slot
         RQ_SETUP.pack_into(
-            self.buf, base + 24, start_ns, sector, nr_sectors, 1, self.cpu, hctx.index,
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, self.cpu, hctx.index,
             queue.index, op, 0, 0,
         )  # fmt: skip
         if self._batch is not None:
@@ -211,47 +207,18 @@ class RawBlkMq(BlkMq):
 
     def complete_request(self, rq, gen=-1, status=None):
         """IN_FLIGHT -> COMPLETE once, then ->complete right here."""
-        a, base = self.a, rq.base
-        st = a.read(base)
-        if (gen >= 0 and st >> RQ_GEN_SHIFT != gen) or st & RQ_STATE_MASK != _IN_FLIGHT:
-            self.stats["stale_completions"] += 1
-            return False
-        if a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | _COMPLETE) != st:
-            self.stats["stale_completions"] += 1
+        if self._mark_complete(rq, gen) < 0:
             return False
         if status is not None:
-            a.set32(base + 60, int(status))
-        self.queues[self.buf[base + 52]].ops.complete(self, rq)
+            self.a.set32(rq.base + RQ_OFF_STATUS, int(status))
+        self.queues[self.buf[rq.base + RQ_OFF_Q]].ops.complete(self, rq)
         return True
 
-    def end_request_batch(self, batch):
-        """No tag bitmap to free in bulk: each slot goes back to its free list."""
-        for rq in batch:
-            self.end_request(rq)
-
-    def end_request(self, rq, status=None):
-        """Free the slot (next generation, IDLE) and hand the bio back."""
-        a, base = self.a, rq.base
-        st = a.read(base)
-        if not st & RQ_ALLOCATED:
-            self.violation(f"end of request {rq.id} in state {st:#x}")
-            return
-        if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
-            self.stats["stale_completions"] += 1
-            return
-        io_start, start, _sector, nr_sectors, nr_bios, cpu, _h, q, op, _fl, rq_status = (
-            RQ_END.unpack_from(self.buf, base + 16)
-        )
-        self.nr_completed += 1
-        info = (
-            op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start,
-            rq_status if status is None else status,
-        )  # fmt: skip
+    def _put_rq_tag(self, rq, cpu, batch):
+        """The slot goes back to its free list if it was ended on its own CPU;
+        ended elsewhere (a timeout), its CPU reclaims it when it runs out."""
         if cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, self.clock())
-            self._free[q].append(rq.id)
-        else:  # ended elsewhere (a timeout): its CPU reclaims the slot when it runs out
-            self.sys.bio_done(cpu, q, info)
+            self._free[self.buf[rq.base + RQ_OFF_Q]].append(rq.id)
 
     def _reclaim(self, q: int) -> None:
         """Take back this CPU's slots that another CPU ended (they are free: IDLE,

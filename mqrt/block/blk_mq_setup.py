@@ -204,6 +204,12 @@ def init_queue(
         raise _einval(f"nomerges must be 0, 1 or 2, got {nomerges}")
     if not 0 <= async_depth <= tset.queue_depth:
         raise _einval(f"async_depth must be in 0..{tset.queue_depth}, got {async_depth}")
+    # A request records its queue and hctx in 16-bit fields whose low byte the hot
+    # paths read (blk_mq_structs.REQUEST).
+    if not 0 <= index <= 255:
+        raise _einval(f"queue index must be in 0..255, got {index}")
+    if tset.nr_hw_queues > 256:
+        raise _einval(f"nr_hw_queues must be <= 256, got {tset.nr_hw_queues}")
     q = RequestQueue(tset, index, name, queuedata, rq_affinity, nomerges)
     q.async_depth = async_depth
     q.nr_hw_queues = tset.nr_hw_queues

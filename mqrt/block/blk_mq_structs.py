@@ -22,7 +22,6 @@ dispatch, requeue)
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,7 +47,7 @@ from mqrt.block.blk_mq_types import (
     RqState,
 )
 from mqrt.lib.sbitmap import SbqGeneration
-from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset, struct_of
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 #: The statuses with which a driver refuses a request for now.
@@ -75,51 +74,79 @@ RQ_ALLOCATED = 0x4
 RQ_GEN_SHIFT = 8
 _OWNED_OR_BUSY = RQ_ALLOCATED | RQ_STATE_MASK
 
-#: The setup block of a request, written once by the allocating CPU (one pack_into):
-#: start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status.
-RQ_SETUP = struct.Struct("<QQIIHHHBxIi")
-#: deadline_ns, io_start_time_ns: written together by blk_mq_start_request().
-RQ_TIMES = struct.Struct("<QQ")
-#: io_start_time_ns + the setup block: everything the completion reads, in one go.
-RQ_END = struct.Struct("<QQQIIHHHBxIi")
+#: struct request, the block layer's part: (name, format) in offset order.  One cache
+#: line; the driver's PDU (``cmd_size`` bytes) follows on its own line(s).
+_RQ_FIELDS = [
+    ("state", "<u8"),  # MQ_RQ_* | RQ_ALLOCATED | generation << RQ_GEN_SHIFT
+    ("deadline_ns", "<u8"),
+    ("io_start_time_ns", "<u8"),
+    # The setup block, written at once by the allocating CPU (RQ_SETUP):
+    ("start_time_ns", "<u8"),
+    ("sector", "<u8"),
+    ("nr_sectors", "<u4"),
+    ("nr_bios", "<u4"),
+    ("cpu", "<u2"),  # the submitting CPU
+    ("hctx", "<u2"),  # < 256: at most 256 CPUs, so hw queues; hot paths read its low byte
+    ("q", "<u2"),  # < 256 (init_queue refuses more queues); hot paths read its low byte
+    ("op", "<u1"),
+    ("pad", "<u1"),
+    ("rq_flags", "<u4"),
+    ("status", "<i4"),
+]
 
 
 def request_dtype(cmd_size: int) -> np.dtype:
     """struct request + its driver PDU (``cmd_size`` bytes), one request a line or more.
 
-    ======  ====  ================  =====================================================
-    offset  size  field             owner
-    ======  ====  ================  =====================================================
-    0       8     state             cmpxchg by whoever moves it (see the module docstring)
-    8       8     deadline_ns       the CPU that started it; read by timeout work
-    16      8     io_start_time_ns  the CPU that started it
-    24      40    setup block       the allocating CPU (RQ_SETUP), before issue
-    64      n     pdu               the driver, while it owns the request
-    ======  ====  ================  =====================================================
+    ================  =====================================================
+    field             owner
+    ================  =====================================================
+    state             cmpxchg by whoever moves it (see the module docstring)
+    deadline_ns       the CPU that started it; read by timeout work
+    io_start_time_ns  the CPU that started it
+    setup block       the allocating CPU (RQ_SETUP), before issue
+    pdu               the driver, while it owns the request
+    ================  =====================================================
     """
-    fields = [
-        ("state", "<u8"),
-        ("deadline_ns", "<u8"),
-        ("io_start_time_ns", "<u8"),
-        ("start_time_ns", "<u8"),
-        ("sector", "<u8"),
-        ("nr_sectors", "<u4"),
-        ("nr_bios", "<u4"),
-        ("cpu", "<u2"),
-        ("hctx", "<u2"),
-        ("q", "<u2"),
-        ("op", "<u1"),
-        ("pad", "<u1"),
-        ("rq_flags", "<u4"),
-        ("status", "<i4"),
-    ]
-    groups = [fields]
+    groups = [_RQ_FIELDS]
     if cmd_size:
         groups.append([("pdu", f"V{cmd_size}")])
-    dt = cacheline_struct(*groups)
-    assert dt.fields["start_time_ns"][1] == 24 and dt.fields["status"][1] == 60
-    assert RQ_SETUP.size == 40
-    return dt
+    return cacheline_struct(*groups)
+
+
+#: The request's layout without a PDU: the source of every offset below.
+REQUEST = request_dtype(0)
+#: Byte offsets of struct request's fields from the request's base (``rq.base``, which
+#: addresses the state word).  Hot paths add these to a base: no other module writes
+#: an offset into a request.
+RQ_OFF_DEADLINE = field_offset(REQUEST, "deadline_ns")
+RQ_OFF_IO_START = field_offset(REQUEST, "io_start_time_ns")
+RQ_OFF_SETUP = field_offset(REQUEST, "start_time_ns")
+RQ_OFF_NR_SECTORS = field_offset(REQUEST, "nr_sectors")
+RQ_OFF_CPU = field_offset(REQUEST, "cpu")
+RQ_OFF_HCTX = field_offset(REQUEST, "hctx")
+RQ_OFF_Q = field_offset(REQUEST, "q")
+RQ_OFF_OP = field_offset(REQUEST, "op")
+RQ_OFF_FLAGS = field_offset(REQUEST, "rq_flags")
+RQ_OFF_STATUS = field_offset(REQUEST, "status")
+#: The setup block (at RQ_OFF_SETUP), written once by the allocating CPU (one
+#: pack_into): start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags,
+#: status.
+RQ_SETUP = struct_of(REQUEST, "start_time_ns", "status")
+#: deadline_ns, io_start_time_ns (at RQ_OFF_DEADLINE): written by blk_mq_start_request().
+RQ_TIMES = struct_of(REQUEST, "deadline_ns", "io_start_time_ns")
+#: io_start_time_ns + the setup block (at RQ_OFF_IO_START): all the end reads, in one go.
+RQ_END = struct_of(REQUEST, "io_start_time_ns", "status")
+#: nr_sectors, nr_bios (at RQ_OFF_NR_SECTORS): what a merge grows.
+RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_bios")
+# The hot paths rely on these: the state word at the base, whole structs contiguous,
+# the one-byte reads of hctx and q (little-endian low bytes), one line in all.
+assert field_offset(REQUEST, "state") == 0
+assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + 4 == REQUEST.itemsize
+assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
+assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
+assert REQUEST.fields["hctx"][0].itemsize == REQUEST.fields["q"][0].itemsize == 2
+assert REQUEST.itemsize == 64
 
 
 #: A list of request ids under a bit spinlock (ctx rq_lists, hctx->dispatch,
@@ -382,7 +409,7 @@ class Request:
 
     def setup(self) -> tuple:
         """(start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status)."""
-        return RQ_SETUP.unpack_from(self._buf, self.base + 24)
+        return RQ_SETUP.unpack_from(self._buf, self.base + RQ_OFF_SETUP)
 
     @property
     def state_word(self) -> int:
@@ -398,15 +425,15 @@ class Request:
 
     @property
     def status(self) -> int:
-        return self._a.read32(self.base + 60)
+        return self._a.read32(self.base + RQ_OFF_STATUS)
 
     @status.setter
     def status(self, value: int) -> None:
-        self._a.set32(self.base + 60, int(value))
+        self._a.set32(self.base + RQ_OFF_STATUS, int(value))
 
     @property
     def op(self) -> ReqOp:
-        return ReqOp(self._buf[self.base + 54])
+        return ReqOp(self._buf[self.base + RQ_OFF_OP])
 
     @property
     def cpu(self) -> int:
@@ -422,11 +449,11 @@ class Request:
 
     @property
     def rq_flags(self) -> Rqf:
-        return Rqf(self._a.read32(self.base + 56))
+        return Rqf(self._a.read32(self.base + RQ_OFF_FLAGS))
 
     @property
     def deadline_ns(self) -> int:
-        return self._a.read(self.base + 8)
+        return self._a.read(self.base + RQ_OFF_DEADLINE)
 
     def show(self) -> str:
         """debugfs one-liner for hctxN/busy and hctxN/dispatch."""
@@ -460,10 +487,11 @@ class HwCtx:
             qo = q.header.offsets()  # type: ignore[union-attr]
             self.active_off, self.active_bit = qo.queue_flags, QueueFlag.HCTX_ACTIVE
             self.nr_active_off = qo.nr_active_requests_shared_tags
+            self.max_active_off = qo.max_active
         else:
             self.active_off, self.active_bit = o.state, HctxState.TAG_ACTIVE
             self.nr_active_off = o.nr_active
-        self.max_active_off = self.nr_active_off + 4
+            self.max_active_off = o.max_active
         self.wait_index = [0]
         self.dispatch_from = 0  #: index_hw of the ctx to dispatch from next (per CPU)
         self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here

@@ -37,6 +37,7 @@ import contextlib
 import os
 import secrets
 import signal
+import struct
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,39 @@ def cacheline_struct(*groups: Sequence[tuple[str, str]]) -> np.dtype:
     return np.dtype(
         {"names": names, "formats": formats, "offsets": offsets, "itemsize": _align(off)}
     )
+
+
+_STRUCT_CODES = {("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q",
+                 ("i", 1): "b", ("i", 2): "h", ("i", 4): "i", ("i", 8): "q",
+                 ("f", 4): "f", ("f", 8): "d"}  # fmt: skip
+
+
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """Byte offset of field ``name`` in ``dtype`` (a KeyError names a missing field)."""
+    return int(dtype.fields[name][1])
+
+
+def struct_of(dtype: np.dtype, first: str, last: str) -> struct.Struct:
+    """A little-endian :class:`struct.Struct` for the fields ``first`` .. ``last`` of
+    ``dtype``, in offset order, starting at ``first``'s offset: gaps and fields named
+    ``pad*`` become pad bytes.  Hot paths pack and unpack several fields with one call
+    this way while the layout stays declared once, in the dtype."""
+    fields = sorted(
+        ((off, name, dt) for name, (dt, off, *_) in dtype.fields.items()), key=lambda f: f[0]
+    )
+    names = [name for _, name, _ in fields]
+    lo, hi = names.index(first), names.index(last)
+    if lo > hi:
+        raise ValueError(f"struct_of: {first!r} comes after {last!r}")
+    fmt, pos = "<", fields[lo][0]
+    for off, name, dt in fields[lo : hi + 1]:
+        fmt += "x" * (off - pos)
+        if name.startswith("pad") or dt.kind == "V":
+            fmt += f"{dt.itemsize}x" if name.startswith("pad") else f"{dt.itemsize}s"
+        else:
+            fmt += _STRUCT_CODES[(dt.kind, dt.itemsize)]
+        pos = off + dt.itemsize
+    return struct.Struct(fmt)
 
 
 @dataclass(frozen=True)
