@@ -1,0 +1,382 @@
+"""The completion side of ``block/blk-mq.c``: what a driver calls once it owns a
+request -- start it, complete it (rq_affinity: here, in a softirq, or by IPI on the
+submitting CPU), requeue it, end it alone or in a batch -- and the timeout work.
+
+:class:`BlkMqCompletion` is the half of a CPU's :class:`~mqrt.block.blk_mq.BlkMq` that
+runs these; the other half (allocation, plugging, issue, hw queue runs) is in
+:mod:`mqrt.block.blk_mq`, which sets up the per-CPU state both use.  Every way a
+request ends goes through one step, :meth:`BlkMqCompletion._end`; every completion
+through one IN_FLIGHT -> COMPLETE step, :meth:`BlkMqCompletion._mark_complete`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mqrt.block.blk_mq_cpumap import Topology
+from mqrt.block.blk_mq_structs import (
+    _IN_FLIGHT,
+    _OWNED_OR_BUSY,
+    _RQF_MQ_INFLIGHT,
+    _RQF_POLLED,
+    _SCHED_RESTART,
+    RQ_ALLOCATED,
+    RQ_END,
+    RQ_GEN_SHIFT,
+    RQ_OFF_CPU,
+    RQ_OFF_DEADLINE,
+    RQ_OFF_FLAGS,
+    RQ_OFF_HCTX,
+    RQ_OFF_IO_START,
+    RQ_OFF_Q,
+    RQ_OFF_STATUS,
+    RQ_STATE_MASK,
+    RQ_TIMES,
+    BlkMqError,
+    CpuSys,
+    HwCtx,
+    Queue,
+    Request,
+)
+from mqrt.block.blk_mq_tag import Tags
+from mqrt.block.blk_mq_types import (
+    SECTOR_SHIFT,
+    EhRet,
+    HctxState,
+    Rqf,
+    RqState,
+)
+from mqrt.lib import inject, trace
+from mqrt.lib._atomic import AtomicView
+from mqrt.lib.trace import Ev
+
+#: Tags freed by a completion batch, per tag map: id(tags) -> (tags, tags to free).
+TagBatch = dict[int, tuple[Tags, list[int]]]
+
+_COMPLETE = int(RqState.COMPLETE)
+_TIMED_OUT = int(Rqf.TIMED_OUT)
+_EV_END, _EV_COMPLETE = int(Ev.END), int(Ev.COMPLETE)
+_EV_REQUEUE, _EV_TIMEOUT = int(Ev.REQUEUE), int(Ev.TIMEOUT)
+
+
+class BlkMqCompletion:
+    """A CPU's completion side: start, complete, requeue, end, time out."""
+
+    # Per-CPU state, set up by BlkMq.__init__.
+    a: AtomicView
+    buf: memoryview
+    cpu: int
+    sys: CpuSys
+    clock: Callable[[], int]
+    queues: list[Queue]
+    rqs: list[list[Request]]
+    end_io: list[Callable[[tuple, int], None]] | None
+    topology: Topology | None
+    stats: dict[str, int]
+    nr_completed: int
+    _idle_at: dict[int, int]
+
+    if TYPE_CHECKING:  # the submission side's, in BlkMq
+
+        def violation(self, what: str) -> None: ...
+        def run_hw_queue(self, hctx: HwCtx, run_async: bool) -> None: ...
+        def run_hw_queues(self, queue: Queue, run_async: bool) -> None: ...
+        def insert_request(self, queue: Queue, rq_id: int, at_head: bool = False) -> None: ...
+
+    # -- the driver's side -------------------------------------------------------------------------
+
+    def start_request(self, rq: Request) -> None:
+        """blk_mq_start_request(): arm the timeout, then IN_FLIGHT (release: the
+        timeout work that sees IN_FLIGHT sees the deadline)."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if st & _OWNED_OR_BUSY != RQ_ALLOCATED:
+            self.violation(f"start of request {rq.id} in state {st:#x}")
+        now = self.clock()
+        RQ_TIMES.pack_into(self.buf, base + RQ_OFF_DEADLINE, now + rq.timeout_ns, now)
+        a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
+
+    def _requeue_unstarted(self, rq: Request) -> None:
+        """__blk_mq_requeue_request(): a started request (refused by the driver, or
+        completed and sent back by its ->complete) goes back to IDLE; it keeps its
+        tag (no scheduler)."""
+        a = self.a
+        st = a.read(rq.base)
+        if st & RQ_STATE_MASK != RqState.IDLE:
+            a.store_release(rq.base, st & ~RQ_STATE_MASK)
+            a.fetch_and32(rq.base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+
+    def requeue_request(self, rq: Request, kick: bool) -> None:
+        """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
+        self._requeue_unstarted(rq)
+        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
+        queue.requeue_list.add([rq.id])
+        self.stats["requeued"] += 1
+        if trace.on:
+            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf[rq.base + RQ_OFF_HCTX], queue.index)
+        if kick:
+            self.sys.kick_requeue(queue.index)
+
+    def requeue_work(self, q: int) -> None:
+        """blk_mq_requeue_work(): reinsert requeued requests (DONTPREP ones straight to
+        the dispatch list, others at the head of their ctx) and run the queues."""
+        queue = self.queues[q]
+        rqs = self.rqs[q]
+        for rq_id in queue.requeue_list.take():
+            if rqs[rq_id].rq_flags & Rqf.DONTPREP:
+                queue.hctxs[self.buf[rqs[rq_id].base + RQ_OFF_HCTX]].dispatch.add([rq_id])
+            else:
+                self.insert_request(queue, rq_id, at_head=True)
+        self.run_hw_queues(queue, False)
+
+    def _mark_complete(self, rq: Request, gen: int) -> int:
+        """IN_FLIGHT -> COMPLETE, once: the request's state word before the change,
+        or -1 when the completion is stale (another generation, already completed or
+        timed out) -- counted and dropped.  ``gen`` < 0 accepts any generation."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if (
+            (gen >= 0 and st >> RQ_GEN_SHIFT != gen)
+            or st & RQ_STATE_MASK != _IN_FLIGHT
+            or a.cmpxchg(base, st, (st & ~RQ_STATE_MASK) | _COMPLETE) != st
+        ):
+            self.stats["stale_completions"] += 1
+            return -1
+        return st
+
+    def complete_request(self, rq: Request, gen: int = -1, status: int | None = None) -> bool:
+        """blk_mq_complete_request(): IN_FLIGHT -> COMPLETE (once: a stale or second
+        completion is counted and dropped), then ->complete here, in a softirq, or on
+        the submitting CPU by IPI, as rq_affinity says.  ``gen`` pins the request's
+        generation for completions that travelled (timers, IPIs, timeouts);
+        ``status``, if given, is the driver's error, written once the completion won."""
+        st = self._mark_complete(rq, gen)
+        if st < 0:
+            return False
+        base = rq.base
+        buf = self.buf
+        if status is not None:
+            self.a.set32(base + RQ_OFF_STATUS, int(status))
+        if trace.on:
+            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX],
+                       buf[base + RQ_OFF_Q])  # fmt: skip
+        if inject.armed:
+            inject.hit("rq.complete.before_end")
+        queue = self.queues[buf[base + RQ_OFF_Q]]
+        if buf[base + RQ_OFF_FLAGS] & _RQF_POLLED:  # reaped by polling: complete in this task
+            queue.ops.complete(self, rq)
+            return True
+        submit_cpu = buf[base + RQ_OFF_CPU] | buf[base + RQ_OFF_CPU + 1] << 8
+        cpu = self.cpu
+        if (
+            queue.same_comp
+            and submit_cpu != cpu
+            and (queue.same_force or not self.topology.share_cache(cpu, submit_cpu))  # type: ignore[union-attr]
+        ):
+            self.stats["ipis_sent"] += 1
+            if trace.on:
+                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX], queue.index,
+                           submit_cpu)  # fmt: skip
+            self.sys.ipi_complete(submit_cpu, queue.index, rq.id, (st >> RQ_GEN_SHIFT) & 0xFFFFFFFF)
+            return True
+        if queue.nr_hw_queues == 1:
+            self.stats["softirqs"] += 1
+            self.sys.raise_softirq(self._complete_softirq, rq.id, queue.index)
+            return True
+        queue.ops.complete(self, rq)
+        return True
+
+    def _complete_softirq(self, rq_id: int, q: int) -> None:
+        """blk_done_softirq() / the IPI's handler: ->complete on this CPU."""
+        queue = self.queues[q]
+        queue.ops.complete(self, self.rqs[q][rq_id])
+
+    def ipi_complete(self, q: int, rq_id: int, gen: int) -> None:
+        """The IPI arrived: the request must still be the one that was completed."""
+        rq = self.rqs[q][rq_id]
+        if rq.gen & 0xFFFFFFFF != gen or rq.state != RqState.COMPLETE:
+            self.stats["stale_completions"] += 1
+            return
+        self.queues[q].ops.complete(self, rq)
+
+    def _end(
+        self,
+        rq: Request,
+        status: int | None,
+        now: int,
+        batch: dict[int, tuple[Tags, list[int]]] | None,
+    ) -> HwCtx | None:
+        """The end of one request, shared by every way a request ends: free it
+        (exactly once: a CAS to the next generation's IDLE), account, hand its bios
+        back to the submitter, drop its active count and put its tag (into ``batch``
+        to be freed in bulk, if given).  ``status`` None: the request's own status
+        (the driver's cmd->error).  Returns its hctx, or None if it was not ours to
+        end (a stale or second end, counted)."""
+        a = self.a
+        base = rq.base
+        st = a.read(base)
+        if not st & RQ_ALLOCATED:
+            self.violation(f"end of request {rq.id} in state {st:#x}")
+            return None
+        if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
+            self.stats["stale_completions"] += 1
+            return None
+        # io_start, start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status
+        io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
+            RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
+        )
+        if status is None:
+            status = rq_status
+        self.nr_completed += 1
+        if trace.on:
+            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
+        info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+        if cpu == self.cpu and self.end_io is not None:
+            self.end_io[q](info, now)  # bio_endio() on the submitting CPU
+        else:
+            self.sys.bio_done(cpu, q, info)
+        hctx = self.queues[q].hctxs[h]
+        if rq_flags & _RQF_MQ_INFLIGHT:
+            self._dec_active(hctx)
+        self._put_rq_tag(rq, cpu, batch)
+        return hctx
+
+    def _put_rq_tag(self, rq: Request, cpu: int, batch: TagBatch | None) -> None:
+        """blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or joins
+        ``batch`` (reserved tags are never batched)."""
+        tags = rq.tags
+        tag = rq.tag - tags.nr_reserved_tags
+        if tag < 0:
+            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+        elif batch is None:
+            tags.bitmap_tags.clear(tag, cpu)
+        else:
+            batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+
+    def _sched_restart(self, hctx: HwCtx) -> None:
+        """blk_mq_sched_restart(): a run was deferred until a request of this hctx
+        ended; run it now."""
+        a = self.a
+        if a.read(hctx.state_off) & _SCHED_RESTART:
+            a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
+            self.stats["restarts"] += 1
+            hctx.stats["restart"] += 1
+            self.run_hw_queue(hctx, True)
+
+    def end_request(self, rq: Request, status: int | None = None) -> None:
+        """blk_mq_end_request(): account, hand the bios back to their submitter and
+        free the request (exactly once).  ``status`` None: the request's own status
+        (the driver's cmd->error).  A request the driver failed before starting it
+        may be ended too."""
+        hctx = self._end(rq, status, self.clock(), None)
+        if hctx is not None and self.a.read(hctx.state_off) & _SCHED_RESTART:
+            self._sched_restart(hctx)
+
+    def add_to_batch(self, rq: Request, gen: int, batch: list[Request]) -> bool:
+        """blk_mq_add_to_batch(): a request that completed without error joins the
+        caller's completion batch (IN_FLIGHT -> COMPLETE, once, like
+        complete_request()); False if another completion or a timeout owns it."""
+        if self._mark_complete(rq, gen) < 0:
+            return False
+        self.a.set32(rq.base + RQ_OFF_STATUS, 0)
+        batch.append(rq)
+        return True
+
+    def end_request_batch(self, batch: list[Request]) -> None:
+        """blk_mq_end_request_batch(): end every request of a completion batch on this
+        CPU (rq_affinity does not apply), then give each tag map its tags back in one
+        sbitmap_queue_clear_batch() -- one wake-up accounting for all of them."""
+        a = self.a
+        freed: TagBatch = {}
+        restart = []
+        now = self.clock()
+        for rq in batch:
+            hctx = self._end(rq, None, now, freed)
+            if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
+                restart.append(hctx)
+        for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()
+            tags.bitmap_tags.clear_batch(tags.nr_reserved_tags, tag_list)
+        self.stats["batched_completions"] += len(batch)
+        for hctx in dict.fromkeys(restart):
+            self._sched_restart(hctx)
+
+    def _dec_active(self, hctx: HwCtx) -> None:
+        """__blk_mq_dec_active_requests(); below zero is a broken invariant."""
+        if self.a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000:
+            self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
+
+    def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:
+        self.end_request(self.rqs[queue.index][rq_id], status)
+
+    # -- timeouts ---------------------------------------------------------------------------------
+
+    def timeout_work(self, q: int) -> int:
+        """blk_mq_timeout_work(): call ->timeout for every expired in-flight request of
+        the queue; idle the hctxs of a shared map when nothing is in flight.  Returns
+        the number of requests that timed out."""
+        queue = self.queues[q]
+        now = self.clock()
+        a = self.a
+        expired = 0
+        busy = 0
+        for rq in self.rqs[q]:
+            base = rq.base
+            st = a.load_acquire(base)
+            if not st & RQ_ALLOCATED or self.buf[base + RQ_OFF_Q] != q:
+                continue
+            busy += 1
+            if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
+                continue
+            if a.read(base + RQ_OFF_DEADLINE) > now or a.read32(base + RQ_OFF_FLAGS) & _TIMED_OUT:
+                continue
+            # blk_mq_rq_timed_out(): the request must still be this generation; if it
+            # was ended and reused meanwhile, take the flag back off the new one (only
+            # this CPU scans this queue).
+            a.fetch_or32(base + RQ_OFF_FLAGS, _TIMED_OUT)
+            if a.read(base) != st:
+                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+                continue
+            expired += 1
+            self.stats["timeouts"] += 1
+            verdict = queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT)
+            if trace.on:
+                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + RQ_OFF_HCTX], q,
+                           int(verdict))  # fmt: skip
+            if verdict == EhRet.RESET_TIMER:
+                self.stats["timer_resets"] += 1
+                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+                a.set(base + RQ_OFF_DEADLINE, self.clock() + queue.timeout_ns)
+        # The kernel's queue timer is armed at each request's deadline, and the work
+        # idles the queue's hctxs when it finds nothing pending: a queue goes idle
+        # about one timeout after it was last busy.  This CPU is the queue's only
+        # scanner, so it keeps that moment itself.
+        idle_at = self._idle_at.get(q)
+        if busy or idle_at is None:
+            self._idle_at[q] = now + queue.timeout_ns
+        elif queue.shared and now >= idle_at:
+            for hctx in queue.hctxs:
+                if hctx.tags is not None:
+                    hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
+        return expired
+
+    # -- sysfs -------------------------------------------------------------------------------------
+
+    def update_nr_requests(self, q: int, nr: int) -> None:
+        """blk_mq_update_nr_requests(): a write to queue/nr_requests resizes each
+        tags' bitmap (sbitmap_queue_resize, which recomputes wake_batch).  The kernel
+        freezes the queue around it; here the I/O keeps going (see Deviations)."""
+        queue = self.queues[q]
+        done: set[int] = set()
+        for hctx in queue.hctxs:
+            tags = hctx.tags
+            if tags is None or id(tags) in done:
+                continue
+            done.add(id(tags))
+            if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:
+                raise BlkMqError(
+                    f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
+                )
+            tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
