@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import mmap
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from mqrt.lib import _atomic
-from mqrt.lib._atomic import AtomicView
+from mqrt.lib._atomic import AtomicView, TraceWriter
 from mqrt.lib.shm import Arena, Layout, cacheline_struct
 from tests.helpers import run_processes
 
@@ -101,6 +105,10 @@ def test_find_and_set_zero_bit(view):
     [
         (lambda v: v.read(4096), IndexError, "offset 4096 out of range"),
         (lambda v: v.read(-8), IndexError, "out of range"),
+        (lambda v: v.read(sys.maxsize), IndexError, "out of range"),  # off + 8 overflows
+        (lambda v: v.read32(sys.maxsize - 3), IndexError, "out of range"),
+        (lambda v: v.fetch_add(2**64, 1), IndexError, "out of range"),  # no Py_ssize_t
+        (lambda v: v.test_and_set_bit(-(2**70), 0), IndexError, "out of range"),
         (lambda v: v.set(4092, 1), IndexError, "out of range"),
         (lambda v: v.read32(4096), IndexError, "out of range"),
         (lambda v: v.fetch_add(3, 1), ValueError, "not 8-byte aligned"),
@@ -123,6 +131,84 @@ def test_released_view_raises():
     with pytest.raises(ValueError, match="released"):
         v.read(0)
     m.close()  # the export is gone, so the mapping can close
+
+
+def test_uninitialised_view_raises_everywhere():
+    v = AtomicView.__new__(AtomicView)
+    assert v.released and v.nbytes == 0
+    calls = [
+        lambda: v.read(0),
+        lambda: v.set(0, 1),
+        lambda: v.load_acquire(0),
+        lambda: v.store_release(0, 1),
+        lambda: v.cmpxchg(0, 0, 1),
+        lambda: v.xchg(0, 1),
+        lambda: v.fetch_add(0, 1),
+        lambda: v.fetch_sub(0, 1),
+        lambda: v.fetch_or(0, 1),
+        lambda: v.fetch_and(0, 1),
+        lambda: v.fetch_andnot(0, 1),
+        lambda: v.read32(0),
+        lambda: v.set32(0, 1),
+        lambda: v.load_acquire32(0),
+        lambda: v.store_release32(0, 1),
+        lambda: v.cmpxchg32(0, 0, 1),
+        lambda: v.xchg32(0, 1),
+        lambda: v.fetch_add32(0, 1),
+        lambda: v.fetch_sub32(0, 1),
+        lambda: v.fetch_or32(0, 1),
+        lambda: v.fetch_and32(0, 1),
+        lambda: v.test_bit(0, 1),
+        lambda: v.set_bit(0, 1),
+        lambda: v.clear_bit(0, 1),
+        lambda: v.clear_bit_unlock(0, 1),
+        lambda: v.test_and_set_bit(0, 1),
+        lambda: v.test_and_set_bit_lock(0, 1),
+        lambda: v.test_and_clear_bit(0, 1),
+        lambda: v.find_and_set_zero_bit(0, 64, 0, True),
+        lambda: TraceWriter(v, 0, 2, 0, 0, 0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="uninitialised"):
+            call()
+    v.release()  # idempotent, also before any __init__
+    with v:
+        pass
+
+
+def test_reinitialised_view_uses_the_new_buffer_and_a_failed_one_changes_nothing():
+    big, small = mmap.mmap(-1, 4096), mmap.mmap(-1, 64)
+    v = AtomicView(small)
+    v.set(56, 7)
+    v.__init__(big)
+    assert v.nbytes == 4096 and v.read(56) == 0
+    v.set(4088, 1)
+    small.close()  # the first buffer's export went with the re-initialisation
+    with pytest.raises(BufferError):
+        v.__init__(b"read-only")
+    assert v.nbytes == 4096 and v.read(4088) == 1  # still on big
+    v.release()
+    big.close()
+
+
+def test_trace_writer_reinitialised_rebinds_and_a_failed_one_changes_nothing():
+    m1, m2 = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+    v1, v2 = AtomicView(m1), AtomicView(m2)
+    w = TraceWriter(v1, 64, 8, 0, 0, 0)
+    w.emit(1)
+    w.__init__(v2, 64, 8, 0, 0, 10)
+    w.emit(1)
+    assert (v1.read(0), v2.read(0), w.position) == (1, 11, 11)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.__init__(v1, 4096 - 64, 8, 0, 0, 0)
+    w.emit(1)
+    assert (v1.read(0), v2.read(0), w.position) == (1, 12, 12)
+    v1.release()
+    v2.release()
+    with pytest.raises(ValueError, match="released"):
+        w.emit(1)
+    m1.close()
+    m2.close()
 
 
 def test_readonly_buffer_is_refused():
@@ -169,3 +255,138 @@ def test_exact_totals_across_processes():
         assert int(row["bits"]) == (1 << NPROC) - 1
         assert int(row["signed"]) == -NPROC * LOOPS
         del row
+
+
+# Paths that would write through a NULL or stale pointer without their checks: each runs
+# in a child, so a regression fails the test (with the signal in its message) instead
+# of killing the test process.  The child prints "ExceptionType: message" per call.
+
+_PRELUDE = """
+import mmap
+from mqrt.lib._atomic import AtomicView, TraceWriter
+
+def outcome(call):
+    try:
+        call()
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+    else:
+        print("no exception", flush=True)
+
+class Index:
+    \"\"\"An integer whose conversion runs code (`then`) first.\"\"\"
+    def __init__(self, value, then):
+        self.value, self.then = value, then
+    def __index__(self):
+        self.then()
+        return self.value
+"""
+
+
+def _run_isolated(body: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"child exited with {proc.returncode} (negative: killed by that signal)\n"
+        f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+    )
+    return proc.stdout.splitlines()
+
+
+def _assert_raised(lines: list[str], *expected: tuple[type[BaseException], str]) -> None:
+    assert len(lines) == len(expected), lines
+    for line, (exc, pattern) in zip(lines, expected, strict=True):
+        assert line.startswith(f"{exc.__name__}: "), line
+        assert re.search(pattern, line), line
+
+
+def test_unbound_trace_writer_raises():
+    lines = _run_isolated("""
+        w = TraceWriter.__new__(TraceWriter)
+        outcome(lambda: w.emit(1))
+        outcome(lambda: w.emit(1, 2, 3, 4, 5, 6))
+        outcome(lambda: w.emit(ev=1, arg=2))
+        print(w.position)
+    """)
+    assert lines[-1] == "0"
+    _assert_raised(lines[:-1], *[(ValueError, "TraceWriter is not bound")] * 3)
+
+
+def test_trace_writer_on_a_view_reinitialised_smaller_raises():
+    # The ring sat at 512 KiB of the first buffer; the view now holds 4 KiB.
+    lines = _run_isolated("""
+        big, small = mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 4096)
+        v = AtomicView(big)
+        w = TraceWriter(v, 1 << 19, 1024, 0, 0, 0)
+        w.emit(1)
+        v.__init__(small)
+        big.close()
+        for _ in range(3):
+            outcome(lambda: w.emit(1))
+        print(w.position, v.read(0), bytes(small) == bytes(4096))
+    """)
+    assert lines[-1] == "1 0 True"  # nothing written, not even to the new buffer
+    _assert_raised(lines[:-1], *[(ValueError, "re-initialised")] * 3)
+
+
+# Each call converts an argument whose __index__ releases the view and unmaps its
+# buffer: the operation must notice, not write to the unmapped address it had computed.
+_RELEASE_AND_UNMAP = """
+    m = mmap.mmap(-1, 1 << 20)
+    v = AtomicView(m)
+    w = TraceWriter(v, 1 << 19, 1024, 64, 0, 0)
+    def gone():
+        v.release()
+        m.close()
+    x = Index(1, gone)
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "v.set(8, x)",
+        "v.store_release32(8, x)",
+        "v.fetch_add(8, x)",
+        "v.fetch_andnot(8, x)",
+        "v.xchg32(8, x)",
+        "v.cmpxchg(8, x, 2)",
+        "v.cmpxchg32(8, 0, x)",
+        "v.test_bit(8, x)",
+        "v.test_and_set_bit(8, x)",
+        "v.clear_bit_unlock(8, x)",
+        "v.find_and_set_zero_bit(8, x, 0, True)",
+        "v.find_and_set_zero_bit(8, 64, x, True)",
+        "w.emit(1, x)",
+        "w.emit(1, arg=x)",
+    ],
+)
+def test_argument_conversion_that_releases_the_view_raises(call):
+    lines = _run_isolated(textwrap.dedent(_RELEASE_AND_UNMAP) + f"outcome(lambda: {call})\n")
+    _assert_raised(lines, (ValueError, "released"))
+
+
+def test_argument_conversion_that_reinitialises_the_view_smaller_raises():
+    lines = _run_isolated("""
+        big, small = mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 4096)
+        v = AtomicView(big)
+        w = TraceWriter(v, 1 << 19, 1024, 64, 0, 0)
+        def shrink():
+            v.__init__(small)
+            big.close()
+        outcome(lambda: v.set(1 << 19, Index(1, shrink)))
+        print(bytes(small) == bytes(4096))
+        v.__init__(big := mmap.mmap(-1, 1 << 20))
+        w = TraceWriter(v, 1 << 19, 1024, 64, 0, 0)
+        outcome(lambda: w.emit(1, Index(2, shrink)))
+        print(bytes(small) == bytes(4096))
+    """)
+    assert lines[1] == lines[3] == "True"
+    _assert_raised(
+        [lines[0], lines[2]], (IndexError, "out of range"), (ValueError, "re-initialised")
+    )

@@ -12,8 +12,8 @@
  *   set / set32                      relaxed store           (WRITE_ONCE)
  *   load_acquire / load_acquire32    acquire load            (smp_load_acquire)
  *   store_release / store_release32  release store           (smp_store_release)
- *   cmpxchg, xchg, fetch_*           sequentially consistent (value-returning RMW
- *                                    atomics are fully ordered in the kernel too)
+ *   cmpxchg, xchg, fetch_*           fully ordered: a full barrier, like the kernel's
+ *                                    value-returning atomics (see Architectures)
  *   test_and_set_bit, test_and_clear_bit   fully ordered
  *   test_and_set_bit_lock            acquire                 (lock a bit)
  *   clear_bit_unlock                 release                 (unlock a bit)
@@ -27,7 +27,35 @@
  * nr_active).  Arguments wrap modulo the word size, as kernel atomics do.
  *
  * Every access is checked against the buffer: an offset outside it raises IndexError,
- * a misaligned one ValueError, and a released view ValueError - never a segfault.
+ * a misaligned one ValueError, and a view that is released or was never initialised
+ * ValueError - never a segfault.  Arguments are converted before the address is
+ * checked and taken: converting one can run Python code (__index__), which may release
+ * or re-initialise the view, and nothing but C runs between the check and the access.
+ * Calling __init__ again rebinds a view to a new buffer (a failed call leaves it as it
+ * was); every rebinding and release bumps the view's generation, and a TraceWriter
+ * writes only while the generation it was bound at is current.
+ *
+ * Architectures: x86-64 and aarch64; anything else is refused at build time.
+ *   The fully ordered read-modify-writes must be full barriers for the relaxed
+ *   accesses around them, as the kernel's value-returning atomics are: sbitmap's
+ *   wake-up does a fetch_or on `cleared` and then a plain read of `ws_active`, and
+ *   relies on the read not being satisfied before the fetch_or is visible.  C11 does
+ *   not promise that: a seq_cst RMW is only ordered against other seq_cst operations.
+ *   x86-64   every RMW is a LOCK-prefixed instruction (or XCHG, implicitly locked),
+ *            itself a full barrier: nothing is added.
+ *   aarch64  GCC emits an LDAXR/STLXR loop, an LSE LDxxAL/SWPAL/CASAL, or a call to an
+ *            outline helper that picks one at run time.  Acquire + release is not a
+ *            full barrier with LL/SC: a later load may be satisfied before the STLXR's
+ *            store is visible.  So each fully ordered RMW is followed by DMB ISH
+ *            (__atomic_thread_fence(__ATOMIC_SEQ_CST)), as the kernel's arm64 LL/SC
+ *            atomics are (stlxr; dmb ish).  No leading barrier is needed: the RMW's
+ *            release half orders every earlier access before its store.  A failed
+ *            cmpxchg stores nothing, so, as in the kernel, it does not order earlier
+ *            accesses before its own load (the trailing barrier still orders them
+ *            before later ones).  The acquire/release/relaxed operations need nothing.
+ *   others   POWER, RISC-V, ... each need their own argument (POWER, for one, needs a
+ *            trailing sync, not GCC's isync), so they are refused rather than guessed.
+ *   Words shared between processes must be lock-free (address-free): checked below.
  *
  * One writer sits above the words: TraceWriter, which appends the event trace's
  * 32-byte records (mqrt/lib/trace.py has the format and the ordering argument).  It is
@@ -40,12 +68,32 @@
 #include <string.h>
 #include <time.h>
 
+#if defined(__x86_64__)
+#define SMP_MB_AFTER_RMW() ((void)0) /* the LOCKed instruction is the barrier */
+#elif defined(__aarch64__)
+#define SMP_MB_AFTER_RMW() __atomic_thread_fence(__ATOMIC_SEQ_CST) /* dmb ish */
+#else
+#error "mqrt.lib._atomic supports x86-64 and aarch64 only (see Architectures above)"
+#endif
+
+_Static_assert(__atomic_always_lock_free(4, 0) && __atomic_always_lock_free(8, 0),
+               "cross-process atomics need lock-free 32- and 64-bit words");
+
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
-    char *base;          /* NULL once released */
+    char *base;          /* NULL until initialised and once released */
     Py_ssize_t len;
+    uint64_t gen;        /* bumped by every (re)initialisation and release */
 } AtomicView;
+
+/* Cold: the error for a view with no buffer. */
+static void
+set_unbound_error(AtomicView *self)
+{
+    PyErr_SetString(PyExc_ValueError, self->gen ? "operation on a released AtomicView"
+                                                : "operation on an uninitialised AtomicView");
+}
 
 static inline void *
 word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
@@ -53,12 +101,19 @@ word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
     Py_ssize_t off;
 
     if (self->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "operation on a released AtomicView");
+        set_unbound_error(self);
         return NULL;
     }
-    off = PyLong_AsSsize_t(arg);
-    if (off == -1 && PyErr_Occurred())
+    off = PyLong_AsSsize_t(arg); /* an int or nothing: runs no Python code */
+    if (off == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_IndexError,
+                         "offset out of range for a %zd-byte word in a %zd-byte buffer",
+                         width, self->len);
+        }
         return NULL;
+    }
     if (off < 0 || off > self->len - width) {
         PyErr_Format(PyExc_IndexError,
                      "offset %zd out of range for a %zd-byte word in a %zd-byte buffer",
@@ -115,6 +170,9 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
 
 /* ---- loads and stores ------------------------------------------------------------ */
 
+/* In every operation the values are converted first and word_addr() comes last, right
+ * before the access (see the note at the top). */
+
 #define DEFINE_LOAD(fn, type, width, order, box)                                        \
     static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
     {                                                                                 \
@@ -133,36 +191,40 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         type v;                                                                       \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
             return NULL;                                                              \
         __atomic_store_n(p, v, order);                                                \
         Py_RETURN_NONE;                                                               \
     }
 
-/* ---- read-modify-write ------------------------------------------------------------ */
+/* ---- read-modify-write: fully ordered --------------------------------------------- */
 
 #define DEFINE_RMW(fn, type, width, builtin, box, unbox)                                \
     static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
     {                                                                                 \
         type *p;                                                                      \
-        type v;                                                                       \
+        type v, old;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
             return NULL;                                                              \
-        return box(builtin(p, v, __ATOMIC_SEQ_CST));                                  \
+        old = builtin(p, v, __ATOMIC_SEQ_CST);                                        \
+        SMP_MB_AFTER_RMW();                                                           \
+        return box(old);                                                              \
     }
 
 #define DEFINE_FETCH_ANDNOT(fn, type, width, box, unbox)                                \
     static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
     {                                                                                 \
         type *p;                                                                      \
-        type v;                                                                       \
+        type v, old;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &v) < 0)         \
+        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
             return NULL;                                                              \
-        return box(__atomic_fetch_and(p, (type)~v, __ATOMIC_SEQ_CST));                \
+        old = __atomic_fetch_and(p, (type)~v, __ATOMIC_SEQ_CST);                      \
+        SMP_MB_AFTER_RMW();                                                           \
+        return box(old);                                                              \
     }
 
 /* cmpxchg(off, old, new) returns the value found; it succeeded iff that equals old. */
@@ -173,11 +235,12 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         type expected, desired;                                                       \
         if (check_nargs(#fn, nargs, 3) < 0)                                           \
             return NULL;                                                              \
-        if (!(p = word_addr(self, args[0], width)) || unbox(args[1], &expected) < 0   \
-            || unbox(args[2], &desired) < 0)                                          \
+        if (unbox(args[1], &expected) < 0 || unbox(args[2], &desired) < 0             \
+            || !(p = word_addr(self, args[0], width)))                                \
             return NULL;                                                              \
         __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,       \
                                     __ATOMIC_SEQ_CST);                                \
+        SMP_MB_AFTER_RMW();                                                           \
         return box(expected);                                                         \
     }
 
@@ -216,11 +279,12 @@ av_test_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned nr;
     if (check_nargs("test_bit", nargs, 2) < 0)
         return NULL;
-    if (!(p = word_addr(self, args[0], 8)) || get_bitnr(args[1], &nr) < 0)
+    if (get_bitnr(args[1], &nr) < 0 || !(p = word_addr(self, args[0], 8)))
         return NULL;
     return PyBool_FromLong((__atomic_load_n(p, __ATOMIC_RELAXED) >> nr) & 1);
 }
 
+/* __ATOMIC_SEQ_CST marks the fully ordered ones: test_and_set_bit, test_and_clear_bit. */
 #define DEFINE_BITOP(fn, builtin, order, make_mask, returns_old)                        \
     static PyObject *fn(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)    \
     {                                                                                 \
@@ -229,9 +293,11 @@ av_test_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
         unsigned nr;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (!(p = word_addr(self, args[0], 8)) || get_bitnr(args[1], &nr) < 0)        \
+        if (get_bitnr(args[1], &nr) < 0 || !(p = word_addr(self, args[0], 8)))        \
             return NULL;                                                              \
         old = builtin(p, make_mask(nr), order);                                       \
+        if (order == __ATOMIC_SEQ_CST)                                                \
+            SMP_MB_AFTER_RMW();                                                       \
         if (returns_old)                                                              \
             return PyBool_FromLong((old >> nr) & 1);                                  \
         Py_RETURN_NONE;                                                               \
@@ -278,8 +344,6 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
 
     if (check_nargs("find_and_set_zero_bit", nargs, 4) < 0)
         return NULL;
-    if (!(p = word_addr(self, args[0], 8)))
-        return NULL;
     depth = PyLong_AsLong(args[1]);
     if (depth == -1 && PyErr_Occurred())
         return NULL;
@@ -296,6 +360,8 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Format(PyExc_ValueError, "hint %ld is negative", hint);
         return NULL;
     }
+    if (!(p = word_addr(self, args[0], 8)))
+        return NULL;
     wrap = wrap && hint;
     for (;;) {
         val = __atomic_load_n(p, __ATOMIC_RELAXED);
@@ -317,13 +383,20 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
 
 /* ---- object plumbing ---------------------------------------------------------------- */
 
+/* Detach the buffer, then release it: releasing can run Python code (an exporter's
+ * __release_buffer__), which must find the view already released. */
 static PyObject *
 av_release(AtomicView *self, PyObject *Py_UNUSED(ignored))
 {
+    Py_buffer old;
+
     if (self->base != NULL) {
+        old = self->view;
+        memset(&self->view, 0, sizeof self->view);
         self->base = NULL;
         self->len = 0;
-        PyBuffer_Release(&self->view);
+        self->gen++;
+        PyBuffer_Release(&old);
     }
     Py_RETURN_NONE;
 }
@@ -340,24 +413,34 @@ av_exit(AtomicView *self, PyObject *args)
     return av_release(self, NULL);
 }
 
+/* The new buffer is taken (which can run Python code) and checked before the view
+ * changes; then the view switches to it in one step and the old one is released. */
 static int
 av_init(AtomicView *self, PyObject *args, PyObject *kwds)
 {
     PyObject *obj;
+    Py_buffer nv, old;
+    int had;
     static char *kwlist[] = {"buffer", NULL};
 
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:AtomicView", kwlist, &obj))
         return -1;
-    av_release(self, NULL);
-    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(obj, &nv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    if (((uintptr_t)self->view.buf & 7) != 0) {
-        PyBuffer_Release(&self->view);
-        PyErr_SetString(PyExc_ValueError, "buffer is not 8-byte aligned");
+    if (nv.buf == NULL || ((uintptr_t)nv.buf & 7) != 0) {
+        const char *why = nv.buf == NULL ? "buffer has no memory" : "buffer is not 8-byte aligned";
+        PyBuffer_Release(&nv);
+        PyErr_SetString(PyExc_ValueError, why);
         return -1;
     }
-    self->base = self->view.buf;
-    self->len = self->view.len;
+    had = self->base != NULL;
+    old = self->view;
+    self->view = nv;
+    self->base = nv.buf;
+    self->len = nv.len;
+    self->gen++;
+    if (had)
+        PyBuffer_Release(&old);
     return 0;
 }
 
@@ -437,7 +520,9 @@ static PyTypeObject AtomicViewType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "AtomicView(buffer): atomic word operations at byte offsets of a writable buffer.\n\n"
               "Holds a buffer export until release(); a SharedMemory cannot close while\n"
-              "a view on it is alive.",
+              "a view on it is alive.  Calling __init__ again rebinds the view to a new\n"
+              "buffer (TraceWriters bound before then refuse to write); if it fails, the\n"
+              "view is unchanged.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)av_init,
     .tp_dealloc = (destructor)av_dealloc,
@@ -459,11 +544,15 @@ typedef struct {
 
 _Static_assert(sizeof(TraceRecord) == 32, "trace record must be 32 bytes");
 
+/* ring and head point into the view's buffer as it was at binding (generation gen):
+ * they are used only while view->gen == gen, i.e. until the view is released or
+ * rebound.  An unbound writer (view NULL: __init__ never called) writes nothing. */
 typedef struct {
     PyObject_HEAD
     AtomicView *view;    /* strong reference: the buffer is the view's */
-    Py_ssize_t ring_off; /* slot 0 of this CPU's ring */
-    Py_ssize_t head_off; /* this CPU's head word */
+    uint64_t gen;        /* view->gen when bound */
+    char *ring;          /* slot 0 of this CPU's ring */
+    uint64_t *head;      /* this CPU's head word */
     uint64_t mask;       /* entries - 1 */
     uint64_t n;          /* records written so far (the next record's number) */
     uint16_t cpu;
@@ -487,9 +576,12 @@ tw_init(TraceWriter *self, PyObject *args, PyObject *kwds)
                                      &AtomicViewType, &view, &ring_off, &entries, &head_off,
                                      &cpu, &position, &barrier))
         return -1;
+    /* Checked after parsing: parsing can run Python code (__index__). */
     AtomicView *av = (AtomicView *)view;
     if (av->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "TraceWriter on a released AtomicView");
+        PyErr_SetString(PyExc_ValueError,
+                        av->gen ? "TraceWriter on a released AtomicView"
+                                : "TraceWriter on an uninitialised AtomicView");
         return -1;
     }
     if (entries < 2 || (entries & (entries - 1))) {
@@ -511,13 +603,15 @@ tw_init(TraceWriter *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "cpu must be 0..65535, got %d", cpu);
         return -1;
     }
-    Py_XSETREF(self->view, (AtomicView *)Py_NewRef(view));
-    self->ring_off = ring_off;
-    self->head_off = head_off;
+    /* Every field first, the view last: dropping the old view can run Python code. */
+    self->gen = av->gen;
+    self->ring = av->base + ring_off;
+    self->head = (uint64_t *)(av->base + head_off);
     self->mask = (uint64_t)entries - 1;
     self->n = (uint64_t)position;
     self->cpu = (uint16_t)cpu;
     self->barrier = barrier;
+    Py_XSETREF(self->view, (AtomicView *)Py_NewRef(view));
     return 0;
 }
 
@@ -526,6 +620,20 @@ tw_dealloc(TraceWriter *self)
 {
     Py_CLEAR(self->view);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Cold: why this writer cannot write. */
+static PyObject *
+tw_unbound_error(TraceWriter *self)
+{
+    if (self->view == NULL)
+        PyErr_SetString(PyExc_ValueError, "TraceWriter is not bound (__init__ was not called)");
+    else if (self->view->base == NULL)
+        PyErr_SetString(PyExc_ValueError, "emit() on a released AtomicView");
+    else
+        PyErr_SetString(PyExc_ValueError,
+                        "emit() after its AtomicView was re-initialised: bind a new TraceWriter");
+    return NULL;
 }
 
 /*
@@ -545,7 +653,6 @@ tw_emit(TraceWriter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     struct timespec ts;
     TraceRecord rec;
-    char *base;
 
     if (nargs > TW_NFIELDS) {
         PyErr_Format(PyExc_TypeError, "emit() takes at most 6 arguments (%zd given)", nargs);
@@ -570,10 +677,6 @@ tw_emit(TraceWriter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         PyErr_SetString(PyExc_TypeError, "emit() missing required argument 'ev'");
         return NULL;
     }
-    if ((base = self->view->base) == NULL) {
-        PyErr_SetString(PyExc_ValueError, "emit() on a released AtomicView");
-        return NULL;
-    }
     for (int i = 0; i < TW_NFIELDS; i++) {
         if (given[i] == NULL)
             continue;
@@ -587,6 +690,9 @@ tw_emit(TraceWriter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
             nbad++;
         }
     }
+    /* After the conversions (they can run Python code), and nothing but C from here. */
+    if (self->view == NULL || self->view->gen != self->gen)
+        return tw_unbound_error(self);
     clock_gettime(CLOCK_MONOTONIC, &ts);
     rec.t_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     rec.cpu = self->cpu;
@@ -596,12 +702,14 @@ tw_emit(TraceWriter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     rec.hctx = (uint16_t)v[3];
     rec.q = (uint16_t)v[4];
     rec.arg = (int64_t)v[5];
-    memcpy(base + self->ring_off + ((self->n & self->mask) << 5), &rec, sizeof rec);
+    memcpy(self->ring + ((self->n & self->mask) << 5), &rec, sizeof rec);
     self->n++;
-    if (self->barrier)
-        __atomic_exchange_n((uint64_t *)(base + self->head_off), self->n, __ATOMIC_SEQ_CST);
-    else
-        __atomic_store_n((uint64_t *)(base + self->head_off), self->n, __ATOMIC_RELEASE);
+    if (self->barrier) {
+        __atomic_exchange_n(self->head, self->n, __ATOMIC_SEQ_CST);
+        SMP_MB_AFTER_RMW();
+    } else {
+        __atomic_store_n(self->head, self->n, __ATOMIC_RELEASE);
+    }
     if (nbad) {
         PyObject *names = PyUnicode_FromString("");
         for (int i = 0; names != NULL && i < TW_NFIELDS; i++)
@@ -663,12 +771,10 @@ mod_fence(PyObject *mod, PyObject *Py_UNUSED(ignored))
 static PyObject *
 mod_cpu_relax(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     __builtin_ia32_pause();
-#elif defined(__aarch64__)
+#else /* __aarch64__: the only other architecture this file builds for */
     __asm__ __volatile__("yield" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
 #endif
     Py_RETURN_NONE;
 }
