@@ -545,10 +545,6 @@ class SbitmapQueue:
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
-        #: This handle's contention counters: failed tries that went to the wait
-        #: loop, and sleeps in it.
-        self.nr_waits = 0
-        self.nr_sleeps = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -829,42 +825,6 @@ class SbitmapQueue:
         if wait.active:
             self.a.fetch_sub32(self._ws_active, 1)
             wait.active = False
-
-    def get_sleep(
-        self,
-        wait_index: list[int],
-        timeout: float | None = None,
-        before_sleep: Callable[[], None] | None = None,
-    ) -> int:
-        """Allocate a bit, sleeping while the bitmap is full: the wait loop of
-        blk_mq_get_tag().  ``before_sleep`` runs between the failed try and the
-        sleep (blk-mq runs the hardware queue there).  Returns -1 only if a sleep
-        lasts ``timeout`` seconds without a wake-up: a stranded waiter, which is
-        what the timeout is for."""
-        nr = self.get()
-        if nr != -1:
-            return nr
-        self.nr_waits += 1
-        wait = SbqWait()
-        ws_index = self.wait_ptr(wait_index)
-        while True:
-            if before_sleep is not None:
-                before_sleep()
-            nr = self.get()
-            if nr != -1:
-                break
-            self.prepare_to_wait(ws_index, wait)
-            nr = self.get()
-            if nr != -1:
-                break
-            self.nr_sleeps += 1
-            woken = self.ws[ws_index].w.schedule(timeout)
-            self.finish_wait(ws_index, wait)
-            if not woken:
-                return -1
-            ws_index = self.wait_ptr(wait_index)
-        self.finish_wait(ws_index, wait)
-        return nr
 
     # -- debugfs ---------------------------------------------------------------------------------
 
