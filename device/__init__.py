@@ -1,5 +1,8 @@
 """Emulated devices (installed as ``mqrt.device``).
 
-The NVMe controller process and the null_blk-style driver ops.  This package imports
-:mod:`mqrt`, never the reverse (the runtime starts the device by module path).
+The null_blk driver (:mod:`mqrt.device.null_blk`), the NVMe controller process
+(:mod:`mqrt.device.controller`, with its service model and wire formats) and the nvme
+driver in front of it (:mod:`mqrt.device.nvme`).  This package builds on
+:mod:`mqrt.lib` and :mod:`mqrt.block`, which never import it; the runtime starts the
+device.
 """

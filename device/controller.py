@@ -169,7 +169,6 @@ class Controller:
         self.clock = time.monotonic_ns
         r = plan.regs.offsets()
         self._cc_en, self._csts_rdy, self._need_kick = r.cc_en, r.csts_rdy, r.need_kick
-        self._csts_cfs = r.csts_cfs
         self.counters = {name: 0 for name in DEV_COUNTERS.names}
         self._cnt = plan.counters.offsets()
         self.model = ServiceModel.from_values(plan.model)

@@ -58,10 +58,7 @@ assert SQE.size == SQE_LAYOUT.itemsize == 64 and CQE.size == CQE_LAYOUT.itemsize
 assert CQE_OFF_CID_STATUS == CQE_HEAD.size == CQE.size - 4
 assert field_offset(CQE_LAYOUT, "status") == CQE_OFF_CID_STATUS + 2
 
-#: Largest queue the controller supports (CAP.MQES + 1).
-NVME_MAX_QUEUE_DEPTH = 4096
-#: Linux's defaults: io_queue_depth and the admin queue's depth.
-NVME_IO_QUEUE_DEPTH = 1024
+#: Linux's admin queue depth.
 NVME_AQ_DEPTH = 32
 NVME_QID_ADMIN = 0
 
@@ -73,14 +70,6 @@ CID_GENCTR_MASK = 0xF
 def nvme_cid(genctr: int, tag: int) -> int:
     """nvme_cid(): the command id of ``tag`` in its ``genctr``-th use."""
     return ((genctr & CID_GENCTR_MASK) << CID_TAG_BITS) | tag
-
-
-def nvme_tag_from_cid(cid: int) -> int:
-    return cid & CID_TAG_MASK
-
-
-def nvme_genctr_from_cid(cid: int) -> int:
-    return (cid >> CID_TAG_BITS) & CID_GENCTR_MASK
 
 
 class AdminOpcode(enum.IntEnum):
@@ -160,7 +149,7 @@ def cqe_status(status: int, phase: int) -> int:
 
 #: Controller registers the host and the device share (the subset mqrt needs).
 NVME_REGS = cacheline_struct(
-    [("cc_en", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],  # host writes CC.EN
+    [("cc_en", "<u4"), ("csts_rdy", "<u4")],  # host writes CC.EN
     [("need_kick", "<u4")],  # device: "I am going to sleep, kick me" (event index)
     # struct nvme_ctrl (host side): completed resets and the state, moved by cmpxchg
     # (LIVE -> RESETTING by the CPU that performs the reset, back to LIVE or DEAD)

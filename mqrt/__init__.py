@@ -1,7 +1,7 @@
 """mqrt: the Linux blk-mq block layer rebuilt in user space, on real processes.
 
-Each emulated CPU is a pinned worker process; hardware dispatch queues are lock-free
-rings in shared memory; tags come from a port of lib/sbitmap.c running on real atomics
+Each emulated CPU is a pinned worker process; software and hardware dispatch queues
+live in shared memory; tags come from a port of lib/sbitmap.c running on real atomics
 (:mod:`mqrt.lib._atomic`).  See README.md and docs/ARCHITECTURE.md.
 """
 

@@ -45,7 +45,6 @@ class Point:
     percentiles: dict[float, float] = field(default_factory=dict)
     #: p99 of every run, when the report has them
     p99_runs: tuple[float, ...] | None = None
-    cpu_us_per_io: float | None = None
 
     @property
     def key(self) -> tuple[tuple[str, str], ...]:
@@ -221,7 +220,6 @@ def _mqrt_point(p: Any, i: int, name: str) -> Point:
         if isinstance(p99_raw, list) and p99_raw
         else None
     )
-    cpu = p.get("cpu_us_per_io")
     return Point(
         params=dict(p["params"]),
         iops=iops,
@@ -230,7 +228,6 @@ def _mqrt_point(p: Any, i: int, name: str) -> Point:
         bw_runs=bw_runs,
         percentiles=_percentiles(p.get("lat_ns")),
         p99_runs=p99_runs,
-        cpu_us_per_io=float(cpu) if isinstance(cpu, int | float) else None,
     )
 
 

@@ -1,10 +1,19 @@
-"""An in-process rig for the block layer: one real arena, real tags, requests and
-wait queues, and CPUs whose interrupts, timers and kblockd runs are driven step by
-step by the caller instead of by worker processes.
+"""The in-process blk-mq rig: the real block layer in the caller's process, stepped
+by hand.
 
-Used by the deterministic interleaving tests (which request is busy, when a timer
-fires, when kblockd runs) and by ``mqrt microbench``'s in-process data-path cases;
-the multi-process behaviour runs on real workers (:mod:`mqrt.runtime.owner`).
+:class:`Rig` builds one real arena holding a driver's tag sets and request queues
+(real tags on real atomics, the request pool, wait queues) and one :class:`BlkMq`
+per emulated CPU, all in the calling process.  Each CPU's services (softirqs,
+hrtimers, completion IPIs, kblockd, requeue work) are a :class:`ScriptedCpu` that
+only records what blk-mq asks for; nothing runs until the caller says so
+(:meth:`ScriptedCpu.run_softirqs`, :meth:`ScriptedCpu.run_kblockd`, ...).
+:class:`ScriptOps` is a driver whose ``->queue_rq`` answers from a script.
+
+This is public API for tests and benchmarks: the deterministic interleaving tests
+use it to decide which request is busy and when kblockd runs, and
+``mqrt microbench``'s in-process data-path cases (``blk_mq.io``) measure a CPU's
+work per I/O with it, without an event loop.  Behaviour across processes runs on
+real CPU workers (:mod:`mqrt.runtime.owner`).
 """
 
 from __future__ import annotations
@@ -12,16 +21,27 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
+from typing import Any
 
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_setup import init_shared
+from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
 
 
 class ScriptedCpu:
-    """CpuSys for one CPU in the caller's process: nothing runs until the caller says so."""
+    """A :class:`~mqrt.block.blk_mq_structs.CpuSys` for one CPU in the caller's
+    process: it records what blk-mq asks for and runs nothing until the caller says so.
+
+    Softirqs queue in :attr:`softirqs` (run by :meth:`run_softirqs`), hrtimers in
+    :attr:`timers` (never fired), local kblockd runs in :attr:`runs` (run by
+    :meth:`run_kblockd`), another CPU's in :attr:`remote_runs`, completion IPIs in
+    :attr:`ipis`, requeue kicks in :attr:`requeue_kicks` (run by
+    :meth:`run_requeue`) and finished bios in :attr:`done`.  It cannot sleep: a tag
+    wait fails the test (use ``nowait`` or free tags first).
+    """
 
     def __init__(self, cpu: int = 0):
         self.cpu = cpu
@@ -63,6 +83,7 @@ class ScriptedCpu:
     # -- the caller drives these ------------------------------------------------------
 
     def run_softirqs(self) -> int:
+        """Run the raised softirqs, including any they raise; how many ran."""
         n = 0
         while self.softirqs:
             fn, a, b = self.softirqs.popleft()
@@ -70,28 +91,30 @@ class ScriptedCpu:
             n += 1
         return n
 
-    def fire_timers(self) -> int:
-        n = 0
-        while self.timers:
-            _, _, fn, args = heapq.heappop(self.timers)
-            fn(*args)
-            n += 1
-        return n
-
     def run_kblockd(self) -> int:
+        """Run the hctxs kblockd was asked to run on this CPU (delays ignored); how many."""
         runs, self.runs = self.runs, {}
         for q, h in runs:
             self.mq.run_work(q, h)  # type: ignore[union-attr]
         return len(runs)
 
     def run_requeue(self) -> None:
+        """Run the requeue work of every queue that was kicked, once each."""
         kicks, self.requeue_kicks = self.requeue_kicks, []
         for q in dict.fromkeys(kicks):
             self.mq.requeue_work(q)  # type: ignore[union-attr]
 
 
 class Rig:
-    """Layout -> arena -> BlkMq on CPU ``cpu`` of ``nr_cpus``; close() when done."""
+    """The block layer of ``nr_cpus`` emulated CPUs in this process.
+
+    ``setup(layout, topology)`` declares the driver's tag sets and queues and returns
+    ``(ops, queues)``, as a driver's ``setup`` does for the runtime; the rig adds the
+    waiter table, creates and initialises the arena, and makes one :class:`BlkMq`
+    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU.  A driver with
+    ``bind`` is bound to CPU ``cpu``.  :meth:`close` releases everything (the arena
+    is unlinked).
+    """
 
     def __init__(self, setup, nr_cpus: int = 1, cpu: int = 0):
         self.layout = Layout()
@@ -119,10 +142,12 @@ class Rig:
 
     @property
     def mq(self) -> BlkMq:
+        """CPU 0's block layer."""
         return self.mqs[0]
 
     @property
     def sys(self) -> ScriptedCpu:
+        """CPU 0's services."""
         return self.cpus[0]
 
     def close(self) -> None:
@@ -131,3 +156,35 @@ class Rig:
         for fd in self.eventfds:
             os.close(fd)
         self.arena.close()
+
+
+class ScriptOps(BlkMqOps):
+    """A driver whose ``->queue_rq`` answers from a script: a list of statuses consumed
+    one per call (then OK).  A request it accepts is started and kept in
+    :attr:`started` for the caller to complete; ``->timeout`` completes the request
+    with ``BLK_STS_TIMEOUT`` and records its id in :attr:`timed_out`."""
+
+    name = "script"
+
+    def __init__(self, script: list[int] | None = None):
+        self.script = list(script or [])
+        self.started: list[Any] = []
+        self.timed_out: list[int] = []
+        self.calls = 0
+        self.last_flags: list[bool] = []
+
+    def queue_rq(self, mq, hctx, rq, last):
+        self.calls += 1
+        self.last_flags.append(last)
+        if self.script:
+            status = self.script.pop(0)
+            if status:
+                return status
+        mq.start_request(rq)
+        self.started.append(rq)
+        return 0
+
+    def timeout(self, mq, rq, gen):
+        self.timed_out.append(rq.id)
+        mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
+        return EhRet.DONE

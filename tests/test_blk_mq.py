@@ -1,4 +1,4 @@
-"""The block layer's data path, step by step in one process (tests/blk_mq_rig.py):
+"""The block layer's data path, step by step in one process (mqrt.testing):
 plugging and merging, direct issue, the dispatch list and its reruns, completion
 affinity, exactly-once completion, timeouts, requeue, fair share, reserved tags."""
 
@@ -12,7 +12,7 @@ from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_GEN_SHIFT, TagSet
 from mqrt.block.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
-from tests.blk_mq_rig import Rig, ScriptOps
+from mqrt.testing import Rig, ScriptOps
 
 READ = int(ReqOp.READ)
 

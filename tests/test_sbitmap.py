@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mqrt.block.blk_mq_tag import Tags, declare_tags, init_tags
 from mqrt.lib.sbitmap import (
     SBQ_WAIT_QUEUES,
     SbitmapQueue,
@@ -24,17 +25,29 @@ GENERATIONS = list(SbqGeneration)
 
 
 class Rig:
-    """One arena holding a sbitmap_queue and a waiter table, with handles per CPU."""
+    """One arena holding a sbitmap_queue and a waiter table, with handles per CPU.
 
-    def __init__(self, depth, nr_cpus=2, nr_waiters=2, **kw):
+    With ``tags=True`` the sbitmap_queue is the ``bitmap_tags`` of a real
+    ``struct blk_mq_tags`` (no reserved tags), so the block layer's tag wait loop
+    (:meth:`Tags.get_tag`) can run on it."""
+
+    def __init__(self, depth, nr_cpus=2, nr_waiters=2, tags=False, **kw):
         self.layout = Layout()
         self.wspec = Waiters.declare(self.layout, nr_waiters)
-        self.spec = SbitmapQueue.declare(self.layout, "tags", depth, nr_cpus, **kw)
+        if tags:
+            self.tags_spec = declare_tags(self.layout, "tags", 0, depth, 0, nr_cpus, 0, **kw)
+            self.spec = self.tags_spec.bitmap_tags
+        else:
+            self.tags_spec = None
+            self.spec = SbitmapQueue.declare(self.layout, "tags", depth, nr_cpus, **kw)
         self.owners = self.layout.add("owners", "<i8", depth)
         self.sleeps = self.layout.add("sleeps", "<u8")
         self.arena = Arena.create(self.layout)
         Waiters.init(self.arena, self.wspec)
-        SbitmapQueue.init(self.arena, self.spec, seed=1)
+        if tags:
+            init_tags(self.arena, self.tags_spec, seed=1)
+        else:
+            SbitmapQueue.init(self.arena, self.spec, seed=1)
         self.eventfds = Waiters.create_eventfds(self.wspec)
 
     def waiters(self, me):
@@ -42,6 +55,9 @@ class Rig:
 
     def sbq(self, cpu=0, me=0):
         return SbitmapQueue(self.arena, self.spec, self.waiters(me), cpu=cpu, seed=cpu)
+
+    def tags(self, waiters, cpu=0):
+        return Tags(self.arena, self.tags_spec, waiters, cpu)
 
     def close(self):
         for fd in self.eventfds:
@@ -335,38 +351,51 @@ STRANDED_S = 5.0
 
 
 def _sleepy_worker(rig, cpu, rounds, max_hold):
-    """Take 1..max_hold tags one at a time (sleeping when none is free), keep them
-    a moment, free them.  max_hold is small enough that some process can always
+    """Take 1..max_hold tags one at a time through blk-mq's tag wait loop
+    (blk_mq_get_tag(), sleeping when none is free), keep them a moment, free them
+    (blk_mq_put_tag()).  max_hold is small enough that some process can always
     finish its set (nproc * (max_hold - 1) < depth), so a hang is a lost wake-up,
-    not a deadlock."""
-    q = rig.sbq(cpu=cpu, me=cpu)
+    not a deadlock: a sleep that lasts STRANDED_S fails the process."""
+    waiters = rig.waiters(cpu)
+    tags = rig.tags(waiters, cpu)
     a = rig.arena.atomic
     rng = random.Random(cpu)
     wait_index = [cpu % SBQ_WAIT_QUEUES]
+    i = 0
+
+    def schedule():
+        assert waiters.schedule(STRANDED_S), (
+            f"cpu {cpu} stranded for {STRANDED_S} s at round {i}:\n{tags.show()}"
+        )
+
     for i in range(rounds):
         held = []
         for _ in range(rng.randint(1, max_hold)):
-            nr = q.get_sleep(wait_index, timeout=STRANDED_S)
-            assert nr != -1, f"cpu {cpu} stranded for {STRANDED_S} s at round {i}:\n{q.show()}"
+            nr = tags.get_tag(False, False, None, wait_index, _no_queue_to_run, schedule)
             assert a.fetch_add(rig.owners.addr(nr), 1) == 0
             held.append(nr)
         if i % 5 == 0:
             time.sleep(0.0002)
         for nr in held:
             a.fetch_sub(rig.owners.addr(nr), 1)
-            q.clear(nr, cpu)
-    a.fetch_add(rig.sleeps.addr(), q.nr_sleeps)
+            tags.put_tag(nr, cpu)
+    a.fetch_add(rig.sleeps.addr(), tags.nr_tag_sleeps)
+
+
+def _no_queue_to_run():
+    """get_tag's run_queue: no hardware queue holds requests that could free tags."""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gen", GENERATIONS)
 @pytest.mark.parametrize("depth", [4, 16])
 def test_sleepers_are_never_stranded(rig_factory, gen, depth):
-    """More sleepers than depth / 8 can satisfy: every process must finish, woken by
-    other processes' frees (a stranded waiter times out and fails)."""
+    """More sleepers than depth / 8 can satisfy, each taking tags through the block
+    layer's wait loop (Tags.get_tag): every process must finish, woken by other
+    processes' frees (a stranded waiter times out and fails)."""
     nproc = 6
     max_hold = (depth - 1) // nproc + 1
-    rig = rig_factory(depth, nr_cpus=nproc, nr_waiters=nproc, generation=gen)
+    rig = rig_factory(depth, nr_cpus=nproc, nr_waiters=nproc, tags=True, generation=gen)
     run_processes(*[(_sleepy_worker, (rig, cpu, 1500, max_hold)) for cpu in range(nproc)])
     q = rig.sbq()
     assert q.sb.weight() == 0

@@ -486,7 +486,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         messages=messages,
     )  # fmt: skip
     if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
-        from mqrt.microbench.main import reference_figures
+        from mqrt.microbench.refs import reference_figures
 
         report["mqrt"]["reference"] = reference_figures(args.reference)
     if args.output_format == "json":

@@ -407,12 +407,6 @@ class Sbitmap:
         """sbitmap_clear_bit(): free a bit immediately."""
         self.a.clear_bit(self._word[bitnr >> self.shift], bitnr & (self.bits_per_word - 1))
 
-    def deferred_clear_bit(self, bitnr: int) -> None:
-        """sbitmap_deferred_clear_bit() followed by a full barrier
-        (smp_mb__after_atomic): mark the bit in ``cleared``; the next allocator that
-        finds the word full folds it back."""
-        self.a.fetch_or(self._cleared[bitnr >> self.shift], 1 << (bitnr & (self.bits_per_word - 1)))
-
     def test_bit(self, bitnr: int) -> bool:
         return self.a.test_bit(self._word[bitnr >> self.shift], bitnr & (self.bits_per_word - 1))
 
@@ -441,13 +435,6 @@ class Sbitmap:
     def weight(self) -> int:
         """sbitmap_weight(): bits in use (set and not pending a deferred clear)."""
         return self._weight(True) - self._weight(False)
-
-    def any_bit_set(self) -> bool:
-        """sbitmap_any_bit_set(): any bit in use?"""
-        for i in range(self.a.read32(self._map_nr)):
-            if self.a.read(self._word[i]) & ~self.a.read(self._cleared[i]):
-                return True
-        return False
 
     def alloc_hints(self) -> list[int]:
         return [_u32(self.a.read32(self.spec.hints.addr(c))) for c in range(self.spec.nr_cpus)]
@@ -558,10 +545,6 @@ class SbitmapQueue:
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
-        #: This handle's contention counters: failed tries that went to the wait
-        #: loop, and sleeps in it.
-        self.nr_waits = 0
-        self.nr_sleeps = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -667,7 +650,9 @@ class SbitmapQueue:
         # set_bit + smp_mb__after_atomic: the request's last use happens before the
         # bit can be reused, and the bit is visible before ws_active is read in
         # wake_up (pairs with the barrier in prepare_to_wait's state change).
-        # deferred_clear_bit() and update_cpu_hint() inlined (the hot path).
+        # sbitmap_deferred_clear_bit() (marks the bit in ``cleared``; the next
+        # allocator that finds the word full folds it back) and update_cpu_hint(),
+        # inlined (the hot path).
         sb, a = self.sb, self.a
         a.fetch_or(sb._cleared[nr >> sb.shift], 1 << (nr & (sb.bits_per_word - 1)))
         if inject.armed:
@@ -840,42 +825,6 @@ class SbitmapQueue:
         if wait.active:
             self.a.fetch_sub32(self._ws_active, 1)
             wait.active = False
-
-    def get_sleep(
-        self,
-        wait_index: list[int],
-        timeout: float | None = None,
-        before_sleep: Callable[[], None] | None = None,
-    ) -> int:
-        """Allocate a bit, sleeping while the bitmap is full: the wait loop of
-        blk_mq_get_tag().  ``before_sleep`` runs between the failed try and the
-        sleep (blk-mq runs the hardware queue there).  Returns -1 only if a sleep
-        lasts ``timeout`` seconds without a wake-up: a stranded waiter, which is
-        what the timeout is for."""
-        nr = self.get()
-        if nr != -1:
-            return nr
-        self.nr_waits += 1
-        wait = SbqWait()
-        ws_index = self.wait_ptr(wait_index)
-        while True:
-            if before_sleep is not None:
-                before_sleep()
-            nr = self.get()
-            if nr != -1:
-                break
-            self.prepare_to_wait(ws_index, wait)
-            nr = self.get()
-            if nr != -1:
-                break
-            self.nr_sleeps += 1
-            woken = self.ws[ws_index].w.schedule(timeout)
-            self.finish_wait(ws_index, wait)
-            if not woken:
-                return -1
-            ws_index = self.wait_ptr(wait_index)
-        self.finish_wait(ws_index, wait)
-        return nr
 
     # -- debugfs ---------------------------------------------------------------------------------
 

@@ -72,8 +72,9 @@ Ordering (single writer per ring, lock-free readers: a seqlock in reverse)
     ``emit()`` is not re-entrant and a ring has one writer: one :class:`Tracer` per
     CPU, never called from a Python signal handler.
 
-Cost (``measure_emit_ns()``: ``tracer.emit(ev, tag, gen, hctx, q, arg)`` with six
-positional arguments, best of 5 x 200k calls; CPython 3.11.7, x86-64, 2-vCPU VM)
+Cost (``tracer.emit(ev, tag, gen, hctx, q, arg)`` with six positional arguments,
+timeit, best of 5 x 200k calls; CPython 3.11.7, x86-64, 2-vCPU VM; ``mqrt microbench
+--case trace.emit`` measures the data path's ``if trace.on: trace.emit(...)``)
     =========================  ========  =========================================
     tracer                     ns/event  where it goes
     =========================  ========  =========================================
@@ -97,7 +98,6 @@ import enum
 import platform
 import struct
 import sys
-import timeit
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,36 +489,6 @@ def render_dump(path: str | Path) -> str:
     return "\n".join([*head, format_records(recs, names=dump.names)])
 
 
-# -- cost ----------------------------------------------------------------------------
-
-
-def measure_emit_ns(number: int = 200_000, repeat: int = 5) -> dict[str, float]:
-    """ns per ``emit()`` for an enabled :class:`Tracer` (with the head store this
-    machine uses, and with the barrier variant) and a :class:`NullTracer`, best of
-    ``repeat`` rounds of ``number`` calls, in a private arena."""
-    layout = Layout()
-    spec = TraceSpec.declare(layout, 2, DEFAULT_ENTRIES)
-    out: dict[str, float] = {}
-    with Arena.create(layout) as arena:
-        tracers: dict[str, Tracer | NullTracer] = {
-            "enabled": Tracer(arena, spec, 0),
-            "enabled_barrier": Tracer(arena, spec, 1, barrier=True),
-            "disabled": NullTracer(),
-        }
-        for name, tracer in tracers.items():
-            best = min(
-                timeit.repeat(
-                    "tracer.emit(7, 17, 3, 0, 0, 42)",
-                    globals={"tracer": tracer},
-                    number=number,
-                    repeat=repeat,
-                )
-            )
-            out[name] = best / number * 1e9
-        del tracers  # drop the writers' references to the view before closing
-    return out
-
-
 # -- this process's tracer -----------------------------------------------------------------
 
 #: True while this process has a tracer installed; the hot paths test it first:
@@ -526,13 +496,10 @@ def measure_emit_ns(number: int = 200_000, repeat: int = 5) -> dict[str, float]:
 on = False
 #: This process's ``emit`` (a no-op until :func:`install`).
 emit: EmitFn = NULL_TRACER.emit
-#: This process's tracer, or None.
-current: Tracer | None = None
 
 
 def install(tracer: Tracer | None) -> None:
     """Make ``tracer`` this process's tracer (None: trace nothing)."""
-    global on, emit, current
-    current = tracer
+    global on, emit
     on = tracer is not None
     emit = tracer.emit if tracer is not None else NULL_TRACER.emit
