@@ -38,8 +38,6 @@ from mqrt.block.blk_mq_structs import (
 )
 from mqrt.lib.wait import spin_lock, spin_unlock
 
-MODES = ("mq", "sq", "raw")
-
 
 class SqBlkMq(BlkMq):
     """The legacy single-queue block layer: BlkMq on one hw queue, every path under
