@@ -150,7 +150,7 @@ class Cpu:
         self._next_pub = 0
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
         self.poll_hctxs = (
-            list(dict.fromkeys(q.hctx_poll for q in self.mq.queues if q.hctx_poll is not None))
+            list(dict.fromkeys(q.hctx_poll for q in self.mq.queues if q.poll_capable))
             if plan.job.hipri
             else []
         )

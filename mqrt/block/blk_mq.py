@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from mqrt.block import blk_mq_sched
 from mqrt.block.blk_mq_complete import BlkMqCompletion
@@ -61,7 +62,6 @@ from mqrt.block.blk_mq_structs import (
     RQ_OFF_SETUP,
     RQ_SETUP,
     RQ_SIZE,
-    BlkMqError,
     CpuSys,
     HwCtx,
     Plug,
@@ -112,6 +112,7 @@ class BlkMq(BlkMqCompletion):
         self.buf = arena.buf
         self.cpu = cpu
         self.sys = sys
+        self.mq = self
         self.clock = time.monotonic_ns
         self.plug: Plug | None = None
         self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
@@ -130,7 +131,7 @@ class BlkMq(BlkMqCompletion):
         self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu) for q in queues]
         for queue in self.queues:
             for hctx in queue.hctxs:
-                hctx.run_sync = lambda hctx=hctx: self.run_hw_queue(hctx, False)
+                hctx.run_sync = partial(self.run_hw_queue, hctx, False)
         #: per queue: the request pool accessors of its tag set, and their offsets
         self.rqs = [self._rqs[id(q.tag_set)] for q in queues]
         self.rq_base = [[rq.base for rq in pool] for pool in self.rqs]
@@ -213,8 +214,6 @@ class BlkMq(BlkMqCompletion):
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         tags = hctx.tags
-        if tags is None:
-            raise BlkMqError(f"{queue.q.name}: hctx {hctx.index} has no tags (unmapped)")
         shared = queue.shared
         a = self.a
         rq_id = -1
@@ -323,9 +322,9 @@ class BlkMq(BlkMqCompletion):
             a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT)
             tags = hctx.tags
             if trace.on:
-                trace.emit(Ev.TAG_PUT, rq_id - tags.rq_base, st >> RQ_GEN_SHIFT,  # type: ignore[union-attr]
+                trace.emit(Ev.TAG_PUT, rq_id - tags.rq_base, st >> RQ_GEN_SHIFT,
                            hctx.index, hctx.queue.index)  # fmt: skip
-            tags.put_tag(rq_id - tags.rq_base, self.cpu)  # type: ignore[union-attr]
+            tags.put_tag(rq_id - tags.rq_base, self.cpu)
         plug.cached.clear()
 
     # -- submission ------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ from mqrt.lib import inject, trace
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.trace import Ev
 
+if TYPE_CHECKING:
+    from mqrt.block.blk_mq import BlkMq
+
 #: Tags freed by a completion batch, per tag map: id(tags) -> (tags, tags to free).
 TagBatch = dict[int, tuple[Tags, list[int]]]
 
@@ -64,6 +67,7 @@ class BlkMqCompletion:
     """A CPU's completion side: start, complete, requeue, end, time out."""
 
     # Per-CPU state, set up by BlkMq.__init__.
+    mq: BlkMq  #: this CPU's whole block layer (self), as the driver's ops take it
     a: AtomicView
     buf: memoryview
     cpu: int
@@ -167,7 +171,7 @@ class BlkMqCompletion:
             inject.hit("rq.complete.before_end")
         queue = self.queues[buf[base + RQ_OFF_Q]]
         if buf[base + RQ_OFF_FLAGS] & _RQF_POLLED:  # reaped by polling: complete in this task
-            queue.ops.complete(self, rq)
+            queue.ops.complete(self.mq, rq)
             return True
         submit_cpu = buf[base + RQ_OFF_CPU] | buf[base + RQ_OFF_CPU + 1] << 8
         cpu = self.cpu
@@ -186,13 +190,13 @@ class BlkMqCompletion:
             self.stats["softirqs"] += 1
             self.sys.raise_softirq(self._complete_softirq, rq.id, queue.index)
             return True
-        queue.ops.complete(self, rq)
+        queue.ops.complete(self.mq, rq)
         return True
 
     def _complete_softirq(self, rq_id: int, q: int) -> None:
         """blk_done_softirq() / the IPI's handler: ->complete on this CPU."""
         queue = self.queues[q]
-        queue.ops.complete(self, self.rqs[q][rq_id])
+        queue.ops.complete(self.mq, self.rqs[q][rq_id])
 
     def ipi_complete(self, q: int, rq_id: int, gen: int) -> None:
         """The IPI arrived: the request must still be the one that was completed."""
@@ -200,7 +204,7 @@ class BlkMqCompletion:
         if rq.gen & 0xFFFFFFFF != gen or rq.state != RqState.COMPLETE:
             self.stats["stale_completions"] += 1
             return
-        self.queues[q].ops.complete(self, rq)
+        self.queues[q].ops.complete(self.mq, rq)
 
     def _end(
         self,
@@ -341,7 +345,7 @@ class BlkMqCompletion:
                 continue
             expired += 1
             self.stats["timeouts"] += 1
-            verdict = queue.ops.timeout(self, rq, st >> RQ_GEN_SHIFT)
+            verdict = queue.ops.timeout(self.mq, rq, st >> RQ_GEN_SHIFT)
             if trace.on:
                 trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + RQ_OFF_HCTX], q,
                            int(verdict))  # fmt: skip
@@ -358,8 +362,7 @@ class BlkMqCompletion:
             self._idle_at[q] = now + queue.timeout_ns
         elif queue.shared and now >= idle_at:
             for hctx in queue.hctxs:
-                if hctx.tags is not None:
-                    hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
+                hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
         return expired
 
     # -- sysfs -------------------------------------------------------------------------------------
@@ -372,7 +375,7 @@ class BlkMqCompletion:
         done: set[int] = set()
         for hctx in queue.hctxs:
             tags = hctx.tags
-            if tags is None or id(tags) in done:
+            if id(tags) in done:
                 continue
             done.add(id(tags))
             if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:

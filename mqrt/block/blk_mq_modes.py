@@ -146,10 +146,10 @@ class RawBlkMq(BlkMq):
             users = queue.q.hctx_ctxs[hctx.index]
             me = users.index(cpu) if cpu in users else 0
             tags = hctx.tags
-            first = tags.nr_reserved_tags  # type: ignore[union-attr]
+            first = tags.nr_reserved_tags
             ids = [
-                tags.rq_base + t  # type: ignore[union-attr]
-                for t in range(first, tags.nr_tags)  # type: ignore[union-attr]
+                tags.rq_base + t
+                for t in range(first, tags.nr_tags)
                 if (t - first) % max(1, len(users)) == me
             ]
             ids.reverse()

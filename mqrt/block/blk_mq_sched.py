@@ -13,6 +13,7 @@ Deviations from Linux: no elevator, so no sched tags and no ``->dispatch_request
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from mqrt.block.blk_mq_types import HctxState
@@ -51,7 +52,7 @@ def flush_busy_ctxs(mq: BlkMq, hctx: HwCtx, max_per_ctx: int = -1) -> list[int]:
     out: list[int] = []
     for index_hw in hctx.busy_ctxs():
         # The pending bit is cleared under the ctx's lock once its list is empty.
-        out += hctx.ctx_lists[index_hw].take(max_per_ctx, lambda i=index_hw: hctx.clear_pending(i))
+        out += hctx.ctx_lists[index_hw].take(max_per_ctx, partial(hctx.clear_pending, index_hw))
     return out
 
 
@@ -64,7 +65,7 @@ def do_dispatch_ctx(mq: BlkMq, hctx: HwCtx) -> None:
         rq_id = -1
         start = hctx.dispatch_from
         for index_hw in sorted(hctx.busy_ctxs(), key=lambda i: (i < start, i)):
-            got = hctx.ctx_lists[index_hw].take(1, lambda i=index_hw: hctx.clear_pending(i))
+            got = hctx.ctx_lists[index_hw].take(1, partial(hctx.clear_pending, index_hw))
 
             if got:
                 rq_id = got[0]

@@ -245,8 +245,8 @@ def init_queue(
     for cpu in range(nr_cpus):
         lists: list[RqListSpec | None] = []
         for t in range(HCTX_MAX_TYPES):
-            qmap = tset.map[t] if t < tset.nr_maps else None
-            if qmap is None or not qmap.nr_queues:
+            tmap = tset.map[t] if t < tset.nr_maps else None
+            if tmap is None or not tmap.nr_queues:
                 lists.append(None)  # aliases DEFAULT
             else:
                 lists.append(declare_rq_list(layout, f"{prefix}.cpu{cpu}.rq_list{t}", pool))
@@ -310,6 +310,6 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
             flags |= 1 << QueueFlag.SAME_FORCE
         v["queue_flags"] = flags
         del v
-        for spec in [*q.dispatch, q.requeue_list, *(s for lists in q.ctx_lists for s in lists)]:
-            if spec is not None:
-                RqList.init(arena, spec)
+        for list_spec in [*q.dispatch, q.requeue_list, *(s for ls in q.ctx_lists for s in ls)]:
+            if list_spec is not None:
+                RqList.init(arena, list_spec)

@@ -145,7 +145,7 @@ assert field_offset(REQUEST, "state") == 0
 assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + 4 == REQUEST.itemsize
 assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
 assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
-assert REQUEST.fields["hctx"][0].itemsize == REQUEST.fields["q"][0].itemsize == 2
+assert REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
 assert REQUEST.itemsize == 64
 
 
@@ -399,11 +399,9 @@ class Request:
         self.tags = tags
         self.tag = tag
         self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
-        if "pdu" in region.dtype.fields:
-            off = self.base + region.dtype.fields["pdu"][1]
-            self.pdu: memoryview | None = arena.buf[
-                off : off + region.dtype.fields["pdu"][0].itemsize
-            ]
+        if "pdu" in (region.dtype.names or ()):
+            off = self.base + field_offset(region.dtype, "pdu")
+            self.pdu: memoryview | None = arena.buf[off : off + region.dtype["pdu"].itemsize]
         else:
             self.pdu = None
 
@@ -467,7 +465,7 @@ class Request:
 class HwCtx:
     """A CPU's handle on one ``struct blk_mq_hw_ctx``."""
 
-    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags | None):
+    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags):
         self.q = q
         self.queue = queue
         self.index = index
@@ -483,6 +481,7 @@ class HwCtx:
         self.dispatch = RqList(arena, q.dispatch[index])
         self.ctx_lists = [RqList(arena, q.ctx_lists[cpu][self.type]) for cpu in q.hctx_ctxs[index]]  # type: ignore[arg-type]
         # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
+        self.active_bit: int  #: QUEUE_FLAG_HCTX_ACTIVE or BLK_MQ_S_TAG_ACTIVE
         if q.tag_set.shared_tags:
             qo = q.header.offsets()  # type: ignore[union-attr]
             self.active_off, self.active_bit = qo.queue_flags, QueueFlag.HCTX_ACTIVE
@@ -501,7 +500,7 @@ class HwCtx:
         self.stats = {"run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0}
 
     def may_queue(self) -> bool:
-        return self.tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)  # type: ignore[union-attr]
+        return self.tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)
 
     @property
     def nr_active(self) -> int:
@@ -582,7 +581,8 @@ class Queue:
         #: (without them a polled bio is an ordinary one, as blk_queue_poll says).
         tset = q.tag_set
         self.poll_capable = tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues > 0
-        self.hctx_poll = self.ctx_hctx[HctxType.POLL] if self.poll_capable else None
+        #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
+        self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
 
         o = q.header.offsets()  # type: ignore[union-attr]
         self.flags_off = o.queue_flags
