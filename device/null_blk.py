@@ -342,7 +342,7 @@ class NullbOps(BlkMqOps):
     def bw_timer(self, mq: BlkMq, dev_index: int) -> None:
         """nullb_bwtimer_fn(): refill the bucket and restart stopped queues."""
         dev = self.devices[dev_index]
-        self._a.set(dev.shared.offsets().cur_bytes, mb_per_tick(self.mbps))  # type: ignore[union-attr]
+        self._a.set(dev.shared.offsets().cur_bytes, mb_per_tick(self.mbps))
         mq.start_stopped_hw_queues(mq.queues[dev_index], True)
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
@@ -361,7 +361,7 @@ class NullbOps(BlkMqOps):
 
     def map_queues(self, tset: TagSet) -> None:
         """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues."""
-        topo: Topology = tset.topology  # type: ignore[assignment]
+        topo: Topology = tset.topology
         submit = self.submit_queues
         poll = self.poll_queues if tset.nr_maps > HctxType.POLL else 0
         if submit + poll != tset.nr_hw_queues:

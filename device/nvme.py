@@ -549,7 +549,7 @@ class NvmeOps(BlkMqOps):
         from mqrt.block.blk_mq_cpumap import map_queue_types
 
         poll = self.nr_poll_queues
-        map_queue_types(tset.map, tset.topology, (self.nr_io_queues - poll, 0, poll))  # type: ignore[arg-type]
+        map_queue_types(tset.map, tset.topology, (self.nr_io_queues - poll, 0, poll))
 
     def poll(self, mq: BlkMq, hctx: HwCtx) -> int:
         """nvme_poll(): a lockless look at the CQ, then reap it unless another CPU
@@ -636,7 +636,7 @@ class NvmeOps(BlkMqOps):
             self.stats["genctr_mismatch"] += 1
             return
         rq = mq.rqs[0][tags.rq_base + tag]  # every namespace shares the tag set's pool
-        genctr = rq.pdu[_GENCTR]  # type: ignore[index]
+        genctr = rq.pdu[_GENCTR]
         if cid >> 12 != genctr:
             # "request %#x genctr mismatch (got %#x expected %#x)"
             self.stats["genctr_mismatch"] += 1

@@ -46,13 +46,13 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                     problems.append(f"{sb.name}: {used} tags still allocated")
     negative_active = 0
     for q in queues:
-        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        v = arena.view(q.hctx_region)
         for h, nr in enumerate(v["nr_active"]):
             if nr != 0:
                 negative_active += int(nr < 0)
                 problems.append(f"{q.name}: hctx{h} nr_active={int(nr)} at the end")
         del v
-        qv = arena.view(q.header)  # type: ignore[arg-type]
+        qv = arena.view(q.header)
         nr = int(qv["nr_active_requests_shared_tags"][0])
         del qv
         if nr != 0:
@@ -69,10 +69,10 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
 def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
     """Per hctx (or per queue with shared tags): the most requests it ever held."""
     if q.tag_set.shared_tags:
-        v = arena.view(q.header)  # type: ignore[arg-type]
+        v = arena.view(q.header)
         out = [{"hctx": -1, "max_active": int(v["max_active"][0])}]
     else:
-        v = arena.view(q.hctx_region)  # type: ignore[arg-type]
+        v = arena.view(q.hctx_region)
         out = [{"hctx": h, "max_active": int(m)} for h, m in enumerate(v["max_active"])]
     del v
     return out

@@ -121,7 +121,7 @@ def _update_queue_map(tset: TagSet) -> None:
     else:
         if tset.nr_maps > 1:
             raise _einval(f"{tset.ops.name}: nr_maps > 1 needs ops.map_queues")
-        map_queues(tset.map[HctxType.DEFAULT], tset.topology)  # type: ignore[arg-type]
+        map_queues(tset.map[HctxType.DEFAULT], tset.topology)
     for i, qmap in enumerate(tset.map):
         if qmap.nr_queues and len(qmap.mq_map) != tset.nr_cpus:
             raise _einval(f"{tset.ops.name}: map {HctxType(i).name} maps no CPUs")
@@ -302,7 +302,7 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
             for rq_id in range(len(v)):
                 tset.ops.init_request(rq_id)
             del v
-        v = arena.view(q.header)  # type: ignore[arg-type]
+        v = arena.view(q.header)
         flags = 0
         if q.rq_affinity >= 1:
             flags |= 1 << QueueFlag.SAME_COMP

@@ -290,7 +290,7 @@ class TagSet:
 
     # Filled in by alloc_tag_set():
     nr_cpus: int = 0
-    topology: Topology | None = None
+    topology: Topology = field(init=False, repr=False)
     map: list[QueueMap] = field(default_factory=list)
     tags: list[TagsSpec] = field(default_factory=list)
     rq_region: Region | None = None
@@ -331,11 +331,12 @@ class RequestQueue:
     hctx_cpus: list[list[int]] = field(default_factory=list)  #: hctx->cpumask
     ctx_hctx: list[list[int]] = field(default_factory=list)  #: [cpu][type] -> hctx
     hctx_ctxs: list[list[int]] = field(default_factory=list)  #: hctx -> cpus by index_hw
-    header: Region | None = None
-    hctx_region: Region | None = None
     dispatch: list[RqListSpec] = field(default_factory=list)
     ctx_lists: list[list[RqListSpec | None]] = field(default_factory=list)  #: [cpu][type]
-    requeue_list: RqListSpec | None = None
+    # The queue's shared structures, declared by init_queue() (absent before it).
+    header: Region = field(init=False, repr=False)
+    hctx_region: Region = field(init=False, repr=False)
+    requeue_list: RqListSpec = field(init=False, repr=False)
 
     @property
     def shared(self) -> bool:
@@ -474,7 +475,7 @@ class HwCtx:
         self._cpuset = frozenset(self.cpumask)
         self.tags = tags
         self.a = arena.atomic
-        o = q.hctx_region.offsets(index)  # type: ignore[union-attr]
+        o = q.hctx_region.offsets(index)
         self.state_off = o.state
         self.dispatch_busy_off = o.dispatch_busy
         self._ctx_map = o.ctx_map
@@ -483,7 +484,7 @@ class HwCtx:
         # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
         self.active_bit: int  #: QUEUE_FLAG_HCTX_ACTIVE or BLK_MQ_S_TAG_ACTIVE
         if q.tag_set.shared_tags:
-            qo = q.header.offsets()  # type: ignore[union-attr]
+            qo = q.header.offsets()
             self.active_off, self.active_bit = qo.queue_flags, QueueFlag.HCTX_ACTIVE
             self.nr_active_off = qo.nr_active_requests_shared_tags
             self.max_active_off = qo.max_active
@@ -584,10 +585,10 @@ class Queue:
         #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
         self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
 
-        o = q.header.offsets()  # type: ignore[union-attr]
+        o = q.header.offsets()
         self.flags_off = o.queue_flags
         self.lock_off = o.queue_lock
-        self.requeue_list = RqList(arena, q.requeue_list)  # type: ignore[arg-type]
+        self.requeue_list = RqList(arena, q.requeue_list)
         self.max_sectors = q.max_sectors
         self.merge = q.nomerges != 2
         self.async_depth = q.async_depth
