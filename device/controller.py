@@ -167,7 +167,7 @@ class Controller:
         r = plan.regs.offsets()
         self._cc_en, self._csts_rdy, self._need_kick = r.cc_en, r.csts_rdy, r.need_kick
         self._csts_cfs = r.csts_cfs
-        self.counters = {name: 0 for name in DEV_COUNTERS.names}
+        self.counters = dict.fromkeys(DEV_COUNTERS.names or (), 0)
         self._cnt = plan.counters.offsets()
         self.model = ServiceModel.from_values(plan.model)
         self.channels = plan.model["channels"]

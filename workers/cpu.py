@@ -47,6 +47,7 @@ import msgpack
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
+from mqrt.block.blk_mq_types import BlkMqOps
 from mqrt.lib import inject, trace, wait
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct
@@ -88,11 +89,11 @@ class CpuPlan:
     ipi_w: list[int]
     stats: Region
     queues: list[RequestQueue]
-    driver: Any  #: the driver's ops object (bind(arena, mq, cpu))
+    driver: BlkMqOps  #: the driver (this CPU binds its forked copy)
     job: JobSpec
     dev_bytes: int
     timeout_scan_cpu: list[int]  #: per queue, the CPU running its timeout work
-    bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
+    timer_cpu: list[int]  #: per queue, the CPU running the driver's timer (-1: none)
     seed: int
     owner_pid: int  #: the runtime (the CPU dies with it)
     mode: str = "mq"  #: mq, sq or raw (mqrt.block.blk_mq_modes)
@@ -129,6 +130,7 @@ class Cpu:
         self._ipi_rest = b""
         self.stopping = False  #: stop submitting
         self.exiting = False  #: the runtime said exit
+        self._start_ns: int | None = None  #: t0 of the run, from the runtime's start
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
@@ -160,8 +162,6 @@ class Cpu:
         #: Interrupt vectors affine to this CPU: fd -> handler (the driver's irq).
         self.irq_handlers: dict[int, Callable[[], None]] = dict(
             plan.driver.irq_handlers(self.mq, plan.cpu)
-            if hasattr(plan.driver, "irq_handlers")
-            else ()
         )
         self._fds = [self.ipi_fd, self.efd, ctl.fileno(), *self.irq_handlers]
         self.epoll = select.epoll()
@@ -372,15 +372,14 @@ class Cpu:
         self._send_res(
             {"msg": "ready", "cpu": self.cpu, "pid": os.getpid(), "host_core": self.plan.host_core}
         )
-        self._start_ns = None
         while self._start_ns is None and not self.exiting:
             self.ctl.poll(None)
             self._handle_ctl()
-        if self.exiting:
+        t0 = self._start_ns
+        if self.exiting or t0 is None:
             self._report()
             return
-        self._setup_periodic()
-        t0 = self._start_ns
+        self._setup_periodic(t0)
         spec = self.plan.job
         ramp_ns = int(spec.ramp_time * 1e9)
         end_ns = t0 + ramp_ns + int(spec.runtime * 1e9)
@@ -407,22 +406,22 @@ class Cpu:
                 self._serve(None)
         self._report()
 
-    def _setup_periodic(self) -> None:
+    def _setup_periodic(self, t0: int) -> None:
         plan = self.plan
+        driver = plan.driver
         if self.cpu == 0:
             for at_s, action, args in plan.actions or ():
                 fn = {"nr_requests": self.mq.update_nr_requests}[action]
-                self.add_timer(self._start_ns + int(at_s * 1e9), fn, *args)
+                self.add_timer(t0 + int(at_s * 1e9), fn, *args)
         for q, owner in enumerate(plan.timeout_scan_cpu):
             if owner == self.cpu:
                 queue = self.mq.queues[q]
                 period = min(max(queue.timeout_ns // 8, 1_000_000), 200_000_000)
                 self._periodic(q, self.mq.timeout_work, period)
-        for q, owner in enumerate(plan.bw_timer_cpu):
+        for q, owner in enumerate(plan.timer_cpu):
             if owner == self.cpu:
-                from mqrt.device.null_blk import TIMER_INTERVAL_NS
-
-                self._periodic(q, lambda q: plan.driver.bw_timer(self.mq, q), TIMER_INTERVAL_NS)
+                period = driver.timer_interval_ns(q)
+                self._periodic(q, lambda q: driver.timer(self.mq, q), period)
 
     def _run(self, end_ns: int) -> None:
         """Submit while the jobs have room; serve interrupts; block when idle."""
@@ -577,7 +576,7 @@ class Cpu:
                 "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
                 "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
                 "blk_mq": mq.counters(),
-                "driver": dict(getattr(self.plan.driver, "stats", {})),
+                "driver": self.plan.driver.driver_stats(),
                 "cpu_counters": {**self.counters, **tags_stats},
                 "inject_hits": dict(inject.hits),
                 "hctx": hctx_stats,

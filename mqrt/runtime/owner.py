@@ -37,6 +37,8 @@ import msgpack
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.block.blk_mq_setup import init_shared
+from mqrt.block.blk_mq_structs import RequestQueue
+from mqrt.block.blk_mq_types import BlkMqOps
 from mqrt.lib import inject
 from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
 from mqrt.lib.trace import TraceSpec, dump_msgpack, read_all
@@ -67,7 +69,8 @@ class RunSpec:
 
     nr_cpus: int
     job: Any  #: workers.ioengine.JobSpec
-    setup: Callable[[Layout, Topology], tuple[Any, list, int]]  #: -> ops, queues, dev_bytes
+    #: the driver's set-up: declares its queues in the layout; -> ops, queues, dev_bytes
+    setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue], int]]
     cpus_allowed: list[int] | None = None  #: host CPUs to pin to (None: this process's)
     cpus_per_core: int | None = None  #: emulated topology (None: from the host)
     pin: bool = True
@@ -187,8 +190,7 @@ class _Run:
             self.arena = arena
             try:
                 self._init_arena()
-                if hasattr(self.ops, "start_device"):
-                    self._start_device()
+                self._start_device()
                 inject.configure(spec.inject or {}, spec.seed)
                 self._start_cpus()
                 return self._drive()
@@ -205,13 +207,11 @@ class _Run:
     def _init_arena(self) -> None:
         arena, ops = self.arena, self.ops
         init_shared(arena, self.queues, self.spec.seed)
-        if hasattr(ops, "init_shared"):
-            ops.init_shared(arena)
+        ops.init_shared(arena)
         Waiters.init(arena, self.wspec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.fds += self.eventfds
-        if hasattr(ops, "make_fds"):
-            self.fds += ops.make_fds()
+        self.fds += ops.make_fds()
         self.ipi_r, self.ipi_w = [], []
         for _ in range(self.n):
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -220,8 +220,12 @@ class _Run:
         self.fds += self.ipi_r + self.ipi_w
 
     def _start_device(self) -> None:
-        """Fork the device, wait for it, and let the driver probe it."""
-        p, ctl, res = self.ops.start_device(self.arena, None)
+        """Fork the driver's device (if it has one), wait for it, and let the driver
+        probe it."""
+        dev = self.ops.start_device(self.arena, None)
+        if dev is None:
+            return
+        p, ctl, res = dev
         self.procs.append(p)
         self.conns += [ctl, res]
         self.device, self.device_ctl, self.device_res = p, ctl, res
@@ -240,7 +244,8 @@ class _Run:
 
         spec, queues, ops = self.spec, self.queues, self.ops
         timeout_cpu = [q.index % self.n for q in queues]
-        bw_cpu = [q.hctx_cpus[0][0] if getattr(ops, "mbps", 0) else -1 for q in queues]
+        # the driver's timer (if any) runs on the first CPU of the queue's hctx 0
+        timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]
         self.ctl_w, self.res_r = [], []
         child_ends = []
         for cpu in range(self.n):
@@ -262,7 +267,7 @@ class _Run:
                 job=spec.job,
                 dev_bytes=self.dev_bytes,
                 timeout_scan_cpu=timeout_cpu,
-                bw_timer_cpu=bw_cpu,
+                timer_cpu=timer_cpu,
                 seed=spec.seed,
                 owner_pid=os.getpid(),
                 mode=spec.mode,
@@ -508,9 +513,7 @@ class _Run:
                 break
             if msg.get("msg") == "error":
                 error = msg["error"]
-        counters = (
-            self.ops.device_counters(self.arena) if hasattr(self.ops, "device_counters") else {}
-        )
+        counters = self.ops.device_counters(self.arena)
         self.device_result = {"counters": counters}
         return {"role": "device", "pid": p.pid, "how": _exit_name(p.exitcode), "error": error,
                 "partial": counters}  # fmt: skip
