@@ -42,13 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
-from mqrt.lib import inject, trace, wait
+from mqrt.lib import inject, trace, wait, wire
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct
 from mqrt.lib.trace import Tracer, TraceSpec
@@ -329,17 +327,17 @@ class Cpu:
     def _handle_ctl(self) -> None:
         while self.ctl.poll():
             try:
-                msg = msgpack.unpackb(self.ctl.recv_bytes())
+                msg = wire.recv_command(self.ctl)
             except EOFError:
                 self.exiting = self.stopping = True
                 return
-            cmd = msg.get("cmd")
-            if cmd == "stop":
-                self.stopping = True
-            elif cmd == "exit":
-                self.exiting = self.stopping = True
-            elif cmd == "start":
-                self._start_ns = msg["t0"]
+            match msg:
+                case wire.Stop():
+                    self.stopping = True
+                case wire.Exit():
+                    self.exiting = self.stopping = True
+                case wire.Start(t0_ns=t0):
+                    self._start_ns = t0
 
     def _publish(self, phase: int) -> None:
         a = self.arena.atomic
@@ -362,16 +360,14 @@ class Cpu:
         if self.clock() >= self._next_pub:
             self._publish(phase)
 
-    def _send_res(self, msg: dict) -> None:
-        self.res.send_bytes(msgpack.packb(msg))
+    def _send_res(self, msg: wire.Report) -> None:
+        wire.send(self.res, msg)
 
     # -- the run -----------------------------------------------------------------------------------
 
     def main(self) -> None:
         self._publish(PHASE_READY)
-        self._send_res(
-            {"msg": "ready", "cpu": self.cpu, "pid": os.getpid(), "host_core": self.plan.host_core}
-        )
+        self._send_res(wire.Ready(wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core))
         while self._start_ns is None and not self.exiting:
             self.ctl.poll(None)
             self._handle_ctl()
@@ -400,7 +396,7 @@ class Cpu:
         self.t_run1 = self.clock()
         self.ru_end = resource.getrusage(resource.RUSAGE_SELF)
         self._publish(PHASE_DRAINED)
-        self._send_res({"msg": "drained", "cpu": self.cpu})
+        self._send_res(wire.Drained(self.cpu))
         with contextlib.suppress(Stopped):
             while not self.exiting:
                 self._serve(None)
@@ -558,32 +554,30 @@ class Cpu:
             for t in tags_list:
                 tags_stats["tag_waits"] += t.nr_tag_waits
                 tags_stats["tag_sleeps"] += t.nr_tag_sleeps
-        self._send_res(
-            {
-                "msg": "result",
-                "cpu": self.cpu,
-                "pid": os.getpid(),
-                "host_core": self.plan.host_core,
-                "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
-                # the time the jobs' statistics cover (after ramp_time, until submission
-                # stopped: the deadline, or earlier on a stop)
-                "measured_ns": max(
-                    0,
-                    getattr(self, "t_stop", 0) - (self.jobs[0].record_from_ns if self.jobs else 0),
-                ),
-                "usr_s": ru1.ru_utime - ru0.ru_utime,
-                "sys_s": ru1.ru_stime - ru0.ru_stime,
-                "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
-                "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
-                "blk_mq": mq.counters(),
-                "driver": self.plan.driver.driver_stats(),
-                "cpu_counters": {**self.counters, **tags_stats},
-                "inject_hits": dict(inject.hits),
-                "hctx": hctx_stats,
-                "violations": mq.violations,
-                "jobs": [j.to_wire() for j in self.jobs],
-            }
-        )
+        report: wire.CpuReport = {
+            "cpu": self.cpu,
+            "pid": os.getpid(),
+            "host_core": self.plan.host_core,
+            "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
+            # the time the jobs' statistics cover (after ramp_time, until submission
+            # stopped: the deadline, or earlier on a stop)
+            "measured_ns": max(
+                0,
+                getattr(self, "t_stop", 0) - (self.jobs[0].record_from_ns if self.jobs else 0),
+            ),
+            "usr_s": ru1.ru_utime - ru0.ru_utime,
+            "sys_s": ru1.ru_stime - ru0.ru_stime,
+            "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
+            "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
+            "blk_mq": mq.counters(),
+            "driver": self.plan.driver.driver_stats(),
+            "cpu_counters": {**self.counters, **tags_stats},
+            "inject_hits": dict(inject.hits),
+            "hctx": hctx_stats,
+            "violations": mq.violations,
+            "jobs": [j.to_wire() for j in self.jobs],
+        }
+        self._send_res(wire.CpuResult(report))
 
 
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
@@ -606,8 +600,6 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
             cpu.main()
     except Exception:
         with contextlib.suppress(Exception):
-            res.send_bytes(
-                msgpack.packb({"msg": "error", "cpu": plan.cpu, "error": traceback.format_exc()})
-            )
+            wire.send(res, wire.Error(wire.Role.CPU, traceback.format_exc(), plan.cpu))
         os._exit(1)
     os._exit(0)

@@ -32,14 +32,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-import msgpack
-
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.block.blk_mq_setup import init_shared
 from mqrt.block.blk_mq_structs import RequestQueue
 from mqrt.block.blk_mq_types import BlkMqOps
-from mqrt.lib import inject
+from mqrt.lib import inject, wire
 from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
 from mqrt.lib.trace import TraceSpec, dump_msgpack, read_all
 from mqrt.lib.wait import Waiters
@@ -98,7 +96,7 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    cpus: list[dict[str, Any]]
+    cpus: list[wire.CpuReport]
     invariants: dict[str, Any]
     queues: list[dict[str, Any]]
     host: dict[str, Any]
@@ -133,14 +131,16 @@ def run(spec: RunSpec) -> RunResult:
     return _Run(spec).run()
 
 
-def _send(conn, msg: dict) -> None:
+def _send(conn, msg: wire.Command) -> None:
+    """Best effort: the child may be gone (its pipe closed)."""
     with contextlib.suppress(OSError, ValueError):
-        conn.send_bytes(msgpack.packb(msg))
+        wire.send(conn, msg)
 
 
-def _recv(conn) -> dict | None:
+def _recv(conn) -> wire.Report | None:
+    """One message from a child's result pipe; None if the child closed it."""
     try:
-        return msgpack.unpackb(conn.recv_bytes())
+        return wire.recv_report(conn)
     except (EOFError, OSError):
         return None
 
@@ -232,8 +232,9 @@ class _Run:
         if not wait([res, p.sentinel], timeout=READY_TIMEOUT_S) or not res.poll():
             raise RunError(f"device (pid {p.pid}) did not start: {_exit_name(p.exitcode)}")
         msg = _recv(res)
-        if not msg or msg.get("msg") != "ready":
-            raise RunError(f"device (pid {p.pid}) failed to start: {msg and msg.get('error')}")
+        if not isinstance(msg, wire.Ready):
+            error = msg.error if isinstance(msg, wire.Error) else None
+            raise RunError(f"device (pid {p.pid}) failed to start: {error}")
         try:
             self.device_info = self.ops.probe(self.arena)
         except RuntimeError as exc:
@@ -292,7 +293,7 @@ class _Run:
         by_sentinel = {procs[i].sentinel: i for i in range(n)}
         ready: set[int] = set()
         drained: set[int] = set()
-        results: dict[int, dict] = {}
+        results: dict[int, wire.CpuReport] = {}
         dead: dict[int, dict] = {}
         errors: dict[int, str] = {}
         phase = "setup"
@@ -318,7 +319,7 @@ class _Run:
             nonlocal exit_sent
             for i in range(n):
                 if i not in dead:
-                    _send(ctl_w[i], {"cmd": what})
+                    _send(ctl_w[i], wire.Exit() if what == "exit" else wire.Stop())
             exit_sent = exit_sent or what == "exit"
 
         while True:
@@ -335,7 +336,7 @@ class _Run:
                     setup_s = (t0_ns / 1e9) - self.t_begin
                     t0_wall = time.time() + 0.02
                     for i in range(n):
-                        _send(ctl_w[i], {"cmd": "start", "t0": t0_ns})
+                        _send(ctl_w[i], wire.Start(t0_ns))
                     job = spec.job
                     end_ns = t0_ns + int((job.ramp_time + job.runtime) * 1e9)
                     deadline = end_ns / 1e9 + timeout_s + DRAIN_GRACE_S
@@ -394,15 +395,15 @@ class _Run:
                     msg = _recv(obj)
                     if msg is None:
                         continue
-                    kind = msg.get("msg")
-                    if kind == "ready":
-                        ready.add(i)
-                    elif kind == "drained":
-                        drained.add(i)
-                    elif kind == "result":
-                        results[i] = msg
-                    elif kind == "error":
-                        errors[i] = msg["error"]
+                    match msg:
+                        case wire.Ready():
+                            ready.add(i)
+                        case wire.Drained():
+                            drained.add(i)
+                        case wire.CpuResult(report=report):
+                            results[i] = report
+                        case wire.Error(error=error):
+                            errors[i] = error
                 else:
                     i = by_sentinel[obj]
                     if i in results:
@@ -412,10 +413,10 @@ class _Run:
                         msg = _recv(res_r[i])
                         if msg is None:
                             break
-                        if msg.get("msg") == "result":
-                            results[i] = msg
-                        elif msg.get("msg") == "error":
-                            errors[i] = msg["error"]
+                        if isinstance(msg, wire.CpuResult):
+                            results[i] = msg.report
+                        elif isinstance(msg, wire.Error):
+                            errors[i] = msg.error
                     if i in results:
                         continue
                     dead[i] = {
@@ -511,8 +512,8 @@ class _Run:
             msg = _recv(self.device_res)
             if msg is None:
                 break
-            if msg.get("msg") == "error":
-                error = msg["error"]
+            if isinstance(msg, wire.Error):
+                error = msg.error
         counters = self.ops.device_counters(self.arena)
         self.device_result = {"counters": counters}
         return {"role": "device", "pid": p.pid, "how": _exit_name(p.exitcode), "error": error,
@@ -522,14 +523,14 @@ class _Run:
         """Disable the controller, tell the device to exit, collect its counters."""
         with contextlib.suppress(Exception):
             self.ops.shutdown(self.arena)
-        _send(self.device_ctl, {"cmd": "exit"})
+        _send(self.device_ctl, wire.Exit())
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while time.monotonic() < deadline:
             if not wait([self.device_res, self.device.sentinel], timeout=0.25):
                 continue
             msg = _recv(self.device_res) if self.device_res.poll() else None
-            if msg is not None and msg.get("msg") == "result":
-                self.device_result = {"counters": msg["counters"]}
+            if isinstance(msg, wire.DeviceResult):
+                self.device_result = {"counters": msg.counters}
                 return None
             if msg is None and not self.device.is_alive():
                 return self._device_died()
