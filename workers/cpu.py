@@ -129,6 +129,10 @@ class Cpu:
         self.stopping = False  #: stop submitting
         self.exiting = False  #: the runtime said exit
         self._start_ns: int | None = None  #: t0 of the run, from the runtime's start
+        # what _report() covers: the run's resource usage and times (set by main())
+        self.ru_start: resource.struct_rusage | None = None
+        self.ru_end: resource.struct_rusage | None = None
+        self.t_run0 = self.t_run1 = self.t_stop = 0
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
@@ -541,8 +545,8 @@ class Cpu:
 
     def _report(self) -> None:
         mq = self.mq
-        ru0 = getattr(self, "ru_start", None) or resource.getrusage(resource.RUSAGE_SELF)
-        ru1 = getattr(self, "ru_end", None) or resource.getrusage(resource.RUSAGE_SELF)
+        ru0 = self.ru_start or resource.getrusage(resource.RUSAGE_SELF)
+        ru1 = self.ru_end or resource.getrusage(resource.RUSAGE_SELF)
         hctx_stats = [
             {"q": q.index, "hctx": h.index, **h.stats}
             for q in mq.queues
@@ -558,12 +562,12 @@ class Cpu:
             "cpu": self.cpu,
             "pid": os.getpid(),
             "host_core": self.plan.host_core,
-            "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
+            "elapsed_ns": self.t_run1 - self.t_run0,
             # the time the jobs' statistics cover (after ramp_time, until submission
             # stopped: the deadline, or earlier on a stop)
             "measured_ns": max(
                 0,
-                getattr(self, "t_stop", 0) - (self.jobs[0].record_from_ns if self.jobs else 0),
+                self.t_stop - (self.jobs[0].record_from_ns if self.jobs else 0),
             ),
             "usr_s": ru1.ru_utime - ru0.ru_utime,
             "sys_s": ru1.ru_stime - ru0.ru_stime,
