@@ -42,8 +42,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from mqrt.device.nvme_defs import (
     CQE,
     CQE_HEAD,
@@ -59,7 +57,7 @@ from mqrt.device.nvme_defs import (
     cqe_status,
 )
 from mqrt.device.nvme_model import ServiceModel
-from mqrt.lib import wait
+from mqrt.lib import wait, wire
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct
 
@@ -169,7 +167,7 @@ class Controller:
         self.clock = time.monotonic_ns
         r = plan.regs.offsets()
         self._cc_en, self._csts_rdy, self._need_kick = r.cc_en, r.csts_rdy, r.need_kick
-        self.counters = {name: 0 for name in DEV_COUNTERS.names}
+        self.counters = dict.fromkeys(DEV_COUNTERS.names or (), 0)
         self._cnt = plan.counters.offsets()
         self.model = ServiceModel.from_values(plan.model)
         self.channels = plan.model["channels"]
@@ -577,11 +575,11 @@ class Controller:
     def _handle_ctl(self) -> None:
         while self.ctl.poll():
             try:
-                msg = msgpack.unpackb(self.ctl.recv_bytes())
+                msg = wire.recv_command(self.ctl)
             except EOFError:
                 self.exiting = True
                 return
-            if msg.get("cmd") == "exit":
+            if isinstance(msg, wire.Exit):
                 self.exiting = True
 
     def _anything_new(self) -> bool:
@@ -590,7 +588,7 @@ class Controller:
     def run(self) -> None:
         a = self.a
         self._publish_counters()
-        self.res.send_bytes(msgpack.packb({"msg": "ready", "role": "device", "pid": os.getpid()}))
+        wire.send(self.res, wire.Ready(wire.Role.DEVICE, os.getpid()))
         next_pub = 0
         busy_from = self.clock()
         while not self.exiting:
@@ -653,9 +651,7 @@ class Controller:
                     self._handle_ctl()
         self.counters["busy_ns"] += self.clock() - busy_from
         self._publish_counters()
-        self.res.send_bytes(
-            msgpack.packb({"msg": "result", "role": "device", "counters": self.counters})
-        )
+        wire.send(self.res, wire.DeviceResult(self.counters))
 
     def setup_wait(self) -> None:
         self._ep = select.epoll()
@@ -679,7 +675,6 @@ def controller_main(plan: ControllerPlan, ctl, res, host_core: int | None, owner
             ctrl.run()
     except Exception:
         with contextlib.suppress(Exception):
-            res.send_bytes(msgpack.packb({"msg": "error", "role": "device",
-                                          "error": traceback.format_exc()}))  # fmt: skip
+            wire.send(res, wire.Error(wire.Role.DEVICE, traceback.format_exc()))
         os._exit(1)
     os._exit(0)

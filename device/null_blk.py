@@ -31,6 +31,7 @@ from mqrt.block.blk_mq_cpumap import HctxType, Topology, map_queue_types
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
+from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
@@ -190,6 +191,7 @@ class NullbOps(BlkMqOps):
     per-CPU state (the random draws, requeue alternation) lives in the worker copy."""
 
     name = "nullb"
+    _a: AtomicView  #: the arena's atomics, once attached (bind())
 
     def __init__(self, cfg: NullbConfig, seed: int = 0):
         self.cfg = cfg
@@ -209,7 +211,6 @@ class NullbOps(BlkMqOps):
         self._rng = random.Random(seed)
         self._init_hctx_calls = 0
         self._requeue_selection: dict[tuple[int, int], int] = {}
-        self._a = None  # the arena's atomics, once attached (bind())
         self._mq: BlkMq | None = None
 
     # -- the device side of the fault attrs (shared in the arena) -------------------------------
@@ -300,7 +301,7 @@ class NullbOps(BlkMqOps):
                 sts = self._handle_throttled(mq, dev, nbytes)
                 if sts != BlkStatus.OK:
                     return sts
-            rq.pdu[0] = fake_timeout  # type: ignore[index]  (before the request is visible)
+            rq.pdu[0] = fake_timeout  # type: ignore[index]  # before the request is visible
             mq.start_request(rq)
             if fake_timeout:
                 return BlkStatus.OK
@@ -339,11 +340,16 @@ class NullbOps(BlkMqOps):
             return BlkStatus.DEV_RESOURCE
         return BlkStatus.OK
 
-    def bw_timer(self, mq: BlkMq, dev_index: int) -> None:
+    def timer_interval_ns(self, q: int) -> int:
+        """With ``mbps``, every device refills its token bucket TICKS_PER_SEC times a
+        second."""
+        return TIMER_INTERVAL_NS if self.mbps else 0
+
+    def timer(self, mq: BlkMq, q: int) -> None:
         """nullb_bwtimer_fn(): refill the bucket and restart stopped queues."""
-        dev = self.devices[dev_index]
+        dev = self.devices[q]
         self._a.set(dev.shared.offsets().cur_bytes, mb_per_tick(self.mbps))
-        mq.start_stopped_hw_queues(mq.queues[dev_index], True)
+        mq.start_stopped_hw_queues(mq.queues[q], True)
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
         """null_complete_rq(): end the request with the command's status."""
@@ -353,7 +359,7 @@ class NullbOps(BlkMqOps):
         """null_timeout_rq(): fail the request with BLK_STS_TIMEOUT; complete it if
         the timeout was injected (otherwise its own completion is still coming and
         carries the error)."""
-        if rq.pdu[0]:  # type: ignore[index]  (cmd->fake_timeout)
+        if rq.pdu[0]:  # type: ignore[index]  # cmd->fake_timeout
             mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
         elif rq.gen == gen:
             rq.status = BlkStatus.TIMEOUT

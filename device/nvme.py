@@ -40,6 +40,7 @@ Deviations from Linux
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import select
@@ -51,7 +52,15 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
-from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet, Rqf, RqState
+from mqrt.block.blk_mq_types import (
+    BlkMqOps,
+    BlkStatus,
+    DeviceProcess,
+    EhRet,
+    IrqHandler,
+    Rqf,
+    RqState,
+)
 from mqrt.device.controller import (
     DEV_COUNTERS,
     IDENTIFY_CTRL,
@@ -252,7 +261,7 @@ class NvmeQueue:
                 return []
         else:
             spin_lock(a, o.cq_lock)
-        out = []
+        out: list[tuple[int, int, int, int, int]] = []
         try:
             head = a.read32(o.cq_head)
             phase = a.read32(o.cq_phase)
@@ -393,8 +402,8 @@ class NvmeOps(BlkMqOps):
             max_io_queues=self.nr_io_queues,
         )
 
-    def start_device(self, arena: Arena, host_core: int | None):
-        """Fork the controller process; (process, control conn, result conn)."""
+    def start_device(self, arena: Arena, host_core: int | None) -> DeviceProcess:
+        """Fork the controller process."""
         c_r, c_w = _fork.Pipe(duplex=False)
         r_r, r_w = _fork.Pipe(duplex=False)
         p = _fork.Process(
@@ -406,7 +415,7 @@ class NvmeOps(BlkMqOps):
         p.start()
         c_r.close()
         r_w.close()
-        return p, c_w, r_r
+        return DeviceProcess(p, c_w, r_r)
 
     # -- the probe (in the owner, once the controller runs) ------------------------------
 
@@ -521,7 +530,7 @@ class NvmeOps(BlkMqOps):
 
     def device_counters(self, arena: Arena) -> dict[str, int]:
         v = arena.view(self.counters)  # type: ignore[arg-type]
-        out = {name: int(v[name][0]) for name in v.dtype.names}
+        out = {name: int(v[name][0]) for name in v.dtype.names or ()}
         del v
         return out
 
@@ -535,13 +544,16 @@ class NvmeOps(BlkMqOps):
             q.refresh()
         self._ctrl_state = self.regs.offsets().ctrl_state  # type: ignore[union-attr]
 
-    def irq_handlers(self, mq: BlkMq, cpu: int) -> list[tuple[int, Any]]:
+    def irq_handlers(self, mq: BlkMq, cpu: int) -> list[IrqHandler]:
         """The vectors affine to ``cpu``: fd -> nvme_irq for that queue."""
-        out = []
+        out: list[IrqHandler] = []
         for vec, owner in enumerate(self.vector_cpu):
             if owner == cpu:
-                out.append((self.irq_r[vec], lambda vec=vec: self.nvme_irq(vec)))
+                out.append((self.irq_r[vec], functools.partial(self.nvme_irq, vec)))
         return out
+
+    def driver_stats(self) -> dict[str, int]:
+        return dict(self.stats)
 
     def map_queues(self, tset: TagSet) -> None:
         """nvme_pci_map_queues(): DEFAULT over the interrupt-driven queues, no READ

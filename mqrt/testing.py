@@ -21,11 +21,13 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_setup import init_shared
+from mqrt.block.blk_mq_structs import RequestQueue
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
@@ -80,6 +82,9 @@ class ScriptedCpu:
     def schedule(self):
         raise AssertionError("the rig's CPU cannot sleep: use nowait or free tags first")
 
+    def idle_wait(self):
+        raise AssertionError("the rig's CPU cannot wait: complete, fire or run what it waits for")
+
     # -- the caller drives these ------------------------------------------------------
 
     def run_softirqs(self) -> int:
@@ -116,15 +121,19 @@ class Rig:
     is unlinked).
     """
 
-    def __init__(self, setup, nr_cpus: int = 1, cpu: int = 0):
+    def __init__(
+        self,
+        setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue]]],
+        nr_cpus: int = 1,
+        cpu: int = 0,
+    ):
         self.layout = Layout()
         self.topology = Topology.emulated(nr_cpus)
         self.ops, self.queues = setup(self.layout, self.topology)
         self.wspec = Waiters.declare(self.layout, nr_cpus)
         self.arena = Arena.create(self.layout)
         init_shared(self.arena, self.queues)
-        if hasattr(self.ops, "init_shared"):
-            self.ops.init_shared(self.arena)
+        self.ops.init_shared(self.arena)
         Waiters.init(self.arena, self.wspec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.cpus: list[ScriptedCpu] = []
@@ -137,8 +146,7 @@ class Rig:
             sys_.mq = mq
             self.cpus.append(sys_)
             self.mqs.append(mq)
-        if hasattr(self.ops, "bind"):
-            self.ops.bind(self.arena, self.mqs[cpu], cpu)
+        self.ops.bind(self.arena, self.mqs[cpu], cpu)
 
     @property
     def mq(self) -> BlkMq:

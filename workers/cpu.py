@@ -42,12 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
-from mqrt.lib import inject, trace, wait
+from mqrt.block.blk_mq_types import BlkMqOps
+from mqrt.lib import inject, trace, wait, wire
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct
 from mqrt.lib.trace import Tracer, TraceSpec
@@ -88,11 +87,11 @@ class CpuPlan:
     ipi_w: list[int]
     stats: Region
     queues: list[RequestQueue]
-    driver: Any  #: the driver's ops object (bind(arena, mq, cpu))
+    driver: BlkMqOps  #: the driver (this CPU binds its forked copy)
     job: JobSpec
     dev_bytes: int
     timeout_scan_cpu: list[int]  #: per queue, the CPU running its timeout work
-    bw_timer_cpu: list[int]  #: per queue, the CPU running the driver's bw timer (-1)
+    timer_cpu: list[int]  #: per queue, the CPU running the driver's timer (-1: none)
     seed: int
     owner_pid: int  #: the runtime (the CPU dies with it)
     mode: str = "mq"  #: mq, sq or raw (mqrt.block.blk_mq_modes)
@@ -129,6 +128,11 @@ class Cpu:
         self._ipi_rest = b""
         self.stopping = False  #: stop submitting
         self.exiting = False  #: the runtime said exit
+        self._start_ns: int | None = None  #: t0 of the run, from the runtime's start
+        # what _report() covers: the run's resource usage and times (set by main())
+        self.ru_start: resource.struct_rusage | None = None
+        self.ru_end: resource.struct_rusage | None = None
+        self.t_run0 = self.t_run1 = self.t_stop = 0
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
@@ -160,8 +164,6 @@ class Cpu:
         #: Interrupt vectors affine to this CPU: fd -> handler (the driver's irq).
         self.irq_handlers: dict[int, Callable[[], None]] = dict(
             plan.driver.irq_handlers(self.mq, plan.cpu)
-            if hasattr(plan.driver, "irq_handlers")
-            else ()
         )
         self._fds = [self.ipi_fd, self.efd, ctl.fileno(), *self.irq_handlers]
         self.epoll = select.epoll()
@@ -329,17 +331,17 @@ class Cpu:
     def _handle_ctl(self) -> None:
         while self.ctl.poll():
             try:
-                msg = msgpack.unpackb(self.ctl.recv_bytes())
+                msg = wire.recv_command(self.ctl)
             except EOFError:
                 self.exiting = self.stopping = True
                 return
-            cmd = msg.get("cmd")
-            if cmd == "stop":
-                self.stopping = True
-            elif cmd == "exit":
-                self.exiting = self.stopping = True
-            elif cmd == "start":
-                self._start_ns = msg["t0"]
+            match msg:
+                case wire.Stop():
+                    self.stopping = True
+                case wire.Exit():
+                    self.exiting = self.stopping = True
+                case wire.Start(t0_ns=t0):
+                    self._start_ns = t0
 
     def _publish(self, phase: int) -> None:
         a = self.arena.atomic
@@ -362,25 +364,22 @@ class Cpu:
         if self.clock() >= self._next_pub:
             self._publish(phase)
 
-    def _send_res(self, msg: dict) -> None:
-        self.res.send_bytes(msgpack.packb(msg))
+    def _send_res(self, msg: wire.Report) -> None:
+        wire.send(self.res, msg)
 
     # -- the run -----------------------------------------------------------------------------------
 
     def main(self) -> None:
         self._publish(PHASE_READY)
-        self._send_res(
-            {"msg": "ready", "cpu": self.cpu, "pid": os.getpid(), "host_core": self.plan.host_core}
-        )
-        self._start_ns = None
+        self._send_res(wire.Ready(wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core))
         while self._start_ns is None and not self.exiting:
             self.ctl.poll(None)
             self._handle_ctl()
-        if self.exiting:
+        t0 = self._start_ns
+        if self.exiting or t0 is None:
             self._report()
             return
-        self._setup_periodic()
-        t0 = self._start_ns
+        self._setup_periodic(t0)
         spec = self.plan.job
         ramp_ns = int(spec.ramp_time * 1e9)
         end_ns = t0 + ramp_ns + int(spec.runtime * 1e9)
@@ -401,28 +400,28 @@ class Cpu:
         self.t_run1 = self.clock()
         self.ru_end = resource.getrusage(resource.RUSAGE_SELF)
         self._publish(PHASE_DRAINED)
-        self._send_res({"msg": "drained", "cpu": self.cpu})
+        self._send_res(wire.Drained(self.cpu))
         with contextlib.suppress(Stopped):
             while not self.exiting:
                 self._serve(None)
         self._report()
 
-    def _setup_periodic(self) -> None:
+    def _setup_periodic(self, t0: int) -> None:
         plan = self.plan
+        driver = plan.driver
         if self.cpu == 0:
             for at_s, action, args in plan.actions or ():
                 fn = {"nr_requests": self.mq.update_nr_requests}[action]
-                self.add_timer(self._start_ns + int(at_s * 1e9), fn, *args)
+                self.add_timer(t0 + int(at_s * 1e9), fn, *args)
         for q, owner in enumerate(plan.timeout_scan_cpu):
             if owner == self.cpu:
                 queue = self.mq.queues[q]
                 period = min(max(queue.timeout_ns // 8, 1_000_000), 200_000_000)
                 self._periodic(q, self.mq.timeout_work, period)
-        for q, owner in enumerate(plan.bw_timer_cpu):
+        for q, owner in enumerate(plan.timer_cpu):
             if owner == self.cpu:
-                from mqrt.device.null_blk import TIMER_INTERVAL_NS
-
-                self._periodic(q, lambda q: plan.driver.bw_timer(self.mq, q), TIMER_INTERVAL_NS)
+                period = driver.timer_interval_ns(q)
+                self._periodic(q, lambda q: driver.timer(self.mq, q), period)
 
     def _run(self, end_ns: int) -> None:
         """Submit while the jobs have room; serve interrupts; block when idle."""
@@ -546,8 +545,8 @@ class Cpu:
 
     def _report(self) -> None:
         mq = self.mq
-        ru0 = getattr(self, "ru_start", None) or resource.getrusage(resource.RUSAGE_SELF)
-        ru1 = getattr(self, "ru_end", None) or resource.getrusage(resource.RUSAGE_SELF)
+        ru0 = self.ru_start or resource.getrusage(resource.RUSAGE_SELF)
+        ru1 = self.ru_end or resource.getrusage(resource.RUSAGE_SELF)
         hctx_stats = [
             {"q": q.index, "hctx": h.index, **h.stats}
             for q in mq.queues
@@ -559,32 +558,30 @@ class Cpu:
             for t in tags_list:
                 tags_stats["tag_waits"] += t.nr_tag_waits
                 tags_stats["tag_sleeps"] += t.nr_tag_sleeps
-        self._send_res(
-            {
-                "msg": "result",
-                "cpu": self.cpu,
-                "pid": os.getpid(),
-                "host_core": self.plan.host_core,
-                "elapsed_ns": getattr(self, "t_run1", 0) - getattr(self, "t_run0", 0),
-                # the time the jobs' statistics cover (after ramp_time, until submission
-                # stopped: the deadline, or earlier on a stop)
-                "measured_ns": max(
-                    0,
-                    getattr(self, "t_stop", 0) - (self.jobs[0].record_from_ns if self.jobs else 0),
-                ),
-                "usr_s": ru1.ru_utime - ru0.ru_utime,
-                "sys_s": ru1.ru_stime - ru0.ru_stime,
-                "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
-                "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
-                "blk_mq": mq.counters(),
-                "driver": dict(getattr(self.plan.driver, "stats", {})),
-                "cpu_counters": {**self.counters, **tags_stats},
-                "inject_hits": dict(inject.hits),
-                "hctx": hctx_stats,
-                "violations": mq.violations,
-                "jobs": [j.to_wire() for j in self.jobs],
-            }
-        )
+        report: wire.CpuReport = {
+            "cpu": self.cpu,
+            "pid": os.getpid(),
+            "host_core": self.plan.host_core,
+            "elapsed_ns": self.t_run1 - self.t_run0,
+            # the time the jobs' statistics cover (after ramp_time, until submission
+            # stopped: the deadline, or earlier on a stop)
+            "measured_ns": max(
+                0,
+                self.t_stop - (self.jobs[0].record_from_ns if self.jobs else 0),
+            ),
+            "usr_s": ru1.ru_utime - ru0.ru_utime,
+            "sys_s": ru1.ru_stime - ru0.ru_stime,
+            "ctx_switches": (ru1.ru_nvcsw + ru1.ru_nivcsw) - (ru0.ru_nvcsw + ru0.ru_nivcsw),
+            "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
+            "blk_mq": mq.counters(),
+            "driver": self.plan.driver.driver_stats(),
+            "cpu_counters": {**self.counters, **tags_stats},
+            "inject_hits": dict(inject.hits),
+            "hctx": hctx_stats,
+            "violations": mq.violations,
+            "jobs": [j.to_wire() for j in self.jobs],
+        }
+        self._send_res(wire.CpuResult(report))
 
 
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
@@ -607,8 +604,6 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
             cpu.main()
     except Exception:
         with contextlib.suppress(Exception):
-            res.send_bytes(
-                msgpack.packb({"msg": "error", "cpu": plan.cpu, "error": traceback.format_exc()})
-            )
+            wire.send(res, wire.Error(wire.Role.CPU, traceback.format_exc(), plan.cpu))
         os._exit(1)
     os._exit(0)

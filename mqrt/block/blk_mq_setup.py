@@ -83,7 +83,7 @@ def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
             f"queue_depth must be >= reserved_tags + {BLK_MQ_TAG_MIN} "
             f"({tset.reserved_tags + BLK_MQ_TAG_MIN}), got {tset.queue_depth}"
         )
-    if tset.ops.queue_rq is None:
+    if type(tset.ops).queue_rq is BlkMqOps.queue_rq:  # declared, not implemented
         raise _einval(f"{tset.ops.name}: ops.queue_rq is required")
     if (tset.ops.get_budget is None) != (tset.ops.put_budget is None):
         raise _einval(f"{tset.ops.name}: ops.get_budget and ops.put_budget go together")

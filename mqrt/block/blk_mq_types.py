@@ -1,5 +1,6 @@
 """The public vocabulary of ``include/linux/blk-mq.h`` and ``include/linux/blk_types.h``:
-flags, state bits, statuses, request states and the driver's ops.
+flags, state bits, statuses, request states, and the driver interface
+(:class:`BlkMqOps`: the blk_mq_ops and the driver's life cycle around them).
 
 Kept apart from :mod:`mqrt.block.blk_mq` so drivers (``mqrt.device``) and reports can name
 things without importing the data path.  Flags are exposed by *name*: their bit
@@ -9,11 +10,16 @@ values changed across kernel versions (the values here are those of current kern
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
     from mqrt.block.blk_mq import BlkMq
-    from mqrt.block.blk_mq_structs import Request, RequestQueue
+    from mqrt.block.blk_mq_structs import HwCtx, Queue, Request, RequestQueue, TagSet
+    from mqrt.lib.shm import Arena
 
 #: Largest queue_depth a tag set may ask for (BLK_MQ_MAX_DEPTH).
 BLK_MQ_MAX_DEPTH = 10240
@@ -119,26 +125,79 @@ class EhRet(enum.IntEnum):
     RESET_TIMER = 1  #: give it another timeout
 
 
-class BlkMqOps:
-    """struct blk_mq_ops: a driver subclasses this and overrides what it implements.
+class DeviceProcess(NamedTuple):
+    """A device process a driver forked (:meth:`BlkMqOps.start_device`): the process,
+    the runtime's end of its control pipe and of its result pipe (messages in
+    :mod:`mqrt.lib.wire`)."""
 
-    Every method runs in a CPU worker process (``mq`` is that CPU's block layer).
-    Optional ops are None on the class until overridden; ``queue_rq`` is required.
+    process: BaseProcess
+    ctl: Connection
+    res: Connection
+
+
+#: The optional callables of ``struct blk_mq_ops``, as the block layer calls them
+#: (``mq`` is the calling CPU's block layer).  An op a driver leaves ``None`` is
+#: absent, as a NULL pointer is in the kernel: the block layer tests for it.
+CommitRqsFn = Callable[["BlkMq", "HwCtx"], None]
+GetBudgetFn = Callable[["BlkMq", "Queue"], bool]
+PutBudgetFn = Callable[["BlkMq", "Queue"], None]
+MapQueuesFn = Callable[["TagSet"], None]
+PollFn = Callable[["BlkMq", "HwCtx"], int]
+#: An interrupt vector: the read end of its pipe and the handler the CPU runs when
+#: it is readable (the handler reads the pipe itself).
+IrqHandler = tuple[int, Callable[[], None]]
+
+
+class BlkMqOps:
+    """A block driver: ``struct blk_mq_ops`` plus the life cycle around it.
+
+    A driver subclasses this and overrides what it implements; the runtime
+    (:mod:`mqrt.runtime.owner`), the in-process rig (:mod:`mqrt.testing`) and the CPU
+    worker (:mod:`mqrt.workers.cpu`) call these methods and nothing else of the driver.
+
+    **blk_mq_ops.**  ``queue_rq`` is required (:func:`~mqrt.block.blk_mq_setup.alloc_tag_set`
+    refuses a driver without it).  ``commit_rqs``, ``get_budget``/``put_budget``,
+    ``map_queues`` and ``poll`` are ``None`` until overridden, and the block layer
+    tests for them (the kernel's NULL ops); the override must have the signature of
+    the ``*Fn`` type its attribute is declared with.  ``complete``, ``timeout``,
+    ``init_hctx`` and ``init_request`` have the default behaviour documented on them.
+    They run in a CPU worker, except ``map_queues``, ``init_hctx`` and
+    ``init_request``, which run in the owner while the queues are set up.
+
+    **Life cycle**, every hook with a default that does nothing::
+
+        owner   init_shared -> make_fds -> start_device -> probe   (before the CPUs fork)
+        CPU     bind -> irq_handlers, timer_interval_ns -> (the run: ops, timer)
+                -> driver_stats (into the CPU's result)
+        owner   shutdown -> (the device exits) ; device_counters if it died
+
+    A driver with a device process (nvme) returns it from :meth:`start_device`;
+    ``probe``, ``shutdown`` and ``device_counters`` are only called for one.
+
+    Adding an op or a hook (``exit_hctx``, ``exit_request``, ...) is a method here
+    with its default, and its call in the block layer or the runtime.
     """
 
     name = "driver"
 
-    #: ->queue_rq(hctx, rq, last): issue one request; ``last`` says the batch ends.
-    queue_rq: Any = None
+    # -- struct blk_mq_ops ---------------------------------------------------------------
+
+    def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
+        """->queue_rq(hctx, bd): issue one request; ``last`` says the batch ends
+        here.  Returns a :class:`BlkStatus` (a blk_status_t: 0 is OK, the driver owns
+        the request).  Required: the base only declares it."""
+        raise NotImplementedError(f"{self.name}: ops.queue_rq is required")
+
     #: ->commit_rqs(hctx): a batch ended without a ``last`` request.
-    commit_rqs: Any = None
-    #: ->get_budget(q) -> bool / ->put_budget(q): per-device budget before the tag.
-    get_budget: Any = None
-    put_budget: Any = None
-    #: ->map_queues(set): fill set.map[] (otherwise blk_mq_map_queues on DEFAULT).
-    map_queues: Any = None
+    commit_rqs: CommitRqsFn | None = None
+    #: ->get_budget(q) -> bool / ->put_budget(q): per-device budget before the tag
+    #: (``q`` is the CPU's handle on the request queue); both or neither.
+    get_budget: GetBudgetFn | None = None
+    put_budget: PutBudgetFn | None = None
+    #: ->map_queues(set): fill set.map[] (without it: blk_mq_map_queues on DEFAULT).
+    map_queues: MapQueuesFn | None = None
     #: ->poll(hctx) -> int: reap a POLL hctx's completions (no interrupt); how many.
-    poll: Any = None
+    poll: PollFn | None = None
 
     def complete(self, mq: BlkMq, rq: Request) -> None:
         """->complete(rq): finish a request on the CPU chosen by rq_affinity (with
@@ -148,7 +207,7 @@ class BlkMqOps:
     def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
         """->timeout(rq): the request is past its deadline.  ``gen`` is the
         generation that timed out: pass it to ``complete_request`` (the kernel pins
-        the request with a reference instead)."""
+        the request with a reference instead).  Default: give it another timeout."""
         return EhRet.RESET_TIMER
 
     def init_hctx(self, q: RequestQueue, hctx_idx: int) -> None:
@@ -157,3 +216,60 @@ class BlkMqOps:
 
     def init_request(self, rq_id: int) -> None:
         """->init_request(): a request of the pool is being set up (owner)."""
+
+    # -- life cycle: in the owner, before the CPUs fork ----------------------------------
+
+    def init_shared(self, arena: Arena) -> None:
+        """The driver's state in the arena, after the block layer's (owner only)."""
+
+    def make_fds(self) -> list[int]:
+        """File descriptors the driver's processes share (eventfds, interrupt pipes),
+        made before forking so every child inherits them; the runtime closes them at
+        the end of the run.  Default: none."""
+        return []
+
+    def start_device(self, arena: Arena, host_core: int | None) -> DeviceProcess | None:
+        """Fork the device the driver drives, pinned to ``host_core`` (None: not
+        pinned).  The runtime waits for its ``ready`` message, then calls
+        :meth:`probe`.  Default: no device process (null_blk completes inside the CPUs)."""
+        return None
+
+    def probe(self, arena: Arena) -> dict[str, Any]:
+        """The device is up: bring it to where the CPUs can issue I/O (the runtime,
+        before the CPUs start).  Returns what the report shows about the device;
+        raise RuntimeError if the device cannot be used.  Default: nothing to do."""
+        return {}
+
+    # -- life cycle: in each CPU -----------------------------------------------------------
+
+    def bind(self, arena: Arena, mq: BlkMq | None, cpu: int) -> None:
+        """Attach this CPU's (forked) copy of the driver to the arena and to the
+        CPU's block layer (None: the owner, outside any CPU)."""
+
+    def irq_handlers(self, mq: BlkMq, cpu: int) -> list[IrqHandler]:
+        """The interrupt vectors affine to ``cpu``, which its wait point watches.
+        Default: none (completions come from the block layer's softirq or timers)."""
+        return []
+
+    def timer_interval_ns(self, q: int) -> int:
+        """The period of the driver's timer for request queue ``q`` (0: none).  The
+        runtime runs :meth:`timer` that often on the first CPU of the queue's hctx 0."""
+        return 0
+
+    def timer(self, mq: BlkMq, q: int) -> None:
+        """The driver's periodic timer for request queue ``q`` fired (null_blk's
+        bandwidth refill)."""
+
+    def driver_stats(self) -> dict[str, int]:
+        """What this CPU's copy of the driver counted, for the CPU's result."""
+        return {}
+
+    # -- life cycle: in the owner, at the end ----------------------------------------------
+
+    def shutdown(self, arena: Arena) -> None:
+        """Disable the device before the runtime tells its process to exit."""
+
+    def device_counters(self, arena: Arena) -> dict[str, int]:
+        """The device's counters as it last published them in the arena (for a
+        device process that died before reporting).  Default: none."""
+        return {}

@@ -5,16 +5,20 @@ they measured, and cleans up on every path.
 
     runtime (owner)
       | layout <- driver setup (alloc_tag_set, init_queue) + waiters + CPU stats
-      | arena = Arena.create(layout); init tags, requests, lists, driver state
-      | eventfds (one per CPU waiter), IPI pipes, control + result pipes
+      | arena = Arena.create(layout); init tags, requests, lists; ops.init_shared
+      | eventfds (one per CPU waiter), IPI pipes, ops.make_fds, control + result pipes
+      | the driver's device, if it has one: ops.start_device -> "ready" -> ops.probe
       | fork CPU 0..N-1 (pinned to host cores, wrapping around)
       |          \\-- each: ready -> start -> run -> drain -> drained -> exit -> result
-      | ready barrier (all CPUs "ready") -> start at t0
+      | _Manager: ready barrier (all CPUs "ready") -> start at t0 (Phase.RUNNING)
       | one wait point: result pipes + process sentinels (+ a timeout for progress)
       |   a CPU that dies: noticed at once (its sentinel), reported with its role,
       |   CPU and signal; the others are stopped and report what they measured
-      | all drained -> exit -> results -> invariants (checked in the arena)
+      | all drained -> exit (Phase.EXIT) -> results -> invariants (checked in the arena)
       \\-- finally: join with a deadline, SIGTERM, SIGKILL; close fds; unlink arena
+
+The driver is reached only through :class:`~mqrt.block.blk_mq_types.BlkMqOps`; the
+children's control messages are those of :mod:`mqrt.lib.wire`.
 
 Every exit path (normal end, a user error, an exception, Ctrl-C, SIGTERM, a child
 killed) leaves no process and no ``/dev/shm`` segment behind.
@@ -23,6 +27,7 @@ killed) leaves no process and no ``/dev/shm`` segment behind.
 from __future__ import annotations
 
 import contextlib
+import enum
 import multiprocessing as mp
 import os
 import signal
@@ -30,14 +35,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from typing import Any
-
-import msgpack
 
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.block.blk_mq_setup import init_shared
-from mqrt.lib import inject
+from mqrt.block.blk_mq_structs import RequestQueue
+from mqrt.block.blk_mq_types import BlkMqOps, DeviceProcess
+from mqrt.lib import inject, wire
 from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
 from mqrt.lib.trace import TraceSpec, dump_msgpack, read_all
 from mqrt.lib.wait import Waiters
@@ -67,7 +73,8 @@ class RunSpec:
 
     nr_cpus: int
     job: Any  #: workers.ioengine.JobSpec
-    setup: Callable[[Layout, Topology], tuple[Any, list, int]]  #: -> ops, queues, dev_bytes
+    #: the driver's set-up: declares its queues in the layout; -> ops, queues, dev_bytes
+    setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue], int]]
     cpus_allowed: list[int] | None = None  #: host CPUs to pin to (None: this process's)
     cpus_per_core: int | None = None  #: emulated topology (None: from the host)
     pin: bool = True
@@ -95,7 +102,7 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    cpus: list[dict[str, Any]]
+    cpus: list[wire.CpuReport]
     invariants: dict[str, Any]
     queues: list[dict[str, Any]]
     host: dict[str, Any]
@@ -130,14 +137,16 @@ def run(spec: RunSpec) -> RunResult:
     return _Run(spec).run()
 
 
-def _send(conn, msg: dict) -> None:
+def _send(conn, msg: wire.Command) -> None:
+    """Best effort: the child may be gone (its pipe closed)."""
     with contextlib.suppress(OSError, ValueError):
-        conn.send_bytes(msgpack.packb(msg))
+        wire.send(conn, msg)
 
 
-def _recv(conn) -> dict | None:
+def _recv(conn) -> wire.Report | None:
+    """One message from a child's result pipe; None if the child closed it."""
     try:
-        return msgpack.unpackb(conn.recv_bytes())
+        return wire.recv_report(conn)
     except (EOFError, OSError):
         return None
 
@@ -164,8 +173,7 @@ class _Run:
         self.procs: list[Any] = []  # every child, CPUs first, then the device
         self.fds: list[int] = []
         self.conns: list[Any] = []
-        self.device: Any = None  # the device process, if the driver has one
-        self.device_ctl = self.device_res = None
+        self.dev: DeviceProcess | None = None  # the driver's device process, if any
         self.device_result: dict[str, Any] = {}
         self.device_info: dict[str, Any] = {}
 
@@ -187,8 +195,7 @@ class _Run:
             self.arena = arena
             try:
                 self._init_arena()
-                if hasattr(self.ops, "start_device"):
-                    self._start_device()
+                self._start_device()
                 inject.configure(spec.inject or {}, spec.seed)
                 self._start_cpus()
                 return self._drive()
@@ -205,13 +212,11 @@ class _Run:
     def _init_arena(self) -> None:
         arena, ops = self.arena, self.ops
         init_shared(arena, self.queues, self.spec.seed)
-        if hasattr(ops, "init_shared"):
-            ops.init_shared(arena)
+        ops.init_shared(arena)
         Waiters.init(arena, self.wspec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.fds += self.eventfds
-        if hasattr(ops, "make_fds"):
-            self.fds += ops.make_fds()
+        self.fds += ops.make_fds()
         self.ipi_r, self.ipi_w = [], []
         for _ in range(self.n):
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -219,17 +224,27 @@ class _Run:
             self.ipi_w.append(w)
         self.fds += self.ipi_r + self.ipi_w
 
+    @property
+    def device(self) -> BaseProcess | None:
+        """The device process, if the driver has one."""
+        return self.dev.process if self.dev is not None else None
+
     def _start_device(self) -> None:
-        """Fork the device, wait for it, and let the driver probe it."""
-        p, ctl, res = self.ops.start_device(self.arena, None)
+        """Fork the driver's device (if it has one), wait for it, and let the driver
+        probe it."""
+        dev = self.ops.start_device(self.arena, None)
+        if dev is None:
+            return
+        p, ctl, res = dev
         self.procs.append(p)
         self.conns += [ctl, res]
-        self.device, self.device_ctl, self.device_res = p, ctl, res
+        self.dev = dev
         if not wait([res, p.sentinel], timeout=READY_TIMEOUT_S) or not res.poll():
             raise RunError(f"device (pid {p.pid}) did not start: {_exit_name(p.exitcode)}")
         msg = _recv(res)
-        if not msg or msg.get("msg") != "ready":
-            raise RunError(f"device (pid {p.pid}) failed to start: {msg and msg.get('error')}")
+        if not isinstance(msg, wire.Ready):
+            error = msg.error if isinstance(msg, wire.Error) else None
+            raise RunError(f"device (pid {p.pid}) failed to start: {error}")
         try:
             self.device_info = self.ops.probe(self.arena)
         except RuntimeError as exc:
@@ -240,7 +255,8 @@ class _Run:
 
         spec, queues, ops = self.spec, self.queues, self.ops
         timeout_cpu = [q.index % self.n for q in queues]
-        bw_cpu = [q.hctx_cpus[0][0] if getattr(ops, "mbps", 0) else -1 for q in queues]
+        # the driver's timer (if any) runs on the first CPU of the queue's hctx 0
+        timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]
         self.ctl_w, self.res_r = [], []
         child_ends = []
         for cpu in range(self.n):
@@ -262,7 +278,7 @@ class _Run:
                 job=spec.job,
                 dev_bytes=self.dev_bytes,
                 timeout_scan_cpu=timeout_cpu,
-                bw_timer_cpu=bw_cpu,
+                timer_cpu=timer_cpu,
                 seed=spec.seed,
                 owner_pid=os.getpid(),
                 mode=spec.mode,
@@ -281,261 +297,365 @@ class _Run:
             c.close()
 
     def _drive(self) -> RunResult:
-        spec, arena, n = self.spec, self.arena, self.n
-        procs, ctl_w, res_r = self.procs, self.ctl_w, self.res_r
-        by_conn = {c: i for i, c in enumerate(res_r)}
-        by_sentinel = {procs[i].sentinel: i for i in range(n)}
-        ready: set[int] = set()
-        drained: set[int] = set()
-        results: dict[int, dict] = {}
-        dead: dict[int, dict] = {}
-        errors: dict[int, str] = {}
-        phase = "setup"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        t0_ns = end_ns = 0
-        timeout_s = max(q.tag_set.timeout_ns for q in self.queues) / 1e9
-        next_progress = 0.0
-        exit_sent = interrupted = False
-        setup_s = t0_wall = 0.0
-        device_dead: dict[str, Any] | None = None
+        """Drive the started CPUs to the run's result (:class:`_Manager`)."""
+        return _Manager(self).run()
 
-        monitor = None
-        if spec.detect:
+    def _device_died(self, dev: DeviceProcess) -> dict[str, Any]:
+        p = dev.process
+        p.join(0.1)
+        error = ""
+        while dev.res.poll(0):
+            msg = _recv(dev.res)
+            if msg is None:
+                break
+            if isinstance(msg, wire.Error):
+                error = msg.error
+        counters = self.ops.device_counters(self.arena)
+        self.device_result = {"counters": counters}
+        return {"role": "device", "pid": p.pid, "how": _exit_name(p.exitcode), "error": error,
+                "partial": counters}  # fmt: skip
+
+    def _stop_device(self, dev: DeviceProcess) -> dict[str, Any] | None:
+        """Disable the controller, tell the device to exit, collect its counters."""
+        with contextlib.suppress(Exception):
+            self.ops.shutdown(self.arena)
+        _send(dev.ctl, wire.Exit())
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not wait([dev.res, dev.process.sentinel], timeout=0.25):
+                continue
+            msg = _recv(dev.res) if dev.res.poll() else None
+            if isinstance(msg, wire.DeviceResult):
+                self.device_result = {"counters": msg.counters}
+                return None
+            if msg is None and not dev.process.is_alive():
+                return self._device_died(dev)
+        return self._device_died(dev)
+
+
+class Phase(enum.StrEnum):
+    """Where a run is, as the runtime drives it."""
+
+    SETUP = "setup"  #: the CPUs are getting ready
+    RUNNING = "running"  #: started at t0: the CPUs run their jobs, then drain
+    EXIT = "exit"  #: every CPU was told to exit: waiting for their results
+
+
+class _Manager:
+    """Drives a run from the CPUs' start to its result, in named steps (the shape of
+    loky's executor manager thread)::
+
+        while a CPU has not reported:
+            advance          all ready -> start at t0 (RUNNING); all drained -> enter_exit
+            past_deadline    a phase over its deadline: stuck CPUs -> enter_exit; in EXIT: give up
+            check_detectors  a finding -> enter_exit
+            report_progress
+            wait_for_events  the one wait point; the first Ctrl-C -> on_stop
+              on_message     ready, drained, result, error from a CPU
+              on_death       a CPU's sentinel: its result may still be in the pipe, else it died
+              on_device_death
+        assemble_result      trace dump, device stop, reap, invariants, RunResult / RunError
+
+    :meth:`enter_exit` is the one way to the EXIT phase: tell every CPU still there
+    to exit and give them a join deadline.
+    """
+
+    def __init__(self, run: _Run):
+        self.r = run
+        self.spec = run.spec
+        self.n = run.n
+        self.phase = Phase.SETUP
+        self.deadline = time.monotonic() + READY_TIMEOUT_S
+        self.ready: set[int] = set()
+        self.drained: set[int] = set()
+        self.results: dict[int, wire.CpuReport] = {}
+        self.dead: dict[int, dict[str, Any]] = {}
+        self.errors: dict[int, str] = {}  #: by CPU; -1: the runtime's own (a timeout)
+        self.device_dead: dict[str, Any] | None = None
+        self.t0_ns = self.end_ns = 0
+        self.setup_s = self.t0_wall = 0.0
+        self.timeout_s = max(q.tag_set.timeout_ns for q in run.queues) / 1e9
+        self.next_progress = 0.0
+        self.interrupted = False
+        self.finding: dict[str, Any] | None = None
+        self.by_conn = {c: i for i, c in enumerate(run.res_r)}
+        self.by_sentinel = {run.procs[i].sentinel: i for i in range(self.n)}
+        self.monitor = None
+        if self.spec.detect:
             from mqrt.runtime.detectors import Monitor
 
-            monitor = Monitor(
-                arena, self.queues, self.wspec, self.eventfds, self.stats_region, n,
-                hang_s=spec.hang_s, lost_wakeup_s=spec.lost_wakeup_s, trace=self.trace_spec,
+            self.monitor = Monitor(
+                run.arena, run.queues, run.wspec, run.eventfds, run.stats_region, self.n,
+                hang_s=self.spec.hang_s, lost_wakeup_s=self.spec.lost_wakeup_s,
+                trace=run.trace_spec,
             )  # fmt: skip
-        finding = None
 
-        def stop_all(what: str) -> None:
-            nonlocal exit_sent
-            for i in range(n):
-                if i not in dead:
-                    _send(ctl_w[i], {"cmd": what})
-            exit_sent = exit_sent or what == "exit"
-
-        while True:
-            alive = [i for i in range(n) if i not in dead and i not in results]
-            if not alive:
-                break
-            now = time.monotonic()
-            if phase == "setup" and len(ready) == n - len(dead):
-                if dead:
-                    stop_all("exit")
-                    phase = "exit"
-                else:
-                    t0_ns = time.monotonic_ns() + 20_000_000
-                    setup_s = (t0_ns / 1e9) - self.t_begin
-                    t0_wall = time.time() + 0.02
-                    for i in range(n):
-                        _send(ctl_w[i], {"cmd": "start", "t0": t0_ns})
-                    job = spec.job
-                    end_ns = t0_ns + int((job.ramp_time + job.runtime) * 1e9)
-                    deadline = end_ns / 1e9 + timeout_s + DRAIN_GRACE_S
-                    phase = "running"
-            if phase == "running" and len(drained) + len(dead) >= n:
-                stop_all("exit")
-                phase = "exit"
-                deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-            if now > deadline and phase != "exit":
-                stuck = sorted(set(range(n)) - drained - set(dead))
-                errors[-1] = (
-                    f"CPUs {format_cpulist(stuck)} did not finish within "
-                    f"{deadline - self.t_begin:.0f} s of the start ({phase}): stopping them"
-                )
-                stop_all("exit")
-                phase = "exit"
-                deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-            elif now > deadline:
-                break
-            if monitor is not None and phase == "running" and finding is None:
-                found = monitor.check()
-                if found is not None:
-                    # A detector fired: keep what it saw, stop everything now (a hung
-                    # CPU cannot drain).
-                    found.at_s = time.monotonic() - t0_ns / 1e9
-                    finding = found.to_dict()
-                    stop_all("exit")
-                    phase = "exit"
-                    deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+    def run(self) -> RunResult:
+        try:
+            while alive := self.alive():
+                now = time.monotonic()
+                self.advance()
+                if self.past_deadline(now):
+                    break
+                if self.check_detectors():
                     continue
-            if spec.progress is not None and phase == "running" and now >= next_progress:
-                next_progress = now + 0.25
-                spec.progress(_snapshot(arena, self.stats_region, n, t0_ns, end_ns))
-            waitables = [res_r[i] for i in alive] + [procs[i].sentinel for i in alive]
-            if self.device is not None and device_dead is None:
-                waitables.append(self.device.sentinel)
-            try:
-                ready_objs = wait(waitables, timeout=0.1 if monitor is not None else 0.25)
-            except KeyboardInterrupt:
-                # The first Ctrl-C stops the run cleanly (the CPUs drain and report
-                # what they measured); a second one aborts.
-                if interrupted or phase != "running":
-                    raise
-                interrupted = True
-                stop_all("stop")
-                continue
-            for obj in ready_objs:
-                if self.device is not None and obj == self.device.sentinel:
-                    device_dead = self._device_died()
-                    if not exit_sent:
-                        stop_all("exit")
-                        phase = "exit"
-                        deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-                elif obj in by_conn:
-                    i = by_conn[obj]
-                    msg = _recv(obj)
-                    if msg is None:
-                        continue
-                    kind = msg.get("msg")
-                    if kind == "ready":
-                        ready.add(i)
-                    elif kind == "drained":
-                        drained.add(i)
-                    elif kind == "result":
-                        results[i] = msg
-                    elif kind == "error":
-                        errors[i] = msg["error"]
-                else:
-                    i = by_sentinel[obj]
-                    if i in results:
-                        continue
-                    procs[i].join(0.1)
-                    while res_r[i].poll(0):  # a result may still be in the pipe
-                        msg = _recv(res_r[i])
-                        if msg is None:
-                            break
-                        if msg.get("msg") == "result":
-                            results[i] = msg
-                        elif msg.get("msg") == "error":
-                            errors[i] = msg["error"]
-                    if i in results:
-                        continue
-                    dead[i] = {
-                        "role": "cpu",
-                        "cpu": i,
-                        "pid": procs[i].pid,
-                        "how": _exit_name(procs[i].exitcode),
-                        "error": errors.get(i, ""),
-                        "partial": _cpu_counters(arena, self.stats_region, i),
-                    }
-                    if not exit_sent:
-                        stop_all("exit")
-                        phase = "exit"
-                        deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
-        if monitor is not None:
-            monitor.close()
-        failed = (
-            finding is not None or dead or any(r["blk_mq"]["violations"] for r in results.values())
+                self.report_progress(now)
+                for obj in self.wait_for_events(alive):
+                    self.on_event(obj)
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+        return self.assemble_result()
+
+    # -- the steps of the loop ------------------------------------------------------------
+
+    def alive(self) -> list[int]:
+        """The CPUs that neither died nor reported."""
+        return [i for i in range(self.n) if i not in self.dead and i not in self.results]
+
+    def advance(self) -> None:
+        """Move to the next phase once every CPU is there."""
+        if self.phase is Phase.SETUP and len(self.ready) == self.n - len(self.dead):
+            if self.dead:
+                self.enter_exit()
+            else:
+                self.start()
+        if self.phase is Phase.RUNNING and len(self.drained) + len(self.dead) >= self.n:
+            self.enter_exit()
+
+    def start(self) -> None:
+        """Every CPU is ready: start them all at one t0, a little ahead."""
+        self.t0_ns = time.monotonic_ns() + 20_000_000
+        self.setup_s = (self.t0_ns / 1e9) - self.r.t_begin
+        self.t0_wall = time.time() + 0.02
+        for conn in self.r.ctl_w:
+            _send(conn, wire.Start(self.t0_ns))
+        job = self.spec.job
+        self.end_ns = self.t0_ns + int((job.ramp_time + job.runtime) * 1e9)
+        self.deadline = self.end_ns / 1e9 + self.timeout_s + DRAIN_GRACE_S
+        self.phase = Phase.RUNNING
+
+    def past_deadline(self, now: float) -> bool:
+        """A phase past its deadline: the CPUs not done are stuck, stop everything;
+        True once even the exit's deadline has passed (stop waiting)."""
+        if now <= self.deadline:
+            return False
+        if self.phase is Phase.EXIT:
+            return True
+        stuck = sorted(set(range(self.n)) - self.drained - set(self.dead))
+        self.errors[-1] = (
+            f"CPUs {format_cpulist(stuck)} did not finish within "
+            f"{self.deadline - self.r.t_begin:.0f} s of the start ({self.phase}): stopping them"
         )
-        dumped = None
-        if self.trace_spec is not None and spec.trace_dump and failed:
-            dumped = spec.trace_dump
-            dump_msgpack(
-                read_all(arena, self.trace_spec, quiescent=True),
-                dumped,
-                {
-                    "finding": finding and {k: finding[k] for k in ("detector", "message")},
-                    "cpus": n,
-                    "seed": spec.seed,
-                },
-            )
-        wall = time.monotonic() - self.t_begin
-        if self.device is not None and device_dead is None:
-            device_dead = self._stop_device()
-        dead_list = [dead[i] for i in sorted(dead)]
-        if device_dead is not None:
-            dead_list.append(device_dead)
-        _reap(self.procs)
-        if dead_list:
-            invariants: dict[str, Any] = {"skipped": "a process died"}
+        self.enter_exit()
+        return False
+
+    def check_detectors(self) -> bool:
+        """Run the detectors while the CPUs run; True if one fired (the run stops
+        now: a hung CPU cannot drain)."""
+        if self.monitor is None or self.phase is not Phase.RUNNING or self.finding is not None:
+            return False
+        found = self.monitor.check()
+        if found is None:
+            return False
+        found.at_s = time.monotonic() - self.t0_ns / 1e9
+        self.finding = found.to_dict()
+        self.enter_exit()
+        return True
+
+    def report_progress(self, now: float) -> None:
+        progress = self.spec.progress
+        if progress is None or self.phase is not Phase.RUNNING or now < self.next_progress:
+            return
+        self.next_progress = now + 0.25
+        r = self.r
+        progress(_snapshot(r.arena, r.stats_region, self.n, self.t0_ns, self.end_ns))
+
+    def wait_for_events(self, alive: list[int]) -> list[Any]:
+        """The one wait point: the live CPUs' result pipes and sentinels, and the
+        device's sentinel (a timeout for the progress line and the detectors)."""
+        r = self.r
+        waitables: list[Any] = [r.res_r[i] for i in alive] + [r.procs[i].sentinel for i in alive]
+        if r.device is not None and self.device_dead is None:
+            waitables.append(r.device.sentinel)
+        try:
+            return wait(waitables, timeout=0.1 if self.monitor is not None else 0.25)
+        except KeyboardInterrupt:
+            if not self.on_stop():
+                raise
+            return []
+
+    def on_event(self, obj: Any) -> None:
+        r = self.r
+        if r.device is not None and obj == r.device.sentinel:
+            self.on_device_death()
+        elif obj in self.by_conn:
+            i = self.by_conn[obj]
+            msg = _recv(obj)
+            if msg is not None:
+                self.on_message(i, msg)
         else:
-            invariants = check_invariants(arena, self.queues)
-            invariants["violations"] = (
-                sum(r["blk_mq"]["violations"] for r in results.values())
-                + len(invariants["problems"])
-                + sum(j["inflight"] for r in results.values() for j in r["jobs"])
-            )
-            invariants["problems"] = [
-                v for r in results.values() for v in r.get("violations", [])
-            ] + invariants["problems"]
-            invariants["stale_completions"] = sum(
-                r["blk_mq"]["stale_completions"] for r in results.values()
-            )
+            self.on_death(self.by_sentinel[obj])
+
+    # -- what can happen ------------------------------------------------------------------
+
+    def on_message(self, i: int, msg: wire.Report) -> None:
+        """CPU ``i`` said something on its result pipe."""
+        match msg:
+            case wire.Ready():
+                self.ready.add(i)
+            case wire.Drained():
+                self.drained.add(i)
+            case wire.CpuResult(report=report):
+                self.results[i] = report
+            case wire.Error(error=error):
+                self.errors[i] = error
+
+    def on_death(self, i: int) -> None:
+        """CPU ``i``'s process ended: a result may still be in its pipe (it exited
+        after sending it); otherwise it died, and the run stops."""
+        if i in self.results:
+            return
+        r = self.r
+        p, res = r.procs[i], r.res_r[i]
+        p.join(0.1)
+        while res.poll(0):
+            msg = _recv(res)
+            if msg is None:
+                break
+            if isinstance(msg, wire.CpuResult | wire.Error):
+                self.on_message(i, msg)
+        if i in self.results:
+            return
+        self.dead[i] = {
+            "role": "cpu",
+            "cpu": i,
+            "pid": p.pid,
+            "how": _exit_name(p.exitcode),
+            "error": self.errors.get(i, ""),
+            "partial": _cpu_counters(r.arena, r.stats_region, i),
+        }
+        self.enter_exit()
+
+    def on_device_death(self) -> None:
+        """The device process ended before it was told to: the run stops."""
+        assert self.r.dev is not None
+        self.device_dead = self.r._device_died(self.r.dev)
+        self.enter_exit()
+
+    def on_stop(self) -> bool:
+        """Ctrl-C: the first one while the CPUs run stops the run cleanly (they drain
+        and report what they measured); False for any other (abort)."""
+        if self.interrupted or self.phase is not Phase.RUNNING:
+            return False
+        self.interrupted = True
+        self._send_all(wire.Stop())
+        return True
+
+    def enter_exit(self) -> None:
+        """Tell every CPU still there to exit, and wait for them a bounded time."""
+        if self.phase is Phase.EXIT:
+            return
+        self._send_all(wire.Exit())
+        self.phase = Phase.EXIT
+        self.deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+
+    def _send_all(self, msg: wire.Command) -> None:
+        for i, conn in enumerate(self.r.ctl_w):
+            if i not in self.dead:
+                _send(conn, msg)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def assemble_result(self) -> RunResult:
+        """Dump the trace of a failed run, stop the device, reap every child, check
+        the invariants; the RunResult, or RunError carrying it if a process died or
+        a CPU reported an error."""
+        r, results = self.r, self.results
+        failed = (
+            self.finding is not None
+            or self.dead
+            or any(c["blk_mq"]["violations"] for c in results.values())
+        )
+        dumped = self._dump_trace() if failed else None
+        wall = time.monotonic() - r.t_begin
+        if r.dev is not None and self.device_dead is None:
+            self.device_dead = r._stop_device(r.dev)
+        dead_list = [self.dead[i] for i in sorted(self.dead)]
+        if self.device_dead is not None:
+            dead_list.append(self.device_dead)
+        _reap(r.procs)
+        invariants = {"skipped": "a process died"} if dead_list else self._invariants()
         result = RunResult(
             cpus=[results[i] for i in sorted(results)],
             invariants=invariants,
             queues=[
-                {"name": q.name, "index": q.index, "fair_share": fair_share_report(arena, q)}
-                for q in self.queues
+                {"name": q.name, "index": q.index, "fair_share": fair_share_report(r.arena, q)}
+                for q in r.queues
             ],
             host={
                 "cores": os.cpu_count(),
-                "cpus_allowed": format_cpulist(self.allowed),
+                "cpus_allowed": format_cpulist(r.allowed),
                 "pinned": [results[i].get("host_core") for i in sorted(results)],
             },
-            topology=self.topology.describe(),
-            setup_s=setup_s,
+            topology=r.topology.describe(),
+            setup_s=self.setup_s,
             wall_s=wall,
             dead=dead_list,
-            messages=self.messages,
-            interrupted=interrupted,
-            t0_wall=t0_wall,
-            finding=finding,
+            messages=r.messages,
+            interrupted=self.interrupted,
+            t0_wall=self.t0_wall,
+            finding=self.finding,
             trace_dump=dumped,
-            device={**self.device_info, **self.device_result} if self.device else {},
+            device={**r.device_info, **r.device_result} if r.dev is not None else {},
         )
-        if dead_list or errors:
+        if dead_list or self.errors:
             parts = [
                 f"{d['role'] if d['role'] == 'device' else 'cpu' + str(d['cpu'])} "
                 f"(pid {d['pid']}) died: {d['how']}"
                 + (f"\n{d['error'].rstrip()}" if d["error"] else "")
                 for d in dead_list
             ]
-            parts += [e.rstrip() for k, e in sorted(errors.items()) if k not in dead]
+            parts += [e.rstrip() for k, e in sorted(self.errors.items()) if k not in self.dead]
             raise RunError("; ".join(parts), result)
         return result
 
-    def _device_died(self) -> dict[str, Any]:
-        p = self.device
-        p.join(0.1)
-        error = ""
-        while self.device_res.poll(0):
-            msg = _recv(self.device_res)
-            if msg is None:
-                break
-            if msg.get("msg") == "error":
-                error = msg["error"]
-        counters = (
-            self.ops.device_counters(self.arena) if hasattr(self.ops, "device_counters") else {}
+    def _dump_trace(self) -> str | None:
+        """The event trace of a failed run, where RunSpec.trace_dump says (if it does)."""
+        r, spec = self.r, self.spec
+        if r.trace_spec is None or not spec.trace_dump:
+            return None
+        finding = self.finding
+        dump_msgpack(
+            read_all(r.arena, r.trace_spec, quiescent=True),
+            spec.trace_dump,
+            {
+                "finding": finding and {k: finding[k] for k in ("detector", "message")},
+                "cpus": self.n,
+                "seed": spec.seed,
+            },
         )
-        self.device_result = {"counters": counters}
-        return {"role": "device", "pid": p.pid, "how": _exit_name(p.exitcode), "error": error,
-                "partial": counters}  # fmt: skip
+        return spec.trace_dump
 
-    def _stop_device(self) -> dict[str, Any] | None:
-        """Disable the controller, tell the device to exit, collect its counters."""
-        with contextlib.suppress(Exception):
-            self.ops.shutdown(self.arena)
-        _send(self.device_ctl, {"cmd": "exit"})
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not wait([self.device_res, self.device.sentinel], timeout=0.25):
-                continue
-            msg = _recv(self.device_res) if self.device_res.poll() else None
-            if msg is not None and msg.get("msg") == "result":
-                self.device_result = {"counters": msg["counters"]}
-                return None
-            if msg is None and not self.device.is_alive():
-                return self._device_died()
-        return self._device_died()
+    def _invariants(self) -> dict[str, Any]:
+        """The arena's invariants, with what the CPUs saw themselves."""
+        reports = self.results.values()
+        invariants = check_invariants(self.r.arena, self.r.queues)
+        invariants["violations"] = (
+            sum(c["blk_mq"]["violations"] for c in reports)
+            + len(invariants["problems"])
+            + sum(j["inflight"] for c in reports for j in c["jobs"])
+        )
+        invariants["problems"] = [v for c in reports for v in c["violations"]] + invariants[
+            "problems"
+        ]
+        invariants["stale_completions"] = sum(c["blk_mq"]["stale_completions"] for c in reports)
+        return invariants
 
 
 def _cpu_counters(arena: Arena, region, i: int) -> dict[str, int]:
     v = arena.view(region)
-    out = {name: int(v[name][i]) for name in v.dtype.names}
+    out = {name: int(v[name][i]) for name in v.dtype.names or ()}
     del v
     return out
 
