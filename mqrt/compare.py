@@ -157,11 +157,11 @@ def _from_mqrt(report: Mapping[str, Any], name: str) -> Bench:
     raw_points = m.get("points")
     if not isinstance(raw_points, list) or not raw_points:
         raise UsageError(f"{name}: the report has no points")
-    sweep = m.get("sweep") if isinstance(m.get("sweep"), dict) else {}
-    axes = sweep.get("axes") if isinstance(sweep.get("axes"), dict) else {}
+    sweep = _object(m, "sweep")
+    axes = _object(sweep, "axes")
     points = [_mqrt_point(p, i, name) for i, p in enumerate(raw_points)]
-    config = m.get("config") if isinstance(m.get("config"), dict) else {}
-    jobs = report.get("jobs") if isinstance(report.get("jobs"), list) else []
+    config = _object(m, "config")
+    jobs = _array(report, "jobs")
     return Bench(
         name=name,
         kind="mqrt",
@@ -171,6 +171,18 @@ def _from_mqrt(report: Mapping[str, Any], name: str) -> Bench:
         config=config,
         title=_mqrt_title(config, jobs),
     )
+
+
+def _object(parent: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``parent[key]`` when it is a JSON object, else an empty one."""
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _array(parent: Mapping[str, Any], key: str) -> list[Any]:
+    """``parent[key]`` when it is a JSON array, else an empty one."""
+    value = parent.get(key)
+    return value if isinstance(value, list) else []
 
 
 def _num(value: Any, what: str, name: str) -> float:
@@ -234,15 +246,15 @@ def _mqrt_point(p: Any, i: int, name: str) -> Point:
 def _mqrt_title(config: Mapping[str, Any], jobs: Sequence[Any]) -> str:
     parts: list[str] = []
     devices = [j.get("jobname") for j in jobs if isinstance(j, dict) and j.get("jobname")]
-    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    run = _object(config, "run")
     driver = run.get("driver") or next((d for d in ("nullb", "nvme") if d in config), None)
     if devices:
         parts.append(",".join(dict.fromkeys(str(d) for d in devices)))
     if driver:
-        drv = config.get(driver) if isinstance(config.get(driver), dict) else {}
+        drv = _object(config, driver)
         extra = f" irqmode={drv['irqmode']}" if "irqmode" in drv else ""
         parts.append(f"driver {driver}{extra}")
-    job = config.get("job") if isinstance(config.get("job"), dict) else {}
+    job = _object(config, "job")
     if job:
         parts.append(" ".join(f"{k}={job[k]}" for k in ("rw", "bs", "iodepth") if k in job))
     return ", ".join(p for p in parts if p)
@@ -287,7 +299,7 @@ def _from_fio(report: Mapping[str, Any], name: str) -> Bench:
         )
     if not points:
         raise UsageError(f"{name}: the fio report has no jobs")
-    opts = report.get("global options") if isinstance(report.get("global options"), dict) else {}
+    opts = _object(report, "global options")
     title = " ".join(f"{k}={opts[k]}" for k in ("filename", "ioengine", "rw", "bs") if k in opts)
     return Bench(
         name=name,

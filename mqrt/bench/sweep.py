@@ -19,9 +19,12 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mqrt.lib.knobs import Knob, KnobError, canonical
+
+if TYPE_CHECKING:
+    from mqrt.runtime.owner import RunSpec
 
 #: Kinds of knob that may be swept (a "str" knob may contain commas of its own).
 SWEEPABLE_KINDS = frozenset({"int", "size", "float", "bool", "choice"})
@@ -38,6 +41,10 @@ class Point:
     params: dict[str, Any]  #: axis -> value as given (typed once the point is built)
     given: dict[str, Any]  #: every option of this point
     runs: list[dict[str, Any]] = field(default_factory=list)  #: one summary per repetition
+    # Set by ``mqrt bench`` once the point's options are validated (not before: no
+    # default, outside __init__, repr and comparisons).
+    spec: RunSpec = field(init=False, repr=False, compare=False)  #: what runs
+    config: dict[str, Any] = field(init=False, repr=False, compare=False)  #: what the report shows
 
 
 def expand_values(knob: Knob, raw: str) -> list[str]:
@@ -57,17 +64,17 @@ def expand_values(knob: Knob, raw: str) -> list[str]:
                 f"{knob.name}: bad range {text!r} (lo-hi, lo-hi:step or lo-hi:xFACTOR, lo <= hi)"
             )
         if geometric:
-            values, v = [], lo
+            numbers, v = [], lo
             while v <= hi:
-                values.append(v)
+                numbers.append(v)
                 v *= step
         else:
-            values = list(range(lo, hi + 1, step))
-        if len(values) > MAX_POINTS:
+            numbers = list(range(lo, hi + 1, step))
+        if len(numbers) > MAX_POINTS:
             raise KnobError(
-                f"{knob.name}: range {text!r} has {len(values)} values, at most {MAX_POINTS}"
+                f"{knob.name}: range {text!r} has {len(numbers)} values, at most {MAX_POINTS}"
             )
-        return [str(v) for v in values]
+        return [str(v) for v in numbers]
     return [text]
 
 

@@ -187,14 +187,14 @@ def mode_ratios(m: dict[str, Any]) -> list[str]:
         rest = {k: v for k, v in p["params"].items() if k != "mode"}
         by_rest.setdefault(format_params(rest), {})[p["params"]["mode"]] = p["iops"]
     lines = []
-    for rest, modes in by_rest.items():
+    for label, modes in by_rest.items():
         parts = []
         if modes.get("sq") and "mq" in modes:
             parts.append(f"mq/sq {modes['mq'] / modes['sq']:.2f}x")
         if modes.get("mq") and "raw" in modes:
             parts.append(f"raw/mq {modes['raw'] / modes['mq']:.2f}x")
         if parts:
-            lines.append((f"{rest}: " if rest else "") + ", ".join(parts))
+            lines.append((f"{label}: " if label else "") + ", ".join(parts))
     return lines
 
 

@@ -38,11 +38,13 @@ import os
 import secrets
 import signal
 import struct
+import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +64,7 @@ def _align(n: int, to: int = CACHELINE) -> int:
     return (n + to - 1) // to * to
 
 
-def cacheline_struct(*groups: Sequence[tuple[str, str]]) -> np.dtype:
+def cacheline_struct(*groups: Sequence[tuple[str, str | np.dtype]]) -> np.dtype:
     """Build a little-endian structured dtype in which each group of fields starts a
     new cache line.
 
@@ -71,7 +73,7 @@ def cacheline_struct(*groups: Sequence[tuple[str, str]]) -> np.dtype:
     Put fields written by different parties in different groups.
     """
     names: list[str] = []
-    formats: list[str] = []
+    formats: list[str | np.dtype] = []
     offsets: list[int] = []
     off = 0
     for group in groups:
@@ -93,9 +95,25 @@ _STRUCT_CODES = {("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q",
                  ("f", 4): "f", ("f", 8): "d"}  # fmt: skip
 
 
+def dtype_fields(
+    dtype: np.dtype,
+) -> MappingProxyType[str, tuple[np.dtype, int] | tuple[np.dtype, int, Any]]:
+    """The fields of a structured ``dtype``, ``name -> (dtype, offset[, title])`` as
+    numpy's ``dtype.fields`` has them; a TypeError for a dtype that has none."""
+    fields = dtype.fields
+    if fields is None:
+        raise TypeError(f"{dtype} is not a structured dtype")
+    return fields
+
+
 def field_offset(dtype: np.dtype, name: str) -> int:
     """Byte offset of field ``name`` in ``dtype`` (a KeyError names a missing field)."""
-    return int(dtype.fields[name][1])
+    return int(dtype_fields(dtype)[name][1])
+
+
+def field_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """The dtype of field ``name`` in ``dtype`` (a KeyError names a missing field)."""
+    return dtype_fields(dtype)[name][0]
 
 
 def struct_of(dtype: np.dtype, first: str, last: str) -> struct.Struct:
@@ -104,7 +122,7 @@ def struct_of(dtype: np.dtype, first: str, last: str) -> struct.Struct:
     ``pad*`` become pad bytes.  Hot paths pack and unpack several fields with one call
     this way while the layout stays declared once, in the dtype."""
     fields = sorted(
-        ((off, name, dt) for name, (dt, off, *_) in dtype.fields.items()), key=lambda f: f[0]
+        ((off, name, dt) for name, (dt, off, *_) in dtype_fields(dtype).items()), key=lambda f: f[0]
     )
     names = [name for _, name, _ in fields]
     lo, hi = names.index(first), names.index(last)
@@ -144,12 +162,13 @@ class Region:
         if not 0 <= index < self.count:
             raise IndexError(f"{self.name}[{index}] out of range 0..{self.count - 1}")
         base = self.offset + index * self.stride
-        return base if fieldname is None else base + self.dtype.fields[fieldname][1]
+        return base if fieldname is None else base + field_offset(self.dtype, fieldname)
 
     def offsets(self, index: int = 0) -> SimpleNamespace:
         """Absolute offsets of every field of element ``index``, as attributes."""
         base = self.addr(index)
-        return SimpleNamespace(**{name: base + spec[1] for name, spec in self.dtype.fields.items()})
+        fields = dtype_fields(self.dtype)
+        return SimpleNamespace(**{name: base + spec[1] for name, spec in fields.items()})
 
 
 @dataclass
@@ -194,21 +213,20 @@ class ArenaHandle:
 def _attach_untracked(name: str) -> shared_memory.SharedMemory:
     """Attach to an existing segment without registering it with this process's
     resource tracker (see the module docstring, python/cpython#82300)."""
-    try:
-        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-    except TypeError:  # Python < 3.13: no track= parameter
-        pass
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    # Python < 3.13: no track= parameter
     original = resource_tracker.register
 
-    def skip_shared_memory(rname: str, rtype: str) -> None:
+    def skip_shared_memory(name: Sized, rtype: str) -> None:  # as typeshed has register()
         if rtype != "shared_memory":
-            original(rname, rtype)
+            original(name, rtype)
 
-    resource_tracker.register = skip_shared_memory  # type: ignore[assignment]
+    resource_tracker.register = skip_shared_memory
     try:
         return shared_memory.SharedMemory(name=name)
     finally:
-        resource_tracker.register = original  # type: ignore[assignment]
+        resource_tracker.register = original
 
 
 class Arena:
@@ -222,15 +240,15 @@ class Arena:
     def __init__(self, shm: shared_memory.SharedMemory, layout: Layout, owner: bool):
         self._shm = shm
         self.layout = layout
+        assert shm.buf is not None, f"{shm.name} is closed"
         self.atomic = AtomicView(shm.buf)
         #: pid of the creating process, or None in an attached child.  Compared with
         #: os.getpid() before unlinking, so a forked copy of the owner never unlinks.
         self._owner_pid = os.getpid() if owner else None
         self._closed = False
+        self._finalizer: weakref.finalize[[shared_memory.SharedMemory, int], Arena] | None = None
         if owner:
             self._finalizer = weakref.finalize(self, _unlink_at_exit, shm, os.getpid())
-        else:
-            self._finalizer = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -306,8 +324,12 @@ class Arena:
 
     @property
     def buf(self) -> memoryview:
-        """The raw bytes (for bulk copies such as ring entries)."""
-        return self._shm.buf
+        """The raw bytes (for bulk copies such as ring entries); a ValueError once the
+        arena is closed."""
+        buf = self._shm.buf
+        if buf is None:
+            raise ValueError(f"arena {self._shm.name} is closed")
+        return buf
 
     def view(self, region: Region | str) -> np.ndarray:
         """A numpy structured array over ``region``, for reading and debugging.
@@ -363,8 +385,9 @@ def stale_segments() -> list[str]:
     stale = []
     for n in list_segments():
         pid = segment_owner(n)
+        assert pid is not None  # list_segments() lists only names with an owner
         try:
-            os.kill(pid, 0)  # type: ignore[arg-type]
+            os.kill(pid, 0)
         except ProcessLookupError:
             stale.append(n)
         except PermissionError:

@@ -360,12 +360,12 @@ def read_all(arena: Arena, spec: TraceSpec, *, quiescent: bool = False) -> list[
 def last_events(records: Iterable[Sequence[int]], n_per_cpu: int) -> list[Record]:
     """The last ``n_per_cpu`` records of each CPU, in the order given (time order for
     the output of :func:`read_all`)."""
-    records = [r if isinstance(r, Record) else Record._make(r) for r in records]
+    recs = [r if isinstance(r, Record) else Record._make(r) for r in records]
     if n_per_cpu <= 0:
         return []
     left: dict[int, int] = {}
     keep: list[Record] = []
-    for r in reversed(records):
+    for r in reversed(recs):
         seen = left.get(r.cpu, 0)
         if seen < n_per_cpu:
             left[r.cpu] = seen + 1

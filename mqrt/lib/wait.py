@@ -49,14 +49,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqrt.lib._atomic import cpu_relax
-from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
+from mqrt.lib._atomic import AtomicView, cpu_relax
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 
 #: A wait_queue_head_t: embedded in other structs (e.g. sbitmap's wait states).
 WAIT_QUEUE_HEAD = np.dtype(
     {"names": ["lock", "first", "last"], "formats": ["<u8", "<i4", "<i4"], "offsets": [0, 8, 12]},
     align=True,
 )
+
+_HEAD_LOCK = field_offset(WAIT_QUEUE_HEAD, "lock")
+_HEAD_FIRST = field_offset(WAIT_QUEUE_HEAD, "first")
+_HEAD_LAST = field_offset(WAIT_QUEUE_HEAD, "last")
 
 #: One wait_queue_entry per waiter slot.
 WAIT_QUEUE_ENTRY = cacheline_struct(
@@ -97,7 +101,7 @@ class WaitersSpec:
     entries: Region
 
 
-def spin_lock(a, off: int) -> None:
+def spin_lock(a: AtomicView, off: int) -> None:
     """Take the bit spinlock in bit 0 of the word at ``off`` (acquire)."""
     spins = yields = 0
     while a.test_and_set_bit_lock(off, 0):
@@ -112,7 +116,7 @@ def spin_lock(a, off: int) -> None:
                 long_spin_hook()
 
 
-def spin_unlock(a, off: int) -> None:
+def spin_unlock(a: AtomicView, off: int) -> None:
     """Release the bit spinlock (release ordering)."""
     a.clear_bit_unlock(off, 0)
 
@@ -158,13 +162,17 @@ class Waiters:
         r = spec.entries
         self._base = r.offset
         self._stride = r.stride
-        f = r.dtype.fields
-        self._next = f["next"][1]
-        self._prev = f["prev"][1]
-        self._state = f["state"][1]
-        self._flags = f["flags"][1]
-        self._queued_on = f["queued_on"][1]
-        self._sleep_seq = f["sleep_seq"][1]
+        d = r.dtype
+        self._next = field_offset(d, "next")
+        self._prev = field_offset(d, "prev")
+        self._state = field_offset(d, "state")
+        self._flags = field_offset(d, "flags")
+        self._queued_on = field_offset(d, "queued_on")
+        self._sleep_seq = field_offset(d, "sleep_seq")
+        # The sleeping side's state word and eventfd: this process's slot's.  A process
+        # without a slot only wakes; -1 makes a sleeping-side call fail loudly.
+        self._my_state = NIL if me is None else self.entry(me) + self._state
+        self._my_eventfd = NIL if me is None else eventfds[me]
         self._poll: select.poll | None = None
 
     def entry(self, slot: int) -> int:
@@ -176,7 +184,7 @@ class Waiters:
     def set_state(self, state: TaskState) -> None:
         """set_current_state(): a full barrier orders it against the caller's next
         check of the condition it sleeps on."""
-        self.a.xchg32(self.entry(self.me) + self._state, state)  # type: ignore[operator]
+        self.a.xchg32(self._my_state, state)
 
     def schedule(self, timeout: float | None = None) -> bool:
         """Sleep until woken (or ``timeout`` seconds pass); True if woken.
@@ -186,7 +194,7 @@ class Waiters:
         """
         if self._poll is None:
             self._poll = select.poll()
-            self._poll.register(self.eventfds[self.me], select.POLLIN)  # type: ignore[index]
+            self._poll.register(self._my_eventfd, select.POLLIN)
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
         if not self._poll.poll(ms):
             return False
@@ -195,12 +203,12 @@ class Waiters:
 
     def sleeping(self) -> bool:
         """This process's task is still marked asleep (no waker has run it)."""
-        return self.a.read32(self.entry(self.me) + self._state) == TaskState.UNINTERRUPTIBLE  # type: ignore[operator]
+        return self.a.read32(self._my_state) == TaskState.UNINTERRUPTIBLE
 
     def drain(self) -> None:
         """Forget wake-ups that arrived after the wait ended."""
         with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.eventfds[self.me])  # type: ignore[index]
+            os.eventfd_read(self._my_eventfd)
 
     # -- the waking side ---------------------------------------------------------------
 
@@ -223,17 +231,17 @@ class WaitQueue:
         self.w = waiters
         self.a = waiters.a
         self.head = head
-        self._lock = head + WAIT_QUEUE_HEAD.fields["lock"][1]
-        self._first = head + WAIT_QUEUE_HEAD.fields["first"][1]
-        self._last = head + WAIT_QUEUE_HEAD.fields["last"][1]
+        self._lock = head + _HEAD_LOCK
+        self._first = head + _HEAD_FIRST
+        self._last = head + _HEAD_LAST
 
     @staticmethod
     def init(arena: Arena, head: int) -> None:
         """Owner only: an empty queue (init_waitqueue_head)."""
         a = arena.atomic
-        a.set(head + WAIT_QUEUE_HEAD.fields["lock"][1], 0)
-        a.set32(head + WAIT_QUEUE_HEAD.fields["first"][1], NIL)
-        a.set32(head + WAIT_QUEUE_HEAD.fields["last"][1], NIL)
+        a.set(head + _HEAD_LOCK, 0)
+        a.set32(head + _HEAD_FIRST, NIL)
+        a.set32(head + _HEAD_LAST, NIL)
 
     def active(self) -> bool:
         """waitqueue_active(): anyone queued?  Lockless; the caller supplies the
