@@ -126,7 +126,7 @@ NVME_KNOBS: tuple[Knob, ...] = (
 )  # fmt: skip
 
 #: NVMe status -> blk_status_t (nvme_error_status()).
-_BLK_STATUS = {
+_BLK_STATUS: dict[int, BlkStatus] = {
     Status.SUCCESS: BlkStatus.OK,
     Status.LBA_RANGE: BlkStatus.TARGET,
     Status.INVALID_NS: BlkStatus.TARGET,
@@ -137,8 +137,7 @@ _BLK_STATUS = {
     Status.HOST_ABORTED_CMD: BlkStatus.IOERR,
 }
 
-#: Request PDU (struct nvme_iod + nvme_request): genctr, aborted flag, retries.
-IOD = struct.Struct("<BBB")
+#: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries.
 NVME_CMD_SIZE = 8
 _GENCTR, _ABORTED, _RETRIES = 0, 1, 2
 

@@ -613,7 +613,7 @@ class BlkMq(BlkMqCompletion):
         ops = queue.ops
         rqs = self.rqs[queue.index]
         queued = 0
-        ret = BlkStatus.OK
+        ret: int = BlkStatus.OK
         needs_resource = False
         no_budget = False
         i = 0

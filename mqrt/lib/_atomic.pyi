@@ -4,8 +4,9 @@ Offsets are byte offsets into the view's buffer: out of range raises IndexError,
 misaligned ValueError.  64-bit words are unsigned, 32-bit ones signed (``atomic_t``).
 """
 
-from collections.abc import Buffer
 from types import TracebackType
+
+from typing_extensions import Buffer
 
 class AtomicView:
     def __init__(self, buffer: Buffer) -> None: ...

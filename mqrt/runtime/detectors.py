@@ -39,14 +39,14 @@ from typing import Any
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
 from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import RqState
-from mqrt.lib.shm import Arena
+from mqrt.lib.shm import Arena, field_offset
 from mqrt.lib.trace import TraceSpec, format_records, last_events, read_all
 from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
 
 #: Events per CPU shown next to a finding.
 EVENTS_PER_CPU = 24
 
-_QUEUED_ON = WAIT_QUEUE_ENTRY.fields["queued_on"][1]
+_QUEUED_ON = field_offset(WAIT_QUEUE_ENTRY, "queued_on")
 
 DETECTORS: dict[str, str] = {
     "violation": "a CPU saw a tag owned twice, a freed request used, or nr_active < 0",
