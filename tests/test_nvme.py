@@ -70,9 +70,12 @@ def test_dropped_completions_end_in_a_controller_reset_and_finish_once():
 
 
 def test_commands_held_past_their_timeout_are_aborted_and_retried():
-    # 10% of commands take 100 ms against a 20 ms timeout: the Abort completes them
-    # with ABORT_REQ (no DNR), so they are retried; none fails.
-    result = run_nvme(delay_pct=10, delay_ns=100_000_000, io_timeout=20, latency_ns=20_000)
+    # 10% of commands take 1 s against a 100 ms timeout: the Abort completes them with
+    # ABORT_REQ (no DNR), so they are retried; none fails.  (A timeout short enough for
+    # a loaded host's device process to miss escalates to controller resets, each of
+    # which retries every command the controller held: often enough, and a command
+    # runs out of nvme_max_retries.)
+    result = run_nvme(delay_pct=10, delay_ns=1_000_000_000, io_timeout=100, latency_ns=20_000)
     assert_clean(result)
     dev, drv, t = device(result), driver(result), totals(result)
     assert dev["aborts"] > 0 and drv["retries"] >= dev["aborts"]
