@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from mqrt import __version__
@@ -116,7 +118,22 @@ def test_ctrl_c_keeps_partial_results_and_leaves_nothing():
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.0)
+    # Interrupt once a first measurement is in: each case forks its parties afresh, so
+    # a third forked child means ring.spsc.batch's pair (the first case) has finished
+    # once.  (Forked parties share the parent's command line; multiprocessing's
+    # resource tracker, also a child, does not.)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(proc.pid)
+            cmdline = parent.cmdline()
+            for child in parent.children():
+                with contextlib.suppress(psutil.Error):
+                    if child.cmdline() == cmdline:
+                        seen.add(child.pid)
+        time.sleep(0.005)
+    assert len(seen) >= 3, f"the microbench forked {len(seen)} parties in 60 s"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
