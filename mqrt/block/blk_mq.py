@@ -365,31 +365,33 @@ class BlkMq(BlkMqCompletion):
         plug = self.plug
         if plug is not None:
             last = plug.last
-            # blk_attempt_plug_merge(), back merges only: the plug remembers its last
-            # request as (queue, op, end sector, sectors, bios, rq id).
-            if (
-                last is not None
-                and last[0] is queue
-                and last[1] == op
-                and last[2] == sector
-                and last[3] + nr_sectors <= queue.max_sectors
-                and queue.merge
-            ):
-                nr = last[3] + nr_sectors
-                RQ_SIZE.pack_into(
-                    self.buf,
-                    self.rq_base[queue.index][last[5]] + RQ_OFF_NR_SECTORS,
-                    nr,
-                    last[4] + 1,
-                )
-                plug.last = (queue, op, sector + nr_sectors, nr, last[4] + 1, last[5])
-                self.nr_merges += 1
-                return
+            last_sectors = 0
+            if last is not None:
+                # blk_attempt_plug_merge(), back merges only, onto the last request
+                # plugged: (queue, op, end sector, sectors, bios, rq id).
+                last_q, last_op, last_end, last_sectors, last_bios, last_rq = last
+                if (
+                    last_q is queue
+                    and last_op == op
+                    and last_end == sector
+                    and last_sectors + nr_sectors <= queue.max_sectors
+                    and queue.merge
+                ):
+                    nr = last_sectors + nr_sectors
+                    RQ_SIZE.pack_into(
+                        self.buf,
+                        self.rq_base[queue.index][last_rq] + RQ_OFF_NR_SECTORS,
+                        nr,
+                        last_bios + 1,
+                    )
+                    plug.last = (queue, op, sector + nr_sectors, nr, last_bios + 1, last_rq)
+                    self.nr_merges += 1
+                    return
             rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
             # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
             if plug.rqs and (
                 len(plug.rqs) >= BLK_MAX_REQUEST_COUNT
-                or last[3] << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE  # type: ignore[index]
+                or last_sectors << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE
             ):
                 self.flush_plug(plug)
             hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
