@@ -47,7 +47,15 @@ from mqrt.block.blk_mq_types import (
     RqState,
 )
 from mqrt.lib.sbitmap import SbqGeneration
-from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset, struct_of
+from mqrt.lib.shm import (
+    Arena,
+    Layout,
+    Region,
+    cacheline_struct,
+    field_dtype,
+    field_offset,
+    struct_of,
+)
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 #: The statuses with which a driver refuses a request for now.
@@ -163,7 +171,11 @@ HCTX = cacheline_struct(
     [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
     [("ctx_map", "(4,)<u8")],  # ctxs with pending requests, by index_hw (<= 256 ctxs)
 )
-MAX_CTX_PER_HCTX = 256
+#: ctx_map: a bitmap of 64-bit words, one bit per ctx of the hctx (by index_hw).
+CTX_MAP_WORDS = field_dtype(HCTX, "ctx_map").shape[0]
+CTX_MAP_WORD = field_dtype(HCTX, "ctx_map").base.itemsize  #: bytes per word
+MAX_CTX_PER_HCTX = CTX_MAP_WORDS * CTX_MAP_WORD * 8
+assert MAX_CTX_PER_HCTX == 256
 
 #: struct request_queue, the shared part.
 QUEUE = cacheline_struct(
@@ -197,7 +209,7 @@ class RqList:
         o = spec.header.offsets()
         self._lock, self._head, self._tail = o.lock, o.head, o.tail
         self._mask = spec.capacity - 1
-        self._ids = arena.buf[spec.data.offset : spec.data.offset + 4 * spec.capacity].cast("I")
+        self._ids = arena.buf[spec.data.offset : spec.data.offset + spec.data.nbytes].cast("I")
 
     @staticmethod
     def init(arena: Arena, spec: RqListSpec) -> None:
@@ -519,7 +531,7 @@ class HwCtx:
 
     def mark_pending(self, index_hw: int) -> None:
         """blk_mq_hctx_mark_pending() (under the ctx list lock)."""
-        off = self._ctx_map + 8 * (index_hw >> 6)
+        off = self._ctx_map + CTX_MAP_WORD * (index_hw >> 6)
         if not self.a.test_bit(off, index_hw & 63):
             self.a.set_bit(off, index_hw & 63)
 
@@ -528,13 +540,13 @@ class HwCtx:
         if not self.dispatch.empty():
             return True
         a = self.a
-        return any(a.read(self._ctx_map + 8 * w) for w in range(4))
+        return any(a.read(self._ctx_map + CTX_MAP_WORD * w) for w in range(CTX_MAP_WORDS))
 
     def busy_ctxs(self) -> list[int]:
         """index_hw of every ctx marked pending."""
         out = []
-        for w in range(4):
-            word = self.a.read(self._ctx_map + 8 * w)
+        for w in range(CTX_MAP_WORDS):
+            word = self.a.read(self._ctx_map + CTX_MAP_WORD * w)
             while word:
                 low = word & -word
                 out.append(w * 64 + low.bit_length() - 1)
@@ -542,7 +554,7 @@ class HwCtx:
         return out
 
     def clear_pending(self, index_hw: int) -> None:
-        self.a.clear_bit(self._ctx_map + 8 * (index_hw >> 6), index_hw & 63)
+        self.a.clear_bit(self._ctx_map + CTX_MAP_WORD * (index_hw >> 6), index_hw & 63)
 
     def update_dispatch_busy(self, busy: bool) -> None:
         """blk_mq_update_dispatch_busy(): the EWMA of busy dispatches."""
