@@ -63,12 +63,12 @@ from mqrt.block.blk_mq_types import (
 )
 from mqrt.device.controller import (
     DEV_COUNTERS,
-    IDENTIFY_CTRL,
     ControllerPlan,
     Namespace,
     QueueRegions,
     controller_main,
 )
+from mqrt.device.nvme_admin import IDENTIFY_CTRL
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
