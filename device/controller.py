@@ -20,6 +20,10 @@ busy controller is never kicked; an idle one costs nothing.
 Every wait is one ``select`` over the kick eventfd and the control pipe, with the next
 due completion or coalescing deadline as timeout (microsecond resolution).
 
+This module is the process and its I/O service; the admin command set (Identify, Set
+Features, Create/Delete I/O queues, Abort) is :mod:`mqrt.device.nvme_admin`, the
+controller's base class.
+
 Deviations from NVMe
     * Indices, phases and doorbells are as in the spec (wrapped, one slot kept free);
       "PRPs" of admin commands are byte offsets of the arena's admin data buffer.
@@ -35,13 +39,12 @@ import heapq
 import os
 import random
 import select
-import struct
 import time
 import traceback
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from mqrt.device.nvme_admin import AdminCommands, Cq, Sq
 from mqrt.device.nvme_defs import (
     CQE,
     CQE_HEAD,
@@ -49,9 +52,6 @@ from mqrt.device.nvme_defs import (
     NVME_QID_ADMIN,
     NVME_SC_DNR,
     SQE,
-    AdminOpcode,
-    Feature,
-    IdentifyCns,
     IoOpcode,
     Status,
     cqe_status,
@@ -85,12 +85,6 @@ DEV_COUNTERS = cacheline_struct(
         ("heartbeat_ns", "<u8"),
     ]
 )
-
-#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
-#: mqes (0's based max queue entries), the number of I/O queue pairs it can make.
-IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHH")
-#: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
-IDENTIFY_NS = struct.Struct("<QQQB")
 
 
 @dataclass(frozen=True)
@@ -129,35 +123,7 @@ class ControllerPlan:
     serial: str = "MQRT0001"
 
 
-@dataclass
-class _Sq:
-    qid: int
-    cqid: int
-    depth: int
-    base: int  #: offset of the ring
-    tail_db: int  #: offset of the tail doorbell
-    prio: int = 1  #: 0 high, 1 medium, 2 low
-    head: int = 0
-    credit: int = 0
-
-
-@dataclass
-class _Cq:
-    qid: int
-    depth: int
-    base: int
-    head_db: int
-    iv: int
-    ien: bool
-    tail: int = 0
-    phase: int = 1
-    pending: deque = field(default_factory=deque)  #: CQEs waiting for room
-    irq_count: int = 0  #: CQEs posted since the last interrupt
-    irq_first_ns: int = 0
-    stalled: bool = False
-
-
-class Controller:
+class Controller(AdminCommands):
     def __init__(self, plan: ControllerPlan, ctl, res):
         self.plan = plan
         self.ctl = ctl
@@ -181,8 +147,8 @@ class Controller:
         self.coalesce_time_ns = plan.model["irq_coalesce_time"] * 100_000
         self.ns = {n.nsid: n for n in plan.namespaces}
         self._lba_shift = {n.nsid: n.lba_shift for n in plan.namespaces}
-        self.sqs: dict[int, _Sq] = {}
-        self.cqs: dict[int, _Cq] = {}
+        self.sqs: dict[int, Sq] = {}
+        self.cqs: dict[int, Cq] = {}
         #: commands in service, a heap of (done_ns, seq, sqid, cid, sq_head, status, drop)
         self.inflight: list[tuple] = []
         self.by_cid: dict[tuple[int, int], tuple] = {}
@@ -194,20 +160,17 @@ class Controller:
         self._fds = [plan.kick_fd, ctl.fileno()]
         self.capped = False
         self._qoffs = [q.words.offsets() for q in plan.queues]
-        self._io_sqs: list[_Sq] = []  #: the I/O SQs in qid order (rebuilt on changes)
+        self._io_sqs: list[Sq] = []  #: the I/O SQs in qid order (rebuilt on changes)
 
     # -- queues -------------------------------------------------------------------------------
-
-    def _sq_regions(self, qid: int) -> QueueRegions | None:
-        return self.plan.queues[qid] if 0 <= qid < len(self.plan.queues) else None
 
     def _enable(self) -> None:
         """CC.EN 0 -> 1: the admin queue pair comes up; CSTS.RDY = 1."""
         q = self.plan.queues[NVME_QID_ADMIN]
         o = q.words.offsets()
         depth = self.a.read32(o.q_depth)
-        self.cqs = {0: _Cq(0, depth, q.cq.offset, o.cq_head_db, 0, True)}
-        self.sqs = {0: _Sq(0, 0, depth, q.sq.offset, o.sq_tail_db, prio=0)}
+        self.cqs = {0: Cq(0, depth, q.cq.offset, o.cq_head_db, 0, True)}
+        self.sqs = {0: Sq(0, 0, depth, q.sq.offset, o.sq_tail_db, prio=0)}
         self.enabled = True
         self.a.store_release32(self._csts_rdy, 1)
 
@@ -232,29 +195,11 @@ class Controller:
 
     # -- fetching --------------------------------------------------------------------------------
 
-    def _sq_new(self, sq: _Sq) -> int:
+    def _sq_new(self, sq: Sq) -> int:
         """Entries the host has published and we have not fetched."""
         self.counters["doorbell_reads"] += 1
         tail = self.a.load_acquire32(sq.tail_db)
         return (tail - sq.head) % sq.depth
-
-    def _fetch(self, sq: _Sq) -> tuple:
-        off = sq.base + sq.head * SQE.size
-        sqe = SQE.unpack_from(self.buf, off)
-        sq.head = (sq.head + 1) % sq.depth
-        return sqe
-
-    def _admin_pass(self) -> int:
-        sq = self.sqs.get(0)
-        if sq is None:
-            return 0
-        n = self._sq_new(sq)
-        for _ in range(n):
-            sqe = self._fetch(sq)
-            self.counters["admin_commands"] += 1
-            status, result = self._admin(sqe)
-            self._post(0, sqe[2], sq.head, status, result)
-        return n
 
     def _io_pass(self, now: int) -> int:
         """Arbitrate over the I/O SQs and start what the channels and caps allow;
@@ -303,7 +248,7 @@ class Controller:
                 break
         return start_free - free
 
-    def _start(self, sq: _Sq, sqe: tuple, now: int) -> None:
+    def _start(self, sq: Sq, sqe: tuple, now: int) -> None:
         """A command enters service: check it, draw its service time, apply faults.
         In flight it is a tuple ``(done_ns, seq, sqid, cid, sq_head, status, drop)``."""
         opcode, cid, nsid = sqe[0], sqe[2], sqe[3]
@@ -378,7 +323,7 @@ class Controller:
         cq.pending.append((result, sq_head, cqid if sqid is None else sqid, cid, status))
         self._drain_cq(cq)
 
-    def _drain_cq(self, cq: _Cq) -> None:
+    def _drain_cq(self, cq: Cq) -> None:
         """Write pending CQEs while the CQ has room (one head doorbell read per
         drain); in each entry the phase word goes last."""
         a, buf = self.a, self.buf
@@ -433,7 +378,7 @@ class Controller:
                 due = t if not due else min(due, t)
         return due
 
-    def _raise(self, cq: _Cq) -> None:
+    def _raise(self, cq: Cq) -> None:
         self.counters["coalesced"] += cq.irq_count - 1
         cq.irq_count = 0
         lost = self.faults.get("lost_irq_pct") if self.faults else 0
@@ -448,119 +393,6 @@ class Controller:
         self.counters["interrupts"] += 1
         with contextlib.suppress(BlockingIOError):
             os.write(self.plan.irq_w[cq.iv], b"\x01")
-
-    # -- admin commands ----------------------------------------------------------------------------
-
-    def _admin(self, sqe: tuple) -> tuple[int, int]:
-        opcode = sqe[0]
-        cdw10, cdw11 = sqe[8], sqe[9]
-        if opcode == AdminOpcode.IDENTIFY:
-            return self._identify(cdw10 & 0xFF, sqe[3], sqe[6])
-        if opcode == AdminOpcode.SET_FEATURES:
-            return self._set_features(cdw10 & 0xFF, cdw11)
-        if opcode == AdminOpcode.CREATE_CQ:
-            return self._create_cq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
-        if opcode == AdminOpcode.CREATE_SQ:
-            return self._create_sq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
-        if opcode == AdminOpcode.DELETE_SQ:
-            qid = cdw10 & 0xFFFF
-            if qid == 0 or qid not in self.sqs:
-                return Status.QID_INVALID, 0
-            for key in [k for k in self.by_cid if k[0] == qid]:
-                self.aborted.add(self.by_cid.pop(key)[1])
-            del self.sqs[qid]
-            self._publish_queue(qid, created=0)
-            self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
-            return Status.SUCCESS, 0
-        if opcode == AdminOpcode.DELETE_CQ:
-            qid = cdw10 & 0xFFFF
-            if qid == 0 or qid not in self.cqs or any(s.cqid == qid for s in self.sqs.values()):
-                return Status.QID_INVALID, 0
-            del self.cqs[qid]
-            return Status.SUCCESS, 0
-        if opcode == AdminOpcode.ABORT:
-            return self._abort(cdw10 & 0xFFFF, cdw10 >> 16)
-        return Status.INVALID_OPCODE, 0
-
-    def _identify(self, cns: int, nsid: int, prp1: int) -> tuple[int, int]:
-        data = self.plan.data
-        if not data.offset <= prp1 < data.offset + data.nbytes:
-            return Status.INVALID_FIELD, 0
-        if cns == IdentifyCns.CONTROLLER:
-            max_depth = (
-                min(q.max_depth for q in self.plan.queues[1:]) if len(self.plan.queues) > 1 else 2
-            )
-            IDENTIFY_CTRL.pack_into(
-                self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
-                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues,
-            )  # fmt: skip
-            return Status.SUCCESS, 0
-        if cns == IdentifyCns.NAMESPACE:
-            ns = self.ns.get(nsid)
-            if ns is None:
-                return Status.INVALID_NS, 0
-            IDENTIFY_NS.pack_into(self.buf, prp1, ns.nr_blocks, ns.nr_blocks, ns.nr_blocks,
-                                  ns.lba_shift)  # fmt: skip
-            return Status.SUCCESS, 0
-        return Status.INVALID_FIELD, 0
-
-    def _set_features(self, fid: int, cdw11: int) -> tuple[int, int]:
-        if fid == Feature.NUM_QUEUES:
-            n = min(self.plan.max_io_queues, (cdw11 & 0xFFFF) + 1, (cdw11 >> 16) + 1)
-            return Status.SUCCESS, (n - 1) | (n - 1) << 16
-        if fid == Feature.IRQ_COALESCE:
-            self.coalesce_thr = cdw11 & 0xFF
-            self.coalesce_time_ns = ((cdw11 >> 8) & 0xFF) * 100_000
-            return Status.SUCCESS, 0
-        if fid == Feature.ARBITRATION:
-            ab = cdw11 & 0x7
-            self.burst = 1 << 30 if ab == 7 else 1 << ab
-            self.wrr = [((cdw11 >> s) & 0xFF) + 1 for s in (24, 16, 8)]
-            return Status.SUCCESS, 0
-        return Status.INVALID_FIELD, 0
-
-    def _create_cq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
-        regions = self._sq_regions(qid)
-        if qid == 0 or regions is None or qid in self.cqs:
-            return Status.QID_INVALID, 0
-        if not 2 <= depth <= regions.max_depth:
-            return Status.QUEUE_SIZE, 0
-        iv = cdw11 >> 16
-        if iv >= len(self.plan.irq_w):
-            return Status.INVALID_FIELD, 0  # Invalid Interrupt Vector
-        o = regions.words.offsets()
-        self.cqs[qid] = _Cq(qid, depth, regions.cq.offset, o.cq_head_db, iv, bool(cdw11 & 2))
-        self._publish_queue(qid, dev_cq_tail=0, dev_phase=1, iv=iv)
-        return Status.SUCCESS, 0
-
-    def _create_sq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
-        regions = self._sq_regions(qid)
-        cqid = cdw11 >> 16
-        if qid == 0 or regions is None or qid in self.sqs:
-            return Status.QID_INVALID, 0
-        if cqid not in self.cqs or cqid == 0:
-            return Status.CQ_INVALID, 0
-        if not 2 <= depth <= regions.max_depth:
-            return Status.QUEUE_SIZE, 0
-        o = regions.words.offsets()
-        self.sqs[qid] = _Sq(qid, cqid, depth, regions.sq.offset, o.sq_tail_db,
-                            prio=(cdw11 >> 1) & 0x3)  # fmt: skip
-        self._publish_queue(qid, created=1, q_depth=depth, cqid=cqid, dev_sq_head=0)
-        self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
-        return Status.SUCCESS, 0
-
-    def _abort(self, sqid: int, cid: int) -> tuple[int, int]:
-        """Abort (08h): complete the command with ABORT_REQ if it is still here.
-        Result bit 0 set means it was *not* aborted."""
-        cmd = self.by_cid.pop((sqid, cid), None)
-        if cmd is None or cmd[6]:  # gone, or dropped: nothing here to abort
-            return Status.SUCCESS, 1
-        self.aborted.add(cmd[1])
-        self.counters["aborts"] += 1
-        sq = self.sqs.get(sqid)
-        if sq is not None:
-            self._post(sq.cqid, cid, cmd[4], Status.ABORT_REQ, 0, sqid=sqid)
-        return Status.SUCCESS, 0
 
     # -- the loop ------------------------------------------------------------------------------
 

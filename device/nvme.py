@@ -63,12 +63,12 @@ from mqrt.block.blk_mq_types import (
 )
 from mqrt.device.controller import (
     DEV_COUNTERS,
-    IDENTIFY_CTRL,
     ControllerPlan,
     Namespace,
     QueueRegions,
     controller_main,
 )
+from mqrt.device.nvme_admin import IDENTIFY_CTRL
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
@@ -173,8 +173,6 @@ class NvmeQueue:
         r = regs.offsets()
         self._need_kick = r.need_kick
         self.kick_fd = kick_fd
-        self.nr_doorbells = 0
-        self.nr_kicks = 0
 
     def refresh(self) -> None:
         self.depth = self.a.read32(self.o.q_depth)
@@ -243,9 +241,7 @@ class NvmeQueue:
         a = self.a
         a.xchg32(self.o.sq_tail_db, tail)
         a.set32(self.o.last_sq_tail, tail)
-        self.nr_doorbells += 1
         if a.read32(self._need_kick) and a.xchg32(self._need_kick, 0):
-            self.nr_kicks += 1
             os.eventfd_write(self.kick_fd, 1)
 
     # -- completion (nvme_cqe_pending, nvme_update_cq_head, nvme_ring_cq_doorbell) --------

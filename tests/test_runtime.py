@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from mqrt.bench.main import build
-from mqrt.runtime.owner import RunError, run
+from mqrt.runtime.owner import run
+from mqrt.runtime.spec import RunError
 
 
 def run_nullb(**given):

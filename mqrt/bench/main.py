@@ -242,7 +242,7 @@ def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
 
 def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
     """The RunSpec and the configuration the report shows, for either driver."""
-    from mqrt.runtime.owner import RunSpec
+    from mqrt.runtime.spec import RunSpec
     from mqrt.workers.ioengine import JOB_KNOBS
 
     spec = RunSpec(
@@ -440,7 +440,8 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.bench.sweep import format_params
     from mqrt.bench.text import Progress, render_report
     from mqrt.block.blk_mq_structs import BlkMqError
-    from mqrt.runtime.owner import RunError, run
+    from mqrt.runtime.owner import run
+    from mqrt.runtime.spec import RunError
 
     job0 = planned[0].spec.job
     progress = Progress(not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15)

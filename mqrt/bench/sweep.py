@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mqrt.lib.knobs import Knob, KnobError, canonical
 
 if TYPE_CHECKING:
-    from mqrt.runtime.owner import RunSpec
+    from mqrt.runtime.spec import RunSpec
 
 #: Kinds of knob that may be swept (a "str" knob may contain commas of its own).
 SWEEPABLE_KINDS = frozenset({"int", "size", "float", "bool", "choice"})

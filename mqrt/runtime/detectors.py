@@ -48,14 +48,6 @@ EVENTS_PER_CPU = 24
 
 _QUEUED_ON = field_offset(WAIT_QUEUE_ENTRY, "queued_on")
 
-DETECTORS: dict[str, str] = {
-    "violation": "a CPU saw a tag owned twice, a freed request used, or nr_active < 0",
-    "double_completion": "a request completed twice, or a completion of a stale generation",
-    "nr_active_negative": "an nr_active counter below zero",
-    "lost_wakeup": "a task asleep for a tag while a whole batch of tags is free",
-    "hang": "no progress while requests are in flight or tasks wait for tags",
-}
-
 
 @dataclass
 class Finding:

@@ -1,0 +1,230 @@
+"""The NVMe controller's admin command set: the admin queue's pass and what each
+admin command does to the controller's queues and features.
+
+==================  ==========================================================
+Identify (06h)      Controller (CNS 01h) and Namespace (CNS 00h) data
+Set Features (09h)  Number of Queues, Interrupt Coalescing, Arbitration
+Create I/O CQ/SQ    05h / 01h: the queue pair's rings, vector, priority
+Delete I/O SQ/CQ    00h / 04h: an SQ's commands in service are dropped
+Abort (08h)         complete a command still in service with ABORT_REQ
+any other opcode    Invalid Opcode (Get Log Page and Get Features among them)
+==================  ==========================================================
+
+:class:`AdminCommands` is a part of :class:`~mqrt.device.controller.Controller` (its
+base class), which holds the state and runs the loop; the admin queue is served first
+in every pass.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mqrt.device.nvme_defs import SQE, AdminOpcode, Feature, IdentifyCns, Status
+
+if TYPE_CHECKING:
+    from mqrt.device.controller import ControllerPlan, Namespace, QueueRegions
+
+#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
+#: mqes (0's based max queue entries), the number of I/O queue pairs it can make.
+IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHH")
+#: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
+IDENTIFY_NS = struct.Struct("<QQQB")
+
+
+@dataclass
+class Sq:
+    """A submission queue as the controller keeps it (CC.EN makes the admin one,
+    Create I/O SQ the others)."""
+
+    qid: int
+    cqid: int
+    depth: int
+    base: int  #: offset of the ring
+    tail_db: int  #: offset of the tail doorbell
+    prio: int = 1  #: 0 high, 1 medium, 2 low
+    head: int = 0
+    credit: int = 0
+
+
+@dataclass
+class Cq:
+    """A completion queue as the controller keeps it, with the CQEs waiting for
+    room and its interrupt coalescing state."""
+
+    qid: int
+    depth: int
+    base: int
+    head_db: int
+    iv: int
+    ien: bool
+    tail: int = 0
+    phase: int = 1
+    pending: deque = field(default_factory=deque)  #: CQEs waiting for room
+    irq_count: int = 0  #: CQEs posted since the last interrupt
+    irq_first_ns: int = 0
+    stalled: bool = False
+
+
+class AdminCommands:
+    """The admin command set, as a part of the controller (its base class)."""
+
+    # The controller's state these commands read and change (Controller.__init__).
+    plan: ControllerPlan
+    buf: memoryview
+    ns: dict[int, Namespace]
+    counters: dict[str, int]
+    sqs: dict[int, Sq]
+    cqs: dict[int, Cq]
+    by_cid: dict[tuple[int, int], tuple]
+    aborted: set[int]
+    _io_sqs: list[Sq]
+    coalesce_thr: int
+    coalesce_time_ns: int
+    burst: int
+    wrr: list[int]
+
+    if TYPE_CHECKING:  # the controller's primitives they use
+
+        def _sq_new(self, sq: Sq) -> int: ...
+        def _publish_queue(self, qid: int, **values: int) -> None: ...
+        def _post(self, cqid: int, cid: int, sq_head: int, status: int, result: int,
+                  sqid: int | None = None) -> None: ...  # fmt: skip
+
+    # -- the admin queue -------------------------------------------------------------------------
+
+    def _fetch(self, sq: Sq) -> tuple:
+        off = sq.base + sq.head * SQE.size
+        sqe = SQE.unpack_from(self.buf, off)
+        sq.head = (sq.head + 1) % sq.depth
+        return sqe
+
+    def _admin_pass(self) -> int:
+        sq = self.sqs.get(0)
+        if sq is None:
+            return 0
+        n = self._sq_new(sq)
+        for _ in range(n):
+            sqe = self._fetch(sq)
+            self.counters["admin_commands"] += 1
+            status, result = self._admin(sqe)
+            self._post(0, sqe[2], sq.head, status, result)
+        return n
+
+    def _sq_regions(self, qid: int) -> QueueRegions | None:
+        return self.plan.queues[qid] if 0 <= qid < len(self.plan.queues) else None
+
+    # -- admin commands ----------------------------------------------------------------------------
+
+    def _admin(self, sqe: tuple) -> tuple[int, int]:
+        opcode = sqe[0]
+        cdw10, cdw11 = sqe[8], sqe[9]
+        if opcode == AdminOpcode.IDENTIFY:
+            return self._identify(cdw10 & 0xFF, sqe[3], sqe[6])
+        if opcode == AdminOpcode.SET_FEATURES:
+            return self._set_features(cdw10 & 0xFF, cdw11)
+        if opcode == AdminOpcode.CREATE_CQ:
+            return self._create_cq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
+        if opcode == AdminOpcode.CREATE_SQ:
+            return self._create_sq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
+        if opcode == AdminOpcode.DELETE_SQ:
+            qid = cdw10 & 0xFFFF
+            if qid == 0 or qid not in self.sqs:
+                return Status.QID_INVALID, 0
+            for key in [k for k in self.by_cid if k[0] == qid]:
+                self.aborted.add(self.by_cid.pop(key)[1])
+            del self.sqs[qid]
+            self._publish_queue(qid, created=0)
+            self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+            return Status.SUCCESS, 0
+        if opcode == AdminOpcode.DELETE_CQ:
+            qid = cdw10 & 0xFFFF
+            if qid == 0 or qid not in self.cqs or any(s.cqid == qid for s in self.sqs.values()):
+                return Status.QID_INVALID, 0
+            del self.cqs[qid]
+            return Status.SUCCESS, 0
+        if opcode == AdminOpcode.ABORT:
+            return self._abort(cdw10 & 0xFFFF, cdw10 >> 16)
+        return Status.INVALID_OPCODE, 0
+
+    def _identify(self, cns: int, nsid: int, prp1: int) -> tuple[int, int]:
+        data = self.plan.data
+        if not data.offset <= prp1 < data.offset + data.nbytes:
+            return Status.INVALID_FIELD, 0
+        if cns == IdentifyCns.CONTROLLER:
+            max_depth = (
+                min(q.max_depth for q in self.plan.queues[1:]) if len(self.plan.queues) > 1 else 2
+            )
+            IDENTIFY_CTRL.pack_into(
+                self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
+                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues,
+            )  # fmt: skip
+            return Status.SUCCESS, 0
+        if cns == IdentifyCns.NAMESPACE:
+            ns = self.ns.get(nsid)
+            if ns is None:
+                return Status.INVALID_NS, 0
+            IDENTIFY_NS.pack_into(self.buf, prp1, ns.nr_blocks, ns.nr_blocks, ns.nr_blocks,
+                                  ns.lba_shift)  # fmt: skip
+            return Status.SUCCESS, 0
+        return Status.INVALID_FIELD, 0
+
+    def _set_features(self, fid: int, cdw11: int) -> tuple[int, int]:
+        if fid == Feature.NUM_QUEUES:
+            n = min(self.plan.max_io_queues, (cdw11 & 0xFFFF) + 1, (cdw11 >> 16) + 1)
+            return Status.SUCCESS, (n - 1) | (n - 1) << 16
+        if fid == Feature.IRQ_COALESCE:
+            self.coalesce_thr = cdw11 & 0xFF
+            self.coalesce_time_ns = ((cdw11 >> 8) & 0xFF) * 100_000
+            return Status.SUCCESS, 0
+        if fid == Feature.ARBITRATION:
+            ab = cdw11 & 0x7
+            self.burst = 1 << 30 if ab == 7 else 1 << ab
+            self.wrr = [((cdw11 >> s) & 0xFF) + 1 for s in (24, 16, 8)]
+            return Status.SUCCESS, 0
+        return Status.INVALID_FIELD, 0
+
+    def _create_cq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
+        regions = self._sq_regions(qid)
+        if qid == 0 or regions is None or qid in self.cqs:
+            return Status.QID_INVALID, 0
+        if not 2 <= depth <= regions.max_depth:
+            return Status.QUEUE_SIZE, 0
+        iv = cdw11 >> 16
+        if iv >= len(self.plan.irq_w):
+            return Status.INVALID_FIELD, 0  # Invalid Interrupt Vector
+        o = regions.words.offsets()
+        self.cqs[qid] = Cq(qid, depth, regions.cq.offset, o.cq_head_db, iv, bool(cdw11 & 2))
+        self._publish_queue(qid, dev_cq_tail=0, dev_phase=1, iv=iv)
+        return Status.SUCCESS, 0
+
+    def _create_sq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
+        regions = self._sq_regions(qid)
+        cqid = cdw11 >> 16
+        if qid == 0 or regions is None or qid in self.sqs:
+            return Status.QID_INVALID, 0
+        if cqid not in self.cqs or cqid == 0:
+            return Status.CQ_INVALID, 0
+        if not 2 <= depth <= regions.max_depth:
+            return Status.QUEUE_SIZE, 0
+        o = regions.words.offsets()
+        self.sqs[qid] = Sq(qid, cqid, depth, regions.sq.offset, o.sq_tail_db,
+                           prio=(cdw11 >> 1) & 0x3)  # fmt: skip
+        self._publish_queue(qid, created=1, q_depth=depth, cqid=cqid, dev_sq_head=0)
+        self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+        return Status.SUCCESS, 0
+
+    def _abort(self, sqid: int, cid: int) -> tuple[int, int]:
+        """Abort (08h): complete the command with ABORT_REQ if it is still here.
+        Result bit 0 set means it was *not* aborted."""
+        cmd = self.by_cid.pop((sqid, cid), None)
+        if cmd is None or cmd[6]:  # gone, or dropped: nothing here to abort
+            return Status.SUCCESS, 1
+        self.aborted.add(cmd[1])
+        self.counters["aborts"] += 1
+        sq = self.sqs.get(sqid)
+        if sq is not None:
+            self._post(sq.cqid, cid, cmd[4], Status.ABORT_REQ, 0, sqid=sqid)
+        return Status.SUCCESS, 0

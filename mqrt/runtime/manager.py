@@ -1,0 +1,368 @@
+"""The wait loop of a run: from the CPUs' start to the run's result, in named steps
+(:class:`Manager`); the owner (:mod:`mqrt.runtime.owner`) sets the run up and hands it
+over.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any
+
+from mqrt.block.blk_mq_cpumap import format_cpulist
+from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
+from mqrt.lib import wire
+from mqrt.lib.shm import Arena
+from mqrt.lib.trace import dump_msgpack, read_all
+from mqrt.runtime.children import JOIN_TIMEOUT_S, READY_TIMEOUT_S, exit_name, reap, recv, send
+from mqrt.runtime.spec import RunError, RunResult
+
+if TYPE_CHECKING:
+    from mqrt.runtime.owner import _Run
+
+#: How long CPUs may take to finish their in-flight I/Os after the deadline, on top
+#: of the request timeout (lost requests complete through the timeout path).
+DRAIN_GRACE_S = 10.0
+
+
+class Phase(enum.StrEnum):
+    """Where a run is, as the runtime drives it."""
+
+    SETUP = "setup"  #: the CPUs are getting ready
+    RUNNING = "running"  #: started at t0: the CPUs run their jobs, then drain
+    EXIT = "exit"  #: every CPU was told to exit: waiting for their results
+
+
+class Manager:
+    """Drives a run from the CPUs' start to its result, in named steps (the shape of
+    loky's executor manager thread)::
+
+        while a CPU has not reported:
+            advance          all ready -> start at t0 (RUNNING); all drained -> enter_exit
+            past_deadline    a phase over its deadline: stuck CPUs -> enter_exit; in EXIT: give up
+            check_detectors  a finding -> enter_exit
+            report_progress
+            wait_for_events  the one wait point; the first Ctrl-C -> on_stop
+              on_message     ready, drained, result, error from a CPU
+              on_death       a CPU's sentinel: its result may still be in the pipe, else it died
+              on_device_death
+        assemble_result      trace dump, device stop, reap, invariants, RunResult / RunError
+
+    :meth:`enter_exit` is the one way to the EXIT phase: tell every CPU still there
+    to exit and give them a join deadline.
+    """
+
+    def __init__(self, run: _Run):
+        self.r = run
+        self.spec = run.spec
+        self.n = run.n
+        self.phase = Phase.SETUP
+        self.deadline = time.monotonic() + READY_TIMEOUT_S
+        self.ready: set[int] = set()
+        self.drained: set[int] = set()
+        self.results: dict[int, wire.CpuReport] = {}
+        self.dead: dict[int, dict[str, Any]] = {}
+        self.errors: dict[int, str] = {}  #: by CPU; -1: the runtime's own (a timeout)
+        self.device_dead: dict[str, Any] | None = None
+        self.t0_ns = self.end_ns = 0
+        self.setup_s = self.t0_wall = 0.0
+        self.timeout_s = max(q.tag_set.timeout_ns for q in run.queues) / 1e9
+        self.next_progress = 0.0
+        self.interrupted = False
+        self.finding: dict[str, Any] | None = None
+        self.by_conn = {c: i for i, c in enumerate(run.res_r)}
+        self.by_sentinel = {run.procs[i].sentinel: i for i in range(self.n)}
+        self.monitor = None
+        if self.spec.detect:
+            from mqrt.runtime.detectors import Monitor
+
+            self.monitor = Monitor(
+                run.arena, run.queues, run.wspec, run.eventfds, run.stats_region, self.n,
+                hang_s=self.spec.hang_s, lost_wakeup_s=self.spec.lost_wakeup_s,
+                trace=run.trace_spec,
+            )  # fmt: skip
+
+    def run(self) -> RunResult:
+        try:
+            while alive := self.alive():
+                now = time.monotonic()
+                self.advance()
+                if self.past_deadline(now):
+                    break
+                if self.check_detectors():
+                    continue
+                self.report_progress(now)
+                for obj in self.wait_for_events(alive):
+                    self.on_event(obj)
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+        return self.assemble_result()
+
+    # -- the steps of the loop ------------------------------------------------------------
+
+    def alive(self) -> list[int]:
+        """The CPUs that neither died nor reported."""
+        return [i for i in range(self.n) if i not in self.dead and i not in self.results]
+
+    def advance(self) -> None:
+        """Move to the next phase once every CPU is there."""
+        if self.phase is Phase.SETUP and len(self.ready) == self.n - len(self.dead):
+            if self.dead:
+                self.enter_exit()
+            else:
+                self.start()
+        if self.phase is Phase.RUNNING and len(self.drained) + len(self.dead) >= self.n:
+            self.enter_exit()
+
+    def start(self) -> None:
+        """Every CPU is ready: start them all at one t0, a little ahead."""
+        self.t0_ns = time.monotonic_ns() + 20_000_000
+        self.setup_s = (self.t0_ns / 1e9) - self.r.t_begin
+        self.t0_wall = time.time() + 0.02
+        for conn in self.r.ctl_w:
+            send(conn, wire.Start(self.t0_ns))
+        job = self.spec.job
+        self.end_ns = self.t0_ns + int((job.ramp_time + job.runtime) * 1e9)
+        self.deadline = self.end_ns / 1e9 + self.timeout_s + DRAIN_GRACE_S
+        self.phase = Phase.RUNNING
+
+    def past_deadline(self, now: float) -> bool:
+        """A phase past its deadline: the CPUs not done are stuck, stop everything;
+        True once even the exit's deadline has passed (stop waiting)."""
+        if now <= self.deadline:
+            return False
+        if self.phase is Phase.EXIT:
+            return True
+        stuck = sorted(set(range(self.n)) - self.drained - set(self.dead))
+        self.errors[-1] = (
+            f"CPUs {format_cpulist(stuck)} did not finish within "
+            f"{self.deadline - self.r.t_begin:.0f} s of the start ({self.phase}): stopping them"
+        )
+        self.enter_exit()
+        return False
+
+    def check_detectors(self) -> bool:
+        """Run the detectors while the CPUs run; True if one fired (the run stops
+        now: a hung CPU cannot drain)."""
+        if self.monitor is None or self.phase is not Phase.RUNNING or self.finding is not None:
+            return False
+        found = self.monitor.check()
+        if found is None:
+            return False
+        found.at_s = time.monotonic() - self.t0_ns / 1e9
+        self.finding = found.to_dict()
+        self.enter_exit()
+        return True
+
+    def report_progress(self, now: float) -> None:
+        progress = self.spec.progress
+        if progress is None or self.phase is not Phase.RUNNING or now < self.next_progress:
+            return
+        self.next_progress = now + 0.25
+        r = self.r
+        progress(_snapshot(r.arena, r.stats_region, self.n, self.t0_ns, self.end_ns))
+
+    def wait_for_events(self, alive: list[int]) -> list[Any]:
+        """The one wait point: the live CPUs' result pipes and sentinels, and the
+        device's sentinel (a timeout for the progress line and the detectors)."""
+        r = self.r
+        waitables: list[Any] = [r.res_r[i] for i in alive] + [r.procs[i].sentinel for i in alive]
+        if r.device is not None and self.device_dead is None:
+            waitables.append(r.device.sentinel)
+        try:
+            return wait(waitables, timeout=0.1 if self.monitor is not None else 0.25)
+        except KeyboardInterrupt:
+            if not self.on_stop():
+                raise
+            return []
+
+    def on_event(self, obj: Any) -> None:
+        r = self.r
+        if r.device is not None and obj == r.device.sentinel:
+            self.on_device_death()
+        elif obj in self.by_conn:
+            i = self.by_conn[obj]
+            msg = recv(obj)
+            if msg is not None:
+                self.on_message(i, msg)
+        else:
+            self.on_death(self.by_sentinel[obj])
+
+    # -- what can happen ------------------------------------------------------------------
+
+    def on_message(self, i: int, msg: wire.Report) -> None:
+        """CPU ``i`` said something on its result pipe."""
+        match msg:
+            case wire.Ready():
+                self.ready.add(i)
+            case wire.Drained():
+                self.drained.add(i)
+            case wire.CpuResult(report=report):
+                self.results[i] = report
+            case wire.Error(error=error):
+                self.errors[i] = error
+
+    def on_death(self, i: int) -> None:
+        """CPU ``i``'s process ended: a result may still be in its pipe (it exited
+        after sending it); otherwise it died, and the run stops."""
+        if i in self.results:
+            return
+        r = self.r
+        p, res = r.procs[i], r.res_r[i]
+        p.join(0.1)
+        while res.poll(0):
+            msg = recv(res)
+            if msg is None:
+                break
+            if isinstance(msg, wire.CpuResult | wire.Error):
+                self.on_message(i, msg)
+        if i in self.results:
+            return
+        self.dead[i] = {
+            "role": "cpu",
+            "cpu": i,
+            "pid": p.pid,
+            "how": exit_name(p.exitcode),
+            "error": self.errors.get(i, ""),
+            "partial": _cpu_counters(r.arena, r.stats_region, i),
+        }
+        self.enter_exit()
+
+    def on_device_death(self) -> None:
+        """The device process ended before it was told to: the run stops."""
+        assert self.r.dev is not None
+        self.device_dead = self.r._device_died(self.r.dev)
+        self.enter_exit()
+
+    def on_stop(self) -> bool:
+        """Ctrl-C: the first one while the CPUs run stops the run cleanly (they drain
+        and report what they measured); False for any other (abort)."""
+        if self.interrupted or self.phase is not Phase.RUNNING:
+            return False
+        self.interrupted = True
+        self._send_all(wire.Stop())
+        return True
+
+    def enter_exit(self) -> None:
+        """Tell every CPU still there to exit, and wait for them a bounded time."""
+        if self.phase is Phase.EXIT:
+            return
+        self._send_all(wire.Exit())
+        self.phase = Phase.EXIT
+        self.deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
+
+    def _send_all(self, msg: wire.Command) -> None:
+        for i, conn in enumerate(self.r.ctl_w):
+            if i not in self.dead:
+                send(conn, msg)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def assemble_result(self) -> RunResult:
+        """Dump the trace of a failed run, stop the device, reap every child, check
+        the invariants; the RunResult, or RunError carrying it if a process died or
+        a CPU reported an error."""
+        r, results = self.r, self.results
+        failed = (
+            self.finding is not None
+            or self.dead
+            or any(c["blk_mq"]["violations"] for c in results.values())
+        )
+        dumped = self._dump_trace() if failed else None
+        wall = time.monotonic() - r.t_begin
+        if r.dev is not None and self.device_dead is None:
+            self.device_dead = r._stop_device(r.dev)
+        dead_list = [self.dead[i] for i in sorted(self.dead)]
+        if self.device_dead is not None:
+            dead_list.append(self.device_dead)
+        reap(r.procs)
+        invariants = {"skipped": "a process died"} if dead_list else self._invariants()
+        result = RunResult(
+            cpus=[results[i] for i in sorted(results)],
+            invariants=invariants,
+            queues=[
+                {"name": q.name, "index": q.index, "fair_share": fair_share_report(r.arena, q)}
+                for q in r.queues
+            ],
+            host={
+                "cores": os.cpu_count(),
+                "cpus_allowed": format_cpulist(r.allowed),
+                "pinned": [results[i].get("host_core") for i in sorted(results)],
+            },
+            topology=r.topology.describe(),
+            setup_s=self.setup_s,
+            wall_s=wall,
+            dead=dead_list,
+            messages=r.messages,
+            interrupted=self.interrupted,
+            t0_wall=self.t0_wall,
+            finding=self.finding,
+            trace_dump=dumped,
+            device={**r.device_info, **r.device_result} if r.dev is not None else {},
+        )
+        if dead_list or self.errors:
+            parts = [
+                f"{d['role'] if d['role'] == 'device' else 'cpu' + str(d['cpu'])} "
+                f"(pid {d['pid']}) died: {d['how']}"
+                + (f"\n{d['error'].rstrip()}" if d["error"] else "")
+                for d in dead_list
+            ]
+            parts += [e.rstrip() for k, e in sorted(self.errors.items()) if k not in self.dead]
+            raise RunError("; ".join(parts), result)
+        return result
+
+    def _dump_trace(self) -> str | None:
+        """The event trace of a failed run, where RunSpec.trace_dump says (if it does)."""
+        r, spec = self.r, self.spec
+        if r.trace_spec is None or not spec.trace_dump:
+            return None
+        finding = self.finding
+        dump_msgpack(
+            read_all(r.arena, r.trace_spec, quiescent=True),
+            spec.trace_dump,
+            {
+                "finding": finding and {k: finding[k] for k in ("detector", "message")},
+                "cpus": self.n,
+                "seed": spec.seed,
+            },
+        )
+        return spec.trace_dump
+
+    def _invariants(self) -> dict[str, Any]:
+        """The arena's invariants, with what the CPUs saw themselves."""
+        reports = self.results.values()
+        invariants = check_invariants(self.r.arena, self.r.queues)
+        invariants["violations"] = (
+            sum(c["blk_mq"]["violations"] for c in reports)
+            + len(invariants["problems"])
+            + sum(j["inflight"] for c in reports for j in c["jobs"])
+        )
+        invariants["problems"] = [v for c in reports for v in c["violations"]] + invariants[
+            "problems"
+        ]
+        invariants["stale_completions"] = sum(c["blk_mq"]["stale_completions"] for c in reports)
+        return invariants
+
+
+def _cpu_counters(arena: Arena, region, i: int) -> dict[str, int]:
+    v = arena.view(region)
+    out = {name: int(v[name][i]) for name in v.dtype.names or ()}
+    del v
+    return out
+
+
+def _snapshot(arena: Arena, region, n: int, t0_ns: int, end_ns: int) -> dict[str, Any]:
+    v = arena.view(region)
+    completed = int(v["completed"].sum())
+    inflight = int(v["inflight"].astype("i8").sum())
+    del v
+    now = time.monotonic_ns()
+    return {
+        "completed": completed,
+        "inflight": inflight,
+        "elapsed_s": max(0.0, (now - t0_ns) / 1e9),
+        "remaining_s": max(0.0, (end_ns - now) / 1e9),
+    }

@@ -1,0 +1,79 @@
+"""What a run is given and what it gives back: :class:`RunSpec`, :class:`RunResult`,
+and :class:`RunError` (a run that could not complete, with what it measured).
+
+Imported by the owner (:mod:`mqrt.runtime.owner`), its wait loop
+(:mod:`mqrt.runtime.manager`) and the commands that build runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqrt.block.blk_mq_cpumap import Topology
+from mqrt.block.blk_mq_structs import RequestQueue
+from mqrt.block.blk_mq_types import BlkMqOps
+from mqrt.lib import wire
+from mqrt.lib.shm import Layout
+
+
+class RunError(RuntimeError):
+    """The run could not complete (a CPU died or hung); carries what was measured."""
+
+    def __init__(self, message: str, partial: RunResult | None = None):
+        super().__init__(message)
+        self.partial = partial
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs; the driver's ``setup`` fills queues and ops."""
+
+    nr_cpus: int
+    job: Any  #: workers.ioengine.JobSpec
+    #: the driver's set-up: declares its queues in the layout; -> ops, queues, dev_bytes
+    setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue], int]]
+    cpus_allowed: list[int] | None = None  #: host CPUs to pin to (None: this process's)
+    cpus_per_core: int | None = None  #: emulated topology (None: from the host)
+    pin: bool = True
+    seed: int = 0
+    mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.block.blk_mq_modes)
+    #: per request queue, the job to run on it (None: ``job`` on every queue)
+    queue_jobs: list[Any] | None = None
+    #: (seconds after the start, action, args) done once by CPU 0 (workers.cpu)
+    actions: list[tuple[float, str, tuple]] | None = None
+    #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
+    inject: dict[str, tuple[float, int]] | None = None
+    #: watch the run with mqrt.runtime.detectors's detectors: the first finding stops it
+    detect: bool = False
+    #: detector thresholds (seconds): no progress, and a lost wake-up
+    hang_s: float = 1.0
+    lost_wakeup_s: float = 0.3
+    #: event trace: records per CPU ring (0: no trace)
+    trace_entries: int = 0
+    #: where to dump the trace (msgpack) when the run fails: a detector fired, an
+    #: invariant broke or a process died (None: never)
+    trace_dump: str | None = None
+    #: Called with a progress snapshot about every 0.25 s while the run goes.
+    progress: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclass
+class RunResult:
+    cpus: list[wire.CpuReport]
+    invariants: dict[str, Any]
+    queues: list[dict[str, Any]]
+    host: dict[str, Any]
+    topology: str
+    setup_s: float  #: from run() to the first I/O
+    wall_s: float
+    dead: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
+    t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
+    device: dict[str, Any] = field(default_factory=dict)  #: the device's counters
+    #: what a detector found (mqrt.runtime.detectors.Finding.to_dict()), if it stopped the run
+    finding: dict[str, Any] | None = None
+    #: the trace dump written for a failed run (RunSpec.trace_dump), if any
+    trace_dump: str | None = None
