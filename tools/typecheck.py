@@ -4,7 +4,7 @@
 
 The repository keeps those two at the top level and setuptools maps them into the
 package (pyproject's package-dir); mypy cannot follow such a mapping, so this builds
-the installed shape out of symbolic links in a temporary directory and checks it there,
+the installed shape out of symbolic links (under ``.mypy_cache``) and checks it there,
 with the settings in pyproject's ``[tool.mypy]``.  Paths in the report are the
 repository's.  Exit status: mypy's.
 
@@ -15,9 +15,9 @@ repository's.  Exit status: mypy's.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,17 +26,20 @@ MAPPED = {"workers": ROOT / "workers", "device": ROOT / "device"}
 
 def main(argv: list[str]) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    with tempfile.TemporaryDirectory(prefix="mqrt-typecheck-") as tmp:
-        pkg = Path(tmp) / "mqrt"
-        pkg.mkdir()
-        for entry in (ROOT / "mqrt").iterdir():
-            if entry.name != "__pycache__":
-                (pkg / entry.name).symlink_to(entry)
-        for name, src in MAPPED.items():
-            (pkg / name).symlink_to(src)
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")]
-        cmd += ["--cache-dir", str(ROOT / ".mypy_cache"), *extra, "-p", "mqrt"]
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False)
+    cache = ROOT / ".mypy_cache"
+    # A fixed place for the package's shape, so mypy's incremental cache stays valid.
+    shape = cache / "installed-shape"
+    pkg = shape / "mqrt"
+    shutil.rmtree(shape, ignore_errors=True)
+    pkg.mkdir(parents=True)
+    for entry in (ROOT / "mqrt").iterdir():
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for name, src in MAPPED.items():
+        (pkg / name).symlink_to(src)
+    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")]
+    cmd += ["--cache-dir", str(cache), *extra, "-p", "mqrt"]
+    proc = subprocess.run(cmd, cwd=shape, capture_output=True, text=True, check=False)
     out = proc.stdout + proc.stderr
     for name in MAPPED:  # mqrt/device/nvme.py -> device/nvme.py
         out = out.replace(f"mqrt{os.sep}{name}{os.sep}", f"{name}{os.sep}")
