@@ -5,7 +5,7 @@ submitting CPU), requeue it, end it alone or in a batch -- and the timeout work.
 :class:`BlkMqCompletion` is the half of a CPU's :class:`~mqrt.block.blk_mq.BlkMq` that
 runs these; the other half (allocation, plugging, issue, hw queue runs) is in
 :mod:`mqrt.block.blk_mq`, which sets up the per-CPU state both use.  Every way a
-request ends goes through one step, :meth:`BlkMqCompletion._end`; every completion
+request ends goes through one step, :meth:`BlkMqCompletion.end_request`; every completion
 through one IN_FLIGHT -> COMPLETE step, :meth:`BlkMqCompletion._mark_complete`.
 """
 
@@ -66,6 +66,8 @@ _EV_REQUEUE, _EV_TIMEOUT = int(Ev.REQUEUE), int(Ev.TIMEOUT)
 class BlkMqCompletion:
     """A CPU's completion side: start, complete, requeue, end, time out."""
 
+    #: Whether requests hold a tag of the tag map (False: the raw mode's private slots).
+    holds_tags = True
     # Per-CPU state, set up by BlkMq.__init__.
     mq: BlkMq  #: this CPU's whole block layer (self), as the driver's ops take it
     a: AtomicView
@@ -206,19 +208,30 @@ class BlkMqCompletion:
             return
         self.queues[q].ops.complete(self.mq, rq)
 
-    def _end(
-        self,
-        rq: Request,
-        status: int | None,
-        now: int,
-        batch: dict[int, tuple[Tags, list[int]]] | None,
+    def _sched_restart(self, hctx: HwCtx) -> None:
+        """blk_mq_sched_restart(): a run was deferred until a request of this hctx
+        ended; run it now."""
+        a = self.a
+        if a.read(hctx.state_off) & _SCHED_RESTART:
+            a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
+            self.stats["restarts"] += 1
+            hctx.stats["restart"] += 1
+            self.run_hw_queue(hctx, True)
+
+    def end_request(
+        self, rq: Request, status: int | None = None, batch: TagBatch | None = None
     ) -> HwCtx | None:
-        """The end of one request, shared by every way a request ends: free it
-        (exactly once: a CAS to the next generation's IDLE), account, hand its bios
-        back to the submitter, drop its active count and put its tag (into ``batch``
-        to be freed in bulk, if given).  ``status`` None: the request's own status
-        (the driver's cmd->error).  Returns its hctx, or None if it was not ours to
-        end (a stale or second end, counted)."""
+        """blk_mq_end_request(): free the request (exactly once: a CAS to the next
+        generation's IDLE), account, hand its bios back to their submitter, drop its
+        active count and put its tag.  ``status`` None: the request's own status (the
+        driver's cmd->error).  A request the driver failed before starting it may be
+        ended too.
+
+        Every way a request ends is this one step.  Alone, a SCHED_RESTART its hctx
+        waits for runs at once; within :meth:`end_request_batch` (``batch``), the tag
+        joins the batch to be freed in bulk and the caller checks the restart after.
+        Returns the hctx, or None if the request was not ours to end (a stale or
+        second end, counted)."""
         a = self.a
         base = rq.base
         st = a.read(base)
@@ -239,45 +252,26 @@ class BlkMqCompletion:
             trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
         info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
         if cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, now)  # bio_endio() on the submitting CPU
+            self.end_io[q](info, self.clock())  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
         if rq_flags & _RQF_MQ_INFLIGHT:
             self._dec_active(hctx)
-        self._put_rq_tag(rq, cpu, batch)
-        return hctx
-
-    def _put_rq_tag(self, rq: Request, cpu: int, batch: TagBatch | None) -> None:
-        """blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or joins
-        ``batch`` (reserved tags are never batched)."""
-        tags = rq.tags
-        tag = rq.tag - tags.nr_reserved_tags
-        if tag < 0:
-            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
-        elif batch is None:
-            tags.bitmap_tags.clear(tag, cpu)
-        else:
-            batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
-
-    def _sched_restart(self, hctx: HwCtx) -> None:
-        """blk_mq_sched_restart(): a run was deferred until a request of this hctx
-        ended; run it now."""
-        a = self.a
-        if a.read(hctx.state_off) & _SCHED_RESTART:
-            a.clear_bit(hctx.state_off, HctxState.SCHED_RESTART)
-            self.stats["restarts"] += 1
-            hctx.stats["restart"] += 1
-            self.run_hw_queue(hctx, True)
-
-    def end_request(self, rq: Request, status: int | None = None) -> None:
-        """blk_mq_end_request(): account, hand the bios back to their submitter and
-        free the request (exactly once).  ``status`` None: the request's own status
-        (the driver's cmd->error).  A request the driver failed before starting it
-        may be ended too."""
-        hctx = self._end(rq, status, self.clock(), None)
-        if hctx is not None and self.a.read(hctx.state_off) & _SCHED_RESTART:
+        if self.holds_tags:
+            # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or
+            # joins the batch (reserved tags are never batched).
+            tags = rq.tags
+            tag = rq.tag - tags.nr_reserved_tags
+            if tag < 0:
+                tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+            elif batch is None:
+                tags.bitmap_tags.clear(tag, cpu)
+            else:
+                batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+        if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
+        return hctx
 
     def add_to_batch(self, rq: Request, gen: int, batch: list[Request]) -> bool:
         """blk_mq_add_to_batch(): a request that completed without error joins the
@@ -296,9 +290,8 @@ class BlkMqCompletion:
         a = self.a
         freed: TagBatch = {}
         restart = []
-        now = self.clock()
         for rq in batch:
-            hctx = self._end(rq, None, now, freed)
+            hctx = self.end_request(rq, None, freed)
             if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
                 restart.append(hctx)
         for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()

@@ -103,11 +103,11 @@ class SqBlkMq(BlkMq):
         finally:
             self._unlock(queue)
 
-    def end_request(self, rq, status=None):
+    def end_request(self, rq, status=None, batch=None):
         queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
         self._lock(queue)
         try:
-            super().end_request(rq, status)
+            return super().end_request(rq, status, batch)
         finally:
             self._unlock(queue)
 
@@ -135,6 +135,8 @@ class RawBlkMq(BlkMq):
     driver.  Each CPU owns the tags ``i`` of its hw queue with
     ``i % nr_users == its index among the queue's CPUs`` (the runtime gives every CPU
     its own hw queue in this mode, so that is all of them)."""
+
+    holds_tags = False  #: slots come from the free lists, never from the tag map
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -212,15 +214,10 @@ class RawBlkMq(BlkMq):
         self.queues[self.buf[rq.base + RQ_OFF_Q]].ops.complete(self, rq)
         return True
 
-    def _put_rq_tag(self, rq, cpu, batch):
-        """The slot goes back to its free list if it was ended on its own CPU;
-        ended elsewhere (a timeout), its CPU reclaims it when it runs out."""
-        if cpu == self.cpu and self.end_io is not None:
-            self._free[self.buf[rq.base + RQ_OFF_Q]].append(rq.id)
-
     def _reclaim(self, q: int) -> None:
-        """Take back this CPU's slots that another CPU ended (they are free: IDLE,
-        not allocated, and not on the free list)."""
+        """Take back this CPU's slots that have ended, here or on another CPU (a
+        timeout): IDLE, not allocated, and not on the free list.  The end step
+        leaves a slot where it is, so a CPU refills its free list when it runs out."""
         free = self._free[q]
         listed = set(free)
         a, bases = self.a, self.rq_base[q]
