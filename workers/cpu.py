@@ -105,7 +105,7 @@ class CpuPlan:
 
 
 class Cpu:
-    """One emulated CPU: the services blk-mq needs (:class:`mqrt.block.blk_mq.CpuSys`) and
+    """One emulated CPU: the services blk-mq needs (:class:`mqrt.block.blk_mq_structs.CpuSys`) and
     the event loop."""
 
     def __init__(self, plan: CpuPlan, ctl, res):

@@ -150,7 +150,8 @@ RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_bios")
 # The hot paths rely on these: the state word at the base, whole structs contiguous,
 # the one-byte reads of hctx and q (little-endian low bytes), one line in all.
 assert field_offset(REQUEST, "state") == 0
-assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + 4 == REQUEST.itemsize
+assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + field_dtype(REQUEST, "status").itemsize
+assert RQ_OFF_SETUP + RQ_SETUP.size == REQUEST.itemsize
 assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
 assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
 assert REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2

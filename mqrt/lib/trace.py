@@ -178,8 +178,9 @@ TRACE_HEADER = cacheline_struct([("head", "<u8")])
 DEFAULT_ENTRIES = 4096
 
 #: Whether the head store must also order the *next* record's stores after it (see
-#: "Ordering" in the module docstring): not on x86 (TSO), yes everywhere else.
-HEAD_NEEDS_BARRIER = platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}
+#: "Ordering" in the module docstring): not on x86-64 (TSO), yes on aarch64 (the
+#: architectures mqrt.lib._atomic builds for).
+HEAD_NEEDS_BARRIER = platform.machine().lower() not in {"x86_64", "amd64"}
 
 #: Format name and version written into every dump.
 DUMP_FORMAT = "mqrt-trace"
