@@ -333,15 +333,15 @@ class Controller(AdminCommands):
         n = min(room, len(pending))
         if n:
             tail, phase, depth, base = cq.tail, cq.phase, cq.depth, cq.base
-            pack = CQE_HEAD.pack_into
+            pack, size, last_dword = CQE_HEAD.pack_into, CQE.size, CQE_OFF_CID_STATUS
             release = a.store_release32
             for _ in range(n):
                 result, sq_head, sqid, cid, status = pending.popleft()
-                off = base + tail * CQE.size
+                off = base + tail * size
                 pack(buf, off, result, 0, sq_head, sqid)
                 # Publish: cid + status (with the phase tag) in one release store,
                 # after the rest of the entry; pairs with the host's load_acquire.
-                release(off + CQE_OFF_CID_STATUS, cid | cqe_status(status, phase) << 16)
+                release(off + last_dword, cid | cqe_status(status, phase) << 16)
                 tail += 1
                 if tail == depth:
                     tail = 0

@@ -44,7 +44,6 @@ import functools
 import multiprocessing as mp
 import os
 import select
-import struct
 import time
 from typing import Any
 
@@ -72,6 +71,7 @@ from mqrt.device.nvme_admin import IDENTIFY_CTRL
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
+    CQE_HEAD,
     CQE_OFF_CID_STATUS,
     NVME_AQ_DEPTH,
     NVME_MAX_RETRIES,
@@ -262,12 +262,13 @@ class NvmeQueue:
             phase = a.read32(o.cq_phase)
             depth = self.depth
             base = self.cq_base
+            size, last_dword, unpack_head = CQE.size, CQE_OFF_CID_STATUS, CQE_HEAD.unpack_from
             while len(out) < budget:
-                off = base + head * CQE.size
-                word = a.load_acquire32(off + CQE_OFF_CID_STATUS)  # cid | status << 16: phase first
+                off = base + head * size
+                word = a.load_acquire32(off + last_dword)  # cid | status << 16: phase first
                 if (word >> 16) & 1 != phase:
                     break
-                result, _dw1, sq_head, sq_id = struct.unpack_from("<IIHH", buf, off)
+                result, _dw1, sq_head, sq_id = unpack_head(buf, off)
                 out.append((word & 0xFFFF, (word >> 17) & 0x7FFF, result, sq_head, sq_id))
                 head += 1
                 if head == depth:

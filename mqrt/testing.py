@@ -116,8 +116,8 @@ class Rig:
     ``setup(layout, topology)`` declares the driver's tag sets and queues and returns
     ``(ops, queues)``, as a driver's ``setup`` does for the runtime; the rig adds the
     waiter table, creates and initialises the arena, and makes one :class:`BlkMq`
-    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU.  A driver with
-    ``bind`` is bound to CPU ``cpu``.  :meth:`close` releases everything (the arena
+    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU.  The driver is
+    bound to CPU ``cpu``.  :meth:`close` releases everything (the arena
     is unlinked).
     """
 

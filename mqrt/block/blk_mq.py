@@ -35,7 +35,8 @@ Deviations from Linux
 Concurrency (see docs/ARCHITECTURE.md for the full table)
     * ``rq.state``: cmpxchg/store_release by whoever moves it; the setup block is
       written by the allocating CPU before the request is published to the driver.
-    * ctx lists, ``hctx->dispatch``, ``q->requeue_list``: :class:`RqList`, under their
+    * ctx lists, ``hctx->dispatch``, ``q->requeue_list``:
+      :class:`~mqrt.block.blk_mq_structs.RqList`, under their
       own bit spinlock; ``ctx_map`` bits change only under the ctx's list lock.
     * ``hctx->state`` bits: atomic set/clear/test; ``dispatch_busy``: relaxed, a hint.
 """

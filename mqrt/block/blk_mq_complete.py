@@ -66,8 +66,6 @@ _EV_REQUEUE, _EV_TIMEOUT = int(Ev.REQUEUE), int(Ev.TIMEOUT)
 class BlkMqCompletion:
     """A CPU's completion side: start, complete, requeue, end, time out."""
 
-    #: Whether requests hold a tag of the tag map (False: the raw mode's private slots).
-    holds_tags = True
     # Per-CPU state, set up by BlkMq.__init__.
     mq: BlkMq  #: this CPU's whole block layer (self), as the driver's ops take it
     a: AtomicView
@@ -219,7 +217,7 @@ class BlkMqCompletion:
             self.run_hw_queue(hctx, True)
 
     def end_request(
-        self, rq: Request, status: int | None = None, batch: TagBatch | None = None
+        self, rq: Request, status: int | None = None, batch: TagBatch | None = None, now: int = 0
     ) -> HwCtx | None:
         """blk_mq_end_request(): free the request (exactly once: a CAS to the next
         generation's IDLE), account, hand its bios back to their submitter, drop its
@@ -230,8 +228,9 @@ class BlkMqCompletion:
         Every way a request ends is this one step.  Alone, a SCHED_RESTART its hctx
         waits for runs at once; within :meth:`end_request_batch` (``batch``), the tag
         joins the batch to be freed in bulk and the caller checks the restart after.
-        Returns the hctx, or None if the request was not ours to end (a stale or
-        second end, counted)."""
+        ``now``, if given, is the completion time handed to the submitter (a batch
+        reads the clock once).  Returns the hctx, or None if the request was not ours
+        to end (a stale or second end, counted)."""
         a = self.a
         base = rq.base
         st = a.read(base)
@@ -252,23 +251,22 @@ class BlkMqCompletion:
             trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
         info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
         if cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, self.clock())  # bio_endio() on the submitting CPU
+            self.end_io[q](info, now or self.clock())  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
         if rq_flags & _RQF_MQ_INFLIGHT:
             self._dec_active(hctx)
-        if self.holds_tags:
-            # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or
-            # joins the batch (reserved tags are never batched).
-            tags = rq.tags
-            tag = rq.tag - tags.nr_reserved_tags
-            if tag < 0:
-                tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
-            elif batch is None:
-                tags.bitmap_tags.clear(tag, cpu)
-            else:
-                batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+        # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or joins
+        # the batch (reserved tags are never batched).
+        tags = rq.tags
+        tag = rq.tag - tags.nr_reserved_tags
+        if tag < 0:
+            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+        elif batch is None:
+            tags.bitmap_tags.clear(tag, cpu)
+        else:
+            batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
         if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
@@ -290,8 +288,9 @@ class BlkMqCompletion:
         a = self.a
         freed: TagBatch = {}
         restart = []
+        now = self.clock()
         for rq in batch:
-            hctx = self.end_request(rq, None, freed)
+            hctx = self.end_request(rq, None, freed, now)
             if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
                 restart.append(hctx)
         for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()

@@ -2,8 +2,9 @@
 shared-memory layout: the tag set, the request queue, requests, hctxs, ctx lists,
 and each CPU's handles on them.
 
-The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) and
-the data path that uses them are in :mod:`mqrt.block.blk_mq`.
+The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) are in
+:mod:`mqrt.block.blk_mq_setup`; the data path that uses them is in
+:mod:`mqrt.block.blk_mq` and :mod:`mqrt.block.blk_mq_complete`.
 
 Shared layout (one numpy dtype per struct, contended words on their own lines):
 
@@ -283,7 +284,8 @@ class RqList:
 
 @dataclass
 class TagSet:
-    """struct blk_mq_tag_set: what a driver fills in before :func:`alloc_tag_set`."""
+    """struct blk_mq_tag_set: what a driver fills in before
+    :func:`~mqrt.block.blk_mq_setup.alloc_tag_set`."""
 
     ops: BlkMqOps
     nr_hw_queues: int  #: hardware queues over all maps
