@@ -646,6 +646,8 @@ class NvmeOps(BlkMqOps):
         self._abort_limit = r.abort_limit
         self._csts_cfs = r.csts_cfs
         if self.admin_q is not None:
+            if self.admin is not None:
+                self.admin.mq.close()  # a second bind in one process: the new one replaces it
             self.admin = AdminQueue(
                 arena, self.admin_q, self.admin_waiters, cpu,  # type: ignore[arg-type]
                 mq.sys if mq is not None else None, self.nvmeqs[0], r.abort_limit, self.stats,
@@ -831,8 +833,7 @@ class NvmeOps(BlkMqOps):
         state = a.read32(self._ctrl_state)
         if a.load_acquire32(self._csts_cfs) and state not in (_RESETTING, _CONNECTING):
             # "controller is down; will reset: CSTS=0x%x"
-            self.stats["resets_cfs"] += 1
-            return self._timeout_reset()
+            return self._timeout_reset("resets_cfs")
         before = rq.state_word
         self.poll_cq(qid)
         if rq.state_word != before:
@@ -853,9 +854,7 @@ class NvmeOps(BlkMqOps):
         pdu = rq.pdu
         if qid == 0 or pdu[_ABORTED]:  # type: ignore[index]
             # "I/O %d QID %d timeout, reset controller"
-            if qid == 0:
-                self.stats["resets_admin"] += 1
-            return self._timeout_reset()
+            return self._timeout_reset("resets_admin" if qid == 0 else "")
         if a.fetch_sub32(self._abort_limit, 1) <= 0:  # every Abort allowed is out
             a.fetch_add32(self._abort_limit, 1)
             self.stats["abort_limited"] += 1
@@ -873,12 +872,14 @@ class NvmeOps(BlkMqOps):
             self.stats["aborts_sent"] += 1  # (a refused one went through abort_endio)
         return EhRet.RESET_TIMER
 
-    def _timeout_reset(self) -> EhRet:
-        """nvme_dev_disable() + nvme_reset_ctrl() from a timeout: DONE, the reset
-        cancelled the command; another timeout if a reset is already under way (or
-        this is the owner, which has no CPU to reset from)."""
+    def _timeout_reset(self, why: str) -> EhRet:
+        """nvme_dev_disable() + nvme_reset_ctrl() from a timeout (counted under
+        ``why``): DONE, the reset cancelled the command; another timeout if a reset is
+        already under way (or this is the owner, which has no CPU to reset from)."""
         if self.mq is None or not self.reset_ctrl(self.mq):
             return EhRet.RESET_TIMER
+        if why:
+            self.stats[why] += 1
         return EhRet.DONE
 
     def reset_ctrl(self, mq: BlkMq) -> bool:

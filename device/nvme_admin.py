@@ -133,7 +133,7 @@ class AdminCommands:
             if sqe[0] == AdminOpcode.ABORT:
                 aborts += 1
                 drop = self.faults.get("drop_abort_pct") if self.faults else 0
-                if drop and self.rng.random() * 100 < drop:
+                if drop and self.held_aborts < self.acl + 1 and self.rng.random() * 100 < drop:
                     self.counters["abort_cmds"] += 1
                     self.held_aborts += 1  # taken, never completed: outstanding
                     continue
