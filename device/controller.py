@@ -151,6 +151,10 @@ class Controller(AdminCommands):
         self.channels = plan.model["channels"]
         self.rng = random.Random(plan.model["dev_seed"] * 7919 + 1)
         self.faults = plan.faults
+        #: does any fault apply per command (a delay_ns alone does not)?
+        self._command_faults = any(
+            plan.faults.get(k) for k in ("error_pct", "delay_pct", "drop_pct", "fatal_pct")
+        )
         self.arbitration = plan.model["arbitration"]
         burst = plan.model["arb_burst"]
         self.burst = 1 << 30 if burst == 7 else 1 << burst
@@ -276,9 +280,7 @@ class Controller(AdminCommands):
                 sq.credit -= 1
                 self._start(sq, sqe, now)
                 free -= 1
-                if self.failed:
-                    return start_free - free
-            if free <= 0:
+            if free <= 0 or self.failed:  # (a fatal fault stops the pass)
                 break
         return start_free - free
 
@@ -311,8 +313,8 @@ class Controller(AdminCommands):
             status = Status.LBA_RANGE
         service = self.model.service_ns() if self.model.latency_ns else 0
         drop = False
-        faults = self.faults
-        if faults:
+        if self._command_faults:
+            faults = self.faults
             rng = self.rng
             if faults.get("error_pct") and rng.random() * 100 < faults["error_pct"]:
                 # a media error is final: Do Not Retry

@@ -126,6 +126,8 @@ class AdminCommands:
         if sq is None:
             return 0
         n = self._sq_new(sq)
+        if not n:
+            return 0
         aborts = 0
         for _ in range(n):
             sqe = self._fetch(sq)
