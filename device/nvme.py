@@ -651,6 +651,7 @@ class NvmeOps(BlkMqOps):
             self.admin = AdminQueue(
                 arena, self.admin_q, self.admin_waiters, cpu,  # type: ignore[arg-type]
                 mq.sys if mq is not None else None, self.nvmeqs[0], r.abort_limit, self.stats,
+                mq.violation if mq is not None else None,
             )  # fmt: skip
 
     def irq_handlers(self, mq: BlkMq, cpu: int) -> list[IrqHandler]:

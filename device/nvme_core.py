@@ -150,11 +150,16 @@ class AdminSys:
         raise RuntimeError("nvme: the admin queue never waits for a CPU")
 
 
+def _fail(what: str) -> None:
+    raise RuntimeError(f"nvme: admin queue: {what}")
+
+
 class AdminQueue:
     """One process's handle on ``ctrl->admin_q``: allocate, issue, wait for, complete
     and end admin requests.  ``sq`` is the process's handle on the admin SQ (queue 0);
     ``abort_limit`` the offset of the controller's shared Abort budget; ``stats`` the
-    driver's counters in this process."""
+    driver's counters in this process; ``violation`` where a broken invariant of an
+    admin request is reported (the CPU's block layer; None: raise)."""
 
     def __init__(
         self,
@@ -166,12 +171,16 @@ class AdminQueue:
         sq: NvmeQueue,
         abort_limit: int,
         stats: dict[str, int],
+        violation: Callable[[str], None] | None = None,
     ):
         self.sys = AdminSys(cpu, sys)
         # Nobody sleeps on the admin tags, so their waiter table has one unused slot
         # and no eventfd (a wake-up of it would fail loudly).
         self.mq = BlkMq(arena, Waiters(arena, waiters, [-1], None), cpu, [q], self.sys)
         self.sys.mq = self.mq
+        # A broken invariant of an admin request is the CPU's, reported with its own
+        # (in the owner, where nothing reports it, it fails the probe).
+        self.mq.violation = violation or _fail  # type: ignore[method-assign, assignment]
         self.queue = self.mq.queues[0]
         self.hctx = self.queue.hctxs[0]
         self.rqs = self.mq.rqs[0]
