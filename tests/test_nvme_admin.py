@@ -236,7 +236,9 @@ def test_with_every_command_in_service_bounded_aborts_leave_few_resets():
     assert_clean(result)
     dev, drv = device(result), driver(result)
     assert dev["abort_cmds"] == drv["aborts_sent"] > 0
-    assert dev["aborts"] > 0  # commands the Aborts completed
+    assert dev["aborts"] * 2 >= drv["aborts_sent"]  # most Aborts found their command
+    # a reset takes an Abort that did not complete its command in time
+    assert drv["resets"] <= drv["aborts_sent"] - dev["aborts"]
     assert drv["resets"] <= max(2, drv["aborts_sent"] // 20), (drv, dev)
 
 
@@ -351,7 +353,7 @@ def test_resets_delete_the_io_queues_first_and_identify_the_controller_again():
     order.  The Aborts here never come back (drop_abort): ADMIN_TIMEOUT resets, on
     the CPUs, with two namespaces (Aborts sent from both CPUs, completed by CPU 0)."""
     result = run_nvme(
-        drop_completion=2, drop_abort=100, admin_timeout=100, io_timeout=300,
+        drop_completion=2, drop_abort=100, admin_timeout=200, io_timeout=600,
         latency_ns=20_000, runtime=0.6, nr_namespaces=2,
     )  # fmt: skip
     assert_clean(result)
