@@ -30,6 +30,9 @@ Deviations from NVMe
     * No data is transferred: reads and writes only take time.
     * Without coalescing, the controller raises each vector once per pass over its
       queues (all the CQEs it posted in that pass), not once per CQE.
+    * A fatal fault (the ``fatal_error`` knob) sets CSTS.CFS and stops the controller
+      (nothing fetched, completed or signalled) until CC.EN goes to 0, which clears
+      it.
 """
 
 from __future__ import annotations
@@ -77,6 +80,14 @@ DEV_COUNTERS = cacheline_struct(
         ("doorbell_reads", "<u8"),
         ("cq_full_stalls", "<u8"),  # times a CQE had to wait for room in its CQ
         ("aborts", "<u8"),  # commands aborted by an Abort command
+        ("abort_cmds", "<u8"),  # Abort commands fetched
+        ("abort_limit_exceeded", "<u8"),  # Aborts refused: more than ACL + 1 outstanding
+        ("abort_burst_max", "<u8"),  # the most Aborts fetched in one pass of the admin SQ
+        ("identify_ctrl", "<u8"),  # Identify Controller commands
+        ("sq_deletes", "<u8"),  # I/O SQs deleted (Delete I/O SQ)
+        ("cq_deletes", "<u8"),  # I/O CQs deleted (Delete I/O CQ)
+        ("admin_errors", "<u8"),  # admin commands completed with an error status
+        ("fatal_errors", "<u8"),  # fatal faults (CSTS.CFS set)
         ("resets", "<u8"),  # controller disables (CC.EN 1 -> 0)
         ("dropped", "<u8"),  # completions dropped (fault)
         ("lost_irqs", "<u8"),  # interrupts not delivered (fault)
@@ -118,7 +129,8 @@ class ControllerPlan:
     irq_w: list[int]  #: write end of each interrupt vector's pipe
     namespaces: list[Namespace]
     model: dict[str, Any]  #: DEVICE_KNOBS values
-    faults: dict[str, Any]  #: fault knobs (lost_irq, drop, error, delay), probabilities
+    #: fault knobs (lost_irq, drop, error, delay, drop_abort, fatal), percentages
+    faults: dict[str, Any]
     max_io_queues: int
     serial: str = "MQRT0001"
 
@@ -139,6 +151,10 @@ class Controller(AdminCommands):
         self.channels = plan.model["channels"]
         self.rng = random.Random(plan.model["dev_seed"] * 7919 + 1)
         self.faults = plan.faults
+        #: does any fault apply per command (a delay_ns alone does not)?
+        self._command_faults = any(
+            plan.faults.get(k) for k in ("error_pct", "delay_pct", "drop_pct", "fatal_pct")
+        )
         self.arbitration = plan.model["arbitration"]
         burst = plan.model["arb_burst"]
         self.burst = 1 << 30 if burst == 7 else 1 << burst
@@ -153,6 +169,11 @@ class Controller(AdminCommands):
         self.inflight: list[tuple] = []
         self.by_cid: dict[tuple[int, int], tuple] = {}
         self.aborted: set[int] = set()  #: seqs completed early by an Abort
+        self.abort_pending: set[tuple[int, int]] = set()
+        self.held_aborts = 0
+        self.acl = int(plan.model.get("acl", 3))
+        self.failed = False  #: CSTS.CFS: a fatal fault stopped the controller
+        self._csts_cfs = r.csts_cfs
         self._seq = 0
         self._rr = 0
         self.enabled = False
@@ -184,9 +205,20 @@ class Controller(AdminCommands):
         self.inflight.clear()
         self.by_cid.clear()
         self.aborted.clear()
+        self.abort_pending.clear()
+        self.held_aborts = 0
         self.enabled = False
         self.counters["resets"] += 1
+        if self.failed:  # a reset clears the fatal status
+            self.failed = False
+            self.a.store_release32(self._csts_cfs, 0)
         self.a.store_release32(self._csts_rdy, 0)
+
+    def _fatal(self) -> None:
+        """A fatal fault: CSTS.CFS = 1, and the controller stops serving."""
+        self.failed = True
+        self.counters["fatal_errors"] += 1
+        self.a.store_release32(self._csts_cfs, 1)
 
     def _publish_queue(self, qid: int, **values: int) -> None:
         o = self._qoffs[qid]
@@ -225,6 +257,7 @@ class Controller(AdminCommands):
             self._rr += 1
         buf, unpack, size = self.buf, SQE.unpack_from, SQE.size
         lba_shift = self._lba_shift
+        abort_pending = self.abort_pending
         for sq in order:
             n = self._sq_new(sq)
             if not n:
@@ -234,6 +267,9 @@ class Controller(AdminCommands):
                 take = min(take, max(sq.credit, 0))
             for _ in range(take):
                 sqe = unpack(buf, sq.base + sq.head * size)
+                if abort_pending and (sq.qid, sqe[2]) in abort_pending:
+                    self._fetch_aborted(sq, sqe[2])
+                    continue
                 nbytes = ((sqe[10] & 0xFFFF) + 1) << lba_shift.get(sqe[3], 9)
                 if not model.admit(nbytes):
                     self.capped = True
@@ -244,9 +280,21 @@ class Controller(AdminCommands):
                 sq.credit -= 1
                 self._start(sq, sqe, now)
                 free -= 1
-            if free <= 0:
+            if free <= 0 or self.failed:  # (a fatal fault stops the pass)
                 break
         return start_free - free
+
+    def _fetch_aborted(self, sq: Sq, cid: int) -> None:
+        """Fetch a command an Abort found in its SQ: it completes with ABORT_REQ."""
+        self.abort_pending.discard((sq.qid, cid))
+        sq.head += 1
+        if sq.head == sq.depth:
+            sq.head = 0
+        self.counters["commands"] += 1
+        self.counters["aborts"] += 1
+        cq = self.cqs.get(sq.cqid)
+        if cq is not None:
+            cq.pending.append((0, sq.head, sq.qid, cid, Status.ABORT_REQ))
 
     def _start(self, sq: Sq, sqe: tuple, now: int) -> None:
         """A command enters service: check it, draw its service time, apply faults.
@@ -265,8 +313,8 @@ class Controller(AdminCommands):
             status = Status.LBA_RANGE
         service = self.model.service_ns() if self.model.latency_ns else 0
         drop = False
-        faults = self.faults
-        if faults:
+        if self._command_faults:
+            faults = self.faults
             rng = self.rng
             if faults.get("error_pct") and rng.random() * 100 < faults["error_pct"]:
                 # a media error is final: Do Not Retry
@@ -278,6 +326,8 @@ class Controller(AdminCommands):
                 service += faults["delay_ns"]
             if faults.get("drop_pct") and rng.random() * 100 < faults["drop_pct"]:
                 drop = True
+            if faults.get("fatal_pct") and rng.random() * 100 < faults["fatal_pct"]:
+                self._fatal()
         if not service and not drop:
             # Done as soon as fetched: straight to the CQ (nothing to abort or wait for).
             cq = self.cqs.get(sq.cqid)
@@ -431,16 +481,18 @@ class Controller(AdminCommands):
             elif not cc_en and self.enabled:
                 self._disable()
             progressed = 0
-            if self.enabled:
+            live = self.enabled and not self.failed
+            if live:
                 progressed += self._admin_pass()
                 progressed += self._complete_due(now)
                 progressed += self._io_pass(now)
-                if self.model.latency_ns == 0:
+                live = not self.failed  # a fatal fault in this pass stops it here
+                if live and self.model.latency_ns == 0:
                     progressed += self._complete_due(now)  # zero latency: done at once
                 for cq in self.cqs.values():
-                    if cq.pending:
+                    if live and cq.pending:
                         self._drain_cq(cq)
-            irq_due = self._interrupts(now, True) if self.enabled else 0
+            irq_due = self._interrupts(now, True) if live else 0
             if now >= next_pub:
                 next_pub = now + 50_000_000
                 self._publish_counters()
@@ -450,16 +502,16 @@ class Controller(AdminCommands):
             # bucket refill or CQ-head poll, asking for a kick (event index) so new
             # submissions wake us at once.
             deadlines = [irq_due] if irq_due else []
-            if self.inflight:
+            if live and self.inflight:
                 deadlines.append(self.inflight[0][0])
-            if any(cq.pending for cq in self.cqs.values()):
+            if live and any(cq.pending for cq in self.cqs.values()):
                 deadlines.append(now + 20_000)  # CQ full: poll the head doorbell
-            if self.enabled and self.capped:
+            if live and self.capped:
                 deadlines.append(now + self.model.wait_ns())
             timeout = -1.0 if not deadlines else max(0.0, (min(deadlines) - self.clock()) / 1e9)
             a.xchg32(self._need_kick, 1)  # full barrier before the re-check
             if (
-                self.enabled
+                live
                 and not self.capped
                 and len(self.inflight) < self.channels
                 and self._anything_new()

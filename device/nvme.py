@@ -12,29 +12,44 @@ CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
 * the interrupt (``nvme_irq`` -> ``nvme_poll_cq``): reap CQEs while their phase tag
   matches, look each command id up with the generation check ("genctr mismatch"),
   complete through blk-mq, then one CQ head doorbell write.
-* ``timeout`` (``nvme_timeout``): poll the CQ first ("completion polled": a lost
-  interrupt); otherwise send an Abort on the admin queue and give the command another
-  timeout; a command that times out again after its Abort resets the controller
-  (:meth:`NvmeOps.reset_ctrl`).  Cancelled and aborted commands have no DNR, so
-  ``complete`` (``nvme_complete_rq``) retries them up to ``nvme_max_retries``.
+* ``timeout`` (``nvme_timeout``, :meth:`NvmeOps.nvme_timeout`), in the kernel's
+  order: a failed controller (CSTS.CFS) is reset at once; then the CQ is polled
+  ("completion polled": a lost interrupt); then the state: CONNECTING or DELETING
+  cancel the command, RESETTING gives it another timeout; an admin command, or an
+  I/O command that times out again after its Abort, resets the controller
+  (:meth:`NvmeOps.reset_ctrl`); otherwise an Abort goes to the admin queue, at most
+  ``abort_limit`` (ACL + 1) at a time, and the command gets another timeout.
+  Cancelled and aborted commands have no DNR, so ``complete`` (``nvme_complete_rq``)
+  retries them up to ``nvme_max_retries``.
 * ``poll`` (``nvme_poll``): poll queues (``poll_queues``) are created without an
   interrupt; the CPU that submitted a polled bio reaps them.
 * ``map_queues``: DEFAULT over the interrupt-driven queues, POLL over the poll queues;
   vector ``qid`` is affine to the first CPU of hctx ``qid - 1``.  Namespaces are
   request queues on the controller's tag set (``TAG_QUEUE_SHARED`` with more than one).
 
-The probe (``nvme_probe`` / ``nvme_reset_work``) runs in the runtime before the CPUs
-start: enable the controller, identify it and its namespaces, set the number of
-queues, interrupt coalescing and arbitration, and create each I/O CQ before its SQ.
-A reset runs the same steps again, on the CPU whose timeout fired.
+Admin commands go through blk-mq on ``admin_q``, a queue on the admin tag set
+(``nvme_alloc_admin_tags``: one hw queue, NVME_AQ_MQ_TAG_DEPTH tags, ADMIN_TIMEOUT,
+BLK_MQ_F_NO_SCHED), so the admin SQ cannot be overrun; how each process drives it is
+:mod:`mqrt.device.nvme_core`.
+
+The probe (``nvme_probe`` -> ``nvme_reset_work``) runs in the runtime before the CPUs
+start: enable the controller (CONNECTING), identify it (ACL -> ``abort_limit``) and its
+namespaces, set the number of queues, interrupt coalescing and arbitration, create
+each I/O CQ before its SQ, then LIVE and the I/O queues open.  A reset
+(:meth:`NvmeOps.reset_ctrl`) first disables the controller (``nvme_dev_disable``: on a
+live one, Delete I/O SQ then Delete I/O CQ for every queue; CC.EN = 0; what is left
+cancelled), then runs the same steps again, on the CPU whose timeout fired.
 
 Deviations from Linux
     * The reset runs inline in the timeout handler of the CPU that decided it (the
       kernel queues it on nvme-reset-wq); other CPUs' submissions get
       ``BLK_STS_RESOURCE`` from the disabled queues meanwhile, and are rerun.
-    * Admin commands from CPUs (Abort) are fire-and-forget; their completions are
-      reaped by CPU 0, which the admin vector is affine to (by the resetting CPU
-      during a reset).
+    * A command that times out while the controller is CONNECTING is cancelled by the
+      timeout (DELETING), and the CPU running the reset, seeing its admin command
+      fail, disables the controller (the kernel disables it from the timeout handler,
+      under its shutdown_lock).
+    * The admin queue's timeout work rides on the driver's timer of namespace 1 (its
+      hctx 0's first CPU), every ADMIN_TIMEOUT / 8 (at most 200 ms).
 """
 
 from __future__ import annotations
@@ -50,8 +65,10 @@ from typing import Any
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
+from mqrt.block.blk_mq_setup import init_shared as blk_mq_init_shared
 from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import (
+    BlkMqFlag,
     BlkMqOps,
     BlkStatus,
     DeviceProcess,
@@ -68,17 +85,27 @@ from mqrt.device.controller import (
     controller_main,
 )
 from mqrt.device.nvme_admin import IDENTIFY_CTRL
+from mqrt.device.nvme_core import (
+    END_ABORT,
+    NVME_ADMIN_CMD_SIZE,
+    AdminCmd,
+    AdminQueue,
+    NvmeAdminOps,
+    change_ctrl_state,
+    nvme_error_status,
+)
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
     CQE_HEAD,
     CQE_OFF_CID_STATUS,
+    NVME_ADMIN_TIMEOUT_MS,
     NVME_AQ_DEPTH,
+    NVME_AQ_MQ_TAG_DEPTH,
     NVME_MAX_RETRIES,
     NVME_QUEUE,
     NVME_REGS,
     NVME_SC_DNR,
-    NVME_SC_MASK,
     SQE,
     AdminOpcode,
     CtrlState,
@@ -94,7 +121,7 @@ from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region
 from mqrt.lib.trace import Ev
-from mqrt.lib.wait import spin_lock, spin_unlock
+from mqrt.lib.wait import Waiters, WaitersSpec, spin_lock, spin_unlock
 
 _fork = mp.get_context("fork")
 
@@ -123,19 +150,16 @@ NVME_KNOBS: tuple[Knob, ...] = (
          0.0, 100.0),
     Knob("delay_ns", "int", 1_000_000, "Extra service time of delayed commands. Default: 1 ms",
          0, 60_000_000_000),
+    Knob("drop_abort", "float", 0.0,
+         "Percent of Abort commands the device takes and never completes (their "
+         "admin_timeout resets it). Default: 0", 0.0, 100.0),
+    Knob("fatal_error", "float", 0.0,
+         "Percent of commands on which the device hits a fatal error: CSTS.CFS set, "
+         "nothing served until a reset. Default: 0", 0.0, 100.0),
+    Knob("admin_timeout", "int", NVME_ADMIN_TIMEOUT_MS,
+         "Admin command timeout in ms (nvme_core's admin_timeout, there in seconds). "
+         "Default: 60000", 1, 3600000),
 )  # fmt: skip
-
-#: NVMe status -> blk_status_t (nvme_error_status()).
-_BLK_STATUS: dict[int, BlkStatus] = {
-    Status.SUCCESS: BlkStatus.OK,
-    Status.LBA_RANGE: BlkStatus.TARGET,
-    Status.INVALID_NS: BlkStatus.TARGET,
-    Status.INVALID_OPCODE: BlkStatus.NOTSUPP,
-    Status.READ_ERROR: BlkStatus.MEDIUM,
-    Status.WRITE_FAULT: BlkStatus.MEDIUM,
-    Status.ABORT_REQ: BlkStatus.IOERR,
-    Status.HOST_ABORTED_CMD: BlkStatus.IOERR,
-}
 
 #: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries.
 NVME_CMD_SIZE = 8
@@ -143,11 +167,13 @@ _GENCTR, _ABORTED, _RETRIES = 0, 1, 2
 
 _DONTPREP = int(Rqf.DONTPREP)
 _LIVE, _RESETTING, _DEAD = int(CtrlState.LIVE), int(CtrlState.RESETTING), int(CtrlState.DEAD)
-
-
-def nvme_error_status(status: int) -> int:
-    """nvme_error_status(): the NVMe status (SCT << 8 | SC, flags above) -> blk_status_t."""
-    return int(_BLK_STATUS.get(status & NVME_SC_MASK, BlkStatus.IOERR))
+_CONNECTING, _DELETING = int(CtrlState.CONNECTING), int(CtrlState.DELETING)
+#: How long CSTS.RDY may take to follow CC.EN (the controller's CAP.TO), s.
+NVME_READY_TIMEOUT_S = 10.0
+#: How a command the host cancels ends: NVME_SC_HOST_ABORTED_CMD (retried), or with
+#: DNR on a dead controller.
+_CANCELLED = int(Status.HOST_ABORTED_CMD)
+_CANCELLED_DNR = NVME_SC_DNR | _CANCELLED
 
 
 def set_queue_enabled(a, o, on: bool) -> None:
@@ -185,17 +211,6 @@ class NvmeQueue:
         return (a.load_acquire32(off + CQE_OFF_CID_STATUS) >> 16) & 1 == a.read32(o.cq_phase)
 
     # -- submission (nvme_sq_copy_cmd, nvme_write_sq_db) ----------------------------------
-
-    def submit(self, sqe_args: tuple, ring: bool) -> bool:
-        """Copy one SQE at the tail (ringing the doorbell if ``ring``); False, and
-        nothing written, while the queue is disabled (a reset is under way)."""
-        if not self.lock_enabled():
-            return False
-        try:
-            self.copy_cmd(sqe_args, ring)
-        finally:
-            spin_unlock(self.a, self.o.sq_lock)
-        return True
 
     def lock_enabled(self) -> bool:
         """Take sq_lock if the queue is enabled (NVMEQ_ENABLED); False, unlocked, if
@@ -328,7 +343,6 @@ class NvmeOps(BlkMqOps):
         self.regs: Region | None = None
         self.data: Region | None = None
         self.counters: Region | None = None
-        self.admin_cid: Region | None = None
         self.kick_fd = -1
         self.irq_r: list[int] = []
         self.irq_w: list[int] = []
@@ -336,9 +350,19 @@ class NvmeOps(BlkMqOps):
         self.queues: list[RequestQueue] = []
         self.nvmeqs: list[NvmeQueue] = []
         self.mq: BlkMq | None = None
+        #: the admin tag set and ctrl->admin_q (nvme_alloc_admin_tags), declared by setup()
+        self.admin_tagset: TagSet | None = None
+        self.admin_q: RequestQueue | None = None
+        self.admin_waiters: WaitersSpec | None = None
+        self.admin_timeout_ns = cfg.admin_timeout * 1_000_000
+        #: this process's handle on admin_q (the owner's at probe, then each CPU's)
+        self.admin: AdminQueue | None = None
+        self.identify: dict[str, Any] = {}  #: what the last Identify said
         self.stats = dict.fromkeys(
-            ("genctr_mismatch", "completion_polled", "aborts_sent", "resets", "cancelled",
-             "retries", "interrupts", "admin_interrupts", "cqes"), 0)  # fmt: skip
+            ("genctr_mismatch", "completion_polled", "aborts_sent", "abort_completions",
+             "abort_limited", "abort_no_tag", "resets", "resets_cfs", "resets_admin",
+             "timeout_cancelled", "delete_timeouts", "cancelled", "retries", "interrupts",
+             "admin_interrupts", "cqes", "admin_cqes"), 0)  # fmt: skip
 
     # -- layout (in the owner) ----------------------------------------------------------
 
@@ -347,7 +371,6 @@ class NvmeOps(BlkMqOps):
         self.regs = layout.add("nvme.regs", NVME_REGS)
         self.data = layout.add("nvme.admin_data", "V4096")
         self.counters = layout.add("nvme.counters", DEV_COUNTERS)
-        self.admin_cid = layout.add("nvme.admin_cid", "<u8")
         for qid in range(self.nr_io_queues + 1):
             qdepth = NVME_AQ_DEPTH if qid == 0 else depth
             words = layout.add(f"nvme.q{qid}", NVME_QUEUE)
@@ -355,13 +378,45 @@ class NvmeOps(BlkMqOps):
             cq = layout.add(f"nvme.q{qid}.cq", "V16", qdepth)
             self.regions.append(QueueRegions(qid, qdepth, words, sq, cq))
 
+    def alloc_admin_tags(
+        self, layout: Layout, topology: Topology, generation: SbqGeneration
+    ) -> RequestQueue:
+        """nvme_alloc_admin_tags(): the admin tag set (one hw queue,
+        NVME_AQ_MQ_TAG_DEPTH tags, ADMIN_TIMEOUT, BLK_MQ_F_NO_SCHED, nvme_mq_admin_ops)
+        and ``admin_q`` on it, declared in the owner's layout like the I/O set: its
+        tags and requests live in the arena, so the owner (the probe) and every CPU
+        (Aborts, resets) use the same ones.  Its completions run where they are reaped
+        (rq_affinity 0)."""
+        tset = TagSet(
+            ops=NvmeAdminOps(self),
+            nr_hw_queues=1,
+            queue_depth=NVME_AQ_MQ_TAG_DEPTH,
+            cmd_size=NVME_ADMIN_CMD_SIZE,
+            timeout_ms=self.cfg.admin_timeout,
+            flags=BlkMqFlag.NO_SCHED,
+            name="nvme_admin_tagset",
+            generation=generation,
+        )
+        alloc_tag_set(tset, layout, topology)
+        self.admin_tagset = tset
+        self.admin_q = init_queue(tset, layout, 0, "nvme0_admin_q", rq_affinity=0)
+        self.admin_waiters = Waiters.declare(layout, 1, "nvme.admin_waiters")
+        return self.admin_q
+
     def init_shared(self, arena: Arena) -> None:
-        """Owner only: the admin queue's depth; host phases start at 1."""
+        """Owner only: the admin tag set and admin_q; the admin queue's depth; host
+        phases start at 1; the controller is NEW."""
         a = arena.atomic
+        if self.admin_q is not None:
+            blk_mq_init_shared(arena, [self.admin_q])
+            Waiters.init(arena, self.admin_waiters)  # type: ignore[arg-type]
         for q in self.regions:
             o = q.words.offsets()
             a.set32(o.q_depth, q.max_depth if q.qid == 0 else 0)
             a.set32(o.cq_phase, 1)
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        a.set32(r.ctrl_state, int(CtrlState.NEW))
+        a.set32(r.abort_limit, 0)
 
     def make_fds(self) -> list[int]:
         """Owner only, before forking: the kick eventfd and one pipe per vector."""
@@ -381,6 +436,8 @@ class NvmeOps(BlkMqOps):
             "error_pct": cfg.error_status,
             "delay_pct": cfg.delay_pct,
             "delay_ns": cfg.delay_ns,
+            "drop_abort_pct": cfg.drop_abort,
+            "fatal_pct": cfg.fatal_error,
         }
         return ControllerPlan(
             arena=arena,
@@ -415,108 +472,152 @@ class NvmeOps(BlkMqOps):
 
     # -- the probe (in the owner, once the controller runs) ------------------------------
 
-    def probe(self, arena: Arena, timeout: float = 10.0) -> dict[str, Any]:
-        """nvme_probe() -> nvme_reset_work(): enable, identify the controller and its
-        namespaces, then the features and I/O queues (:meth:`_setup_io`)."""
-        admin = NvmeQueue(arena, self.regions[0], self.regs, self.kick_fd)  # type: ignore[arg-type]
-        deadline = time.monotonic() + timeout
-        self._enable_ctrl(admin, deadline)
-        cfg = self.cfg
-        data = self.data.offset  # type: ignore[union-attr]
-        self._admin_cmd(admin, deadline, AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, 0, data)
-        ident = IDENTIFY_CTRL.unpack_from(arena.buf, data)
-        nn, mqes = ident[6], ident[7]
-        if nn < cfg.nr_namespaces:
-            raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
-        for nsid in range(1, cfg.nr_namespaces + 1):
-            self._admin_cmd(
-                admin, deadline, AdminOpcode.IDENTIFY, nsid, IdentifyCns.NAMESPACE, 0, data
-            )
-        depth = min(cfg.io_queue_depth, mqes + 1)
-        for q in self.regions[1:]:
-            admin.a.set32(q.words.offsets().q_depth, depth)
-        self._setup_io(admin, deadline)
-        admin.a.set32(self.regs.offsets().ctrl_state, _LIVE)  # type: ignore[union-attr]
-        return {"namespaces": nn, "io_queues": self.nr_io_queues, "queue_depth": depth,
-                "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
+    def probe(self, arena: Arena) -> dict[str, Any]:
+        """nvme_probe() -> nvme_reset_ctrl() -> nvme_reset_work(), in the owner before the
+        CPUs fork (NEW -> RESETTING; the controller is still disabled, so there is
+        nothing to disable first).  What the report shows about the device."""
+        owner = self.admin is None
+        if owner:
+            self.bind(arena, None, 0)  # the owner's handles (each CPU binds its own)
+        try:
+            if not change_ctrl_state(arena.atomic, self._ctrl_state, CtrlState.RESETTING):
+                raise RuntimeError("nvme: controller is not NEW at probe")
+            info = self.reset_work()
+        finally:
+            if owner:  # its views of the arena go before the arena does
+                self.admin.mq.close()  # type: ignore[union-attr]
+                self.admin = None
+        for k in self.stats:  # the CPUs inherit this copy: count from zero there
+            self.stats[k] = 0
+        return {**info, "admin_queue_depth": NVME_AQ_DEPTH, "admin_tags": NVME_AQ_MQ_TAG_DEPTH}
 
-    def _enable_ctrl(self, admin: NvmeQueue, deadline: float) -> None:
+    def reset_work(self) -> dict[str, Any]:
+        """nvme_reset_work(): every queue fresh (nvme_init_queue), the controller
+        enabled with its admin queue (CONNECTING), identified again
+        (:meth:`init_identify`: ACL -> abort_limit), its features set and its I/O
+        queues created (:meth:`setup_io_queues`); then LIVE and the I/O queues open
+        (nvme_start_queues).  Raises RuntimeError if the controller does not come
+        back."""
+        a = self.admin.a  # type: ignore[union-attr]
+        for nvmeq in self.nvmeqs:
+            nvmeq.reset()
+        self._enable_ctrl()
+        if not change_ctrl_state(a, self._ctrl_state, CtrlState.CONNECTING):
+            raise RuntimeError("nvme: failed to mark controller CONNECTING")
+        info = self.init_identify()
+        self.setup_io_queues()
+        if not change_ctrl_state(a, self._ctrl_state, CtrlState.LIVE):
+            raise RuntimeError("nvme: failed to mark controller live")
+        for nvmeq in self.nvmeqs[1:]:
+            nvmeq.set_enabled(True)
+        return info
+
+    def _enable_ctrl(self) -> None:
         """CC.EN = 1 and wait for CSTS.RDY (nvme_enable_ctrl); the admin queue is
         usable from then on."""
+        admin = self.nvmeqs[0]
         a = admin.a
         r = self.regs.offsets()  # type: ignore[union-attr]
+        deadline = time.monotonic() + NVME_READY_TIMEOUT_S
         a.store_release32(r.cc_en, 1)
         self._kick(a, r.need_kick, force=True)
         while not a.load_acquire32(r.csts_rdy):
             self._reset_wait(deadline, "did not become ready (CSTS.RDY)")
         admin.set_enabled(True)
 
-    def _setup_io(self, admin: NvmeQueue, deadline: float) -> None:
+    def _disable_ctrl(self) -> None:
+        """CC.EN = 0 and wait for CSTS.RDY to clear (nvme_disable_ctrl)."""
+        a = self.nvmeqs[0].a
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        deadline = time.monotonic() + NVME_READY_TIMEOUT_S
+        a.store_release32(r.cc_en, 0)
+        self._kick(a, r.need_kick, force=True)
+        while a.load_acquire32(r.csts_rdy):
+            self._reset_wait(deadline, "did not stop (CSTS.RDY stays 1)")
+
+    def init_identify(self) -> dict[str, Any]:
+        """nvme_init_identify(): Identify Controller -- its namespaces, its queue
+        entries, and its Abort Command Limit: ``abort_limit`` = ACL + 1 -- then each
+        namespace (nvme_scan_work)."""
+        cfg = self.cfg
+        data = self.data.offset  # type: ignore[union-attr]
+        a = self.admin.a  # type: ignore[union-attr]
+        self._admin_cmd(AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, 0, data)
+        ident = IDENTIFY_CTRL.unpack_from(self.admin.mq.buf, data)  # type: ignore[union-attr]
+        nn, mqes, acl = ident[6], ident[7], ident[9]
+        a.set32(self.regs.offsets().abort_limit, acl + 1)  # type: ignore[union-attr]
+        if nn < cfg.nr_namespaces:
+            raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
+        for nsid in range(1, cfg.nr_namespaces + 1):
+            self._admin_cmd(AdminOpcode.IDENTIFY, nsid, IdentifyCns.NAMESPACE, 0, data)
+        depth = min(cfg.io_queue_depth, mqes + 1)
+        for q in self.regions[1:]:
+            a.set32(q.words.offsets().q_depth, depth)
+        for nvmeq in self.nvmeqs[1:]:
+            nvmeq.refresh()
+        self.identify = {"namespaces": nn, "io_queues": self.nr_io_queues,
+                         "queue_depth": depth, "mn": ident[3].rstrip(b"\0").decode(),
+                         "acl": acl}  # fmt: skip
+        return self.identify
+
+    def setup_io_queues(self) -> None:
         """nvme_setup_io_queues(): the number of queues, interrupt coalescing, then
-        each I/O CQ before its SQ; a queue is enabled once both exist."""
+        each I/O CQ before its SQ (opened once the controller is LIVE)."""
         cfg = self.cfg
         n = self.nr_io_queues
         res = self._admin_cmd(
-            admin, deadline, AdminOpcode.SET_FEATURES, 0, Feature.NUM_QUEUES,
-            (n - 1) | (n - 1) << 16,
-        )  # fmt: skip
+            AdminOpcode.SET_FEATURES, 0, Feature.NUM_QUEUES, (n - 1) | (n - 1) << 16
+        )
         if (res & 0xFFFF) + 1 < n:
             raise RuntimeError(f"nvme: controller grants {(res & 0xFFFF) + 1} I/O queues, not {n}")
         thr, tim = cfg.irq_coalesce_thr, cfg.irq_coalesce_time
-        self._admin_cmd(
-            admin, deadline, AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8
-        )
+        self._admin_cmd(AdminOpcode.SET_FEATURES, 0, Feature.IRQ_COALESCE, thr | tim << 8)
         first_poll = n - self.nr_poll_queues + 1
-        a = admin.a
         for qid in range(1, n + 1):
-            q = self.regions[qid]
-            depth = a.read32(q.words.offsets().q_depth)
+            depth = self.nvmeqs[qid].depth
             # Vector qid with interrupts enabled, or, for a poll queue, interrupts
             # disabled (nvme_create_cq without NVME_CQ_IRQ_ENABLED).
             flags = 0x1 if qid >= first_poll else qid << 16 | 0x3
             size_qid = (depth - 1) << 16 | qid
-            self._admin_cmd(admin, deadline, AdminOpcode.CREATE_CQ, 0, size_qid, flags)
-            self._admin_cmd(
-                admin, deadline, AdminOpcode.CREATE_SQ, 0, size_qid, qid << 16 | 1 << 1 | 1
-            )
-            set_queue_enabled(a, q.words.offsets(), True)
+            self._admin_cmd(AdminOpcode.CREATE_CQ, 0, size_qid, flags)
+            self._admin_cmd(AdminOpcode.CREATE_SQ, 0, size_qid, qid << 16 | 1 << 1 | 1)
 
-    def _admin_cmd(self, admin: NvmeQueue, deadline: float, opcode: int, nsid: int = 0,
-                   cdw10: int = 0, cdw11: int = 0, prp1: int = 0) -> int:  # fmt: skip
-        status, result = self.admin_sync(admin, opcode, nsid, cdw10, cdw11, prp1, deadline)
+    def _admin_cmd(self, opcode: int, nsid: int = 0, cdw10: int = 0, cdw11: int = 0,
+                   prp1: int = 0) -> int:  # fmt: skip
+        """nvme_submit_sync_cmd() on admin_q: the command's result; RuntimeError if it
+        fails or does not complete within ADMIN_TIMEOUT."""
+        res = self._admin_wait([(opcode, nsid, cdw10, cdw11, prp1)])
+        name = AdminOpcode(opcode).name
+        if res is None:
+            raise RuntimeError(f"nvme: admin {name} timed out")
+        status, result = res[0]
         if status != Status.SUCCESS:
-            raise RuntimeError(
-                f"nvme: admin {AdminOpcode(opcode).name} failed with status {status:#x}"
-            )
+            raise RuntimeError(f"nvme: admin {name} failed with status {status:#x}")
         return result
+
+    def _admin_wait(self, cmds: list[AdminCmd]) -> list[tuple[int, int]] | None:
+        return self.admin.execute_wait(  # type: ignore[union-attr]
+            cmds, self._reap_admin, self._admin_idle, self.admin_timeout_ns
+        )
+
+    def _reap_admin(self) -> int:
+        """Look at the admin CQ as its vector would: acknowledge it, then reap."""
+        admin = self.nvmeqs[0]
+        admin.a.xchg32(admin.o.irq_pending, 0)
+        return self.poll_cq(0)
+
+    def _admin_idle(self) -> None:
+        """Between two looks at the admin CQ: wait a little for its vector (whose
+        byte CPU 0 may take: look again soon regardless), unless the run is ending."""
+        if wait.long_spin_hook is not None:
+            wait.long_spin_hook()
+        select.select([self.irq_r[0]], [], [], 0.002)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.irq_r[0], 4096)
 
     def _kick(self, a, need_kick_off: int, force: bool = False) -> None:
         if force or (a.read32(need_kick_off) and a.xchg32(need_kick_off, 0)):
             os.eventfd_write(self.kick_fd, 1)
-
-    def _admin_cid(self, a) -> int:
-        return a.fetch_add(self.admin_cid.offset, 1) & CID_TAG_MASK  # type: ignore[union-attr]
-
-    def admin_sync(self, admin: NvmeQueue, opcode, nsid, cdw10, cdw11, prp1,
-                   deadline: float) -> tuple[int, int]:  # fmt: skip
-        """Submit an admin command and wait for its completion (polling the admin CQ,
-        sleeping on its vector's pipe)."""
-        a = admin.a
-        cid = self._admin_cid(a)
-        sqe = (opcode, 0, cid, nsid, 0, 0, prp1, 0, cdw10, cdw11, 0, 0, 0, 0)
-        if not admin.submit(sqe, True):
-            raise RuntimeError(f"nvme: admin {AdminOpcode(opcode).name}: admin queue disabled")
-        while True:
-            a.xchg32(admin.o.irq_pending, 0)  # acknowledge the admin vector, then reap
-            for got_cid, status, result, _sqh, _sqid in admin.reap():
-                if got_cid == cid:
-                    return status, result
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nvme: admin {AdminOpcode(opcode).name} timed out")
-            # (another CPU may take the vector's byte: look again soon regardless)
-            select.select([self.irq_r[0]], [], [], 0.002)
-            with contextlib.suppress(BlockingIOError):
-                os.read(self.irq_r[0], 4096)
 
     def shutdown(self, arena: Arena) -> None:
         """nvme_dev_disable() at the end of a run: CC.EN = 0."""
@@ -533,12 +634,26 @@ class NvmeOps(BlkMqOps):
     # -- in a CPU ----------------------------------------------------------------------------------
 
     def bind(self, arena: Arena, mq: BlkMq | None, cpu: int) -> None:
+        """This process's handles: every queue pair, and admin_q through a block layer
+        of its own (:class:`~mqrt.device.nvme_core.AdminQueue`).  ``mq`` None: the
+        owner (the probe)."""
         self.mq = mq
         self.cpu = cpu
         self.nvmeqs = [NvmeQueue(arena, q, self.regs, self.kick_fd) for q in self.regions]  # type: ignore[arg-type]
         for q in self.nvmeqs[1:]:
             q.refresh()
-        self._ctrl_state = self.regs.offsets().ctrl_state  # type: ignore[union-attr]
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        self._ctrl_state = r.ctrl_state
+        self._abort_limit = r.abort_limit
+        self._csts_cfs = r.csts_cfs
+        if self.admin_q is not None:
+            if self.admin is not None:
+                self.admin.mq.close()  # a second bind in one process: the new one replaces it
+            self.admin = AdminQueue(
+                arena, self.admin_q, self.admin_waiters, cpu,  # type: ignore[arg-type]
+                mq.sys if mq is not None else None, self.nvmeqs[0], r.abort_limit, self.stats,
+                mq.violation if mq is not None else None,
+            )  # fmt: skip
 
     def irq_handlers(self, mq: BlkMq, cpu: int) -> list[IrqHandler]:
         """The vectors affine to ``cpu``: fd -> nvme_irq for that queue."""
@@ -550,6 +665,18 @@ class NvmeOps(BlkMqOps):
 
     def driver_stats(self) -> dict[str, int]:
         return dict(self.stats)
+
+    def timer_interval_ns(self, q: int) -> int:
+        """The admin queue's timeout work rides on namespace 1's timer."""
+        if q != 0 or self.admin_q is None:
+            return 0
+        return min(max(self.admin_timeout_ns // 8, 1_000_000), 200_000_000)
+
+    def timer(self, mq: BlkMq, q: int) -> None:
+        """blk_mq_timeout_work() of admin_q: an Abort past ADMIN_TIMEOUT resets the
+        controller (:meth:`nvme_timeout`)."""
+        if self.admin is not None:
+            self.admin.mq.timeout_work(0)
 
     def map_queues(self, tset: TagSet) -> None:
         """nvme_pci_map_queues(): DEFAULT over the interrupt-driven queues, no READ
@@ -607,8 +734,9 @@ class NvmeOps(BlkMqOps):
         """nvme_irq(): the vector fired: reap its CQ (and, on vector 0, admin CQEs)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self.irq_r[vec], 4096)
-        # the admin vector (0) fires for Abort completions and for the probe's last
-        # admin commands, whose byte may still be in the pipe when the CPUs start
+        # the admin vector (0) fires for admin completions (Aborts, a reset's commands
+        # issued on another CPU) and for the probe's last ones, whose byte may still
+        # be in the pipe when the CPUs start
         self.stats["interrupts" if vec else "admin_interrupts"] += 1
         # Acknowledge (clear the pending bit) before reaping: a CQE posted after the
         # reap raises the vector again.
@@ -622,9 +750,7 @@ class NvmeOps(BlkMqOps):
         """nvme_poll_cq(): complete every CQE found; how many."""
         nvmeq = self.nvmeqs[qid]
         if qid == 0:
-            if nvmeq.a.read32(self._ctrl_state) != _LIVE:
-                return 0  # the CPU resetting the controller reaps the admin CQ itself
-            return len(nvmeq.reap(trylock=trylock))  # Aborts: nothing to end (abort_endio)
+            return self._poll_admin_cq(trylock)
         cqes = nvmeq.reap(trylock=trylock)
         mq = self.mq
         tags = mq.queues[0].hctxs[qid - 1].tags  # type: ignore[union-attr]
@@ -634,6 +760,16 @@ class NvmeOps(BlkMqOps):
             self._handle_cqe(mq, tags, cid, status, batch)
         if batch:  # nvme_pci_complete_batch()
             mq.end_request_batch(batch)  # type: ignore[union-attr]
+        return len(cqes)
+
+    def _poll_admin_cq(self, trylock: bool = False) -> int:
+        """nvme_poll_cq() of the admin CQ: each admin request completes through
+        blk-mq, here (:meth:`~mqrt.device.nvme_core.AdminQueue.handle_cqe`)."""
+        cqes = self.nvmeqs[0].reap(trylock=trylock)
+        admin = self.admin
+        for cid, status, result, _sqh, _sqid in cqes:
+            admin.handle_cqe(cid, status, result)  # type: ignore[union-attr]
+        self.stats["admin_cqes"] += len(cqes)
         return len(cqes)
 
     def _handle_cqe(self, mq, tags, cid: int, status: int, batch: list | None = None) -> None:
@@ -676,78 +812,154 @@ class NvmeOps(BlkMqOps):
         mq.end_request(rq, nvme_error_status(status))
 
     def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
-        """nvme_timeout(): poll the CQ ("completion polled": a lost interrupt); while
-        a reset runs, wait for it; the first time, send an Abort; a command that
-        times out again after its Abort resets the controller."""
+        """->timeout of an I/O command: :meth:`nvme_timeout` on its queue."""
+        return self.nvme_timeout(mq, rq, gen, rq.setup()[5] + 1)
+
+    def nvme_timeout(self, mq: BlkMq, rq: Request, gen: int, qid: int) -> EhRet:
+        """nvme_timeout(), in the kernel's order.  ``mq`` is the block layer the
+        request belongs to (the CPU's, or its admin queue's for ``qid`` 0).
+
+        1. nvme_should_reset(): CSTS.CFS set (the controller failed) and no reset
+           under way: reset now.
+        2. Poll the CQ: "I/O %d QID %d timeout, completion polled" (a lost interrupt).
+        3. The state: CONNECTING becomes DELETING, and while DELETING (or DEAD) the
+           command is cancelled ("disable controller"); RESETTING: another timeout,
+           the reset will cancel it.
+        4. An admin command, or an I/O command whose Abort did not bring it back:
+           "reset controller".
+        5. Otherwise take one of ``abort_limit`` (none left: another timeout), mark
+           the command aborted, and send an Abort from the admin tag set (NOWAIT: no
+           tag, another timeout); the command gets another timeout, in which its
+           Abort should complete it."""
         a = mq.a
-        if a.read32(self._ctrl_state) == _RESETTING:
-            return EhRet.RESET_TIMER  # the reset cancels it
-        st = rq.setup()
-        qid = st[5] + 1
+        state = a.read32(self._ctrl_state)
+        if a.load_acquire32(self._csts_cfs) and state not in (_RESETTING, _CONNECTING):
+            # "controller is down; will reset: CSTS=0x%x"
+            return self._timeout_reset("resets_cfs")
         before = rq.state_word
         self.poll_cq(qid)
         if rq.state_word != before:
-            # "I/O tag %d QID %d timeout, completion polled"
+            # "I/O %d QID %d timeout, completion polled"
             self.stats["completion_polled"] += 1
             return EhRet.DONE
-        pdu = rq.pdu
-        if not pdu[_ABORTED]:  # type: ignore[index]
-            # "I/O tag %d QID %d timeout, aborting": an Abort on the admin queue (not
-            # sent while the admin queue is disabled by a reset).
-            pdu[_ABORTED] = 1  # type: ignore[index]
-            admin = self.nvmeqs[0]
-            abort_cdw10 = qid | nvme_cid(pdu[_GENCTR], rq.tag) << 16  # type: ignore[index]
-            sqe = (AdminOpcode.ABORT, 0, self._admin_cid(a), 0, 0, 0, 0, 0, abort_cdw10,
-                   0, 0, 0, 0, 0)  # fmt: skip
-            if admin.submit(sqe, True):
-                self.stats["aborts_sent"] += 1
+        if state == _CONNECTING:
+            change_ctrl_state(a, self._ctrl_state, CtrlState.DELETING)
+            state = _DELETING
+        if state in (_DELETING, _DEAD):
+            # "I/O %d QID %d timeout, disable controller": cancelled (the CPU running
+            # the reset sees its admin command fail and disables the controller)
+            self.stats["timeout_cancelled"] += 1
+            mq.complete_request(rq, gen, status=_CANCELLED_DNR)
+            return EhRet.DONE
+        if state == _RESETTING:
             return EhRet.RESET_TIMER
-        # "I/O tag %d QID %d timeout, reset controller"
-        self.reset_ctrl(mq)
-        return EhRet.DONE  # cancelled by the reset (or completed before it)
+        pdu = rq.pdu
+        if qid == 0 or pdu[_ABORTED]:  # type: ignore[index]
+            # "I/O %d QID %d timeout, reset controller"
+            return self._timeout_reset("resets_admin" if qid == 0 else "")
+        if a.fetch_sub32(self._abort_limit, 1) <= 0:  # every Abort allowed is out
+            a.fetch_add32(self._abort_limit, 1)
+            self.stats["abort_limited"] += 1
+            return EhRet.RESET_TIMER
+        pdu[_ABORTED] = 1  # type: ignore[index]
+        # "I/O %d QID %d timeout, aborting"
+        cdw10 = qid | nvme_cid(pdu[_GENCTR], rq.tag) << 16  # type: ignore[index]
+        admin = self.admin
+        abort = admin.alloc((AdminOpcode.ABORT, 0, cdw10), END_ABORT)  # type: ignore[union-attr]
+        if abort is None:
+            a.fetch_add32(self._abort_limit, 1)
+            self.stats["abort_no_tag"] += 1
+            return EhRet.RESET_TIMER
+        if admin.execute_nowait(abort) == BlkStatus.OK:  # type: ignore[union-attr]
+            self.stats["aborts_sent"] += 1  # (a refused one went through abort_endio)
+        return EhRet.RESET_TIMER
 
-    def reset_ctrl(self, mq: BlkMq, timeout: float = 5.0) -> bool:
-        """nvme_dev_disable() + nvme_reset_work(), run by the CPU whose timeout fired
-        (the kernel queues it on nvme-reset-wq): False if a reset is already under
-        way.  Every command the controller held is cancelled with HOST_ABORTED_CMD
-        and, having no DNR, retried by :meth:`complete`; a controller that does not
-        come back is marked DEAD and what is left fails."""
+    def _timeout_reset(self, why: str) -> EhRet:
+        """nvme_dev_disable() + nvme_reset_ctrl() from a timeout (counted under
+        ``why``): DONE, the reset cancelled the command; another timeout if a reset is
+        already under way (or this is the owner, which has no CPU to reset from)."""
+        if self.mq is None or not self.reset_ctrl(self.mq):
+            return EhRet.RESET_TIMER
+        if why:
+            self.stats[why] += 1
+        return EhRet.DONE
+
+    def reset_ctrl(self, mq: BlkMq) -> bool:
+        """nvme_reset_ctrl() and its work, run by the CPU whose timeout decided it (the
+        kernel queues it on nvme-reset-wq): LIVE -> RESETTING (False if that is not
+        where the controller is: one reset at a time), :meth:`dev_disable`, then
+        :meth:`reset_work`.  Every command the controller held is cancelled with
+        HOST_ABORTED_CMD and, having no DNR, retried by :meth:`complete`; a
+        controller that does not come back is removed (:meth:`remove_dead_ctrl`)."""
         a = mq.a
-        if a.cmpxchg32(self._ctrl_state, _LIVE, _RESETTING) != _LIVE:
+        if not change_ctrl_state(a, self._ctrl_state, CtrlState.RESETTING):
             return False
         self.stats["resets"] += 1
-        r = self.regs.offsets()  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        admin = self.nvmeqs[0]
         try:
-            # Disable: no new SQE anywhere (NVMEQ_ENABLED off under each sq_lock),
-            # CC.EN = 0, then reap what the controller had posted before it stopped.
-            for nvmeq in self.nvmeqs:
-                nvmeq.set_enabled(False)
-            a.store_release32(r.cc_en, 0)
-            self._kick(a, r.need_kick, force=True)
-            while a.load_acquire32(r.csts_rdy):
-                self._reset_wait(deadline, "did not stop (CSTS.RDY stays 1)")
-            for qid in range(1, len(self.nvmeqs)):
-                self.poll_cq(qid)  # nvme_reap_pending_cqes()
-            # nvme_cancel_request() for every command still started.
-            self.stats["cancelled"] += self._cancel_all(mq, Status.HOST_ABORTED_CMD)
-            # nvme_reset_work(): fresh queues, enable, features, I/O queues again.
-            for nvmeq in self.nvmeqs:
-                nvmeq.reset()
-            self._enable_ctrl(admin, deadline)
-            self._setup_io(admin, deadline)
+            self.dev_disable(mq)
+            self.reset_work()
         except RuntimeError as exc:
-            # nvme_remove_dead_ctrl(): fail everything, now and from now on.
-            a.set32(self._ctrl_state, _DEAD)
-            mq.violation(f"nvme: controller reset failed, controller dead: {exc}")
-            self._cancel_all(mq, NVME_SC_DNR | Status.HOST_ABORTED_CMD)
+            self.remove_dead_ctrl(mq, exc)
             return True
-        a.fetch_add32(r.resets, 1)
-        a.set32(self._ctrl_state, _LIVE)
+        a.fetch_add32(self.regs.offsets().resets, 1)  # type: ignore[union-attr]
         for queue in mq.queues:  # nvme_start_queues(): run what waited
             mq.run_hw_queues(queue, True)
         return True
+
+    def dev_disable(self, mq: BlkMq | None) -> None:
+        """nvme_dev_disable(dev, false).  No new I/O command (every I/O queue
+        disabled under its sq_lock: nvme_stop_queues); on a live controller (neither
+        CSTS.CFS nor a cleared CSTS.RDY) every I/O SQ and then every I/O CQ is
+        deleted on the admin queue (nvme_disable_io_queues); then the admin queue
+        closes, CC.EN = 0, the CQEs already posted are reaped and every command still
+        started, I/O and admin, is cancelled with HOST_ABORTED_CMD."""
+        a = self.nvmeqs[0].a
+        dead = a.load_acquire32(self._csts_cfs) or not a.load_acquire32(
+            self.regs.offsets().csts_rdy  # type: ignore[union-attr]
+        )
+        for nvmeq in self.nvmeqs[1:]:
+            nvmeq.set_enabled(False)
+        if not dead:
+            self.disable_io_queues()
+        self.nvmeqs[0].set_enabled(False)  # nvme_suspend_queue(admin queue)
+        self._disable_ctrl()
+        for qid in range(1, len(self.nvmeqs)):  # nvme_reap_pending_cqes()
+            self.poll_cq(qid)
+        self.poll_cq(0)
+        if mq is not None:
+            self.stats["cancelled"] += self._cancel_all(mq, _CANCELLED)
+        admin = self.admin
+        admin.cancel_all(_CANCELLED)  # type: ignore[union-attr]
+        admin.free_waited()  # type: ignore[union-attr]
+
+    def disable_io_queues(self) -> None:
+        """nvme_disable_io_queues(): Delete I/O SQ for every I/O queue, then, if those
+        all completed in time, Delete I/O CQ for each (__nvme_disable_io_queues: as
+        many at once as admin tags allow, each wave within ADMIN_TIMEOUT)."""
+        qids = range(self.nr_io_queues, 0, -1)
+        for opcode in (AdminOpcode.DELETE_SQ, AdminOpcode.DELETE_CQ):
+            if self._admin_wait([(opcode, 0, qid) for qid in qids]) is None:
+                self.stats["delete_timeouts"] += 1
+                return
+
+    def remove_dead_ctrl(self, mq: BlkMq | None, exc: Exception) -> None:
+        """nvme_remove_dead_ctrl(): DELETING, then DEAD; the controller disabled and
+        everything left failed, now and from now on (DNR)."""
+        a = self.nvmeqs[0].a
+        change_ctrl_state(a, self._ctrl_state, CtrlState.DELETING)
+        change_ctrl_state(a, self._ctrl_state, CtrlState.DEAD)
+        if mq is not None:
+            mq.violation(f"nvme: controller reset failed, controller dead: {exc}")
+        for nvmeq in self.nvmeqs:
+            nvmeq.set_enabled(False)
+        r = self.regs.offsets()  # type: ignore[union-attr]
+        a.store_release32(r.cc_en, 0)
+        self._kick(a, r.need_kick, force=True)
+        if mq is not None:
+            self._cancel_all(mq, _CANCELLED_DNR)
+        if self.admin is not None:
+            self.admin.cancel_all(_CANCELLED_DNR)
+            self.admin.free_waited()
 
     def _reset_wait(self, deadline: float, what: str) -> None:
         if time.monotonic() > deadline:
@@ -778,12 +990,15 @@ def setup(
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
-    """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
+    """The controller's queues, the admin tag set and admin_q
+    (:meth:`NvmeOps.alloc_admin_tags`), then nvme_alloc_io_tag_set() and one queue per
+    namespace, declared in ``layout``."""
     nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
     nr_poll = min(cfg.poll_queues, topology.nr_cpus)
     nr_io_queues = nr_default + nr_poll
     ops = NvmeOps(cfg, nr_io_queues, nr_poll)
     ops.declare(layout)
+    ops.alloc_admin_tags(layout, topology, generation)
     tset = TagSet(
         ops=ops,
         nr_hw_queues=nr_io_queues,

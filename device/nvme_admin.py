@@ -5,10 +5,17 @@ admin command does to the controller's queues and features.
 Identify (06h)      Controller (CNS 01h) and Namespace (CNS 00h) data
 Set Features (09h)  Number of Queues, Interrupt Coalescing, Arbitration
 Create I/O CQ/SQ    05h / 01h: the queue pair's rings, vector, priority
-Delete I/O SQ/CQ    00h / 04h: an SQ's commands in service are dropped
-Abort (08h)         complete a command still in service with ABORT_REQ
+Delete I/O SQ/CQ    00h / 04h: an SQ's commands in service are dropped; a CQ
+                    with an SQ still on it is refused (Invalid Queue Deletion)
+Abort (08h)         complete the command with ABORT_REQ: at once if it is in
+                    service, when fetched if it is still in its SQ; beyond
+                    ACL + 1 outstanding Aborts: Abort Command Limit Exceeded
 any other opcode    Invalid Opcode (Get Log Page and Get Features among them)
 ==================  ==========================================================
+
+An Abort is outstanding from its fetch to its completion; this controller completes
+one at once, unless the ``drop_abort`` fault holds it (never completed, until the
+controller is disabled), so only held Aborts count against the limit.
 
 :class:`AdminCommands` is a part of :class:`~mqrt.device.controller.Controller` (its
 base class), which holds the state and runs the loop; the admin queue is served first
@@ -17,6 +24,7 @@ in every pass.
 
 from __future__ import annotations
 
+import random
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,10 +34,14 @@ from mqrt.device.nvme_defs import SQE, AdminOpcode, Feature, IdentifyCns, Status
 
 if TYPE_CHECKING:
     from mqrt.device.controller import ControllerPlan, Namespace, QueueRegions
+    from mqrt.lib._atomic import AtomicView
 
 #: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
-#: mqes (0's based max queue entries), the number of I/O queue pairs it can make.
-IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHH")
+#: mqes (0's based max queue entries), the number of I/O queue pairs it can make, acl
+#: (Abort Command Limit, 0's based).
+IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHHB")
+#: The command id's offset in an SQE (for an Abort's search of an SQ).
+_SQE_CID = struct.Struct("<H")
 #: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
 IDENTIFY_NS = struct.Struct("<QQQB")
 
@@ -80,11 +92,19 @@ class AdminCommands:
     cqs: dict[int, Cq]
     by_cid: dict[tuple[int, int], tuple]
     aborted: set[int]
+    #: (sqid, cid) of commands an Abort found still in their SQ: aborted when fetched
+    abort_pending: set[tuple[int, int]]
+    held_aborts: int  #: Aborts fetched and not completed (the drop_abort fault)
+    acl: int
+    faults: dict
+    rng: random.Random
     _io_sqs: list[Sq]
     coalesce_thr: int
     coalesce_time_ns: int
     burst: int
     wrr: list[int]
+
+    a: AtomicView
 
     if TYPE_CHECKING:  # the controller's primitives they use
 
@@ -106,11 +126,24 @@ class AdminCommands:
         if sq is None:
             return 0
         n = self._sq_new(sq)
+        if not n:
+            return 0
+        aborts = 0
         for _ in range(n):
             sqe = self._fetch(sq)
             self.counters["admin_commands"] += 1
+            if sqe[0] == AdminOpcode.ABORT:
+                aborts += 1
+                drop = self.faults.get("drop_abort_pct") if self.faults else 0
+                if drop and self.held_aborts < self.acl + 1 and self.rng.random() * 100 < drop:
+                    self.counters["abort_cmds"] += 1
+                    self.held_aborts += 1  # taken, never completed: outstanding
+                    continue
             status, result = self._admin(sqe)
+            if status:
+                self.counters["admin_errors"] += 1
             self._post(0, sqe[2], sq.head, status, result)
+        self.counters["abort_burst_max"] = max(self.counters["abort_burst_max"], aborts)
         return n
 
     def _sq_regions(self, qid: int) -> QueueRegions | None:
@@ -135,17 +168,23 @@ class AdminCommands:
                 return Status.QID_INVALID, 0
             for key in [k for k in self.by_cid if k[0] == qid]:
                 self.aborted.add(self.by_cid.pop(key)[1])
+            self.abort_pending -= {k for k in self.abort_pending if k[0] == qid}
             del self.sqs[qid]
             self._publish_queue(qid, created=0)
             self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+            self.counters["sq_deletes"] += 1
             return Status.SUCCESS, 0
         if opcode == AdminOpcode.DELETE_CQ:
             qid = cdw10 & 0xFFFF
-            if qid == 0 or qid not in self.cqs or any(s.cqid == qid for s in self.sqs.values()):
+            if qid == 0 or qid not in self.cqs:
                 return Status.QID_INVALID, 0
+            if any(s.cqid == qid for s in self.sqs.values()):
+                return Status.INVALID_QUEUE_DELETION, 0
             del self.cqs[qid]
+            self.counters["cq_deletes"] += 1
             return Status.SUCCESS, 0
         if opcode == AdminOpcode.ABORT:
+            self.counters["abort_cmds"] += 1
             return self._abort(cdw10 & 0xFFFF, cdw10 >> 16)
         return Status.INVALID_OPCODE, 0
 
@@ -159,8 +198,9 @@ class AdminCommands:
             )
             IDENTIFY_CTRL.pack_into(
                 self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
-                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues,
+                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues, self.acl,
             )  # fmt: skip
+            self.counters["identify_ctrl"] += 1
             return Status.SUCCESS, 0
         if cns == IdentifyCns.NAMESPACE:
             ns = self.ns.get(nsid)
@@ -217,10 +257,21 @@ class AdminCommands:
         return Status.SUCCESS, 0
 
     def _abort(self, sqid: int, cid: int) -> tuple[int, int]:
-        """Abort (08h): complete the command with ABORT_REQ if it is still here.
-        Result bit 0 set means it was *not* aborted."""
+        """Abort (08h): complete the command with ABORT_REQ if it is in service, or
+        mark it to be, once fetched, if it is still in its SQ.  Result bit 0 set
+        means it was *not* aborted.  More outstanding Aborts than ACL + 1: Abort
+        Command Limit Exceeded."""
+        if self.held_aborts >= self.acl + 1:
+            self.counters["abort_limit_exceeded"] += 1
+            return Status.ABORT_LIMIT, 0
         cmd = self.by_cid.pop((sqid, cid), None)
-        if cmd is None or cmd[6]:  # gone, or dropped: nothing here to abort
+        if cmd is None:
+            sq = self.sqs.get(sqid)
+            if sqid and sq is not None and self._in_sq(sq, cid):
+                self.abort_pending.add((sqid, cid))
+                return Status.SUCCESS, 0
+            return Status.SUCCESS, 1  # gone: nothing here to abort
+        if cmd[6]:  # dropped (a fault): the controller lost it
             return Status.SUCCESS, 1
         self.aborted.add(cmd[1])
         self.counters["aborts"] += 1
@@ -228,3 +279,14 @@ class AdminCommands:
         if sq is not None:
             self._post(sq.cqid, cid, cmd[4], Status.ABORT_REQ, 0, sqid=sqid)
         return Status.SUCCESS, 0
+
+    def _in_sq(self, sq: Sq, cid: int) -> bool:
+        """Is command ``cid`` among the entries of ``sq`` not fetched yet?"""
+        tail = self.a.load_acquire32(sq.tail_db)
+        i = sq.head
+        buf, base, size = self.buf, sq.base, SQE.size
+        while i != tail:
+            if _SQE_CID.unpack_from(buf, base + i * size + 2)[0] == cid:
+                return True
+            i = i + 1 if i + 1 < sq.depth else 0
+        return False

@@ -58,9 +58,18 @@ assert SQE.size == SQE_LAYOUT.itemsize == 64 and CQE.size == CQE_LAYOUT.itemsize
 assert CQE_OFF_CID_STATUS == CQE_HEAD.size == CQE.size - 4
 assert field_offset(CQE_LAYOUT, "status") == CQE_OFF_CID_STATUS + 2
 
-#: Linux's admin queue depth.
+#: Linux's admin queue depth (entries of the admin SQ and CQ).
 NVME_AQ_DEPTH = 32
 NVME_QID_ADMIN = 0
+#: Admin SQ entries Linux keeps for Asynchronous Event Requests (mqrt sends none, so
+#: this slot stays unused; the admin tag set is sized as the kernel's).
+NVME_NR_AEN_COMMANDS = 1
+NVME_AQ_BLK_MQ_DEPTH = NVME_AQ_DEPTH - NVME_NR_AEN_COMMANDS
+#: The admin tag set's depth: one less again, since a full ring keeps one entry empty,
+#: so admin commands can never overrun the admin SQ.
+NVME_AQ_MQ_TAG_DEPTH = NVME_AQ_BLK_MQ_DEPTH - 1
+#: ADMIN_TIMEOUT: nvme_core's admin_timeout (60 s), in ms.
+NVME_ADMIN_TIMEOUT_MS = 60_000
 
 CID_TAG_BITS = 12
 CID_TAG_MASK = (1 << CID_TAG_BITS) - 1
@@ -120,7 +129,8 @@ class Status(enum.IntEnum):
     CQ_INVALID = 0x100
     QID_INVALID = 0x101
     QUEUE_SIZE = 0x102
-    ABORT_LIMIT = 0x103
+    ABORT_LIMIT = 0x103  #: Abort Command Limit Exceeded
+    INVALID_QUEUE_DELETION = 0x10C  #: a CQ still has SQs
     WRITE_FAULT = 0x280
     READ_ERROR = 0x281
     HOST_ABORTED_CMD = 0x371  #: Linux: completed by the host (reset, cancel)
@@ -134,12 +144,28 @@ NVME_MAX_RETRIES = 5
 
 
 class CtrlState(enum.IntEnum):
-    """enum nvme_ctrl_state (the subset a PCIe controller goes through here)."""
+    """enum nvme_ctrl_state (the states a PCIe controller goes through).
+
+    NEW -> RESETTING (probe) -> CONNECTING (nvme_reset_work, the controller enabled
+    again) -> LIVE; LIVE -> RESETTING on a reset; RESETTING or CONNECTING -> DELETING
+    -> DEAD when it does not come back."""
 
     NEW = 0
     LIVE = 1
     RESETTING = 2
-    DEAD = 3
+    CONNECTING = 3
+    DELETING = 4
+    DEAD = 5
+
+
+#: nvme_change_ctrl_state(): the states each state may be entered from.
+CTRL_STATE_FROM: dict[CtrlState, frozenset[CtrlState]] = {
+    CtrlState.LIVE: frozenset((CtrlState.NEW, CtrlState.RESETTING, CtrlState.CONNECTING)),
+    CtrlState.RESETTING: frozenset((CtrlState.NEW, CtrlState.LIVE)),
+    CtrlState.CONNECTING: frozenset((CtrlState.NEW, CtrlState.RESETTING)),
+    CtrlState.DELETING: frozenset((CtrlState.LIVE, CtrlState.RESETTING, CtrlState.CONNECTING)),
+    CtrlState.DEAD: frozenset((CtrlState.DELETING,)),
+}
 
 
 #: The status field of a CQE: phase in bit 0, the status code above it.
@@ -149,11 +175,15 @@ def cqe_status(status: int, phase: int) -> int:
 
 #: Controller registers the host and the device share (the subset mqrt needs).
 NVME_REGS = cacheline_struct(
-    [("cc_en", "<u4"), ("csts_rdy", "<u4")],  # host writes CC.EN
+    # host writes CC.EN; the device CSTS.RDY and CSTS.CFS (Controller Fatal Status)
+    [("cc_en", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],
     [("need_kick", "<u4")],  # device: "I am going to sleep, kick me" (event index)
     # struct nvme_ctrl (host side): completed resets and the state, moved by cmpxchg
-    # (LIVE -> RESETTING by the CPU that performs the reset, back to LIVE or DEAD)
+    # (nvme_change_ctrl_state: LIVE -> RESETTING by the CPU that performs the reset)
     [("resets", "<u4"), ("ctrl_state", "<u4")],
+    # ctrl->abort_limit: Aborts the host may still send (ACL + 1 at identify), taken
+    # and given back atomically by whichever CPU times out or completes an Abort
+    [("abort_limit", "<i4")],
 )
 
 #: One queue pair's shared words.  The rings themselves are separate regions.

@@ -53,6 +53,10 @@ DEVICE_KNOBS: tuple[Knob, ...] = (
          "Interrupt coalescing time in 100 us units (feature 08h TIME, 0: off). Default: 0",
          0, 255),
     Knob("dev_seed", "int", 1, "Seed of the device's random draws. Default: 1", 0, 1 << 62),
+    Knob("acl", "int", 3,
+         "Abort Command Limit the controller reports in Identify Controller, 0's based: "
+         "it refuses an Abort beyond acl + 1 outstanding ones. Default: 3 (the spec's "
+         "recommended 4)", 0, 255),
 )  # fmt: skip
 
 

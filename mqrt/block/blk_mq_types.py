@@ -50,6 +50,9 @@ class BlkMqFlag(enum.IntFlag):
     BLOCKING = 1 << 4  #: ->queue_rq may sleep: dispatch always from kblockd
     TAG_RR = 1 << 5  #: round-robin tag allocation (alloc_policy=RR)
     NO_SCHED_BY_DEFAULT = 1 << 6
+    #: no I/O scheduler may be set on the set's queues (nvme's admin tag set); removed
+    #: from the kernel in 6.14, kept under its name.  mqrt has no elevator: a marker.
+    NO_SCHED = 1 << 7
 
 
 class HctxState(enum.IntEnum):
