@@ -51,7 +51,14 @@ from typing import Any
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
+from mqrt.block.blk_mq_structs import (
+    RQ_OFF_FLAGS,
+    HwCtx,
+    HwCtxSpec,
+    Request,
+    RequestQueue,
+    TagSet,
+)
 from mqrt.block.blk_mq_types import (
     BlkMqOps,
     BlkStatus,
@@ -90,6 +97,7 @@ from mqrt.device.nvme_defs import (
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.lib import trace, wait
+from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region
@@ -137,9 +145,12 @@ _BLK_STATUS: dict[int, BlkStatus] = {
     Status.HOST_ABORTED_CMD: BlkStatus.IOERR,
 }
 
-#: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries.
+#: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries,
+#: and at _QID the iod's queue (``iod->nvmeq``: its qid, u16), set by
+#: nvme_pci_init_request().
 NVME_CMD_SIZE = 8
-_GENCTR, _ABORTED, _RETRIES = 0, 1, 2
+_GENCTR, _ABORTED, _RETRIES, _QID = 0, 1, 2, 4
+_IOD_QID = struct.Struct("<H")
 
 _DONTPREP = int(Rqf.DONTPREP)
 _LIVE, _RESETTING, _DEAD = int(CtrlState.LIVE), int(CtrlState.RESETTING), int(CtrlState.DEAD)
@@ -159,20 +170,30 @@ def set_queue_enabled(a, o, on: bool) -> None:
 
 
 class NvmeQueue:
-    """One process's handle on a queue pair (struct nvme_queue)."""
+    """struct nvme_queue: one queue pair (``dev->queues[qid]``).  The driver makes
+    one per queue when it declares them, before the arena exists: it is what
+    ``hctx->driver_data`` points at (``nvme_init_hctx``).  Each process attaches its
+    copy to the arena (:meth:`attach`) before using it."""
 
-    def __init__(self, arena: Arena, regions: QueueRegions, regs: Region, kick_fd: int):
-        self.a = a = arena.atomic
-        self.buf = arena.buf
+    a: AtomicView
+    buf: memoryview
+
+    def __init__(self, regions: QueueRegions, regs: Region):
         self.qid = regions.qid
-        o = regions.words.offsets()
-        self.o = o
+        self.max_depth = regions.max_depth
+        self.o = regions.words.offsets()
         self.sq_base = regions.sq.offset
         self.cq_base = regions.cq.offset
-        self.depth = a.read32(o.q_depth) or regions.max_depth
-        r = regs.offsets()
-        self._need_kick = r.need_kick
+        self._need_kick = regs.offsets().need_kick
+        self.depth = 0
+        self.kick_fd = -1
+
+    def attach(self, arena: Arena, kick_fd: int) -> None:
+        """This process's mapping of the queue (the arena, the kick eventfd)."""
+        self.a = arena.atomic
+        self.buf = arena.buf
         self.kick_fd = kick_fd
+        self.depth = self.a.read32(self.o.q_depth) or self.max_depth
 
     def refresh(self) -> None:
         self.depth = self.a.read32(self.o.q_depth)
@@ -333,7 +354,8 @@ class NvmeOps(BlkMqOps):
         self.irq_w: list[int] = []
         self.vector_cpu: list[int] = []  #: vector -> CPU it is affine to
         self.queues: list[RequestQueue] = []
-        self.nvmeqs: list[NvmeQueue] = []
+        self.tagset: TagSet | None = None  #: dev->tagset: the I/O queues' tag set
+        self.nvmeqs: list[NvmeQueue] = []  #: dev->queues[]: the admin queue, then I/O
         self.mq: BlkMq | None = None
         self.stats = dict.fromkeys(
             ("genctr_mismatch", "completion_polled", "aborts_sent", "resets", "cancelled",
@@ -342,8 +364,10 @@ class NvmeOps(BlkMqOps):
     # -- layout (in the owner) ----------------------------------------------------------
 
     def declare(self, layout: Layout) -> None:
+        """The controller's registers and every queue pair (``dev->queues[]``) in
+        ``layout``."""
         depth = self.cfg.io_queue_depth
-        self.regs = layout.add("nvme.regs", NVME_REGS)
+        self.regs = regs = layout.add("nvme.regs", NVME_REGS)
         self.data = layout.add("nvme.admin_data", "V4096")
         self.counters = layout.add("nvme.counters", DEV_COUNTERS)
         self.admin_cid = layout.add("nvme.admin_cid", "<u8")
@@ -353,6 +377,23 @@ class NvmeOps(BlkMqOps):
             sq = layout.add(f"nvme.q{qid}.sq", "V64", qdepth)
             cq = layout.add(f"nvme.q{qid}.cq", "V16", qdepth)
             self.regions.append(QueueRegions(qid, qdepth, words, sq, cq))
+        self.nvmeqs = [NvmeQueue(q, regs) for q in self.regions]
+
+    # -- blk_mq_ops: set-up (in the owner) -----------------------------------------------------
+
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        """nvme_init_hctx(): hctx ``i``'s driver_data is I/O queue ``i + 1``."""
+        dev: NvmeOps = driver_data
+        hctx.driver_data = dev.nvmeqs[hctx_idx + 1]
+        return 0
+
+    def init_request(self, tset: TagSet, rq: Request, hctx_idx: int, numa_node: int) -> int:
+        """nvme_pci_init_request(): the iod's queue is I/O queue ``hctx_idx + 1``
+        (the admin queue, 0, for any other tag set)."""
+        dev: NvmeOps = tset.driver_data
+        qid = hctx_idx + 1 if tset is dev.tagset else 0
+        _IOD_QID.pack_into(rq.pdu, _QID, dev.nvmeqs[qid].qid)  # type: ignore[arg-type]
+        return 0
 
     def init_shared(self, arena: Arena) -> None:
         """Owner only: the admin queue's depth; host phases start at 1."""
@@ -417,7 +458,8 @@ class NvmeOps(BlkMqOps):
     def probe(self, arena: Arena, timeout: float = 10.0) -> dict[str, Any]:
         """nvme_probe() -> nvme_reset_work(): enable, identify the controller and its
         namespaces, then the features and I/O queues (:meth:`_setup_io`)."""
-        admin = NvmeQueue(arena, self.regions[0], self.regs, self.kick_fd)  # type: ignore[arg-type]
+        admin = self.nvmeqs[0]
+        admin.attach(arena, self.kick_fd)
         deadline = time.monotonic() + timeout
         self._enable_ctrl(admin, deadline)
         cfg = self.cfg
@@ -534,7 +576,8 @@ class NvmeOps(BlkMqOps):
     def bind(self, arena: Arena, mq: BlkMq | None, cpu: int) -> None:
         self.mq = mq
         self.cpu = cpu
-        self.nvmeqs = [NvmeQueue(arena, q, self.regs, self.kick_fd) for q in self.regions]  # type: ignore[arg-type]
+        for q in self.nvmeqs:
+            q.attach(arena, self.kick_fd)
         for q in self.nvmeqs[1:]:
             q.refresh()
         self._ctrl_state = self.regs.offsets().ctrl_state  # type: ignore[union-attr]
@@ -561,15 +604,15 @@ class NvmeOps(BlkMqOps):
     def poll(self, mq: BlkMq, hctx: HwCtx) -> int:
         """nvme_poll(): a lockless look at the CQ, then reap it unless another CPU
         is already doing so."""
-        q = self.nvmeqs[hctx.index + 1]
+        q: NvmeQueue = hctx.driver_data
         if not q.cqe_pending():
             return 0
-        return self.poll_cq(hctx.index + 1, trylock=True)
+        return self.poll_cq(q.qid, trylock=True)
 
     def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
         """nvme_queue_rq(): a disabled queue (a reset is under way) refuses with
         BLK_STS_RESOURCE, and blk-mq retries later; a dead controller fails it."""
-        nvmeq = self.nvmeqs[hctx.index + 1]
+        nvmeq: NvmeQueue = hctx.driver_data
         if not nvmeq.lock_enabled():
             if nvmeq.a.read32(self._ctrl_state) == _DEAD:
                 return BlkStatus.IOERR
@@ -600,7 +643,7 @@ class NvmeOps(BlkMqOps):
         return 0
 
     def commit_rqs(self, mq: BlkMq, hctx: HwCtx) -> None:
-        self.nvmeqs[hctx.index + 1].commit()
+        hctx.driver_data.commit()
 
     def nvme_irq(self, vec: int) -> None:
         """nvme_irq(): the vector fired: reap its CQ (and, on vector 0, admin CQEs)."""
@@ -681,15 +724,14 @@ class NvmeOps(BlkMqOps):
         a = mq.a
         if a.read32(self._ctrl_state) == _RESETTING:
             return EhRet.RESET_TIMER  # the reset cancels it
-        st = rq.setup()
-        qid = st[5] + 1
+        pdu = rq.pdu
+        qid = _IOD_QID.unpack_from(pdu, _QID)[0]  # type: ignore[arg-type]  # iod->nvmeq
         before = rq.state_word
         self.poll_cq(qid)
         if rq.state_word != before:
             # "I/O tag %d QID %d timeout, completion polled"
             self.stats["completion_polled"] += 1
             return EhRet.DONE
-        pdu = rq.pdu
         if not pdu[_ABORTED]:  # type: ignore[index]
             # "I/O tag %d QID %d timeout, aborting": an Abort on the admin queue (not
             # sent while the admin queue is disabled by a reset).
@@ -790,17 +832,17 @@ def setup(
         queue_depth=cfg.io_queue_depth - 1,  # the SQ keeps one slot empty
         cmd_size=NVME_CMD_SIZE,
         timeout_ms=timeout_ms,
+        driver_data=ops,
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
         generation=generation,
     )
+    ops.tagset = tset
     alloc_tag_set(tset, layout, topology)
     if tset.queue_depth > cfg.io_queue_depth - 1:
         raise KnobError("io_queue_depth: inconsistent tag set depth")
     queues = [
-        init_queue(
-            tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth
-        )
+        init_queue(tset, layout, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth)
         for i in range(cfg.nr_namespaces)
     ]
     ops.queues = queues

@@ -26,8 +26,8 @@ from typing import Any
 
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import Topology
-from mqrt.block.blk_mq_setup import init_shared
-from mqrt.block.blk_mq_structs import RequestQueue
+from mqrt.block.blk_mq_setup import init_shared, teardown
+from mqrt.block.blk_mq_structs import HwCtxSpec, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
@@ -158,6 +158,11 @@ class Rig:
         """CPU 0's services."""
         return self.cpus[0]
 
+    def teardown(self) -> None:
+        """The driver's remove path on the rig's queues (while the arena is still
+        there): :func:`~mqrt.block.blk_mq_setup.teardown`."""
+        teardown(self.queues)
+
     def close(self) -> None:
         for mq in self.mqs:
             mq.close()
@@ -167,19 +172,36 @@ class Rig:
 
 
 class ScriptOps(BlkMqOps):
-    """A driver whose ``->queue_rq`` answers from a script: a list of statuses consumed
-    one per call (then OK).  A request it accepts is started and kept in
-    :attr:`started` for the caller to complete; ``->timeout`` completes the request
-    with ``BLK_STS_TIMEOUT`` and records its id in :attr:`timed_out`."""
+    """A driver whose ops answer from scripts.
+
+    ``->queue_rq`` consumes ``script``, a list of statuses, one per call (then OK); a
+    request it accepts is started and kept in :attr:`started` for the caller to
+    complete; ``->timeout`` completes the request with ``BLK_STS_TIMEOUT`` and
+    records its id in :attr:`timed_out`.
+
+    The set-up and tear-down ops are recorded in order in :attr:`lifecycle` as
+    ``(op, hctx_idx, tag)`` (``tag`` -1 for the hctx ops); ``->init_hctx`` and
+    ``->init_request`` return the next errno of ``init_hctx_script`` /
+    ``init_request_script`` (0 once a script is used up), and ``->init_hctx`` sets
+    the hctx's ``driver_data`` to ``("script", hctx_idx)``."""
 
     name = "script"
 
-    def __init__(self, script: list[int] | None = None):
+    def __init__(
+        self,
+        script: list[int] | None = None,
+        *,
+        init_hctx_script: list[int] | None = None,
+        init_request_script: list[int] | None = None,
+    ):
         self.script = list(script or [])
+        self.init_hctx_script = list(init_hctx_script or [])
+        self.init_request_script = list(init_request_script or [])
         self.started: list[Any] = []
         self.timed_out: list[int] = []
         self.calls = 0
         self.last_flags: list[bool] = []
+        self.lifecycle: list[tuple[str, int, int]] = []
 
     def queue_rq(self, mq, hctx, rq, last):
         self.calls += 1
@@ -196,3 +218,24 @@ class ScriptOps(BlkMqOps):
         self.timed_out.append(rq.id)
         mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
         return EhRet.DONE
+
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        self.lifecycle.append(("init_hctx", hctx_idx, -1))
+        ret = self.init_hctx_script.pop(0) if self.init_hctx_script else 0
+        if not ret:
+            hctx.driver_data = ("script", hctx_idx)
+        return ret
+
+    def exit_hctx(self, hctx: HwCtxSpec, hctx_idx: int) -> None:
+        self.lifecycle.append(("exit_hctx", hctx_idx, -1))
+
+    def init_request(self, tset: TagSet, rq: Request, hctx_idx: int, numa_node: int) -> int:
+        self.lifecycle.append(("init_request", hctx_idx, rq.tag))
+        return self.init_request_script.pop(0) if self.init_request_script else 0
+
+    def exit_request(self, tset: TagSet, rq: Request, hctx_idx: int) -> None:
+        self.lifecycle.append(("exit_request", hctx_idx, rq.tag))
+
+    def calls_of(self, op: str) -> list[tuple[int, int]]:
+        """The (hctx_idx, tag) of every recorded call of ``op``."""
+        return [(h, t) for name, h, t in self.lifecycle if name == op]

@@ -79,7 +79,7 @@ def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
         (("--requeue", "1,2"), "requeue: expected '<interval>,<probability>,<space>,<times>'"),
         (("--rw", "sideways"), "rw: must be read|write|randread"),
         (("--cpus-allowed", "0-999"), "cpus_allowed: CPUs"),
-        (("--init_hctx", "1,100,0,1"), "EFAULT: nullb0: init_hctx failed for hctx 0"),
+        (("--init_hctx", "1,100,0,1"), "ENOMEM: nullb0: init_hctx failed for hctx 0 (EFAULT)"),
         (("--driver", "nvme", "--irqmode", "none"), "irqmode: a nullb option"),
         (("--latency_ns", "5"), "latency_ns: an nvme option; add --driver nvme"),
         (("--runtime", "nan"), "runtime: must be 0.01..86400, got 'nan'"),

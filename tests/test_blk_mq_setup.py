@@ -23,6 +23,7 @@ from mqrt.block.blk_mq_types import BLK_MQ_MAX_DEPTH, BlkMqFlag, BlkMqOps
 from mqrt.device.null_blk import parse_config, setup
 from mqrt.lib.knobs import KnobError
 from mqrt.lib.shm import Layout
+from mqrt.testing import ScriptOps
 
 
 class Ops(BlkMqOps):
@@ -50,17 +51,11 @@ class BothBudgets(GetBudgetOnly, PutBudgetOnly):
     pass
 
 
-class AllToZero(Ops):
+class AllToZero(ScriptOps):
     """->map_queues that sends every CPU to hctx 0, leaving the others unmapped."""
-
-    def __init__(self) -> None:
-        self.init_hctx_calls: list[int] = []
 
     def map_queues(self, tset):
         tset.map[0].mq_map[:] = [0] * tset.nr_cpus
-
-    def init_hctx(self, q, hctx_idx):
-        self.init_hctx_calls.append(hctx_idx)
 
 
 class OutOfRange(Ops):
@@ -236,7 +231,7 @@ def test_alloc_twice_is_refused():
 def test_init_queue_maps_ctxs():
     """blk_mq_map_swqueue(): each CPU's ctx -> hctx per type, hctx cpumasks."""
     tset = make_set(nr_cpus=4, nr_hw_queues=2)
-    q = init_queue(tset, Layout(), 0, "q0")
+    q = init_queue(tset, Layout(), "q0")
     assert q.nr_hw_queues == 2
     mq_map = tset.map[0].mq_map
     for cpu in range(4):
@@ -251,7 +246,7 @@ def test_init_queue_maps_ctxs():
 def test_init_queue_three_maps():
     """Each type looks up its own map; hctxs take their map's type."""
     tset = make_set(nr_cpus=4, nr_hw_queues=4, nr_maps=3, ops=ReadPollMap())
-    q = init_queue(tset, Layout(), 0, "q0")
+    q = init_queue(tset, Layout(), "q0")
     for cpu in range(4):
         assert q.ctx_hctx[cpu][HctxType.DEFAULT] in (0, 1)
         assert q.ctx_hctx[cpu][HctxType.READ] == 2
@@ -263,7 +258,7 @@ def test_init_queue_three_maps():
 def test_unmapped_hctx_has_empty_cpumask():
     """An hctx no CPU maps to: empty cpumask, blk_mq_hw_queue_mapped() false."""
     tset = make_set(nr_cpus=4, nr_hw_queues=3, ops=AllToZero())
-    q = init_queue(tset, Layout(), 0, "q0")
+    q = init_queue(tset, Layout(), "q0")
     assert q.hctx_cpus == [[0, 1, 2, 3], [], []]
     assert q.mapped(0)
     assert not q.mapped(1)
@@ -274,27 +269,27 @@ def test_init_hctx_called_for_every_hctx():
     """blk_mq_init_hctx() runs ->init_hctx for each of nr_hw_queues, mapped or not."""
     ops = AllToZero()
     tset = make_set(nr_cpus=4, nr_hw_queues=3, ops=ops)
-    init_queue(tset, Layout(), 0, "q0")
-    assert ops.init_hctx_calls == [0, 1, 2]
+    init_queue(tset, Layout(), "q0")
+    assert ops.calls_of("init_hctx") == [(0, -1), (1, -1), (2, -1)]
 
 
 def test_init_queue_on_unallocated_set():
     """A queue needs an allocated tag set."""
     tset = TagSet(ops=Ops(), nr_hw_queues=1, queue_depth=8)
     with pytest.raises(BlkMqError):
-        init_queue(tset, Layout(), 0, "q0")
+        init_queue(tset, Layout(), "q0")
 
 
 @pytest.mark.parametrize("rq_affinity", [-1, 3])
 def test_bad_rq_affinity(rq_affinity):
     """queue/rq_affinity accepts 0, 1 or 2 only."""
     with pytest.raises(BlkMqError, match="rq_affinity"):
-        init_queue(make_set(), Layout(), 0, "q0", rq_affinity=rq_affinity)
+        init_queue(make_set(), Layout(), "q0", rq_affinity=rq_affinity)
 
 
 def test_init_sq_queue():
     """blk_mq_init_sq_queue(): a one-hctx set and its queue."""
-    q = init_sq_queue(Ops(), 16, Layout(), Topology.emulated(4))
+    q = init_sq_queue(Ops(), 16, BlkMqFlag(0), Layout(), Topology.emulated(4))
     assert q.nr_hw_queues == 1
     assert q.tag_set.nr_hw_queues == 1
     assert q.tag_set.queue_depth == 16
@@ -308,10 +303,10 @@ def test_init_sq_queue():
 def test_second_queue_makes_set_shared():
     """blk_mq_add_queue_tag_set(): the second user sets BLK_MQ_F_TAG_QUEUE_SHARED."""
     tset, layout = make_set(), Layout()
-    q0 = init_queue(tset, layout, 0, "q0")
+    q0 = init_queue(tset, layout, "q0")
     assert not q0.shared
     assert not tset.flags & BlkMqFlag.TAG_QUEUE_SHARED
-    q1 = init_queue(tset, layout, 1, "q1")
+    q1 = init_queue(tset, layout, "q1")
     assert tset.flags & BlkMqFlag.TAG_QUEUE_SHARED
     assert q0.shared and q1.shared
     assert tset.tag_list == [q0, q1]
@@ -320,7 +315,7 @@ def test_second_queue_makes_set_shared():
 def test_cleanup_leaves_one_user_unshared():
     """blk_mq_del_queue_tag_set(): back to one user clears TAG_QUEUE_SHARED."""
     tset, layout = make_set(), Layout()
-    qs = [init_queue(tset, layout, i, f"q{i}") for i in range(3)]
+    qs = [init_queue(tset, layout, f"q{i}") for i in range(3)]
     cleanup_queue(qs[0])
     assert qs[1].shared  # two users left
     cleanup_queue(qs[1])
@@ -332,7 +327,7 @@ def test_cleanup_leaves_one_user_unshared():
 def test_free_tag_set_busy_then_free():
     """Freeing a set with queues attached is EBUSY; after cleanup it frees."""
     tset = make_set()
-    q = init_queue(tset, Layout(), 0, "q0")
+    q = init_queue(tset, Layout(), "q0")
     with pytest.raises(BlkMqError) as exc:
         free_tag_set(tset)
     assert str(exc.value).startswith("EBUSY")
@@ -342,7 +337,7 @@ def test_free_tag_set_busy_then_free():
     assert not tset.tags
     assert tset.rq_region is None
     with pytest.raises(BlkMqError):
-        init_queue(tset, Layout(), 0, "q0")
+        init_queue(tset, Layout(), "q0")
 
 
 # -- null_blk ---------------------------------------------------------------------------
@@ -442,11 +437,12 @@ def test_null_blk_submit_queues_capped_with_poll_queues():
 
 
 def test_null_blk_init_hctx_fault():
-    """null_init_hctx() failing (fault "1,100,0,1") fails the device: -EFAULT."""
+    """null_init_hctx() returning -EFAULT (fault "1,100,0,1") fails the device as
+    blk_mq_init_allocated_queue() does, -ENOMEM, naming the driver's errno."""
     cfg = parse_config({"init_hctx": "1,100,0,1"})
     with pytest.raises(BlkMqError) as exc:
         setup(cfg, Layout(), Topology.emulated(2))
-    assert str(exc.value).startswith("EFAULT")
+    assert str(exc.value) == "ENOMEM: nullb0: init_hctx failed for hctx 0 (EFAULT)"
 
 
 def test_request_layout_is_declared_once():
@@ -469,8 +465,9 @@ def test_request_layout_is_declared_once():
     assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (12, *(values[k] for k in order))
     assert s.RQ_TIMES.unpack_from(buf, s.RQ_OFF_DEADLINE) == (11, 12)
     assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16)
-    assert buf[s.RQ_OFF_HCTX] == 18 and buf[s.RQ_OFF_Q] == 19 and buf[s.RQ_OFF_OP] == 1
-    assert buf[s.RQ_OFF_CPU] | buf[s.RQ_OFF_CPU + 1] << 8 == 257
+    words = memoryview(buf).cast("H")
+    assert words[s.RQ_U16_CPU] == 257 and words[s.RQ_U16_HCTX] == 18 and words[s.RQ_U16_Q] == 19
+    assert buf[s.RQ_OFF_OP] == 1
     # A PDU follows on its own line; the block layer's fields do not move.
     with_pdu = request_dtype(40)
     assert with_pdu.fields["pdu"][1] == 64

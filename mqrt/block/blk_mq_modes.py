@@ -29,10 +29,10 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_structs import (
     _BUSY,
     RQ_ALLOCATED,
-    RQ_OFF_Q,
     RQ_OFF_SETUP,
     RQ_OFF_STATUS,
     RQ_SETUP,
+    RQ_U16_Q,
     HwCtx,
     Queue,
 )
@@ -104,7 +104,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request(self, rq, status=None, batch=None):
-        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
+        queue = self.queues[self.buf16[(rq.base >> 1) + RQ_U16_Q]]
         self._lock(queue)
         try:
             return super().end_request(rq, status, batch)
@@ -112,7 +112,8 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request_batch(self, batch):
-        queues = list(dict.fromkeys(self.queues[self.buf[rq.base + RQ_OFF_Q]] for rq in batch))
+        buf16 = self.buf16
+        queues = list(dict.fromkeys(self.queues[buf16[(rq.base >> 1) + RQ_U16_Q]] for rq in batch))
         for queue in queues:
             self._lock(queue)
         try:
@@ -148,6 +149,7 @@ class RawBlkMq(BlkMq):
             users = queue.q.hctx_ctxs[hctx.index]
             me = users.index(cpu) if cpu in users else 0
             tags = hctx.tags
+            assert tags is not None  # this CPU's own hctx: mapped
             first = tags.nr_reserved_tags
             ids = [
                 tags.rq_base + t
@@ -211,7 +213,7 @@ class RawBlkMq(BlkMq):
             return False
         if status is not None:
             self.a.set32(rq.base + RQ_OFF_STATUS, int(status))
-        self.queues[self.buf[rq.base + RQ_OFF_Q]].ops.complete(self, rq)
+        self.queues[self.buf16[(rq.base >> 1) + RQ_U16_Q]].ops.complete(self, rq)
         return True
 
     def _reclaim(self, q: int) -> None:
