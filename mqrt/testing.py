@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqrt.block.blk_mq import BlkMq
@@ -116,9 +116,10 @@ class Rig:
     ``setup(layout, topology)`` declares the driver's tag sets and queues and returns
     ``(ops, queues)``, as a driver's ``setup`` does for the runtime; the rig adds the
     waiter table, creates and initialises the arena, and makes one :class:`BlkMq`
-    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU.  A driver with
-    ``bind`` is bound to CPU ``cpu``.  :meth:`close` releases everything (the arena
-    is unlinked).
+    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU of ``on_cpus``
+    (default: every CPU; a subset keeps a rig of many CPUs cheap), in that order.  A
+    driver with ``bind`` is bound to CPU ``cpu``.  :meth:`close` releases everything
+    (the arena is unlinked).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class Rig:
         setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue]]],
         nr_cpus: int = 1,
         cpu: int = 0,
+        on_cpus: Sequence[int] | None = None,
     ):
         self.layout = Layout()
         self.topology = Topology.emulated(nr_cpus)
@@ -138,7 +140,8 @@ class Rig:
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.cpus: list[ScriptedCpu] = []
         self.mqs: list[BlkMq] = []
-        for c in range(nr_cpus):
+        on_cpus = list(range(nr_cpus)) if on_cpus is None else list(on_cpus)
+        for c in on_cpus:
             sys_ = ScriptedCpu(c)
             mq = BlkMq(
                 self.arena, Waiters(self.arena, self.wspec, self.eventfds, c), c, self.queues, sys_
@@ -146,16 +149,16 @@ class Rig:
             sys_.mq = mq
             self.cpus.append(sys_)
             self.mqs.append(mq)
-        self.ops.bind(self.arena, self.mqs[cpu], cpu)
+        self.ops.bind(self.arena, self.mqs[on_cpus.index(cpu)], cpu)
 
     @property
     def mq(self) -> BlkMq:
-        """CPU 0's block layer."""
+        """The first CPU's block layer (CPU 0's by default)."""
         return self.mqs[0]
 
     @property
     def sys(self) -> ScriptedCpu:
-        """CPU 0's services."""
+        """The first CPU's services."""
         return self.cpus[0]
 
     def teardown(self) -> None:
