@@ -327,6 +327,8 @@ def test_second_queue_makes_set_shared():
     assert tset.flags & BlkMqFlag.TAG_QUEUE_SHARED
     assert q0.shared and q1.shared
     assert tset.tag_list == [q0, q1]
+    # queue_set_hctx_shared(): every hctx of both queues carries the flag
+    assert all(h.flags & BlkMqFlag.TAG_QUEUE_SHARED for q in (q0, q1) for h in q.hctxs)
 
 
 def test_cleanup_leaves_one_user_unshared():
@@ -338,6 +340,7 @@ def test_cleanup_leaves_one_user_unshared():
     cleanup_queue(qs[1])
     assert not qs[2].shared
     assert not tset.flags & BlkMqFlag.TAG_QUEUE_SHARED
+    assert not any(h.flags & BlkMqFlag.TAG_QUEUE_SHARED for h in qs[2].hctxs)
     assert tset.tag_list == [qs[2]]
 
 

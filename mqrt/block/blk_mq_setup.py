@@ -415,7 +415,7 @@ def init_queue(
     # blk_mq_add_queue_tag_set(): a second user makes the set shared.
     tset.tag_list.append(q)
     if len(tset.tag_list) > 1:
-        tset.flags |= BlkMqFlag.TAG_QUEUE_SHARED
+        _update_tag_set_shared(tset, True)
     # blk_mq_map_swqueue(): an hctx no CPU maps gets no tags; its own (not hctx 0's)
     # are freed with their requests.
     for h, hctx in enumerate(q.hctxs):
@@ -544,9 +544,19 @@ def cleanup_queue(q: RequestQueue) -> None:
             exit_hctx(hctx, h)
     if q in tset.tag_list:
         tset.tag_list.remove(q)
-    if len(tset.tag_list) <= 1:
-        tset.flags &= ~BlkMqFlag.TAG_QUEUE_SHARED
+    if len(tset.tag_list) <= 1:  # blk_mq_del_queue_tag_set()
+        _update_tag_set_shared(tset, False)
     q.ida.free(q.index)
+
+
+def _update_tag_set_shared(tset: TagSet, shared: bool) -> None:
+    """blk_mq_update_tag_set_shared(): BLK_MQ_F_TAG_QUEUE_SHARED on the set and on
+    every hctx of its queues (queue_set_hctx_shared())."""
+    flag = BlkMqFlag.TAG_QUEUE_SHARED
+    tset.flags = tset.flags | flag if shared else tset.flags & ~flag
+    for q in tset.tag_list:
+        for hctx in q.hctxs:
+            hctx.flags = hctx.flags | flag if shared else hctx.flags & ~flag
 
 
 def teardown(queues: list[RequestQueue]) -> None:

@@ -2,8 +2,8 @@
 shared-memory layout: the tag set, the request queue, requests, hctxs, ctx lists,
 and each CPU's handles on them.
 
-The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) and
-the data path that uses them are in :mod:`mqrt.block.blk_mq`.
+The functions that build them (``blk_mq_alloc_tag_set``, ``blk_mq_init_queue``) are in
+:mod:`mqrt.block.blk_mq_setup`, the data path that uses them in :mod:`mqrt.block.blk_mq`.
 
 Shared layout (one numpy dtype per struct, contended words on their own lines):
 
