@@ -130,6 +130,6 @@ def test_cpus_beyond_available_memory_is_refused(monkeypatch):
     with pytest.raises(KnobError) as exc:
         bench.build({"cpus": 512})
     assert str(exc.value) == (
-        "cpus: 512 CPUs need about 6.0 GiB of memory, this host has 1.0 GiB available"
+        "cpus: 512 CPUs need about 5.0 GiB of memory, this host has 1.0 GiB available"
     )
     assert bench.build({"cpus": 64})[0].nr_cpus == 64

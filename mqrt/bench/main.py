@@ -27,9 +27,10 @@ from mqrt.lib.knobs import Knob, KnobError, canonical, parse_knobs
 #: hold 65536; memory runs out long before, see cpu_memory_bytes()).
 MAX_CPUS = 1024
 #: What one CPU process takes of its own (USS, measured: 7.5 MB at 16 CPUs, 8.4 MB at
-#: 128) and what each other CPU adds to it (its handles on every ctx list, ...).
+#: 128, 9.1 MB at 512) and, with a margin, what each other CPU adds to it (its
+#: handles on every ctx list, ...).
 CPU_MEMORY_BYTES = 8 << 20
-CPU_MEMORY_PER_CPU_BYTES = 8 << 10
+CPU_MEMORY_PER_CPU_BYTES = 4 << 10
 
 
 def cpu_memory_bytes(nr_cpus: int) -> int:
@@ -56,7 +57,7 @@ RUN_KNOBS: tuple[Knob, ...] = (
         "int",
         2,
         "Number of emulated CPUs (worker processes, each ~8 MB of memory of its own and "
-        "~8 kB more per other CPU: 1024 CPUs take ~16 GB). At most what the host's "
+        "a few kB more per other CPU: 512 CPUs took 4.6 GB). At most what the host's "
         "available memory holds. Default: 2",
         1,
         MAX_CPUS,
