@@ -56,9 +56,9 @@ RUN_KNOBS: tuple[Knob, ...] = (
         "cpus",
         "int",
         2,
-        "Number of emulated CPUs (worker processes, each ~8 MB of memory of its own and "
-        "a few kB more per other CPU: 512 CPUs took 4.6 GB). At most what the host's "
-        "available memory holds. Default: 2",
+        f"Number of emulated CPUs, 1..{MAX_CPUS} and at most what the host's available "
+        "memory holds (worker processes, each ~8 MB of memory of its own and a few kB "
+        "more per other CPU: 512 CPUs took 4.6 GB). Default: 2",
         1,
         MAX_CPUS,
     ),
