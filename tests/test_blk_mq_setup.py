@@ -876,33 +876,55 @@ def test_300_ctxs_on_one_hctx(rigs):
     assert [rq.id for rq in ops.started] == [rq_id] and not hctx.has_pending()
 
 
-def test_16_bit_cpu_hctx_and_queue_fields(rigs):
-    """A request's cpu, hctx and q fields are read whole past 255: a completion IPI
-    names submitting CPU 299, the requeue work finds hctx 299's dispatch list, the
-    requeue kick and the bio's end name queue 299."""
+def test_16_bit_queue_field(rigs):
+    """A request's q field (q->id) is read whole past 255: the completion finds queue
+    299 (blk_mq_complete_request() -> ->complete on the right queue), so do the
+    requeue kick and the bio's end."""
+    ops = ScriptOps()
+
+    def setup(layout, topology):
+        tset = TagSet(ops=ops, nr_hw_queues=1, queue_depth=2)
+        alloc_tag_set(tset, layout, topology)
+        return ops, [init_queue(tset, layout, f"q{i}") for i in range(300)]
+
+    rig = rigs(setup, nr_cpus=1)
+    mq, sys_ = rig.mq, rig.sys
+    queue = mq.queues[299]
+    mq.submit_bio(queue, READ, 0, 8, 0)
+    (rq,) = ops.started
+    assert rq.setup()[6] == 299
+    mq.requeue_request(rq, kick=True)
+    assert sys_.requeue_kicks == [299]
+    sys_.run_requeue()
+    mq.complete_request(ops.started[-1])
+    sys_.run_softirqs()  # one hw queue: ->complete in the block softirq
+    assert [(cpu, q) for cpu, q, _info in sys_.done] == [(0, 299)]
+
+
+def test_16_bit_cpu_and_hctx_fields(rigs):
+    """A request's cpu and hctx fields are read whole past 255: a completion on CPU 0
+    with rq_affinity=2 sends its IPI to submitting CPU 299, and the requeue work puts
+    a DONTPREP request back on hctx 299's dispatch list."""
     ops = ScriptOps()
 
     def setup(layout, topology):
         tset = TagSet(ops=ops, nr_hw_queues=300, queue_depth=2)
         alloc_tag_set(tset, layout, topology)
-        return ops, [init_queue(tset, layout, f"q{i}", rq_affinity=2) for i in range(300)]
+        return ops, [init_queue(tset, layout, "q0", rq_affinity=2)]
 
     rig = rigs(setup, nr_cpus=300, on_cpus=[299, 0])
     mq299, mq0 = rig.mqs
-    queue = mq299.queues[299]
-    rq_id = mq299.alloc_request(queue, READ, 0, 8, 0, nowait=True)
-    rq = mq299.rqs[299][rq_id]
-    assert rq.setup()[4:7] == (299, 299, 299)
-    mq299.try_issue_directly(queue, queue.hctxs[299], rq_id)
-    mq0.complete_request(mq0.rqs[299][rq_id])  # rq_affinity=2: IPI to the submitter
-    assert rig.cpus[1].ipis == [(299, 299, rq_id, 0)]
+    queue = mq299.queues[0]
+    mq299.submit_bio(queue, READ, 0, 8, 0)
+    (rq,) = ops.started
+    assert rq.setup()[4:6] == (299, 299)
+    mq0.complete_request(mq0.rqs[0][rq.id])  # rq_affinity=2: IPI to the submitter
+    assert rig.cpus[1].ipis == [(299, 0, rq.id, 0)]
     mq299.a.fetch_or32(rq.base + RQ_OFF_FLAGS, int(Rqf.DONTPREP))
-    mq299.requeue_request(rq, kick=True)
-    assert rig.cpus[0].requeue_kicks == [299]
-    mq299.requeue_work(299)
-    assert ops.started[-1] is rq  # found on hctx 299's dispatch list and issued again
+    mq299.requeue_request(rq, kick=False)
+    mq299.requeue_work(0)
+    assert ops.started == [rq, rq]  # found on hctx 299's dispatch list, issued again
     mq299.end_request(rq, 0)
-    assert rig.cpus[0].done[-1][:2] == (299, 299)
 
 
 @pytest.mark.parametrize(
