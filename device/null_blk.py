@@ -22,6 +22,7 @@ Deviations from Linux
 
 from __future__ import annotations
 
+import errno
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HctxType, Topology, map_queue_types
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import HwCtx, Request, RequestQueue, TagSet
+from mqrt.block.blk_mq_structs import HwCtx, HwCtxSpec, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues
@@ -178,11 +179,13 @@ class NullbConfig(KnobValues):
 
 
 class NullbDevice:
-    """One /dev/nullbN: its queue and its shared fault state."""
+    """One /dev/nullbN (struct nullb): its queue and its shared fault state; the
+    queue's ``queuedata`` and every hctx's ``driver_data``."""
 
-    def __init__(self, index: int, q: RequestQueue, shared: Region):
+    q: RequestQueue  #: set once the queue is up
+
+    def __init__(self, index: int, shared: Region):
         self.index = index
-        self.q = q
         self.shared = shared
 
 
@@ -261,27 +264,33 @@ class NullbOps(BlkMqOps):
 
     # -- blk_mq_ops -------------------------------------------------------------------------------
 
-    def init_hctx(self, q: RequestQueue, hctx_idx: int) -> None:
-        """null_init_hctx(): fails when the init_hctx fault fires."""
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        """null_init_hctx(): -EFAULT when the init_hctx fault fires; otherwise the
+        hctx's driver_data is its device (the nullb of ``hctx->queue->queuedata``)."""
         attr = self.init_hctx_fault
-        if attr is None:
-            return
+        if attr is not None and self._init_hctx_should_fail(attr):
+            return -errno.EFAULT
+        hctx.driver_data = hctx.queue.queuedata
+        return 0
+
+    def _init_hctx_should_fail(self, attr: FaultAttr) -> bool:
+        """should_fail(&null_init_hctx_attr, 1), in the owner."""
         self._init_hctx_calls += 1
         if self._init_hctx_calls % attr.interval:
-            return
+            return False
         if attr.times == 0 or attr.probability <= self._rng.randrange(100):
-            return
+            return False
         if attr.times > 0:
             self.init_hctx_fault = FaultAttr(
                 attr.interval, attr.probability, attr.space, attr.times - 1
             )
-        raise OSError(14, "init_hctx fault injected")
+        return True
 
     def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
         """null_queue_rq().  The request's status (``cmd->error``) starts as OK: the
         block layer zeroes it when the request is set up."""
         if self.faults:
-            dev = self.devices[hctx.queue.index]
+            dev: NullbDevice = hctx.driver_data
             nbytes = rq.nr_bytes
             fake_timeout = self.timeout_fault is not None and self._should_fail(
                 dev, "timeout", self.timeout_fault, nbytes
@@ -438,11 +447,17 @@ def setup(
     queues = []
     for i in range(cfg.nr_devices):
         tset = shared_set if shared_set is not None else new_set(f"nullb{i}.tag_set")
-        q = init_queue(
-            tset, layout, i, f"nullb{i}", rq_affinity=rq_affinity, async_depth=async_depth
+        dev = NullbDevice(i, layout.add(f"nullb{i}.fault", NULLB_SHARED))
+        dev.q = init_queue(
+            tset,
+            layout,
+            f"nullb{i}",
+            queuedata=dev,
+            rq_affinity=rq_affinity,
+            async_depth=async_depth,
         )
-        queues.append(q)
-        ops.devices.append(NullbDevice(i, q, layout.add(f"nullb{i}.fault", NULLB_SHARED)))
+        queues.append(dev.q)
+        ops.devices.append(dev)
     return ops, queues
 
 

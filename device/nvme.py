@@ -12,25 +12,31 @@ CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
 * the interrupt (``nvme_irq`` -> ``nvme_poll_cq``): reap CQEs while their phase tag
   matches, look each command id up with the generation check ("genctr mismatch"),
   complete through blk-mq, then one CQ head doorbell write.
-* ``timeout`` (``nvme_timeout``, :meth:`NvmeOps.nvme_timeout`), in the kernel's
-  order: a failed controller (CSTS.CFS) is reset at once; then the CQ is polled
-  ("completion polled": a lost interrupt); then the state: CONNECTING or DELETING
-  cancel the command, RESETTING gives it another timeout; an admin command, or an
-  I/O command that times out again after its Abort, resets the controller
-  (:meth:`NvmeOps.reset_ctrl`); otherwise an Abort goes to the admin queue, at most
-  ``abort_limit`` (ACL + 1) at a time, and the command gets another timeout.
+* ``timeout`` (``nvme_timeout``, :meth:`NvmeOps.nvme_timeout`), on the queue the
+  request's iod names, in the kernel's order: a failed controller (CSTS.CFS) is reset
+  at once; then that CQ is polled ("completion polled": a lost interrupt); then the
+  state: CONNECTING or DELETING cancel the command, RESETTING gives it another
+  timeout; an admin command, or an I/O command that times out again after its Abort,
+  resets the controller (:meth:`NvmeOps.reset_ctrl`); otherwise an Abort goes to the
+  admin queue, at most ``abort_limit`` (ACL + 1) at a time, and the command gets
+  another timeout.
   Cancelled and aborted commands have no DNR, so ``complete`` (``nvme_complete_rq``)
   retries them up to ``nvme_max_retries``.
 * ``poll`` (``nvme_poll``): poll queues (``poll_queues``) are created without an
   interrupt; the CPU that submitted a polled bio reaps them.
+* ``init_hctx`` (``nvme_init_hctx``): hctx ``i``'s driver_data is I/O queue ``i + 1``
+  (its :class:`NvmeQueue`, what ``queue_rq``, ``commit_rqs`` and ``poll`` use);
+  ``init_request`` (``nvme_pci_init_request``, the admin tag set's too): the iod's
+  queue, in the PDU, is I/O queue ``hctx_idx + 1``, or the admin queue for an admin
+  request.
 * ``map_queues``: DEFAULT over the interrupt-driven queues, POLL over the poll queues;
   vector ``qid`` is affine to the first CPU of hctx ``qid - 1``.  Namespaces are
   request queues on the controller's tag set (``TAG_QUEUE_SHARED`` with more than one).
 
 Admin commands go through blk-mq on ``admin_q``, a queue on the admin tag set
 (``nvme_alloc_admin_tags``: one hw queue, NVME_AQ_MQ_TAG_DEPTH tags, ADMIN_TIMEOUT,
-BLK_MQ_F_NO_SCHED), so the admin SQ cannot be overrun; how each process drives it is
-:mod:`mqrt.device.nvme_core`.
+BLK_MQ_F_NO_SCHED, nvme_mq_admin_ops with nvme_admin_init_hctx), so the admin SQ
+cannot be overrun; how each process drives it is :mod:`mqrt.device.nvme_core`.
 
 The probe (``nvme_probe`` -> ``nvme_reset_work``) runs in the runtime before the CPUs
 start: enable the controller (CONNECTING), identify it (ACL -> ``abort_limit``) and its
@@ -50,6 +56,8 @@ Deviations from Linux
       under its shutdown_lock).
     * The admin queue's timeout work rides on the driver's timer of namespace 1 (its
       hctx 0's first CPU), every ADMIN_TIMEOUT / 8 (at most 200 ms).
+    * admin_q's queue id comes from an ida of its own (:data:`ADMIN_QUEUE_IDA`), not
+      the one the namespaces' queues share (the kernel's blk_queue_ida holds both).
 """
 
 from __future__ import annotations
@@ -66,7 +74,14 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_setup import init_shared as blk_mq_init_shared
-from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
+from mqrt.block.blk_mq_structs import (
+    RQ_OFF_FLAGS,
+    HwCtx,
+    HwCtxSpec,
+    Request,
+    RequestQueue,
+    TagSet,
+)
 from mqrt.block.blk_mq_types import (
     BlkMqFlag,
     BlkMqOps,
@@ -87,7 +102,12 @@ from mqrt.device.controller import (
 from mqrt.device.nvme_admin import IDENTIFY_CTRL
 from mqrt.device.nvme_core import (
     END_ABORT,
+    IOD_QID,
     NVME_ADMIN_CMD_SIZE,
+    PDU_ABORTED,
+    PDU_GENCTR,
+    PDU_QID,
+    PDU_RETRIES,
     AdminCmd,
     AdminQueue,
     NvmeAdminOps,
@@ -117,6 +137,7 @@ from mqrt.device.nvme_defs import (
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.lib import trace, wait
+from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region
@@ -161,9 +182,18 @@ NVME_KNOBS: tuple[Knob, ...] = (
          "Default: 60000", 1, 3600000),
 )  # fmt: skip
 
-#: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries.
+#: Request PDU (struct nvme_iod + nvme_request), bytes: genctr, aborted flag, retries,
+#: and at _QID the iod's queue (``iod->nvmeq``: its qid, u16), set by
+#: nvme_pci_init_request().  An admin request's PDU starts the same way
+#: (:mod:`mqrt.device.nvme_core`).
 NVME_CMD_SIZE = 8
-_GENCTR, _ABORTED, _RETRIES = 0, 1, 2
+_GENCTR, _ABORTED, _RETRIES, _QID = PDU_GENCTR, PDU_ABORTED, PDU_RETRIES, PDU_QID
+_IOD_QID = IOD_QID
+assert _QID + _IOD_QID.size <= NVME_CMD_SIZE
+
+#: The layout's id space of admin_q (each process's admin block layer has a queue
+#: table of its own, admin_q alone in it: id 0).
+ADMIN_QUEUE_IDA = "nvme_admin_queue"
 
 _DONTPREP = int(Rqf.DONTPREP)
 _LIVE, _RESETTING, _DEAD = int(CtrlState.LIVE), int(CtrlState.RESETTING), int(CtrlState.DEAD)
@@ -185,20 +215,30 @@ def set_queue_enabled(a, o, on: bool) -> None:
 
 
 class NvmeQueue:
-    """One process's handle on a queue pair (struct nvme_queue)."""
+    """struct nvme_queue: one queue pair (``dev->queues[qid]``).  The driver makes
+    one per queue when it declares them, before the arena exists: it is what
+    ``hctx->driver_data`` points at (``nvme_init_hctx``).  Each process attaches its
+    copy to the arena (:meth:`attach`) before using it."""
 
-    def __init__(self, arena: Arena, regions: QueueRegions, regs: Region, kick_fd: int):
-        self.a = a = arena.atomic
-        self.buf = arena.buf
+    a: AtomicView
+    buf: memoryview
+
+    def __init__(self, regions: QueueRegions, regs: Region):
         self.qid = regions.qid
-        o = regions.words.offsets()
-        self.o = o
+        self.max_depth = regions.max_depth
+        self.o = regions.words.offsets()
         self.sq_base = regions.sq.offset
         self.cq_base = regions.cq.offset
-        self.depth = a.read32(o.q_depth) or regions.max_depth
-        r = regs.offsets()
-        self._need_kick = r.need_kick
+        self._need_kick = regs.offsets().need_kick
+        self.depth = 0
+        self.kick_fd = -1
+
+    def attach(self, arena: Arena, kick_fd: int) -> None:
+        """This process's mapping of the queue (the arena, the kick eventfd)."""
+        self.a = arena.atomic
+        self.buf = arena.buf
         self.kick_fd = kick_fd
+        self.depth = self.a.read32(self.o.q_depth) or self.max_depth
 
     def refresh(self) -> None:
         self.depth = self.a.read32(self.o.q_depth)
@@ -348,7 +388,8 @@ class NvmeOps(BlkMqOps):
         self.irq_w: list[int] = []
         self.vector_cpu: list[int] = []  #: vector -> CPU it is affine to
         self.queues: list[RequestQueue] = []
-        self.nvmeqs: list[NvmeQueue] = []
+        self.tagset: TagSet | None = None  #: dev->tagset: the I/O queues' tag set
+        self.nvmeqs: list[NvmeQueue] = []  #: dev->queues[]: the admin queue, then I/O
         self.mq: BlkMq | None = None
         #: the admin tag set and ctrl->admin_q (nvme_alloc_admin_tags), declared by setup()
         self.admin_tagset: TagSet | None = None
@@ -367,8 +408,10 @@ class NvmeOps(BlkMqOps):
     # -- layout (in the owner) ----------------------------------------------------------
 
     def declare(self, layout: Layout) -> None:
+        """The controller's registers and every queue pair (``dev->queues[]``) in
+        ``layout``."""
         depth = self.cfg.io_queue_depth
-        self.regs = layout.add("nvme.regs", NVME_REGS)
+        self.regs = regs = layout.add("nvme.regs", NVME_REGS)
         self.data = layout.add("nvme.admin_data", "V4096")
         self.counters = layout.add("nvme.counters", DEV_COUNTERS)
         for qid in range(self.nr_io_queues + 1):
@@ -377,6 +420,23 @@ class NvmeOps(BlkMqOps):
             sq = layout.add(f"nvme.q{qid}.sq", "V64", qdepth)
             cq = layout.add(f"nvme.q{qid}.cq", "V16", qdepth)
             self.regions.append(QueueRegions(qid, qdepth, words, sq, cq))
+        self.nvmeqs = [NvmeQueue(q, regs) for q in self.regions]
+
+    # -- blk_mq_ops: set-up (in the owner) -----------------------------------------------------
+
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        """nvme_init_hctx(): hctx ``i``'s driver_data is I/O queue ``i + 1``."""
+        dev: NvmeOps = driver_data
+        hctx.driver_data = dev.nvmeqs[hctx_idx + 1]
+        return 0
+
+    def init_request(self, tset: TagSet, rq: Request, hctx_idx: int, numa_node: int) -> int:
+        """nvme_pci_init_request(): the iod's queue is I/O queue ``hctx_idx + 1``
+        (the admin queue, 0, for any other tag set)."""
+        dev: NvmeOps = tset.driver_data
+        qid = hctx_idx + 1 if tset is dev.tagset else 0
+        _IOD_QID.pack_into(rq.pdu, _QID, dev.nvmeqs[qid].qid)  # type: ignore[arg-type]
+        return 0
 
     def alloc_admin_tags(
         self, layout: Layout, topology: Topology, generation: SbqGeneration
@@ -386,7 +446,9 @@ class NvmeOps(BlkMqOps):
         and ``admin_q`` on it, declared in the owner's layout like the I/O set: its
         tags and requests live in the arena, so the owner (the probe) and every CPU
         (Aborts, resets) use the same ones.  Its completions run where they are reaped
-        (rq_affinity 0)."""
+        (rq_affinity 0).  Its ops' set-up ops are the admin ones: the hctx drives the
+        admin queue (nvme_admin_init_hctx) and every request's iod points at it
+        (nvme_pci_init_request); its driver_data is this device."""
         tset = TagSet(
             ops=NvmeAdminOps(self),
             nr_hw_queues=1,
@@ -394,12 +456,17 @@ class NvmeOps(BlkMqOps):
             cmd_size=NVME_ADMIN_CMD_SIZE,
             timeout_ms=self.cfg.admin_timeout,
             flags=BlkMqFlag.NO_SCHED,
+            driver_data=self,
             name="nvme_admin_tagset",
             generation=generation,
         )
         alloc_tag_set(tset, layout, topology)
         self.admin_tagset = tset
-        self.admin_q = init_queue(tset, layout, 0, "nvme0_admin_q", rq_affinity=0)
+        # Its id comes from an id space of its own: each process drives admin_q
+        # through a block layer of its own, whose queue table it is alone in.
+        self.admin_q = init_queue(
+            tset, layout, "nvme0_admin_q", rq_affinity=0, id_space=ADMIN_QUEUE_IDA
+        )
         self.admin_waiters = Waiters.declare(layout, 1, "nvme.admin_waiters")
         return self.admin_q
 
@@ -639,7 +706,8 @@ class NvmeOps(BlkMqOps):
         owner (the probe)."""
         self.mq = mq
         self.cpu = cpu
-        self.nvmeqs = [NvmeQueue(arena, q, self.regs, self.kick_fd) for q in self.regions]  # type: ignore[arg-type]
+        for q in self.nvmeqs:
+            q.attach(arena, self.kick_fd)
         for q in self.nvmeqs[1:]:
             q.refresh()
         r = self.regs.offsets()  # type: ignore[union-attr]
@@ -689,15 +757,15 @@ class NvmeOps(BlkMqOps):
     def poll(self, mq: BlkMq, hctx: HwCtx) -> int:
         """nvme_poll(): a lockless look at the CQ, then reap it unless another CPU
         is already doing so."""
-        q = self.nvmeqs[hctx.index + 1]
+        q: NvmeQueue = hctx.driver_data
         if not q.cqe_pending():
             return 0
-        return self.poll_cq(hctx.index + 1, trylock=True)
+        return self.poll_cq(q.qid, trylock=True)
 
     def queue_rq(self, mq: BlkMq, hctx: HwCtx, rq: Request, last: bool) -> int:
         """nvme_queue_rq(): a disabled queue (a reset is under way) refuses with
         BLK_STS_RESOURCE, and blk-mq retries later; a dead controller fails it."""
-        nvmeq = self.nvmeqs[hctx.index + 1]
+        nvmeq: NvmeQueue = hctx.driver_data
         if not nvmeq.lock_enabled():
             if nvmeq.a.read32(self._ctrl_state) == _DEAD:
                 return BlkStatus.IOERR
@@ -728,7 +796,7 @@ class NvmeOps(BlkMqOps):
         return 0
 
     def commit_rqs(self, mq: BlkMq, hctx: HwCtx) -> None:
-        self.nvmeqs[hctx.index + 1].commit()
+        hctx.driver_data.commit()
 
     def nvme_irq(self, vec: int) -> None:
         """nvme_irq(): the vector fired: reap its CQ (and, on vector 0, admin CQEs)."""
@@ -776,7 +844,7 @@ class NvmeOps(BlkMqOps):
         """nvme_handle_cqe(): command id -> request, with the genctr check; a
         successful one joins the completion batch, others complete one by one."""
         tag = cid & CID_TAG_MASK
-        if tag >= tags.nr_tags:
+        if tags is None or tag >= tags.nr_tags:  # no tags: an hctx no CPU maps
             self.stats["genctr_mismatch"] += 1
             return
         rq = mq.rqs[0][tags.rq_base + tag]  # every namespace shares the tag set's pool
@@ -812,12 +880,14 @@ class NvmeOps(BlkMqOps):
         mq.end_request(rq, nvme_error_status(status))
 
     def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
-        """->timeout of an I/O command: :meth:`nvme_timeout` on its queue."""
-        return self.nvme_timeout(mq, rq, gen, rq.setup()[5] + 1)
+        """->timeout of an I/O command: :meth:`nvme_timeout`."""
+        return self.nvme_timeout(mq, rq, gen)
 
-    def nvme_timeout(self, mq: BlkMq, rq: Request, gen: int, qid: int) -> EhRet:
-        """nvme_timeout(), in the kernel's order.  ``mq`` is the block layer the
-        request belongs to (the CPU's, or its admin queue's for ``qid`` 0).
+    def nvme_timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
+        """nvme_timeout() of an I/O or an admin command, in the kernel's order.  Its
+        queue is the iod's (``iod->nvmeq``, which nvme_pci_init_request() set in the
+        PDU: I/O queue ``hctx_idx + 1``, or the admin queue, 0); ``mq`` is the block
+        layer the request belongs to (the CPU's, or its admin queue's).
 
         1. nvme_should_reset(): CSTS.CFS set (the controller failed) and no reset
            under way: reset now.
@@ -832,6 +902,8 @@ class NvmeOps(BlkMqOps):
            tag, another timeout); the command gets another timeout, in which its
            Abort should complete it."""
         a = mq.a
+        pdu = rq.pdu
+        qid = _IOD_QID.unpack_from(pdu, _QID)[0]  # type: ignore[arg-type]  # iod->nvmeq
         state = a.read32(self._ctrl_state)
         if a.load_acquire32(self._csts_cfs) and state not in (_RESETTING, _CONNECTING):
             # "controller is down; will reset: CSTS=0x%x"
@@ -853,7 +925,6 @@ class NvmeOps(BlkMqOps):
             return EhRet.DONE
         if state == _RESETTING:
             return EhRet.RESET_TIMER
-        pdu = rq.pdu
         if qid == 0 or pdu[_ABORTED]:  # type: ignore[index]
             # "I/O %d QID %d timeout, reset controller"
             return self._timeout_reset("resets_admin" if qid == 0 else "")
@@ -1006,17 +1077,17 @@ def setup(
         queue_depth=cfg.io_queue_depth - 1,  # the SQ keeps one slot empty
         cmd_size=NVME_CMD_SIZE,
         timeout_ms=timeout_ms,
+        driver_data=ops,
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
         generation=generation,
     )
+    ops.tagset = tset
     alloc_tag_set(tset, layout, topology)
     if tset.queue_depth > cfg.io_queue_depth - 1:
         raise KnobError("io_queue_depth: inconsistent tag set depth")
     queues = [
-        init_queue(
-            tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth
-        )
+        init_queue(tset, layout, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth)
         for i in range(cfg.nr_namespaces)
     ]
     ops.queues = queues

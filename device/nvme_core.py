@@ -46,8 +46,10 @@ from mqrt.block.blk_mq_structs import (
     RQ_GEN_SHIFT,
     RQ_STATE_MASK,
     CpuSys,
+    HwCtxSpec,
     Request,
     RequestQueue,
+    TagSet,
 )
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet, RqState
 from mqrt.device.nvme_defs import (
@@ -98,11 +100,15 @@ def change_ctrl_state(a: AtomicView, off: int, new: CtrlState) -> bool:
 
 
 #: An admin request's PDU (struct nvme_iod of an admin command): the I/O PDU's genctr,
-#: aborted and retries bytes, how the request ends, the CQE's result
-#: (nvme_req(req)->result) and the command itself (nvme_req(req)->cmd).
+#: aborted and retries bytes, how the request ends, the iod's queue (``iod->nvmeq``:
+#: its qid, u16, at the I/O PDU's offset; nvme_pci_init_request() sets it, 0 here),
+#: the CQE's result (nvme_req(req)->result) and the command itself
+#: (nvme_req(req)->cmd).
 PDU_GENCTR, PDU_ABORTED, PDU_RETRIES, PDU_END_IO = 0, 1, 2, 3
-PDU_RESULT = 4
-PDU_CMD = 8
+PDU_QID = 4
+IOD_QID = struct.Struct("<H")
+PDU_RESULT = 8
+PDU_CMD = 12
 NVME_ADMIN_CMD_SIZE = PDU_CMD + SQE.size
 #: end_io: abort_endio (the completer frees it), or waited for by its issuer.
 END_ABORT, END_WAIT = 1, 2
@@ -340,12 +346,28 @@ class AdminQueue:
 
 class NvmeAdminOps(BlkMqOps):
     """nvme_mq_admin_ops: the admin tag set's blk_mq_ops, on the driver ``dev``
-    (struct nvme_dev) and its :class:`AdminQueue` in the calling process."""
+    (struct nvme_dev, the set's ``driver_data``) and its :class:`AdminQueue` in the
+    calling process."""
 
     name = "nvme-admin"
 
     def __init__(self, dev: NvmeOps):
         self.dev = dev
+
+    # -- set-up (in the owner) -------------------------------------------------------------
+
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        """nvme_admin_init_hctx(): the admin tag set's one hctx drives the admin
+        queue, ``dev->queues[0]``."""
+        dev: NvmeOps = driver_data
+        assert hctx_idx == 0, "WARN_ON(hctx_idx != 0): the admin tag set has one hctx"
+        hctx.driver_data = dev.nvmeqs[0]
+        return 0
+
+    def init_request(self, tset: TagSet, rq: Request, hctx_idx: int, numa_node: int) -> int:
+        """nvme_pci_init_request(), the I/O set's too: not ``dev->tagset``, so the
+        iod's queue is the admin queue (0)."""
+        return self.dev.init_request(tset, rq, hctx_idx, numa_node)
 
     def queue_rq(self, mq: BlkMq, hctx: Any, rq: Request, last: bool) -> int:
         return self.dev.admin.queue_rq(rq, last)  # type: ignore[union-attr]
@@ -356,4 +378,5 @@ class NvmeAdminOps(BlkMqOps):
         self.dev.admin.end_io(rq, nvme_error_status(rq.status))  # type: ignore[union-attr]
 
     def timeout(self, mq: BlkMq, rq: Request, gen: int) -> EhRet:
-        return self.dev.nvme_timeout(mq, rq, gen, 0)
+        """nvme_timeout(): the iod's queue is the admin queue (qid 0)."""
+        return self.dev.nvme_timeout(mq, rq, gen)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import Topology
-from mqrt.block.blk_mq_setup import init_shared
-from mqrt.block.blk_mq_structs import RequestQueue
+from mqrt.block.blk_mq_setup import init_shared, teardown
+from mqrt.block.blk_mq_structs import HwCtxSpec, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
@@ -116,9 +116,10 @@ class Rig:
     ``setup(layout, topology)`` declares the driver's tag sets and queues and returns
     ``(ops, queues)``, as a driver's ``setup`` does for the runtime; the rig adds the
     waiter table, creates and initialises the arena, and makes one :class:`BlkMq`
-    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU.  The driver is
-    bound to CPU ``cpu``.  :meth:`close` releases everything (the arena
-    is unlinked).
+    (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU of ``on_cpus``
+    (default: every CPU; a subset keeps a rig of many CPUs cheap), in that order.  The
+    driver is bound to CPU ``cpu``.  :meth:`close` releases everything (the arena is
+    unlinked).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class Rig:
         setup: Callable[[Layout, Topology], tuple[BlkMqOps, list[RequestQueue]]],
         nr_cpus: int = 1,
         cpu: int = 0,
+        on_cpus: Sequence[int] | None = None,
     ):
         self.layout = Layout()
         self.topology = Topology.emulated(nr_cpus)
@@ -138,7 +140,8 @@ class Rig:
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.cpus: list[ScriptedCpu] = []
         self.mqs: list[BlkMq] = []
-        for c in range(nr_cpus):
+        on_cpus = list(range(nr_cpus)) if on_cpus is None else list(on_cpus)
+        for c in on_cpus:
             sys_ = ScriptedCpu(c)
             mq = BlkMq(
                 self.arena, Waiters(self.arena, self.wspec, self.eventfds, c), c, self.queues, sys_
@@ -146,17 +149,22 @@ class Rig:
             sys_.mq = mq
             self.cpus.append(sys_)
             self.mqs.append(mq)
-        self.ops.bind(self.arena, self.mqs[cpu], cpu)
+        self.ops.bind(self.arena, self.mqs[on_cpus.index(cpu)], cpu)
 
     @property
     def mq(self) -> BlkMq:
-        """CPU 0's block layer."""
+        """The first CPU's block layer (CPU 0's by default)."""
         return self.mqs[0]
 
     @property
     def sys(self) -> ScriptedCpu:
-        """CPU 0's services."""
+        """The first CPU's services."""
         return self.cpus[0]
+
+    def teardown(self) -> None:
+        """The driver's remove path on the rig's queues (while the arena is still
+        there): :func:`~mqrt.block.blk_mq_setup.teardown`."""
+        teardown(self.queues)
 
     def close(self) -> None:
         for mq in self.mqs:
@@ -167,19 +175,36 @@ class Rig:
 
 
 class ScriptOps(BlkMqOps):
-    """A driver whose ``->queue_rq`` answers from a script: a list of statuses consumed
-    one per call (then OK).  A request it accepts is started and kept in
-    :attr:`started` for the caller to complete; ``->timeout`` completes the request
-    with ``BLK_STS_TIMEOUT`` and records its id in :attr:`timed_out`."""
+    """A driver whose ops answer from scripts.
+
+    ``->queue_rq`` consumes ``script``, a list of statuses, one per call (then OK); a
+    request it accepts is started and kept in :attr:`started` for the caller to
+    complete; ``->timeout`` completes the request with ``BLK_STS_TIMEOUT`` and
+    records its id in :attr:`timed_out`.
+
+    The set-up and tear-down ops are recorded in order in :attr:`lifecycle` as
+    ``(op, hctx_idx, tag)`` (``tag`` -1 for the hctx ops); ``->init_hctx`` and
+    ``->init_request`` return the next errno of ``init_hctx_script`` /
+    ``init_request_script`` (0 once a script is used up), and ``->init_hctx`` sets
+    the hctx's ``driver_data`` to ``("script", hctx_idx)``."""
 
     name = "script"
 
-    def __init__(self, script: list[int] | None = None):
+    def __init__(
+        self,
+        script: list[int] | None = None,
+        *,
+        init_hctx_script: list[int] | None = None,
+        init_request_script: list[int] | None = None,
+    ):
         self.script = list(script or [])
+        self.init_hctx_script = list(init_hctx_script or [])
+        self.init_request_script = list(init_request_script or [])
         self.started: list[Any] = []
         self.timed_out: list[int] = []
         self.calls = 0
         self.last_flags: list[bool] = []
+        self.lifecycle: list[tuple[str, int, int]] = []
 
     def queue_rq(self, mq, hctx, rq, last):
         self.calls += 1
@@ -196,3 +221,24 @@ class ScriptOps(BlkMqOps):
         self.timed_out.append(rq.id)
         mq.complete_request(rq, gen, status=BlkStatus.TIMEOUT)
         return EhRet.DONE
+
+    def init_hctx(self, hctx: HwCtxSpec, driver_data: Any, hctx_idx: int) -> int:
+        self.lifecycle.append(("init_hctx", hctx_idx, -1))
+        ret = self.init_hctx_script.pop(0) if self.init_hctx_script else 0
+        if not ret:
+            hctx.driver_data = ("script", hctx_idx)
+        return ret
+
+    def exit_hctx(self, hctx: HwCtxSpec, hctx_idx: int) -> None:
+        self.lifecycle.append(("exit_hctx", hctx_idx, -1))
+
+    def init_request(self, tset: TagSet, rq: Request, hctx_idx: int, numa_node: int) -> int:
+        self.lifecycle.append(("init_request", hctx_idx, rq.tag))
+        return self.init_request_script.pop(0) if self.init_request_script else 0
+
+    def exit_request(self, tset: TagSet, rq: Request, hctx_idx: int) -> None:
+        self.lifecycle.append(("exit_request", hctx_idx, rq.tag))
+
+    def calls_of(self, op: str) -> list[tuple[int, int]]:
+        """The (hctx_idx, tag) of every recorded call of ``op``."""
+        return [(h, t) for name, h, t in self.lifecycle if name == op]

@@ -73,13 +73,13 @@ def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
     ("args", "message"),
     [
         (("--irqmode", "fast"), "irqmode: must be none|softirq|timer (or 0|1|2), got 'fast'"),
-        (("--cpus", "0"), "cpus: must be 1..256, got '0'"),
+        (("--cpus", "0"), "cpus: must be 1..1024, got '0'"),
         (("--bs", "1000"), "bs: must be a multiple of 512, got 1000"),
         (("--hw_queue_depth", "0"), "hw_queue_depth: must be 1..65536, got '0'"),
         (("--requeue", "1,2"), "requeue: expected '<interval>,<probability>,<space>,<times>'"),
         (("--rw", "sideways"), "rw: must be read|write|randread"),
         (("--cpus-allowed", "0-999"), "cpus_allowed: CPUs"),
-        (("--init_hctx", "1,100,0,1"), "EFAULT: nullb0: init_hctx failed for hctx 0"),
+        (("--init_hctx", "1,100,0,1"), "ENOMEM: nullb0: init_hctx failed for hctx 0 (EFAULT)"),
         (("--driver", "nvme", "--irqmode", "none"), "irqmode: a nullb option"),
         (("--latency_ns", "5"), "latency_ns: an nvme option; add --driver nvme"),
         (("--runtime", "nan"), "runtime: must be 0.01..86400, got 'nan'"),
@@ -117,3 +117,19 @@ def test_ctrl_c_stops_cleanly_with_what_was_measured():
     read = report["jobs"][0]["read"]
     assert read["total_ios"] > 0 and read["runtime"] < 10_000
     assert report["mqrt"]["invariants"]["violations"] == 0
+
+
+def test_cpus_beyond_available_memory_is_refused(monkeypatch):
+    """--cpus goes up to 1024 (each CPU is a process of its own), and no further than
+    the host's available memory holds: a point asking for more is a usage error
+    before anything runs."""
+    from mqrt.bench import main as bench
+    from mqrt.lib.knobs import KnobError
+
+    monkeypatch.setattr(bench, "_mem_available", lambda: 1 << 30)
+    with pytest.raises(KnobError) as exc:
+        bench.build({"cpus": 512})
+    assert str(exc.value) == (
+        "cpus: 512 CPUs need about 5.0 GiB of memory, this host has 1.0 GiB available"
+    )
+    assert bench.build({"cpus": 64})[0].nr_cpus == 64

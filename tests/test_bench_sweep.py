@@ -80,7 +80,7 @@ def test_the_sweep_table_and_the_paper_ratio_in_text():
 def test_a_bad_point_is_named_before_anything_runs():
     out = mqrt("bench", "--cpus", "1,0", "--runtime", "0.1")
     assert out.returncode == 2
-    assert "cpus: must be 1..256, got '0' (at cpus=0)" in out.stderr
+    assert "cpus: must be 1..1024, got '0' (at cpus=0)" in out.stderr
     assert "Traceback" not in out.stderr
 
 

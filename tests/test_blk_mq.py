@@ -30,7 +30,7 @@ def script_setup(
         )
         alloc_tag_set(tset, layout, topology)
         queues = [
-            init_queue(tset, layout, i, f"q{i}", rq_affinity=rq_affinity) for i in range(nr_queues)
+            init_queue(tset, layout, f"q{i}", rq_affinity=rq_affinity) for i in range(nr_queues)
         ]
         return ops, queues
 

@@ -132,6 +132,38 @@ def test_the_admin_tag_set_is_the_seeds_and_the_probe_went_through_it():
     assert used == dev["admin_commands"] > 0
 
 
+def test_the_set_up_ops_point_every_hctx_and_iod_at_its_nvme_queue():
+    """nvme_init_hctx(): "struct nvme_queue *nvmeq = &dev->queues[hctx_idx + 1];
+    hctx->driver_data = nvmeq"; nvme_admin_init_hctx(): "nvmeq = &dev->queues[0]";
+    nvme_pci_init_request(): "int queue_idx = (set == &dev->tagset) ? hctx_idx + 1 :
+    0; ... iod->nvmeq = nvmeq".  The I/O hctxs (poll ones too) drive I/O queues 1..,
+    admin_q's one hctx the admin queue; every request's iod names its queue, the
+    admin requests' queue 0, which is what nvme_timeout() reads.  admin_q's id is 0
+    in its own id space, and the namespaces keep ids 0.. for the CPUs' tables."""
+    cfg = nvme.parse_config({"poll_queues": 1, "nr_namespaces": 2})
+    rig = Rig(lambda layout, topology: nvme.setup(cfg, layout, topology), nr_cpus=2)
+    ops: NvmeOps = rig.ops  # type: ignore[assignment]
+    try:
+        assert [q.index for q in rig.queues] == [0, 1]
+        assert ops.admin_q is not None and ops.admin_q.index == 0
+        tset, admin_set = rig.queues[0].tag_set, ops.admin_tagset
+        assert tset is ops.tagset and tset.driver_data is ops
+        assert admin_set is not None and admin_set.driver_data is ops
+        for q in rig.queues:
+            assert [h.driver_data for h in q.hctxs] == ops.nvmeqs[1:]
+        assert [h.driver_data for h in rig.mq.queues[0].hctxs] == ops.nvmeqs[1:]
+        assert [h.driver_data for h in ops.admin_q.hctxs] == [ops.nvmeqs[0]]
+        depth = tset.queue_depth
+        for rq in rig.mq.rqs[0]:
+            assert nvme._IOD_QID.unpack_from(rq.pdu, nvme._QID)[0] == rq.id // depth + 1  # type: ignore[arg-type]
+        for rq in ops.admin.rqs:  # type: ignore[union-attr]
+            assert nvme._IOD_QID.unpack_from(rq.pdu, nvme._QID)[0] == 0  # type: ignore[arg-type]
+    finally:
+        if ops.admin is not None:
+            ops.admin.mq.close()
+        rig.close()
+
+
 def test_admin_commands_beyond_the_admin_tags_are_refused_not_written():
     """The admin SQ holds NVME_AQ_DEPTH entries; "Subtract one to leave an empty queue
     entry for 'Full Queue' condition" (NVME_AQ_MQ_TAG_DEPTH): with every admin tag

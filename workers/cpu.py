@@ -556,6 +556,8 @@ class Cpu:
         tags_stats = {"tag_waits": 0, "tag_sleeps": 0}
         for tags_list in mq._tags.values():
             for t in tags_list:
+                if t is None:
+                    continue
                 tags_stats["tag_waits"] += t.nr_tag_waits
                 tags_stats["tag_sleeps"] += t.nr_tag_sleeps
         report: wire.CpuReport = {

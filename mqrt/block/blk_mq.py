@@ -69,6 +69,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
     RequestQueue,
+    TagSet,
 )
 from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import (
@@ -94,6 +95,25 @@ _WRITE = int(ReqOp.WRITE)
 _EV_TAG_GET, _EV_DISPATCH = int(Ev.TAG_GET), int(Ev.DISPATCH)
 
 
+def _pool_accessors(arena: Arena, tset: TagSet, tags: list[Tags | None]) -> list[Request]:
+    """This CPU's accessors for every request of ``tset``'s pool, by request id.  At
+    the ids of tags blk_mq_map_swqueue() freed (an hctx no CPU maps) it keeps inert
+    accessors, never allocated, so ids do not move."""
+    region = tset.rq_region
+    assert region is not None  # an allocated set
+    depth = tset.queue_depth
+    pool: list[Request] = []
+    for i, t in enumerate(tags):
+        if t is None:
+            pool += [Request.at(arena, region, i * depth + tag, tag) for tag in range(depth)]
+        else:
+            pool += [
+                Request(arena, region, t.rq_base + tag, t, tag, tset.timeout_ns)
+                for tag in range(t.nr_tags)
+            ]
+    return pool
+
+
 class BlkMq(BlkMqCompletion):
     """The block layer on one CPU: per-CPU handles of every queue and the data path.
 
@@ -111,24 +131,23 @@ class BlkMq(BlkMqCompletion):
         self.arena = arena
         self.a = arena.atomic
         self.buf = arena.buf
+        #: the arena as 16-bit words: a request's cpu, hctx and q fields are
+        #: ``buf16[(rq.base >> 1) + RQ_U16_*]``
+        self.buf16 = arena.buf.cast("H")
         self.cpu = cpu
         self.sys = sys
         self.mq = self
         self.clock = time.monotonic_ns
         self.plug: Plug | None = None
         self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
-        self._tags: dict[int, list[Tags]] = {}
+        self._tags: dict[int, list[Tags | None]] = {}
         for q in queues:
             tset = q.tag_set
             if id(tset) in self._tags:
                 continue
-            tags = [Tags(arena, spec, waiters, cpu) for spec in tset.tags]
+            tags = [None if s is None else Tags(arena, s, waiters, cpu) for s in tset.tags]
             self._tags[id(tset)] = tags
-            self._rqs[id(tset)] = [
-                Request(arena, tset.rq_region, t.rq_base + tag, t, tag, tset.timeout_ns)  # type: ignore[arg-type]
-                for t in tags
-                for tag in range(t.nr_tags)
-            ]
+            self._rqs[id(tset)] = _pool_accessors(arena, tset, tags)
         self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu) for q in queues]
         for queue in self.queues:
             for hctx in queue.hctxs:
@@ -182,6 +201,7 @@ class BlkMq(BlkMqCompletion):
         }
 
     def close(self) -> None:
+        self.buf16.release()
         for queue in self.queues:
             queue.close()
         for pool in self._rqs.values():
@@ -215,6 +235,7 @@ class BlkMq(BlkMqCompletion):
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         tags = hctx.tags
+        assert tags is not None  # a ctx maps only to hctxs with tags (blk_mq_map_swqueue)
         shared = queue.shared
         a = self.a
         rq_id = -1
@@ -322,6 +343,7 @@ class BlkMq(BlkMqCompletion):
             st = a.read(base)
             a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT)
             tags = hctx.tags
+            assert tags is not None  # its request came from them
             if trace.on:
                 trace.emit(Ev.TAG_PUT, rq_id - tags.rq_base, st >> RQ_GEN_SHIFT,
                            hctx.index, hctx.queue.index)  # fmt: skip
@@ -465,7 +487,7 @@ class BlkMq(BlkMqCompletion):
             ):
                 # blk_mq_request_issue_directly() without a budget to take, inlined.
                 if trace.on:
-                    trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
+                    trace.emit(_EV_DISPATCH, rq_id - hctx.rq_base, 0, hctx.index, queue.index)
                 ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
                 self.nr_issued += 1
                 if ret == 0:
@@ -506,7 +528,7 @@ class BlkMq(BlkMqCompletion):
     def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
         """__blk_mq_issue_directly()."""
         if trace.on:
-            trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index, queue.index)
+            trace.emit(_EV_DISPATCH, rq_id - hctx.rq_base, 0, hctx.index, queue.index)
         ret = queue.ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
         self.nr_issued += 1
         if ret == 0:
@@ -628,7 +650,7 @@ class BlkMq(BlkMqCompletion):
                 break
             i += 1
             if trace.on:
-                trace.emit(_EV_DISPATCH, rq_id - hctx.tags.rq_base, 0, hctx.index,
+                trace.emit(_EV_DISPATCH, rq_id - hctx.rq_base, 0, hctx.index,
                            hctx.queue.index)  # fmt: skip
             ret = ops.queue_rq(self, hctx, rqs[rq_id], i == n)
             self.nr_issued += 1

@@ -6,7 +6,9 @@ submitting CPU), requeue it, end it alone or in a batch -- and the timeout work.
 runs these; the other half (allocation, plugging, issue, hw queue runs) is in
 :mod:`mqrt.block.blk_mq`, which sets up the per-CPU state both use.  Every way a
 request ends goes through one step, :meth:`BlkMqCompletion.end_request`; every completion
-through one IN_FLIGHT -> COMPLETE step, :meth:`BlkMqCompletion._mark_complete`.
+through one IN_FLIGHT -> COMPLETE step, :meth:`BlkMqCompletion._mark_complete`.  (The
+raw mode's command slots are no block-layer requests: :mod:`mqrt.block.blk_mq_modes`
+completes and ends them its own lean way.)
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from mqrt.block.blk_mq_structs import (
     RQ_ALLOCATED,
     RQ_END,
     RQ_GEN_SHIFT,
-    RQ_OFF_CPU,
     RQ_OFF_DEADLINE,
     RQ_OFF_FLAGS,
-    RQ_OFF_HCTX,
     RQ_OFF_IO_START,
-    RQ_OFF_Q,
     RQ_OFF_STATUS,
     RQ_STATE_MASK,
     RQ_TIMES,
+    RQ_U16_CPU,
+    RQ_U16_HCTX,
+    RQ_U16_Q,
     BlkMqError,
     CpuSys,
     HwCtx,
@@ -70,6 +72,7 @@ class BlkMqCompletion:
     mq: BlkMq  #: this CPU's whole block layer (self), as the driver's ops take it
     a: AtomicView
     buf: memoryview
+    buf16: memoryview  #: the arena as 16-bit words (a request's cpu, hctx, q)
     cpu: int
     sys: CpuSys
     clock: Callable[[], int]
@@ -115,11 +118,12 @@ class BlkMqCompletion:
     def requeue_request(self, rq: Request, kick: bool) -> None:
         """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
         self._requeue_unstarted(rq)
-        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
+        half = rq.base >> 1
+        queue = self.queues[self.buf16[half + RQ_U16_Q]]
         queue.requeue_list.add([rq.id])
         self.stats["requeued"] += 1
         if trace.on:
-            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf[rq.base + RQ_OFF_HCTX], queue.index)
+            trace.emit(_EV_REQUEUE, rq.tag, rq.gen, self.buf16[half + RQ_U16_HCTX], queue.index)
         if kick:
             self.sys.kick_requeue(queue.index)
 
@@ -130,7 +134,8 @@ class BlkMqCompletion:
         rqs = self.rqs[q]
         for rq_id in queue.requeue_list.take():
             if rqs[rq_id].rq_flags & Rqf.DONTPREP:
-                queue.hctxs[self.buf[rqs[rq_id].base + RQ_OFF_HCTX]].dispatch.add([rq_id])
+                h = self.buf16[(rqs[rq_id].base >> 1) + RQ_U16_HCTX]
+                queue.hctxs[h].dispatch.add([rq_id])
             else:
                 self.insert_request(queue, rq_id, at_head=True)
         self.run_hw_queues(queue, False)
@@ -161,19 +166,20 @@ class BlkMqCompletion:
         if st < 0:
             return False
         base = rq.base
-        buf = self.buf
+        buf16 = self.buf16
+        half = base >> 1
         if status is not None:
             self.a.set32(base + RQ_OFF_STATUS, int(status))
         if trace.on:
-            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX],
-                       buf[base + RQ_OFF_Q])  # fmt: skip
+            trace.emit(_EV_COMPLETE, rq.tag, st >> RQ_GEN_SHIFT, buf16[half + RQ_U16_HCTX],
+                       buf16[half + RQ_U16_Q])  # fmt: skip
         if inject.armed:
             inject.hit("rq.complete.before_end")
-        queue = self.queues[buf[base + RQ_OFF_Q]]
-        if buf[base + RQ_OFF_FLAGS] & _RQF_POLLED:  # reaped by polling: complete in this task
+        queue = self.queues[buf16[half + RQ_U16_Q]]
+        if self.buf[base + RQ_OFF_FLAGS] & _RQF_POLLED:  # reaped by polling: complete here
             queue.ops.complete(self.mq, rq)
             return True
-        submit_cpu = buf[base + RQ_OFF_CPU] | buf[base + RQ_OFF_CPU + 1] << 8
+        submit_cpu = buf16[half + RQ_U16_CPU]
         cpu = self.cpu
         if (
             queue.same_comp
@@ -182,8 +188,8 @@ class BlkMqCompletion:
         ):
             self.stats["ipis_sent"] += 1
             if trace.on:
-                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf[base + RQ_OFF_HCTX], queue.index,
-                           submit_cpu)  # fmt: skip
+                trace.emit(Ev.IPI, rq.tag, st >> RQ_GEN_SHIFT, buf16[half + RQ_U16_HCTX],
+                           queue.index, submit_cpu)  # fmt: skip
             self.sys.ipi_complete(submit_cpu, queue.index, rq.id, (st >> RQ_GEN_SHIFT) & 0xFFFFFFFF)
             return True
         if queue.nr_hw_queues == 1:
@@ -318,10 +324,11 @@ class BlkMqCompletion:
         a = self.a
         expired = 0
         busy = 0
+        buf16 = self.buf16
         for rq in self.rqs[q]:
             base = rq.base
             st = a.load_acquire(base)
-            if not st & RQ_ALLOCATED or self.buf[base + RQ_OFF_Q] != q:
+            if not st & RQ_ALLOCATED or buf16[(base >> 1) + RQ_U16_Q] != q:
                 continue
             busy += 1
             if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
@@ -339,8 +346,8 @@ class BlkMqCompletion:
             self.stats["timeouts"] += 1
             verdict = queue.ops.timeout(self.mq, rq, st >> RQ_GEN_SHIFT)
             if trace.on:
-                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, self.buf[base + RQ_OFF_HCTX], q,
-                           int(verdict))  # fmt: skip
+                h = buf16[(base >> 1) + RQ_U16_HCTX]
+                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, h, q, int(verdict))
             if verdict == EhRet.RESET_TIMER:
                 self.stats["timer_resets"] += 1
                 a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
@@ -354,7 +361,8 @@ class BlkMqCompletion:
             self._idle_at[q] = now + queue.timeout_ns
         elif queue.shared and now >= idle_at:
             for hctx in queue.hctxs:
-                hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
+                if hctx.tags is not None:  # blk_mq_hw_queue_mapped()
+                    hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
         return expired
 
     # -- sysfs -------------------------------------------------------------------------------------
@@ -367,7 +375,7 @@ class BlkMqCompletion:
         done: set[int] = set()
         for hctx in queue.hctxs:
             tags = hctx.tags
-            if id(tags) in done:
+            if tags is None or id(tags) in done:
                 continue
             done.add(id(tags))
             if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:

@@ -110,6 +110,8 @@ class Topology:
 
     siblings: tuple[tuple[int, ...], ...]
     llc: tuple[tuple[int, ...], ...]
+    #: each CPU's LLC as the number of its first CPU (share_cache() in O(1))
+    _llc_id: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         nr = len(self.siblings)
@@ -118,19 +120,25 @@ class Topology:
         if len(self.llc) != nr:
             raise ValueError(f"topology: llc has {len(self.llc)} entries, siblings {nr}")
         for name in ("siblings", "llc"):
-            table = tuple(tuple(group) for group in getattr(self, name))
+            # One tuple per distinct group, shared by its members: the checks below
+            # then cost the sum of the groups' sizes, not nr_cpus times a group.
+            canon: dict[tuple[int, ...], tuple[int, ...]] = {}
+            table = tuple(canon.setdefault(g, g) for g in map(tuple, getattr(self, name)))
             object.__setattr__(self, name, table)
-            for cpu, group in enumerate(table):
+            members = 0
+            for group in canon.values():
+                members += len(group)
                 if (
-                    cpu not in group
+                    not group
                     or list(group) != sorted(set(group))
                     or not 0 <= group[0] <= group[-1] < nr
-                    or any(table[other] != group for other in group)
+                    or any(table[cpu] is not group for cpu in group)
                 ):
-                    raise ValueError(
-                        f"topology: {name}[{cpu}] = {group} must be sorted, within "
-                        f"0..{nr - 1}, contain {cpu} and be the same group for each member"
-                    )
+                    raise _bad_group(name, table.index(group), group, nr)
+            if members != nr:  # some CPU is in no group of its own
+                cpu = next(c for c, group in enumerate(table) if c not in group)
+                raise _bad_group(name, cpu, table[cpu], nr)
+        object.__setattr__(self, "_llc_id", tuple(group[0] for group in self.llc))
 
     @property
     def nr_cpus(self) -> int:
@@ -143,7 +151,7 @@ class Topology:
 
     def share_cache(self, a: int, b: int) -> bool:
         """Whether two CPUs share a last-level cache: ``cpus_share_cache()``."""
-        return b in self.llc[a]
+        return self._llc_id[a] == self._llc_id[b]
 
     @classmethod
     def emulated(
@@ -207,6 +215,13 @@ class Topology:
             f"{count(self.nr_cpus, 'CPU')}, {count(len(cores), 'core')} "
             f"({threads} thread{'' if sizes == [1] else 's'}/core), {count(nr_llc, 'LLC')}"
         )
+
+
+def _bad_group(name: str, cpu: int, group: tuple[int, ...], nr: int) -> ValueError:
+    return ValueError(
+        f"topology: {name}[{cpu}] = {group} must be sorted, within "
+        f"0..{nr - 1}, contain {cpu} and be the same group for each member"
+    )
 
 
 def _read_host_groups(hosts: Sequence[int], rel: str) -> dict[int, frozenset[int]] | None:

@@ -33,6 +33,8 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                         f"{tset.name}: request {rq_id} still owned (state {int(st):#x})"
                     )
         for spec in tset.tags:
+            if spec is None:  # freed: an hctx no CPU maps
+                continue
             for sbq in (spec.bitmap_tags, spec.breserved_tags):
                 if sbq is None:
                     continue

@@ -33,11 +33,11 @@ from mqrt.block.blk_mq_structs import (
     RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_IO_START,
-    RQ_OFF_Q,
     RQ_OFF_SETUP,
     RQ_OFF_STATUS,
     RQ_SETUP,
     RQ_STATE_MASK,
+    RQ_U16_Q,
     HwCtx,
     Queue,
 )
@@ -112,7 +112,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request(self, rq, status=None, batch=None, now=0):
-        queue = self.queues[self.buf[rq.base + RQ_OFF_Q]]
+        queue = self.queues[self.buf16[(rq.base >> 1) + RQ_U16_Q]]
         self._lock(queue)
         try:
             return super().end_request(rq, status, batch, now)
@@ -120,7 +120,8 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def end_request_batch(self, batch):
-        queues = list(dict.fromkeys(self.queues[self.buf[rq.base + RQ_OFF_Q]] for rq in batch))
+        buf16 = self.buf16
+        queues = list(dict.fromkeys(self.queues[buf16[(rq.base >> 1) + RQ_U16_Q]] for rq in batch))
         for queue in queues:
             self._lock(queue)
         try:
@@ -154,6 +155,7 @@ class RawBlkMq(BlkMq):
             users = queue.q.hctx_ctxs[hctx.index]
             me = users.index(cpu) if cpu in users else 0
             tags = hctx.tags
+            assert tags is not None  # this CPU's own hctx: mapped
             first = tags.nr_reserved_tags
             ids = [
                 tags.rq_base + t
@@ -228,7 +230,7 @@ class RawBlkMq(BlkMq):
             return False
         if status is not None:
             a.set32(base + RQ_OFF_STATUS, int(status))
-        self.queues[self.buf[base + RQ_OFF_Q]].ops.complete(self, rq)
+        self.queues[self.buf16[(base >> 1) + RQ_U16_Q]].ops.complete(self, rq)
         return True
 
     def end_request_batch(self, batch):

@@ -1,18 +1,37 @@
 """Tag sets and request queues: the setup half of ``block/blk-mq.c``.
 
 Runs in the owner, before the CPU workers are forked, as the kernel's alloc/init phase:
-:func:`alloc_tag_set` validates a tag set, maps CPUs to hardware queues and *declares*
-its tags and request pool in a :class:`~mqrt.lib.shm.Layout`; :func:`init_queue`
-declares a request queue's hctxs, ctxs and lists on it; :func:`init_shared`
-initialises all of it in the arena once the arena exists.  The data path that then runs
-on each CPU is :mod:`mqrt.block.blk_mq`.
+:func:`alloc_tag_set` validates a tag set, maps CPUs to hardware queues, allocates its
+request pool (calling ``->init_request`` for every request) and *declares* its tags
+and the pool's place in a :class:`~mqrt.lib.shm.Layout`; :func:`init_queue` declares a
+request queue's hctxs, ctxs and lists on it (calling ``->init_hctx`` for every hctx);
+:func:`init_shared` initialises all of it in the arena once the arena exists, moving
+each pool there with what the driver wrote in it.  The data path that then runs on
+each CPU is :mod:`mqrt.block.blk_mq`.  Tear-down is :func:`cleanup_queue` (drained
+queues only; ``->exit_hctx``) then :func:`free_tag_set` (``->exit_request``).
 
 Errors are :class:`~mqrt.block.blk_mq_structs.BlkMqError` naming what the kernel would
-return (-EINVAL, -ENOMEM, -EBUSY) and the field at fault.
+return (-EINVAL, -ENOMEM, -EBUSY, -EEXIST) and the field at fault; none of these
+paths lets another exception out (a driver's op raising anything but MemoryError is a
+driver bug, and propagates).
+
+Deviations from Linux
+    * The request pool is allocated before the arena exists: the owner holds it in an
+      anonymous mapping (:class:`~mqrt.block.blk_mq_structs.RqPool`) from
+      ``alloc_tag_set`` until ``init_shared`` copies it into the arena.
+    * The memory limit is emulated (``TagSet.pool_limit_bytes``, by default a quarter
+      of /dev/shm's free space); a real allocation failure counts the same.
+    * Queue ids come from an ida of the layout (one per run), not a system-wide one,
+      so a run's queues are numbered 0, 1, ... and index per-CPU tables; a queue
+      driven through a queue table of its own (nvme's admin_q) numbers from its own
+      ida (``init_queue(..., id_space=...)``).
+    * Every emulated CPU is on NUMA node 0 (``numa_node`` of a mapped hctx).
 """
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,13 +46,17 @@ from mqrt.block.blk_mq_cpumap import (
     queue_cpumasks,
 )
 from mqrt.block.blk_mq_structs import (
+    CTX_MAP_SHIFT,
     HCTX,
-    MAX_CTX_PER_HCTX,
     QUEUE,
+    RQ_ALLOCATED,
+    RQ_U16_LIMIT,
     BlkMqError,
+    HwCtxSpec,
     RequestQueue,
     RqList,
     RqListSpec,
+    RqPool,
     TagSet,
     declare_rq_list,
     request_dtype,
@@ -41,12 +64,39 @@ from mqrt.block.blk_mq_structs import (
 from mqrt.block.blk_mq_tag import BLK_MQ_TAG_MIN, declare_tags, init_tags
 from mqrt.block.blk_mq_types import (
     BLK_MQ_MAX_DEPTH,
+    BLK_MQ_NO_HCTX_IDX,
+    QUEUE_FLAG_MQ_DEFAULT,
     BlkMqFlag,
     BlkMqOps,
     QueueFlag,
 )
-from mqrt.lib.sbitmap import UINT_MAX
+from mqrt.lib.sbitmap import UINT_MAX, Sbitmap
 from mqrt.lib.shm import Arena, Layout
+
+#: The layout's id space for request queues (the kernel's blk_queue_ida).
+QUEUE_IDA = "blk_queue"
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _einval(msg: str) -> BlkMqError:
+    return BlkMqError(f"EINVAL: {msg}")
+
+
+def errno_name(err: int) -> str:
+    """``-ENOMEM`` (or ``ENOMEM``) as its name, e.g. for a driver op's return value."""
+    return errno.errorcode.get(abs(err), f"errno {abs(err)}")
+
+
+def _call_op(fn: Callable[..., Any], *args: Any) -> int:
+    """Call a driver's set-up op: its return value (0 or -errno); a MemoryError
+    raised inside it is -ENOMEM (BlkMqOps's failure convention)."""
+    try:
+        ret = fn(*args)
+    except MemoryError:
+        return -errno.ENOMEM
+    return int(ret or 0)
+
 
 # -- tag sets (blk_mq_alloc_tag_set) -------------------------------------------------------
 
@@ -62,14 +112,12 @@ def _default_pool_limit() -> int:
         return 1 << 30
 
 
-def _einval(msg: str) -> BlkMqError:
-    return BlkMqError(f"EINVAL: {msg}")
-
-
 def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
-    """blk_mq_alloc_tag_set(): validate, map CPUs to hardware queues and declare the
-    tags and the request pool in ``layout``.  Raises :class:`BlkMqError` where the
-    kernel returns -EINVAL or -ENOMEM; capped values are noted in ``tset.messages``."""
+    """blk_mq_alloc_tag_set(): validate, map CPUs to hardware queues, allocate the
+    request pool (->init_request for each request) and declare the tags and the
+    pool in ``layout``.  Raises :class:`BlkMqError` where the kernel returns -EINVAL
+    or -ENOMEM (the set is then left unallocated); capped values are noted in
+    ``tset.messages``."""
     if tset.tags:
         raise _einval(f"tag set {tset.name} is already allocated")
     if tset.nr_hw_queues < 1:
@@ -91,6 +139,8 @@ def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
         raise _einval(f"cmd_size must be in 0..4096, got {tset.cmd_size}")
     if tset.timeout_ms < 0:
         raise _einval(f"timeout must be >= 0 ms, got {tset.timeout_ms}")
+    if f"{tset.name}.rqs" in layout.regions:
+        raise BlkMqError(f"EEXIST: a tag set named {tset.name} is already declared")
     if tset.queue_depth > BLK_MQ_MAX_DEPTH:
         tset.messages.append(f"blk-mq: reduced tag depth to {BLK_MQ_MAX_DEPTH}")
         tset.queue_depth = BLK_MQ_MAX_DEPTH
@@ -104,50 +154,83 @@ def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
             f"blk-mq: nr_hw_queues capped at {nr_cpus} (nr_cpu_ids) from {tset.nr_hw_queues}"
         )
         tset.nr_hw_queues = nr_cpus
+    if tset.nr_hw_queues > RQ_U16_LIMIT:  # a request's hctx field is 16 bits
+        raise _einval(f"nr_hw_queues must be <= {RQ_U16_LIMIT}, got {tset.nr_hw_queues}")
     tset.nr_cpus = nr_cpus
     tset.topology = topology
     tset.map = [QueueMap(nr_queues=tset.nr_hw_queues) for _ in range(tset.nr_maps)]
-    _update_queue_map(tset)
-    _alloc_map_and_rqs(tset, layout)
+    try:
+        _update_queue_map(tset)
+        _alloc_map_and_rqs(tset, layout)
+    except BlkMqError:
+        tset.map = []  # out_free_mq_map
+        raise
     return tset
 
 
 def _update_queue_map(tset: TagSet) -> None:
-    """blk_mq_update_queue_map(): the driver's map_queues, or the default map."""
+    """blk_mq_update_queue_map(): the driver's ->map_queues on maps cleared first
+    (blk_mq_clear_mq_map(): every CPU to hctx 0), or the default map.  A map the
+    driver refuses or leaves unusable is -EINVAL."""
     if tset.nr_maps == 1:
         tset.map[HctxType.DEFAULT].nr_queues = tset.nr_hw_queues
+    name = tset.ops.name
     if tset.ops.map_queues is not None:
-        tset.ops.map_queues(tset)
+        for qmap in tset.map:
+            qmap.mq_map[:] = [0] * tset.nr_cpus
+        try:
+            tset.ops.map_queues(tset)
+        except ValueError as exc:  # a QueueMap or map_queues() refusing the driver's values
+            raise _einval(f"{name}: ->map_queues: {exc}") from None
     else:
         if tset.nr_maps > 1:
-            raise _einval(f"{tset.ops.name}: nr_maps > 1 needs ops.map_queues")
+            raise _einval(f"{name}: nr_maps > 1 needs ops.map_queues")
         map_queues(tset.map[HctxType.DEFAULT], tset.topology)
+    if tset.map[HctxType.DEFAULT].nr_queues < 1:
+        raise _einval(f"{name}: map DEFAULT has no queues (every CPU needs a DEFAULT hctx)")
     for i, qmap in enumerate(tset.map):
         if qmap.nr_queues and len(qmap.mq_map) != tset.nr_cpus:
-            raise _einval(f"{tset.ops.name}: map {HctxType(i).name} maps no CPUs")
+            raise _einval(
+                f"{name}: map {HctxType(i).name} maps {len(qmap.mq_map)} CPUs, not {tset.nr_cpus}"
+            )
         for cpu, hctx in enumerate(qmap.mq_map):
             if not 0 <= hctx < tset.nr_hw_queues:
                 raise _einval(
-                    f"{tset.ops.name}: map {HctxType(i).name} sends CPU {cpu} to hctx {hctx}, "
+                    f"{name}: map {HctxType(i).name} sends CPU {cpu} to hctx {hctx}, "
                     f"outside 0..{tset.nr_hw_queues - 1}"
                 )
 
 
+def _tags_hctx_idx(tset: TagSet, i: int) -> int:
+    """The hctx_idx ->init_request and ->exit_request get for the requests of
+    ``tset.tags[i]``: BLK_MQ_NO_HCTX_IDX for shared tags (they serve every hctx)."""
+    return BLK_MQ_NO_HCTX_IDX if tset.shared_tags else i
+
+
+def _hw_queue_to_node(tset: TagSet, hctx_idx: int) -> int:
+    """blk_mq_hw_queue_to_node() on the DEFAULT map, or the set's node: every
+    emulated CPU is on node 0."""
+    if hctx_idx != BLK_MQ_NO_HCTX_IDX and hctx_idx in tset.map[HctxType.DEFAULT].mq_map:
+        return 0
+    return tset.numa_node
+
+
 def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
-    """blk_mq_alloc_map_and_rqs() for every hctx (or the shared tags), halving the
-    depth while the request pool does not fit the memory limit."""
+    """blk_mq_alloc_map_and_requests(): allocate every hctx's requests (or the shared
+    tags'), halving the depth while an allocation fails, then declare the tags and
+    the pool's region in ``layout``."""
     limit = tset.pool_limit_bytes if tset.pool_limit_bytes is not None else _default_pool_limit()
     rq_dtype = request_dtype(tset.cmd_size)
     nr_tags_sets = 1 if tset.shared_tags else tset.nr_hw_queues
     depth = tset.queue_depth
-    while nr_tags_sets * tset.queue_depth * rq_dtype.itemsize > limit:
+    while True:
+        pool, why = _alloc_rq_maps(tset, rq_dtype, nr_tags_sets, limit)
+        if pool is not None:
+            break
         tset.queue_depth >>= 1
         if tset.queue_depth < tset.reserved_tags + BLK_MQ_TAG_MIN:
             tset.queue_depth = depth
-            raise BlkMqError(
-                f"ENOMEM: blk-mq: failed to allocate request map: {nr_tags_sets} x "
-                f"{rq_dtype.itemsize}-byte requests do not fit {limit} bytes at any depth"
-            )
+            raise BlkMqError(f"ENOMEM: blk-mq: failed to allocate request map: {why}")
     if depth != tset.queue_depth:
         tset.messages.append(f"blk-mq: reduced tag depth ({depth} -> {tset.queue_depth})")
     round_robin = bool(tset.flags & BlkMqFlag.TAG_RR)
@@ -167,15 +250,110 @@ def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
             )
         )
     tset.rq_region = layout.add(f"{tset.name}.rqs", rq_dtype, nr_tags_sets * tset.queue_depth)
+    tset.rq_pool = pool
+
+
+def _alloc_rq_maps(
+    tset: TagSet, rq_dtype: np.dtype, nr_tags_sets: int, limit: int
+) -> tuple[RqPool | None, str]:
+    """__blk_mq_alloc_rq_maps() at the set's current depth: the pool, or None and
+    why an allocation failed (what was allocated is freed again, ->exit_request
+    included)."""
+    depth = tset.queue_depth
+    if depth - tset.reserved_tags < BLK_MQ_TAG_MIN:
+        # blk_mq_init_tags(): no bitmap_tags of depth - reserved_tags can be allocated.
+        capped = " (capped at BLK_MQ_MAX_DEPTH)" if depth == BLK_MQ_MAX_DEPTH else ""
+        return None, f"{tset.reserved_tags} reserved tags leave no tag at depth {depth}{capped}"
+    hctx_bytes = rq_dtype.itemsize * depth
+    fit = min(nr_tags_sets, limit // hctx_bytes)  # hctxs whose requests fit the limit
+    no_room = (
+        f"{nr_tags_sets} x {depth} {rq_dtype.itemsize}-byte requests do not fit "
+        f"{limit} bytes at any depth"
+    )
+    if not fit:
+        return None, no_room
+    try:
+        pool = RqPool(f"{tset.name}.rqs", rq_dtype, fit * depth)
+    except (MemoryError, OSError) as exc:  # mmap: ENOMEM
+        return None, f"{fit * hctx_bytes} bytes of requests: {exc}"
+    for i in range(nr_tags_sets):
+        why = no_room if i >= fit else _alloc_rqs(tset, pool, i, depth)
+        if why:
+            for j in reversed(range(i)):  # out_unwind
+                _free_rqs(tset, pool, j, depth)
+            pool.release()
+            return None, why
+    return pool, ""
+
+
+def _alloc_rqs(tset: TagSet, pool: RqPool, i: int, depth: int) -> str:
+    """blk_mq_alloc_rqs() + blk_mq_init_request() for ``tset.tags[i]``'s requests:
+    ->init_request on each, then MQ_RQ_IDLE.  On a failure the requests done so far
+    are freed (->exit_request) and the reason returned; "" on success."""
+    init = tset.ops.init_request
+    if init is None:
+        return ""  # the pool is zero-filled: every request IDLE
+    hctx_idx = _tags_hctx_idx(tset, i)
+    node = _hw_queue_to_node(tset, hctx_idx)
+    first = i * depth
+    for tag in range(depth):
+        rq = pool.request(first + tag, tag)
+        ret = _call_op(init, tset, rq, hctx_idx, node)
+        if ret:
+            _free_rqs(tset, pool, i, tag)
+            return (
+                f"{tset.ops.name}: init_request failed for request {tag} of tags {i} "
+                f"at depth {depth} ({errno_name(ret)})"
+            )
+        pool.atomic.set(rq.base, 0)  # WRITE_ONCE(rq->state, MQ_RQ_IDLE)
+    return ""
+
+
+def _free_rqs(tset: TagSet, pool: RqPool, i: int, nr: int) -> None:
+    """blk_mq_free_rqs(): ->exit_request for the first ``nr`` requests of
+    ``tset.tags[i]`` (every one that was initialised)."""
+    exit_request = tset.ops.exit_request
+    if exit_request is None:
+        return
+    hctx_idx = _tags_hctx_idx(tset, i)
+    first = i * tset.queue_depth
+    for tag in range(nr):
+        exit_request(tset, pool.request(first + tag, tag), hctx_idx)
+
+
+def _free_map_and_rqs(tset: TagSet, i: int) -> None:
+    """blk_mq_free_map_and_requests(): free ``tset.tags[i]`` and its requests.  Their
+    memory stays in the layout (a declared layout does not shrink); nothing uses it."""
+    if tset.tags[i] is None:
+        return
+    if tset.rq_pool is not None:
+        _free_rqs(tset, tset.rq_pool, i, tset.queue_depth)
+    tset.tags[i] = None
 
 
 def free_tag_set(tset: TagSet) -> None:
-    """blk_mq_free_tag_set(): forget the tags; the arena's owner frees the memory."""
+    """blk_mq_free_tag_set(): free every tags and its requests (->exit_request for
+    each) and the maps.  The arena's owner frees the memory itself.
+
+    A set that still has queues is -EBUSY.  The seed's tear-down order (the tag set
+    first, then blk_cleanup_queue()) works in the kernel only by luck: the queue's
+    hctxs still point at the freed ``set->tags``, and blk_cleanup_queue() drains the
+    queue and calls ->exit_hctx through the freed set, a use-after-free.  Here the
+    queues must be cleaned up first."""
     if tset.tag_list:
-        raise BlkMqError(f"EBUSY: tag set {tset.name} still has queues: clean them up first")
+        names = ", ".join(q.name for q in tset.tag_list)
+        raise BlkMqError(
+            f"EBUSY: tag set {tset.name} still has queues ({names}): cleanup_queue() them "
+            "first (their hctxs use the set's tags and ops)"
+        )
+    for i in range(len(tset.tags)):
+        _free_map_and_rqs(tset, i)
+    if tset.rq_pool is not None:
+        tset.rq_pool.release()
     tset.tags.clear()
     tset.map.clear()
     tset.rq_region = None
+    tset.rq_pool = None
 
 
 # -- request queues (blk_mq_init_queue) ---------------------------------------------------
@@ -184,18 +362,23 @@ def free_tag_set(tset: TagSet) -> None:
 def init_queue(
     tset: TagSet,
     layout: Layout,
-    index: int,
     name: str,
     *,
     queuedata: Any = None,
     rq_affinity: int = 1,
     nomerges: int = 0,
     async_depth: int = 0,
+    id_space: str = QUEUE_IDA,
 ) -> RequestQueue:
-    """blk_mq_init_queue(): ctxs, hctxs and the ctx -> hctx map (blk_mq_map_swqueue),
-    declared in ``layout``; a second queue on the set turns on TAG_QUEUE_SHARED.
-    ``async_depth`` limits writes to a shallow depth of the tag map, as mq-deadline
-    does (its tags then declare it as their min_shallow_depth)."""
+    """blk_mq_init_queue(): a queue id (the layout's queue ida), hctxs set up by
+    ->init_hctx (unwound with ->exit_hctx if one fails: -ENOMEM), ctxs and the ctx
+    -> hctx map (blk_mq_map_swqueue(), which frees the tags and requests of an hctx
+    no CPU maps), declared in ``layout``; a second queue on the set turns on
+    TAG_QUEUE_SHARED.  ``async_depth`` limits writes to a shallow depth of the tag
+    map, as mq-deadline does (its tags then declare it as their min_shallow_depth).
+    ``id_space`` names the layout's ida the id comes from: :data:`QUEUE_IDA` for a
+    run's queues; a queue that each process drives through a block layer of its own,
+    alone in its queue table (nvme's admin_q), takes its id from a space of its own."""
     if not tset.tags:
         raise _einval(f"tag set {tset.name} is not allocated")
     if rq_affinity not in (0, 1, 2):
@@ -204,13 +387,14 @@ def init_queue(
         raise _einval(f"nomerges must be 0, 1 or 2, got {nomerges}")
     if not 0 <= async_depth <= tset.queue_depth:
         raise _einval(f"async_depth must be in 0..{tset.queue_depth}, got {async_depth}")
-    # A request records its queue and hctx in 16-bit fields whose low byte the hot
-    # paths read (blk_mq_structs.REQUEST).
-    if not 0 <= index <= 255:
-        raise _einval(f"queue index must be in 0..255, got {index}")
-    if tset.nr_hw_queues > 256:
-        raise _einval(f"nr_hw_queues must be <= 256, got {tset.nr_hw_queues}")
-    q = RequestQueue(tset, index, name, queuedata, rq_affinity, nomerges)
+    if f"{name}.queue" in layout.regions:
+        raise BlkMqError(f"EEXIST: a queue named {name} is already declared")
+    ida = layout.ida(id_space)
+    qid = ida.alloc(0, RQ_U16_LIMIT - 1)  # a request's q field is 16 bits
+    if qid < 0:  # blk_alloc_queue(): ida_simple_get() failed
+        raise BlkMqError(f"ENOMEM: {name}: no free queue id ({errno_name(qid)})")
+    q = RequestQueue(tset, qid, name, queuedata, rq_affinity, nomerges)
+    q.ida = ida
     q.async_depth = async_depth
     q.nr_hw_queues = tset.nr_hw_queues
     nr_cpus = tset.nr_cpus
@@ -227,64 +411,185 @@ def init_queue(
                 q.hctx_type[h] = HctxType(t)
     q.hctx_cpus = [sorted(m) for m in masks]
     q.hctx_ctxs = [sorted(m) for m in masks]
-    for h, ctxs in enumerate(q.hctx_ctxs):
-        if len(ctxs) > MAX_CTX_PER_HCTX:
-            raise _einval(f"hctx {h} has {len(ctxs)} ctxs, at most {MAX_CTX_PER_HCTX}")
-    prefix = f"{name}"
-    q.header = layout.add(f"{prefix}.queue", QUEUE)
-    q.hctx_region = layout.add(f"{prefix}.hctx", HCTX, q.nr_hw_queues)
-    depth = tset.queue_depth
-    pool = len(tset.tags) * depth
-    q.dispatch = [
-        declare_rq_list(
-            layout, f"{prefix}.hctx{h}.dispatch", depth if not tset.shared_tags else pool
-        )
+    flags = tset.flags & ~BlkMqFlag.TAG_QUEUE_SHARED
+    q.hctxs = [
+        HwCtxSpec(h, q, q.hctx_type[h], q.hctx_cpus[h], _hw_queue_to_node(tset, h), flags)
         for h in range(q.nr_hw_queues)
     ]
+    _init_hctxs(q)
+    _declare_queue(q, layout)
+    # blk_mq_add_queue_tag_set(): a second user makes the set shared.
+    tset.tag_list.append(q)
+    if len(tset.tag_list) > 1:
+        _update_tag_set_shared(tset, True)
+    # blk_mq_map_swqueue(): an hctx no CPU maps gets no tags; its own (not hctx 0's)
+    # are freed with their requests.
+    for h, hctx in enumerate(q.hctxs):
+        if not hctx.cpumask:
+            if h and not tset.shared_tags:
+                _free_map_and_rqs(tset, h)
+            hctx.tags = None
+    return q
+
+
+def _init_hctxs(q: RequestQueue) -> None:
+    """blk_mq_realloc_hw_ctxs() -> blk_mq_init_hctx(): hctx->tags, then ->init_hctx
+    for each hctx.  If one fails, the ones before it get ->exit_hctx, the queue id is
+    given back, and the queue is -ENOMEM (blk_mq_init_allocated_queue())."""
+    tset = q.tag_set
+    init_hctx = tset.ops.init_hctx
+    for h, hctx in enumerate(q.hctxs):
+        hctx.tags = tset.tags_for(h)
+        if init_hctx is None:
+            continue
+        ret = _call_op(init_hctx, hctx, tset.driver_data, h)
+        if ret:
+            exit_hctx = tset.ops.exit_hctx
+            if exit_hctx is not None:
+                for j in range(h):
+                    exit_hctx(q.hctxs[j], j)
+            q.ida.free(q.index)
+            raise BlkMqError(f"ENOMEM: {q.name}: init_hctx failed for hctx {h} ({errno_name(ret)})")
+
+
+def _declare_queue(q: RequestQueue, layout: Layout) -> None:
+    """The queue's shared structures in ``layout``: its header, the hctxs (with their
+    dispatch lists and ctx maps), each CPU's ctx lists, the requeue list."""
+    tset = q.tag_set
+    name = q.name
+    q.header = layout.add(f"{name}.queue", QUEUE)
+    q.hctx_region = layout.add(f"{name}.hctx", HCTX, q.nr_hw_queues)
+    depth = tset.queue_depth
+    # A list holds requests of one hctx's tags (or of the shared tags): at most depth.
+    q.dispatch = [
+        declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(q.nr_hw_queues)
+    ]
+    for h, hctx in enumerate(q.hctxs):
+        # blk_mq_alloc_hctx(): sbitmap_init_node(&hctx->ctx_map, ..., ilog2(8)), sized
+        # as blk_mq_map_swqueue()'s sbitmap_resize() leaves it (hctx->nr_ctx bits).
+        hctx.ctx_map = Sbitmap.declare(
+            layout, f"{name}.hctx{h}.ctx_map", max(1, hctx.nr_ctx), 1, shift=CTX_MAP_SHIFT
+        )
     q.ctx_lists = []
-    for cpu in range(nr_cpus):
+    for cpu in range(tset.nr_cpus):
         lists: list[RqListSpec | None] = []
         for t in range(HCTX_MAX_TYPES):
             tmap = tset.map[t] if t < tset.nr_maps else None
             if tmap is None or not tmap.nr_queues:
                 lists.append(None)  # aliases DEFAULT
             else:
-                lists.append(declare_rq_list(layout, f"{prefix}.cpu{cpu}.rq_list{t}", pool))
+                lists.append(declare_rq_list(layout, f"{name}.cpu{cpu}.rq_list{t}", depth))
         q.ctx_lists.append(lists)
-    q.requeue_list = declare_rq_list(layout, f"{prefix}.requeue_list", pool)
-    for h in range(q.nr_hw_queues):  # blk_mq_init_hctx(): ->init_hctx for each hctx
-        try:
-            tset.ops.init_hctx(q, h)
-        except Exception as exc:
-            raise BlkMqError(f"EFAULT: {name}: init_hctx failed for hctx {h}: {exc}") from exc
-    # blk_mq_add_queue_tag_set(): a second user makes the set shared.
-    tset.tag_list.append(q)
-    if len(tset.tag_list) > 1:
-        tset.flags |= BlkMqFlag.TAG_QUEUE_SHARED
-    return q
+    q.requeue_list = declare_rq_list(layout, f"{name}.requeue_list", len(tset.tags) * depth)
 
 
 def init_sq_queue(
-    ops: BlkMqOps, queue_depth: int, layout: Layout, topology: Topology, name: str = "sq0"
+    ops: BlkMqOps,
+    queue_depth: int,
+    set_flags: BlkMqFlag,
+    layout: Layout,
+    topology: Topology,
+    name: str = "sq0",
 ) -> RequestQueue:
-    """blk_mq_init_sq_queue(): a tag set of one hw queue and a queue on it."""
-    tset = TagSet(ops=ops, nr_hw_queues=1, queue_depth=queue_depth, name=f"{name}.set")
+    """blk_mq_init_sq_queue(): a tag set of one hw queue (one map, NUMA_NO_NODE,
+    ``set_flags``) and a queue on it; if the queue cannot be set up the set is freed
+    again and the error raised."""
+    tset = TagSet(
+        ops=ops,
+        nr_hw_queues=1,
+        queue_depth=queue_depth,
+        nr_maps=1,
+        flags=set_flags,
+        name=f"{name}.set",
+    )
     alloc_tag_set(tset, layout, topology)
-    return init_queue(tset, layout, 0, name)
+    try:
+        return init_queue(tset, layout, name)
+    except BlkMqError:
+        free_tag_set(tset)
+        raise
+
+
+def requests_in_flight(q: RequestQueue) -> int:
+    """How many of ``q``'s requests hold a tag: allocated and not yet ended
+    (plugged, on a list, issued, or completed and not freed)."""
+    pool = q.tag_set.rq_pool
+    if pool is None:
+        return 0
+    r = pool.region
+    v = np.ndarray((r.count,), dtype=r.dtype, buffer=pool.buf, offset=r.offset)
+    try:
+        return int(np.count_nonzero(((v["state"] & RQ_ALLOCATED) != 0) & (v["q"] == q.index)))
+    finally:
+        del v
 
 
 def cleanup_queue(q: RequestQueue) -> None:
-    """blk_cleanup_queue(): detach from the tag set; the last-but-one user leaving
-    turns TAG_QUEUE_SHARED off again."""
+    """blk_cleanup_queue(): the queue must be drained; then ->exit_hctx for each hctx
+    (blk_mq_exit_queue()), it leaves its tag set (the last-but-one user leaving turns
+    TAG_QUEUE_SHARED off again) and gives its id back.  A second call does nothing.
+
+    The kernel marks the queue dying and waits until its requests are done
+    (blk_freeze_queue()).  Here the owner calls it when no CPU runs (before the CPUs
+    start, or once they stopped), so nothing could finish a request: one still
+    holding a tag (:func:`requests_in_flight`) makes it -EBUSY instead of a wait that
+    never ends."""
+    if q.dying:
+        return
     tset = q.tag_set
+    busy = requests_in_flight(q)
+    if busy:
+        raise BlkMqError(
+            f"EBUSY: {q.name}: {busy} request(s) still in flight; "
+            "the queue can only be cleaned up once they have ended"
+        )
+    q.dying = True
+    exit_hctx = tset.ops.exit_hctx
+    if exit_hctx is not None:
+        for h, hctx in enumerate(q.hctxs):
+            exit_hctx(hctx, h)
     if q in tset.tag_list:
         tset.tag_list.remove(q)
-    if len(tset.tag_list) <= 1:
-        tset.flags &= ~BlkMqFlag.TAG_QUEUE_SHARED
+    if len(tset.tag_list) <= 1:  # blk_mq_del_queue_tag_set()
+        _update_tag_set_shared(tset, False)
+    q.ida.free(q.index)
+
+
+def _update_tag_set_shared(tset: TagSet, shared: bool) -> None:
+    """blk_mq_update_tag_set_shared(): BLK_MQ_F_TAG_QUEUE_SHARED on the set and on
+    every hctx of its queues (queue_set_hctx_shared())."""
+    flag = BlkMqFlag.TAG_QUEUE_SHARED
+    tset.flags = tset.flags | flag if shared else tset.flags & ~flag
+    for q in tset.tag_list:
+        for hctx in q.hctxs:
+            hctx.flags = hctx.flags | flag if shared else hctx.flags & ~flag
+
+
+def teardown(queues: list[RequestQueue]) -> None:
+    """A driver's remove path for a run's queues (null_del_dev(), nvme_remove()):
+    cleanup_queue() each, last first, then free_tag_set() each tag set once no
+    queue uses it.  Stops at the first error (EBUSY: requests still in flight),
+    leaving the rest in place."""
+    for q in reversed(queues):
+        cleanup_queue(q)
+    for tset in {id(q.tag_set): q.tag_set for q in queues}.values():
+        if not tset.tag_list and tset.tags:
+            free_tag_set(tset)
+
+
+# -- the arena ------------------------------------------------------------------------------
 
 
 def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None:
-    """Owner only: initialise every tag set and queue in the arena."""
+    """Owner only: initialise every tag set and queue in the arena, moving each
+    request pool there (with what ->init_request wrote in it).  ``queues`` are a
+    run's, in q->id order (the position of a queue is its id: per-CPU tables use
+    it)."""
+    for pos, q in enumerate(queues):
+        if q.index != pos:
+            raise _einval(f"{q.name} has id {q.index} at position {pos}: pass queues in id order")
+        if q.dying:
+            raise _einval(f"{q.name} was cleaned up")
     seen: set[int] = set()
     for q in queues:
         tset = q.tag_set
@@ -296,20 +601,23 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
                 default=UINT_MAX,
             )
             for i, spec in enumerate(tset.tags):
-                init_tags(arena, spec, seed + 2 * i, shallow)
-            v = arena.view(tset.rq_region)  # type: ignore[arg-type]
-            v[:] = np.zeros(1, v.dtype)
-            for rq_id in range(len(v)):
-                tset.ops.init_request(rq_id)
-            del v
+                if spec is not None:
+                    init_tags(arena, spec, seed + 2 * i, shallow)
+            assert tset.rq_pool is not None and tset.rq_region is not None  # allocated
+            tset.rq_pool.move_to(arena, tset.rq_region)
         v = arena.view(q.header)
-        flags = 0
-        if q.rq_affinity >= 1:
-            flags |= 1 << QueueFlag.SAME_COMP
+        flags = QUEUE_FLAG_MQ_DEFAULT
+        if tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues:
+            flags |= 1 << QueueFlag.POLL
+        if q.rq_affinity == 0:  # queue/rq_affinity = 0
+            flags &= ~(1 << QueueFlag.SAME_COMP)
         if q.rq_affinity == 2:
             flags |= 1 << QueueFlag.SAME_FORCE
         v["queue_flags"] = flags
         del v
+        for hctx in q.hctxs:
+            assert hctx.ctx_map is not None  # declared by init_queue
+            Sbitmap.init(arena, hctx.ctx_map)
         for list_spec in [*q.dispatch, q.requeue_list, *(s for ls in q.ctx_lists for s in ls)]:
             if list_spec is not None:
                 RqList.init(arena, list_spec)

@@ -14,15 +14,23 @@ struct                 fields (shared part)                  written by
 request (pool)         state, deadline, io_start, setup,     see :func:`request_dtype`
                        pdu
 blk_mq_hw_ctx          state bits, nr_active/max_active,     atomics (any CPU)
-                       dispatch_busy, ctx_map
+                       dispatch_busy
+hctx->ctx_map          an sbitmap of shift 3: 8 ctxs a       under the ctx list's lock
+                       word, a word a cache line
 request_queue          queue_flags, nr_active (shared tags)  atomics (any CPU)
 lists (ctx rq_lists,   lock, head, tail, ids                 under the list's lock
 dispatch, requeue)
 =====================  ====================================  ============================
+
+The owner builds the structs (:class:`TagSet`, :class:`RequestQueue` with one
+:class:`HwCtxSpec` per hctx); each CPU makes its handles on them (:class:`Queue`,
+:class:`HwCtx`, :class:`Request`) from its forked copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +45,7 @@ from mqrt.block.blk_mq_types import (
     BLK_MQ_CPU_WORK_BATCH,
     BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR,
     BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT,
+    NUMA_NO_NODE,
     SECTOR_SHIFT,
     BlkMqFlag,
     BlkMqOps,
@@ -47,7 +56,9 @@ from mqrt.block.blk_mq_types import (
     Rqf,
     RqState,
 )
-from mqrt.lib.sbitmap import SbqGeneration
+from mqrt.lib._atomic import AtomicView
+from mqrt.lib.idr import Ida
+from mqrt.lib.sbitmap import SbitmapSpec, SbqGeneration
 from mqrt.lib.shm import (
     Arena,
     Layout,
@@ -72,7 +83,8 @@ _QUIESCED = 1 << QueueFlag.QUIESCED
 
 
 class BlkMqError(ValueError):
-    """A tag set or queue the kernel would refuse (-EINVAL / -ENOMEM), named."""
+    """A tag set or queue the kernel would refuse, named: the message starts with the
+    errno the kernel returns (``EINVAL: ...``, ``ENOMEM: ...``, ``EBUSY: ...``)."""
 
 
 # -- shared-memory layout ------------------------------------------------------------------
@@ -95,8 +107,8 @@ _RQ_FIELDS = [
     ("nr_sectors", "<u4"),
     ("nr_bios", "<u4"),
     ("cpu", "<u2"),  # the submitting CPU
-    ("hctx", "<u2"),  # < 256: at most 256 CPUs, so hw queues; hot paths read its low byte
-    ("q", "<u2"),  # < 256 (init_queue refuses more queues); hot paths read its low byte
+    ("hctx", "<u2"),  # hctx->queue_num (alloc_tag_set keeps nr_hw_queues <= 65536)
+    ("q", "<u2"),  # q->id (the queue ida's range is 0..65535)
     ("op", "<u1"),
     ("pad", "<u1"),
     ("rq_flags", "<u4"),
@@ -138,6 +150,13 @@ RQ_OFF_Q = field_offset(REQUEST, "q")
 RQ_OFF_OP = field_offset(REQUEST, "op")
 RQ_OFF_FLAGS = field_offset(REQUEST, "rq_flags")
 RQ_OFF_STATUS = field_offset(REQUEST, "status")
+#: The 16-bit fields as indexes into a ``cast("H")`` view of the arena, from the
+#: request's ``base >> 1`` (hot paths read cpu, hctx and q whole, with one index).
+RQ_U16_CPU = RQ_OFF_CPU >> 1
+RQ_U16_HCTX = RQ_OFF_HCTX >> 1
+RQ_U16_Q = RQ_OFF_Q >> 1
+#: Largest number of hw queues, CPUs and queue ids the 16-bit fields hold.
+RQ_U16_LIMIT = 1 << 16
 #: The setup block (at RQ_OFF_SETUP), written once by the allocating CPU (one
 #: pack_into): start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags,
 #: status.
@@ -149,13 +168,14 @@ RQ_END = struct_of(REQUEST, "io_start_time_ns", "status")
 #: nr_sectors, nr_bios (at RQ_OFF_NR_SECTORS): what a merge grows.
 RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_bios")
 # The hot paths rely on these: the state word at the base, whole structs contiguous,
-# the one-byte reads of hctx and q (little-endian low bytes), one line in all.
+# the 16-bit fields on even offsets (their RQ_U16_* indexes), one line in all.
 assert field_offset(REQUEST, "state") == 0
 assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + field_dtype(REQUEST, "status").itemsize
 assert RQ_OFF_SETUP + RQ_SETUP.size == REQUEST.itemsize
 assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
 assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
-assert REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
+assert REQUEST["cpu"].itemsize == REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
+assert not (RQ_OFF_CPU | RQ_OFF_HCTX | RQ_OFF_Q) & 1
 assert REQUEST.itemsize == 64
 
 
@@ -171,13 +191,12 @@ HCTX = cacheline_struct(
     # requests holding a shared tag; the most held under a fair-share limit
     [("nr_active", "<i4"), ("max_active", "<i4")],
     [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
-    [("ctx_map", "(4,)<u8")],  # ctxs with pending requests, by index_hw (<= 256 ctxs)
 )
-#: ctx_map: a bitmap of 64-bit words, one bit per ctx of the hctx (by index_hw).
-CTX_MAP_WORDS = field_dtype(HCTX, "ctx_map").shape[0]
-CTX_MAP_WORD = field_dtype(HCTX, "ctx_map").base.itemsize  #: bytes per word
-MAX_CTX_PER_HCTX = CTX_MAP_WORDS * CTX_MAP_WORD * 8
-assert MAX_CTX_PER_HCTX == 256
+#: hctx->ctx_map is an sbitmap of 2^3 bits a word (blk_mq_alloc_hctx():
+#: ``ilog2(8)``), one bit per ctx of the hctx by index_hw: each word, on its own
+#: cache line, is shared by 8 CPUs' ctxs; no limit on the number of ctxs.
+CTX_MAP_SHIFT = 3
+_CTX_MAP_BIT_MASK = (1 << CTX_MAP_SHIFT) - 1
 
 #: struct request_queue, the shared part.
 QUEUE = cacheline_struct(
@@ -282,6 +301,62 @@ class RqList:
             spin_unlock(self.a, self._lock)
 
 
+class PoolMemory(Protocol):
+    """Memory a request pool lives in: the arena, or the owner's :class:`RqPool`
+    before the arena exists."""
+
+    @property
+    def atomic(self) -> AtomicView: ...
+
+    @property
+    def buf(self) -> memoryview: ...
+
+
+class RqPool:
+    """The memory of a tag set's requests (the pages of every ``tags->static_rqs``).
+
+    blk_mq_alloc_rqs() allocates it before the arena exists, so the owner holds it in
+    an anonymous mapping of its own (:attr:`region` at offset 0), where
+    ``->init_request`` fills each request's PDU; :func:`~mqrt.block.blk_mq_setup.init_shared`
+    then copies it into the tag set's region of the arena (:meth:`move_to`), and from
+    then on :attr:`atomic`, :attr:`buf` and :attr:`region` address the arena.
+    Creating one raises ``MemoryError`` or ``OSError(ENOMEM)`` when the memory is
+    not there.
+    """
+
+    def __init__(self, name: str, dtype: np.dtype, count: int):
+        self.region = Region(name, 0, dtype, count)
+        self._map: mmap.mmap | None = mmap.mmap(-1, self.region.nbytes)  # zero-filled
+        self.buf: memoryview = memoryview(self._map)
+        self.atomic: AtomicView = AtomicView(self.buf)
+        self.in_arena = False
+
+    def request(self, rq_id: int, tag: int) -> Request:
+        """An accessor for request ``rq_id`` (tag ``tag`` of its tags), for the
+        owner's ->init_request and ->exit_request calls."""
+        return Request.at(self, self.region, rq_id, tag)
+
+    def move_to(self, arena: Arena, region: Region) -> None:
+        """Copy the requests into ``region`` of ``arena`` and address them there."""
+        if self.in_arena:
+            return
+        arena.buf[region.offset : region.offset + region.nbytes] = self.buf[: region.nbytes]
+        self.release()
+        self.region, self.buf, self.atomic = region, arena.buf, arena.atomic
+        self.in_arena = True
+
+    def release(self) -> None:
+        """Unmap the owner's copy (an accessor a driver kept keeps it mapped until it
+        is collected)."""
+        if self._map is None:
+            return
+        self.atomic.release()
+        self.buf.release()
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        self._map = None
+
+
 @dataclass
 class TagSet:
     """struct blk_mq_tag_set: what a driver fills in before
@@ -295,8 +370,9 @@ class TagSet:
     cmd_size: int = 0  #: bytes of driver data per request (the PDU)
     timeout_ms: int = 0  #: request timeout; 0 means 30 s
     flags: BlkMqFlag = BlkMqFlag(0)  # noqa: RUF009 (an immutable enum value)
+    #: passed to ->init_hctx (the kernel's ``set->driver_data``)
     driver_data: Any = None
-    numa_node: int = -1
+    numa_node: int = NUMA_NO_NODE
     name: str = "set0"
     #: The emulated memory limit for the request pool (bytes): a pool that would not
     #: fit halves the depth, as blk_mq_alloc_map_and_rqs() does on -ENOMEM.
@@ -307,8 +383,11 @@ class TagSet:
     nr_cpus: int = 0
     topology: Topology = field(init=False, repr=False)
     map: list[QueueMap] = field(default_factory=list)
-    tags: list[TagsSpec] = field(default_factory=list)
-    rq_region: Region | None = None
+    #: set->tags[]: one per hctx (one for all with shared tags); None where
+    #: blk_mq_map_swqueue() freed an hctx no CPU maps
+    tags: list[TagsSpec | None] = field(default_factory=list)
+    rq_region: Region | None = None  #: the request pool's region of the arena
+    rq_pool: RqPool | None = field(default=None, repr=False)  #: where the requests are now
     tag_list: list[RequestQueue] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)  #: what the kernel would pr_info
 
@@ -321,16 +400,44 @@ class TagSet:
     def timeout_ns(self) -> int:
         return (self.timeout_ms or BLK_DEFAULT_TIMEOUT_MS) * 1_000_000
 
-    def tags_for(self, hctx_idx: int) -> TagsSpec:
+    def tags_for(self, hctx_idx: int) -> TagsSpec | None:
         return self.tags[0] if self.shared_tags else self.tags[hctx_idx]
 
 
-@dataclass
+@dataclass(eq=False)
+class HwCtxSpec:
+    """struct blk_mq_hw_ctx as the owner sets it up (blk_mq_alloc_hctx(),
+    blk_mq_init_hctx(), blk_mq_map_swqueue()): what ->init_hctx and ->exit_hctx get.
+    Each CPU's :class:`HwCtx` is made from it and carries its ``driver_data``."""
+
+    index: int  #: hctx->queue_num
+    queue: RequestQueue = field(repr=False)
+    type: HctxType
+    cpumask: list[int]  #: the CPUs whose ctx maps here
+    numa_node: int = NUMA_NO_NODE
+    flags: BlkMqFlag = BlkMqFlag(0)  # noqa: RUF009 (an immutable enum value)
+    #: hctx->tags: the set's tags for this hctx; None once blk_mq_map_swqueue() found
+    #: no CPU mapping it
+    tags: TagsSpec | None = None
+    #: hctx->driver_data: the driver's (->init_hctx sets it)
+    driver_data: Any = None
+    #: hctx->ctx_map: which ctxs (by index_hw) have requests pending
+    ctx_map: SbitmapSpec | None = field(default=None, repr=False)
+
+    @property
+    def nr_ctx(self) -> int:
+        return len(self.cpumask)
+
+
+@dataclass(eq=False)
 class RequestQueue:
     """struct request_queue with its hctxs and ctxs, as declared for a run."""
 
     tag_set: TagSet
-    index: int  #: position among the run's queues (the ``q`` field of requests)
+    #: q->id, from the queue ida of the layout the queue is declared on: unique among
+    #: its queues, dense from 0; the ``q`` field of requests and the queue's position
+    #: in a run's list
+    index: int
     name: str
     queuedata: Any = None
     rq_affinity: int = 1  #: 0: complete where the irq lands, 1: same LLC, 2: same CPU
@@ -342,16 +449,20 @@ class RequestQueue:
 
     # Built by init_queue():
     nr_hw_queues: int = 0
+    hctxs: list[HwCtxSpec] = field(default_factory=list)  #: q->queue_hw_ctx
     hctx_type: list[HctxType] = field(default_factory=list)
     hctx_cpus: list[list[int]] = field(default_factory=list)  #: hctx->cpumask
     ctx_hctx: list[list[int]] = field(default_factory=list)  #: [cpu][type] -> hctx
     hctx_ctxs: list[list[int]] = field(default_factory=list)  #: hctx -> cpus by index_hw
     dispatch: list[RqListSpec] = field(default_factory=list)
     ctx_lists: list[list[RqListSpec | None]] = field(default_factory=list)  #: [cpu][type]
+    dying: bool = False  #: blk_cleanup_queue() ran (QUEUE_FLAG_DYING)
     # The queue's shared structures, declared by init_queue() (absent before it).
     header: Region = field(init=False, repr=False)
     hctx_region: Region = field(init=False, repr=False)
     requeue_list: RqListSpec = field(init=False, repr=False)
+    #: the id space ``index`` came from (cleanup_queue gives it back)
+    ida: Ida = field(init=False, repr=False)
 
     @property
     def shared(self) -> bool:
@@ -397,27 +508,41 @@ class CpuSys(Protocol):
 
 
 class Request:
-    """A CPU's accessor for one request of a pool (a static_rqs entry).
+    """A process's accessor for one request of a pool (a static_rqs entry).
 
     One object per request per process, made once: the hot path never allocates.
-    Fields are read from and written to the shared pool.
+    Fields are read from and written to the shared pool.  ``pdu`` is the driver's
+    ``cmd_size`` bytes (blk_mq_rq_to_pdu()), None without a PDU.
     """
 
     __slots__ = ("_a", "_buf", "base", "id", "pdu", "tag", "tags", "timeout_ns")
 
     def __init__(
-        self, arena: Arena, region: Region, rq_id: int, tags: Tags, tag: int, timeout_ns: int
+        self, arena: PoolMemory, region: Region, rq_id: int, tags: Tags, tag: int, timeout_ns: int
     ):
-        self._a = arena.atomic
-        self._buf = arena.buf
+        self._bind(arena, region, rq_id, tag)
+        self.tags = tags
+        self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
+
+    @classmethod
+    def at(cls, mem: PoolMemory, region: Region, rq_id: int, tag: int) -> Request:
+        """An accessor with no tags handle (``tags`` unset, no timeout): what the
+        owner's ->init_request and ->exit_request get, and what a CPU keeps at the
+        ids of requests blk_mq_map_swqueue() freed (never allocated, always IDLE)."""
+        rq = cls.__new__(cls)
+        rq._bind(mem, region, rq_id, tag)
+        rq.timeout_ns = 0
+        return rq
+
+    def _bind(self, mem: PoolMemory, region: Region, rq_id: int, tag: int) -> None:
+        self._a = mem.atomic
+        self._buf = mem.buf
         self.id = rq_id
         self.base = region.addr(rq_id)
-        self.tags = tags
         self.tag = tag
-        self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
         if "pdu" in (region.dtype.names or ()):
             off = self.base + field_offset(region.dtype, "pdu")
-            self.pdu: memoryview | None = arena.buf[off : off + region.dtype["pdu"].itemsize]
+            self.pdu: memoryview | None = mem.buf[off : off + region.dtype["pdu"].itemsize]
         else:
             self.pdu = None
 
@@ -479,9 +604,12 @@ class Request:
 
 
 class HwCtx:
-    """A CPU's handle on one ``struct blk_mq_hw_ctx``."""
+    """A CPU's handle on one ``struct blk_mq_hw_ctx`` (made from the owner's
+    :class:`HwCtxSpec`).  ``tags`` is None for an hctx no CPU maps (no request is
+    ever allocated on it); ``driver_data`` is what ->init_hctx left in the spec."""
 
-    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags):
+    def __init__(self, arena: Arena, q: RequestQueue, queue: Queue, index: int, tags: Tags | None):
+        spec = q.hctxs[index]
         self.q = q
         self.queue = queue
         self.index = index
@@ -489,11 +617,17 @@ class HwCtx:
         self.cpumask = q.hctx_cpus[index]
         self._cpuset = frozenset(self.cpumask)
         self.tags = tags
+        #: request id of tag 0 of its tags (0 without tags)
+        self.rq_base = tags.rq_base if tags is not None else 0
+        self.driver_data = spec.driver_data
         self.a = arena.atomic
         o = q.hctx_region.offsets(index)
         self.state_off = o.state
         self.dispatch_busy_off = o.dispatch_busy
-        self._ctx_map = o.ctx_map
+        ctx_map = spec.ctx_map
+        assert ctx_map is not None, "init_queue declares every hctx's ctx_map"
+        #: the ctx_map's words, 8 ctxs (index_hw >> CTX_MAP_SHIFT) each
+        self._ctx_words = [ctx_map.words.addr(w, "word") for w in range(ctx_map.map_nr)]
         self.dispatch = RqList(arena, q.dispatch[index])
         self.ctx_lists = [RqList(arena, q.ctx_lists[cpu][self.type]) for cpu in q.hctx_ctxs[index]]  # type: ignore[arg-type]
         # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
@@ -516,7 +650,9 @@ class HwCtx:
         self.stats = {"run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0}
 
     def may_queue(self) -> bool:
-        return self.tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)
+        tags = self.tags
+        assert tags is not None  # only asked of an hctx a CPU maps
+        return tags.may_queue(self.active_off, self.active_bit, self.nr_active_off)
 
     @property
     def nr_active(self) -> int:
@@ -533,31 +669,36 @@ class HwCtx:
         return self.a.test_bit(self.state_off, HctxState.STOPPED)
 
     def mark_pending(self, index_hw: int) -> None:
-        """blk_mq_hctx_mark_pending() (under the ctx list lock)."""
-        off = self._ctx_map + CTX_MAP_WORD * (index_hw >> 6)
-        if not self.a.test_bit(off, index_hw & 63):
-            self.a.set_bit(off, index_hw & 63)
+        """blk_mq_hctx_mark_pending() (under the ctx list lock): sbitmap_set_bit()
+        unless sbitmap_test_bit() finds it set."""
+        off = self._ctx_words[index_hw >> CTX_MAP_SHIFT]
+        bit = index_hw & _CTX_MAP_BIT_MASK
+        if not self.a.test_bit(off, bit):
+            self.a.set_bit(off, bit)
 
     def has_pending(self) -> bool:
-        """blk_mq_hctx_has_pending(): dispatch list or any ctx marked."""
+        """blk_mq_hctx_has_pending(): dispatch list or any ctx marked
+        (sbitmap_any_bit_set())."""
         if not self.dispatch.empty():
             return True
-        a = self.a
-        return any(a.read(self._ctx_map + CTX_MAP_WORD * w) for w in range(CTX_MAP_WORDS))
+        read = self.a.read
+        return any(read(off) for off in self._ctx_words)
 
     def busy_ctxs(self) -> list[int]:
-        """index_hw of every ctx marked pending."""
+        """index_hw of every ctx marked pending (sbitmap_for_each_set())."""
         out = []
-        for w in range(CTX_MAP_WORDS):
-            word = self.a.read(self._ctx_map + CTX_MAP_WORD * w)
+        read = self.a.read
+        for w, off in enumerate(self._ctx_words):
+            word = read(off)
             while word:
                 low = word & -word
-                out.append(w * 64 + low.bit_length() - 1)
+                out.append((w << CTX_MAP_SHIFT) + low.bit_length() - 1)
                 word ^= low
         return out
 
     def clear_pending(self, index_hw: int) -> None:
-        self.a.clear_bit(self._ctx_map + CTX_MAP_WORD * (index_hw >> 6), index_hw & 63)
+        """blk_mq_hctx_clear_pending(): sbitmap_clear_bit()."""
+        self.a.clear_bit(self._ctx_words[index_hw >> CTX_MAP_SHIFT], index_hw & _CTX_MAP_BIT_MASK)
 
     def update_dispatch_busy(self, busy: bool) -> None:
         """blk_mq_update_dispatch_busy(): the EWMA of busy dispatches."""
@@ -576,7 +717,8 @@ class HwCtx:
 class Queue:
     """A CPU's handle on a request queue: its hctxs and this CPU's ctx."""
 
-    def __init__(self, arena: Arena, q: RequestQueue, tags: list[Tags], cpu: int):
+    def __init__(self, arena: Arena, q: RequestQueue, tags: list[Tags | None], cpu: int):
+        """``tags``: this CPU's handles on the set's tags, parallel to ``set.tags``."""
         self.q = q
         self.index = q.index
         self.tset = q.tag_set
@@ -584,9 +726,16 @@ class Queue:
         self.shared = q.shared
         self.timeout_ns = q.tag_set.timeout_ns
         self.a = arena.atomic
+        shared_tags = self.tset.shared_tags
         self.hctxs = [
-            HwCtx(arena, q, self, h, tags[0] if self.tset.shared_tags else tags[h])
-            for h in range(q.nr_hw_queues)
+            HwCtx(
+                arena,
+                q,
+                self,
+                h,
+                None if spec.tags is None else tags[0] if shared_tags else tags[h],
+            )
+            for h, spec in enumerate(q.hctxs)
         ]
         self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
         #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from mqrt.block.blk_mq import BlkMq
-    from mqrt.block.blk_mq_structs import HwCtx, Queue, Request, RequestQueue, TagSet
+    from mqrt.block.blk_mq_structs import HwCtx, HwCtxSpec, Queue, Request, TagSet
     from mqrt.lib.shm import Arena
 
 #: Largest queue_depth a tag set may ask for (BLK_MQ_MAX_DEPTH).
@@ -39,6 +39,11 @@ BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR = 4
 #: Default max_sectors of a request (BLK_DEF_MAX_SECTORS_CAP), 512-byte sectors.
 BLK_DEF_MAX_SECTORS = 2560
 SECTOR_SHIFT = 9
+#: "Any node" (NUMA_NO_NODE): a tag set's default ``numa_node``.
+NUMA_NO_NODE = -1
+#: The hctx_idx ->init_request and ->exit_request get for shared tags, which serve
+#: every hctx (BLK_MQ_NO_HCTX_IDX, -1U in the kernel).
+BLK_MQ_NO_HCTX_IDX = -1
 
 
 class BlkMqFlag(enum.IntFlag):
@@ -65,12 +70,23 @@ class HctxState(enum.IntEnum):
 
 
 class QueueFlag(enum.IntEnum):
-    """QUEUE_FLAG_*: bit numbers in ``q->queue_flags`` (the ones mqrt uses)."""
+    """QUEUE_FLAG_*: bit numbers in ``q->queue_flags`` (the ones mqrt uses; the
+    numbers are mqrt's own, the kernel's moved between versions)."""
 
     HCTX_ACTIVE = 0  #: shared-tags user is active (TAG_HCTX_SHARED)
     QUIESCED = 1
     SAME_COMP = 2  #: rq_affinity >= 1
     SAME_FORCE = 3  #: rq_affinity == 2
+    IO_STAT = 4  #: do disk/partition I/O accounting
+    NOWAIT = 5  #: the queue supports REQ_NOWAIT
+    POLL = 6  #: the tag set has poll queues: polled bios go to the POLL map
+
+
+#: QUEUE_FLAG_MQ_DEFAULT: what blk_mq_init_allocated_queue() sets on every new queue
+#: (5.10: I/O accounting, completion on the submitting CPU's cache, nowait).
+QUEUE_FLAG_MQ_DEFAULT = (
+    (1 << QueueFlag.IO_STAT) | (1 << QueueFlag.SAME_COMP) | (1 << QueueFlag.NOWAIT)
+)
 
 
 class BlkStatus(enum.IntEnum):
@@ -146,6 +162,14 @@ GetBudgetFn = Callable[["BlkMq", "Queue"], bool]
 PutBudgetFn = Callable[["BlkMq", "Queue"], None]
 MapQueuesFn = Callable[["TagSet"], None]
 PollFn = Callable[["BlkMq", "HwCtx"], int]
+#: The set-up and tear-down ops, called in the owner with the kernel's arguments:
+#: ->init_hctx(hctx, set->driver_data, hctx_idx) -> 0 or -errno,
+#: ->exit_hctx(hctx, hctx_idx), ->init_request(set, rq, hctx_idx, numa_node) -> 0 or
+#: -errno, ->exit_request(set, rq, hctx_idx).
+InitHctxFn = Callable[["HwCtxSpec", Any, int], int]
+ExitHctxFn = Callable[["HwCtxSpec", int], None]
+InitRequestFn = Callable[["TagSet", "Request", int, int], int]
+ExitRequestFn = Callable[["TagSet", "Request", int], None]
 #: An interrupt vector: the read end of its pipe and the handler the CPU runs when
 #: it is readable (the handler reads the pipe itself).
 IrqHandler = tuple[int, Callable[[], None]]
@@ -160,12 +184,50 @@ class BlkMqOps:
 
     **blk_mq_ops.**  ``queue_rq`` is required (:func:`~mqrt.block.blk_mq_setup.alloc_tag_set`
     refuses a driver without it).  ``commit_rqs``, ``get_budget``/``put_budget``,
-    ``map_queues`` and ``poll`` are ``None`` until overridden, and the block layer
-    tests for them (the kernel's NULL ops); the override must have the signature of
-    the ``*Fn`` type its attribute is declared with.  ``complete``, ``timeout``,
-    ``init_hctx`` and ``init_request`` have the default behaviour documented on them.
-    They run in a CPU worker, except ``map_queues``, ``init_hctx`` and
-    ``init_request``, which run in the owner while the queues are set up.
+    ``map_queues``, ``poll``, ``init_hctx``/``exit_hctx`` and
+    ``init_request``/``exit_request`` are ``None`` until overridden, and the block
+    layer tests for them (the kernel's NULL ops); the override must have the
+    signature of the ``*Fn`` type its attribute is declared with.  ``complete`` and
+    ``timeout`` have the default behaviour documented on them.  They run in a CPU
+    worker, except ``map_queues`` and the set-up and tear-down ops, which run in the
+    owner.
+
+    **Set-up and tear-down ops**, where 5.10 calls them:
+
+    ================  =============================================  ======================
+    op                called                                         arguments
+    ================  =============================================  ======================
+    ``init_request``  for every request of the pool as it is         ``(set, rq, hctx_idx,
+                      allocated (blk_mq_alloc_rqs(), in              numa_node)``
+                      ``alloc_tag_set``; a failure halves the
+                      depth like a pool that does not fit)
+    ``init_hctx``     for every hctx of a new queue (``init_queue``) ``(hctx,
+                                                                     set.driver_data,
+                                                                     hctx_idx)``
+    ``exit_hctx``     by ``cleanup_queue``, and by ``init_queue`` on  ``(hctx, hctx_idx)``
+                      the hctxs set up before one that failed
+    ``exit_request``  when the requests are freed: ``free_tag_set``, ``(set, rq,
+                      an hctx no CPU maps (blk_mq_map_swqueue()),     hctx_idx)``
+                      a failed allocation being unwound
+    ================  =============================================  ======================
+
+    ``hctx`` is the owner's :class:`~mqrt.block.blk_mq_structs.HwCtxSpec`; what an
+    ``init_hctx`` stores in ``hctx.driver_data`` is the ``driver_data`` of every
+    CPU's :class:`~mqrt.block.blk_mq_structs.HwCtx` for that hctx (its forked copy).
+    ``rq`` is a :class:`~mqrt.block.blk_mq_structs.Request` accessor of the pool with
+    its PDU (``rq.pdu``, ``cmd_size`` bytes) writable; ``init_request`` runs before
+    the arena exists, on the pool the owner holds until
+    :func:`~mqrt.block.blk_mq_setup.init_shared` copies it into the arena, so what it
+    writes is there when the CPUs start, but the accessor itself is not for keeping
+    (each CPU has its own, ``mq.rqs``).
+
+    **Failure convention**: ``init_hctx`` and ``init_request`` return 0 or a negative
+    errno (``-errno.ENOMEM``, ``-errno.EFAULT``, ...), as the kernel's ops do; a
+    ``MemoryError`` raised inside one counts as ``-ENOMEM`` (Python's own allocation
+    failure).  Any other exception is a driver bug and propagates.  The block layer
+    turns a failure into the kernel's errno: ``init_request`` -> the depth halves,
+    and ``alloc_tag_set`` fails with ENOMEM once nothing fits; ``init_hctx`` ->
+    ``init_queue`` unwinds and fails with ENOMEM, naming the driver's errno.
 
     **Life cycle**, every hook with a default that does nothing::
 
@@ -177,8 +239,9 @@ class BlkMqOps:
     A driver with a device process (nvme) returns it from :meth:`start_device`;
     ``probe``, ``shutdown`` and ``device_counters`` are only called for one.
 
-    Adding an op or a hook (``exit_hctx``, ``exit_request``, ...) is a method here
-    with its default, and its call in the block layer or the runtime.
+    Adding an op or a hook is an attribute (an optional op: ``None`` and its ``*Fn``
+    type) or a method with its default here, and its call in the block layer or the
+    runtime.
     """
 
     name = "driver"
@@ -213,12 +276,17 @@ class BlkMqOps:
         the request with a reference instead).  Default: give it another timeout."""
         return EhRet.RESET_TIMER
 
-    def init_hctx(self, q: RequestQueue, hctx_idx: int) -> None:
-        """->init_hctx(): hctx ``hctx_idx`` of ``q`` is being set up (in the owner,
-        at queue init); raise to fail the queue's creation."""
-
-    def init_request(self, rq_id: int) -> None:
-        """->init_request(): a request of the pool is being set up (owner)."""
+    #: ->init_hctx(hctx, driver_data, hctx_idx) -> 0 or -errno: a new queue's hctx
+    #: (``driver_data`` is the tag set's); may fill ``hctx.driver_data``.
+    init_hctx: InitHctxFn | None = None
+    #: ->exit_hctx(hctx, hctx_idx): the hctx goes away (cleanup_queue, or an
+    #: init_queue that failed on a later hctx).
+    exit_hctx: ExitHctxFn | None = None
+    #: ->init_request(set, rq, hctx_idx, numa_node) -> 0 or -errno: a request of the
+    #: pool was allocated; its PDU (``rq.pdu``) is the driver's to fill.
+    init_request: InitRequestFn | None = None
+    #: ->exit_request(set, rq, hctx_idx): a request of the pool is being freed.
+    exit_request: ExitRequestFn | None = None
 
     # -- life cycle: in the owner, before the CPUs fork ----------------------------------
 

@@ -49,13 +49,14 @@ from typing import Any
 import numpy as np
 
 from mqrt.lib._atomic import AtomicView
+from mqrt.lib.idr import Ida
 
 #: Size of a cache line on every machine we target (x86-64, arm64).
 CACHELINE = 64
 #: Prefix of every segment a run creates, followed by ``<owner pid>-<random>``.
 SEGMENT_PREFIX = "mqrt-"
 #: Bumped whenever the layout of any shared structure changes shape.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 #: Where Linux keeps POSIX shared memory.
 SHM_DIR = "/dev/shm"
 
@@ -173,10 +174,18 @@ class Region:
 
 @dataclass
 class Layout:
-    """The arena's map: regions in declaration order, each on its own cache line."""
+    """The arena's map: regions in declaration order, each on its own cache line,
+    and the id spaces of the objects declared on it (:meth:`ida`)."""
 
     regions: dict[str, Region] = field(default_factory=dict)
     size: int = 0
+    ids: dict[str, Ida] = field(default_factory=dict, repr=False)
+
+    def ida(self, space: str) -> Ida:
+        """The id space ``space`` of this arena (created empty on first use): ids
+        dense from 0 for objects that per-process tables index (the block layer's
+        queue ids)."""
+        return self.ids.setdefault(space, Ida())
 
     def add(self, name: str, dtype: np.dtype | str, count: int = 1) -> Region:
         """Append a region of ``count`` elements of ``dtype`` and return it."""

@@ -11,8 +11,18 @@ import time
 
 from mqrt.lib import wire
 
-#: A CPU that has not said "ready" by then is stuck in setup.
+#: A CPU that has not said "ready" by then is stuck in setup ...
 READY_TIMEOUT_S = 30.0
+#: ... plus this much per CPU: hundreds of CPUs set up one after another on few
+#: host cores (each builds its handles on every queue and ctx).
+READY_PER_CPU_S = 0.1
+
+
+def ready_timeout_s(nr_cpus: int) -> float:
+    """How long ``nr_cpus`` CPUs may take to say "ready" before they count as stuck."""
+    return READY_TIMEOUT_S + READY_PER_CPU_S * nr_cpus
+
+
 #: Join, then SIGTERM, then SIGKILL (loky's order), each with this deadline.
 JOIN_TIMEOUT_S = 5.0
 

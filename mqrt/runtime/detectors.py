@@ -100,13 +100,15 @@ class Monitor:
         self.stats = [cpu_stats.offsets(i) for i in range(nr_cpus)]
         self.maps: list[_Map] = []
         self.queue_views: list[Queue] = []
-        by_set: dict[int, list[Tags]] = {}
+        by_set: dict[int, list[Tags | None]] = {}
         for q in queues:
             tset = q.tag_set
             if id(tset) not in by_set:
-                tags = [Tags(arena, spec, self.waiters, 0) for spec in tset.tags]
+                tags = [None if s is None else Tags(arena, s, self.waiters, 0) for s in tset.tags]
                 by_set[id(tset)] = tags
                 for i, t in enumerate(tags):
+                    if t is None:  # an hctx no CPU maps: freed
+                        continue
                     rqs = [
                         Request(arena, tset.rq_region, t.rq_base + tag, t, tag, tset.timeout_ns)
                         for tag in range(t.nr_tags)

@@ -16,7 +16,7 @@ from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.lib import wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
-from mqrt.runtime.children import JOIN_TIMEOUT_S, READY_TIMEOUT_S, exit_name, reap, recv, send
+from mqrt.runtime.children import JOIN_TIMEOUT_S, exit_name, ready_timeout_s, reap, recv, send
 from mqrt.runtime.spec import RunError, RunResult
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class Manager:
         self.spec = run.spec
         self.n = run.n
         self.phase = Phase.SETUP
-        self.deadline = time.monotonic() + READY_TIMEOUT_S
+        self.deadline = time.monotonic() + ready_timeout_s(self.n)
         self.ready: set[int] = set()
         self.drained: set[int] = set()
         self.results: dict[int, wire.CpuReport] = {}

@@ -4,8 +4,9 @@ they measured, and cleans up on every path.
 ::
 
     runtime (owner)
-      | layout <- driver setup (alloc_tag_set, init_queue) + waiters + CPU stats
-      | arena = Arena.create(layout); init tags, requests, lists; ops.init_shared
+      | layout <- driver setup (alloc_tag_set: the request pools, ->init_request;
+      |           init_queue: ->init_hctx) + waiters + CPU stats
+      | arena = Arena.create(layout); init tags, lists; the pools moved in; ops.init_shared
       | eventfds (one per CPU waiter), IPI pipes, ops.make_fds, control + result pipes
       | the driver's device, if it has one: ops.start_device -> "ready" -> ops.probe
       | fork CPU 0..N-1 (pinned to host cores, wrapping around)
@@ -15,7 +16,8 @@ they measured, and cleans up on every path.
       |   a CPU that dies: noticed at once (its sentinel), reported with its role,
       |   CPU and signal; the others are stopped and report what they measured
       | all drained -> exit (Phase.EXIT) -> results -> invariants (checked in the arena)
-      \\-- finally: join with a deadline, SIGTERM, SIGKILL; close fds; unlink arena
+      \\-- finally: join with a deadline, SIGTERM, SIGKILL; teardown (cleanup_queue,
+          free_tag_set: ->exit_hctx, ->exit_request); close fds; unlink arena
 
 The driver is reached only through :class:`~mqrt.block.blk_mq_types.BlkMqOps`; the
 children's control messages are those of :mod:`mqrt.lib.wire`.  What a run is given and
@@ -37,7 +39,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
-from mqrt.block.blk_mq_setup import init_shared
+from mqrt.block.blk_mq_setup import init_shared, teardown
+from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
 from mqrt.lib import inject, wire
 from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
@@ -107,6 +110,10 @@ class _Run:
             finally:
                 inject.configure({})
                 reap(self.procs)
+                # The driver's remove path; a run that left requests in flight has
+                # reported them (invariants), and its queues stay as they are.
+                with contextlib.suppress(BlkMqError):
+                    teardown(self.queues)
                 for c in self.conns:
                     with contextlib.suppress(OSError):
                         c.close()
