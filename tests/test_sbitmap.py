@@ -42,6 +42,7 @@ class Rig:
             self.spec = SbitmapQueue.declare(self.layout, "tags", depth, nr_cpus, **kw)
         self.owners = self.layout.add("owners", "<i8", depth)
         self.sleeps = self.layout.add("sleeps", "<u8")
+        self.frees = self.layout.add("frees", "<u8")  #: tags put, by every process
         self.arena = Arena.create(self.layout)
         Waiters.init(self.arena, self.wspec)
         if tags:
@@ -346,7 +347,9 @@ def test_no_bit_owned_twice_across_processes(rig_factory, round_robin):
     assert rig.sbq().sb.weight() == 0
 
 
-#: A sleep this long means a lost wake-up: a healthy wait here lasts microseconds.
+#: A sleeper looks again this often whether anybody still frees tags: if nobody freed
+#: one during a whole interval, the sleeper is stranded (a lost wake-up).  Progress is
+#: counted, not timed, so a loaded host that slows everyone does not fail the test.
 STRANDED_S = 5.0
 
 
@@ -355,7 +358,8 @@ def _sleepy_worker(rig, cpu, rounds, max_hold):
     (blk_mq_get_tag(), sleeping when none is free), keep them a moment, free them
     (blk_mq_put_tag()).  max_hold is small enough that some process can always
     finish its set (nproc * (max_hold - 1) < depth), so a hang is a lost wake-up,
-    not a deadlock: a sleep that lasts STRANDED_S fails the process."""
+    not a deadlock: a sleep through which no process frees a tag for STRANDED_S fails
+    the process."""
     waiters = rig.waiters(cpu)
     tags = rig.tags(waiters, cpu)
     a = rig.arena.atomic
@@ -363,10 +367,17 @@ def _sleepy_worker(rig, cpu, rounds, max_hold):
     wait_index = [cpu % SBQ_WAIT_QUEUES]
     i = 0
 
+    frees = rig.frees.addr()
+
     def schedule():
-        assert waiters.schedule(STRANDED_S), (
-            f"cpu {cpu} stranded for {STRANDED_S} s at round {i}:\n{tags.show()}"
-        )
+        seen = a.read(frees)
+        while not waiters.schedule(STRANDED_S):
+            now = a.read(frees)
+            assert now != seen, (
+                f"cpu {cpu} stranded at round {i}: nobody freed a tag for {STRANDED_S} s\n"
+                f"{tags.show()}"
+            )
+            seen = now
 
     for i in range(rounds):
         held = []
@@ -379,6 +390,7 @@ def _sleepy_worker(rig, cpu, rounds, max_hold):
         for nr in held:
             a.fetch_sub(rig.owners.addr(nr), 1)
             tags.put_tag(nr, cpu)
+            a.fetch_add(frees, 1)
     a.fetch_add(rig.sleeps.addr(), tags.nr_tag_sleeps)
 
 
