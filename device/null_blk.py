@@ -30,7 +30,15 @@ from typing import Any
 from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_cpumap import HctxType, Topology, map_queue_types
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import HwCtx, HwCtxSpec, Request, RequestQueue, TagSet
+from mqrt.block.blk_mq_structs import (
+    SHARED_TAG_MODEL_6X,
+    SHARED_TAG_MODELS,
+    HwCtx,
+    HwCtxSpec,
+    Request,
+    RequestQueue,
+    TagSet,
+)
 from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues
@@ -127,6 +135,16 @@ NULLB_KNOBS: tuple[Knob, ...] = (
         "bool",
         False,
         "Use shared tag bitmap for all submission queues for blk-mq. Default: 0",
+    ),
+    Knob(
+        "shared_tag_model",
+        "choice",
+        SHARED_TAG_MODEL_6X,
+        "How shared_tag_bitmap shares the tags: 6.x (one tags and one request pool of "
+        "hw_queue_depth for all hardware queues, Linux 5.16+) or 5.10 (each hardware "
+        "queue keeps its tags and hw_queue_depth requests; their bitmaps are the tag "
+        "set's, blk_mq_init_shared_sbitmap). Default: 6.x",
+        choices={m: m for m in SHARED_TAG_MODELS},
     ),
     Knob("mbps", "int", 0, "Limit maximum bandwidth (in MiB/s). Default: 0 (no limit)", 0, 40960),
     Knob("no_sched", "bool", False, "No io scheduler (mqrt never has one). Default: 0"),
@@ -440,6 +458,7 @@ def setup(
             name=name,
             pool_limit_bytes=pool_limit_bytes,
             generation=generation,
+            shared_tag_model=cfg.shared_tag_model,
         )
         return alloc_tag_set(tset, layout, topology)
 

@@ -59,6 +59,25 @@ def test_bench_text_summary_reads_like_fio():
     assert "IO depths    :" in out.stdout and "mqrt: invariants ok" in out.stdout
 
 
+@pytest.mark.parametrize("model", ["5.10", "6.x"])
+def test_bench_shared_tag_model(model):
+    """``mqrt bench --shared_tag_bitmap 1 --shared_tag_model 5.10|6.x``: a run of each
+    model ends with its invariants ok, and the report names the model."""
+    out = mqrt(
+        "bench", "--runtime", "0.3", "--cpus", "2", "--submit_queues", "4",
+        "--hw_queue_depth", "16", "--shared_tag_bitmap", "1", "--shared_tag_model", model,
+        "--irqmode", "timer", "--completion-nsec", "20000", "--output-format", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["mqrt"]
+    assert m["config"]["nullb"]["shared_tag_model"] == model
+    assert m["invariants"] == {"violations": 0, "runs": 1}
+    (point,) = m["points"]
+    inv = point["run"]["invariants"]
+    assert inv["leaked_tags"] == 0 and inv["owned_requests"] == 0 and inv["problems"] == []
+    assert point["iops"] > 0
+
+
 def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
     out = mqrt(
         "bench", "--driver", "nvme", "--runtime", "0.3", "--cpus", "1", "--iodepth", "1",

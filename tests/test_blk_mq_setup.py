@@ -28,6 +28,7 @@ from mqrt.block.blk_mq_setup import (
 from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, BlkMqError, TagSet, request_dtype
 from mqrt.block.blk_mq_types import (
     BLK_MQ_MAX_DEPTH,
+    BLK_MQ_NO_HCTX_IDX,
     BlkMqFlag,
     BlkMqOps,
     QueueFlag,
@@ -73,6 +74,21 @@ class AllToZero(ScriptOps):
 
     def map_queues(self, tset):
         tset.map[0].mq_map[:] = [0] * tset.nr_cpus
+
+
+class HctxRecorder(ScriptOps):
+    """ScriptOps that also records which CPU's block layer issued each request on
+    which hctx: (mq, hctx index, rq) in :attr:`issued`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.issued: list = []
+
+    def queue_rq(self, mq, hctx, rq, last):
+        ret = super().queue_rq(mq, hctx, rq, last)
+        if not ret:
+            self.issued.append((mq, hctx.index, rq))
+        return ret
 
 
 class OutOfRange(Ops):
@@ -208,6 +224,177 @@ def test_shared_hctx_tags():
     assert len(tset.tags) == 1
     assert all(tset.tags_for(h) is tset.tags[0] for h in range(3))
     assert tset.rq_region.count == 32
+
+
+# -- BLK_MQ_F_TAG_HCTX_SHARED: the 5.10 and 6.x models ------------------------------------
+
+
+def shared_set(model: str, nr_hw_queues: int = 4, queue_depth: int = 64, **kw) -> TagSet:
+    return make_set(
+        nr_hw_queues=nr_hw_queues,
+        queue_depth=queue_depth,
+        flags=BlkMqFlag.TAG_HCTX_SHARED,
+        shared_tag_model=model,
+        **kw,
+    )
+
+
+def test_shared_sbitmap_5_10_per_hctx_requests_on_one_bitmap():
+    """Linux 5.10: __blk_mq_alloc_rq_maps() gives every hctx its tags and requests
+    ("set->tags[hctx_idx] = blk_mq_alloc_rq_map(set, hctx_idx, set->queue_depth, ...)",
+    blk_mq_alloc_rqs() of depth), and blk_mq_init_tags() leaves their bitmaps to the
+    set ("if (flags & BLK_MQ_F_TAG_HCTX_SHARED) return tags;"), which
+    blk_mq_init_shared_sbitmap() then fills in: "tags->bitmap_tags =
+    &set->__bitmap_tags; tags->breserved_tags = &set->__breserved_tags;", with
+    "depth = set->queue_depth - set->reserved_tags".  4 hctxs x depth 64: 256
+    requests on one bitmap of 64 tags."""
+    tset = shared_set("5.10", reserved_tags=2)
+    assert tset.shared_sbitmap and not tset.single_tags
+    shared = tset.shared_sbitmap_tags
+    assert shared is not None
+    assert len(tset.tags) == 4
+    assert tset.rq_region.count == 4 * 64 == 256
+    for h, tags in enumerate(tset.tags):
+        assert tset.tags_for(h) is tags
+        assert tags.index == h and tags.rq_base == h * 64 and tags.nr_tags == 64
+        assert tags.bitmap_tags == shared.bitmap_tags  # &set->__bitmap_tags
+        assert tags.breserved_tags == shared.breserved_tags  # &set->__breserved_tags
+        assert tags.header == shared.header  # set->active_queues_shared_sbitmap
+    assert shared.bitmap_tags.sb.depth == 64 - 2
+    assert shared.breserved_tags is not None and shared.breserved_tags.sb.depth == 2
+
+
+def test_shared_tags_6x_one_tags_and_one_pool():
+    """Linux 6.x: blk_mq_alloc_set_map_and_rqs() with blk_mq_is_shared_tags() allocates
+    one ``set->shared_tags`` of queue_depth and every hctx uses it: 4 hctxs x depth
+    64 give 64 requests."""
+    tset = shared_set("6.x")
+    assert tset.single_tags and not tset.shared_sbitmap
+    assert tset.shared_sbitmap_tags is None
+    assert len(tset.tags) == 1
+    assert all(tset.tags_for(h) is tset.tags[0] for h in range(4))
+    assert tset.rq_region.count == 64
+    assert TagSet(ops=Ops(), nr_hw_queues=1, queue_depth=8).shared_tag_model == "6.x"
+
+
+@pytest.mark.parametrize(("model", "depth"), [("5.10", 16), ("6.x", 64)])
+def test_shared_tag_models_halve_depth_differently(model, depth):
+    """blk_mq_alloc_map_and_requests(): "err = __blk_mq_alloc_rq_maps(set); ...
+    set->queue_depth >>= 1;" while the allocation fails.  5.10 allocates a pool of
+    queue_depth for each of the 4 hctxs, so a limit of 64 requests halves 64 -> 16
+    (4 x 16); 6.x allocates one pool of queue_depth, which fits at 64.  5.10 sizes
+    the shared bitmap afterwards, from the halved "set->queue_depth"."""
+    size = request_dtype(0).itemsize
+    tset = shared_set(model, pool_limit_bytes=64 * size)
+    assert tset.queue_depth == depth
+    assert ("blk-mq: reduced tag depth (64 -> 16)" in tset.messages) == (model == "5.10")
+    assert tset.rq_region.count == 64
+    for tags in tset.tags:
+        assert tags.nr_tags == depth and tags.bitmap_tags.sb.depth == depth
+
+
+def test_shared_tag_model_is_checked():
+    """An unknown shared_tag_model is -EINVAL, naming the field."""
+    with pytest.raises(BlkMqError, match="EINVAL: shared_tag_model"):
+        shared_set("4.19")
+
+
+def test_shared_sbitmap_5_10_init_request_per_hctx():
+    """5.10 calls ->init_request for every request of every hctx with its hctx_idx
+    (blk_mq_alloc_rqs(set, tags, hctx_idx, depth)); 6.x once per request of the
+    shared tags with BLK_MQ_NO_HCTX_IDX."""
+    ops = ScriptOps()
+    shared_set("5.10", nr_hw_queues=2, queue_depth=4, ops=ops)
+    assert ops.calls_of("init_request") == [(h, t) for h in range(2) for t in range(4)]
+    ops = ScriptOps()
+    shared_set("6.x", nr_hw_queues=2, queue_depth=4, ops=ops)
+    assert ops.calls_of("init_request") == [(BLK_MQ_NO_HCTX_IDX, t) for t in range(4)]
+
+
+@pytest.mark.parametrize("model", ["5.10", "6.x"])
+def test_shared_tags_unique_across_hctxs(rigs, model):
+    """One tag space for every hctx: CPUs on 4 different hctxs together get each of
+    the depth's tags once, and no more; in 5.10 "tags->bitmap_tags =
+    &set->__bitmap_tags" makes tag t of hctx h the request at hctx h's pool[t] (id
+    h * depth + t), in 6.x it is request t of the one pool.  Every request ends,
+    and the invariant check finds the bitmap and the pools clean."""
+    depth = 8
+    rec = HctxRecorder()
+    setup_fn = rig_setup(
+        rec, nr_hw_queues=4, depth=depth, flags=BlkMqFlag.TAG_HCTX_SHARED, shared_tag_model=model
+    )
+    rig = rigs(setup_fn, nr_cpus=4, on_cpus=[0, 1, 2, 3])
+    q = rig.queues[0]
+    cpus_by_hctx: dict[int, int] = {}
+    for cpu in range(4):
+        cpus_by_hctx.setdefault(q.ctx_hctx[cpu][HctxType.DEFAULT], cpu)
+    assert len(cpus_by_hctx) >= 2  # the emulated topology spreads 4 CPUs over hctxs
+    per = depth // len(cpus_by_hctx)
+    for cpu in cpus_by_hctx.values():
+        mq = rig.mqs[cpu]
+        for i in range(per):
+            mq.submit_bio(mq.queues[0], READ, 8 * (64 * cpu + i), 8, 0)
+    got = [(h, rq.tag, rq.id) for _mq, h, rq in rec.issued]
+    assert len(got) == per * len(cpus_by_hctx)
+    assert len({tag for _h, tag, _id in got}) == len(got)  # one bitmap: no tag twice
+    for h, tag, rq_id in got:
+        assert rq_id == (h * depth + tag if model == "5.10" else tag)
+    tags = rig.mqs[0].queues[0].hctxs[0].tags
+    if len(got) == depth:
+        assert tags.bitmap_tags.sb.get() == -1  # every hctx's tags are in use
+    for mq, _h, rq in rec.issued:
+        mq.end_request(rq)
+    inv = check_invariants(rig.arena, rig.queues)
+    assert inv["problems"] == [] and inv["leaked_tags"] == 0, inv
+
+
+@pytest.mark.parametrize("model", ["5.10", "6.x"])
+def test_shared_tags_fair_share_counts_active_queues_per_set(rigs, model):
+    """5.10 hctx_may_queue(): "if (blk_mq_is_sbitmap_shared(hctx->flags)) { ... if
+    (!test_bit(QUEUE_FLAG_HCTX_ACTIVE, &q->queue_flags)) return true; users =
+    atomic_read(&set->active_queues_shared_sbitmap);" -- the active queues are
+    counted once per queue and per set, whichever hctx they use (6.x: the shared
+    tags' active_queues).  Two queues busy on different hctxs: every hctx's tags
+    see 2 users and a fair share of half the depth."""
+    depth = 16
+    rec = HctxRecorder()
+    setup_fn = rig_setup(
+        rec,
+        nr_hw_queues=4,
+        depth=depth,
+        nr_queues=2,
+        flags=BlkMqFlag.TAG_HCTX_SHARED,
+        shared_tag_model=model,
+    )
+    rig = rigs(setup_fn, nr_cpus=4, on_cpus=[0, 1, 2, 3])
+    q0 = rig.queues[0]
+    cpu_a = 0
+    cpu_b = next(
+        c for c in range(4) if q0.ctx_hctx[c][HctxType.DEFAULT] != q0.ctx_hctx[0][HctxType.DEFAULT]
+    )
+    rig.mqs[cpu_a].submit_bio(rig.mqs[cpu_a].queues[0], READ, 0, 8, 0)
+    rig.mqs[cpu_b].submit_bio(rig.mqs[cpu_b].queues[1], READ, 0, 8, 0)
+    for queue in rig.mqs[cpu_a].queues:
+        for hctx in queue.hctxs:
+            assert hctx.tags is not None
+            assert hctx.tags.active_queues == 2
+            assert hctx.tags.fair_share() == depth // 2
+    for mq, _h, rq in rec.issued:
+        mq.end_request(rq)
+    inv = check_invariants(rig.arena, rig.queues)
+    assert inv["problems"] == [], inv
+
+
+def test_null_blk_shared_tag_model():
+    """null_blk's shared_tag_model picks the model of shared_tag_bitmap (6.x by
+    default): 4 submit queues of depth 64 give 256 requests (5.10) or 64 (6.x)."""
+    for given, model, nr_rqs in [({}, "6.x", 64), ({"shared_tag_model": "5.10"}, "5.10", 256)]:
+        cfg = parse_config({"submit_queues": 4, "shared_tag_bitmap": 1, **given})
+        _, (q,) = setup(cfg, Layout(), Topology.emulated(4))
+        assert q.tag_set.shared_tag_model == model
+        assert q.tag_set.rq_region.count == nr_rqs
+    with pytest.raises(KnobError):
+        parse_config({"shared_tag_model": "5.4"})
 
 
 def test_pool_too_big_halves_depth():

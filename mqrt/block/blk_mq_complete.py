@@ -372,12 +372,12 @@ class BlkMqCompletion:
         tags' bitmap (sbitmap_queue_resize, which recomputes wake_batch).  The kernel
         freezes the queue around it; here the I/O keeps going (see Deviations)."""
         queue = self.queues[q]
-        done: set[int] = set()
+        done: set[str] = set()  # each bitmap once (5.10 shared sbitmap: the set's)
         for hctx in queue.hctxs:
             tags = hctx.tags
-            if tags is None or id(tags) in done:
+            if tags is None or tags.spec.bitmap_tags.sb.name in done:
                 continue
-            done.add(id(tags))
+            done.add(tags.spec.bitmap_tags.sb.name)
             if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:
                 raise BlkMqError(
                     f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"

@@ -32,12 +32,14 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                     problems.append(
                         f"{tset.name}: request {rq_id} still owned (state {int(st):#x})"
                     )
+        seen: set[str] = set()  # 5.10 shared sbitmap: every hctx's tags, one bitmap
         for spec in tset.tags:
             if spec is None:  # freed: an hctx no CPU maps
                 continue
             for sbq in (spec.bitmap_tags, spec.breserved_tags):
-                if sbq is None:
+                if sbq is None or sbq.sb.name in seen:
                     continue
+                seen.add(sbq.sb.name)
                 sb = sbq.sb
                 used = 0
                 for i in range(sb.map_nr):
@@ -69,7 +71,9 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
 
 
 def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
-    """Per hctx (or per queue with shared tags): the most requests it ever held."""
+    """Per hctx (or per queue with shared tags, in both models: 6.x's
+    nr_active_requests_shared_tags, 5.10's nr_active_requests_shared_sbitmap): the
+    most requests it ever held."""
     if q.tag_set.shared_tags:
         v = arena.view(q.header)
         out = [{"hctx": -1, "max_active": int(v["max_active"][0])}]

@@ -26,6 +26,13 @@ Deviations from Linux
       driven through a queue table of its own (nvme's admin_q) numbers from its own
       ida (``init_queue(..., id_space=...)``).
     * Every emulated CPU is on NUMA node 0 (``numa_node`` of a mapped hctx).
+
+Shared tags (BLK_MQ_F_TAG_HCTX_SHARED) follow ``TagSet.shared_tag_model``: "6.x"
+allocates one tags and one request pool of queue_depth for the set
+(``set->shared_tags``, Linux 5.16+); "5.10" allocates a tags and a pool of
+queue_depth per hctx, as without the flag, then points their bitmaps at the set's
+(blk_mq_init_shared_sbitmap()), so 4 hctxs of depth 64 have 256 requests on 64 tags,
+and the depth halving on a failed allocation counts every hctx's pool.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from mqrt.block.blk_mq_structs import (
     QUEUE,
     RQ_ALLOCATED,
     RQ_U16_LIMIT,
+    SHARED_TAG_MODELS,
     BlkMqError,
     HwCtxSpec,
     RequestQueue,
@@ -61,7 +69,7 @@ from mqrt.block.blk_mq_structs import (
     declare_rq_list,
     request_dtype,
 )
-from mqrt.block.blk_mq_tag import BLK_MQ_TAG_MIN, declare_tags, init_tags
+from mqrt.block.blk_mq_tag import BLK_MQ_TAG_MIN, declare_tags, init_tags, share_sbitmap
 from mqrt.block.blk_mq_types import (
     BLK_MQ_MAX_DEPTH,
     BLK_MQ_NO_HCTX_IDX,
@@ -139,6 +147,11 @@ def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
         raise _einval(f"cmd_size must be in 0..4096, got {tset.cmd_size}")
     if tset.timeout_ms < 0:
         raise _einval(f"timeout must be >= 0 ms, got {tset.timeout_ms}")
+    if tset.shared_tag_model not in SHARED_TAG_MODELS:
+        raise _einval(
+            f"shared_tag_model must be one of {', '.join(SHARED_TAG_MODELS)}, "
+            f"got {tset.shared_tag_model!r}"
+        )
     if f"{tset.name}.rqs" in layout.regions:
         raise BlkMqError(f"EEXIST: a tag set named {tset.name} is already declared")
     if tset.queue_depth > BLK_MQ_MAX_DEPTH:
@@ -203,8 +216,9 @@ def _update_queue_map(tset: TagSet) -> None:
 
 def _tags_hctx_idx(tset: TagSet, i: int) -> int:
     """The hctx_idx ->init_request and ->exit_request get for the requests of
-    ``tset.tags[i]``: BLK_MQ_NO_HCTX_IDX for shared tags (they serve every hctx)."""
-    return BLK_MQ_NO_HCTX_IDX if tset.shared_tags else i
+    ``tset.tags[i]``: BLK_MQ_NO_HCTX_IDX for 6.x shared tags (they serve every
+    hctx); hctx ``i`` otherwise (5.10's shared sbitmap included)."""
+    return BLK_MQ_NO_HCTX_IDX if tset.single_tags else i
 
 
 def _hw_queue_to_node(tset: TagSet, hctx_idx: int) -> int:
@@ -216,12 +230,15 @@ def _hw_queue_to_node(tset: TagSet, hctx_idx: int) -> int:
 
 
 def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
-    """blk_mq_alloc_map_and_requests(): allocate every hctx's requests (or the shared
-    tags'), halving the depth while an allocation fails, then declare the tags and
-    the pool's region in ``layout``."""
+    """blk_mq_alloc_map_and_requests(): allocate every hctx's requests (or the 6.x
+    shared tags'), halving the depth while an allocation fails, then declare the tags
+    and the pool's region in ``layout``.  With 5.10's shared sbitmap every hctx has
+    requests of its own, so the halving counts nr_hw_queues pools, and the set's
+    bitmaps are declared at the depth it ended at (blk_mq_init_shared_sbitmap() runs
+    after blk_mq_alloc_map_and_requests())."""
     limit = tset.pool_limit_bytes if tset.pool_limit_bytes is not None else _default_pool_limit()
     rq_dtype = request_dtype(tset.cmd_size)
-    nr_tags_sets = 1 if tset.shared_tags else tset.nr_hw_queues
+    nr_tags_sets = 1 if tset.single_tags else tset.nr_hw_queues
     depth = tset.queue_depth
     while True:
         pool, why = _alloc_rq_maps(tset, rq_dtype, nr_tags_sets, limit)
@@ -234,8 +251,25 @@ def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
     if depth != tset.queue_depth:
         tset.messages.append(f"blk-mq: reduced tag depth ({depth} -> {tset.queue_depth})")
     round_robin = bool(tset.flags & BlkMqFlag.TAG_RR)
+    shared = None
+    if tset.shared_sbitmap:  # blk_mq_init_shared_sbitmap()
+        shared = declare_tags(
+            layout,
+            f"{tset.name}.shared_sbitmap",
+            0,
+            tset.queue_depth,
+            tset.reserved_tags,
+            tset.nr_cpus,
+            0,
+            round_robin=round_robin,
+            generation=tset.generation,
+        )
+    tset.shared_sbitmap_tags = shared
     for i in range(nr_tags_sets):
-        name = f"{tset.name}.shared_tags" if tset.shared_tags else f"{tset.name}.tags{i}"
+        if shared is not None:
+            tset.tags.append(share_sbitmap(shared, i, i * tset.queue_depth))
+            continue
+        name = f"{tset.name}.shared_tags" if tset.single_tags else f"{tset.name}.tags{i}"
         tset.tags.append(
             declare_tags(
                 layout,
@@ -351,6 +385,7 @@ def free_tag_set(tset: TagSet) -> None:
     if tset.rq_pool is not None:
         tset.rq_pool.release()
     tset.tags.clear()
+    tset.shared_sbitmap_tags = None
     tset.map.clear()
     tset.rq_region = None
     tset.rq_pool = None
@@ -426,7 +461,7 @@ def init_queue(
     # are freed with their requests.
     for h, hctx in enumerate(q.hctxs):
         if not hctx.cpumask:
-            if h and not tset.shared_tags:
+            if h and not tset.single_tags:
                 _free_map_and_rqs(tset, h)
             hctx.tags = None
     return q
@@ -460,7 +495,7 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
     q.header = layout.add(f"{name}.queue", QUEUE)
     q.hctx_region = layout.add(f"{name}.hctx", HCTX, q.nr_hw_queues)
     depth = tset.queue_depth
-    # A list holds requests of one hctx's tags (or of the shared tags): at most depth.
+    # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth.
     q.dispatch = [
         declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(q.nr_hw_queues)
     ]
@@ -600,9 +635,12 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
                 (x.async_depth for x in queues if x.tag_set is tset and x.async_depth),
                 default=UINT_MAX,
             )
-            for i, spec in enumerate(tset.tags):
-                if spec is not None:
-                    init_tags(arena, spec, seed + 2 * i, shallow)
+            if tset.shared_sbitmap_tags is not None:  # 5.10: the bitmaps every hctx uses
+                init_tags(arena, tset.shared_sbitmap_tags, seed, shallow)
+            else:
+                for i, spec in enumerate(tset.tags):
+                    if spec is not None:
+                        init_tags(arena, spec, seed + 2 * i, shallow)
             assert tset.rq_pool is not None and tset.rq_region is not None  # allocated
             tset.rq_pool.move_to(arena, tset.rq_region)
         v = arena.view(q.header)

@@ -357,6 +357,15 @@ class RqPool:
         self._map = None
 
 
+#: TagSet.shared_tag_model: Linux 5.10's BLK_MQ_F_TAG_HCTX_SHARED (per-hctx tags and
+#: request pools on the set's shared sbitmaps, blk_mq_init_shared_sbitmap()).
+SHARED_TAG_MODEL_5_10 = "5.10"
+#: TagSet.shared_tag_model: Linux 6.x's (5.16+) BLK_MQ_F_TAG_HCTX_SHARED (one
+#: ``set->shared_tags`` and one request pool for every hctx).
+SHARED_TAG_MODEL_6X = "6.x"
+SHARED_TAG_MODELS = (SHARED_TAG_MODEL_5_10, SHARED_TAG_MODEL_6X)
+
+
 @dataclass
 class TagSet:
     """struct blk_mq_tag_set: what a driver fills in before
@@ -378,14 +387,23 @@ class TagSet:
     #: fit halves the depth, as blk_mq_alloc_map_and_rqs() does on -ENOMEM.
     pool_limit_bytes: int | None = None
     generation: SbqGeneration = SbqGeneration.CURRENT
+    #: How ``BLK_MQ_F_TAG_HCTX_SHARED`` shares the tags (see :data:`SHARED_TAG_MODELS`):
+    #: "6.x" one blk_mq_tags and one request pool of queue_depth for the whole set;
+    #: "5.10" a blk_mq_tags and a pool of queue_depth per hctx whose bitmaps are the
+    #: set's shared sbitmaps.
+    shared_tag_model: str = "6.x"
 
     # Filled in by alloc_tag_set():
     nr_cpus: int = 0
     topology: Topology = field(init=False, repr=False)
     map: list[QueueMap] = field(default_factory=list)
-    #: set->tags[]: one per hctx (one for all with shared tags); None where
+    #: set->tags[]: one per hctx (one for all with 6.x shared tags); None where
     #: blk_mq_map_swqueue() freed an hctx no CPU maps
     tags: list[TagsSpec | None] = field(default_factory=list)
+    #: 5.10 shared tags: the set's own tags (``set->__bitmap_tags``,
+    #: ``set->__breserved_tags``, ``set->active_queues_shared_sbitmap``), whose bitmaps
+    #: and header every hctx's tags point at; None otherwise
+    shared_sbitmap_tags: TagsSpec | None = None
     rq_region: Region | None = None  #: the request pool's region of the arena
     rq_pool: RqPool | None = field(default=None, repr=False)  #: where the requests are now
     tag_list: list[RequestQueue] = field(default_factory=list)
@@ -393,15 +411,28 @@ class TagSet:
 
     @property
     def shared_tags(self) -> bool:
-        """blk_mq_is_shared_tags(): one tag space for every hctx."""
+        """blk_mq_is_shared_tags() (5.10: blk_mq_is_sbitmap_shared()): one tag space
+        for every hctx, in either :attr:`shared_tag_model`."""
         return bool(self.flags & BlkMqFlag.TAG_HCTX_SHARED)
+
+    @property
+    def single_tags(self) -> bool:
+        """Linux 6.x shared tags: one ``struct blk_mq_tags`` (``set->shared_tags``)
+        and one request pool of queue_depth serve every hctx."""
+        return self.shared_tags and self.shared_tag_model == SHARED_TAG_MODEL_6X
+
+    @property
+    def shared_sbitmap(self) -> bool:
+        """Linux 5.10 shared sbitmap: each hctx has its own ``struct blk_mq_tags`` and
+        request pool of queue_depth; their bitmaps are the set's."""
+        return self.shared_tags and self.shared_tag_model == SHARED_TAG_MODEL_5_10
 
     @property
     def timeout_ns(self) -> int:
         return (self.timeout_ms or BLK_DEFAULT_TIMEOUT_MS) * 1_000_000
 
     def tags_for(self, hctx_idx: int) -> TagsSpec | None:
-        return self.tags[0] if self.shared_tags else self.tags[hctx_idx]
+        return self.tags[0] if self.single_tags else self.tags[hctx_idx]
 
 
 @dataclass(eq=False)
@@ -726,14 +757,14 @@ class Queue:
         self.shared = q.shared
         self.timeout_ns = q.tag_set.timeout_ns
         self.a = arena.atomic
-        shared_tags = self.tset.shared_tags
+        single_tags = self.tset.single_tags
         self.hctxs = [
             HwCtx(
                 arena,
                 q,
                 self,
                 h,
-                None if spec.tags is None else tags[0] if shared_tags else tags[h],
+                None if spec.tags is None else tags[0] if single_tags else tags[h],
             )
             for h, spec in enumerate(q.hctxs)
         ]

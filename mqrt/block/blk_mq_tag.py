@@ -9,11 +9,26 @@ normal tags follow them.  When several request queues share the tags
 depth (:meth:`Tags.may_queue`, the kernel's ``hctx_may_queue``) and ``wake_batch`` is
 recalculated for the number of active users.
 
+``BLK_MQ_F_TAG_HCTX_SHARED`` comes in two models (``TagSet.shared_tag_model``):
+
+* "6.x" (Linux 5.16+, ``set->shared_tags``): one tags for every hctx, with one
+  request pool of queue_depth; the active users are that tags' ``active_queues``.
+* "5.10" (``blk_mq_init_shared_sbitmap()``): every hctx keeps its own tags and
+  request pool of queue_depth (``tags->static_rqs``), but their ``bitmap_tags`` and
+  ``breserved_tags`` point at the set's ``__bitmap_tags`` and ``__breserved_tags``
+  (:func:`share_sbitmap`).  A tag numbers a bit of the shared bitmap and names the
+  request at that hctx's ``rq_base + tag``; the active users are the set's
+  ``active_queues_shared_sbitmap``.
+
 Deviations from Linux
     * A tag's request lives in the tag set's request pool in shared memory at
       ``rq_base + tag`` (``tags->static_rqs``); with no I/O scheduler the driver tag
       is the request's identity, so there is no separate ``rqs[]`` indirection.
     * ``tags->lock`` is a bit spinlock in the arena.
+    * 5.10 shared sbitmap: the header of the set's tags (``active_queues``, the
+      kernel's ``set->active_queues_shared_sbitmap``, and ``lock``) is every hctx's
+      tags header, so the lock that guards the shared bitmaps' wake_batch
+      recalculation is one for the set.
     * The wait loop sleeps through the calling CPU's ``schedule`` callback, which keeps
       taking that CPU's interrupts, IPIs and timers while the task sleeps.
 
@@ -30,7 +45,7 @@ Concurrency
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mqrt.lib import inject, trace
 from mqrt.lib.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
@@ -56,7 +71,7 @@ TAGS_HEADER = cacheline_struct(
 class TagsSpec:
     """Placement of one ``struct blk_mq_tags`` (picklable, data-free)."""
 
-    index: int  #: which tags of the set (hctx index, or 0 for shared tags)
+    index: int  #: which tags of the set (hctx index, or 0 for 6.x shared tags)
     nr_tags: int  #: every tag, reserved ones included (the set's queue_depth)
     nr_reserved_tags: int
     rq_base: int  #: request id of tag 0 in the set's request pool
@@ -101,6 +116,14 @@ def declare_tags(
     return TagsSpec(index, nr_tags, nr_reserved_tags, rq_base, header, bitmap, reserved)
 
 
+def share_sbitmap(shared: TagsSpec, index: int, rq_base: int) -> TagsSpec:
+    """blk_mq_init_tags() with BLK_MQ_F_TAG_HCTX_SHARED then blk_mq_init_shared_sbitmap()
+    (Linux 5.10): hctx ``index``'s tags, with requests of its own from ``rq_base``,
+    whose bitmaps are the set's (``tags->bitmap_tags = &set->__bitmap_tags;
+    tags->breserved_tags = &set->__breserved_tags;``) and whose header is the set's."""
+    return replace(shared, index=index, rq_base=rq_base)
+
+
 def init_tags(
     arena: Arena, spec: TagsSpec, seed: int = 0, min_shallow_depth: int = UINT_MAX
 ) -> None:
@@ -122,7 +145,7 @@ class Tags:
         self.spec = spec
         self.a = arena.atomic
         self.cpu = cpu
-        self.index = spec.index  #: the hctx these tags serve (0 for shared tags)
+        self.index = spec.index  #: the hctx these tags serve (0 for 6.x shared tags)
         self.nr_tags = spec.nr_tags
         self.nr_reserved_tags = spec.nr_reserved_tags
         self.rq_base = spec.rq_base

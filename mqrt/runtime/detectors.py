@@ -8,7 +8,9 @@ lock a CPU takes, and reports the first of these it sees:
     a CPU found a broken invariant on its own path: a tag handed out while its
     request was owned (a tag owned twice), a request ended in a state it cannot be
     ended in (a freed request used), ``nr_active`` below zero.  CPUs count these in
-    their shared counters at once.
+    their shared counters at once.  With 5.10's shared sbitmap, where a tag names a
+    request in each hctx's pool, the owner also finds a tag held by requests of two
+    hctxs at once.
 ``double_completion``
     a completion found its request already completed or of another generation (a
     request completed twice, or a stale one used); CPUs publish these counts every
@@ -66,12 +68,16 @@ class Finding:
 
 
 class _Map:
-    """One tag map (a struct blk_mq_tags) and the requests of its tags."""
+    """One tag map (a struct blk_mq_tags; with 5.10's shared sbitmap, the set's
+    bitmaps) and the requests of its tags (of every hctx's pool sharing them)."""
 
-    def __init__(self, name: str, tags: Tags, rqs: list[Request]):
+    def __init__(self, name: str, tags: Tags, rqs: list[Request], shared: bool = False):
         self.name = name
         self.tags = tags
         self.rqs = rqs
+        #: 5.10 shared sbitmap: ``rqs`` are several hctxs' pools, a tag names one
+        #: request in each, and at most one of them may hold it
+        self.shared = shared
 
 
 class Monitor:
@@ -106,6 +112,7 @@ class Monitor:
             if id(tset) not in by_set:
                 tags = [None if s is None else Tags(arena, s, self.waiters, 0) for s in tset.tags]
                 by_set[id(tset)] = tags
+                shared: _Map | None = None  # 5.10 shared sbitmap: one map, every hctx's rqs
                 for i, t in enumerate(tags):
                     if t is None:  # an hctx no CPU maps: freed
                         continue
@@ -113,6 +120,12 @@ class Monitor:
                         Request(arena, tset.rq_region, t.rq_base + tag, t, tag, tset.timeout_ns)
                         for tag in range(t.nr_tags)
                     ]
+                    if tset.shared_sbitmap:
+                        if shared is None:
+                            shared = _Map(f"{tset.name}/shared_sbitmap", t, [], True)
+                            self.maps.append(shared)
+                        shared.rqs += rqs
+                        continue
                     label = f"{tset.name}/tags{i}" if len(tags) > 1 else tset.name
                     self.maps.append(_Map(label, t, rqs))
             self.queue_views.append(Queue(arena, q, by_set[id(tset)], 0))
@@ -205,6 +218,11 @@ class Monitor:
                         f"{qv.q.name} hctx{h.index}: nr_active = {nr - (1 << 32)}",
                         at,
                     )
+        for m in self.maps:
+            if m.shared:
+                held_twice = self._held_twice(m, at)
+                if held_twice is not None:
+                    return held_twice
         busy_total = 0
         waiting_total = 0
         asleep = self._sleeps(now)
@@ -241,6 +259,32 @@ class Monitor:
                 f"{waiting_total} tag map(s)",
                 at,
             )
+        return None
+
+    def _held_twice(self, m: _Map, at: float) -> Finding | None:
+        """A tag of a shared sbitmap held by two requests (of two hctxs' pools) at
+        once.  A request's state word leaves ALLOCATED before its tag is freed and
+        gains it after its tag is taken, so two held at one instant is a real
+        violation; the scan is not one instant, so the first holder's word is read
+        again after the second's: unchanged (its generation too), it held the tag
+        all along."""
+        a = self.a
+        first: dict[int, tuple[Request, int]] = {}
+        for rq in m.rqs:
+            st = a.read(rq.base)
+            if not st & RQ_ALLOCATED:
+                continue
+            seen = first.get(rq.tag)
+            if seen is None:
+                first[rq.tag] = (rq, st)
+            elif a.read(seen[0].base) == seen[1]:
+                return Finding(
+                    "violation",
+                    f"{m.name}: tag {rq.tag} held by requests {seen[0].id} and {rq.id} at once",
+                    at,
+                )
+            else:
+                first[rq.tag] = (rq, st)
         return None
 
     # -- the report's state --------------------------------------------------------------------
