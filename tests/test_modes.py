@@ -34,6 +34,18 @@ def test_raw_mode_with_more_iodepth_than_slots_waits_for_its_own_completions():
     assert totals(result)["ios"] > 0
 
 
+@pytest.mark.parametrize("model", ["5.10", "6.x"])
+def test_raw_mode_with_shared_tag_bitmap_splits_the_one_tag_space(model):
+    """Shared tags (either model) are one tag space for every hw queue: the CPUs of
+    raw mode split it between them instead of each taking a whole hw queue's."""
+    result = run_nullb(mode="raw", shared_tag_bitmap=1, shared_tag_model=model,
+                       irqmode="timer", completion_nsec=50_000, iodepth=8,
+                       hw_queue_depth=8)  # fmt: skip
+    assert_clean(result)
+    t = totals(result)
+    assert t["ios"] > 0 and t["ios"] == t["requests"] == t["completed"]
+
+
 @pytest.mark.parametrize("mode", ["sq", "raw"])
 def test_nvme_in_each_mode(mode):
     result = run_nvme(mode=mode, latency_ns=0, rw="randrw")

@@ -143,7 +143,10 @@ class RawBlkMq(BlkMq):
     """No block layer: command slots from a private free list, straight to the
     driver.  Each CPU owns the tags ``i`` of its hw queue with
     ``i % nr_users == its index among the queue's CPUs`` (the runtime gives every CPU
-    its own hw queue in this mode, so that is all of them)."""
+    its own hw queue in this mode, so that is all of them).  With shared tags
+    (BLK_MQ_F_TAG_HCTX_SHARED, either model) every hw queue draws on one tag space,
+    so the users are every CPU of the queue; in 5.10's model tag ``i`` is then the
+    request at the CPU's own hw queue's ``rq_base + i``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -152,7 +155,10 @@ class RawBlkMq(BlkMq):
         self._mine: list[frozenset[int]] = []
         for queue in self.queues:
             hctx = queue.hctx_by_op[0]
-            users = queue.q.hctx_ctxs[hctx.index]
+            if queue.tset.shared_tags:  # one tag space for every hctx
+                users = sorted({c for cpus in queue.q.hctx_ctxs for c in cpus})
+            else:
+                users = queue.q.hctx_ctxs[hctx.index]
             me = users.index(cpu) if cpu in users else 0
             tags = hctx.tags
             assert tags is not None  # this CPU's own hctx: mapped
