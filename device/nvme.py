@@ -53,6 +53,8 @@ from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, Topology
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import RQ_OFF_FLAGS, HwCtx, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import (
+    SECTOR_SHIFT,
+    BlkMqFlag,
     BlkMqOps,
     BlkStatus,
     DeviceProcess,
@@ -61,6 +63,7 @@ from mqrt.block.blk_mq_types import (
     Rqf,
     RqState,
 )
+from mqrt.block.blk_settings import blk_queue_max_hw_sectors, blk_queue_max_segments
 from mqrt.device.controller import (
     DEV_COUNTERS,
     ControllerPlan,
@@ -74,7 +77,10 @@ from mqrt.device.nvme_defs import (
     CQE,
     CQE_OFF_CID_STATUS,
     NVME_AQ_DEPTH,
+    NVME_CTRL_PAGE_SHIFT,
+    NVME_MAX_KB_SZ,
     NVME_MAX_RETRIES,
+    NVME_MAX_SEGS,
     NVME_QUEUE,
     NVME_REGS,
     NVME_SC_DNR,
@@ -424,7 +430,10 @@ class NvmeOps(BlkMqOps):
         data = self.data.offset  # type: ignore[union-attr]
         self._admin_cmd(admin, deadline, AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, 0, data)
         ident = IDENTIFY_CTRL.unpack_from(arena.buf, data)
-        nn, mqes = ident[6], ident[7]
+        mdts, nn, mqes = ident[5], ident[6], ident[7]
+        max_hw_sectors = nvme_max_hw_sectors(mdts)
+        for ns_q in self.queues:
+            nvme_set_queue_limits(ns_q, max_hw_sectors)
         if nn < cfg.nr_namespaces:
             raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
         for nsid in range(1, cfg.nr_namespaces + 1):
@@ -437,7 +446,8 @@ class NvmeOps(BlkMqOps):
         self._setup_io(admin, deadline)
         admin.a.set32(self.regs.offsets().ctrl_state, _LIVE)  # type: ignore[union-attr]
         return {"namespaces": nn, "io_queues": self.nr_io_queues, "queue_depth": depth,
-                "mn": ident[3].rstrip(b"\0").decode()}  # fmt: skip
+                "mn": ident[3].rstrip(b"\0").decode(), "mdts": mdts,
+                "max_hw_sectors_kb": max_hw_sectors >> 1}  # fmt: skip
 
     def _enable_ctrl(self, admin: NvmeQueue, deadline: float) -> None:
         """CC.EN = 1 and wait for CSTS.RDY (nvme_enable_ctrl); the admin queue is
@@ -583,14 +593,14 @@ class NvmeOps(BlkMqOps):
             if not a.read32(rq.base + RQ_OFF_FLAGS) & _DONTPREP:  # nvme_setup_cmd(): a new command
                 pdu[_RETRIES] = 0  # type: ignore[index]
                 a.fetch_or32(rq.base + RQ_OFF_FLAGS, _DONTPREP)
-            st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
+            st = rq.setup()  # start, sector, nr_sectors, bios, segments, cpu, hctx, q, op, ...
             mq.start_request(rq)
-            opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE
+            opcode = IoOpcode.READ if st[8] == 0 else IoOpcode.WRITE
             slba = st[1] >> self.sect_shift
             nlb = (st[2] >> self.sect_shift) - 1
             nvmeq.copy_cmd(
                 (
-                    opcode, 0, nvme_cid(genctr, rq.tag), st[6] + 1, 0, 0, 0, 0,
+                    opcode, 0, nvme_cid(genctr, rq.tag), st[7] + 1, 0, 0, 0, 0,
                     slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
                 ),
                 last,
@@ -682,7 +692,7 @@ class NvmeOps(BlkMqOps):
         if a.read32(self._ctrl_state) == _RESETTING:
             return EhRet.RESET_TIMER  # the reset cancels it
         st = rq.setup()
-        qid = st[5] + 1
+        qid = st[6] + 1
         before = rq.state_word
         self.poll_cq(qid)
         if rq.state_word != before:
@@ -766,6 +776,26 @@ class NvmeOps(BlkMqOps):
         return n
 
 
+def nvme_max_hw_sectors(mdts: int) -> int:
+    """nvme_init_identify(): the largest command, in sectors: what the controller's
+    MDTS allows (2^mdts controller pages; 0: no limit), at most what the PCI driver
+    maps in one command (NVME_MAX_KB_SZ)."""
+    limit = NVME_MAX_KB_SZ << 1
+    if mdts:
+        limit = min(limit, 1 << (mdts + NVME_CTRL_PAGE_SHIFT - SECTOR_SHIFT))
+    return limit
+
+
+def nvme_set_queue_limits(q: RequestQueue, max_hw_sectors: int) -> None:
+    """nvme_set_queue_limits(): the controller's largest command as the queue's
+    hardware limit, and one segment per controller page of it (plus one for an
+    unaligned start), at most NVME_MAX_SEGS."""
+    max_segments = min(max_hw_sectors // (1 << (NVME_CTRL_PAGE_SHIFT - SECTOR_SHIFT)) + 1,
+                       NVME_MAX_SEGS)  # fmt: skip
+    blk_queue_max_hw_sectors(q, max_hw_sectors)
+    blk_queue_max_segments(q, max_segments)
+
+
 def setup(
     cfg: NvmeConfig,
     layout: Layout,
@@ -776,6 +806,7 @@ def setup(
     pool_limit_bytes: int | None = None,
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
+    nomerges: int = 0,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """nvme_alloc_io_tag_set() and one queue per namespace, declared in ``layout``."""
     nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
@@ -790,6 +821,7 @@ def setup(
         queue_depth=cfg.io_queue_depth - 1,  # the SQ keeps one slot empty
         cmd_size=NVME_CMD_SIZE,
         timeout_ms=timeout_ms,
+        flags=BlkMqFlag.SHOULD_MERGE,
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
         generation=generation,
@@ -799,7 +831,13 @@ def setup(
         raise KnobError("io_queue_depth: inconsistent tag set depth")
     queues = [
         init_queue(
-            tset, layout, i, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth
+            tset,
+            layout,
+            i,
+            f"nvme0n{i + 1}",
+            rq_affinity=rq_affinity,
+            async_depth=async_depth,
+            nomerges=nomerges,
         )
         for i in range(cfg.nr_namespaces)
     ]

@@ -27,8 +27,9 @@ from mqrt.device.nvme_defs import SQE, AdminOpcode, Feature, IdentifyCns, Status
 if TYPE_CHECKING:
     from mqrt.device.controller import ControllerPlan, Namespace, QueueRegions
 
-#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
-#: mqes (0's based max queue entries), the number of I/O queue pairs it can make.
+#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts (the
+#: largest transfer, 2^mdts pages of CAP.MPSMIN: 4 KiB; 0 no limit), nn, mqes (0's
+#: based max queue entries), the number of I/O queue pairs it can make.
 IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHH")
 #: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
 IDENTIFY_NS = struct.Struct("<QQQB")
@@ -159,7 +160,8 @@ class AdminCommands:
             )
             IDENTIFY_CTRL.pack_into(
                 self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
-                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues,
+                b"0.1", self.plan.model["mdts"], len(self.ns), max_depth - 1,
+                self.plan.max_io_queues,
             )  # fmt: skip
             return Status.SUCCESS, 0
         if cns == IdentifyCns.NAMESPACE:

@@ -457,18 +457,22 @@ def test_request_layout_is_declared_once():
     rq = np.zeros(1, s.REQUEST)
     values = {
         "deadline_ns": 11, "io_start_time_ns": 12, "start_time_ns": 13, "sector": 14,
-        "nr_sectors": 15, "nr_bios": 16, "cpu": 257, "hctx": 18, "q": 19, "op": 1,
-        "rq_flags": 21, "status": -22,
+        "nr_sectors": 15, "nr_bios": 16, "nr_phys_segments": 17, "cpu": 257, "hctx": 18,
+        "q": 19, "op": 1, "rq_flags": 21, "status": -22,
     }  # fmt: skip
     for name, v in values.items():
         rq[name] = v
     buf = rq.tobytes()
-    order = ["start_time_ns", "sector", "nr_sectors", "nr_bios", "cpu", "hctx", "q", "op",
-             "rq_flags", "status"]  # fmt: skip
+    order = ["start_time_ns", "sector", "nr_sectors", "nr_bios", "nr_phys_segments", "cpu",
+             "hctx", "q", "op", "rq_flags", "status"]  # fmt: skip
     assert s.RQ_SETUP.unpack_from(buf, s.RQ_OFF_SETUP) == tuple(values[k] for k in order)
-    assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (12, *(values[k] for k in order))
+    assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (
+        12,
+        *(values[k] for k in order if k not in ("sector", "nr_phys_segments")),
+    )
     assert s.RQ_TIMES.unpack_from(buf, s.RQ_OFF_DEADLINE) == (11, 12)
-    assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16)
+    assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16, 17)
+    assert s.RQ_EXTENT.unpack_from(buf, s.RQ_OFF_SECTOR) == (14, 15, 16, 17)
     assert buf[s.RQ_OFF_HCTX] == 18 and buf[s.RQ_OFF_Q] == 19 and buf[s.RQ_OFF_OP] == 1
     assert buf[s.RQ_OFF_CPU] | buf[s.RQ_OFF_CPU + 1] << 8 == 257
     # A PDU follows on its own line; the block layer's fields do not move.

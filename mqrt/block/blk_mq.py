@@ -56,9 +56,19 @@ from mqrt.block.blk_mq_structs import (
     _RQF_POLLED,
     _RQF_RESV,
     _STOPPED,
+    EXT_BIOS,
+    EXT_NOMERGE,
+    EXT_OP,
+    EXT_SECTOR,
+    EXT_SECTORS,
+    EXT_SEGS,
     RQ_ALLOCATED,
+    RQ_EXTENT,
     RQ_GEN_SHIFT,
+    RQ_OFF_FLAGS,
     RQ_OFF_NR_SECTORS,
+    RQ_OFF_OP,
+    RQ_OFF_SECTOR,
     RQ_OFF_SETUP,
     RQ_SETUP,
     RQ_SIZE,
@@ -73,6 +83,7 @@ from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import (
     BLK_MAX_REQUEST_COUNT,
     BLK_MQ_CPU_WORK_BATCH,
+    BLK_MQ_CTX_MERGE_CHECKS,
     BLK_MQ_RESOURCE_DELAY_NS,
     BLK_PLUG_FLUSH_SIZE,
     SECTOR_SHIFT,
@@ -80,7 +91,9 @@ from mqrt.block.blk_mq_types import (
     BlkStatus,
     HctxState,
     ReqOp,
+    Rqf,
 )
+from mqrt.block.blk_settings import bio_segments
 from mqrt.lib import trace
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import Ev
@@ -90,6 +103,8 @@ from mqrt.lib.wait import Waiters
 
 
 _WRITE = int(ReqOp.WRITE)
+_NOMERGE = int(Rqf.NOMERGE)
+_PLUG_FLUSH_SECTORS = BLK_PLUG_FLUSH_SIZE >> SECTOR_SHIFT
 _EV_TAG_GET, _EV_DISPATCH = int(Ev.TAG_GET), int(Ev.DISPATCH)
 
 
@@ -114,7 +129,8 @@ class BlkMq(BlkMqCompletion):
         self.sys = sys
         self.mq = self
         self.clock = time.monotonic_ns
-        self.plug: Plug | None = None
+        self.plug: Plug | None = None  #: current->plug, while the task has one
+        self._plug = Plug()  #: the task's plug, started and finished again and again
         self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
         self._tags: dict[int, list[Tags]] = {}
         for q in queues:
@@ -138,10 +154,19 @@ class BlkMq(BlkMqCompletion):
         #: Per queue: bi_end_io of the bios this CPU submits, called directly when
         #: they complete here (None: always through ``sys.bio_done``).
         self.end_io: list[Callable[[tuple, int], None]] | None = None
+        #: Per queue: the same for a request of merged bios, given their chain
+        #: (:meth:`bios_done`); None: through ``sys.bio_done``.
+        self.end_io_merged: list[Callable[[tuple, tuple, int], None]] | None = None
         # Hot-path counters (attributes: cheaper than dict entries).
 
-        self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
+        self.nr_bios = self.nr_issued = self.nr_completed = 0
         self.nr_batch_tags = 0
+        #: bios merged, by op: the diskstats "merges" of reads and of writes
+        self.merges_by_op = [0] * len(ReqOp)
+        #: The bios merged into this CPU's requests, each with its own start, until
+        #: their request ends (req->bio's chain, kept by its submitter):
+        #: (queue, rq id, generation) -> [(start_ns, nr_sectors), ...], oldest first.
+        self.merged_bios: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         self._idle_at: dict[int, int] = {}  #: queue -> when its timeout work may idle it
         #: Called after each violation (a CPU publishes it for the runtime's detectors).
         self.on_violation: Callable[[], None] | None = None
@@ -163,6 +188,7 @@ class BlkMq(BlkMqCompletion):
                 "polls",
                 "polled",
                 "batched_completions",
+                "ctx_merges",
             ),
             0,
         )
@@ -172,8 +198,10 @@ class BlkMq(BlkMqCompletion):
         """This CPU's block-layer counters."""
         return {
             "bios": self.nr_bios,
-            "merges": self.nr_merges,
-            "requests": self.nr_bios - self.nr_merges,
+            "merges": sum(self.merges_by_op),
+            "read_merges": self.merges_by_op[ReqOp.READ],
+            "write_merges": self.merges_by_op[ReqOp.WRITE],
+            "requests": self.nr_bios - sum(self.merges_by_op),
             "issued": self.nr_issued,
             "completed": self.nr_completed,
             "batch_tags": self.nr_batch_tags,
@@ -213,9 +241,27 @@ class BlkMq(BlkMqCompletion):
         ``nowait``), its request set up and owned; the request id, or -1.  A
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
-        tags = hctx.tags
+        return self._get_request(
+            queue, hctx, op, sector, nr_sectors, bio_segments(nr_sectors), start_ns, polled,
+            reserved, nowait,
+        )  # fmt: skip
+
+    def _get_request(
+        self,
+        queue: Queue,
+        hctx: HwCtx,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        start_ns: int,
+        polled: bool,
+        reserved: bool = False,
+        nowait: bool = False,
+    ) -> int:
+        """:meth:`alloc_request` on ``hctx`` (the one blk_mq_map_queue() picked for
+        the bio), for a bio of ``nr_segs`` segments."""
         shared = queue.shared
-        a = self.a
         rq_id = -1
         plug = self.plug
         if plug is not None and not shared and not reserved:
@@ -223,10 +269,11 @@ class BlkMq(BlkMqCompletion):
             # taking a batch of tags for its nr_ios (not with shared tags).
             cached = plug.cached
             if not cached and plug.nr_ios > 1:
-                self._alloc_batch(tags, hctx, plug)
+                self._alloc_batch(hctx.tags, hctx, plug)
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
         if rq_id < 0:
+            tags = hctx.tags
             shallow = queue.async_depth if op == _WRITE else 0
             if shared:
                 tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
@@ -258,10 +305,11 @@ class BlkMq(BlkMqCompletion):
         rq_flags = 0
         if shared:
             rq_flags = _RQF_MQ_INFLIGHT
+            a = self.a
             nr = a.fetch_add32(hctx.nr_active_off, 1) + 1
             # Instrumentation: the most requests a user held after a check that held
             # it to its fair share (it may overshoot by one per racing CPU).
-            if tags.last_share and nr > a.read32(hctx.max_active_off):
+            if hctx.tags.last_share and nr > a.read32(hctx.max_active_off):
                 a.set32(hctx.max_active_off, nr)
         if reserved:
             rq_flags |= _RQF_RESV
@@ -274,6 +322,7 @@ class BlkMq(BlkMqCompletion):
             sector,
             nr_sectors,
             1,
+            nr_segs,
             self.cpu,
             hctx.index,
             queue.index,
@@ -282,7 +331,7 @@ class BlkMq(BlkMqCompletion):
             0,
         )
         if trace.on:
-            trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, a.read(base) >> RQ_GEN_SHIFT,
+            trace.emit(_EV_TAG_GET, rq_id - hctx.tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
 
@@ -333,7 +382,9 @@ class BlkMq(BlkMqCompletion):
         """blk_start_plug_nr_ios(): ``nr_ios`` is how many I/Os the task is about to
         submit (fio's batch), so tags can be taken in one go."""
         if self.plug is None:
-            self.plug = Plug(min(nr_ios, BLK_MAX_REQUEST_COUNT))
+            plug = self._plug
+            plug.nr_ios = min(nr_ios, BLK_MAX_REQUEST_COUNT)
+            self.plug = plug
 
     def finish_plug(self) -> None:
         """blk_finish_plug(): issue what the plug collected, free unused cached
@@ -355,56 +406,188 @@ class BlkMq(BlkMqCompletion):
         start_ns: int,
         polled: bool = False,
     ) -> None:
-        """blk_mq_submit_bio(): merge into the plug, or allocate a request and plug
-        it, or issue it (directly, or through the ctx when the hctx is busy).  A
-        ``polled`` bio (REQ_POLLED) goes to the POLL hctx if the queue has one; the
-        submitter then reaps it with :meth:`poll`."""
+        """blk_mq_submit_bio() as Linux 5.10 has it: merge into a plugged request
+        (:meth:`attempt_plug_merge`), else into one waiting on this CPU's ctx list
+        (:meth:`sched_bio_merge`), else allocate a request and plug it, or issue it
+        (directly, or through the ctx when the hctx is busy).  A ``polled`` bio
+        (REQ_POLLED) goes to the POLL hctx if the queue has one; the submitter then
+        reaps it with :meth:`poll`.
+
+        A bio adjacent to no plugged request (every random bio) costs two dict
+        lookups in the plug's bounds; the ctx list is looked at only if its bit in the
+        hctx's ctx_map says it holds requests (the kernel's list_empty_careful())."""
         self.nr_bios += 1
         if polled and not queue.poll_capable:
             polled = False
         plug = self.plug
-        if plug is not None:
-            last = plug.last
-            last_sectors = 0
-            if last is not None:
-                # blk_attempt_plug_merge(), back merges only, onto the last request
-                # plugged: (queue, op, end sector, sectors, bios, rq id).
-                last_q, last_op, last_end, last_sectors, last_bios, last_rq = last
-                if (
-                    last_q is queue
-                    and last_op == op
-                    and last_end == sector
-                    and last_sectors + nr_sectors <= queue.max_sectors
-                    and queue.merge
-                ):
-                    nr = last_sectors + nr_sectors
-                    RQ_SIZE.pack_into(
-                        self.buf,
-                        self.rq_base[queue.index][last_rq] + RQ_OFF_NR_SECTORS,
-                        nr,
-                        last_bios + 1,
-                    )
-                    plug.last = (queue, op, sector + nr_sectors, nr, last_bios + 1, last_rq)
-                    self.nr_merges += 1
-                    return
-            rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
-            # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
-            if plug.rqs and (
-                len(plug.rqs) >= BLK_MAX_REQUEST_COUNT
-                or last_sectors << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE
-            ):
-                self.flush_plug(plug)
-            hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
-            plug.rqs.append((queue, hctx, rq_id))
-            plug.last = (queue, op, sector + nr_sectors, nr_sectors, 1, rq_id)
+        end = sector + nr_sectors
+        if (
+            plug is not None
+            and (sector in plug.bounds or end in plug.bounds)
+            and queue.merge
+            and self.attempt_plug_merge(plug, queue, op, sector, nr_sectors, start_ns, polled)
+        ):
             return
-        rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
+        if queue.ctx_queued and self.sched_bio_merge(
+            queue, op, sector, nr_sectors, start_ns, polled
+        ):
+            return
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
+        rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
+        if plug is not None:
+            # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
+            rqs = plug.rqs
+            if rqs and (
+                len(rqs) >= BLK_MAX_REQUEST_COUNT or rqs[-1][3][2] >= _PLUG_FLUSH_SECTORS
+            ):  # the last request's EXT_SECTORS
+                self.flush_plug(plug)
+                rqs = plug.rqs
+            rqs.append((queue, hctx, rq_id, [op, sector, nr_sectors, 1, nr_segs, False]))
+            plug.bounds[end] = plug.bounds[sector] = None
+            return
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
             self.insert_request(queue, rq_id)
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+
+    # -- merging ---------------------------------------------------------------------------------
+
+    def attempt_plug_merge(
+        self,
+        plug: Plug,
+        queue: Queue,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        start_ns: int,
+        polled: bool,
+    ) -> bool:
+        """blk_attempt_plug_merge() as Linux 5.10 has it: the plug list newest first
+        (6.x tries only one request); each request of this queue that may take the
+        bio (blk_rq_merge_ok(): same op and hctx, not marked REQ_NOMERGE) and is
+        adjacent to it (blk_try_merge(): a back merge if it ends where the bio
+        starts, a front merge if it starts where the bio ends) is grown by the bio
+        unless a limit stops it (bio_attempt_back_merge() / bio_attempt_front_merge()
+        -> ll_back_merge_fn() / ll_front_merge_fn()); a request a limit stopped takes
+        no more merges (req_set_nomerge()), and the walk goes on.  With nomerges=1
+        only the newest plugged request is tried.  Called when the plug's bounds
+        hold the bio's start or end."""
+        end = sector + nr_sectors
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        segs = (nr_sectors + 7) >> 3  # bio_segments()
+        rqs = plug.rqs
+        for rq_queue, rq_hctx, rq_id, ext in rqs[-1:] if queue.one_hit else reversed(rqs):
+            if (
+                rq_queue is not queue
+                or rq_hctx is not hctx
+                or ext[EXT_OP] != op
+                or ext[EXT_NOMERGE]
+            ):
+                continue
+            rq_sector = ext[EXT_SECTOR]
+            rq_sectors = ext[EXT_SECTORS]
+            if rq_sector + rq_sectors == sector:
+                front_merge = False
+            elif rq_sector == end:
+                front_merge = True
+            else:
+                continue
+            base = self.rq_base[queue.index][rq_id]
+            rq_sectors += nr_sectors
+            rq_segs = ext[EXT_SEGS] + segs
+            if rq_sectors > queue.max_sectors or rq_segs > queue.max_segments:
+                ext[EXT_NOMERGE] = True
+                self.a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
+                continue
+            bios = ext[EXT_BIOS] + 1
+            ext[EXT_SECTORS] = rq_sectors
+            ext[EXT_BIOS] = bios
+            ext[EXT_SEGS] = rq_segs
+            if front_merge:
+                RQ_EXTENT.pack_into(
+                    self.buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios, rq_segs
+                )
+                ext[EXT_SECTOR] = sector
+                plug.bounds[sector] = None
+            else:
+                RQ_SIZE.pack_into(self.buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios, rq_segs)
+                plug.bounds[end] = None
+            self._bio_merged(queue.index, rq_id, base, op, start_ns, nr_sectors)
+            return True
+        return False
+
+    def sched_bio_merge(
+        self, queue: Queue, op: int, sector: int, nr_sectors: int, start_ns: int, polled: bool
+    ) -> bool:
+        """blk_mq_sched_bio_merge() without an elevator (5.10's
+        __blk_mq_sched_bio_merge() -> blk_bio_list_merge()), for a queue with
+        BLK_MQ_F_SHOULD_MERGE and merges allowed: if the ctx list of the bio's hctx
+        holds requests (its ctx_map bit, the lockless look), then under the list's
+        lock the newest BLK_MQ_CTX_MERGE_CHECKS requests waiting there (1 with
+        nomerges=1), newest first; the first one mergeable with the bio and adjacent
+        to it decides: grown by the bio, or, past a limit, marked to take no more
+        merges.  Called while ``queue.ctx_queued`` says this CPU may have requests
+        on its ctx lists; finding them all empty clears it.
+
+        The list holds only this CPU's requests, not issued yet; one still on it
+        while the lock is held cannot be taken off by a dispatcher (which takes
+        requests under the same lock), so it is safe to grow, and the dispatcher's
+        lock acquire orders the new size before the driver reads it."""
+        lst, off, bit = queue.rq_merge_poll if polled else queue.rq_merge_by_op[op]
+        a = self.a
+        if not a.test_bit(off, bit):
+            if not any(a.test_bit(o, b) for _lst, o, b in queue.rq_merge_lists):
+                queue.ctx_queued = False
+            return False
+        end = sector + nr_sectors
+        segs = bio_segments(nr_sectors)
+        buf = self.buf
+        bases = self.rq_base[queue.index]
+
+        def try_merge(rq_id: int) -> bool | None:
+            base = bases[rq_id]
+            rq_sector, rq_sectors, bios, rq_segs = RQ_EXTENT.unpack_from(buf, base + RQ_OFF_SECTOR)
+            if buf[base + RQ_OFF_OP] != op or a.read32(base + RQ_OFF_FLAGS) & _NOMERGE:
+                return None  # blk_rq_merge_ok()
+            if rq_sector + rq_sectors == sector:
+                front_merge = False
+            elif rq_sector == end:
+                front_merge = True
+            else:
+                return None
+            rq_sectors += nr_sectors
+            rq_segs += segs
+            if rq_sectors > queue.max_sectors or rq_segs > queue.max_segments:
+                a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
+                return False
+            if front_merge:
+                RQ_EXTENT.pack_into(
+                    buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios + 1, rq_segs
+                )
+            else:
+                RQ_SIZE.pack_into(buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios + 1, rq_segs)
+            self._bio_merged(queue.index, rq_id, base, op, start_ns, nr_sectors)
+            return True
+
+        if lst.scan_newest(1 if queue.one_hit else BLK_MQ_CTX_MERGE_CHECKS, try_merge):
+            self.stats["ctx_merges"] += 1  # ctx->rq_merged
+            return True
+        return False
+
+    def _bio_merged(
+        self, q: int, rq_id: int, base: int, op: int, start_ns: int, nr_sectors: int
+    ) -> None:
+        """blk_account_io_merge_bio(), and the bio joins its request's chain: kept
+        here, on its submitting CPU, until the request ends (:meth:`bios_done`)."""
+        self.merges_by_op[op] += 1
+        key = (q, rq_id, self.a.read(base) >> RQ_GEN_SHIFT)
+        chain = self.merged_bios.get(key)
+        if chain is None:
+            self.merged_bios[key] = [(start_ns, nr_sectors)]
+        else:
+            chain.append((start_ns, nr_sectors))
 
     def poll(self, hctx: HwCtx) -> int:
         """blk_mq_poll() / bio_poll(): ask the driver to reap ``hctx`` (a POLL hctx)
@@ -433,13 +616,12 @@ class BlkMq(BlkMqCompletion):
     def flush_plug(self, plug: Plug, from_schedule: bool = False) -> None:
         """blk_mq_flush_plug_list(): issue the plugged requests hctx by hctx; what a
         busy driver refuses goes to ``hctx->dispatch``, the rest to the ctxs."""
-        rqs, plug.rqs = plug.rqs, []
-        plug.last = None
+        rqs = plug.clear()
         self.stats["plug_flushes"] += 1
         if from_schedule:  # blk_mq_dispatch_plug_list(plug, from_schedule)
-            for queue, _hctx, rq_id in rqs:
+            for queue, _hctx, rq_id, _ext in rqs:
                 self.insert_request(queue, rq_id)
-            for hctx in dict.fromkeys(h for _q, h, _r in rqs):
+            for hctx in dict.fromkeys(h for _q, h, _r, _x in rqs):
                 self.run_hw_queue(hctx, True)
             return
         i = 0
@@ -448,7 +630,7 @@ class BlkMq(BlkMqCompletion):
         prev: HwCtx | None = None
         a = self.a
         while i < n:
-            queue, hctx, rq_id = rqs[i]
+            queue, hctx, rq_id, _ext = rqs[i]
             i += 1
             if prev is not None and hctx is not prev:
                 if queued and prev.queue.ops.commit_rqs is not None:
@@ -482,10 +664,10 @@ class BlkMq(BlkMqCompletion):
                 if queued and queue.ops.commit_rqs is not None:
                     queue.ops.commit_rqs(self, hctx)
                 rest = rqs[i:]
-                for q2, _h2, r2 in rest:  # blk_mq_dispatch_plug_list() for the rest
+                for q2, _h2, r2, _x2 in rest:  # blk_mq_dispatch_plug_list() for the rest
                     self.insert_request(q2, r2)
                 self.run_hw_queue(hctx, False)
-                for _q2, h2, _r2 in rest:
+                for _q2, h2, _r2, _x2 in rest:
                     if h2 is not hctx:
                         self.run_hw_queue(h2, True)
                 return
@@ -553,8 +735,10 @@ class BlkMq(BlkMqCompletion):
         list for the request's hctx, marking the ctx pending."""
         base = self.rqs[queue.index][rq_id].base
         st = RQ_SETUP.unpack_from(self.buf, base + RQ_OFF_SETUP)
-        hctx = queue.hctxs[st[5]]
-        lst, index_hw = queue.ctx_lists[(st[4], hctx.type)]
+        hctx = queue.hctxs[st[6]]
+        lst, index_hw = queue.ctx_lists[(st[5], hctx.type)]
+        if st[5] == self.cpu:
+            queue.ctx_queued = queue.should_merge
         lst.add([rq_id], at_head, lambda: hctx.mark_pending(index_hw))
         hctx.stats["queued"] += 1
 

@@ -73,7 +73,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def flush_plug(self, plug, from_schedule=False):
-        queues = list(dict.fromkeys(q for q, _h, _r in plug.rqs))
+        queues = list(dict.fromkeys(queue for queue, _h, _r, _x in plug.rqs))
         for queue in queues:
             self._lock(queue)
         try:
@@ -186,7 +186,8 @@ class RawBlkMq(BlkMq):
         st = a.read(base)
         a.set(base, st | RQ_ALLOCATED)  # private: nobody else takes this slot
         RQ_SETUP.pack_into(
-            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, self.cpu, hctx.index,
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, (nr_sectors + 7) >> 3,
+            self.cpu, hctx.index,
             queue.index, op, 0, 0,
         )  # fmt: skip
         if self._batch is not None:
