@@ -57,6 +57,7 @@ from mqrt.block.blk_mq_structs import (
     _RQF_RESV,
     _STOPPED,
     EXT_BIOS,
+    EXT_CHAIN,
     EXT_NOMERGE,
     EXT_OP,
     EXT_SECTOR,
@@ -443,7 +444,7 @@ class BlkMq(BlkMqCompletion):
             ):  # the last request's EXT_SECTORS
                 self.flush_plug(plug)
                 rqs = plug.rqs
-            rqs.append((queue, hctx, rq_id, [op, sector, nr_sectors, 1, nr_segs, False]))
+            rqs.append((queue, hctx, rq_id, [op, sector, nr_sectors, 1, nr_segs, False, None]))
             plug.bounds[end] = plug.bounds[sector] = None
             return
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
@@ -514,7 +515,11 @@ class BlkMq(BlkMqCompletion):
             else:
                 RQ_SIZE.pack_into(self.buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios, rq_segs)
                 plug.bounds[end] = None
-            self._bio_merged(queue.index, rq_id, base, op, start_ns, nr_sectors)
+            chain = ext[EXT_CHAIN]
+            if chain is None:
+                chain = ext[EXT_CHAIN] = self._bio_chain(queue.index, rq_id, base)
+            chain.append((start_ns, nr_sectors))
+            self.merges_by_op[op] += 1  # blk_account_io_merge_bio()
             return True
         return False
 
@@ -568,7 +573,8 @@ class BlkMq(BlkMqCompletion):
                 )
             else:
                 RQ_SIZE.pack_into(buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios + 1, rq_segs)
-            self._bio_merged(queue.index, rq_id, base, op, start_ns, nr_sectors)
+            self._bio_chain(queue.index, rq_id, base).append((start_ns, nr_sectors))
+            self.merges_by_op[op] += 1  # blk_account_io_merge_bio()
             return True
 
         if lst.scan_newest(1 if queue.one_hit else BLK_MQ_CTX_MERGE_CHECKS, try_merge):
@@ -576,18 +582,11 @@ class BlkMq(BlkMqCompletion):
             return True
         return False
 
-    def _bio_merged(
-        self, q: int, rq_id: int, base: int, op: int, start_ns: int, nr_sectors: int
-    ) -> None:
-        """blk_account_io_merge_bio(), and the bio joins its request's chain: kept
-        here, on its submitting CPU, until the request ends (:meth:`bios_done`)."""
-        self.merges_by_op[op] += 1
-        key = (q, rq_id, self.a.read(base) >> RQ_GEN_SHIFT)
-        chain = self.merged_bios.get(key)
-        if chain is None:
-            self.merged_bios[key] = [(start_ns, nr_sectors)]
-        else:
-            chain.append((start_ns, nr_sectors))
+    def _bio_chain(self, q: int, rq_id: int, base: int) -> list[tuple[int, int]]:
+        """The chain of the bios merged into request ``rq_id`` (at ``base``) of queue
+        ``q``, in this generation: kept here, on the CPU that submitted them, until
+        the request ends (:meth:`bios_done`)."""
+        return self.merged_bios.setdefault((q, rq_id, self.a.read(base) >> RQ_GEN_SHIFT), [])
 
     def poll(self, hctx: HwCtx) -> int:
         """blk_mq_poll() / bio_poll(): ask the driver to reap ``hctx`` (a POLL hctx)

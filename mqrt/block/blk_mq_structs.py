@@ -682,10 +682,11 @@ class Queue:
 
 
 #: A plugged request: (queue, hctx, rq id, its extent), the extent a list merges grow
-#: in place: [op, sector, nr_sectors, bios, segments, no more merges].  The hot paths
-#: index the extent with the literal numbers.
+#: in place: [op, sector, nr_sectors, bios, segments, no more merges, the chain of
+#: the bios merged into it (None before the first)].  The hot paths index the extent
+#: with the literal numbers.
 PlugRq = tuple["Queue", HwCtx, int, list[Any]]
-EXT_OP, EXT_SECTOR, EXT_SECTORS, EXT_BIOS, EXT_SEGS, EXT_NOMERGE = 0, 1, 2, 3, 4, 5
+EXT_OP, EXT_SECTOR, EXT_SECTORS, EXT_BIOS, EXT_SEGS, EXT_NOMERGE, EXT_CHAIN = range(7)
 #: Sectors a plug's bounds keep before they are cleared at a flush.
 PLUG_BOUNDS_MAX = 2048
 
