@@ -206,6 +206,8 @@ class BlkMq(BlkMqCompletion):
             "issued": self.nr_issued,
             "completed": self.nr_completed,
             "batch_tags": self.nr_batch_tags,
+            # merged requests whose end has not reached this CPU yet (0 once drained)
+            "open_bio_chains": len(self.merged_bios),
             **self.stats,
         }
 
