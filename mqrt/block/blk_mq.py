@@ -31,10 +31,16 @@ Deviations from Linux
       so a request finishes exactly once even when a completion races a timeout.
     * A queue's hctxs, ctxs and tag set are fixed for the run (no update_nr_hw_queues,
       no hotplug); TAG_QUEUE_SHARED is decided when the queues are set up.
+    * Merges are 5.10's (the plug list newest first, then the newest 8 requests of the
+      ctx list), except: nomerges=1 tries only the newest request of each; a bio looks
+      at its ctx list only while its CPU has put requests there (``Queue.ctx_queued``,
+      instead of list_empty_careful()); bios are never split.
 
 Concurrency (see docs/ARCHITECTURE.md for the full table)
     * ``rq.state``: cmpxchg/store_release by whoever moves it; the setup block is
-      written by the allocating CPU before the request is published to the driver.
+      written by the allocating CPU before the request is published to the driver,
+      and grown by merges on that CPU only: while plugged, or on its ctx list under
+      the list's lock while still there (a dispatcher takes it under the same lock).
     * ctx lists, ``hctx->dispatch``, ``q->requeue_list``: :class:`RqList`, under their
       own bit spinlock; ``ctx_map`` bits change only under the ctx's list lock.
     * ``hctx->state`` bits: atomic set/clear/test; ``dispatch_busy``: relaxed, a hint.

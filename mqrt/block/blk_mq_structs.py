@@ -113,7 +113,8 @@ def request_dtype(cmd_size: int) -> np.dtype:
     state             cmpxchg by whoever moves it (see the module docstring)
     deadline_ns       the CPU that started it; read by timeout work
     io_start_time_ns  the CPU that started it
-    setup block       the allocating CPU (RQ_SETUP), before issue
+    setup block       the allocating CPU (RQ_SETUP), before issue; merges on that
+                      CPU grow it (plugged, or on its ctx list under the lock)
     pdu               the driver, while it owns the request
     ================  =====================================================
     """
