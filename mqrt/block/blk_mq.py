@@ -62,13 +62,6 @@ from mqrt.block.blk_mq_structs import (
     _RQF_POLLED,
     _RQF_RESV,
     _STOPPED,
-    EXT_BIOS,
-    EXT_CHAIN,
-    EXT_NOMERGE,
-    EXT_OP,
-    EXT_SECTOR,
-    EXT_SECTORS,
-    EXT_SEGS,
     RQ_ALLOCATED,
     RQ_EXTENT,
     RQ_GEN_SHIFT,
@@ -448,11 +441,12 @@ class BlkMq(BlkMqCompletion):
             # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
             rqs = plug.rqs
             if rqs and (
-                len(rqs) >= BLK_MAX_REQUEST_COUNT or rqs[-1][3][2] >= _PLUG_FLUSH_SECTORS
-            ):  # the last request's EXT_SECTORS
+                len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
+            ):
                 self.flush_plug(plug)
                 rqs = plug.rqs
-            rqs.append((queue, hctx, rq_id, [op, sector, nr_sectors, 1, nr_segs, False, None]))
+            rqs.append((queue, hctx, rq_id))
+            plug.last_sectors = nr_sectors
             plug.bounds[end] = plug.bounds[sector] = None
             return
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
@@ -474,61 +468,22 @@ class BlkMq(BlkMqCompletion):
         polled: bool,
     ) -> bool:
         """blk_attempt_plug_merge() as Linux 5.10 has it: the plug list newest first
-        (6.x tries only one request); each request of this queue that may take the
-        bio (blk_rq_merge_ok(): same op and hctx, not marked REQ_NOMERGE) and is
-        adjacent to it (blk_try_merge(): a back merge if it ends where the bio
-        starts, a front merge if it starts where the bio ends) is grown by the bio
-        unless a limit stops it (bio_attempt_back_merge() / bio_attempt_front_merge()
-        -> ll_back_merge_fn() / ll_front_merge_fn()); a request a limit stopped takes
-        no more merges (req_set_nomerge()), and the walk goes on.  With nomerges=1
-        only the newest plugged request is tried.  Called when the plug's bounds
-        hold the bio's start or end."""
-        end = sector + nr_sectors
+        (6.x tries only one request); each request of this queue and hctx is offered
+        the bio (:meth:`bio_attempt_merge`); one a limit refused takes no more merges,
+        and the walk goes on.  With nomerges=1 only the newest plugged request is
+        tried.  Called when the plug's bounds hold the bio's start or end."""
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
-        segs = (nr_sectors + 7) >> 3  # bio_segments()
         rqs = plug.rqs
-        for rq_queue, rq_hctx, rq_id, ext in rqs[-1:] if queue.one_hit else reversed(rqs):
-            if (
-                rq_queue is not queue
-                or rq_hctx is not hctx
-                or ext[EXT_OP] != op
-                or ext[EXT_NOMERGE]
-            ):
+        for rq_queue, rq_hctx, rq_id in rqs[-1:] if queue.one_hit else reversed(rqs):
+            if rq_queue is not queue or rq_hctx is not hctx:
                 continue
-            rq_sector = ext[EXT_SECTOR]
-            rq_sectors = ext[EXT_SECTORS]
-            if rq_sector + rq_sectors == sector:
-                front_merge = False
-            elif rq_sector == end:
-                front_merge = True
-            else:
-                continue
-            base = self.rq_base[queue.index][rq_id]
-            rq_sectors += nr_sectors
-            rq_segs = ext[EXT_SEGS] + segs
-            if rq_sectors > queue.max_sectors or rq_segs > queue.max_segments:
-                ext[EXT_NOMERGE] = True
-                self.a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
-                continue
-            bios = ext[EXT_BIOS] + 1
-            ext[EXT_SECTORS] = rq_sectors
-            ext[EXT_BIOS] = bios
-            ext[EXT_SEGS] = rq_segs
-            if front_merge:
-                RQ_EXTENT.pack_into(
-                    self.buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios, rq_segs
-                )
-                ext[EXT_SECTOR] = sector
-                plug.bounds[sector] = None
-            else:
-                RQ_SIZE.pack_into(self.buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios, rq_segs)
-                plug.bounds[end] = None
-            chain = ext[EXT_CHAIN]
-            if chain is None:
-                chain = ext[EXT_CHAIN] = self._bio_chain(queue.index, rq_id, base)
-            chain.append((start_ns, nr_sectors))
-            self.merges_by_op[op] += 1  # blk_account_io_merge_bio()
-            return True
+            rq_sectors = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
+            if rq_sectors:
+                bounds = plug.bounds
+                bounds[sector] = bounds[sector + nr_sectors] = None
+                if rq_id == rqs[-1][2]:
+                    plug.last_sectors = rq_sectors
+                return True
         return False
 
     def sched_bio_merge(
@@ -539,10 +494,10 @@ class BlkMq(BlkMqCompletion):
         BLK_MQ_F_SHOULD_MERGE and merges allowed: if the ctx list of the bio's hctx
         holds requests (its ctx_map bit, the lockless look), then under the list's
         lock the newest BLK_MQ_CTX_MERGE_CHECKS requests waiting there (1 with
-        nomerges=1), newest first; the first one mergeable with the bio and adjacent
-        to it decides: grown by the bio, or, past a limit, marked to take no more
-        merges.  Called while ``queue.ctx_queued`` says this CPU may have requests
-        on its ctx lists; finding them all empty clears it.
+        nomerges=1), newest first; the first one the bio may merge into and is
+        adjacent to decides (:meth:`bio_attempt_merge`).  Called while
+        ``queue.ctx_queued`` says this CPU may have requests on its ctx lists;
+        finding them all empty clears it.
 
         The list holds only this CPU's requests, not issued yet; one still on it
         while the lock is held cannot be taken off by a dispatcher (which takes
@@ -554,47 +509,59 @@ class BlkMq(BlkMqCompletion):
             if not any(a.test_bit(o, b) for _lst, o, b in queue.rq_merge_lists):
                 queue.ctx_queued = False
             return False
-        end = sector + nr_sectors
-        segs = bio_segments(nr_sectors)
-        buf = self.buf
-        bases = self.rq_base[queue.index]
 
         def try_merge(rq_id: int) -> bool | None:
-            base = bases[rq_id]
-            rq_sector, rq_sectors, bios, rq_segs = RQ_EXTENT.unpack_from(buf, base + RQ_OFF_SECTOR)
-            if buf[base + RQ_OFF_OP] != op or a.read32(base + RQ_OFF_FLAGS) & _NOMERGE:
-                return None  # blk_rq_merge_ok()
-            if rq_sector + rq_sectors == sector:
-                front_merge = False
-            elif rq_sector == end:
-                front_merge = True
-            else:
-                return None
-            rq_sectors += nr_sectors
-            rq_segs += segs
-            if rq_sectors > queue.max_sectors or rq_segs > queue.max_segments:
-                a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
-                return False
-            if front_merge:
-                RQ_EXTENT.pack_into(
-                    buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios + 1, rq_segs
-                )
-            else:
-                RQ_SIZE.pack_into(buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios + 1, rq_segs)
-            self._bio_chain(queue.index, rq_id, base).append((start_ns, nr_sectors))
-            self.merges_by_op[op] += 1  # blk_account_io_merge_bio()
-            return True
+            merged = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
+            return None if merged is None else bool(merged)
 
         if lst.scan_newest(1 if queue.one_hit else BLK_MQ_CTX_MERGE_CHECKS, try_merge):
             self.stats["ctx_merges"] += 1  # ctx->rq_merged
             return True
         return False
 
-    def _bio_chain(self, q: int, rq_id: int, base: int) -> list[tuple[int, int]]:
-        """The chain of the bios merged into request ``rq_id`` (at ``base``) of queue
-        ``q``, in this generation: kept here, on the CPU that submitted them, until
-        the request ends (:meth:`bios_done`)."""
-        return self.merged_bios.setdefault((q, rq_id, self.a.read(base) >> RQ_GEN_SHIFT), [])
+    def bio_attempt_merge(
+        self, queue: Queue, rq_id: int, op: int, sector: int, nr_sectors: int, start_ns: int
+    ) -> int | None:
+        """Offer a bio to request ``rq_id`` of ``queue``, one of this CPU's not issued
+        yet (plugged, or on its ctx list under the list's lock): blk_rq_merge_ok()
+        (same op, not REQ_NOMERGE), blk_try_merge() (a back merge if the request ends
+        where the bio starts, a front merge if it starts where the bio ends: its start
+        moves back to the bio's), then bio_attempt_back_merge() /
+        bio_attempt_front_merge(), whose ll_back_merge_fn() / ll_front_merge_fn()
+        refuse to grow the request past max_sectors or max_segments and mark it
+        (req_set_nomerge()).
+
+        Returns None if the bio may not merge into it or is not adjacent, 0 if a
+        limit refused, else the request's new size in sectors.  A merged bio joins
+        the request's chain with its own start, and counts in the merges of its
+        direction (blk_account_io_merge_bio())."""
+        base = self.rq_base[queue.index][rq_id]
+        buf = self.buf
+        if buf[base + RQ_OFF_OP] != op:
+            return None
+        rq_sector, rq_sectors, bios, segs = RQ_EXTENT.unpack_from(buf, base + RQ_OFF_SECTOR)
+        if rq_sector + rq_sectors == sector:
+            front_merge = False
+        elif rq_sector == sector + nr_sectors:
+            front_merge = True
+        else:
+            return None
+        a = self.a
+        if a.read32(base + RQ_OFF_FLAGS) & _NOMERGE:
+            return None
+        rq_sectors += nr_sectors
+        segs += (nr_sectors + 7) >> 3  # bio_segments()
+        if rq_sectors > queue.max_sectors or segs > queue.max_segments:
+            a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
+            return 0
+        if front_merge:
+            RQ_EXTENT.pack_into(buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios + 1, segs)
+        else:
+            RQ_SIZE.pack_into(buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios + 1, segs)
+        chain = self.merged_bios.setdefault((queue.index, rq_id, a.read(base) >> RQ_GEN_SHIFT), [])
+        chain.append((start_ns, nr_sectors))
+        self.merges_by_op[op] += 1
+        return rq_sectors
 
     def poll(self, hctx: HwCtx) -> int:
         """blk_mq_poll() / bio_poll(): ask the driver to reap ``hctx`` (a POLL hctx)
@@ -626,9 +593,9 @@ class BlkMq(BlkMqCompletion):
         rqs = plug.clear()
         self.stats["plug_flushes"] += 1
         if from_schedule:  # blk_mq_dispatch_plug_list(plug, from_schedule)
-            for queue, _hctx, rq_id, _ext in rqs:
+            for queue, _hctx, rq_id in rqs:
                 self.insert_request(queue, rq_id)
-            for hctx in dict.fromkeys(h for _q, h, _r, _x in rqs):
+            for hctx in dict.fromkeys(h for _q, h, _r in rqs):
                 self.run_hw_queue(hctx, True)
             return
         i = 0
@@ -637,7 +604,7 @@ class BlkMq(BlkMqCompletion):
         prev: HwCtx | None = None
         a = self.a
         while i < n:
-            queue, hctx, rq_id, _ext = rqs[i]
+            queue, hctx, rq_id = rqs[i]
             i += 1
             if prev is not None and hctx is not prev:
                 if queued and prev.queue.ops.commit_rqs is not None:
@@ -671,10 +638,10 @@ class BlkMq(BlkMqCompletion):
                 if queued and queue.ops.commit_rqs is not None:
                     queue.ops.commit_rqs(self, hctx)
                 rest = rqs[i:]
-                for q2, _h2, r2, _x2 in rest:  # blk_mq_dispatch_plug_list() for the rest
+                for q2, _h2, r2 in rest:  # blk_mq_dispatch_plug_list() for the rest
                     self.insert_request(q2, r2)
                 self.run_hw_queue(hctx, False)
-                for _q2, h2, _r2, _x2 in rest:
+                for _q2, h2, _r2 in rest:
                     if h2 is not hctx:
                         self.run_hw_queue(h2, True)
                 return

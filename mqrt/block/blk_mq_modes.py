@@ -73,7 +73,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def flush_plug(self, plug, from_schedule=False):
-        queues = list(dict.fromkeys(queue for queue, _h, _r, _x in plug.rqs))
+        queues = list(dict.fromkeys(queue for queue, _h, _r in plug.rqs))
         for queue in queues:
             self._lock(queue)
         try:

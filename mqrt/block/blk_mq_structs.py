@@ -682,12 +682,8 @@ class Queue:
                 lst.close()
 
 
-#: A plugged request: (queue, hctx, rq id, its extent), the extent a list merges grow
-#: in place: [op, sector, nr_sectors, bios, segments, no more merges, the chain of
-#: the bios merged into it (None before the first)].  The hot paths index the extent
-#: with the literal numbers.
-PlugRq = tuple["Queue", HwCtx, int, list[Any]]
-EXT_OP, EXT_SECTOR, EXT_SECTORS, EXT_BIOS, EXT_SEGS, EXT_NOMERGE, EXT_CHAIN = range(7)
+#: A plugged request: (queue, hctx, rq id); merges read and grow it in the pool.
+PlugRq = tuple["Queue", HwCtx, int]
 #: Sectors a plug's bounds keep before they are cleared at a flush.
 PLUG_BOUNDS_MAX = 2048
 
@@ -702,7 +698,7 @@ class Plug:
     (none ends where it starts, none starts where it ends), which two dict lookups
     tell without a walk of the list; any other bio walks it."""
 
-    __slots__ = ("bounds", "cached", "nr_ios", "rqs")
+    __slots__ = ("bounds", "cached", "last_sectors", "nr_ios", "rqs")
 
     def __init__(self, nr_ios: int = 1) -> None:
         self.rqs: list[PlugRq] = []
@@ -713,6 +709,8 @@ class Plug:
         self.cached: list[tuple[HwCtx, int]] = []
         #: sectors where plugged requests start or end, or did (a dict used as a set)
         self.bounds: dict[int, None] = {}
+        #: the size of the newest plugged request (the flush at BLK_PLUG_FLUSH_SIZE)
+        self.last_sectors = 0
 
     def clear(self) -> list[PlugRq]:
         """Empty the plug list (a flush); its requests, oldest first.  The bounds keep
