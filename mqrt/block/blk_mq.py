@@ -416,8 +416,9 @@ class BlkMq(BlkMqCompletion):
         reaps it with :meth:`poll`.
 
         A bio adjacent to no plugged request (every random bio) costs two dict
-        lookups in the plug's bounds; the ctx list is looked at only if its bit in the
-        hctx's ctx_map says it holds requests (the kernel's list_empty_careful())."""
+        lookups in the plug's bounds; the ctx list is looked at only while this CPU
+        has put requests on its ctx lists (``queue.ctx_queued``), and then only if its
+        bit in the hctx's ctx_map says it holds some (list_empty_careful())."""
         self.nr_bios += 1
         if polled and not queue.poll_capable:
             polled = False
