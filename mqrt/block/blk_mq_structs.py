@@ -684,19 +684,17 @@ class Queue:
 
 #: A plugged request: (queue, hctx, rq id); merges read and grow it in the pool.
 PlugRq = tuple["Queue", HwCtx, int]
-#: Sectors a plug's bounds keep before they are cleared at a flush.
-PLUG_BOUNDS_MAX = 2048
 
 
 class Plug:
     """struct blk_plug: requests collected by one task before a batch issue.
 
     The plug list (:attr:`rqs`, oldest first) comes with :attr:`bounds`, the sectors
-    where its requests start and end: every value each has had, and those of requests
-    flushed before (cleared once there are PLUG_BOUNDS_MAX).  A bio whose start and
-    end are both absent -- every random bio -- is adjacent to no plugged request
-    (none ends where it starts, none starts where it ends), which two dict lookups
-    tell without a walk of the list; any other bio walks it."""
+    where its requests start and end (every value each has had since it was
+    plugged).  A bio whose start and end are both absent -- every random bio -- is
+    adjacent to no plugged request (none ends where it starts, none starts where it
+    ends), which two dict lookups tell without a walk of the list; any other bio
+    walks it."""
 
     __slots__ = ("bounds", "cached", "last_sectors", "nr_ios", "rqs")
 
@@ -713,12 +711,9 @@ class Plug:
         self.last_sectors = 0
 
     def clear(self) -> list[PlugRq]:
-        """Empty the plug list (a flush); its requests, oldest first.  The bounds keep
-        their sectors (a stale one only costs a walk) until there are PLUG_BOUNDS_MAX:
-        a dict that keeps its size is cheaper than one rebuilt every plug."""
+        """Empty the plug list (a flush); its requests, oldest first."""
         rqs, self.rqs = self.rqs, []
-        if len(self.bounds) > PLUG_BOUNDS_MAX:
-            self.bounds.clear()
+        self.bounds.clear()
         return rqs
 
 
