@@ -39,7 +39,15 @@ from mqrt.block.blk_mq_structs import (
     RequestQueue,
     TagSet,
 )
-from mqrt.block.blk_mq_types import BlkMqFlag, BlkMqOps, BlkStatus, EhRet
+from mqrt.block.blk_mq_types import (
+    BLK_DEF_MAX_SECTORS,
+    SECTOR_SHIFT,
+    BlkMqFlag,
+    BlkMqOps,
+    BlkStatus,
+    EhRet,
+)
+from mqrt.block.blk_settings import blk_queue_max_hw_sectors
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues
 from mqrt.lib.sbitmap import SbqGeneration
@@ -157,6 +165,14 @@ NULLB_KNOBS: tuple[Knob, ...] = (
         "Logical block size in bytes (module parameter bs; configfs blocksize). Default: 512",
         512,
         4096,
+    ),
+    Knob(
+        "max_sectors",
+        "int",
+        0,
+        "Maximum size of a command (in 512B sectors); 0: the queue's default (255). Default: 0",
+        0,
+        BLK_DEF_MAX_SECTORS,
     ),
     Knob(
         "home_node",
@@ -429,11 +445,12 @@ def setup(
     pool_limit_bytes: int | None = None,
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
+    nomerges: int = 0,
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
-    queues, and the fault state, declared in ``layout``."""
+    queues with their limits, and the fault state, declared in ``layout``."""
     ops = NullbOps(cfg, seed)
-    flags = BlkMqFlag(0)
+    flags = BlkMqFlag.SHOULD_MERGE  # null_init_tag_set()
     if cfg.blocking:
         flags |= BlkMqFlag.BLOCKING
     if cfg.shared_tag_bitmap:
@@ -474,10 +491,23 @@ def setup(
             queuedata=dev,
             rq_affinity=rq_affinity,
             async_depth=async_depth,
+            nomerges=nomerges,
         )
+        null_set_max_sectors(dev.q, cfg.max_sectors, cfg.blocksize)
         queues.append(dev.q)
         ops.devices.append(dev)
     return ops, queues
+
+
+def null_set_max_sectors(q: RequestQueue, max_sectors: int, blocksize: int) -> None:
+    """null_add_dev()'s limit: the ``max_sectors`` knob, or the queue's hardware limit
+    when 0 (255 sectors: blk_set_default_limits()), at most BLK_DEF_MAX_SECTORS and
+    whole blocks, set with blk_queue_max_hw_sectors()."""
+    if not max_sectors:
+        max_sectors = q.limits.max_hw_sectors
+    max_sectors = min(max_sectors, BLK_DEF_MAX_SECTORS)
+    block_sectors = blocksize >> SECTOR_SHIFT
+    blk_queue_max_hw_sectors(q, max_sectors - max_sectors % block_sectors)
 
 
 def describe(cfg: NullbConfig) -> dict[str, Any]:

@@ -83,6 +83,7 @@ from mqrt.block.blk_mq_structs import (
     TagSet,
 )
 from mqrt.block.blk_mq_types import (
+    SECTOR_SHIFT,
     BlkMqFlag,
     BlkMqOps,
     BlkStatus,
@@ -92,6 +93,7 @@ from mqrt.block.blk_mq_types import (
     Rqf,
     RqState,
 )
+from mqrt.block.blk_settings import blk_queue_max_hw_sectors, blk_queue_max_segments
 from mqrt.device.controller import (
     DEV_COUNTERS,
     ControllerPlan,
@@ -122,7 +124,10 @@ from mqrt.device.nvme_defs import (
     NVME_ADMIN_TIMEOUT_MS,
     NVME_AQ_DEPTH,
     NVME_AQ_MQ_TAG_DEPTH,
+    NVME_CTRL_PAGE_SHIFT,
+    NVME_MAX_KB_SZ,
     NVME_MAX_RETRIES,
+    NVME_MAX_SEGS,
     NVME_QUEUE,
     NVME_REGS,
     NVME_SC_DNR,
@@ -399,6 +404,8 @@ class NvmeOps(BlkMqOps):
         #: this process's handle on admin_q (the owner's at probe, then each CPU's)
         self.admin: AdminQueue | None = None
         self.identify: dict[str, Any] = {}  #: what the last Identify said
+        #: ctrl->max_hw_sectors: the largest command, sectors (0 until identified)
+        self.max_hw_sectors = 0
         self.stats = dict.fromkeys(
             ("genctr_mismatch", "completion_polled", "aborts_sent", "abort_completions",
              "abort_limited", "abort_no_tag", "resets", "resets_cfs", "resets_admin",
@@ -611,8 +618,9 @@ class NvmeOps(BlkMqOps):
         a = self.admin.a  # type: ignore[union-attr]
         self._admin_cmd(AdminOpcode.IDENTIFY, 0, IdentifyCns.CONTROLLER, 0, data)
         ident = IDENTIFY_CTRL.unpack_from(self.admin.mq.buf, data)  # type: ignore[union-attr]
-        nn, mqes, acl = ident[6], ident[7], ident[9]
+        mdts, nn, mqes, acl = ident[5], ident[6], ident[7], ident[9]
         a.set32(self.regs.offsets().abort_limit, acl + 1)  # type: ignore[union-attr]
+        max_hw_sectors = self.set_queue_limits(mdts)
         if nn < cfg.nr_namespaces:
             raise RuntimeError(f"nvme: controller has {nn} namespaces, {cfg.nr_namespaces} asked")
         for nsid in range(1, cfg.nr_namespaces + 1):
@@ -624,8 +632,26 @@ class NvmeOps(BlkMqOps):
             nvmeq.refresh()
         self.identify = {"namespaces": nn, "io_queues": self.nr_io_queues,
                          "queue_depth": depth, "mn": ident[3].rstrip(b"\0").decode(),
-                         "acl": acl}  # fmt: skip
+                         "acl": acl, "mdts": mdts,
+                         "max_hw_sectors_kb": max_hw_sectors >> 1}  # fmt: skip
         return self.identify
+
+    def set_queue_limits(self, mdts: int) -> int:
+        """The limits Identify Controller gives (nvme_init_identify() ->
+        nvme_set_queue_limits()): the largest command MDTS allows, kept if an earlier
+        identify allowed less (``min_not_zero``), on admin_q and every namespace's
+        queue; this process's handles on the namespaces' queues take them at once.
+        The largest command, in sectors."""
+        max_hw_sectors = nvme_max_hw_sectors(mdts)
+        if self.max_hw_sectors:
+            max_hw_sectors = min(max_hw_sectors, self.max_hw_sectors)
+        self.max_hw_sectors = max_hw_sectors
+        for q in [*self.queues, *([self.admin_q] if self.admin_q is not None else [])]:
+            nvme_set_queue_limits(q, max_hw_sectors)
+        if self.mq is not None:
+            for queue in self.mq.queues:
+                queue.set_limits(queue.q.limits)
+        return max_hw_sectors
 
     def setup_io_queues(self) -> None:
         """nvme_setup_io_queues(): the number of queues, interrupt coalescing, then
@@ -779,14 +805,14 @@ class NvmeOps(BlkMqOps):
             if not a.read32(rq.base + RQ_OFF_FLAGS) & _DONTPREP:  # nvme_setup_cmd(): a new command
                 pdu[_RETRIES] = 0  # type: ignore[index]
                 a.fetch_or32(rq.base + RQ_OFF_FLAGS, _DONTPREP)
-            st = rq.setup()  # start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, ...
+            st = rq.setup()  # start, sector, nr_sectors, bios, segments, cpu, hctx, q, op, ...
             mq.start_request(rq)
-            opcode = IoOpcode.READ if st[7] == 0 else IoOpcode.WRITE
+            opcode = IoOpcode.READ if st[8] == 0 else IoOpcode.WRITE
             slba = st[1] >> self.sect_shift
             nlb = (st[2] >> self.sect_shift) - 1
             nvmeq.copy_cmd(
                 (
-                    opcode, 0, nvme_cid(genctr, rq.tag), st[6] + 1, 0, 0, 0, 0,
+                    opcode, 0, nvme_cid(genctr, rq.tag), st[7] + 1, 0, 0, 0, 0,
                     slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
                 ),
                 last,
@@ -1050,6 +1076,26 @@ class NvmeOps(BlkMqOps):
         return n
 
 
+def nvme_max_hw_sectors(mdts: int) -> int:
+    """nvme_init_identify(): the largest command, in sectors: what the controller's
+    MDTS allows (2^mdts controller pages; 0: no limit), at most what the PCI driver
+    maps in one command (NVME_MAX_KB_SZ)."""
+    limit = NVME_MAX_KB_SZ << 1
+    if mdts:
+        limit = min(limit, 1 << (mdts + NVME_CTRL_PAGE_SHIFT - SECTOR_SHIFT))
+    return limit
+
+
+def nvme_set_queue_limits(q: RequestQueue, max_hw_sectors: int) -> None:
+    """nvme_set_queue_limits(): the controller's largest command as the queue's
+    hardware limit, and one segment per controller page of it (plus one for an
+    unaligned start), at most NVME_MAX_SEGS."""
+    max_segments = min(max_hw_sectors // (1 << (NVME_CTRL_PAGE_SHIFT - SECTOR_SHIFT)) + 1,
+                       NVME_MAX_SEGS)  # fmt: skip
+    blk_queue_max_hw_sectors(q, max_hw_sectors)
+    blk_queue_max_segments(q, max_segments)
+
+
 def setup(
     cfg: NvmeConfig,
     layout: Layout,
@@ -1060,6 +1106,7 @@ def setup(
     pool_limit_bytes: int | None = None,
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
+    nomerges: int = 0,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """The controller's queues, the admin tag set and admin_q
     (:meth:`NvmeOps.alloc_admin_tags`), then nvme_alloc_io_tag_set() and one queue per
@@ -1078,6 +1125,7 @@ def setup(
         cmd_size=NVME_CMD_SIZE,
         timeout_ms=timeout_ms,
         driver_data=ops,
+        flags=BlkMqFlag.SHOULD_MERGE,
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
         generation=generation,
@@ -1087,7 +1135,14 @@ def setup(
     if tset.queue_depth > cfg.io_queue_depth - 1:
         raise KnobError("io_queue_depth: inconsistent tag set depth")
     queues = [
-        init_queue(tset, layout, f"nvme0n{i + 1}", rq_affinity=rq_affinity, async_depth=async_depth)
+        init_queue(
+            tset,
+            layout,
+            f"nvme0n{i + 1}",
+            rq_affinity=rq_affinity,
+            async_depth=async_depth,
+            nomerges=nomerges,
+        )
         for i in range(cfg.nr_namespaces)
     ]
     ops.queues = queues

@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     from mqrt.device.controller import ControllerPlan, Namespace, QueueRegions
     from mqrt.lib._atomic import AtomicView
 
-#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts, nn,
-#: mqes (0's based max queue entries), the number of I/O queue pairs it can make, acl
-#: (Abort Command Limit, 0's based).
+#: Identify Controller data (the part mqrt fills): vid, ssvid, sn, mn, fr, mdts (the
+#: largest transfer, 2^mdts pages of CAP.MPSMIN: 4 KiB; 0 no limit), nn, mqes (0's
+#: based max queue entries), the number of I/O queue pairs it can make, acl (Abort
+#: Command Limit, 0's based).
 IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHHB")
 #: The command id's offset in an SQE (for an Abort's search of an SQ).
 _SQE_CID = struct.Struct("<H")
@@ -198,7 +199,8 @@ class AdminCommands:
             )
             IDENTIFY_CTRL.pack_into(
                 self.buf, prp1, 0x1B36, 0x1AF4, self.plan.serial.encode(), b"mqrt NVMe",
-                b"0.1", 5, len(self.ns), max_depth - 1, self.plan.max_io_queues, self.acl,
+                b"0.1", self.plan.model["mdts"], len(self.ns), max_depth - 1,
+                self.plan.max_io_queues, self.acl,
             )  # fmt: skip
             self.counters["identify_ctrl"] += 1
             return Status.SUCCESS, 0

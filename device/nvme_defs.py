@@ -141,6 +141,13 @@ NVME_SC_DNR = 0x4000
 NVME_SC_MASK = 0x7FF
 #: nvme_max_retries (module parameter): retries of a command failed without DNR.
 NVME_MAX_RETRIES = 5
+#: The controller's memory page size the host uses (CAP.MPSMIN 0: 4 KiB); MDTS counts
+#: in these pages.
+NVME_CTRL_PAGE_SHIFT = 12
+#: The largest command the PCI driver maps (its iod's scatterlist in one page), KiB.
+NVME_MAX_KB_SZ = 4096
+#: The most segments the PCI driver maps in one command.
+NVME_MAX_SEGS = 127
 
 
 class CtrlState(enum.IntEnum):

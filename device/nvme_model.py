@@ -52,6 +52,9 @@ DEVICE_KNOBS: tuple[Knob, ...] = (
     Knob("irq_coalesce_time", "int", 0,
          "Interrupt coalescing time in 100 us units (feature 08h TIME, 0: off). Default: 0",
          0, 255),
+    Knob("mdts", "int", 5,
+         "Maximum Data Transfer Size the controller reports: 2^n pages of 4 KiB (0: no "
+         "limit). Default: 5 (128 KiB)", 0, 15),
     Knob("dev_seed", "int", 1, "Seed of the device's random draws. Default: 1", 0, 1 << 62),
     Knob("acl", "int", 3,
          "Abort Command Limit the controller reports in Identify Controller, 0's based: "

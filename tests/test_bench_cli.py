@@ -52,6 +52,37 @@ def test_bench_json_is_fio_shaped_with_an_mqrt_object():
     assert {"cores", "python", "topology"} <= set(m["host"])
 
 
+def test_bench_reports_merges_as_diskstats_and_fio_disk_util_have_them():
+    """fio's JSON ``disk_util`` (read_ios, read_merges, ... as /sys/block/<dev>/stat
+    counts them), parallel to ``jobs[]``; the merges per CPU and direction in the
+    ``mqrt`` object; fio's "Disk stats (read/write)" lines in the text."""
+    out = mqrt(
+        "bench", "--runtime", "0.3", "--cpus", "1", "--irqmode", "none", "--rw", "read",
+        "--output-format", "json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    (job,) = report["jobs"]
+    (disk,) = report["disk_util"]
+    read = job["read"]
+    assert disk["name"] == job["jobname"] == "nullb0"
+    assert disk["read_merges"] > 0 and disk["write_merges"] == disk["write_ios"] == 0
+    assert disk["read_ios"] + disk["read_merges"] == read["total_ios"]
+    assert disk["read_sectors"] * 512 == read["io_bytes"]
+    assert disk["in_queue"] == disk["read_ticks"] + disk["write_ticks"]
+    (cpu,) = report["mqrt"]["points"][0]["run"]["cpus"]
+    assert cpu["blk_mq"]["read_merges"] == cpu["blk_mq"]["merges"] > 0
+    assert cpu["blk_mq"]["write_merges"] == 0
+    (queue,) = report["mqrt"]["points"][0]["run"]["queues"]
+    assert queue["limits"] == {
+        "max_sectors_kb": 127, "max_hw_sectors_kb": 127, "max_segments": 128, "nomerges": 0,
+    }  # fmt: skip
+    text = mqrt("bench", "--runtime", "0.2", "--cpus", "1", "--irqmode", "none", "--rw", "read")
+    assert text.returncode == 0, text.stderr
+    assert "Disk stats (read/write):\n  nullb0: ios=" in text.stdout
+    assert ", merge=" in text.stdout and "read_merges=" in text.stdout
+
+
 def test_bench_text_summary_reads_like_fio():
     out = mqrt("bench", "--runtime", "0.2", "--cpus", "1", "--irqmode", "none", "-q")
     assert out.returncode == 0, out.stderr

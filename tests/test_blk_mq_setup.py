@@ -660,18 +660,22 @@ def test_request_layout_is_declared_once():
     rq = np.zeros(1, s.REQUEST)
     values = {
         "deadline_ns": 11, "io_start_time_ns": 12, "start_time_ns": 13, "sector": 14,
-        "nr_sectors": 15, "nr_bios": 16, "cpu": 257, "hctx": 18, "q": 19, "op": 1,
-        "rq_flags": 21, "status": -22,
+        "nr_sectors": 15, "nr_bios": 16, "nr_phys_segments": 17, "cpu": 257, "hctx": 18,
+        "q": 19, "op": 1, "rq_flags": 21, "status": -22,
     }  # fmt: skip
     for name, v in values.items():
         rq[name] = v
     buf = rq.tobytes()
-    order = ["start_time_ns", "sector", "nr_sectors", "nr_bios", "cpu", "hctx", "q", "op",
-             "rq_flags", "status"]  # fmt: skip
+    order = ["start_time_ns", "sector", "nr_sectors", "nr_bios", "nr_phys_segments", "cpu",
+             "hctx", "q", "op", "rq_flags", "status"]  # fmt: skip
     assert s.RQ_SETUP.unpack_from(buf, s.RQ_OFF_SETUP) == tuple(values[k] for k in order)
-    assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (12, *(values[k] for k in order))
+    assert s.RQ_END.unpack_from(buf, s.RQ_OFF_IO_START) == (
+        12,
+        *(values[k] for k in order if k not in ("sector", "nr_phys_segments")),
+    )
     assert s.RQ_TIMES.unpack_from(buf, s.RQ_OFF_DEADLINE) == (11, 12)
-    assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16)
+    assert s.RQ_SIZE.unpack_from(buf, s.RQ_OFF_NR_SECTORS) == (15, 16, 17)
+    assert s.RQ_EXTENT.unpack_from(buf, s.RQ_OFF_SECTOR) == (14, 15, 16, 17)
     words = memoryview(buf).cast("H")
     assert words[s.RQ_U16_CPU] == 257 and words[s.RQ_U16_HCTX] == 18 and words[s.RQ_U16_Q] == 19
     assert buf[s.RQ_OFF_OP] == 1
@@ -1079,7 +1083,7 @@ def test_16_bit_queue_field(rigs):
     queue = mq.queues[299]
     mq.submit_bio(queue, READ, 0, 8, 0)
     (rq,) = ops.started
-    assert rq.setup()[6] == 299
+    assert rq.setup()[7] == 299  # q
     mq.requeue_request(rq, kick=True)
     assert sys_.requeue_kicks == [299]
     sys_.run_requeue()
@@ -1104,7 +1108,7 @@ def test_16_bit_cpu_and_hctx_fields(rigs):
     queue = mq299.queues[0]
     mq299.submit_bio(queue, READ, 0, 8, 0)
     (rq,) = ops.started
-    assert rq.setup()[4:6] == (299, 299)
+    assert rq.setup()[5:7] == (299, 299)  # cpu, hctx
     mq0.complete_request(mq0.rqs[0][rq.id])  # rq_affinity=2: IPI to the submitter
     assert rig.cpus[1].ipis == [(299, 0, rq.id, 0)]
     mq299.a.fetch_or32(rq.base + RQ_OFF_FLAGS, int(Rqf.DONTPREP))

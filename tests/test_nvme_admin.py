@@ -20,6 +20,7 @@ import pytest
 from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_structs import Request
 from mqrt.block.blk_mq_types import BlkMqFlag, EhRet, RqState
+from mqrt.block.blk_settings import blk_set_default_limits
 from mqrt.device import nvme
 from mqrt.device.nvme import NvmeOps
 from mqrt.device.nvme_core import END_WAIT
@@ -372,6 +373,26 @@ def test_an_admin_command_that_times_out_resets_the_controller():
         assert abort.state == RqState.IDLE and abort_limit(ops, rig) == 4
         assert rq.state == RqState.COMPLETE and rq.status == Status.HOST_ABORTED_CMD
     assert dev["abort_cmds"] == 1 and dev["sq_deletes"] == dev["cq_deletes"] == 1
+
+
+def test_identify_sets_the_queue_limits_at_probe_and_again_after_a_reset():
+    """nvme_init_identify(): MDTS -> ctrl->max_hw_sectors (min_not_zero with what it
+    was) -> nvme_set_queue_limits() on admin_q and the namespaces' queues, at probe
+    and again in a reset's nvme_reset_work(); this CPU's handles take them at once.
+    MDTS 3: 2^3 pages of 4 KiB = 64 sectors, 64 / 8 + 1 = 9 segments."""
+    with nvme_rig(mdts=3) as (rig, ops, dev):
+        q, queue = rig.queues[0], rig.mq.queues[0]
+        limits = (q.limits.max_hw_sectors, q.limits.max_sectors, q.limits.max_segments)
+        assert limits == (64, 64, 9) and (queue.max_sectors, queue.max_segments) == (64, 9)
+        assert ops.admin_q is not None and ops.admin_q.limits.max_hw_sectors == 64
+        assert ops.identify["mdts"] == 3 and ops.identify["max_hw_sectors_kb"] == 32
+        blk_set_default_limits(q.limits)  # forget them: the reset must set them again
+        queue.set_limits(q.limits)
+        assert ops.reset_ctrl(rig.mq)
+        assert state(ops, rig) == CtrlState.LIVE and ops.stats["resets"] == 1
+        limits = (q.limits.max_hw_sectors, q.limits.max_sectors, q.limits.max_segments)
+        assert limits == (64, 64, 9) and (queue.max_sectors, queue.max_segments) == (64, 9)
+    assert dev["identify_ctrl"] == 2
 
 
 # -- nvme_dev_disable and nvme_reset_work ------------------------------------------------------

@@ -19,7 +19,9 @@ kind            fields
 ==============  =====================================================================
 IPI_COMPLETE    q, rq id, generation: run ->complete here (rq_affinity)
 IPI_RUN         q, hctx, delay: kblockd work, run the hctx here
-IPI_BIO_DONE    q, op, nr_bios, bytes, start, io_start, status: a job's I/Os finished
+IPI_BIO_DONE    q, op, nr_bios, bytes, start, io_start, status: a job's I/Os finished;
+                with nr_bios > 1 also the rq id and generation, under which this CPU
+                keeps the request's merged bios (BlkMq.bios_done)
 ==============  =====================================================================
 
 Life cycle (driven by the runtime over the control pipe): ready -> start -> run until
@@ -148,6 +150,7 @@ class Cpu:
             for q in plan.queues
         ]
         self.mq.end_io = [job.done for job in self.jobs]
+        self.mq.end_io_merged = [job.done_merged for job in self.jobs]
         self.mq.on_violation = self._on_violation
         if plan.trace is not None:
             trace.install(Tracer(plan.arena, plan.trace, plan.cpu))
@@ -202,6 +205,13 @@ class Cpu:
     def bio_done(self, cpu: int, q: int, info: tuple) -> None:
         if cpu == self.cpu:
             self.jobs[q].done(info, self.clock())
+        elif info[1] > 1:  # a merged request: its bios are with their submitter
+            op, nr_bios, nbytes, start, io_start, status, rq_id, gen = info
+            self._send(
+                cpu,
+                IPI.pack(IPI_BIO_DONE, op, q, nr_bios, rq_id, status, nbytes, start, io_start,
+                         gen),
+            )  # fmt: skip
         else:
             op, nr_bios, nbytes, start, io_start, status = info
             self._send(
@@ -256,10 +266,13 @@ class Cpu:
         self._ipi_rest = data[usable:]
         mq = self.mq
         now = self.clock()
-        for kind, op, q, a, b, status, c, t0, t1, _t2 in IPI.iter_unpack(data[:usable]):
+        for kind, op, q, a, b, status, c, t0, t1, t2 in IPI.iter_unpack(data[:usable]):
             self.counters["ipis_received"] += 1
             if kind == IPI_BIO_DONE:
-                self.jobs[q].done((op, a, c, t0, t1, status), now)
+                if a > 1:
+                    mq.bios_done(q, (op, a, c, t0, t1, status, b, t2), now)
+                else:
+                    self.jobs[q].done((op, a, c, t0, t1, status), now)
             elif kind == IPI_COMPLETE:
                 mq.ipi_complete(q, a, b)
             elif kind == IPI_RUN:

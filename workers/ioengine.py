@@ -6,11 +6,14 @@ flight, submits ``iodepth_batch_submit`` at a time inside a plug, honours
 ``rate_iops``, ``ramp_time`` and ``runtime``, and records submission, completion and
 total latencies (fio's slat/clat/lat) in fio's histogram.
 
+Each bio is one I/O, timed from its own submission, also when the block layer merged
+it into another's request (the request's bios come back with their own starts).  The
+job also keeps the device's view, as diskstats does: requests completed and the time
+they took (from the request's start, its first bio's), per direction.
+
 Deviations from fio
     * Offsets are generated in chunks with numpy (seeded per job), uniform over
       ``size``; there is no random map (``norandommap`` behaviour).
-    * A request made of merged bios completes them together; each bio is counted as
-      one I/O with the request's latencies.
 """
 
 from __future__ import annotations
@@ -152,12 +155,14 @@ class JobSpec:
 class DirStats:
     """One direction's counters and latency histograms."""
 
-    __slots__ = ("clat", "errors", "ios", "lat", "nbytes", "slat")
+    __slots__ = ("clat", "errors", "ios", "lat", "nbytes", "requests", "slat", "ticks_ns")
 
     def __init__(self) -> None:
         self.ios = 0
         self.nbytes = 0
         self.errors = 0
+        self.requests = 0  #: diskstats ios: requests completed (bios minus merges)
+        self.ticks_ns = 0  #: diskstats ticks: the requests' time, start to completion
         self.clat = LatHist()
         self.slat = LatHist()
         self.lat = LatHist()
@@ -167,6 +172,8 @@ class DirStats:
             "ios": self.ios,
             "bytes": self.nbytes,
             "errors": self.errors,
+            "requests": self.requests,
+            "ticks_ns": self.ticks_ns,
             "clat": self.clat.to_bytes(),
             "slat": self.slat.to_bytes(),
             "lat": self.lat.to_bytes(),
@@ -193,8 +200,10 @@ class IoJob:
         self.limit = 0 if spec.time_based else spec.size // spec.bs
         self.record_from_ns = 0
         self.depth_counts = [0] * 65
-        self._done: list[tuple] = []
+        self._done: list[tuple] = []  #: one row per request: its first bio
         self._done_ns: list[int] = []
+        self._bios: list[tuple] = []  #: the bios merged into them, one row each
+        self._bios_ns: list[int] = []
         self.dirs = (DirStats(), DirStats())
 
     # -- submission ----------------------------------------------------------------------------
@@ -229,7 +238,8 @@ class IoJob:
     # -- completion ----------------------------------------------------------------------------
 
     def done(self, info: tuple, now: int) -> None:
-        """bios of one request finished: (op, nr_bios, nbytes, start, io_start, status)."""
+        """The bio of one request finished: (op, nr_bios, nbytes, start, io_start,
+        status)."""
         self.inflight -= info[1]
         if now >= self.record_from_ns:
             self._done.append(info)
@@ -237,15 +247,43 @@ class IoJob:
             if len(self._done) >= FOLD_EVERY:
                 self.fold()
 
+    def done_merged(self, info: tuple, chain: tuple, now: int) -> None:
+        """The bios of a merged request finished: ``info`` as :meth:`done` has it,
+        ``chain`` the (start_ns, nr_sectors) of each bio after the first.  A row for
+        the request (its first bio, at the request's start) and one for each bio
+        merged into it, at its own start."""
+        op, nr, nbytes, start, io_start, status = info
+        self.inflight -= nr
+        if now < self.record_from_ns:
+            return
+        for bio_start, bio_sectors in chain:
+            self._bios.append((op, 1, bio_sectors << 9, bio_start, io_start, status))
+            self._bios_ns.append(now)
+            nbytes -= bio_sectors << 9
+        # Bios whose own start is unknown (none here) take the request's.
+        self._done.append((op, nr - len(chain), nbytes, start, io_start, status))
+        self._done_ns.append(now)
+        if len(self._done) >= FOLD_EVERY:
+            self.fold()
+
     def fold(self) -> None:
         """Move the recorded completions into the histograms (numpy, in bulk)."""
-        if not self._done:
-            return
-        arr = np.array(self._done, dtype=np.int64)
-        now = np.array(self._done_ns, dtype=np.int64)
-        self._done.clear()
-        self._done_ns.clear()
+        if self._done:
+            ticks = self._fold(self._done, self._done_ns, requests=True)
+            for op in (ReqOp.READ, ReqOp.WRITE):
+                self.dirs[op].ticks_ns += ticks[op]
+        if self._bios:
+            self._fold(self._bios, self._bios_ns, requests=False)
+
+    def _fold(self, rows: list[tuple], rows_ns: list[int], requests: bool) -> list[int]:
+        """Fold ``rows`` (cleared): I/Os, bytes, errors, latencies, and for rows that
+        are requests their count; the requests' time per direction."""
+        arr = np.array(rows, dtype=np.int64)
+        now = np.array(rows_ns, dtype=np.int64)
+        rows.clear()
+        rows_ns.clear()
         ops, nr, nbytes, start, io_start, status = arr.T
+        ticks = [0, 0]
         for op in (ReqOp.READ, ReqOp.WRITE):
             sel = ops == op
             if not sel.any():
@@ -256,9 +294,14 @@ class IoJob:
             d.nbytes += int(nbytes[sel].sum())
             d.errors += int(reps[status[sel] != BlkStatus.OK].sum())
             st, ist, nw = start[sel], io_start[sel], now[sel]
+            lat = np.maximum(nw - st, 0)
             d.slat.add_many(np.repeat(np.maximum(ist - st, 0), reps))
             d.clat.add_many(np.repeat(np.maximum(nw - ist, 0), reps))
-            d.lat.add_many(np.repeat(np.maximum(nw - st, 0), reps))
+            d.lat.add_many(np.repeat(lat, reps))
+            if requests:
+                d.requests += int(sel.sum())
+                ticks[op] = int(lat.sum())
+        return ticks
 
     def to_wire(self) -> dict[str, Any]:
         self.fold()

@@ -86,6 +86,15 @@ RUN_KNOBS: tuple[Knob, ...] = (
         2,
     ),
     Knob("io_timeout", "int", 5000, "Request timeout in ms. Default: 5000 (null_blk)", 1, 3600000),
+    Knob(
+        "nomerges",
+        "int",
+        0,
+        "Merging (sysfs queue/nomerges): 0 all merges, 1 only the one-hit merge (the "
+        "newest request of the plug or ctx list), 2 none. Default: 0",
+        0,
+        2,
+    ),
     Knob("cpus_allowed", "str", "", "Host CPUs to pin to, a cpulist (e.g. 0-3). Default: all"),
     Knob(
         "cpus_per_core",
@@ -256,6 +265,7 @@ def build(given: dict[str, Any]):
             seed=runv["seed"],
             generation=_generation(runv),
             async_depth=runv["async_depth"],
+            nomerges=runv["nomerges"],
         )
         return ops, queues, dev_bytes
 
@@ -326,6 +336,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
             timeout_ms=runv["io_timeout"],
             generation=_generation(runv),
             async_depth=runv["async_depth"],
+            nomerges=runv["nomerges"],
         )
         return ops, queues, dev_bytes
 

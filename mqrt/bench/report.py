@@ -1,7 +1,8 @@
 """The report of ``mqrt bench``: fio's JSON (``jobs[]`` per run, shaped as fio 3.x
-prints it) and the versioned ``mqrt`` object -- host, configuration, the sweep and
-its points (median repetition, every repetition's IOPS, bandwidth and p99), and each
-point's counters per CPU and per hctx."""
+prints it, and ``disk_util[]``, the device's view as diskstats counts it) and the
+versioned ``mqrt`` object -- host, configuration, the sweep and its points (median
+repetition, every repetition's IOPS, bandwidth and p99), and each point's counters
+per CPU and per hctx."""
 
 from __future__ import annotations
 
@@ -29,18 +30,29 @@ def _merge_jobs(result, q: int) -> dict[str, Any]:
     """One fio job per request queue: every CPU's job on it, merged."""
     dirs = []
     for name in ("read", "write"):
-        ios = nbytes = errors = 0
+        ios = nbytes = errors = requests = ticks_ns = 0
         clat, slat, lat = LatHist(), LatHist(), LatHist()
         for cpu in result.cpus:
             d = cpu["jobs"][q][name]
             ios += d["ios"]
             nbytes += d["bytes"]
             errors += d["errors"]
+            requests += d.get("requests", d["ios"])
+            ticks_ns += d.get("ticks_ns", 0)
             clat.merge(LatHist.from_bytes(d["clat"]))
             slat.merge(LatHist.from_bytes(d["slat"]))
             lat.merge(LatHist.from_bytes(d["lat"]))
         dirs.append(
-            {"ios": ios, "bytes": nbytes, "errors": errors, "clat": clat, "slat": slat, "lat": lat}
+            {
+                "ios": ios,
+                "bytes": nbytes,
+                "errors": errors,
+                "requests": requests,
+                "ticks_ns": ticks_ns,
+                "clat": clat,
+                "slat": slat,
+                "lat": lat,
+            }
         )
     depth: dict[int, int] = {}
     for cpu in result.cpus:
@@ -71,9 +83,35 @@ def _cpu_totals(result) -> dict[str, float]:
     }
 
 
-def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]], LatHist]:
+def disk_util(name: str, dirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """fio's ``disk_util`` entry for one device, from the jobs' view of it (as
+    ``/sys/block/<dev>/stat`` counts): requests completed (``*_ios``), sectors,
+    merged bios (``*_merges``: bios that joined another's request), the requests'
+    time in ms from their start to completion (``*_ticks``) and its sum
+    (``in_queue``).  fio's ``util`` needs the time the device was busy, which mqrt
+    does not measure: it is left out."""
+    r, w = dirs
+    ticks = [d["ticks_ns"] // 1_000_000 for d in dirs]
+    return {
+        "name": name,
+        "read_ios": r["requests"],
+        "write_ios": w["requests"],
+        "read_sectors": r["bytes"] >> 9,
+        "write_sectors": w["bytes"] >> 9,
+        "read_merges": r["ios"] - r["requests"],
+        "write_merges": w["ios"] - w["requests"],
+        "read_ticks": ticks[0],
+        "write_ticks": ticks[1],
+        "in_queue": (r["ticks_ns"] + w["ticks_ns"]) // 1_000_000,
+    }
+
+
+def run_jobs(
+    result, config: dict[str, Any], spec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], LatHist]:
     """fio's ``jobs[]`` for one run (one job per request queue, every CPU's I/O on it
-    merged) and the run's total-latency histogram (reads and writes)."""
+    merged), its ``disk_util[]`` (one entry per request queue, in the same order) and
+    the run's total-latency histogram (reads and writes)."""
     job = spec.job
     runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
     plist = (
@@ -81,6 +119,7 @@ def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]]
     )
     cpu = _cpu_totals(result)
     jobs = []
+    disks = []
     run_lat = LatHist()
     # one fio job per CPU on each device, reported together (fio: numjobs with
     # group_reporting); consumers such as fio-plot select files by numjobs
@@ -88,6 +127,7 @@ def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]]
     job_opts.update(numjobs=str(len(result.cpus)), group_reporting="1")
     for qi, qinfo in enumerate(result.queues):
         merged = _merge_jobs(result, qi)
+        disks.append(disk_util(qinfo["name"], merged["dirs"]))
         nr_errors = sum(d["errors"] for d in merged["dirs"])
         entry: dict[str, Any] = {
             "jobname": qinfo["name"],
@@ -132,7 +172,7 @@ def run_jobs(result, config: dict[str, Any], spec) -> tuple[list[dict[str, Any]]
             }
         )
         jobs.append(entry)
-    return jobs, run_lat
+    return jobs, disks, run_lat
 
 
 def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +223,7 @@ def _sum_driver(result) -> dict[str, int]:
 
 def run_summary(result, config: dict[str, Any], spec) -> dict[str, Any]:
     """One repetition of a point: its fio jobs, headline figures and detail."""
-    jobs, lat = run_jobs(result, config, spec)
+    jobs, disks, lat = run_jobs(result, config, spec)
     job = spec.job
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
@@ -198,6 +238,7 @@ def run_summary(result, config: dict[str, Any], spec) -> dict[str, Any]:
         "measured_s": max((c["measured_ns"] for c in result.cpus), default=0) / 1e9,
         "interrupted": result.interrupted,
         "jobs": jobs,
+        "disk_util": disks,
         "detail": run_detail(result, config),
         "host": {**result.host, "python": sys.version.split()[0], "topology": result.topology},
     }
@@ -215,6 +256,7 @@ def assemble(
     """The whole report: fio's top level with the median repetition's jobs of every
     point (named after the point when there is a sweep), and the ``mqrt`` object."""
     jobs: list[dict[str, Any]] = []
+    disks: list[dict[str, Any]] = []
     out_points = []
     violations = 0
     measured = 0.0
@@ -228,6 +270,7 @@ def assemble(
         first = len(jobs)
         suffix = f" {format_params(p.params)}" if p.params else ""
         jobs += [{**j, "jobname": j["jobname"] + suffix} for j in med["jobs"]]
+        disks += [{**d, "name": d["name"] + suffix} for d in med["disk_util"]]
         out_points.append(
             {
                 "params": p.params,
@@ -254,6 +297,7 @@ def assemble(
         "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now)),
         "global options": {k: str(v) for k, v in driver_config.items()},
         "jobs": jobs,
+        "disk_util": disks,
         "mqrt": {
             "schema": SCHEMA,
             "version": __version__,

@@ -34,9 +34,11 @@ def _lat_unit(h: dict[str, Any]) -> tuple[str, int]:
     return "usec", 1000
 
 
-def render_point(jobs: list[dict[str, Any]], m: dict[str, Any], out) -> None:
-    """fio's human summary of one run, one block per job, then mqrt's own lines
-    (``m`` is the run's detail: a point's ``run`` object)."""
+def render_point(
+    jobs: list[dict[str, Any]], m: dict[str, Any], out, disks: list[dict[str, Any]] | None = None
+) -> None:
+    """fio's human summary of one run, one block per job, its disk stats, then
+    mqrt's own lines (``m`` is the run's detail: a point's ``run`` object)."""
     for job in jobs:
         err = f"{job['error']} ({job['total_err']} I/Os failed)" if job["error"] else "0"
         print(f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err= {err}", file=out)
@@ -71,6 +73,16 @@ def render_point(jobs: list[dict[str, Any]], m: dict[str, Any], out) -> None:
             file=out,
         )
         print("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in lvl.items()), file=out)
+    if disks:
+        print("\nDisk stats (read/write):", file=out)
+        for d in disks:
+            print(
+                f"  {d['name']}: ios={d['read_ios']}/{d['write_ios']}, "
+                f"sectors={d['read_sectors']}/{d['write_sectors']}, "
+                f"merge={d['read_merges']}/{d['write_merges']}, "
+                f"ticks={d['read_ticks']}/{d['write_ticks']}, in_queue={d['in_queue']}",
+                file=out,
+            )
     s = m["summary"]
     inv = m["invariants"]
     print(
@@ -104,7 +116,8 @@ def render_point(jobs: list[dict[str, Any]], m: dict[str, Any], out) -> None:
         "ipis_sent",
         "kblockd_runs",
         "restarts",
-        "merges",
+        "read_merges",
+        "write_merges",
     )
     print("mqrt: " + ", ".join(f"{k}={totals.get(k, 0)}" for k in keys), file=out)
 
@@ -117,7 +130,8 @@ def render_report(report: dict[str, Any], out) -> None:
     sweep = m["sweep"]
     if len(points) == 1 and not sweep["axes"]:
         p = points[0]
-        render_point(report["jobs"][p["job_index"] : p["job_index"] + p["nr_jobs"]], p["run"], out)
+        sel = slice(p["job_index"], p["job_index"] + p["nr_jobs"])
+        render_point(report["jobs"][sel], p["run"], out, report.get("disk_util", [])[sel])
         if sweep["repeat"] > 1:
             runs = p["iops_runs"]
             print(

@@ -31,10 +31,16 @@ Deviations from Linux
       so a request finishes exactly once even when a completion races a timeout.
     * A queue's hctxs, ctxs and tag set are fixed for the run (no update_nr_hw_queues,
       no hotplug); TAG_QUEUE_SHARED is decided when the queues are set up.
+    * Merges are 5.10's (the plug list newest first, then the newest 8 requests of the
+      ctx list), except: nomerges=1 tries only the newest request of each; a bio looks
+      at its ctx list only while its CPU has put requests there (``Queue.ctx_queued``,
+      instead of list_empty_careful()); bios are never split.
 
 Concurrency (see docs/ARCHITECTURE.md for the full table)
     * ``rq.state``: cmpxchg/store_release by whoever moves it; the setup block is
-      written by the allocating CPU before the request is published to the driver.
+      written by the allocating CPU before the request is published to the driver,
+      and grown by merges on that CPU only: while plugged, or on its ctx list under
+      the list's lock while still there (a dispatcher takes it under the same lock).
     * ctx lists, ``hctx->dispatch``, ``q->requeue_list``:
       :class:`~mqrt.block.blk_mq_structs.RqList`, under their
       own bit spinlock; ``ctx_map`` bits change only under the ctx's list lock.
@@ -58,11 +64,17 @@ from mqrt.block.blk_mq_structs import (
     _RQF_RESV,
     _STOPPED,
     RQ_ALLOCATED,
+    RQ_EXTENT,
     RQ_GEN_SHIFT,
+    RQ_OFF_FLAGS,
     RQ_OFF_NR_SECTORS,
+    RQ_OFF_OP,
+    RQ_OFF_SECTOR,
     RQ_OFF_SETUP,
     RQ_SETUP,
     RQ_SIZE,
+    RQ_U16_CPU,
+    RQ_U16_HCTX,
     CpuSys,
     HwCtx,
     Plug,
@@ -75,6 +87,7 @@ from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import (
     BLK_MAX_REQUEST_COUNT,
     BLK_MQ_CPU_WORK_BATCH,
+    BLK_MQ_CTX_MERGE_CHECKS,
     BLK_MQ_RESOURCE_DELAY_NS,
     BLK_PLUG_FLUSH_SIZE,
     SECTOR_SHIFT,
@@ -82,7 +95,9 @@ from mqrt.block.blk_mq_types import (
     BlkStatus,
     HctxState,
     ReqOp,
+    Rqf,
 )
+from mqrt.block.blk_settings import bio_segments
 from mqrt.lib import trace
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import Ev
@@ -92,6 +107,8 @@ from mqrt.lib.wait import Waiters
 
 
 _WRITE = int(ReqOp.WRITE)
+_NOMERGE = int(Rqf.NOMERGE)
+_PLUG_FLUSH_SECTORS = BLK_PLUG_FLUSH_SIZE >> SECTOR_SHIFT
 _EV_TAG_GET, _EV_DISPATCH = int(Ev.TAG_GET), int(Ev.DISPATCH)
 
 
@@ -138,7 +155,8 @@ class BlkMq(BlkMqCompletion):
         self.sys = sys
         self.mq = self
         self.clock = time.monotonic_ns
-        self.plug: Plug | None = None
+        self.plug: Plug | None = None  #: current->plug, while the task has one
+        self._plug = Plug()  #: the task's plug, started and finished again and again
         self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
         self._tags: dict[int, list[Tags | None]] = {}
         for q in queues:
@@ -158,10 +176,19 @@ class BlkMq(BlkMqCompletion):
         #: Per queue: bi_end_io of the bios this CPU submits, called directly when
         #: they complete here (None: always through ``sys.bio_done``).
         self.end_io: list[Callable[[tuple, int], None]] | None = None
+        #: Per queue: the same for a request of merged bios, given their chain
+        #: (:meth:`bios_done`); None: through ``sys.bio_done``.
+        self.end_io_merged: list[Callable[[tuple, tuple, int], None]] | None = None
         # Hot-path counters (attributes: cheaper than dict entries).
 
-        self.nr_bios = self.nr_merges = self.nr_issued = self.nr_completed = 0
+        self.nr_bios = self.nr_issued = self.nr_completed = 0
         self.nr_batch_tags = 0
+        #: bios merged, by op: the diskstats "merges" of reads and of writes
+        self.merges_by_op = [0] * len(ReqOp)
+        #: The bios merged into this CPU's requests, each with its own start, until
+        #: their request ends (req->bio's chain, kept by its submitter):
+        #: (queue, rq id, generation) -> [(start_ns, nr_sectors), ...], oldest first.
+        self.merged_bios: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         self._idle_at: dict[int, int] = {}  #: queue -> when its timeout work may idle it
         #: Called after each violation (a CPU publishes it for the runtime's detectors).
         self.on_violation: Callable[[], None] | None = None
@@ -183,6 +210,7 @@ class BlkMq(BlkMqCompletion):
                 "polls",
                 "polled",
                 "batched_completions",
+                "ctx_merges",
             ),
             0,
         )
@@ -192,11 +220,15 @@ class BlkMq(BlkMqCompletion):
         """This CPU's block-layer counters."""
         return {
             "bios": self.nr_bios,
-            "merges": self.nr_merges,
-            "requests": self.nr_bios - self.nr_merges,
+            "merges": sum(self.merges_by_op),
+            "read_merges": self.merges_by_op[ReqOp.READ],
+            "write_merges": self.merges_by_op[ReqOp.WRITE],
+            "requests": self.nr_bios - sum(self.merges_by_op),
             "issued": self.nr_issued,
             "completed": self.nr_completed,
             "batch_tags": self.nr_batch_tags,
+            # merged requests whose end has not reached this CPU yet (0 once drained)
+            "open_bio_chains": len(self.merged_bios),
             **self.stats,
         }
 
@@ -234,10 +266,29 @@ class BlkMq(BlkMqCompletion):
         ``nowait``), its request set up and owned; the request id, or -1.  A
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        return self._get_request(
+            queue, hctx, op, sector, nr_sectors, bio_segments(nr_sectors), start_ns, polled,
+            reserved, nowait,
+        )  # fmt: skip
+
+    def _get_request(
+        self,
+        queue: Queue,
+        hctx: HwCtx,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        start_ns: int,
+        polled: bool,
+        reserved: bool = False,
+        nowait: bool = False,
+    ) -> int:
+        """:meth:`alloc_request` on ``hctx`` (the one blk_mq_map_queue() picked for
+        the bio), for a bio of ``nr_segs`` segments."""
         tags = hctx.tags
         assert tags is not None  # a ctx maps only to hctxs with tags (blk_mq_map_swqueue)
         shared = queue.shared
-        a = self.a
         rq_id = -1
         plug = self.plug
         if plug is not None and not shared and not reserved:
@@ -280,6 +331,7 @@ class BlkMq(BlkMqCompletion):
         rq_flags = 0
         if shared:
             rq_flags = _RQF_MQ_INFLIGHT
+            a = self.a
             nr = a.fetch_add32(hctx.nr_active_off, 1) + 1
             # Instrumentation: the most requests a user held after a check that held
             # it to its fair share (it may overshoot by one per racing CPU).
@@ -296,6 +348,7 @@ class BlkMq(BlkMqCompletion):
             sector,
             nr_sectors,
             1,
+            nr_segs,
             self.cpu,
             hctx.index,
             queue.index,
@@ -304,7 +357,7 @@ class BlkMq(BlkMqCompletion):
             0,
         )
         if trace.on:
-            trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, a.read(base) >> RQ_GEN_SHIFT,
+            trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
 
@@ -356,7 +409,9 @@ class BlkMq(BlkMqCompletion):
         """blk_start_plug_nr_ios(): ``nr_ios`` is how many I/Os the task is about to
         submit (fio's batch), so tags can be taken in one go."""
         if self.plug is None:
-            self.plug = Plug(min(nr_ios, BLK_MAX_REQUEST_COUNT))
+            plug = self._plug
+            plug.nr_ios = min(nr_ios, BLK_MAX_REQUEST_COUNT)
+            self.plug = plug
 
     def finish_plug(self) -> None:
         """blk_finish_plug(): issue what the plug collected, free unused cached
@@ -378,56 +433,161 @@ class BlkMq(BlkMqCompletion):
         start_ns: int,
         polled: bool = False,
     ) -> None:
-        """blk_mq_submit_bio(): merge into the plug, or allocate a request and plug
-        it, or issue it (directly, or through the ctx when the hctx is busy).  A
-        ``polled`` bio (REQ_POLLED) goes to the POLL hctx if the queue has one; the
-        submitter then reaps it with :meth:`poll`."""
+        """blk_mq_submit_bio() as Linux 5.10 has it: merge into a plugged request
+        (:meth:`attempt_plug_merge`), else into one waiting on this CPU's ctx list
+        (:meth:`sched_bio_merge`), else allocate a request and plug it, or issue it
+        (directly, or through the ctx when the hctx is busy).  A ``polled`` bio
+        (REQ_POLLED) goes to the POLL hctx if the queue has one; the submitter then
+        reaps it with :meth:`poll`.
+
+        A bio adjacent to no plugged request (every random bio) costs two dict
+        lookups in the plug's bounds; the ctx list is looked at only while this CPU
+        has put requests on its ctx lists (``queue.ctx_queued``), and then only if its
+        bit in the hctx's ctx_map says it holds some (list_empty_careful())."""
         self.nr_bios += 1
         if polled and not queue.poll_capable:
             polled = False
         plug = self.plug
+        end = sector + nr_sectors
+        if (
+            plug is not None
+            and (sector in plug.bounds or end in plug.bounds)
+            and queue.merge
+            and self.attempt_plug_merge(plug, queue, op, sector, nr_sectors, start_ns, polled)
+        ):
+            return
+        if queue.ctx_queued and self.sched_bio_merge(
+            queue, op, sector, nr_sectors, start_ns, polled
+        ):
+            return
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
+        rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
         if plug is not None:
-            last = plug.last
-            last_sectors = 0
-            if last is not None:
-                # blk_attempt_plug_merge(), back merges only, onto the last request
-                # plugged: (queue, op, end sector, sectors, bios, rq id).
-                last_q, last_op, last_end, last_sectors, last_bios, last_rq = last
-                if (
-                    last_q is queue
-                    and last_op == op
-                    and last_end == sector
-                    and last_sectors + nr_sectors <= queue.max_sectors
-                    and queue.merge
-                ):
-                    nr = last_sectors + nr_sectors
-                    RQ_SIZE.pack_into(
-                        self.buf,
-                        self.rq_base[queue.index][last_rq] + RQ_OFF_NR_SECTORS,
-                        nr,
-                        last_bios + 1,
-                    )
-                    plug.last = (queue, op, sector + nr_sectors, nr, last_bios + 1, last_rq)
-                    self.nr_merges += 1
-                    return
-            rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
             # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
-            if plug.rqs and (
-                len(plug.rqs) >= BLK_MAX_REQUEST_COUNT
-                or last_sectors << SECTOR_SHIFT >= BLK_PLUG_FLUSH_SIZE
+            rqs = plug.rqs
+            if rqs and (
+                len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
             ):
                 self.flush_plug(plug)
-            hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
-            plug.rqs.append((queue, hctx, rq_id))
-            plug.last = (queue, op, sector + nr_sectors, nr_sectors, 1, rq_id)
+                rqs = plug.rqs
+            rqs.append((queue, hctx, rq_id))
+            plug.last_sectors = nr_sectors
+            plug.bounds[end] = plug.bounds[sector] = None
             return
-        rq_id = self.alloc_request(queue, op, sector, nr_sectors, start_ns, polled=polled)
-        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
             self.insert_request(queue, rq_id)
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+
+    # -- merging ---------------------------------------------------------------------------------
+
+    def attempt_plug_merge(
+        self,
+        plug: Plug,
+        queue: Queue,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        start_ns: int,
+        polled: bool,
+    ) -> bool:
+        """blk_attempt_plug_merge() as Linux 5.10 has it: the plug list newest first
+        (6.x tries only one request); each request of this queue and hctx is offered
+        the bio (:meth:`bio_attempt_merge`); one a limit refused takes no more merges,
+        and the walk goes on.  With nomerges=1 only the newest plugged request is
+        tried.  Called when the plug's bounds hold the bio's start or end."""
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        rqs = plug.rqs
+        for rq_queue, rq_hctx, rq_id in rqs[-1:] if queue.one_hit else reversed(rqs):
+            if rq_queue is not queue or rq_hctx is not hctx:
+                continue
+            rq_sectors = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
+            if rq_sectors:
+                bounds = plug.bounds
+                bounds[sector] = bounds[sector + nr_sectors] = None
+                if rq_id == rqs[-1][2]:
+                    plug.last_sectors = rq_sectors
+                return True
+        return False
+
+    def sched_bio_merge(
+        self, queue: Queue, op: int, sector: int, nr_sectors: int, start_ns: int, polled: bool
+    ) -> bool:
+        """blk_mq_sched_bio_merge() without an elevator (5.10's
+        __blk_mq_sched_bio_merge() -> blk_bio_list_merge()), for a queue with
+        BLK_MQ_F_SHOULD_MERGE and merges allowed: if the ctx list of the bio's hctx
+        holds requests (its ctx_map bit, the lockless look), then under the list's
+        lock the newest BLK_MQ_CTX_MERGE_CHECKS requests waiting there (1 with
+        nomerges=1), newest first; the first one the bio may merge into and is
+        adjacent to decides (:meth:`bio_attempt_merge`).  Called while
+        ``queue.ctx_queued`` says this CPU may have requests on its ctx lists;
+        finding them all empty clears it.
+
+        The list holds only this CPU's requests, not issued yet; one still on it
+        while the lock is held cannot be taken off by a dispatcher (which takes
+        requests under the same lock), so it is safe to grow, and the dispatcher's
+        lock acquire orders the new size before the driver reads it."""
+        lst, off, bit = queue.rq_merge_poll if polled else queue.rq_merge_by_op[op]
+        a = self.a
+        if not a.test_bit(off, bit):
+            if not any(a.test_bit(o, b) for _lst, o, b in queue.rq_merge_lists):
+                queue.ctx_queued = False
+            return False
+
+        def try_merge(rq_id: int) -> bool | None:
+            merged = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
+            return None if merged is None else bool(merged)
+
+        if lst.scan_newest(1 if queue.one_hit else BLK_MQ_CTX_MERGE_CHECKS, try_merge):
+            self.stats["ctx_merges"] += 1  # ctx->rq_merged
+            return True
+        return False
+
+    def bio_attempt_merge(
+        self, queue: Queue, rq_id: int, op: int, sector: int, nr_sectors: int, start_ns: int
+    ) -> int | None:
+        """Offer a bio to request ``rq_id`` of ``queue``, one of this CPU's not issued
+        yet (plugged, or on its ctx list under the list's lock): blk_rq_merge_ok()
+        (same op, not REQ_NOMERGE), blk_try_merge() (a back merge if the request ends
+        where the bio starts, a front merge if it starts where the bio ends: its start
+        moves back to the bio's), then bio_attempt_back_merge() /
+        bio_attempt_front_merge(), whose ll_back_merge_fn() / ll_front_merge_fn()
+        refuse to grow the request past max_sectors or max_segments and mark it
+        (req_set_nomerge()).
+
+        Returns None if the bio may not merge into it or is not adjacent, 0 if a
+        limit refused, else the request's new size in sectors.  A merged bio joins
+        the request's chain with its own start, and counts in the merges of its
+        direction (blk_account_io_merge_bio())."""
+        base = self.rq_base[queue.index][rq_id]
+        buf = self.buf
+        if buf[base + RQ_OFF_OP] != op:
+            return None
+        rq_sector, rq_sectors, bios, segs = RQ_EXTENT.unpack_from(buf, base + RQ_OFF_SECTOR)
+        if rq_sector + rq_sectors == sector:
+            front_merge = False
+        elif rq_sector == sector + nr_sectors:
+            front_merge = True
+        else:
+            return None
+        a = self.a
+        if a.read32(base + RQ_OFF_FLAGS) & _NOMERGE:
+            return None
+        rq_sectors += nr_sectors
+        segs += (nr_sectors + 7) >> 3  # bio_segments()
+        if rq_sectors > queue.max_sectors or segs > queue.max_segments:
+            a.fetch_or32(base + RQ_OFF_FLAGS, _NOMERGE)
+            return 0
+        if front_merge:
+            RQ_EXTENT.pack_into(buf, base + RQ_OFF_SECTOR, sector, rq_sectors, bios + 1, segs)
+        else:
+            RQ_SIZE.pack_into(buf, base + RQ_OFF_NR_SECTORS, rq_sectors, bios + 1, segs)
+        chain = self.merged_bios.setdefault((queue.index, rq_id, a.read(base) >> RQ_GEN_SHIFT), [])
+        chain.append((start_ns, nr_sectors))
+        self.merges_by_op[op] += 1
+        return rq_sectors
 
     def poll(self, hctx: HwCtx) -> int:
         """blk_mq_poll() / bio_poll(): ask the driver to reap ``hctx`` (a POLL hctx)
@@ -456,8 +616,7 @@ class BlkMq(BlkMqCompletion):
     def flush_plug(self, plug: Plug, from_schedule: bool = False) -> None:
         """blk_mq_flush_plug_list(): issue the plugged requests hctx by hctx; what a
         busy driver refuses goes to ``hctx->dispatch``, the rest to the ctxs."""
-        rqs, plug.rqs = plug.rqs, []
-        plug.last = None
+        rqs = plug.clear()
         self.stats["plug_flushes"] += 1
         if from_schedule:  # blk_mq_dispatch_plug_list(plug, from_schedule)
             for queue, _hctx, rq_id in rqs:
@@ -574,10 +733,13 @@ class BlkMq(BlkMqCompletion):
     def insert_request(self, queue: Queue, rq_id: int, at_head: bool = False) -> None:
         """blk_mq_insert_request() without an elevator: onto the submitting CPU's ctx
         list for the request's hctx, marking the ctx pending."""
-        base = self.rqs[queue.index][rq_id].base
-        st = RQ_SETUP.unpack_from(self.buf, base + RQ_OFF_SETUP)
-        hctx = queue.hctxs[st[5]]
-        lst, index_hw = queue.ctx_lists[(st[4], hctx.type)]
+        half = self.rqs[queue.index][rq_id].base >> 1
+        buf16 = self.buf16
+        hctx = queue.hctxs[buf16[half + RQ_U16_HCTX]]
+        cpu = buf16[half + RQ_U16_CPU]
+        lst, index_hw = queue.ctx_lists[(cpu, hctx.type)]
+        if cpu == self.cpu:
+            queue.ctx_queued = queue.should_merge
         lst.add([rq_id], at_head, lambda: hctx.mark_pending(index_hw))
         hctx.stats["queued"] += 1
 

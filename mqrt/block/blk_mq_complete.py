@@ -79,9 +79,11 @@ class BlkMqCompletion:
     queues: list[Queue]
     rqs: list[list[Request]]
     end_io: list[Callable[[tuple, int], None]] | None
+    end_io_merged: list[Callable[[tuple, tuple, int], None]] | None
     topology: Topology | None
     stats: dict[str, int]
     nr_completed: int
+    merged_bios: dict[tuple[int, int, int], list[tuple[int, int]]]
     _idle_at: dict[int, int]
 
     if TYPE_CHECKING:  # the submission side's, in BlkMq
@@ -246,8 +248,7 @@ class BlkMqCompletion:
         if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
             self.stats["stale_completions"] += 1
             return None
-        # io_start, start, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status
-        io_start, start, _sector, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
+        io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
             RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
         )
         if status is None:
@@ -255,8 +256,14 @@ class BlkMqCompletion:
         self.nr_completed += 1
         if trace.on:
             trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
-        info = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
-        if cpu == self.cpu and self.end_io is not None:
+        info: tuple = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+        if nr_bios > 1:  # merged bios: their submitter holds the chain
+            info = (*info, rq.id, st >> RQ_GEN_SHIFT)
+            if cpu == self.cpu:
+                self.bios_done(q, info, now or self.clock())
+            else:
+                self.sys.bio_done(cpu, q, info)
+        elif cpu == self.cpu and self.end_io is not None:
             self.end_io[q](info, now or self.clock())  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
@@ -276,6 +283,22 @@ class BlkMqCompletion:
         if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
+
+    def bios_done(self, q: int, info: tuple, now: int) -> None:
+        """req_bio_endio() for every bio of a merged request, on the CPU that
+        submitted them: ``info`` is (op, nr_bios, bytes, start, io_start, status,
+        rq id, generation); the bios merged after the first, each with its own start
+        and size ((start_ns, nr_sectors), ... oldest first), go with the request's
+        (op, nr_bios, bytes, start, io_start, status) to ``end_io_merged``, so the
+        job times each bio from its own submission (without it: ``sys.bio_done``
+        with the chain as a seventh field)."""
+        op, nr_bios, nbytes, start, io_start, status, rq_id, gen = info
+        chain = tuple(self.merged_bios.pop((q, rq_id, gen), ()))
+        done = (op, nr_bios, nbytes, start, io_start, status)
+        if self.end_io_merged is not None:
+            self.end_io_merged[q](done, chain, now)
+        else:
+            self.sys.bio_done(self.cpu, q, (*done, chain))
 
     def add_to_batch(self, rq: Request, gen: int, batch: list[Request]) -> bool:
         """blk_mq_add_to_batch(): a request that completed without error joins the

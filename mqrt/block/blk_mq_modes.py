@@ -81,7 +81,7 @@ class SqBlkMq(BlkMq):
             self._unlock(queue)
 
     def flush_plug(self, plug, from_schedule=False):
-        queues = list(dict.fromkeys(q for q, _h, _r in plug.rqs))
+        queues = list(dict.fromkeys(queue for queue, _h, _r in plug.rqs))
         for queue in queues:
             self._lock(queue)
         try:
@@ -200,7 +200,8 @@ class RawBlkMq(BlkMq):
         st = a.read(base)
         a.set(base, st | RQ_ALLOCATED)  # private: nobody else takes this slot
         RQ_SETUP.pack_into(
-            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, self.cpu, hctx.index,
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, (nr_sectors + 7) >> 3,
+            self.cpu, hctx.index,
             queue.index, op, 0, 0,
         )  # fmt: skip
         if self._batch is not None:
@@ -254,15 +255,22 @@ class RawBlkMq(BlkMq):
         if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
             self.stats["stale_completions"] += 1
             return None
-        io_start, start, _sector, nr_sectors, nr_bios, cpu, _h, q, op, _fl, rq_status = (
-            RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
+        io_start, start, nr_sectors, nr_bios, cpu, _h, q, op, _fl, rq_status = RQ_END.unpack_from(
+            self.buf, base + RQ_OFF_IO_START
         )
         self.nr_completed += 1
-        info = (
+        info: tuple = (
             op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start,
             rq_status if status is None else status,
         )  # fmt: skip
-        if cpu == self.cpu and self.end_io is not None:
+        if nr_bios > 1:  # merged bios (none here: raw never merges) end as the block layer's
+            info = (*info, rq.id, st >> RQ_GEN_SHIFT)
+            if cpu == self.cpu:
+                self.bios_done(q, info, self.clock())
+                self._free[q].append(rq.id)
+            else:
+                self.sys.bio_done(cpu, q, info)
+        elif cpu == self.cpu and self.end_io is not None:
             self.end_io[q](info, self.clock())
             self._free[q].append(rq.id)
         else:  # ended elsewhere (a timeout): its CPU reclaims the slot when it runs out

@@ -40,7 +40,6 @@ import numpy as np
 from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology
 from mqrt.block.blk_mq_tag import Tags, TagsSpec
 from mqrt.block.blk_mq_types import (
-    BLK_DEF_MAX_SECTORS,
     BLK_DEFAULT_TIMEOUT_MS,
     BLK_MQ_CPU_WORK_BATCH,
     BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR,
@@ -56,6 +55,7 @@ from mqrt.block.blk_mq_types import (
     Rqf,
     RqState,
 )
+from mqrt.block.blk_settings import QueueLimits
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.idr import Ida
 from mqrt.lib.sbitmap import SbitmapSpec, SbqGeneration
@@ -105,7 +105,8 @@ _RQ_FIELDS = [
     ("start_time_ns", "<u8"),
     ("sector", "<u8"),
     ("nr_sectors", "<u4"),
-    ("nr_bios", "<u4"),
+    ("nr_bios", "<u2"),  # bios merged into it, itself included (at most max_segments)
+    ("nr_phys_segments", "<u2"),  # at most max_segments, itself at most USHRT_MAX
     ("cpu", "<u2"),  # the submitting CPU
     ("hctx", "<u2"),  # hctx->queue_num (alloc_tag_set keeps nr_hw_queues <= 65536)
     ("q", "<u2"),  # q->id (the queue ida's range is 0..65535)
@@ -125,7 +126,8 @@ def request_dtype(cmd_size: int) -> np.dtype:
     state             cmpxchg by whoever moves it (see the module docstring)
     deadline_ns       the CPU that started it; read by timeout work
     io_start_time_ns  the CPU that started it
-    setup block       the allocating CPU (RQ_SETUP), before issue
+    setup block       the allocating CPU (RQ_SETUP), before issue; merges on that
+                      CPU grow it (plugged, or on its ctx list under the lock)
     pdu               the driver, while it owns the request
     ================  =====================================================
     """
@@ -143,6 +145,7 @@ REQUEST = request_dtype(0)
 RQ_OFF_DEADLINE = field_offset(REQUEST, "deadline_ns")
 RQ_OFF_IO_START = field_offset(REQUEST, "io_start_time_ns")
 RQ_OFF_SETUP = field_offset(REQUEST, "start_time_ns")
+RQ_OFF_SECTOR = field_offset(REQUEST, "sector")
 RQ_OFF_NR_SECTORS = field_offset(REQUEST, "nr_sectors")
 RQ_OFF_CPU = field_offset(REQUEST, "cpu")
 RQ_OFF_HCTX = field_offset(REQUEST, "hctx")
@@ -158,15 +161,18 @@ RQ_U16_Q = RQ_OFF_Q >> 1
 #: Largest number of hw queues, CPUs and queue ids the 16-bit fields hold.
 RQ_U16_LIMIT = 1 << 16
 #: The setup block (at RQ_OFF_SETUP), written once by the allocating CPU (one
-#: pack_into): start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags,
-#: status.
+#: pack_into): start_time_ns, sector, nr_sectors, nr_bios, nr_phys_segments, cpu, hctx,
+#: q, op, rq_flags, status.
 RQ_SETUP = struct_of(REQUEST, "start_time_ns", "status")
 #: deadline_ns, io_start_time_ns (at RQ_OFF_DEADLINE): written by blk_mq_start_request().
 RQ_TIMES = struct_of(REQUEST, "deadline_ns", "io_start_time_ns")
-#: io_start_time_ns + the setup block (at RQ_OFF_IO_START): all the end reads, in one go.
-RQ_END = struct_of(REQUEST, "io_start_time_ns", "status")
-#: nr_sectors, nr_bios (at RQ_OFF_NR_SECTORS): what a merge grows.
-RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_bios")
+#: io_start_time_ns + the setup block but sector and nr_phys_segments (at
+#: RQ_OFF_IO_START): all the end reads, in one go.
+RQ_END = struct_of(REQUEST, "io_start_time_ns", "status", skip=("sector", "nr_phys_segments"))
+#: nr_sectors, nr_bios, nr_phys_segments (at RQ_OFF_NR_SECTORS): what a back merge grows.
+RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_phys_segments")
+#: sector + RQ_SIZE (at RQ_OFF_SECTOR): what a front merge moves and grows.
+RQ_EXTENT = struct_of(REQUEST, "sector", "nr_phys_segments")
 # The hot paths rely on these: the state word at the base, whole structs contiguous,
 # the 16-bit fields on even offsets (their RQ_U16_* indexes), one line in all.
 assert field_offset(REQUEST, "state") == 0
@@ -174,6 +180,8 @@ assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + field_dtype(REQUEST, "sta
 assert RQ_OFF_SETUP + RQ_SETUP.size == REQUEST.itemsize
 assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
 assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
+assert RQ_OFF_SECTOR + RQ_EXTENT.size == RQ_OFF_NR_SECTORS + RQ_SIZE.size
+assert REQUEST["nr_bios"].itemsize == REQUEST["nr_phys_segments"].itemsize == 2
 assert REQUEST["cpu"].itemsize == REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
 assert not (RQ_OFF_CPU | RQ_OFF_HCTX | RQ_OFF_Q) & 1
 assert REQUEST.itemsize == 64
@@ -228,7 +236,9 @@ class RqList:
         self.a = arena.atomic
         self.spec = spec
         o = spec.header.offsets()
-        self._lock, self._head, self._tail = o.lock, o.head, o.tail
+        self._lock = o.lock
+        #: the monotonic head and tail words: equal when the list is empty
+        self.head_off, self.tail_off = o.head, o.tail
         self._mask = spec.capacity - 1
         self._ids = arena.buf[spec.data.offset : spec.data.offset + spec.data.nbytes].cast("I")
 
@@ -244,10 +254,10 @@ class RqList:
 
     def empty(self) -> bool:
         """list_empty_careful(): lockless, a hint (relaxed loads)."""
-        return self.a.read(self._head) == self.a.read(self._tail)
+        return self.a.read(self.head_off) == self.a.read(self.tail_off)
 
     def __len__(self) -> int:
-        return self.a.read(self._tail) - self.a.read(self._head)
+        return self.a.read(self.tail_off) - self.a.read(self.head_off)
 
     def add(
         self, ids: list[int], at_head: bool = False, then: Callable[[], None] | None = None
@@ -257,19 +267,19 @@ class RqList:
         a, ids_mv, mask = self.a, self._ids, self._mask
         spin_lock(a, self._lock)
         try:
-            head, tail = a.read(self._head), a.read(self._tail)
+            head, tail = a.read(self.head_off), a.read(self.tail_off)
             if tail - head + len(ids) > self.spec.capacity:
                 raise OverflowError(f"{self.spec.name}: more requests than its capacity")
             if at_head:
                 for rq_id in reversed(ids):
                     head -= 1
                     ids_mv[head & mask] = rq_id
-                a.set(self._head, head)
+                a.set(self.head_off, head)
             else:
                 for rq_id in ids:
                     ids_mv[tail & mask] = rq_id
                     tail += 1
-                a.set(self._tail, tail)
+                a.set(self.tail_off, tail)
             if then is not None:
                 then()
         finally:
@@ -281,13 +291,30 @@ class RqList:
         a, ids_mv, mask = self.a, self._ids, self._mask
         spin_lock(a, self._lock)
         try:
-            head, tail = a.read(self._head), a.read(self._tail)
+            head, tail = a.read(self.head_off), a.read(self.tail_off)
             n = tail - head if max_nr < 0 else min(max_nr, tail - head)
             out = [ids_mv[(head + i) & mask] for i in range(n)]
-            a.set(self._head, head + n)
+            a.set(self.head_off, head + n)
             if if_emptied is not None and head + n == tail:
                 if_emptied()
             return out
+        finally:
+            spin_unlock(a, self._lock)
+
+    def scan_newest(self, max_nr: int, fn: Callable[[int], bool | None]) -> bool:
+        """Under the lock, offer the newest ``max_nr`` ids, newest first, to ``fn``
+        until it returns True or False (None: next); what it returned, or False.
+        ``fn`` runs with the lock held: an id it is given stays on the list until
+        the lock is dropped (blk_bio_list_merge() under ctx->lock)."""
+        a, ids_mv, mask = self.a, self._ids, self._mask
+        spin_lock(a, self._lock)
+        try:
+            head, tail = a.read(self.head_off), a.read(self.tail_off)
+            for pos in range(tail - 1, max(head, tail - max_nr) - 1, -1):
+                verdict = fn(ids_mv[pos & mask])
+                if verdict is not None:
+                    return verdict
+            return False
         finally:
             spin_unlock(a, self._lock)
 
@@ -295,7 +322,7 @@ class RqList:
         """The ids on the list (under the lock; debugfs)."""
         spin_lock(self.a, self._lock)
         try:
-            head, tail = self.a.read(self._head), self.a.read(self._tail)
+            head, tail = self.a.read(self.head_off), self.a.read(self.tail_off)
             return [self._ids[i & self._mask] for i in range(head, tail)]
         finally:
             spin_unlock(self.a, self._lock)
@@ -472,11 +499,15 @@ class RequestQueue:
     name: str
     queuedata: Any = None
     rq_affinity: int = 1  #: 0: complete where the irq lands, 1: same LLC, 2: same CPU
-    nomerges: int = 0  #: 0: merge, 2: never (1 behaves like 0: no merge cache here)
+    #: sysfs nomerges: 0 every merge, 1 only the one-hit merge (the newest request of
+    #: the plug, of the ctx list), 2 none
+    nomerges: int = 0
     #: writes allocate tags below this shallow depth (an I/O scheduler's limit_depth,
     #: mq-deadline's async_depth); 0: no limit
     async_depth: int = 0
-    max_sectors: int = BLK_DEF_MAX_SECTORS
+    #: q->limits: blk_set_default_limits() until the driver sets its own
+    #: (:mod:`mqrt.block.blk_settings`)
+    limits: QueueLimits = field(default_factory=QueueLimits)
 
     # Built by init_queue():
     nr_hw_queues: int = 0
@@ -578,7 +609,8 @@ class Request:
             self.pdu = None
 
     def setup(self) -> tuple:
-        """(start_time_ns, sector, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags, status)."""
+        """(start_time_ns, sector, nr_sectors, nr_bios, nr_phys_segments, cpu, hctx, q, op,
+        rq_flags, status)."""
         return RQ_SETUP.unpack_from(self._buf, self.base + RQ_OFF_SETUP)
 
     @property
@@ -607,11 +639,11 @@ class Request:
 
     @property
     def cpu(self) -> int:
-        return self.setup()[4]
+        return self.setup()[5]
 
     @property
     def q(self) -> int:
-        return self.setup()[6]
+        return self.setup()[7]
 
     @property
     def nr_bytes(self) -> int:
@@ -629,7 +661,7 @@ class Request:
         """debugfs one-liner for hctxN/busy and hctxN/dispatch."""
         st = self.setup()
         return (
-            f"{self.id:#x} {{.op={ReqOp(st[7]).name}, .rq_flags={Rqf(st[8])!s}, "
+            f"{self.id:#x} {{.op={ReqOp(st[8]).name}, .rq_flags={Rqf(st[9])!s}, "
             f".state={self.state.name.lower()}, .tag={self.tag}, .internal_tag=-1}}"
         )
 
@@ -698,6 +730,11 @@ class HwCtx:
 
     def stopped(self) -> bool:
         return self.a.test_bit(self.state_off, HctxState.STOPPED)
+
+    def pending_bit(self, index_hw: int) -> tuple[int, int]:
+        """The word and bit of ``ctx_map`` for the ctx ``index_hw``: set while its list
+        holds requests (set and cleared under the list's lock)."""
+        return self._ctx_words[index_hw >> CTX_MAP_SHIFT], index_hw & _CTX_MAP_BIT_MASK
 
     def mark_pending(self, index_hw: int) -> None:
         """blk_mq_hctx_mark_pending() (under the ctx list lock): sbitmap_set_bit()
@@ -784,8 +821,17 @@ class Queue:
         self.flags_off = o.queue_flags
         self.lock_off = o.queue_lock
         self.requeue_list = RqList(arena, q.requeue_list)
-        self.max_sectors = q.max_sectors
+        self.set_limits(q.limits)
+        #: blk_queue_nomerges() is false: bios may merge (plug, ctx list)
         self.merge = q.nomerges != 2
+        #: nomerges=1: only the newest request of the plug or ctx list is tried
+        self.one_hit = q.nomerges == 1
+        #: BLK_MQ_F_SHOULD_MERGE and merges allowed: bios try the ctx's lists
+        self.should_merge = bool(q.tag_set.flags & BlkMqFlag.SHOULD_MERGE) and self.merge
+        #: With should_merge: this CPU put requests on its ctx lists of this queue
+        #: and has not found them all empty since (the hint that spares a bio the
+        #: look at the list when nothing of this CPU's can be waiting there).
+        self.ctx_queued = False
         self.async_depth = q.async_depth
         self.same_comp = q.rq_affinity >= 1
         self.same_force = q.rq_affinity == 2
@@ -795,6 +841,21 @@ class Queue:
         for h, hctx in enumerate(self.hctxs):
             for index_hw, ctx_cpu in enumerate(q.hctx_ctxs[h]):
                 self.ctx_lists[(ctx_cpu, hctx.type)] = (hctx.ctx_lists[index_hw], index_hw)
+        #: This CPU's ctx rq_list a bio of each op (and a polled bio) would merge into
+        #: (ctx->rq_lists[hctx->type] of the hctx blk_mq_map_queue() picks), with the
+        #: word and bit of that hctx's ctx_map that say it is not empty.
+        self.rq_merge_by_op = [self._merge_list(cpu, h) for h in self.hctx_by_op]
+        self.rq_merge_poll = self._merge_list(cpu, self.hctx_poll)
+        self.rq_merge_lists = list(dict.fromkeys([*self.rq_merge_by_op, self.rq_merge_poll]))
+
+    def set_limits(self, lim: QueueLimits) -> None:
+        """Take the queue's limits (at creation, and when the driver sets new ones)."""
+        self.max_sectors = lim.max_sectors
+        self.max_segments = lim.max_segments
+
+    def _merge_list(self, cpu: int, hctx: HwCtx) -> tuple[RqList, int, int]:
+        lst, index_hw = self.ctx_lists[(cpu, hctx.type)]
+        return lst, *hctx.pending_bit(index_hw)
 
     def quiesced(self) -> bool:
         return self.a.test_bit(self.flags_off, QueueFlag.QUIESCED)
@@ -807,21 +868,39 @@ class Queue:
                 lst.close()
 
 
-class Plug:
-    """struct blk_plug: requests collected by one task before a batch issue."""
+#: A plugged request: (queue, hctx, rq id); merges read and grow it in the pool.
+PlugRq = tuple["Queue", HwCtx, int]
 
-    __slots__ = ("cached", "last", "nr_ios", "rqs")
+
+class Plug:
+    """struct blk_plug: requests collected by one task before a batch issue.
+
+    The plug list (:attr:`rqs`, oldest first) comes with :attr:`bounds`, the sectors
+    where its requests start and end (every value each has had since it was
+    plugged).  A bio whose start and end are both absent -- every random bio -- is
+    adjacent to no plugged request (none ends where it starts, none starts where it
+    ends), which two dict lookups tell without a walk of the list; any other bio
+    walks it."""
+
+    __slots__ = ("bounds", "cached", "last_sectors", "nr_ios", "rqs")
 
     def __init__(self, nr_ios: int = 1) -> None:
-        self.rqs: list[tuple[Queue, HwCtx, int]] = []
+        self.rqs: list[PlugRq] = []
         #: I/Os the task said it will submit; > 1 lets the first allocation take a
         #: batch of tags (then 1).
         self.nr_ios = nr_ios
         #: (hctx, request id) taken in a batch and not used yet, next one last.
         self.cached: list[tuple[HwCtx, int]] = []
-        #: The merge target: (queue, op, end sector, sectors, bios, rq id) of the last
-        #: request plugged.
-        self.last: tuple[Queue, int, int, int, int, int] | None = None
+        #: sectors where plugged requests start or end, or did (a dict used as a set)
+        self.bounds: dict[int, None] = {}
+        #: the size of the newest plugged request (the flush at BLK_PLUG_FLUSH_SIZE)
+        self.last_sectors = 0
+
+    def clear(self) -> list[PlugRq]:
+        """Empty the plug list (a flush); its requests, oldest first."""
+        rqs, self.rqs = self.rqs, []
+        self.bounds.clear()
+        return rqs
 
 
 class Stopped(Exception):

@@ -27,6 +27,9 @@ BLK_MQ_MAX_DEPTH = 10240
 BLK_MAX_REQUEST_COUNT = 32
 #: A plug also flushes once its last request is this big (BLK_PLUG_FLUSH_SIZE).
 BLK_PLUG_FLUSH_SIZE = 128 * 1024
+#: Requests at the tail of a ctx's list a bio tries to merge into (the "hand-wavy
+#: stop count" of blk_bio_list_merge()).
+BLK_MQ_CTX_MERGE_CHECKS = 8
 #: Delay before rerunning a queue whose driver said BLK_STS_RESOURCE, ns.
 BLK_MQ_RESOURCE_DELAY_NS = 3_000_000
 #: Default request timeout when the tag set gives 0 (30 * HZ), ms.
@@ -36,7 +39,8 @@ BLK_MQ_CPU_WORK_BATCH = 8
 #: dispatch_busy EWMA: weight and fixed-point factor.
 BLK_MQ_DISPATCH_BUSY_EWMA_WEIGHT = 8
 BLK_MQ_DISPATCH_BUSY_EWMA_FACTOR = 4
-#: Default max_sectors of a request (BLK_DEF_MAX_SECTORS_CAP), 512-byte sectors.
+#: The most max_sectors a driver's hardware limit lets a queue have (Linux 5.10's
+#: BLK_DEF_MAX_SECTORS), 512-byte sectors.
 BLK_DEF_MAX_SECTORS = 2560
 SECTOR_SHIFT = 9
 #: "Any node" (NUMA_NO_NODE): a tag set's default ``numa_node``.
@@ -49,6 +53,9 @@ BLK_MQ_NO_HCTX_IDX = -1
 class BlkMqFlag(enum.IntFlag):
     """BLK_MQ_F_*: behaviour flags of a tag set and its hctxs."""
 
+    #: bios may merge into requests waiting on a ctx's list (removed in 6.14, where
+    #: nomerges alone decides)
+    SHOULD_MERGE = 1 << 0
     TAG_QUEUE_SHARED = 1 << 1  #: several request queues use the tag set
     STACKING = 1 << 2
     TAG_HCTX_SHARED = 1 << 3  #: one tag space for every hctx of the set
@@ -128,6 +135,9 @@ class Rqf(enum.IntFlag):
     #: a polled request (the kernel's REQ_POLLED / REQ_HIPRI in cmd_flags): mapped to
     #: the POLL hctx and completed by whoever reaps it, never by an interrupt or IPI
     POLLED = 1 << 6
+    #: no more merges into this request: one failed on a limit (the kernel's
+    #: REQ_NOMERGE, a cmd_flags bit, set by req_set_nomerge())
+    NOMERGE = 1 << 7
 
 
 class ReqOp(enum.IntEnum):

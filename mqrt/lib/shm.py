@@ -56,7 +56,7 @@ CACHELINE = 64
 #: Prefix of every segment a run creates, followed by ``<owner pid>-<random>``.
 SEGMENT_PREFIX = "mqrt-"
 #: Bumped whenever the layout of any shared structure changes shape.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 #: Where Linux keeps POSIX shared memory.
 SHM_DIR = "/dev/shm"
 
@@ -117,11 +117,12 @@ def field_dtype(dtype: np.dtype, name: str) -> np.dtype:
     return dtype_fields(dtype)[name][0]
 
 
-def struct_of(dtype: np.dtype, first: str, last: str) -> struct.Struct:
+def struct_of(dtype: np.dtype, first: str, last: str, skip: tuple[str, ...] = ()) -> struct.Struct:
     """A little-endian :class:`struct.Struct` for the fields ``first`` .. ``last`` of
-    ``dtype``, in offset order, starting at ``first``'s offset: gaps and fields named
-    ``pad*`` become pad bytes.  Hot paths pack and unpack several fields with one call
-    this way while the layout stays declared once, in the dtype."""
+    ``dtype``, in offset order, starting at ``first``'s offset: gaps, fields named
+    ``pad*`` and those in ``skip`` become pad bytes.  Hot paths pack and unpack
+    several fields with one call this way while the layout stays declared once, in
+    the dtype."""
     fields = sorted(
         ((off, name, dt) for name, (dt, off, *_) in dtype_fields(dtype).items()), key=lambda f: f[0]
     )
@@ -132,8 +133,10 @@ def struct_of(dtype: np.dtype, first: str, last: str) -> struct.Struct:
     fmt, pos = "<", fields[lo][0]
     for off, name, dt in fields[lo : hi + 1]:
         fmt += "x" * (off - pos)
-        if name.startswith("pad") or dt.kind == "V":
-            fmt += f"{dt.itemsize}x" if name.startswith("pad") else f"{dt.itemsize}s"
+        if name.startswith("pad") or name in skip:
+            fmt += f"{dt.itemsize}x"
+        elif dt.kind == "V":
+            fmt += f"{dt.itemsize}s"
         else:
             fmt += _STRUCT_CODES[(dt.kind, dt.itemsize)]
         pos = off + dt.itemsize

@@ -306,6 +306,7 @@ def _blk_mq_io(traced: bool) -> Callable[[float], float]:
             spec = JobSpec.from_options({})
             job = IoJob(spec, 0, 0, cfg.gb << 30, 0)
             mq.end_io = [job.done]
+            mq.end_io_merged = [job.done_merged]
             submit, clock, next_bio = mq.submit_bio, time.monotonic_ns, job.next_bio
             start_plug, finish_plug = mq.start_plug, mq.finish_plug
             depth = spec.iodepth

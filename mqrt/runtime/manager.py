@@ -284,7 +284,12 @@ class Manager:
             cpus=[results[i] for i in sorted(results)],
             invariants=invariants,
             queues=[
-                {"name": q.name, "index": q.index, "fair_share": fair_share_report(r.arena, q)}
+                {
+                    "name": q.name,
+                    "index": q.index,
+                    "limits": {**q.limits.describe(), "nomerges": q.nomerges},
+                    "fair_share": fair_share_report(r.arena, q),
+                }
                 for q in r.queues
             ],
             host={
