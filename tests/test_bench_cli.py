@@ -134,6 +134,14 @@ def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
         (("--latency_ns", "5"), "latency_ns: an nvme option; add --driver nvme"),
         (("--runtime", "nan"), "runtime: must be 0.01..86400, got 'nan'"),
         (("-o", "/nonexistent/dir/x.json"), "cannot write /nonexistent/dir/x.json"),
+        (
+            ("--mode", "raw", "--cpus", "4", "--shared_tag_bitmap", "1", "--hw_queue_depth", "2"),
+            "hw_queue_depth: --mode raw with shared_tag_bitmap needs a tag per CPU (>= 4), got 2",
+        ),
+        (
+            ("--mode", "raw", "--shared_tags", "1", "--nr_devices", "2"),
+            "shared_tags: --mode raw gives each device its own slots; use 0",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(args, message):

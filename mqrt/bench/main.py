@@ -254,6 +254,16 @@ def build(given: dict[str, Any]):
         raise KnobError(
             f"bs: must be a multiple of the device blocksize {nullb.blocksize}, got {job.bs}"
         )
+    if runv["mode"] == "raw":
+        # Raw mode splits each tag space's slots between the CPUs that use it, and
+        # each device's queue keeps its own free lists.
+        if nullb.shared_tags and nullb.nr_devices > 1:
+            raise KnobError("shared_tags: --mode raw gives each device its own slots; use 0")
+        if nullb.shared_tag_bitmap and nullb.hw_queue_depth < runv["cpus"]:
+            raise KnobError(
+                f"hw_queue_depth: --mode raw with shared_tag_bitmap needs a tag per CPU "
+                f"(>= {runv['cpus']}), got {nullb.hw_queue_depth}"
+            )
 
     def setup(layout, topology):
         ops, queues = null_blk.setup(

@@ -507,7 +507,7 @@ class BlkMq(BlkMqCompletion):
             if rq_sectors:
                 bounds = plug.bounds
                 bounds[sector] = bounds[sector + nr_sectors] = None
-                if rq_id == rqs[-1][2]:
+                if rqs[-1][0] is queue and rqs[-1][2] == rq_id:
                     plug.last_sectors = rq_sectors
                 return True
         return False
