@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 #: The start method mqrt uses for its children (see mqrt/lib/shm.py and the README).
@@ -62,3 +63,25 @@ def wait_for_children(pid: int, n: int, timeout: float = 30.0) -> bool:
             return True  # it already ended: let the caller see how
 
     return wait_until(started, timeout)
+
+
+@contextlib.contextmanager
+def scripted_rigs(setup_for: Callable[..., Any]) -> Iterator[Callable[..., tuple[Any, Any]]]:
+    """``make(ops=None, nr_cpus=1, **kw) -> (rig, ops)``: in-process rigs over a
+    ScriptOps driver, ``setup_for(ops, **kw)`` declaring their queues; every rig made
+    is closed on the way out."""
+    from mqrt.testing import Rig, ScriptOps
+
+    rigs: list[Rig] = []
+
+    def make(ops: ScriptOps | None = None, nr_cpus: int = 1, **kw: Any) -> tuple[Rig, ScriptOps]:
+        ops = ops or ScriptOps()
+        rig = Rig(setup_for(ops, **kw), nr_cpus=nr_cpus)
+        rigs.append(rig)
+        return rig, ops
+
+    try:
+        yield make
+    finally:
+        for rig in rigs:
+            rig.close()

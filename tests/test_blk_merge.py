@@ -23,6 +23,7 @@ from mqrt.device import null_blk
 from mqrt.device.nvme import nvme_max_hw_sectors, nvme_set_queue_limits
 from mqrt.testing import Rig, ScriptOps
 from mqrt.workers.ioengine import IoJob, JobSpec
+from tests.helpers import scripted_rigs
 from tests.test_nvme import run_nvme
 from tests.test_runtime import assert_clean, run_nullb, totals
 
@@ -43,17 +44,8 @@ def merge_setup(ops, *, flags=BlkMqFlag.SHOULD_MERGE, nomerges=0, depth=64, limi
 
 @pytest.fixture
 def rig_factory():
-    rigs = []
-
-    def make(ops=None, nr_cpus=1, **kw):
-        ops = ops or ScriptOps()
-        rig = Rig(merge_setup(ops, **kw), nr_cpus=nr_cpus)
-        rigs.append(rig)
-        return rig, ops
-
-    yield make
-    for rig in rigs:
-        rig.close()
+    with scripted_rigs(merge_setup) as make:
+        yield make
 
 
 def extents(ops) -> list[tuple[int, int, int]]:

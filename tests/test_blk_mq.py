@@ -12,7 +12,8 @@ from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_GEN_SHIFT, TagSet
 from mqrt.block.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
-from mqrt.testing import Rig, ScriptOps
+from mqrt.testing import ScriptOps
+from tests.helpers import scripted_rigs
 
 READ = int(ReqOp.READ)
 
@@ -39,17 +40,8 @@ def script_setup(
 
 @pytest.fixture
 def rig_factory():
-    rigs = []
-
-    def make(ops=None, nr_cpus=1, **kw):
-        ops = ops or ScriptOps()
-        rig = Rig(script_setup(ops, **kw), nr_cpus=nr_cpus)
-        rigs.append(rig)
-        return rig, ops
-
-    yield make
-    for rig in rigs:
-        rig.close()
+    with scripted_rigs(script_setup) as make:
+        yield make
 
 
 def clean(rig) -> dict:
