@@ -1,4 +1,6 @@
-"""Build glue for the one C extension, mqrt.lib._atomic; everything else is in pyproject.toml."""
+"""Build glue for the C extensions (mqrt.lib._atomic, the word-level atomics; and
+mqrt.device._nvme_engine, the NVMe controller's I/O command path); everything else is
+in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -8,6 +10,12 @@ setup(
             "mqrt.lib._atomic",
             sources=["mqrt/lib/_atomic.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        Extension(
+            "mqrt.device._nvme_engine",
+            sources=["device/_nvme_engine.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            libraries=["m", "pthread"],
+        ),
     ]
 )

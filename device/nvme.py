@@ -7,11 +7,15 @@ CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
 
 * ``queue_rq`` (``nvme_queue_rq``): start the request, build the SQE with command id
   ``genctr << 12 | tag``, copy it at the SQ tail; ring the doorbell only when
-  ``bd->last`` (``commit_rqs`` rings it when a batch ends early).  After the doorbell
-  a kick goes to the controller only if it asked for one (``need_kick``).
+  ``bd->last`` (``commit_rqs`` rings it when a batch ends early).  The doorbell is a
+  shadow doorbell in shared memory; the device worker serving the queue is kicked
+  only when the new tail passes the queue's event index (``nvme_dbbuf_need_event``).
 * the interrupt (``nvme_irq`` -> ``nvme_poll_cq``): reap CQEs while their phase tag
   matches, look each command id up with the generation check ("genctr mismatch"),
-  complete through blk-mq, then one CQ head doorbell write.
+  complete through blk-mq, then one CQ head doorbell write.  The vector stays
+  pending while its handler reaps and completes; the handler acknowledges it after
+  that and looks once more, so CQEs posted while it runs ride on the interrupt it
+  is handling instead of raising another.
 * ``timeout`` (``nvme_timeout``, :meth:`NvmeOps.nvme_timeout`), on the queue the
   request's iod names, in the kernel's order: a failed controller (CSTS.CFS) is reset
   at once; then that CQ is polled ("completion polled": a lost interrupt); then the
@@ -96,6 +100,7 @@ from mqrt.block.blk_mq_types import (
 from mqrt.block.blk_settings import blk_queue_max_hw_sectors, blk_queue_max_segments
 from mqrt.device.controller import (
     DEV_COUNTERS,
+    DEV_WORKER_COUNTERS,
     ControllerPlan,
     Namespace,
     QueueRegions,
@@ -139,6 +144,7 @@ from mqrt.device.nvme_defs import (
     IoOpcode,
     Status,
     nvme_cid,
+    nvme_dbbuf_need_event,
 )
 from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.lib import trace, wait
@@ -182,6 +188,10 @@ NVME_KNOBS: tuple[Knob, ...] = (
     Knob("fatal_error", "float", 0.0,
          "Percent of commands on which the device hits a fatal error: CSTS.CFS set, "
          "nothing served until a reset. Default: 0", 0.0, 100.0),
+    Knob("stale_event_idx", "float", 0.0,
+         "Percent of the device's sleeps before which it leaves an SQ's event index "
+         "stale, so the host may skip a doorbell kick it needed (QEMU's bug; the "
+         "timeout's Abort recovers the command). Default: 0", 0.0, 100.0),
     Knob("admin_timeout", "int", NVME_ADMIN_TIMEOUT_MS,
          "Admin command timeout in ms (nvme_core's admin_timeout, there in seconds). "
          "Default: 60000", 1, 3600000),
@@ -234,15 +244,15 @@ class NvmeQueue:
         self.o = regions.words.offsets()
         self.sq_base = regions.sq.offset
         self.cq_base = regions.cq.offset
-        self._need_kick = regs.offsets().need_kick
         self.depth = 0
-        self.kick_fd = -1
+        self.kick_fds: list[int] = []
 
-    def attach(self, arena: Arena, kick_fd: int) -> None:
-        """This process's mapping of the queue (the arena, the kick eventfd)."""
+    def attach(self, arena: Arena, kick_fds: list[int]) -> None:
+        """This process's mapping of the queue (the arena; the coordinator's kick
+        eventfd, then each device worker's)."""
         self.a = arena.atomic
         self.buf = arena.buf
-        self.kick_fd = kick_fd
+        self.kick_fds = kick_fds
         self.depth = self.a.read32(self.o.q_depth) or self.max_depth
 
     def refresh(self) -> None:
@@ -295,14 +305,18 @@ class NvmeQueue:
             spin_unlock(a, o.sq_lock)
 
     def _write_sq_db(self, tail: int) -> None:
-        """The doorbell store is an xchg (a full barrier): the entries are visible
-        before it, and it is ordered before the need_kick check (pairs with the
-        controller's xchg of need_kick before its last look at the doorbells)."""
-        a = self.a
-        a.xchg32(self.o.sq_tail_db, tail)
-        a.set32(self.o.last_sq_tail, tail)
-        if a.read32(self._need_kick) and a.xchg32(self._need_kick, 0):
-            os.eventfd_write(self.kick_fd, 1)
+        """nvme_write_sq_db() with a shadow doorbell: the store is an xchg (a full
+        barrier), so the entries are visible before it and it is ordered before the
+        event index is read (pairs with the worker's store of the index, fence, and
+        last look at the doorbells); the worker is kicked only when the new tail
+        passes its event index."""
+        a, o = self.a, self.o
+        old = a.read32(o.last_sq_tail)
+        a.xchg32(o.sq_tail_db, tail)
+        a.set32(o.last_sq_tail, tail)
+        if nvme_dbbuf_need_event(a.read32(o.sq_event_idx), tail, old):
+            fd = self.kick_fds[0] if self.qid == 0 else self.kick_fds[1 + a.read32(o.worker)]
+            os.eventfd_write(fd, 1)
 
     # -- completion (nvme_cqe_pending, nvme_update_cq_head, nvme_ring_cq_doorbell) --------
 
@@ -350,7 +364,8 @@ class NvmeQueue:
         spin_lock(a, o.sq_lock)
         spin_lock(a, o.cq_lock)
         try:
-            for name in ("sq_tail", "last_sq_tail", "sq_tail_db", "cq_head", "cq_head_db"):
+            for name in ("sq_tail", "last_sq_tail", "sq_tail_db", "sq_event_idx", "cq_head",
+                         "cq_head_db"):  # fmt: skip
                 a.set32(getattr(o, name), 0)
             a.set32(o.cq_phase, 1)
             a.xchg32(o.irq_pending, 0)
@@ -388,7 +403,13 @@ class NvmeOps(BlkMqOps):
         self.regs: Region | None = None
         self.data: Region | None = None
         self.counters: Region | None = None
-        self.kick_fd = -1
+        self.worker_counters: Region | None = None
+        #: device workers serving the I/O queue pairs (the device_workers knob, or
+        #: one per 4 interrupt-driven queue pairs, at most the host's cores)
+        self.nr_workers = cfg.device_workers or max(
+            1, min(-(-nr_io_queues // 4), len(os.sched_getaffinity(0)), nr_io_queues)
+        )
+        self.kick_fds: list[int] = []
         self.irq_r: list[int] = []
         self.irq_w: list[int] = []
         self.vector_cpu: list[int] = []  #: vector -> CPU it is affine to
@@ -421,6 +442,7 @@ class NvmeOps(BlkMqOps):
         self.regs = regs = layout.add("nvme.regs", NVME_REGS)
         self.data = layout.add("nvme.admin_data", "V4096")
         self.counters = layout.add("nvme.counters", DEV_COUNTERS)
+        self.worker_counters = layout.add("nvme.workers", DEV_WORKER_COUNTERS, self.nr_workers)
         for qid in range(self.nr_io_queues + 1):
             qdepth = NVME_AQ_DEPTH if qid == 0 else depth
             words = layout.add(f"nvme.q{qid}", NVME_QUEUE)
@@ -493,13 +515,16 @@ class NvmeOps(BlkMqOps):
         a.set32(r.abort_limit, 0)
 
     def make_fds(self) -> list[int]:
-        """Owner only, before forking: the kick eventfd and one pipe per vector."""
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        """Owner only, before forking: the kick eventfds (the coordinator's, then
+        one per device worker) and one pipe per vector."""
+        self.kick_fds = [
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(1 + self.nr_workers)
+        ]
         for _ in self.regions:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.irq_r.append(r)
             self.irq_w.append(w)
-        return [self.kick_fd, *self.irq_r, *self.irq_w]
+        return [*self.kick_fds, *self.irq_r, *self.irq_w]
 
     def device_plan(self, arena: Arena) -> ControllerPlan:
         cfg = self.cfg
@@ -512,6 +537,7 @@ class NvmeOps(BlkMqOps):
             "delay_ns": cfg.delay_ns,
             "drop_abort_pct": cfg.drop_abort,
             "fatal_pct": cfg.fatal_error,
+            "stale_event_idx_pct": cfg.stale_event_idx,
         }
         return ControllerPlan(
             arena=arena,
@@ -519,7 +545,8 @@ class NvmeOps(BlkMqOps):
             queues=self.regions,
             data=self.data,  # type: ignore[arg-type]
             counters=self.counters,  # type: ignore[arg-type]
-            kick_fd=self.kick_fd,
+            workers=self.worker_counters,  # type: ignore[arg-type]
+            kick_fds=self.kick_fds,
             irq_w=self.irq_w,
             namespaces=[
                 Namespace(i + 1, nr_blocks, self.lba_shift) for i in range(cfg.nr_namespaces)
@@ -593,8 +620,9 @@ class NvmeOps(BlkMqOps):
         a = admin.a
         r = self.regs.offsets()  # type: ignore[union-attr]
         deadline = time.monotonic() + NVME_READY_TIMEOUT_S
+        a.set32(r.cc_shn, 0)
         a.store_release32(r.cc_en, 1)
-        self._kick(a, r.need_kick, force=True)
+        self._kick()
         while not a.load_acquire32(r.csts_rdy):
             self._reset_wait(deadline, "did not become ready (CSTS.RDY)")
         admin.set_enabled(True)
@@ -605,7 +633,7 @@ class NvmeOps(BlkMqOps):
         r = self.regs.offsets()  # type: ignore[union-attr]
         deadline = time.monotonic() + NVME_READY_TIMEOUT_S
         a.store_release32(r.cc_en, 0)
-        self._kick(a, r.need_kick, force=True)
+        self._kick()
         while a.load_acquire32(r.csts_rdy):
             self._reset_wait(deadline, "did not stop (CSTS.RDY stays 1)")
 
@@ -708,19 +736,27 @@ class NvmeOps(BlkMqOps):
         with contextlib.suppress(BlockingIOError):
             os.read(self.irq_r[0], 4096)
 
-    def _kick(self, a, need_kick_off: int, force: bool = False) -> None:
-        if force or (a.read32(need_kick_off) and a.xchg32(need_kick_off, 0)):
-            os.eventfd_write(self.kick_fd, 1)
+    def _kick(self) -> None:
+        """Wake the controller's coordinator: CC changed."""
+        os.eventfd_write(self.kick_fds[0], 1)
 
     def shutdown(self, arena: Arena) -> None:
-        """nvme_dev_disable() at the end of a run: CC.EN = 0."""
+        """nvme_dev_disable(shutdown=true) at the end of a run: CC.SHN, then CC.EN = 0."""
         r = self.regs.offsets()  # type: ignore[union-attr]
+        arena.atomic.set32(r.cc_shn, 1)
         arena.atomic.store_release32(r.cc_en, 0)
-        self._kick(arena.atomic, r.need_kick, force=True)
+        self._kick()
 
     def device_counters(self, arena: Arena) -> dict[str, int]:
         v = arena.view(self.counters)  # type: ignore[arg-type]
         out = {name: int(v[name][0]) for name in v.dtype.names or ()}
+        del v
+        return out
+
+    def device_workers(self, arena: Arena) -> list[dict[str, int]]:
+        """Each device worker's counters, as last published."""
+        v = arena.view(self.worker_counters)  # type: ignore[arg-type]
+        out = [{name: int(v[name][k]) for name in v.dtype.names or ()} for k in range(len(v))]
         del v
         return out
 
@@ -733,7 +769,7 @@ class NvmeOps(BlkMqOps):
         self.mq = mq
         self.cpu = cpu
         for q in self.nvmeqs:
-            q.attach(arena, self.kick_fd)
+            q.attach(arena, self.kick_fds)
         for q in self.nvmeqs[1:]:
             q.refresh()
         r = self.regs.offsets()  # type: ignore[union-attr]
@@ -832,11 +868,14 @@ class NvmeOps(BlkMqOps):
         # issued on another CPU) and for the probe's last ones, whose byte may still
         # be in the pipe when the CPUs start
         self.stats["interrupts" if vec else "admin_interrupts"] += 1
-        # Acknowledge (clear the pending bit) before reaping: a CQE posted after the
-        # reap raises the vector again.
+        # Reap while the vector is still pending: CQEs the device posts meanwhile do
+        # not signal it again.  Then acknowledge it (clear the pending bit, a full
+        # barrier) and look once more: a CQE posted before the acknowledgement is
+        # found here, one posted after it raises the vector again.
         q = self.nvmeqs[vec]
-        q.a.xchg32(q.o.irq_pending, 0)
         found = self.poll_cq(vec)
+        q.a.xchg32(q.o.irq_pending, 0)
+        found += self.poll_cq(vec)
         if trace.on:
             trace.emit(Ev.IRQ, -1, 0, max(vec - 1, 0), 0, found)
 
@@ -1051,7 +1090,7 @@ class NvmeOps(BlkMqOps):
             nvmeq.set_enabled(False)
         r = self.regs.offsets()  # type: ignore[union-attr]
         a.store_release32(r.cc_en, 0)
-        self._kick(a, r.need_kick, force=True)
+        self._kick()
         if mq is not None:
             self._cancel_all(mq, _CANCELLED_DNR)
         if self.admin is not None:

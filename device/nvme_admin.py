@@ -3,15 +3,25 @@ admin command does to the controller's queues and features.
 
 ==================  ==========================================================
 Identify (06h)      Controller (CNS 01h) and Namespace (CNS 00h) data
-Set Features (09h)  Number of Queues, Interrupt Coalescing, Arbitration
-Create I/O CQ/SQ    05h / 01h: the queue pair's rings, vector, priority
-Delete I/O SQ/CQ    00h / 04h: an SQ's commands in service are dropped; a CQ
-                    with an SQ still on it is refused (Invalid Queue Deletion)
+Set Features (09h)  Number of Queues, Interrupt Coalescing, Arbitration,
+                    Interrupt Vector Configuration (a vector's Coalescing
+                    Disable bit)
+Create I/O CQ/SQ    05h / 01h: the queue pair's rings, vector (a vector the
+                    controller lacks: Invalid Interrupt Vector), priority
+                    (QPRIO: urgent, high, medium, low); the pair goes to the
+                    device worker of its CQ
+Delete I/O SQ       00h: its commands in service, and those still in it,
+                    complete with Command Aborted due to SQ Deletion
+Delete I/O CQ       04h: refused while an SQ is still on it (Invalid Queue
+                    Deletion)
 Abort (08h)         complete the command with ABORT_REQ: at once if it is in
                     service, when fetched if it is still in its SQ; beyond
                     ACL + 1 outstanding Aborts: Abort Command Limit Exceeded
 any other opcode    Invalid Opcode (Get Log Page and Get Features among them)
 ==================  ==========================================================
+
+Several vectors may serve one CQ each or be shared by several CQs (Create I/O CQ
+names the vector); the pending bit is the vector's.
 
 An Abort is outstanding from its fetch to its completion; this controller completes
 one at once, unless the ``drop_abort`` fault holds it (never completed, until the
@@ -33,6 +43,7 @@ from typing import TYPE_CHECKING
 from mqrt.device.nvme_defs import SQE, AdminOpcode, Feature, IdentifyCns, Status
 
 if TYPE_CHECKING:
+    from mqrt.device._nvme_engine import Engine
     from mqrt.device.controller import ControllerPlan, Namespace, QueueRegions
     from mqrt.lib._atomic import AtomicView
 
@@ -41,31 +52,26 @@ if TYPE_CHECKING:
 #: based max queue entries), the number of I/O queue pairs it can make, acl (Abort
 #: Command Limit, 0's based).
 IDENTIFY_CTRL = struct.Struct("<HH20s40s8sBIHHB")
-#: The command id's offset in an SQE (for an Abort's search of an SQ).
-_SQE_CID = struct.Struct("<H")
 #: Identify Namespace data: nsze, ncap, nuse (blocks), lba data size shift.
 IDENTIFY_NS = struct.Struct("<QQQB")
 
 
 @dataclass
 class Sq:
-    """A submission queue as the controller keeps it (CC.EN makes the admin one,
-    Create I/O SQ the others)."""
+    """The admin submission queue as the coordinator keeps it (CC.EN makes it)."""
 
     qid: int
     cqid: int
     depth: int
     base: int  #: offset of the ring
     tail_db: int  #: offset of the tail doorbell
-    prio: int = 1  #: 0 high, 1 medium, 2 low
+    prio: int = 0
     head: int = 0
-    credit: int = 0
 
 
 @dataclass
 class Cq:
-    """A completion queue as the controller keeps it, with the CQEs waiting for
-    room and its interrupt coalescing state."""
+    """The admin completion queue, with the CQEs waiting for room in it."""
 
     qid: int
     depth: int
@@ -76,9 +82,6 @@ class Cq:
     tail: int = 0
     phase: int = 1
     pending: deque = field(default_factory=deque)  #: CQEs waiting for room
-    irq_count: int = 0  #: CQEs posted since the last interrupt
-    irq_first_ns: int = 0
-    stalled: bool = False
 
 
 class AdminCommands:
@@ -89,21 +92,18 @@ class AdminCommands:
     buf: memoryview
     ns: dict[int, Namespace]
     counters: dict[str, int]
-    sqs: dict[int, Sq]
-    cqs: dict[int, Cq]
-    by_cid: dict[tuple[int, int], tuple]
-    aborted: set[int]
-    #: (sqid, cid) of commands an Abort found still in their SQ: aborted when fetched
-    abort_pending: set[tuple[int, int]]
+    sqs: dict[int, Sq]  #: the admin SQ
+    cqs: dict[int, Cq]  #: the admin CQ
+    io_sqs: dict[int, int]  #: I/O SQ qid -> its CQ
+    io_cqs: dict[int, int]  #: I/O CQ qid -> its vector
     held_aborts: int  #: Aborts fetched and not completed (the drop_abort fault)
     acl: int
     faults: dict
     rng: random.Random
-    _io_sqs: list[Sq]
-    coalesce_thr: int
-    coalesce_time_ns: int
-    burst: int
-    wrr: list[int]
+    coalesce: tuple[int, int]  #: (THR, TIME in ns)
+    arbitration: tuple[int, list[int]]  #: (burst, WRR weights high/medium/low)
+    engines: list[Engine]
+    _qoffs: list
 
     a: AtomicView
 
@@ -111,8 +111,9 @@ class AdminCommands:
 
         def _sq_new(self, sq: Sq) -> int: ...
         def _publish_queue(self, qid: int, **values: int) -> None: ...
-        def _post(self, cqid: int, cid: int, sq_head: int, status: int, result: int,
-                  sqid: int | None = None) -> None: ...  # fmt: skip
+        def _post(self, cqid: int, cid: int, sq_head: int, status: int, result: int) -> None: ...
+        def _push_features(self) -> None: ...
+        def engine_of(self, qid: int) -> Engine: ...
 
     # -- the admin queue -------------------------------------------------------------------------
 
@@ -164,26 +165,9 @@ class AdminCommands:
         if opcode == AdminOpcode.CREATE_SQ:
             return self._create_sq(cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11)
         if opcode == AdminOpcode.DELETE_SQ:
-            qid = cdw10 & 0xFFFF
-            if qid == 0 or qid not in self.sqs:
-                return Status.QID_INVALID, 0
-            for key in [k for k in self.by_cid if k[0] == qid]:
-                self.aborted.add(self.by_cid.pop(key)[1])
-            self.abort_pending -= {k for k in self.abort_pending if k[0] == qid}
-            del self.sqs[qid]
-            self._publish_queue(qid, created=0)
-            self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
-            self.counters["sq_deletes"] += 1
-            return Status.SUCCESS, 0
+            return self._delete_sq(cdw10 & 0xFFFF)
         if opcode == AdminOpcode.DELETE_CQ:
-            qid = cdw10 & 0xFFFF
-            if qid == 0 or qid not in self.cqs:
-                return Status.QID_INVALID, 0
-            if any(s.cqid == qid for s in self.sqs.values()):
-                return Status.INVALID_QUEUE_DELETION, 0
-            del self.cqs[qid]
-            self.counters["cq_deletes"] += 1
-            return Status.SUCCESS, 0
+            return self._delete_cq(cdw10 & 0xFFFF)
         if opcode == AdminOpcode.ABORT:
             self.counters["abort_cmds"] += 1
             return self._abort(cdw10 & 0xFFFF, cdw10 >> 16)
@@ -218,44 +202,82 @@ class AdminCommands:
             n = min(self.plan.max_io_queues, (cdw11 & 0xFFFF) + 1, (cdw11 >> 16) + 1)
             return Status.SUCCESS, (n - 1) | (n - 1) << 16
         if fid == Feature.IRQ_COALESCE:
-            self.coalesce_thr = cdw11 & 0xFF
-            self.coalesce_time_ns = ((cdw11 >> 8) & 0xFF) * 100_000
+            self.coalesce = (cdw11 & 0xFF, ((cdw11 >> 8) & 0xFF) * 100_000)
+            self._push_features()
             return Status.SUCCESS, 0
         if fid == Feature.ARBITRATION:
             ab = cdw11 & 0x7
-            self.burst = 1 << 30 if ab == 7 else 1 << ab
-            self.wrr = [((cdw11 >> s) & 0xFF) + 1 for s in (24, 16, 8)]
+            weights = [((cdw11 >> s) & 0xFF) + 1 for s in (24, 16, 8)]
+            self.arbitration = (1 << 30 if ab == 7 else 1 << ab, weights)
+            self._push_features()
+            return Status.SUCCESS, 0
+        if fid == Feature.IRQ_CONFIG:
+            # Interrupt Vector Configuration: IV in bits 15:0, Coalescing Disable bit 16;
+            # the admin vector (0) is never coalesced anyway
+            iv = cdw11 & 0xFFFF
+            if iv >= len(self.plan.irq_w):
+                return Status.INVALID_FIELD, 0
+            for eng in self.engines:
+                eng.set_vector(iv, bool(cdw11 >> 16 & 1))
             return Status.SUCCESS, 0
         return Status.INVALID_FIELD, 0
 
     def _create_cq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
         regions = self._sq_regions(qid)
-        if qid == 0 or regions is None or qid in self.cqs:
+        if qid == 0 or regions is None or qid in self.io_cqs:
             return Status.QID_INVALID, 0
         if not 2 <= depth <= regions.max_depth:
             return Status.QUEUE_SIZE, 0
         iv = cdw11 >> 16
         if iv >= len(self.plan.irq_w):
-            return Status.INVALID_FIELD, 0  # Invalid Interrupt Vector
-        o = regions.words.offsets()
-        self.cqs[qid] = Cq(qid, depth, regions.cq.offset, o.cq_head_db, iv, bool(cdw11 & 2))
+            return Status.INVALID_VECTOR, 0
+        o = self._qoffs[qid]
+        self.engine_of(qid).create_cq(
+            qid, depth, regions.cq.offset, o.cq_head_db, o.dev_cq_tail, o.dev_phase, iv,
+            bool(cdw11 & 2),
+        )  # fmt: skip
+        self.io_cqs[qid] = iv
         self._publish_queue(qid, dev_cq_tail=0, dev_phase=1, iv=iv)
         return Status.SUCCESS, 0
 
     def _create_sq(self, qid: int, depth: int, cdw11: int) -> tuple[int, int]:
         regions = self._sq_regions(qid)
         cqid = cdw11 >> 16
-        if qid == 0 or regions is None or qid in self.sqs:
+        if qid == 0 or regions is None or qid in self.io_sqs:
             return Status.QID_INVALID, 0
-        if cqid not in self.cqs or cqid == 0:
+        if cqid not in self.io_cqs:
             return Status.CQ_INVALID, 0
         if not 2 <= depth <= regions.max_depth:
             return Status.QUEUE_SIZE, 0
-        o = regions.words.offsets()
-        self.sqs[qid] = Sq(qid, cqid, depth, regions.sq.offset, o.sq_tail_db,
-                           prio=(cdw11 >> 1) & 0x3)  # fmt: skip
-        self._publish_queue(qid, created=1, q_depth=depth, cqid=cqid, dev_sq_head=0)
-        self._io_sqs = [sq for q, sq in sorted(self.sqs.items()) if q]
+        o = self._qoffs[qid]
+        # QPRIO (bits 2:1): 0 urgent, 1 high, 2 medium, 3 low
+        self.engine_of(cqid).create_sq(
+            qid, cqid, depth, regions.sq.offset, o.sq_tail_db, o.sq_event_idx, o.dev_sq_head,
+            (cdw11 >> 1) & 0x3,
+        )  # fmt: skip
+        self.io_sqs[qid] = cqid
+        worker = self.engines.index(self.engine_of(cqid))
+        self._publish_queue(qid, created=1, q_depth=depth, cqid=cqid, dev_sq_head=0, worker=worker)
+        return Status.SUCCESS, 0
+
+    def _delete_sq(self, qid: int) -> tuple[int, int]:
+        """Delete I/O SQ: its commands in service and still in it complete with
+        Command Aborted due to SQ Deletion (in the engine)."""
+        if qid == 0 or qid not in self.io_sqs:
+            return Status.QID_INVALID, 0
+        self.engine_of(self.io_sqs.pop(qid)).delete_sq(qid)
+        self._publish_queue(qid, created=0)
+        self.counters["sq_deletes"] += 1
+        return Status.SUCCESS, 0
+
+    def _delete_cq(self, qid: int) -> tuple[int, int]:
+        if qid == 0 or qid not in self.io_cqs:
+            return Status.QID_INVALID, 0
+        if qid in self.io_sqs.values():
+            return Status.INVALID_QUEUE_DELETION, 0
+        self.engine_of(qid).delete_cq(qid)
+        del self.io_cqs[qid]
+        self.counters["cq_deletes"] += 1
         return Status.SUCCESS, 0
 
     def _abort(self, sqid: int, cid: int) -> tuple[int, int]:
@@ -266,29 +288,8 @@ class AdminCommands:
         if self.held_aborts >= self.acl + 1:
             self.counters["abort_limit_exceeded"] += 1
             return Status.ABORT_LIMIT, 0
-        cmd = self.by_cid.pop((sqid, cid), None)
-        if cmd is None:
-            sq = self.sqs.get(sqid)
-            if sqid and sq is not None and self._in_sq(sq, cid):
-                self.abort_pending.add((sqid, cid))
-                return Status.SUCCESS, 0
-            return Status.SUCCESS, 1  # gone: nothing here to abort
-        if cmd[6]:  # dropped (a fault): the controller lost it
-            return Status.SUCCESS, 1
-        self.aborted.add(cmd[1])
-        self.counters["aborts"] += 1
-        sq = self.sqs.get(sqid)
-        if sq is not None:
-            self._post(sq.cqid, cid, cmd[4], Status.ABORT_REQ, 0, sqid=sqid)
-        return Status.SUCCESS, 0
-
-    def _in_sq(self, sq: Sq, cid: int) -> bool:
-        """Is command ``cid`` among the entries of ``sq`` not fetched yet?"""
-        tail = self.a.load_acquire32(sq.tail_db)
-        i = sq.head
-        buf, base, size = self.buf, sq.base, SQE.size
-        while i != tail:
-            if _SQE_CID.unpack_from(buf, base + i * size + 2)[0] == cid:
-                return True
-            i = i + 1 if i + 1 < sq.depth else 0
-        return False
+        cqid = self.io_sqs.get(sqid)
+        if cqid is None:
+            return Status.SUCCESS, 1  # no such I/O SQ (or the admin one): nothing aborted
+        done = self.engine_of(cqid).abort(sqid, cid)
+        return Status.SUCCESS, 0 if done in (0, 1) else 1

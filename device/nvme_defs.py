@@ -130,6 +130,7 @@ class Status(enum.IntEnum):
     QID_INVALID = 0x101
     QUEUE_SIZE = 0x102
     ABORT_LIMIT = 0x103  #: Abort Command Limit Exceeded
+    INVALID_VECTOR = 0x108  #: Invalid Interrupt Vector
     INVALID_QUEUE_DELETION = 0x10C  #: a CQ still has SQs
     WRITE_FAULT = 0x280
     READ_ERROR = 0x281
@@ -175,6 +176,12 @@ CTRL_STATE_FROM: dict[CtrlState, frozenset[CtrlState]] = {
 }
 
 
+def nvme_dbbuf_need_event(event_idx: int, new_idx: int, old: int) -> bool:
+    """Does moving a doorbell from ``old`` to ``new_idx`` pass ``event_idx``?  (The
+    spec's EventIdx rule, 16-bit wrapping, as Linux's ``nvme_dbbuf_need_event``.)"""
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old) & 0xFFFF
+
+
 #: The status field of a CQE: phase in bit 0, the status code above it.
 def cqe_status(status: int, phase: int) -> int:
     return ((status & 0x7FFF) << 1) | (phase & 1)
@@ -183,8 +190,8 @@ def cqe_status(status: int, phase: int) -> int:
 #: Controller registers the host and the device share (the subset mqrt needs).
 NVME_REGS = cacheline_struct(
     # host writes CC.EN; the device CSTS.RDY and CSTS.CFS (Controller Fatal Status)
-    [("cc_en", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],
-    [("need_kick", "<u4")],  # device: "I am going to sleep, kick me" (event index)
+    # CC.SHN (shutdown notification: the host's orderly stop, not a reset)
+    [("cc_en", "<u4"), ("cc_shn", "<u4"), ("csts_rdy", "<u4"), ("csts_cfs", "<u4")],
     # struct nvme_ctrl (host side): completed resets and the state, moved by cmpxchg
     # (nvme_change_ctrl_state: LIVE -> RESETTING by the CPU that performs the reset)
     [("resets", "<u4"), ("ctrl_state", "<u4")],
@@ -195,7 +202,11 @@ NVME_REGS = cacheline_struct(
 
 #: One queue pair's shared words.  The rings themselves are separate regions.
 NVME_QUEUE = cacheline_struct(
-    [("sq_tail_db", "<u4")],  # SQ tail doorbell: the host's last published tail
+    [("sq_tail_db", "<u4")],  # SQ tail (shadow) doorbell: the host's last published tail
+    # the SQ's EventIdx (Doorbell Buffer Config): written by the device worker before
+    # it sleeps; the host kicks it when a new tail passes this index
+    # (nvme_dbbuf_need_event); ``worker``: which device worker serves this SQ
+    [("sq_event_idx", "<u4"), ("worker", "<u4")],
     [("cq_head_db", "<u4")],  # CQ head doorbell: the host's last consumed head
     # struct nvme_queue (host side), shared by the CPUs that use this queue:
     # ``enabled`` is NVMEQ_ENABLED: read and written under sq_lock only

@@ -99,10 +99,18 @@ def abort_limit(ops: NvmeOps, rig: Rig) -> int:
 
 
 def device_idle(ops: NvmeOps, rig: Rig) -> bool:
-    """Wait until the controller, having looked at every SQ since the last doorbell,
-    asks to be kicked (``need_kick``): what was submitted before has been fetched."""
-    off = ops.regs.offsets().need_kick  # type: ignore[union-attr]
-    return wait_until(lambda: rig.arena.atomic.read32(off) == 1, ANSWER_S)
+    """Wait until the device workers, having fetched every I/O SQ up to its tail
+    doorbell, ask to be kicked at the next entry (each SQ's event index is its tail):
+    what was submitted before has been fetched."""
+    a = rig.arena.atomic
+    words = [q.o for q in ops.nvmeqs[1:]]
+
+    def armed() -> bool:
+        return all(
+            a.read32(o.sq_event_idx) == a.read32(o.sq_tail_db) for o in words if a.read32(o.created)
+        )
+
+    return wait_until(armed, ANSWER_S)
 
 
 def reap_admin_until(ops: NvmeOps, done) -> bool:
