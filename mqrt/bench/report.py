@@ -175,6 +175,35 @@ def run_jobs(
     return jobs, disks, run_lat
 
 
+def device_costs(device: dict[str, Any]) -> dict[str, Any]:
+    """What the device spent per command (a device process that counts its CPU time):
+    CPU ns in total (its workers and its coordinator) and per worker, host doorbell
+    writes and interrupts per command.  Empty for a device that does not."""
+    c = device.get("counters", {})
+    if "cpu_ns" not in c:
+        return {}
+    cmds = max(1, c["commands"])
+    workers = [
+        {
+            "worker": k,
+            "commands": w["commands"],
+            "cpu_ns_per_cmd": w["cpu_ns"] / max(1, w["commands"]),
+            "busy_ns": w["busy_ns"],
+            "cpu_ns": w["cpu_ns"],
+            "interrupts": w["interrupts"],
+            "doorbell_writes": w["doorbell_writes"],
+            "sleeps": w["sleeps"],
+        }
+        for k, w in enumerate(device.get("workers", []))
+    ]
+    return {
+        "cpu_ns_per_cmd": (c["cpu_ns"] + c.get("coordinator_cpu_ns", 0)) / cmds,
+        "doorbells_per_cmd": c["doorbell_writes"] / cmds,
+        "interrupts_per_cmd": c["interrupts"] / cmds,
+        "workers": workers,
+    }
+
+
 def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
     """What mqrt adds about one run: configuration, invariants, summary, and the
     counters per CPU and per hctx, the device's and the driver's."""
@@ -207,7 +236,7 @@ def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
             for c in result.cpus
         ],
         "queues": result.queues,
-        "device": result.device,
+        "device": {**result.device, **device_costs(result.device)},
         "driver": _sum_driver(result),
         "messages": result.messages,
     }
@@ -281,6 +310,7 @@ def assemble(
                 "lat_ns": med["lat_ns"],
                 "p99_ns_runs": [r["p99_ns"] for r in p.runs],
                 "cpu_us_per_io": med["detail"]["summary"]["cpu_us_per_io"],
+                "device_us_per_cmd": med["detail"]["device"].get("cpu_ns_per_cmd", 0.0) / 1000,
                 "job_index": first,
                 "nr_jobs": len(med["jobs"]),
                 "median_run": m,

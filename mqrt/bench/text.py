@@ -91,6 +91,16 @@ def render_point(
         f"first I/O {s['start_to_first_io_s'] * 1000:.0f} ms after the command started",
         file=out,
     )
+    dev = m["device"]
+    if "cpu_ns_per_cmd" in dev:
+        per_worker = ", ".join(f"{w['cpu_ns_per_cmd'] / 1000:.2f}" for w in dev["workers"])
+        print(
+            f"mqrt: device: {dev['cpu_ns_per_cmd'] / 1000:.2f} us of CPU per command "
+            f"({len(dev['workers'])} workers: {per_worker}), "
+            f"{dev['doorbells_per_cmd']:.3f} doorbell writes and "
+            f"{dev['interrupts_per_cmd']:.3f} interrupts per command",
+            file=out,
+        )
     if "violations" in inv:
         state = "ok" if not inv["violations"] else "VIOLATED"
         print(
@@ -163,7 +173,9 @@ def render_table(m: dict[str, Any], out) -> None:
     )
     for name in axes:
         table.add_column(name, justify="right")
-    for col in ("IOPS", "runs min..max", "MiB/s", "lat p50", "lat p99", "CPU us/IO", "inv."):
+    device = any(p.get("device_us_per_cmd") for p in m["points"])
+    cols = ["IOPS", "runs min..max", "MiB/s", "lat p50", "lat p99", "CPU us/IO"]
+    for col in [*cols, *(["dev us/cmd"] if device else []), "inv."]:
         table.add_column(col, justify="right")
     for p in m["points"]:
         runs = p["iops_runs"]
@@ -177,6 +189,7 @@ def render_table(m: dict[str, Any], out) -> None:
             _us(pct.get("50.000000")),
             _us(pct.get("99.000000")),
             f"{p['cpu_us_per_io']:.2f}",
+            *([f"{p.get('device_us_per_cmd', 0.0):.2f}"] if device else []),
             "ok" if not inv else f"{inv} VIOLATED",
         )
     Console(file=out, width=max(100, 12 * (len(axes) + 7)), highlight=False).print(table)

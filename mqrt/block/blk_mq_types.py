@@ -354,3 +354,8 @@ class BlkMqOps:
         """The device's counters as it last published them in the arena (for a
         device process that died before reporting).  Default: none."""
         return {}
+
+    def device_workers(self, arena: Arena) -> list[dict[str, int]]:
+        """Each of the device's workers' counters as last published (a device that
+        serves its queues with several workers).  Default: none."""
+        return []

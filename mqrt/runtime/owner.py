@@ -223,7 +223,7 @@ class _Run:
             if isinstance(msg, wire.Error):
                 error = msg.error
         counters = self.ops.device_counters(self.arena)
-        self.device_result = {"counters": counters}
+        self.device_result = {"counters": counters, "workers": self.ops.device_workers(self.arena)}
         return {"role": "device", "pid": p.pid, "how": exit_name(p.exitcode), "error": error,
                 "partial": counters}  # fmt: skip
 
@@ -238,7 +238,10 @@ class _Run:
                 continue
             msg = recv(dev.res) if dev.res.poll() else None
             if isinstance(msg, wire.DeviceResult):
-                self.device_result = {"counters": msg.counters}
+                self.device_result = {
+                    "counters": msg.counters,
+                    "workers": self.ops.device_workers(self.arena),
+                }
                 return None
             if msg is None and not dev.process.is_alive():
                 return self._device_died(dev)
