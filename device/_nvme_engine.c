@@ -111,7 +111,7 @@
     X(fatal_errors)    /* fatal faults (CSTS.CFS set) */                               \
     X(stale_event_idx) /* event index left stale before a sleep (fault) */             \
     X(busy_ns)         /* wall time not blocked */                                     \
-    X(cpu_ns)          /* CPU time of the worker thread */
+    X(cpu_ns)          /* CPU time of the worker thread (user and kernel) */
 
 enum {
 #define X(name) C_##name,
@@ -204,6 +204,7 @@ typedef struct {
     double error_pct, delay_pct, drop_pct, fatal_pct, lost_irq_pct, stale_evt_pct;
     int64_t delay_ns;
     int command_faults;
+    int64_t timer_slack_ns; /* the worker thread's timer slack (-1: inherited) */
     /* features */
     int coalesce_thr;
     int64_t coalesce_time_ns;
@@ -769,8 +770,10 @@ static void drain_fd(Engine *e, int fd, int count) {
 }
 
 static void engine_loop(Engine *e) {
+    if (e->timer_slack_ns >= 0)
+        prctl(PR_SET_TIMERSLACK, (unsigned long)(e->timer_slack_ns ? e->timer_slack_ns : 1), 0, 0, 0);
     pthread_mutex_lock(&e->lock);
-    uint64_t busy_from = now_ns(), cpu_from = thread_cpu_ns();
+    uint64_t busy_from = now_ns(), cpu_start = thread_cpu_ns();
     while (!__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) {
         if (__atomic_load_n(&e->waiters, __ATOMIC_ACQUIRE)) { /* let a Python caller in */
             pthread_mutex_unlock(&e->lock);
@@ -810,9 +813,8 @@ static void engine_loop(Engine *e) {
                 continue;
         }
         e->counters[C_sleeps]++;
-        uint64_t t = now_ns(), c = thread_cpu_ns();
+        uint64_t t = now_ns();
         e->counters[C_busy_ns] += t - busy_from;
-        e->counters[C_cpu_ns] += c - cpu_from;
         struct timespec ts, *tsp = NULL;
         if (deadline != UINT64_MAX) {
             uint64_t d = deadline > t ? deadline - t : 0;
@@ -825,7 +827,8 @@ static void engine_loop(Engine *e) {
         int r = ppoll(fds, 2, tsp, NULL);
         pthread_mutex_lock(&e->lock);
         busy_from = now_ns();
-        cpu_from = thread_cpu_ns();
+        /* all of the thread's CPU time, the kernel's sleeping and waking included */
+        e->counters[C_cpu_ns] = thread_cpu_ns() - cpu_start;
         if (r > 0) {
             if (fds[0].revents & POLLIN)
                 drain_fd(e, e->kick_fd, 1);
@@ -834,7 +837,7 @@ static void engine_loop(Engine *e) {
         }
     }
     e->counters[C_busy_ns] += now_ns() - busy_from;
-    e->counters[C_cpu_ns] += thread_cpu_ns() - cpu_from;
+    e->counters[C_cpu_ns] = thread_cpu_ns() - cpu_start;
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -914,22 +917,23 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
                              "namespaces", "latency_ns", "latency_dist", "latency_sigma",
                              "channels", "iops_max", "dev_mbps", "seed", "group", "error_pct",
                              "delay_pct", "delay_ns", "drop_pct", "fatal_pct", "lost_irq_pct",
-                             "stale_event_idx_pct", NULL};
+                             "stale_event_idx_pct", "timer_slack_ns", NULL};
     PyObject *irq_fds, *irq_pending, *namespaces, *group = Py_None;
     int kick_fd, nr_qids, dist;
     Py_ssize_t cfs_off;
     long long latency_ns, channels, iops_max, dev_mbps, delay_ns = 0;
     unsigned long long seed;
     double sigma, error_pct = 0, delay_pct = 0, drop_pct = 0, fatal_pct = 0, lost_pct = 0, stale_pct = 0;
+    long long slack = -1;
     if (e->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*iOOniOLidLLLK|$OddLdddd", kwlist, &e->view,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*iOOniOLidLLLK|$OddLddddL", kwlist, &e->view,
                                      &kick_fd, &irq_fds, &irq_pending, &cfs_off, &nr_qids,
                                      &namespaces, &latency_ns, &dist, &sigma, &channels, &iops_max,
                                      &dev_mbps, &seed, &group, &error_pct, &delay_pct, &delay_ns,
-                                     &drop_pct, &fatal_pct, &lost_pct, &stale_pct))
+                                     &drop_pct, &fatal_pct, &lost_pct, &stale_pct, &slack))
         return -1;
     e->have_view = 1;
     e->buf = e->view.buf;
@@ -1020,6 +1024,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->fatal_pct = fatal_pct;
     e->lost_irq_pct = lost_pct;
     e->stale_evt_pct = stale_pct;
+    e->timer_slack_ns = slack;
     e->command_faults = error_pct > 0 || delay_pct > 0 || drop_pct > 0 || fatal_pct > 0;
     e->burst = 1;
     e->wrr_weight[0] = 8;

@@ -196,6 +196,7 @@ class Controller(AdminCommands):
             delay_ns=f.get("delay_ns", 0), drop_pct=f.get("drop_pct", 0),
             fatal_pct=f.get("fatal_pct", 0), lost_irq_pct=f.get("lost_irq_pct", 0),
             stale_event_idx_pct=f.get("stale_event_idx_pct", 0),
+            timer_slack_ns=m["dev_timerslack_ns"],
         )  # fmt: skip
 
     def _reset_admin_state(self) -> None:

@@ -177,8 +177,10 @@ def run_jobs(
 
 def device_costs(device: dict[str, Any]) -> dict[str, Any]:
     """What the device spent per command (a device process that counts its CPU time):
-    CPU ns in total (its workers and its coordinator) and per worker, host doorbell
-    writes and interrupts per command.  Empty for a device that does not."""
+    CPU ns in total (its workers and its coordinator) and per worker -- all of their
+    CPU time, the kernel's sleeping and waking included -- and the time its workers
+    were not blocked (busy), host doorbell writes and interrupts per command.  Empty
+    for a device that does not count them."""
     c = device.get("counters", {})
     if "cpu_ns" not in c:
         return {}
@@ -188,6 +190,7 @@ def device_costs(device: dict[str, Any]) -> dict[str, Any]:
             "worker": k,
             "commands": w["commands"],
             "cpu_ns_per_cmd": w["cpu_ns"] / max(1, w["commands"]),
+            "busy_ns_per_cmd": w["busy_ns"] / max(1, w["commands"]),
             "busy_ns": w["busy_ns"],
             "cpu_ns": w["cpu_ns"],
             "interrupts": w["interrupts"],
@@ -198,6 +201,7 @@ def device_costs(device: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "cpu_ns_per_cmd": (c["cpu_ns"] + c.get("coordinator_cpu_ns", 0)) / cmds,
+        "busy_ns_per_cmd": c["busy_ns"] / cmds,
         "doorbells_per_cmd": c["doorbell_writes"] / cmds,
         "interrupts_per_cmd": c["interrupts"] / cmds,
         "workers": workers,
