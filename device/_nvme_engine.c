@@ -39,6 +39,10 @@
  * lognormal with mean m and shape sigma (mu = ln m - sigma^2 / 2, normal deviates by
  * Box-Muller).  The channels and the IOPS/bandwidth buckets are shared by the engines
  * of one controller (Engine(..., group=first_engine)).
+ *
+ * sq_write_rw and cq_reap: the host side's mechanics of the same formats, for the nvme
+ * driver in each CPU: writing a read/write SQE and reaping the CQEs whose phase tag
+ * matches (the locks, doorbells and what a CQE means stay in device/nvme.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1393,7 +1397,105 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* ---- the host side's wire mechanics (the buffer is borrowed for the call only) ---- */
+static int host_buf(PyObject *obj, Py_buffer *view, long long off, long long size) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (off < 0 || off + size > (long long)view->len || (off & 3)) {
+        PyErr_Format(PyExc_IndexError, "offset %lld outside the buffer or misaligned", off);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* sq_write_rw(buf, off, opcode, cid, nsid, slba, nlb0): a read/write SQE at off. */
+static PyObject *sq_write_rw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "sq_write_rw(buf, off, opcode, cid, nsid, slba, nlb0)");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[1]);
+    long opcode = PyLong_AsLong(args[2]), cid = PyLong_AsLong(args[3]);
+    unsigned long long nsid = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long long slba = PyLong_AsUnsignedLongLong(args[5]);
+    long nlb0 = PyLong_AsLong(args[6]);
+    Py_buffer view;
+    if (PyErr_Occurred() || host_buf(args[0], &view, off, SQE_SIZE))
+        return NULL;
+    char *e = (char *)view.buf + off;
+    memset(e, 0, SQE_SIZE);
+    e[SQE_OPCODE] = (char)opcode;
+    uint16_t c = (uint16_t)cid;
+    uint32_t n = (uint32_t)nsid, lo = (uint32_t)slba, hi = (uint32_t)(slba >> 32);
+    uint32_t l = (uint32_t)(nlb0 & 0xFFFF);
+    memcpy(e + SQE_CID, &c, 2);
+    memcpy(e + SQE_NSID, &n, 4);
+    memcpy(e + SQE_CDW10, &lo, 4);
+    memcpy(e + SQE_CDW11, &hi, 4);
+    memcpy(e + SQE_CDW12, &l, 4);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* cq_reap(buf, base, head, phase, depth, budget): the CQEs from `head` whose phase tag
+ * is `phase` (each one's last dword load-acquired before the rest is read), at most
+ * `budget`: ([(cid, status, result, sq_head, sq_id), ...], head, phase) after them. */
+static PyObject *cq_reap(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "cq_reap(buf, base, head, phase, depth, budget)");
+        return NULL;
+    }
+    long long base = PyLong_AsLongLong(args[1]);
+    long head = PyLong_AsLong(args[2]), phase = PyLong_AsLong(args[3]);
+    long depth = PyLong_AsLong(args[4]);
+    long long budget = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    if (depth < 1 || head < 0 || head >= depth) /* a queue not created (yet) */
+        return Py_BuildValue("(Nll)", out, head, phase);
+    Py_buffer view;
+    if (host_buf(args[0], &view, base, (long long)depth * CQE_SIZE)) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    const char *ring = (const char *)view.buf + base;
+    for (long long i = 0; i < budget; i++) {
+        const char *ent = ring + (size_t)head * CQE_SIZE;
+        uint32_t last = __atomic_load_n((const uint32_t *)(ent + CQE_LAST_DWORD), __ATOMIC_ACQUIRE);
+        if (((last >> 16) & 1) != (uint32_t)phase)
+            break;
+        uint32_t result;
+        uint16_t hw[2];
+        memcpy(&result, ent, 4);
+        memcpy(hw, ent + 8, 4);
+        PyObject *t = Py_BuildValue("(kkkkk)", (unsigned long)(last & 0xFFFF),
+                                    (unsigned long)((last >> 17) & 0x7FFF), (unsigned long)result,
+                                    (unsigned long)hw[0], (unsigned long)hw[1]);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        Py_DECREF(t);
+        if (++head == depth) {
+            head = 0;
+            phase ^= 1;
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(Nll)", out, head, phase);
+}
+
 static PyMethodDef module_methods[] = {
+    {"sq_write_rw", (PyCFunction)(void (*)(void))sq_write_rw, METH_FASTCALL,
+     "sq_write_rw(buf, off, opcode, cid, nsid, slba, nlb0): a read/write SQE at off."},
+    {"cq_reap", (PyCFunction)(void (*)(void))cq_reap, METH_FASTCALL,
+     "cq_reap(buf, base, head, phase, depth, budget) -> (cqes, head, phase)."},
     {"service_samples", (PyCFunction)(void (*)(void))service_samples, METH_VARARGS | METH_KEYWORDS,
      "Service times drawn as an engine seeded with `seed` draws them."},
     {"layout", (PyCFunction)layout, METH_NOARGS, "The entry offsets the engine was built with."},

@@ -98,6 +98,7 @@ from mqrt.block.blk_mq_types import (
     RqState,
 )
 from mqrt.block.blk_settings import blk_queue_max_hw_sectors, blk_queue_max_segments
+from mqrt.device._nvme_engine import cq_reap, sq_write_rw
 from mqrt.device.controller import (
     DEV_COUNTERS,
     DEV_WORKER_COUNTERS,
@@ -124,7 +125,6 @@ from mqrt.device.nvme_core import (
 from mqrt.device.nvme_defs import (
     CID_TAG_MASK,
     CQE,
-    CQE_HEAD,
     CQE_OFF_CID_STATUS,
     NVME_ADMIN_TIMEOUT_MS,
     NVME_AQ_DEPTH,
@@ -156,6 +156,7 @@ from mqrt.lib.trace import Ev
 from mqrt.lib.wait import Waiters, WaitersSpec, spin_lock, spin_unlock
 
 _fork = mp.get_context("fork")
+_SQE_SIZE = SQE.size
 
 #: nvme module parameters and controller shape mqrt models.
 NVME_KNOBS: tuple[Knob, ...] = (
@@ -286,7 +287,16 @@ class NvmeQueue:
         a, o = self.a, self.o
         tail = a.read32(o.sq_tail)
         SQE.pack_into(self.buf, self.sq_base + tail * SQE.size, *sqe_args)
-        tail += 1
+        self._advance(tail + 1, ring)
+
+    def copy_rw(self, opcode: int, cid: int, nsid: int, slba: int, nlb0: int, ring: bool) -> None:
+        """copy_cmd() of a read or write (nvme_setup_rw), the entry written in C."""
+        tail = self.a.read32(self.o.sq_tail)
+        sq_write_rw(self.buf, self.sq_base + tail * _SQE_SIZE, opcode, cid, nsid, slba, nlb0)
+        self._advance(tail + 1, ring)
+
+    def _advance(self, tail: int, ring: bool) -> None:
+        a, o = self.a, self.o
         if tail == self.depth:
             tail = 0
         a.set32(o.sq_tail, tail)
@@ -324,30 +334,19 @@ class NvmeQueue:
         """Consume CQEs while their phase tag matches ours: a list of
         (cid, status, result, sq_head, sq_id).  With ``trylock``, give up at once if
         another CPU is reaping (nvme_poll_irqdisable's cq_poll_lock)."""
-        a, o, buf = self.a, self.o, self.buf
+        a, o = self.a, self.o
         if trylock:
             if a.test_and_set_bit_lock(o.cq_lock, 0):
                 return []
         else:
             spin_lock(a, o.cq_lock)
-        out: list[tuple[int, int, int, int, int]] = []
         try:
-            head = a.read32(o.cq_head)
-            phase = a.read32(o.cq_phase)
-            depth = self.depth
-            base = self.cq_base
-            size, last_dword, unpack_head = CQE.size, CQE_OFF_CID_STATUS, CQE_HEAD.unpack_from
-            while len(out) < budget:
-                off = base + head * size
-                word = a.load_acquire32(off + last_dword)  # cid | status << 16: phase first
-                if (word >> 16) & 1 != phase:
-                    break
-                result, _dw1, sq_head, sq_id = unpack_head(buf, off)
-                out.append((word & 0xFFFF, (word >> 17) & 0x7FFF, result, sq_head, sq_id))
-                head += 1
-                if head == depth:
-                    head = 0
-                    phase ^= 1
+            # the loop over entries (each one's last dword, with the phase tag,
+            # load-acquired before the rest is read) is cq_reap, in C
+            out, head, phase = cq_reap(
+                self.buf, self.cq_base, a.read32(o.cq_head), a.read32(o.cq_phase), self.depth,
+                budget,
+            )  # fmt: skip
             if out:
                 a.set32(o.cq_head, head)
                 a.set32(o.cq_phase, phase)
@@ -846,13 +845,7 @@ class NvmeOps(BlkMqOps):
             opcode = IoOpcode.READ if st[8] == 0 else IoOpcode.WRITE
             slba = st[1] >> self.sect_shift
             nlb = (st[2] >> self.sect_shift) - 1
-            nvmeq.copy_cmd(
-                (
-                    opcode, 0, nvme_cid(genctr, rq.tag), st[7] + 1, 0, 0, 0, 0,
-                    slba & 0xFFFFFFFF, slba >> 32, nlb, 0, 0, 0,
-                ),
-                last,
-            )  # fmt: skip
+            nvmeq.copy_rw(opcode, nvme_cid(genctr, rq.tag), st[7] + 1, slba, nlb, last)
         finally:
             nvmeq.unlock()
         return 0
