@@ -96,7 +96,8 @@ def render_point(
         per_worker = ", ".join(f"{w['cpu_ns_per_cmd'] / 1000:.2f}" for w in dev["workers"])
         print(
             f"mqrt: device: {dev['cpu_ns_per_cmd'] / 1000:.2f} us of CPU per command "
-            f"({len(dev['workers'])} workers: {per_worker}; "
+            f"({len(dev['workers'])} worker{'s' if len(dev['workers']) != 1 else ''}: "
+            f"{per_worker}; "
             f"{dev['busy_ns_per_cmd'] / 1000:.2f} us busy serving, the rest sleeping and "
             f"waking), "
             f"{dev['doorbells_per_cmd']:.3f} doorbell writes and "
