@@ -10,9 +10,16 @@ import pytest
 
 from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_GEN_SHIFT, TagSet
-from mqrt.block.blk_mq_types import BLK_MQ_RESOURCE_DELAY_NS, BlkStatus, HctxState, ReqOp, RqState
-from mqrt.testing import ScriptOps
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_GEN_SHIFT, RQ_OFF_IO_START, TagSet
+from mqrt.block.blk_mq_types import (
+    BLK_MQ_RESOURCE_DELAY_NS,
+    BlkStatus,
+    HctxState,
+    ReqOp,
+    Rqf,
+    RqState,
+)
+from mqrt.testing import Rig, ScriptOps
 from tests.helpers import scripted_rigs
 
 READ = int(ReqOp.READ)
@@ -187,6 +194,117 @@ def test_requeue_goes_back_through_the_ctx(rig_factory):
     assert ops.calls == 2 and ops.started == [rq]
     rig.mq.end_request(rq)
     clean(rig)
+
+
+# -- the issue time a bio's end hands its job (fio's slat | clat split) -----------------------
+
+
+class StepClock:
+    """A clock that says what the test set (the block layer's ``clock``)."""
+
+    def __init__(self, t: int):
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def start_and_issue(rig, rq) -> tuple[int, int, int]:
+    """The bio's (start, issue) its end handed over, and the request's
+    io_start_time_ns (the kernel's: its last start)."""
+    ((_cpu, _q, info),) = rig.sys.done
+    return info[3], info[4], rig.mq.a.read(rq.base + RQ_OFF_IO_START)
+
+
+def test_a_requeued_request_keeps_its_first_issue(rig_factory):
+    """Started at 100, sent back by the driver (nvme's retry after an Abort or a
+    reset) twice, started again at 2000 and 4000: the bio's issue stays 100, so the
+    job books the stall as clat; io_start_time_ns is the kernel's, the last start."""
+    rig, ops = rig_factory(depth=1)
+    clock = rig.mq.clock = StepClock(100)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 50)
+    rq = ops.started.pop()
+    for requeued_at, restarted_at in ((1_000, 2_000), (3_000, 4_000)):
+        clock.t = requeued_at
+        rig.mq.requeue_request(rq, True)
+        clock.t = restarted_at
+        rig.sys.run_requeue()
+        assert ops.started.pop() is rq and rq.rq_flags & Rqf.REQUEUED
+    clock.t = 5_000
+    rig.mq.end_request(rq)
+    assert start_and_issue(rig, rq) == (50, 100, 4_000)
+    # The tag's next request is a new one: its own first issue.
+    rig.sys.done.clear()
+    clock.t = 6_000
+    rig.mq.submit_bio(q, READ, 0, 8, 5_900)
+    (again,) = ops.started
+    assert again is rq and not rq.rq_flags & Rqf.REQUEUED
+    clock.t = 7_000
+    rig.mq.end_request(rq)
+    assert start_and_issue(rig, rq) == (5_900, 6_000, 6_000)
+    clean(rig)
+
+
+def test_a_request_refused_with_resource_was_issued_when_first_refused(rig_factory):
+    """BLK_STS_RESOURCE before the driver started it: the submission handed it over
+    at 100 (fio's submit returned); the wait on hctx->dispatch until kblockd's run
+    started it at 5000 is clat."""
+    rig, ops = rig_factory(ScriptOps([BlkStatus.RESOURCE, BlkStatus.RESOURCE]))
+    clock = rig.mq.clock = StepClock(100)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 50)
+    assert ops.calls == 2 and not ops.started
+    clock.t = 5_000
+    assert rig.sys.run_kblockd() == 1
+    (rq,) = ops.started
+    clock.t = 6_000
+    rig.mq.end_request(rq)
+    assert start_and_issue(rig, rq) == (50, 100, 5_000)
+    clean(rig)
+
+
+def test_a_request_failed_before_it_was_started_was_issued_as_it_ended(rig_factory):
+    """->queue_rq failed it outright (a dead controller's BLK_STS_IOERR): never
+    started, so no io_start_time_ns of this life; its issue is its end, not what a
+    former request of the tag left there."""
+    rig, ops = rig_factory(ScriptOps([0, BlkStatus.IOERR]), depth=1)
+    clock = rig.mq.clock = StepClock(100)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 0, 8, 50)  # the tag's former request, started at 100
+    (rq,) = ops.started
+    rig.mq.end_request(rq)
+    rig.sys.done.clear()
+    clock.t = 9_000
+    rig.mq.submit_bio(q, READ, 0, 8, 8_900)
+    ((_cpu, _q, info),) = rig.sys.done
+    assert (info[3], info[4], info[5]) == (8_900, 9_000, BlkStatus.IOERR)
+    clean(rig)
+
+
+@pytest.mark.parametrize("irqmode", [0, 1])
+def test_null_blk_requeues_keep_the_first_issue(irqmode):
+    """null_blk's requeue fault, both ways it alternates (BLK_STS_RESOURCE, then
+    blk_mq_requeue_request() from ->queue_rq): the bio's issue is its first
+    ->queue_rq at 100; it is started at 5000, after the requeue work."""
+    from mqrt.device import null_blk
+
+    cfg = null_blk.parse_config({"irqmode": irqmode, "requeue": "1,100,0,2"})
+    rig = Rig(lambda layout, topology: null_blk.setup(cfg, layout, topology))
+    try:
+        mq, q = rig.mq, rig.mq.queues[0]
+        clock = mq.clock = StepClock(100)
+        mq.submit_bio(q, READ, 0, 8, 50)
+        assert mq.counters()["busy"] == 1 and q.requeue_list.snapshot()
+        (rq_id,) = q.requeue_list.snapshot()
+        rq = mq.rqs[0][rq_id]
+        clock.t = 5_000
+        rig.sys.run_requeue()
+        rig.sys.run_softirqs()
+        assert start_and_issue(rig, rq) == (50, 100, 5_000)
+        assert not check_invariants(rig.arena, rig.queues)["problems"]
+    finally:
+        rig.close()
 
 
 def test_nowait_allocation_fails_when_the_map_is_full(rig_factory):

@@ -661,7 +661,7 @@ def test_request_layout_is_declared_once():
     values = {
         "deadline_ns": 11, "io_start_time_ns": 12, "start_time_ns": 13, "sector": 14,
         "nr_sectors": 15, "nr_bios": 16, "nr_phys_segments": 17, "cpu": 257, "hctx": 18,
-        "q": 19, "op": 1, "rq_flags": 21, "status": -22,
+        "q": 19, "op": 1, "rq_flags": 21, "status": -22, "issue_time_ns": 23,
     }  # fmt: skip
     for name, v in values.items():
         rq[name] = v
@@ -679,9 +679,12 @@ def test_request_layout_is_declared_once():
     words = memoryview(buf).cast("H")
     assert words[s.RQ_U16_CPU] == 257 and words[s.RQ_U16_HCTX] == 18 and words[s.RQ_U16_Q] == 19
     assert buf[s.RQ_OFF_OP] == 1
-    # A PDU follows on its own line; the block layer's fields do not move.
+    assert int.from_bytes(buf[s.RQ_OFF_ISSUE : s.RQ_OFF_ISSUE + 8], "little") == 23
+    # The hot fields fill the first line; issue_time_ns opens the second, and a PDU
+    # follows it; the block layer's fields do not move.
+    assert s.RQ_OFF_ISSUE == 64 == s.RQ_OFF_SETUP + s.RQ_SETUP.size
     with_pdu = request_dtype(40)
-    assert with_pdu.fields["pdu"][1] == 64
+    assert with_pdu.fields["pdu"][1] == 72 and with_pdu.itemsize == 128
     assert all(with_pdu.fields[k][1] == s.REQUEST.fields[k][1] for k in values)
 
 

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from mqrt.bench.main import build
+from mqrt.block.blk_stat import LatHist
 from mqrt.runtime.owner import run
 from mqrt.runtime.spec import RunError
 from tests.test_runtime import assert_clean, totals
@@ -81,6 +82,36 @@ def test_commands_held_past_their_timeout_are_aborted_and_retried():
     dev, drv, t = device(result), driver(result), totals(result)
     assert dev["aborts"] > 0 and drv["retries"] >= dev["aborts"]
     assert t["errors"] == 0 and t["ios"] == t["requests"]
+
+
+def latencies(result) -> dict[str, LatHist]:
+    """Every job's slat, clat and lat, both directions, merged."""
+    out = {kind: LatHist() for kind in ("slat", "clat", "lat")}
+    for c in result.cpus:
+        for job in c["jobs"]:
+            for d in ("read", "write"):
+                for kind, hist in out.items():
+                    hist.merge(LatHist.from_bytes(job[d][kind]))
+    return out
+
+
+def test_a_retried_command_books_its_whole_life_as_completion_latency():
+    # fio's view of an I/O the driver retried (held past its timeout, Aborted, requeued
+    # and issued again): its slat is its first submission only, its clat runs from
+    # there to the final completion.  A command the Abort retried was outstanding for
+    # at least its timeout (the timeout work never fires before the deadline), so the
+    # clat holds that much; the submission path itself never waits that long (no tag
+    # waits: 1023 tags a queue for 32 I/Os a job).
+    timeout_ms = 100
+    result = run_nvme(
+        delay_pct=10, delay_ns=1_000_000_000, io_timeout=timeout_ms, latency_ns=20_000
+    )
+    assert_clean(result)
+    assert driver(result)["retries"] > 0
+    lat = latencies(result)
+    timeout_ns = timeout_ms * 1_000_000
+    assert lat["slat"].max < timeout_ns <= lat["clat"].max <= lat["lat"].max
+    assert lat["slat"].n == lat["clat"].n == lat["lat"].n == totals(result)["ios"]
 
 
 def test_a_lost_interrupt_is_found_by_the_timeout_polling_the_cq():

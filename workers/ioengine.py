@@ -7,9 +7,13 @@ flight, submits ``iodepth_batch_submit`` at a time inside a plug, honours
 total latencies (fio's slat/clat/lat) in fio's histogram.
 
 Each bio is one I/O, timed from its own submission, also when the block layer merged
-it into another's request (the request's bios come back with their own starts).  The
-job also keeps the device's view, as diskstats does: requests completed and the time
-they took (from the request's start, its first bio's), per direction.
+it into another's request (the request's bios come back with their own starts).  As
+fio times an I/O: its slat runs from its start to its issue (its request's first
+issue to the driver), its clat from there to its completion -- through every retry
+(a requeue, a driver's BLK_STS_RESOURCE, nvme's Abort or reset), which fio never sees
+-- and its lat is the two together.  The job also keeps the device's view, as
+diskstats does: requests completed and the time they took (from the request's start,
+its first bio's), per direction.
 
 Deviations from fio
     * Offsets are generated in chunks with numpy (seeded per job), uniform over
@@ -238,8 +242,8 @@ class IoJob:
     # -- completion ----------------------------------------------------------------------------
 
     def done(self, info: tuple, now: int) -> None:
-        """The bio of one request finished: (op, nr_bios, nbytes, start, io_start,
-        status)."""
+        """The bio of one request finished: (op, nr_bios, nbytes, start, issue,
+        status), ``issue`` the request's first issue (the end of its slat)."""
         self.inflight -= info[1]
         if now >= self.record_from_ns:
             self._done.append(info)
@@ -252,16 +256,16 @@ class IoJob:
         ``chain`` the (start_ns, nr_sectors) of each bio after the first.  A row for
         the request (its first bio, at the request's start) and one for each bio
         merged into it, at its own start."""
-        op, nr, nbytes, start, io_start, status = info
+        op, nr, nbytes, start, issue, status = info
         self.inflight -= nr
         if now < self.record_from_ns:
             return
         for bio_start, bio_sectors in chain:
-            self._bios.append((op, 1, bio_sectors << 9, bio_start, io_start, status))
+            self._bios.append((op, 1, bio_sectors << 9, bio_start, issue, status))
             self._bios_ns.append(now)
             nbytes -= bio_sectors << 9
         # Bios whose own start is unknown (none here) take the request's.
-        self._done.append((op, nr - len(chain), nbytes, start, io_start, status))
+        self._done.append((op, nr - len(chain), nbytes, start, issue, status))
         self._done_ns.append(now)
         if len(self._done) >= FOLD_EVERY:
             self.fold()
@@ -282,7 +286,7 @@ class IoJob:
         now = np.array(rows_ns, dtype=np.int64)
         rows.clear()
         rows_ns.clear()
-        ops, nr, nbytes, start, io_start, status = arr.T
+        ops, nr, nbytes, start, issue, status = arr.T
         ticks = [0, 0]
         for op in (ReqOp.READ, ReqOp.WRITE):
             sel = ops == op
@@ -293,7 +297,7 @@ class IoJob:
             d.ios += int(reps.sum())
             d.nbytes += int(nbytes[sel].sum())
             d.errors += int(reps[status[sel] != BlkStatus.OK].sum())
-            st, ist, nw = start[sel], io_start[sel], now[sel]
+            st, ist, nw = start[sel], issue[sel], now[sel]
             lat = np.maximum(nw - st, 0)
             d.slat.add_many(np.repeat(np.maximum(ist - st, 0), reps))
             d.clat.add_many(np.repeat(np.maximum(nw - ist, 0), reps))

@@ -22,6 +22,7 @@ from mqrt.block.blk_mq_structs import (
     _OWNED_OR_BUSY,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
+    _RQF_REQUEUED,
     _SCHED_RESTART,
     RQ_ALLOCATED,
     RQ_END,
@@ -29,6 +30,7 @@ from mqrt.block.blk_mq_structs import (
     RQ_OFF_DEADLINE,
     RQ_OFF_FLAGS,
     RQ_OFF_IO_START,
+    RQ_OFF_ISSUE,
     RQ_OFF_STATUS,
     RQ_STATE_MASK,
     RQ_TIMES,
@@ -110,12 +112,22 @@ class BlkMqCompletion:
     def _requeue_unstarted(self, rq: Request) -> None:
         """__blk_mq_requeue_request(): a started request (refused by the driver, or
         completed and sent back by its ->complete) goes back to IDLE; it keeps its
-        tag (no scheduler)."""
+        tag (no scheduler).
+
+        The first time a request comes back (RQF_REQUEUED not yet set), its first
+        issue is kept in ``issue_time_ns`` before a later start overwrites
+        ``io_start_time_ns``: that start, or now if the driver refused it before
+        starting it (its submission was this issue).  The bio's end hands the job
+        that time, so the stall until the retry is completion latency."""
         a = self.a
-        st = a.read(rq.base)
-        if st & RQ_STATE_MASK != RqState.IDLE:
-            a.store_release(rq.base, st & ~RQ_STATE_MASK)
-            a.fetch_and32(rq.base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+        base = rq.base
+        st = a.read(base)
+        started = st & RQ_STATE_MASK != RqState.IDLE
+        if not a.fetch_or32(base + RQ_OFF_FLAGS, _RQF_REQUEUED) & _RQF_REQUEUED:
+            a.set(base + RQ_OFF_ISSUE, a.read(base + RQ_OFF_IO_START) if started else self.clock())
+        if started:
+            a.store_release(base, st & ~RQ_STATE_MASK)
+            a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
 
     def requeue_request(self, rq: Request, kick: bool) -> None:
         """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
@@ -238,7 +250,12 @@ class BlkMqCompletion:
         joins the batch to be freed in bulk and the caller checks the restart after.
         ``now``, if given, is the completion time handed to the submitter (a batch
         reads the clock once).  Returns the hctx, or None if the request was not ours
-        to end (a stale or second end, counted)."""
+        to end (a stale or second end, counted).
+
+        The submitter gets the bio's start and its issue (fio's slat ends there, its
+        clat runs from there): the request's start, or for one that went back to the
+        block layer its first issue (``issue_time_ns``), or for one never started
+        (failed as the driver got it) its end."""
         a = self.a
         base = rq.base
         st = a.read(base)
@@ -251,12 +268,18 @@ class BlkMqCompletion:
         io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
             RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
         )
+        if rq_flags & _RQF_REQUEUED:
+            issue = a.read(base + RQ_OFF_ISSUE)
+        elif st & RQ_STATE_MASK:
+            issue = io_start
+        else:  # never started: issued as it ended
+            issue = now or self.clock()
         if status is None:
             status = rq_status
         self.nr_completed += 1
         if trace.on:
             trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
-        info: tuple = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start, status)
+        info: tuple = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue, status)
         if nr_bios > 1:  # merged bios: their submitter holds the chain
             info = (*info, rq.id, st >> RQ_GEN_SHIFT)
             if cpu == self.cpu:
@@ -286,15 +309,15 @@ class BlkMqCompletion:
 
     def bios_done(self, q: int, info: tuple, now: int) -> None:
         """req_bio_endio() for every bio of a merged request, on the CPU that
-        submitted them: ``info`` is (op, nr_bios, bytes, start, io_start, status,
+        submitted them: ``info`` is (op, nr_bios, bytes, start, issue, status,
         rq id, generation); the bios merged after the first, each with its own start
         and size ((start_ns, nr_sectors), ... oldest first), go with the request's
-        (op, nr_bios, bytes, start, io_start, status) to ``end_io_merged``, so the
+        (op, nr_bios, bytes, start, issue, status) to ``end_io_merged``, so the
         job times each bio from its own submission (without it: ``sys.bio_done``
         with the chain as a seventh field)."""
-        op, nr_bios, nbytes, start, io_start, status, rq_id, gen = info
+        op, nr_bios, nbytes, start, issue, status, rq_id, gen = info
         chain = tuple(self.merged_bios.pop((q, rq_id, gen), ()))
-        done = (op, nr_bios, nbytes, start, io_start, status)
+        done = (op, nr_bios, nbytes, start, issue, status)
         if self.end_io_merged is not None:
             self.end_io_merged[q](done, chain, now)
         else:

@@ -29,10 +29,12 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_structs import (
     _BUSY,
     _IN_FLIGHT,
+    _RQF_REQUEUED,
     RQ_ALLOCATED,
     RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_IO_START,
+    RQ_OFF_ISSUE,
     RQ_OFF_SETUP,
     RQ_OFF_STATUS,
     RQ_SETUP,
@@ -215,6 +217,7 @@ class RawBlkMq(BlkMq):
             return True
         if ret in _BUSY:
             self.stats["busy"] += 1
+            self._requeue_unstarted(self.rqs[queue.index][rq_id])  # keeps its first issue
             self._busy.append((queue, hctx, rq_id))
             return False
         self.end_request(self.rqs[queue.index][rq_id], ret)
@@ -255,12 +258,18 @@ class RawBlkMq(BlkMq):
         if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
             self.stats["stale_completions"] += 1
             return None
-        io_start, start, nr_sectors, nr_bios, cpu, _h, q, op, _fl, rq_status = RQ_END.unpack_from(
+        io_start, start, nr_sectors, nr_bios, cpu, _h, q, op, fl, rq_status = RQ_END.unpack_from(
             self.buf, base + RQ_OFF_IO_START
         )
+        if fl & _RQF_REQUEUED:  # the bio's issue, as BlkMq.end_request() has it
+            issue = a.read(base + RQ_OFF_ISSUE)
+        elif st & RQ_STATE_MASK:
+            issue = io_start
+        else:
+            issue = self.clock()
         self.nr_completed += 1
         info: tuple = (
-            op, nr_bios, nr_sectors << SECTOR_SHIFT, start, io_start,
+            op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue,
             rq_status if status is None else status,
         )  # fmt: skip
         if nr_bios > 1:  # merged bios (none here: raw never merges) end as the block layer's

@@ -11,8 +11,8 @@ Shared layout (one numpy dtype per struct, contended words on their own lines):
 =====================  ====================================  ============================
 struct                 fields (shared part)                  written by
 =====================  ====================================  ============================
-request (pool)         state, deadline, io_start, setup,     see :func:`request_dtype`
-                       pdu
+request (pool)         state, deadline, io_start, setup;     see :func:`request_dtype`
+                       issue_time, pdu
 blk_mq_hw_ctx          state bits, nr_active/max_active,     atomics (any CPU)
                        dispatch_busy
 hctx->ctx_map          an sbitmap of shift 3: 8 ctxs a       under the ctx list's lock
@@ -60,6 +60,7 @@ from mqrt.lib._atomic import AtomicView
 from mqrt.lib.idr import Ida
 from mqrt.lib.sbitmap import SbitmapSpec, SbqGeneration
 from mqrt.lib.shm import (
+    CACHELINE,
     Arena,
     Layout,
     Region,
@@ -77,6 +78,7 @@ _IN_FLIGHT = int(RqState.IN_FLIGHT)
 _RQF_MQ_INFLIGHT = int(Rqf.MQ_INFLIGHT)
 _RQF_RESV = int(Rqf.RESV)
 _RQF_POLLED = int(Rqf.POLLED)
+_RQF_REQUEUED = int(Rqf.REQUEUED)
 _STOPPED = 1 << HctxState.STOPPED
 _SCHED_RESTART = 1 << HctxState.SCHED_RESTART
 _QUIESCED = 1 << QueueFlag.QUIESCED
@@ -96,7 +98,8 @@ RQ_GEN_SHIFT = 8
 _OWNED_OR_BUSY = RQ_ALLOCATED | RQ_STATE_MASK
 
 #: struct request, the block layer's part: (name, format) in offset order.  One cache
-#: line; the driver's PDU (``cmd_size`` bytes) follows on its own line(s).
+#: line; a second line starts with ``issue_time_ns`` and the driver's PDU (``cmd_size``
+#: bytes) follows it.
 _RQ_FIELDS = [
     ("state", "<u8"),  # MQ_RQ_* | RQ_ALLOCATED | generation << RQ_GEN_SHIFT
     ("deadline_ns", "<u8"),
@@ -115,6 +118,9 @@ _RQ_FIELDS = [
     ("rq_flags", "<u4"),
     ("status", "<i4"),
 ]
+#: The block layer's field on the second line, read and written only when a request
+#: goes back to the block layer (RQF_REQUEUED): off the hot line.
+_RQ_ISSUE_FIELDS = [("issue_time_ns", "<u8")]
 
 
 def request_dtype(cmd_size: int) -> np.dtype:
@@ -125,16 +131,24 @@ def request_dtype(cmd_size: int) -> np.dtype:
     ================  =====================================================
     state             cmpxchg by whoever moves it (see the module docstring)
     deadline_ns       the CPU that started it; read by timeout work
-    io_start_time_ns  the CPU that started it
+    io_start_time_ns  the CPU that started it (each time: the kernel's
+                      blk_mq_start_request() stamps every start)
     setup block       the allocating CPU (RQ_SETUP), before issue; merges on that
                       CPU grow it (plugged, or on its ctx list under the lock)
+    issue_time_ns     the CPU that hands the request back to the block layer
+                      the first time (RQF_REQUEUED): when it was first issued,
+                      its first start or, refused before starting, the refusal
     pdu               the driver, while it owns the request
     ================  =====================================================
+
+    ``issue_time_ns`` is mqrt's (the kernel keeps no such time; fio keeps it in the
+    io_u): a retried request's stall is completion latency, as fio sees it, while
+    ``io_start_time_ns`` stays the kernel's, the last start.
     """
-    groups = [_RQ_FIELDS]
+    second = list(_RQ_ISSUE_FIELDS)
     if cmd_size:
-        groups.append([("pdu", f"V{cmd_size}")])
-    return cacheline_struct(*groups)
+        second.append(("pdu", f"V{cmd_size}"))
+    return cacheline_struct(_RQ_FIELDS, second)
 
 
 #: The request's layout without a PDU: the source of every offset below.
@@ -153,6 +167,7 @@ RQ_OFF_Q = field_offset(REQUEST, "q")
 RQ_OFF_OP = field_offset(REQUEST, "op")
 RQ_OFF_FLAGS = field_offset(REQUEST, "rq_flags")
 RQ_OFF_STATUS = field_offset(REQUEST, "status")
+RQ_OFF_ISSUE = field_offset(REQUEST, "issue_time_ns")
 #: The 16-bit fields as indexes into a ``cast("H")`` view of the arena, from the
 #: request's ``base >> 1`` (hot paths read cpu, hctx and q whole, with one index).
 RQ_U16_CPU = RQ_OFF_CPU >> 1
@@ -174,17 +189,18 @@ RQ_SIZE = struct_of(REQUEST, "nr_sectors", "nr_phys_segments")
 #: sector + RQ_SIZE (at RQ_OFF_SECTOR): what a front merge moves and grows.
 RQ_EXTENT = struct_of(REQUEST, "sector", "nr_phys_segments")
 # The hot paths rely on these: the state word at the base, whole structs contiguous,
-# the 16-bit fields on even offsets (their RQ_U16_* indexes), one line in all.
+# the 16-bit fields on even offsets (their RQ_U16_* indexes), one line for all of
+# them; issue_time_ns opens the next line (whatever the PDU's size).
 assert field_offset(REQUEST, "state") == 0
 assert RQ_OFF_SETUP + RQ_SETUP.size == RQ_OFF_STATUS + field_dtype(REQUEST, "status").itemsize
-assert RQ_OFF_SETUP + RQ_SETUP.size == REQUEST.itemsize
+assert RQ_OFF_SETUP + RQ_SETUP.size == CACHELINE == RQ_OFF_ISSUE
 assert RQ_OFF_IO_START + RQ_END.size == RQ_OFF_SETUP + RQ_SETUP.size
 assert RQ_OFF_DEADLINE + RQ_TIMES.size == RQ_OFF_SETUP
 assert RQ_OFF_SECTOR + RQ_EXTENT.size == RQ_OFF_NR_SECTORS + RQ_SIZE.size
 assert REQUEST["nr_bios"].itemsize == REQUEST["nr_phys_segments"].itemsize == 2
 assert REQUEST["cpu"].itemsize == REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
 assert not (RQ_OFF_CPU | RQ_OFF_HCTX | RQ_OFF_Q) & 1
-assert REQUEST.itemsize == 64
+assert REQUEST.itemsize == 2 * CACHELINE
 
 
 #: A list of request ids under a bit spinlock (ctx rq_lists, hctx->dispatch,

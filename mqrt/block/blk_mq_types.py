@@ -138,6 +138,11 @@ class Rqf(enum.IntFlag):
     #: no more merges into this request: one failed on a limit (the kernel's
     #: REQ_NOMERGE, a cmd_flags bit, set by req_set_nomerge())
     NOMERGE = 1 << 7
+    #: mqrt's, no kernel flag: the request went back to the block layer at least once
+    #: (the driver refused it with BLK_STS_*RESOURCE, or requeued it), and its
+    #: ``issue_time_ns`` holds when it was first issued (fio's issue time: its slat
+    #: ends there, its clat runs from there through every retry)
+    REQUEUED = 1 << 8
 
 
 class ReqOp(enum.IntEnum):
