@@ -172,6 +172,11 @@ typedef struct {
     double iops_tokens, bw_tokens, short_ns;
     uint64_t last_refill;
     int refs;
+    /* An engine that sleeps with commands waiting in its SQs because every channel is
+     * taken sets `starved` (atomic); whichever engine frees a channel then wakes the
+     * group's other engines (their wake eventfds, under the lock). */
+    int starved;
+    int *wake_fds, n_wake;
 } caps_t;
 
 typedef struct {
@@ -354,6 +359,26 @@ static int caps_admit(Engine *e, caps_t *c, uint64_t nbytes) {
     return 1;
 }
 
+/* n channels come free: if an engine of the group sleeps waiting for one, wake the
+ * group's other engines.  The fully ordered RMW on inflight, then the look at
+ * `starved`, pairs with the sleeper's store of `starved`, then its look at inflight
+ * (channel_wait()): one side always sees the other. */
+static void caps_release(Engine *e, int64_t n) {
+    caps_t *c = e->caps;
+    __atomic_sub_fetch(&c->inflight, n, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&c->starved, __ATOMIC_SEQ_CST) ||
+        !__atomic_exchange_n(&c->starved, 0, __ATOMIC_SEQ_CST))
+        return;
+    uint64_t one = 1;
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < c->n_wake; i++)
+        if (c->wake_fds[i] != e->wake_fd) {
+            ssize_t r = write(c->wake_fds[i], &one, sizeof one);
+            (void)r; /* EAGAIN: it has a wake-up pending already */
+        }
+    pthread_mutex_unlock(&c->lock);
+}
+
 /* ---- the timer heap of commands in service (by done time, then sequence) ---- */
 static inline int cmd_before(const cmd_t *a, const cmd_t *b) {
     return a->done < b->done || (a->done == b->done && a->seq < b->seq);
@@ -526,7 +551,7 @@ static int complete_due(Engine *e, uint64_t now) {
     int n = 0;
     while (e->heap_n && e->heap[0].done <= now) {
         cmd_t c = heap_pop(e);
-        __atomic_sub_fetch(&e->caps->inflight, 1, __ATOMIC_RELAXED);
+        caps_release(e, 1);
         n++;
         if (c.aborted)
             continue; /* completed already, by its Abort or its SQ's deletion */
@@ -765,6 +790,29 @@ static int arm_and_recheck(Engine *e) {
     return 0;
 }
 
+/* Before sleeping while every channel of the controller is taken and an SQ of this
+ * engine still holds commands: the channels may be held by another engine's
+ * commands, whose completions would not wake this one (its own timer heap may be
+ * empty, and the host does not kick again for commands already in the SQ).  Ask
+ * the group to wake it when a channel comes free, then look once more.  True if a
+ * channel came free meanwhile. */
+static int channel_wait(Engine *e) {
+    caps_t *c = e->caps;
+    if (e->capped || __atomic_load_n(&c->n_wake, __ATOMIC_RELAXED) < 2 ||
+        __atomic_load_n(&c->inflight, __ATOMIC_SEQ_CST) < e->channels)
+        return 0;
+    int waiting = 0;
+    for (int q = 1; q < e->nr_qids && !waiting; q++) {
+        sq_t *sq = &e->sqs[q];
+        waiting = sq->live && ld_acq32(e, sq->tail_db) != sq->head;
+    }
+    if (!waiting)
+        return 0;
+    __atomic_store_n(&c->starved, 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&c->inflight, __ATOMIC_SEQ_CST) < e->channels;
+}
+
 static void drain_fd(Engine *e, int fd, int count) {
     uint64_t v;
     if (read(fd, &v, sizeof v) == sizeof v && count) {
@@ -813,7 +861,7 @@ static void engine_loop(Engine *e) {
                 if (now + w < deadline)
                     deadline = now + w;
             }
-            if (arm_and_recheck(e))
+            if (arm_and_recheck(e) || channel_wait(e))
                 continue;
         }
         e->counters[C_sleeps]++;
@@ -902,9 +950,21 @@ static void Engine_dealloc(Engine *e) {
     free(e->ns_blocks);
     free(e->ns_shift);
     free(e->heap);
-    if (e->caps && __atomic_sub_fetch(&e->caps->refs, 1, __ATOMIC_ACQ_REL) == 0) {
-        pthread_mutex_destroy(&e->caps->lock);
-        free(e->caps);
+    if (e->caps) {
+        caps_t *c = e->caps;
+        pthread_mutex_lock(&c->lock);
+        for (int i = 0; i < c->n_wake; i++)
+            if (c->wake_fds[i] == e->wake_fd) {
+                c->wake_fds[i] = c->wake_fds[c->n_wake - 1];
+                __atomic_store_n(&c->n_wake, c->n_wake - 1, __ATOMIC_RELAXED);
+                break;
+            }
+        pthread_mutex_unlock(&c->lock);
+        if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_destroy(&c->lock);
+            free(c->wake_fds);
+            free(c);
+        }
     }
     if (e->wake_fd > 0)
         close(e->wake_fd);
@@ -1051,6 +1111,19 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         e->caps->refs = 1;
         e->caps->iops_tokens = iops_max / 1000 > 1 ? (double)(iops_max / 1000) : 1.0;
         e->caps->bw_tokens = dev_mbps * 1000.0;
+    }
+    caps_t *c = e->caps; /* join the group's wake-ups (channel_wait) */
+    pthread_mutex_lock(&c->lock);
+    int *wfds = realloc(c->wake_fds, (c->n_wake + 1) * sizeof(int));
+    if (wfds) {
+        c->wake_fds = wfds;
+        c->wake_fds[c->n_wake] = e->wake_fd;
+        __atomic_store_n(&c->n_wake, c->n_wake + 1, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (!wfds) {
+        PyErr_NoMemory();
+        return -1;
     }
     return 0;
 }
@@ -1283,7 +1356,8 @@ out:
 /* CC.EN 1 -> 0: every queue and every command in service is dropped. */
 static PyObject *Engine_reset(Engine *e, PyObject *noargs) {
     ENGINE_LOCK(e);
-    __atomic_sub_fetch(&e->caps->inflight, (int64_t)e->heap_n, __ATOMIC_RELAXED);
+    if (e->heap_n)
+        caps_release(e, (int64_t)e->heap_n);
     e->heap_n = 0;
     for (int q = 0; q < e->nr_qids; q++) {
         free_sq(&e->sqs[q]);
