@@ -689,6 +689,87 @@ static int by_prio(Engine *e, int a, int b) {
     return pa != pb ? pa - pb : a - b;
 }
 
+/* Weighted round robin with an urgent class (NVMe Base 2.0, 3.4.4.2).  The urgent
+ * SQs come strictly first, round robin among them, a burst per turn: while one of
+ * them still holds a command, no weighted SQ starts one (if the channels or the
+ * buckets run out first, the pass ends there).  Then the high, medium and low SQs,
+ * in that order in each sweep, a burst per turn, each spending the credit of its
+ * level's weight; a new round (every credit back to its weight) only once every SQ
+ * that holds commands has spent its credit.  Commands started. */
+static int wrr_pass(Engine *e, int nsq, uint64_t now, int64_t *free_ch, int *fatal) {
+    /* insertion sort by priority class (urgent first), qid within a class */
+    for (int i = 1; i < nsq; i++) {
+        int v = e->order[i], j = i - 1;
+        while (j >= 0 && by_prio(e, e->order[j], v) > 0) {
+            e->order[j + 1] = e->order[j];
+            j--;
+        }
+        e->order[j + 1] = v;
+    }
+    int nu = 0; /* the urgent SQs: order[0 .. nu) */
+    while (nu < nsq && e->sqs[e->order[nu]].prio == 0)
+        nu++;
+    int started = 0, first = nu ? (int)((unsigned)e->rr++ % (unsigned)nu) : 0;
+    for (;;) {
+        int waiting = 0;
+        for (int j = 0; j < nu; j++) {
+            int q = e->order[(first + j) % nu];
+            uint32_t n = sq_new(e, &e->sqs[q]);
+            if (!n)
+                continue;
+            waiting = 1;
+            if (*free_ch <= 0 || e->capped)
+                return started; /* urgent commands wait: nothing for the others */
+            int64_t take = n < (uint64_t)*free_ch ? n : *free_ch;
+            if (take > e->burst)
+                take = e->burst;
+            int got = fetch_sq(e, q, (uint32_t)take, now, free_ch);
+            if (got < 0) {
+                *fatal = 1;
+                return started;
+            }
+            started += got;
+        }
+        if (!waiting)
+            break;
+    }
+    for (;;) {
+        int fetched = 0, spent = 0; /* spent: SQs with commands and no credit left */
+        for (int i = nu; i < nsq; i++) {
+            sq_t *sq = &e->sqs[e->order[i]];
+            uint32_t n = sq_new(e, sq);
+            if (!n)
+                continue;
+            if (sq->credit <= 0) {
+                spent = 1;
+                continue;
+            }
+            if (*free_ch <= 0 || e->capped)
+                return started;
+            int64_t take = n < (uint64_t)*free_ch ? n : *free_ch;
+            if (take > e->burst)
+                take = e->burst;
+            if (take > sq->credit)
+                take = sq->credit;
+            int got = fetch_sq(e, e->order[i], (uint32_t)take, now, free_ch);
+            if (got < 0) {
+                *fatal = 1;
+                return started;
+            }
+            started += got;
+            fetched += got;
+        }
+        if (fetched)
+            continue;
+        if (!spent)
+            return started; /* no weighted SQ holds a command */
+        for (int i = nu; i < nsq; i++) { /* a new round */
+            sq_t *sq = &e->sqs[e->order[i]];
+            sq->credit = e->wrr_weight[sq->prio - 1];
+        }
+    }
+}
+
 /* Arbitrate over the SQs and start what channels and caps allow; commands started. */
 static int io_pass(Engine *e, uint64_t now, int *fatal) {
     e->capped = 0;
@@ -702,51 +783,8 @@ static int io_pass(Engine *e, uint64_t now, int *fatal) {
     if (free_ch <= 0)
         return 0;
     int started = 0;
-    if (e->wrr) {
-        /* insertion sort by priority class (urgent first), qid within a class */
-        for (int i = 1; i < nsq; i++) {
-            int v = e->order[i], j = i - 1;
-            while (j >= 0 && by_prio(e, e->order[j], v) > 0) {
-                e->order[j + 1] = e->order[j];
-                j--;
-            }
-            e->order[j + 1] = v;
-        }
-        for (int round = 0; round < 2; round++) {
-            int starved = 0; /* SQs with commands but no credit left */
-            for (int i = 0; i < nsq && free_ch > 0 && !e->capped; i++) {
-                sq_t *sq = &e->sqs[e->order[i]];
-                uint32_t n = sq_new(e, sq);
-                if (!n)
-                    continue;
-                int64_t take = n < (uint64_t)free_ch ? n : free_ch;
-                if (take > e->burst)
-                    take = e->burst;
-                if (sq->prio > 0) { /* a weighted class spends credit; urgent has none */
-                    if (sq->credit <= 0) {
-                        starved++;
-                        continue;
-                    }
-                    if (take > sq->credit)
-                        take = sq->credit;
-                }
-                int got = fetch_sq(e, e->order[i], (uint32_t)take, now, &free_ch);
-                if (got < 0) {
-                    *fatal = 1;
-                    return started;
-                }
-                started += got;
-            }
-            if (!starved || free_ch <= 0 || e->capped)
-                break;
-            for (int i = 0; i < nsq; i++) { /* every class spent its weight: a new round */
-                sq_t *sq = &e->sqs[e->order[i]];
-                if (sq->prio > 0)
-                    sq->credit = e->wrr_weight[sq->prio - 1];
-            }
-        }
-        return started;
-    }
+    if (e->wrr)
+        return wrr_pass(e, nsq, now, &free_ch, fatal);
     int k = e->rr++ % nsq;
     for (int j = 0; j < nsq && free_ch > 0 && !e->capped; j++) {
         int q = e->order[(k + j) % nsq];
