@@ -1325,6 +1325,12 @@ static PyObject *Engine_delete_sq(Engine *e, PyObject *args) {
                 n++;
             }
         e->counters[C_sq_delete_aborts] += n;
+        /* "After all commands submitted to the indicated I/O Submission Queue are
+         * either completed or aborted, a completion queue entry is posted to the
+         * Admin Completion Queue": their CQEs go to the CQ now (room permitting),
+         * before the caller completes the Delete, not at the worker's next pass. */
+        if (e->cqs[sq->cqid].live && e->cqs[sq->cqid].pend_len)
+            drain_cq(e, sq->cqid);
         free_sq(sq);
     }
     ENGINE_UNLOCK(e);
