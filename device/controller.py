@@ -391,6 +391,10 @@ class Controller(AdminCommands):
                         self._handle_ctl()
         finally:
             self._stop_workers()
+        if self.enabled and not a.load_acquire32(self._cc_en):
+            # CC.EN went to 0 (the host's shutdown, CC.SHN first) just before the exit
+            # message, and both woke the last wait: it is a disable all the same
+            self._disable()
         self._publish_counters()
         wire.send(self.res, wire.DeviceResult(self.counters))
 
