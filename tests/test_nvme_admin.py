@@ -46,12 +46,20 @@ ANSWER_S = 20.0
 
 
 @contextlib.contextmanager
-def nvme_rig(io_timeout: int = 30_000, **given) -> Iterator[tuple[Rig, NvmeOps, dict[str, int]]]:
+def nvme_rig(
+    io_timeout: int = 30_000, nr_cpus: int = 1, **given
+) -> Iterator[tuple[Rig, NvmeOps, dict[str, int]]]:
     """The nvme driver bound to CPU 0 of a :class:`~mqrt.testing.Rig` (one emulated
     CPU, its softirqs run by hand), in front of a real controller process, probed.
-    The dict is filled with the controller's counters when it has stopped."""
+    ``nr_cpus`` > 1: a topology of that many CPUs, so one I/O queue pair (and vector)
+    per CPU, with only CPU 0's block layer made.  The dict is filled with the
+    controller's counters when it has stopped."""
     cfg = nvme.parse_config(given)
-    rig = Rig(lambda layout, topology: nvme.setup(cfg, layout, topology, timeout_ms=io_timeout))
+    rig = Rig(
+        lambda layout, topology: nvme.setup(cfg, layout, topology, timeout_ms=io_timeout),
+        nr_cpus=nr_cpus,
+        on_cpus=[0],
+    )
     ops: NvmeOps = rig.ops  # type: ignore[assignment]
     fds = ops.make_fds()
     dev = None
