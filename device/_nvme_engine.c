@@ -148,7 +148,6 @@ typedef struct {
     uint32_t depth, head;
     size_t base, tail_db, evt_idx, head_pub;
     int prio; /* 0 urgent, 1 high, 2 medium, 3 low */
-    int64_t credit;
     uint64_t *cid_map; /* command ids in service (65536 bits) */
     uint16_t *abort_pending; /* ids an Abort found still in the SQ */
     int n_abort, cap_abort;
@@ -220,6 +219,8 @@ typedef struct {
     int64_t burst;
     int wrr;
     int64_t wrr_weight[3];
+    int64_t class_credit[3]; /* what each weighted class may still start this round */
+    unsigned class_rr[3];    /* round robin within each weighted class */
     /* in service */
     cmd_t *heap;
     size_t heap_n, heap_cap;
@@ -670,7 +671,6 @@ static int fetch_sq(Engine *e, int qid, uint32_t take, uint64_t now, int64_t *fr
         }
         if (++sq->head == sq->depth)
             sq->head = 0;
-        sq->credit--;
         used++;
         (*free_ch)--;
         if (start_cmd(e, sq, qid, now, opcode, cid, nsid, slba, cdw12 & 0xFFFF) < 0) {
@@ -692,10 +692,11 @@ static int by_prio(Engine *e, int a, int b) {
 /* Weighted round robin with an urgent class (NVMe Base 2.0, 3.4.4.2).  The urgent
  * SQs come strictly first, round robin among them, a burst per turn: while one of
  * them still holds a command, no weighted SQ starts one (if the channels or the
- * buckets run out first, the pass ends there).  Then the high, medium and low SQs,
- * in that order in each sweep, a burst per turn, each spending the credit of its
- * level's weight; a new round (every credit back to its weight) only once every SQ
- * that holds commands has spent its credit.  Commands started. */
+ * buckets run out first, the pass ends there).  Then the high, medium and low
+ * classes, in that order in each sweep, each spending the credit of its class's
+ * weight; within a class its SQs take turns round robin, a burst per turn.  A new
+ * round (every class's credit back to its weight) only once every class that holds
+ * commands has spent its credit.  Commands started. */
 static int wrr_pass(Engine *e, int nsq, uint64_t now, int64_t *free_ch, int *fatal) {
     /* insertion sort by priority class (urgent first), qid within a class */
     for (int i = 1; i < nsq; i++) {
@@ -733,40 +734,54 @@ static int wrr_pass(Engine *e, int nsq, uint64_t now, int64_t *free_ch, int *fat
         if (!waiting)
             break;
     }
+    /* the weighted classes: order[lo[c] .. lo[c + 1]) holds class c + 1's SQs */
+    int lo[4], i = nu;
+    for (int c = 0; c < 3; c++) {
+        lo[c] = i;
+        while (i < nsq && e->sqs[e->order[i]].prio == c + 1)
+            i++;
+    }
+    lo[3] = nsq;
     for (;;) {
-        int fetched = 0, spent = 0; /* spent: SQs with commands and no credit left */
-        for (int i = nu; i < nsq; i++) {
-            sq_t *sq = &e->sqs[e->order[i]];
-            uint32_t n = sq_new(e, sq);
-            if (!n)
+        int fetched = 0, spent = 0; /* spent: classes with commands and no credit left */
+        for (int c = 0; c < 3; c++) {
+            int n_in = lo[c + 1] - lo[c];
+            if (!n_in)
                 continue;
-            if (sq->credit <= 0) {
-                spent = 1;
-                continue;
+            unsigned start = e->class_rr[c];
+            for (int j = 0; j < n_in; j++) {
+                int q = e->order[lo[c] + (int)((start + (unsigned)j) % (unsigned)n_in)];
+                uint32_t n = sq_new(e, &e->sqs[q]);
+                if (!n)
+                    continue;
+                if (e->class_credit[c] <= 0) {
+                    spent = 1;
+                    break;
+                }
+                if (*free_ch <= 0 || e->capped)
+                    return started;
+                int64_t take = n < (uint64_t)*free_ch ? n : *free_ch;
+                if (take > e->burst)
+                    take = e->burst;
+                if (take > e->class_credit[c])
+                    take = e->class_credit[c];
+                int got = fetch_sq(e, q, (uint32_t)take, now, free_ch);
+                if (got < 0) {
+                    *fatal = 1;
+                    return started;
+                }
+                e->class_credit[c] -= got;
+                e->class_rr[c] = start + (unsigned)j + 1; /* the next SQ's turn is next */
+                started += got;
+                fetched += got;
             }
-            if (*free_ch <= 0 || e->capped)
-                return started;
-            int64_t take = n < (uint64_t)*free_ch ? n : *free_ch;
-            if (take > e->burst)
-                take = e->burst;
-            if (take > sq->credit)
-                take = sq->credit;
-            int got = fetch_sq(e, e->order[i], (uint32_t)take, now, free_ch);
-            if (got < 0) {
-                *fatal = 1;
-                return started;
-            }
-            started += got;
-            fetched += got;
         }
         if (fetched)
             continue;
         if (!spent)
             return started; /* no weighted SQ holds a command */
-        for (int i = nu; i < nsq; i++) { /* a new round */
-            sq_t *sq = &e->sqs[e->order[i]];
-            sq->credit = e->wrr_weight[sq->prio - 1];
-        }
+        for (int c = 0; c < 3; c++) /* a new round */
+            e->class_credit[c] = e->wrr_weight[c];
     }
 }
 

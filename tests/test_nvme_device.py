@@ -607,6 +607,40 @@ def test_wrr_serves_urgent_first_then_high_medium_low_by_weight(channels):
             assert max(last.values()) - min(last.values()) < 13, last  # ran out together
 
 
+def test_wrr_weights_belong_to_the_class_and_its_sqs_take_turns():
+    """NVMe Base 2.0, Command Arbitration, Weighted Round Robin: the weights are the
+    High, Medium and Low *classes'*, and "Submission Queues within the same priority
+    class are serviced round robin" -- two high SQs share the high weight, they do
+    not get it twice.  High weight 8, low 1, burst 1, one channel: after r rounds
+    the high class started 8r commands (4r from each SQ) and the low one r."""
+    with nvme_rig(
+        nr_cpus=4, arbitration="wrr", latency_ns=2_000_000, latency_dist="fixed",
+        channels=1, iops_max=0, dev_mbps=0,
+    ) as (rig, ops, _dev):  # fmt: skip
+        host = Host(rig, ops)
+        for qid in range(1, 5):
+            assert admin(ops, AdminOpcode.DELETE_SQ, qid)[0] == Status.SUCCESS
+        assert admin(ops, AdminOpcode.SET_FEATURES, Feature.ARBITRATION, 7 << 24)[0] == 0
+        for qid, prio in {1: URGENT, 2: HIGH, 3: HIGH, 4: LOW}.items():
+            assert host.create_sq(qid, 1, prio) == Status.SUCCESS
+        rounds = 5
+        count = {1: 20, 2: 4 * rounds, 3: 4 * rounds, 4: rounds}
+        for qid, n in count.items():
+            host.write(qid, (qid << 8 | i for i in range(n)), ring=False)
+        for qid in (1, 4, 3, 2):  # the urgent SQ's doorbell first: it holds the channel
+            host.ring(qid)
+        held = host.dev_sq_head(1) < count[1]
+        cqes = host.reap_n(1, sum(count.values()))
+        assert all(c[1] == Status.SUCCESS for c in cqes)
+        rest = [c[4] for c in cqes][count[1] :]
+        if held:
+            for r in range(1, rounds + 1):
+                seen = rest[: 9 * r]
+                assert seen.count(2) + seen.count(3) == 8 * r, (r, rest)
+                assert abs(seen.count(2) - seen.count(3)) <= 1, (r, rest)
+                assert seen.count(4) == r, (r, rest)
+
+
 # -- 8. a stale event index ----------------------------------------------------------------
 
 
