@@ -1235,6 +1235,7 @@ static PyObject *Engine_set_vector(Engine *e, PyObject *args) {
     ENGINE_LOCK(e);
     e->vec_cd[iv] = (uint8_t)cd;
     ENGINE_UNLOCK(e);
+    engine_wake(e); /* CQEs held back for coalescing may go now */
     Py_RETURN_NONE;
 }
 
