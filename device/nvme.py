@@ -189,6 +189,10 @@ NVME_KNOBS: tuple[Knob, ...] = (
     Knob("fatal_error", "float", 0.0,
          "Percent of commands on which the device hits a fatal error: CSTS.CFS set, "
          "nothing served until a reset. Default: 0", 0.0, 100.0),
+    Knob("irq_poll_us", "int", 0,
+         "After an interrupt its vector stays masked and its CPU polls the CQ instead of "
+         "sleeping, until no CQE came for this long (irq_poll; 0: re-arm at once). "
+         "Default: 0", 0, 1_000_000),
     Knob("stale_event_idx", "float", 0.0,
          "Percent of the device's sleeps before which it leaves an SQ's event index "
          "stale, so the host may skip a doorbell kick it needed (QEMU's bug; the "
@@ -430,7 +434,10 @@ class NvmeOps(BlkMqOps):
             ("genctr_mismatch", "completion_polled", "aborts_sent", "abort_completions",
              "abort_limited", "abort_no_tag", "resets", "resets_cfs", "resets_admin",
              "timeout_cancelled", "delete_timeouts", "cancelled", "retries", "interrupts",
-             "admin_interrupts", "cqes", "admin_cqes"), 0)  # fmt: skip
+             "admin_interrupts", "cqes", "admin_cqes", "irq_polled"), 0)  # fmt: skip
+        #: irq_poll: how long a masked vector may stay quiet before it is re-armed
+        self.irq_poll_ns = cfg.irq_poll_us * 1000
+        self._polled: dict[int, int] = {}  #: masked vector -> poll until (ns)
 
     # -- layout (in the owner) ----------------------------------------------------------
 
@@ -867,10 +874,39 @@ class NvmeOps(BlkMqOps):
         # found here, one posted after it raises the vector again.
         q = self.nvmeqs[vec]
         found = self.poll_cq(vec)
-        q.a.xchg32(q.o.irq_pending, 0)
-        found += self.poll_cq(vec)
+        if vec and self.irq_poll_ns:
+            # keep the vector masked and poll its CQ whenever this CPU would sleep,
+            # until it stays quiet for irq_poll_ns (irq_poll)
+            self._polled[vec] = time.monotonic_ns() + self.irq_poll_ns
+        else:
+            q.a.xchg32(q.o.irq_pending, 0)
+            found += self.poll_cq(vec)
         if trace.on:
             trace.emit(Ev.IRQ, -1, 0, max(vec - 1, 0), 0, found)
+
+    def irq_poll(self, mq: BlkMq) -> bool:
+        """This CPU would sleep: reap the CQs of the vectors its handler left masked.
+        A vector quiet for ``irq_poll_ns`` since its last CQE is acknowledged (its
+        pending bit cleared, then one more look: a CQE posted before that is found
+        here, one after it raises the vector again).  True while any stays masked."""
+        polled = self._polled
+        if not polled:
+            return False
+        now = time.monotonic_ns()
+        for vec, until in list(polled.items()):
+            q = self.nvmeqs[vec]
+            if q.cqe_pending():
+                self.stats["irq_polled"] += self.poll_cq(vec)
+                polled[vec] = now + self.irq_poll_ns
+            elif now >= until:
+                del polled[vec]
+                q.a.xchg32(q.o.irq_pending, 0)
+                found = self.poll_cq(vec)
+                if found:
+                    self.stats["irq_polled"] += found
+                    if not q.a.xchg32(q.o.irq_pending, 1):  # masked again by us
+                        polled[vec] = now + self.irq_poll_ns
+        return bool(polled)
 
     def poll_cq(self, qid: int, trylock: bool = False) -> int:
         """nvme_poll_cq(): complete every CQE found; how many."""

@@ -168,6 +168,7 @@ class Cpu:
         self.irq_handlers: dict[int, Callable[[], None]] = dict(
             plan.driver.irq_handlers(self.mq, plan.cpu)
         )
+        self.driver_irq_poll = plan.driver.irq_poll
         self._fds = [self.ipi_fd, self.efd, ctl.fileno(), *self.irq_handlers]
         self.epoll = select.epoll()
         for fd in self._fds:
@@ -514,8 +515,14 @@ class Cpu:
 
     def _poll_inflight(self, in_sleep: bool = False) -> bool:
         """With polled I/Os in flight, reap the poll queues once (io_uring's
-        io_iopoll_check) and take interrupts without blocking; False when there is
-        nothing to poll for, so the caller may block."""
+        io_iopoll_check), or poll the vectors the driver keeps masked after an
+        interrupt (``irq_poll``), and take interrupts without blocking; False when
+        there is nothing to poll for, so the caller may block."""
+        if self.driver_irq_poll(self.mq):
+            # a masked vector's CQ is being polled: take what else happened without
+            # blocking, and look again
+            self._serve(None, in_sleep=in_sleep, timeout=0.0)
+            return True
         if not self.poll_hctxs or not any(j.inflight for j in self.jobs):
             return False
         mq = self.mq

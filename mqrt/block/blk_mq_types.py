@@ -337,6 +337,14 @@ class BlkMqOps:
         Default: none (completions come from the block layer's softirq or timers)."""
         return []
 
+    def irq_poll(self, mq: BlkMq) -> bool:
+        """The CPU is about to sleep: poll the interrupt vectors its handlers left
+        masked (the irq_poll / NAPI idea: after an interrupt, poll the queue for a
+        while instead of taking one interrupt per completion).  True: keep the CPU
+        awake and call again; False: nothing masked, the CPU may sleep (its vectors
+        are armed).  Default: no polling."""
+        return False
+
     def timer_interval_ns(self, q: int) -> int:
         """The period of the driver's timer for request queue ``q`` (0: none).  The
         runtime runs :meth:`timer` that often on the first CPU of the queue's hctx 0."""
