@@ -12,10 +12,10 @@ CPU the vector is affine to reaps; a timeout on another CPU may poll it too).
   only when the new tail passes the queue's event index (``nvme_dbbuf_need_event``).
 * the interrupt (``nvme_irq`` -> ``nvme_poll_cq``): reap CQEs while their phase tag
   matches, look each command id up with the generation check ("genctr mismatch"),
-  complete through blk-mq, then one CQ head doorbell write.  The vector stays
-  pending while its handler reaps and completes; the handler acknowledges it after
-  that and looks once more, so CQEs posted while it runs ride on the interrupt it
-  is handling instead of raising another.
+  complete through blk-mq, then one CQ head doorbell write; the handler clears the
+  vector's pending bit before it reaps.  With ``irq_poll_us`` the vector stays
+  pending (masked) after the interrupt and the CPU polls its CQ instead of sleeping
+  (:meth:`NvmeOps.irq_poll`).
 * ``timeout`` (``nvme_timeout``, :meth:`NvmeOps.nvme_timeout`), on the queue the
   request's iod names, in the kernel's order: a failed controller (CSTS.CFS) is reset
   at once; then that CQ is polled ("completion polled": a lost interrupt); then the
@@ -868,19 +868,20 @@ class NvmeOps(BlkMqOps):
         # issued on another CPU) and for the probe's last ones, whose byte may still
         # be in the pipe when the CPUs start
         self.stats["interrupts" if vec else "admin_interrupts"] += 1
-        # Reap while the vector is still pending: CQEs the device posts meanwhile do
-        # not signal it again.  Then acknowledge it (clear the pending bit, a full
-        # barrier) and look once more: a CQE posted before the acknowledgement is
-        # found here, one posted after it raises the vector again.
         q = self.nvmeqs[vec]
-        found = self.poll_cq(vec)
         if vec and self.irq_poll_ns:
             # keep the vector masked and poll its CQ whenever this CPU would sleep,
             # until it stays quiet for irq_poll_ns (irq_poll)
+            found = self.poll_cq(vec)
             self._polled[vec] = time.monotonic_ns() + self.irq_poll_ns
         else:
+            # acknowledge (clear the pending bit, a full barrier) before reaping: a
+            # CQE posted after the reap raises the vector again.  Reaping with the
+            # vector still pending would make each batch longer, and a CPU that
+            # completes a long batch before it submits again starves the device (1
+            # CPU at iodepth 32: ~30 % fewer IOPS).
             q.a.xchg32(q.o.irq_pending, 0)
-            found += self.poll_cq(vec)
+            found = self.poll_cq(vec)
         if trace.on:
             trace.emit(Ev.IRQ, -1, 0, max(vec - 1, 0), 0, found)
 
