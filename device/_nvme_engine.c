@@ -1387,6 +1387,11 @@ static PyObject *Engine_abort(Engine *e, PyObject *args) {
             cid_clear(sq, (uint16_t)cid);
             e->counters[C_aborts]++;
             post(e, sq, (uint16_t)sqid, (uint16_t)cid, SC_ABORT_REQ);
+            /* post it and raise its vector now, in the caller's thread: the host's
+             * next timeout of this command must find it completed, however late
+             * the worker gets a core */
+            drain_cq(e, sq->cqid);
+            interrupts(e, now_ns());
             ret = 0;
             goto out;
         }

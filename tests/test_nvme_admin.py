@@ -286,8 +286,8 @@ def test_with_every_command_in_service_bounded_aborts_leave_few_resets():
     dev, drv = device(result), driver(result)
     assert dev["abort_cmds"] == drv["aborts_sent"] > 0
     assert dev["aborts"] * 2 >= drv["aborts_sent"]  # most Aborts found their command
-    # a reset takes an Abort that did not complete its command in time
-    assert drv["resets"] <= drv["aborts_sent"] - dev["aborts"]
+    # a reset takes a command that timed out again after its Abort: one the Abort
+    # did not find, or whose ABORT_REQ completion a loaded host reaped too late
     assert drv["resets"] <= max(2, drv["aborts_sent"] // 20), (drv, dev)
 
 
