@@ -79,6 +79,7 @@
 
 #define SC_INVALID_OPCODE 0x001
 #define SC_CMDID_CONFLICT 0x003
+#define SC_INTERNAL 0x006
 #define SC_ABORT_REQ 0x007
 #define SC_ABORT_QUEUE 0x008
 #define SC_INVALID_NS 0x00B
@@ -109,6 +110,7 @@
     X(aborts)          /* commands completed with Abort Requested */                   \
     X(sq_delete_aborts) /* commands completed with Aborted due to SQ Deletion */       \
     X(cmdid_conflicts) /* commands refused: their id was already in service */         \
+    X(internal_errors) /* commands failed for want of memory in the device */         \
     X(dropped)         /* completions dropped (fault) */                               \
     X(lost_irqs)       /* interrupts not delivered (fault) */                          \
     X(errors)          /* error statuses injected */                                   \
@@ -363,7 +365,7 @@ static int caps_admit(Engine *e, caps_t *c, uint64_t nbytes) {
 /* n channels come free: if an engine of the group sleeps waiting for one, wake the
  * group's other engines.  The fully ordered RMW on inflight, then the look at
  * `starved`, pairs with the sleeper's store of `starved`, then its look at inflight
- * (channel_wait()): one side always sees the other. */
+ * (arm_and_recheck()): one side always sees the other. */
 static void caps_release(Engine *e, int64_t n) {
     caps_t *c = e->caps;
     __atomic_sub_fetch(&c->inflight, n, __ATOMIC_SEQ_CST);
@@ -569,17 +571,20 @@ static int complete_due(Engine *e, uint64_t now) {
     return n;
 }
 
-/* A command enters service: check it, draw its time and its faults.  0, or -1 on a
- * fatal fault (the pass stops). */
+/* A command enters service: check it, draw its time and its faults.  *in_service says
+ * whether it holds the channel its fetch reserved (it completed at once otherwise).
+ * 0, or -1 on a fatal fault (the pass stops). */
 static int start_cmd(Engine *e, sq_t *sq, int sqid, uint64_t now, uint8_t opcode, uint16_t cid,
-                     uint32_t nsid, uint64_t slba, uint32_t nlb0) {
+                     uint32_t nsid, uint64_t slba, uint32_t nlb0, int *in_service) {
+    *in_service = 0;
     e->counters[C_commands]++;
     uint16_t status = 0;
     if (opcode != OP_READ && opcode != OP_WRITE && opcode != OP_FLUSH)
         status = SC_INVALID_OPCODE;
-    else if (nsid == 0 || (int)nsid > e->nr_ns)
+    else if (nsid == 0 || nsid > (uint32_t)e->nr_ns) /* FFFFFFFFh (broadcast) too */
         status = SC_INVALID_NS;
-    else if (opcode != OP_FLUSH && slba + nlb0 >= e->ns_blocks[nsid - 1])
+    else if (opcode != OP_FLUSH &&
+             (slba >= e->ns_blocks[nsid - 1] || nlb0 >= e->ns_blocks[nsid - 1] - slba))
         status = SC_LBA_RANGE;
     if (cid_test(sq, cid)) {
         /* the id of a command still in service: refuse this one, leave that one */
@@ -607,7 +612,10 @@ static int start_cmd(Engine *e, sq_t *sq, int sqid, uint64_t now, uint8_t opcode
         cmd_t c = {now + (uint64_t)service, ++e->seq, (uint16_t)sqid, cid, status, (uint8_t)drop, 0};
         if (heap_push(e, &c) == 0) {
             cid_set(sq, cid);
-            __atomic_add_fetch(&e->caps->inflight, 1, __ATOMIC_RELAXED);
+            *in_service = 1;
+        } else {
+            e->counters[C_internal_errors]++; /* no memory for it: fail it, never lose it */
+            post(e, sq, (uint16_t)sqid, cid, SC_INTERNAL);
         }
     }
     if (fatal) {
@@ -646,6 +654,7 @@ static int fetch_sq(Engine *e, int qid, uint32_t take, uint64_t now, int64_t *fr
         caps_refill(e, caps, now);
     }
     int ret = 0;
+    int64_t unreserve = 0; /* channels reserved by commands that completed at once */
     for (uint32_t i = 0; i < take; i++) {
         const char *ent = e->buf + sq->base + (size_t)sq->head * SQE_SIZE;
         uint16_t cid = rd16(e, (size_t)(ent - e->buf) + SQE_CID);
@@ -663,9 +672,16 @@ static int fetch_sq(Engine *e, int qid, uint32_t take, uint64_t now, int64_t *fr
         uint32_t nsid = rd32(e, off + SQE_NSID);
         uint32_t cdw12 = rd32(e, off + SQE_CDW12);
         uint64_t slba = rd32(e, off + SQE_CDW10) | (uint64_t)rd32(e, off + SQE_CDW11) << 32;
-        int shift = nsid && (int)nsid <= e->nr_ns ? e->ns_shift[nsid - 1] : 9;
+        int shift = nsid && nsid <= (uint32_t)e->nr_ns ? e->ns_shift[nsid - 1] : 9;
         uint64_t nbytes = ((uint64_t)(cdw12 & 0xFFFF) + 1) << shift;
+        /* a channel of the controller's, reserved atomically: the workers share them */
+        if (__atomic_add_fetch(&caps->inflight, 1, __ATOMIC_SEQ_CST) > e->channels) {
+            __atomic_sub_fetch(&caps->inflight, 1, __ATOMIC_SEQ_CST);
+            *free_ch = 0;
+            break;
+        }
         if (gated && !caps_admit(e, caps, nbytes)) {
+            __atomic_sub_fetch(&caps->inflight, 1, __ATOMIC_SEQ_CST);
             e->capped = 1;
             break;
         }
@@ -673,13 +689,18 @@ static int fetch_sq(Engine *e, int qid, uint32_t take, uint64_t now, int64_t *fr
             sq->head = 0;
         used++;
         (*free_ch)--;
-        if (start_cmd(e, sq, qid, now, opcode, cid, nsid, slba, cdw12 & 0xFFFF) < 0) {
+        int in_service;
+        int r = start_cmd(e, sq, qid, now, opcode, cid, nsid, slba, cdw12 & 0xFFFF, &in_service);
+        unreserve += !in_service;
+        if (r < 0) {
             ret = -1;
             break;
         }
     }
     if (gated)
         pthread_mutex_unlock(&caps->lock);
+    if (unreserve)
+        caps_release(e, unreserve); /* after the caps lock: it may take it to wake others */
     st32(e, sq->head_pub, sq->head);
     return ret < 0 ? -1 : used;
 }
@@ -819,8 +840,16 @@ static int io_pass(Engine *e, uint64_t now, int *fatal) {
     return started;
 }
 
+static inline int sq_has_new(Engine *e, sq_t *sq) {
+    if (!sq->live)
+        return 0;
+    uint32_t tail = ld_acq32(e, sq->tail_db);
+    return tail < sq->depth && tail != sq->head; /* as sq_new() reads it */
+}
+
 /* Before sleeping: ask for a kick at the next entry of every SQ (the event index),
- * then look at the doorbells once more.  True if something arrived meanwhile. */
+ * then look at the doorbells once more.  True if something arrived meanwhile that
+ * this worker can start now (or a channel came free for it). */
 static int arm_and_recheck(Engine *e) {
     for (int q = 1; q < e->nr_qids; q++) {
         sq_t *sq = &e->sqs[q];
@@ -833,33 +862,23 @@ static int arm_and_recheck(Engine *e) {
         st32(e, sq->evt_idx, sq->head);
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (e->capped || __atomic_load_n(&e->caps->inflight, __ATOMIC_RELAXED) >= e->channels)
-        return 0;
-    for (int q = 1; q < e->nr_qids; q++) {
-        sq_t *sq = &e->sqs[q];
-        if (sq->live && ld_acq32(e, sq->tail_db) != sq->head)
-            return 1;
-    }
-    return 0;
-}
-
-/* Before sleeping while every channel of the controller is taken and an SQ of this
- * engine still holds commands: the channels may be held by another engine's
- * commands, whose completions would not wake this one (its own timer heap may be
- * empty, and the host does not kick again for commands already in the SQ).  Ask
- * the group to wake it when a channel comes free, then look once more.  True if a
- * channel came free meanwhile. */
-static int channel_wait(Engine *e) {
-    caps_t *c = e->caps;
-    if (e->capped || __atomic_load_n(&c->n_wake, __ATOMIC_RELAXED) < 2 ||
-        __atomic_load_n(&c->inflight, __ATOMIC_SEQ_CST) < e->channels)
-        return 0;
+    if (e->capped)
+        return 0; /* the buckets' refill is a deadline of its own */
     int waiting = 0;
-    for (int q = 1; q < e->nr_qids && !waiting; q++) {
-        sq_t *sq = &e->sqs[q];
-        waiting = sq->live && ld_acq32(e, sq->tail_db) != sq->head;
-    }
+    for (int q = 1; q < e->nr_qids && !waiting; q++)
+        waiting = sq_has_new(e, &e->sqs[q]);
     if (!waiting)
+        return 0;
+    caps_t *c = e->caps;
+    if (__atomic_load_n(&c->inflight, __ATOMIC_SEQ_CST) < e->channels)
+        return 1; /* new commands and a free channel: another pass */
+    /* Every channel of the controller is taken and an SQ of ours holds commands.  The
+     * channels may be held by another engine's commands, whose completions would not
+     * wake this one (its own timer heap may be empty, and the host does not kick again
+     * for commands already in the SQ): ask the group to wake it when a channel comes
+     * free (caps_release), then look once more.  One engine alone holds every channel
+     * itself: its next completion is its deadline. */
+    if (__atomic_load_n(&c->n_wake, __ATOMIC_RELAXED) < 2)
         return 0;
     __atomic_store_n(&c->starved, 1, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -914,7 +933,7 @@ static void engine_loop(Engine *e) {
                 if (now + w < deadline)
                     deadline = now + w;
             }
-            if (arm_and_recheck(e) || channel_wait(e))
+            if (arm_and_recheck(e))
                 continue;
         }
         e->counters[C_sleeps]++;
@@ -956,6 +975,8 @@ static void engine_loop(Engine *e) {
 #define ENGINE_UNLOCK(e) pthread_mutex_unlock(&(e)->lock)
 
 static void engine_wake(Engine *e) {
+    if (!e->have_view || e->wake_fd <= 0)
+        return; /* not initialised: no worker to wake */
     uint64_t one = 1;
     ssize_t r = write(e->wake_fd, &one, sizeof one);
     (void)r;
@@ -1165,7 +1186,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         e->caps->iops_tokens = iops_max / 1000 > 1 ? (double)(iops_max / 1000) : 1.0;
         e->caps->bw_tokens = dev_mbps * 1000.0;
     }
-    caps_t *c = e->caps; /* join the group's wake-ups (channel_wait) */
+    caps_t *c = e->caps; /* join the group's wake-ups (arm_and_recheck) */
     pthread_mutex_lock(&c->lock);
     int *wfds = realloc(c->wake_fds, (c->n_wake + 1) * sizeof(int));
     if (wfds) {
@@ -1186,8 +1207,7 @@ static PyObject *Engine_run(Engine *e, PyObject *noargs) {
         PyErr_SetString(PyExc_RuntimeError, "Engine.run: not initialised, or already running");
         return NULL;
     }
-    e->running = 1;
-    __atomic_store_n(&e->stop, 0, __ATOMIC_RELEASE);
+    e->running = 1; /* a stop() that came first stays: run() returns at once */
     Py_BEGIN_ALLOW_THREADS engine_loop(e);
     Py_END_ALLOW_THREADS e->running = 0;
     Py_RETURN_NONE;
@@ -1390,8 +1410,10 @@ static PyObject *Engine_abort(Engine *e, PyObject *args) {
             /* post it and raise its vector now, in the caller's thread: the host's
              * next timeout of this command must find it completed, however late
              * the worker gets a core */
-            drain_cq(e, sq->cqid);
-            interrupts(e, now_ns());
+            if (e->cqs[sq->cqid].live) {
+                drain_cq(e, sq->cqid);
+                interrupts(e, now_ns());
+            }
             ret = 0;
             goto out;
         }

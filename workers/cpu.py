@@ -518,18 +518,16 @@ class Cpu:
         io_iopoll_check), or poll the vectors the driver keeps masked after an
         interrupt (``irq_poll``), and take interrupts without blocking; False when
         there is nothing to poll for, so the caller may block."""
-        if self.driver_irq_poll(self.mq):
-            # a masked vector's CQ is being polled: take what else happened without
-            # blocking, and look again
+        # a masked vector's CQ being polled (irq_poll) keeps this CPU awake too
+        polling = self.driver_irq_poll(self.mq)
+        if self.poll_hctxs and any(j.inflight for j in self.jobs):
+            mq = self.mq
+            for hctx in self.poll_hctxs:
+                mq.poll(hctx)
+            polling = True
+        if polling:
             self._serve(None, in_sleep=in_sleep, timeout=0.0)
-            return True
-        if not self.poll_hctxs or not any(j.inflight for j in self.jobs):
-            return False
-        mq = self.mq
-        for hctx in self.poll_hctxs:
-            mq.poll(hctx)
-        self._serve(None, in_sleep=in_sleep, timeout=0.0)
-        return True
+        return polling
 
     def _serve(
         self, until_ns: int | None, in_sleep: bool = False, timeout: float | None = None
