@@ -329,9 +329,9 @@ static int64_t service_ns(Engine *e) {
 
 /* ---- the shared buckets (a millisecond's worth banked at most) ---- */
 static void caps_refill(Engine *e, caps_t *c, uint64_t now) {
+    if (now <= c->last_refill)
+        return; /* another worker's pass, with a later clock, refilled them already */
     uint64_t dt = c->last_refill ? now - c->last_refill : 0;
-    if (c->last_refill && now < c->last_refill)
-        dt = 0;
     c->last_refill = now;
     if (e->iops_max) {
         double cap = e->iops_max / 1000.0;
