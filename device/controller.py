@@ -269,13 +269,13 @@ class Controller(AdminCommands):
         tail = self.a.load_acquire32(sq.tail_db)
         return (tail - sq.head) % sq.depth
 
-    def _post(self, cqid: int, cid: int, sq_head: int, status: int, result: int) -> None:
+    def _post(self, cqid: int, cid: int, status: int, result: int) -> None:
         """An admin command's CQE: to the admin CQ (room permitting), and its vector
         at once (the admin CQ is never coalesced)."""
         cq = self.cqs.get(cqid)
         if cq is None:
             return
-        cq.pending.append((result, sq_head, cqid, cid, status))
+        cq.pending.append((result, cqid, cid, status))
         self._drain_cq(cq)
 
     def _drain_cq(self, cq: Cq) -> None:
@@ -284,7 +284,7 @@ class Controller(AdminCommands):
         room = (a.load_acquire32(cq.head_db) - cq.tail - 1) % cq.depth
         n = min(room, len(cq.pending))
         for _ in range(n):
-            result, _sq_head, sqid, cid, status = cq.pending.popleft()
+            result, sqid, cid, status = cq.pending.popleft()
             off = cq.base + cq.tail * CQE.size
             sq = self.sqs.get(sqid)
             CQE_HEAD.pack_into(buf, off, result, 0, sq.head if sq else 0, sqid)
