@@ -9,6 +9,7 @@ import pytest
 from mqrt.bench.main import build
 from mqrt.block.blk_mq import BlkMq
 from mqrt.lib.sbitmap import Sbitmap, SbitmapQueue
+from mqrt.lib.wait import Waiters
 from mqrt.runtime.owner import run
 
 
@@ -33,9 +34,27 @@ def test_lost_wakeup(monkeypatch):
     f = result.finding
     assert f is not None and f["detector"] == "lost_wakeup", f
     assert f["at_s"] < 3
-    assert f["snapshot"]["sleeping"] and "wake_batch=" in f["message"]
+    # every CPU asleep with the map's tags free: nobody is left to free a tag
+    assert f["snapshot"]["sleeping"] and "tags are free, every CPU is asleep" in f["message"]
     (tags,) = f["snapshot"]["maps"].values()
     assert "ws_active=" in tags["tags"] and tags["held"] == []
+
+
+def test_lost_wakeup_counted_while_others_run(monkeypatch):
+    """A sleeper no wake-up reaches while the others keep running: decided by the
+    frees its map saw during that one sleep, not by how long it slept."""
+    real = Waiters.try_to_wake_up
+
+    def never_cpu3(self, slot):  # wake-ups pass over cpu3's entry, as if it ran
+        return False if slot == 3 else real(self, slot)
+
+    monkeypatch.setattr(Waiters, "try_to_wake_up", never_cpu3)
+    result = watched(cpus=4, irqmode="timer", completion_nsec=20_000, hw_queue_depth=8,
+                     iodepth=16, submit_queues=1)  # fmt: skip
+    f = result.finding
+    assert f is not None and f["detector"] == "lost_wakeup", f
+    assert f["message"].startswith("cpu3 asleep on"), f["message"]
+    assert "frees of that map with no wake-up" in f["message"]
 
 
 def test_hang():

@@ -298,9 +298,15 @@ class BlkMqCompletion:
         tags = rq.tags
         tag = rq.tag - tags.nr_reserved_tags
         if tag < 0:
-            tags.breserved_tags.clear(rq.tag, cpu)  # type: ignore[union-attr]
+            bt = tags.breserved_tags
+            bt.clear(rq.tag, cpu)  # type: ignore[union-attr]
+            if bt.count_frees:  # type: ignore[union-attr]
+                bt.note_frees(1)  # type: ignore[union-attr]
         elif batch is None:
-            tags.bitmap_tags.clear(tag, cpu)
+            bt = tags.bitmap_tags
+            bt.clear(tag, cpu)
+            if bt.count_frees:
+                bt.note_frees(1)
         else:
             batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
         if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
@@ -346,7 +352,10 @@ class BlkMqCompletion:
             if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
                 restart.append(hctx)
         for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()
-            tags.bitmap_tags.clear_batch(tags.nr_reserved_tags, tag_list)
+            bt = tags.bitmap_tags
+            bt.clear_batch(tags.nr_reserved_tags, tag_list)
+            if bt.count_frees:
+                bt.note_frees(len(tag_list))
         self.stats["batched_completions"] += len(batch)
         for hctx in dict.fromkeys(restart):
             self._sched_restart(hctx)

@@ -312,9 +312,13 @@ class Tags:
         """blk_mq_put_tag(): free ``tag``; it becomes the allocating ``cpu``'s next
         hint (cache locality), and waiters are woken by batch."""
         if tag >= self.nr_reserved_tags:
-            self.bitmap_tags.clear(tag - self.nr_reserved_tags, cpu)
+            bt = self.bitmap_tags
+            bt.clear(tag - self.nr_reserved_tags, cpu)
         else:
-            self.breserved_tags.clear(tag, cpu)  # type: ignore[union-attr]
+            bt = self.breserved_tags  # type: ignore[assignment]
+            bt.clear(tag, cpu)
+        if bt.count_frees:  # the race detectors' evidence
+            bt.note_frees(1)
 
     # -- debugfs ------------------------------------------------------------------------------
 

@@ -108,6 +108,10 @@ SBQ_HEADER = cacheline_struct(
     [("ws_active", "<i4")],  # sleepers on any wait state
     [("wake_index", "<i4")],  # next wait state to wake
     [("completion_cnt", "<i4"), ("wakeup_cnt", "<i4")],  # CURRENT generation only
+    # instrumentation for the race detectors, never read by the wait logic: bits freed
+    # back to this map, counted by the block layer's free paths while
+    # SbitmapQueue.count_frees is on
+    [("frees", "<u4")],
 )
 
 #: Per-CPU allocation hint, one cache line each.
@@ -515,6 +519,7 @@ class SbitmapQueue:
         a.set32(o.wake_index, 0)
         a.set32(o.completion_cnt, 0)
         a.set32(o.wakeup_cnt, 0)
+        a.set32(o.frees, 0)
         wake_batch = _calc_wake_batch(spec, spec.sb.depth, min_shallow_depth)
         a.set32(o.wake_batch, wake_batch)
         for i in range(SBQ_WAIT_QUEUES):
@@ -542,9 +547,24 @@ class SbitmapQueue:
         self._wake_index = o.wake_index
         self._completion_cnt = o.completion_cnt
         self._wakeup_cnt = o.wakeup_cnt
+        self.frees_off = o.frees
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
+
+    #: Count frees in ``frees`` (the detectors' evidence): set in the owner before the
+    #: CPUs fork when a run is watched, off otherwise (nothing on the free path then
+    #: but this test).
+    count_frees = False
+
+    def note_frees(self, nr: int) -> None:
+        """``nr`` bits of this map were freed (instrumentation, outside the algorithm:
+        the race catalogue's buggy versions of clear and wake-up cannot skip it)."""
+        self.a.fetch_add32(self.frees_off, nr)
+
+    @property
+    def frees(self) -> int:
+        return _u32(self.a.read32(self.frees_off))
 
     # -- configuration --------------------------------------------------------------------
 

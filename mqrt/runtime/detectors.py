@@ -18,14 +18,22 @@ lock a CPU takes, and reports the first of these it sees:
 ``nr_active_negative``
     an hctx's (or queue's) ``nr_active`` word is below zero.
 ``lost_wakeup``
-    one sleep of a task on a tag map's wait queue has lasted ``lost_wakeup_s`` while
-    at least ``wake_batch`` tags are free (a whole batch was freed after the map
-    was last full, so the task should have been woken), or while some are free and
-    none is in use (no free will ever come to wake it).  A sleep is told from the
-    next by the sleeper's ``sleep_seq``.
+    decided by counting, not by the clock.  A task asleep on a tag map's wait queue
+    (one sleep, told from the next by its ``sleep_seq``) through more of that map's
+    frees than any generation of the wake-up algorithm lets pass without waking it:
+    every ``wake_batch`` frees wake at least one sleeper, going round the
+    ``SBQ_WAIT_QUEUES`` wait queues, so ``SBQ_WAIT_QUEUES x wake_batch x (sleepers on
+    the map + 2)`` frees reach every sleeper (a woken task that still cannot take a
+    tag, say at its fair share, sleeps again: a new sleep).  The map's frees are
+    counted by the block layer's free paths (``frees``, outside the algorithm the
+    catalogue swaps).  Or, with no frees at all: a task asleep on a map with free
+    tags while every CPU process is asleep and nothing moved for a while (below):
+    nobody is left to wake it.
 ``hang``
-    no I/O submitted or completed anywhere for ``hang_s`` while requests are in
-    flight or tasks wait for tags.
+    no I/O submitted or completed across ``HANG_CHECKS`` looks and at least
+    ``hang_s``, while requests hold tags or tasks wait for them, and every CPU
+    process is asleep (not runnable) at each of those looks: a CPU the host does
+    not schedule, or one still running, is not hung.
 
 Each finding carries a snapshot taken at once: every tag map in the kernel's debugfs
 format (``sbitmap_queue_show``), the sleeping tasks and where they sleep, ``nr_active``
@@ -38,15 +46,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
 from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import RqState
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SbitmapQueue
 from mqrt.lib.shm import Arena, field_offset
 from mqrt.lib.trace import TraceSpec, format_records, last_events, read_all
 from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
 
 #: Events per CPU shown next to a finding.
 EVENTS_PER_CPU = 24
+#: Consecutive looks with no progress (and every CPU asleep) before a hang is called.
+HANG_CHECKS = 5
 
 _QUEUED_ON = field_offset(WAIT_QUEUE_ENTRY, "queued_on")
 
@@ -92,15 +105,15 @@ class Monitor:
         cpu_stats,
         nr_cpus: int,
         *,
+        pids: list[int] | None = None,
         hang_s: float = 1.0,
-        lost_wakeup_s: float = 0.3,
         trace: TraceSpec | None = None,
     ):
         self.arena = arena
         self.a = arena.atomic
         self.hang_s = hang_s
-        self.lost_wakeup_s = lost_wakeup_s
         self.trace = trace
+        self._procs = [psutil.Process(pid) for pid in pids or ()]
         self.waiters = Waiters(arena, wspec, eventfds, None)
         self.nr_waiters = wspec.nr_waiters
         self.stats = [cpu_stats.offsets(i) for i in range(nr_cpus)]
@@ -129,15 +142,20 @@ class Monitor:
                     label = f"{tset.name}/tags{i}" if len(tags) > 1 else tset.name
                     self.maps.append(_Map(label, t, rqs))
             self.queue_views.append(Queue(arena, q, by_set[id(tset)], 0))
-        self._ws_of = {
-            ws.head: (m, f"bitmap_tags ws[{i}]")
-            for m in self.maps
-            for i, ws in enumerate(m.tags.bitmap_tags.ws)
-        }
-        self._first_seen: dict[tuple[int, int], float] = {}
+        #: wait-queue head -> (map, its name, the sbitmap_queue it belongs to)
+        self._ws_of: dict[int, tuple[_Map, str, SbitmapQueue]] = {}
+        for m in self.maps:
+            for kind, bt in (("bitmap_tags", m.tags.bitmap_tags),
+                             ("breserved_tags", m.tags.breserved_tags)):  # fmt: skip
+                if bt is not None:
+                    for i, ws in enumerate(bt.ws):
+                        self._ws_of[ws.head] = (m, f"{kind} ws[{i}]", bt)
+        #: each sleep seen: (slot, sleep_seq) -> its map's frees when first seen
+        self._first_seen: dict[tuple[int, int], int] = {}
         self.t0 = time.monotonic()
         self._progress = -1
         self._progress_at = self.t0
+        self._flat_looks = 0
 
     def close(self) -> None:
         """Let go of every view into the arena (before it is unmapped)."""
@@ -170,9 +188,9 @@ class Monitor:
             return f"{where[0].name} {where[1]}"
         return f"wait queue @{head:#x}" if head else "no wait queue"
 
-    def _sleeps(self, now: float) -> dict[tuple[int, int], tuple[float, tuple]]:
+    def _sleeps(self) -> dict[tuple[int, int], tuple[int, tuple[_Map, str, SbitmapQueue]]]:
         """Every sleep on a tag map's wait queue going on now, by (slot, sleep_seq):
-        since when it has been seen, and on which map and wait state."""
+        its map's frees when it was first seen, and where it sleeps."""
         a, w = self.a, self.waiters
         seen = {}
         for slot in range(self.nr_waiters):
@@ -183,9 +201,25 @@ class Monitor:
             if where is None:
                 continue
             key = (slot, a.read32(entry + w._sleep_seq))
-            seen[key] = (self._first_seen.get(key, now), where)
+            since = self._first_seen.get(key)
+            seen[key] = (where[2].frees if since is None else since, where)
         self._first_seen = {k: v[0] for k, v in seen.items()}
         return seen
+
+    def _cpus_asleep(self) -> list[str] | None:
+        """Each CPU process's scheduling state if none is runnable (all blocked or
+        stopped), else None: a runnable CPU may still make progress, however long
+        the host keeps it off a core."""
+        states = []
+        for p in self._procs:
+            try:
+                st = p.status()
+            except psutil.Error:
+                st = "gone"
+            if st == psutil.STATUS_RUNNING:
+                return None
+            states.append(st)
+        return states
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -223,43 +257,61 @@ class Monitor:
                 held_twice = self._held_twice(m, at)
                 if held_twice is not None:
                     return held_twice
+        asleep = self._sleeps()
+        by_map: dict[int, int] = {}
+        for _since, where in asleep.values():
+            by_map[id(where[2])] = by_map.get(id(where[2]), 0) + 1
+        for (slot, _seq), (since, (m, label, bt)) in asleep.items():
+            wake_batch = max(1, bt.wake_batch)
+            bound = SBQ_WAIT_QUEUES * wake_batch * (by_map[id(bt)] + 2)
+            frees = (bt.frees - since) & 0xFFFFFFFF
+            if frees >= bound:
+                return Finding(
+                    "lost_wakeup",
+                    f"cpu{slot} asleep on {m.name} {label} through {frees} frees of that "
+                    f"map with no wake-up (any generation wakes every sleeper within "
+                    f"{bound}: {SBQ_WAIT_QUEUES} wait queues x wake_batch={wake_batch} x "
+                    f"({by_map[id(bt)]} sleepers + 2)); {self._free_tags(m)} tags free now",
+                    at,
+                )
         busy_total = 0
-        waiting_total = 0
-        asleep = self._sleeps(now)
         for m in self.maps:
-            bt = m.tags.bitmap_tags
-            busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
-            busy_total += busy
-            waiting_total += any(ws.active() for ws in bt.ws)
-            depth = bt.sb.depth
-            free = depth - busy
-            wake_batch = bt.wake_batch
-            # A sleep that enough frees should have ended: at least wake_batch tags
-            # free (a whole batch was freed after the map was last full), or some
-            # free and none in use (no free will ever come again).
-            if free < max(1, wake_batch) and busy:
-                continue
-            for (slot, _seq), (since, where) in asleep.items():
-                if where[0] is m and now - since >= self.lost_wakeup_s:
-                    return Finding(
-                        "lost_wakeup",
-                        f"cpu{slot} asleep for a tag on {m.name} {where[1]} for "
-                        f"{now - since:.2f} s while {free} of {depth} tags are free "
-                        f"({busy} in use, wake_batch={wake_batch})",
-                        at,
-                    )
+            busy_total += sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
         progress = self._sum_stat("completed") + self._sum_stat("submitted")
         if progress != self._progress:
-            self._progress, self._progress_at = progress, now
-        elif (busy_total or waiting_total) and now - self._progress_at >= self.hang_s:
-            return Finding(
-                "hang",
-                f"no I/O submitted or completed for {now - self._progress_at:.2f} s with "
-                f"{busy_total} request(s) holding tags and tasks waiting on "
-                f"{waiting_total} tag map(s)",
-                at,
-            )
-        return None
+            self._progress, self._progress_at, self._flat_looks = progress, now, 0
+            return None
+        self._flat_looks += 1
+        if not (busy_total or asleep):
+            return None
+        if self._flat_looks < HANG_CHECKS or now - self._progress_at < self.hang_s:
+            return None
+        states = self._cpus_asleep()
+        if states is None:
+            return None  # a CPU is runnable: it may yet move (or the host starves it)
+        flat = f"{self._flat_looks} looks ({now - self._progress_at:.2f} s)"
+        cpus = ", ".join(f"cpu{i} {st}" for i, st in enumerate(states))
+        for (slot, _seq), (_since, (m, label, _bt)) in asleep.items():
+            free = self._free_tags(m)
+            if free:
+                return Finding(
+                    "lost_wakeup",
+                    f"cpu{slot} asleep on {m.name} {label} while {free} tags are free, "
+                    f"every CPU is asleep ({cpus}) and nothing moved for {flat}: no free "
+                    f"is left to wake it",
+                    at,
+                )
+        return Finding(
+            "hang",
+            f"no I/O submitted or completed for {flat} with {busy_total} request(s) "
+            f"holding tags and {len(asleep)} task(s) waiting for tags, every CPU asleep "
+            f"({cpus})",
+            at,
+        )
+
+    def _free_tags(self, m: _Map) -> int:
+        busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
+        return m.tags.bitmap_tags.sb.depth - busy
 
     def _held_twice(self, m: _Map, at: float) -> Finding | None:
         """A tag of a shared sbitmap held by two requests (of two hctxs' pools) at

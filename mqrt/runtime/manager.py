@@ -80,7 +80,7 @@ class Manager:
 
             self.monitor = Monitor(
                 run.arena, run.queues, run.wspec, run.eventfds, run.stats_region, self.n,
-                hang_s=self.spec.hang_s, lost_wakeup_s=self.spec.lost_wakeup_s,
+                pids=[p.pid for p in run.procs[: self.n]], hang_s=self.spec.hang_s,
                 trace=run.trace_spec,
             )  # fmt: skip
 

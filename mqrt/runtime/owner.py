@@ -163,9 +163,13 @@ class _Run:
             raise RunError(f"{exc} (device pid {p.pid}: {exit_name(p.exitcode)})") from None
 
     def _start_cpus(self) -> None:
+        from mqrt.lib.sbitmap import SbitmapQueue
         from mqrt.workers.cpu import CpuPlan, cpu_main
 
         spec, queues, ops = self.spec, self.queues, self.ops
+        # a watched run counts every tag map's frees (the detectors' evidence); the
+        # CPUs inherit the switch through fork
+        SbitmapQueue.count_frees = spec.detect
         timeout_cpu = [q.index % self.n for q in queues]
         # the driver's timer (if any) runs on the first CPU of the queue's hctx 0
         timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]

@@ -47,9 +47,9 @@ class RunSpec:
     inject: dict[str, tuple[float, int]] | None = None
     #: watch the run with mqrt.runtime.detectors's detectors: the first finding stops it
     detect: bool = False
-    #: detector thresholds (seconds): no progress, and a lost wake-up
+    #: the hang detector's least time without progress, in seconds (it also needs
+    #: several looks in a row, and every CPU asleep at each)
     hang_s: float = 1.0
-    lost_wakeup_s: float = 0.3
     #: event trace: records per CPU ring (0: no trace)
     trace_entries: int = 0
     #: where to dump the trace (msgpack) when the run fails: a detector fired, an
