@@ -348,7 +348,7 @@ def _finish_wait_uncounted(self: SbitmapQueue, ws_index: int, wait: SbqWait) -> 
 
 WS_ACTIVE_UNCOUNTED = Bug(
     name="ws_active_uncounted",
-    commit="872b844c",
+    commit="872b844c (unverified)",
     subject="blk-mq: Fix sbitmap ws_active for shared tags",
     what="a waiter that does not count itself in ws_active is skipped by every free",
     explanation=(
@@ -361,8 +361,10 @@ WS_ACTIVE_UNCOUNTED = Bug(
         "increments and decrements ws_active around that wait. mqrt has no "
         "dispatch-time driver tag (no I/O scheduler), so the same omission is switched "
         "on where our tasks wait for a tag: the sleepers queue without counting "
-        "themselves. Scenario: 2 null_blk devices on one shared tag set of 16 tags, 2 "
-        "CPUs keeping 16 I/Os each, 50 us completions."
+        "themselves: every free skips the wake-up by construction, so this entry shows "
+        "the mechanism, not the kernel's interleaving. The commit id could not be "
+        "checked against the kernel's history. Scenario: 2 null_blk devices on one "
+        "shared tag set of 16 tags, 2 CPUs keeping 16 I/Os each, 50 us completions."
     ),
     scenario=Scenario(
         given={
@@ -387,11 +389,11 @@ WS_ACTIVE_UNCOUNTED = Bug(
 
 
 def _recalculate_wake_batch_floor4(self: SbitmapQueue, users: int) -> None:
-    """180dccb0dba4's first recalculation: the fair share's batch, but never below 4,
-    whatever the depth."""
-    depth = self.sb.depth
-    share = (depth + users - 1) // users
-    self._update_wake_batch(max(4, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+    """sbitmap_queue_recalculate_wake_batch() as 180dccb0dba4 added it: the fair
+    share itself clamped to 4..SBQ_WAKE_BATCH (no division by the wait queues, and
+    never below 4, whatever the depth)."""
+    share = (self.sb.depth + users - 1) // users
+    self._update_wake_batch(min(max(share, 4), SBQ_WAKE_BATCH))
 
 
 WAKE_BATCH_ABOVE_DEPTH = Bug(
@@ -401,13 +403,13 @@ WAKE_BATCH_ABOVE_DEPTH = Bug(
     what="on a shallow shared queue, wake_batch is raised above the depth: nobody is ever woken",
     explanation=(
         "180dccb0dba4 started recalculating wake_batch whenever a shared tag map gained "
-        "or lost an active queue, and to keep batching cheap it never let the batch go "
-        "below 4. On a queue of depth 1 to 3 that raised wake_batch above the number of "
-        "tags: a sleeper needs 4 frees, only the depth can ever be in flight, and once "
-        "every submitter sleeps nothing wakes them. The fix clamps the minimum batch to "
-        "1 unless the depth is at least 32 (and b5fcf7871acb later dropped the floor). "
-        "Scenario: 2 null_blk devices sharing a tag set of 2 tags, 2 CPUs keeping 4 "
-        "I/Os each per device."
+        "or lost an active queue: the fair share, (depth + users - 1) / users, clamped to "
+        "4..SBQ_WAKE_BATCH, so never below 4. On a queue of depth 1 to 3 that raised "
+        "wake_batch above the number of tags: a sleeper needs 4 frees, only the depth can "
+        "ever be in flight, and once every submitter sleeps nothing wakes them. The fix "
+        "clamps the minimum batch to 1 unless the depth is at least 32 (and b5fcf7871acb "
+        "later dropped the floor). Scenario: 2 null_blk devices sharing a tag set of 2 "
+        "tags, 2 CPUs keeping 4 I/Os each per device."
     ),
     scenario=Scenario(
         given={
