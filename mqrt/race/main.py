@@ -105,9 +105,10 @@ def main_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(b.name) for b in CATALOGUE.values())
+    cw = max(len(b.commit) for b in CATALOGUE.values())
     for b in CATALOGUE.values():
-        print(f"{b.name:<{width}}  {b.commit:<12}  {b.what}")
-        print(f"{'':<{width}}  {'':<12}  ({b.subject})")
+        print(f"{b.name:<{width}}  {b.commit:<{cw}}  {b.what}")
+        print(f"{'':<{width}}  {'':<{cw}}  ({b.subject})")
     return 0
 
 
