@@ -26,8 +26,9 @@ READ = int(ReqOp.READ)
 
 
 def script_setup(
-    ops, depth=8, nr_hw_queues=1, reserved=0, nr_queues=1, timeout_ms=0, rq_affinity=1
-):
+    ops, depth=8, nr_hw_queues=1, reserved=0, nr_queues=1, timeout_ms=0, rq_affinity=1,
+    async_depth=0,
+):  # fmt: skip
     def setup(layout, topology):
         tset = TagSet(
             ops=ops,
@@ -38,7 +39,8 @@ def script_setup(
         )
         alloc_tag_set(tset, layout, topology)
         queues = [
-            init_queue(tset, layout, f"q{i}", rq_affinity=rq_affinity) for i in range(nr_queues)
+            init_queue(tset, layout, f"q{i}", rq_affinity=rq_affinity, async_depth=async_depth)
+            for i in range(nr_queues)
         ]
         return ops, queues
 
@@ -464,6 +466,32 @@ def test_plug_takes_a_batch_of_tags_and_frees_what_it_did_not_use(rig_factory):
     for rq in list(ops.started):
         rig.mq.end_request(rq)
     clean(rig)  # the 5 unused tags went back
+
+
+def test_reserved_tags_are_not_held_to_the_fair_share(rig_factory):
+    # __blk_mq_get_tag(): hctx_may_queue() does not apply to BLK_MQ_REQ_RESERVED
+    rig, _ops = rig_factory(depth=18, reserved=2, nr_queues=2)
+    q0, q1 = rig.mq.queues
+    assert rig.mq.alloc_request(q1, READ, 0, 8, 0, nowait=True) >= 0  # q1 becomes active
+    while rig.mq.alloc_request(q0, READ, 0, 8, 0, nowait=True) >= 0:
+        pass  # q0 at its share of the 16 normal tags
+    got = [rig.mq.alloc_request(q0, READ, 0, 8, 0, reserved=True, nowait=True) for _ in range(2)]
+    assert all(rq >= 0 for rq in got), got
+
+
+def test_no_tag_batch_below_a_shallow_depth(rig_factory):
+    # blk_mq_get_tags(): no batch with a shallow depth (async_depth for writes)
+    rig, ops = rig_factory(depth=256, async_depth=4)
+    q = rig.mq.queues[0]
+    rig.mq.start_plug(16)
+    for i in range(4):
+        rig.mq.submit_bio(q, int(ReqOp.WRITE), 10_000 * i, 8, 0)
+    assert rig.mq.nr_batch_tags == 0  # each write took one tag below the shallow depth
+    rig.mq.finish_plug()
+    assert ops.calls == 4
+    for rq in list(ops.started):
+        rig.mq.end_request(rq)
+    clean(rig)
 
 
 def test_no_tag_batch_with_shared_tags(rig_factory):

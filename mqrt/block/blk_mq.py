@@ -291,16 +291,17 @@ class BlkMq(BlkMqCompletion):
         shared = queue.shared
         rq_id = -1
         plug = self.plug
-        if plug is not None and not shared and not reserved:
+        shallow = queue.async_depth if op == _WRITE else 0
+        if plug is not None and not shared and not reserved and not shallow:
             # blk_mq_get_new_requests() with a plug: the plug's cached requests, after
-            # taking a batch of tags for its nr_ios (not with shared tags).
+            # taking a batch of tags for its nr_ios (blk_mq_get_tags(): not with
+            # shared tags, reserved tags or a shallow depth).
             cached = plug.cached
             if not cached and plug.nr_ios > 1:
                 self._alloc_batch(tags, hctx, plug)
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
         if rq_id < 0:
-            shallow = queue.async_depth if op == _WRITE else 0
             if shared:
                 tags.tag_busy(hctx.active_off, hctx.active_bit)  # blk_mq_tag_busy()
                 tag = -1

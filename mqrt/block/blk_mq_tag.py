@@ -203,14 +203,14 @@ class Tags:
         self._update_active(+1)
 
     def tag_idle(self, state_off: int, active_bit: int) -> None:
-        """__blk_mq_tag_idle(): the user went idle: uncount it and wake everyone, so
-        waiters re-evaluate their fair share."""
+        """__blk_mq_tag_idle(): the user went idle: uncount it and wake every waiter
+        of the normal tags, so they re-evaluate their fair share
+        (blk_mq_tag_wakeup_all(tags, false): reserved waiters are not held to a
+        share, so they are left alone)."""
         if not self.a.test_and_clear_bit(state_off, active_bit):
             return
         self._update_active(-1)
         self.bitmap_tags.wake_all()
-        if self.breserved_tags is not None:
-            self.breserved_tags.wake_all()
 
     def may_queue(self, state_off: int, active_bit: int, nr_active_off: int) -> bool:
         """hctx_may_queue() for a shared map: may this user take one more tag?"""
@@ -263,6 +263,9 @@ class Tags:
         else:
             bt = self.bitmap_tags
             offset = self.nr_reserved_tags
+
+        if reserved:
+            may_queue = None  # __blk_mq_get_tag(): reserved tags are not shared out
 
         def try_get() -> int:
             if may_queue is not None and not may_queue():
