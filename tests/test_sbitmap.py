@@ -43,6 +43,8 @@ class Rig:
         self.owners = self.layout.add("owners", "<i8", depth)
         self.sleeps = self.layout.add("sleeps", "<u8")
         self.frees = self.layout.add("frees", "<u8")  #: tags put, by every process
+        #: each process's wait_index (an atomic_t, as an hctx's)
+        self.wait_index = self.layout.add("wait_index", "<i4", nr_cpus)
         self.arena = Arena.create(self.layout)
         Waiters.init(self.arena, self.wspec)
         if tags:
@@ -364,7 +366,8 @@ def _sleepy_worker(rig, cpu, rounds, max_hold):
     tags = rig.tags(waiters, cpu)
     a = rig.arena.atomic
     rng = random.Random(cpu)
-    wait_index = [cpu % SBQ_WAIT_QUEUES]
+    wait_index = rig.wait_index.addr(cpu)
+    a.set32(wait_index, cpu % SBQ_WAIT_QUEUES)
     i = 0
 
     frees = rig.frees.addr()
@@ -413,3 +416,14 @@ def test_sleepers_are_never_stranded(rig_factory, gen, depth):
     assert q.sb.weight() == 0
     assert "ws_active=0" in q.show()
     assert rig.arena.atomic.read(rig.sleeps.addr()) > 0, "nobody slept: the test proves nothing"
+
+
+def test_wait_ptr_moves_one_shared_wait_index_round_robin(rig_factory):
+    """sbq_wait_ptr() on an hctx's atomic_t wait_index: every CPU of the hctx takes
+    the next wait state in turn (the index is the hctx's, not each CPU's), wrapping
+    at SBQ_WAIT_QUEUES."""
+    rig = rig_factory(depth=16)
+    off = rig.wait_index.addr(0)
+    cpu0, cpu1 = rig.sbq(cpu=0, me=0), rig.sbq(cpu=1, me=1)
+    taken = [(cpu0 if i % 2 == 0 else cpu1).wait_ptr(off) for i in range(SBQ_WAIT_QUEUES + 2)]
+    assert taken == [*range(SBQ_WAIT_QUEUES), 0, 1]

@@ -25,7 +25,7 @@ Deviations from Linux
     * No I/O scheduler (``none``): the driver tag is allocated with the request and is
       its identity; requests live in the tag set's pool at ``tags.rq_base + tag``.
     * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
-    * ``hctx->next_cpu`` (kblockd CPU round robin) and ``wait_index`` are per CPU.
+    * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
       bit next to MQ_RQ_*; every transition is a cmpxchg from the expected state,
       so a request finishes exactly once even when a completion races a timeout.
@@ -319,7 +319,7 @@ class BlkMq(BlkMqCompletion):
                     reserved,
                     nowait,
                     hctx.may_queue if shared else None,
-                    hctx.wait_index,
+                    hctx.wait_index_off,
                     hctx.run_sync,
                     self.io_schedule,
                     shallow=shallow,

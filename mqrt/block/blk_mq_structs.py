@@ -215,6 +215,9 @@ HCTX = cacheline_struct(
     # requests holding a shared tag; the most held under a fair-share limit
     [("nr_active", "<i4"), ("max_active", "<i4")],
     [("dispatch_busy", "<u4")],  # EWMA of "driver said busy"
+    # hctx->wait_index: the tag wait queue its next sleeper takes (sbq_wait_ptr),
+    # shared by the hctx's CPUs, moved on by one cmpxchg
+    [("wait_index", "<i4")],
 )
 #: hctx->ctx_map is an sbitmap of 2^3 bits a word (blk_mq_alloc_hctx():
 #: ``ilog2(8)``), one bit per ctx of the hctx by index_hw: each word, on its own
@@ -720,7 +723,7 @@ class HwCtx:
             self.active_off, self.active_bit = o.state, HctxState.TAG_ACTIVE
             self.nr_active_off = o.nr_active
             self.max_active_off = o.max_active
-        self.wait_index = [0]
+        self.wait_index_off = o.wait_index
         self.dispatch_from = 0  #: index_hw of the ctx to dispatch from next (per CPU)
         self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here
         self.next_cpu_idx = 0

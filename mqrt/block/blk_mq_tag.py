@@ -241,7 +241,7 @@ class Tags:
         reserved: bool,
         nowait: bool,
         may_queue: Callable[[], bool] | None,
-        wait_index: list[int],
+        wait_index: int,
         run_queue: Callable[[], None],
         schedule: Callable[[], None],
         shallow: int = 0,

@@ -824,12 +824,15 @@ class SbitmapQueue:
 
     # -- sleeping ------------------------------------------------------------------------------
 
-    def wait_ptr(self, wait_index: list[int]) -> int:
-        """sbq_wait_ptr(): the wait state to sleep on, round-robin through the
-        caller's ``wait_index`` (a one-element list, per hctx in blk-mq)."""
-        i = wait_index[0]
-        wait_index[0] = (i + 1) % SBQ_WAIT_QUEUES
-        return i
+    def wait_ptr(self, wait_index: int) -> int:
+        """sbq_wait_ptr(): the wait state at the atomic_t ``wait_index`` (an offset:
+        in blk-mq the hctx's, shared by its CPUs), which then moves on by one with a
+        single cmpxchg (sbq_index_atomic_inc(): not retried, so callers racing may
+        both take the same wait state, as in the kernel)."""
+        a = self.a
+        i = a.read32(wait_index)
+        a.cmpxchg32(wait_index, i, (i + 1) & (SBQ_WAIT_QUEUES - 1))
+        return i & (SBQ_WAIT_QUEUES - 1)
 
     def prepare_to_wait(self, ws_index: int, wait: SbqWait) -> None:
         """sbitmap_prepare_to_wait(): count this sleeper in ws_active (once per wait)
