@@ -56,12 +56,25 @@ def test_race_run_json_shape(tmp_path):
     assert got["seconds"] > 0 and got["requests"] > 0 and got["report"].endswith(".txt")
 
 
+def test_race_run_seeds_reports_how_hard_each_bug_was(tmp_path):
+    args = ("race", "run", "wake_batch_above_depth", "--seeds", "2", "--report-dir", str(tmp_path))
+    out = mqrt(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["tries"] == 2 and got["succeeded"] == 2 and len(got["runs"]) == 2
+    assert [r["seed"] for r in got["runs"]] == [0, 1000]
+    assert 0 < got["median_s"] <= got["worst_s"] and got["detectors"] == ["lost_wakeup"]
+    table = mqrt(*args).stdout
+    assert "--seeds 2" in table and "2/2" in table and "wake_batch_above_depth" in table
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (("race", "run", "no_such_bug"), "no bug 'no_such_bug'"),
         (("race", "run"), "give a NAME or --all"),
         (("race", "run", "cleared_race", "--timeout", "0"), "--timeout: must be in"),
+        (("race", "run", "cleared_race", "--seeds", "0"), "--seeds: must be in 1..1000"),
     ],
 )
 def test_race_usage_errors_are_one_line(args, message):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -63,6 +64,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rp.add_argument(
         "--requests", type=int, default=DEFAULT_FIXED_REQUESTS, metavar="N",
         help=f"with --fixed: clean I/Os needed to pass. Default: {DEFAULT_FIXED_REQUESTS}",
+    )  # fmt: skip
+    rp.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="independent tries per bug (seeds S, S+1000, ...), each up to the timeout, "
+        "and a table of how hard each was: reproduced (or clean) of N, median and worst "
+        "time and requests. Default: 1",
+    )  # fmt: skip
+    rp.add_argument(
+        "--no-inject", action="store_true",
+        help="run the scenarios without their injected delays (the race windows as "
+        "narrow as the code makes them)",
     )  # fmt: skip
     rp.add_argument("--json", action="store_true", help="print a JSON object per bug")
     rp.add_argument(
@@ -124,29 +136,91 @@ def main_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout: must be in (0, 86400] seconds, got {args.timeout}")
     if args.requests < 1:
         raise UsageError(f"--requests: must be >= 1, got {args.requests}")
+    if not 1 <= args.seeds <= 1000:
+        raise UsageError(f"--seeds: must be in 1..1000, got {args.seeds}")
     bugs = list(CATALOGUE.values()) if args.all else [CATALOGUE[args.name]]
     timeout = args.timeout or (DEFAULT_FIXED_TIMEOUT_S if args.fixed else DEFAULT_TIMEOUT_S)
     ok = True
     outcomes = []
     for bug in bugs:
-        out = run_bug(
-            bug,
-            seed=args.seed,
-            timeout=timeout,
-            fixed=args.fixed,
-            requests=args.requests,
-            report_dir=args.report_dir,
-            progress=None if args.quiet or args.json else _progress,
-        )
-        outcomes.append(out)
-        ok &= out["clean"] if args.fixed else out["reproduced"]
-        if not args.json:
-            _print_outcome(out)
+        tries = []
+        for k in range(args.seeds):
+            out = run_bug(
+                bug,
+                seed=args.seed + SEED_STRIDE * k,
+                timeout=timeout,
+                fixed=args.fixed,
+                requests=args.requests,
+                report_dir=args.report_dir,
+                progress=None if args.quiet or args.json else _progress,
+                inject=not args.no_inject,
+            )
+            tries.append(out)
+            ok &= out["clean"] if args.fixed else out["reproduced"]
+            if not args.json and args.seeds == 1:
+                _print_outcome(out)
+        outcomes.append(tries[0] if args.seeds == 1 else difficulty(bug, tries))
     if args.json:
         print(
             json.dumps(outcomes[0] if len(outcomes) == 1 and not args.all else outcomes, indent=2)
         )
+    elif args.seeds > 1:
+        print_difficulty(outcomes, args.fixed, not args.no_inject, sys.stdout)
     return 0 if ok else 1
+
+
+#: --seeds: try k starts at seed S + SEED_STRIDE * k (its attempts use the seeds after it)
+SEED_STRIDE = 1000
+
+
+def difficulty(bug: Bug, tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """How hard ``bug`` was over independent tries: how many reproduced (or ran
+    clean, with --fixed), the median and worst time and requests, the detectors."""
+    fixed = tries[0]["fixed"]
+    good = [t for t in tries if (t["clean"] if fixed else t["reproduced"])]
+    secs = sorted(t["seconds"] for t in good)
+    reqs = sorted(t["requests"] for t in good)
+    return {
+        "name": bug.name,
+        "commit": bug.commit,
+        "fixed": fixed,
+        "tries": len(tries),
+        "succeeded": len(good),
+        "median_s": statistics.median(secs) if secs else None,
+        "worst_s": max(secs) if secs else None,
+        "median_requests": int(statistics.median(reqs)) if reqs else None,
+        "worst_requests": max(reqs) if reqs else None,
+        "detectors": sorted({t["finding"]["detector"] for t in tries if t["finding"]}),
+        "runs": tries,
+    }
+
+
+def print_difficulty(rows: list[dict[str, Any]], fixed: bool, inject: bool, out) -> None:
+    """The --seeds table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"mqrt race run --seeds {rows[0]['tries']}"
+        + (" --fixed" if fixed else "")
+        + ("" if inject else " --no-inject")
+    )
+    table = Table(title=title, title_justify="left")
+    verdict = "clean" if fixed else "reproduced"
+    for col in ("bug", "commit", verdict, "median s", "worst s", "median requests",
+                "worst requests", "detectors"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("bug", "commit", "detectors") else "right")
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        table.add_row(
+            r["name"], r["commit"], f"{r['succeeded']}/{r['tries']}", num(r["median_s"], ".1f"),
+            num(r["worst_s"], ".1f"), num(r["median_requests"], ","),
+            num(r["worst_requests"], ","), ", ".join(r["detectors"]) or "-",
+        )  # fmt: skip
+    Console(file=out, width=140, highlight=False).print(table)
 
 
 def _progress(text: str) -> None:
@@ -181,9 +255,11 @@ def run_bug(
     requests: int = DEFAULT_FIXED_REQUESTS,
     report_dir: str | None = None,
     progress=None,
+    inject: bool = True,
 ) -> dict[str, Any]:
     """Attempts of the bug's scenario (seed, seed+1, ...) until a detector fires, or
-    (``fixed``) until ``requests`` I/Os ran clean, or ``timeout`` seconds pass."""
+    (``fixed``) until ``requests`` I/Os ran clean, or ``timeout`` seconds pass.
+    ``inject`` False runs the scenario without its injected delays."""
     from mqrt.runtime.owner import run
 
     t0 = time.monotonic()
@@ -198,7 +274,7 @@ def run_bug(
         if left <= 0.2:
             break
         s = seed + attempts
-        spec, config = build_scenario(bug, s, min(bug.scenario.attempt_s, left))
+        spec, config = build_scenario(bug, s, min(bug.scenario.attempt_s, left), inject)
         if report_dir:
             os.makedirs(report_dir, exist_ok=True)
             spec.trace_dump = os.path.join(report_dir, f"{_base_name(bug, fixed, seed)}.trace")
@@ -231,6 +307,7 @@ def run_bug(
         "attempts": attempts,
         "seed": seed,
         "seed_found": seed_found,
+        "inject": inject,
         "finding": finding,
         "trace_dump": trace_dump,
     }
@@ -238,9 +315,9 @@ def run_bug(
     return out
 
 
-def build_scenario(bug: Bug, seed: int, runtime: float):
+def build_scenario(bug: Bug, seed: int, runtime: float, inject: bool = True):
     """The RunSpec of one attempt: the scenario's options, per-queue jobs, injection
-    points and the detectors."""
+    points (unless not ``inject``) and the detectors."""
     from mqrt.bench.main import build
     from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
 
@@ -258,8 +335,9 @@ def build_scenario(bug: Bug, seed: int, runtime: float):
     spec.detect = True
     spec.trace_entries = TRACE_ENTRIES
     spec.actions = list(sc.actions) or None
-    spec.inject = dict(sc.inject) or None
-    config["inject"] = {k: list(v) for k, v in sc.inject.items()}
+    points = sc.inject if inject else {}
+    spec.inject = dict(points) or None
+    config["inject"] = {k: list(v) for k, v in points.items()}
     config["actions"] = [list(a) for a in sc.actions]
     return spec, config
 
