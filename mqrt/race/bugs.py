@@ -468,6 +468,85 @@ SHALLOW_MISSED_WAKEUP = Bug(
 )
 
 
+# -- 48c033314f37: a wait_cnt left at zero when its wait queue emptied -------------------------
+
+
+def _legacy_wake_up_once_no_reset(self: SbitmapQueue, nr: int) -> tuple[bool, int]:
+    """__sbq_wake_up() between 040b83fcecfb and 48c033314f37: after counting the
+    frees down, a wait queue found empty (its sleeper left meanwhile) made the waker
+    return at once, even when it had just brought wait_cnt to 0 -- without resetting
+    it to wake_batch."""
+    a = self.a
+    if nr <= 0:
+        return False, nr
+    i = self._legacy_wake_ptr()
+    if i < 0:
+        return False, nr
+    ws = self.ws[i]
+    cnt_off = self._wait_cnt[i]
+    cur = a.read32(cnt_off)
+    while True:
+        if cur == 0:
+            return True, nr
+        sub = min(nr, cur)
+        wait_cnt = cur - sub
+        found = a.cmpxchg32(cnt_off, cur, wait_cnt)
+        if found == cur:
+            break
+        cur = found
+    if inject.armed:
+        inject.hit("sbq.wake.before_reset")
+    if not ws.active():
+        return True, nr  # the bug: at wait_cnt == 0 nobody resets it now
+    if wait_cnt > 0:
+        return False, nr
+    nr -= sub
+    wake_batch = a.read32(self._wake_batch)
+    ws.wake_up_nr(wake_batch)
+    old = a.read32(self._wake_index)
+    a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
+    a.set32(cnt_off, wake_batch)
+    return nr > 0, nr
+
+
+WAIT_CNT_LEFT_AT_ZERO = Bug(
+    name="wait_cnt_left_at_zero",
+    commit="48c033314f37",
+    subject="sbitmap: Avoid leaving waitqueue in invalid state in __sbq_wake_up()",
+    what="a free that brings a wait queue's count to 0 just as its sleeper leaves never "
+    "resets it: that wait queue is never woken again",
+    explanation=(
+        "After 040b83fcecfb, __sbq_wake_up() decremented the chosen wait queue's "
+        "wait_cnt and then returned at once if the queue had no waiters any more. If "
+        "that decrement was the one that reached 0 -- the queue's last sleeper having "
+        "just left it (it found a tag on its own, or another free woke it) -- nobody "
+        "reset wait_cnt to wake_batch. sbq_wake_ptr() skips a queue whose count is 0, "
+        "so every task that later sleeps on it waits for a wake-up that never comes, "
+        "while the other queues keep working. The fix resets the count whenever it "
+        "reached 0 and retries the wake-up elsewhere if the queue was empty. The window "
+        "is between the waker's choice of the queue and its look at the queue's "
+        "waiters; a sleeper that retries its allocation after queueing itself closes "
+        "it from the other side. Scenario: legacy sbitmap, one null_blk device of 16 "
+        "tags (wake_batch 2), 4 CPUs keeping 16 I/Os each, 20 us timer completions, and "
+        "the waker held up to 200 us after counting (injected, 30 % of frees)."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "hw_queue_depth": 16,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 16,
+            "cpus": 4,
+            "submit_queues": 1,
+        },
+        inject={"sbq.wake.before_reset": (30.0, 200)},
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "_legacy_wake_up_once", _legacy_wake_up_once_no_reset),),
+)
+
+
 CATALOGUE = {
     b.name: b
     for b in (
@@ -479,5 +558,6 @@ CATALOGUE = {
         WS_ACTIVE_UNCOUNTED,
         WAKE_BATCH_ABOVE_DEPTH,
         SHALLOW_MISSED_WAKEUP,
+        WAIT_CNT_LEFT_AT_ZERO,
     )
 }
