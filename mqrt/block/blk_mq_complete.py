@@ -236,6 +236,15 @@ class BlkMqCompletion:
             hctx.stats["restart"] += 1
             self.run_hw_queue(hctx, True)
 
+    def _issue_of(self, base: int, rq_flags: int, now: int) -> int:
+        """The issue handed to the submitter of a request that was not simply
+        started once: for one that went back to the block layer, its first issue
+        (``issue_time_ns``); for one never started (failed as the driver got it), its
+        end."""
+        if rq_flags & _RQF_REQUEUED:
+            return self.a.read(base + RQ_OFF_ISSUE)
+        return now or self.clock()
+
     def end_request(
         self, rq: Request, status: int | None = None, batch: TagBatch | None = None, now: int = 0
     ) -> HwCtx | None:
@@ -268,12 +277,10 @@ class BlkMqCompletion:
         io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
             RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
         )
-        if rq_flags & _RQF_REQUEUED:
-            issue = a.read(base + RQ_OFF_ISSUE)
-        elif st & RQ_STATE_MASK:
-            issue = io_start
-        else:  # never started: issued as it ended
-            issue = now or self.clock()
+        if st & RQ_STATE_MASK and not rq_flags & _RQF_REQUEUED:
+            issue = io_start  # the common case: started once
+        else:
+            issue = self._issue_of(base, rq_flags, now)
         if status is None:
             status = rq_status
         self.nr_completed += 1

@@ -34,7 +34,6 @@ from mqrt.block.blk_mq_structs import (
     RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_IO_START,
-    RQ_OFF_ISSUE,
     RQ_OFF_SETUP,
     RQ_OFF_STATUS,
     RQ_SETUP,
@@ -261,12 +260,10 @@ class RawBlkMq(BlkMq):
         io_start, start, nr_sectors, nr_bios, cpu, _h, q, op, fl, rq_status = RQ_END.unpack_from(
             self.buf, base + RQ_OFF_IO_START
         )
-        if fl & _RQF_REQUEUED:  # the bio's issue, as BlkMq.end_request() has it
-            issue = a.read(base + RQ_OFF_ISSUE)
-        elif st & RQ_STATE_MASK:
+        if st & RQ_STATE_MASK and not fl & _RQF_REQUEUED:  # as BlkMq.end_request()
             issue = io_start
         else:
-            issue = self.clock()
+            issue = self._issue_of(base, fl, now)
         self.nr_completed += 1
         info: tuple = (
             op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue,
