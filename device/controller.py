@@ -237,8 +237,8 @@ class Controller(AdminCommands):
         q = self.plan.queues[NVME_QID_ADMIN]
         o = self._qoffs[NVME_QID_ADMIN]
         depth = self.a.read32(o.q_depth)
-        self.cqs = {0: Cq(0, depth, q.cq.offset, o.cq_head_db, 0, True)}
-        self.sqs = {0: Sq(0, 0, depth, q.sq.offset, o.sq_tail_db, prio=0)}
+        self.cqs = {0: Cq(0, depth, q.cq.offset, o.cq_head_db, 0)}
+        self.sqs = {0: Sq(0, depth, q.sq.offset, o.sq_tail_db)}
         self.a.set32(o.sq_event_idx, 0)
         self.enabled = True
         self.a.store_release32(self._csts_rdy, 1)

@@ -61,11 +61,9 @@ class Sq:
     """The admin submission queue as the coordinator keeps it (CC.EN makes it)."""
 
     qid: int
-    cqid: int
     depth: int
     base: int  #: offset of the ring
     tail_db: int  #: offset of the tail doorbell
-    prio: int = 0
     head: int = 0
 
 
@@ -78,7 +76,6 @@ class Cq:
     base: int
     head_db: int
     iv: int
-    ien: bool
     tail: int = 0
     phase: int = 1
     pending: deque = field(default_factory=deque)  #: CQEs waiting for room
