@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mqrt.race.bugs import CATALOGUE
+from mqrt.race.catalogue import CATALOGUE
 from mqrt.race.main import run_bug
 from tests.test_cli import mqrt
 

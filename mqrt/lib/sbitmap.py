@@ -30,7 +30,7 @@ Design
       depth; shallow depth applies per word.
 
     Both generations carry every later fix that applies to them (e.g. b5fcf7871acb's
-    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race.bugs`
+    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race.catalogue`
     switches historical bugs back on.  The code keeps the kernel's shape (same
     function boundaries, same names) so each fix has one place.
 

@@ -2,7 +2,7 @@
 and catch it.
 
 ``mqrt race list [--json]``
-    the catalogue (:mod:`mqrt.race.bugs`): name, kernel commit, what goes wrong.
+    the catalogue (:mod:`mqrt.race.catalogue`): name, kernel commit, what goes wrong.
 ``mqrt race run NAME [--seed S] [--timeout T] [--fixed] [--json]``
     run the bug's scenario with the old code until a detector
     (:mod:`mqrt.runtime.detectors`) fires or ``T`` seconds pass; each attempt uses the
@@ -30,7 +30,8 @@ import time
 from typing import Any
 
 from mqrt.errors import UsageError
-from mqrt.race.bugs import CATALOGUE, Bug
+from mqrt.race.catalogue import CATALOGUE
+from mqrt.race.entry import Bug
 
 #: Records per CPU in the event trace of a race run.
 TRACE_ENTRIES = 4096

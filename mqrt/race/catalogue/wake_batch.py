@@ -1,0 +1,247 @@
+"""Bugs in how many frees wake a sleeper (``wake_batch``): sized for the wrong
+depth, not recalculated, or not applied to the counts of the wait queues."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqrt.block.blk_mq_tag import Tags
+from mqrt.lib import sbitmap as sbitmap_module
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, SbitmapQueue
+from mqrt.lib.wait import spin_lock, spin_unlock
+from mqrt.race.entry import Bug, Scenario
+
+# -- 180dccb0dba4: wake_batch not recalculated for the fair share ---------------------------
+
+
+def _update_active_without_recalc(self: Tags, delta: int) -> int:
+    """Before 180dccb0dba4: __blk_mq_tag_busy()/__blk_mq_tag_idle() changed
+    active_queues only; wake_batch stayed sized for the whole depth."""
+    spin_lock(self.a, self._lock)
+    try:
+        return self._count_active(delta)
+    finally:
+        spin_unlock(self.a, self._lock)
+
+
+WAKE_BATCH_FAIR_SHARE = Bug(
+    name="wake_batch_fair_share",
+    commit="180dccb0dba4",
+    subject="blk-mq: fix tag_get wait task can't be awakened",
+    what="a queue held to a fair share below wake_batch sleeps for a tag and is never woken",
+    explanation=(
+        "With shared tags each active queue may hold only its fair share of the depth "
+        "(hctx_may_queue). A queue over its share sleeps on the tag map's wait queues "
+        "like a task that found the map full, and sleepers are woken only after "
+        "wake_batch tags have been freed. wake_batch was sized for the whole depth "
+        "(depth / 8, at most 8), so once more than 8 queues were active the share could "
+        "be smaller than wake_batch: the sleeping queue's own requests, all that is left "
+        "in flight when the other queues are quiet but still counted active, free fewer "
+        "tags than a batch, and nobody wakes it. The fix recalculates wake_batch from "
+        "the fair share whenever the number of active queues changes "
+        "(sbitmap_queue_recalculate_wake_batch). Scenario: 10 null_blk devices on one "
+        "shared tag set of 64 tags (wake_batch 8); devices 1-9 do a short burst and stay "
+        "active, device 0 keeps 32 I/Os queued per CPU but may hold only 7."
+    ),
+    scenario=Scenario(
+        given={
+            "nr_devices": 10,
+            "shared_tags": 1,
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 32,
+            "io_timeout": 30_000,
+            "cpus": 2,
+        },
+        queue_jobs={q: {"time_based": 0, "size": "16k", "iodepth": 4} for q in range(1, 10)},
+        attempt_s=5.0,
+    ),
+    patches=((Tags, "_update_active", _update_active_without_recalc),),
+)
+
+
+# -- 6c0ca7ae292a: wait_cnt left above a lowered wake_batch ------------------------------------
+
+
+def _update_wake_batch_keep_wait_cnt(self: SbitmapQueue, wake_batch: int) -> None:
+    """Before 6c0ca7ae292a: a new wake_batch was stored, but each wait queue kept
+    counting down from the old one."""
+    if self.a.read32(self._wake_batch) != wake_batch:
+        self.a.set32(self._wake_batch, wake_batch)
+
+
+RESIZE_WAKEUP_HANG = Bug(
+    name="resize_wakeup_hang",
+    commit="6c0ca7ae292a",
+    subject="sbitmap: fix wakeup hang after sbq resize",
+    what="after nr_requests is lowered, sleepers wait for more frees than can happen",
+    explanation=(
+        "In the legacy scheme each of the 8 wait queues counts frees down from "
+        "wake_batch (wait_cnt) and wakes its sleepers at zero. Writing a smaller "
+        "nr_requests resizes the tag bitmap and lowers wake_batch, but the wait queues "
+        "went on counting down from the old, larger batch: with fewer tags than that "
+        "left to free, the count never reached zero and the sleepers were never woken. "
+        "The fix resets every wait_cnt when wake_batch changes. Scenario: legacy "
+        "sbitmap, 64 tags (wake_batch 8), 2 CPUs keeping 32 I/Os each; 0.3 s in, "
+        "nr_requests drops to 4."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 32,
+            "cpus": 2,
+        },
+        actions=((0.3, "nr_requests", (0, 4)),),
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "_update_wake_batch", _update_wake_batch_keep_wait_cnt),),
+)
+
+
+# -- b5fcf7871acb: a minimum batch of 4 above a small fair share --------------------------------
+
+
+def _recalculate_wake_batch_min4(self: SbitmapQueue, users: int) -> None:
+    """Before b5fcf7871acb: the batch for ``users`` sharers had a floor of 4 when
+    the map has 32 tags or more."""
+    depth = self.sb.depth
+    share = (depth + users - 1) // users
+    min_batch = 4 if depth >= 4 * SBQ_WAIT_QUEUES else 1
+    self._update_wake_batch(max(min_batch, min(share // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH)))
+
+
+WAKE_BATCH_MIN4 = Bug(
+    name="wake_batch_min4",
+    commit="b5fcf7871acb",
+    subject="sbitmap: correct wake_batch recalculation to avoid potential IO hung",
+    what="a floor of 4 on the shared-tag wake_batch strands sleepers of a small fair share",
+    explanation=(
+        "180dccb0dba4 sized wake_batch from the fair share of shared tags, but kept a "
+        "minimum batch of 4 for maps of 32 tags or more. In the legacy scheme a batch "
+        "of frees wakes the sleepers of one wait queue only, and each wait queue counts "
+        "its own batch down. With a fair share of 7 and sleepers spread over several "
+        "wait queues, the queue's own 7 tags in flight complete one batch of 4, wake one "
+        "wait queue, and the 3 left over cannot finish the next: when the submitters "
+        "that keep the tags busy stop, the sleepers of the other wait queues are never "
+        "woken while the quiet queues keep their share. The fix drops the floor "
+        "(wake_batch = share / 8, at least 1, so every free counts toward a wake-up). "
+        "Scenario: legacy sbitmap, 10 null_blk devices sharing 64 tags (fair share 7), "
+        "devices 1-9 quiet after a 4-I/O burst but still active; 6 CPUs on device 0 "
+        "each submit one I/O at a time up to 32 in flight (300 us timer completions), so "
+        "most of them sleep over the share; every 1 s attempt ends with the sleepers "
+        "woken one batch at a time, each taking one tag and stopping."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "nr_devices": 10,
+            "shared_tags": 1,
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 300_000,
+            "iodepth": 32,
+            "iodepth_batch_submit": 1,
+            "io_timeout": 30_000,
+            "cpus": 6,
+        },
+        queue_jobs={q: {"time_based": 0, "size": "16k", "iodepth": 4} for q in range(1, 10)},
+        attempt_s=1.0,
+    ),
+    patches=((SbitmapQueue, "recalculate_wake_batch", _recalculate_wake_batch_min4),),
+)
+
+
+# -- 10825410b956: a floor of 4 even on tiny queues ----------------------------------------------
+
+
+def _recalculate_wake_batch_floor4(self: SbitmapQueue, users: int) -> None:
+    """sbitmap_queue_recalculate_wake_batch() as 180dccb0dba4 added it: the fair
+    share itself clamped to 4..SBQ_WAKE_BATCH (no division by the wait queues, and
+    never below 4, whatever the depth)."""
+    share = (self.sb.depth + users - 1) // users
+    self._update_wake_batch(min(max(share, 4), SBQ_WAKE_BATCH))
+
+
+WAKE_BATCH_ABOVE_DEPTH = Bug(
+    name="wake_batch_above_depth",
+    commit="10825410b956",
+    subject="blk-mq: Fix wrong wakeup batch configuration which will cause hang",
+    what="on a shallow shared queue, wake_batch is raised above the depth: nobody is ever woken",
+    explanation=(
+        "180dccb0dba4 started recalculating wake_batch whenever a shared tag map gained "
+        "or lost an active queue: the fair share, (depth + users - 1) / users, clamped to "
+        "4..SBQ_WAKE_BATCH, so never below 4. On a queue of depth 1 to 3 that raised "
+        "wake_batch above the number of tags: a sleeper needs 4 frees, only the depth can "
+        "ever be in flight, and once every submitter sleeps nothing wakes them. The fix "
+        "clamps the minimum batch to 1 unless the depth is at least 32 (and b5fcf7871acb "
+        "later dropped the floor). Scenario: 2 null_blk devices sharing a tag set of 2 "
+        "tags, 2 CPUs keeping 4 I/Os each per device."
+    ),
+    scenario=Scenario(
+        given={
+            "nr_devices": 2,
+            "shared_tags": 1,
+            "hw_queue_depth": 2,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 4,
+            "cpus": 2,
+        },
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "recalculate_wake_batch", _recalculate_wake_batch_floor4),),
+)
+
+
+# -- Linux 4.18 (min_shallow_depth): a batch larger than a shallow limit ----------------------
+
+
+def _calc_wake_batch_without_shallow(spec: Any, depth: int, min_shallow_depth: int) -> int:
+    """sbq_calc_wake_batch() before min_shallow_depth existed: a batch for the whole
+    depth, whatever shallow limit the allocators use."""
+    return max(1, min(depth // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH))
+
+
+SHALLOW_MISSED_WAKEUP = Bug(
+    name="shallow_missed_wakeup",
+    commit="v4.18-rc1",  # Omar Sandoval, 2018; the hash could not be checked here
+    subject="sbitmap: fix missed wakeups caused by sbitmap_queue_get_shallow()",
+    what="writes limited to a shallow depth can never free a whole wake_batch",
+    explanation=(
+        "I/O schedulers limit some requests to a shallow part of the tag map (kyber's "
+        "and mq-deadline's async_depth for writes, bfq's weights) with "
+        "sbitmap_queue_get_shallow(). wake_batch was sized for the whole depth, so when "
+        "only shallow allocators were waiting, fewer tags than a batch could ever be in "
+        "flight: their frees never completed a batch and the sleepers were never woken. "
+        "The fix makes users declare the smallest shallow depth they will use "
+        "(sbitmap_queue_min_shallow_depth, blk_mq_set_min_shallow_depth) and sizes "
+        "wake_batch for it. Scenario: randwrite with async_depth 2 on 64 tags (wake_batch "
+        "8 without the fix, 1 with it), one CPU keeping 16 writes queued."
+    ),
+    scenario=Scenario(
+        given={
+            "rw": "randwrite",
+            "async_depth": 2,
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 50_000,
+            "iodepth": 16,
+            "cpus": 1,
+        },
+        attempt_s=3.0,
+    ),
+    patches=((sbitmap_module, "_calc_wake_batch", _calc_wake_batch_without_shallow),),
+)
+
+
+ENTRIES = (
+    WAKE_BATCH_FAIR_SHARE,
+    RESIZE_WAKEUP_HANG,
+    WAKE_BATCH_MIN4,
+    WAKE_BATCH_ABOVE_DEPTH,
+    SHALLOW_MISSED_WAKEUP,
+)

@@ -1,0 +1,140 @@
+"""Bugs in the wake-up path: how frees are counted down on the wait queues and which
+wait queue is woken."""
+
+from __future__ import annotations
+
+from mqrt.lib import inject
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SbitmapQueue
+from mqrt.race.entry import Bug, Scenario
+
+# -- 4acb83417cad: a batch of frees counted as one ----------------------------------------------
+
+
+def _clear_batch_counted_once(self: SbitmapQueue, offset: int, tags: list[int]) -> None:
+    """sbitmap_queue_clear_batch() before 4acb83417cad: the batch's bits were freed,
+    then sbitmap_queue_wake_up() ran once, so the whole batch counted as one free
+    toward wake_batch."""
+    self._clear_bits(offset, tags)
+    self.wake_up(1)
+    self.sb.update_cpu_hint(self.cpu, tags[-1] - offset)
+
+
+BATCH_COUNTED_ONCE = Bug(
+    name="batch_counted_once",
+    commit="4acb83417cad",
+    subject="sbitmap: fix batched wait_cnt accounting",
+    what="a batched completion's tags count as one free: sleepers wait on frees that never come",
+    explanation=(
+        "Batched completions (blk_mq_end_request_batch, used by nvme's interrupt and "
+        "poll paths) give a batch of tags back with one sbitmap_queue_clear_batch(). In "
+        "the legacy scheme each wait queue counts frees down from wake_batch (wait_cnt) "
+        "and wakes its sleepers at zero, but clear_batch() called the wake-up once per "
+        "batch, so k tags freed together counted as one. A wait queue then needed "
+        "wake_batch batches instead of wake_batch tags: with the tags in flight coming "
+        "back in fewer batches than the sleepers' counts need, they were never woken, "
+        "the map empty. The fix passes the number of bits freed to "
+        "sbitmap_queue_wake_up() and counts them all against wait_cnt. Scenario: legacy "
+        "sbitmap, the nvme driver with one I/O queue of 64 tags (wake_batch 8), 100 us "
+        "service time and interrupt coalescing (8 completions or 100 us per "
+        "interrupt), so each interrupt ends a batch; 4 CPUs submit one I/O at a time up "
+        "to 32 in flight each."
+    ),
+    scenario=Scenario(
+        given={
+            "driver": "nvme",
+            "sbitmap": "legacy",
+            "io_queue_depth": 65,
+            "nr_io_queues": 1,
+            "latency_ns": 100_000,
+            "irq_coalesce_thr": 7,
+            "irq_coalesce_time": 1,
+            "iodepth": 32,
+            "iodepth_batch_submit": 1,
+            "cpus": 4,
+        },
+        attempt_s=1.0,
+    ),
+    patches=((SbitmapQueue, "clear_batch", _clear_batch_counted_once),),
+)
+
+
+# -- 48c033314f37: a wait_cnt left at zero when its wait queue emptied -------------------------
+
+
+def _legacy_wake_up_once_no_reset(self: SbitmapQueue, nr: int) -> tuple[bool, int]:
+    """__sbq_wake_up() between 040b83fcecfb and 48c033314f37: after counting the
+    frees down, a wait queue found empty (its sleeper left meanwhile) made the waker
+    return at once, even when it had just brought wait_cnt to 0 -- without resetting
+    it to wake_batch."""
+    a = self.a
+    if nr <= 0:
+        return False, nr
+    i = self._legacy_wake_ptr()
+    if i < 0:
+        return False, nr
+    ws = self.ws[i]
+    cnt_off = self._wait_cnt[i]
+    cur = a.read32(cnt_off)
+    while True:
+        if cur == 0:
+            return True, nr
+        sub = min(nr, cur)
+        wait_cnt = cur - sub
+        found = a.cmpxchg32(cnt_off, cur, wait_cnt)
+        if found == cur:
+            break
+        cur = found
+    if inject.armed:
+        inject.hit("sbq.wake.before_reset")
+    if not ws.active():
+        return True, nr  # the bug: at wait_cnt == 0 nobody resets it now
+    if wait_cnt > 0:
+        return False, nr
+    nr -= sub
+    wake_batch = a.read32(self._wake_batch)
+    ws.wake_up_nr(wake_batch)
+    old = a.read32(self._wake_index)
+    a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
+    a.set32(cnt_off, wake_batch)
+    return nr > 0, nr
+
+
+WAIT_CNT_LEFT_AT_ZERO = Bug(
+    name="wait_cnt_left_at_zero",
+    commit="48c033314f37",
+    subject="sbitmap: Avoid leaving waitqueue in invalid state in __sbq_wake_up()",
+    what="a free that brings a wait queue's count to 0 just as its sleeper leaves never "
+    "resets it: that wait queue is never woken again",
+    explanation=(
+        "After 040b83fcecfb, __sbq_wake_up() decremented the chosen wait queue's "
+        "wait_cnt and then returned at once if the queue had no waiters any more. If "
+        "that decrement was the one that reached 0 -- the queue's last sleeper having "
+        "just left it (it found a tag on its own, or another free woke it) -- nobody "
+        "reset wait_cnt to wake_batch. sbq_wake_ptr() skips a queue whose count is 0, "
+        "so every task that later sleeps on it waits for a wake-up that never comes, "
+        "while the other queues keep working. The fix resets the count whenever it "
+        "reached 0 and retries the wake-up elsewhere if the queue was empty. The window "
+        "is between the waker's choice of the queue and its look at the queue's "
+        "waiters; a sleeper that retries its allocation after queueing itself closes "
+        "it from the other side. Scenario: legacy sbitmap, one null_blk device of 16 "
+        "tags (wake_batch 2), 4 CPUs keeping 16 I/Os each, 20 us timer completions, and "
+        "the waker held up to 200 us after counting (injected, 30 % of frees)."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "hw_queue_depth": 16,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 16,
+            "cpus": 4,
+            "submit_queues": 1,
+        },
+        inject={"sbq.wake.before_reset": (30.0, 200)},
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "_legacy_wake_up_once", _legacy_wake_up_once_no_reset),),
+)
+
+
+ENTRIES = (BATCH_COUNTED_ONCE, WAIT_CNT_LEFT_AT_ZERO)

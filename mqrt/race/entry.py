@@ -1,0 +1,50 @@
+"""A catalogue entry: the kernel commit that fixed a bug, the buggy version of our
+function that switching it on puts back, and the scenario that provokes it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What provokes a bug: bench options for the run, per-queue job options on top
+    of them (queue index -> options), armed injection points, and how long one
+    attempt runs (seconds)."""
+
+    given: dict[str, Any]
+    queue_jobs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    inject: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: sysfs writes during the run: (seconds after the start, action, args)
+    actions: tuple[tuple[float, str, tuple], ...] = ()
+    attempt_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    commit: str
+    subject: str
+    what: str  #: one line: what goes wrong
+    explanation: str  #: a paragraph: the mechanism, and the fix
+    scenario: Scenario
+    #: (class or module, attribute, buggy function): what switching the bug on replaces
+    patches: tuple[tuple[Any, str, Callable[..., Any]], ...]
+    #: the detectors expected to catch it
+    detectors: tuple[str, ...] = ("lost_wakeup", "hang")
+
+    @contextlib.contextmanager
+    def switched_on(self) -> Iterator[None]:
+        """The buggy code in place for the duration (in this process, and so in the
+        CPUs forked meanwhile)."""
+        saved = [(cls, attr, cls.__dict__[attr]) for cls, attr, _fn in self.patches]
+        try:
+            for cls, attr, fn in self.patches:
+                setattr(cls, attr, fn)
+            yield
+        finally:
+            for cls, attr, orig in saved:
+                setattr(cls, attr, orig)
