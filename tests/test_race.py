@@ -42,6 +42,8 @@ def test_race_list_json_names_every_bug():
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert [r["name"] for r in rows] == list(CATALOGUE)
+    assert {r["interleaving"] for r in rows} == {True, False}
+    assert all(r["window"] for r in rows if r["interleaving"])
     assert all(r["commit"] and r["what"] and r["subject"] for r in rows)
     text = mqrt("race", "list").stdout
     assert all(b.commit in text for b in CATALOGUE.values())
@@ -75,6 +77,7 @@ def test_race_run_seeds_reports_how_hard_each_bug_was(tmp_path):
         (("race", "run"), "give a NAME or --all"),
         (("race", "run", "cleared_race", "--timeout", "0"), "--timeout: must be in"),
         (("race", "run", "cleared_race", "--seeds", "0"), "--seeds: must be in 1..1000"),
+        (("race", "run", "cleared_race", "--inject", "both"), "--inject both: needs --seeds"),
     ],
 )
 def test_race_usage_errors_are_one_line(args, message):
@@ -94,3 +97,15 @@ def test_a_reproduced_bug_leaves_a_trace_that_race_show_prints(tmp_path):
     assert "TAG_GET" in shown.stdout and "END" in shown.stdout and "TAG_SLEEP" in shown.stdout
     bad = mqrt("race", "show", str(tmp_path / "wake_batch_fair_share-bug-seed1.txt"))
     assert bad.returncode == 2 and "is not an mqrt trace dump" in bad.stderr
+
+
+def test_race_run_seeds_gives_a_row_per_window_for_a_race(tmp_path):
+    # an entry with injected delays: a row with them and one with the natural window
+    args = ("race", "run", "wait_cnt_left_at_zero", "--seeds", "2", "--timeout", "30")
+    out = mqrt(*args, "--json", "--report-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    injected, natural = json.loads(out.stdout)
+    assert injected["inject"] is True and injected["window"].startswith("injected <=200us")
+    assert injected["succeeded"] == 2
+    assert natural["inject"] is False and natural["window"] == "natural"
+    assert all(not r["inject"] for r in natural["runs"])

@@ -22,6 +22,13 @@ class Scenario:
     actions: tuple[tuple[float, str, tuple], ...] = ()
     attempt_s: float = 5.0
 
+    def injected_window(self) -> str:
+        """How far the injected delays widen the race window: each armed point's
+        bound and how often it fires."""
+        return ", ".join(
+            f"<={us}us at {point} {pct:g}%" for point, (pct, us) in self.inject.items()
+        )
+
 
 @dataclass(frozen=True)
 class Bug:
@@ -35,6 +42,15 @@ class Bug:
     patches: tuple[tuple[Any, str, Callable[..., Any]], ...]
     #: the detectors expected to catch it
     detectors: tuple[str, ...] = ("lost_wakeup", "hang")
+    #: the race window in the code as it is, between which operations of which CPUs;
+    #: empty for a bug that needs no interleaving (it fires at the first task that
+    #: meets its condition)
+    window: str = ""
+
+    @property
+    def interleaving(self) -> bool:
+        """The bug needs two CPUs' operations to interleave in a window."""
+        return bool(self.window)
 
     @contextlib.contextmanager
     def switched_on(self) -> Iterator[None]:

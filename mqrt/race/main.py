@@ -73,9 +73,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "time and requests. Default: 1",
     )  # fmt: skip
     rp.add_argument(
-        "--no-inject", action="store_true",
-        help="run the scenarios without their injected delays (the race windows as "
-        "narrow as the code makes them)",
+        "--inject", choices=("on", "off", "both"), default=None,
+        help="the scenarios' injected delays: on (the race windows widened), off (as "
+        "narrow as the code makes them), or both, one after the other, for the entries "
+        "that have any. Default: both with --seeds N > 1 (without --fixed), else on",
+    )  # fmt: skip
+    rp.add_argument(
+        "--no-inject", dest="inject", action="store_const", const="off",
+        help="the same as --inject off",
     )  # fmt: skip
     rp.add_argument("--json", action="store_true", help="print a JSON object per bug")
     rp.add_argument(
@@ -111,6 +116,8 @@ def main_list(args: argparse.Namespace) -> int:
             "subject": b.subject,
             "what": b.what,
             "detectors": list(b.detectors),
+            "interleaving": b.interleaving,
+            "window": b.window,
         }
         for b in CATALOGUE.values()
     ]
@@ -120,8 +127,14 @@ def main_list(args: argparse.Namespace) -> int:
     width = max(len(b.name) for b in CATALOGUE.values())
     cw = max(len(b.commit) for b in CATALOGUE.values())
     for b in CATALOGUE.values():
-        print(f"{b.name:<{width}}  {b.commit:<{cw}}  {b.what}")
-        print(f"{'':<{width}}  {'':<{cw}}  ({b.subject})")
+        kind = "race" if b.interleaving else "logic"
+        print(f"{b.name:<{width}}  {b.commit:<{cw}}  {kind}  {b.what}")
+        print(f"{'':<{width}}  {'':<{cw}}  {'':4}  ({b.subject})")
+    n = sum(b.interleaving for b in CATALOGUE.values())
+    print(
+        f"\n{len(CATALOGUE)} bugs: {n} races (need two CPUs to interleave in a window), "
+        f"{len(CATALOGUE) - n} logic bugs (they fire at the first task to meet their condition)"
+    )
     return 0
 
 
@@ -141,32 +154,38 @@ def main_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds: must be in 1..1000, got {args.seeds}")
     bugs = list(CATALOGUE.values()) if args.all else [CATALOGUE[args.name]]
     timeout = args.timeout or (DEFAULT_FIXED_TIMEOUT_S if args.fixed else DEFAULT_TIMEOUT_S)
+    mode = args.inject or ("both" if args.seeds > 1 and not args.fixed else "on")
+    if mode == "both" and args.seeds == 1:
+        raise UsageError("--inject both: needs --seeds N > 1 (it prints a table)")
     ok = True
     outcomes = []
     for bug in bugs:
-        tries = []
-        for k in range(args.seeds):
-            out = run_bug(
-                bug,
-                seed=args.seed + SEED_STRIDE * k,
-                timeout=timeout,
-                fixed=args.fixed,
-                requests=args.requests,
-                report_dir=args.report_dir,
-                progress=None if args.quiet or args.json else _progress,
-                inject=not args.no_inject,
-            )
-            tries.append(out)
-            ok &= out["clean"] if args.fixed else out["reproduced"]
-            if not args.json and args.seeds == 1:
-                _print_outcome(out)
-        outcomes.append(tries[0] if args.seeds == 1 else difficulty(bug, tries))
+        injects = [mode == "on"] if mode != "both" else [True, False]
+        for inject in injects if bug.scenario.inject else [True]:
+            tries = []
+            for k in range(args.seeds):
+                out = run_bug(
+                    bug,
+                    seed=args.seed + SEED_STRIDE * k,
+                    timeout=timeout,
+                    fixed=args.fixed,
+                    requests=args.requests,
+                    report_dir=args.report_dir,
+                    progress=None if args.quiet or args.json else _progress,
+                    inject=inject,
+                )
+                tries.append(out)
+                if inject or mode == "off":  # a natural window may well be too narrow
+                    ok &= out["clean"] if args.fixed else out["reproduced"]
+                if not args.json and args.seeds == 1:
+                    _print_outcome(out)
+            outcomes.append(tries[0] if args.seeds == 1 else difficulty(bug, tries))
     if args.json:
         print(
             json.dumps(outcomes[0] if len(outcomes) == 1 and not args.all else outcomes, indent=2)
         )
     elif args.seeds > 1:
-        print_difficulty(outcomes, args.fixed, not args.no_inject, sys.stdout)
+        print_difficulty(outcomes, args.fixed, mode, sys.stdout)
     return 0 if ok else 1
 
 
@@ -181,10 +200,19 @@ def difficulty(bug: Bug, tries: list[dict[str, Any]]) -> dict[str, Any]:
     good = [t for t in tries if (t["clean"] if fixed else t["reproduced"])]
     secs = sorted(t["seconds"] for t in good)
     reqs = sorted(t["requests"] for t in good)
+    inject = tries[0]["inject"] and bool(bug.scenario.inject)
     return {
         "name": bug.name,
         "commit": bug.commit,
         "fixed": fixed,
+        "inject": inject,
+        "window": (
+            "injected " + bug.scenario.injected_window()
+            if inject
+            else "natural"
+            if bug.interleaving
+            else "none (logic bug)"
+        ),
         "tries": len(tries),
         "succeeded": len(good),
         "median_s": statistics.median(secs) if secs else None,
@@ -196,32 +224,35 @@ def difficulty(bug: Bug, tries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def print_difficulty(rows: list[dict[str, Any]], fixed: bool, inject: bool, out) -> None:
-    """The --seeds table."""
+def print_difficulty(rows: list[dict[str, Any]], fixed: bool, mode: str, out) -> None:
+    """The --seeds table: a row per bug and window (injected delays, or the race
+    window as the code makes it)."""
     from rich.console import Console
     from rich.table import Table
 
     title = (
         f"mqrt race run --seeds {rows[0]['tries']}"
         + (" --fixed" if fixed else "")
-        + ("" if inject else " --no-inject")
+        + ("" if mode == "both" or (fixed and mode == "on") else f" --inject {mode}")
     )
     table = Table(title=title, title_justify="left")
     verdict = "clean" if fixed else "reproduced"
-    for col in ("bug", "commit", verdict, "median s", "worst s", "median requests",
+    for col in ("bug", "commit", "window", verdict, "median s", "worst s", "median requests",
                 "worst requests", "detectors"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("bug", "commit", "detectors") else "right")
+        left = col in ("bug", "commit", "window", "detectors")
+        table.add_column(col, justify="left" if left else "right",
+                         ratio=3 if col == "window" else None)  # fmt: skip
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
         table.add_row(
-            r["name"], r["commit"], f"{r['succeeded']}/{r['tries']}", num(r["median_s"], ".1f"),
-            num(r["worst_s"], ".1f"), num(r["median_requests"], ","),
+            r["name"], r["commit"], r["window"], f"{r['succeeded']}/{r['tries']}",
+            num(r["median_s"], ".1f"), num(r["worst_s"], ".1f"), num(r["median_requests"], ","),
             num(r["worst_requests"], ","), ", ".join(r["detectors"]) or "-",
         )  # fmt: skip
-    Console(file=out, width=140, highlight=False).print(table)
+    Console(file=out, width=160, highlight=False).print(table)
 
 
 def _progress(text: str) -> None:

@@ -78,6 +78,11 @@ CLEARED_RACE = Bug(
         attempt_s=3.6,
     ),
     patches=((Sbitmap, "deferred_clear", _deferred_clear_racy),),
+    window=(
+        "one allocator between its xchg of a word's cleared mask and its clearing of "
+        "those bits in the word; another allocator's failed search of the word and its "
+        "unlocked look at cleared landing inside it"
+    ),
 )
 
 

@@ -134,6 +134,11 @@ WAIT_CNT_LEFT_AT_ZERO = Bug(
         attempt_s=3.0,
     ),
     patches=((SbitmapQueue, "_legacy_wake_up_once", _legacy_wake_up_once_no_reset),),
+    window=(
+        "a waker between the cmpxchg that brings the chosen wait queue's wait_cnt to 0 "
+        "and its look at that queue's waiters; the queue's last sleeper leaving it "
+        "(finish_wait after taking a tag) inside it"
+    ),
 )
 
 
