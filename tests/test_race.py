@@ -109,3 +109,19 @@ def test_race_run_seeds_gives_a_row_per_window_for_a_race(tmp_path):
     assert injected["succeeded"] == 2
     assert natural["inject"] is False and natural["window"] == "natural"
     assert all(not r["inject"] for r in natural["runs"])
+
+
+@pytest.mark.under_load
+def test_every_fixed_scenario_stays_clean_on_a_saturated_host(tmp_path):
+    # three scenarios at once next to two busy loops (on 2 cores: load >= 5): the
+    # detectors decide by counting and by the CPUs' scheduling state, so a host that
+    # keeps the CPUs off the cores for long stretches is not a bug
+    out = mqrt("race", "run", "--all", "--fixed", "--parallel", "3", "--busy", "2",
+               "--requests", "20000", "--timeout", "90", "--json",
+               "--report-dir", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["name"] for r in rows] == list(CATALOGUE)
+    for r in rows:
+        assert r["clean"] and r["finding"] is None, r
+        assert r["requests"] >= 20_000, r

@@ -32,6 +32,7 @@ from typing import Any
 from mqrt.errors import UsageError
 from mqrt.race.catalogue import CATALOGUE
 from mqrt.race.entry import Bug
+from mqrt.race.load import busy_loops, run_in_children
 
 #: Records per CPU in the event trace of a race run.
 TRACE_ENTRIES = 4096
@@ -81,6 +82,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rp.add_argument(
         "--no-inject", dest="inject", action="store_const", const="off",
         help="the same as --inject off",
+    )  # fmt: skip
+    rp.add_argument(
+        "--parallel", type=int, default=1, metavar="K",
+        help="run K scenarios at once, each in its own process (with --fixed: show the "
+        "detectors stay quiet on a crowded host). Default: 1",
+    )  # fmt: skip
+    rp.add_argument(
+        "--busy", type=int, default=0, metavar="N",
+        help="N busy loops spinning on the host's cores for the whole run. Default: 0",
     )  # fmt: skip
     rp.add_argument("--json", action="store_true", help="print a JSON object per bug")
     rp.add_argument(
@@ -152,40 +162,71 @@ def main_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--requests: must be >= 1, got {args.requests}")
     if not 1 <= args.seeds <= 1000:
         raise UsageError(f"--seeds: must be in 1..1000, got {args.seeds}")
+    if not 1 <= args.parallel <= 64:
+        raise UsageError(f"--parallel: must be in 1..64, got {args.parallel}")
+    if args.parallel > 1 and not args.fixed:
+        raise UsageError("--parallel: only with --fixed (a bug's timing is its own run's)")
+    if not 0 <= args.busy <= 256:
+        raise UsageError(f"--busy: must be in 0..256, got {args.busy}")
     bugs = list(CATALOGUE.values()) if args.all else [CATALOGUE[args.name]]
     timeout = args.timeout or (DEFAULT_FIXED_TIMEOUT_S if args.fixed else DEFAULT_TIMEOUT_S)
     mode = args.inject or ("both" if args.seeds > 1 and not args.fixed else "on")
     if mode == "both" and args.seeds == 1:
         raise UsageError("--inject both: needs --seeds N > 1 (it prints a table)")
+    groups = [
+        (bug, inject)
+        for bug in bugs
+        for inject in ([mode == "on"] if mode != "both" else [True, False])
+        if inject or bug.scenario.inject or mode == "off"
+    ]
+    seeds = [args.seed + SEED_STRIDE * k for k in range(args.seeds)]
+    progress = None if args.quiet or args.json else _progress
+    with busy_loops(args.busy):
+        if args.parallel > 1 or args.busy:
+            flat = run_in_children(
+                [(bug.name, seed, inject) for bug, inject in groups for seed in seeds],
+                parallel=args.parallel,
+                timeout=timeout,
+                fixed=args.fixed,
+                requests=args.requests,
+                report_dir=args.report_dir,
+                progress=progress,
+            )
+            runs = [flat[i : i + len(seeds)] for i in range(0, len(flat), len(seeds))]
+        else:
+            runs = [
+                [
+                    run_bug(
+                        bug,
+                        seed=seed,
+                        timeout=timeout,
+                        fixed=args.fixed,
+                        requests=args.requests,
+                        report_dir=args.report_dir,
+                        progress=progress,
+                        inject=inject,
+                    )
+                    for seed in seeds
+                ]
+                for bug, inject in groups
+            ]
     ok = True
     outcomes = []
-    for bug in bugs:
-        injects = [mode == "on"] if mode != "both" else [True, False]
-        for inject in injects if bug.scenario.inject else [True]:
-            tries = []
-            for k in range(args.seeds):
-                out = run_bug(
-                    bug,
-                    seed=args.seed + SEED_STRIDE * k,
-                    timeout=timeout,
-                    fixed=args.fixed,
-                    requests=args.requests,
-                    report_dir=args.report_dir,
-                    progress=None if args.quiet or args.json else _progress,
-                    inject=inject,
-                )
-                tries.append(out)
-                if inject or mode == "off":  # a natural window may well be too narrow
-                    ok &= out["clean"] if args.fixed else out["reproduced"]
-                if not args.json and args.seeds == 1:
-                    _print_outcome(out)
-            outcomes.append(tries[0] if args.seeds == 1 else difficulty(bug, tries))
+    for (bug, inject), tries in zip(groups, runs, strict=True):
+        for out in tries:
+            if inject or mode == "off":  # a natural window may well be too narrow
+                ok &= out["clean"] if args.fixed else out["reproduced"]
+            if not args.json and args.seeds == 1:
+                _print_outcome(out)
+        outcomes.append(tries[0] if args.seeds == 1 else difficulty(bug, tries))
     if args.json:
         print(
             json.dumps(outcomes[0] if len(outcomes) == 1 and not args.all else outcomes, indent=2)
         )
     elif args.seeds > 1:
-        print_difficulty(outcomes, args.fixed, mode, sys.stdout)
+        load = f" --parallel {args.parallel}" if args.parallel > 1 else ""
+        load += f" --busy {args.busy}" if args.busy else ""
+        print_difficulty(outcomes, args.fixed, mode, sys.stdout, load)
     return 0 if ok else 1
 
 
@@ -224,7 +265,9 @@ def difficulty(bug: Bug, tries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def print_difficulty(rows: list[dict[str, Any]], fixed: bool, mode: str, out) -> None:
+def print_difficulty(
+    rows: list[dict[str, Any]], fixed: bool, mode: str, out, load: str = ""
+) -> None:
     """The --seeds table: a row per bug and window (injected delays, or the race
     window as the code makes it)."""
     from rich.console import Console
@@ -234,6 +277,7 @@ def print_difficulty(rows: list[dict[str, Any]], fixed: bool, mode: str, out) ->
         f"mqrt race run --seeds {rows[0]['tries']}"
         + (" --fixed" if fixed else "")
         + ("" if mode == "both" or (fixed and mode == "on") else f" --inject {mode}")
+        + load
     )
     table = Table(title=title, title_justify="left")
     verdict = "clean" if fixed else "reproduced"
