@@ -91,6 +91,9 @@ def test_a_reproduced_bug_leaves_a_trace_that_race_show_prints(tmp_path):
     assert out["reproduced"] and out["trace_dump"]
     report = (tmp_path / "wake_batch_fair_share-bug-seed1.txt").read_text()
     assert "last events per CPU:" in report and "TAG_SLEEP" in report
+    # the proof: each sleeper's sleep, the frees after it, and no wake-up reaching it
+    proof = report.split("the sleepers, from the trace:")[1].split("configuration:")[0]
+    assert "TAG_SLEEP on queue 0" in proof and "tags freed" in proof and "never woken" in proof
     shown = mqrt("race", "show", out["trace_dump"])
     assert shown.returncode == 0, shown.stderr
     assert "lost_wakeup" in shown.stdout  # the finding, in the dump's header

@@ -452,6 +452,12 @@ def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_d
             lines += ["", "last events per CPU:", snap["events"].rstrip()]
         if out.get("trace_dump"):
             lines.append(f"whole trace: mqrt race show {out['trace_dump']}")
+            if snap.get("sleeping"):
+                from mqrt.lib.trace import load_msgpack
+                from mqrt.race.proof import sleep_proof
+
+                proof = sleep_proof(load_msgpack(out["trace_dump"]), snap["sleeping"])
+                lines += ["", "the sleepers, from the trace:", *proof]
     lines += ["", "configuration:", json.dumps(config, indent=2, default=str)]
     path = base + ".txt"
     with open(path, "w") as fh:
