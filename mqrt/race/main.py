@@ -38,7 +38,7 @@ from mqrt.race.load import busy_loops, run_in_children
 TRACE_ENTRIES = 4096
 #: Defaults: how long a bug may take to show, and how many clean I/Os make --fixed pass.
 DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_FIXED_TIMEOUT_S = 120.0
+DEFAULT_FIXED_TIMEOUT_S = 900.0
 DEFAULT_FIXED_REQUESTS = 1_000_000
 
 
