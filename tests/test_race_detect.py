@@ -161,3 +161,17 @@ def test_bench_inject_option_arms_points_and_reports_hits():
     assert sum(c["inject_hits"].get("sbq.clear.before_wake", 0) for c in cpus) > 0
     bad = mqrt("bench", "--inject", "no.such.point=1:2")
     assert bad.returncode == 2 and "inject: no point 'no.such.point'" in bad.stderr
+
+
+def test_a_sleeper_held_to_its_fair_share_is_a_hang_not_a_lost_wakeup(monkeypatch):
+    """Frees that never uncount their requests: each device's nr_active creeps up to
+    its fair share of the shared map, and its submitters sleep on free tags they may
+    not take.  No wake-up was lost (they are woken and sleep again); nothing can
+    move: a hang, with the reason read from shared memory as hctx_may_queue() does."""
+    monkeypatch.setattr(BlkMq, "_dec_active", lambda self, hctx: None)
+    result = watched(nr_devices=2, shared_tags=1, hw_queue_depth=16, irqmode="timer",
+                     completion_nsec=20_000, iodepth=8)  # fmt: skip
+    f = result.finding
+    assert f is not None and f["detector"] == "hang", f
+    assert "no sleeper may take a free tag" in f["message"], f["message"]
+    assert "at its fair share 8 of 16" in f["message"], f["message"]

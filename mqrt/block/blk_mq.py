@@ -83,7 +83,7 @@ from mqrt.block.blk_mq_structs import (
     RequestQueue,
     TagSet,
 )
-from mqrt.block.blk_mq_tag import Tags
+from mqrt.block.blk_mq_tag import Tags, tag_wait_key
 from mqrt.block.blk_mq_types import (
     BLK_MAX_REQUEST_COUNT,
     BLK_MQ_CPU_WORK_BATCH,
@@ -153,6 +153,7 @@ class BlkMq(BlkMqCompletion):
         self.buf16 = arena.buf.cast("H")
         self.cpu = cpu
         self.sys = sys
+        self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
         self.mq = self
         self.clock = time.monotonic_ns
         self.plug: Plug | None = None  #: current->plug, while the task has one
@@ -315,6 +316,9 @@ class BlkMq(BlkMqCompletion):
                 if tag >= 0:
                     tag += tags.nr_reserved_tags
             if tag < 0:
+                # the slow path may sleep: say for what (the detectors ask what the
+                # sleeper may take: its queue's fair share, its shallow depth)
+                self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
                 tag = tags.get_tag(
                     reserved,
                     nowait,

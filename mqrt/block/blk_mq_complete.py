@@ -43,7 +43,6 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
 )
-from mqrt.block.blk_mq_tag import Tags
 from mqrt.block.blk_mq_types import (
     SECTOR_SHIFT,
     EhRet,
@@ -58,8 +57,9 @@ from mqrt.lib.trace import Ev
 if TYPE_CHECKING:
     from mqrt.block.blk_mq import BlkMq
 
-#: Tags freed by a completion batch, per tag map: id(tags) -> (tags, tags to free).
-TagBatch = dict[int, tuple[Tags, list[int]]]
+#: Tags freed by a completion batch, per hctx (blk_mq_end_request_batch()'s tags[]
+#: for its cur_hctx): id(hctx) -> (hctx, tags to free).
+TagBatch = dict[int, tuple[HwCtx, list[int]]]
 
 _COMPLETE = int(RqState.COMPLETE)
 _TIMED_OUT = int(Rqf.TIMED_OUT)
@@ -298,24 +298,26 @@ class BlkMqCompletion:
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
-        if rq_flags & _RQF_MQ_INFLIGHT:
-            self._dec_active(hctx)
-        # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint, or joins
-        # the batch (reserved tags are never batched).
+        # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint after its
+        # active count is dropped, or joins the batch, which drops the counts of its
+        # tags in one go (reserved tags are never batched).
         tags = rq.tags
         tag = rq.tag - tags.nr_reserved_tags
-        if tag < 0:
-            bt = tags.breserved_tags
-            bt.clear(rq.tag, cpu)  # type: ignore[union-attr]
-            if bt.count_frees:  # type: ignore[union-attr]
-                bt.note_frees(1)  # type: ignore[union-attr]
-        elif batch is None:
-            bt = tags.bitmap_tags
-            bt.clear(tag, cpu)
-            if bt.count_frees:
-                bt.note_frees(1)
+        if tag >= 0 and batch is not None:
+            batch.setdefault(id(hctx), (hctx, []))[1].append(rq.tag)
         else:
-            batch.setdefault(id(tags), (tags, []))[1].append(rq.tag)
+            if rq_flags & _RQF_MQ_INFLIGHT:
+                self._dec_active(hctx)
+            if tag < 0:
+                bt = tags.breserved_tags
+                bt.clear(rq.tag, cpu)  # type: ignore[union-attr]
+                if bt.count_frees:  # type: ignore[union-attr]
+                    bt.note_frees(1)  # type: ignore[union-attr]
+            else:
+                bt = tags.bitmap_tags
+                bt.clear(tag, cpu)
+                if bt.count_frees:
+                    bt.note_frees(1)
         if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
@@ -348,7 +350,7 @@ class BlkMqCompletion:
 
     def end_request_batch(self, batch: list[Request]) -> None:
         """blk_mq_end_request_batch(): end every request of a completion batch on this
-        CPU (rq_affinity does not apply), then give each tag map its tags back in one
+        CPU (rq_affinity does not apply), then give each hctx's tags back in one
         sbitmap_queue_clear_batch() -- one wake-up accounting for all of them."""
         a = self.a
         freed: TagBatch = {}
@@ -358,18 +360,32 @@ class BlkMqCompletion:
             hctx = self.end_request(rq, None, freed, now)
             if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
                 restart.append(hctx)
-        for tags, tag_list in freed.values():  # blk_mq_flush_tag_batch()
-            bt = tags.bitmap_tags
-            bt.clear_batch(tags.nr_reserved_tags, tag_list)
-            if bt.count_frees:
-                bt.note_frees(len(tag_list))
+        for hctx, tag_list in freed.values():
+            self._flush_tag_batch(hctx, tag_list)
         self.stats["batched_completions"] += len(batch)
         for hctx in dict.fromkeys(restart):
             self._sched_restart(hctx)
 
+    def _flush_tag_batch(self, hctx: HwCtx, tag_list: list[int]) -> None:
+        """blk_mq_flush_tag_batch() (Linux 5.16+): every request of a shared queue
+        holds an active count (RQF_MQ_INFLIGHT), dropped here for the whole batch,
+        then the tags go back at once."""
+        if hctx.queue.shared:
+            self._sub_active(hctx, len(tag_list))
+        tags = hctx.tags
+        assert tags is not None  # its requests came from them
+        bt = tags.bitmap_tags
+        bt.clear_batch(tags.nr_reserved_tags, tag_list)
+        if bt.count_frees:
+            bt.note_frees(len(tag_list))
+
     def _dec_active(self, hctx: HwCtx) -> None:
-        """__blk_mq_dec_active_requests(); below zero is a broken invariant."""
-        if self.a.fetch_sub32(hctx.nr_active_off, 1) - 1 & 0x80000000:
+        """__blk_mq_dec_active_requests()."""
+        self._sub_active(hctx, 1)
+
+    def _sub_active(self, hctx: HwCtx, nr: int) -> None:
+        """__blk_mq_sub_active_requests(); below zero is a broken invariant."""
+        if self.a.fetch_sub32(hctx.nr_active_off, nr) - nr & 0x80000000:
             self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
 
     def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:

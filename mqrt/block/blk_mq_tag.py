@@ -338,3 +338,23 @@ class Tags:
         if self.breserved_tags is not None:
             out += ["", "breserved_tags:", self.breserved_tags.show().rstrip("\n")]
         return "\n".join(out) + "\n"
+
+
+# -- what a tag sleeper waits for ---------------------------------------------------------------
+
+_KEY_FIELD = 1 << 16
+
+
+def tag_wait_key(queue: int, hctx: int, shallow: int) -> int:
+    """The key a task about to wait for a tag publishes in its wait-queue entry
+    (:meth:`~mqrt.lib.wait.Waiters.set_waits_for`): its request queue, its hctx and
+    the shallow depth its allocation is held to (0: none).  With it an observer can
+    ask what the sleeper may take, as blk_mq_get_tag() would (the race detectors)."""
+    if not (0 <= hctx < _KEY_FIELD and 0 <= shallow < _KEY_FIELD and queue >= 0):
+        raise ValueError(f"tag wait key out of range: queue {queue} hctx {hctx} shallow {shallow}")
+    return (queue << 32) | (hctx << 16) | shallow
+
+
+def decode_tag_wait_key(key: int) -> tuple[int, int, int]:
+    """(queue, hctx, shallow) of a :func:`tag_wait_key`."""
+    return key >> 32, (key >> 16) & (_KEY_FIELD - 1), key & (_KEY_FIELD - 1)

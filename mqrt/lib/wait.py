@@ -30,6 +30,10 @@ entry.queued_on    under lock                 byte offset of that queue's head, 
 entry.state        the waiter (RUNNING/       try_to_wake_up's TASK_UNINTERRUPTIBLE ->
                    SLEEPING), a waker by CAS  TASK_RUNNING: only a waker that wins the CAS
                    SLEEPING -> RUNNING        wakes, dequeues and counts the entry
+entry.sleep_seq    the waiter, under lock     one sleep told from the next, for observers
+entry.waits_for    the waiter, lock-free,     what it waits for, in its caller's terms
+                   before it prepares to      (:meth:`Waiters.set_waits_for`); read only by
+                   wait                       observers, never by the wait logic
 =================  =========================  ================================================
 
 A waker writes the eventfd while still holding the queue lock, so once
@@ -67,7 +71,12 @@ WAIT_QUEUE_ENTRY = cacheline_struct(
     [("next", "<i4"), ("prev", "<i4"), ("state", "<i4"), ("flags", "<i4"), ("queued_on", "<i8"),
      # bumped by its owner each time it prepares to sleep: tells one sleep from the
      # next to an observer (the race detectors); never read by the wait logic
-     ("sleep_seq", "<u4")]
+     ("sleep_seq", "<u4"),
+     # what the owner waits for, in its caller's terms (the block layer: the queue
+     # and hctx of a tag allocation); written by the owner before it prepares to
+     # wait, so the lock and the full barrier of that step order it before the
+     # sleeping state an observer sees; never read by the wait logic
+     ("waits_for", "<i8")]
 )  # fmt: skip
 
 #: Spins on a busy bit lock before yielding the core (the holder may be preempted).
@@ -143,6 +152,7 @@ class Waiters:
         v["state"] = TaskState.RUNNING
         v["flags"] = 0
         v["queued_on"] = NIL
+        v["waits_for"] = NIL
         del v
 
     @staticmethod
@@ -169,6 +179,7 @@ class Waiters:
         self._flags = field_offset(d, "flags")
         self._queued_on = field_offset(d, "queued_on")
         self._sleep_seq = field_offset(d, "sleep_seq")
+        self._waits_for = field_offset(d, "waits_for")
         # The sleeping side's state word and eventfd: this process's slot's.  A process
         # without a slot only wakes; -1 makes a sleeping-side call fail loudly.
         self._my_state = NIL if me is None else self.entry(me) + self._state
@@ -200,6 +211,20 @@ class Waiters:
             return False
         self.drain()  # consumed: the next schedule() sleeps again
         return True
+
+    def set_waits_for(self, key: int) -> None:
+        """Say what this process's next sleeps wait for (a key its caller defines;
+        observers decode it).  Relaxed store by the slot's owner, before it prepares
+        to wait: prepare_to_wait's lock and state exchange order it before the
+        sleeping state, so an observer that sees the task asleep (and then reads
+        this) sees the key of that sleep.  A process without a slot has no sleeps."""
+        if self.me is not None:
+            self.a.set(self.entry(self.me) + self._waits_for, key)
+
+    def waits_for(self, slot: int) -> int:
+        """The key ``slot`` last published with :meth:`set_waits_for` (-1: none)."""
+        v = self.a.read(self.entry(slot) + self._waits_for)
+        return v - (1 << 64) if v >> 63 else v
 
     def sleeping(self) -> bool:
         """This process's task is still marked asleep (no waker has run it)."""

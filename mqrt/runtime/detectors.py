@@ -33,7 +33,14 @@ lock a CPU takes, and reports the first of these it sees:
     no I/O submitted or completed across ``HANG_CHECKS`` looks and at least
     ``hang_s``, while requests hold tags or tasks wait for them, and every CPU
     process is asleep (not runnable) at each of those looks: a CPU the host does
-    not schedule, or one still running, is not hung.
+    not schedule, or one still running, is not hung.  A task asleep on a map with
+    free tags counts as a lost wake-up above only if it may take one of them:
+    what it may take is asked as blk_mq_get_tag() would (its hctx, queue and
+    shallow depth are in its wait-queue entry, ``waits_for``): a sleeper whose
+    queue is at its fair share of a shared map (hctx_may_queue: its ``nr_active``
+    against the map's depth over ``active_queues``, read from shared memory), or
+    whose shallow depth leaves it none of the free bits, was not failed by a
+    wake-up: nothing it waits for can come, a hang, reported with that reason.
 
 Each finding carries a snapshot taken at once: every tag map in the kernel's debugfs
 format (``sbitmap_queue_show``), the sleeping tasks and where they sleep, ``nr_active``
@@ -48,10 +55,10 @@ from typing import Any
 
 import psutil
 
-from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, Queue, Request
-from mqrt.block.blk_mq_tag import Tags
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, HwCtx, Queue, Request
+from mqrt.block.blk_mq_tag import FAIR_SHARE_MIN, Tags, decode_tag_wait_key
 from mqrt.block.blk_mq_types import RqState
-from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SbitmapQueue
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, Sbitmap, SbitmapQueue
 from mqrt.lib.shm import Arena, field_offset
 from mqrt.lib.trace import TraceSpec, format_records, last_events, read_all
 from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
@@ -291,9 +298,13 @@ class Monitor:
             return None  # a CPU is runnable: it may yet move (or the host starves it)
         flat = f"{self._flat_looks} looks ({now - self._progress_at:.2f} s)"
         cpus = ", ".join(f"cpu{i} {st}" for i, st in enumerate(states))
-        for (slot, _seq), (_since, (m, label, _bt)) in asleep.items():
-            free = self._free_tags(m)
-            if free:
+        held_back = []  # sleepers on free tags that they may not take
+        for (slot, _seq), (_since, (m, label, bt)) in asleep.items():
+            free = _free_bits(bt.sb, 0)
+            if not free:
+                continue
+            why = self._held_back(slot, bt is m.tags.breserved_tags, bt)
+            if why is None:
                 return Finding(
                     "lost_wakeup",
                     f"cpu{slot} asleep on {m.name} {label} while {free} tags are free, "
@@ -301,6 +312,14 @@ class Monitor:
                     f"is left to wake it",
                     at,
                 )
+            held_back.append(f"cpu{slot} on {m.name} {label} ({free} tags free): {why}")
+        if held_back:
+            return Finding(
+                "hang",
+                f"no I/O submitted or completed for {flat}, every CPU asleep ({cpus}), "
+                f"and no sleeper may take a free tag: " + "; ".join(held_back),
+                at,
+            )
         return Finding(
             "hang",
             f"no I/O submitted or completed for {flat} with {busy_total} request(s) "
@@ -308,6 +327,45 @@ class Monitor:
             f"({cpus})",
             at,
         )
+
+    def _held_back(self, slot: int, reserved: bool, bt: SbitmapQueue) -> str | None:
+        """Why the task asleep in ``slot`` may take none of its map's free tags, as
+        blk_mq_get_tag() would try them; None if it may take one (or what it waits
+        for is unknown).  Reserved tags are not shared out and have no shallow
+        depth; a normal tag needs hctx_may_queue() (a shared map's fair share) and
+        a free bit below the shallow depth, if any."""
+        key = self.waiters.waits_for(slot)
+        if key < 0 or reserved:
+            return None
+        q, h, shallow = decode_tag_wait_key(key)
+        if q >= len(self.queue_views) or h >= len(self.queue_views[q].hctxs):
+            return None
+        qv = self.queue_views[q]
+        hctx = qv.hctxs[h]
+        if qv.shared and hctx.tags is not None:
+            limit = _fair_share_limit(self.a, hctx, hctx.tags)
+            if limit is not None:
+                share, nr, users, depth = limit
+                return (
+                    f"hctx{h} of {qv.q.name} at its fair share {share} of {depth} with "
+                    f"{nr} active ({users} active queues) and {self._in_flight(q)} of its "
+                    f"requests holding tags"
+                )
+        if shallow and not _free_bits(bt.sb, shallow, bt.legacy):
+            return (
+                f"hctx{h} of {qv.q.name} held to a shallow depth of {shallow}, with no "
+                f"free tag below it"
+            )
+        return None
+
+    def _in_flight(self, q: int) -> int:
+        """Requests of queue ``q`` holding tags now (the map may be shared)."""
+        n = 0
+        for m in self.maps:
+            for rq in m.rqs:
+                if self.a.read(rq.base) & RQ_ALLOCATED and rq.setup()[7] == q:
+                    n += 1
+        return n
 
     def _free_tags(self, m: _Map) -> int:
         busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
@@ -375,3 +433,34 @@ class Monitor:
 
 def _s32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _fair_share_limit(a, hctx: HwCtx, tags: Tags) -> tuple[int, int, int, int] | None:
+    """hctx_may_queue() read from shared memory: (share, nr_active, active users,
+    depth) when ``hctx``'s user is at or over its fair share of the map, else None.
+    The same rule as :meth:`~mqrt.block.blk_mq_tag.Tags.may_queue`, kept here so a
+    catalogue entry that swaps that method does not change the verdict."""
+    depth = tags.bitmap_tags.sb.depth
+    if depth == 1 or not a.test_bit(hctx.active_off, hctx.active_bit):
+        return None
+    users = tags.active_queues
+    if users <= 1:
+        return None
+    share = max((depth + users - 1) // users, FAIR_SHARE_MIN)
+    nr = _s32(a.read32(hctx.nr_active_off))
+    return (share, nr, users, depth) if nr >= share else None
+
+
+def _free_bits(sb: Sbitmap, shallow: int, legacy: bool = False) -> int:
+    """Bits of ``sb`` free now (set bits pending a deferred clear count as free),
+    below a shallow depth if ``shallow``: spread over the words as the current
+    sbitmap_get_shallow() does, or per word (``legacy``, <= 6.1)."""
+    a = sb.a
+    free = 0
+    for i in range(sb.map_nr):
+        depth = sb.map_depth(i)
+        if shallow:
+            depth = min(depth, shallow) if legacy else sb.map_depth_with_shallow(i, shallow)
+        busy = a.read(sb._word[i]) & ~a.read(sb._cleared[i])
+        free += ((1 << depth) - 1 & ~busy).bit_count()
+    return free
