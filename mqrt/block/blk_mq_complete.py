@@ -308,16 +308,7 @@ class BlkMqCompletion:
         else:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)
-            if tag < 0:
-                bt = tags.breserved_tags
-                bt.clear(rq.tag, cpu)  # type: ignore[union-attr]
-                if bt.count_frees:  # type: ignore[union-attr]
-                    bt.note_frees(1)  # type: ignore[union-attr]
-            else:
-                bt = tags.bitmap_tags
-                bt.clear(tag, cpu)
-                if bt.count_frees:
-                    bt.note_frees(1)
+            tags.put_tag(rq.tag, cpu)
         if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
@@ -372,12 +363,8 @@ class BlkMqCompletion:
         then the tags go back at once."""
         if hctx.queue.shared:
             self._sub_active(hctx, len(tag_list))
-        tags = hctx.tags
-        assert tags is not None  # its requests came from them
-        bt = tags.bitmap_tags
-        bt.clear_batch(tags.nr_reserved_tags, tag_list)
-        if bt.count_frees:
-            bt.note_frees(len(tag_list))
+        assert hctx.tags is not None  # its requests came from them
+        hctx.tags.put_tags(tag_list)
 
     def _dec_active(self, hctx: HwCtx) -> None:
         """__blk_mq_dec_active_requests()."""

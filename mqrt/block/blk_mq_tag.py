@@ -314,14 +314,24 @@ class Tags:
     def put_tag(self, tag: int, cpu: int) -> None:
         """blk_mq_put_tag(): free ``tag``; it becomes the allocating ``cpu``'s next
         hint (cache locality), and waiters are woken by batch."""
-        if tag >= self.nr_reserved_tags:
-            bt = self.bitmap_tags
-            bt.clear(tag - self.nr_reserved_tags, cpu)
-        else:
-            bt = self.breserved_tags  # type: ignore[assignment]
-            bt.clear(tag, cpu)
+        reserved = tag < self.nr_reserved_tags
+        bt = self.breserved_tags if reserved else self.bitmap_tags
+        assert bt is not None  # a reserved tag came from breserved_tags
         if bt.count_frees:  # the race detectors' evidence
-            bt.note_frees(1)
+            bt.free_begin()
+        bt.clear(tag if reserved else tag - self.nr_reserved_tags, cpu)
+        if bt.count_frees:
+            bt.free_end(1)
+
+    def put_tags(self, tag_list: list[int]) -> None:
+        """blk_mq_put_tags(): a batch of (non-reserved) tags back in one
+        sbitmap_queue_clear_batch()."""
+        bt = self.bitmap_tags
+        if bt.count_frees:
+            bt.free_begin()
+        bt.clear_batch(self.nr_reserved_tags, tag_list)
+        if bt.count_frees:
+            bt.free_end(len(tag_list))
 
     # -- debugfs ------------------------------------------------------------------------------
 

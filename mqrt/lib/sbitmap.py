@@ -109,9 +109,9 @@ SBQ_HEADER = cacheline_struct(
     [("wake_index", "<i4")],  # next wait state to wake
     [("completion_cnt", "<i4"), ("wakeup_cnt", "<i4")],  # CURRENT generation only
     # instrumentation for the race detectors, never read by the wait logic: bits freed
-    # back to this map, counted by the block layer's free paths while
-    # SbitmapQueue.count_frees is on
-    [("frees", "<u4")],
+    # back to this map, and frees under way (their clear and wake-up not yet returned),
+    # counted by the block layer's free paths while SbitmapQueue.count_frees is on
+    [("frees", "<u4"), ("freeing", "<u4")],
 )
 
 #: Per-CPU allocation hint, one cache line each.
@@ -520,6 +520,7 @@ class SbitmapQueue:
         a.set32(o.completion_cnt, 0)
         a.set32(o.wakeup_cnt, 0)
         a.set32(o.frees, 0)
+        a.set32(o.freeing, 0)
         wake_batch = _calc_wake_batch(spec, spec.sb.depth, min_shallow_depth)
         a.set32(o.wake_batch, wake_batch)
         for i in range(SBQ_WAIT_QUEUES):
@@ -548,6 +549,7 @@ class SbitmapQueue:
         self._completion_cnt = o.completion_cnt
         self._wakeup_cnt = o.wakeup_cnt
         self.frees_off = o.frees
+        self.freeing_off = o.freeing
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
@@ -557,14 +559,29 @@ class SbitmapQueue:
     #: but this test).
     count_frees = False
 
-    def note_frees(self, nr: int) -> None:
-        """``nr`` bits of this map were freed (instrumentation, outside the algorithm:
-        the race catalogue's buggy versions of clear and wake-up cannot skip it)."""
-        self.a.fetch_add32(self.frees_off, nr)
+    def free_begin(self) -> None:
+        """A free of this map starts (instrumentation, outside the algorithm: the race
+        catalogue's buggy versions of clear and wake-up cannot skip it)."""
+        self.a.fetch_add32(self.freeing_off, 1)
+
+    def free_end(self, nr: int) -> None:
+        """The free begun last by this task returned, its clear and wake-up done:
+        ``nr`` bits counted as freed, then the free no longer under way (in that
+        order: a reader that sees ``freeing`` at 0 after reading ``frees`` knows every
+        free it counted has finished its wake-up)."""
+        a = self.a
+        a.fetch_add32(self.frees_off, nr)
+        a.fetch_sub32(self.freeing_off, 1)
 
     @property
     def frees(self) -> int:
         return _u32(self.a.read32(self.frees_off))
+
+    @property
+    def freeing(self) -> int:
+        """Frees under way: a waker among them may hold the wake-up its frees owe
+        (one preempted between counting a batch down and waking the sleepers)."""
+        return _u32(self.a.read32(self.freeing_off))
 
     # -- configuration --------------------------------------------------------------------
 

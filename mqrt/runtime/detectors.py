@@ -26,7 +26,12 @@ lock a CPU takes, and reports the first of these it sees:
     the map + 2)`` frees reach every sleeper (a woken task that still cannot take a
     tag, say at its fair share, sleeps again: a new sleep).  The map's frees are
     counted by the block layer's free paths (``frees``, outside the algorithm the
-    catalogue swaps).  Or, with no frees at all: a task asleep on a map with free
+    catalogue swaps).  The bound holds once the wakers have run: while a free is
+    still under way (``freeing``, counted around each free's clear and wake-up) it may
+    be the one holding the owed wake-up -- a waker that counted a batch down and was
+    then kept off the core, which a saturated host does for hundreds of
+    milliseconds -- so the verdict waits for a look with no free under way.  Or, with
+    no frees at all: a task asleep on a map with free
     tags while every CPU process is asleep and nothing moved for a while (below):
     nobody is left to wake it.
 ``hang``
@@ -272,7 +277,11 @@ class Monitor:
             wake_batch = max(1, bt.wake_batch)
             bound = SBQ_WAIT_QUEUES * wake_batch * (by_map[id(bt)] + 2)
             frees = (bt.frees - since) & 0xFFFFFFFF
-            if frees >= bound:
+            # Read after frees: 0 means every free counted has returned from its
+            # wake-up.  A free still under way may be the waker that owes this sleeper
+            # its wake-up (counted a batch down, then kept off the core by the host):
+            # no verdict until it returns.
+            if frees >= bound and not bt.freeing:
                 return Finding(
                     "lost_wakeup",
                     f"cpu{slot} asleep on {m.name} {label} through {frees} frees of that "

@@ -5,7 +5,7 @@ or uncounted without having been counted."""
 from __future__ import annotations
 
 from mqrt.block.blk_mq_complete import BlkMqCompletion, TagBatch
-from mqrt.block.blk_mq_structs import _SCHED_RESTART, HwCtx, Request
+from mqrt.block.blk_mq_structs import _SCHED_RESTART, Request
 from mqrt.race.entry import Bug, Scenario
 
 # -- 3b87c6ea671a: a completion batch never uncounted its requests ------------------------------
@@ -26,20 +26,11 @@ def _end_request_batch_uncounted(self: BlkMqCompletion, batch: list[Request]) ->
         if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
             restart.append(hctx)
     for hctx, tag_list in freed.values():
-        _put_tag_batch(hctx, tag_list)  # the bug: no nr_active update
+        assert hctx.tags is not None  # its requests came from them
+        hctx.tags.put_tags(tag_list)  # the bug: no nr_active update
     self.stats["batched_completions"] += len(batch)
     for hctx in dict.fromkeys(restart):
         self._sched_restart(hctx)
-
-
-def _put_tag_batch(hctx: HwCtx, tag_list: list[int]) -> None:
-    """blk_mq_put_tags() of the batch: the tags back in one clear_batch()."""
-    tags = hctx.tags
-    assert tags is not None  # its requests came from them
-    bt = tags.bitmap_tags
-    bt.clear_batch(tags.nr_reserved_tags, tag_list)
-    if bt.count_frees:
-        bt.note_frees(len(tag_list))
 
 
 BATCH_NR_ACTIVE_LEAK = Bug(
