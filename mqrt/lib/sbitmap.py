@@ -75,7 +75,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt.lib import inject, trace
+from mqrt.lib import inject, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
@@ -314,6 +314,7 @@ class Sbitmap:
                 inject.hit("sbitmap.get.before_fold")
             if not self.deferred_clear(index, depth, alloc_hint, wrap):
                 return -1
+            retries.retry()
 
     def _find_bit(
         self,
@@ -650,6 +651,7 @@ class SbitmapQueue:
                         found = a.cmpxchg(word_off, val, val | get_mask)
                         if found == val:
                             break
+                        retries.retry()
                         val = found
                     get_mask = (get_mask & ~val) >> nr
                     if get_mask:
@@ -713,8 +715,9 @@ class SbitmapQueue:
         """sbitmap_queue_wake_up(): account ``nr`` freed bits; wake waiters when a
         batch is complete."""
         if self.legacy:
-            again = True
+            again, nr = self._legacy_wake_up_once(nr)
             while again:
+                retries.retry()
                 again, nr = self._legacy_wake_up_once(nr)
             return
         a = self.a
@@ -729,6 +732,7 @@ class SbitmapQueue:
             found = a.cmpxchg32(self._wakeup_cnt, wakeups, wakeups + wake_batch)
             if found == wakeups:
                 break
+            retries.retry()
             wakeups = found
         if inject.armed:
             inject.hit("sbq.wake.before_wakeup")
@@ -790,6 +794,7 @@ class SbitmapQueue:
             found = a.cmpxchg32(cnt_off, cur, wait_cnt)
             if found == cur:
                 break
+            retries.retry()
             cur = found
         if wait_cnt > 0:
             # Counted on a queue that may have emptied meanwhile: go again so the

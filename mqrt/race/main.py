@@ -338,7 +338,10 @@ def build_scenario(bug: Bug, seed: int, runtime: float, inject: bool = True):
     spec.actions = list(sc.actions) or None
     points = sc.inject if inject else {}
     spec.inject = dict(points) or None
+    spec.inject_irqs = sc.inject_irqs
     config["inject"] = {k: list(v) for k, v in points.items()}
+    if sc.inject_irqs and points:
+        config["inject_irqs"] = True
     config["actions"] = [list(a) for a in sc.actions]
     return spec, config
 

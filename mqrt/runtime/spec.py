@@ -45,6 +45,8 @@ class RunSpec:
     actions: list[tuple[float, str, tuple]] | None = None
     #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
     inject: dict[str, tuple[float, int]] | None = None
+    #: the injected spinning delays take the CPU's interrupts, nested (mqrt.lib.inject)
+    inject_irqs: bool = False
     #: watch the run with mqrt.runtime.detectors's detectors: the first finding stops it
     detect: bool = False
     #: the hang detector's least time without progress, in seconds (it also needs
