@@ -60,6 +60,9 @@ Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
       concurrent gets.
     * ``ws_active``, ``wake_index``, ``completion_cnt``, ``wakeup_cnt``,
       ``ws[i].wait_cnt``: atomics; the wait queues: see :mod:`mqrt.lib.wait`.
+    * Every retry branch (a lost cmpxchg, a wake-up going round again, a search
+      after a fold) counts in :mod:`mqrt.lib.retries`: the livelock detector's
+      evidence, outside the algorithms the race catalogue swaps.
 
 How to benchmark
     ``mqrt microbench`` reports ``sbitmap.get_put`` (one process) and

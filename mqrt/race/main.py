@@ -286,6 +286,7 @@ def run_bug(
             with bug.switched_on():
                 result = run(spec)
         total += sum(j[d]["ios"] for c in result.cpus for j in c["jobs"] for d in ("read", "write"))
+        total += sum(s["partial"]["completed"] for s in result.stopped)  # as last published
         if result.finding is not None:
             finding, seed_found = result.finding, s
             trace_dump = result.trace_dump

@@ -68,7 +68,7 @@ class Manager:
         self.dead: dict[int, dict[str, Any]] = {}
         #: CPUs the runtime ended itself: caught spinning (livelock), they could not
         #: read the exit message
-        self.stopped: set[int] = set()
+        self.stopped: dict[int, dict[str, Any]] = {}
         #: after a livelock: each CPU's retries at the last look (None: no livelock)
         self.retries_seen: list[int] | None = None
         self.errors: dict[int, str] = {}  #: by CPU; -1: the runtime's own (a timeout)
@@ -192,8 +192,15 @@ class Manager:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, signal.SIGKILL)
         p.join(JOIN_TIMEOUT_S)
-        self.stopped.add(i)
-        self.r.messages.append(
+        r = self.r
+        self.stopped[i] = {
+            "role": "cpu",
+            "cpu": i,
+            "pid": p.pid,
+            "how": "killed (spinning)",
+            "partial": _cpu_counters(r.arena, r.stats_region, i),
+        }
+        r.messages.append(
             f"cpu{i} (pid {p.pid}) was spinning and could not be told to exit: killed"
         )
 
@@ -341,6 +348,7 @@ class Manager:
             setup_s=self.setup_s,
             wall_s=wall,
             dead=dead_list,
+            stopped=[self.stopped[i] for i in sorted(self.stopped)],
             messages=r.messages,
             interrupted=self.interrupted,
             t0_wall=self.t0_wall,

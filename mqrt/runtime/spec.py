@@ -71,6 +71,9 @@ class RunResult:
     setup_s: float  #: from run() to the first I/O
     wall_s: float
     dead: list[dict[str, Any]] = field(default_factory=list)
+    #: CPUs the runtime killed itself (caught spinning by the livelock detector): who,
+    #: and the counters they last published ("partial"), as for ``dead``
+    stopped: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
     t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
