@@ -17,7 +17,7 @@ sleep (like a preemption).
 The spelling on the command line and in the race catalogue is
 ``NAME=PCT:MAX_US[,NAME=PCT:MAX_US...]``, e.g. ``sbq.clear.before_wake=20:300``.
 
-Interrupts in a window (``configure(..., irqs=True)``)
+Interrupts in a window (``configure(..., with_irqs=True)``)
     A CPU process takes its interrupts only between operations (at its wait point and
     between submissions), never in the middle of one, where a kernel CPU with
     interrupts enabled takes them at any instruction.  For a bug that needs an

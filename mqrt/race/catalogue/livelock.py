@@ -10,11 +10,12 @@ from mqrt.race.entry import Bug, Scenario
 
 
 def _legacy_wake_ptr_any_count(self: SbitmapQueue) -> int:
-    """sbq_wake_ptr() before 30514bd2dd4e (the for-6.1 block tree of September 2022,
-    on top of 4acb83417cad and 48c033314f37): the first wait state from wake_index
-    with sleepers, whatever its wait_cnt -- also one whose count a waker has just
-    taken to 0 and not yet reset, on which __sbq_wake_up() can only ask to be called
-    again."""
+    """sbq_wake_ptr() before 30514bd2dd4e, ported from the block tree for Linux 6.1
+    of September 2022 (after 040b83fcecfb, 4acb83417cad and 48c033314f37; its
+    __sbq_wake_up() is our _legacy_wake_up_once() as it stands, the fix touched
+    only this function): the first wait state from wake_index with sleepers, whatever
+    its wait_cnt -- also one whose count a waker has just taken to 0 and not yet
+    reset, on which __sbq_wake_up() can only ask to be called again."""
     a = self.a
     if not a.read32(self._ws_active):
         return -1
@@ -37,9 +38,10 @@ WAKE_PTR_COUNT_ZERO = Bug(
     explanation=(
         "In the legacy scheme a waker counts frees down on the wait queue "
         "sbq_wake_ptr() picks; the one that takes its wait_cnt to 0 wakes a batch of "
-        "sleepers, moves wake_index on and resets the count to wake_batch. Meanwhile "
-        "__sbq_wake_up() finds the count 0 and returns true: try again, another waker "
-        "is resetting it. But sbq_wake_ptr() chose any wait queue with sleepers, "
+        "sleepers, moves wake_index on and resets the count to wake_batch. A second "
+        "waker that finds the count 0 meanwhile returns true from __sbq_wake_up(): try "
+        "again, another waker is resetting it. But sbq_wake_ptr() chose any wait queue "
+        "with sleepers, "
         "whatever its count, so the retry picks the same queue, and again. Across CPUs "
         "that is a wait until the other waker resets the count; on one CPU it is "
         "forever: a task freeing a tag in process context (Hugh Dickins's lockup: a "
@@ -49,14 +51,19 @@ WAKE_PTR_COUNT_ZERO = Bug(
         "never runs again to reset the count. Every other CPU that frees a tag then "
         "spins on the same queue. The fix makes sbq_wake_ptr() skip a queue whose "
         "count is 0 (at the price of a rare lost wake-up, as its message says). "
-        "Scenario: legacy sbitmap, one null_blk queue of 16 tags (wake_batch 2) shared "
-        "by 4 CPUs, softirq completions, sequential writes submitted 8 at a time: each "
-        "plug takes a batch of tags, merges its bios into one request and frees the "
-        "unused tags in process context, with the request's completion pending as a "
-        "softirq. The waker is held up to 100 us after taking a count to 0 (injected, "
-        "30 % of the times) and an interrupt arriving then runs nested (the injected "
-        "delay takes the CPU's pending interrupts and softirqs: mqrt's CPUs otherwise "
-        "take interrupts only between operations, so --no-inject cannot nest one)."
+        "Scenario: legacy sbitmap, one null_blk queue of 16 tags (4 words of 4 bits, "
+        "wake_batch 2) shared by 4 CPUs, 1 ms hrtimer completions, sequential reads "
+        "submitted 4 at a time: each plug takes a batch of free tags from one word, "
+        "merges its 4 bios into one request and frees the unused tags at the end of "
+        "the plug, in process context (mqrt's counterpart of the request freed after a "
+        "merge in the commit's backtrace), while the CPU's expired hrtimers wait to "
+        "complete requests. The waker that takes a count to 0 is held up to 100 us "
+        "(injected, 30 % of the times) and an interrupt arriving then runs nested: the "
+        "injected delay takes the CPU's pending interrupts (expired hrtimers, IPIs, "
+        "then softirqs), as a kernel CPU takes them in the middle of the task's code "
+        "and mqrt's CPUs otherwise never do. Without it (--no-inject) only the "
+        "cross-CPU form can show: the others spinning while a waker the host "
+        "deschedules holds a count at 0."
     ),
     scenario=Scenario(
         given={
