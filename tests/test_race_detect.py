@@ -4,6 +4,8 @@ clean with the detectors on."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mqrt.bench.main import build
@@ -56,6 +58,22 @@ def test_lost_wakeup_counted_while_others_run(monkeypatch):
     assert f is not None and f["detector"] == "lost_wakeup", f
     assert f["message"].startswith("cpu3 asleep on"), f["message"]
     assert "frees of that map with no wake-up" in f["message"]
+
+
+def test_livelock(monkeypatch):
+    """Every legacy wake-up with sleepers asks to go round again, forever: the CPUs
+    that free a tag spin, counted in their retries while nothing is submitted or
+    completed; the runtime kills them and still ends the run and cleans up."""
+    monkeypatch.setattr(SbitmapQueue, "_legacy_wake_up_once", lambda self, nr: (True, nr))
+    result = watched(sbitmap="legacy", irqmode="timer", completion_nsec=20_000,
+                     hw_queue_depth=8, iodepth=16, submit_queues=1)  # fmt: skip
+    f = result.finding
+    assert f is not None and f["detector"] == "livelock", f
+    assert "retry loops spinning with no I/O submitted or completed" in f["message"]
+    assert f["spinning"] and all(f"cpu{i} " in f["message"] for i in f["spinning"])
+    killed = [m for m in result.messages if "was spinning and could not be told to exit" in m]
+    assert len(killed) >= len(f["spinning"])
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"mqrt-{os.getpid()}-")]
 
 
 def test_hang():

@@ -48,7 +48,7 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
-from mqrt.lib import inject, trace, wait, wire
+from mqrt.lib import inject, retries, trace, wait, wire
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Region, cacheline_struct
 from mqrt.lib.trace import Tracer, TraceSpec
@@ -71,6 +71,7 @@ CPU_STATS = cacheline_struct(
         ("phase", "<u8"),  # 0 setup, 1 ready, 2 running, 3 draining, 4 drained
         ("violations", "<u8"),  # invariant violations seen (published at once)
         ("stale", "<u8"),  # stale or second completions dropped
+        ("retries", "<u8"),  # times round a retry loop (at once: mqrt.lib.retries)
     ]
 )
 PHASE_READY, PHASE_RUNNING, PHASE_DRAINING, PHASE_DRAINED = 1, 2, 3, 4
@@ -122,7 +123,9 @@ class Cpu:
         self.ipi_fd = plan.ipi_r[plan.cpu]
         self.ipi_w = plan.ipi_w
         self.softirqs: deque[tuple[Callable[[int, int], None], int, int]] = deque()
-        self.timers: list[tuple[int, int, Callable[..., None], tuple]] = []
+        #: (expires, seq, fn, args, hard): hard is a driver's hrtimer (an interrupt),
+        #: not the CPU's own periodic work or a sysfs action
+        self.timers: list[tuple[int, int, Callable[..., None], tuple, bool]] = []
         self._timer_seq = 0
         self.runs: dict[tuple[int, int], int] = {}  #: pending kblockd runs -> due ns
         self.requeue_pending: set[int] = set()
@@ -164,6 +167,7 @@ class Cpu:
 
         o = plan.stats.offsets(plan.cpu)
         self._st = o
+        retries.install(plan.arena.atomic, o.retries)
         #: Interrupt vectors affine to this CPU: fd -> handler (the driver's irq).
         self.irq_handlers: dict[int, Callable[[], None]] = dict(
             plan.driver.irq_handlers(self.mq, plan.cpu)
@@ -174,6 +178,42 @@ class Cpu:
         for fd in self._fds:
             self.epoll.register(fd, select.EPOLLIN)
         wait.long_spin_hook = self._check_exit  # a lock holder may have been killed
+        #: the task is in process context (submitting): an interrupt may nest here
+        self.in_task = False
+        self._irq_fds = [self.ipi_fd, *self.irq_handlers]
+        self._irq_epoll = select.epoll()
+        for fd in self._irq_fds:
+            self._irq_epoll.register(fd, select.EPOLLIN)
+        inject.irq_hook = self._irq_in_window
+
+    def _irq_in_window(self) -> None:
+        """An interrupt arrives while an injected delay holds a window open
+        (:mod:`mqrt.lib.inject`, ``irqs``).  Only process context is interrupted: the
+        task submitting (in a softirq or an interrupt handler nothing nests, as
+        softirqs do not).  The hard interrupts pending on this CPU run (IPIs, the
+        driver's vectors, its hrtimers that expired), then, as on irq_exit, the
+        pending softirqs -- nested in whatever the task was doing."""
+        if not self.in_task:
+            return
+        self.in_task = False
+        try:
+            for fd in wait.wait_fds(self._irq_epoll, self._irq_fds, 0.0):
+                if fd == self.ipi_fd:
+                    self._handle_ipis()
+                else:
+                    self.irq_handlers[fd]()
+            timers = self.timers
+            if timers:  # hrtimers that expired (the CPU's own work waits for the task)
+                now = self.clock()
+                while timers and timers[0][0] <= now and timers[0][4]:
+                    _, _, fn, args, _hard = heapq.heappop(timers)
+                    fn(*args)
+            softirqs = self.softirqs
+            while softirqs:
+                fn, a, b = softirqs.popleft()
+                fn(a, b)
+        finally:
+            self.in_task = True
 
     def _check_exit(self) -> None:
         """Called while spinning long on a lock: give up if the run is ending."""
@@ -188,8 +228,14 @@ class Cpu:
         self.softirqs.append((fn, a, b))
 
     def add_timer(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        """A driver's hrtimer: it fires in interrupt context."""
         self._timer_seq += 1
-        heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args))
+        heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args, True))
+
+    def _add_work(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        """The CPU's own timed work (periodic work, a sysfs action)."""
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args, False))
 
     def ipi_complete(self, cpu: int, q: int, rq_id: int, gen: int) -> None:
         self._send(cpu, IPI.pack(IPI_COMPLETE, 0, q, rq_id, gen, 0, 0, 0, 0, 0))
@@ -224,6 +270,13 @@ class Cpu:
         """The task sleeps (for a tag) until a waker sets it running again; the CPU
         keeps taking its interrupts (which may be what frees the tag) meanwhile."""
         self.counters["tag_sleeps"] += 1
+        in_task, self.in_task = self.in_task, False  # interrupts run at the wait point
+        try:
+            self._sleep()
+        finally:
+            self.in_task = in_task
+
+    def _sleep(self) -> None:
         while self.waiters.sleeping():
             if self.exiting:
                 raise Stopped
@@ -294,7 +347,7 @@ class Cpu:
         if timers:
             now = self.clock()
             while timers and timers[0][0] <= now:
-                _, _, fn, args = heapq.heappop(timers)
+                _, _, fn, args, _hard = heapq.heappop(timers)
                 fn(*args)
                 ran = True
                 while softirqs:
@@ -336,9 +389,9 @@ class Cpu:
         def tick() -> None:
             if not self.exiting:
                 fn(q)
-                self.add_timer(self.clock() + period_ns, tick)
+                self._add_work(self.clock() + period_ns, tick)
 
-        self.add_timer(self.clock() + period_ns, tick)
+        self._add_work(self.clock() + period_ns, tick)
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -426,7 +479,7 @@ class Cpu:
         if self.cpu == 0:
             for at_s, action, args in plan.actions or ():
                 fn = {"nr_requests": self.mq.update_nr_requests}[action]
-                self.add_timer(t0 + int(at_s * 1e9), fn, *args)
+                self._add_work(t0 + int(at_s * 1e9), fn, *args)
         for q, owner in enumerate(plan.timeout_scan_cpu):
             if owner == self.cpu:
                 queue = self.mq.queues[q]
@@ -490,12 +543,16 @@ class Cpu:
                     if next_allowed[i] < now - 1_000_000_000:
                         next_allowed[i] = now  # do not bank more than a second
                 queue = queues[job.q]
-                mq.start_plug(n)
-                for _ in range(n):
-                    op, sector, nr_sectors = job.next_bio()
-                    mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
+                self.in_task = True
+                try:
+                    mq.start_plug(n)
+                    for _ in range(n):
+                        op, sector, nr_sectors = job.next_bio()
+                        mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
 
-                mq.finish_plug()
+                    mq.finish_plug()
+                finally:
+                    self.in_task = False
                 progressed = True
             if self._interrupts():
                 progressed = True

@@ -16,13 +16,24 @@ sleep (like a preemption).
 
 The spelling on the command line and in the race catalogue is
 ``NAME=PCT:MAX_US[,NAME=PCT:MAX_US...]``, e.g. ``sbq.clear.before_wake=20:300``.
+
+Interrupts in a window (``configure(..., with_irqs=True)``)
+    A CPU process takes its interrupts only between operations (at its wait point and
+    between submissions), never in the middle of one, where a kernel CPU with
+    interrupts enabled takes them at any instruction.  For a bug that needs an
+    interrupt handler to run nested inside an operation of the task (the same CPU
+    freeing a tag in process context and again in the interrupt), a run can ask for
+    interrupts to arrive during the spinning delays: while the delay spins, the
+    process calls :data:`irq_hook` (a CPU installs one that takes its pending
+    interrupts and, as irq_exit does, its pending softirqs, when the task is in
+    process context).  Delays that sleep (a preemption) take none.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from mqrt.lib import trace
 from mqrt.lib.knobs import KnobError
@@ -73,6 +84,11 @@ POINTS: dict[str, str] = {
 
 #: True once any point is armed (the only thing a disarmed point reads).
 armed = False
+#: Spinning delays take interrupts (see the module docstring).
+irqs = False
+#: What taking this process's interrupts means (installed by a CPU process; called
+#: only while ``irqs`` is on).
+irq_hook: Callable[[], None] | None = None
 _table: dict[str, tuple[float, int]] = {}
 _rng = random.Random(0)
 _seed = 0
@@ -103,9 +119,12 @@ def parse(text: str) -> dict[str, tuple[float, int]]:
     return out
 
 
-def configure(table: Mapping[str, tuple[float, int]], seed: int = 0) -> None:
-    """Arm exactly the points of ``table`` (empty: disarm everything)."""
-    global armed, _seed
+def configure(
+    table: Mapping[str, tuple[float, int]], seed: int = 0, with_irqs: bool = False
+) -> None:
+    """Arm exactly the points of ``table`` (empty: disarm everything); ``with_irqs``:
+    their spinning delays take the CPU's interrupts."""
+    global armed, irqs, _seed
     for name in table:
         if name not in POINTS:
             raise KnobError(f"inject: no point {name!r}")
@@ -115,6 +134,7 @@ def configure(table: Mapping[str, tuple[float, int]], seed: int = 0) -> None:
     _seed = seed
     _rng.seed(seed)
     armed = bool(_table)
+    irqs = armed and with_irqs
 
 
 def seed_cpu(cpu: int) -> None:
@@ -134,7 +154,9 @@ def hit(name: str) -> None:
         trace.emit(Ev.INJECT, -1, 0, 0, 0, us)
     if us <= SPIN_MAX_US:
         end = time.perf_counter_ns() + us * 1000
+        hook = irq_hook if irqs else None
         while time.perf_counter_ns() < end:
-            pass
+            if hook is not None:
+                hook()  # an interrupt arriving while the window is open
     else:
         time.sleep(us / 1e6)

@@ -60,6 +60,9 @@ Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
       concurrent gets.
     * ``ws_active``, ``wake_index``, ``completion_cnt``, ``wakeup_cnt``,
       ``ws[i].wait_cnt``: atomics; the wait queues: see :mod:`mqrt.lib.wait`.
+    * Every retry branch (a lost cmpxchg, a wake-up going round again, a search
+      after a fold) counts in :mod:`mqrt.lib.retries`: the livelock detector's
+      evidence, outside the algorithms the race catalogue swaps.
 
 How to benchmark
     ``mqrt microbench`` reports ``sbitmap.get_put`` (one process) and
@@ -75,7 +78,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt.lib import inject, trace
+from mqrt.lib import inject, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
@@ -314,6 +317,7 @@ class Sbitmap:
                 inject.hit("sbitmap.get.before_fold")
             if not self.deferred_clear(index, depth, alloc_hint, wrap):
                 return -1
+            retries.retry()
 
     def _find_bit(
         self,
@@ -667,6 +671,7 @@ class SbitmapQueue:
                         found = a.cmpxchg(word_off, val, val | get_mask)
                         if found == val:
                             break
+                        retries.retry()
                         val = found
                     get_mask = (get_mask & ~val) >> nr
                     if get_mask:
@@ -730,8 +735,9 @@ class SbitmapQueue:
         """sbitmap_queue_wake_up(): account ``nr`` freed bits; wake waiters when a
         batch is complete."""
         if self.legacy:
-            again = True
+            again, nr = self._legacy_wake_up_once(nr)
             while again:
+                retries.retry()
                 again, nr = self._legacy_wake_up_once(nr)
             return
         a = self.a
@@ -746,6 +752,7 @@ class SbitmapQueue:
             found = a.cmpxchg32(self._wakeup_cnt, wakeups, wakeups + wake_batch)
             if found == wakeups:
                 break
+            retries.retry()
             wakeups = found
         if inject.armed:
             inject.hit("sbq.wake.before_wakeup")
@@ -807,6 +814,7 @@ class SbitmapQueue:
             found = a.cmpxchg32(cnt_off, cur, wait_cnt)
             if found == cur:
                 break
+            retries.retry()
             cur = found
         if wait_cnt > 0:
             # Counted on a queue that may have emptied meanwhile: go again so the

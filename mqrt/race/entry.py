@@ -18,6 +18,9 @@ class Scenario:
     given: dict[str, Any]
     queue_jobs: dict[int, dict[str, Any]] = field(default_factory=dict)
     inject: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: the injected spinning delays take the CPU's pending interrupts, nested in the
+    #: task's operation (see mqrt.lib.inject)
+    inject_irqs: bool = False
     #: sysfs writes during the run: (seconds after the start, action, args)
     actions: tuple[tuple[float, str, tuple], ...] = ()
     attempt_s: float = 5.0

@@ -361,6 +361,7 @@ def run_bug(
             with bug.switched_on():
                 result = run(spec)
         total += sum(j[d]["ios"] for c in result.cpus for j in c["jobs"] for d in ("read", "write"))
+        total += sum(s["partial"]["completed"] for s in result.stopped)  # as last published
         if result.finding is not None:
             finding, seed_found = result.finding, s
             trace_dump = result.trace_dump
@@ -413,7 +414,10 @@ def build_scenario(bug: Bug, seed: int, runtime: float, inject: bool = True):
     spec.actions = list(sc.actions) or None
     points = sc.inject if inject else {}
     spec.inject = dict(points) or None
+    spec.inject_irqs = sc.inject_irqs
     config["inject"] = {k: list(v) for k, v in points.items()}
+    if sc.inject_irqs and points:
+        config["inject_irqs"] = True
     config["actions"] = [list(a) for a in sc.actions]
     return spec, config
 

@@ -34,6 +34,21 @@ lock a CPU takes, and reports the first of these it sees:
     no frees at all: a task asleep on a map with free
     tags while every CPU process is asleep and nothing moved for a while (below):
     nobody is left to wake it.
+``livelock``
+    decided by counting, not by the clock.  A CPU that went round retry loops (a
+    wake-up that has to look again, a lost cmpxchg, an allocation that folds and
+    searches again: each CPU counts these at once in its ``retries``, see
+    :mod:`mqrt.lib.retries`) more than ``LIVELOCK_RETRIES_PER_TAG`` times per tag of
+    the run's tag maps (at least ``LIVELOCK_RETRIES_MIN``) while no I/O was submitted
+    or completed across ``LIVELOCK_CHECKS`` looks, its process running (runnable)
+    with its CPU time growing.  The bound: in code without the bug a retry happens
+    only because another CPU changed the same word in between -- took or freed a
+    tag, consumed or reset a wait queue's count, emptied a wait queue -- and with
+    nothing submitted or completed each tag is freed at most once and taken at most
+    once more, each such step letting a waker go round the wait queues at most once
+    (``SBQ_WAIT_QUEUES x SBQ_WAKE_BATCH + 1`` retries): far below the bound.  A CPU
+    the host deschedules does not count; a short legitimate spin stays below the
+    bound.  The runtime stops the spinning CPUs itself: they cannot read a message.
 ``hang``
     no I/O submitted or completed across ``HANG_CHECKS`` looks and at least
     ``hang_s``, while requests hold tags or tasks wait for them, and every CPU
@@ -63,7 +78,7 @@ import psutil
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, HwCtx, Queue, Request
 from mqrt.block.blk_mq_tag import FAIR_SHARE_MIN, Tags, decode_tag_wait_key
 from mqrt.block.blk_mq_types import RqState
-from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, Sbitmap, SbitmapQueue
+from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, Sbitmap, SbitmapQueue
 from mqrt.lib.shm import Arena, field_offset
 from mqrt.lib.trace import TraceSpec, format_records, last_events, read_all
 from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
@@ -72,6 +87,11 @@ from mqrt.lib.wait import WAIT_QUEUE_ENTRY, TaskState, Waiters
 EVENTS_PER_CPU = 24
 #: Consecutive looks with no progress (and every CPU asleep) before a hang is called.
 HANG_CHECKS = 5
+#: Consecutive looks with no progress before a livelock is called, and its bound:
+#: retries of one CPU per tag of the run's maps, and at least this many.
+LIVELOCK_CHECKS = 5
+LIVELOCK_RETRIES_PER_TAG = 4 * (SBQ_WAIT_QUEUES * SBQ_WAKE_BATCH + 1)
+LIVELOCK_RETRIES_MIN = 20_000
 
 _QUEUED_ON = field_offset(WAIT_QUEUE_ENTRY, "queued_on")
 
@@ -82,14 +102,20 @@ class Finding:
     message: str
     at_s: float  #: seconds after the I/O started
     snapshot: dict[str, Any] = field(default_factory=dict)
+    #: CPUs caught spinning (livelock): they will not read a message, the runtime
+    #: stops them
+    spinning: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "detector": self.detector,
             "message": self.message,
             "at_s": self.at_s,
             "snapshot": self.snapshot,
         }
+        if self.spinning:
+            out["spinning"] = self.spinning
+        return out
 
 
 class _Map:
@@ -168,6 +194,16 @@ class Monitor:
         self._progress = -1
         self._progress_at = self.t0
         self._flat_looks = 0
+        #: livelock: each CPU's retries when progress was last seen, and its CPU
+        #: time at the first look without progress
+        self._retries_base: list[int] = []
+        self._cpu_time_base: list[float | None] = []
+        nr_tags = 0
+        for m in self.maps:
+            for bt in (m.tags.bitmap_tags, m.tags.breserved_tags):
+                if bt is not None:
+                    nr_tags += bt.sb.depth
+        self.livelock_bound = max(LIVELOCK_RETRIES_MIN, LIVELOCK_RETRIES_PER_TAG * nr_tags)
 
     def close(self) -> None:
         """Let go of every view into the arena (before it is unmapped)."""
@@ -296,8 +332,12 @@ class Monitor:
         progress = self._sum_stat("completed") + self._sum_stat("submitted")
         if progress != self._progress:
             self._progress, self._progress_at, self._flat_looks = progress, now, 0
+            self._retries_base = self.retries()
             return None
         self._flat_looks += 1
+        livelock = self._livelock(at)
+        if livelock is not None:
+            return livelock
         if not (busy_total or asleep):
             return None
         if self._flat_looks < HANG_CHECKS or now - self._progress_at < self.hang_s:
@@ -375,6 +415,53 @@ class Monitor:
                 if self.a.read(rq.base) & RQ_ALLOCATED and rq.setup()[7] == q:
                     n += 1
         return n
+
+    def retries(self) -> list[int]:
+        """Each CPU's retries so far (what it published at once)."""
+        return [self.a.read(o.retries) for o in self.stats]
+
+    def _cpu_time(self, i: int) -> float | None:
+        if i >= len(self._procs):
+            return None
+        try:
+            t = self._procs[i].cpu_times()
+        except psutil.Error:
+            return None
+        return t.user + t.system
+
+    def _livelock(self, at: float) -> Finding | None:
+        """CPUs spinning in retry loops while nothing is submitted or completed
+        (see the module docstring); called at each look without progress."""
+        if self._flat_looks == 1:
+            self._cpu_time_base = [self._cpu_time(i) for i in range(len(self.stats))]
+        if self._flat_looks < LIVELOCK_CHECKS or not self._retries_base:
+            return None
+        grown = [n - base for n, base in zip(self.retries(), self._retries_base, strict=True)]
+        if max(grown) < self.livelock_bound:
+            return None
+        spinning = []
+        for i, n in enumerate(grown):
+            if n <= 0:
+                continue
+            try:
+                running = self._procs[i].status() == psutil.STATUS_RUNNING if self._procs else True
+            except psutil.Error:
+                running = False
+            t0, t1 = self._cpu_time_base[i], self._cpu_time(i)
+            if running and (t0 is None or t1 is None or t1 > t0):
+                spinning.append(i)
+        over = [i for i in spinning if grown[i] >= self.livelock_bound]
+        if not over:
+            return None
+        cpus = ", ".join(f"cpu{i} {grown[i]:,}" for i in spinning)
+        return Finding(
+            "livelock",
+            f"retry loops spinning with no I/O submitted or completed for {self._flat_looks} "
+            f"looks: {cpus} times round (bound {self.livelock_bound:,}: "
+            f"{LIVELOCK_RETRIES_PER_TAG} per tag), each running with its CPU time growing",
+            at,
+            spinning=spinning,
+        )
 
     def _free_tags(self, m: _Map) -> int:
         busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)

@@ -5,8 +5,10 @@ over.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import signal
 import time
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
@@ -64,6 +66,11 @@ class Manager:
         self.drained: set[int] = set()
         self.results: dict[int, wire.CpuReport] = {}
         self.dead: dict[int, dict[str, Any]] = {}
+        #: CPUs the runtime ended itself: caught spinning (livelock), they could not
+        #: read the exit message
+        self.stopped: dict[int, dict[str, Any]] = {}
+        #: after a livelock: each CPU's retries at the last look (None: no livelock)
+        self.retries_seen: list[int] | None = None
         self.errors: dict[int, str] = {}  #: by CPU; -1: the runtime's own (a timeout)
         self.device_dead: dict[str, Any] | None = None
         self.t0_ns = self.end_ns = 0
@@ -93,6 +100,7 @@ class Manager:
                     break
                 if self.check_detectors():
                     continue
+                self.stop_spinners()
                 self.report_progress(now)
                 for obj in self.wait_for_events(alive):
                     self.on_event(obj)
@@ -105,7 +113,11 @@ class Manager:
 
     def alive(self) -> list[int]:
         """The CPUs that neither died nor reported."""
-        return [i for i in range(self.n) if i not in self.dead and i not in self.results]
+        return [
+            i
+            for i in range(self.n)
+            if i not in self.dead and i not in self.results and i not in self.stopped
+        ]
 
     def advance(self) -> None:
         """Move to the next phase once every CPU is there."""
@@ -155,7 +167,42 @@ class Manager:
         found.at_s = time.monotonic() - self.t0_ns / 1e9
         self.finding = found.to_dict()
         self.enter_exit()
+        if found.spinning:
+            for i in found.spinning:
+                self.stop_spinning(i)
+            self.retries_seen = self.monitor.retries()
         return True
+
+    def stop_spinners(self) -> None:
+        """After a livelock: a CPU that has not exited and went round a retry loop
+        since the last look joined the spinning ones (freeing a tag while others
+        spun): stop it too."""
+        if self.retries_seen is None or self.monitor is None:
+            return
+        now = self.monitor.retries()
+        for i in self.alive():
+            if now[i] != self.retries_seen[i]:
+                self.stop_spinning(i)
+        self.retries_seen = now
+
+    def stop_spinning(self, i: int) -> None:
+        """CPU ``i`` spins in a loop that never reaches its control pipe: kill it
+        (the others exit on the message and report); it reports nothing."""
+        p = self.r.procs[i]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        p.join(JOIN_TIMEOUT_S)
+        r = self.r
+        self.stopped[i] = {
+            "role": "cpu",
+            "cpu": i,
+            "pid": p.pid,
+            "how": "killed (spinning)",
+            "partial": _cpu_counters(r.arena, r.stats_region, i),
+        }
+        r.messages.append(
+            f"cpu{i} (pid {p.pid}) was spinning and could not be told to exit: killed"
+        )
 
     def report_progress(self, now: float) -> None:
         progress = self.spec.progress
@@ -301,6 +348,7 @@ class Manager:
             setup_s=self.setup_s,
             wall_s=wall,
             dead=dead_list,
+            stopped=[self.stopped[i] for i in sorted(self.stopped)],
             messages=r.messages,
             interrupted=self.interrupted,
             t0_wall=self.t0_wall,
@@ -326,7 +374,8 @@ class Manager:
             return None
         finding = self.finding
         dump_msgpack(
-            read_all(r.arena, r.trace_spec, quiescent=True),
+            # a CPU killed inside emit() may have left its next slot half-written
+            read_all(r.arena, r.trace_spec, quiescent=not self.stopped),
             spec.trace_dump,
             {
                 "finding": finding and {k: finding[k] for k in ("detector", "message")},

@@ -104,7 +104,7 @@ class _Run:
             try:
                 self._init_arena()
                 self._start_device()
-                inject.configure(spec.inject or {}, spec.seed)
+                inject.configure(spec.inject or {}, spec.seed, spec.inject_irqs)
                 self._start_cpus()
                 return self._drive()
             finally:

@@ -45,6 +45,8 @@ class RunSpec:
     actions: list[tuple[float, str, tuple]] | None = None
     #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
     inject: dict[str, tuple[float, int]] | None = None
+    #: the injected spinning delays take the CPU's interrupts, nested (mqrt.lib.inject)
+    inject_irqs: bool = False
     #: watch the run with mqrt.runtime.detectors's detectors: the first finding stops it
     detect: bool = False
     #: the hang detector's least time without progress, in seconds (it also needs
@@ -69,6 +71,9 @@ class RunResult:
     setup_s: float  #: from run() to the first I/O
     wall_s: float
     dead: list[dict[str, Any]] = field(default_factory=list)
+    #: CPUs the runtime killed itself (caught spinning by the livelock detector): who,
+    #: and the counters they last published ("partial"), as for ``dead``
+    stopped: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     interrupted: bool = False  #: stopped early by Ctrl-C: figures cover what ran
     t0_wall: float = 0.0  #: wall-clock time of the first I/O (time.time())
