@@ -58,13 +58,20 @@ from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 
 #: A wait_queue_head_t: embedded in other structs (e.g. sbitmap's wait states).
 WAIT_QUEUE_HEAD = np.dtype(
-    {"names": ["lock", "first", "last"], "formats": ["<u8", "<i4", "<i4"], "offsets": [0, 8, 12]},
+    {
+        "names": ["lock", "first", "last", "wakeups"],
+        "formats": ["<u8", "<i4", "<i4", "<u4"],
+        "offsets": [0, 8, 12, 16],
+    },
     align=True,
 )
 
 _HEAD_LOCK = field_offset(WAIT_QUEUE_HEAD, "lock")
 _HEAD_FIRST = field_offset(WAIT_QUEUE_HEAD, "first")
 _HEAD_LAST = field_offset(WAIT_QUEUE_HEAD, "last")
+#: wake-ups that woke somebody, counted under the lock (instrumentation for the race
+#: detectors, read lockless; the wait logic never reads it)
+_HEAD_WAKEUPS = field_offset(WAIT_QUEUE_HEAD, "wakeups")
 
 #: One wait_queue_entry per waiter slot.
 WAIT_QUEUE_ENTRY = cacheline_struct(
@@ -259,6 +266,7 @@ class WaitQueue:
         self._lock = head + _HEAD_LOCK
         self._first = head + _HEAD_FIRST
         self._last = head + _HEAD_LAST
+        self._wakeups = head + _HEAD_WAKEUPS
 
     @staticmethod
     def init(arena: Arena, head: int) -> None:
@@ -267,6 +275,12 @@ class WaitQueue:
         a.set(head + _HEAD_LOCK, 0)
         a.set32(head + _HEAD_FIRST, NIL)
         a.set32(head + _HEAD_LAST, NIL)
+        a.set32(head + _HEAD_WAKEUPS, 0)
+
+    @property
+    def wakeups(self) -> int:
+        """Wake-ups on this queue that woke an exclusive waiter (lockless read)."""
+        return self.a.read32(self._wakeups) & 0xFFFFFFFF
 
     def active(self) -> bool:
         """waitqueue_active(): anyone queued?  Lockless; the caller supplies the
@@ -384,6 +398,8 @@ class WaitQueue:
                     if exclusive:
                         woken += 1
                 slot = nxt
+            if woken:
+                a.set32(self._wakeups, a.read32(self._wakeups) + 1 & 0xFFFFFFFF)
         finally:
             spin_unlock(a, self._lock)
         return woken

@@ -30,8 +30,14 @@ lock a CPU takes, and reports the first of these it sees:
     still under way (``freeing``, counted around each free's clear and wake-up) it may
     be the one holding the owed wake-up -- a waker that counted a batch down and was
     then kept off the core, which a saturated host does for hundreds of
-    milliseconds -- so the verdict waits for a look with no free under way.  Or, with
-    no frees at all: a task asleep on a map with free
+    milliseconds -- so the verdict waits for a look with no free under way.  And a
+    free that finds the wait queue it chose held at 0 by such a waker is counted
+    nowhere (every generation before 6.2 drops it; that waker then wakes its own
+    queue), so the frees alone do not decide: either no wait queue of the map woke
+    anybody meanwhile (then no free was dropped), or the map's wait queues woke tasks
+    ``PASSED_BY x SBQ_WAIT_QUEUES x sleepers`` times (counted by the wait queues
+    themselves), going round them oldest sleeper first often enough to have reached
+    this one.  Or, with no frees at all: a task asleep on a map with free
     tags while every CPU process is asleep and nothing moved for a while (below):
     nobody is left to wake it.
 ``livelock``
@@ -71,7 +77,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -94,6 +100,20 @@ LIVELOCK_RETRIES_PER_TAG = 4 * (SBQ_WAIT_QUEUES * SBQ_WAKE_BATCH + 1)
 LIVELOCK_RETRIES_MIN = 20_000
 
 _QUEUED_ON = field_offset(WAIT_QUEUE_ENTRY, "queued_on")
+
+
+#: A map's wake-ups, in rounds of SBQ_WAIT_QUEUES per sleeper, that reach every sleeper:
+#: each round wakes the oldest sleeper of every wait queue with one, so a sleeper with
+#: others ahead of it on its queue is woken within as many rounds; twice that, as a
+#: waker kept off the core may store a stale wake index.
+PASSED_BY = 2
+
+
+class _Since(NamedTuple):
+    """A sleep's map when the sleep was first seen."""
+
+    frees: int  #: the map's frees
+    wakeups: int  #: wake-ups that woke somebody on the map's wait queues
 
 
 @dataclass
@@ -189,7 +209,7 @@ class Monitor:
                     for i, ws in enumerate(bt.ws):
                         self._ws_of[ws.head] = (m, f"{kind} ws[{i}]", bt)
         #: each sleep seen: (slot, sleep_seq) -> its map's frees when first seen
-        self._first_seen: dict[tuple[int, int], int] = {}
+        self._first_seen: dict[tuple[int, int], _Since] = {}
         self.t0 = time.monotonic()
         self._progress = -1
         self._progress_at = self.t0
@@ -236,9 +256,10 @@ class Monitor:
             return f"{where[0].name} {where[1]}"
         return f"wait queue @{head:#x}" if head else "no wait queue"
 
-    def _sleeps(self) -> dict[tuple[int, int], tuple[int, tuple[_Map, str, SbitmapQueue]]]:
+    def _sleeps(self) -> dict[tuple[int, int], tuple[_Since, tuple[_Map, str, SbitmapQueue], int]]:
         """Every sleep on a tag map's wait queue going on now, by (slot, sleep_seq):
-        its map's frees when it was first seen, and where it sleeps."""
+        the map's counts when the sleep was first seen (:class:`_Since`), where it
+        sleeps, and the map's wake-ups now."""
         a, w = self.a, self.waiters
         seen = {}
         for slot in range(self.nr_waiters):
@@ -248,9 +269,11 @@ class Monitor:
             where = self._ws_of.get(a.read(entry + _QUEUED_ON))
             if where is None:
                 continue
+            bt = where[2]
+            wakeups = sum(ws.wakeups for ws in bt.ws) & 0xFFFFFFFF
             key = (slot, a.read32(entry + w._sleep_seq))
-            since = self._first_seen.get(key)
-            seen[key] = (where[2].frees if since is None else since, where)
+            since = self._first_seen.get(key) or _Since(bt.frees, wakeups)
+            seen[key] = (since, where, wakeups)
         self._first_seen = {k: v[0] for k, v in seen.items()}
         return seen
 
@@ -307,23 +330,36 @@ class Monitor:
                     return held_twice
         asleep = self._sleeps()
         by_map: dict[int, int] = {}
-        for _since, where in asleep.values():
+        for _since, where, _others in asleep.values():
             by_map[id(where[2])] = by_map.get(id(where[2]), 0) + 1
-        for (slot, _seq), (since, (m, label, bt)) in asleep.items():
+        for (slot, _seq), (since, (m, label, bt), wakeups_now) in asleep.items():
             wake_batch = max(1, bt.wake_batch)
             bound = SBQ_WAIT_QUEUES * wake_batch * (by_map[id(bt)] + 2)
-            frees = (bt.frees - since) & 0xFFFFFFFF
-            # Read after frees: 0 means every free counted has returned from its
-            # wake-up.  A free still under way may be the waker that owes this sleeper
-            # its wake-up (counted a batch down, then kept off the core by the host):
-            # no verdict until it returns.
-            if frees >= bound and not bt.freeing:
+            frees = (bt.frees - since.frees) & 0xFFFFFFFF
+            wakeups = (wakeups_now - since.wakeups) & 0xFFFFFFFF
+            # ``freeing`` read after ``frees``: 0 means every free counted has returned
+            # from its wake-up.  A free still under way may be the waker that owes
+            # this sleeper its wake-up (counted a batch down, then kept off the core
+            # by the host): no verdict until it returns.  And frees a waker could not
+            # count (the wait queue it chose held at 0 by another waker, which then
+            # wakes that queue) are lost to every sleeper: so either no wait queue of
+            # the map woke anybody meanwhile, or the map's wake-ups went round its
+            # wait queues, oldest sleeper first on each, often enough to have reached
+            # this one.
+            passed_by = wakeups >= PASSED_BY * SBQ_WAIT_QUEUES * by_map[id(bt)]
+            if frees >= bound and not bt.freeing and (wakeups == 0 or passed_by):
+                evidence = (
+                    f"while the map's wait queues woke tasks {wakeups} times"
+                    if wakeups
+                    else "while no wait queue of the map woke anybody"
+                )
                 return Finding(
                     "lost_wakeup",
                     f"cpu{slot} asleep on {m.name} {label} through {frees} frees of that "
-                    f"map with no wake-up (any generation wakes every sleeper within "
-                    f"{bound}: {SBQ_WAIT_QUEUES} wait queues x wake_batch={wake_batch} x "
-                    f"({by_map[id(bt)]} sleepers + 2)); {self._free_tags(m)} tags free now",
+                    f"map with no wake-up reaching it, {evidence} (any generation wakes "
+                    f"every sleeper within {bound}: {SBQ_WAIT_QUEUES} wait queues x "
+                    f"wake_batch={wake_batch} x ({by_map[id(bt)]} sleepers + 2)); "
+                    f"{self._free_tags(m)} tags free now",
                     at,
                 )
         busy_total = 0
@@ -348,7 +384,7 @@ class Monitor:
         flat = f"{self._flat_looks} looks ({now - self._progress_at:.2f} s)"
         cpus = ", ".join(f"cpu{i} {st}" for i, st in enumerate(states))
         held_back = []  # sleepers on free tags that they may not take
-        for (slot, _seq), (_since, (m, label, bt)) in asleep.items():
+        for (slot, _seq), (_since, (m, label, bt), _others) in asleep.items():
             free = _free_bits(bt.sb, 0)
             if not free:
                 continue
