@@ -118,9 +118,11 @@ RUN_KNOBS: tuple[Knob, ...] = (
         "sbitmap",
         "choice",
         "current",
-        "Tag wake-up scheme: current (Linux 6.2+ completion counting) or legacy "
-        "(<= 6.1 per-wait-queue wait_cnt). Default: current",
-        choices={"current": "current", "legacy": "legacy"},
+        "Which kernel's sbitmap the tags run: legacy (v6.1: per-wait-queue wait_cnt "
+        "wake-ups, per-word shallow depth), current (v6.6: completion counting, "
+        "per-word shallow depth) or newest (v6.17: shallow depth of the whole map). "
+        "Default: current (the 6.6 LTS; its wake-up is every kernel's since 6.2)",
+        choices={"legacy": "legacy", "current": "current", "newest": "newest"},
     ),
     Knob("seed", "int", 0, "Seed for everything random in the run. Default: 0", 0, 1 << 62),
 )
@@ -356,7 +358,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
 def _generation(runv):
     from mqrt.lib.sbitmap import SbqGeneration
 
-    return SbqGeneration.LEGACY if runv["sbitmap"] == "legacy" else SbqGeneration.CURRENT
+    return SbqGeneration(runv["sbitmap"])
 
 
 def _cpus_allowed(runv) -> list[int] | None:

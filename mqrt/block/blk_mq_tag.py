@@ -34,8 +34,9 @@ Deviations from Linux
 
 Concurrency
     * ``active_queues``: changed under ``lock`` together with ``wake_batch``
-      (``blk_mq_update_wake_batch``); read locklessly by :meth:`Tags.may_queue`
-      (READ_ONCE), as in the kernel.
+      (``blk_mq_update_wake_batch``, 4f1731df60f9 of 6.5, carried by every
+      generation); read locklessly by :meth:`Tags.may_queue` (READ_ONCE), as in the
+      kernel.
     * ``nr_active`` (per hctx, or per queue with ``TAG_HCTX_SHARED``): atomic
       increment after a tag is taken, decrement when it is freed; the fair-share test
       reads it before taking the tag, so it can overshoot by one per racing CPU, as
@@ -173,17 +174,24 @@ class Tags:
         return self.a.read32(self._active_queues)
 
     def _update_active(self, delta: int) -> int:
-        """Change active_queues and recalculate wake_batch under tags->lock."""
+        """Change active_queues and recalculate wake_batch for the new count, both
+        under tags->lock (4f1731df60f9, 6.5: before it the count was an atomic and
+        the recalculation ran unlocked, so a racing busy/idle could leave wake_batch
+        sized for a stale count; ``mqrt race run active_queues_unlocked``)."""
         spin_lock(self.a, self._lock)
         try:
             users = self._count_active(delta)
-            if users > 0:  # blk_mq_update_wake_batch()
-                self.bitmap_tags.recalculate_wake_batch(users)
-                if self.breserved_tags is not None:
-                    self.breserved_tags.recalculate_wake_batch(users)
+            self.update_wake_batch(users)
             return users
         finally:
             spin_unlock(self.a, self._lock)
+
+    def update_wake_batch(self, users: int) -> None:
+        """blk_mq_update_wake_batch(): size both bitmaps' wake_batch for ``users``."""
+        if users > 0:
+            self.bitmap_tags.recalculate_wake_batch(users)
+            if self.breserved_tags is not None:
+                self.breserved_tags.recalculate_wake_batch(users)
 
     def _count_active(self, delta: int) -> int:
         """active_queues += delta (the caller holds tags->lock); the new count."""

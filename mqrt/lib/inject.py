@@ -76,6 +76,12 @@ POINTS: dict[str, str] = {
         "__blk_mq_tag_busy(): the queue counted itself active, before wake_batch is "
         "recalculated for the new number of users"
     ),
+    "tag.active.before_recalc": (
+        "__blk_mq_tag_busy()/__blk_mq_tag_idle() before 4f1731df60f9 (the catalogue's "
+        "active_queues_unlocked): active_queues was changed, before wake_batch is "
+        "recalculated from the new count; at each CPU's first change on a tag map "
+        "only (the fixed code counts and recalculates in one critical section)"
+    ),
     "rq.complete.before_end": (
         "blk_mq_complete_request(): the request is COMPLETE, before ->complete ends it "
         "and frees its tag"

@@ -14,25 +14,45 @@ Design
     ``sbitmap_queue`` adds sleeping: 8 wait states (``ws``) with a wait queue each,
     ``ws_active`` counting sleepers (so a free with nobody asleep costs one load),
     and ``wake_batch``: waiters are woken only once that many bits have been freed.
-    Two wake-up generations are implemented, selectable per bitmap
-    (:class:`SbqGeneration`):
 
-    * ``CURRENT`` (Linux 6.2+, with the 6.5 "fix batching wakeup"): global
-      ``completion_cnt``/``wakeup_cnt``; every ``wake_batch`` frees wake up to
-      ``wake_batch`` waiters, scanning the wait states from ``wake_index`` and
-      advancing the index first.  ``wake_batch = clamp(min(depth,
-      min_shallow_depth) / 8, 1, 8)``; a shallow depth applies to the whole bitmap,
-      converted to a per-word limit proportionally.
-    * ``LEGACY`` (Linux <= 6.1, after the 040b83fcecfb lost-wake-up fix): a
-      per-wait-state ``wait_cnt`` counts down; the free that takes it to zero
-      wakes ``wake_batch`` waiters on that state, advances ``wake_index`` and resets
-      the count.  ``wake_batch`` counts usable bits per word under the shallow
-      depth; shallow depth applies per word.
+Generations (:class:`SbqGeneration`, ``mqrt bench --sbitmap``)
+    Each names the kernel release whose ``lib/sbitmap.c`` it follows (read for the
+    port: v6.1; a 6.5-6.10 tree that is v6.6's code; 42e6c6ce03fd's patch on top of
+    it for v6.17).  A fix that landed after that release is carried by default and
+    is a switch: its catalogue entry (:mod:`mqrt.race.catalogue`) puts the old code
+    back.  (The stable series took some of these later, e.g. 4f1731df60f9 went to
+    6.3.y and 72d04bdcf3f7 to several; a generation is the release, not its
+    stable tree.)
 
-    Both generations carry every later fix that applies to them (e.g. b5fcf7871acb's
-    ``recalculate_wake_batch`` without a minimum batch of 4); :mod:`mqrt.race.catalogue`
-    switches historical bugs back on.  The code keeps the kernel's shape (same
-    function boundaries, same names) so each fix has one place.
+    * ``LEGACY``, v6.1: a per-wait-state ``wait_cnt`` counts frees down; the free
+      that takes it to zero wakes ``wake_batch`` waiters on that state, advances
+      ``wake_index`` and resets the count (040b83fcecfb, 4acb83417cad, 48c033314f37
+      are all in 6.1).  A shallow depth limits each word; ``wake_batch`` counts the
+      bits usable per word under ``min_shallow_depth``.  Later fixes it carries:
+      b5fcf7871acb (6.3, no floor of 4 on the recalculated batch:
+      ``wake_batch_min4``), 4f1731df60f9 (6.5, active_queues and wake_batch changed
+      under tags->lock, in :mod:`mqrt.block.blk_mq_tag`: ``active_queues_unlocked``),
+      72d04bdcf3f7 (6.11, the ``cleared`` fold under ``swap_lock``:
+      ``cleared_race``).
+    * ``CURRENT``, v6.6: global ``completion_cnt``/``wakeup_cnt`` (4f8126bb2308,
+      6.2); every ``wake_batch`` frees wake up to ``wake_batch`` waiters, scanning
+      the wait states from ``wake_index`` and advancing the index first
+      (106397376c03, 6.5).  Shallow depth and ``wake_batch`` as in 6.1.  Later fix it
+      carries: 72d04bdcf3f7 (6.11: ``cleared_race``).
+    * ``NEWEST``, v6.17: as v6.6, but a shallow depth is of the whole bitmap, spread
+      over the words in proportion (``__map_depth_with_shallow``; a word whose share
+      is 0 is not searched), and ``wake_batch = clamp(min(depth,
+      min_shallow_depth) / 8, 1, 8)`` (42e6c6ce03fd, "lib/sbitmap: convert
+      shallow_depth from one word to the whole sbitmap", 6.17).  No later fix.
+
+    Older bugs the catalogue can switch on in any generation: 180dccb0dba4,
+    10825410b956, 6c0ca7ae292a (``wake_batch_fair_share``,
+    ``wake_batch_above_depth``, ``resize_wakeup_hang``), min_shallow_depth of 4.18
+    (``shallow_missed_wakeup``), 4acb83417cad and 48c033314f37 in the legacy wake-up
+    (``batch_counted_once``, ``wait_cnt_left_at_zero``).  The code keeps the kernel's
+    shape (same function boundaries, same names) so each fix has one place.
+    ``tests/test_sbitmap_kernel.py`` runs random operation sequences on this port and
+    on a plain transcription of each release's functions (``tests/kernel_sbitmap.py``).
 
 Deviations from Linux
     * Per-CPU variables are per *emulated* CPU slots in shared memory, each on its
@@ -90,6 +110,7 @@ SBQ_WAIT_QUEUES = 8
 SBQ_WAKE_BATCH = 8
 BITS_PER_LONG = 64
 UINT_MAX = 0xFFFFFFFF
+_WORD_MASK = (1 << BITS_PER_LONG) - 1
 
 #: struct sbitmap_word: the bits, then ``cleared`` and its lock on the next line.
 SBITMAP_WORD = cacheline_struct(
@@ -128,10 +149,21 @@ _EV_WAKE_UP, _EV_WAKE_BATCH = int(Ev.WAKE_UP), int(Ev.WAKE_BATCH)
 
 
 class SbqGeneration(enum.Enum):
-    """Which kernel's wake-up scheme a sbitmap_queue runs (see the module docstring)."""
+    """Which kernel's sbitmap_queue a bitmap runs (see the module docstring)."""
 
-    CURRENT = "current"  #: 6.2+: completion_cnt / wakeup_cnt
-    LEGACY = "legacy"  #: <= 6.1: per wait state wait_cnt
+    LEGACY = "legacy"  #: v6.1: per wait state wait_cnt, per-word shallow depth
+    CURRENT = "current"  #: v6.6: completion_cnt / wakeup_cnt, per-word shallow depth
+    NEWEST = "newest"  #: v6.17: as v6.6, with a shallow depth of the whole bitmap
+
+    @property
+    def wait_cnt(self) -> bool:
+        """True: the <= 6.1 wake-up (a wait_cnt per wait state)."""
+        return self is SbqGeneration.LEGACY
+
+    @property
+    def whole_map_shallow(self) -> bool:
+        """True: shallow depths are of the whole bitmap (42e6c6ce03fd, 6.17)."""
+        return self is SbqGeneration.NEWEST
 
 
 class SbitmapWarning(RuntimeWarning):
@@ -325,13 +357,18 @@ class Sbitmap:
         index: int,
         alloc_hint: int,
         wrap: bool,
+        skip_empty: bool = False,
     ) -> int:
-        """sbitmap_find_bit(): every word once, starting at ``index``."""
+        """sbitmap_find_bit(): every word once, starting at ``index``.  With
+        ``skip_empty`` (6.17) a word whose depth is 0 is not searched (so its
+        deferred clears are not folded either)."""
         map_nr = self.a.read32(self._map_nr)
         for _ in range(map_nr):
-            nr = self._find_bit_in_word(index, word_depth(index), alloc_hint, wrap)
-            if nr != -1:
-                return nr + (index << self.shift)
+            depth = word_depth(index)
+            if depth or not skip_empty:
+                nr = self._find_bit_in_word(index, depth, alloc_hint, wrap)
+                if nr != -1:
+                    return nr + (index << self.shift)
             alloc_hint = 0
             index += 1
             if index >= map_nr:
@@ -377,23 +414,26 @@ class Sbitmap:
             self._hint_after_get(depth, hint, nr)
         return nr
 
-    def get_shallow(self, shallow_depth: int, legacy: bool = False) -> int:
+    def get_shallow(self, shallow_depth: int, whole_map: bool = False) -> int:
         """sbitmap_get_shallow(): like :meth:`get` but limited to ``shallow_depth``:
-        of the whole bitmap, spread proportionally over the words (``legacy=False``,
-        current kernels), or per word (``legacy=True``, <= 6.1)."""
+        bits per word (``whole_map=False``, up to 6.16), or of the whole bitmap,
+        spread proportionally over the words (``whole_map=True``, 6.17:
+        42e6c6ce03fd)."""
         depth = self.a.read32(self._depth)
         hint = self._hint_before_get(depth)
         index = hint >> self.shift
-        if legacy:
-
-            def word_depth(i: int) -> int:
-                return min(self.map_depth(i), shallow_depth)
-        else:
+        if whole_map:
 
             def word_depth(i: int) -> int:
                 return self.map_depth_with_shallow(i, shallow_depth)
+        else:
 
-        nr = self._find_bit(word_depth, index, hint & (self.bits_per_word - 1), True)
+            def word_depth(i: int) -> int:
+                return min(self.map_depth(i), shallow_depth)
+
+        nr = self._find_bit(
+            word_depth, index, hint & (self.bits_per_word - 1), True, skip_empty=whole_map
+        )
         self._hint_after_get(depth, hint, nr)
         return nr
 
@@ -544,7 +584,7 @@ class SbitmapQueue:
         self.a = arena.atomic
         self.cpu = cpu
         self.generation = spec.generation
-        self.legacy = spec.generation is SbqGeneration.LEGACY
+        self.legacy = spec.generation.wait_cnt  #: the <= 6.1 wake-up (wait_cnt)
         o = spec.sb.header.offsets()
         self._wake_batch = o.wake_batch
         self._min_shallow_depth = o.min_shallow_depth
@@ -644,7 +684,7 @@ class SbitmapQueue:
                 SbitmapWarning,
                 stacklevel=2,
             )
-        return self.sb.get_shallow(shallow_depth, legacy=self.legacy)
+        return self.sb.get_shallow(shallow_depth, self.generation.whole_map_shallow)
 
     def get_batch(self, nr_tags: int) -> tuple[int, int]:
         """__sbitmap_queue_get_batch(): up to ``nr_tags`` free bits of one word taken at
@@ -662,11 +702,13 @@ class SbitmapQueue:
             sb.deferred_clear(index, 0, 0, False)
             word_off = sb._word[index]
             val = a.read(word_off)
-            full = (1 << map_depth) - 1
-            if val & full != full:
-                nr = ((~val) & full & -(~val & full)).bit_length() - 1  # first zero bit
+            # The kernel's test for a full word, as it is in 6.1 to 6.17: every bit
+            # but the top one set.  A really full word fails the fit test below.
+            if val != (1 << (map_depth - 1)) - 1:
+                free = ~val & ((1 << map_depth) - 1)
+                nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
                 if nr + nr_tags <= map_depth:
-                    get_mask = ((1 << nr_tags) - 1) << nr
+                    get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
                     while True:
                         found = a.cmpxchg(word_off, val, val | get_mask)
                         if found == val:
@@ -914,11 +956,13 @@ def _s32(v: int) -> int:
 
 
 def _calc_wake_batch(spec: SbitmapQueueSpec, depth: int, min_shallow_depth: int) -> int:
-    """sbq_calc_wake_batch() for the queue's generation."""
-    if spec.generation is SbqGeneration.LEGACY:
+    """sbq_calc_wake_batch() for the queue's generation: up to 6.16 the usable depth
+    is every full word limited to min_shallow_depth bits plus the partial last word
+    so limited; from 6.17 (42e6c6ce03fd) it is min(depth, min_shallow_depth)."""
+    if spec.generation.whole_map_shallow:
+        depth = min(depth, min_shallow_depth)
+    else:
         shift = spec.sb.shift
         shallow = min(1 << shift, min_shallow_depth)
         depth = (depth >> shift) * shallow + min(depth & ((1 << shift) - 1), shallow)
-    else:
-        depth = min(depth, min_shallow_depth)
     return max(1, min(depth // SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH))

@@ -219,13 +219,15 @@ SHALLOW_MISSED_WAKEUP = Bug(
         "flight: their frees never completed a batch and the sleepers were never woken. "
         "The fix makes users declare the smallest shallow depth they will use "
         "(sbitmap_queue_min_shallow_depth, blk_mq_set_min_shallow_depth) and sizes "
-        "wake_batch for it. Scenario: randwrite with async_depth 2 on 64 tags (wake_batch "
-        "8 without the fix, 1 with it), one CPU keeping 16 writes queued."
+        "wake_batch for it. Scenario: randwrite with async_depth 1 on 64 tags of 4 "
+        "words: a shallow depth of 1 bit per word, as sbitmaps up to 6.16 apply it, so "
+        "4 usable tags (wake_batch 8 without the fix, 1 with it), one CPU keeping 16 "
+        "writes queued."
     ),
     scenario=Scenario(
         given={
             "rw": "randwrite",
-            "async_depth": 2,
+            "async_depth": 1,
             "hw_queue_depth": 64,
             "irqmode": "timer",
             "completion_nsec": 50_000,
