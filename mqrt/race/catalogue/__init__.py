@@ -13,9 +13,9 @@ say when it happened.  One module per part of the code the bugs lived in.
 
 from __future__ import annotations
 
-from mqrt.race.catalogue import alloc, wake_batch, wake_up
+from mqrt.race.catalogue import alloc, requests, wake_batch, wake_up
 from mqrt.race.entry import Bug
 
 CATALOGUE: dict[str, Bug] = {
-    b.name: b for module in (wake_batch, alloc, wake_up) for b in module.ENTRIES
+    b.name: b for module in (wake_batch, alloc, wake_up, requests) for b in module.ENTRIES
 }
