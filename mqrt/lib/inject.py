@@ -65,6 +65,10 @@ POINTS: dict[str, str] = {
         "__blk_mq_tag_busy(): the queue counted itself active, before wake_batch is "
         "recalculated for the new number of users"
     ),
+    "rq.timeout.before_deadline_test": (
+        "the timeout work of a race entry's old code: a started request's deadline "
+        "was read, before the clock is (the request may be ended and reused meanwhile)"
+    ),
     "rq.timeout.claimed": (
         "the timeout work of a race entry's old code: it claimed an expired request "
         "(marked it complete), before ->timeout and the claim given back"
