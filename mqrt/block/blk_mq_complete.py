@@ -383,7 +383,7 @@ class BlkMqCompletion:
         then idle the hctxs of a shared map when nothing is in flight.  Returns the
         number of requests that timed out."""
         queue = self.queues[q]
-        scan = _TimeoutScan(queue, self.clock())
+        scan = TimeoutScan(queue, self.clock())
         rqs = self.rqs[q]
         buf16 = self.buf16
 
@@ -408,7 +408,7 @@ class BlkMqCompletion:
                     hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
         return scan.expired
 
-    def check_expired(self, scan: _TimeoutScan, rq: Request, st: int) -> bool:
+    def check_expired(self, scan: TimeoutScan, rq: Request, st: int) -> bool:
         """blk_mq_check_expired() for a request the iterator found owned at state
         word ``st`` (the instance it holds), and blk_mq_rq_timed_out() if that
         instance is in flight past its deadline: RQF_TIMED_OUT, then ->timeout.
@@ -463,7 +463,7 @@ class BlkMqCompletion:
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
 
 
-class _TimeoutScan:
+class TimeoutScan:
     """One run of the timeout work over a queue: its clock and what it found."""
 
     __slots__ = ("busy", "expired", "now", "queue")

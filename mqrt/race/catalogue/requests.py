@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mqrt.block.blk_mq import BlkMq
-from mqrt.block.blk_mq_complete import BlkMqCompletion, _TimeoutScan
+from mqrt.block.blk_mq_complete import BlkMqCompletion, TimeoutScan
 from mqrt.block.blk_mq_structs import RQ_OFF_DEADLINE, Request
 from mqrt.block.blk_mq_tag import BusyTagIterFn, Tags
 from mqrt.block.blk_mq_types import RQ_GEN_SHIFT, RQ_STATE_MASK, EhRet, RqState
@@ -55,7 +55,7 @@ def _bt_iter_415(
     return go
 
 
-def _check_expired_415(self: BlkMqCompletion, scan: _TimeoutScan, rq: Request, st: int) -> bool:
+def _check_expired_415(self: BlkMqCompletion, scan: TimeoutScan, rq: Request, st: int) -> bool:
     """blk_mq_check_expired() and blk_mq_rq_timed_out() of Linux 4.15.  A started
     request (REQ_ATOM_STARTED) whose deadline has passed (``time_after_eq(jiffies,
     rq->deadline)``: the deadline read, then the clock) is claimed for the timeout by
