@@ -98,8 +98,10 @@ def _check_expired_415(self: BlkMqCompletion, scan: TimeoutScan, rq: Request, st
 
 
 def _null_timeout_none(self: NullbOps, mq: BlkMq, rq: Request, gen: int) -> EhRet:
-    """null_blk of 4.15 had no ->timeout: blk_mq_rq_timed_out() then takes
-    BLK_EH_RESET_TIMER (the request's own completion is still coming)."""
+    """null_blk of 4.15 had no ->timeout (its blk_mq_ops of the 4.13 era, the
+    blk_status_t one, had only ->queue_rq and ->complete; 4.15's own was not
+    checked): blk_mq_rq_timed_out() then takes BLK_EH_RESET_TIMER (the request's
+    own completion is still coming)."""
     return EhRet.RESET_TIMER
 
 
@@ -127,8 +129,9 @@ TIMEOUT_CLAIM_LOSES_COMPLETION = Bug(
         "default when it has no ->timeout, as null_blk had none then) gets the claim "
         "back with a new deadline; a completion that came in between was thrown away, so "
         "the request stays in flight and times out again, and again, with nothing left "
-        "to complete it (the generation scheme of 1d9bd5161ba3 kept this: Ming Lei "
-        "reported it against that scheme in 2018). 12f5b9314545 removed the claim: the "
+        "to complete it (the generation scheme of 1d9bd5161ba3 kept this: a 2018 "
+        "linux-block patch, proposing an MQ_RQ_COMPLETE_IN_RESET state, described it "
+        "against that scheme). 12f5b9314545 removed the claim: the "
         "timeout work takes a reference so the request cannot be reused, re-checks that "
         "this instance expired, marks it RQF_TIMED_OUT and calls ->timeout; a completion "
         "always wins, and racing a completion became the driver's business -- which is "
