@@ -86,7 +86,10 @@ from mqrt.block.blk_mq_structs import (
     RequestQueue,
     TagSet,
 )
+from mqrt.block.blk_mq_tag import tagset_busy_iter
 from mqrt.block.blk_mq_types import (
+    RQ_GEN_SHIFT,
+    RQ_STATE_MASK,
     SECTOR_SHIFT,
     BlkMqFlag,
     BlkMqOps,
@@ -216,6 +219,7 @@ assert _QID + _IOD_QID.size <= NVME_CMD_SIZE
 ADMIN_QUEUE_IDA = "nvme_admin_queue"
 
 _DONTPREP = int(Rqf.DONTPREP)
+_RQ_COMPLETE = int(RqState.COMPLETE)
 _LIVE, _RESETTING, _DEAD = int(CtrlState.LIVE), int(CtrlState.RESETTING), int(CtrlState.DEAD)
 _CONNECTING, _DELETING = int(CtrlState.CONNECTING), int(CtrlState.DELETING)
 #: How long CSTS.RDY may take to follow CC.EN (the controller's CAP.TO), s.
@@ -1137,11 +1141,20 @@ class NvmeOps(BlkMqOps):
     @staticmethod
     def _cancel_all(mq: BlkMq, status: int) -> int:
         """blk_mq_tagset_busy_iter(nvme_cancel_request): complete every started
-        request of the tag set with ``status``; how many this call completed."""
+        request of the tag set with ``status``, at the generation the iterator
+        found it; how many this call completed."""
         n = 0
-        for rq in mq.rqs[0]:  # the namespaces share the set's pool
-            if rq.state == RqState.IN_FLIGHT and mq.complete_request(rq, rq.gen, status=status):
+
+        def nvme_cancel_request(rq: Request, st: int) -> bool:
+            nonlocal n
+            if st & RQ_STATE_MASK == _RQ_COMPLETE:  # don't abort one completed request
+                return True
+            if mq.complete_request(rq, st >> RQ_GEN_SHIFT, status=status):
                 n += 1
+            return True
+
+        # the namespaces share the set's tags and pool
+        tagset_busy_iter((h.tags for h in mq.queues[0].hctxs), mq.rqs[0], nvme_cancel_request)
         return n
 
 

@@ -43,6 +43,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
 )
+from mqrt.block.blk_mq_tag import queue_tag_busy_iter
 from mqrt.block.blk_mq_types import (
     SECTOR_SHIFT,
     EhRet,
@@ -381,54 +382,70 @@ class BlkMqCompletion:
     # -- timeouts ---------------------------------------------------------------------------------
 
     def timeout_work(self, q: int) -> int:
-        """blk_mq_timeout_work(): call ->timeout for every expired in-flight request of
-        the queue; idle the hctxs of a shared map when nothing is in flight.  Returns
-        the number of requests that timed out."""
+        """blk_mq_timeout_work(): blk_mq_queue_tag_busy_iter(q, blk_mq_check_expired)
+        -- :meth:`check_expired` for every request of the queue that holds a tag --
+        then idle the hctxs of a shared map when nothing is in flight.  Returns the
+        number of requests that timed out."""
         queue = self.queues[q]
-        now = self.clock()
-        a = self.a
-        expired = 0
-        busy = 0
+        scan = TimeoutScan(queue, self.clock())
+        rqs = self.rqs[q]
         buf16 = self.buf16
-        for rq in self.rqs[q]:
-            base = rq.base
-            st = a.load_acquire(base)
-            if not st & RQ_ALLOCATED or buf16[(base >> 1) + RQ_U16_Q] != q:
-                continue
-            busy += 1
-            if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
-                continue
-            if a.read(base + RQ_OFF_DEADLINE) > now or a.read32(base + RQ_OFF_FLAGS) & _TIMED_OUT:
-                continue
-            # blk_mq_rq_timed_out(): the request must still be this generation; if it
-            # was ended and reused meanwhile, take the flag back off the new one (only
-            # this CPU scans this queue).
-            a.fetch_or32(base + RQ_OFF_FLAGS, _TIMED_OUT)
-            if a.read(base) != st:
-                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
-                continue
-            expired += 1
-            self.stats["timeouts"] += 1
-            verdict = queue.ops.timeout(self.mq, rq, st >> RQ_GEN_SHIFT)
-            if trace.on:
-                h = buf16[(base >> 1) + RQ_U16_HCTX]
-                trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, h, q, int(verdict))
-            if verdict == EhRet.RESET_TIMER:
-                self.stats["timer_resets"] += 1
-                a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
-                a.set(base + RQ_OFF_DEADLINE, self.clock() + queue.timeout_ns)
+
+        def mine(rq: Request) -> bool:  # bt_iter(): rq->q == q
+            return buf16[(rq.base >> 1) + RQ_U16_Q] == q
+
+        def expired(rq: Request, st: int) -> bool:
+            return self.check_expired(scan, rq, st)
+
+        queue_tag_busy_iter((h.tags for h in queue.hctxs), rqs, expired, mine)
         # The kernel's queue timer is armed at each request's deadline, and the work
         # idles the queue's hctxs when it finds nothing pending: a queue goes idle
         # about one timeout after it was last busy.  This CPU is the queue's only
         # scanner, so it keeps that moment itself.
+        now = scan.now
         idle_at = self._idle_at.get(q)
-        if busy or idle_at is None:
+        if scan.busy or idle_at is None:
             self._idle_at[q] = now + queue.timeout_ns
         elif queue.shared and now >= idle_at:
             for hctx in queue.hctxs:
                 if hctx.tags is not None:  # blk_mq_hw_queue_mapped()
                     hctx.tags.tag_idle(hctx.active_off, hctx.active_bit)
-        return expired
+        return scan.expired
+
+    def check_expired(self, scan: TimeoutScan, rq: Request, st: int) -> bool:
+        """blk_mq_check_expired() for a request the iterator found owned at state
+        word ``st`` (the instance it holds), and blk_mq_rq_timed_out() if that
+        instance is in flight past its deadline: RQF_TIMED_OUT, then ->timeout.
+
+        The request is not locked against completion (only its reuse is, by the
+        kernel's reference): the timeout claims nothing, a completion racing it
+        still wins, and ->timeout decides what to do with a request it may find
+        completed.  The flag is set before the state word is read again: if the
+        request was ended and reused meanwhile (another generation), the flag is
+        taken back off the new one (only this CPU scans this queue).  True: go on."""
+        scan.busy += 1
+        if st & RQ_STATE_MASK != RqState.IN_FLIGHT:
+            return True
+        a = self.a
+        base = rq.base
+        if a.read(base + RQ_OFF_DEADLINE) > scan.now or a.read32(base + RQ_OFF_FLAGS) & _TIMED_OUT:
+            return True
+        a.fetch_or32(base + RQ_OFF_FLAGS, _TIMED_OUT)
+        if a.read(base) != st:
+            a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+            return True
+        queue = scan.queue
+        scan.expired += 1
+        self.stats["timeouts"] += 1
+        verdict = queue.ops.timeout(self.mq, rq, st >> RQ_GEN_SHIFT)
+        if trace.on:
+            h = self.buf16[(base >> 1) + RQ_U16_HCTX]
+            trace.emit(_EV_TIMEOUT, rq.tag, st >> RQ_GEN_SHIFT, h, queue.index, int(verdict))
+        if verdict == EhRet.RESET_TIMER:
+            self.stats["timer_resets"] += 1
+            a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+            a.set(base + RQ_OFF_DEADLINE, self.clock() + queue.timeout_ns)
+        return True
 
     # -- sysfs -------------------------------------------------------------------------------------
 
@@ -448,3 +465,15 @@ class BlkMqCompletion:
                     f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
                 )
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
+
+
+class TimeoutScan:
+    """One run of the timeout work over a queue: its clock and what it found."""
+
+    __slots__ = ("busy", "expired", "now", "queue")
+
+    def __init__(self, queue: Queue, now: int):
+        self.queue = queue
+        self.now = now
+        self.busy = 0  #: requests of the queue holding a tag
+        self.expired = 0  #: requests timed out

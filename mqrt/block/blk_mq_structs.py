@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mqrt.block import blk_mq_types as _types
 from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology
 from mqrt.block.blk_mq_tag import Tags, TagsSpec
 from mqrt.block.blk_mq_types import (
@@ -91,10 +92,12 @@ class BlkMqError(ValueError):
 
 # -- shared-memory layout ------------------------------------------------------------------
 
-#: rq.state: bits 0-1 MQ_RQ_*, bit 2 "allocated" (a tag owns it), bits 8+ generation.
-RQ_STATE_MASK = 0x3
-RQ_ALLOCATED = 0x4
-RQ_GEN_SHIFT = 8
+#: rq.state: bits 0-1 MQ_RQ_*, bit 2 "allocated" (a tag owns it), bits 8+ generation
+#: (defined with the types, so that the tag iterators can read it too).
+RQ_STATE_MASK = _types.RQ_STATE_MASK
+RQ_ALLOCATED = _types.RQ_ALLOCATED
+RQ_GEN_SHIFT = _types.RQ_GEN_SHIFT
+
 _OWNED_OR_BUSY = RQ_ALLOCATED | RQ_STATE_MASK
 
 #: struct request, the block layer's part: (name, format) in offset order.  One cache

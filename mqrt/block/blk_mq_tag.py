@@ -45,14 +45,26 @@ Concurrency
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from mqrt.block.blk_mq_types import RQ_ALLOCATED, RQ_STATE_MASK, RqState
 from mqrt.lib import inject, trace
 from mqrt.lib.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
 from mqrt.lib.wait import Waiters, spin_lock, spin_unlock
+
+if TYPE_CHECKING:
+    from mqrt.block.blk_mq_structs import Request
+
+#: busy_tag_iter_fn: called for a busy tag's request with the state word the iterator
+#: found it in (its instance: RQ_ALLOCATED, MQ_RQ_* and the generation); False stops
+#: the walk.
+BusyTagIterFn = Callable[["Request", int], bool]
+
+_IDLE = int(RqState.IDLE)
 
 #: The "no tag" sentinel (BLK_MQ_NO_TAG).
 BLK_MQ_NO_TAG = -1
@@ -341,6 +353,62 @@ class Tags:
         if bt.count_frees:
             bt.free_end(len(tag_list))
 
+    # -- iterating over busy tags (blk_mq_queue_tag_busy_iter, blk_mq_tagset_busy_iter) -------
+
+    def find_and_get_req(self, rqs: Sequence[Request], tag: int) -> int:
+        """blk_mq_find_and_get_req(): the state word of the request that owns ``tag``
+        now (the instance the caller holds: its generation), or -1 if no request owns
+        it (the tag was taken but its request is not set up yet, or was freed since
+        the bitmap was read).
+
+        The kernel takes a reference (refcount_inc_not_zero) so that the request
+        cannot be freed and reused while ->fn runs.  A request's memory never moves
+        here and there is no refcount: the word read once, with acquire (the
+        allocating CPU set RQ_ALLOCATED after it wrote the request), names the
+        instance, and a callback acts on the request only at that generation (a
+        cmpxchg against it, as :meth:`BlkMqCompletion.complete_request` does with
+        ``gen``); whatever it finds of another generation is not its own."""
+        st = self.a.load_acquire(rqs[self.rq_base + tag].base)
+        return st if st & RQ_ALLOCATED else -1
+
+    def busy_iter(
+        self,
+        rqs: Sequence[Request],
+        fn: BusyTagIterFn,
+        started: bool = False,
+        match: Callable[[Request], bool] | None = None,
+    ) -> bool:
+        """bt_for_each() / bt_tags_for_each() over the reserved tags, then the
+        normal ones: ``fn(rq, state)`` for every tag in use whose request is owned
+        (:meth:`find_and_get_req`), with ``started`` only if it was started
+        (blk_mq_request_started(): not IDLE), and only if ``match(rq)`` (bt_iter's
+        test that the request is the queue's and the hctx's).  ``rqs`` are the
+        caller's accessors of the tag set's requests, by request id.  False if
+        ``fn`` stopped the walk."""
+        go = True
+
+        def visit(offset: int) -> Callable[[int], bool]:
+            def one(bitnr: int) -> bool:
+                nonlocal go
+                tag = bitnr + offset
+                st = self.find_and_get_req(rqs, tag)
+                if st < 0 or (started and st & RQ_STATE_MASK == _IDLE):
+                    return True
+                rq = rqs[self.rq_base + tag]
+                if match is not None and not match(rq):
+                    return True
+                go = fn(rq, st)
+                return go
+
+            return one
+
+        if self.breserved_tags is not None:
+            self.breserved_tags.sb.for_each_set(visit(0))
+            if not go:
+                return False
+        self.bitmap_tags.sb.for_each_set(visit(self.nr_reserved_tags))
+        return go
+
     # -- debugfs ------------------------------------------------------------------------------
 
     def show(self) -> str:
@@ -376,3 +444,36 @@ def tag_wait_key(queue: int, hctx: int, shallow: int) -> int:
 def decode_tag_wait_key(key: int) -> tuple[int, int, int]:
     """(queue, hctx, shallow) of a :func:`tag_wait_key`."""
     return key >> 32, (key >> 16) & (_KEY_FIELD - 1), key & (_KEY_FIELD - 1)
+
+
+def _each_once(tags: Iterable[Tags | None]) -> list[Tags]:
+    """The distinct tags among an hctx list's (shared tags once; an hctx no CPU
+    maps has none: blk_mq_hw_queue_mapped())."""
+    out: dict[int, Tags] = {}
+    for t in tags:
+        if t is not None:
+            out.setdefault(id(t), t)
+    return list(out.values())
+
+
+def queue_tag_busy_iter(
+    tags: Iterable[Tags | None],
+    rqs: Sequence[Request],
+    fn: BusyTagIterFn,
+    match: Callable[[Request], bool],
+) -> None:
+    """blk_mq_queue_tag_busy_iter(): ``fn`` for every owned request of a queue's
+    hctxs' ``tags`` that ``match`` says is the queue's, started or not."""
+    for t in _each_once(tags):
+        if not t.busy_iter(rqs, fn, match=match):
+            return
+
+
+def tagset_busy_iter(
+    tags: Iterable[Tags | None], rqs: Sequence[Request], fn: BusyTagIterFn
+) -> None:
+    """blk_mq_tagset_busy_iter(): ``fn`` for every started request of a tag set's
+    ``tags``, whichever queue it belongs to (BT_TAG_ITER_STARTED)."""
+    for t in _each_once(tags):
+        if not t.busy_iter(rqs, fn, started=True):
+            return

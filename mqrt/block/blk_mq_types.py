@@ -123,6 +123,14 @@ class RqState(enum.IntEnum):
     COMPLETE = 2
 
 
+#: A request's state word (``rq.state``, in shared memory): bits 0-1 MQ_RQ_*, bit 2
+#: "allocated" (a tag owns it), bits 8+ its generation (one more each time it is
+#: freed).
+RQ_STATE_MASK = 0x3
+RQ_ALLOCATED = 0x4
+RQ_GEN_SHIFT = 8
+
+
 class Rqf(enum.IntFlag):
     """RQF_*: per-request flags (the ones mqrt uses)."""
 

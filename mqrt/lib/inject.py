@@ -82,6 +82,14 @@ POINTS: dict[str, str] = {
         "recalculated from the new count; at each CPU's first change on a tag map "
         "only (the fixed code counts and recalculates in one critical section)"
     ),
+    "rq.timeout.before_deadline_test": (
+        "the timeout work of a race entry's old code: a started request's deadline "
+        "was read, before the clock is (the request may be ended and reused meanwhile)"
+    ),
+    "rq.timeout.claimed": (
+        "the timeout work of a race entry's old code: it claimed an expired request "
+        "(marked it complete), before ->timeout and the claim given back"
+    ),
     "rq.complete.before_end": (
         "blk_mq_complete_request(): the request is COMPLETE, before ->complete ends it "
         "and frees its tag"

@@ -480,6 +480,22 @@ class Sbitmap:
             total += (self.a.read(offs[i]) & ((1 << self.map_depth(i)) - 1)).bit_count()
         return total
 
+    def for_each_set(self, fn: Callable[[int], bool]) -> None:
+        """sbitmap_for_each_set(): ``fn(bitnr)`` for every bit in use (set in its word
+        and not pending a deferred clear), word by word from bit 0, until it returns
+        False.  Each word is read once (a snapshot): a bit freed or taken after its
+        word was read is seen as it was."""
+        a = self.a
+        shift = self.shift
+        for index in range(a.read32(self._map_nr)):
+            word = a.read(self._word[index]) & ~a.read(self._cleared[index])
+            word &= (1 << self.map_depth(index)) - 1
+            while word:
+                low = word & -word
+                word ^= low
+                if not fn((index << shift) + low.bit_length() - 1):
+                    return
+
     def weight(self) -> int:
         """sbitmap_weight(): bits in use (set and not pending a deferred clear)."""
         return self._weight(True) - self._weight(False)

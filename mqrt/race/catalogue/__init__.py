@@ -13,11 +13,19 @@ say when it happened.  One module per part of the code the bugs lived in.
 
 from __future__ import annotations
 
-from mqrt.race.catalogue import active_queues, alloc, livelock, nr_active, wake_batch, wake_up
+from mqrt.race.catalogue import (
+    active_queues,
+    alloc,
+    livelock,
+    nr_active,
+    requests,
+    wake_batch,
+    wake_up,
+)
 from mqrt.race.entry import Bug
 
 CATALOGUE: dict[str, Bug] = {
     b.name: b
-    for module in (wake_batch, alloc, wake_up, livelock, active_queues, nr_active)
+    for module in (wake_batch, alloc, wake_up, livelock, active_queues, nr_active, requests)
     for b in module.ENTRIES
 }
