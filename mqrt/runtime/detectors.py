@@ -37,9 +37,10 @@ lock a CPU takes, and reports the first of these it sees:
     anybody meanwhile (then no free was dropped), or the map's wait queues woke tasks
     ``PASSED_BY x SBQ_WAIT_QUEUES x sleepers`` times (counted by the wait queues
     themselves), going round them oldest sleeper first often enough to have reached
-    this one.  Or, with no frees at all: a task asleep on a map with free
-    tags while every CPU process is asleep and nothing moved for a while (below):
-    nobody is left to wake it.
+    this one; and a later look finds the same sleep after another round of batches
+    (``SBQ_WAIT_QUEUES x wake_batch`` frees).  Or, with no frees at all: a task
+    asleep on a map with free tags while every CPU process is asleep and nothing
+    moved for a while (below): nobody is left to wake it.
 ``livelock``
     decided by counting, not by the clock.  A CPU that went round retry loops (a
     wake-up that has to look again, a lost cmpxchg, an allocation that folds and
@@ -210,6 +211,8 @@ class Monitor:
                         self._ws_of[ws.head] = (m, f"{kind} ws[{i}]", bt)
         #: each sleep seen: (slot, sleep_seq) -> its map's frees when first seen
         self._first_seen: dict[tuple[int, int], _Since] = {}
+        #: sleeps that met the lost wake-up's counts at a look: the frees seen then
+        self._suspects: dict[tuple[int, int], int] = {}
         self.t0 = time.monotonic()
         self._progress = -1
         self._progress_at = self.t0
@@ -329,10 +332,11 @@ class Monitor:
                 if held_twice is not None:
                     return held_twice
         asleep = self._sleeps()
+        self._suspects = {k: v for k, v in self._suspects.items() if k in asleep}
         by_map: dict[int, int] = {}
         for _since, where, _others in asleep.values():
             by_map[id(where[2])] = by_map.get(id(where[2]), 0) + 1
-        for (slot, _seq), (since, (m, label, bt), wakeups_now) in asleep.items():
+        for (slot, seq), (since, (m, label, bt), wakeups_now) in asleep.items():
             wake_batch = max(1, bt.wake_batch)
             bound = SBQ_WAIT_QUEUES * wake_batch * (by_map[id(bt)] + 2)
             frees = (bt.frees - since.frees) & 0xFFFFFFFF
@@ -347,7 +351,14 @@ class Monitor:
             # wait queues, oldest sleeper first on each, often enough to have reached
             # this one.
             passed_by = wakeups >= PASSED_BY * SBQ_WAIT_QUEUES * by_map[id(bt)]
-            if frees >= bound and not bt.freeing and (wakeups == 0 or passed_by):
+            if not (frees >= bound and not bt.freeing and (wakeups == 0 or passed_by)):
+                continue
+            # And it lasts: a later look finds the same sleep still there after another
+            # round of batches (SBQ_WAIT_QUEUES x wake_batch frees) went by.  A waker
+            # kept off the core in the middle of the algorithm's slow path can leave
+            # the counts above short for a moment; it cannot keep the sleep going.
+            first = self._suspects.setdefault((slot, seq), frees)
+            if frees - first >= SBQ_WAIT_QUEUES * wake_batch:
                 evidence = (
                     f"while the map's wait queues woke tasks {wakeups} times"
                     if wakeups

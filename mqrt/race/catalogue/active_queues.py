@@ -98,6 +98,11 @@ ACTIVE_QUEUES_UNLOCKED = Bug(
         attempt_s=1.5,
     ),
     patches=((Tags, "_update_active", _update_active_unlocked),),
+    window=(
+        "one CPU between its change of active_queues and its recalculation of wake_batch "
+        "from the count it read; another CPU's change and recalculation landing inside "
+        "it, so the last stored wake_batch is from a stale count"
+    ),
 )
 
 

@@ -84,6 +84,11 @@ WAKE_PTR_COUNT_ZERO = Bug(
     ),
     patches=((SbitmapQueue, "_legacy_wake_ptr", _legacy_wake_ptr_any_count),),
     detectors=("livelock",),
+    window=(
+        "a task between the cmpxchg that brings a wait queue's wait_cnt to 0 and its "
+        "reset of it; a free in an interrupt taken on the same CPU (or a free on another "
+        "CPU while the task is off the core) choosing that wait queue inside it"
+    ),
 )
 
 

@@ -159,6 +159,11 @@ TIMEOUT_CLAIM_LOSES_COMPLETION = Bug(
     ),
     patches=_TIMEOUT_PATH_415,
     detectors=("double_completion",),
+    window=(
+        "the timeout work between claiming an expired request (marking it complete) "
+        "and giving the claim back after ->timeout reset the timer; the request's own "
+        "completion on another CPU landing inside it"
+    ),
 )
 
 
@@ -217,6 +222,11 @@ TIMEOUT_ON_REUSED_REQUEST = Bug(
     ),
     patches=_TIMEOUT_PATH_415,
     detectors=("double_completion",),
+    window=(
+        "the timeout work between reading a started request's deadline and claiming "
+        "it; the request ending on another CPU and its tag handed to a new request "
+        "inside it, so the claim lands on the later instance"
+    ),
 )
 
 
