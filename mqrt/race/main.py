@@ -94,6 +94,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     rp.add_argument("--json", action="store_true", help="print a JSON object per bug")
     rp.add_argument(
+        "--markdown", action="store_true",
+        help="with --seeds N > 1: print the table as Markdown (the README's)",
+    )  # fmt: skip
+    rp.add_argument(
         "--report-dir", default="mqrt-race-reports", metavar="DIR",
         help="where reports are written. Default: ./mqrt-race-reports",
     )  # fmt: skip
@@ -226,7 +230,7 @@ def main_run(args: argparse.Namespace) -> int:
     elif args.seeds > 1:
         load = f" --parallel {args.parallel}" if args.parallel > 1 else ""
         load += f" --busy {args.busy}" if args.busy else ""
-        print_difficulty(outcomes, args.fixed, mode, sys.stdout, load)
+        print_difficulty(outcomes, args.fixed, mode, sys.stdout, load, args.markdown)
     return 0 if ok else 1
 
 
@@ -266,7 +270,7 @@ def difficulty(bug: Bug, tries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_difficulty(
-    rows: list[dict[str, Any]], fixed: bool, mode: str, out, load: str = ""
+    rows: list[dict[str, Any]], fixed: bool, mode: str, out, load: str = "", markdown: bool = False
 ) -> None:
     """The --seeds table: a row per bug and window (injected delays, or the race
     window as the code makes it)."""
@@ -290,6 +294,21 @@ def print_difficulty(
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    if markdown:
+        cols = [c.header for c in table.columns]
+        print(f"`{title}`\n", file=out)
+        print("| " + " | ".join(str(c) for c in cols) + " |", file=out)
+        print("|" + "---|" * len(cols), file=out)
+    for r in rows:
+        cells = (
+            r["name"], r["commit"], r["window"], f"{r['succeeded']}/{r['tries']}",
+            num(r["median_s"], ".1f"), num(r["worst_s"], ".1f"), num(r["median_requests"], ","),
+            num(r["worst_requests"], ","), ", ".join(r["detectors"]) or "-",
+        )  # fmt: skip
+        if markdown:
+            print("| " + " | ".join(cells) + " |", file=out)
+    if markdown:
+        return
     for r in rows:
         table.add_row(
             r["name"], r["commit"], r["window"], f"{r['succeeded']}/{r['tries']}",
