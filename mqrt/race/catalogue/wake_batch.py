@@ -138,14 +138,15 @@ BATCH_STORES_REORDERED = Bug(
         "and atomic_set() is a plain store: the memory model lets another CPU see the "
         "counts at 1 and still the old wake_batch. A waker that then counts a queue "
         "from 1 down to 0 resets it to the old batch, and every queue it reaches before "
-        "the new batch lands counts down from the old one again: with 4 tags left and "
+        "the new batch lands counts down from the old one again: with 2 tags left and "
         "8 frees needed, sleepers on those queues are never woken, as before "
-        "6c0ca7ae292a. The fix (Linux 5.2) uses smp_mb(). On this host two stores are "
+        "6c0ca7ae292a. The fix makes it smp_mb(). On this host two stores are "
         "never reordered, so the entry issues them in the order a weakly ordered CPU "
         "may show them; the window is a waker on another CPU between the two. "
         "Scenario: legacy sbitmap, 64 tags (wake_batch 8), 4 CPUs keeping 32 I/Os "
         "each (sleepers on several wait queues), 20 us timer completions; 0.3 s in, "
-        "nr_requests drops to 4, the resizing CPU held up to 5 ms between the stores."
+        "nr_requests drops to 2 (wake_batch 1), the resizing CPU held up to 20 ms "
+        "between the stores."
     ),
     scenario=Scenario(
         given={
