@@ -68,6 +68,11 @@ POINTS: dict[str, str] = {
         "__sbq_wake_up() (legacy): the sleepers were woken, before wake_index moves on "
         "and wait_cnt is reset (the wait queue reads as being reset: wait_cnt 0)"
     ),
+    "sbq.batch.between_stores": (
+        "sbitmap_queue_update_wake_batch() (legacy): between the store of the new "
+        "wake_batch and the reset of every wait_cnt to 1 (a waker reading both in "
+        "between sees one old and one new)"
+    ),
     "sbq.wake.before_wakeup": (
         "sbitmap_queue_wake_up() (current): a batch was claimed (wakeup_cnt moved), "
         "before the wait queues are woken"

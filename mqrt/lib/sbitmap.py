@@ -663,6 +663,8 @@ class SbitmapQueue:
             trace.emit(_EV_WAKE_BATCH, -1, 0, 0, 0, wake_batch)
         if self.legacy:
             fence()  # pairs with the fence in _legacy_wake_up before wait_cnt is reset
+            if inject.armed:
+                inject.hit("sbq.batch.between_stores")
             for off in self._wait_cnt:
                 self.a.set32(off, 1)
 

@@ -87,3 +87,10 @@ CLEARED_RACE = Bug(
 
 
 ENTRIES = (CLEARED_RACE,)
+
+# Looked at and left out: "sbitmap: fix hint wrap in the failure case" (Chengming Zhou,
+# 2023; upstream id not verified here).  In __sbitmap_get_word() a lost
+# test_and_set_bit_lock() near the end of the word sent the search back to bit 0, or
+# wrapped it twice; every bit is still searched, so no free bit is reported taken --
+# only round_robin's strict order suffers, which no detector watches (and the word
+# search here is one C call, find_and_set_zero_bit).

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mqrt.block.blk_mq_tag import Tags
+from mqrt.lib import inject
 from mqrt.lib import sbitmap as sbitmap_module
 from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, SbitmapQueue
 from mqrt.lib.wait import spin_lock, spin_unlock
@@ -99,6 +100,77 @@ RESIZE_WAKEUP_HANG = Bug(
         attempt_s=3.0,
     ),
     patches=((SbitmapQueue, "_update_wake_batch", _update_wake_batch_keep_wait_cnt),),
+)
+
+
+# -- a0934fd2b120: the wait counts' reset seen before the new wake_batch -----------------------
+
+
+def _update_wake_batch_counts_seen_first(self: SbitmapQueue, wake_batch: int) -> None:
+    """sbitmap_queue_update_wake_batch() of Linux 4.10 to 5.1, in the order a weakly
+    ordered CPU may make its stores visible: smp_mb__before_atomic() orders nothing
+    against atomic_set(), a plain store, so the reset of every wait_cnt to 1 may be
+    seen before the new wake_batch.  This host never reorders two stores, so the
+    port puts them in that order."""
+    a = self.a
+    if a.read32(self._wake_batch) == wake_batch:
+        return
+    if self.legacy:
+        for off in self._wait_cnt:
+            a.set32(off, 1)
+    if inject.armed:
+        inject.hit("sbq.batch.between_stores")
+    a.set32(self._wake_batch, wake_batch)
+
+
+BATCH_STORES_REORDERED = Bug(
+    name="batch_stores_reordered",
+    commit="a0934fd2b120",
+    subject="sbitmap: fix improper use of smp_mb__before_atomic()",
+    what="a waker sees the wait counts reset but the old wake_batch, and puts the old batch "
+    "back after nr_requests is lowered: sleepers wait for more frees than can happen",
+    explanation=(
+        "6c0ca7ae292a made a resize reset every wait queue's wait_cnt to 1 after storing "
+        "the new, smaller wake_batch, so no queue keeps counting down from the old batch; "
+        "a barrier was to keep the two stores in that order for a waker that reads them "
+        "the other way round (its count, then wake_batch). It was "
+        "smp_mb__before_atomic(), which orders only against read-modify-write atomics, "
+        "and atomic_set() is a plain store: the memory model lets another CPU see the "
+        "counts at 1 and still the old wake_batch. A waker that then counts a queue "
+        "from 1 down to 0 resets it to the old batch, and every queue it reaches before "
+        "the new batch lands counts down from the old one again: with 2 tags left and "
+        "8 frees needed, sleepers on those queues are never woken, as before "
+        "6c0ca7ae292a. The fix makes it smp_mb(). On this host two stores are "
+        "never reordered, so the entry issues them in the order a weakly ordered CPU "
+        "may show them; the window is a waker on another CPU between the two. In the "
+        "kernel an nr_requests write freezes the queue first; the resizes that meet "
+        "wakers are kyber's, which resizes its domain-token sbitmaps from a timer as "
+        "latencies move. mqrt has no kyber and does not freeze, so the scenario "
+        "resizes the tag map itself under load. "
+        "Scenario: legacy sbitmap, 64 tags (wake_batch 8), 3 CPUs keeping 32 I/Os "
+        "each (sleepers on several wait queues), 20 us timer completions; 1 s in, "
+        "nr_requests drops to 2 (wake_batch 1), the resizing CPU held up to 20 ms "
+        "between the stores."
+    ),
+    scenario=Scenario(
+        given={
+            "sbitmap": "legacy",
+            "hw_queue_depth": 64,
+            "irqmode": "timer",
+            "completion_nsec": 20_000,
+            "iodepth": 32,
+            "cpus": 3,
+        },
+        actions=((1.0, "nr_requests", (0, 2)),),
+        inject={"sbq.batch.between_stores": (100.0, 20000)},
+        attempt_s=3.0,
+    ),
+    patches=((SbitmapQueue, "_update_wake_batch", _update_wake_batch_counts_seen_first),),
+    window=(
+        "a resize between its reset of the wait counts and its store of the new "
+        "wake_batch; a waker on another CPU counting a wait queue from 1 to 0 and "
+        "reading wake_batch inside it"
+    ),
 )
 
 
@@ -243,6 +315,7 @@ SHALLOW_MISSED_WAKEUP = Bug(
 ENTRIES = (
     WAKE_BATCH_FAIR_SHARE,
     RESIZE_WAKEUP_HANG,
+    BATCH_STORES_REORDERED,
     WAKE_BATCH_MIN4,
     WAKE_BATCH_ABOVE_DEPTH,
     SHALLOW_MISSED_WAKEUP,
