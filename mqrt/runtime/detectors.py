@@ -334,7 +334,7 @@ class Monitor:
         asleep = self._sleeps()
         self._suspects = {k: v for k, v in self._suspects.items() if k in asleep}
         by_map: dict[int, int] = {}
-        for _since, where, _others in asleep.values():
+        for _since, where, _wakeups in asleep.values():
             by_map[id(where[2])] = by_map.get(id(where[2]), 0) + 1
         for (slot, seq), (since, (m, label, bt), wakeups_now) in asleep.items():
             wake_batch = max(1, bt.wake_batch)
