@@ -65,6 +65,30 @@ def wait_for_children(pid: int, n: int, timeout: float = 30.0) -> bool:
     return wait_until(started, timeout)
 
 
+def wait_for_work(pid: int, cpu_s: float, procs: int = 1, timeout: float = 60.0) -> bool:
+    """Wait until at least ``procs`` live children of ``pid`` have each used ``cpu_s``
+    of CPU time: a run's CPUs are doing I/O (its helper processes -- the resource
+    tracker, a guardian -- use next to none), whatever the host's load makes of the
+    wall clock."""
+    import psutil
+
+    def busy() -> bool:
+        try:
+            children = psutil.Process(pid).children()
+        except psutil.NoSuchProcess:
+            return True  # it already ended: let the caller see how
+        working = 0
+        for c in children:
+            try:
+                t = c.cpu_times()
+            except psutil.Error:
+                continue
+            working += t.user + t.system >= cpu_s
+        return working >= procs
+
+    return wait_until(busy, timeout)
+
+
 @contextlib.contextmanager
 def scripted_rigs(setup_for: Callable[..., Any]) -> Iterator[Callable[..., tuple[Any, Any]]]:
     """``make(ops=None, nr_cpus=1, **kw) -> (rig, ops)``: in-process rigs over a

@@ -7,14 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mqrt.bench.sweep import expand_values, median_index, split_axes
 from mqrt.lib.knobs import KnobError
 from mqrt.workers.ioengine import JOB_KNOBS
-from tests.helpers import wait_for_children
+from tests.helpers import wait_for_work
 from tests.test_cli import mqrt
 
 _KNOBS = {k.name: k for k in JOB_KNOBS}
@@ -126,8 +125,8 @@ def test_ctrl_c_mid_sweep_reports_the_points_so_far():
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert wait_for_children(p.pid, 1)  # the first point's CPUs exist
-        time.sleep(5.0)  # into the second point, or between the two
+        # into the second point: its two CPUs are doing I/O (the first point has one)
+        assert wait_for_work(p.pid, 0.2, procs=2)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 
+import psutil
 import pytest
 
 from mqrt.lib.shm import Arena, Layout, cacheline_struct
 from mqrt.lib.wait import WAIT_QUEUE_HEAD, TaskState, Waiters, WaitQueue
-from tests.helpers import ctx
+from tests.helpers import ctx, wait_until
 
 
 @pytest.fixture
@@ -72,9 +72,8 @@ def test_wake_before_sleep_is_not_lost(wq_rig):
     me = wq_rig(1)
     me.prepare_to_wait_exclusive()
     wq_rig(0).wake_up()
-    t0 = time.monotonic()
-    assert me.w.schedule(5.0)  # returns at once: the eventfd kept the wake-up
-    assert time.monotonic() - t0 < 1.0
+    # True, not a 5 s timeout: the eventfd kept the wake-up (no wall-clock test)
+    assert me.w.schedule(5.0)
     me.finish_wait()
     assert not me.w.schedule(0)  # consumed; nothing stale left
 
@@ -93,8 +92,9 @@ def test_real_process_sleeps_until_woken(wq_rig):
     p.start()
     try:
         assert os.read(r, 1) == b"x"
-        time.sleep(0.1)
-        assert p.is_alive()  # asleep, not spinning through
+        # asleep in the kernel, not spinning through or gone
+        assert wait_until(lambda: psutil.Process(p.pid).status() == psutil.STATUS_SLEEPING, 30)
+        assert p.is_alive()
         waker = wq_rig(0)
         assert waker.waiters() == [1]
         assert waker.wake_up() == 1
