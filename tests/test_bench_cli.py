@@ -12,6 +12,8 @@ import pytest
 from tests.helpers import wait_for_work
 from tests.test_cli import mqrt
 
+pytestmark = pytest.mark.timing
+
 
 def test_bench_json_is_fio_shaped_with_an_mqrt_object():
     out = mqrt(

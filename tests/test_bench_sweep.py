@@ -16,6 +16,8 @@ from mqrt.workers.ioengine import JOB_KNOBS
 from tests.helpers import wait_for_work
 from tests.test_cli import mqrt
 
+pytestmark = pytest.mark.timing
+
 _KNOBS = {k.name: k for k in JOB_KNOBS}
 
 

@@ -13,6 +13,8 @@ from mqrt.block.blk_mq_types import ReqOp, RqState
 from tests.helpers import scripted_rigs
 from tests.test_runtime import assert_clean, run_nullb, totals
 
+pytestmark = pytest.mark.timing
+
 READ = int(ReqOp.READ)
 
 
@@ -129,9 +131,11 @@ def test_queue_iter_visits_only_its_queue_on_a_shared_tag_set(make):
 def test_a_real_run_times_out_exactly_the_injected_requests():
     # 2 CPUs on one queue; 7 requests (exactly: the fault's budget) are never
     # completed by null_blk: the timeout work, walking the busy tags, finds each of
-    # them once and ends it with BLK_STS_TIMEOUT, while the others complete.
+    # them once and ends it with BLK_STS_TIMEOUT, while the others complete.  The
+    # timeout is long enough that a saturated host does not keep a CPU from
+    # completing an ordinary request for that long.
     result = run_nullb(cpus=2, irqmode="timer", completion_nsec=20_000, iodepth=8,
-                       timeout="1,30,0,7", io_timeout=150, runtime=0.8)  # fmt: skip
+                       timeout="1,30,0,7", io_timeout=1000, runtime=0.8)  # fmt: skip
     assert_clean(result)
     t = totals(result)
     assert (t["timeouts"], t["errors"]) == (7, 7)

@@ -16,6 +16,8 @@ from mqrt.runtime.owner import run
 from mqrt.runtime.spec import RunError
 from tests.test_runtime import assert_clean, totals
 
+pytestmark = pytest.mark.timing
+
 
 def run_nvme(**given):
     given.setdefault("runtime", 0.4)

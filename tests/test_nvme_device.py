@@ -40,6 +40,8 @@ from tests.test_nvme import device, driver, run_nvme
 from tests.test_nvme_admin import ANSWER_S, nvme_rig, reap_admin_until
 from tests.test_runtime import assert_clean, totals
 
+pytestmark = pytest.mark.timing
+
 #: QPRIO of Create I/O Submission Queue (CDW11 bits 2:1).
 URGENT, HIGH, MEDIUM, LOW = 0, 1, 2, 3
 #: Interrupt Coalescing TIME is in 100 us units; 255 is the longest it can hold.

@@ -12,6 +12,8 @@ from mqrt.race.catalogue import CATALOGUE
 from mqrt.race.main import run_bug
 from tests.test_cli import mqrt
 
+pytestmark = pytest.mark.timing
+
 #: Budget of a reproduction in the suite, and clean requests of the quick --fixed form.
 REPRO_TIMEOUT_S = 45.0
 QUICK_FIXED_REQUESTS = 20_000

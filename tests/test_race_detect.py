@@ -14,6 +14,8 @@ from mqrt.lib.sbitmap import Sbitmap, SbitmapQueue
 from mqrt.lib.wait import Waiters
 from mqrt.runtime.owner import run
 
+pytestmark = pytest.mark.timing
+
 
 def watched(**given):
     given.setdefault("runtime", 5)

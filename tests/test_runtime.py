@@ -16,6 +16,8 @@ from mqrt.bench.main import build
 from mqrt.runtime.owner import run
 from mqrt.runtime.spec import RunError
 
+pytestmark = pytest.mark.timing
+
 
 def run_nullb(**given):
     given.setdefault("runtime", 0.4)

@@ -22,6 +22,8 @@ from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import TaskState, Waiters
 from tests.helpers import run_processes
 
+pytestmark = pytest.mark.timing
+
 GENERATIONS = list(SbqGeneration)
 
 

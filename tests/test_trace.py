@@ -29,6 +29,8 @@ from mqrt.lib.trace import (
 )
 from tests.helpers import ctx, run_processes
 
+pytestmark = pytest.mark.timing
+
 STOP = cacheline_struct([("stop", "<u8")], [("ready", "<u8")])
 
 

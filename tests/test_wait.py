@@ -11,6 +11,8 @@ from mqrt.lib.shm import Arena, Layout, cacheline_struct
 from mqrt.lib.wait import WAIT_QUEUE_HEAD, TaskState, Waiters, WaitQueue
 from tests.helpers import ctx, wait_until
 
+pytestmark = pytest.mark.timing
+
 
 @pytest.fixture
 def wq_rig():
