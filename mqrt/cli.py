@@ -1,7 +1,8 @@
 """The ``mqrt`` command line: ``bench``, ``compare``, ``plot``, ``race``, ``microbench``.
 
 User mistakes end in a one-line ``mqrt: error: ...`` naming the bad option and exit
-status 2, never a traceback.
+status 2, never a traceback.  Ctrl-C, SIGTERM and SIGHUP are handled alike
+(:mod:`mqrt.lib.signals`): exit status 128 + the signal, one line on stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from mqrt import __version__
 from mqrt.errors import UsageError
+from mqrt.lib import signals
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -38,20 +40,36 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    signals.install()
     try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return int(args.func(args) or 0)
     except UsageError as exc:
         parser.exit(2, f"mqrt: error: {exc}\n")
-    except KeyboardInterrupt:
-        print("mqrt: interrupted", file=sys.stderr)
-        return 130
+    except signals.Abort as exc:
+        with signals.shielded():
+            print(f"mqrt: second signal ({exc.name}): aborting, figures not reported",
+                  file=sys.stderr)  # fmt: skip
+        return 128 + exc.signum
+    except KeyboardInterrupt as exc:
+        return interrupted(exc)
     except BrokenPipeError:
         # The reader went away (`| head`): not our error; keep Python's exit quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def interrupted(exc: KeyboardInterrupt) -> int:
+    """The one line and the exit status of a stop signal that ended the command."""
+    signum = exc.signum if isinstance(exc, signals.Stop) else 2  # SIGINT
+    with signals.shielded():
+        if signum == 2:
+            print("mqrt: interrupted", file=sys.stderr)
+        else:
+            print(f"mqrt: stopped by {signals.signal_name(signum)}", file=sys.stderr)
+    return 128 + signum

@@ -35,6 +35,7 @@ LAYERS = {
     "mqrt.plot": 4,
     "mqrt.cli": 5,
     "mqrt.__main__": 5,
+    "mqrt._entry": 5,
 }
 
 

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from mqrt.errors import UsageError
+from mqrt.lib import signals
 from mqrt.lib.knobs import Knob, KnobError, canonical, parse_knobs
 
 #: The most emulated CPUs: each is a process (the 16-bit fields of a request would
@@ -501,9 +502,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
-    from mqrt.bench.report import assemble, run_summary
+    from mqrt.bench.report import run_summary
     from mqrt.bench.sweep import format_params
-    from mqrt.bench.text import Progress, render_report
+    from mqrt.bench.text import Progress
     from mqrt.block.blk_mq_structs import BlkMqError
     from mqrt.runtime.owner import run
     from mqrt.runtime.spec import RunError
@@ -526,7 +527,9 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     p.spec.trace_dump = args.trace_dump
                 try:
                     result = run(p.spec)
-                except KeyboardInterrupt:  # between runs: keep what was measured
+                except signals.Abort:
+                    raise
+                except KeyboardInterrupt:  # before a run's CPUs ran: keep what was measured
                     interrupted = True
                     break
                 except BlkMqError as exc:
@@ -540,13 +543,29 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 for msg in result.messages:
                     if msg not in messages:
                         messages.append(msg)
-                if result.interrupted:
+                if result.interrupted or signals.received():
                     interrupted = True
                     break
             if interrupted:
                 break
+    except signals.Abort:
+        raise
+    except KeyboardInterrupt:  # between runs (or in the progress line): keep the figures
+        interrupted = True
     finally:
         progress.done()
+    # The figures exist: a signal from here on skips the optional work, never the report.
+    try:
+        return _report(planned, axes, repeat, is_default, args, out, t0, interrupted, messages)
+    except signals.Abort:
+        raise
+    except KeyboardInterrupt:  # landed outside the report's own deferral: print it anyway
+        return _report(planned, axes, repeat, is_default, args, out, t0, True, messages)
+
+
+def _report(planned, axes, repeat, is_default, args, out, t0, interrupted, messages) -> int:
+    from mqrt.bench.report import assemble
+
     report = assemble(
         planned, axes, repeat, wall_s=time.monotonic() - t0, interrupted=interrupted,
         messages=messages,
@@ -554,7 +573,24 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
         from mqrt.microbench.refs import reference_figures
 
-        report["mqrt"]["reference"] = reference_figures(args.reference)
+        try:
+            report["mqrt"]["reference"] = reference_figures(args.reference)
+        except signals.Abort:
+            raise
+        except KeyboardInterrupt:  # optional: the run's figures are printed without it
+            interrupted = True
+    with signals.deferred():  # the first signal while printing is honoured after it
+        _print_report(report, args, is_default, out)
+    interrupted = interrupted or bool(signals.received())
+    if interrupted:
+        print(signals.stopped_message(), file=sys.stderr)
+        return signals.exit_status() or 130
+    return 0 if not report["mqrt"]["invariants"]["violations"] else 3
+
+
+def _print_report(report, args, is_default, out) -> None:
+    from mqrt.bench.text import render_report
+
     if args.output_format == "json":
         json.dump(report, out, indent=2)
         out.write("\n")
@@ -572,7 +608,3 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
 
         plot_report(report, args.plot)
         print(f"mqrt: plot written to {args.plot}", file=sys.stderr)
-    if interrupted:
-        print("mqrt: interrupted: the figures cover the time before Ctrl-C", file=sys.stderr)
-        return 130
-    return 0 if not report["mqrt"]["invariants"]["violations"] else 3

@@ -1,7 +1,8 @@
 """What every child process of a run (a CPU, the device) does before anything else.
 
-* Ctrl-C reaches the whole process group: children ignore SIGINT and let the runtime
-  decide what stops; SIGTERM keeps its default (the runtime's last resort).
+* Ctrl-C and a terminal's hang-up reach the whole process group: children ignore
+  SIGINT and SIGHUP and let the runtime decide what stops; SIGTERM keeps its default
+  (the runtime's last resort).
 * If the runtime dies without cleaning up (SIGKILL), its children must not live on
   holding the arena: ``PR_SET_PDEATHSIG`` delivers SIGKILL to them, and the resource
   tracker (which they share with the runtime) then unlinks the segment.
@@ -42,6 +43,7 @@ def precise_timers(slack_ns: int = 1000) -> bool:
 def child_init(parent_pid: int, host_core: int | None) -> None:
     """Signals, death with the parent, pinning and timer slack for a forked child."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the prctl took effect

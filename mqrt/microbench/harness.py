@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mqrt.lib import signals
 from mqrt.lib.proc import child_init
 from mqrt.lib.shm import Arena, Layout
 
@@ -84,9 +85,11 @@ def parties(*jobs: tuple[Callable[..., float], tuple, int | None]) -> list[float
         fork.Process(target=_child_main, args=(w, barrier, cpu, fn, args, os.getpid()), daemon=True)
         for (fn, args, cpu), (_, w) in zip(jobs, pipes, strict=True)
     ]
+    failed = False
     try:
-        for p in procs:
-            p.start()
+        with signals.forking():  # a Ctrl-C in the at-fork hooks is raised after them
+            for p in procs:
+                p.start()
         for _, w in pipes:
             w.close()
         out = []
@@ -96,13 +99,14 @@ def parties(*jobs: tuple[Callable[..., float], tuple, int | None]) -> list[float
             out.append(r.recv())
         return out
     except BaseException:
+        failed = True  # (Ctrl-C included) what they measure is lost: no waiting for them
         barrier.abort()  # children still waiting at the barrier leave at once
         raise
     finally:
         for p in procs:
             if p.pid is None:  # interrupted before it was started
                 continue
-            p.join(5)
+            p.join(0 if failed else 5)
 
             if p.is_alive():
                 p.kill()

@@ -52,9 +52,10 @@ def recv(conn) -> wire.Report | None:
         return None
 
 
-def reap(procs: list) -> None:
-    """Join with a deadline, then SIGTERM, then SIGKILL; every child is waited for."""
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
+def reap(procs: list, join_s: float = JOIN_TIMEOUT_S) -> None:
+    """Join with a deadline (``join_s``; 0 when the run is aborted), then SIGTERM,
+    then SIGKILL; every child is waited for."""
+    deadline = time.monotonic() + join_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     for sig in (signal.SIGTERM, signal.SIGKILL):

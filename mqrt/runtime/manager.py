@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mqrt.block.blk_mq_cpumap import format_cpulist
 from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
-from mqrt.lib import wire
+from mqrt.lib import signals, wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
 from mqrt.runtime.children import JOIN_TIMEOUT_S, exit_name, ready_timeout_s, reap, recv, send
@@ -42,11 +42,12 @@ class Manager:
     loky's executor manager thread)::
 
         while a CPU has not reported:
+            check_signals    the first Ctrl-C / SIGTERM / SIGHUP -> on_stop
             advance          all ready -> start at t0 (RUNNING); all drained -> enter_exit
             past_deadline    a phase over its deadline: stuck CPUs -> enter_exit; in EXIT: give up
             check_detectors  a finding -> enter_exit
             report_progress
-            wait_for_events  the one wait point; the first Ctrl-C -> on_stop
+            wait_for_events  the one wait point
               on_message     ready, drained, result, error from a CPU
               on_death       a CPU's sentinel: its result may still be in the pipe, else it died
               on_device_death
@@ -54,6 +55,11 @@ class Manager:
 
     :meth:`enter_exit` is the one way to the EXIT phase: tell every CPU still there
     to exit and give them a join deadline.
+
+    The loop runs with the stop signals deferred (:func:`mqrt.lib.signals.deferred`):
+    the first is only recorded and wakes the wait (:func:`mqrt.lib.signals.wakeup`),
+    and :meth:`check_signals` stops the run; a second raises
+    :class:`~mqrt.lib.signals.Abort` wherever it lands.
     """
 
     def __init__(self, run: _Run):
@@ -81,6 +87,7 @@ class Manager:
         self.finding: dict[str, Any] | None = None
         self.by_conn = {c: i for i, c in enumerate(run.res_r)}
         self.by_sentinel = {run.procs[i].sentinel: i for i in range(self.n)}
+        self.wake_fd = -1  #: readable on a stop signal (mqrt.lib.signals.wakeup)
         self.monitor = None
         if self.spec.detect:
             from mqrt.runtime.detectors import Monitor
@@ -92,9 +99,14 @@ class Manager:
             )  # fmt: skip
 
     def run(self) -> RunResult:
+        with signals.deferred(), signals.wakeup() as self.wake_fd:
+            return self._run()
+
+    def _run(self) -> RunResult:
         try:
             while alive := self.alive():
                 now = time.monotonic()
+                self.check_signals()
                 self.advance()
                 if self.past_deadline(now):
                     break
@@ -219,15 +231,14 @@ class Manager:
         waitables: list[Any] = [r.res_r[i] for i in alive] + [r.procs[i].sentinel for i in alive]
         if r.device is not None and self.device_dead is None:
             waitables.append(r.device.sentinel)
-        try:
-            return wait(waitables, timeout=0.1 if self.monitor is not None else 0.25)
-        except KeyboardInterrupt:
-            if not self.on_stop():
-                raise
-            return []
+        if not self.interrupted:
+            waitables.append(self.wake_fd)  # a stop signal
+        return wait(waitables, timeout=0.1 if self.monitor is not None else 0.25)
 
     def on_event(self, obj: Any) -> None:
         r = self.r
+        if obj == self.wake_fd:
+            return  # seen by check_signals
         if r.device is not None and obj == r.device.sentinel:
             self.on_device_death()
         elif obj in self.by_conn:
@@ -284,14 +295,21 @@ class Manager:
         self.device_dead = self.r._device_died(self.r.dev)
         self.enter_exit()
 
-    def on_stop(self) -> bool:
-        """Ctrl-C: the first one while the CPUs run stops the run cleanly (they drain
-        and report what they measured); False for any other (abort)."""
-        if self.interrupted or self.phase is not Phase.RUNNING:
-            return False
+    def check_signals(self) -> None:
+        """A stop signal was received (Ctrl-C, SIGTERM, SIGHUP): stop the run."""
+        got = signals.received()
+        if got and not self.interrupted:
+            self.on_stop(got[0])
+
+    def on_stop(self, signum: int) -> None:
+        """The first stop signal: while the CPUs run, they stop submitting, drain and
+        report what they measured; before they run there is nothing to report (the
+        signal is raised, and the owner kills them)."""
+        if self.phase is Phase.SETUP:
+            raise signals.Stop(signum)
         self.interrupted = True
-        self._send_all(wire.Stop())
-        return True
+        if self.phase is Phase.RUNNING:
+            self._send_all(wire.Stop())
 
     def enter_exit(self) -> None:
         """Tell every CPU still there to exit, and wait for them a bounded time."""
@@ -350,7 +368,7 @@ class Manager:
             dead=dead_list,
             stopped=[self.stopped[i] for i in sorted(self.stopped)],
             messages=r.messages,
-            interrupted=self.interrupted,
+            interrupted=self.interrupted or bool(signals.received()),
             t0_wall=self.t0_wall,
             finding=self.finding,
             trace_dump=dumped,

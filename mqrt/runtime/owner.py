@@ -42,8 +42,8 @@ from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_pl
 from mqrt.block.blk_mq_setup import init_shared, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
-from mqrt.lib import inject, wire
-from mqrt.lib.shm import Arena, Layout, exit_on_sigterm
+from mqrt.lib import inject, signals, wire
+from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
 from mqrt.lib.wait import Waiters
 from mqrt.runtime.children import JOIN_TIMEOUT_S, READY_TIMEOUT_S, exit_name, reap, recv, send
@@ -99,27 +99,39 @@ class _Run:
         self.trace_spec = (
             TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
         )
-        with exit_on_sigterm(), Arena.create(layout) as arena:
+        # Ctrl-C, SIGTERM, SIGHUP: mqrt.lib.signals (the Manager stops the run on the
+        # first; a second one, or one before the CPUs run, unwinds through here)
+        with signals.handled(), Arena.create(layout) as arena:
             self.arena = arena
+            stopping = False
             try:
                 self._init_arena()
-                self._start_device()
+                with signals.forking():
+                    self._start_device()
                 inject.configure(spec.inject or {}, spec.seed, spec.inject_irqs)
-                self._start_cpus()
+                with signals.forking():
+                    self._start_cpus()
                 return self._drive()
+            except KeyboardInterrupt:
+                stopping = True  # the children were not told to exit: do not wait for them
+                raise
             finally:
-                inject.configure({})
-                reap(self.procs)
-                # The driver's remove path; a run that left requests in flight has
-                # reported them (invariants), and its queues stay as they are.
-                with contextlib.suppress(BlkMqError):
-                    teardown(self.queues)
-                for c in self.conns:
-                    with contextlib.suppress(OSError):
-                        c.close()
-                for fd in self.fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                with signals.shielded():
+                    self._cleanup(stopping)
+
+    def _cleanup(self, stopping: bool) -> None:
+        inject.configure({})
+        reap(self.procs, join_s=0.0 if stopping else JOIN_TIMEOUT_S)
+        # The driver's remove path; a run that left requests in flight has
+        # reported them (invariants), and its queues stay as they are.
+        with contextlib.suppress(BlkMqError):
+            teardown(self.queues)
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.close()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _init_arena(self) -> None:
         arena, ops = self.arena, self.ops
