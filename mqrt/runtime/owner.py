@@ -99,7 +99,7 @@ class _Run:
         self.trace_spec = (
             TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
         )
-        with exit_on_sigterm(), Arena.create(layout) as arena:
+        with exit_on_sigterm(), Arena.create(layout, guard=True) as arena:
             self.arena = arena
             try:
                 self._init_arena()
