@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -121,7 +122,8 @@ def test_ctrl_c_keeps_partial_results_and_leaves_nothing():
     # Interrupt once a first measurement is in: each case forks its parties afresh, so
     # once ring.spsc.batch's pair (the first case) has exited and a party of the next
     # case runs, its sample is recorded.  (Forked parties share the parent's command
-    # line; multiprocessing's resource tracker, also a child, does once it has exec'd.)
+    # line; multiprocessing's resource tracker, also a child, does once it has exec'd;
+    # each arena's guardian shares it too, but lives in a session of its own.)
     seen: set[int] = set()
     exited: set[int] = set()
     deadline = time.monotonic() + 60
@@ -131,8 +133,12 @@ def test_ctrl_c_keeps_partial_results_and_leaves_nothing():
             cmdline = parent.cmdline()
             running = set()
             for child in parent.children():
-                with contextlib.suppress(psutil.Error):
-                    if child.status() != psutil.STATUS_ZOMBIE and child.cmdline() == cmdline:
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if (
+                        child.status() != psutil.STATUS_ZOMBIE
+                        and child.cmdline() == cmdline
+                        and os.getsid(child.pid) == os.getsid(proc.pid)  # not a guardian
+                    ):
                         running.add(child.pid)
             for pid in seen - running - exited:
                 try:

@@ -146,7 +146,7 @@ def child(handle, layout):
         time.sleep(3600)
 
 layout = Layout(); layout.add("x", "<u8", 64)
-with exit_on_sigterm(), Arena.create(layout) as arena:
+with exit_on_sigterm(), Arena.create(layout, guard=True) as arena:
     kids = [mp.get_context("fork").Process(target=child, args=(arena.handle, layout))
             for _ in range(2)]
     try:
@@ -192,7 +192,7 @@ def test_sigkilled_child_leaves_nothing_once_owner_ends():
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
-def test_sigkilled_owner_is_cleaned_by_the_resource_tracker():
+def test_sigkilled_owner_is_cleaned_by_the_guardian():
     proc, name, kids = _start_owner()
     for k in kids:
         os.kill(k, signal.SIGKILL)

@@ -2,6 +2,10 @@
 """List mqrt shared-memory segments in /dev/shm whose owner process is gone (leaks),
 and remove them with --unlink.
 
+An owner is gone when its pid is, or when that pid now belongs to a process started at
+another time than the one the segment's name records (a reused pid): the check every
+mqrt start makes before reclaiming (``mqrt.lib.shm.owner_alive``).
+
     python tools/shm_leaks.py            # list leaks; exit 1 if there are any
     python tools/shm_leaks.py --all      # list every mqrt segment, live or not
     python tools/shm_leaks.py --unlink   # remove the leaks
@@ -10,6 +14,7 @@ and remove them with --unlink.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -29,7 +34,8 @@ def main() -> int:
         )
         print(f"{name}\t{state}")
         if args.unlink and name in stale:
-            os.unlink(os.path.join(shm.SHM_DIR, name))
+            with contextlib.suppress(FileNotFoundError):  # its guardian was quicker
+                os.unlink(os.path.join(shm.SHM_DIR, name))
             print(f"{name}\tunlinked")
     return 1 if stale and not args.unlink else 0
 

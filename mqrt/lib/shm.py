@@ -16,19 +16,34 @@ Ownership
     One process, the owner, creates the segment (:meth:`Arena.create`), initialises
     it, and is the only one that unlinks it.  Children attach by
     :class:`ArenaHandle` (name, size, layout version) and only ever ``close()``.
-    Names are ``mqrt-<owner pid>-<random>`` so a leak names its culprit; the segment
-    is created 0600.  The owner unlinks on every exit path it can see: the ``with``
-    block (normal end, exception, Ctrl-C), SIGTERM (turned into ``SystemExit`` by
-    :func:`exit_on_sigterm`), interpreter exit (``atexit``), and, as a last resort
-    when the owner is SIGKILLed, Python's resource tracker, with which the owner's
-    segment stays registered.
+    Names are ``mqrt-<owner pid>-<owner start time>-<random>`` (the start time in
+    clock ticks since boot, as ``/proc/<pid>/stat`` has it) so a leak names its
+    culprit and a reused pid is never taken for a live owner; the segment is created
+    0600.  The owner unlinks on every exit path it can see: the ``with`` block (normal
+    end, exception, Ctrl-C), SIGTERM (turned into ``SystemExit`` by
+    :func:`exit_on_sigterm`), interpreter exit (``atexit``).  For the paths it cannot
+    see (SIGKILL, a signal to the whole process group), a guarded arena
+    (``Arena.create(layout, guard=True)``) has a **guardian**: a forked child in a
+    session of its own, which group signals do not reach, that waits for the owner's
+    death (a pidfd) and then unlinks the segment; the owner, when it unlinks, tells it
+    to exit and reaps it.  :func:`reclaim_stale` removes what is left anyway (a
+    guardian killed too), and the first guarded arena of a process calls it.
+
+Untracked segments
+    No segment is registered with Python's resource tracker, neither the owner's nor
+    an attachment.  The tracker is a process in the run's group, so it dies with the
+    run and was never a safety net against group signals; and a tracker killed during
+    a run is restarted by the next unregister, which then fails (a ``KeyError``
+    traceback from the new tracker).  The guardian owns that cleanup instead, and
+    unlinks go straight to ``/dev/shm``.
 
 Python 3.11's resource tracker (python/cpython#82300)
     ``SharedMemory(name)`` registers the segment with the *attaching* process's
     resource tracker, which then unlinks it (with a warning) when that process ends,
     pulling the memory from under the owner; ``track=False`` only arrived in 3.13.
-    :func:`_attach_untracked` attaches without registering: ``track=False`` where it
-    exists, otherwise by suppressing the registration for the duration of the call.
+    :func:`_untracked` creates and attaches without registering: ``track=False``
+    where it exists, otherwise by suppressing the registration for the duration of
+    the call.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import signal
 import struct
 import sys
@@ -222,11 +238,11 @@ class ArenaHandle:
     layout_version: int = LAYOUT_VERSION
 
 
-def _attach_untracked(name: str) -> shared_memory.SharedMemory:
-    """Attach to an existing segment without registering it with this process's
+def _untracked(name: str, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
+    """Create or attach to a segment without registering it with this process's
     resource tracker (see the module docstring, python/cpython#82300)."""
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
+        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
     # Python < 3.13: no track= parameter
     original = resource_tracker.register
 
@@ -236,9 +252,90 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
 
     resource_tracker.register = skip_shared_memory
     try:
-        return shared_memory.SharedMemory(name=name)
+        return shared_memory.SharedMemory(name=name, create=create, size=size)
     finally:
         resource_tracker.register = original
+
+
+def _unlink(name: str) -> None:
+    """Remove segment ``name`` from /dev/shm (gone already is fine).  Not
+    ``SharedMemory.unlink()``: that also unregisters from the resource tracker, which
+    never saw our segments."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def proc_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``
+    field 22), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+class _Guardian:
+    """The owner's end of a segment's guardian (see the module docstring): the
+    guardian's pid and the pipe on which the owner says "unlinked, exit"."""
+
+    def __init__(self, name: str):
+        owner = os.getpid()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the guardian: it never returns)
+            _guard(name, owner, r)
+        os.close(r)
+        self.pid, self._w = pid, w
+
+    def release(self) -> None:
+        """Tell the guardian the segment is unlinked, and reap it.  Idempotent."""
+        if self._w < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+        os.close(self._w)
+        self._w = -1
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _guard(name: str, owner: int, r: int) -> None:
+    """The guardian's life, in the forked child: leave the owner's session, keep no
+    descriptor but the pipe, wait for the owner's death (a pidfd; without one, a
+    change of parent, polled) or for its word, unlink ``name`` if the owner died,
+    exit.  Only os calls: nothing that could wait for a lock another thread held at
+    the fork, and never back into the owner's code (``os._exit`` on every path)."""
+    try:
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, r)
+        os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+        poll = select.poll()
+        poll.register(r, select.POLLIN)
+        pidfd = -1
+        with contextlib.suppress(AttributeError, OSError):
+            pidfd = os.pidfd_open(owner)
+            poll.register(pidfd, select.POLLIN)
+        owner_died = True
+        while os.getppid() == owner:
+            events = dict(poll.poll(-1 if pidfd >= 0 else 500))
+            if pidfd in events:
+                break
+            if r in events:
+                owner_died = not os.read(r, 1)  # a word: done; EOF: every writer died
+                break
+        if owner_died:
+            _unlink(name)
+    finally:
+        os._exit(0)
 
 
 class Arena:
@@ -249,7 +346,13 @@ class Arena:
     shared words are read and written.
     """
 
-    def __init__(self, shm: shared_memory.SharedMemory, layout: Layout, owner: bool):
+    def __init__(
+        self,
+        shm: shared_memory.SharedMemory,
+        layout: Layout,
+        owner: bool,
+        guardian: _Guardian | None = None,
+    ):
         self._shm = shm
         self.layout = layout
         assert shm.buf is not None, f"{shm.name} is closed"
@@ -258,24 +361,48 @@ class Arena:
         #: os.getpid() before unlinking, so a forked copy of the owner never unlinks.
         self._owner_pid = os.getpid() if owner else None
         self._closed = False
-        self._finalizer: weakref.finalize[[shared_memory.SharedMemory, int], Arena] | None = None
+        self._guardian = guardian
+        self._finalizer: weakref.finalize[[str, int, _Guardian | None], Arena] | None = None
         if owner:
-            self._finalizer = weakref.finalize(self, _unlink_at_exit, shm, os.getpid())
+            self._finalizer = weakref.finalize(
+                self, _unlink_at_exit, shm.name, os.getpid(), guardian
+            )
 
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def create(cls, layout: Layout) -> Arena:
-        """Create a zero-filled segment big enough for ``layout`` (mode 0600)."""
+    def create(cls, layout: Layout, guard: bool = False) -> Arena:
+        """Create a zero-filled segment big enough for ``layout`` (mode 0600).
+
+        ``guard``: start the segment's guardian, which unlinks it if this process is
+        killed (the runtime's runs); the first guarded arena of a process also
+        reclaims the segments of owners that are gone (:func:`reclaim_stale`)."""
         if layout.size <= 0:
             raise ValueError("cannot create an arena for an empty layout")
+        global _reclaimed
+        if guard and not _reclaimed:
+            _reclaimed = True
+            gone = reclaim_stale()
+            if gone:
+                print(
+                    f"mqrt: reclaimed {len(gone)} shared-memory segment(s) whose owner is "
+                    f"gone: {', '.join(gone)}",
+                    file=sys.stderr,
+                )
+        pid = os.getpid()
         for _ in range(8):
-            name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            name = f"{SEGMENT_PREFIX}{pid}-{proc_start_time(pid)}-{secrets.token_hex(4)}"
             try:
-                shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
+                shm = _untracked(name, create=True, size=layout.size)
             except FileExistsError:
                 continue
-            return cls(shm, layout, owner=True)
+            try:
+                guardian = _Guardian(name) if guard else None
+            except BaseException:
+                shm.close()
+                _unlink(name)
+                raise
+            return cls(shm, layout, owner=True, guardian=guardian)
         raise FileExistsError("could not find a free segment name")
 
     @classmethod
@@ -290,7 +417,7 @@ class Arena:
             raise ValueError(
                 f"arena {handle.name} is {handle.size} bytes but the layout needs {layout.size}"
             )
-        shm = _attach_untracked(handle.name)
+        shm = _untracked(handle.name)
         if shm.size < handle.size:
             shm.close()
             raise ValueError(f"arena {handle.name} is smaller than its handle says")
@@ -323,8 +450,9 @@ class Arena:
         if self.is_owner:
             if self._finalizer is not None:
                 self._finalizer.detach()
-            with contextlib.suppress(FileNotFoundError):
-                self._shm.unlink()
+            _unlink(self.name)
+            if self._guardian is not None:
+                self._guardian.release()
 
     def __enter__(self) -> Arena:
         return self
@@ -352,13 +480,14 @@ class Arena:
         return np.ndarray((r.count,), dtype=r.dtype, buffer=self._shm.buf, offset=r.offset)
 
 
-def _unlink_at_exit(shm: shared_memory.SharedMemory, owner_pid: int) -> None:
+def _unlink_at_exit(name: str, owner_pid: int, guardian: _Guardian | None) -> None:
     """Last-chance unlink when an owner's arena is collected or the interpreter exits
     without closing it; never in a forked copy of the owner."""
     if os.getpid() != owner_pid:
         return
-    with contextlib.suppress(FileNotFoundError):
-        shm.unlink()
+    _unlink(name)
+    if guardian is not None:
+        guardian.release()
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
@@ -376,12 +505,36 @@ def exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def segment_owner(name: str) -> int | None:
-    """The owner pid encoded in a segment name, or None if it is not ours."""
+def _name_fields(name: str) -> tuple[int, int | None] | None:
+    """(owner pid, owner start time or None) from a segment name, or None if the name
+    is not ours.  Names without a start time (``mqrt-<pid>-<random>``) come from older
+    versions."""
     if not name.startswith(SEGMENT_PREFIX):
         return None
-    pid, _, _ = name[len(SEGMENT_PREFIX) :].partition("-")
-    return int(pid) if pid.isdigit() else None
+    parts = name[len(SEGMENT_PREFIX) :].split("-")
+    if not parts[0].isdigit():
+        return None
+    if len(parts) == 3 and parts[1].isdigit():
+        return int(parts[0]), int(parts[1])
+    return int(parts[0]), None
+
+
+def segment_owner(name: str) -> int | None:
+    """The owner pid encoded in a segment name, or None if it is not ours."""
+    fields = _name_fields(name)
+    return fields[0] if fields else None
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process that created segment ``name`` still runs: its pid exists
+    and (when the name records it) started when the owner did, so a reused pid is not
+    taken for the owner."""
+    fields = _name_fields(name)
+    if fields is None:
+        return False
+    pid, start = fields
+    now = proc_start_time(pid)
+    return now is not None and (start is None or now == start)
 
 
 def list_segments() -> list[str]:
@@ -394,14 +547,17 @@ def list_segments() -> list[str]:
 
 def stale_segments() -> list[str]:
     """Segments whose owner process no longer exists: leaks."""
-    stale = []
-    for n in list_segments():
-        pid = segment_owner(n)
-        assert pid is not None  # list_segments() lists only names with an owner
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            stale.append(n)
-        except PermissionError:
-            pass
-    return stale
+    return [n for n in list_segments() if not owner_alive(n)]
+
+
+def reclaim_stale() -> list[str]:
+    """Unlink every segment whose owner is gone; the names unlinked."""
+    gone = []
+    for name in stale_segments():
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, name))
+            gone.append(name)
+    return gone
+
+
+_reclaimed = False  # whether this process has run reclaim_stale() (Arena.create)

@@ -54,7 +54,7 @@ def scratch_arena(*declare: Callable[[Layout], Any]) -> Iterator[tuple[Arena, li
     """An arena holding what each ``declare(layout)`` declares; yields it and the specs."""
     layout = Layout()
     specs = [d(layout) for d in declare]
-    with Arena.create(layout) as arena:
+    with Arena.create(layout, guard=True) as arena:
         yield arena, specs
 
 

@@ -101,7 +101,7 @@ class _Run:
         )
         # Ctrl-C, SIGTERM, SIGHUP: mqrt.lib.signals (the Manager stops the run on the
         # first; a second one, or one before the CPUs run, unwinds through here)
-        with signals.handled(), Arena.create(layout) as arena:
+        with signals.handled(), Arena.create(layout, guard=True) as arena:
             self.arena = arena
             stopping = False
             try:
