@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.helpers import wait_for_work
@@ -192,3 +194,30 @@ def test_cpus_beyond_available_memory_is_refused(monkeypatch):
         "cpus: 512 CPUs need about 5.0 GiB of memory, this host has 1.0 GiB available"
     )
     assert bench.build({"cpus": 64})[0].nr_cpus == 64
+
+
+def test_a_cpu_killed_mid_run_keeps_what_was_measured():
+    # a CPU dies: the run ends at once, exit 1, and the report still carries the
+    # figures of the CPUs that finished, with the error: which process, pid, why
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mqrt", "bench", "--cpus", "2", "--runtime", "20",
+         "--irqmode", "timer", "--output-format", "json", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for_work(p.pid, 0.3, procs=2)  # both CPUs are doing I/O
+        sid = os.getsid(p.pid)  # the segment's guardian runs in a session of its own
+        victim = next(c for c in psutil.Process(p.pid).children() if os.getsid(c.pid) == sid)
+        victim.send_signal(signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 1, err
+    assert f"(pid {victim.pid}) died: SIGKILL" in err and "Traceback" not in err
+    report = json.loads(out)
+    error = report["mqrt"]["error"]
+    assert error["pid"] == victim.pid and error["role"] == "cpu" and error["partial"] is True
+    assert error["reason"].startswith("SIGKILL")
+    assert report["jobs"] and report["jobs"][0]["read"]["total_ios"] > 0

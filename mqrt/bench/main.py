@@ -14,6 +14,7 @@ any option, a small mq-versus-sq sweep over 1..N CPUs runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -513,6 +514,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     progress = Progress(not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15)
     t0 = time.monotonic()
     interrupted = False
+    failure: dict[str, Any] | None = None
     messages: list[str] = []
     try:
         for p in planned:
@@ -535,9 +537,12 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 except BlkMqError as exc:
                     raise UsageError(str(exc)) from None
                 except RunError as exc:
-                    progress.done()
-                    print(f"mqrt: error: {exc}", file=sys.stderr)
-                    return 1
+                    # A process died or hung: report what was measured, and why it ended.
+                    failure = _failure(exc)
+                    if exc.partial is not None:
+                        with contextlib.suppress(Exception):  # as much as the CPUs left
+                            p.runs.append(run_summary(exc.partial, p.config, p.spec))
+                    break
                 progress.end_run()
                 p.runs.append(run_summary(result, p.config, p.spec))
                 for msg in result.messages:
@@ -546,7 +551,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 if result.interrupted or signals.received():
                     interrupted = True
                     break
-            if interrupted:
+            if interrupted or failure:
                 break
     except signals.Abort:
         raise
@@ -556,20 +561,47 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         progress.done()
     # The figures exist: a signal from here on skips the optional work, never the report.
     try:
-        return _report(planned, axes, repeat, is_default, args, out, t0, interrupted, messages)
+        return _report(
+            planned, axes, repeat, is_default, args, out, t0, interrupted, messages, failure
+        )
     except signals.Abort:
         raise
     except KeyboardInterrupt:  # landed outside the report's own deferral: print it anyway
-        return _report(planned, axes, repeat, is_default, args, out, t0, True, messages)
+        return _report(planned, axes, repeat, is_default, args, out, t0, True, messages, failure)
 
 
-def _report(planned, axes, repeat, is_default, args, out, t0, interrupted, messages) -> int:
+def _failure(exc: Exception) -> dict[str, Any]:
+    """The JSON ``error`` of a run that could not complete: which process, its pid,
+    why; the figures reported are partial."""
+    partial = getattr(exc, "partial", None)
+    dead = partial.dead[0] if partial is not None and partial.dead else None
+    if dead is None:
+        return {"role": None, "cpu": None, "pid": None, "reason": str(exc), "partial": True}
+    return {
+        "role": dead["role"],
+        "cpu": dead.get("cpu"),
+        "pid": dead["pid"],
+        "reason": dead["how"],
+        "message": str(exc),
+        "partial": True,
+    }
+
+
+def _report(
+    planned, axes, repeat, is_default, args, out, t0, interrupted, messages, failure=None
+) -> int:
     from mqrt.bench.report import assemble
 
     report = assemble(
         planned, axes, repeat, wall_s=time.monotonic() - t0, interrupted=interrupted,
         messages=messages,
     )  # fmt: skip
+    if failure is not None:
+        report["mqrt"]["error"] = failure
+        with signals.deferred():
+            _print_report(report, args, False, out)
+        print(f"mqrt: error: {failure.get('message') or failure['reason']}", file=sys.stderr)
+        return 1
     if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
         from mqrt.microbench.refs import reference_figures
 
