@@ -4,33 +4,20 @@ or uncounted without having been counted."""
 
 from __future__ import annotations
 
-from mqrt.block.blk_mq_complete import BlkMqCompletion, TagBatch
-from mqrt.block.blk_mq_structs import _SCHED_RESTART, Request
+from mqrt.block.blk_mq_complete import BlkMqCompletion
+from mqrt.block.blk_mq_structs import HwCtx
 from mqrt.race.entry import Bug, Scenario
 
 # -- 3b87c6ea671a: a completion batch never uncounted its requests ------------------------------
 
 
-def _end_request_batch_uncounted(self: BlkMqCompletion, batch: list[Request]) -> None:
-    """blk_mq_end_request_batch() from f794f3351f26 until 3b87c6ea671a (the Linux
-    5.16 cycle, linux-block's for-5.16/block): each hctx's tags of the batch went back through
-    blk_mq_flush_tag_batch(), which put the tags and the queue references and
-    nothing else -- the active count every request of a shared queue took when it
-    got its tag stayed."""
-    a = self.a
-    freed: TagBatch = {}
-    restart = []
-    now = self.clock()
-    for rq in batch:
-        hctx = self.end_request(rq, None, freed, now)
-        if hctx is not None and a.read(hctx.state_off) & _SCHED_RESTART:
-            restart.append(hctx)
-    for hctx, tag_list in freed.values():
-        assert hctx.tags is not None  # its requests came from them
-        hctx.tags.put_tags(tag_list)  # the bug: no nr_active update
-    self.stats["batched_completions"] += len(batch)
-    for hctx in dict.fromkeys(restart):
-        self._sched_restart(hctx)
+def _flush_tag_batch_uncounted(self: BlkMqCompletion, hctx: HwCtx, tag_list: list[int]) -> None:
+    """blk_mq_flush_tag_batch() from f794f3351f26 until 3b87c6ea671a (the Linux 5.16
+    cycle, linux-block's for-5.16/block): each hctx's tags of a completion batch went
+    back, and the queue references with them -- nothing else: the active count every
+    request of a shared queue took when it got its tag stayed."""
+    assert hctx.tags is not None  # its requests came from them
+    hctx.tags.put_tags(tag_list)  # the bug: no nr_active update
 
 
 BATCH_NR_ACTIVE_LEAK = Bug(
@@ -70,7 +57,7 @@ BATCH_NR_ACTIVE_LEAK = Bug(
         },
         attempt_s=5.0,
     ),
-    patches=((BlkMqCompletion, "end_request_batch", _end_request_batch_uncounted),),
+    patches=((BlkMqCompletion, "_flush_tag_batch", _flush_tag_batch_uncounted),),
     detectors=("hang",),
 )
 
