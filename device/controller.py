@@ -406,7 +406,7 @@ class Controller(AdminCommands):
 
 def controller_main(plan: ControllerPlan, ctl, res, host_core: int | None, owner_pid: int) -> None:
     """Entry point of the device process (forked by the runtime)."""
-    child_init(owner_pid, host_core)
+    child_init(owner_pid, host_core, "mqrt-device")
     try:
         ctrl = Controller(plan, ctl, res)
         ctrl.setup_wait()

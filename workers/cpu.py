@@ -75,6 +75,21 @@ CPU_STATS = cacheline_struct(
     ]
 )
 PHASE_READY, PHASE_RUNNING, PHASE_DRAINING, PHASE_DRAINED = 1, 2, 3, 4
+#: What each published phase means, as the runtime's watchdog words it.
+PHASE_NAMES = (
+    "setting up",
+    "ready, waiting for the start",
+    "running its jobs",
+    "draining its I/Os",
+    "drained, waiting to exit",
+)
+#: A CPU's wait point never blocks longer than this, so its heartbeat moves while
+#: it is idle (the runtime's watchdog tells an idle CPU from a hung one by it).
+HEARTBEAT_NS = 250_000_000
+#: After a stop (the user's Ctrl-C, SIGTERM), a CPU waits this long for its I/Os in
+#: flight, then abandons them (reported, not counted as violations): a stop ends the
+#: run within a second whatever the device's completion time.
+STOP_DRAIN_NS = 1_000_000_000
 
 
 @dataclass
@@ -158,6 +173,9 @@ class Cpu:
         if plan.trace is not None:
             trace.install(Tracer(plan.arena, plan.trace, plan.cpu))
         self._next_pub = 0
+        self._phase = 0  # as last published
+        self._abandon_ns = 0  # after a stop: when the I/Os still in flight are abandoned
+        self._hang_at, self._hang_kind = _hang_plan(plan.cpu)
         #: hipri: the POLL hctxs this CPU submits to, reaped by this CPU itself.
         self.poll_hctxs = (
             list(dict.fromkeys(q.hctx_poll for q in self.mq.queues if q.poll_capable))
@@ -405,6 +423,8 @@ class Cpu:
             match msg:
                 case wire.Stop():
                     self.stopping = True
+                    if not self._abandon_ns:
+                        self._abandon_ns = self.clock() + STOP_DRAIN_NS
                 case wire.Exit():
                     self.exiting = self.stopping = True
                 case wire.Start(t0_ns=t0):
@@ -420,6 +440,7 @@ class Cpu:
         a.set(o.inflight, inflight & 0xFFFFFFFFFFFFFFFF)
         a.set(o.heartbeat_ns, self.clock())
         a.set(o.phase, phase)
+        self._phase = phase
         a.set(o.stale, self.mq.stats["stale_completions"])
         self._next_pub = self.clock() + PUBLISH_NS
 
@@ -440,12 +461,15 @@ class Cpu:
         self._publish(PHASE_READY)
         self._send_res(wire.Ready(wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core))
         while self._start_ns is None and not self.exiting:
-            self.ctl.poll(None)
+            self.ctl.poll(HEARTBEAT_NS / 1e9)
+            self._maybe_publish(PHASE_READY)
             self._handle_ctl()
         t0 = self._start_ns
         if self.exiting or t0 is None:
             self._report()
             return
+        if self._hang_at:
+            self._hang_at += t0
         self._setup_periodic(t0)
         spec = self.plan.job
         ramp_ns = int(spec.ramp_time * 1e9)
@@ -517,6 +541,8 @@ class Cpu:
             if sized and all(j.submitted >= j.limit and not j.inflight for j in jobs):
                 return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
+                if self._hang_at and now >= self._hang_at:
+                    _hang(self._hang_kind)
                 self._publish(PHASE_RUNNING)
                 next_pub = now + PUBLISH_NS
                 if self.ctl.poll():
@@ -598,6 +624,8 @@ class Cpu:
             timeout = self._wait_timeout(until_ns)
             if timeout != 0.0:
                 self.counters["idle_waits"] += 1
+                if timeout < 0 or timeout > HEARTBEAT_NS / 1e9:
+                    timeout = HEARTBEAT_NS / 1e9
         for fd in wait.wait_fds(self.epoll, self._fds, timeout):
             if fd == self.ipi_fd:
                 self._handle_ipis()
@@ -609,14 +637,19 @@ class Cpu:
             else:
                 self._handle_ctl()
         self._interrupts()
+        if timeout != 0.0 and self.clock() >= self._next_pub:
+            self._publish(self._phase)  # the heartbeat of an idle CPU
 
     def _drain(self) -> None:
-        """The deadline passed: submit nothing more, wait for our I/Os to finish."""
+        """The deadline passed: submit nothing more, wait for our I/Os to finish (after
+        a stop, for STOP_DRAIN_NS at most)."""
         self._publish(PHASE_DRAINING)
         while any(j.inflight for j in self.jobs) and not self.exiting:
+            if self._abandon_ns and self.clock() >= self._abandon_ns:
+                return
             self._maybe_publish(PHASE_DRAINING)
             if not self._poll_inflight():
-                self._serve(None)
+                self._serve(self._abandon_ns or None)
 
     def _report(self) -> None:
         mq = self.mq
@@ -661,9 +694,33 @@ class Cpu:
         self._send_res(wire.CpuResult(report))
 
 
+def _hang_plan(cpu: int) -> tuple[int, str]:
+    """``MQRT_HANG=CPU:spin|block:SECONDS`` (a developer's aid, for the runtime's
+    watchdog): that CPU stops making progress that many seconds into its run,
+    spinning in a loop or blocked on a lock nobody releases.  (0, "") otherwise."""
+    spec = os.environ.get("MQRT_HANG", "")
+    with contextlib.suppress(ValueError):
+        which, kind, after = spec.split(":")
+        if int(which) == cpu and kind in ("spin", "block"):
+            return int(float(after) * 1e9) or 1, kind
+    return 0, ""
+
+
+def _hang(kind: str) -> None:
+    """Never return: spin, or sleep on a lock this process already holds."""
+    if kind == "spin":
+        while True:
+            pass
+    import threading
+
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()
+
+
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
     """Entry point of a CPU worker process (forked by the runtime)."""
-    child_init(plan.owner_pid, plan.host_core)
+    child_init(plan.owner_pid, plan.host_core, f"mqrt-cpu{plan.cpu}")
     inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)

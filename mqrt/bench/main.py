@@ -192,6 +192,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     out.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="on stderr, a line at each step of every run: its segment and owner pid (for "
+        "ps, top or a debugger), the start, the deadline, a stop, a hung process, the "
+        "report",
+    )
+    out.add_argument(
         "--reference",
         action="store_true",
         help="after an nvme run, also time the bare SQ -> device -> CQ loop (~1 s) and "
@@ -511,7 +519,9 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.runtime.spec import RunError
 
     job0 = planned[0].spec.job
-    progress = Progress(not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15)
+    progress = Progress(
+        not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15, args.verbose
+    )
     t0 = time.monotonic()
     interrupted = False
     failure: dict[str, Any] | None = None
@@ -524,6 +534,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     label = f"{label} #{rep + 1}".strip()
                 progress.start_run(label)
                 p.spec.progress = progress
+                p.spec.on_event = progress.event
                 if args.trace or args.trace_dump:
                     p.spec.trace_entries = TRACE_ENTRIES
                     p.spec.trace_dump = args.trace_dump
@@ -538,16 +549,19 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     raise UsageError(str(exc)) from None
                 except RunError as exc:
                     # A process died or hung: report what was measured, and why it ended.
-                    failure = _failure(exc)
-                    if exc.partial is not None:
-                        with contextlib.suppress(Exception):  # as much as the CPUs left
-                            p.runs.append(run_summary(exc.partial, p.config, p.spec))
+                    with signals.deferred():
+                        failure = _failure(exc, p.params, p.spec.nr_cpus)
+                        if exc.partial is not None:
+                            with contextlib.suppress(Exception):  # as much as the CPUs left
+                                summary = run_summary(exc.partial, p.config, p.spec)
+                                p.runs.append(summary | {"partial": True})
                     break
-                progress.end_run()
-                p.runs.append(run_summary(result, p.config, p.spec))
-                for msg in result.messages:
-                    if msg not in messages:
-                        messages.append(msg)
+                with signals.deferred():  # the figures exist: a signal here keeps them
+                    progress.end_run()
+                    p.runs.append(run_summary(result, p.config, p.spec))
+                    for msg in result.messages:
+                        if msg not in messages:
+                            messages.append(msg)
                 if result.interrupted or signals.received():
                     interrupted = True
                     break
@@ -561,6 +575,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         progress.done()
     # The figures exist: a signal from here on skips the optional work, never the report.
     try:
+        progress.event("reporting")
         return _report(
             planned, axes, repeat, is_default, args, out, t0, interrupted, messages, failure
         )
@@ -570,20 +585,30 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         return _report(planned, axes, repeat, is_default, args, out, t0, True, messages, failure)
 
 
-def _failure(exc: Exception) -> dict[str, Any]:
+def _failure(exc: Exception, params: dict[str, Any], nr_cpus: int) -> dict[str, Any]:
     """The JSON ``error`` of a run that could not complete: which process, its pid,
-    why; the figures reported are partial."""
-    partial = getattr(exc, "partial", None)
-    dead = partial.dead[0] if partial is not None and partial.dead else None
-    if dead is None:
-        return {"role": None, "cpu": None, "pid": None, "reason": str(exc), "partial": True}
+    why, and which figures are partial (the point it ended, the CPUs whose figures
+    it has, the device's counters as last published)."""
+    result = getattr(exc, "partial", None)
+    dead = result.dead[0] if result is not None and result.dead else {}
+    reported = sorted(c["cpu"] for c in result.cpus) if result is not None else []
+    hung = dead.get("hung", {})
     return {
-        "role": dead["role"],
+        "role": dead.get("role"),
         "cpu": dead.get("cpu"),
-        "pid": dead["pid"],
-        "reason": dead["how"],
+        "pid": dead.get("pid"),
+        "reason": dead.get("how", str(exc)),
+        **({"state": hung["state"], "doing": hung["phase"]} if hung else {}),
         "message": str(exc),
-        "partial": True,
+        "partial": {
+            "point": params,
+            "cpus_reported": reported,
+            "cpus_missing": sorted(set(range(nr_cpus)) - set(reported)),
+            "device_counters": "as last published"
+            if any(d["role"] == "device" for d in (result.dead if result else []))
+            else "complete",
+            "later_points": "not run",
+        },
     }
 
 
@@ -605,8 +630,9 @@ def _report(
     if any("nvme" in p.config for p in planned if p.runs) and not interrupted:
         from mqrt.microbench.refs import reference_figures
 
-        try:
-            report["mqrt"]["reference"] = reference_figures(args.reference)
+        try:  # deferred: a signal ends the reference's wait, never a finalizer
+            with signals.deferred():
+                report["mqrt"]["reference"] = reference_figures(args.reference)
         except signals.Abort:
             raise
         except KeyboardInterrupt:  # optional: the run's figures are printed without it

@@ -342,7 +342,9 @@ def assemble(
                 "repeat": repeat,
                 "points": len(points),
                 "points_done": sum(
-                    len(p.runs) == repeat and not p.runs[-1]["interrupted"] for p in points
+                    len(p.runs) == repeat
+                    and not (p.runs[-1]["interrupted"] or p.runs[-1].get("partial"))
+                    for p in points
                 ),
                 "wall_s": wall_s,
                 "measured_s": measured,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mqrt.bench.sweep import format_params
+from mqrt.block.blk_mq_cpumap import format_cpulist
 from mqrt.block.blk_stat import choose_unit, format_percentiles_text
 
 
@@ -156,12 +157,32 @@ def render_report(report: dict[str, Any], out) -> None:
         render_table(m, out)
     if "reference" in m:
         render_reference(m, out)
+    if "error" in m:
+        print(f"mqrt: {partial_line(m['error']['partial'], sweep)}", file=out)
     if m["interrupted"]:
         print(
             f"mqrt: interrupted: {sweep['points_done']} of {sweep['points']} points complete; "
             "the figures cover what ran",
             file=out,
         )
+
+
+def partial_line(partial: dict[str, Any], sweep: dict[str, Any]) -> str:
+    """Which figures a failed run's report has: the failed point's CPUs that
+    reported, the device's counters, the points that did not run."""
+    point = " ".join(f"{k}={v}" for k, v in partial["point"].items())
+    missing = partial["cpus_missing"]
+    line = (
+        f"partial figures: {'point ' + point if point else 'the run'} covers "
+        f"CPUs {format_cpulist(partial['cpus_reported']) or 'none'}"
+        + (f" (not CPUs {format_cpulist(missing)})" if missing else "")
+    )
+    if partial["device_counters"] != "complete":
+        line += f"; the device's counters are {partial['device_counters']}"
+    later = sweep["points"] - sweep["points_done"] - 1
+    if later > 0:
+        line += f"; {later} later point{'s' if later > 1 else ''} did not run"
+    return line
 
 
 def render_table(m: dict[str, Any], out) -> None:
@@ -261,8 +282,9 @@ class Progress:
 
     SHOW_AFTER_S = 2.0
 
-    def __init__(self, enabled: bool, total_runs: int, run_s: float):
+    def __init__(self, enabled: bool, total_runs: int, run_s: float, verbose: bool = False):
         self.enabled = enabled and sys.stderr.isatty()
+        self.verbose = verbose
         self.total = total_runs
         self.run_s = run_s  #: expected seconds per run (runtime + ramp + set-up)
         self.t0 = time.monotonic()
@@ -270,6 +292,15 @@ class Progress:
         self.label = ""
         self.last: tuple[float, int] | None = None
         self.shown = False
+
+    def event(self, line: str) -> None:
+        """A line of the run's life (``-v``): printed above the status line."""
+        if not self.verbose:
+            return
+        if self.shown:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+        sys.stderr.write(f"mqrt: {line}\n")
+        sys.stderr.flush()
 
     def start_run(self, label: str) -> None:
         self.label = label

@@ -298,6 +298,8 @@ class _Guardian:
             os.write(self._w, b"x")
         os.close(self._w)
         self._w = -1
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # a stopped guardian would never read it
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 

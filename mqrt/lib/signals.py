@@ -164,10 +164,42 @@ def wakeup() -> Iterator[int]:
 
 @contextlib.contextmanager
 def forking() -> Iterator[None]:
-    """Forks in the block: a signal raised in Python's at-fork hooks would be lost
-    (printed as "Exception ignored"), so the first is only recorded in the block and
-    raised as :class:`Stop` at its end (unless an outer block defers it)."""
-    with deferred():
-        yield
+    """Forks in the block.  The stop signals are blocked (the signal mask) across it,
+    and each child forked in it starts with a child's dispositions (Ctrl-C and
+    SIGHUP ignored, SIGTERM's default: :func:`_child_after_fork`) before it takes
+    them: a child never runs the owner's handler, whatever the owner recorded.  The
+    first signal is recorded, delivered when the block ends, and raised there as
+    :class:`Stop` (unless an outer block defers it)."""
+    blocked = threading.current_thread() is threading.main_thread()
+    if blocked:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        with deferred():
+            yield
+            if blocked:  # the signals that came in the block are handled here
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                blocked = False
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if _received and not (_deferred or _shielded or _aborted):
         raise Stop(_received[0])
+
+
+def _child_after_fork() -> None:
+    """In a child forked while the owner handles the stop signals: a child's
+    dispositions (mqrt.lib.proc.child_init sets the same), nothing recorded, and
+    the stop signals unblocked (a SIGTERM already pending now ends it)."""
+    global _deferred, _shielded, _wake_w
+    if signal.getsignal(signal.SIGTERM) is not _handler:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    reset()
+    _deferred = _shielded = 0
+    _wake_w = -1
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+os.register_at_fork(after_in_child=_child_after_fork)

@@ -17,6 +17,7 @@ import threading
 import timeit
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Any
 
 from mqrt.lib import signals
@@ -93,10 +94,16 @@ def parties(*jobs: tuple[Callable[..., float], tuple, int | None]) -> list[float
         for _, w in pipes:
             w.close()
         out = []
-        for (r, _), p in zip(pipes, procs, strict=True):
-            if not r.poll(CHILD_TIMEOUT_S):
-                raise RuntimeError(f"microbench child {p.pid} hung or died (exit {p.exitcode})")
-            out.append(r.recv())
+        # a stop signal is only recorded while the parties run (never raised in the
+        # middle of a finalizer), and ends the wait here
+        with signals.deferred(), signals.wakeup() as stop:
+            for (r, _), p in zip(pipes, procs, strict=True):
+                ready = wait([r, stop], CHILD_TIMEOUT_S)
+                if stop in ready or signals.received():
+                    raise signals.Stop(signals.received()[0])
+                if not ready:
+                    raise RuntimeError(f"microbench child {p.pid} hung or died (exit {p.exitcode})")
+                out.append(r.recv())
         return out
     except BaseException:
         failed = True  # (Ctrl-C included) what they measure is lost: no waiting for them

@@ -52,6 +52,13 @@ def recv(conn) -> wire.Report | None:
         return None
 
 
+def kill(p) -> None:
+    """SIGKILL a child the runtime gave up on (a stopped one too), and wait for it."""
+    with contextlib.suppress(ProcessLookupError, TypeError):
+        os.kill(p.pid, signal.SIGKILL)
+    p.join(JOIN_TIMEOUT_S)
+
+
 def reap(procs: list, join_s: float = JOIN_TIMEOUT_S) -> None:
     """Join with a deadline (``join_s``; 0 when the run is aborted), then SIGTERM,
     then SIGKILL; every child is waited for."""

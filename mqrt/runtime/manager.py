@@ -5,7 +5,6 @@ over.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import signal
@@ -18,8 +17,17 @@ from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
 from mqrt.lib import signals, wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
-from mqrt.runtime.children import JOIN_TIMEOUT_S, exit_name, ready_timeout_s, reap, recv, send
+from mqrt.runtime.children import (
+    JOIN_TIMEOUT_S,
+    exit_name,
+    kill,
+    ready_timeout_s,
+    reap,
+    recv,
+    send,
+)
 from mqrt.runtime.spec import RunError, RunResult
+from mqrt.runtime.watchdog import Stall, Watchdog
 
 if TYPE_CHECKING:
     from mqrt.runtime.owner import _Run
@@ -46,6 +54,7 @@ class Manager:
             advance          all ready -> start at t0 (RUNNING); all drained -> enter_exit
             past_deadline    a phase over its deadline: stuck CPUs -> enter_exit; in EXIT: give up
             check_detectors  a finding -> enter_exit
+            check_watchdog   a CPU or the device stopped, spinning or blocked -> killed, enter_exit
             report_progress
             wait_for_events  the one wait point
               on_message     ready, drained, result, error from a CPU
@@ -84,10 +93,12 @@ class Manager:
         self.timeout_s = max(q.tag_set.timeout_ns for q in run.queues) / 1e9
         self.next_progress = 0.0
         self.interrupted = False
+        self.said_deadline = False
         self.finding: dict[str, Any] | None = None
         self.by_conn = {c: i for i, c in enumerate(run.res_r)}
         self.by_sentinel = {run.procs[i].sentinel: i for i in range(self.n)}
         self.wake_fd = -1  #: readable on a stop signal (mqrt.lib.signals.wakeup)
+        self.watchdog = self._watchdog()
         self.monitor = None
         if self.spec.detect:
             from mqrt.runtime.detectors import Monitor
@@ -104,7 +115,7 @@ class Manager:
 
     def _run(self) -> RunResult:
         try:
-            while alive := self.alive():
+            while self.alive():
                 now = time.monotonic()
                 self.check_signals()
                 self.advance()
@@ -112,9 +123,17 @@ class Manager:
                     break
                 if self.check_detectors():
                     continue
+                self.check_watchdog()
                 self.stop_spinners()
                 self.report_progress(now)
-                for obj in self.wait_for_events(alive):
+                if (
+                    self.phase is Phase.RUNNING
+                    and not self.said_deadline
+                    and now >= self.end_ns / 1e9
+                ):
+                    self.said_deadline = True
+                    self.say("the deadline passed: the CPUs drain their I/Os")
+                for obj in self.wait_for_events(self.alive()):
                     self.on_event(obj)
         finally:
             if self.monitor is not None:
@@ -152,6 +171,12 @@ class Manager:
         self.end_ns = self.t0_ns + int((job.ramp_time + job.runtime) * 1e9)
         self.deadline = self.end_ns / 1e9 + self.timeout_s + DRAIN_GRACE_S
         self.phase = Phase.RUNNING
+        self.say(f"every CPU ready after {self.setup_s:.2f} s: running")
+
+    def say(self, line: str) -> None:
+        """One line of the run's life, for whoever asked (RunSpec.on_event)."""
+        if self.spec.on_event is not None:
+            self.spec.on_event(line)
 
     def past_deadline(self, now: float) -> bool:
         """A phase past its deadline: the CPUs not done are stuck, stop everything;
@@ -185,6 +210,69 @@ class Manager:
             self.retries_seen = self.monitor.retries()
         return True
 
+    def _watchdog(self) -> Watchdog:
+        from mqrt.workers.cpu import PHASE_NAMES
+
+        r = self.r
+        a = r.arena.atomic
+        offs = [r.stats_region.offsets(i) for i in range(self.n)]
+
+        def heartbeat(i: int) -> tuple[int, str]:
+            o = offs[i]
+            phase = a.read(o.phase)
+            return a.read(o.heartbeat_ns), PHASE_NAMES[phase] if phase < len(PHASE_NAMES) else "?"
+
+        def device_heartbeat() -> tuple[int, str]:
+            return r.ops.device_counters(r.arena).get("heartbeat_ns", 0), "serving its queues"
+
+        return Watchdog(
+            [p.pid for p in r.procs[: self.n]],
+            heartbeat,
+            r.device.pid if r.device is not None else None,
+            device_heartbeat if r.device is not None else None,
+        )
+
+    def check_watchdog(self) -> None:
+        """A CPU or the device that stopped making progress (stopped, spinning,
+        blocked: :mod:`mqrt.runtime.watchdog`) cannot drain or answer: end it, and
+        the run with it; the others report what they measured."""
+        device = self.r.device is not None and self.device_dead is None
+        for stall in self.watchdog.check(self.alive(), device):
+            self.say(f"{stall.who} (pid {stall.pid}) hung: {stall.describe()}")
+            if stall.role == "device":
+                self.on_device_hung(stall)
+            else:
+                self.on_hung(stall)
+
+    def on_hung(self, stall: Stall) -> None:
+        r = self.r
+        i = stall.cpu
+        assert i is not None
+        p = r.procs[i]
+        kill(p)
+        self.dead[i] = {
+            "role": "cpu",
+            "cpu": i,
+            "pid": p.pid,
+            "error": "",
+            **_hung(stall),
+            "partial": _cpu_counters(r.arena, r.stats_region, i),
+        }
+        self.enter_exit()
+
+    def on_device_hung(self, stall: Stall) -> None:
+        r = self.r
+        assert r.dev is not None
+        kill(r.dev.process)
+        self.device_dead = r._device_died(r.dev) | _hung(stall)
+        self.enter_exit()
+
+    def device_stalled(self) -> dict[str, Any] | None:
+        """While the device is told to exit: how it hung, if it did."""
+        for stall in self.watchdog.check([], True):
+            return _hung(stall)
+        return None
+
     def stop_spinners(self) -> None:
         """After a livelock: a CPU that has not exited and went round a retry loop
         since the last look joined the spinning ones (freeing a tag while others
@@ -201,9 +289,7 @@ class Manager:
         """CPU ``i`` spins in a loop that never reaches its control pipe: kill it
         (the others exit on the message and report); it reports nothing."""
         p = self.r.procs[i]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGKILL)
-        p.join(JOIN_TIMEOUT_S)
+        kill(p)
         r = self.r
         self.stopped[i] = {
             "role": "cpu",
@@ -233,7 +319,7 @@ class Manager:
             waitables.append(r.device.sentinel)
         if not self.interrupted:
             waitables.append(self.wake_fd)  # a stop signal
-        return wait(waitables, timeout=0.1 if self.monitor is not None else 0.25)
+        return wait(waitables, timeout=0.1)
 
     def on_event(self, obj: Any) -> None:
         r = self.r
@@ -266,8 +352,8 @@ class Manager:
     def on_death(self, i: int) -> None:
         """CPU ``i``'s process ended: a result may still be in its pipe (it exited
         after sending it); otherwise it died, and the run stops."""
-        if i in self.results:
-            return
+        if i in self.results or i in self.dead or i in self.stopped:
+            return  # reported, or ended by the runtime itself
         r = self.r
         p, res = r.procs[i], r.res_r[i]
         p.join(0.1)
@@ -308,6 +394,9 @@ class Manager:
         if self.phase is Phase.SETUP:
             raise signals.Stop(signum)
         self.interrupted = True
+        self.say(
+            f"{signal.Signals(signum).name}: stopping, the CPUs drain their I/Os (1 s at most)"
+        )
         if self.phase is Phase.RUNNING:
             self._send_all(wire.Stop())
 
@@ -317,6 +406,7 @@ class Manager:
             return
         self._send_all(wire.Exit())
         self.phase = Phase.EXIT
+        self.say("the CPUs are told to exit")
         self.deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
 
     def _send_all(self, msg: wire.Command) -> None:
@@ -339,7 +429,7 @@ class Manager:
         dumped = self._dump_trace() if failed else None
         wall = time.monotonic() - r.t_begin
         if r.dev is not None and self.device_dead is None:
-            self.device_dead = r._stop_device(r.dev)
+            self.device_dead = r._stop_device(r.dev, self.device_stalled)
         dead_list = [self.dead[i] for i in sorted(self.dead)]
         if self.device_dead is not None:
             dead_list.append(self.device_dead)
@@ -376,8 +466,8 @@ class Manager:
         )
         if dead_list or self.errors:
             parts = [
-                f"{d['role'] if d['role'] == 'device' else 'cpu' + str(d['cpu'])} "
-                f"(pid {d['pid']}) died: {d['how']}"
+                f"{d['role'] if d['role'] == 'device' else 'cpu' + str(d['cpu'])} (pid {d['pid']}) "
+                + (f"hung: {d['hung']['detail']}: killed" if "hung" in d else f"died: {d['how']}")
                 + (f"\n{d['error'].rstrip()}" if d["error"] else "")
                 for d in dead_list
             ]
@@ -406,6 +496,9 @@ class Manager:
     def _invariants(self) -> dict[str, Any]:
         """The arena's invariants, with what the CPUs saw themselves."""
         reports = self.results.values()
+        abandoned = sum(j["inflight"] for c in reports for j in c["jobs"])
+        if abandoned and self.interrupted:
+            return {"skipped": f"{abandoned} I/Os still in flight when the stop gave up on them"}
         invariants = check_invariants(self.r.arena, self.r.queues)
         invariants["violations"] = (
             sum(c["blk_mq"]["violations"] for c in reports)
@@ -417,6 +510,14 @@ class Manager:
         ]
         invariants["stale_completions"] = sum(c["blk_mq"]["stale_completions"] for c in reports)
         return invariants
+
+
+def _hung(stall: Stall) -> dict[str, Any]:
+    """What a dead-process entry says of a process the watchdog found hung."""
+    return {
+        "how": f"hung ({stall.verdict})",
+        "hung": stall.to_dict() | {"detail": stall.describe()},
+    }
 
 
 def _cpu_counters(arena: Arena, region, i: int) -> dict[str, int]:

@@ -34,6 +34,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -46,7 +47,15 @@ from mqrt.lib import inject, signals, wire
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
 from mqrt.lib.wait import Waiters
-from mqrt.runtime.children import JOIN_TIMEOUT_S, READY_TIMEOUT_S, exit_name, reap, recv, send
+from mqrt.runtime.children import (
+    JOIN_TIMEOUT_S,
+    READY_TIMEOUT_S,
+    exit_name,
+    kill,
+    reap,
+    recv,
+    send,
+)
 from mqrt.runtime.manager import Manager
 from mqrt.runtime.spec import RunError, RunResult, RunSpec
 
@@ -103,6 +112,8 @@ class _Run:
         # first; a second one, or one before the CPUs run, unwinds through here)
         with signals.handled(), Arena.create(layout, guard=True) as arena:
             self.arena = arena
+            if spec.on_event is not None:
+                spec.on_event(f"run {arena.name}: owner pid {os.getpid()}, {self.n} CPUs")
             stopping = False
             try:
                 self._init_arena()
@@ -243,14 +254,20 @@ class _Run:
         return {"role": "device", "pid": p.pid, "how": exit_name(p.exitcode), "error": error,
                 "partial": counters}  # fmt: skip
 
-    def _stop_device(self, dev: DeviceProcess) -> dict[str, Any] | None:
-        """Disable the controller, tell the device to exit, collect its counters."""
+    def _stop_device(
+        self, dev: DeviceProcess, stalled: Callable[[], dict[str, Any] | None] = lambda: None
+    ) -> dict[str, Any] | None:
+        """Disable the controller, tell the device to exit, collect its counters;
+        ``stalled()`` says, while it is waited for, that it hung (then it is killed)."""
         with contextlib.suppress(Exception):
             self.ops.shutdown(self.arena)
         send(dev.ctl, wire.Exit())
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while time.monotonic() < deadline:
-            if not wait([dev.res, dev.process.sentinel], timeout=0.25):
+            if not wait([dev.res, dev.process.sentinel], timeout=0.1):
+                if (hung := stalled()) is not None:
+                    kill(dev.process)
+                    return self._device_died(dev) | hung
                 continue
             msg = recv(dev.res) if dev.res.poll() else None
             if isinstance(msg, wire.DeviceResult):

@@ -59,6 +59,9 @@ class RunSpec:
     trace_dump: str | None = None
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
+    #: Called with one line at each step of the run's life (set-up, start, deadline,
+    #: stop, exit): what ``mqrt bench -v`` prints.
+    on_event: Callable[[str], None] | None = None
 
 
 @dataclass
