@@ -167,3 +167,4 @@ def test_ctrl_c_during_the_reference_keeps_the_report():
     report = json.loads(out)
     assert report["jobs"][0]["read"]["total_ios"] > 0
     assert "sq_cq_loop_iops" not in report["mqrt"].get("reference", {})
+    assert report["mqrt"]["interrupted"]  # the reference was cut short

@@ -636,7 +636,7 @@ def _report(
         except signals.Abort:
             raise
         except KeyboardInterrupt:  # optional: the run's figures are printed without it
-            interrupted = True
+            interrupted = report["mqrt"]["interrupted"] = True
     with signals.deferred():  # the first signal while printing is honoured after it
         _print_report(report, args, is_default, out)
     interrupted = interrupted or bool(signals.received())
