@@ -126,13 +126,6 @@ class Manager:
                 self.check_watchdog()
                 self.stop_spinners()
                 self.report_progress(now)
-                if (
-                    self.phase is Phase.RUNNING
-                    and not self.said_deadline
-                    and now >= self.end_ns / 1e9
-                ):
-                    self.said_deadline = True
-                    self.say("the deadline passed: the CPUs drain their I/Os")
                 for obj in self.wait_for_events(self.alive()):
                     self.on_event(obj)
         finally:
@@ -303,6 +296,9 @@ class Manager:
         )
 
     def report_progress(self, now: float) -> None:
+        if self.phase is Phase.RUNNING and not self.said_deadline and now >= self.end_ns / 1e9:
+            self.said_deadline = True
+            self.say("the deadline passed: the CPUs drain their I/Os")
         progress = self.spec.progress
         if progress is None or self.phase is not Phase.RUNNING or now < self.next_progress:
             return

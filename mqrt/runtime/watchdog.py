@@ -101,6 +101,25 @@ class Stall:
 
 
 @dataclass
+class _Streak:
+    """Consecutive looks that found the same thing."""
+
+    since: float = 0.0
+    looks: int = 0
+
+    def extend(self, holds: bool, now: float) -> None:
+        if not holds:
+            self.looks = 0
+        elif self.looks == 0:
+            self.since, self.looks = now, 1
+        else:
+            self.looks += 1
+
+    def lasted(self, seconds: float, now: float) -> bool:
+        return self.looks >= MIN_LOOKS and now - self.since >= seconds
+
+
+@dataclass
 class _Watched:
     """One child, as the watchdog saw it."""
 
@@ -110,16 +129,15 @@ class _Watched:
     proc: psutil.Process
     heartbeat: int = 0
     moved_at: float = field(default_factory=time.monotonic)
-    # the suspicion, from the first look that found the heartbeat stale
-    looks: int = 0
-    since: float = 0.0
-    cpu0: float = 0.0
-    switches0: int = 0
-    all_stopped: bool = True
-    all_asleep: bool = True
+    suspect: bool = False  #: looked at since the heartbeat went stale
+    cpu0: float = 0.0  #: its main thread's CPU time when it went stale
+    switches0: int = 0  #: its voluntary context switches when the asleep streak began
+    stopped: _Streak = field(default_factory=_Streak)
+    asleep: _Streak = field(default_factory=_Streak)
 
     def reset(self, heartbeat: int, now: float) -> None:
-        self.heartbeat, self.moved_at, self.looks = heartbeat, now, 0
+        self.heartbeat, self.moved_at, self.suspect = heartbeat, now, False
+        self.stopped.looks = self.asleep.looks = 0
 
 
 class Watchdog:
@@ -174,25 +192,25 @@ class Watchdog:
         try:
             with w.proc.oneshot():
                 state = w.proc.status()
-                cpu_s = _main_thread_cpu_s(w.proc)
-            switches = _voluntary_switches(w.pid)
+                # CPU time and context switches only matter once it has published
+                cpu_s = _main_thread_cpu_s(w.proc) if beat else 0.0
+            switches = _voluntary_switches(w.pid) if beat else 0
         except psutil.Error:
             return None  # it is gone: its sentinel says so
-        if w.looks == 0:
-            w.since, w.cpu0, w.switches0 = now, cpu_s, switches
-            w.all_stopped = w.all_asleep = True
-        w.looks += 1
-        w.all_stopped &= state == _STOPPED
-        w.all_asleep &= state in _ASLEEP and switches == w.switches0
-        if w.looks < MIN_LOOKS:
-            return None
-        watched_s = now - w.since
+        if not w.suspect:
+            w.suspect, w.cpu0 = True, cpu_s
+        w.stopped.extend(state == _STOPPED, now)
+        if state in _ASLEEP and w.asleep.looks and switches != w.switches0:
+            w.asleep.looks = 0  # it woke and slept again: a new streak
+        if state in _ASLEEP and not w.asleep.looks:
+            w.switches0 = switches
+        w.asleep.extend(state in _ASLEEP, now)
         spent = cpu_s - w.cpu0
-        if w.all_stopped and watched_s >= STOPPED_S:
+        if w.stopped.lasted(STOPPED_S, now):
             verdict = "stopped"
         elif beat and spent >= SPIN_CPU_S:
             verdict = "spinning"
-        elif beat and w.all_asleep and watched_s >= BLOCKED_S:
+        elif beat and w.asleep.lasted(BLOCKED_S, now):
             verdict = "blocked"
         else:  # running: spinning (its CPU time will tell) or kept off the core
             return None
