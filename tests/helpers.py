@@ -15,6 +15,12 @@ ctx = mp.get_context("fork")
 DEADLOCK_TIMEOUT = 60.0
 
 
+def stderr_lines(text: str) -> list[str]:
+    """mqrt's stderr lines, without the notice a start prints when it reclaims another
+    run's leftover segments (another test's, running next to this one)."""
+    return [ln for ln in text.strip().splitlines() if "mqrt: reclaimed" not in ln]
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
     """Poll ``predicate`` with backoff until it is true or ``timeout`` passes."""
     deadline = time.monotonic() + timeout

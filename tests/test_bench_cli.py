@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from tests.helpers import wait_for_work
+from tests.helpers import stderr_lines, wait_for_work
 from tests.test_cli import mqrt
 
 pytestmark = pytest.mark.timing
@@ -151,7 +151,7 @@ def test_bad_options_are_one_line_errors(args, message):
     out = mqrt("bench", "--runtime", "0.1", *args)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr and len(stderr_lines(out.stderr)) == 1
 
 
 def test_ctrl_c_stops_cleanly_with_what_was_measured():

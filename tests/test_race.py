@@ -10,6 +10,7 @@ import pytest
 
 from mqrt.race.catalogue import CATALOGUE
 from mqrt.race.main import run_bug
+from tests.helpers import stderr_lines
 from tests.test_cli import mqrt
 
 pytestmark = pytest.mark.timing
@@ -85,7 +86,7 @@ def test_race_run_seeds_reports_how_hard_each_bug_was(tmp_path):
 def test_race_usage_errors_are_one_line(args, message):
     out = mqrt(*args)
     assert out.returncode == 2 and message in out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr and len(stderr_lines(out.stderr)) == 1
 
 
 def test_a_reproduced_bug_leaves_a_trace_that_race_show_prints(tmp_path):
