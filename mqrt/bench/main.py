@@ -590,7 +590,9 @@ def _failure(exc: Exception, params: dict[str, Any], nr_cpus: int) -> dict[str, 
     why, and which figures are partial (the point it ended, the CPUs whose figures
     it has, the device's counters as last published)."""
     result = getattr(exc, "partial", None)
-    dead = result.dead[0] if result is not None and result.dead else {}
+    dead = (
+        result.dead[0] if result is not None and result.dead else getattr(exc, "dead", None) or {}
+    )
     reported = sorted(c["cpu"] for c in result.cpus) if result is not None else []
     hung = dead.get("hung", {})
     return {

@@ -44,6 +44,7 @@ from mqrt.block.blk_mq_setup import init_shared, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
 from mqrt.lib import inject, signals, wire
+from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
 from mqrt.lib.wait import Waiters
@@ -58,6 +59,7 @@ from mqrt.runtime.children import (
 )
 from mqrt.runtime.manager import Manager
 from mqrt.runtime.spec import RunError, RunResult, RunSpec
+from mqrt.runtime.watchdog import Watchdog
 
 _fork = mp.get_context("fork")
 
@@ -174,16 +176,60 @@ class _Run:
         self.procs.append(p)
         self.conns += [ctl, res]
         self.dev = dev
-        if not wait([res, p.sentinel], timeout=READY_TIMEOUT_S) or not res.poll():
-            raise RunError(f"device (pid {p.pid}) did not start: {exit_name(p.exitcode)}")
-        msg = recv(res)
+        hung = self._device_watch(p)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not wait([res, p.sentinel], timeout=0.1) and time.monotonic() < deadline:
+            hung()
+        msg = recv(res) if res.poll() else None
+        if msg is None:  # it died (its pipe closed), or never said ready
+            p.join(1.0)
+            how = exit_name(p.exitcode)
+            what = f"died: {how}" if p.exitcode is not None else "did not start: still running"
+            raise RunError(
+                f"device (pid {p.pid}) {what} (before it was ready)",
+                dead={"role": "device", "pid": p.pid, "how": how},
+            )
         if not isinstance(msg, wire.Ready):
             error = msg.error if isinstance(msg, wire.Error) else None
             raise RunError(f"device (pid {p.pid}) failed to start: {error}")
+        previous, wait_mod.long_spin_hook = wait_mod.long_spin_hook, hung
         try:
             self.device_info = self.ops.probe(self.arena)
+        except RunError:
+            raise  # the device hung while probed (the watch above)
         except RuntimeError as exc:
             raise RunError(f"{exc} (device pid {p.pid}: {exit_name(p.exitcode)})") from None
+        finally:
+            wait_mod.long_spin_hook = previous
+
+    def _device_watch(self, p: BaseProcess) -> Callable[[], None]:
+        """While the owner waits for the device (its start, the driver's probe): a
+        check that raises RunError naming a device that died, or that was found
+        stopped, spinning or blocked (:mod:`mqrt.runtime.watchdog`: then it is
+        killed)."""
+        assert p.pid is not None
+
+        def heartbeat() -> tuple[int, str]:
+            return self.ops.device_counters(self.arena).get("heartbeat_ns", 0), "starting"
+
+        dog = Watchdog([], lambda i: (0, ""), p.pid, heartbeat)
+
+        def check() -> None:
+            if p.exitcode is not None or (dog.due() and not p.is_alive()):
+                how = exit_name(p.exitcode)
+                raise RunError(
+                    f"device (pid {p.pid}) died: {how} (while it was being set up)",
+                    dead={"role": "device", "pid": p.pid, "how": how},
+                )
+            for stall in dog.check([], True):
+                kill(p)
+                raise RunError(
+                    f"device (pid {stall.pid}) hung: {stall.describe()}: killed",
+                    dead={"role": "device", "pid": stall.pid, "how": f"hung ({stall.verdict})",
+                          "hung": stall.to_dict()},
+                )  # fmt: skip
+
+        return check
 
     def _start_cpus(self) -> None:
         from mqrt.lib.sbitmap import SbitmapQueue

@@ -21,9 +21,14 @@ from mqrt.lib.shm import Layout
 class RunError(RuntimeError):
     """The run could not complete (a CPU died or hung); carries what was measured."""
 
-    def __init__(self, message: str, partial: RunResult | None = None):
+    def __init__(
+        self, message: str, partial: RunResult | None = None, dead: dict[str, Any] | None = None
+    ):
         super().__init__(message)
         self.partial = partial
+        #: the process that ended the run, when there is no partial result to say so
+        #: (as RunResult.dead's entries: role, pid, how)
+        self.dead = dead
 
 
 @dataclass

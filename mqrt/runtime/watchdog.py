@@ -165,6 +165,10 @@ class Watchdog:
         )
         self._next_look = 0.0
 
+    def due(self) -> bool:
+        """Whether the next :meth:`check` will look (it looks at most every LOOK_S)."""
+        return time.monotonic() >= self._next_look
+
     def check(self, cpus: list[int], device: bool) -> list[Stall]:
         """Look at CPUs ``cpus`` (and the device, if ``device``); the stalls found."""
         now = time.monotonic()
