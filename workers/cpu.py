@@ -234,7 +234,12 @@ class Cpu:
             self.in_task = True
 
     def _check_exit(self) -> None:
-        """Called while spinning long on a lock: give up if the run is ending."""
+        """Called while spinning long on a lock: give up if the run is ending.  The
+        heartbeat moves: a CPU waiting for a lock is waiting, like one asleep; if the
+        holder hangs, the watchdog finds the holder (stopped, blocked, spinning
+        elsewhere), and a host that keeps the holder off its core is not a hang."""
+        if self.clock() >= self._next_pub:
+            self._publish(self._phase)
         if self.ctl.poll():
             self._handle_ctl()
         if self.exiting:

@@ -277,6 +277,9 @@ def proc_start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _Guardian:
     """The owner's end of a segment's guardian (see the module docstring): the
     guardian's pid and the pipe on which the owner says "unlinked, exit"."""
@@ -284,11 +287,17 @@ class _Guardian:
     def __init__(self, name: str):
         owner = os.getpid()
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the guardian: it never returns)
-            _guard(name, owner, r)
-        os.close(r)
-        self.pid, self._w = pid, w
+        # Stop signals wait until the guardian is known: one delivered in the fork's
+        # at-fork hooks (logging's among them) would be lost as "Exception ignored".
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the guardian: it never returns)
+                _guard(name, owner, r)
+            os.close(r)
+            self.pid, self._w = pid, w
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def release(self) -> None:
         """Tell the guardian the segment is unlinked, and reap it.  Idempotent."""
@@ -315,6 +324,7 @@ def _guard(name: str, owner: int, r: int) -> None:
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked across the fork
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)

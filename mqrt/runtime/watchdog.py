@@ -15,9 +15,12 @@ suspicion.  Verdicts, each needing :data:`MIN_LOOKS` looks:
     looked at on purpose and is left alone.
 ``spinning``
     its main thread used :data:`SPIN_CPU_S` of CPU time with the heartbeat still:
-    a loop that never reaches the wait point (a lock whose holder is gone, a retry
-    that cannot succeed).  CPU time, not wall time: a process the host keeps off its
-    core takes longer to convict but is convicted the same.
+    a loop that never reaches the wait point (a retry that cannot succeed).  CPU
+    time, not wall time: a process the host keeps off its core takes longer to
+    convict but is convicted the same.  A CPU spinning on a taken bit spinlock beats
+    (:data:`mqrt.lib.wait.long_spin_hook`): it waits like a sleeper, and a lock
+    holder the host preempts is not a hang; a holder that hangs is found itself
+    (stopped, blocked, spinning elsewhere), one that died by its sentinel.
 ``blocked``
     asleep at every look for :data:`BLOCKED_S` with no voluntary context switch of
     its main thread: its wait point would have woken it (a CPU's at most every
