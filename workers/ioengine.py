@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
-from mqrt.block.blk_stat import LatHist, parse_percentile_list
+from mqrt.block.blk_stat import LatHist, batch_bucket, parse_percentile_list
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
 
 RW_MODES = {
@@ -203,7 +203,12 @@ class IoJob:
         #: I/Os this job does in all when not time_based (0: no limit)
         self.limit = 0 if spec.time_based else spec.size // spec.bs
         self.record_from_ns = 0
+        #: I/Os submitted per in-flight depth after their submission (fio's io_u_map),
+        #: submissions and reaps per batch size bucket (io_u_submit, io_u_complete)
         self.depth_counts = [0] * 65
+        self.submit_counts = [0] * 7
+        self.complete_counts = [0] * 7
+        self._inflight_after = 0  #: in flight after the last submission
         self._done: list[tuple] = []  #: one row per request: its first bio
         self._done_ns: list[int] = []
         self._bios: list[tuple] = []  #: the bios merged into them, one row each
@@ -233,11 +238,21 @@ class IoJob:
         """(op, sector, nr_sectors) of the next I/O; counts it in flight."""
         if not self._offsets:
             self._refill()
-        depth = self.inflight
-        self.depth_counts[depth if depth < 64 else 64] += 1
-        self.inflight = depth + 1
+        self.inflight += 1
         self.submitted += 1
         return self._ops.pop(), self._offsets.pop(), self.bs_sectors
+
+    def mark_submit(self, n: int) -> None:
+        """A batch of ``n`` I/Os was submitted: count them at the depth they made (as
+        fio counts at its commit), the batch, and the completions reaped since the
+        previous batch."""
+        depth = self.inflight
+        self.depth_counts[depth if depth < 64 else 64] += n
+        self.submit_counts[batch_bucket(n)] += 1
+        reaped = self._inflight_after - (depth - n)
+        if reaped > 0:
+            self.complete_counts[batch_bucket(reaped)] += 1
+        self._inflight_after = depth
 
     # -- completion ----------------------------------------------------------------------------
 
@@ -315,6 +330,8 @@ class IoJob:
             "submitted": self.submitted,
             "inflight": self.inflight,
             "depth_counts": self.depth_counts,
+            "submit_counts": self.submit_counts,
+            "complete_counts": self.complete_counts,
             "read": self.dirs[0].to_wire(),
             "write": self.dirs[1].to_wire(),
         }

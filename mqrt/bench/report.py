@@ -17,6 +17,7 @@ from mqrt.bench.sweep import Point, format_params, median_index
 from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     LatHist,
+    batch_dist,
     dir_stats_json,
     iodepth_level,
     parse_percentile_list,
@@ -55,11 +56,18 @@ def _merge_jobs(result, q: int) -> dict[str, Any]:
             }
         )
     depth: dict[int, int] = {}
+    submit = [0] * 7
+    complete = [0] * 7
     for cpu in result.cpus:
-        for d, c in enumerate(cpu["jobs"][q]["depth_counts"]):
+        job = cpu["jobs"][q]
+        for d, c in enumerate(job["depth_counts"]):
             if c:
                 depth[d] = depth.get(d, 0) + c
-    return {"dirs": dirs, "depth": depth}
+        for i, c in enumerate(job.get("submit_counts", ())):
+            submit[i] += c
+        for i, c in enumerate(job.get("complete_counts", ())):
+            complete[i] += c
+    return {"dirs": dirs, "depth": depth, "submit": submit, "complete": complete}
 
 
 def _cpu_totals(result) -> dict[str, float]:
@@ -166,9 +174,17 @@ def run_jobs(
                 "majf": 0,
                 "minf": 0,
                 "iodepth_level": iodepth_level(merged["depth"]),
+                "iodepth_submit": batch_dist(merged["submit"]),
+                "iodepth_complete": batch_dist(merged["complete"]),
                 "latency_ns": lat_ns,
                 "latency_us": lat_us,
                 "latency_ms": lat_ms,
+                # fio's latency_target mode (latency_target, _window, _percentile) is
+                # not there: its defaults, and the depth it would probe up to
+                "latency_depth": job.iodepth,
+                "latency_target": 0,
+                "latency_percentile": 100.0,
+                "latency_window": 0,
             }
         )
         jobs.append(entry)

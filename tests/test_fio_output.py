@@ -1,0 +1,104 @@
+"""What mqrt writes, read against the real fio 3.33: its text summary formatted as
+fio formats the same figures, its JSON with every key fio writes, json+ bins that
+fio's own ``fio_jsonplus_clat2csv`` turns into a CSV, and the latency, bandwidth and
+IOPS logs fio's log readers take."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqrt.bench.text import _lat_buckets, lat_line, num2str
+from mqrt.block.blk_stat import format_percentiles_text
+
+FIO = shutil.which("fio")
+pytestmark = pytest.mark.skipif(FIO is None, reason="fio is not installed")
+
+
+def split_output(text: str) -> tuple[dict[str, Any], str]:
+    """fio's ``--output-format=normal,json``: the JSON object, and the rest."""
+    start = text.index("\n{\n") + 1 if not text.startswith("{") else 0
+    obj, end = json.JSONDecoder().raw_decode(text[start:])
+    return obj, text[:start] + text[start + end :]
+
+
+def run_fio(tmp: Path, *opts: str, fmt: str = "normal,json") -> tuple[dict[str, Any], str]:
+    cmd = [FIO or "fio", "--name=x", "--ioengine=null", "--size=64M", "--rw=randread"]
+    cmd += [*opts, f"--output-format={fmt}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=60, check=True)
+    return split_output(proc.stdout)
+
+
+def run_mqrt(tmp: Path, *opts: str, fmt: str = "json") -> str:
+    cmd = [sys.executable, "-m", "mqrt", "bench", "--cpus", "1", "--runtime", "0.3", "-q"]
+    cmd += ["--irqmode", "none", *opts, "--output-format", fmt]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# -- 1. the text summary ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plist", ["", "1:50:99", "50:99.9:99.999:99.9999"])
+def test_text_formats_figures_as_fio_does(tmp_path, plist):
+    """fio's own figures (its JSON) formatted by mqrt are fio's own text: the
+    slat/clat/lat lines, the percentile tables and the latency buckets."""
+    opts = ["--runtime=1", "--time_based", "--lat_percentiles=1", "--number_ios=200000"]
+    opts += [f"--percentile_list={plist}"] if plist else []
+    obj, text = run_fio(tmp_path, *opts)
+    job = obj["jobs"][0]
+    d = job["read"]
+    lines = text.splitlines()
+    for name in ("clat", " lat"):
+        want = lat_line(name, d[f"{name.strip()}_ns"])
+        assert want in lines, (want, text)
+    from mqrt.block.blk_stat import percentile_precision
+
+    precision = percentile_precision(plist)
+    for name in ("clat", "lat"):
+        block = format_percentiles_text(d[f"{name}_ns"]["percentile"], name, precision)
+        assert block in text, (block, text)
+    for line in _lat_buckets(job):
+        assert line in lines, (line, text)
+
+
+def test_num2str_is_fios():
+    assert num2str(4338789, 6) == "4338.8k"
+    assert num2str(3153500, 4) == "3154k"
+    assert num2str(12916738045, 4, True, "B/s") == "12.0GiB/s"
+    assert num2str(12916738045, 4, False, "B/s") == "12.9GB/s"
+    assert num2str(67108864, 4, True, "B") == "64.0MiB"
+    assert num2str(950, 6) == "950"
+
+
+def test_text_has_fios_lines_in_fios_order(tmp_path):
+    """mqrt's summary has the lines of fio's, in the same order, and IO depths shows
+    the configured depth."""
+    _, fio_text = run_fio(tmp_path, "--runtime=1", "--time_based", "--number_ios=50000")
+    ours = run_mqrt(tmp_path, "--iodepth", "8", fmt="normal")
+
+    def labels(text: str) -> list[str]:
+        out = []
+        for line in text.splitlines():
+            m = re.match(r"\s*(Run status group|[A-Za-z ]+?)\s*(\(\w+\))?\s*[:=]", line)
+            if m and not line.startswith("mqrt") and "|" not in line:
+                label = m.group(1).strip()
+                if label not in out:
+                    out.append(label)
+        return out
+
+    want = [x for x in labels(fio_text) if x not in ("x", "bw", "iops", "lat", "slat")]
+    got = labels(ours)
+    assert [x for x in got if x in want] == want, (got, want)
+    depths = next(ln for ln in ours.splitlines() if ln.startswith("  IO depths"))
+    share = float(re.search(r" 8=([\d.]+)%", depths).group(1))
+    assert share > 50.0, depths
+    assert "latency   : target=0, window=0, percentile=100.00%, depth=8" in ours
