@@ -102,3 +102,53 @@ def test_text_has_fios_lines_in_fios_order(tmp_path):
     share = float(re.search(r" 8=([\d.]+)%", depths).group(1))
     assert share > 50.0, depths
     assert "latency   : target=0, window=0, percentile=100.00%, depth=8" in ours
+
+
+# -- 2. the JSON ---------------------------------------------------------------------------------
+
+
+def key_paths(obj: Any, prefix: str = "") -> set[str]:
+    """Every key path of a JSON value (lists by their first element); the contents of
+    maps whose keys are data (percentiles, bins, options) are not followed."""
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.add(f"{prefix}/{k}")
+            if k not in ("percentile", "bins", "job options", "global options"):
+                out |= key_paths(v, f"{prefix}/{k}")
+    elif isinstance(obj, list) and obj:
+        out |= key_paths(obj[0], f"{prefix}[]")
+    return out
+
+
+def test_json_has_every_key_fio_writes(tmp_path):
+    fio, _ = run_fio(tmp_path, "--rw=randrw", "--number_ios=20000", fmt="json")
+    ours = json.loads(run_mqrt(tmp_path, "--rw", "randrw"))
+    missing = key_paths(fio) - key_paths(ours)
+    assert not missing, sorted(missing)
+    job = ours["jobs"][0]
+    assert job["latency_depth"] == 32 and job["latency_target"] == 0
+    assert job["latency_percentile"] == 100.0 and job["latency_window"] == 0
+    assert sum(job["iodepth_submit"].values()) == pytest.approx(100.0, abs=1.0)
+    assert sum(job["iodepth_complete"].values()) == pytest.approx(100.0, abs=1.0)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--clat_percentiles=0", "--lat_percentiles=1"),
+        ("--slat_percentiles=1", "--lat_percentiles=1"),
+    ],
+)
+def test_percentile_flags_mean_what_fios_do(tmp_path, flags):
+    plist = "--percentile_list=10:50:99.5"
+    fio, _ = run_fio(tmp_path, *flags, plist, "--number_ios=20000", fmt="json")
+    ours = json.loads(run_mqrt(tmp_path, *flags, plist))
+    f, m = fio["jobs"][0]["read"], ours["jobs"][0]["read"]
+    # fio's null engine is synchronous: it has no slat samples, and no slat percentiles
+    for name in ("clat_ns", "lat_ns"):
+        assert ("percentile" in f[name]) == ("percentile" in m[name]), name
+    for name in ("slat_ns", "clat_ns", "lat_ns"):
+        if "percentile" in m[name]:
+            assert list(m[name]["percentile"]) == ["10.000000", "50.000000", "99.500000"]
+    assert ("percentile" in m["slat_ns"]) == ("--slat_percentiles=1" in flags)

@@ -104,6 +104,10 @@ JOB_KNOBS: tuple[Knob, ...] = (
         "Polled I/O (io_uring IOPOLL): bios go to the poll queues and the submitting "
         "CPU reaps them itself, spinning (needs --poll_queues). Default: 0",
     ),
+    # -- what is reported (fio's names; see mqrt.bench.fiolog for the logs) --
+    Knob("clat_percentiles", "bool", True, "Completion-latency percentiles. Default: 1"),
+    Knob("lat_percentiles", "bool", False, "Total-latency percentiles. Default: 0"),
+    Knob("slat_percentiles", "bool", False, "Submission-latency percentiles. Default: 0"),
 )
 
 #: Samples folded into the histograms at a time.
@@ -129,6 +133,9 @@ class JobSpec:
     iodepth_batch_complete: int = 1
     time_based: bool = True
     hipri: bool = False
+    clat_percentiles: bool = True
+    lat_percentiles: bool = False
+    slat_percentiles: bool = False
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:

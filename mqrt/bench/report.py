@@ -115,17 +115,23 @@ def disk_util(name: str, dirs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_jobs(
-    result, config: dict[str, Any], spec
+    result, config: dict[str, Any], spec, bins: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], LatHist]:
     """fio's ``jobs[]`` for one run (one job per request queue, every CPU's I/O on it
     merged), its ``disk_util[]`` (one entry per request queue, in the same order) and
-    the run's total-latency histogram (reads and writes)."""
+    the run's total-latency histogram (reads and writes); ``bins``: json+'s
+    histograms."""
     job = spec.job
     runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
     )
     cpu = _cpu_totals(result)
+    flags = (
+        getattr(job, "slat_percentiles", False),
+        getattr(job, "clat_percentiles", True),
+        getattr(job, "lat_percentiles", False),
+    )
     jobs = []
     disks = []
     run_lat = LatHist()
@@ -156,6 +162,8 @@ def run_jobs(
                 lat=d["lat"],
                 slat=d["slat"],
                 plist=plist,
+                percentiles=flags,
+                bins=bins,
             )
             all_lat.merge(d["lat"])
             run_lat.merge(d["lat"])
@@ -270,9 +278,10 @@ def _sum_driver(result) -> dict[str, int]:
     return out
 
 
-def run_summary(result, config: dict[str, Any], spec) -> dict[str, Any]:
-    """One repetition of a point: its fio jobs, headline figures and detail."""
-    jobs, disks, lat = run_jobs(result, config, spec)
+def run_summary(result, config: dict[str, Any], spec, bins: bool = False) -> dict[str, Any]:
+    """One repetition of a point: its fio jobs (``bins``: with json+'s histograms),
+    headline figures and detail."""
+    jobs, disks, lat = run_jobs(result, config, spec, bins)
     job = spec.job
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES

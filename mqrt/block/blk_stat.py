@@ -38,8 +38,7 @@ Deviations
     * Tables of percentages show a nonzero share under fio's floor at the floor:
       0.1 for ``iodepth_*``, 0.01 for ``latency_*`` (so they may sum a little over 100).
     * ``bw_agg`` is 100.0 whenever there are bandwidth samples with a nonzero mean: one
-      mqrt run is the whole reporting group.  ``lat_ns`` and ``slat_ns`` carry no
-      percentiles (fio's default without ``lat_percentiles``/``slat_percentiles``).
+      mqrt run is the whole reporting group.
 """
 
 from __future__ import annotations
@@ -369,13 +368,17 @@ def dir_stats_json(
     lat: LatHist,
     slat: LatHist,
     plist: Sequence[float] = DEFAULT_PERCENTILES,
+    percentiles: tuple[bool, bool, bool] = (False, True, False),
+    bins: bool = False,
     short_ios: int = 0,
     drop_ios: int = 0,
     iops_samples: Sequence[float] = (),
     bw_samples_kib: Sequence[float] = (),
 ) -> dict[str, Any]:
     """fio's per-direction object (``"read"``/``"write"``), every key present even when
-    the direction did nothing."""
+    the direction did nothing.  ``percentiles`` says which of slat, clat and lat carry
+    them (fio's ``slat_percentiles``, ``clat_percentiles``, ``lat_percentiles``);
+    ``bins`` (json+) adds the histogram to those that do."""
     if min(io_bytes, runtime_ms, total_ios, short_ios, drop_ios) < 0:
         raise ValueError("dir_stats_json: byte, time and I/O counts must be >= 0")
     bw_bytes = 1000 * io_bytes // runtime_ms if runtime_ms else 0
@@ -392,9 +395,9 @@ def dir_stats_json(
         "total_ios": total_ios,
         "short_ios": short_ios,
         "drop_ios": drop_ios,
-        "slat_ns": slat.fio_json(None),
-        "clat_ns": clat.fio_json(plist),
-        "lat_ns": lat.fio_json(None),
+        "slat_ns": slat.fio_json(plist if percentiles[0] else None, bins and percentiles[0]),
+        "clat_ns": clat.fio_json(plist if percentiles[1] else None, bins and percentiles[1]),
+        "lat_ns": lat.fio_json(plist if percentiles[2] else None, bins and percentiles[2]),
         "bw_min": bw_min,
         "bw_max": bw_max,
         "bw_agg": 100.0 if bw_n and bw_mean > 0 else 0.0,
