@@ -152,3 +152,74 @@ def test_percentile_flags_mean_what_fios_do(tmp_path, flags):
         if "percentile" in m[name]:
             assert list(m[name]["percentile"]) == ["10.000000", "50.000000", "99.500000"]
     assert ("percentile" in m["slat_ns"]) == ("--slat_percentiles=1" in flags)
+
+
+# -- 3. json+, several formats, terse ------------------------------------------------------------
+
+
+CLAT2CSV = shutil.which("fio_jsonplus_clat2csv")
+#: fio's Python tools run with the system's Python, where Debian's fio puts their
+#: dependencies (python3-six)
+SYS_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+@pytest.mark.skipif(CLAT2CSV is None, reason="fio_jsonplus_clat2csv is not installed")
+def test_jsonplus_bins_read_by_fio_jsonplus_clat2csv(tmp_path):
+    src = tmp_path / "run.json"
+    src.write_text(run_mqrt(tmp_path, "--rw", "randrw", "--lat_percentiles", "1", fmt="json+"))
+    report = json.loads(src.read_text())
+    d = report["jobs"][0]
+    for ddir in ("read", "write"):
+        for name in ("clat_ns", "lat_ns"):
+            bins = d[ddir][name]["bins"]
+            assert sum(bins.values()) == d[ddir]["total_ios"] > 0
+        assert "bins" not in d[ddir]["slat_ns"]  # no slat_percentiles: no bins, as fio
+    for extra in ([], ["--validate"]):  # write the CSV, then check it against the JSON
+        proc = subprocess.run(
+            [SYS_PYTHON, CLAT2CSV or "", str(src), str(tmp_path / "out.csv"), *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "out_job0.csv validated" in proc.stdout
+    lines = (tmp_path / "out_job0.csv").read_text().strip().splitlines()
+    header = [c.strip() for c in lines[0].split(",")]
+    rows = [[c.strip() for c in ln.split(",")] for ln in lines[1:]]
+    for ddir in ("read", "write"):
+        col = header.index(f"{ddir}_clat_ns_count")
+        counts = sum(int(r[col]) for r in rows if r[col])
+        assert counts == d[ddir]["total_ios"]
+        cum = header.index(f"{ddir}_clat_ns_cumulative")
+        assert max(int(r[cum]) for r in rows if r[cum]) == d[ddir]["total_ios"]
+
+
+def test_normal_and_json_together_as_fio_prints_them(tmp_path):
+    text = run_mqrt(tmp_path, fmt="normal,json")
+    obj, rest = split_output(text)
+    assert obj["jobs"][0]["read"]["total_ios"] > 0
+    assert "  IO depths    : " in rest and "Run status group 0 (all jobs):" in rest
+
+
+def test_terse_has_fios_fields(tmp_path):
+    fio_line = subprocess.run(
+        [FIO or "fio", "--name=x", "--ioengine=null", "--size=64M", "--rw=randread",
+         "--number_ios=1000", "--output-format=terse"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60, check=True,
+    ).stdout.splitlines()[0].split(";")  # fmt: skip
+    ours = run_mqrt(tmp_path, fmt="terse").splitlines()[0].split(";")
+    # fio's null engine has no disk: ours adds the 9 disk fields fio adds for a device
+    assert len(ours) == len(fio_line) + 9
+    assert ours[0] == "3" and ours[2] == "nullb0"
+    report = json.loads(run_mqrt(tmp_path))
+    assert int(ours[5]) > 0 and report["jobs"][0]["read"]["io_kbytes"] > 0
+    pct = [f for f in ours if "%=" in f]
+    assert len(pct) == 40 and pct[0].startswith("1.000000%=")
+
+
+def test_bad_output_format_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mqrt", "bench", "--output-format", "normal,xml"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--output-format" in last and "'xml'" in last and "json+" in last
