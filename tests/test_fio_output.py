@@ -223,3 +223,74 @@ def test_bad_output_format_is_one_line(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "--output-format" in last and "'xml'" in last and "json+" in last
+
+
+# -- 4. logs -------------------------------------------------------------------------------------
+
+
+def read_log(path: Path) -> list[list[int]]:
+    return [[int(x) for x in ln.split(",")] for ln in path.read_text().splitlines()]
+
+
+def test_logs_per_io_match_the_run(tmp_path):
+    """A line per I/O in each log, fio's five columns; the latency logs hold the very
+    latencies the JSON summarises."""
+    opts = ["--cpus", "2", "--rw", "randrw", "--write_lat_log", "L"]
+    report = json.loads(run_mqrt(tmp_path, *opts, "--write_bw_log", "B", "--write_iops_log", "I"))
+    job = report["jobs"][0]
+    total = job["read"]["total_ios"] + job["write"]["total_ios"]
+    names = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert names == sorted(f"{n}.{i}.log" for n in ("L_clat", "L_slat", "L_lat", "B_bw", "I_iops")
+                           for i in (1, 2))  # fmt: skip
+    for kind in ("L_clat", "L_slat", "L_lat", "B_bw", "I_iops"):
+        rows = read_log(tmp_path / f"{kind}.1.log") + read_log(tmp_path / f"{kind}.2.log")
+        assert len(rows) == total, kind
+        assert all(len(r) == 5 and r[2] in (0, 1) and r[3] == 4096 and r[4] == 0 for r in rows)
+    for ddir, d in enumerate((job["read"], job["write"])):
+        for kind in ("clat", "slat", "lat"):
+            vals = [
+                r[1]
+                for i in (1, 2)
+                for r in read_log(tmp_path / f"L_{kind}.{i}.log")
+                if r[2] == ddir
+            ]
+            assert len(vals) == d["total_ios"]
+            assert min(vals) == d[f"{kind}_ns"]["min"] and max(vals) == d[f"{kind}_ns"]["max"]
+            assert sum(vals) / len(vals) == pytest.approx(d[f"{kind}_ns"]["mean"])
+    times = [r[0] for r in read_log(tmp_path / "L_clat.1.log")]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] < 2000
+    assert {r[1] for r in read_log(tmp_path / "I_iops.1.log")} == {1}
+
+
+def test_averaged_logs_read_by_fio2gnuplot(tmp_path):
+    """With log_avg_msec, a line per window; fio's fio2gnuplot reads the bandwidth and
+    IOPS logs, and their sums are the run's bytes and I/Os."""
+    opts = ["--cpus", "2", "--runtime", "0.5", "--log_avg_msec", "100"]
+    report = json.loads(run_mqrt(tmp_path, *opts, "--write_bw_log", "B", "--write_iops_log", "I"))
+    d = report["jobs"][0]["read"]
+    iops_rows = read_log(tmp_path / "I_iops.1.log") + read_log(tmp_path / "I_iops.2.log")
+    assert all(r[0] % 100 == 0 and r[3] == 0 for r in iops_rows)
+    assert sum(r[1] for r in iops_rows) // 10 == d["total_ios"]  # IOPS over 100 ms windows
+    bw_rows = read_log(tmp_path / "B_bw.1.log") + read_log(tmp_path / "B_bw.2.log")
+    kib = sum(r[1] for r in bw_rows) / 10  # KiB/s over 100 ms windows
+    assert kib == pytest.approx(d["io_kbytes"], rel=0.01)
+    fio2gnuplot = shutil.which("fio2gnuplot")
+    assert fio2gnuplot is not None
+    for flag, name in (("-b", "B_bw"), ("-i", "I_iops")):
+        proc = subprocess.run(
+            [SYS_PYTHON, fio2gnuplot, flag, "-k"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{name}.1.log" in proc.stdout and f"{name}.2.log" in proc.stdout
+        stats = dict(ln.split("=") for ln in (tmp_path / "result.global").read_text().splitlines())
+        assert int(stats["disks_count"]) == 2
+        rows = bw_rows if flag == "-b" else iops_rows
+        assert int(stats["values_count"]) == len(rows)
+        assert float(stats["max"]) == max(r[1] for r in rows)
+
+
+def test_no_log_costs_nothing_when_not_asked(tmp_path):
+    report = json.loads(run_mqrt(tmp_path))
+    assert report["jobs"][0]["read"]["total_ios"] > 0
+    assert not list(tmp_path.glob("*.log"))

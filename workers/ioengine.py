@@ -108,6 +108,23 @@ JOB_KNOBS: tuple[Knob, ...] = (
     Knob("clat_percentiles", "bool", True, "Completion-latency percentiles. Default: 1"),
     Knob("lat_percentiles", "bool", False, "Total-latency percentiles. Default: 0"),
     Knob("slat_percentiles", "bool", False, "Submission-latency percentiles. Default: 0"),
+    Knob(
+        "write_lat_log",
+        "str",
+        "",
+        "Write NAME_clat.N.log, NAME_slat.N.log, NAME_lat.N.log (fio's format, one per "
+        "job N). Default: none",
+    ),
+    Knob("write_bw_log", "str", "", "Write NAME_bw.N.log (KiB/s). Default: none"),
+    Knob("write_iops_log", "str", "", "Write NAME_iops.N.log. Default: none"),
+    Knob(
+        "log_avg_msec",
+        "int",
+        0,
+        "Average the logs over windows of this many ms (0: a line per I/O). Default: 0",
+        0,
+        86_400_000,
+    ),
 )
 
 #: Samples folded into the histograms at a time.
@@ -136,6 +153,15 @@ class JobSpec:
     clat_percentiles: bool = True
     lat_percentiles: bool = False
     slat_percentiles: bool = False
+    write_lat_log: str = ""
+    write_bw_log: str = ""
+    write_iops_log: str = ""
+    log_avg_msec: int = 0
+
+    @property
+    def logging(self) -> bool:
+        """Whether any of fio's per-I/O logs is asked for."""
+        return bool(self.write_lat_log or self.write_bw_log or self.write_iops_log)
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
@@ -161,6 +187,29 @@ class JobSpec:
         if self.rw in ("write", "randwrite"):
             return 0
         return self.rwmixread
+
+
+class IoLog:
+    """What fio's latency, bandwidth and IOPS logs need of each I/O, recorded only
+    when a log is asked for: completion time (ns since the measured part began),
+    direction, size, slat, clat and lat; sent whole, averaged by the report."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, now, base: int, ops, nr, nbytes, start, issue) -> None:
+        """Rows as :meth:`IoJob._fold` has them (each of ``nr`` I/Os of one size)."""
+        slat = np.maximum(issue - start, 0)
+        lat = np.maximum(now - start, 0)
+        rows = np.stack([now - base, ops, nbytes // np.maximum(nr, 1), slat, lat - slat, lat])
+        self.chunks.append(np.repeat(rows, nr, axis=1))
+
+    def to_wire(self) -> bytes:
+        rows = np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((6, 0), np.int64)
+        self.chunks = [rows]
+        return rows.astype("<i8").tobytes()
 
 
 class DirStats:
@@ -221,6 +270,8 @@ class IoJob:
         self._bios: list[tuple] = []  #: the bios merged into them, one row each
         self._bios_ns: list[int] = []
         self.dirs = (DirStats(), DirStats())
+        #: with a log asked for: every recorded I/O
+        self.log = IoLog() if spec.logging else None
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -309,6 +360,8 @@ class IoJob:
         rows.clear()
         rows_ns.clear()
         ops, nr, nbytes, start, issue, status = arr.T
+        if self.log is not None:
+            self.log.add(now, self.record_from_ns, ops, nr, nbytes, start, issue)
         ticks = [0, 0]
         for op in (ReqOp.READ, ReqOp.WRITE):
             sel = ops == op
@@ -341,4 +394,5 @@ class IoJob:
             "complete_counts": self.complete_counts,
             "read": self.dirs[0].to_wire(),
             "write": self.dirs[1].to_wire(),
+            **({"log": self.log.to_wire()} if self.log is not None else {}),
         }

@@ -578,6 +578,13 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 with signals.deferred():  # the figures exist: a signal here keeps them
                     progress.end_run()
                     p.runs.append(run_summary(result, p.config, p.spec, bins))
+                    if p.spec.job.logging:  # fio's logs, written again by each run
+                        from mqrt.bench.fiolog import write_logs
+
+                        try:
+                            write_logs(result, p.spec.job)
+                        except OSError as exc:
+                            messages.append(f"logs not written: {exc}")
                     for msg in result.messages:
                         if msg not in messages:
                             messages.append(msg)
