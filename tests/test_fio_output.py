@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mqrt.bench.text import _lat_buckets, lat_line, num2str
+from mqrt.bench.text import _lat_buckets, lat_line, num2str, sample_lines
 from mqrt.block.blk_stat import format_percentiles_text
 
 FIO = shutil.which("fio")
@@ -68,6 +68,9 @@ def test_text_formats_figures_as_fio_does(tmp_path, plist):
         assert block in text, (block, text)
     for line in _lat_buckets(job):
         assert line in lines, (line, text)
+    for line in sample_lines(d):  # fio's bw and iops samples
+        assert line in lines, (line, text)
+    assert len(sample_lines(d)) == 2
 
 
 def test_num2str_is_fios():
@@ -294,3 +297,23 @@ def test_no_log_costs_nothing_when_not_asked(tmp_path):
     report = json.loads(run_mqrt(tmp_path))
     assert report["jobs"][0]["read"]["total_ios"] > 0
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_bw_and_iops_samples_as_fio_takes_them(tmp_path):
+    """A sample per bw_avg_time/iops_avg_time of each CPU's measured time, the CPUs'
+    statistics summed as fio's group_reporting sums them."""
+    opts = ["--cpus", "2", "--runtime", "0.6", "--bw_avg_time", "200", "--iops_avg_time", "100"]
+    report = json.loads(run_mqrt(tmp_path, *opts))
+    d = report["jobs"][0]["read"]
+    assert d["bw_samples"] == 2 * 3 and d["iops_samples"] == 2 * 6
+    # the samples span each CPU's first 0.6 s: as many I/Os at most as the run did,
+    # the same I/Os seen in KiB/s (4 KiB each) and in IOPS
+    assert 0 < d["iops_mean"] * 0.6 <= d["total_ios"]
+    assert d["bw_mean"] == pytest.approx(4 * d["iops_mean"], rel=0.01)
+    assert d["iops_min"] <= d["iops_mean"] <= d["iops_max"]
+    assert 0 < d["bw_agg"] <= 100.0
+    w = report["jobs"][0]["write"]
+    assert (w["bw_samples"], w["iops_samples"], w["bw_agg"]) == (0, 0, 0.0)
+    text = run_mqrt(tmp_path, *opts, fmt="normal")
+    assert re.search(r"^   bw \(  [KM]iB/s\): min=.*samples=6$", text, re.M), text
+    assert re.search(r"^   iops        : min=.*samples=12$", text, re.M), text

@@ -22,6 +22,7 @@ Deviations from fio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,22 @@ JOB_KNOBS: tuple[Knob, ...] = (
     Knob("lat_percentiles", "bool", False, "Total-latency percentiles. Default: 0"),
     Knob("slat_percentiles", "bool", False, "Submission-latency percentiles. Default: 0"),
     Knob(
+        "bw_avg_time",
+        "int",
+        500,
+        "ms over which each bandwidth sample (bw_min, bw_max, bw_mean...) is taken. Default: 500",
+        1,
+        86_400_000,
+    ),
+    Knob(
+        "iops_avg_time",
+        "int",
+        500,
+        "ms over which each IOPS sample (iops_min, iops_max...) is taken. Default: 500",
+        1,
+        86_400_000,
+    ),
+    Knob(
         "write_lat_log",
         "str",
         "",
@@ -153,6 +170,8 @@ class JobSpec:
     clat_percentiles: bool = True
     lat_percentiles: bool = False
     slat_percentiles: bool = False
+    bw_avg_time: int = 500
+    iops_avg_time: int = 500
     write_lat_log: str = ""
     write_bw_log: str = ""
     write_iops_log: str = ""
@@ -270,6 +289,11 @@ class IoJob:
         self._bios: list[tuple] = []  #: the bios merged into them, one row each
         self._bios_ns: list[int] = []
         self.dirs = (DirStats(), DirStats())
+        #: I/Os and bytes per direction per window (of the gcd of bw_avg_time and
+        #: iops_avg_time) since the measured part began: fio's bw and iops samples
+        self.window_ns = math.gcd(spec.bw_avg_time, spec.iops_avg_time) * 1_000_000
+        self.win_ios = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
+        self.win_bytes = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
         #: with a log asked for: every recorded I/O
         self.log = IoLog() if spec.logging else None
 
@@ -377,10 +401,22 @@ class IoJob:
             d.slat.add_many(np.repeat(np.maximum(ist - st, 0), reps))
             d.clat.add_many(np.repeat(np.maximum(nw - ist, 0), reps))
             d.lat.add_many(np.repeat(lat, reps))
+            self._count_windows(op, nw, reps, nbytes[sel])
             if requests:
                 d.requests += int(sel.sum())
                 ticks[op] = int(lat.sum())
         return ticks
+
+    def _count_windows(self, op: int, now: np.ndarray, reps: np.ndarray, nbytes) -> None:
+        win = (now - self.record_from_ns) // self.window_ns
+        n = int(win.max()) + 1
+        for arrs, weights in ((self.win_ios, reps), (self.win_bytes, nbytes)):
+            counts = np.bincount(win, weights=weights, minlength=n).astype(np.int64)
+            have = arrs[op]
+            if have.size < n:
+                have = np.concatenate([have, np.zeros(n - have.size, np.int64)])
+            have[:n] += counts
+            arrs[op] = have
 
     def to_wire(self) -> dict[str, Any]:
         self.fold()
@@ -394,5 +430,8 @@ class IoJob:
             "complete_counts": self.complete_counts,
             "read": self.dirs[0].to_wire(),
             "write": self.dirs[1].to_wire(),
+            "window_ms": self.window_ns // 1_000_000,
+            "win_ios": [a.tolist() for a in self.win_ios],
+            "win_bytes": [a.tolist() for a in self.win_bytes],
             **({"log": self.log.to_wire()} if self.log is not None else {}),
         }

@@ -17,8 +17,10 @@ from mqrt.bench.sweep import Point, format_params, median_index
 from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     LatHist,
+    SampleStat,
     batch_dist,
     dir_stats_json,
+    group_samples,
     iodepth_level,
     parse_percentile_list,
 )
@@ -68,6 +70,32 @@ def _merge_jobs(result, q: int) -> dict[str, Any]:
         for i, c in enumerate(job.get("complete_counts", ())):
             complete[i] += c
     return {"dirs": dirs, "depth": depth, "submit": submit, "complete": complete}
+
+
+def _samples(result, q: int, ddir: int, job) -> tuple[SampleStat, SampleStat]:
+    """fio's bandwidth (KiB/s over bw_avg_time) and IOPS (over iops_avg_time) samples
+    of one direction on request queue ``q``: every whole period of each CPU's
+    measured time (at most the runtime), its jobs summed as fio's group_reporting
+    sums them; none for a direction that did no I/O."""
+    bw: list[list[int]] = []
+    iops: list[list[int]] = []
+    for cpu in result.cpus:
+        w = cpu["jobs"][q]
+        if "win_ios" not in w or not sum(w["win_ios"][ddir]):
+            continue
+        # a late stop (a loaded host) is not more runtime: fio stops at its runtime
+        measured_ms = min(cpu["measured_ns"] // 1_000_000, round(job.runtime * 1000))
+        for out, counts, period, scale in (
+            (bw, w["win_bytes"][ddir], job.bw_avg_time, 1024),
+            (iops, w["win_ios"][ddir], job.iops_avg_time, 1),
+        ):
+            per = period // w["window_ms"]
+            nr = measured_ms // period
+            padded = list(counts) + [0] * max(0, nr * per - len(counts))
+            out.append(
+                [sum(padded[i * per : (i + 1) * per]) * 1000 // period // scale for i in range(nr)]
+            )
+    return group_samples(bw), group_samples(iops)
 
 
 def _cpu_totals(result) -> dict[str, float]:
@@ -153,7 +181,8 @@ def run_jobs(
             "job options": job_opts,
         }
         all_lat = LatHist()
-        for name, d in zip(("read", "write"), merged["dirs"], strict=True):
+        for ddir, (name, d) in enumerate(zip(("read", "write"), merged["dirs"], strict=True)):
+            samples = _samples(result, qi, ddir, job)
             entry[name] = dir_stats_json(
                 io_bytes=d["bytes"],
                 runtime_ms=runtime_ms if d["ios"] else 0,
@@ -164,6 +193,8 @@ def run_jobs(
                 plist=plist,
                 percentiles=flags,
                 bins=bins,
+                bw_stat=samples[0],
+                iops_stat=samples[1],
             )
             all_lat.merge(d["lat"])
             run_lat.merge(d["lat"])

@@ -7,8 +7,7 @@ as min;max;mean;stddev in usec; twenty ``P%=usec`` percentile fields (of lat wit
 min;max;share;mean;stddev.  Then CPU, the IO depths, the latency buckets in usec (the
 nsec ones added to the first) and msec, and the device's disk stats.
 
-Deviation: mqrt takes no bandwidth samples (those fields are 0) and does not measure
-the device's busy time (``util`` is 0.00%)."""
+Deviation: mqrt does not measure the device's busy time (``util`` is 0.00%)."""
 
 from __future__ import annotations
 

@@ -104,6 +104,27 @@ def _dir_lines(name: str, d: dict[str, Any], precision: int) -> list[str]:
         pct = d[f"{lat_name}_ns"].get("percentile")
         if pct:
             lines += format_percentiles_text(pct, lat_name, precision).splitlines()
+    return lines + sample_lines(d)
+
+
+def sample_lines(d: dict[str, Any]) -> list[str]:
+    """fio's ``bw`` and ``iops`` sample lines (KiB/s, in MiB/s from a mean of 1 GiB/s),
+    when there are samples."""
+    lines = []
+    if d["bw_samples"]:
+        lo, hi, mean, dev, unit = d["bw_min"], d["bw_max"], d["bw_mean"], d["bw_dev"], "KiB"
+        if mean > 1024 * 1024:
+            lo, hi, mean, dev, unit = lo // 1024, hi // 1024, mean / 1024, dev / 1024, "MiB"
+        lines.append(
+            f"   bw ({unit:>5}/s): min={lo:5d}, max={hi:5d}, per={d['bw_agg']:3.2f}%, "
+            f"avg={mean:5.02f}, stdev={dev:5.02f}, samples={d['bw_samples']}"
+        )
+    if d["iops_samples"]:
+        lines.append(
+            f"   iops        : min={d['iops_min']:5d}, max={d['iops_max']:5d}, "
+            f"avg={d['iops_mean']:5.02f}, stdev={d['iops_stddev']:5.02f}, "
+            f"samples={d['iops_samples']}"
+        )
     return lines
 
 

@@ -37,8 +37,8 @@ Deviations
       straddles a larger edge (e.g. 750 ns, 10 us) lands wholly on its midpoint's side.
     * Tables of percentages show a nonzero share under fio's floor at the floor:
       0.1 for ``iodepth_*``, 0.01 for ``latency_*`` (so they may sum a little over 100).
-    * ``bw_agg`` is 100.0 whenever there are bandwidth samples with a nonzero mean: one
-      mqrt run is the whole reporting group.
+    * ``bw_agg`` is the mean sample's share of the job's own bandwidth (fio: of its
+      reporting group's), at most 100.
 """
 
 from __future__ import annotations
@@ -350,6 +350,37 @@ def batch_dist(counts: Sequence[int]) -> dict[str, float]:
     return _dist(np.asarray(counts, dtype=np.float64), BATCH_KEYS)
 
 
+#: (min, max, mean, sample stddev, count) of bandwidth or IOPS samples.
+SampleStat = tuple[int, int, float, float, int]
+
+
+def _share(bw_mean_kib: float, bw_bytes: int) -> float:
+    """fio's ``bw_agg``: the mean sample's share of the group's bandwidth, at most 100."""
+    if bw_bytes <= 1024:
+        return 100.0
+    return min(100.0, bw_mean_kib * 100.0 / (bw_bytes / 1024.0))
+
+
+def group_samples(per_job: Sequence[Sequence[float]]) -> SampleStat:
+    """The samples of jobs reported as one (fio's group_reporting): each job's
+    minimum, maximum, mean and sum of squared deviations added up, and their counts,
+    as fio sums bandwidth and IOPS statistics; zeros when there are none."""
+    lo = hi = 0
+    mean = ssd = 0.0
+    n = 0
+    for samples in per_job:
+        arr = np.asarray(samples, dtype=np.float64)
+        if not arr.size:
+            continue
+        lo += int(arr.min())
+        hi += int(arr.max())
+        mean += float(arr.mean())
+        ssd += float(((arr - arr.mean()) ** 2).sum())
+        n += arr.size
+    dev = math.sqrt(ssd / (n - 1)) if n > 1 else 0.0
+    return lo, hi, mean, dev, n
+
+
 def _sample_stats(samples: Sequence[float]) -> tuple[int, int, float, float, int]:
     """(min, max, mean, sample stddev, count) of samples, zeros when there are none."""
     arr = np.asarray(samples, dtype=np.float64)
@@ -374,6 +405,8 @@ def dir_stats_json(
     drop_ios: int = 0,
     iops_samples: Sequence[float] = (),
     bw_samples_kib: Sequence[float] = (),
+    bw_stat: SampleStat | None = None,
+    iops_stat: SampleStat | None = None,
 ) -> dict[str, Any]:
     """fio's per-direction object (``"read"``/``"write"``), every key present even when
     the direction did nothing.  ``percentiles`` says which of slat, clat and lat carry
@@ -383,8 +416,8 @@ def dir_stats_json(
         raise ValueError("dir_stats_json: byte, time and I/O counts must be >= 0")
     bw_bytes = 1000 * io_bytes // runtime_ms if runtime_ms else 0
     iops = 1000.0 * total_ios / runtime_ms if runtime_ms else 0.0
-    bw_min, bw_max, bw_mean, bw_dev, bw_n = _sample_stats(bw_samples_kib)
-    io_min, io_max, io_mean, io_dev, io_n = _sample_stats(iops_samples)
+    bw_min, bw_max, bw_mean, bw_dev, bw_n = bw_stat or _sample_stats(bw_samples_kib)
+    io_min, io_max, io_mean, io_dev, io_n = iops_stat or _sample_stats(iops_samples)
     return {
         "io_bytes": io_bytes,
         "io_kbytes": io_bytes // 1024,
@@ -400,7 +433,7 @@ def dir_stats_json(
         "lat_ns": lat.fio_json(plist if percentiles[2] else None, bins and percentiles[2]),
         "bw_min": bw_min,
         "bw_max": bw_max,
-        "bw_agg": 100.0 if bw_n and bw_mean > 0 else 0.0,
+        "bw_agg": _share(bw_mean, bw_bytes) if bw_n else 0.0,
         "bw_mean": bw_mean,
         "bw_dev": bw_dev,
         "bw_samples": bw_n,
