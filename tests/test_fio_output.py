@@ -317,3 +317,27 @@ def test_bw_and_iops_samples_as_fio_takes_them(tmp_path):
     text = run_mqrt(tmp_path, *opts, fmt="normal")
     assert re.search(r"^   bw \(  [KM]iB/s\): min=.*samples=6$", text, re.M), text
     assert re.search(r"^   iops        : min=.*samples=12$", text, re.M), text
+
+
+def test_log_numbers_run_through_a_job_files_sections_as_fios(tmp_path):
+    sections = "[a]\nrw=randread\n[b]\nrw=randwrite\n"
+    logs = "write_iops_log=J\nlog_avg_msec=100\n"
+    fio_dir, our_dir = tmp_path / "fio", tmp_path / "mqrt"
+    fio_dir.mkdir()
+    our_dir.mkdir()
+    (fio_dir / "j.fio").write_text(
+        f"[global]\nioengine=null\nsize=16M\nruntime=1\ntime_based=1\n{logs}{sections}"
+    )
+    subprocess.run([FIO or "fio", "j.fio"], cwd=fio_dir, capture_output=True, timeout=60,
+                   check=True)  # fmt: skip
+    (our_dir / "j.fio").write_text(f"[global]\nruntime=0.3\n{logs}{sections}")
+    cmd = [sys.executable, "-m", "mqrt", "bench", "j.fio", "--cpus", "1", "-q"]
+    proc = subprocess.run(cmd, cwd=our_dir, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in fio_dir.glob("*.log"))
+    assert names == ["J_iops.1.log", "J_iops.2.log"]
+    assert sorted(p.name for p in our_dir.glob("*.log")) == names
+    # the second job's log is the writes' (direction 1), as fio's
+    for d in (fio_dir, our_dir):
+        assert {ln.split(", ")[2] for ln in (d / "J_iops.2.log").read_text().splitlines()} == {"1"}

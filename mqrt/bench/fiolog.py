@@ -6,7 +6,8 @@ fio facts followed
     * One file per job and log, the job's number (from 1) before ``.log``:
       ``NAME_clat.N.log``, ``NAME_slat.N.log``, ``NAME_lat.N.log``, ``NAME_bw.N.log``,
       ``NAME_iops.N.log``.  mqrt's jobs are the CPUs' jobs on each device (fio's
-      ``numjobs`` clones), numbered device by device, CPU by CPU.
+      ``numjobs`` clones), numbered device by device, CPU by CPU, and on through the
+      sections of a job file, as fio numbers all of a file's jobs.
     * A line is ``time, value, direction, block size, priority``: time in ms since the
       job's measured part began, direction 0 read / 1 write, priority 0.
     * Without ``log_avg_msec``, a line per I/O: latencies in ns, bandwidth the I/O's
@@ -81,8 +82,9 @@ def log_lines(rows: np.ndarray, kind: str, avg_msec: int) -> np.ndarray:
     return table.T
 
 
-def write_logs(result, job: Any, directory: Path | str = ".") -> list[Path]:
-    """Write the logs ``job`` asks for, one per job of the run; the paths written."""
+def write_logs(result, job: Any, directory: Path | str = ".", first: int = 1) -> list[Path]:
+    """Write the logs ``job`` asks for, one per job of the run, numbered from
+    ``first``; the paths written."""
     wanted = []
     if job.write_lat_log:
         wanted += [(job.write_lat_log, k) for k in ("clat", "slat", "lat")]
@@ -91,12 +93,17 @@ def write_logs(result, job: Any, directory: Path | str = ".") -> list[Path]:
     if job.write_iops_log:
         wanted.append((job.write_iops_log, "iops"))
     written = []
-    for index, rows in enumerate(job_logs(result), start=1):
+    for index, rows in enumerate(job_logs(result), start=first):
         for name, kind in wanted:
             path = Path(directory) / f"{name}_{kind}.{index}.log"
             table = log_lines(rows, kind, job.log_avg_msec)
+            t, value, ddir, bs = table.T.tolist()
             with open(path, "w") as f:
-                if table.size:
-                    np.savetxt(f, table, fmt="%d, %d, %d, %d, 0")
+                f.write(
+                    "".join(
+                        f"{a}, {b}, {c}, {d}, 0\n"
+                        for a, b, c, d in zip(t, value, ddir, bs, strict=True)
+                    )
+                )
             written.append(path)
     return written

@@ -545,6 +545,8 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     interrupted = False
     failure: dict[str, Any] | None = None
     messages: list[str] = []
+    log_first: dict[str | None, int] = {}  #: each job-file section's first job number
+    next_log = 1
     try:
         for p in planned:
             for rep in range(repeat):
@@ -578,11 +580,15 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 with signals.deferred():  # the figures exist: a signal here keeps them
                     progress.end_run()
                     p.runs.append(run_summary(result, p.config, p.spec, bins))
+                    # fio numbers its jobs through the job file: a section's jobs
+                    # come after those of the sections before it
+                    first = log_first.setdefault(p.params.get("job"), next_log)
+                    next_log = max(next_log, first + len(result.cpus) * len(result.queues))
                     if p.spec.job.logging:  # fio's logs, written again by each run
                         from mqrt.bench.fiolog import write_logs
 
                         try:
-                            write_logs(result, p.spec.job)
+                            write_logs(result, p.spec.job, first=first)
                         except OSError as exc:
                             messages.append(f"logs not written: {exc}")
                     for msg in result.messages:
