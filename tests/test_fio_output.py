@@ -341,3 +341,29 @@ def test_log_numbers_run_through_a_job_files_sections_as_fios(tmp_path):
     # the second job's log is the writes' (direction 1), as fio's
     for d in (fio_dir, our_dir):
         assert {ln.split(", ")[2] for ln in (d / "J_iops.2.log").read_text().splitlines()} == {"1"}
+
+
+def test_hist_log_as_fios(tmp_path):
+    """write_hist_log: fio's columns for the same coarseness, and the windows' bins
+    add up to the json+ histogram of the run's completion latencies."""
+    fio_dir = tmp_path / "fio"
+    fio_dir.mkdir()
+    hist = ["--write_hist_log=H", "--log_hist_msec=100", "--log_hist_coarseness=1"]
+    run_fio(fio_dir, "--runtime=1", "--time_based", *hist, fmt="json")
+    fio_text = (fio_dir / "H_clat_hist.1.log").read_text()
+    fio_widths = {len(ln.split(",")) for ln in fio_text.splitlines()}
+    report = json.loads(run_mqrt(tmp_path, *hist, fmt="json+"))
+    lines = [
+        [int(x) for x in ln.split(",")]
+        for ln in (tmp_path / "H_clat_hist.1.log").read_text().splitlines()
+    ]
+    assert {len(ln) for ln in lines} == fio_widths == {3 + 1856 // 2}
+    assert all(ln[0] % 100 == 0 and ln[1] == 0 and ln[2] == 4096 for ln in lines)
+    summed = [sum(col) for col in zip(*(ln[3:] for ln in lines), strict=True)]
+    from mqrt.block.blk_stat import plat_val_to_idx
+
+    bins = report["jobs"][0]["read"]["clat_ns"]["bins"]
+    want = [0] * (1856 // 2)
+    for value, count in bins.items():
+        want[plat_val_to_idx(int(value)) // 2] += count
+    assert summed == want and sum(want) == report["jobs"][0]["read"]["total_ios"]

@@ -133,6 +133,29 @@ JOB_KNOBS: tuple[Knob, ...] = (
         "job N). Default: none",
     ),
     Knob("write_bw_log", "str", "", "Write NAME_bw.N.log (KiB/s). Default: none"),
+    Knob(
+        "write_hist_log",
+        "str",
+        "",
+        "Write NAME_clat_hist.N.log: completion-latency histograms in fio's bins, one "
+        "per log_hist_msec. Default: none",
+    ),
+    Knob(
+        "log_hist_msec",
+        "int",
+        0,
+        "ms each histogram of write_hist_log covers (0: none written). Default: 0",
+        0,
+        86_400_000,
+    ),
+    Knob(
+        "log_hist_coarseness",
+        "int",
+        0,
+        "Histogram bins merged 2**N at a time in write_hist_log (0..6). Default: 0",
+        0,
+        6,
+    ),
     Knob("write_iops_log", "str", "", "Write NAME_iops.N.log. Default: none"),
     Knob(
         "log_avg_msec",
@@ -176,11 +199,15 @@ class JobSpec:
     write_bw_log: str = ""
     write_iops_log: str = ""
     log_avg_msec: int = 0
+    write_hist_log: str = ""
+    log_hist_msec: int = 0
+    log_hist_coarseness: int = 0
 
     @property
     def logging(self) -> bool:
         """Whether any of fio's per-I/O logs is asked for."""
-        return bool(self.write_lat_log or self.write_bw_log or self.write_iops_log)
+        logs = (self.write_lat_log, self.write_bw_log, self.write_iops_log, self.write_hist_log)
+        return any(logs)
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:

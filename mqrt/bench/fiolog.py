@@ -15,6 +15,10 @@ fio facts followed
     * With ``log_avg_msec=W``, a line per window of W ms and direction that had I/O,
       at the window's end, block size 0: the mean latency (ns), the bandwidth in KiB/s
       and the IOPS over the window.
+    * ``write_hist_log=NAME`` writes ``NAME_clat_hist.N.log``: per ``log_hist_msec``
+      window and direction with I/O, ``time, direction, block size`` and the window's
+      completion latencies counted in fio's 1856 bins (``log_hist_coarseness=C``
+      sums 2**C neighbours); nothing when ``log_hist_msec`` is 0, as fio.
 
 Deviations
     * No ``log_offset`` (the offset column): the completions do not carry it.
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mqrt.block.blk_stat import PLAT_NR, plat_idx_array
 
 #: Columns of a CPU's recorded I/Os (workers.ioengine.IoLog).
 T, DDIR, BS, SLAT, CLAT, LAT = range(6)
@@ -82,6 +88,24 @@ def log_lines(rows: np.ndarray, kind: str, avg_msec: int) -> np.ndarray:
     return table.T
 
 
+def hist_lines(rows: np.ndarray, hist_msec: int, coarseness: int) -> np.ndarray:
+    """fio's ``clat_hist`` log of one job: per window of ``hist_msec`` and direction
+    with I/O, (window end ms, direction, block size, the window's completion
+    latencies counted in fio's bins, ``2**coarseness`` bins summed at a time)."""
+    stride = 1 << coarseness
+    if not rows.shape[1] or not hist_msec:
+        return np.zeros((0, 3 + PLAT_NR // stride), dtype=np.int64)
+    window = rows[T] // (hist_msec * 1_000_000)
+    key = window * 2 + rows[DDIR]
+    keys, inverse = np.unique(key, return_inverse=True)
+    bins = np.zeros((keys.size, PLAT_NR), dtype=np.int64)
+    np.add.at(bins, (inverse, plat_idx_array(rows[CLAT])), 1)
+    last = np.zeros(keys.size, dtype=np.int64)
+    last[inverse] = rows[BS]  # the block size of each window's last I/O
+    head = np.stack([(keys // 2 + 1) * hist_msec, keys % 2, last], axis=1)
+    return np.concatenate([head, bins.reshape(keys.size, -1, stride).sum(axis=2)], axis=1)
+
+
 def write_logs(result, job: Any, directory: Path | str = ".", first: int = 1) -> list[Path]:
     """Write the logs ``job`` asks for, one per job of the run, numbered from
     ``first``; the paths written."""
@@ -94,6 +118,12 @@ def write_logs(result, job: Any, directory: Path | str = ".", first: int = 1) ->
         wanted.append((job.write_iops_log, "iops"))
     written = []
     for index, rows in enumerate(job_logs(result), start=first):
+        if job.write_hist_log:
+            path = Path(directory) / f"{job.write_hist_log}_clat_hist.{index}.log"
+            table = hist_lines(rows, job.log_hist_msec, job.log_hist_coarseness)
+            with open(path, "w") as f:
+                f.write("".join(", ".join(map(str, line)) + "\n" for line in table.tolist()))
+            written.append(path)
         for name, kind in wanted:
             path = Path(directory) / f"{name}_{kind}.{index}.log"
             table = log_lines(rows, kind, job.log_avg_msec)
