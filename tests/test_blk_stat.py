@@ -13,11 +13,12 @@ from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     PLAT_NR,
     LatHist,
-    choose_unit,
     dir_stats_json,
     format_percentiles_text,
     iodepth_level,
     parse_percentile_list,
+    percentile_precision,
+    percentile_unit,
     plat_idx_array,
     plat_idx_to_val,
     plat_val_to_idx,
@@ -285,27 +286,38 @@ def test_iodepth_level():
         iodepth_level({4: -1})
 
 
-def test_choose_unit():
-    assert choose_unit(9_999) == ("nsec", 1)
-    assert choose_unit(10_000) == ("usec", 1000)
-    assert choose_unit(9_999_999) == ("usec", 1000)
-    assert choose_unit(10_000_000) == ("msec", 1_000_000)
+def test_percentile_unit_is_fios_choice():
+    # fio: msec when the smallest is over 2 ms and the largest over 99.999999 ms,
+    # usec when the smallest is over 2 us and the largest over 99.999 us
+    assert percentile_unit([100, 9_999]) == ("nsec", 1, 0)
+    assert percentile_unit([1_000, 50_000_000]) == ("nsec", 1, 0)  # min too small
+    assert percentile_unit([2_001, 100_000]) == ("usec", 1000, 1)
+    assert percentile_unit([2_000_001, 99_999_999]) == ("usec", 1000, 1)
+    assert percentile_unit([2_000_001, 100_000_000]) == ("msec", 1_000_000, 2)
+    assert percentile_precision("") == 2
+    assert percentile_precision("1:50:99") == 0
+    assert percentile_precision("50:99.999") == 3
 
 
 def test_format_percentiles_text():
-    pct = {f"{p:f}": int(p * 1000) + 1 for p in (1, 5, 10, 20, 99.9)}
-    text = format_percentiles_text(pct, "usec")
+    pct = {f"{p:f}": int(p * 1000) + 3000 for p in (1, 5, 10, 20, 99.9)}
+    text = format_percentiles_text(pct)
     assert text == (
-        "     |  1.00th=[    2],  5.00th=[    6], 10.00th=[   11], 20.00th=[   21],\n"
-        "     | 99.90th=[  100]\n"
+        "    clat percentiles (usec):\n"
+        "     |  1.00th=[    4],  5.00th=[    8], 10.00th=[   13], 20.00th=[   23],\n"
+        "     | 99.90th=[  103]\n"
     )
-    wide = format_percentiles_text({"100.000000": 1_234_567_890}, "nsec")
-    assert wide == "     | 100.00th=[1234567890]\n"
-    assert format_percentiles_text({}, "msec") == ""
-    with pytest.raises(ValueError):
-        format_percentiles_text(pct, "sec")
+    # msec values round up twice, as fio's do: never a [1] for 1.5 ms
+    ms = format_percentiles_text({"50.000000": 2_500_000, "99.000000": 150_000_000}, "lat")
+    assert ms.splitlines() == [
+        "    lat percentiles (msec):",
+        "     | 50.00th=[    3], 99.00th=[  150]",
+    ]
+    wide = format_percentiles_text({"100.000000": 1_234_567_890}, "slat", precision=0)
+    assert wide == "    slat percentiles (msec):\n     | 100th=[ 1235]\n"
+    assert format_percentiles_text({}) == ""
     h = LatHist()
     h.add_many(np.arange(1, 1001) * 1000)
-    lines = format_percentiles_text(h.percentiles(), "usec").splitlines()
+    lines = format_percentiles_text(h.percentiles()).splitlines()[1:]
     assert len(lines) == math.ceil(len(DEFAULT_PERCENTILES) / 4)
     assert all(line.startswith("     |") for line in lines)

@@ -103,3 +103,40 @@ def test_fio_plot_reads_our_numbers(bench, tmp_path):
     # Every I/O lands in some bucket: the three histograms add up to ~100 %.
     total = sum(sum(row[f"latency_{u}"][0].values()) for u in ("ns", "us", "ms"))
     assert total == pytest.approx(100.0, abs=0.5)
+
+
+def test_fio_plot_reads_our_logs(tmp_path):
+    """fio-plot's 2D log graphs (``fio-plot -g``) read the logs bench-fio has fio write
+    (``<rw>-iodepth-<d>-numjobs-<n>_<type>.<job>.log``), merging the jobs' files: IOPS
+    and bandwidth summed, latencies averaged, window by window."""
+    stem = f"randread-iodepth-{IODEPTH}-numjobs-2"
+    cmd = [sys.executable, "-m", "mqrt", "bench", "--runtime", "0.5", "--cpus", "2", "-q"]
+    cmd += ["--iodepth", str(IODEPTH), "--log_avg_msec", "100", "--output-format", "json"]
+    cmd += ["--write_iops_log", stem, "--write_bw_log", stem, "--write_lat_log", stem]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    settings = defaultsettings.get_default_settings()
+    settings.update(
+        input_directory=[str(tmp_path)], rw="randread", iodepth=[IODEPTH], numjobs=[2],
+        type=["iops", "bw", "clat"],
+    )  # fmt: skip
+    merged = getdata.get_log_data(settings)
+    by_type = {m["type"]: m["data"][0]["read"] for m in merged}
+    assert set(by_type) == {"iops", "bw", "clat"}
+
+    def ours(kind: str) -> list[list[int]]:
+        return [
+            [[int(x) for x in ln.split(",")] for ln in (tmp_path / f"{stem}_{kind}.{i}.log")
+             .read_text().splitlines()]
+            for i in (1, 2)
+        ]  # fmt: skip
+
+    for kind in ("iops", "bw"):
+        a, b = ours(kind)
+        want = [x[1] + y[1] for x, y in zip(a, b, strict=False)]
+        assert [v for _, v in by_type[kind]] == want and sum(want) > 0
+    a, b = ours("clat")
+    got = [v for _, v in by_type["clat"]]
+    assert got == pytest.approx([(x[1] + y[1]) / 2 for x, y in zip(a, b, strict=False)])

@@ -580,7 +580,7 @@ class Cpu:
                     for _ in range(n):
                         op, sector, nr_sectors = job.next_bio()
                         mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
-
+                    job.mark_submit(n)
                     mq.finish_plug()
                 finally:
                     self.in_task = False

@@ -22,13 +22,14 @@ Deviations from fio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
-from mqrt.block.blk_stat import LatHist, parse_percentile_list
+from mqrt.block.blk_stat import LatHist, batch_bucket, parse_percentile_list
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
 
 RW_MODES = {
@@ -104,6 +105,66 @@ JOB_KNOBS: tuple[Knob, ...] = (
         "Polled I/O (io_uring IOPOLL): bios go to the poll queues and the submitting "
         "CPU reaps them itself, spinning (needs --poll_queues). Default: 0",
     ),
+    # -- what is reported (fio's names; see mqrt.bench.fiolog for the logs) --
+    Knob("clat_percentiles", "bool", True, "Completion-latency percentiles. Default: 1"),
+    Knob("lat_percentiles", "bool", False, "Total-latency percentiles. Default: 0"),
+    Knob("slat_percentiles", "bool", False, "Submission-latency percentiles. Default: 0"),
+    Knob(
+        "bw_avg_time",
+        "int",
+        500,
+        "ms over which each bandwidth sample (bw_min, bw_max, bw_mean...) is taken. Default: 500",
+        1,
+        86_400_000,
+    ),
+    Knob(
+        "iops_avg_time",
+        "int",
+        500,
+        "ms over which each IOPS sample (iops_min, iops_max...) is taken. Default: 500",
+        1,
+        86_400_000,
+    ),
+    Knob(
+        "write_lat_log",
+        "str",
+        "",
+        "Write NAME_clat.N.log, NAME_slat.N.log, NAME_lat.N.log (fio's format, one per "
+        "job N). Default: none",
+    ),
+    Knob("write_bw_log", "str", "", "Write NAME_bw.N.log (KiB/s). Default: none"),
+    Knob(
+        "write_hist_log",
+        "str",
+        "",
+        "Write NAME_clat_hist.N.log: completion-latency histograms in fio's bins, one "
+        "per log_hist_msec. Default: none",
+    ),
+    Knob(
+        "log_hist_msec",
+        "int",
+        0,
+        "ms each histogram of write_hist_log covers (0: none written). Default: 0",
+        0,
+        86_400_000,
+    ),
+    Knob(
+        "log_hist_coarseness",
+        "int",
+        0,
+        "Histogram bins merged 2**N at a time in write_hist_log (0..6). Default: 0",
+        0,
+        6,
+    ),
+    Knob("write_iops_log", "str", "", "Write NAME_iops.N.log. Default: none"),
+    Knob(
+        "log_avg_msec",
+        "int",
+        0,
+        "Average the logs over windows of this many ms (0: a line per I/O). Default: 0",
+        0,
+        86_400_000,
+    ),
 )
 
 #: Samples folded into the histograms at a time.
@@ -129,6 +190,24 @@ class JobSpec:
     iodepth_batch_complete: int = 1
     time_based: bool = True
     hipri: bool = False
+    clat_percentiles: bool = True
+    lat_percentiles: bool = False
+    slat_percentiles: bool = False
+    bw_avg_time: int = 500
+    iops_avg_time: int = 500
+    write_lat_log: str = ""
+    write_bw_log: str = ""
+    write_iops_log: str = ""
+    log_avg_msec: int = 0
+    write_hist_log: str = ""
+    log_hist_msec: int = 0
+    log_hist_coarseness: int = 0
+
+    @property
+    def logging(self) -> bool:
+        """Whether any of fio's per-I/O logs is asked for."""
+        logs = (self.write_lat_log, self.write_bw_log, self.write_iops_log, self.write_hist_log)
+        return any(logs)
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
@@ -154,6 +233,29 @@ class JobSpec:
         if self.rw in ("write", "randwrite"):
             return 0
         return self.rwmixread
+
+
+class IoLog:
+    """What fio's latency, bandwidth and IOPS logs need of each I/O, recorded only
+    when a log is asked for: completion time (ns since the measured part began),
+    direction, size, slat, clat and lat; sent whole, averaged by the report."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, now, base: int, ops, nr, nbytes, start, issue) -> None:
+        """Rows as :meth:`IoJob._fold` has them (each of ``nr`` I/Os of one size)."""
+        slat = np.maximum(issue - start, 0)
+        lat = np.maximum(now - start, 0)
+        rows = np.stack([now - base, ops, nbytes // np.maximum(nr, 1), slat, lat - slat, lat])
+        self.chunks.append(np.repeat(rows, nr, axis=1))
+
+    def to_wire(self) -> bytes:
+        rows = np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((6, 0), np.int64)
+        self.chunks = [rows]
+        return rows.astype("<i8").tobytes()
 
 
 class DirStats:
@@ -203,12 +305,24 @@ class IoJob:
         #: I/Os this job does in all when not time_based (0: no limit)
         self.limit = 0 if spec.time_based else spec.size // spec.bs
         self.record_from_ns = 0
+        #: I/Os submitted per in-flight depth after their submission (fio's io_u_map),
+        #: submissions and reaps per batch size bucket (io_u_submit, io_u_complete)
         self.depth_counts = [0] * 65
+        self.submit_counts = [0] * 7
+        self.complete_counts = [0] * 7
+        self._inflight_after = 0  #: in flight after the last submission
         self._done: list[tuple] = []  #: one row per request: its first bio
         self._done_ns: list[int] = []
         self._bios: list[tuple] = []  #: the bios merged into them, one row each
         self._bios_ns: list[int] = []
         self.dirs = (DirStats(), DirStats())
+        #: I/Os and bytes per direction per window (of the gcd of bw_avg_time and
+        #: iops_avg_time) since the measured part began: fio's bw and iops samples
+        self.window_ns = math.gcd(spec.bw_avg_time, spec.iops_avg_time) * 1_000_000
+        self.win_ios = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
+        self.win_bytes = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
+        #: with a log asked for: every recorded I/O
+        self.log = IoLog() if spec.logging else None
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -233,11 +347,21 @@ class IoJob:
         """(op, sector, nr_sectors) of the next I/O; counts it in flight."""
         if not self._offsets:
             self._refill()
-        depth = self.inflight
-        self.depth_counts[depth if depth < 64 else 64] += 1
-        self.inflight = depth + 1
+        self.inflight += 1
         self.submitted += 1
         return self._ops.pop(), self._offsets.pop(), self.bs_sectors
+
+    def mark_submit(self, n: int) -> None:
+        """A batch of ``n`` I/Os was submitted: count them at the depth they made (as
+        fio counts at its commit), the batch, and the completions reaped since the
+        previous batch."""
+        depth = self.inflight
+        self.depth_counts[depth if depth < 64 else 64] += n
+        self.submit_counts[batch_bucket(n)] += 1
+        reaped = self._inflight_after - (depth - n)
+        if reaped > 0:
+            self.complete_counts[batch_bucket(reaped)] += 1
+        self._inflight_after = depth
 
     # -- completion ----------------------------------------------------------------------------
 
@@ -287,6 +411,8 @@ class IoJob:
         rows.clear()
         rows_ns.clear()
         ops, nr, nbytes, start, issue, status = arr.T
+        if self.log is not None:
+            self.log.add(now, self.record_from_ns, ops, nr, nbytes, start, issue)
         ticks = [0, 0]
         for op in (ReqOp.READ, ReqOp.WRITE):
             sel = ops == op
@@ -302,10 +428,22 @@ class IoJob:
             d.slat.add_many(np.repeat(np.maximum(ist - st, 0), reps))
             d.clat.add_many(np.repeat(np.maximum(nw - ist, 0), reps))
             d.lat.add_many(np.repeat(lat, reps))
+            self._count_windows(op, nw, reps, nbytes[sel])
             if requests:
                 d.requests += int(sel.sum())
                 ticks[op] = int(lat.sum())
         return ticks
+
+    def _count_windows(self, op: int, now: np.ndarray, reps: np.ndarray, nbytes) -> None:
+        win = (now - self.record_from_ns) // self.window_ns
+        n = int(win.max()) + 1
+        for arrs, weights in ((self.win_ios, reps), (self.win_bytes, nbytes)):
+            counts = np.bincount(win, weights=weights, minlength=n).astype(np.int64)
+            have = arrs[op]
+            if have.size < n:
+                have = np.concatenate([have, np.zeros(n - have.size, np.int64)])
+            have[:n] += counts
+            arrs[op] = have
 
     def to_wire(self) -> dict[str, Any]:
         self.fold()
@@ -315,6 +453,12 @@ class IoJob:
             "submitted": self.submitted,
             "inflight": self.inflight,
             "depth_counts": self.depth_counts,
+            "submit_counts": self.submit_counts,
+            "complete_counts": self.complete_counts,
             "read": self.dirs[0].to_wire(),
             "write": self.dirs[1].to_wire(),
+            "window_ms": self.window_ns // 1_000_000,
+            "win_ios": [a.tolist() for a in self.win_ios],
+            "win_bytes": [a.tolist() for a in self.win_bytes],
+            **({"log": self.log.to_wire()} if self.log is not None else {}),
         }

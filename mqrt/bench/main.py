@@ -185,9 +185,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument(
         "--output-format",
         "--output_format",
-        choices=("normal", "json"),
-        default="normal",
-        help="normal (fio-like text) or json (fio-shaped JSON). Default: normal",
+        type=_output_formats,
+        default=("normal",),
+        metavar="FMT[,FMT]",
+        help="normal (fio's text), json (fio's JSON), json+ (json with each latency "
+        "histogram's bins) or terse (fio's terse v3 lines), or several, comma separated "
+        "(fio prints JSON first). Default: normal",
     )
     out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
@@ -221,6 +224,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="draw IOPS versus CPUs per mode and the latency percentiles (needs mqrt[plot])",
     )  # fmt: skip
     p.set_defaults(func=main)
+
+
+#: fio's --output-format values.
+OUTPUT_FORMATS = ("normal", "json", "json+", "terse")
+
+
+def _output_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(","))
+    bad = [f for f in formats if f not in OUTPUT_FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(
+            f"bad value {bad[0] if bad else text!r}; allowed: {', '.join(OUTPUT_FORMATS)}, "
+            "comma separated"
+        )
+    return formats
 
 
 def _positive_int(text: str) -> int:
@@ -519,6 +537,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.runtime.spec import RunError
 
     job0 = planned[0].spec.job
+    bins = "json+" in args.output_format
     progress = Progress(
         not args.quiet, len(planned) * repeat, job0.runtime + job0.ramp_time + 0.15, args.verbose
     )
@@ -526,6 +545,8 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     interrupted = False
     failure: dict[str, Any] | None = None
     messages: list[str] = []
+    log_first: dict[str | None, int] = {}  #: each job-file section's first job number
+    next_log = 1
     try:
         for p in planned:
             for rep in range(repeat):
@@ -553,12 +574,23 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                         failure = _failure(exc, p.params, p.spec.nr_cpus)
                         if exc.partial is not None:
                             with contextlib.suppress(Exception):  # as much as the CPUs left
-                                summary = run_summary(exc.partial, p.config, p.spec)
+                                summary = run_summary(exc.partial, p.config, p.spec, bins)
                                 p.runs.append(summary | {"partial": True})
                     break
                 with signals.deferred():  # the figures exist: a signal here keeps them
                     progress.end_run()
-                    p.runs.append(run_summary(result, p.config, p.spec))
+                    p.runs.append(run_summary(result, p.config, p.spec, bins))
+                    # fio numbers its jobs through the job file: a section's jobs
+                    # come after those of the sections before it
+                    first = log_first.setdefault(p.params.get("job"), next_log)
+                    next_log = max(next_log, first + len(result.cpus) * len(result.queues))
+                    if p.spec.job.logging:  # fio's logs, written again by each run
+                        from mqrt.bench.fiolog import write_logs
+
+                        try:
+                            write_logs(result, p.spec.job, first=first)
+                        except OSError as exc:
+                            messages.append(f"logs not written: {exc}")
                     for msg in result.messages:
                         if msg not in messages:
                             messages.append(msg)
@@ -651,10 +683,15 @@ def _report(
 def _print_report(report, args, is_default, out) -> None:
     from mqrt.bench.text import render_report
 
-    if args.output_format == "json":
+    formats = args.output_format
+    if "json" in formats or "json+" in formats:
         json.dump(report, out, indent=2)
         out.write("\n")
-    else:
+    if "terse" in formats:
+        from mqrt.bench.terse import render_terse
+
+        render_terse(report, out)
+    if "normal" in formats:
         render_report(report, out)
         if is_default:
             print(

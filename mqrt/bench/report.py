@@ -17,7 +17,10 @@ from mqrt.bench.sweep import Point, format_params, median_index
 from mqrt.block.blk_stat import (
     DEFAULT_PERCENTILES,
     LatHist,
+    SampleStat,
+    batch_dist,
     dir_stats_json,
+    group_samples,
     iodepth_level,
     parse_percentile_list,
 )
@@ -55,11 +58,44 @@ def _merge_jobs(result, q: int) -> dict[str, Any]:
             }
         )
     depth: dict[int, int] = {}
+    submit = [0] * 7
+    complete = [0] * 7
     for cpu in result.cpus:
-        for d, c in enumerate(cpu["jobs"][q]["depth_counts"]):
+        job = cpu["jobs"][q]
+        for d, c in enumerate(job["depth_counts"]):
             if c:
                 depth[d] = depth.get(d, 0) + c
-    return {"dirs": dirs, "depth": depth}
+        for i, c in enumerate(job.get("submit_counts", ())):
+            submit[i] += c
+        for i, c in enumerate(job.get("complete_counts", ())):
+            complete[i] += c
+    return {"dirs": dirs, "depth": depth, "submit": submit, "complete": complete}
+
+
+def _samples(result, q: int, ddir: int, job) -> tuple[SampleStat, SampleStat]:
+    """fio's bandwidth (KiB/s over bw_avg_time) and IOPS (over iops_avg_time) samples
+    of one direction on request queue ``q``: every whole period of each CPU's
+    measured time (at most the runtime), its jobs summed as fio's group_reporting
+    sums them; none for a direction that did no I/O."""
+    bw: list[list[int]] = []
+    iops: list[list[int]] = []
+    for cpu in result.cpus:
+        w = cpu["jobs"][q]
+        if "win_ios" not in w or not sum(w["win_ios"][ddir]):
+            continue
+        # a late stop (a loaded host) is not more runtime: fio stops at its runtime
+        measured_ms = min(cpu["measured_ns"] // 1_000_000, round(job.runtime * 1000))
+        for out, counts, period, scale in (
+            (bw, w["win_bytes"][ddir], job.bw_avg_time, 1024),
+            (iops, w["win_ios"][ddir], job.iops_avg_time, 1),
+        ):
+            per = period // w["window_ms"]
+            nr = measured_ms // period
+            padded = list(counts) + [0] * max(0, nr * per - len(counts))
+            out.append(
+                [sum(padded[i * per : (i + 1) * per]) * 1000 // period // scale for i in range(nr)]
+            )
+    return group_samples(bw), group_samples(iops)
 
 
 def _cpu_totals(result) -> dict[str, float]:
@@ -107,17 +143,23 @@ def disk_util(name: str, dirs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_jobs(
-    result, config: dict[str, Any], spec
+    result, config: dict[str, Any], spec, bins: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], LatHist]:
     """fio's ``jobs[]`` for one run (one job per request queue, every CPU's I/O on it
     merged), its ``disk_util[]`` (one entry per request queue, in the same order) and
-    the run's total-latency histogram (reads and writes)."""
+    the run's total-latency histogram (reads and writes); ``bins``: json+'s
+    histograms."""
     job = spec.job
     runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES
     )
     cpu = _cpu_totals(result)
+    flags = (
+        getattr(job, "slat_percentiles", False),
+        getattr(job, "clat_percentiles", True),
+        getattr(job, "lat_percentiles", False),
+    )
     jobs = []
     disks = []
     run_lat = LatHist()
@@ -139,7 +181,8 @@ def run_jobs(
             "job options": job_opts,
         }
         all_lat = LatHist()
-        for name, d in zip(("read", "write"), merged["dirs"], strict=True):
+        for ddir, (name, d) in enumerate(zip(("read", "write"), merged["dirs"], strict=True)):
+            samples = _samples(result, qi, ddir, job)
             entry[name] = dir_stats_json(
                 io_bytes=d["bytes"],
                 runtime_ms=runtime_ms if d["ios"] else 0,
@@ -148,6 +191,10 @@ def run_jobs(
                 lat=d["lat"],
                 slat=d["slat"],
                 plist=plist,
+                percentiles=flags,
+                bins=bins,
+                bw_stat=samples[0],
+                iops_stat=samples[1],
             )
             all_lat.merge(d["lat"])
             run_lat.merge(d["lat"])
@@ -166,9 +213,17 @@ def run_jobs(
                 "majf": 0,
                 "minf": 0,
                 "iodepth_level": iodepth_level(merged["depth"]),
+                "iodepth_submit": batch_dist(merged["submit"]),
+                "iodepth_complete": batch_dist(merged["complete"]),
                 "latency_ns": lat_ns,
                 "latency_us": lat_us,
                 "latency_ms": lat_ms,
+                # fio's latency_target mode (latency_target, _window, _percentile) is
+                # not there: its defaults, and the depth it would probe up to
+                "latency_depth": job.iodepth,
+                "latency_target": 0,
+                "latency_percentile": 100.0,
+                "latency_window": 0,
             }
         )
         jobs.append(entry)
@@ -254,9 +309,10 @@ def _sum_driver(result) -> dict[str, int]:
     return out
 
 
-def run_summary(result, config: dict[str, Any], spec) -> dict[str, Any]:
-    """One repetition of a point: its fio jobs, headline figures and detail."""
-    jobs, disks, lat = run_jobs(result, config, spec)
+def run_summary(result, config: dict[str, Any], spec, bins: bool = False) -> dict[str, Any]:
+    """One repetition of a point: its fio jobs (``bins``: with json+'s histograms),
+    headline figures and detail."""
+    jobs, disks, lat = run_jobs(result, config, spec, bins)
     job = spec.job
     plist = (
         parse_percentile_list(job.percentile_list) if job.percentile_list else DEFAULT_PERCENTILES

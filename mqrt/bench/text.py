@@ -13,11 +13,11 @@ from rich.table import Table
 
 from mqrt.bench.sweep import format_params
 from mqrt.block.blk_mq_cpumap import format_cpulist
-from mqrt.block.blk_stat import choose_unit, format_percentiles_text
+from mqrt.block.blk_stat import format_percentiles_text, percentile_precision
 
 
 def _si(x: float) -> str:
-    """fio's short numbers: 950, 12.3k, 123k, 1234k -> 1.23M."""
+    """Short numbers for mqrt's own lines: 950, 12.3k, 123k, 1234k -> 1.23M."""
     for unit, div in (("M", 1e6), ("k", 1e3)):
         if x >= div:
             v = x / div
@@ -25,55 +25,158 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _lat_unit(h: dict[str, Any]) -> tuple[str, int]:
-    """fio's way: nsec for short latencies, msec only when even the minimum is a
-    millisecond or more, usec otherwise."""
-    if h["max"] < 10_000:
-        return "nsec", 1
-    if h["min"] >= 1_000_000:
-        return "msec", 1_000_000
-    return "usec", 1000
+def num2str(num: int, digits: int, pow2: bool = False, unit: str = "") -> str:
+    """fio's short number: ``num`` divided by 1000 (1024 with ``pow2``) until it has at
+    most ``digits`` digits, the remainder's first decimals filling the digits left
+    (rounded), then the prefix (k, M, G... or Ki, Mi, Gi...) and ``unit`` ("", "B",
+    "B/s")."""
+    thousand = 1024 if pow2 else 1000
+    prefixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi") if pow2 else ("", "k", "M", "G", "T", "P")
+    num = int(num)
+    post = 0
+    modulo = None
+    carry = False
+    while post < len(prefixes) and len(str(num)) > digits:
+        modulo = num % thousand
+        num //= thousand
+        carry = modulo >= thousand // 2
+        post += 1
+    if post >= len(prefixes):
+        post = 0
+    if modulo is None:
+        return f"{num}{prefixes[post]}{unit}"
+    room = digits - len(str(num))
+    if room <= 1:
+        return f"{num + carry}{prefixes[post]}{unit}"
+    frac = f"{modulo / thousand:.{room - 1}f}"
+    if frac[0] == "1":
+        num += 1
+    return f"{num}.{frac[2:]}{prefixes[post]}{unit}"
+
+
+def lat_line(name: str, h: dict[str, Any]) -> str:
+    """fio's ``slat``/``clat``/``lat`` line: msec when the minimum is over 2 ms, the
+    maximum over 100 ms and the deviation over 1 ms; usec on the same terms a
+    thousand times smaller; nsec otherwise."""
+    lo, hi, mean, dev = h["min"], h["max"], h["mean"], h["stddev"]
+    unit = "nsec"
+    for name_, div in (("msec", 1_000_000), ("usec", 1000)):
+        if lo > 2 * div and hi > 100 * div - 1 and dev > div:
+            unit = name_
+            lo, hi, mean, dev = lo // div, hi // div, mean / div, dev / div
+            break
+    return (
+        f"    {name} ({unit}): min={num2str(lo, 6)}, max={num2str(hi, 6)}, "
+        f"avg={mean:5.02f}, stdev={dev:5.02f}"
+    )
+
+
+def _lat_buckets(job: dict[str, Any]) -> list[str]:
+    """fio's ``lat (nsec/usec/msec)`` lines: the nonzero buckets, five per line."""
+    lines = []
+    for unit, key in (("nsec", "latency_ns"), ("usec", "latency_us"), ("msec", "latency_ms")):
+        cells = [f"{k}={v:3.2f}%" for k, v in job.get(key, {}).items() if v > 0]
+        for i in range(0, len(cells), 5):
+            lines.append(f"  lat ({unit})   : " + ", ".join(cells[i : i + 5]))
+    return lines
+
+
+def _dist_line(label: str, dist: dict[str, float]) -> str:
+    return label + ", ".join(f"{k}={v:3.1f}%" for k, v in dist.items())
+
+
+def _dir_lines(name: str, d: dict[str, Any], precision: int) -> list[str]:
+    """One direction's block: IOPS and bandwidth, the latency lines and the
+    percentile tables the job asked for."""
+    runtime = d["runtime"]
+    bw = 1000 * d["io_bytes"] // runtime if runtime else 0
+    iops = 1000 * d["total_ios"] // runtime if runtime else 0
+    lines = [
+        f"  {name}: IOPS={num2str(iops, 4)}, BW={num2str(bw, 4, True, 'B/s')} "
+        f"({num2str(bw, 4, False, 'B/s')})({num2str(d['io_bytes'], 4, True, 'B')}/"
+        f"{runtime}msec)"
+    ]
+    for lat_name in ("slat", "clat", " lat"):
+        h = d[f"{lat_name.strip()}_ns"]
+        if h["N"]:
+            lines.append(lat_line(lat_name, h))
+    for lat_name in ("slat", "clat", "lat"):
+        pct = d[f"{lat_name}_ns"].get("percentile")
+        if pct:
+            lines += format_percentiles_text(pct, lat_name, precision).splitlines()
+    return lines + sample_lines(d)
+
+
+def sample_lines(d: dict[str, Any]) -> list[str]:
+    """fio's ``bw`` and ``iops`` sample lines (KiB/s, in MiB/s from a mean of 1 GiB/s),
+    when there are samples."""
+    lines = []
+    if d["bw_samples"]:
+        lo, hi, mean, dev, unit = d["bw_min"], d["bw_max"], d["bw_mean"], d["bw_dev"], "KiB"
+        if mean > 1024 * 1024:
+            lo, hi, mean, dev, unit = lo // 1024, hi // 1024, mean / 1024, dev / 1024, "MiB"
+        lines.append(
+            f"   bw ({unit:>5}/s): min={lo:5d}, max={hi:5d}, per={d['bw_agg']:3.2f}%, "
+            f"avg={mean:5.02f}, stdev={dev:5.02f}, samples={d['bw_samples']}"
+        )
+    if d["iops_samples"]:
+        lines.append(
+            f"   iops        : min={d['iops_min']:5d}, max={d['iops_max']:5d}, "
+            f"avg={d['iops_mean']:5.02f}, stdev={d['iops_stddev']:5.02f}, "
+            f"samples={d['iops_samples']}"
+        )
+    return lines
 
 
 def render_point(
     jobs: list[dict[str, Any]], m: dict[str, Any], out, disks: list[dict[str, Any]] | None = None
 ) -> None:
-    """fio's human summary of one run, one block per job, its disk stats, then
-    mqrt's own lines (``m`` is the run's detail: a point's ``run`` object)."""
+    """fio's human summary of one run, one block per job, its run status group and
+    disk stats, then mqrt's own lines (``m`` is the run's detail: a point's ``run``
+    object)."""
+    plist_text = str(m.get("config", {}).get("job", {}).get("percentile_list", ""))
+    precision = percentile_precision(plist_text)
+    pid = m["cpus"][0]["pid"] if m["cpus"] else 0
+    when = time.strftime("%a %b %d %H:%M:%S %Y")
     for job in jobs:
-        err = f"{job['error']} ({job['total_err']} I/Os failed)" if job["error"] else "0"
-        print(f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err= {err}", file=out)
-        for name in ("read", "write"):
-            d = job[name]
-            if not d["total_ios"]:
-                continue
-            mib = d["bw_bytes"] / (1 << 20)
-            print(
-                f"  {name}: IOPS={_si(d['iops'])}, BW={mib:.1f}MiB/s "
-                f"({d['bw_bytes'] / 1e6:.1f}MB/s)({d['io_bytes'] / (1 << 20):.0f}MiB/"
-                f"{d['runtime']}msec)",
-                file=out,
-            )
-            for lat_name in ("slat", "clat", "lat"):
-                h = d[f"{lat_name}_ns"]
-                unit, div = _lat_unit(h)
-                print(
-                    f"    {lat_name:>4} ({unit}): min={h['min'] // div}, max={h['max'] // div}, "
-                    f"avg={h['mean'] / div:.2f}, stdev={h['stddev'] / div:.2f}",
-                    file=out,
-                )
-            pct = d["clat_ns"].get("percentile", {})
-            if pct:
-                unit, _ = choose_unit(max(pct.values()))
-                print(f"    clat percentiles ({unit}):", file=out)
-                out.write(format_percentiles_text(pct, unit))
-        lvl = job["iodepth_level"]
+        err = f"{job['error']:2d}"
+        if job["error"]:
+            err += f" ({job['total_err']} I/Os failed)"
         print(
-            f"  cpu          : usr={job['usr_cpu']:.2f}%, sys={job['sys_cpu']:.2f}%, "
-            f"ctx={job['ctx']}, majf=0, minf=0",
+            f"{job['jobname']}: (groupid=0, jobs={len(m['cpus'])}): err={err}: pid={pid}: {when}",
             file=out,
         )
-        print("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in lvl.items()), file=out)
+        for name in ("read", "write"):
+            d = job[name]
+            if d["io_bytes"]:
+                print("\n".join(_dir_lines(name, d, precision)), file=out)
+        for line in _lat_buckets(job):
+            print(line, file=out)
+        print(
+            f"  cpu          : usr={job['usr_cpu']:3.2f}%, sys={job['sys_cpu']:3.2f}%, "
+            f"ctx={job['ctx']}, majf={job['majf']}, minf={job['minf']}",
+            file=out,
+        )
+        print(_dist_line("  IO depths    : ", job["iodepth_level"]), file=out)
+        if "iodepth_submit" in job:
+            print(_dist_line("     submit    : ", job["iodepth_submit"]), file=out)
+            print(_dist_line("     complete  : ", job["iodepth_complete"]), file=out)
+        r, w = job["read"], job["write"]
+        print(
+            f"     issued rwts: total={r['total_ios']},{w['total_ios']},0,0 "
+            f"short={r['short_ios']},{w['short_ios']},0,0 "
+            f"dropped={r['drop_ios']},{w['drop_ios']},0,0",
+            file=out,
+        )
+        if job.get("latency_depth"):
+            print(
+                f"     latency   : target={job['latency_target']}, "
+                f"window={job['latency_window']}, "
+                f"percentile={job['latency_percentile']:.2f}%, depth={job['latency_depth']}",
+                file=out,
+            )
+    for line in group_lines(jobs):
+        print(line, file=out)
     if disks:
         print("\nDisk stats (read/write):", file=out)
         for d in disks:
@@ -84,6 +187,40 @@ def render_point(
                 f"ticks={d['read_ticks']}/{d['write_ticks']}, in_queue={d['in_queue']}",
                 file=out,
             )
+    _mqrt_lines(m, out)
+
+
+def group_lines(jobs: list[dict[str, Any]]) -> list[str]:
+    """fio's ``Run status group 0 (all jobs)`` block: per direction, the group's
+    bandwidth (all bytes over the longest runtime), the jobs' smallest and largest
+    bandwidth, the bytes and the runtimes' range."""
+    lines = ["", "Run status group 0 (all jobs):"]
+    for name, label in (("read", "   READ"), ("write", "  WRITE")):
+        dirs = [j[name] for j in jobs if j[name]["runtime"]]
+        if not dirs:
+            continue
+        io = sum(d["io_bytes"] for d in dirs)
+        max_run = max(d["runtime"] for d in dirs)
+        agg = 1000 * io // max_run
+        bws = [1000 * d["io_bytes"] // d["runtime"] for d in dirs]
+
+        def both(v: int, unit: str = "B/s") -> tuple[str, str]:
+            return num2str(v, 4, True, unit), num2str(v, 4, False, unit)
+
+        a, a2 = both(agg)
+        lo, lo2 = both(min(bws))
+        hi, hi2 = both(max(bws))
+        i, i2 = both(io, "B")
+        lines.append(
+            f"{label}: bw={a} ({a2}), {lo}-{hi} ({lo2}-{hi2}), io={i} ({i2}), "
+            f"run={min(d['runtime'] for d in dirs)}-{max_run}msec"
+        )
+    return lines
+
+
+def _mqrt_lines(m: dict[str, Any], out) -> None:
+    """mqrt's own lines under fio's: CPUs, CPU per I/O, the device's costs, the
+    invariants, the notes and the block layer's counters."""
     s = m["summary"]
     inv = m["invariants"]
     print(

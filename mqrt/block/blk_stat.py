@@ -35,11 +35,10 @@ Deviations
     * ``latency_buckets`` is computed from the histogram, not counted per I/O: each bin
       is placed by its (truncated) midpoint.  Edges below 128 ns are exact; a bin that
       straddles a larger edge (e.g. 750 ns, 10 us) lands wholly on its midpoint's side.
-    * ``choose_unit`` picks nsec below 10 us and msec from 10 ms (fio instead looks at
-      the smallest and largest percentile); values are rounded up to the unit, as fio does.
-    * ``bw_agg`` is 100.0 whenever there are bandwidth samples with a nonzero mean: one
-      mqrt run is the whole reporting group.  ``lat_ns`` and ``slat_ns`` carry no
-      percentiles (fio's default without ``lat_percentiles``/``slat_percentiles``).
+    * Tables of percentages show a nonzero share under fio's floor at the floor:
+      0.1 for ``iodepth_*``, 0.01 for ``latency_*`` (so they may sum a little over 100).
+    * ``bw_agg`` is the mean sample's share of the job's own bandwidth (fio: of its
+      reporting group's), at most 100.
 """
 
 from __future__ import annotations
@@ -305,6 +304,7 @@ class LatHist:
             _BIN_LAT_BUCKET, weights=self.bins.astype(np.float64), minlength=len(_LAT_EDGES_NS) + 1
         )
         pct = per_bucket * (100.0 / self.n) if self.n else per_bucket * 0.0
+        pct = np.where((pct < 0.01) & (per_bucket > 0), 0.01, pct)  # fio's floor
         nk = len(_LAT_KEYS)
         ns = dict(zip(_LAT_KEYS, map(float, pct[:nk]), strict=True))
         us = dict(zip(_LAT_KEYS, map(float, pct[nk : 2 * nk]), strict=True))
@@ -312,17 +312,73 @@ class LatHist:
         return ns, us, ms
 
 
+def _dist(counts: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
+    """fio's ``stat_calc_dist``: percentages of the total, a nonzero share below 0.1%
+    shown as 0.1; all zeros when there is nothing."""
+    total = counts.sum()
+    pct = counts * (100.0 / total) if total else counts * 0.0
+    pct = np.where((pct < 0.1) & (counts > 0), 0.1, pct)
+    return dict(zip(keys, map(float, pct), strict=True))
+
+
 def iodepth_level(depth_counts: Mapping[int, int]) -> dict[str, float]:
-    """fio's ``iodepth_level`` from ``{in-flight depth at submission: count}``; depth 0 is
-    counted as "1".  Percentages of all submissions (all zeros when there are none)."""
+    """fio's ``iodepth_level`` from ``{in-flight depth: I/Os submitted at it}``, the
+    depth counted as fio does, with the I/Os being submitted (depth 0 is counted as
+    "1").  Percentages of all submitted I/Os (all zeros when there are none)."""
     levels = np.zeros(len(_DEPTH_KEYS), dtype=np.float64)
     for depth, count in depth_counts.items():
         if depth < 0 or count < 0:
             raise ValueError(f"iodepth_level: negative depth or count ({depth}: {count})")
         levels[max(int(np.searchsorted(_DEPTH_LOWER, depth, side="right")) - 1, 0)] += count
-    total = levels.sum()
-    pct = levels * (100.0 / total) if total else levels
-    return dict(zip(_DEPTH_KEYS, map(float, pct), strict=True))
+    return _dist(levels, _DEPTH_KEYS)
+
+
+#: ``iodepth_submit``/``iodepth_complete`` keys: I/Os per submission (or per reap)
+#: of 0, 1..4, 5..8, 9..16, 17..32, 33..64, more.
+BATCH_KEYS = ("0", "4", "8", "16", "32", "64", ">=64")
+
+
+def batch_bucket(nr: int) -> int:
+    """Index in :data:`BATCH_KEYS` of a submission (or reap) of ``nr`` I/Os."""
+    if nr <= 4:
+        return 1 if nr > 0 else 0
+    return min((nr - 1).bit_length() - 1, 6)
+
+
+def batch_dist(counts: Sequence[int]) -> dict[str, float]:
+    """fio's ``iodepth_submit``/``iodepth_complete`` from counts per bucket."""
+    return _dist(np.asarray(counts, dtype=np.float64), BATCH_KEYS)
+
+
+#: (min, max, mean, sample stddev, count) of bandwidth or IOPS samples.
+SampleStat = tuple[int, int, float, float, int]
+
+
+def _share(bw_mean_kib: float, bw_bytes: int) -> float:
+    """fio's ``bw_agg``: the mean sample's share of the group's bandwidth, at most 100."""
+    if bw_bytes <= 1024:
+        return 100.0
+    return min(100.0, bw_mean_kib * 100.0 / (bw_bytes / 1024.0))
+
+
+def group_samples(per_job: Sequence[Sequence[float]]) -> SampleStat:
+    """The samples of jobs reported as one (fio's group_reporting): each job's
+    minimum, maximum, mean and sum of squared deviations added up, and their counts,
+    as fio sums bandwidth and IOPS statistics; zeros when there are none."""
+    lo = hi = 0
+    mean = ssd = 0.0
+    n = 0
+    for samples in per_job:
+        arr = np.asarray(samples, dtype=np.float64)
+        if not arr.size:
+            continue
+        lo += int(arr.min())
+        hi += int(arr.max())
+        mean += float(arr.mean())
+        ssd += float(((arr - arr.mean()) ** 2).sum())
+        n += arr.size
+    dev = math.sqrt(ssd / (n - 1)) if n > 1 else 0.0
+    return lo, hi, mean, dev, n
 
 
 def _sample_stats(samples: Sequence[float]) -> tuple[int, int, float, float, int]:
@@ -343,19 +399,25 @@ def dir_stats_json(
     lat: LatHist,
     slat: LatHist,
     plist: Sequence[float] = DEFAULT_PERCENTILES,
+    percentiles: tuple[bool, bool, bool] = (False, True, False),
+    bins: bool = False,
     short_ios: int = 0,
     drop_ios: int = 0,
     iops_samples: Sequence[float] = (),
     bw_samples_kib: Sequence[float] = (),
+    bw_stat: SampleStat | None = None,
+    iops_stat: SampleStat | None = None,
 ) -> dict[str, Any]:
     """fio's per-direction object (``"read"``/``"write"``), every key present even when
-    the direction did nothing."""
+    the direction did nothing.  ``percentiles`` says which of slat, clat and lat carry
+    them (fio's ``slat_percentiles``, ``clat_percentiles``, ``lat_percentiles``);
+    ``bins`` (json+) adds the histogram to those that do."""
     if min(io_bytes, runtime_ms, total_ios, short_ios, drop_ios) < 0:
         raise ValueError("dir_stats_json: byte, time and I/O counts must be >= 0")
     bw_bytes = 1000 * io_bytes // runtime_ms if runtime_ms else 0
     iops = 1000.0 * total_ios / runtime_ms if runtime_ms else 0.0
-    bw_min, bw_max, bw_mean, bw_dev, bw_n = _sample_stats(bw_samples_kib)
-    io_min, io_max, io_mean, io_dev, io_n = _sample_stats(iops_samples)
+    bw_min, bw_max, bw_mean, bw_dev, bw_n = bw_stat or _sample_stats(bw_samples_kib)
+    io_min, io_max, io_mean, io_dev, io_n = iops_stat or _sample_stats(iops_samples)
     return {
         "io_bytes": io_bytes,
         "io_kbytes": io_bytes // 1024,
@@ -366,12 +428,12 @@ def dir_stats_json(
         "total_ios": total_ios,
         "short_ios": short_ios,
         "drop_ios": drop_ios,
-        "slat_ns": slat.fio_json(None),
-        "clat_ns": clat.fio_json(plist),
-        "lat_ns": lat.fio_json(None),
+        "slat_ns": slat.fio_json(plist if percentiles[0] else None, bins and percentiles[0]),
+        "clat_ns": clat.fio_json(plist if percentiles[1] else None, bins and percentiles[1]),
+        "lat_ns": lat.fio_json(plist if percentiles[2] else None, bins and percentiles[2]),
         "bw_min": bw_min,
         "bw_max": bw_max,
-        "bw_agg": 100.0 if bw_n and bw_mean > 0 else 0.0,
+        "bw_agg": _share(bw_mean, bw_bytes) if bw_n else 0.0,
         "bw_mean": bw_mean,
         "bw_dev": bw_dev,
         "bw_samples": bw_n,
@@ -383,29 +445,44 @@ def dir_stats_json(
     }
 
 
-def choose_unit(max_ns: int) -> tuple[str, int]:
-    """Display unit for latencies up to ``max_ns``: ("nsec", 1) below 10 us, ("msec",
-    10**6) from 10 ms, else ("usec", 1000)."""
-    if max_ns < 10_000:
-        return "nsec", 1
-    if max_ns >= 10_000_000:
-        return "msec", 1_000_000
-    return "usec", 1000
+def percentile_precision(text: str) -> int:
+    """Decimals fio prints a percentile with: the most any entry of ``percentile_list``
+    has (``"1:50:99"`` -> 0, ``"99.999"`` -> 3); 2 for fio's default list."""
+    if not text:
+        return 2
+    return max(len(e.partition(".")[2]) for e in text.split(":"))
 
 
-_UNIT_DIVISORS = {"nsec": 1, "usec": 1000, "msec": 1_000_000}
+def percentile_unit(values: Sequence[int]) -> tuple[str, int, int]:
+    """fio's unit for a percentile table, from its smallest and largest value (ns):
+    msec when the smallest is over 2 ms and the largest over 99.999999 ms, usec when
+    the smallest is over 2 us and the largest over 99.999 us, else nsec.  Returns
+    (unit, divisor, steps): each value is rounded up to the unit ``steps`` times by
+    thousands, so none prints smaller than it is."""
+    lo, hi = min(values), max(values)
+    if lo > 2_000_000 and hi > 99_999_999:
+        return "msec", 1_000_000, 2
+    if lo > 2000 and hi > 99_999:
+        return "usec", 1000, 1
+    return "nsec", 1, 0
 
 
-def format_percentiles_text(pct: Mapping[str, int], unit: str = "usec") -> str:
-    """fio's human percentile block body, four per line, ns values rounded up to ``unit``
-    (``nsec``, ``usec`` or ``msec``); "" when ``pct`` is empty."""
-    if unit not in _UNIT_DIVISORS:
-        raise ValueError(f"unit must be one of {', '.join(_UNIT_DIVISORS)}, got {unit!r}")
-    div = _UNIT_DIVISORS[unit]
-    items = sorted((float(k), -(-int(v) // div)) for k, v in pct.items())
+def format_percentiles_text(pct: Mapping[str, int], name: str = "clat", precision: int = 2) -> str:
+    """fio's percentile table of one latency (``name``: clat, slat or lat): its header
+    with the unit fio chooses, then as many entries per line as fit 80 columns; ""
+    when ``pct`` is empty."""
+    items = sorted((float(k), int(v)) for k, v in pct.items())
     if not items:
         return ""
-    width = max(5, len(str(max(v for _, v in items))))
-    cells = [f"{p:5.2f}th=[{v:{width}d}]" for p, v in items]
-    lines = [", ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
-    return ",\n".join(f"     | {line}" for line in lines) + "\n"
+    unit, divisor, steps = percentile_unit([v for _, v in items])
+    hi = max(v for _, v in items)
+    width = max(5, int(math.log10(hi // divisor)) + 1 if hi // divisor else 5)
+    per_line = (80 - 7) // (precision + 10 + width)
+    cells = []
+    for p, value in items:
+        shown = value
+        for _ in range(steps):
+            shown = (shown + 999) // 1000
+        cells.append(f" {p:{precision + 3}.{precision}f}th=[{shown:{width}d}]")
+    lines = [",".join(cells[i : i + per_line]) for i in range(0, len(cells), per_line)]
+    return f"    {name} percentiles ({unit}):\n" + ",\n".join(f"     |{ln}" for ln in lines) + "\n"
