@@ -15,6 +15,13 @@ issue to the driver), its clat from there to its completion -- through every ret
 diskstats does: requests completed and the time they took (from the request's start,
 its first bio's), per direction.
 
+Block sizes are per direction (fio's ``bs=read,write``), each fixed, a range
+(``bsrange``: a multiple of its low end, uniform) or a split (``bssplit``: sizes
+drawn by their weights).  I/O stays within ``[offset, offset + size)``; a
+sequential job wraps to ``offset`` at the end, skipping ``rw=read:N`` bytes after
+each I/O; a random one draws offsets aligned to the smallest block size, and with
+``rw=randread:N`` follows each random offset with N-1 sequential ones.
+
 Deviations from fio
     * Offsets are generated in chunks with numpy (seeded per job), uniform over
       ``size``; there is no random map (``norandommap`` behaviour).
@@ -23,12 +30,13 @@ Deviations from fio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
 from mqrt.block.blk_stat import LatHist, parse_percentile_list
+from mqrt.lib.fio_values import parse_bssplit, parse_size_range
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
 
 RW_MODES = {
@@ -106,6 +114,65 @@ JOB_KNOBS: tuple[Knob, ...] = (
     ),
 )
 
+
+def _check_blocksizes(text: str) -> str | None:
+    try:
+        parse_blocksizes(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+#: Job options only a job file sets (fio's spellings are translated into these by
+#: ``mqrt.bench.fio_options``); never on the command line, never swept.
+JOB_FILE_KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "blocksizes",
+        "str",
+        "",
+        "Block sizes per direction, read,write: each LO-HI or SIZE/PCT:SIZE/PCT (empty: bs)",
+        check=lambda v: _check_blocksizes(v) if v else None,
+    ),
+    Knob("rw_modifier", "int", 0, "rw=MODE:N: bytes skipped (sequential) or run length", 0),
+    Knob("offset", "int", 0, "First byte of the job's region", 0, 1 << 60),
+    Knob("offset_pct", "float", 0.0, "offset as a percentage of the device", 0, 100),
+    Knob("size_pct", "float", 0.0, "size as a percentage of the device (0: size)", 0, 100),
+    Knob("io_size", "int", 0, "Bytes of I/O the job does when not time_based (0: size)", 0),
+    Knob("loops", "int", 1, "Passes over io_size when not time_based", 1, 1 << 30),
+    Knob("number_ios", "int", 0, "I/Os after which the job ends (0: no limit)", 0),
+)
+
+
+class BsDist(NamedTuple):
+    """One direction's block sizes: a range ``lo..hi`` (multiples of ``lo``), or a
+    split: (size, percent) pairs."""
+
+    lo: int
+    hi: int
+    split: tuple[tuple[int, int], ...] = ()
+
+
+def parse_blocksizes(text: str) -> tuple[BsDist, BsDist]:
+    """``READ,WRITE`` of :data:`JOB_FILE_KNOBS`' ``blocksizes``."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"expected READ,WRITE, got {text!r}")
+    out = []
+    for part in parts:
+        if "/" in part:
+            split = parse_bssplit(part)
+            sizes = [s for s, _ in split]
+            out.append(BsDist(min(sizes), max(sizes), split))
+        else:
+            r = parse_size_range(part)
+            out.append(BsDist(r.lo, r.hi))
+    for d in out:
+        for size in (d.lo, d.hi, *(s for s, _ in d.split)):
+            if size < 512 or size % 512 or size > 1 << 24:
+                raise ValueError(f"block size {size} is not a multiple of 512 in 512..16M")
+    return out[0], out[1]
+
+
 #: Samples folded into the histograms at a time.
 FOLD_EVERY = 4096
 _CHUNK = 4096
@@ -129,15 +196,40 @@ class JobSpec:
     iodepth_batch_complete: int = 1
     time_based: bool = True
     hipri: bool = False
+    blocksizes: str = ""
+    rw_modifier: int = 0
+    offset: int = 0
+    offset_pct: float = 0.0
+    size_pct: float = 0.0
+    io_size: int = 0
+    loops: int = 1
+    number_ios: int = 0
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
-        v = parse_knobs(JOB_KNOBS, given)
+        v = parse_knobs((*JOB_KNOBS, *JOB_FILE_KNOBS), given)
         if v["bs"] % 512:
             raise KnobError(f"bs: must be a multiple of 512, got {v['bs']}")
-        if not v["time_based"] and v["size"] < v["bs"]:
+        if not v["time_based"] and not (v["size"] or v["size_pct"] or v["io_size"]):
+            raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
+        if not v["time_based"] and 0 < (v["io_size"] or v["size"]) < v["bs"]:
             raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
         return cls(**v)
+
+    @property
+    def dists(self) -> tuple[BsDist, BsDist]:
+        """Read and write block sizes."""
+        if self.blocksizes:
+            return parse_blocksizes(self.blocksizes)
+        return BsDist(self.bs, self.bs), BsDist(self.bs, self.bs)
+
+    @property
+    def min_bs(self) -> int:
+        return min(d.lo for d in self.dists)
+
+    @property
+    def max_bs(self) -> int:
+        return max(d.hi for d in self.dists)
 
     @property
     def batch(self) -> int:
@@ -192,16 +284,37 @@ class IoJob:
         self.cpu = cpu
         self.q = q
         self.bs_sectors = spec.bs >> 9
-        span = spec.size or dev_bytes
+        self.dists = spec.dists
+        self.fixed = all(d.lo == d.hi == spec.bs for d in self.dists)
+        self.unit = spec.min_bs >> 9  #: alignment of random offsets, in sectors
+        start = spec.offset or int(dev_bytes * spec.offset_pct / 100)
+        start -= start % spec.min_bs
+        start = min(start, max(0, dev_bytes - spec.max_bs))
+        span = spec.size or int(dev_bytes * spec.size_pct / 100) or dev_bytes - start
+        span = min(span, dev_bytes - start)
+        self.start = start >> 9  #: the region's first sector
+        self.span = max(spec.max_bs, span) >> 9  #: the region's sectors
         self.nr_blocks = max(1, span // spec.bs)
         self.rng = np.random.default_rng([spec.randseed, seed, cpu, q])
         self._offsets: list[int] = []
         self._ops: list[int] = []
+        self._lens: list[int] = []
         self._next_block = 0
+        self._pos = 0  #: next sequential sector, relative to start
+        self._run_left = 0  #: rw=randread:N: sequential I/Os left before a random one
         self.inflight = 0
         self.submitted = 0
-        #: I/Os this job does in all when not time_based (0: no limit)
-        self.limit = 0 if spec.time_based else spec.size // spec.bs
+        self.submitted_bytes = 0
+        #: I/Os this job does in all (0: no limit): number_ios, or io_size (size)
+        #: times loops when not time_based, in I/Os of the smallest size
+        self.limit = spec.number_ios
+        self.limit_bytes = 0
+        if not spec.time_based:
+            self.limit_bytes = (spec.io_size or (self.span << 9)) * spec.loops
+            if self.fixed:
+                by_bytes = self.limit_bytes // spec.bs
+                self.limit = min(self.limit, by_bytes) if self.limit else by_bytes
+                self.limit_bytes = 0
         self.record_from_ns = 0
         self.depth_counts = [0] * 65
         self._done: list[tuple] = []  #: one row per request: its first bio
@@ -212,22 +325,74 @@ class IoJob:
 
     # -- submission ----------------------------------------------------------------------------
 
+    def remaining(self) -> int:
+        """How many more I/Os the job may submit now (a large number: no limit)."""
+        n = self.limit - self.submitted if self.limit else 1 << 30
+        if self.limit_bytes:
+            left = self.limit_bytes - self.submitted_bytes
+            n = min(n, -(-left // self.spec.max_bs) if left > 0 else 0)
+        return max(n, 0)
+
     def _refill(self) -> None:
         spec = self.spec
-        if spec.random:
-            blocks = self.rng.integers(0, self.nr_blocks, _CHUNK)
-        else:
-            blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
-            self._next_block = int(blocks[-1]) + 1
-        self._offsets = (blocks * self.bs_sectors).tolist()
-        self._offsets.reverse()
         pct = spec.read_pct
         if pct == 100:
-            self._ops = [ReqOp.READ] * _CHUNK
+            ops = np.zeros(_CHUNK, dtype=np.int64)
         elif pct == 0:
-            self._ops = [ReqOp.WRITE] * _CHUNK
+            ops = np.ones(_CHUNK, dtype=np.int64)
         else:
-            self._ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1).tolist()
+            ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
+        if self.fixed and not spec.rw_modifier:
+            if spec.random:
+                blocks = self.rng.integers(0, self.nr_blocks, _CHUNK)
+            else:
+                blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
+                self._next_block = int(blocks[-1]) + 1
+            self._offsets = (self.start + blocks * self.bs_sectors).tolist()
+            self._lens = [self.bs_sectors] * _CHUNK
+        else:
+            lens = np.empty(_CHUNK, dtype=np.int64)
+            for op in (0, 1):
+                sel = ops == op
+                if sel.any():
+                    lens[sel] = self._sizes(self.dists[op], int(sel.sum()))
+            self._lens = lens.tolist()
+            self._offsets = self._place(self._lens)
+        self._ops = ops[::-1].tolist()
+        self._offsets.reverse()
+        self._lens.reverse()
+
+    def _sizes(self, dist: BsDist, n: int) -> np.ndarray:
+        """``n`` block sizes of one direction, in sectors."""
+        if dist.split:
+            sizes = np.array([s for s, _ in dist.split]) >> 9
+            weights = np.array([p for _, p in dist.split], dtype=float)
+            return self.rng.choice(sizes, n, p=weights / weights.sum())
+        lo = dist.lo >> 9
+        if dist.hi == dist.lo:
+            return np.full(n, lo)
+        return lo * self.rng.integers(1, (dist.hi >> 9) // lo + 1, n)
+
+    def _place(self, lens: list[int]) -> list[int]:
+        """Offsets (sectors) for I/Os of these lengths, in order."""
+        spec = self.spec
+        unit, span, start = self.unit, self.span, self.start
+        hole = spec.rw_modifier >> 9 if not spec.random else 0
+        run = spec.rw_modifier if spec.random else 0
+        draws = self.rng.random(len(lens)).tolist()
+        out = []
+        pos = self._pos
+        for i, n in enumerate(lens):
+            if spec.random and self._run_left <= 0:
+                pos = int(draws[i] * ((span - n) // unit + 1)) * unit
+                self._run_left = max(run, 1)
+            if pos + n > span:
+                pos = 0  # past the region's end: back to its start
+            out.append(start + pos)
+            pos += n + hole
+            self._run_left -= 1
+        self._pos = pos
+        return out
 
     def next_bio(self) -> tuple[int, int, int]:
         """(op, sector, nr_sectors) of the next I/O; counts it in flight."""
@@ -237,7 +402,9 @@ class IoJob:
         self.depth_counts[depth if depth < 64 else 64] += 1
         self.inflight = depth + 1
         self.submitted += 1
-        return self._ops.pop(), self._offsets.pop(), self.bs_sectors
+        n = self._lens.pop()
+        self.submitted_bytes += n << 9
+        return self._ops.pop(), self._offsets.pop(), n
 
     # -- completion ----------------------------------------------------------------------------
 

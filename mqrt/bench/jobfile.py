@@ -21,24 +21,22 @@ The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt rea
   :data:`MAX_INCLUDE_DEPTH` deep, a cycle is an error, and an included file may not
   contain sections (as in fio).
 * Not supported: fio's reserved keywords (``$ncpus``, ``$mb_memory``,
-  ``$pagesize``), arithmetic in values, option aliases, and several job files per
-  run.
+  ``$pagesize``), arithmetic in values, and several job files per run.
 
-Every option must be one the caller supports (``known``) or one of
-:data:`ACCEPTED_NO_EFFECT`, fio options accepted without effect in an emulation;
-those are returned separately (:attr:`JobSection.no_effect`) so the caller can say
-so.  Anything else is an error.  Values stay strings: the caller validates them and
-can report a bad value with its line (:meth:`JobSection.line_of`,
+This module reads the file's structure only: every option must be one of ``known``
+(the caller's: fio's names and mqrt's), anything else is an error; what each option
+means is :mod:`mqrt.bench.fio_options`' business.  Values stay strings: the caller
+validates them and can report a bad value with its line (:meth:`JobSection.line_of`,
 :meth:`JobSection.located`).  Every error is a :class:`~mqrt.lib.knobs.KnobError` with a
 one-line message starting with ``file:line:``, e.g.
-``jobs.fio:7: unknown option 'verify' (supported: see mqrt bench --help)``.
+``jobs.fio:7: unknown option 'verfiy' (neither fio's nor mqrt bench's)``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -46,27 +44,11 @@ from typing import NamedTuple
 from mqrt.lib.knobs import KnobError, canonical
 
 __all__ = [
-    "ACCEPTED_NO_EFFECT",
     "MAX_INCLUDE_DEPTH",
     "JobSection",
     "parse_jobfile",
     "parse_jobfile_text",
 ]
-
-#: fio options accepted in a job file but without effect in the emulation: option ->
-#: why.  Kept short on purpose; any other option the caller does not support is an
-#: error, never silently ignored.
-ACCEPTED_NO_EFFECT: Mapping[str, str] = {
-    "ioengine": "I/O always goes through the emulated blk-mq and driver; there is no engine",
-    "direct": "there is no page cache in the emulation; every I/O is direct",
-    "invalidate": "there is no page cache to invalidate",
-    "filename": "the target is the emulated device, not a host file",
-    "thread": "each emulated CPU is a process; jobs run inside it either way",
-    "group_reporting": "the report already merges every CPU's job on a device",
-    "norandommap": "offsets never use a random map (fio's norandommap behaviour)",
-    "name": "a job is named by its [section]",
-    "description": "free text, not shown in the report",
-}
 
 #: How deep ``include`` may nest.
 MAX_INCLUDE_DEPTH = 16
@@ -82,7 +64,6 @@ class _Opt(NamedTuple):
     value: str
     file: str
     line: int
-    no_effect: bool
 
 
 @dataclass
@@ -91,12 +72,10 @@ class JobSection:
 
     #: The job's name (its ``[section]``).
     name: str
-    #: Supported options (canonical names) -> value, globals merged, in file order.
+    #: Options (canonical names) -> value, globals merged, in file order.
     options: dict[str, str]
-    #: Every option (also the no-effect ones) -> (file, line) where it was set.
+    #: Every option -> (file, line) where it was set.
     lines: dict[str, tuple[str, int]]
-    #: Options of :data:`ACCEPTED_NO_EFFECT` that were given -> value.
-    no_effect: dict[str, str]
     #: Where the ``[section]`` header is: (file, line).
     header: tuple[str, int]
 
@@ -237,9 +216,8 @@ class _Parser:
         self.jobs.append(
             JobSection(
                 name=section.name,
-                options={k: o.value for k, o in opts.items() if not o.no_effect},
+                options={k: o.value for k, o in opts.items()},
                 lines={k: (o.file, o.line) for k, o in opts.items()},
-                no_effect={k: o.value for k, o in opts.items() if o.no_effect},
                 header=section.header,
             )
         )
@@ -269,21 +247,17 @@ class _Parser:
         if not key:
             raise KnobError(f"{at}: malformed line {line!r} (expected option=value)")
         name = canonical(key)
-        if name in self.known:
-            no_effect = False
-        elif name in ACCEPTED_NO_EFFECT:
-            no_effect = True
-        else:
-            raise KnobError(f"{at}: unknown option {key!r} (supported: see mqrt bench --help)")
+        if name not in self.known:
+            raise KnobError(f"{at}: unknown option {key!r} (neither fio's nor mqrt bench's)")
         if not eq:
-            if self.flags is not None and not no_effect and name not in self.flags:
+            if self.flags is not None and name not in self.flags:
                 raise KnobError(f"{at}: option {key!r} needs a value ({key}=VALUE)")
             value = "1"
         value = _expand(value, at, key)
         assert self.section is not None
         opts = self.section.opts
         opts.pop(name, None)  # a later setting moves to the end: file order
-        opts[name] = _Opt(value, file, lineno, no_effect)
+        opts[name] = _Opt(value, file, lineno)
 
 
 def _expand(value: str, at: str, key: str) -> str:

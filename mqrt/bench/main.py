@@ -241,10 +241,10 @@ def build(given: dict[str, Any]):
     """Validate every option and build the RunSpec (UsageError-free: KnobError)."""
     from mqrt.device import null_blk, nvme
     from mqrt.device.nvme_model import DEVICE_KNOBS
-    from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
 
     given = {canonical(k): v for k, v in given.items()}
-    job_names = {k.name for k in JOB_KNOBS}
+    job_names = {k.name for k in (*JOB_KNOBS, *JOB_FILE_KNOBS)}
     run_names = {k.name for k in RUN_KNOBS}
     nullb_names = {k.name for k in null_blk.NULLB_KNOBS}
     nvme_names = {k.name for k in (*nvme.NVME_KNOBS, *DEVICE_KNOBS)}
@@ -262,7 +262,7 @@ def build(given: dict[str, Any]):
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = nullb.gb << 30
-    if job.bs % nullb.blocksize:
+    if job.min_bs % nullb.blocksize:
         raise KnobError(
             f"bs: must be a multiple of the device blocksize {nullb.blocksize}, got {job.bs}"
         )
@@ -311,7 +311,7 @@ def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
 def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
     """The RunSpec and the configuration the report shows, for either driver."""
     from mqrt.runtime.spec import RunSpec
-    from mqrt.workers.ioengine import JOB_KNOBS
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS
 
     need, avail = cpu_memory_bytes(runv["cpus"]), _mem_available()
     if avail is not None and need > avail:
@@ -330,7 +330,14 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
         mode=runv["mode"],
     )
     config = {
-        "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},
+        "job": {
+            **{k.name: getattr(job, k.name) for k in JOB_KNOBS},
+            **{
+                k.name: getattr(job, k.name)
+                for k in JOB_FILE_KNOBS
+                if getattr(job, k.name) != k.default
+            },
+        },
         "run": runv,
         driver: driver_config,
     }
@@ -344,7 +351,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
     if wrong:
         raise KnobError(f"{wrong[0]}: a nullb option; it does not apply to --driver nvme")
     cfg = nvme.parse_config({k: v for k, v in given.items() if k in nvme_names})
-    if job.bs % cfg.lba_size:
+    if job.min_bs % cfg.lba_size:
         raise KnobError(f"bs: must be a multiple of the lba_size {cfg.lba_size}, got {job.bs}")
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = cfg.ns_gb << 30
@@ -415,7 +422,43 @@ def default_sweep() -> dict[str, Any]:
 
 
 def _all_knobs() -> dict[str, Knob]:
-    return {k.name: k for _title, knobs in _groups() for k in knobs}
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS
+
+    return {k.name: k for knobs in (*(g for _t, g in _groups()), JOB_FILE_KNOBS) for k in knobs}
+
+
+def _jobfile_sections(path: str, given: dict[str, Any], knobs: dict[str, Knob]) -> list:
+    """The job file's sections as (name, mqrt options, section, report options); its
+    notes (options without effect, jobs run one after the other) go to stderr."""
+    from mqrt.bench.fio_options import ALIASES, FIO_FLAGS, FIO_NAMES, translate
+    from mqrt.bench.jobfile import parse_jobfile
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS
+
+    file_only = {k.name for k in JOB_FILE_KNOBS}
+    mqrt_only = {
+        n: k for n, k in knobs.items() if n not in FIO_NAMES and n not in ALIASES
+        and n not in file_only
+    }  # fmt: skip
+    known = {*mqrt_only, *FIO_NAMES, *ALIASES, "kb_base"}
+    flags = {*(n for n, k in mqrt_only.items() if k.kind == "bool"), *FIO_FLAGS}
+    out = []
+    notes: list[str] = []
+    for i, sec in enumerate(parse_jobfile(path, known, flags=flags)):
+        tr = translate(sec.options, mqrt_only, sec.line_of)
+        notes += [n for n in tr.notes if n not in notes]
+        if i and not tr.stonewall:
+            file, line = sec.header
+            notes.append(
+                f"{file}:{line}: [{sec.name}] runs after the jobs above it, not beside them: "
+                "mqrt runs each job section in turn (as if stonewall)"
+            )
+        options = {**tr.options, **given}
+        if "bs" in given:  # the command line's bs is every direction's
+            options.pop("blocksizes", None)
+        out.append((sec.name, options, sec, tr.report))
+    for note in notes:
+        print(f"mqrt: {note}", file=sys.stderr)
+    return out
 
 
 def _typed(config: dict[str, Any], name: str) -> Any:
@@ -435,20 +478,16 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     knobs = _all_knobs()
     is_default = not given and not args.jobfile
     repeat = args.repeat or (DEFAULT_REPEAT if is_default else 1)
-    sections: list[tuple[str | None, dict[str, Any], Any]] = []
+    sections: list[tuple[str | None, dict[str, Any], Any, dict[str, str]]] = []
     if is_default:
-        sections.append((None, default_sweep(), None))
+        sections.append((None, default_sweep(), None, {}))
     elif args.jobfile:
-        from mqrt.bench.jobfile import parse_jobfile
-
-        flags = [k.name for k in knobs.values() if k.kind == "bool"]
-        for sec in parse_jobfile(args.jobfile, knobs, flags=flags):
-            sections.append((sec.name, {**sec.options, **given}, sec))
+        sections = _jobfile_sections(args.jobfile, given, knobs)
     else:
-        sections.append((None, given, None))
+        sections.append((None, given, None, {}))
     planned = []
     axes_all: dict[str, list[Any]] = {}
-    for name, options, sec in sections:
+    for name, options, sec, report_opts in sections:
         try:
             base, axes = split_axes(options, knobs)
         except KnobError as exc:
@@ -463,6 +502,8 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
             p.params = {k: _typed(config, k) for k in p.params}
             if len(sections) > 1:
                 p.params = {"job": name, **p.params}
+            if report_opts:  # fio's reporting options of the job file, for the report
+                config["fio_report"] = dict(report_opts)
             p.spec, p.config = spec, config
             planned.append(p)
             for k, v in p.params.items():
