@@ -1,0 +1,101 @@
+"""fio job files run: the I/O generator draws what the job file says (block sizes per
+direction, ranges, splits, the region of offset/size, rw=MODE:N), and a real
+``mqrt bench JOBFILE`` reports the jobs, CPUs and block-size mix the file asked for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+from mqrt.workers.ioengine import IoJob, JobSpec
+
+DEV = 1 << 30
+
+
+def bios(options: dict[str, str], n: int = 20000) -> list[tuple[int, int, int]]:
+    job = IoJob(JobSpec.from_options(options), 0, 0, DEV, 0)
+    return [job.next_bio() for _ in range(n)]
+
+
+def test_block_sizes_follow_the_direction():
+    out = bios({"rw": "randrw", "bs": "4096", "blocksizes": "4096-4096,65536-65536"})
+    sizes = {op: {n for o, _s, n in out if o == op} for op in (0, 1)}
+    assert sizes == {0: {8}, 1: {128}}
+
+
+def test_bssplit_draws_by_weight_and_a_range_in_multiples_of_its_low_end():
+    out = bios({"rw": "randread", "bs": "4096", "blocksizes": "4096/75:65536/25,4096-4096"})
+    share = Counter(n for _o, _s, n in out)
+    assert set(share) == {8, 128}
+    assert 0.72 < share[8] / len(out) < 0.78
+    out = bios({"rw": "randread", "bs": "4096", "blocksizes": "4096-16384,4096-4096"})
+    assert {n for _o, _s, n in out} == {8, 16, 24, 32}
+
+
+def test_offsets_stay_in_the_region_aligned_to_the_smallest_block():
+    out = bios(
+        {"rw": "randread", "bs": "4096", "blocksizes": "4096-65536,4096-4096",
+         "offset": str(1 << 20), "size": str(8 << 20)}
+    )  # fmt: skip
+    lo, hi = (1 << 20) >> 9, (9 << 20) >> 9
+    assert all(lo <= s and s + n <= hi and s % 8 == 0 for _o, s, n in out)
+    assert min(s for _o, s, _n in out) < lo + 64 and max(s + n for _o, s, n in out) > hi - 256
+
+
+def test_sequential_with_holes_and_random_runs():
+    out = bios({"rw": "read", "bs": "4096", "rw_modifier": "8192"}, 4)
+    assert [s for _o, s, _n in out] == [0, 24, 48, 72]
+    out = bios({"rw": "randread", "bs": "4096", "rw_modifier": "4"}, 8)
+    starts = [s for _o, s, _n in out]
+    assert starts[1:4] == [starts[0] + 8, starts[0] + 16, starts[0] + 24]
+    assert starts[4] != starts[3] + 8  # a new random offset every 4 I/Os
+
+
+def test_not_time_based_ends_after_loops_times_io_size():
+    job = IoJob(
+        JobSpec.from_options({"rw": "read", "bs": "4096", "blocksizes": "4096-8192,4096-4096",
+                              "size": str(1 << 20), "time_based": "0", "loops": "2"}),
+        0, 0, DEV, 0,
+    )  # fmt: skip
+    total = 0
+    while job.remaining():
+        total += job.next_bio()[2] << 9
+    assert 2 << 20 <= total < (2 << 20) + 8192
+
+
+JOBFILE = """\
+[global]
+ioengine=libaio
+numjobs=2
+rw=randrw
+bs=4k,64k
+runtime=300ms
+[a]
+[b]
+stonewall
+bssplit=8k/50:64k/50,16k/100
+"""
+
+
+def test_a_real_run_has_the_jobs_cpus_and_block_sizes_of_the_file(tmp_path):
+    path = tmp_path / "mix.fio"
+    path.write_text(JOBFILE)
+    res = subprocess.run(
+        [sys.executable, "-m", "mqrt", "bench", str(path), "-q", "--output-format", "json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert f"mqrt: {path}:2: ioengine=libaio: no effect" in res.stderr
+    report = json.loads(res.stdout)
+    assert [j["jobname"] for j in report["jobs"]] == ["nullb0 job=a", "nullb0 job=b"]
+    assert [p["params"] for p in report["mqrt"]["points"]] == [{"job": "a"}, {"job": "b"}]
+    assert report["mqrt"]["config"]["run"]["cpus"] == 2  # numjobs=2: two CPUs
+
+    def avg(job, d):
+        return job[d]["io_bytes"] / job[d]["total_ios"]
+
+    a, b = report["jobs"]
+    assert avg(a, "read") == 4096 and avg(a, "write") == 65536
+    assert 30_000 < avg(b, "read") < 43_000 and avg(b, "write") == 16384
