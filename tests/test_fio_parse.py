@@ -148,3 +148,26 @@ def test_fio_parses_the_values_the_corpus_states():
             assert outs.get(option) == [int(v) for v in values], (path.name, option, outs)
             checked += 1
     assert checked >= 20
+
+
+EXAMPLES = Path("/usr/share/doc/fio/examples")
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="fio-examples is not installed")
+def test_fios_own_examples_are_accepted_or_refused_for_a_reason(monkeypatch):
+    """Every example job file that ships with fio: mqrt runs it, or says in one line,
+    at its file and line, what it needs that mqrt does not emulate; never an unknown
+    option that fio knows, never a traceback."""
+    monkeypatch.setenv("FIO_RW", "randread")
+    monkeypatch.setenv("FIO_DIR", "/tmp")
+    accepted = 0
+    for path in sorted(EXAMPLES.glob("*.fio")):
+        try:
+            plan(path)
+            accepted += 1
+        except KnobError as exc:
+            message = str(exc)
+            assert message.startswith(f"{path}:") and "\n" not in message, message
+            if "unknown option" in message:
+                assert "is not set" in message or "environment" in message, message
+    assert accepted >= 15

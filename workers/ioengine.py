@@ -19,7 +19,8 @@ Block sizes are per direction (fio's ``bs=read,write``), each fixed, a range
 (``bsrange``: a multiple of its low end, uniform) or a split (``bssplit``: sizes
 drawn by their weights).  I/O stays within ``[offset, offset + size)``; a
 sequential job wraps to ``offset`` at the end, skipping ``rw=read:N`` bytes after
-each I/O; a random one draws offsets aligned to the smallest block size, and with
+each I/O (``rw=read:-8k``: going back, from the end once past the start); a random
+one draws offsets aligned to the smallest block size, and with
 ``rw=randread:N`` follows each random offset with N-1 sequential ones.
 
 Deviations from fio
@@ -133,7 +134,14 @@ JOB_FILE_KNOBS: tuple[Knob, ...] = (
         "Block sizes per direction, read,write: each LO-HI or SIZE/PCT:SIZE/PCT (empty: bs)",
         check=lambda v: _check_blocksizes(v) if v else None,
     ),
-    Knob("rw_modifier", "int", 0, "rw=MODE:N: bytes skipped (sequential) or run length", 0),
+    Knob(
+        "rw_modifier",
+        "int",
+        0,
+        "rw=MODE:N: bytes skipped after each sequential I/O (negative: back), or the "
+        "run length of a random job",
+        -(1 << 40),
+    ),
     Knob("offset", "int", 0, "First byte of the job's region", 0, 1 << 60),
     Knob("offset_pct", "float", 0.0, "offset as a percentage of the device", 0, 100),
     Knob("size_pct", "float", 0.0, "size as a percentage of the device (0: size)", 0, 100),
@@ -388,6 +396,8 @@ class IoJob:
                 self._run_left = max(run, 1)
             if pos + n > span:
                 pos = 0  # past the region's end: back to its start
+            elif pos < 0:
+                pos = (span - n) // unit * unit  # before its start (backwards): the end
             out.append(start + pos)
             pos += n + hole
             self._run_left -= 1

@@ -116,15 +116,19 @@ ALIASES: Mapping[str, str] = {
     "threads": "thread",
     "fill_fs": "fill_device",
     "iomem": "mem",
-    "rand_repeat": "randrepeat",
-    "exitall_on_error": "exitall_on_error",
+    "ratemin": "rate_min",
+    "ratecycle": "rate_cycle",
+    "ss": "steadystate",
+    "ss_dur": "steadystate_duration",
+    "ss_ramp": "steadystate_ramp_time",
 }
 
 #: Options fio takes bare (``stonewall`` alone means ``stonewall=1``).
 FIO_FLAGS = frozenset(
     _words(
         """stonewall wait_for_previous new_group time_based group_reporting norandommap thread
-        exitall refill_buffers zero_buffers hipri fixedbufs registerfiles sqthread_poll"""
+        exitall refill_buffers zero_buffers hipri fixedbufs registerfiles sqthread_poll
+        write_lat_log write_bw_log write_iops_log write_hist_log"""
     )
 )
 
@@ -218,6 +222,13 @@ BLOCK_ENGINES = frozenset(
         windowsaio"""
     )
 )
+
+#: Engines of block devices that need what mqrt does not emulate -> why.
+ENGINES_REFUSED: Mapping[str, str] = {
+    "sg": "SCSI generic passthrough commands are not emulated",
+    "io_uring_cmd": "NVMe passthrough commands (uring_cmd) are not emulated",
+    "xnvme": "NVMe passthrough commands (xnvme) are not emulated",
+}
 
 _VERIFY = "data verification needs a data-backed device, which mqrt does not emulate"
 _ZONED = "zoned block devices are not emulated"
@@ -359,7 +370,10 @@ def translate(
             raise KnobError(f"{at('kb_base')}: kb_base: must be 1000 or 1024, got {kb_text!r}")
         kb_base = int(kb_text)
     ctx = _Ctx(at, kb_base)
-    for raw_name, value in options.items():
+    # the engine first: another engine's options are refused for the engine's reason
+    order = sorted(options, key=lambda k: k != "ioengine")
+    for raw_name in order:
+        value = options[raw_name]
         name = ALIASES.get(raw_name, raw_name)
         try:
             _one(ctx, raw_name, name, value, mqrt_names)
@@ -381,11 +395,13 @@ def _one(ctx: _Ctx, raw: str, name: str, value: str, mqrt_names: Mapping[str, ob
         if raw in mqrt_names:  # an mqrt option that is not fio's: passes through
             out.options[raw] = value
             return
-        raise _err(raw, "unknown option (neither fio's nor mqrt bench's)")
+        raise KnobError(f"unknown option {raw!r} (neither fio's nor mqrt bench's)")
     if name in REFUSED:
         raise _err(raw, REFUSED[name])
     if name == "ioengine":
         engine = value.strip().lower()
+        if engine in ENGINES_REFUSED:
+            raise _err(raw, f"ioengine={engine}: {ENGINES_REFUSED[engine]}")
         if engine in BLOCK_ENGINES:
             out.notes.append(
                 f"{ctx.at(raw)}: ioengine={engine}: no effect: "
@@ -439,8 +455,10 @@ def _rw(ctx: _Ctx, name: str, value: str) -> None:
         )
     ctx.out.options["rw"] = mode
     if colon:
-        n = _size(name, mod, ctx.kb_base)
-        ctx.out.options["rw_modifier"] = str(n)
+        mod = mod.strip()
+        negative = mod.startswith("-") and not mode.startswith("rand")
+        n = _size(name, mod[1:] if negative else mod, ctx.kb_base)
+        ctx.out.options["rw_modifier"] = str(-n if negative else n)
 
 
 def _bs(ctx: _Ctx, name: str, value: str) -> None:

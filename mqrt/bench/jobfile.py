@@ -10,8 +10,8 @@ The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt rea
 * One option per line: ``option=value`` (blanks around ``=`` are ignored; the value
   runs to the end of the line) or a bare ``option``, which means ``option=1`` (fio's
   ``time_based``, ``group_reporting``).  Option names take dashes or underscores.
-* A line whose first non-blank character is ``#`` or ``;`` is a comment.  As in fio,
-  there are no trailing comments: ``bs=4k # small`` is the value ``4k # small``.
+* ``#`` or ``;`` starts a comment, anywhere in a line, as in fio: ``bs=4k ; small``
+  is ``bs=4k`` and ``[job] # x`` the header ``[job]`` (so no value holds them).
 * ``${VAR}`` in a value is replaced by the environment variable ``VAR`` (once, not
   recursively).  Unlike fio, which substitutes an empty string, an unset variable is
   an error naming it.
@@ -54,6 +54,7 @@ __all__ = [
 MAX_INCLUDE_DEPTH = 16
 
 _ENV = re.compile(r"\$\{([^}]*)\}")
+_COMMENT = re.compile(r"[#;]")
 
 
 #: A file being read: its resolved path and its name in messages.
@@ -94,13 +95,14 @@ class JobSection:
 
 def parse_jobfile(
     path: str | os.PathLike[str],
-    known: Collection[str],
+    known: Collection[str] | None,
     *,
     flags: Collection[str] | None = None,
 ) -> list[JobSection]:
     """The jobs of the fio job file at ``path``, in file order.
 
-    ``known``: the option names the caller supports (dashes or underscores).
+    ``known``: the option names the caller supports (dashes or underscores); None
+    takes every name (the caller judges them).
     ``flags``: if given, the supported options that may appear bare (``option``
     alone); another supported option without a value is then an error.
     """
@@ -113,7 +115,7 @@ def parse_jobfile(
 
 def parse_jobfile_text(
     text: str,
-    known: Collection[str],
+    known: Collection[str] | None,
     filename: str = "<string>",
     *,
     flags: Collection[str] | None = None,
@@ -148,8 +150,8 @@ class _Section:
 
 
 class _Parser:
-    def __init__(self, known: Collection[str], flags: Collection[str] | None) -> None:
-        self.known = {canonical(k) for k in known}
+    def __init__(self, known: Collection[str] | None, flags: Collection[str] | None) -> None:
+        self.known = None if known is None else {canonical(k) for k in known}
         self.flags = None if flags is None else {canonical(k) for k in flags}
         self.defaults: dict[str, _Opt] = {}
         self.section: _Section | None = None
@@ -163,7 +165,7 @@ class _Parser:
         being read, outermost first; ``depth``: how many includes deep ``text`` is."""
         nested = depth > 0
         for lineno, raw in enumerate(text.split("\n"), 1):
-            line = raw.strip()
+            line = _COMMENT.split(raw, 1)[0].strip()
             if not line or line[0] in "#;":
                 continue
             at = f"{file}:{lineno}"
@@ -247,7 +249,7 @@ class _Parser:
         if not key:
             raise KnobError(f"{at}: malformed line {line!r} (expected option=value)")
         name = canonical(key)
-        if name not in self.known:
+        if self.known is not None and name not in self.known:
             raise KnobError(f"{at}: unknown option {key!r} (neither fio's nor mqrt bench's)")
         if not eq:
             if self.flags is not None and name not in self.flags:

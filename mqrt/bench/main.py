@@ -439,11 +439,10 @@ def _jobfile_sections(path: str, given: dict[str, Any], knobs: dict[str, Knob]) 
         n: k for n, k in knobs.items() if n not in FIO_NAMES and n not in ALIASES
         and n not in file_only
     }  # fmt: skip
-    known = {*mqrt_only, *FIO_NAMES, *ALIASES, "kb_base"}
     flags = {*(n for n, k in mqrt_only.items() if k.kind == "bool"), *FIO_FLAGS}
     out = []
     notes: list[str] = []
-    for i, sec in enumerate(parse_jobfile(path, known, flags=flags)):
+    for i, sec in enumerate(parse_jobfile(path, None, flags=flags)):
         tr = translate(sec.options, mqrt_only, sec.line_of)
         notes += [n for n in tr.notes if n not in notes]
         if i and not tr.stonewall:
