@@ -5,11 +5,17 @@ direction, ranges, splits, the region of offset/size, rw=MODE:N), and a real
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
+import pytest
+
 from mqrt.workers.ioengine import IoJob, JobSpec
+from mqrt.workers.offsets import BlockSampler
 
 DEV = 1 << 30
 
@@ -65,6 +71,47 @@ def test_not_time_based_ends_after_loops_times_io_size():
     assert 2 << 20 <= total < (2 << 20) + 8192
 
 
+def test_the_random_map_gives_every_block_once_per_pass():
+    size = 64 * 4096
+    out = bios({"rw": "randread", "bs": "4096", "size": str(size), "norandommap": "0"}, 3 * 64)
+    for k in range(3):
+        assert sorted(s for _o, s, _n in out[k * 64 : (k + 1) * 64]) == list(range(0, 512, 8))
+    out = bios({"rw": "randread", "bs": "4096", "size": str(size)}, 3 * 64)
+    assert len({s for _o, s, _n in out[:64]}) < 64  # norandommap: repeats
+
+
+def _top_decile(blocks: np.ndarray, n: int) -> float:
+    """fio-genzipf's figure: of the blocks hit, the hits of the busiest tenth."""
+    counts = np.bincount(blocks, minlength=n)
+    hit = np.sort(counts[counts > 0])[::-1]
+    return float(hit[: len(hit) // 10].sum() / hit.sum() * 100)
+
+
+@pytest.mark.skipif(shutil.which("fio-genzipf") is None, reason="fio is not installed")
+@pytest.mark.parametrize(
+    ("kind", "value", "dist"),
+    [("zipf", "1.2", ("zipf", 1.2, ())), ("zipf", "0.8", ("zipf", 0.8, ())),
+     ("pareto", "0.2", ("pareto", 0.2, ()))],
+)  # fmt: skip
+def test_zipf_and_pareto_match_fio_genzipf(kind, value, dist):
+    res = subprocess.run(
+        ["fio-genzipf", "-t", kind, "-i", value, "-g", "1", "-b", "4096", "-o", "10"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    fio_top = float(re.search(r"Top\s+10\.00%\s+([\d.]+)%", res.stdout)[1])
+    n = (1 << 30) // 4096
+    sampler = BlockSampler(n, np.random.default_rng(7), dist, False, 4096)
+    mine = _top_decile(sampler.draw(n), n)
+    assert abs(mine - fio_top) < 1.5, (mine, fio_top)
+
+
+def test_zoned_puts_each_zones_share_in_its_range():
+    n = 1000
+    sampler = BlockSampler(n, np.random.default_rng(1), ("zoned", 0, ((60, 10), (40, 90))), True, 1)
+    x = sampler.draw(50000)
+    assert 0.58 < (x < 100).mean() < 0.62 and x.max() < n
+
+
 JOBFILE = """\
 [global]
 ioengine=libaio
@@ -73,6 +120,7 @@ rw=randrw
 bs=4k,64k
 runtime=300ms
 [a]
+random_distribution=zipf:1.2
 [b]
 stonewall
 bssplit=8k/50:64k/50,16k/100

@@ -9,7 +9,7 @@ Each corpus file starts with comment lines saying what to expect:
                                      is in mqrt's one-line error
 ``# mqrt-error: TEXT``               TEXT is in mqrt's error (with ``reject``)
 ``# fio-out: OPTION V1 V2 ...``      fio's parser gives these values for OPTION
-``# mqrt: KEY=VALUE ...``            mqrt's job has these values (as fio's, in bytes / s)
+``# mqrt: KEY=VALUE ...``            mqrt's JobSpec has these values (bytes, seconds)
 ``# mqrt-run: KEY=VALUE``            the run's options (``cpus``)
 ``# mqrt-report: KEY=VALUE ...``     the options passed to the report
 ``# mqrt-jobs: A B ...``             the jobs, in order
@@ -106,10 +106,10 @@ def test_mqrt_accepts_or_refuses_as_the_corpus_says(path, capsys, monkeypatch):
         err = capsys.readouterr().err
         for note in h.get("note", []):
             assert note in err, (note, err)
-        job = planned[0].config["job"]
+        job = planned[0].spec.job
         for item in " ".join(h.get("mqrt", [])).split():
             key, _, value = item.partition("=")
-            assert str(job.get(key)) == value, (key, job.get(key), value)
+            assert str(getattr(job, key)) == value, (key, getattr(job, key), value)
         for item in h.get("mqrt-run", []):
             key, _, value = item.partition("=")
             assert str(planned[0].config["run"][key]) == value

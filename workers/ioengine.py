@@ -23,9 +23,15 @@ each I/O (``rw=read:-8k``: going back, from the end once past the start); a rand
 one draws offsets aligned to the smallest block size, and with
 ``rw=randread:N`` follows each random offset with N-1 sequential ones.
 
+Random offsets follow ``random_distribution`` (:mod:`mqrt.workers.offsets`); a job
+file gets fio's random map (every block once per pass) unless it says
+``norandommap``; the command line keeps ``norandommap`` (uniform draws).
+
 Deviations from fio
-    * Offsets are generated in chunks with numpy (seeded per job), uniform over
-      ``size``; there is no random map (``norandommap`` behaviour).
+    * Offsets are generated in chunks with numpy (seeded per job), not by fio's
+      tausworthe generator: the same distributions, other sequences.
+    * The random map covers fixed block sizes; with ranges or splits offsets are
+      drawn without one.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import numpy as np
 
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
 from mqrt.block.blk_stat import LatHist, parse_percentile_list
-from mqrt.lib.fio_values import parse_bssplit, parse_size_range
+from mqrt.lib.fio_values import parse_bssplit, parse_distribution, parse_size_range
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
+from mqrt.workers.offsets import BlockSampler
 
 RW_MODES = {
     "read": "read",
@@ -124,6 +131,14 @@ def _check_blocksizes(text: str) -> str | None:
     return None
 
 
+def _check_distribution(text: str) -> str | None:
+    try:
+        parse_distribution(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 #: Job options only a job file sets (fio's spellings are translated into these by
 #: ``mqrt.bench.fio_options``); never on the command line, never swept.
 JOB_FILE_KNOBS: tuple[Knob, ...] = (
@@ -148,6 +163,21 @@ JOB_FILE_KNOBS: tuple[Knob, ...] = (
     Knob("io_size", "int", 0, "Bytes of I/O the job does when not time_based (0: size)", 0),
     Knob("loops", "int", 1, "Passes over io_size when not time_based", 1, 1 << 30),
     Knob("number_ios", "int", 0, "I/Os after which the job ends (0: no limit)", 0),
+    Knob(
+        "random_distribution",
+        "str",
+        "random",
+        "random, zipf:θ, pareto:h, normal:SIGMA, zoned:P/S:..., zoned_abs:P/SIZE:...",
+        check=_check_distribution,
+    ),
+    Knob("norandommap", "bool", True, "Random offsets repeat (0: every block once per pass)"),
+    Knob(
+        "random_generator",
+        "choice",
+        "tausworthe",
+        "tausworthe, tausworthe64 (numpy's PCG64 here) or lfsr (every block once per pass)",
+        choices={"tausworthe": "tausworthe", "tausworthe64": "tausworthe64", "lfsr": "lfsr"},
+    ),
 )
 
 
@@ -212,6 +242,9 @@ class JobSpec:
     io_size: int = 0
     loops: int = 1
     number_ios: int = 0
+    random_distribution: str = "random"
+    norandommap: bool = True
+    random_generator: str = "tausworthe"
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
@@ -304,6 +337,14 @@ class IoJob:
         self.span = max(spec.max_bs, span) >> 9  #: the region's sectors
         self.nr_blocks = max(1, span // spec.bs)
         self.rng = np.random.default_rng([spec.randseed, seed, cpu, q])
+        dist = parse_distribution(spec.random_distribution)
+        self.sampler = BlockSampler(
+            self.span // self.unit,
+            self.rng,
+            dist,
+            (not spec.norandommap or spec.random_generator == "lfsr") and self.fixed,
+            spec.min_bs,
+        )
         self._offsets: list[int] = []
         self._ops: list[int] = []
         self._lens: list[int] = []
@@ -352,7 +393,7 @@ class IoJob:
             ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
         if self.fixed and not spec.rw_modifier:
             if spec.random:
-                blocks = self.rng.integers(0, self.nr_blocks, _CHUNK)
+                blocks = self.sampler.draw(_CHUNK)
             else:
                 blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
                 self._next_block = int(blocks[-1]) + 1
@@ -387,12 +428,12 @@ class IoJob:
         unit, span, start = self.unit, self.span, self.start
         hole = spec.rw_modifier >> 9 if not spec.random else 0
         run = spec.rw_modifier if spec.random else 0
-        draws = self.rng.random(len(lens)).tolist()
+        draws = self.sampler.draw(len(lens)).tolist() if spec.random else []
         out = []
         pos = self._pos
         for i, n in enumerate(lens):
             if spec.random and self._run_left <= 0:
-                pos = int(draws[i] * ((span - n) // unit + 1)) * unit
+                pos = min(draws[i] * unit, (span - n) // unit * unit)
                 self._run_left = max(run, 1)
             if pos + n > span:
                 pos = 0  # past the region's end: back to its start

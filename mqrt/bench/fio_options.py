@@ -200,7 +200,6 @@ NO_EFFECT: Mapping[str, str] = {
     "exitall": "every job of a group ends at its runtime",
     "group_reporting": "the report already merges a job's clones (its CPUs) into one",
     "cpus_allowed_policy": "numjobs clones already run one per emulated CPU (split)",
-    "norandommap": "offsets never use a random map (every random offset is drawn anew)",
     "stats": "statistics are always collected",
     "significant_figures": "the report prints fio's default precision",
     "fixedbufs": "an io_uring setting; there is no engine",
@@ -370,6 +369,7 @@ def translate(
             raise KnobError(f"{at('kb_base')}: kb_base: must be 1000 or 1024, got {kb_text!r}")
         kb_base = int(kb_text)
     ctx = _Ctx(at, kb_base)
+    ctx.out.options["norandommap"] = "0"  # fio's default: a random map
     # the engine first: another engine's options are refused for the engine's reason
     order = sorted(options, key=lambda k: k != "ioengine")
     for raw_name in order:
@@ -638,6 +638,9 @@ _HANDLERS: dict[str, Callable[[_Ctx, str, str], None]] = {
     "percentile_list": _direct_copy("percentile_list"),
     "cpus_allowed": _direct_copy("cpus_allowed"),
     "hipri": _direct_copy("hipri"),
+    "norandommap": _direct_copy("norandommap"),
+    "random_distribution": _direct_copy("random_distribution"),
+    "random_generator": _direct_copy("random_generator"),
 }
 # randrepeat=0 asks for a new seed each run: honoured; 1 (fio's default) is the rule.
 _HANDLERS["randrepeat"] = _randrepeat
