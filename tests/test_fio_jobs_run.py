@@ -147,3 +147,32 @@ def test_a_real_run_has_the_jobs_cpus_and_block_sizes_of_the_file(tmp_path):
     a, b = report["jobs"]
     assert avg(a, "read") == 4096 and avg(a, "write") == 65536
     assert 30_000 < avg(b, "read") < 43_000 and avg(b, "write") == 16384
+
+
+def run_jobfile(tmp_path, text: str, *extra: str) -> dict:
+    path = tmp_path / "job.fio"
+    path.write_text(text)
+    res = subprocess.run(
+        [sys.executable, "-m", "mqrt", "bench", str(path), "-q", "--output-format", "json",
+         *extra],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_rates_per_direction_and_thinktime_pace_a_real_run(tmp_path):
+    """rate=256k,512k of 4k I/Os on one CPU for 0.6 s: 64 reads/s and 128 writes/s
+    (fio caps each direction); [think]: a 20 ms stall after each I/O, at most 50/s."""
+    report = run_jobfile(
+        tmp_path,
+        "[global]\nrw=randrw\nruntime=600ms\niodepth=4\n"
+        "[rated]\nrate=256k,512k\n"
+        "[think]\nstonewall\nthinktime=20ms\nthinktime_blocks_type=issue\n",
+        "--cpus", "1",
+    )  # fmt: skip
+    rated, think = report["jobs"]
+    reads, writes = rated["read"]["total_ios"], rated["write"]["total_ios"]
+    assert 25 <= reads <= 48 and 55 <= writes <= 85, (reads, writes)
+    ios = think["read"]["total_ios"] + think["write"]["total_ios"]
+    assert 15 <= ios <= 32, ios

@@ -560,6 +560,22 @@ class Cpu:
                     n = min(n, job.remaining())
                     if n <= 0:
                         continue
+                if job.spec.iodepth_low:  # refill once the depth dropped to iodepth_low
+                    if job.inflight >= iodepth:
+                        job.draining = True
+                    if job.draining:
+                        if job.inflight > job.spec.iodepth_low:
+                            continue
+                        job.draining = False
+                if job.paced:  # per-direction rates, thinktime
+                    n, wake, spin = job.allowed(now, n)
+                    if spin:
+                        until = now + spin
+                        while clock() < until:  # thinktime_spin: the CPU stays busy
+                            pass
+                    if n <= 0:
+                        wake_at = min(wake_at, wake)
+                        continue
                 if rate_gap:
                     if now < next_allowed[i]:
                         wake_at = min(wake_at, next_allowed[i])

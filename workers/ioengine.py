@@ -131,6 +131,25 @@ def _check_blocksizes(text: str) -> str | None:
     return None
 
 
+def _pair(text: str) -> tuple[int, int]:
+    """``READ,WRITE`` of two integers (an empty text: no caps)."""
+    if not text:
+        return 0, 0
+    a, b = text.split(",")
+    r, w = int(a), int(b)
+    if r < 0 or w < 0:
+        raise ValueError(text)
+    return r, w
+
+
+def _check_pair(text: str) -> str | None:
+    try:
+        _pair(text)
+    except ValueError:
+        return "must be READ,WRITE (two integers >= 0)"
+    return None
+
+
 def _check_distribution(text: str) -> str | None:
     try:
         parse_distribution(text)
@@ -170,6 +189,38 @@ JOB_FILE_KNOBS: tuple[Knob, ...] = (
         "random, zipf:θ, pareto:h, normal:SIGMA, zoned:P/S:..., zoned_abs:P/SIZE:...",
         check=_check_distribution,
     ),
+    Knob(
+        "rate",
+        "str",
+        "",
+        "Bytes/s caps per direction, READ,WRITE (0: none)",
+        check=_check_pair,
+    ),
+    Knob(
+        "rate_iops_rw",
+        "str",
+        "",
+        "IOPS caps per direction, READ,WRITE (0: none)",
+        check=_check_pair,
+    ),
+    Knob(
+        "rate_process",
+        "choice",
+        "linear",
+        "linear (even gaps) or poisson (exponential gaps, the same mean)",
+        choices={"linear": "linear", "poisson": "poisson"},
+    ),
+    Knob("thinktime", "int", 0, "Microseconds to stall every thinktime_blocks I/Os", 0),
+    Knob("thinktime_spin", "int", 0, "Microseconds of thinktime spent spinning", 0),
+    Knob("thinktime_blocks", "int", 1, "I/Os between stalls", 1),
+    Knob(
+        "thinktime_blocks_type",
+        "choice",
+        "complete",
+        "Count completed (complete) or issued (issue) I/Os",
+        choices={"complete": "complete", "issue": "issue"},
+    ),
+    Knob("iodepth_low", "int", 0, "Refill only once in-flight I/Os drop to this (0: at once)", 0),
     Knob("norandommap", "bool", True, "Random offsets repeat (0: every block once per pass)"),
     Knob(
         "random_generator",
@@ -245,6 +296,14 @@ class JobSpec:
     random_distribution: str = "random"
     norandommap: bool = True
     random_generator: str = "tausworthe"
+    rate: str = ""
+    rate_iops_rw: str = ""
+    rate_process: str = "linear"
+    thinktime: int = 0
+    thinktime_spin: int = 0
+    thinktime_blocks: int = 1
+    thinktime_blocks_type: str = "complete"
+    iodepth_low: int = 0
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
@@ -354,6 +413,18 @@ class IoJob:
         self.inflight = 0
         self.submitted = 0
         self.submitted_bytes = 0
+        # pacing: per-direction rate budgets and thinktime (0: none)
+        self.rate_bytes = _pair(spec.rate)
+        self.rate_iops = _pair(spec.rate_iops_rw)
+        self.rated = any(self.rate_bytes) or any(self.rate_iops)
+        self.poisson = spec.rate_process == "poisson"
+        self.due_ns = [-1, -1]  #: per direction: when its next I/O may start
+        self.think_ns = spec.thinktime * 1000
+        self.spin_ns = min(spec.thinktime_spin, spec.thinktime) * 1000
+        self.think_until = 0
+        self._think_mark = 0  #: I/Os issued (or completed) at the last stall
+        self.paced = self.rated or self.think_ns > 0
+        self.draining = False  #: iodepth_low: waiting for the depth to drop
         #: I/Os this job does in all (0: no limit): number_ios, or io_size (size)
         #: times loops when not time_based, in I/Os of the smallest size
         self.limit = spec.number_ios
@@ -373,6 +444,63 @@ class IoJob:
         self.dirs = (DirStats(), DirStats())
 
     # -- submission ----------------------------------------------------------------------------
+
+    def allowed(self, now: int, n: int) -> tuple[int, int, int]:
+        """Of ``n`` I/Os, how many may start now under rate and thinktime (charging
+        their budgets), when to look again if none, and ns to spin first (the spun
+        part of a thinktime that starts now)."""
+        if now < self.think_until:
+            return 0, self.think_until, 0
+        spin = 0
+        if self.think_ns:
+            count = (
+                self.submitted - self.inflight
+                if self.spec.thinktime_blocks_type == "complete"
+                else self.submitted
+            )
+            if count - self._think_mark >= self.spec.thinktime_blocks:
+                self._think_mark = count
+                self.think_until = now + self.think_ns
+                if self.spin_ns < self.think_ns:
+                    return 0, self.think_until, self.spin_ns
+                spin = self.spin_ns  # all of it spun: then go on
+            if self.spec.thinktime_blocks_type == "issue":
+                n = min(n, self._think_mark + self.spec.thinktime_blocks - self.submitted)
+        if not self.rated:
+            return n, 0, spin
+        if not self._offsets:
+            self._refill()
+        n = min(n, len(self._ops))
+        due = self.due_ns
+        k = 0
+        start = now + spin
+        if due[0] < 0:  # the first look: the budgets start now, nothing banked
+            due[0] = due[1] = start
+        mixed = 0 < self.spec.read_pct < 100
+        while k < n:
+            op = self._ops[-1 - k]
+            if due[op] > start:
+                if not mixed or due[1 - op] > start:
+                    break
+                # as fio does: a direction over its rate gives the turn to the other
+                op = 1 - op
+                self._ops[-1 - k] = op
+                n_new = int(self._sizes(self.dists[op], 1)[0])
+                self._lens[-1 - k] = n_new
+                last = self.start + (self.span - n_new) // self.unit * self.unit
+                self._offsets[-1 - k] = min(self._offsets[-1 - k], last)  # stays inside
+            cost = 0.0
+            if self.rate_bytes[op]:
+                cost = (self._lens[-1 - k] << 9) * 1e9 / self.rate_bytes[op]
+            if self.rate_iops[op]:
+                cost = max(cost, 1e9 / self.rate_iops[op])
+            if self.poisson and cost:
+                cost *= float(self.rng.exponential())
+            due[op] = max(due[op], start - 1_000_000_000) + int(cost)  # bank 1 s at most
+            k += 1
+        if k == 0:
+            return 0, min(due) if mixed else due[self._ops[-1]], spin
+        return k, 0, spin
 
     def remaining(self) -> int:
         """How many more I/Os the job may submit now (a large number: no limit)."""

@@ -24,7 +24,7 @@ Sweeps: in a job file a value in braces is a sweep, ``iodepth={1,4,16}`` or
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from mqrt.lib.fio_values import (
@@ -212,6 +212,7 @@ NO_EFFECT: Mapping[str, str] = {
     "force_async": "an io_uring setting; there is no engine",
     "userspace_reap": "a libaio setting; there is no engine",
     "io_submit_mode": "I/O is submitted inline on each emulated CPU",
+    "iodepth_batch_complete_max": "completions are reaped as they come, all of them",
 }
 
 #: ioengines of block I/O: no effect (the emulated blk-mq is the engine).
@@ -326,6 +327,7 @@ class _Ctx:
         self.bs: list[str | None] = [None, None, None]  #: per direction, fio syntax
         self.bssplit: list[str | None] | None = None
         self.rate_iops: list[int | None] | None = None
+        self.job_knobs: frozenset[str] = frozenset()
 
 
 def _err(name: str, why: str) -> KnobError:
@@ -357,11 +359,14 @@ def translate(
     options: Mapping[str, str],
     mqrt_names: Mapping[str, object],
     at: Callable[[str], str],
-    flags_given: Mapping[str, str] | None = None,
+    job_knobs: Collection[str] = (),
 ) -> Translated:
     """``options`` (a job section's, canonical names, file order) as ``mqrt bench``
-    options; ``mqrt_names``: mqrt's own option names; ``at(option)``: its
-    ``file:line``.  A refused or bad option is a KnobError ``file:line: option: why``."""
+    options; ``mqrt_names``: mqrt's own option names that fio does not have;
+    ``at(option)``: its ``file:line``; ``job_knobs``: every option mqrt's job takes (a
+    reporting option of that name is passed on as it is, the others go to
+    :attr:`Translated.report`).  A refused or bad option is a KnobError
+    ``file:line: option: why``."""
     kb_base = 1024
     if "kb_base" in options:
         kb_text = options["kb_base"].strip()
@@ -369,6 +374,7 @@ def translate(
             raise KnobError(f"{at('kb_base')}: kb_base: must be 1000 or 1024, got {kb_text!r}")
         kb_base = int(kb_text)
     ctx = _Ctx(at, kb_base)
+    ctx.job_knobs = frozenset(job_knobs)
     ctx.out.options["norandommap"] = "0"  # fio's default: a random map
     # the engine first: another engine's options are refused for the engine's reason
     order = sorted(options, key=lambda k: k != "ioengine")
@@ -417,7 +423,10 @@ def _one(ctx: _Ctx, raw: str, name: str, value: str, mqrt_names: Mapping[str, ob
         out.notes.append(f"{ctx.at(raw)}: {raw}: no effect: {NO_EFFECT[name]}")
         return
     if name in REPORT_OPTIONS:
-        out.report[name] = value
+        if name in ctx.job_knobs:
+            out.options[name] = value
+        else:
+            out.report[name] = value
         return
     handler = _HANDLERS.get(name)
     if handler is None:
@@ -585,22 +594,39 @@ def _rate_iops(ctx: _Ctx, name: str, value: str) -> None:
 
 
 def _rate_cap(ctx: _Ctx) -> None:
-    """fio caps each direction; mqrt's cap is the job's: equal for a one-direction job."""
+    """fio caps each direction: a one-direction job's cap is mqrt's job cap
+    (``rate_iops``), a mixed job's go per direction (``rate_iops_rw``)."""
     if ctx.rate_iops is None:
         return
     rw = ctx.out.options.get("rw", "randread")
     read, write = ctx.rate_iops
     if rw in ("read", "randread"):
-        cap = read
+        if read is not None:
+            ctx.out.options["rate_iops"] = str(read)
     elif rw in ("write", "randwrite"):
-        cap = write
+        if write is not None:
+            ctx.out.options["rate_iops"] = str(write)
     else:
-        raise KnobError(
-            f"{ctx.at('rate_iops')}: rate_iops: per-direction caps of a mixed job "
-            f"(rw={rw}) are not emulated"
-        )
-    if cap is not None:
-        ctx.out.options["rate_iops"] = str(cap)
+        ctx.out.options["rate_iops_rw"] = f"{read or 0},{write or 0}"
+
+
+def _rate(ctx: _Ctx, name: str, value: str) -> None:
+    try:
+        dirs = per_direction(value)
+    except ValueError as exc:
+        raise _err(name, str(exc)) from None
+    read, write = (0 if d is None else _size(name, d, ctx.kb_base) for d in dirs[:2])
+    ctx.out.options["rate"] = f"{read},{write}"
+
+
+def _micros(target: str) -> Callable[[_Ctx, str, str], None]:
+    def handler(ctx: _Ctx, name: str, value: str) -> None:
+        try:
+            ctx.out.options[target] = str(parse_fio_time_us(value, "us"))
+        except ValueError as exc:
+            raise _err(name, str(exc)) from None
+
+    return handler
 
 
 def _randseed(ctx: _Ctx, name: str, value: str) -> None:
@@ -639,6 +665,13 @@ _HANDLERS: dict[str, Callable[[_Ctx, str, str], None]] = {
     "cpus_allowed": _direct_copy("cpus_allowed"),
     "hipri": _direct_copy("hipri"),
     "norandommap": _direct_copy("norandommap"),
+    "rate": _rate,
+    "rate_process": _direct_copy("rate_process"),
+    "thinktime": _micros("thinktime"),
+    "thinktime_spin": _micros("thinktime_spin"),
+    "thinktime_blocks": _int_copy("thinktime_blocks"),
+    "thinktime_blocks_type": _direct_copy("thinktime_blocks_type"),
+    "iodepth_low": _int_copy("iodepth_low"),
     "random_distribution": _direct_copy("random_distribution"),
     "random_generator": _direct_copy("random_generator"),
 }
@@ -660,4 +693,6 @@ _SWEEPABLE = {
     "rw": "rw",
 }
 #: fio options that take fio's read,write,trim comma list.
-_PER_DIRECTION = frozenset({"bs", "bsrange", "bssplit", "rate_iops", "rate", "rate_min"})
+_PER_DIRECTION = frozenset(
+    {"bs", "bsrange", "bssplit", "rate_iops", "rate", "rate_min", "rate_iops_min"}
+)

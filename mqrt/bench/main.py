@@ -443,7 +443,7 @@ def _jobfile_sections(path: str, given: dict[str, Any], knobs: dict[str, Knob]) 
     out = []
     notes: list[str] = []
     for i, sec in enumerate(parse_jobfile(path, None, flags=flags)):
-        tr = translate(sec.options, mqrt_only, sec.line_of)
+        tr = translate(sec.options, mqrt_only, sec.line_of, knobs)
         notes += [n for n in tr.notes if n not in notes]
         if i and not tr.stonewall:
             file, line = sec.header
