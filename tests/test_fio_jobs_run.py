@@ -176,3 +176,24 @@ def test_rates_per_direction_and_thinktime_pace_a_real_run(tmp_path):
     assert 25 <= reads <= 48 and 55 <= writes <= 85, (reads, writes)
     ios = think["read"]["total_ios"] + think["write"]["total_ios"]
     assert 15 <= ios <= 32, ios
+
+
+def test_jobs_without_stonewall_run_side_by_side_each_clone_on_its_own_cpu(tmp_path):
+    report = run_jobfile(
+        tmp_path,
+        "[global]\nrw=randread\nruntime=300ms\n"
+        "[reader]\nnumjobs=2\n[writer]\nrw=randwrite\nbs=64k\n[after]\nstonewall\n",
+    )
+    names = [j["jobname"] for j in report["jobs"]]
+    assert names == [
+        "nullb0 reader job=reader+writer", "nullb0 writer job=reader+writer", "nullb0 job=after"
+    ]  # fmt: skip
+    reader, writer, after = report["jobs"]
+    assert reader["job options"]["numjobs"] == "2" and writer["job options"]["numjobs"] == "1"
+    assert reader["read"]["total_ios"] > 0 and reader["write"]["total_ios"] == 0
+    assert writer["write"]["total_ios"] > 0 and writer["read"]["total_ios"] == 0
+    assert writer["write"]["io_bytes"] == writer["write"]["total_ios"] * 65536
+    assert after["job options"]["numjobs"] == "1"  # fio's default: one clone
+    assert [p["params"] for p in report["mqrt"]["points"]] == [
+        {"job": "reader+writer"}, {"job": "after"}
+    ]  # fmt: skip

@@ -168,7 +168,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     sw.add_argument(
         "jobfile", nargs="?", metavar="JOBFILE",
-        help="a fio job file: each job section runs in turn (command-line options override it)",
+        help="a fio job file: its groups of jobs (split by stonewall) run in turn; "
+        "command-line options override it",
     )  # fmt: skip
     sw.add_argument(
         "--repeat", type=_positive_int, default=None, metavar="N",
@@ -440,24 +441,39 @@ def _jobfile_sections(path: str, given: dict[str, Any], knobs: dict[str, Knob]) 
         and n not in file_only
     }  # fmt: skip
     flags = {*(n for n, k in mqrt_only.items() if k.kind == "bool"), *FIO_FLAGS}
-    out = []
+    out: list = []
     notes: list[str] = []
     for i, sec in enumerate(parse_jobfile(path, None, flags=flags)):
         tr = translate(sec.options, mqrt_only, sec.line_of, knobs)
         notes += [n for n in tr.notes if n not in notes]
-        if i and not tr.stonewall:
-            file, line = sec.header
-            notes.append(
-                f"{file}:{line}: [{sec.name}] runs after the jobs above it, not beside them: "
-                "mqrt runs each job section in turn (as if stonewall)"
-            )
         options = {**tr.options, **given}
         if "bs" in given:  # the command line's bs is every direction's
             options.pop("blocksizes", None)
-        out.append((sec.name, options, sec, tr.report))
+        if "cpus" not in options:
+            options["cpus"] = "1"  # fio's numjobs default: one clone, one CPU
+        member = (sec.name, options, sec, tr.report)
+        if i == 0 or tr.stonewall:
+            out.append([member])  # a new group: it waits for the ones before
+        else:
+            out[-1].append(member)  # fio runs it beside the jobs before it
     for note in notes:
         print(f"mqrt: {note}", file=sys.stderr)
-    return out
+    return [g[0] if len(g) == 1 else _group(g, given) for g in out]
+
+
+def _group(members: list, given: dict[str, Any]) -> tuple:
+    """Jobs of one group (no stonewall between them) as one point: each job's clones
+    (numjobs, default 1) on CPUs of their own, in file order."""
+    names = [m[0] for m in members]
+    _, _, sec0, report0 = members[0]
+    if "cpus" in given:
+        raise sec0.located(
+            KnobError(
+                f"cpus: a group of jobs side by side ({', '.join(names)}) takes one CPU "
+                "per clone (numjobs); --cpus does not apply"
+            )
+        )
+    return ("+".join(names), {"_members": members}, sec0, report0)
 
 
 def _typed(config: dict[str, Any], name: str) -> Any:
@@ -487,6 +503,12 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     planned = []
     axes_all: dict[str, list[Any]] = {}
     for name, options, sec, report_opts in sections:
+        if "_members" in options:
+            p = _plan_group(options["_members"])
+            p.params = {"job": name}
+            planned.append(p)
+            axes_all.setdefault("job", []).append(name)
+            continue
         try:
             base, axes = split_axes(options, knobs)
         except KnobError as exc:
@@ -512,6 +534,53 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     for i, p in enumerate(planned):
         p.index = i
     return planned, axes_all, repeat, is_default
+
+
+def _plan_group(members: list):
+    """One point running fio's jobs of a group side by side: every member's clones
+    on CPUs of their own (member after member, as fio's cpus_allowed_policy=split
+    deals them out), one RunSpec."""
+    from mqrt.bench.sweep import Point
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
+
+    job_names = {k.name for k in (*JOB_KNOBS, *JOB_FILE_KNOBS)}
+    cpu_jobs: list = []
+    job_members: list[tuple[str, list[int]]] = []
+    first_given: dict[str, Any] | None = None
+    for mname, options, sec, _report in members:
+        given = {canonical(k): v for k, v in options.items()}
+        for k, v in given.items():
+            own_list = k in ("blocksizes", "rate", "rate_iops_rw")
+            if "," in str(v) and not own_list and (k in job_names or k == "cpus"):
+                raise sec.located(
+                    KnobError(f"{k}: jobs side by side in a group cannot sweep ({v!r})")
+                )
+        clones = int(given.pop("cpus", 1))
+        try:
+            job = JobSpec.from_options({k: v for k, v in given.items() if k in job_names})
+        except KnobError as exc:
+            raise sec.located(exc) from None
+        first = len(cpu_jobs)
+        cpu_jobs += [job] * clones
+        job_members.append((mname, list(range(first, first + clones))))
+        if first_given is None:
+            first_given = given
+    assert first_given is not None
+    sec0 = members[0][2]
+    try:
+        spec, config = build({**first_given, "cpus": len(cpu_jobs)})
+    except KnobError as exc:
+        raise sec0.located(exc) from None
+    spec.job = max(cpu_jobs, key=lambda j: j.ramp_time + j.runtime)
+    spec.cpu_jobs = cpu_jobs
+    spec.job_members = job_members
+    config["jobs"] = {m: {"cpus": cpus} for m, cpus in job_members}
+    report = members[0][3]
+    if report:
+        config["fio_report"] = dict(report)
+    p = Point(index=0, params={}, given=first_given)
+    p.spec, p.config = spec, config
+    return p
 
 
 def _point_label(section: str | None, params: dict[str, Any]) -> str:
