@@ -197,3 +197,16 @@ def test_jobs_without_stonewall_run_side_by_side_each_clone_on_its_own_cpu(tmp_p
     assert [p["params"] for p in report["mqrt"]["points"]] == [
         {"job": "reader+writer"}, {"job": "after"}
     ]  # fmt: skip
+
+
+def test_sized_clones_do_their_size_each_at_their_own_offset(tmp_path):
+    """numjobs=2, size=64k, offset_increment=1m, no time_based: fio's clones each
+    write 64k (16 I/Os of 4k) in their own megabyte, then end."""
+    job = JobSpec.from_options({"bs": "4096", "offset_increment": str(1 << 20)})
+    assert [c.offset for c in job.clones(3)] == [0, 1 << 20, 2 << 20]
+    report = run_jobfile(
+        tmp_path, "[w]\nrw=write\nnumjobs=2\nsize=64k\noffset_increment=1m\nruntime=5s\n"
+    )
+    (w,) = report["jobs"]
+    assert w["write"]["total_ios"] == 32 and w["write"]["io_bytes"] == 2 * 65536
+    assert w["job options"]["numjobs"] == "2"

@@ -36,6 +36,7 @@ Deviations from fio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -177,6 +178,7 @@ JOB_FILE_KNOBS: tuple[Knob, ...] = (
         -(1 << 40),
     ),
     Knob("offset", "int", 0, "First byte of the job's region", 0, 1 << 60),
+    Knob("offset_increment", "int", 0, "Each clone's offset: offset + clone x this", 0),
     Knob("offset_pct", "float", 0.0, "offset as a percentage of the device", 0, 100),
     Knob("size_pct", "float", 0.0, "size as a percentage of the device (0: size)", 0, 100),
     Knob("io_size", "int", 0, "Bytes of I/O the job does when not time_based (0: size)", 0),
@@ -304,17 +306,27 @@ class JobSpec:
     thinktime_blocks: int = 1
     thinktime_blocks_type: str = "complete"
     iodepth_low: int = 0
+    offset_increment: int = 0
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
         v = parse_knobs((*JOB_KNOBS, *JOB_FILE_KNOBS), given)
         if v["bs"] % 512:
             raise KnobError(f"bs: must be a multiple of 512, got {v['bs']}")
-        if not v["time_based"] and not (v["size"] or v["size_pct"] or v["io_size"]):
+        if not v["time_based"] and not (
+            v["size"] or v["size_pct"] or v["io_size"] or v["number_ios"]
+        ):
             raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
         if not v["time_based"] and 0 < (v["io_size"] or v["size"]) < v["bs"]:
             raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
         return cls(**v)
+
+    def clones(self, n: int) -> list[JobSpec]:
+        """``n`` clones (numjobs), clone i starting at offset + i x offset_increment."""
+        if not self.offset_increment:
+            return [self] * n
+        inc = self.offset_increment
+        return [dataclasses.replace(self, offset=self.offset + i * inc) for i in range(n)]
 
     @property
     def dists(self) -> tuple[BsDist, BsDist]:

@@ -390,6 +390,10 @@ def translate(
             raise KnobError(f"{at(raw_name)}: {msg}") from None
     _blocksizes(ctx, options)
     _rate_cap(ctx)
+    sized = {"size", "io_size", "io_limit", "number_ios"} & set(options)
+    if sized and "time_based" not in options:
+        # fio's default: a job with a size ends when it has done it (or at runtime)
+        ctx.out.options["time_based"] = "0"
     return ctx.out
 
 
@@ -672,6 +676,7 @@ _HANDLERS: dict[str, Callable[[_Ctx, str, str], None]] = {
     "thinktime_blocks": _int_copy("thinktime_blocks"),
     "thinktime_blocks_type": _direct_copy("thinktime_blocks_type"),
     "iodepth_low": _int_copy("iodepth_low"),
+    "offset_increment": _size_pct("offset_increment", None),
     "random_distribution": _direct_copy("random_distribution"),
     "random_generator": _direct_copy("random_generator"),
 }

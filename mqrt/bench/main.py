@@ -523,6 +523,8 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
             p.params = {k: _typed(config, k) for k in p.params}
             if len(sections) > 1:
                 p.params = {"job": name, **p.params}
+            if spec.job.offset_increment:  # each clone (CPU) at its own offset
+                spec.cpu_jobs = spec.job.clones(spec.nr_cpus)
             if report_opts:  # fio's reporting options of the job file, for the report
                 config["fio_report"] = dict(report_opts)
             p.spec, p.config = spec, config
@@ -561,7 +563,7 @@ def _plan_group(members: list):
         except KnobError as exc:
             raise sec.located(exc) from None
         first = len(cpu_jobs)
-        cpu_jobs += [job] * clones
+        cpu_jobs += job.clones(clones)
         job_members.append((mname, list(range(first, first + clones))))
         if first_given is None:
             first_given = given
