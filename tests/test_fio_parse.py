@@ -171,3 +171,14 @@ def test_fios_own_examples_are_accepted_or_refused_for_a_reason(monkeypatch):
             if "unknown option" in message:
                 assert "is not set" in message or "environment" in message, message
     assert accepted >= 15
+
+
+def test_a_sweep_in_a_job_file_is_written_in_braces(tmp_path, capsys):
+    path = tmp_path / "sweep.fio"
+    path.write_text("[j]\niodepth={1,4}\nbs={4k,64k}\nirqmode=none,softirq\n")
+    planned, axes, _repeat, _default = plan(path)
+    assert axes["iodepth"] == [1, 4] and axes["bs"] == [4096, 65536]
+    assert axes["irqmode"] == ["none", "softirq"]  # mqrt's own option: a plain list
+    assert len(planned) == 8
+    path.write_text("[j]\niodepth={1-8:x2}\n")
+    assert plan(path)[1]["iodepth"] == [1, 2, 4, 8]
