@@ -524,14 +524,8 @@ class IoJob:
 
     def _refill(self) -> None:
         spec = self.spec
-        pct = spec.read_pct
-        if pct == 100:
-            ops = np.zeros(_CHUNK, dtype=np.int64)
-        elif pct == 0:
-            ops = np.ones(_CHUNK, dtype=np.int64)
-        else:
-            ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
-        if self.fixed and not spec.rw_modifier:
+        fast = self.fixed and not spec.rw_modifier
+        if fast:  # offsets first, then directions: the stream of a fixed-size job
             if spec.random:
                 blocks = self.sampler.draw(_CHUNK)
             else:
@@ -539,7 +533,14 @@ class IoJob:
                 self._next_block = int(blocks[-1]) + 1
             self._offsets = (self.start + blocks * self.bs_sectors).tolist()
             self._lens = [self.bs_sectors] * _CHUNK
+        pct = spec.read_pct
+        if pct == 100:
+            ops = np.zeros(_CHUNK, dtype=np.int64)
+        elif pct == 0:
+            ops = np.ones(_CHUNK, dtype=np.int64)
         else:
+            ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
+        if not fast:
             lens = np.empty(_CHUNK, dtype=np.int64)
             for op in (0, 1):
                 sel = ops == op
@@ -547,7 +548,9 @@ class IoJob:
                     lens[sel] = self._sizes(self.dists[op], int(sel.sum()))
             self._lens = lens.tolist()
             self._offsets = self._place(self._lens)
-        self._ops = ops[::-1].tolist()
+        # popped from the end; a fixed-size job pairs them as it always has (any
+        # pairing of two independent draws is as random), the others in order
+        self._ops = ops.tolist() if fast else ops[::-1].tolist()
         self._offsets.reverse()
         self._lens.reverse()
 

@@ -66,7 +66,9 @@ class BlockSampler:
         self.randommap = randommap and self.name == "random"
         self._counter = 0
         self._left = np.empty(0, dtype=np.int64)
-        self._perm = _Bijection(self.bits, rng)
+        # keyed only where used: uniform draws keep the generator's stream as it was
+        uses_perm = self.randommap or self.name in ("zipf", "pareto")
+        self._perm = _Bijection(self.bits, rng) if uses_perm else None
         if self.name == "zipf":
             terms = min(self.n, ZIPF_MAX_TERMS)
             theta = self.param
@@ -125,6 +127,7 @@ class BlockSampler:
             take = min(period - self._counter, max(2 * (count - have), 64))
             idx = np.arange(self._counter, self._counter + take, dtype=np.uint64)
             self._counter += take
+            assert self._perm is not None
             vals = self._perm(idx)
             vals = vals[vals < self.n].astype(np.int64)
             parts.append(vals)
@@ -138,9 +141,11 @@ class BlockSampler:
 
     def _scatter(self, rank: np.ndarray) -> np.ndarray:
         """Rank -> block by a bijection of ``[0, n)`` (cycle walking)."""
-        x = self._perm(rank)
+        perm = self._perm
+        assert perm is not None
+        x = perm(rank)
         bad = x >= self.n
         while bad.any():
-            x[bad] = self._perm(x[bad])
+            x[bad] = perm(x[bad])
             bad = x >= self.n
         return x.astype(np.int64)

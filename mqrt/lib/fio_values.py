@@ -189,9 +189,7 @@ def parse_distribution(text: str) -> tuple[str, float, tuple[tuple[float, float]
     name = name.lower()
     if name not in DISTRIBUTIONS:
         raise ValueError(f"must be {'|'.join(DISTRIBUTIONS)}, got {text!r}")
-    if name == "random":
-        if arg:
-            raise ValueError(f"random takes no parameter, got {text!r}")
+    if name == "random":  # fio takes and ignores a parameter here
         return name, 0.0, ()
     if name in ("zipf", "pareto", "normal"):
         default = {"zipf": 1.2, "pareto": 0.2, "normal": 0.0}[name]
@@ -199,8 +197,8 @@ def parse_distribution(text: str) -> tuple[str, float, tuple[tuple[float, float]
             value = float(arg) if arg else default
         except ValueError:
             raise ValueError(f"{name}: not a number: {arg!r}") from None
-        if name == "zipf" and not (value > 0 and value != 1.0):
-            raise ValueError(f"zipf: theta must be > 0 and not 1, got {arg!r}")
+        if name == "zipf" and not (value >= 0 and value != 1.0):
+            raise ValueError(f"zipf: theta must be >= 0 and not 1, got {arg!r}")
         if name == "pareto" and not 0 < value < 1:
             raise ValueError(f"pareto: h must be in (0, 1), got {arg!r}")
         if name == "normal" and not 0 <= value <= 100:
