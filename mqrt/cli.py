@@ -11,20 +11,31 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mqrt import __version__
 from mqrt.errors import UsageError
 from mqrt.lib import signals
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with mqrt's one-line errors (no usage block): ``mqrt: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("mqrt").strip()
+        self.exit(
+            2, f"mqrt: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n"
+        )
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mqrt",
         description="The Linux blk-mq block layer in user space: real processes as CPUs, "
         "shared-memory hardware queues and sbitmap tags on real atomics.",
     )
     parser.add_argument("--version", action="version", version=f"mqrt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from mqrt import compare, plot
     from mqrt.bench import main as bench

@@ -85,11 +85,11 @@ def test_a_bad_point_is_named_before_anything_runs():
     assert "Traceback" not in out.stderr
 
 
-def test_job_file_sections_run_in_turn(tmp_path):
+def test_job_file_groups_run_in_turn(tmp_path):
     jobs = tmp_path / "two.fio"
     jobs.write_text(
         "[global]\nrw=randread\nruntime=0.2\nirqmode=none\nioengine=libaio\n\n"
-        "[shallow]\niodepth=2\n\n[deep]\niodepth=16\ncpus=1,2\n"
+        "[shallow]\niodepth=2\n\n[deep]\nstonewall\niodepth=16\ncpus=1,2\n"
     )
     out = mqrt("bench", str(jobs), "--output-format", "json", "-q")
     assert out.returncode == 0, out.stderr
@@ -107,7 +107,7 @@ def test_job_file_errors_name_the_line(tmp_path):
     jobs.write_text("[global]\nruntime=0.1\n[j]\niodepth=4\nverify=md5\n")
     out = mqrt("bench", str(jobs))
     assert out.returncode == 2
-    assert f"{jobs}:5: unknown option 'verify'" in out.stderr
+    assert f"{jobs}:5: verify: data verification needs a data-backed device" in out.stderr
     jobs.write_text("[j]\niodepth=0\n")
     out = mqrt("bench", str(jobs))
     assert out.returncode == 2 and f"{jobs}:2: iodepth: must be 1..65536" in out.stderr

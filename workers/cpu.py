@@ -538,12 +538,12 @@ class Cpu:
         ]
         next_pub = clock() + PUBLISH_NS
         next_allowed = [clock()] * len(jobs)
-        sized = all(job.limit for job in jobs)
+        sized = all(job.limit or job.limit_bytes for job in jobs)
         while True:
             now = clock()
             if now >= end_ns or self.stopping:
                 return
-            if sized and all(j.submitted >= j.limit and not j.inflight for j in jobs):
+            if sized and all(not j.remaining() and not j.inflight for j in jobs):
                 return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
                 if self._hang_at and now >= self._hang_at:
@@ -561,9 +561,25 @@ class Cpu:
                 if room <= 0 or (room < batch_complete and job.inflight):
                     continue
                 n = min(room, batch)
-                if job.limit:  # not time_based: this job ends after --size bytes
-                    n = min(n, job.limit - job.submitted)
+                if job.limit or job.limit_bytes:  # number_ios, or not time_based: size
+                    n = min(n, job.remaining())
                     if n <= 0:
+                        continue
+                if job.spec.iodepth_low:  # refill once the depth dropped to iodepth_low
+                    if job.inflight >= iodepth:
+                        job.draining = True
+                    if job.draining:
+                        if job.inflight > job.spec.iodepth_low:
+                            continue
+                        job.draining = False
+                if job.paced:  # per-direction rates, thinktime
+                    n, wake, spin = job.allowed(now, n)
+                    if spin:
+                        until = now + spin
+                        while clock() < until:  # thinktime_spin: the CPU stays busy
+                            pass
+                    if n <= 0:
+                        wake_at = min(wake_at, wake)
                         continue
                 if rate_gap:
                     if now < next_allowed[i]:

@@ -15,22 +15,39 @@ issue to the driver), its clat from there to its completion -- through every ret
 diskstats does: requests completed and the time they took (from the request's start,
 its first bio's), per direction.
 
+Block sizes are per direction (fio's ``bs=read,write``), each fixed, a range
+(``bsrange``: a multiple of its low end, uniform) or a split (``bssplit``: sizes
+drawn by their weights).  I/O stays within ``[offset, offset + size)``; a
+sequential job wraps to ``offset`` at the end, skipping ``rw=read:N`` bytes after
+each I/O (``rw=read:-8k``: going back, from the end once past the start); a random
+one draws offsets aligned to the smallest block size, and with
+``rw=randread:N`` follows each random offset with N-1 sequential ones.
+
+Random offsets follow ``random_distribution`` (:mod:`mqrt.workers.offsets`); a job
+file gets fio's random map (every block once per pass) unless it says
+``norandommap``; the command line keeps ``norandommap`` (uniform draws).
+
 Deviations from fio
-    * Offsets are generated in chunks with numpy (seeded per job), uniform over
-      ``size``; there is no random map (``norandommap`` behaviour).
+    * Offsets are generated in chunks with numpy (seeded per job), not by fio's
+      tausworthe generator: the same distributions, other sequences.
+    * The random map covers fixed block sizes; with ranges or splits offsets are
+      drawn without one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
 from mqrt.block.blk_stat import LatHist, batch_bucket, parse_percentile_list
+from mqrt.lib.fio_values import parse_bssplit, parse_distribution, parse_size_range
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
+from mqrt.workers.offsets import BlockSampler
 
 RW_MODES = {
     "read": "read",
@@ -167,6 +184,147 @@ JOB_KNOBS: tuple[Knob, ...] = (
     ),
 )
 
+
+def _check_blocksizes(text: str) -> str | None:
+    try:
+        parse_blocksizes(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``READ,WRITE`` of two integers (an empty text: no caps)."""
+    if not text:
+        return 0, 0
+    a, b = text.split(",")
+    r, w = int(a), int(b)
+    if r < 0 or w < 0:
+        raise ValueError(text)
+    return r, w
+
+
+def _check_pair(text: str) -> str | None:
+    try:
+        _pair(text)
+    except ValueError:
+        return "must be READ,WRITE (two integers >= 0)"
+    return None
+
+
+def _check_distribution(text: str) -> str | None:
+    try:
+        parse_distribution(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+#: Job options only a job file sets (fio's spellings are translated into these by
+#: ``mqrt.bench.fio_options``); never on the command line, never swept.
+JOB_FILE_KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "blocksizes",
+        "str",
+        "",
+        "Block sizes per direction, read,write: each LO-HI or SIZE/PCT:SIZE/PCT (empty: bs)",
+        check=lambda v: _check_blocksizes(v) if v else None,
+    ),
+    Knob(
+        "rw_modifier",
+        "int",
+        0,
+        "rw=MODE:N: bytes skipped after each sequential I/O (negative: back), or the "
+        "run length of a random job",
+        -(1 << 40),
+    ),
+    Knob("offset", "int", 0, "First byte of the job's region", 0, 1 << 60),
+    Knob("offset_increment", "int", 0, "Each clone's offset: offset + clone x this", 0),
+    Knob("offset_pct", "float", 0.0, "offset as a percentage of the device", 0, 100),
+    Knob("size_pct", "float", 0.0, "size as a percentage of the device (0: size)", 0, 100),
+    Knob("io_size", "int", 0, "Bytes of I/O the job does when not time_based (0: size)", 0),
+    Knob("loops", "int", 1, "Passes over io_size when not time_based", 1, 1 << 30),
+    Knob("number_ios", "int", 0, "I/Os after which the job ends (0: no limit)", 0),
+    Knob(
+        "random_distribution",
+        "str",
+        "random",
+        "random, zipf:θ, pareto:h, normal:SIGMA, zoned:P/S:..., zoned_abs:P/SIZE:...",
+        check=_check_distribution,
+    ),
+    Knob(
+        "rate",
+        "str",
+        "",
+        "Bytes/s caps per direction, READ,WRITE (0: none)",
+        check=_check_pair,
+    ),
+    Knob(
+        "rate_iops_rw",
+        "str",
+        "",
+        "IOPS caps per direction, READ,WRITE (0: none)",
+        check=_check_pair,
+    ),
+    Knob(
+        "rate_process",
+        "choice",
+        "linear",
+        "linear (even gaps) or poisson (exponential gaps, the same mean)",
+        choices={"linear": "linear", "poisson": "poisson"},
+    ),
+    Knob("thinktime", "int", 0, "Microseconds to stall every thinktime_blocks I/Os", 0),
+    Knob("thinktime_spin", "int", 0, "Microseconds of thinktime spent spinning", 0),
+    Knob("thinktime_blocks", "int", 1, "I/Os between stalls", 1),
+    Knob(
+        "thinktime_blocks_type",
+        "choice",
+        "complete",
+        "Count completed (complete) or issued (issue) I/Os",
+        choices={"complete": "complete", "issue": "issue"},
+    ),
+    Knob("iodepth_low", "int", 0, "Refill only once in-flight I/Os drop to this (0: at once)", 0),
+    Knob("norandommap", "bool", True, "Random offsets repeat (0: every block once per pass)"),
+    Knob(
+        "random_generator",
+        "choice",
+        "tausworthe",
+        "tausworthe, tausworthe64 (numpy's PCG64 here) or lfsr (every block once per pass)",
+        choices={"tausworthe": "tausworthe", "tausworthe64": "tausworthe64", "lfsr": "lfsr"},
+    ),
+)
+
+
+class BsDist(NamedTuple):
+    """One direction's block sizes: a range ``lo..hi`` (multiples of ``lo``), or a
+    split: (size, percent) pairs."""
+
+    lo: int
+    hi: int
+    split: tuple[tuple[int, int], ...] = ()
+
+
+def parse_blocksizes(text: str) -> tuple[BsDist, BsDist]:
+    """``READ,WRITE`` of :data:`JOB_FILE_KNOBS`' ``blocksizes``."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"expected READ,WRITE, got {text!r}")
+    out = []
+    for part in parts:
+        if "/" in part:
+            split = parse_bssplit(part)
+            sizes = [s for s, _ in split]
+            out.append(BsDist(min(sizes), max(sizes), split))
+        else:
+            r = parse_size_range(part)
+            out.append(BsDist(r.lo, r.hi))
+    for d in out:
+        for size in (d.lo, d.hi, *(s for s, _ in d.split)):
+            if size < 512 or size % 512 or size > 1 << 24:
+                raise ValueError(f"block size {size} is not a multiple of 512 in 512..16M")
+    return out[0], out[1]
+
+
 #: Samples folded into the histograms at a time.
 FOLD_EVERY = 4096
 _CHUNK = 4096
@@ -202,6 +360,26 @@ class JobSpec:
     write_hist_log: str = ""
     log_hist_msec: int = 0
     log_hist_coarseness: int = 0
+    blocksizes: str = ""
+    rw_modifier: int = 0
+    offset: int = 0
+    offset_pct: float = 0.0
+    size_pct: float = 0.0
+    io_size: int = 0
+    loops: int = 1
+    number_ios: int = 0
+    random_distribution: str = "random"
+    norandommap: bool = True
+    random_generator: str = "tausworthe"
+    rate: str = ""
+    rate_iops_rw: str = ""
+    rate_process: str = "linear"
+    thinktime: int = 0
+    thinktime_spin: int = 0
+    thinktime_blocks: int = 1
+    thinktime_blocks_type: str = "complete"
+    iodepth_low: int = 0
+    offset_increment: int = 0
 
     @property
     def logging(self) -> bool:
@@ -211,12 +389,38 @@ class JobSpec:
 
     @classmethod
     def from_options(cls, given: dict[str, Any]) -> JobSpec:
-        v = parse_knobs(JOB_KNOBS, given)
+        v = parse_knobs((*JOB_KNOBS, *JOB_FILE_KNOBS), given)
         if v["bs"] % 512:
             raise KnobError(f"bs: must be a multiple of 512, got {v['bs']}")
-        if not v["time_based"] and v["size"] < v["bs"]:
+        if not v["time_based"] and not (
+            v["size"] or v["size_pct"] or v["io_size"] or v["number_ios"]
+        ):
+            raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
+        if not v["time_based"] and 0 < (v["io_size"] or v["size"]) < v["bs"]:
             raise KnobError("time_based: 0 needs --size (the bytes each job does), at least bs")
         return cls(**v)
+
+    def clones(self, n: int) -> list[JobSpec]:
+        """``n`` clones (numjobs), clone i starting at offset + i x offset_increment."""
+        if not self.offset_increment:
+            return [self] * n
+        inc = self.offset_increment
+        return [dataclasses.replace(self, offset=self.offset + i * inc) for i in range(n)]
+
+    @property
+    def dists(self) -> tuple[BsDist, BsDist]:
+        """Read and write block sizes."""
+        if self.blocksizes:
+            return parse_blocksizes(self.blocksizes)
+        return BsDist(self.bs, self.bs), BsDist(self.bs, self.bs)
+
+    @property
+    def min_bs(self) -> int:
+        return min(d.lo for d in self.dists)
+
+    @property
+    def max_bs(self) -> int:
+        return max(d.hi for d in self.dists)
 
     @property
     def batch(self) -> int:
@@ -294,16 +498,57 @@ class IoJob:
         self.cpu = cpu
         self.q = q
         self.bs_sectors = spec.bs >> 9
-        span = spec.size or dev_bytes
+        self.dists = spec.dists
+        self.fixed = all(d.lo == d.hi == spec.bs for d in self.dists)
+        self.unit = spec.min_bs >> 9  #: alignment of random offsets, in sectors
+        start = spec.offset or int(dev_bytes * spec.offset_pct / 100)
+        start -= start % spec.min_bs
+        start = min(start, max(0, dev_bytes - spec.max_bs))
+        span = spec.size or int(dev_bytes * spec.size_pct / 100) or dev_bytes - start
+        span = min(span, dev_bytes - start)
+        self.start = start >> 9  #: the region's first sector
+        self.span = max(spec.max_bs, span) >> 9  #: the region's sectors
         self.nr_blocks = max(1, span // spec.bs)
         self.rng = np.random.default_rng([spec.randseed, seed, cpu, q])
+        dist = parse_distribution(spec.random_distribution)
+        self.sampler = BlockSampler(
+            self.span // self.unit,
+            self.rng,
+            dist,
+            (not spec.norandommap or spec.random_generator == "lfsr") and self.fixed,
+            spec.min_bs,
+        )
         self._offsets: list[int] = []
         self._ops: list[int] = []
+        self._lens: list[int] = []
         self._next_block = 0
+        self._pos = 0  #: next sequential sector, relative to start
+        self._run_left = 0  #: rw=randread:N: sequential I/Os left before a random one
         self.inflight = 0
         self.submitted = 0
-        #: I/Os this job does in all when not time_based (0: no limit)
-        self.limit = 0 if spec.time_based else spec.size // spec.bs
+        self.submitted_bytes = 0
+        # pacing: per-direction rate budgets and thinktime (0: none)
+        self.rate_bytes = _pair(spec.rate)
+        self.rate_iops = _pair(spec.rate_iops_rw)
+        self.rated = any(self.rate_bytes) or any(self.rate_iops)
+        self.poisson = spec.rate_process == "poisson"
+        self.due_ns = [-1, -1]  #: per direction: when its next I/O may start
+        self.think_ns = spec.thinktime * 1000
+        self.spin_ns = min(spec.thinktime_spin, spec.thinktime) * 1000
+        self.think_until = 0
+        self._think_mark = 0  #: I/Os issued (or completed) at the last stall
+        self.paced = self.rated or self.think_ns > 0
+        self.draining = False  #: iodepth_low: waiting for the depth to drop
+        #: I/Os this job does in all (0: no limit): number_ios, or io_size (size)
+        #: times loops when not time_based, in I/Os of the smallest size
+        self.limit = spec.number_ios
+        self.limit_bytes = 0
+        if not spec.time_based:
+            self.limit_bytes = (spec.io_size or (self.span << 9)) * spec.loops
+            if self.fixed:
+                by_bytes = self.limit_bytes // spec.bs
+                self.limit = min(self.limit, by_bytes) if self.limit else by_bytes
+                self.limit_bytes = 0
         self.record_from_ns = 0
         #: I/Os submitted per in-flight depth after their submission (fio's io_u_map),
         #: submissions and reaps per batch size bucket (io_u_submit, io_u_complete)
@@ -326,22 +571,136 @@ class IoJob:
 
     # -- submission ----------------------------------------------------------------------------
 
+    def allowed(self, now: int, n: int) -> tuple[int, int, int]:
+        """Of ``n`` I/Os, how many may start now under rate and thinktime (charging
+        their budgets), when to look again if none, and ns to spin first (the spun
+        part of a thinktime that starts now)."""
+        if now < self.think_until:
+            return 0, self.think_until, 0
+        spin = 0
+        if self.think_ns:
+            count = (
+                self.submitted - self.inflight
+                if self.spec.thinktime_blocks_type == "complete"
+                else self.submitted
+            )
+            if count - self._think_mark >= self.spec.thinktime_blocks:
+                self._think_mark = count
+                self.think_until = now + self.think_ns
+                if self.spin_ns < self.think_ns:
+                    return 0, self.think_until, self.spin_ns
+                spin = self.spin_ns  # all of it spun: then go on
+            if self.spec.thinktime_blocks_type == "issue":
+                n = min(n, self._think_mark + self.spec.thinktime_blocks - self.submitted)
+        if not self.rated:
+            return n, 0, spin
+        if not self._offsets:
+            self._refill()
+        n = min(n, len(self._ops))
+        due = self.due_ns
+        k = 0
+        start = now + spin
+        if due[0] < 0:  # the first look: the budgets start now, nothing banked
+            due[0] = due[1] = start
+        mixed = 0 < self.spec.read_pct < 100
+        while k < n:
+            op = self._ops[-1 - k]
+            if due[op] > start:
+                if not mixed or due[1 - op] > start:
+                    break
+                # as fio does: a direction over its rate gives the turn to the other
+                op = 1 - op
+                self._ops[-1 - k] = op
+                n_new = int(self._sizes(self.dists[op], 1)[0])
+                self._lens[-1 - k] = n_new
+                last = self.start + (self.span - n_new) // self.unit * self.unit
+                self._offsets[-1 - k] = min(self._offsets[-1 - k], last)  # stays inside
+            cost = 0.0
+            if self.rate_bytes[op]:
+                cost = (self._lens[-1 - k] << 9) * 1e9 / self.rate_bytes[op]
+            if self.rate_iops[op]:
+                cost = max(cost, 1e9 / self.rate_iops[op])
+            if self.poisson and cost:
+                cost *= float(self.rng.exponential())
+            due[op] = max(due[op], start - 1_000_000_000) + int(cost)  # bank 1 s at most
+            k += 1
+        if k == 0:
+            return 0, min(due) if mixed else due[self._ops[-1]], spin
+        return k, 0, spin
+
+    def remaining(self) -> int:
+        """How many more I/Os the job may submit now (a large number: no limit)."""
+        n = self.limit - self.submitted if self.limit else 1 << 30
+        if self.limit_bytes:
+            left = self.limit_bytes - self.submitted_bytes
+            n = min(n, -(-left // self.spec.max_bs) if left > 0 else 0)
+        return max(n, 0)
+
     def _refill(self) -> None:
         spec = self.spec
-        if spec.random:
-            blocks = self.rng.integers(0, self.nr_blocks, _CHUNK)
-        else:
-            blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
-            self._next_block = int(blocks[-1]) + 1
-        self._offsets = (blocks * self.bs_sectors).tolist()
-        self._offsets.reverse()
+        fast = self.fixed and not spec.rw_modifier
+        if fast:  # offsets first, then directions: the stream of a fixed-size job
+            if spec.random:
+                blocks = self.sampler.draw(_CHUNK)
+            else:
+                blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
+                self._next_block = int(blocks[-1]) + 1
+            self._offsets = (self.start + blocks * self.bs_sectors).tolist()
+            self._lens = [self.bs_sectors] * _CHUNK
         pct = spec.read_pct
         if pct == 100:
-            self._ops = [ReqOp.READ] * _CHUNK
+            ops = np.zeros(_CHUNK, dtype=np.int64)
         elif pct == 0:
-            self._ops = [ReqOp.WRITE] * _CHUNK
+            ops = np.ones(_CHUNK, dtype=np.int64)
         else:
-            self._ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1).tolist()
+            ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
+        if not fast:
+            lens = np.empty(_CHUNK, dtype=np.int64)
+            for op in (0, 1):
+                sel = ops == op
+                if sel.any():
+                    lens[sel] = self._sizes(self.dists[op], int(sel.sum()))
+            self._lens = lens.tolist()
+            self._offsets = self._place(self._lens)
+        # popped from the end; a fixed-size job pairs them as it always has (any
+        # pairing of two independent draws is as random), the others in order
+        self._ops = ops.tolist() if fast else ops[::-1].tolist()
+        self._offsets.reverse()
+        self._lens.reverse()
+
+    def _sizes(self, dist: BsDist, n: int) -> np.ndarray:
+        """``n`` block sizes of one direction, in sectors."""
+        if dist.split:
+            sizes = np.array([s for s, _ in dist.split]) >> 9
+            weights = np.array([p for _, p in dist.split], dtype=float)
+            return self.rng.choice(sizes, n, p=weights / weights.sum())
+        lo = dist.lo >> 9
+        if dist.hi == dist.lo:
+            return np.full(n, lo)
+        return lo * self.rng.integers(1, (dist.hi >> 9) // lo + 1, n)
+
+    def _place(self, lens: list[int]) -> list[int]:
+        """Offsets (sectors) for I/Os of these lengths, in order."""
+        spec = self.spec
+        unit, span, start = self.unit, self.span, self.start
+        hole = spec.rw_modifier >> 9 if not spec.random else 0
+        run = spec.rw_modifier if spec.random else 0
+        draws = self.sampler.draw(len(lens)).tolist() if spec.random else []
+        out = []
+        pos = self._pos
+        for i, n in enumerate(lens):
+            if spec.random and self._run_left <= 0:
+                pos = min(draws[i] * unit, (span - n) // unit * unit)
+                self._run_left = max(run, 1)
+            if pos + n > span:
+                pos = 0  # past the region's end: back to its start
+            elif pos < 0:
+                pos = (span - n) // unit * unit  # before its start (backwards): the end
+            out.append(start + pos)
+            pos += n + hole
+            self._run_left -= 1
+        self._pos = pos
+        return out
 
     def next_bio(self) -> tuple[int, int, int]:
         """(op, sector, nr_sectors) of the next I/O; counts it in flight."""
@@ -349,7 +708,9 @@ class IoJob:
             self._refill()
         self.inflight += 1
         self.submitted += 1
-        return self._ops.pop(), self._offsets.pop(), self.bs_sectors
+        n = self._lens.pop()
+        self.submitted_bytes += n << 9
+        return self._ops.pop(), self._offsets.pop(), n
 
     def mark_submit(self, n: int) -> None:
         """A batch of ``n`` I/Os was submitted: count them at the depth they made (as

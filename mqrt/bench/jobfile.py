@@ -10,8 +10,8 @@ The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt rea
 * One option per line: ``option=value`` (blanks around ``=`` are ignored; the value
   runs to the end of the line) or a bare ``option``, which means ``option=1`` (fio's
   ``time_based``, ``group_reporting``).  Option names take dashes or underscores.
-* A line whose first non-blank character is ``#`` or ``;`` is a comment.  As in fio,
-  there are no trailing comments: ``bs=4k # small`` is the value ``4k # small``.
+* ``#`` or ``;`` starts a comment, anywhere in a line, as in fio: ``bs=4k ; small``
+  is ``bs=4k`` and ``[job] # x`` the header ``[job]`` (so no value holds them).
 * ``${VAR}`` in a value is replaced by the environment variable ``VAR`` (once, not
   recursively).  Unlike fio, which substitutes an empty string, an unset variable is
   an error naming it.
@@ -21,24 +21,22 @@ The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt rea
   :data:`MAX_INCLUDE_DEPTH` deep, a cycle is an error, and an included file may not
   contain sections (as in fio).
 * Not supported: fio's reserved keywords (``$ncpus``, ``$mb_memory``,
-  ``$pagesize``), arithmetic in values, option aliases, and several job files per
-  run.
+  ``$pagesize``), arithmetic in values, and several job files per run.
 
-Every option must be one the caller supports (``known``) or one of
-:data:`ACCEPTED_NO_EFFECT`, fio options accepted without effect in an emulation;
-those are returned separately (:attr:`JobSection.no_effect`) so the caller can say
-so.  Anything else is an error.  Values stay strings: the caller validates them and
-can report a bad value with its line (:meth:`JobSection.line_of`,
+This module reads the file's structure only: every option must be one of ``known``
+(the caller's: fio's names and mqrt's), anything else is an error; what each option
+means is :mod:`mqrt.bench.fio_options`' business.  Values stay strings: the caller
+validates them and can report a bad value with its line (:meth:`JobSection.line_of`,
 :meth:`JobSection.located`).  Every error is a :class:`~mqrt.lib.knobs.KnobError` with a
 one-line message starting with ``file:line:``, e.g.
-``jobs.fio:7: unknown option 'verify' (supported: see mqrt bench --help)``.
+``jobs.fio:7: unknown option 'verfiy' (neither fio's nor mqrt bench's)``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -46,32 +44,17 @@ from typing import NamedTuple
 from mqrt.lib.knobs import KnobError, canonical
 
 __all__ = [
-    "ACCEPTED_NO_EFFECT",
     "MAX_INCLUDE_DEPTH",
     "JobSection",
     "parse_jobfile",
     "parse_jobfile_text",
 ]
 
-#: fio options accepted in a job file but without effect in the emulation: option ->
-#: why.  Kept short on purpose; any other option the caller does not support is an
-#: error, never silently ignored.
-ACCEPTED_NO_EFFECT: Mapping[str, str] = {
-    "ioengine": "I/O always goes through the emulated blk-mq and driver; there is no engine",
-    "direct": "there is no page cache in the emulation; every I/O is direct",
-    "invalidate": "there is no page cache to invalidate",
-    "filename": "the target is the emulated device, not a host file",
-    "thread": "each emulated CPU is a process; jobs run inside it either way",
-    "group_reporting": "the report already merges every CPU's job on a device",
-    "norandommap": "offsets never use a random map (fio's norandommap behaviour)",
-    "name": "a job is named by its [section]",
-    "description": "free text, not shown in the report",
-}
-
 #: How deep ``include`` may nest.
 MAX_INCLUDE_DEPTH = 16
 
 _ENV = re.compile(r"\$\{([^}]*)\}")
+_COMMENT = re.compile(r"[#;]")
 
 
 #: A file being read: its resolved path and its name in messages.
@@ -82,7 +65,6 @@ class _Opt(NamedTuple):
     value: str
     file: str
     line: int
-    no_effect: bool
 
 
 @dataclass
@@ -91,12 +73,10 @@ class JobSection:
 
     #: The job's name (its ``[section]``).
     name: str
-    #: Supported options (canonical names) -> value, globals merged, in file order.
+    #: Options (canonical names) -> value, globals merged, in file order.
     options: dict[str, str]
-    #: Every option (also the no-effect ones) -> (file, line) where it was set.
+    #: Every option -> (file, line) where it was set.
     lines: dict[str, tuple[str, int]]
-    #: Options of :data:`ACCEPTED_NO_EFFECT` that were given -> value.
-    no_effect: dict[str, str]
     #: Where the ``[section]`` header is: (file, line).
     header: tuple[str, int]
 
@@ -115,13 +95,14 @@ class JobSection:
 
 def parse_jobfile(
     path: str | os.PathLike[str],
-    known: Collection[str],
+    known: Collection[str] | None,
     *,
     flags: Collection[str] | None = None,
 ) -> list[JobSection]:
     """The jobs of the fio job file at ``path``, in file order.
 
-    ``known``: the option names the caller supports (dashes or underscores).
+    ``known``: the option names the caller supports (dashes or underscores); None
+    takes every name (the caller judges them).
     ``flags``: if given, the supported options that may appear bare (``option``
     alone); another supported option without a value is then an error.
     """
@@ -134,7 +115,7 @@ def parse_jobfile(
 
 def parse_jobfile_text(
     text: str,
-    known: Collection[str],
+    known: Collection[str] | None,
     filename: str = "<string>",
     *,
     flags: Collection[str] | None = None,
@@ -169,8 +150,8 @@ class _Section:
 
 
 class _Parser:
-    def __init__(self, known: Collection[str], flags: Collection[str] | None) -> None:
-        self.known = {canonical(k) for k in known}
+    def __init__(self, known: Collection[str] | None, flags: Collection[str] | None) -> None:
+        self.known = None if known is None else {canonical(k) for k in known}
         self.flags = None if flags is None else {canonical(k) for k in flags}
         self.defaults: dict[str, _Opt] = {}
         self.section: _Section | None = None
@@ -184,7 +165,7 @@ class _Parser:
         being read, outermost first; ``depth``: how many includes deep ``text`` is."""
         nested = depth > 0
         for lineno, raw in enumerate(text.split("\n"), 1):
-            line = raw.strip()
+            line = _COMMENT.split(raw, 1)[0].strip()
             if not line or line[0] in "#;":
                 continue
             at = f"{file}:{lineno}"
@@ -237,9 +218,8 @@ class _Parser:
         self.jobs.append(
             JobSection(
                 name=section.name,
-                options={k: o.value for k, o in opts.items() if not o.no_effect},
+                options={k: o.value for k, o in opts.items()},
                 lines={k: (o.file, o.line) for k, o in opts.items()},
-                no_effect={k: o.value for k, o in opts.items() if o.no_effect},
                 header=section.header,
             )
         )
@@ -269,21 +249,17 @@ class _Parser:
         if not key:
             raise KnobError(f"{at}: malformed line {line!r} (expected option=value)")
         name = canonical(key)
-        if name in self.known:
-            no_effect = False
-        elif name in ACCEPTED_NO_EFFECT:
-            no_effect = True
-        else:
-            raise KnobError(f"{at}: unknown option {key!r} (supported: see mqrt bench --help)")
+        if self.known is not None and name not in self.known:
+            raise KnobError(f"{at}: unknown option {key!r} (neither fio's nor mqrt bench's)")
         if not eq:
-            if self.flags is not None and not no_effect and name not in self.flags:
+            if self.flags is not None and name not in self.flags:
                 raise KnobError(f"{at}: option {key!r} needs a value ({key}=VALUE)")
             value = "1"
         value = _expand(value, at, key)
         assert self.section is not None
         opts = self.section.opts
         opts.pop(name, None)  # a later setting moves to the end: file order
-        opts[name] = _Opt(value, file, lineno, no_effect)
+        opts[name] = _Opt(value, file, lineno)
 
 
 def _expand(value: str, at: str, key: str) -> str:

@@ -168,7 +168,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     sw.add_argument(
         "jobfile", nargs="?", metavar="JOBFILE",
-        help="a fio job file: each job section runs in turn (command-line options override it)",
+        help="a fio job file: its groups of jobs (split by stonewall) run in turn; "
+        "command-line options override it",
     )  # fmt: skip
     sw.add_argument(
         "--repeat", type=_positive_int, default=None, metavar="N",
@@ -259,10 +260,10 @@ def build(given: dict[str, Any]):
     """Validate every option and build the RunSpec (UsageError-free: KnobError)."""
     from mqrt.device import null_blk, nvme
     from mqrt.device.nvme_model import DEVICE_KNOBS
-    from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
 
     given = {canonical(k): v for k, v in given.items()}
-    job_names = {k.name for k in JOB_KNOBS}
+    job_names = {k.name for k in (*JOB_KNOBS, *JOB_FILE_KNOBS)}
     run_names = {k.name for k in RUN_KNOBS}
     nullb_names = {k.name for k in null_blk.NULLB_KNOBS}
     nvme_names = {k.name for k in (*nvme.NVME_KNOBS, *DEVICE_KNOBS)}
@@ -280,7 +281,7 @@ def build(given: dict[str, Any]):
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = nullb.gb << 30
-    if job.bs % nullb.blocksize:
+    if job.min_bs % nullb.blocksize:
         raise KnobError(
             f"bs: must be a multiple of the device blocksize {nullb.blocksize}, got {job.bs}"
         )
@@ -329,7 +330,7 @@ def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
 def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, Any]):
     """The RunSpec and the configuration the report shows, for either driver."""
     from mqrt.runtime.spec import RunSpec
-    from mqrt.workers.ioengine import JOB_KNOBS
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS
 
     need, avail = cpu_memory_bytes(runv["cpus"]), _mem_available()
     if avail is not None and need > avail:
@@ -348,7 +349,14 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
         mode=runv["mode"],
     )
     config = {
-        "job": {k.name: getattr(job, k.name) for k in JOB_KNOBS},
+        "job": {
+            **{k.name: getattr(job, k.name) for k in JOB_KNOBS},
+            **{
+                k.name: getattr(job, k.name)
+                for k in JOB_FILE_KNOBS
+                if getattr(job, k.name) != k.default
+            },
+        },
         "run": runv,
         driver: driver_config,
     }
@@ -362,7 +370,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
     if wrong:
         raise KnobError(f"{wrong[0]}: a nullb option; it does not apply to --driver nvme")
     cfg = nvme.parse_config({k: v for k, v in given.items() if k in nvme_names})
-    if job.bs % cfg.lba_size:
+    if job.min_bs % cfg.lba_size:
         raise KnobError(f"bs: must be a multiple of the lba_size {cfg.lba_size}, got {job.bs}")
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = cfg.ns_gb << 30
@@ -433,7 +441,57 @@ def default_sweep() -> dict[str, Any]:
 
 
 def _all_knobs() -> dict[str, Knob]:
-    return {k.name: k for _title, knobs in _groups() for k in knobs}
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS
+
+    return {k.name: k for knobs in (*(g for _t, g in _groups()), JOB_FILE_KNOBS) for k in knobs}
+
+
+def _jobfile_sections(path: str, given: dict[str, Any], knobs: dict[str, Knob]) -> list:
+    """The job file's sections as (name, mqrt options, section, report options); its
+    notes (options without effect, jobs run one after the other) go to stderr."""
+    from mqrt.bench.fio_options import ALIASES, FIO_FLAGS, FIO_NAMES, translate
+    from mqrt.bench.jobfile import parse_jobfile
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS
+
+    file_only = {k.name for k in JOB_FILE_KNOBS}
+    mqrt_only = {
+        n: k for n, k in knobs.items() if n not in FIO_NAMES and n not in ALIASES
+        and n not in file_only
+    }  # fmt: skip
+    flags = {*(n for n, k in mqrt_only.items() if k.kind == "bool"), *FIO_FLAGS}
+    out: list = []
+    notes: list[str] = []
+    for i, sec in enumerate(parse_jobfile(path, None, flags=flags)):
+        tr = translate(sec.options, mqrt_only, sec.line_of, knobs)
+        notes += [n for n in tr.notes if n not in notes]
+        options = {**tr.options, **given}
+        if "bs" in given:  # the command line's bs is every direction's
+            options.pop("blocksizes", None)
+        if "cpus" not in options:
+            options["cpus"] = "1"  # fio's numjobs default: one clone, one CPU
+        member = (sec.name, options, sec, tr.report)
+        if i == 0 or tr.stonewall:
+            out.append([member])  # a new group: it waits for the ones before
+        else:
+            out[-1].append(member)  # fio runs it beside the jobs before it
+    for note in notes:
+        print(f"mqrt: {note}", file=sys.stderr)
+    return [g[0] if len(g) == 1 else _group(g, given) for g in out]
+
+
+def _group(members: list, given: dict[str, Any]) -> tuple:
+    """Jobs of one group (no stonewall between them) as one point: each job's clones
+    (numjobs, default 1) on CPUs of their own, in file order."""
+    names = [m[0] for m in members]
+    _, _, sec0, report0 = members[0]
+    if "cpus" in given:
+        raise sec0.located(
+            KnobError(
+                f"cpus: a group of jobs side by side ({', '.join(names)}) takes one CPU "
+                "per clone (numjobs); --cpus does not apply"
+            )
+        )
+    return ("+".join(names), {"_members": members}, sec0, report0)
 
 
 def _typed(config: dict[str, Any], name: str) -> Any:
@@ -453,20 +511,22 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     knobs = _all_knobs()
     is_default = not given and not args.jobfile
     repeat = args.repeat or (DEFAULT_REPEAT if is_default else 1)
-    sections: list[tuple[str | None, dict[str, Any], Any]] = []
+    sections: list[tuple[str | None, dict[str, Any], Any, dict[str, str]]] = []
     if is_default:
-        sections.append((None, default_sweep(), None))
+        sections.append((None, default_sweep(), None, {}))
     elif args.jobfile:
-        from mqrt.bench.jobfile import parse_jobfile
-
-        flags = [k.name for k in knobs.values() if k.kind == "bool"]
-        for sec in parse_jobfile(args.jobfile, knobs, flags=flags):
-            sections.append((sec.name, {**sec.options, **given}, sec))
+        sections = _jobfile_sections(args.jobfile, given, knobs)
     else:
-        sections.append((None, given, None))
+        sections.append((None, given, None, {}))
     planned = []
     axes_all: dict[str, list[Any]] = {}
-    for name, options, sec in sections:
+    for name, options, sec, report_opts in sections:
+        if "_members" in options:
+            p = _plan_group(options["_members"])
+            p.params = {"job": name}
+            planned.append(p)
+            axes_all.setdefault("job", []).append(name)
+            continue
         try:
             base, axes = split_axes(options, knobs)
         except KnobError as exc:
@@ -481,6 +541,10 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
             p.params = {k: _typed(config, k) for k in p.params}
             if len(sections) > 1:
                 p.params = {"job": name, **p.params}
+            if spec.job.offset_increment:  # each clone (CPU) at its own offset
+                spec.cpu_jobs = spec.job.clones(spec.nr_cpus)
+            if report_opts:  # fio's reporting options of the job file, for the report
+                config["fio_report"] = dict(report_opts)
             p.spec, p.config = spec, config
             planned.append(p)
             for k, v in p.params.items():
@@ -490,6 +554,53 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     for i, p in enumerate(planned):
         p.index = i
     return planned, axes_all, repeat, is_default
+
+
+def _plan_group(members: list):
+    """One point running fio's jobs of a group side by side: every member's clones
+    on CPUs of their own (member after member, as fio's cpus_allowed_policy=split
+    deals them out), one RunSpec."""
+    from mqrt.bench.sweep import Point
+    from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
+
+    job_names = {k.name for k in (*JOB_KNOBS, *JOB_FILE_KNOBS)}
+    cpu_jobs: list = []
+    job_members: list[tuple[str, list[int]]] = []
+    first_given: dict[str, Any] | None = None
+    for mname, options, sec, _report in members:
+        given = {canonical(k): v for k, v in options.items()}
+        for k, v in given.items():
+            own_list = k in ("blocksizes", "rate", "rate_iops_rw")
+            if "," in str(v) and not own_list and (k in job_names or k == "cpus"):
+                raise sec.located(
+                    KnobError(f"{k}: jobs side by side in a group cannot sweep ({v!r})")
+                )
+        clones = int(given.pop("cpus", 1))
+        try:
+            job = JobSpec.from_options({k: v for k, v in given.items() if k in job_names})
+        except KnobError as exc:
+            raise sec.located(exc) from None
+        first = len(cpu_jobs)
+        cpu_jobs += job.clones(clones)
+        job_members.append((mname, list(range(first, first + clones))))
+        if first_given is None:
+            first_given = given
+    assert first_given is not None
+    sec0 = members[0][2]
+    try:
+        spec, config = build({**first_given, "cpus": len(cpu_jobs)})
+    except KnobError as exc:
+        raise sec0.located(exc) from None
+    spec.job = max(cpu_jobs, key=lambda j: j.ramp_time + j.runtime)
+    spec.cpu_jobs = cpu_jobs
+    spec.job_members = job_members
+    config["jobs"] = {m: {"cpus": cpus} for m, cpus in job_members}
+    report = members[0][3]
+    if report:
+        config["fio_report"] = dict(report)
+    p = Point(index=0, params={}, given=first_given)
+    p.spec, p.config = spec, config
+    return p
 
 
 def _point_label(section: str | None, params: dict[str, Any]) -> str:

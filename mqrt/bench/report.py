@@ -149,6 +149,8 @@ def run_jobs(
     merged), its ``disk_util[]`` (one entry per request queue, in the same order) and
     the run's total-latency histogram (reads and writes); ``bins``: json+'s
     histograms."""
+    if getattr(spec, "job_members", None):
+        return _member_jobs(result, config, spec, bins)
     job = spec.job
     runtime_ms = max((c["measured_ns"] for c in result.cpus), default=0) // 1_000_000
     plist = (
@@ -413,3 +415,23 @@ def assemble(
             "messages": messages,
         },
     }
+
+
+def _member_jobs(result, config: dict[str, Any], spec, bins: bool = False):
+    """fio's jobs of one group run side by side (each on its own CPUs): one entry
+    per job and request queue, ``name`` appended; the devices' view and the latency
+    of the whole run as :func:`run_jobs` has them."""
+    import copy
+
+    whole = copy.copy(spec)
+    whole.job_members = None
+    _jobs, disks, run_lat = run_jobs(result, config, whole, bins)
+    entries = []
+    for name, cpus in spec.job_members:
+        view = copy.copy(result)
+        view.cpus = [c for c in result.cpus if c["cpu"] in cpus]
+        part = copy.copy(whole)
+        part.job = spec.cpu_jobs[cpus[0]]
+        jobs, _d, _l = run_jobs(view, config, part, bins)
+        entries += [{**j, "jobname": f"{j['jobname']} {name}"} for j in jobs]
+    return entries, disks, run_lat

@@ -260,7 +260,7 @@ class _Run:
                 stats=self.stats_region,
                 queues=queues,
                 driver=ops,
-                job=spec.job,
+                job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,
                 dev_bytes=self.dev_bytes,
                 timeout_scan_cpu=timeout_cpu,
                 timer_cpu=timer_cpu,

@@ -46,6 +46,11 @@ class RunSpec:
     mode: str = "mq"  #: mq, sq or raw: how the CPUs feed the driver (mqrt.block.blk_mq_modes)
     #: per request queue, the job to run on it (None: ``job`` on every queue)
     queue_jobs: list[Any] | None = None
+    #: per CPU, the job it runs (None: ``job`` on every CPU); fio's jobs of one group
+    #: side by side, ``job`` then being the one that runs longest
+    cpu_jobs: list[Any] | None = None
+    #: the report's jobs when ``cpu_jobs`` is set: (name, the CPUs running it)
+    job_members: list[tuple[str, list[int]]] | None = None
     #: (seconds after the start, action, args) done once by CPU 0 (workers.cpu)
     actions: list[tuple[float, str, tuple]] | None = None
     #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
