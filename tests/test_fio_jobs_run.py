@@ -138,6 +138,7 @@ def test_a_real_run_has_the_jobs_cpus_and_block_sizes_of_the_file(tmp_path):
     assert f"mqrt: {path}:2: ioengine=libaio: no effect" in res.stderr
     report = json.loads(res.stdout)
     assert [j["jobname"] for j in report["jobs"]] == ["nullb0 job=a", "nullb0 job=b"]
+    assert [j["groupid"] for j in report["jobs"]] == [0, 1]  # stonewall: fio's second group
     assert [p["params"] for p in report["mqrt"]["points"]] == [{"job": "a"}, {"job": "b"}]
     assert report["mqrt"]["config"]["run"]["cpus"] == 2  # numjobs=2: two CPUs
 

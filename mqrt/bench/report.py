@@ -352,6 +352,7 @@ def assemble(
     violations = 0
     measured = 0.0
     done = [p for p in points if p.runs]
+    groups: list[Any] = []
     for p in done:
         for r in p.runs:
             violations += r["detail"]["invariants"].get("violations", 0)
@@ -360,7 +361,13 @@ def assemble(
         med = p.runs[m]
         first = len(jobs)
         suffix = f" {format_params(p.params)}" if p.params else ""
-        jobs += [{**j, "jobname": j["jobname"] + suffix} for j in med["jobs"]]
+        # a job file's groups (stonewall, new_group) run one after the other, each
+        # a point: fio numbers them from 0 in file order
+        group = p.params.get("job")
+        if group is not None and group not in groups:
+            groups.append(group)
+        groupid = groups.index(group) if group is not None else 0
+        jobs += [{**j, "jobname": j["jobname"] + suffix, "groupid": groupid} for j in med["jobs"]]
         disks += [{**d, "name": d["name"] + suffix} for d in med["disk_util"]]
         out_points.append(
             {
