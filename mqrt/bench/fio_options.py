@@ -116,11 +116,11 @@ ALIASES: Mapping[str, str] = {
     "threads": "thread",
     "fill_fs": "fill_device",
     "iomem": "mem",
-    "ratemin": "rate_min",
-    "ratecycle": "rate_cycle",
+    "rate_min": "rate_min",
+    "rate_cycle": "rate_cycle",
     "ss": "steadystate",
-    "ss_dur": "steadystate_duration",
-    "ss_ramp": "steadystate_ramp_time",
+    "steadystate_duration": "steadystate_duration",
+    "steadystate_ramp_time": "steadystate_ramp_time",
 }
 
 #: Options fio takes bare (``stonewall`` alone means ``stonewall=1``).
@@ -273,6 +273,27 @@ REFUSED: Mapping[str, str] = {
     "profile": "fio's built-in profiles are not emulated",
     "atomic": "atomic writes are not emulated",
     "bs_unaligned": "I/O is always sector aligned",
+    "ba": "random offsets are always aligned to the block size",
+    "rate_min": "a minimum rate ends a job that falls below it; mqrt jobs are never failed",
+    "rate_iops_min": "a minimum rate ends a job that falls below it; mqrt jobs are never failed",
+    "rate_cycle": "a minimum rate ends a job that falls below it; mqrt jobs are never failed",
+    "flow": "fio's flow control between jobs is not emulated",
+    "flow_id": "fio's flow control between jobs is not emulated",
+    "flow_sleep": "fio's flow control between jobs is not emulated",
+    "log_prio": "I/O priorities (cmdprio) are not emulated",
+    "prio": "I/O priorities (cmdprio) are not emulated",
+    "prioclass": "I/O priorities (cmdprio) are not emulated",
+    "continue_on_error": "an I/O error ends no mqrt job: errors are counted, always",
+    "exit_what": "jobs are never ended early by another job's exit",
+    "exitall": "jobs are never ended early by another job's exit",
+    "latency_target": "fio's latency-target depth search is not emulated",
+    "latency_window": "fio's latency-target depth search is not emulated",
+    "latency_percentile": "fio's latency-target depth search is not emulated",
+    "latency_run": "fio's latency-target depth search is not emulated",
+    "steadystate": "fio's steady-state detection is not emulated",
+    "steadystate_duration": "fio's steady-state detection is not emulated",
+    "steadystate_ramp_time": "fio's steady-state detection is not emulated",
+    "wait_for": "a job starts with its group; waiting for a named job is not emulated",
 }
 
 #: rw values fio knows that mqrt refuses -> why.
