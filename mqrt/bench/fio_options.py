@@ -116,11 +116,11 @@ ALIASES: Mapping[str, str] = {
     "threads": "thread",
     "fill_fs": "fill_device",
     "iomem": "mem",
-    "rate_min": "rate_min",
-    "rate_cycle": "rate_cycle",
+    "ratemin": "rate_min",
+    "ratecycle": "rate_cycle",
     "ss": "steadystate",
-    "steadystate_duration": "steadystate_duration",
-    "steadystate_ramp_time": "steadystate_ramp_time",
+    "ss_dur": "steadystate_duration",
+    "ss_ramp": "steadystate_ramp_time",
 }
 
 #: Options fio takes bare (``stonewall`` alone means ``stonewall=1``).
