@@ -129,7 +129,7 @@ class _Watched:
     role: str
     cpu: int | None
     pid: int
-    proc: psutil.Process
+    proc: psutil.Process | None
     heartbeat: int = 0
     moved_at: float = field(default_factory=time.monotonic)
     suspect: bool = False  #: looked at since the heartbeat went stale
@@ -158,11 +158,9 @@ class Watchdog:
         ``device_heartbeat()`` the device's."""
         self._heartbeat = heartbeat
         self._device_heartbeat = device_heartbeat
-        self._cpus = [
-            _Watched("cpu", i, pid, psutil.Process(pid)) for i, pid in enumerate(cpu_pids)
-        ]
+        self._cpus = [_Watched("cpu", i, pid, _process(pid)) for i, pid in enumerate(cpu_pids)]
         self._device = (
-            _Watched("device", None, device_pid, psutil.Process(device_pid))
+            _Watched("device", None, device_pid, _process(device_pid))
             if device_pid is not None and device_heartbeat is not None
             else None
         )
@@ -196,6 +194,8 @@ class Watchdog:
                 return None
         elif now - w.moved_at < STALE_S:
             return None
+        if w.proc is None:
+            return None  # gone before it was watched
         try:
             with w.proc.oneshot():
                 state = w.proc.status()
@@ -234,6 +234,15 @@ class Watchdog:
         )
         w.reset(beat, now)  # convicted once: the runtime ends it
         return stall
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """psutil's handle on ``pid``; None for one already gone (its sentinel tells the
+    runtime how it ended)."""
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _main_thread_cpu_s(proc: psutil.Process) -> float:
