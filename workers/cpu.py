@@ -120,6 +120,9 @@ class CpuPlan:
     #: the middle of a run, e.g. ("nr_requests", (queue, nr))
     actions: list[tuple[float, str, tuple]] | None = None
     trace: TraceSpec | None = None  #: the event trace's rings, if the run traces
+    #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
+    #: MQRT_PROFILE_DIR does the same for any run)
+    profile_dir: str | None = None
 
 
 class Cpu:
@@ -745,16 +748,17 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
     inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)
-        profile_dir = os.environ.get("MQRT_PROFILE_DIR")
-        if profile_dir:  # a developer's aid: cProfile each CPU into that folder
+        profile_dir = plan.profile_dir or os.environ.get("MQRT_PROFILE_DIR")
+        if profile_dir:  # cProfile each CPU into that folder
             import cProfile
 
-            cProfile.runctx(
-                "cpu.main()",
-                globals(),
-                {"cpu": cpu},
-                os.path.join(profile_dir, f"cpu{plan.cpu}.prof"),
-            )
+            # the process's CPU time, not the wall clock: on a loaded host (or with
+            # more CPUs than cores) the time others run is not this CPU's cost
+            prof = cProfile.Profile(time.process_time_ns, 1e-9)
+            try:
+                prof.runcall(cpu.main)
+            finally:
+                prof.dump_stats(os.path.join(profile_dir, f"cpu{plan.cpu}.prof"))
         else:
             cpu.main()
     except Exception:
