@@ -596,9 +596,10 @@ class Cpu:
                 self.in_task = True
                 try:
                     mq.start_plug(n)
+                    next_bio, submit_bio = job.next_bio, mq.submit_bio
                     for _ in range(n):
-                        op, sector, nr_sectors = job.next_bio()
-                        mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
+                        op, sector, nr_sectors = next_bio()
+                        submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
                     job.mark_submit(n)
                     mq.finish_plug()
                 finally:
