@@ -753,9 +753,10 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
         if profile_dir:  # cProfile each CPU into that folder
             import cProfile
 
-            # the process's CPU time, not the wall clock: on a loaded host (or with
-            # more CPUs than cores) the time others run is not this CPU's cost
-            prof = cProfile.Profile(time.process_time_ns, 1e-9)
+            # cProfile's own clock (a CPU-time clock is a system call per function
+            # entry and exit: it costs many times the I/O path it times);
+            # mqrt.bench.profile leaves out the time blocked in the wait point
+            prof = cProfile.Profile()
             try:
                 prof.runcall(cpu.main)
             finally:

@@ -702,7 +702,9 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     if p.spec.profile_dir:
                         from mqrt.bench.profile import format_table, profile_files
 
-                        print(format_table(profile_files(p.spec.profile_dir)), file=sys.stderr)
+                        cpu_s = sum(c["usr_s"] + c["sys_s"] for c in result.cpus)
+                        table = format_table(profile_files(p.spec.profile_dir), cpu_s)
+                        print(table, file=sys.stderr)
                     p.runs.append(run_summary(result, p.config, p.spec, bins))
                     # fio numbers its jobs through the job file: a section's jobs
                     # come after those of the sections before it

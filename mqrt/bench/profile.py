@@ -74,8 +74,14 @@ _BY_FUNC: dict[tuple[str, str], str] = {
 _SBITMAP_FREE = ("clear", "clear_batch", "put", "deferred", "wake", "_legacy", "_update")
 
 
+#: builtins that block (the CPU's wait point, a sleep): time asleep, not CPU time
+_IDLE = ("<method 'poll' of 'select.", "<built-in method time.sleep>", "<built-in method select.")
+
+
 def _stage_of(func: tuple[str, int, str]) -> str | None:
     path, _line, name = func
+    if path == "~" and name.startswith(_IDLE):
+        return "idle"
     base = os.path.basename(path)
     if base == "sbitmap.py":
         return "tag free" if name.startswith(_SBITMAP_FREE) else "tag get"
@@ -84,7 +90,7 @@ def _stage_of(func: tuple[str, int, str]) -> str | None:
 
 def breakdown(stats: pstats.Stats) -> dict[str, float]:
     """Seconds of each stage in ``stats`` (every function's own time, unnamed ones
-    split among their callers' stages)."""
+    split among their callers' stages), and "idle": blocked in a wait."""
     table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     shares: dict[Any, dict[str, float]] = {}
 
@@ -108,7 +114,7 @@ def breakdown(stats: pstats.Stats) -> dict[str, float]:
         shares[func] = out
         return out
 
-    seconds = dict.fromkeys(STAGES, 0.0)
+    seconds = dict.fromkeys((*STAGES, "idle"), 0.0)
     for func, (_cc, _nc, tt, _ct, _callers) in table.items():
         for st, f in share(func, frozenset()).items():
             seconds[st] += tt * f
@@ -132,29 +138,34 @@ def profile_files(directory: str) -> list[str]:
     )
 
 
-def format_table(files: Iterable[str]) -> str:
-    """The per-stage table of the CPUs' profiles in ``files``: µs of CPU per I/O
-    (under cProfile, which inflates every call alike) and the share of each stage."""
+def format_table(files: Iterable[str], cpu_s: float | None = None) -> str:
+    """The per-stage table of the CPUs' profiles in ``files``: the share of each
+    stage and its µs per I/O: of ``cpu_s``, the CPUs' CPU time in the profiled run if
+    given (cProfile's cost included, others' time on a loaded host not), else of the
+    profile's own (wall-clock) time."""
     files = list(files)
     if not files:
         return "profile: no CPU profile written"
-    total = dict.fromkeys(STAGES, 0.0)
+    total = dict.fromkeys((*STAGES, "idle"), 0.0)
     ios = 0
     for path in files:
         stats = pstats.Stats(path)
         for st, s in breakdown(stats).items():
             total[st] += s
         ios += nr_ios(stats)
+    idle = total.pop("idle")
     all_s = sum(total.values())
+    per_io = (cpu_s if cpu_s else all_s) / max(ios, 1)
     lines = [
-        f"profile: {len(files)} CPU(s), {ios} I/Os, {1e6 * all_s / max(ios, 1):.2f} us per I/O "
-        "under cProfile (which adds to every call: compare stages, not totals), by stage:"
+        f"profile: {len(files)} CPU(s), {ios} I/Os, {1e6 * per_io:.2f} us of "
+        f"{'CPU' if cpu_s else 'wall-clock'} time per I/O under cProfile (which adds to "
+        "every call: compare stages, not totals; time blocked in the wait point, "
+        f"{idle:.2f} s, left out), by stage:"
     ]
     for st in STAGES:
-        s = total[st]
-        if s <= 0:
+        share = total[st] / all_s if all_s else 0.0
+        if share <= 0:
             continue
-        pct = 100.0 * s / all_s if all_s else 0.0
-        lines.append(f"  {st:<16} {1e6 * s / max(ios, 1):7.2f} us  {pct:5.1f} %")
+        lines.append(f"  {st:<16} {1e6 * per_io * share:7.2f} us  {100 * share:5.1f} %")
     lines.append(f"  profiles: {os.path.dirname(files[0]) or '.'}/cpuN.prof (python -m pstats)")
     return "\n".join(lines)
