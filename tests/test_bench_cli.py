@@ -93,6 +93,19 @@ def test_bench_text_summary_reads_like_fio():
     assert "IO depths    :" in out.stdout and "mqrt: invariants ok" in out.stdout
 
 
+def test_bench_profile_writes_each_cpus_profile_and_a_stage_table(tmp_path):
+    out = mqrt(
+        "bench", "--runtime", "0.3", "--cpus", "2", "--irqmode", "none", "-q",
+        "--output-format", "json", "--profile", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    json.loads(out.stdout)  # the table goes to stderr: the report stays JSON
+    assert sorted(os.listdir(tmp_path)) == ["cpu0.prof", "cpu1.prof"]
+    assert "profile: 2 CPU(s)" in out.stderr
+    for stage in ("fio job/bio", "tag get", "queue_rq/driver", "end_request", "tag free"):
+        assert f"  {stage} " in out.stderr
+
+
 @pytest.mark.parametrize("model", ["5.10", "6.x"])
 def test_bench_shared_tag_model(model):
     """``mqrt bench --shared_tag_bitmap 1 --shared_tag_model 5.10|6.x``: a run of each

@@ -120,6 +120,9 @@ class CpuPlan:
     #: the middle of a run, e.g. ("nr_requests", (queue, nr))
     actions: list[tuple[float, str, tuple]] | None = None
     trace: TraceSpec | None = None  #: the event trace's rings, if the run traces
+    #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
+    #: MQRT_PROFILE_DIR does the same for any run)
+    profile_dir: str | None = None
 
 
 class Cpu:
@@ -593,9 +596,10 @@ class Cpu:
                 self.in_task = True
                 try:
                     mq.start_plug(n)
+                    next_bio, submit_bio = job.next_bio, mq.submit_bio
                     for _ in range(n):
-                        op, sector, nr_sectors = job.next_bio()
-                        mq.submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
+                        op, sector, nr_sectors = next_bio()
+                        submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
                     job.mark_submit(n)
                     mq.finish_plug()
                 finally:
@@ -745,16 +749,18 @@ def cpu_main(plan: CpuPlan, ctl, res) -> None:
     inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)
-        profile_dir = os.environ.get("MQRT_PROFILE_DIR")
-        if profile_dir:  # a developer's aid: cProfile each CPU into that folder
+        profile_dir = plan.profile_dir or os.environ.get("MQRT_PROFILE_DIR")
+        if profile_dir:  # cProfile each CPU into that folder
             import cProfile
 
-            cProfile.runctx(
-                "cpu.main()",
-                globals(),
-                {"cpu": cpu},
-                os.path.join(profile_dir, f"cpu{plan.cpu}.prof"),
-            )
+            # cProfile's own clock (a CPU-time clock is a system call per function
+            # entry and exit: it costs many times the I/O path it times);
+            # mqrt.bench.profile leaves out the time blocked in the wait point
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(cpu.main)
+            finally:
+                prof.dump_stats(os.path.join(profile_dir, f"cpu{plan.cpu}.prof"))
         else:
             cpu.main()
     except Exception:

@@ -221,6 +221,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "mqrt race show FILE",
     )  # fmt: skip
     out.add_argument(
+        "--profile", metavar="DIR",
+        help="cProfile every CPU into DIR/cpuN.prof (DIR/runK/ when there are several "
+        "runs) and print, on stderr, where the CPU time per I/O goes by stage",
+    )  # fmt: skip
+    out.add_argument(
         "--plot", metavar="FILE.png",
         help="draw IOPS versus CPUs per mode and the latency percentiles (needs mqrt[plot])",
     )  # fmt: skip
@@ -657,6 +662,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     failure: dict[str, Any] | None = None
     messages: list[str] = []
     log_first: dict[str | None, int] = {}  #: each job-file section's first job number
+    nr_runs = 0
     next_log = 1
     try:
         for p in planned:
@@ -670,6 +676,9 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 if args.trace or args.trace_dump:
                     p.spec.trace_entries = TRACE_ENTRIES
                     p.spec.trace_dump = args.trace_dump
+                if args.profile:
+                    nr_runs += 1
+                    p.spec.profile_dir = _profile_dir(args.profile, nr_runs, len(planned) * repeat)
                 try:
                     result = run(p.spec)
                 except signals.Abort:
@@ -690,6 +699,12 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     break
                 with signals.deferred():  # the figures exist: a signal here keeps them
                     progress.end_run()
+                    if p.spec.profile_dir:
+                        from mqrt.bench.profile import format_table, profile_files
+
+                        cpu_s = sum(c["usr_s"] + c["sys_s"] for c in result.cpus)
+                        table = format_table(profile_files(p.spec.profile_dir), cpu_s)
+                        print(table, file=sys.stderr)
                     p.runs.append(run_summary(result, p.config, p.spec, bins))
                     # fio numbers its jobs through the job file: a section's jobs
                     # come after those of the sections before it
@@ -726,6 +741,17 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
         raise
     except KeyboardInterrupt:  # landed outside the report's own deferral: print it anyway
         return _report(planned, axes, repeat, is_default, args, out, t0, True, messages, failure)
+
+
+def _profile_dir(top: str, run: int, nr_runs: int) -> str:
+    """Where run number ``run`` (from 1) writes its CPUs' profiles: ``top`` itself for
+    a single run, else ``top/runK``."""
+    path = top if nr_runs == 1 else os.path.join(top, f"run{run}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--profile: cannot create {path}: {exc.strerror}") from None
+    return path
 
 
 def _failure(exc: Exception, params: dict[str, Any], nr_cpus: int) -> dict[str, Any]:

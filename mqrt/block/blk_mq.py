@@ -331,8 +331,14 @@ class BlkMq(BlkMqCompletion):
                 if tag < 0:
                     return -1
             rq_id = tags.rq_base + tag
-            self._own(self.rq_base[queue.index][rq_id], rq_id)
-        base = self.rq_base[queue.index][rq_id]
+            base = self.rq_base[queue.index][rq_id]
+            # _own(), inlined: the request must be free; mark it allocated
+            a = self.a
+            st = a.read(base)
+            if st & _OWNED_OR_BUSY or a.cmpxchg(base, st, st | RQ_ALLOCATED) != st:
+                self.violation(f"request {rq_id} handed out while owned ({st:#x})")
+        else:
+            base = self.rq_base[queue.index][rq_id]
         rq_flags = 0
         if shared:
             rq_flags = _RQF_MQ_INFLIGHT

@@ -270,6 +270,7 @@ class _Run:
                 queue_jobs=spec.queue_jobs,
                 actions=spec.actions,
                 trace=self.trace_spec,
+                profile_dir=spec.profile_dir,
             )
             p = _fork.Process(
                 target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True

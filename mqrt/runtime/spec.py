@@ -67,6 +67,8 @@ class RunSpec:
     #: where to dump the trace (msgpack) when the run fails: a detector fired, an
     #: invariant broke or a process died (None: never)
     trace_dump: str | None = None
+    #: cProfile each CPU into this folder (cpuN.prof; None: no profile)
+    profile_dir: str | None = None
     #: Called with a progress snapshot about every 0.25 s while the run goes.
     progress: Callable[[dict[str, Any]], None] | None = None
     #: Called with one line at each step of the run's life (set-up, start, deadline,
