@@ -29,7 +29,7 @@ CONFIGS: dict[str, list[str]] = {
 def bench(args: list[str], runtime: float) -> list[dict]:
     """One ``mqrt bench`` run; per point: params, IOPS, CPU per I/O, first I/O."""
     cmd = [sys.executable, "-m", "mqrt", "bench", *COMMON, "--runtime", str(runtime), *args]
-    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}: exit {out.returncode}\n{out.stderr}")
     points = []
@@ -60,7 +60,7 @@ def main() -> None:
     for r in range(a.repeat):
         for n in names:
             runs[n].append(get_put_ns() if n == "get_put" else bench(CONFIGS[n], a.runtime))
-        print(f"round {r + 1}/{a.repeat} done", file=sys.stderr)
+        print(f"round {r + 1}/{a.repeat} done", file=sys.stderr, flush=True)
     if a.json:
         print(json.dumps(runs, indent=1))
         return
