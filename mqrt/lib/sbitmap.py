@@ -268,6 +268,8 @@ class Sbitmap:
         w = spec.words
         self._word = [w.addr(i, "word") for i in range(w.count)]
         self._cleared = [w.addr(i, "cleared") for i in range(w.count)]
+        #: the words (and cleared masks) as a map for the C calls
+        self._map, self._cleared_map, self._map_stride = self._word[0], self._cleared[0], w.stride
         self._swap_lock = [w.addr(i, "swap_lock") for i in range(w.count)]
         self._rng = random.Random(cpu if seed is None else seed)
 
@@ -378,16 +380,33 @@ class Sbitmap:
     def get(self) -> int:
         """sbitmap_get(): a free bit, set, or -1 when the bitmap is full.
 
-        The hot path: __sbitmap_get() and sbitmap_find_bit() inlined, one C call
-        per word tried; a full word drops into _find_bit_in_word() to fold its
-        deferred clears.
+        The hot path, __sbitmap_get() unrolled once: update_alloc_hint_before_get(),
+        then sbitmap_find_bit()'s first word, the hint's, searched from bit 0 with
+        one C call (:meth:`AtomicView.find_and_set_zero_bit_at`: __map_depth() and
+        __sbitmap_get_word()), then update_alloc_hint_after_get().  Anything else
+        (round-robin, a hint out of range, a full word) goes to :meth:`_get`, the
+        whole __sbitmap_get(); a word found full is searched again there before it
+        is folded, which is one more pass of __sbitmap_get_word()'s loop.
         """
         a = self.a
         depth = a.read32(self._depth)
         hint = a.read32(self._hint)
-        if hint >= depth:  # update_alloc_hint_before_get(), inlined
-            hint = self._hint_before_get(depth)
-        map_nr = a.read32(self._map_nr)
+        if hint >= depth or self.round_robin:
+            return self._get(depth)
+        nr = a.find_and_set_zero_bit_at(self._map, self._map_stride, self.shift, depth, hint)
+        if nr == -1:
+            return self._get(depth)
+        if nr == hint:  # update_alloc_hint_after_get(): the hint was used, move past it
+            hint = nr + 1
+            a.set32(self._hint, 0 if hint >= depth - 1 else hint)
+        return nr
+
+    def _get(self, depth: int) -> int:
+        """__sbitmap_get() whole (after update_alloc_hint_before_get()), with
+        sbitmap_find_bit() inlined: every word once from the hint's, folding a full
+        word's deferred clears (:meth:`_find_bit_in_word`)."""
+        hint = self._hint_before_get(depth)
+        map_nr = self.a.read32(self._map_nr)
         shift = self.shift
         index = hint >> shift
         if self.round_robin:
@@ -400,9 +419,7 @@ class Sbitmap:
                 word_depth = depth - (index << shift)
             else:
                 word_depth = self.bits_per_word
-            nr = a.find_and_set_zero_bit(self._word[index], word_depth, alloc_hint, wrap)
-            if nr == -1:
-                nr = self._find_bit_in_word(index, word_depth, alloc_hint, wrap)
+            nr = self._find_bit_in_word(index, word_depth, alloc_hint, wrap)
             if nr != -1:
                 nr += index << shift
                 break
@@ -410,8 +427,7 @@ class Sbitmap:
             index += 1
             if index >= map_nr:
                 index = 0
-        if nr in (-1, hint) or self.round_robin:
-            self._hint_after_get(depth, hint, nr)
+        self._hint_after_get(depth, hint, nr)
         return nr
 
     def get_shallow(self, shallow_depth: int, whole_map: bool = False) -> int:
@@ -611,6 +627,11 @@ class SbitmapQueue:
         self.frees_off = o.frees
         self.freeing_off = o.freeing
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
+        #: clear()'s hint offsets by CPU, -1 for none (round-robin keeps no hint)
+        self._hint_off = [-1 if self.sb.round_robin else h for h in self.sb._hints]
+        #: __sbitmap_queue_get() is sbitmap_get(): the bitmap's bound method itself
+        #: (one call less on the allocation path)
+        self.get = self.sb.get
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
 
@@ -688,10 +709,6 @@ class SbitmapQueue:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def get(self) -> int:
-        """__sbitmap_queue_get(): a free tag or -1."""
-        return self.sb.get()
-
     def get_shallow(self, shallow_depth: int) -> int:
         """sbitmap_queue_get_shallow(): a free tag below the shallow limit, or -1."""
         if shallow_depth < self.min_shallow_depth and not self._warned_shallow:
@@ -747,22 +764,39 @@ class SbitmapQueue:
 
     def clear(self, nr: int, cpu: int) -> None:
         """sbitmap_queue_clear(): free tag ``nr`` allocated on ``cpu``, wake waiters
-        if a batch is complete, and make the tag ``cpu``'s next hint."""
+        if a batch is complete, and make the tag ``cpu``'s next hint.
+
+        The hot path: one C call (:meth:`AtomicView.deferred_clear_bit_at`) does the
+        steps of :meth:`_clear` up to the wake-up, and the hint update too when
+        nobody sleeps; with sleepers, the wake-up and the hint follow here.  With
+        injection armed, :meth:`_clear` runs instead (its point sits between the
+        steps)."""
+        if inject.armed:
+            self._clear(nr, cpu)
+            return
+        sb = self.sb
+        if self.a.deferred_clear_bit_at(
+            sb._cleared_map, sb._map_stride, sb.shift, nr, self._ws_active,
+            self._hint_off[cpu], sb._depth,
+        ):  # fmt: skip
+            self.wake_up(1)
+            sb.update_cpu_hint(cpu, nr)
+
+    def _clear(self, nr: int, cpu: int) -> None:
+        """:meth:`clear` step by step, as the kernel writes it."""
         # The fully ordered fetch_or is the kernel's smp_mb__before_atomic +
         # set_bit + smp_mb__after_atomic: the request's last use happens before the
         # bit can be reused, and the bit is visible before ws_active is read in
         # wake_up (pairs with the barrier in prepare_to_wait's state change).
-        # sbitmap_deferred_clear_bit() (marks the bit in ``cleared``; the next
-        # allocator that finds the word full folds it back) and update_cpu_hint(),
-        # inlined (the hot path).
+        # sbitmap_deferred_clear_bit(): marks the bit in ``cleared``; the next
+        # allocator that finds the word full folds it back.
         sb, a = self.sb, self.a
         a.fetch_or(sb._cleared[nr >> sb.shift], 1 << (nr & (sb.bits_per_word - 1)))
         if inject.armed:
             inject.hit("sbq.clear.before_wake")
         if a.read32(self._ws_active):  # both generations return at once if 0
             self.wake_up(1)
-        if not sb.round_robin and nr < a.read32(sb._depth):
-            a.set32(sb._hints[cpu], nr)
+        sb.update_cpu_hint(cpu, nr)
 
     def clear_batch(self, offset: int, tags: list[int]) -> None:
         """sbitmap_queue_clear_batch(): free many tags at once, straight from ``word``
