@@ -102,7 +102,7 @@ from mqrt.lib import inject, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
-from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock
 
 #: Number of wait queues in a sbitmap_queue.
 SBQ_WAIT_QUEUES = 8
@@ -324,7 +324,8 @@ class Sbitmap:
         being searched."""
         a = self.a
         lock = self._swap_lock[index]
-        spin_lock(a, lock)
+        if a.test_and_set_bit_lock(lock, 0):  # spin_lock(), its first try inlined
+            spin_lock(a, lock)
         try:
             if not a.read(self._cleared[index]):
                 if depth == 0:
@@ -339,7 +340,7 @@ class Sbitmap:
             a.fetch_andnot(self._word[index], mask)
             return True
         finally:
-            spin_unlock(a, lock)
+            a.clear_bit_unlock(lock, 0)  # spin_unlock(), inlined
 
     def _find_bit_in_word(self, index: int, depth: int, alloc_hint: int, wrap: bool) -> int:
         """sbitmap_find_bit_in_word()."""
@@ -728,33 +729,38 @@ class SbitmapQueue:
         sb, a = self.sb, self.a
         if sb.round_robin or nr_tags < 1:
             return 0, 0
-        depth = sb.depth
+        depth = a.read32(sb._depth)
         hint = sb._hint_before_get(depth)
-        map_nr = sb.map_nr
-        index = hint >> sb.shift
+        map_nr = a.read32(sb._map_nr)
+        shift = sb.shift
+        index = hint >> shift
         for _ in range(map_nr):
-            map_depth = sb.map_depth(index)
+            # __map_depth(), with the depth and map_nr read once
+            map_depth = depth - (index << shift) if index == map_nr - 1 else sb.bits_per_word
             sb.deferred_clear(index, 0, 0, False)
-            word_off = sb._word[index]
-            val = a.read(word_off)
-            # The kernel's test for a full word, as it is in 6.1 to 6.17: every bit
-            # but the top one set.  A really full word fails the fit test below.
-            if val != (1 << (map_depth - 1)) - 1:
-                free = ~val & ((1 << map_depth) - 1)
-                nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
-                if nr + nr_tags <= map_depth:
-                    get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
-                    while True:
-                        found = a.cmpxchg(word_off, val, val | get_mask)
-                        if found == val:
-                            break
-                        retries.retry()
-                        val = found
-                    get_mask = (get_mask & ~val) >> nr
-                    if get_mask:
-                        offset = nr + (index << sb.shift)
-                        sb._hint_after_get(depth, hint, offset + nr_tags - 1)
-                        return get_mask, offset
+            # No run of nr_tags bits fits in a word of fewer bits, whatever it holds:
+            # the kernel finds that out after the tests below, which have no effect.
+            if nr_tags <= map_depth:
+                word_off = sb._word[index]
+                val = a.read(word_off)
+                # The kernel's test for a full word, as it is in 6.1 to 6.17: every bit
+                # but the top one set.  A really full word fails the fit test below.
+                if val != (1 << (map_depth - 1)) - 1:
+                    free = ~val & ((1 << map_depth) - 1)
+                    nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
+                    if nr + nr_tags <= map_depth:
+                        get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
+                        while True:
+                            found = a.cmpxchg(word_off, val, val | get_mask)
+                            if found == val:
+                                break
+                            retries.retry()
+                            val = found
+                        get_mask = (get_mask & ~val) >> nr
+                        if get_mask:
+                            offset = nr + (index << sb.shift)
+                            sb._hint_after_get(depth, hint, offset + nr_tags - 1)
+                            return get_mask, offset
             index += 1
             if index >= map_nr:
                 index = 0
