@@ -335,11 +335,9 @@ class Tags:
         """blk_mq_put_tag(): free ``tag``; it becomes the allocating ``cpu``'s next
         hint (cache locality), and waiters are woken by batch."""
         nr = tag - self.nr_reserved_tags
-        if nr >= 0:
-            bt = self.bitmap_tags
-        else:
-            bt = self.breserved_tags
-            assert bt is not None  # a reserved tag came from breserved_tags
+        bt = self.bitmap_tags if nr >= 0 else self.breserved_tags
+        assert bt is not None  # a reserved tag came from breserved_tags
+        if nr < 0:
             nr = tag
         if not bt.count_frees:  # the common case: nobody counts frees
             bt.clear(nr, cpu)
