@@ -62,7 +62,17 @@ Deviations from Linux
     * Sleeping uses :mod:`mqrt.lib.wait` (eventfds, real processes); wait states refer to
       waiters by slot.
     * The word search loop (``__sbitmap_get_word``: find_next_zero_bit +
-      test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`.
+      test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`
+      (``find_and_set_zero_bit_at`` on the word of a hint, for :meth:`Sbitmap.get`'s
+      fast path).
+    * :meth:`SbitmapQueue.clear` up to its wake-up (the deferred clear bit, the
+      ``ws_active`` test, and with nobody asleep the hint update) is one C call,
+      :meth:`AtomicView.deferred_clear_bit_at`; :meth:`SbitmapQueue._clear` is the
+      same in steps (run when fault injection is armed).
+    * ``__map_depth`` in get()'s fast path is ``min(bits_per_word, depth - first bit of
+      the word)``, from ``depth`` alone; the kernel tests ``index == map_nr - 1``.  The
+      two differ only while a resize has stored one of depth and map_nr and not yet
+      the other.
 
 Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
     * ``word``: any CPU; bits set by test_and_set_bit_lock (acquire), cleared in
@@ -72,8 +82,9 @@ Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
       kernel's smp_mb__after_atomic before the ``ws_active`` check); only the fold,
       under ``swap_lock``, takes it (xchg).  Invariant: a bit set in ``cleared`` is
       in use in ``word`` until the fold.
-    * ``alloc_hint[cpu]``: written by that CPU only (plain 32-bit stores), read by
-      anyone for show().
+    * ``alloc_hint[cpu]``: written by that CPU (get) and by whoever frees a tag it
+      allocated (clear: sbitmap_update_cpu_hint), plain 32-bit stores racing as in
+      the kernel (it is a hint); read by that CPU, and by anyone for show().
     * ``depth``, ``map_nr``, ``wake_batch``, ``min_shallow_depth``: written by the
       configuring process (init, resize, recalculate), read by all with relaxed
       loads (READ_ONCE); like the kernel, a resize under load is not atomic with
