@@ -639,8 +639,12 @@ class SbitmapQueue:
         self.frees_off = o.frees
         self.freeing_off = o.freeing
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
-        #: clear()'s hint offsets by CPU, -1 for none (round-robin keeps no hint)
-        self._hint_off = [-1 if self.sb.round_robin else h for h in self.sb._hints]
+        # the bitmap's geometry and offsets for clear(); its hint offsets by CPU, -1
+        # for none (round-robin keeps no hint)
+        sb = self.sb
+        self._cleared_map, self._map_stride, self._shift = sb._cleared_map, sb._map_stride, sb.shift
+        self._depth = sb._depth
+        self._hint_off = [-1 if sb.round_robin else h for h in sb._hints]
         #: __sbitmap_queue_get() is sbitmap_get(): the bitmap's bound method itself
         #: (one call less on the allocation path)
         self.get = self.sb.get
@@ -791,13 +795,12 @@ class SbitmapQueue:
         if inject.armed:
             self._clear(nr, cpu)
             return
-        sb = self.sb
         if self.a.deferred_clear_bit_at(
-            sb._cleared_map, sb._map_stride, sb.shift, nr, self._ws_active,
-            self._hint_off[cpu], sb._depth,
+            self._cleared_map, self._map_stride, self._shift, nr, self._ws_active,
+            self._hint_off[cpu], self._depth,
         ):  # fmt: skip
             self.wake_up(1)
-            sb.update_cpu_hint(cpu, nr)
+            self.sb.update_cpu_hint(cpu, nr)
 
     def _clear(self, nr: int, cpu: int) -> None:
         """:meth:`clear` step by step, as the kernel writes it."""
