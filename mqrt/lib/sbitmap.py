@@ -404,20 +404,22 @@ class Sbitmap:
         depth = a.read32(self._depth)
         hint = a.read32(self._hint)
         if hint >= depth or self.round_robin:
-            return self._get(depth)
+            return self._get(depth, hint)
         nr = a.find_and_set_zero_bit_at(self._map, self._map_stride, self.shift, depth, hint)
         if nr == -1:
-            return self._get(depth)
+            return self._get(depth, hint)
         if nr == hint:  # update_alloc_hint_after_get(): the hint was used, move past it
             hint = nr + 1
             a.set32(self._hint, 0 if hint >= depth - 1 else hint)
         return nr
 
-    def _get(self, depth: int) -> int:
-        """__sbitmap_get() whole (after update_alloc_hint_before_get()), with
-        sbitmap_find_bit() inlined: every word once from the hint's, folding a full
-        word's deferred clears (:meth:`_find_bit_in_word`)."""
-        hint = self._hint_before_get(depth)
+    def _get(self, depth: int, hint: int) -> int:
+        """__sbitmap_get() whole, for the ``depth`` and this CPU's ``hint`` get() read:
+        update_alloc_hint_before_get(), sbitmap_find_bit() inlined (every word once
+        from the hint's, folding a full word's deferred clears:
+        :meth:`_find_bit_in_word`), update_alloc_hint_after_get()."""
+        if hint >= depth:
+            hint = self._hint_before_get(depth)
         map_nr = self.a.read32(self._map_nr)
         shift = self.shift
         index = hint >> shift
