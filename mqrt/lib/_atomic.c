@@ -5,7 +5,10 @@
  * for words that live in a multiprocessing.shared_memory segment mapped by several
  * processes.  Only word-level primitives live here; rings, sbitmap and everything
  * above them are Python (mqrt/lib/ring.py, mqrt/lib/sbitmap.py), so they can be read,
- * instrumented and deliberately broken.
+ * instrumented and deliberately broken.  The exceptions are sbitmap's hot steps that
+ * the kernel too does as one helper on one word (find_and_set_zero_bit*: the word
+ * search; deferred_clear_bit_at: sbitmap_queue_clear up to its wake-up), each with
+ * its Python counterpart beside the call (Sbitmap._get, SbitmapQueue._clear).
  *
  * Memory-ordering model (GCC __atomic builtins):
  *   read / read32                    relaxed load            (READ_ONCE)
