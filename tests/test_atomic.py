@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import random
 import re
 import subprocess
 import sys
@@ -98,6 +99,49 @@ def test_find_and_set_zero_bit(view):
         assert view.find_and_set_zero_bit(off, 64, 0, True) == nr
     assert view.find_and_set_zero_bit(off, 64, 17, True) == -1
     assert view.find_and_set_zero_bit(off, 0, 0, True) == -1
+
+
+def test_find_and_set_zero_bit_at(view):
+    # a map of 40 bits in words 128 bytes apart from 256, 16 bits to a word: the last
+    # word (2) holds bits 32..39
+    at = view.find_and_set_zero_bit_at
+    assert [at(256, 128, 4, 40, 35) for _ in range(9)] == [*range(32, 40), -1]
+    assert view.read(256 + 2 * 128) == 0xFF
+    assert [at(256, 128, 4, 40, 17) for _ in range(3)] == [16, 17, 18]  # from bit 0
+    view.set(256 + 128, 0xFFFF)
+    assert at(256, 128, 4, 40, 20) == -1  # word 1 full
+    assert at(256, 128, 4, 40, 0) == 0
+    with pytest.raises(ValueError, match="hint 40 out of range"):
+        at(256, 128, 4, 40, 40)
+    with pytest.raises(ValueError, match="bad map geometry"):
+        at(256, 100, 4, 40, 0)
+    with pytest.raises(IndexError, match="offset 6016 out of range"):
+        at(256, 1920, 4, 64, 48)  # word 3 past the buffer
+    with pytest.raises(IndexError, match="out of range"):
+        at(2**70, 128, 4, 40, 0)
+
+
+def test_deferred_clear_bit_at(view):
+    # cleared masks 128 bytes apart from 256, 16 bits to a word; ws_active at 0, the
+    # hint at 8, depth at 16
+    clear = view.deferred_clear_bit_at
+    view.set32(16, 40)
+    assert clear(256, 128, 4, 35, 0, 8, 16) == 0
+    assert view.read(256 + 2 * 128) == 1 << 3
+    assert view.read32(8) == 35  # nobody asleep: the hint follows
+    view.set32(16, 30)  # a resize below the bit: sbitmap_update_cpu_hint() leaves it
+    assert clear(256, 128, 4, 17, 0, 8, 16) == 0 and view.read32(8) == 17
+    assert clear(256, 128, 4, 33, 0, 8, 16) == 0 and view.read32(8) == 17
+    view.set32(0, 2)  # sleepers: ws_active returned, the hint left to the caller
+    assert clear(256, 128, 4, 1, 0, 8, 16) == 2
+    assert view.read(256) == 1 << 1 and view.read32(8) == 17
+    view.set32(0, 0)
+    assert clear(256, 128, 4, 2, 0, -1, 16) == 0  # round-robin: no hint
+    assert view.read(256) == 0b110 and view.read32(8) == 17
+    with pytest.raises(ValueError, match="bit -1"):
+        clear(256, 128, 4, -1, 0, 8, 16)
+    with pytest.raises(IndexError, match="out of range"):
+        clear(256, 128, 4, 35, 4096, 8, 16)
 
 
 @pytest.mark.parametrize(
@@ -257,6 +301,81 @@ def test_exact_totals_across_processes():
         del row
 
 
+#: A bitmap for the sbitmap primitives: 40 bits over 3 words of 16 (the last partial),
+#: their cleared masks on the next line, a swap lock per word.
+SB_WORDS, SB_DEPTH, SB_SHIFT = 3, 40, 4
+SB_WORD = cacheline_struct([("word", "<u8")], [("cleared", "<u8"), ("swap_lock", "<u8")])
+SB_STATE = cacheline_struct(
+    [("ws_active", "<i4")], [("depth", "<u4")], [("taken", "<u8")], [("freed", "<u8")]
+)
+SB_HINTS = cacheline_struct([("hint", "<u4")])
+SB_OWNERS = cacheline_struct([("owners", "<u8")])
+
+
+def _sbitmap_hammer(handle, layout, cpu):
+    """Take bits with find_and_set_zero_bit_at from the hint's word, folding a full word
+    (xchg of cleared + andnot under the swap lock), and give them back with
+    deferred_clear_bit_at; a per-bit owner count catches a bit handed out twice."""
+    words, state, hints, owners = (layout[n] for n in ("words", "state", "hints", "owners"))
+    so = state.offsets()
+    stride = words.stride
+    rng = random.Random(cpu)
+    with Arena.attach(handle, layout) as arena:
+        a = arena.atomic
+        held: list[int] = []
+        for _ in range(LOOPS):
+            if len(held) < 6 and rng.random() < 0.6:
+                hint = a.read32(hints.addr(cpu))
+                nr = a.find_and_set_zero_bit_at(words.addr(0), stride, SB_SHIFT, SB_DEPTH, hint)
+                if nr == -1:
+                    index = hint >> SB_SHIFT
+                    lock = words.addr(index, "swap_lock")
+                    while a.test_and_set_bit_lock(lock, 0):
+                        _atomic.cpu_relax()
+                    mask = a.xchg(words.addr(index, "cleared"), 0)
+                    a.fetch_andnot(words.addr(index, "word"), mask)
+                    a.clear_bit_unlock(lock, 0)
+                    a.set32(hints.addr(cpu), rng.randrange(SB_DEPTH))
+                    continue
+                assert a.fetch_add(owners.addr(nr), 1) == 0, f"bit {nr} owned twice"
+                a.fetch_add(so.taken, 1)
+                held.append(nr)
+            elif held:
+                nr = held.pop(rng.randrange(len(held)))
+                assert a.fetch_sub(owners.addr(nr), 1) == 1
+                a.fetch_add(so.freed, 1)
+                assert not a.deferred_clear_bit_at(
+                    words.addr(0, "cleared"), stride, SB_SHIFT, nr, so.ws_active,
+                    hints.addr(cpu), so.depth,
+                )  # fmt: skip
+                assert a.read32(hints.addr(cpu)) == nr  # nobody asleep: the hint is nr
+        for nr in held:
+            a.fetch_sub(owners.addr(nr), 1)
+            a.fetch_add(so.freed, 1)
+            a.deferred_clear_bit_at(
+                words.addr(0, "cleared"), stride, SB_SHIFT, nr, so.ws_active, -1, so.depth
+            )
+
+
+@pytest.mark.slow
+def test_sbitmap_primitives_exact_totals_across_processes():
+    layout = Layout()
+    words = layout.add("words", SB_WORD, SB_WORDS)
+    state = layout.add("state", SB_STATE)
+    layout.add("hints", SB_HINTS, NPROC)
+    owners = layout.add("owners", SB_OWNERS, SB_DEPTH)
+    with Arena.create(layout) as arena:
+        a = arena.atomic
+        a.set32(state.offsets().depth, SB_DEPTH)
+        run_processes(*[(_sbitmap_hammer, (arena.handle, layout, i)) for i in range(NPROC)])
+        so = state.offsets()
+        assert a.read(so.taken) == a.read(so.freed) > NPROC * LOOPS // 4
+        # every bit taken was given back: each word's set bits are its cleared ones
+        for i in range(SB_WORDS):
+            assert a.read(words.addr(i, "word")) == a.read(words.addr(i, "cleared"))
+        assert all(a.read(owners.addr(nr)) == 0 for nr in range(SB_DEPTH))
+
+
 # Paths that would write through a NULL or stale pointer without their checks: each runs
 # in a child, so a regression fails the test (with the signal in its message) instead
 # of killing the test process.  The child prints "ExceptionType: message" per call.
@@ -362,6 +481,9 @@ _RELEASE_AND_UNMAP = """
         "v.clear_bit_unlock(8, x)",
         "v.find_and_set_zero_bit(8, x, 0, True)",
         "v.find_and_set_zero_bit(8, 64, x, True)",
+        "v.find_and_set_zero_bit_at(8, 128, 4, 40, x)",
+        "v.deferred_clear_bit_at(8, 128, 4, x, 0, 16, 24)",
+        "v.deferred_clear_bit_at(8, 128, x, 1, 0, 16, 24)",
         "w.emit(1, x)",
         "w.emit(1, arg=x)",
     ],

@@ -334,14 +334,17 @@ class Tags:
     def put_tag(self, tag: int, cpu: int) -> None:
         """blk_mq_put_tag(): free ``tag``; it becomes the allocating ``cpu``'s next
         hint (cache locality), and waiters are woken by batch."""
-        reserved = tag < self.nr_reserved_tags
-        bt = self.breserved_tags if reserved else self.bitmap_tags
+        nr = tag - self.nr_reserved_tags
+        bt = self.bitmap_tags if nr >= 0 else self.breserved_tags
         assert bt is not None  # a reserved tag came from breserved_tags
-        if bt.count_frees:  # the race detectors' evidence
-            bt.free_begin()
-        bt.clear(tag if reserved else tag - self.nr_reserved_tags, cpu)
-        if bt.count_frees:
-            bt.free_end(1)
+        if nr < 0:
+            nr = tag
+        if not bt.count_frees:  # the common case: nobody counts frees
+            bt.clear(nr, cpu)
+            return
+        bt.free_begin()  # the race detectors' evidence
+        bt.clear(nr, cpu)
+        bt.free_end(1)
 
     def put_tags(self, tag_list: list[int]) -> None:
         """blk_mq_put_tags(): a batch of (non-reserved) tags back in one

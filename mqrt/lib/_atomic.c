@@ -5,7 +5,10 @@
  * for words that live in a multiprocessing.shared_memory segment mapped by several
  * processes.  Only word-level primitives live here; rings, sbitmap and everything
  * above them are Python (mqrt/lib/ring.py, mqrt/lib/sbitmap.py), so they can be read,
- * instrumented and deliberately broken.
+ * instrumented and deliberately broken.  The exceptions are sbitmap's hot steps that
+ * the kernel too does as one helper on one word (find_and_set_zero_bit*: the word
+ * search; deferred_clear_bit_at: sbitmap_queue_clear up to its wake-up), each with
+ * its Python counterpart beside the call (Sbitmap._get, SbitmapQueue._clear).
  *
  * Memory-ordering model (GCC __atomic builtins):
  *   read / read32                    relaxed load            (READ_ONCE)
@@ -20,6 +23,10 @@
  *   set_bit, clear_bit               relaxed (like the kernel's non-returning bitops)
  *   find_and_set_zero_bit            relaxed scan, acquire test-and-set (sbitmap's
  *                                    find_next_zero_bit + test_and_set_bit_lock loop)
+ *   find_and_set_zero_bit_at         the same, on the word of a bitmap that holds a bit
+ *   deferred_clear_bit_at            fully ordered fetch_or of a bit in `cleared`, then
+ *                                    relaxed: the ws_active load, and if 0 the hint
+ *                                    store (sbitmap_queue_clear up to its wake-up)
  *   fence()                          full barrier            (smp_mb)
  *
  * 64-bit operations work on unsigned words (unsigned long: bitmap words, ring
@@ -95,6 +102,28 @@ set_unbound_error(AtomicView *self)
                                                 : "operation on an uninitialised AtomicView");
 }
 
+/* The address of the `width`-byte word at byte offset `off`, or NULL with an exception. */
+static inline void *
+word_addr_at(AtomicView *self, Py_ssize_t off, Py_ssize_t width)
+{
+    if (self->base == NULL) {
+        set_unbound_error(self);
+        return NULL;
+    }
+    if (off < 0 || off > self->len - width) {
+        PyErr_Format(PyExc_IndexError,
+                     "offset %zd out of range for a %zd-byte word in a %zd-byte buffer",
+                     off, width, self->len);
+        return NULL;
+    }
+    if (off & (width - 1)) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not %zd-byte aligned", off, width);
+        return NULL;
+    }
+    return self->base + off;
+}
+
+/* word_addr_at() for an offset given as a Python int. */
 static inline void *
 word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
 {
@@ -114,17 +143,7 @@ word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
         }
         return NULL;
     }
-    if (off < 0 || off > self->len - width) {
-        PyErr_Format(PyExc_IndexError,
-                     "offset %zd out of range for a %zd-byte word in a %zd-byte buffer",
-                     off, width, self->len);
-        return NULL;
-    }
-    if (off & (width - 1)) {
-        PyErr_Format(PyExc_ValueError, "offset %zd is not %zd-byte aligned", off, width);
-        return NULL;
-    }
-    return self->base + off;
+    return word_addr_at(self, off, width);
 }
 
 static inline int
@@ -334,13 +353,37 @@ next_zero_bit(uint64_t val, unsigned depth, unsigned from)
  * the same hint handling, including moving back to 0 when the next hint would reach
  * depth - 1.
  */
+static long
+get_word(uint64_t *p, unsigned depth, unsigned hint, int wrap)
+{
+    uint64_t val;
+    unsigned nr;
+
+    wrap = wrap && hint; /* don't wrap if starting from 0 */
+    for (;;) {
+        val = __atomic_load_n(p, __ATOMIC_RELAXED);
+        nr = next_zero_bit(val, depth, hint);
+        if (nr >= depth) {
+            if (hint && wrap) {
+                hint = 0;
+                continue;
+            }
+            return -1;
+        }
+        if (!(__atomic_fetch_or(p, BIT(nr), __ATOMIC_ACQUIRE) & BIT(nr)))
+            return (long)nr;
+        hint = nr + 1;
+        if (hint >= depth - 1)
+            hint = 0;
+    }
+}
+
 static PyObject *
 av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t *p, val;
+    uint64_t *p;
     long depth, hint;
     int wrap;
-    unsigned nr;
 
     if (check_nargs("find_and_set_zero_bit", nargs, 4) < 0)
         return NULL;
@@ -362,23 +405,137 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
     }
     if (!(p = word_addr(self, args[0], 8)))
         return NULL;
-    wrap = wrap && hint;
-    for (;;) {
-        val = __atomic_load_n(p, __ATOMIC_RELAXED);
-        nr = next_zero_bit(val, (unsigned)depth, (unsigned)(hint < 64 ? hint : 64));
-        if (nr >= (unsigned)depth) {
-            if (hint && wrap) {
-                hint = 0;
-                continue;
-            }
-            return PyLong_FromLong(-1);
-        }
-        if (!(__atomic_fetch_or(p, BIT(nr), __ATOMIC_ACQUIRE) & BIT(nr)))
-            return PyLong_FromLong((long)nr);
-        hint = nr + 1;
-        if (hint >= depth - 1)
-            hint = 0;
+    return PyLong_FromLong(get_word(p, (unsigned)depth, hint < 64 ? (unsigned)hint : 64, wrap));
+}
+
+/*
+ * The offset of word `index` of a map of words `stride` bytes apart from the offset in
+ * `arg` (an int: converting it runs no Python code); for word_addr_at() to check.  An
+ * offset out of the buffer stays as it is (or -1 if it does not fit a Py_ssize_t), so
+ * the sum cannot overflow.  -1 with an exception if `arg` is not an int.
+ */
+static Py_ssize_t
+map_word_off(AtomicView *self, PyObject *arg, long index, long stride)
+{
+    Py_ssize_t off = PyLong_AsSsize_t(arg);
+
+    if (off == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear(); /* out of range: word_addr_at() says so */
+        return -1;
     }
+    if (off >= 0 && off <= self->len)
+        off += (Py_ssize_t)index * stride;
+    return off;
+}
+
+/*
+ * find_and_set_zero_bit_at(map_off, stride, shift, depth, hint) -> bit number or -1
+ *
+ * find_and_set_zero_bit() on the word that holds bit `hint` of a bitmap of `depth`
+ * bits spread over words `stride` bytes apart from `map_off`, `1 << shift` bits to a
+ * word but the last, which has what is left of depth (sbitmap's __map_depth()): the
+ * search starts at the word's bit 0 and wraps (sbitmap's non-round-robin
+ * __sbitmap_get_word() call).  Returns the bit's number in the bitmap, or -1 if that
+ * word is full.
+ */
+static PyObject *
+av_find_and_set_zero_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t *p;
+    long stride, shift, depth, hint, index, word_depth, nr;
+    Py_ssize_t map_off;
+
+    if (check_nargs("find_and_set_zero_bit_at", nargs, 5) < 0)
+        return NULL;
+    if ((stride = PyLong_AsLong(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((shift = PyLong_AsLong(args[2])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((depth = PyLong_AsLong(args[3])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((hint = PyLong_AsLong(args[4])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (stride < 8 || stride > 4096 || stride % 8 || shift < 0 || shift > 6) {
+        PyErr_Format(PyExc_ValueError, "bad map geometry: stride %ld, shift %ld", stride, shift);
+        return NULL;
+    }
+    if (hint < 0 || hint >= depth || depth > (1L << 24)) {
+        PyErr_Format(PyExc_ValueError, "hint %ld out of range for depth %ld", hint, depth);
+        return NULL;
+    }
+    index = hint >> shift;
+    word_depth = depth - (index << shift);
+    if (word_depth > (1L << shift))
+        word_depth = 1L << shift;
+    /* the map's offset, an int or nothing (runs no Python code), comes last */
+    if ((map_off = map_word_off(self, args[0], index, stride)) == -1 && PyErr_Occurred())
+        return NULL;
+    if (!(p = word_addr_at(self, map_off, 8)))
+        return NULL;
+    nr = get_word(p, (unsigned)word_depth, 0, 1);
+    return PyLong_FromLong(nr == -1 ? -1 : (index << shift) + nr);
+}
+
+/*
+ * deferred_clear_bit_at(map_off, stride, shift, nr, ws_active_off, hint_off, depth_off)
+ *     -> int
+ *
+ * sbitmap_queue_clear() up to its wake-up, for bit `nr` of a bitmap whose `cleared`
+ * words are `stride` bytes apart from `map_off`, `1 << shift` bits to a word:
+ *   1. set the bit in its word's `cleared` mask, fully ordered (smp_mb__before_atomic
+ *      + set_bit + smp_mb__after_atomic: sbitmap_deferred_clear_bit());
+ *   2. load the 32-bit `ws_active` (relaxed; ordered after 1 by its full barrier):
+ *      sbitmap_queue_wake_up()'s first test;
+ *   3. only if that is 0 (the wake-up would return at once): sbitmap_update_cpu_hint(),
+ *      a relaxed store of nr at `hint_off` if nr is below the unsigned 32-bit depth at
+ *      `depth_off` (relaxed load); no store if `hint_off` is negative (round-robin).
+ * Returns ws_active: if it is not 0 the caller wakes up and then updates the hint
+ * itself, in the kernel's order.
+ */
+static PyObject *
+av_deferred_clear_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t *p;
+    int32_t *ws_active, active;
+    uint32_t *hint = NULL, *depth = NULL;
+    long stride, shift, nr;
+    Py_ssize_t map_off, hint_off;
+
+    if (check_nargs("deferred_clear_bit_at", nargs, 7) < 0)
+        return NULL;
+    if ((stride = PyLong_AsLong(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((shift = PyLong_AsLong(args[2])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((nr = PyLong_AsLong(args[3])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (stride < 8 || stride > 4096 || stride % 8 || shift < 0 || shift > 6) {
+        PyErr_Format(PyExc_ValueError, "bad map geometry: stride %ld, shift %ld", stride, shift);
+        return NULL;
+    }
+    if (nr < 0 || nr >= (1L << 24)) {
+        PyErr_Format(PyExc_ValueError, "bit %ld out of range", nr);
+        return NULL;
+    }
+    /* offsets last: ints or nothing, they run no Python code */
+    if ((map_off = map_word_off(self, args[0], nr >> shift, stride)) == -1 && PyErr_Occurred())
+        return NULL;
+    if (!(p = word_addr_at(self, map_off, 8)) || !(ws_active = word_addr(self, args[4], 4)))
+        return NULL;
+    hint_off = PyLong_AsSsize_t(args[5]);
+    if (hint_off == -1 && PyErr_Occurred())
+        return NULL;
+    if (hint_off >= 0
+        && (!(hint = word_addr_at(self, hint_off, 4)) || !(depth = word_addr(self, args[6], 4))))
+        return NULL;
+    __atomic_fetch_or(p, BIT(nr & ((1L << shift) - 1)), __ATOMIC_SEQ_CST);
+    SMP_MB_AFTER_RMW();
+    active = __atomic_load_n(ws_active, __ATOMIC_RELAXED);
+    if (!active && hint != NULL && (uint64_t)nr < __atomic_load_n(depth, __ATOMIC_RELAXED))
+        __atomic_store_n(hint, (uint32_t)nr, __ATOMIC_RELAXED);
+    return BOX_I32(active);
 }
 
 /* ---- object plumbing ---------------------------------------------------------------- */
@@ -500,6 +657,13 @@ static PyMethodDef av_methods[] = {
          "test_and_clear_bit(off, nr) -> bool: old bit; fully ordered."),
     FAST("find_and_set_zero_bit", av_find_and_set_zero_bit,
          "find_and_set_zero_bit(off, depth, hint, wrap) -> int: the bit set, or -1."),
+    FAST("find_and_set_zero_bit_at", av_find_and_set_zero_bit_at,
+         "find_and_set_zero_bit_at(map_off, stride, shift, depth, hint) -> int: "
+         "find_and_set_zero_bit(word, word_depth, 0, True) on the word of bit hint of a "
+         "map of words; the bit's number in the map, or -1."),
+    FAST("deferred_clear_bit_at", av_deferred_clear_bit_at,
+         "deferred_clear_bit_at(map_off, stride, shift, nr, ws_active_off, hint_off, "
+         "depth_off) -> int: sbitmap_queue_clear() up to its wake-up; ws_active."),
     {"release", (PyCFunction)av_release, METH_NOARGS,
      "Release the buffer (idempotent); later operations raise ValueError."},
     {"__enter__", (PyCFunction)av_enter, METH_NOARGS, NULL},

@@ -55,6 +55,21 @@ class AtomicView:
     def test_and_set_bit_lock(self, off: int, nr: int, /) -> bool: ...
     def test_and_clear_bit(self, off: int, nr: int, /) -> bool: ...
     def find_and_set_zero_bit(self, off: int, depth: int, hint: int, wrap: bool, /) -> int: ...
+    # combined steps (see _atomic.c)
+    def find_and_set_zero_bit_at(
+        self, map_off: int, stride: int, shift: int, depth: int, hint: int, /
+    ) -> int: ...
+    def deferred_clear_bit_at(
+        self,
+        map_off: int,
+        stride: int,
+        shift: int,
+        nr: int,
+        ws_active_off: int,
+        hint_off: int,
+        depth_off: int,
+        /,
+    ) -> int: ...
 
 class TraceWriter:
     def __init__(

@@ -62,7 +62,17 @@ Deviations from Linux
     * Sleeping uses :mod:`mqrt.lib.wait` (eventfds, real processes); wait states refer to
       waiters by slot.
     * The word search loop (``__sbitmap_get_word``: find_next_zero_bit +
-      test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`.
+      test_and_set_bit_lock) is one C call, :meth:`AtomicView.find_and_set_zero_bit`
+      (``find_and_set_zero_bit_at`` on the word of a hint, for :meth:`Sbitmap.get`'s
+      fast path).
+    * :meth:`SbitmapQueue.clear` up to its wake-up (the deferred clear bit, the
+      ``ws_active`` test, and with nobody asleep the hint update) is one C call,
+      :meth:`AtomicView.deferred_clear_bit_at`; :meth:`SbitmapQueue._clear` is the
+      same in steps (run when fault injection is armed).
+    * ``__map_depth`` in get()'s fast path is ``min(bits_per_word, depth - first bit of
+      the word)``, from ``depth`` alone; the kernel tests ``index == map_nr - 1``.  The
+      two differ only while a resize has stored one of depth and map_nr and not yet
+      the other.
 
 Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
     * ``word``: any CPU; bits set by test_and_set_bit_lock (acquire), cleared in
@@ -72,8 +82,9 @@ Concurrency (who writes what; every RMW through :mod:`mqrt.lib._atomic`)
       kernel's smp_mb__after_atomic before the ``ws_active`` check); only the fold,
       under ``swap_lock``, takes it (xchg).  Invariant: a bit set in ``cleared`` is
       in use in ``word`` until the fold.
-    * ``alloc_hint[cpu]``: written by that CPU only (plain 32-bit stores), read by
-      anyone for show().
+    * ``alloc_hint[cpu]``: written by that CPU (get) and by whoever frees a tag it
+      allocated (clear: sbitmap_update_cpu_hint), plain 32-bit stores racing as in
+      the kernel (it is a hint); read by that CPU, and by anyone for show().
     * ``depth``, ``map_nr``, ``wake_batch``, ``min_shallow_depth``: written by the
       configuring process (init, resize, recalculate), read by all with relaxed
       loads (READ_ONCE); like the kernel, a resize under load is not atomic with
@@ -102,7 +113,7 @@ from mqrt.lib import inject, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
-from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock
 
 #: Number of wait queues in a sbitmap_queue.
 SBQ_WAIT_QUEUES = 8
@@ -268,6 +279,8 @@ class Sbitmap:
         w = spec.words
         self._word = [w.addr(i, "word") for i in range(w.count)]
         self._cleared = [w.addr(i, "cleared") for i in range(w.count)]
+        #: the words (and cleared masks) as a map for the C calls
+        self._map, self._cleared_map, self._map_stride = self._word[0], self._cleared[0], w.stride
         self._swap_lock = [w.addr(i, "swap_lock") for i in range(w.count)]
         self._rng = random.Random(cpu if seed is None else seed)
 
@@ -322,7 +335,8 @@ class Sbitmap:
         being searched."""
         a = self.a
         lock = self._swap_lock[index]
-        spin_lock(a, lock)
+        if a.test_and_set_bit_lock(lock, 0):  # spin_lock(), its first try inlined
+            spin_lock(a, lock)
         try:
             if not a.read(self._cleared[index]):
                 if depth == 0:
@@ -337,7 +351,7 @@ class Sbitmap:
             a.fetch_andnot(self._word[index], mask)
             return True
         finally:
-            spin_unlock(a, lock)
+            a.clear_bit_unlock(lock, 0)  # spin_unlock(), inlined
 
     def _find_bit_in_word(self, index: int, depth: int, alloc_hint: int, wrap: bool) -> int:
         """sbitmap_find_bit_in_word()."""
@@ -378,16 +392,35 @@ class Sbitmap:
     def get(self) -> int:
         """sbitmap_get(): a free bit, set, or -1 when the bitmap is full.
 
-        The hot path: __sbitmap_get() and sbitmap_find_bit() inlined, one C call
-        per word tried; a full word drops into _find_bit_in_word() to fold its
-        deferred clears.
+        The hot path, __sbitmap_get() unrolled once: update_alloc_hint_before_get(),
+        then sbitmap_find_bit()'s first word, the hint's, searched from bit 0 with
+        one C call (:meth:`AtomicView.find_and_set_zero_bit_at`: __map_depth() and
+        __sbitmap_get_word()), then update_alloc_hint_after_get().  Anything else
+        (round-robin, a hint out of range, a full word) goes to :meth:`_get`, the
+        whole __sbitmap_get(); a word found full is searched again there before it
+        is folded, which is one more pass of __sbitmap_get_word()'s loop.
         """
         a = self.a
         depth = a.read32(self._depth)
         hint = a.read32(self._hint)
-        if hint >= depth:  # update_alloc_hint_before_get(), inlined
+        if hint >= depth or self.round_robin:
+            return self._get(depth, hint)
+        nr = a.find_and_set_zero_bit_at(self._map, self._map_stride, self.shift, depth, hint)
+        if nr == -1:
+            return self._get(depth, hint)
+        if nr == hint:  # update_alloc_hint_after_get(): the hint was used, move past it
+            hint = nr + 1
+            a.set32(self._hint, 0 if hint >= depth - 1 else hint)
+        return nr
+
+    def _get(self, depth: int, hint: int) -> int:
+        """__sbitmap_get() whole, for the ``depth`` and this CPU's ``hint`` get() read:
+        update_alloc_hint_before_get(), sbitmap_find_bit() inlined (every word once
+        from the hint's, folding a full word's deferred clears:
+        :meth:`_find_bit_in_word`), update_alloc_hint_after_get()."""
+        if hint >= depth:
             hint = self._hint_before_get(depth)
-        map_nr = a.read32(self._map_nr)
+        map_nr = self.a.read32(self._map_nr)
         shift = self.shift
         index = hint >> shift
         if self.round_robin:
@@ -400,9 +433,7 @@ class Sbitmap:
                 word_depth = depth - (index << shift)
             else:
                 word_depth = self.bits_per_word
-            nr = a.find_and_set_zero_bit(self._word[index], word_depth, alloc_hint, wrap)
-            if nr == -1:
-                nr = self._find_bit_in_word(index, word_depth, alloc_hint, wrap)
+            nr = self._find_bit_in_word(index, word_depth, alloc_hint, wrap)
             if nr != -1:
                 nr += index << shift
                 break
@@ -410,8 +441,7 @@ class Sbitmap:
             index += 1
             if index >= map_nr:
                 index = 0
-        if nr in (-1, hint) or self.round_robin:
-            self._hint_after_get(depth, hint, nr)
+        self._hint_after_get(depth, hint, nr)
         return nr
 
     def get_shallow(self, shallow_depth: int, whole_map: bool = False) -> int:
@@ -611,6 +641,15 @@ class SbitmapQueue:
         self.frees_off = o.frees
         self.freeing_off = o.freeing
         self._wait_cnt = [spec.ws.addr(i, "wait_cnt") for i in range(SBQ_WAIT_QUEUES)]
+        # the bitmap's geometry and offsets for clear(); its hint offsets by CPU, -1
+        # for none (round-robin keeps no hint)
+        sb = self.sb
+        self._cleared_map, self._map_stride, self._shift = sb._cleared_map, sb._map_stride, sb.shift
+        self._depth = sb._depth
+        self._hint_off = [-1 if sb.round_robin else h for h in sb._hints]
+        #: __sbitmap_queue_get() is sbitmap_get(): the bitmap's bound method itself
+        #: (one call less on the allocation path)
+        self.get = self.sb.get
         self.ws = [WaitQueue(waiters, spec.ws.addr(i, "wait")) for i in range(SBQ_WAIT_QUEUES)]
         self._warned_shallow = False
 
@@ -688,10 +727,6 @@ class SbitmapQueue:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def get(self) -> int:
-        """__sbitmap_queue_get(): a free tag or -1."""
-        return self.sb.get()
-
     def get_shallow(self, shallow_depth: int) -> int:
         """sbitmap_queue_get_shallow(): a free tag below the shallow limit, or -1."""
         if shallow_depth < self.min_shallow_depth and not self._warned_shallow:
@@ -711,33 +746,38 @@ class SbitmapQueue:
         sb, a = self.sb, self.a
         if sb.round_robin or nr_tags < 1:
             return 0, 0
-        depth = sb.depth
+        depth = a.read32(sb._depth)
         hint = sb._hint_before_get(depth)
-        map_nr = sb.map_nr
-        index = hint >> sb.shift
+        map_nr = a.read32(sb._map_nr)
+        shift = sb.shift
+        index = hint >> shift
         for _ in range(map_nr):
-            map_depth = sb.map_depth(index)
+            # __map_depth(), with the depth and map_nr read once
+            map_depth = depth - (index << shift) if index == map_nr - 1 else sb.bits_per_word
             sb.deferred_clear(index, 0, 0, False)
-            word_off = sb._word[index]
-            val = a.read(word_off)
-            # The kernel's test for a full word, as it is in 6.1 to 6.17: every bit
-            # but the top one set.  A really full word fails the fit test below.
-            if val != (1 << (map_depth - 1)) - 1:
-                free = ~val & ((1 << map_depth) - 1)
-                nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
-                if nr + nr_tags <= map_depth:
-                    get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
-                    while True:
-                        found = a.cmpxchg(word_off, val, val | get_mask)
-                        if found == val:
-                            break
-                        retries.retry()
-                        val = found
-                    get_mask = (get_mask & ~val) >> nr
-                    if get_mask:
-                        offset = nr + (index << sb.shift)
-                        sb._hint_after_get(depth, hint, offset + nr_tags - 1)
-                        return get_mask, offset
+            # No run of nr_tags bits fits in a word of fewer bits, whatever it holds:
+            # the kernel finds that out after the tests below, which have no effect.
+            if nr_tags <= map_depth:
+                word_off = sb._word[index]
+                val = a.read(word_off)
+                # The kernel's test for a full word, as it is in 6.1 to 6.17: every bit
+                # but the top one set.  A really full word fails the fit test below.
+                if val != (1 << (map_depth - 1)) - 1:
+                    free = ~val & ((1 << map_depth) - 1)
+                    nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
+                    if nr + nr_tags <= map_depth:
+                        get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
+                        while True:
+                            found = a.cmpxchg(word_off, val, val | get_mask)
+                            if found == val:
+                                break
+                            retries.retry()
+                            val = found
+                        get_mask = (get_mask & ~val) >> nr
+                        if get_mask:
+                            offset = nr + (index << sb.shift)
+                            sb._hint_after_get(depth, hint, offset + nr_tags - 1)
+                            return get_mask, offset
             index += 1
             if index >= map_nr:
                 index = 0
@@ -747,22 +787,38 @@ class SbitmapQueue:
 
     def clear(self, nr: int, cpu: int) -> None:
         """sbitmap_queue_clear(): free tag ``nr`` allocated on ``cpu``, wake waiters
-        if a batch is complete, and make the tag ``cpu``'s next hint."""
+        if a batch is complete, and make the tag ``cpu``'s next hint.
+
+        The hot path: one C call (:meth:`AtomicView.deferred_clear_bit_at`) does the
+        steps of :meth:`_clear` up to the wake-up, and the hint update too when
+        nobody sleeps; with sleepers, the wake-up and the hint follow here.  With
+        injection armed, :meth:`_clear` runs instead (its point sits between the
+        steps)."""
+        if inject.armed:
+            self._clear(nr, cpu)
+            return
+        if self.a.deferred_clear_bit_at(
+            self._cleared_map, self._map_stride, self._shift, nr, self._ws_active,
+            self._hint_off[cpu], self._depth,
+        ):  # fmt: skip
+            self.wake_up(1)
+            self.sb.update_cpu_hint(cpu, nr)
+
+    def _clear(self, nr: int, cpu: int) -> None:
+        """:meth:`clear` step by step, as the kernel writes it."""
         # The fully ordered fetch_or is the kernel's smp_mb__before_atomic +
         # set_bit + smp_mb__after_atomic: the request's last use happens before the
         # bit can be reused, and the bit is visible before ws_active is read in
         # wake_up (pairs with the barrier in prepare_to_wait's state change).
-        # sbitmap_deferred_clear_bit() (marks the bit in ``cleared``; the next
-        # allocator that finds the word full folds it back) and update_cpu_hint(),
-        # inlined (the hot path).
+        # sbitmap_deferred_clear_bit(): marks the bit in ``cleared``; the next
+        # allocator that finds the word full folds it back.
         sb, a = self.sb, self.a
         a.fetch_or(sb._cleared[nr >> sb.shift], 1 << (nr & (sb.bits_per_word - 1)))
         if inject.armed:
             inject.hit("sbq.clear.before_wake")
         if a.read32(self._ws_active):  # both generations return at once if 0
             self.wake_up(1)
-        if not sb.round_robin and nr < a.read32(sb._depth):
-            a.set32(sb._hints[cpu], nr)
+        sb.update_cpu_hint(cpu, nr)
 
     def clear_batch(self, offset: int, tags: list[int]) -> None:
         """sbitmap_queue_clear_batch(): free many tags at once, straight from ``word``
