@@ -713,6 +713,36 @@ class IoJob:
         self.submitted_bytes += n << 9
         return self._ops.pop(), self._offsets.pop(), n
 
+    def next_bios(self, n: int) -> tuple[list[int], list[int], list[int]]:
+        """The next ``n`` I/Os at once, as :meth:`next_bio` hands them out one by one:
+        their ops, sectors and lengths (three lists, in order); counts them in flight.
+        One slice per list instead of three pops and a call per I/O."""
+        if n <= 0:
+            return [], [], []
+        ops, offs, lens = self._ops, self._offsets, self._lens
+        if len(offs) < n:  # the chunk runs out: the rest of it, then a new one
+            k = len(offs)
+            o1, s1, l1 = ops[::-1], offs[::-1], lens[::-1]
+            ops.clear()
+            offs.clear()
+            lens.clear()
+            self._refill()
+            o2, s2, l2 = self.next_bios(n - k)
+            self.inflight += k
+            self.submitted += k
+            self.submitted_bytes += sum(l1) << 9
+            return o1 + o2, s1 + s2, l1 + l2
+        # popped from the end: the last n, newest first
+        stop = -n - 1
+        o = ops[-1:stop:-1]
+        s = offs[-1:stop:-1]
+        ln = lens[-1:stop:-1]
+        del ops[-n:], offs[-n:], lens[-n:]
+        self.inflight += n
+        self.submitted += n
+        self.submitted_bytes += sum(ln) << 9
+        return o, s, ln
+
     def mark_submit(self, n: int) -> None:
         """A batch of ``n`` I/Os was submitted: count them at the depth they made (as
         fio counts at its commit), the batch, and the completions reaped since the

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from functools import partial
 
 from mqrt.block import blk_mq_sched
+from mqrt.block._rq import RqPool
 from mqrt.block.blk_mq_complete import BlkMqCompletion
 from mqrt.block.blk_mq_structs import (
     _BUSY,
@@ -151,6 +152,8 @@ class BlkMq(BlkMqCompletion):
         #: the arena as 16-bit words: a request's cpu, hctx and q fields are
         #: ``buf16[(rq.base >> 1) + RQ_U16_*]``
         self.buf16 = arena.buf.cast("H")
+        #: a request's hot steps (own + set up, start, end) in one C call each
+        self.rqpool = RqPool(arena.buf)
         self.cpu = cpu
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
@@ -235,6 +238,7 @@ class BlkMq(BlkMqCompletion):
 
     def close(self) -> None:
         self.buf16.release()
+        self.rqpool.release()
         for queue in self.queues:
             queue.close()
         for pool in self._rqs.values():
@@ -316,18 +320,7 @@ class BlkMq(BlkMqCompletion):
                 if tag >= 0:
                     tag += tags.nr_reserved_tags
             if tag < 0:
-                # the slow path may sleep: say for what (the detectors ask what the
-                # sleeper may take: its queue's fair share, its shallow depth)
-                self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
-                tag = tags.get_tag(
-                    reserved,
-                    nowait,
-                    hctx.may_queue if shared else None,
-                    hctx.wait_index_off,
-                    hctx.run_sync,
-                    self.io_schedule,
-                    shallow=shallow,
-                )
+                tag = self._get_tag_slow(queue, hctx, shallow, reserved, nowait)
                 if tag < 0:
                     return -1
             rq_id = tags.rq_base + tag
@@ -371,6 +364,25 @@ class BlkMq(BlkMqCompletion):
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
+
+    def _get_tag_slow(
+        self, queue: Queue, hctx: HwCtx, shallow: int, reserved: bool, nowait: bool
+    ) -> int:
+        """blk_mq_get_tag() past its first try: the slow path, which may sleep."""
+        tags = hctx.tags
+        assert tags is not None
+        # say for what the task may sleep (the detectors ask what the sleeper may
+        # take: its queue's fair share, its shallow depth)
+        self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
+        return tags.get_tag(
+            reserved,
+            nowait,
+            hctx.may_queue if queue.shared else None,
+            hctx.wait_index_off,
+            hctx.run_sync,
+            self.io_schedule,
+            shallow=shallow,
+        )
 
     def _own(self, base: int, rq_id: int) -> None:
         """A tag was just taken: its request (at ``base``) must be free; mark it
@@ -491,6 +503,76 @@ class BlkMq(BlkMqCompletion):
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+
+    def submit_bios(
+        self, queue: Queue, ops: list[int], sectors: list[int], lens: list[int], polled: bool
+    ) -> None:
+        """io_submit()'s loop: :meth:`submit_bio` for each bio, in order, each stamped
+        with its own start as it is submitted (fio's io_u start_time).
+
+        Inside a plug, a bio that can merge nowhere (no plugged request starts or ends
+        at its edges, none of this CPU's requests waits on its ctx lists), on a queue
+        of its own tags with no shallow depth, takes the lines of submit_bio() it
+        would take anyway -- a tag's first try, its request set up, onto the plug --
+        here, without a call per bio; every other bio (and one whose tag's first try
+        fails) goes through :meth:`submit_bio` or its slow path as before."""
+        plug = self.plug
+        clock = self.clock
+        submit_bio = self.submit_bio
+        if plug is None or polled or queue.shared:
+            for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
+                submit_bio(queue, op, sector, nr_sectors, clock(), polled)
+            return
+        bounds = plug.bounds
+        merge = queue.merge
+        hctx_by_op = queue.hctx_by_op
+        shallow_writes = queue.async_depth != 0
+        qi = queue.index
+        pool = self.rq_base[qi]
+        setup = self.rqpool.setup
+        cpu = self.cpu
+        tracing = trace.on
+        for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
+            start_ns = clock()
+            end = sector + nr_sectors
+            if (
+                (merge and (sector in bounds or end in bounds))
+                or queue.ctx_queued
+                or plug.nr_ios > 1
+                or plug.cached
+                or (shallow_writes and op == _WRITE)
+            ):
+                submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
+                continue
+            self.nr_bios += 1
+            hctx = hctx_by_op[op]
+            tags = hctx.tags
+            assert tags is not None  # a ctx maps only to hctxs with tags
+            # the fast path of blk_mq_get_tag(), as _get_request() has it
+            tag = tags.bitmap_sb.get()
+            if tag >= 0:
+                tag += tags.nr_reserved_tags
+            else:
+                tag = self._get_tag_slow(queue, hctx, 0, False, False)
+            rq_id = tags.rq_base + tag
+            base = pool[rq_id]
+            # _own() (the request must be free; mark it allocated) and the setup block
+            st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
+                       hctx.index, qi, op, 0)  # fmt: skip
+            if st is not None:
+                self.violation(f"request {rq_id} handed out while owned ({st:#x})")
+            if tracing:
+                trace.emit(_EV_TAG_GET, tag, self.a.read(base) >> RQ_GEN_SHIFT, hctx.index, qi)
+            # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
+            rqs = plug.rqs
+            if rqs and (
+                len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
+            ):
+                self.flush_plug(plug)
+                rqs = plug.rqs
+            rqs.append((queue, hctx, rq_id))
+            plug.last_sectors = nr_sectors
+            bounds[end] = bounds[sector] = None
 
     # -- merging ---------------------------------------------------------------------------------
 

@@ -14,18 +14,17 @@ completes and ends them its own lean way.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING
 
+from mqrt.block._rq import RqPool
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
     _IN_FLIGHT,
-    _OWNED_OR_BUSY,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_REQUEUED,
     _SCHED_RESTART,
-    RQ_ALLOCATED,
-    RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_DEADLINE,
     RQ_OFF_FLAGS,
@@ -33,7 +32,6 @@ from mqrt.block.blk_mq_structs import (
     RQ_OFF_ISSUE,
     RQ_OFF_STATUS,
     RQ_STATE_MASK,
-    RQ_TIMES,
     RQ_U16_CPU,
     RQ_U16_HCTX,
     RQ_U16_Q,
@@ -76,6 +74,7 @@ class BlkMqCompletion:
     a: AtomicView
     buf: memoryview
     buf16: memoryview  #: the arena as 16-bit words (a request's cpu, hctx, q)
+    rqpool: RqPool  #: a request's hot steps in C (mqrt.block._rq)
     cpu: int
     sys: CpuSys
     clock: Callable[[], int]
@@ -101,14 +100,13 @@ class BlkMqCompletion:
     def start_request(self, rq: Request) -> None:
         """blk_mq_start_request(): arm the timeout, then IN_FLIGHT (release: the
         timeout work that sees IN_FLIGHT sees the deadline)."""
-        a = self.a
-        base = rq.base
-        st = a.read(base)
-        if st & _OWNED_OR_BUSY != RQ_ALLOCATED:
+        clock = self.clock
+        if clock is _monotonic_ns:  # the clock, the times, IN_FLIGHT: one C call
+            st = self.rqpool.start(rq.base, rq.timeout_ns)
+        else:  # a clock of its own (tests step one)
+            st = self.rqpool.start(rq.base, rq.timeout_ns, clock())
+        if st is not None:  # it was not ALLOCATED and IDLE
             self.violation(f"start of request {rq.id} in state {st:#x}")
-        now = self.clock()
-        RQ_TIMES.pack_into(self.buf, base + RQ_OFF_DEADLINE, now + rq.timeout_ns, now)
-        a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
 
     def _requeue_unstarted(self, rq: Request) -> None:
         """__blk_mq_requeue_request(): a started request (refused by the driver, or
@@ -266,22 +264,24 @@ class BlkMqCompletion:
         clat runs from there): the request's start, or for one that went back to the
         block layer its first issue (``issue_time_ns``), or for one never started
         (failed as the driver got it) its end."""
-        a = self.a
-        base = rq.base
-        st = a.read(base)
-        if not st & RQ_ALLOCATED:
-            self.violation(f"end of request {rq.id} in state {st:#x}")
+        # The free (a CAS to the next generation's IDLE, from an allocated state),
+        # the end fields and the clock, in one call (mqrt.block._rq).
+        clock = self.clock
+        if clock is _monotonic_ns:
+            ended = self.rqpool.end(rq.base, now)
+        else:  # a clock of its own (tests step one)
+            ended = self.rqpool.end(rq.base, now or clock())
+        if ended.__class__ is not tuple:
+            if ended is None:  # another end, or the next user, won
+                self.stats["stale_completions"] += 1
+            else:
+                self.violation(f"end of request {rq.id} in state {ended:#x}")
             return None
-        if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
-            self.stats["stale_completions"] += 1
-            return None
-        io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
-            RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
-        )
+        st, io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status, t = ended
         if st & RQ_STATE_MASK and not rq_flags & _RQF_REQUEUED:
             issue = io_start  # the common case: started once
         else:
-            issue = self._issue_of(base, rq_flags, now)
+            issue = self._issue_of(rq.base, rq_flags, now or t)
         if status is None:
             status = rq_status
         self.nr_completed += 1
@@ -291,11 +291,11 @@ class BlkMqCompletion:
         if nr_bios > 1:  # merged bios: their submitter holds the chain
             info = (*info, rq.id, st >> RQ_GEN_SHIFT)
             if cpu == self.cpu:
-                self.bios_done(q, info, now or self.clock())
+                self.bios_done(q, info, now or t)
             else:
                 self.sys.bio_done(cpu, q, info)
         elif cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, now or self.clock())  # bio_endio() on the submitting CPU
+            self.end_io[q](info, now or t)  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
@@ -310,7 +310,7 @@ class BlkMqCompletion:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)
             tags.put_tag(rq.tag, cpu)
-        if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
+        if batch is None and self.a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
 
