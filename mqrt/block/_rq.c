@@ -17,11 +17,14 @@
  *       it (or 0), CLOCK_MONOTONIC (time.monotonic_ns()'s clock), then the state word to IN_FLIGHT with release
  *       (timeout work that sees IN_FLIGHT sees the deadline).  None, or the state word
  *       found when it was not ALLOCATED and IDLE.
- *   end(base[, now])
+ *   end(base[, now[, status]])
  *       the free at blk_mq_end_request(): a fully ordered cmpxchg to the next
- *       generation's IDLE, then the fields the end hands on, and ``now`` or the clock.  A tuple
- *       (state, io_start, start, nr_sectors, nr_bios, cpu, hctx, q, op, rq_flags,
- *       status, now) once the request was freed here; the state word (an int) when it
+ *       generation's IDLE, then what the end hands on.  Once the request was freed
+ *       here, a tuple (info, state, cpu, hctx, q, rq_flags, now): info is the bio's
+ *       (op, nr_bios, bytes, start, issue, status) for a request started once and never
+ *       handed back (its issue: io_start_time_ns), None otherwise (the caller works
+ *       the issue out); status is ``status`` unless None, else the request's; now is
+ *       ``now`` unless 0, else the clock.  The state word (an int) when the request
  *       was not allocated; None when another end or a reuse won the cmpxchg.
  *
  * Nothing here decides anything about races: the state machine (which transitions
@@ -56,6 +59,8 @@
 #define IN_FLIGHT 0x1ULL
 #define ALLOCATED 0x4ULL
 #define GEN_SHIFT 8
+#define RQF_REQUEUED (1U << 8)
+#define SECTOR_SHIFT 9
 
 typedef struct {
     PyObject_HEAD
@@ -101,6 +106,28 @@ now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* A tuple of ``n`` new references (stolen), or NULL if any is NULL (all released). */
+static PyObject *
+tuple_steal(PyObject **items, Py_ssize_t n)
+{
+    PyObject *t = NULL;
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    t = PyTuple_New(n);
+    if (t == NULL)
+        goto fail;
+    for (i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
+fail:
+    for (i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
 }
 
 #define U16(p, off) (*(uint16_t *)((p) + (off)))
@@ -172,17 +199,27 @@ rp_start(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 rp_end(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t st, want;
+    uint64_t st, want, given = 0, issue, t;
+    uint32_t rq_flags;
+    int32_t status;
     char *p;
-    PyObject *t;
+    PyObject *info, *out;
 
-    uint64_t given = 0;
-
-    if (nargs != 1 && nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "end() takes 1 or 2 arguments (%zd given)", nargs);
+    if (nargs < 1 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "end() takes 1 to 3 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (args_u64(args + 1, nargs - 1, &given) < 0 || (p = line_at(self, args[0])) == NULL)
+    if (nargs > 1 && args_u64(args + 1, 1, &given) < 0)
+        return NULL;
+    if (nargs > 2 && args[2] != Py_None) {
+        long v = PyLong_AsLong(args[2]);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        status = (int32_t)v;
+    } else {
+        status = INT32_MIN; /* the request's own, read below */
+    }
+    if ((p = line_at(self, args[0])) == NULL)
         return NULL;
     st = __atomic_load_n((uint64_t *)p, __ATOMIC_RELAXED);
     if (!(st & ALLOCATED))
@@ -191,32 +228,41 @@ rp_end(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
     if (!__atomic_compare_exchange_n((uint64_t *)p, &want, ((st >> GEN_SHIFT) + 1) << GEN_SHIFT,
                                      0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         Py_RETURN_NONE;
-    t = PyTuple_New(12);
-    if (t == NULL)
-        return NULL;
-#define SET(i, expr)                                                                       \
-    do {                                                                                   \
-        PyObject *o_ = (expr);                                                             \
-        if (o_ == NULL) {                                                                  \
-            Py_DECREF(t);                                                                  \
-            return NULL;                                                                   \
-        }                                                                                  \
-        PyTuple_SET_ITEM(t, i, o_);                                                        \
-    } while (0)
-    SET(0, PyLong_FromUnsignedLongLong(st));
-    SET(1, PyLong_FromUnsignedLongLong(U64(p, OFF_IO_START)));
-    SET(2, PyLong_FromUnsignedLongLong(U64(p, OFF_START)));
-    SET(3, PyLong_FromUnsignedLong(U32(p, OFF_NR_SECTORS)));
-    SET(4, PyLong_FromLong(U16(p, OFF_NR_BIOS)));
-    SET(5, PyLong_FromLong(U16(p, OFF_CPU)));
-    SET(6, PyLong_FromLong(U16(p, OFF_HCTX)));
-    SET(7, PyLong_FromLong(U16(p, OFF_Q)));
-    SET(8, PyLong_FromLong((uint8_t)p[OFF_OP]));
-    SET(9, PyLong_FromUnsignedLong(U32(p, OFF_FLAGS)));
-    SET(10, PyLong_FromLong((int32_t)U32(p, OFF_STATUS)));
-    SET(11, PyLong_FromUnsignedLongLong(given ? given : now_ns()));
-#undef SET
-    return t;
+    /* Freed: nobody else writes the line until its tag is put back (the caller's
+     * next step), so these plain loads see the setup and start of this instance. */
+    t = given ? given : now_ns();
+    rq_flags = U32(p, OFF_FLAGS);
+    if (status == INT32_MIN)
+        status = (int32_t)U32(p, OFF_STATUS);
+    if ((st & STATE_MASK) && !(rq_flags & RQF_REQUEUED)) {
+        issue = U64(p, OFF_IO_START); /* the common case: started once */
+        PyObject *f[6] = {
+            PyLong_FromLong((uint8_t)p[OFF_OP]),
+            PyLong_FromLong(U16(p, OFF_NR_BIOS)),
+            PyLong_FromUnsignedLongLong((uint64_t)U32(p, OFF_NR_SECTORS) << SECTOR_SHIFT),
+            PyLong_FromUnsignedLongLong(U64(p, OFF_START)),
+            PyLong_FromUnsignedLongLong(issue),
+            PyLong_FromLong(status),
+        };
+        info = tuple_steal(f, 6);
+        if (info == NULL)
+            return NULL;
+    } else {
+        info = Py_NewRef(Py_None); /* the caller works out the issue */
+    }
+    {
+        PyObject *f[7] = {
+            info,
+            PyLong_FromUnsignedLongLong(st),
+            PyLong_FromLong(U16(p, OFF_CPU)),
+            PyLong_FromLong(U16(p, OFF_HCTX)),
+            PyLong_FromLong(U16(p, OFF_Q)),
+            PyLong_FromUnsignedLong(rq_flags),
+            PyLong_FromUnsignedLongLong(t),
+        };
+        out = tuple_steal(f, 7);
+    }
+    return out;
 }
 
 static PyObject *
@@ -273,7 +319,8 @@ static PyMethodDef rp_methods[] = {
     FAST("start", rp_start,
          "start(base, timeout_ns[, now]) -> None | int: blk_mq_start_request()."),
     FAST("end", rp_end,
-         "end(base[, now]) -> tuple | int | None: free the request, its end fields."),
+         "end(base[, now[, status]]) -> tuple | int | None: free the request; what its "
+         "end hands on."),
     {"release", (PyCFunction)rp_release, METH_NOARGS, "Release the buffer (idempotent)."},
     {NULL, NULL, 0, NULL},
 };
@@ -317,7 +364,9 @@ PyInit__rq(void)
         || PyModule_AddIntConstant(m, "ALLOCATED", (long)ALLOCATED) < 0
         || PyModule_AddIntConstant(m, "STATE_MASK", (long)STATE_MASK) < 0
         || PyModule_AddIntConstant(m, "IN_FLIGHT", (long)IN_FLIGHT) < 0
-        || PyModule_AddIntConstant(m, "GEN_SHIFT", GEN_SHIFT) < 0) {
+        || PyModule_AddIntConstant(m, "GEN_SHIFT", GEN_SHIFT) < 0
+        || PyModule_AddIntConstant(m, "RQF_REQUEUED", RQF_REQUEUED) < 0
+        || PyModule_AddIntConstant(m, "SECTOR_SHIFT", SECTOR_SHIFT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

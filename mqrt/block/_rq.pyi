@@ -12,6 +12,12 @@ ALLOCATED: int
 STATE_MASK: int
 IN_FLIGHT: int
 GEN_SHIFT: int
+RQF_REQUEUED: int
+SECTOR_SHIFT: int
+
+#: (info, state, cpu, hctx, q, rq_flags, now); info: (op, nr_bios, bytes, start, issue,
+#: status), or None when the caller works the issue out
+Ended = tuple[tuple[int, int, int, int, int, int] | None, int, int, int, int, int, int]
 
 class RqPool:
     def __init__(self, buffer: Buffer) -> None: ...
@@ -30,7 +36,5 @@ class RqPool:
         /,
     ) -> int | None: ...
     def start(self, base: int, timeout_ns: int, now: int = 0, /) -> int | None: ...
-    def end(
-        self, base: int, now: int = 0, /
-    ) -> tuple[int, int, int, int, int, int, int, int, int, int, int, int] | int | None: ...
+    def end(self, base: int, now: int = 0, status: int | None = None, /) -> Ended | int | None: ...
     def release(self) -> None: ...

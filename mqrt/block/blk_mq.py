@@ -722,29 +722,36 @@ class BlkMq(BlkMqCompletion):
         queued = 0
         prev: HwCtx | None = None
         a = self.a
+        read = a.read
+        tracing = trace.on
+        # what the run of requests of one hctx shares, looked up when the hctx changes
+        ops = queue_rq = pool = None
+        direct = False
+        state_off = flags_off = busy_off = 0
         while i < n:
             queue, hctx, rq_id = rqs[i]
             i += 1
-            if prev is not None and hctx is not prev:
-                if queued and prev.queue.ops.commit_rqs is not None:
+            if hctx is not prev:
+                if prev is not None and queued and prev.queue.ops.commit_rqs is not None:
                     prev.queue.ops.commit_rqs(self, prev)
                 queued = 0
-            prev = hctx
+                prev = hctx
+                ops = queue.ops
+                queue_rq = ops.queue_rq
+                direct = ops.get_budget is None
+                pool = self.rqs[queue.index]
+                state_off, flags_off = hctx.state_off, queue.flags_off
+                busy_off = hctx.dispatch_busy_off
             last = i == n or rqs[i][1] is not hctx
-            ops = queue.ops
-            if (
-                ops.get_budget is None
-                and not a.read(hctx.state_off) & _STOPPED
-                and not a.read(queue.flags_off) & _QUIESCED
-            ):
+            if direct and not read(state_off) & _STOPPED and not read(flags_off) & _QUIESCED:
                 # blk_mq_request_issue_directly() without a budget to take, inlined.
-                if trace.on:
+                if tracing:
                     trace.emit(_EV_DISPATCH, rq_id - hctx.rq_base, 0, hctx.index, queue.index)
-                ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
+                ret = queue_rq(self, hctx, pool[rq_id], last)  # type: ignore[misc,index]
                 self.nr_issued += 1
                 if ret == 0:
                     queued += 1
-                    if a.read32(hctx.dispatch_busy_off):
+                    if a.read32(busy_off):
                         hctx.update_dispatch_busy(False)
                     continue
                 ret = self._issue_failed(queue, hctx, rq_id, ret)

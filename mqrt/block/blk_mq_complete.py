@@ -25,6 +25,7 @@ from mqrt.block.blk_mq_structs import (
     _RQF_POLLED,
     _RQF_REQUEUED,
     _SCHED_RESTART,
+    RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_DEADLINE,
     RQ_OFF_FLAGS,
@@ -264,38 +265,36 @@ class BlkMqCompletion:
         clat runs from there): the request's start, or for one that went back to the
         block layer its first issue (``issue_time_ns``), or for one never started
         (failed as the driver got it) its end."""
-        # The free (a CAS to the next generation's IDLE, from an allocated state),
-        # the end fields and the clock, in one call (mqrt.block._rq).
+        # The free (a CAS to the next generation's IDLE, from an allocated state) and
+        # what the end hands on, in one call (mqrt.block._rq).
         clock = self.clock
         if clock is _monotonic_ns:
-            ended = self.rqpool.end(rq.base, now)
+            ended = self.rqpool.end(rq.base, now, status)
         else:  # a clock of its own (tests step one)
-            ended = self.rqpool.end(rq.base, now or clock())
+            ended = self.rqpool.end(rq.base, now or clock(), status)
         if ended.__class__ is not tuple:
             if ended is None:  # another end, or the next user, won
                 self.stats["stale_completions"] += 1
             else:
                 self.violation(f"end of request {rq.id} in state {ended:#x}")
             return None
-        st, io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status, t = ended
-        if st & RQ_STATE_MASK and not rq_flags & _RQF_REQUEUED:
-            issue = io_start  # the common case: started once
+        done, st, cpu, h, q, rq_flags, now = ended  # now: the one given, or the clock
+        if done is None:  # handed back to the block layer, or never started
+            info: tuple = self._end_info(rq.base, rq_flags, status, now)
         else:
-            issue = self._issue_of(rq.base, rq_flags, now or t)
-        if status is None:
-            status = rq_status
+            info = done
+        nr_bios = info[1]
         self.nr_completed += 1
         if trace.on:
-            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
-        info: tuple = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue, status)
+            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, info[5])
         if nr_bios > 1:  # merged bios: their submitter holds the chain
             info = (*info, rq.id, st >> RQ_GEN_SHIFT)
             if cpu == self.cpu:
-                self.bios_done(q, info, now or t)
+                self.bios_done(q, info, now)
             else:
                 self.sys.bio_done(cpu, q, info)
         elif cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, now or t)  # bio_endio() on the submitting CPU
+            self.end_io[q](info, now)  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
@@ -313,6 +312,17 @@ class BlkMqCompletion:
         if batch is None and self.a.read(hctx.state_off) & _SCHED_RESTART:
             self._sched_restart(hctx)
         return hctx
+
+    def _end_info(self, base: int, rq_flags: int, status: int | None, now: int) -> tuple:
+        """The bio's (op, nr_bios, bytes, start, issue, status) of a request just freed
+        that was not simply started once (see :meth:`_issue_of`)."""
+        _io, start, nr_sectors, nr_bios, _cpu, _h, _q, op, _f, rq_status = RQ_END.unpack_from(
+            self.buf, base + RQ_OFF_IO_START
+        )
+        issue = self._issue_of(base, rq_flags, now)
+        if status is None:
+            status = rq_status
+        return (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue, status)
 
     def bios_done(self, q: int, info: tuple, now: int) -> None:
         """req_bio_endio() for every bio of a merged request, on the CPU that
