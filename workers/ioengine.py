@@ -640,32 +640,39 @@ class IoJob:
     def _refill(self) -> None:
         spec = self.spec
         fast = self.fixed and not spec.rw_modifier
+        pct = spec.read_pct
         if fast:  # offsets first, then directions: the stream of a fixed-size job
             if spec.random:
                 blocks = self.sampler.draw(_CHUNK)
             else:
                 blocks = (np.arange(_CHUNK) + self._next_block) % self.nr_blocks
                 self._next_block = int(blocks[-1]) + 1
-            self._offsets = (self.start + blocks * self.bs_sectors).tolist()
+            # popped from the end: stored last first
+            self._offsets = (self.start + blocks[::-1] * self.bs_sectors).tolist()
             self._lens = [self.bs_sectors] * _CHUNK
-        pct = spec.read_pct
+            if pct in (0, 100):  # one direction: no draw, no array
+                self._ops = [0 if pct else 1] * _CHUNK
+                return
         if pct == 100:
             ops = np.zeros(_CHUNK, dtype=np.int64)
         elif pct == 0:
             ops = np.ones(_CHUNK, dtype=np.int64)
         else:
             ops = np.where(self.rng.integers(0, 100, _CHUNK) < pct, 0, 1)
-        if not fast:
-            lens = np.empty(_CHUNK, dtype=np.int64)
-            for op in (0, 1):
-                sel = ops == op
-                if sel.any():
-                    lens[sel] = self._sizes(self.dists[op], int(sel.sum()))
-            self._lens = lens.tolist()
-            self._offsets = self._place(self._lens)
-        # popped from the end; a fixed-size job pairs them as it always has (any
-        # pairing of two independent draws is as random), the others in order
-        self._ops = ops.tolist() if fast else ops[::-1].tolist()
+        if fast:
+            # a fixed-size job pairs them as it always has (any pairing of two
+            # independent draws is as random)
+            self._ops = ops.tolist()
+            return
+        lens = np.empty(_CHUNK, dtype=np.int64)
+        for op in (0, 1):
+            sel = ops == op
+            if sel.any():
+                lens[sel] = self._sizes(self.dists[op], int(sel.sum()))
+        self._lens = lens.tolist()
+        self._offsets = self._place(self._lens)
+        # popped from the end, in order
+        self._ops = ops[::-1].tolist()
         self._offsets.reverse()
         self._lens.reverse()
 
