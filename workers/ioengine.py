@@ -37,8 +37,8 @@ Deviations from fio
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -48,6 +48,7 @@ from mqrt.block.blk_mq_types import BlkStatus, ReqOp
 from mqrt.block.blk_stat import LatHist, batch_bucket, parse_percentile_list
 from mqrt.lib.fio_values import parse_bssplit, parse_distribution, parse_size_range
 from mqrt.lib.knobs import Knob, KnobError, parse_knobs
+from mqrt.workers._jobsink import BioSink
 from mqrt.workers.offsets import BlockSampler
 
 RW_MODES = {
@@ -525,6 +526,10 @@ class IoJob:
         self._next_block = 0
         self._pos = 0  #: next sequential sector, relative to start
         self._run_left = 0  #: rw=randread:N: sequential I/Os left before a random one
+        #: the completions: one row per request (its first bio), stored flat until
+        #: folded (C: the step every I/O takes)
+        self._sink = BioSink(FOLD_EVERY, self.fold)
+        self.done = self._sink.done
         self.inflight = 0
         self.submitted = 0
         self.submitted_bytes = 0
@@ -557,8 +562,6 @@ class IoJob:
         self.submit_counts = [0] * 7
         self.complete_counts = [0] * 7
         self._inflight_after = 0  #: in flight after the last submission
-        self._done: list[tuple] = []  #: one row per request: its first bio
-        self._done_ns: list[int] = []
         self._bios: list[tuple] = []  #: the bios merged into them, one row each
         self._bios_ns: list[int] = []
         self.dirs = (DirStats(), DirStats())
@@ -764,15 +767,30 @@ class IoJob:
 
     # -- completion ----------------------------------------------------------------------------
 
-    def done(self, info: tuple, now: int) -> None:
-        """The bio of one request finished: (op, nr_bios, nbytes, start, issue,
-        status), ``issue`` the request's first issue (the end of its slat)."""
-        self.inflight -= info[1]
-        if now >= self.record_from_ns:
-            self._done.append(info)
-            self._done_ns.append(now)
-            if len(self._done) >= FOLD_EVERY:
-                self.fold()
+    #: done(info, now): the bio of one request finished: info is (op, nr_bios, nbytes,
+    #: start, issue, status), ``issue`` the request's first issue (the end of its slat).
+    #: Its bios leave the depth; from record_from_ns on, the row and ``now`` join the
+    #: rows folded every FOLD_EVERY (:meth:`fold`).  The bi_end_io of every I/O, so it
+    #: is C (:class:`mqrt.workers._jobsink.BioSink`), set up in __init__.
+    done: Callable[[tuple, int], None]
+
+    @property
+    def inflight(self) -> int:
+        """I/Os submitted and not completed (kept by the sink)."""
+        return self._sink.inflight
+
+    @inflight.setter
+    def inflight(self, value: int) -> None:
+        self._sink.inflight = value
+
+    @property
+    def record_from_ns(self) -> int:
+        """Completions from this time on are recorded (after ramp_time)."""
+        return self._sink.record_from_ns
+
+    @record_from_ns.setter
+    def record_from_ns(self, value: int) -> None:
+        self._sink.record_from_ns = value
 
     def done_merged(self, info: tuple, chain: tuple, now: int) -> None:
         """The bios of a merged request finished: ``info`` as :meth:`done` has it,
@@ -788,32 +806,29 @@ class IoJob:
             self._bios_ns.append(now)
             nbytes -= bio_sectors << 9
         # Bios whose own start is unknown (none here) take the request's.
-        self._done.append((op, nr - len(chain), nbytes, start, issue, status))
-        self._done_ns.append(now)
-        if len(self._done) >= FOLD_EVERY:
-            self.fold()
+        self._sink.record((op, nr - len(chain), nbytes, start, issue, status), now)
 
     def fold(self) -> None:
         """Move the recorded completions into the histograms (numpy, in bulk)."""
-        if self._done:
-            ticks = self._fold(self._done, self._done_ns, requests=True)
+        sink = self._sink
+        if sink.pending:
+            rows = np.frombuffer(sink.take(), dtype=np.int64).reshape(-1, 7)
+            ticks = self._fold(rows, requests=True)
             for op in (ReqOp.READ, ReqOp.WRITE):
                 self.dirs[op].ticks_ns += ticks[op]
         if self._bios:
-            self._fold(self._bios, self._bios_ns, requests=False)
+            rows = np.empty((len(self._bios), 7), dtype=np.int64)
+            rows[:, :6] = self._bios
+            rows[:, 6] = self._bios_ns
+            self._bios.clear()
+            self._bios_ns.clear()
+            self._fold(rows, requests=False)
 
-    def _fold(self, rows: list[tuple], rows_ns: list[int], requests: bool) -> list[int]:
-        """Fold ``rows`` (cleared): I/Os, bytes, errors, latencies, and for rows that
-        are requests their count; the requests' time per direction."""
-        # flattened first: much cheaper than numpy's walk of a list of tuples
-        arr = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64)
-        if arr.size != 6 * len(rows):
-            raise ValueError(f"completion rows must have 6 fields ({arr.size} for {len(rows)})")
-        arr = arr.reshape(-1, 6)
-        now = np.array(rows_ns, dtype=np.int64)
-        rows.clear()
-        rows_ns.clear()
-        ops, nr, nbytes, start, issue, status = arr.T
+    def _fold(self, rows: np.ndarray, requests: bool) -> list[int]:
+        """Fold ``rows`` ((op, nr_bios, bytes, start, issue, status, completion) each):
+        I/Os, bytes, errors, latencies, and for rows that are requests their count;
+        the requests' time per direction."""
+        ops, nr, nbytes, start, issue, status, now = rows.T
         if self.log is not None:
             self.log.add(now, self.record_from_ns, ops, nr, nbytes, start, issue)
         ticks = [0, 0]

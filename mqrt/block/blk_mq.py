@@ -113,6 +113,10 @@ _PLUG_FLUSH_SECTORS = BLK_PLUG_FLUSH_SIZE >> SECTOR_SHIFT
 _EV_TAG_GET, _EV_DISPATCH = int(Ev.TAG_GET), int(Ev.DISPATCH)
 
 
+def _no_tag() -> int:
+    return -1
+
+
 def _pool_accessors(arena: Arena, tset: TagSet, tags: list[Tags | None]) -> list[Request]:
     """This CPU's accessors for every request of ``tset``'s pool, by request id.  At
     the ids of tags blk_mq_map_swqueue() freed (an hctx no CPU maps) it keeps inert
@@ -532,47 +536,60 @@ class BlkMq(BlkMqCompletion):
         setup = self.rqpool.setup
         cpu = self.cpu
         tracing = trace.on
-        for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
-            start_ns = clock()
-            end = sector + nr_sectors
-            if (
-                (merge and (sector in bounds or end in bounds))
-                or queue.ctx_queued
-                or plug.nr_ios > 1
-                or plug.cached
-                or (shallow_writes and op == _WRITE)
-            ):
-                submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
-                continue
-            self.nr_bios += 1
-            hctx = hctx_by_op[op]
-            tags = hctx.tags
-            assert tags is not None  # a ctx maps only to hctxs with tags
-            # the fast path of blk_mq_get_tag(), as _get_request() has it
-            tag = tags.bitmap_sb.get()
-            if tag >= 0:
-                tag += tags.nr_reserved_tags
-            else:
-                tag = self._get_tag_slow(queue, hctx, 0, False, False)
-            rq_id = tags.rq_base + tag
-            base = pool[rq_id]
-            # _own() (the request must be free; mark it allocated) and the setup block
-            st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
-                       hctx.index, qi, op, 0)  # fmt: skip
-            if st is not None:
-                self.violation(f"request {rq_id} handed out while owned ({st:#x})")
-            if tracing:
-                trace.emit(_EV_TAG_GET, tag, self.a.read(base) >> RQ_GEN_SHIFT, hctx.index, qi)
-            # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
-            rqs = plug.rqs
-            if rqs and (
-                len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
-            ):
-                self.flush_plug(plug)
+        # the hctx of the previous fast bio, and what its tag get needs
+        last_hctx: HwCtx | None = None
+        sb_get: Callable[[], int] = _no_tag
+        first = hidx = 0
+        fast = 0  # bios submitted here (counted at the end)
+        try:
+            for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
+                start_ns = clock()
+                end = sector + nr_sectors
+                if (
+                    (merge and (sector in bounds or end in bounds))
+                    or queue.ctx_queued
+                    or plug.nr_ios > 1
+                    or plug.cached
+                    or (shallow_writes and op == _WRITE)
+                ):
+                    submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
+                    continue
+                fast += 1
+                hctx = hctx_by_op[op]
+                if hctx is not last_hctx:
+                    tags = hctx.tags
+                    assert tags is not None  # a ctx maps only to hctxs with tags
+                    sb_get = tags.bitmap_sb.get
+                    first = tags.rq_base + tags.nr_reserved_tags
+                    hidx = hctx.index
+                    last_hctx = hctx
+                # the fast path of blk_mq_get_tag(), as _get_request() has it
+                tag = sb_get()
+                if tag >= 0:
+                    rq_id = first + tag
+                else:
+                    rq_id = hctx.rq_base + self._get_tag_slow(queue, hctx, 0, False, False)
+                base = pool[rq_id]
+                # _own() (the request must be free; mark it allocated) and the setup block
+                st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
+                           hidx, qi, op, 0)  # fmt: skip
+                if st is not None:
+                    self.violation(f"request {rq_id} handed out while owned ({st:#x})")
+                if tracing:
+                    trace.emit(_EV_TAG_GET, rq_id - hctx.rq_base,
+                               self.a.read(base) >> RQ_GEN_SHIFT, hidx, qi)  # fmt: skip
+                # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
                 rqs = plug.rqs
-            rqs.append((queue, hctx, rq_id))
-            plug.last_sectors = nr_sectors
-            bounds[end] = bounds[sector] = None
+                if rqs and (
+                    len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
+                ):
+                    self.flush_plug(plug)
+                    rqs = plug.rqs
+                rqs.append((queue, hctx, rq_id))
+                plug.last_sectors = nr_sectors
+                bounds[end] = bounds[sector] = None
+        finally:
+            self.nr_bios += fast
 
     # -- merging ---------------------------------------------------------------------------------
 

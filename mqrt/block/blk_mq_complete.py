@@ -302,15 +302,18 @@ class BlkMqCompletion:
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
         tags = rq.tags
-        tag = rq.tag - tags.nr_reserved_tags
-        if tag >= 0 and batch is not None:
+        if batch is None:
+            if rq_flags & _RQF_MQ_INFLIGHT:
+                self._dec_active(hctx)
+            tags.put_tag(rq.tag, cpu)
+            if self.a.read(hctx.state_off) & _SCHED_RESTART:
+                self._sched_restart(hctx)
+        elif rq.tag >= tags.nr_reserved_tags:
             batch.setdefault(id(hctx), (hctx, []))[1].append(rq.tag)
         else:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)
             tags.put_tag(rq.tag, cpu)
-        if batch is None and self.a.read(hctx.state_off) & _SCHED_RESTART:
-            self._sched_restart(hctx)
         return hctx
 
     def _end_info(self, base: int, rq_flags: int, status: int | None, now: int) -> tuple:
