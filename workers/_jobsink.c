@@ -27,6 +27,20 @@ typedef struct {
     PyObject *fold;           /* called when the buffer is full */
 } BioSink;
 
+/* An int as int64: PyLong_AsLongLongAndOverflow, as PyLong_AsLongLong takes a slow
+ * byte-array path for every int of more than one digit (every time stamp). */
+static inline long long
+as_i64(PyObject *o)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow) {
+        PyErr_SetString(PyExc_OverflowError, "a completion field does not fit in int64");
+        return -1;
+    }
+    return v;
+}
+
 /* Store (row[0..5], now) as the next row; fold when full.  New reference or NULL. */
 static PyObject *
 store(BioSink *self, PyObject *row, long long now)
@@ -34,7 +48,7 @@ store(BioSink *self, PyObject *row, long long now)
     int64_t *r = self->rows + self->n * ROW;
 
     for (int i = 0; i < 6; i++) {
-        long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(row, i));
+        long long v = as_i64(PyTuple_GET_ITEM(row, i));
         if (v == -1 && PyErr_Occurred())
             return NULL;
         r[i] = v;
@@ -69,10 +83,10 @@ sink_done(BioSink *self, PyObject *const *args, Py_ssize_t nargs)
     info = args[0];
     if (check_row(info) < 0)
         return NULL;
-    nr = PyLong_AsLongLong(PyTuple_GET_ITEM(info, 1));
+    nr = as_i64(PyTuple_GET_ITEM(info, 1));
     if (nr == -1 && PyErr_Occurred())
         return NULL;
-    now = PyLong_AsLongLong(args[1]);
+    now = as_i64(args[1]);
     if (now == -1 && PyErr_Occurred())
         return NULL;
     self->inflight -= nr;
@@ -92,7 +106,7 @@ sink_record(BioSink *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (check_row(args[0]) < 0)
         return NULL;
-    now = PyLong_AsLongLong(args[1]);
+    now = as_i64(args[1]);
     if (now == -1 && PyErr_Occurred())
         return NULL;
     return store(self, args[0], now);

@@ -158,6 +158,9 @@ class BlkMq(BlkMqCompletion):
         self.buf16 = arena.buf.cast("H")
         #: a request's hot steps (own + set up, start, end) in one C call each
         self.rqpool = RqPool(arena.buf)
+        #: submit_bios() may take submit_bio()'s lines inline: not when a subclass has
+        #: a submit_bio of its own (the sq mode's takes the queue lock)
+        self._inline_submit = type(self).submit_bio is BlkMq.submit_bio
         self.cpu = cpu
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
@@ -519,11 +522,13 @@ class BlkMq(BlkMqCompletion):
         of its own tags with no shallow depth, takes the lines of submit_bio() it
         would take anyway -- a tag's first try, its request set up, onto the plug --
         here, without a call per bio; every other bio (and one whose tag's first try
-        fails) goes through :meth:`submit_bio` or its slow path as before."""
+        fails) goes through :meth:`submit_bio` or its slow path as before, and so
+        does every bio of a subclass with a submit_bio of its own (the sq mode's
+        takes the queue lock)."""
         plug = self.plug
         clock = self.clock
         submit_bio = self.submit_bio
-        if plug is None or polled or queue.shared:
+        if plug is None or polled or queue.shared or not self._inline_submit:
             for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
                 submit_bio(queue, op, sector, nr_sectors, clock(), polled)
             return
