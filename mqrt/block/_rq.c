@@ -67,15 +67,15 @@ typedef struct {
     Py_buffer view;
     char *mem; /* NULL until initialised and once released */
     Py_ssize_t len;
-} RqPool;
+} RqLines;
 
 static inline char *
-line_at(RqPool *self, PyObject *arg)
+line_at(RqLines *self, PyObject *arg)
 {
     Py_ssize_t off;
 
     if (self->mem == NULL) {
-        PyErr_SetString(PyExc_ValueError, "operation on a released RqPool");
+        PyErr_SetString(PyExc_ValueError, "operation on a released RqLines");
         return NULL;
     }
     off = PyLong_AsSsize_t(arg);
@@ -135,7 +135,7 @@ fail:
 #define U64(p, off) (*(uint64_t *)((p) + (off)))
 
 static PyObject *
-rp_setup(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
+rl_setup(RqLines *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t v[9];
     uint64_t st, want;
@@ -172,7 +172,7 @@ rp_setup(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-rp_start(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
+rl_start(RqLines *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t timeout, st, now;
     char *p;
@@ -197,7 +197,7 @@ rp_start(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-rp_end(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
+rl_end(RqLines *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t st, want, given = 0, issue, t;
     uint32_t rq_flags;
@@ -266,7 +266,7 @@ rp_end(RqPool *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-rp_release(RqPool *self, PyObject *Py_UNUSED(ignored))
+rl_release(RqLines *self, PyObject *Py_UNUSED(ignored))
 {
     Py_buffer old;
 
@@ -281,13 +281,13 @@ rp_release(RqPool *self, PyObject *Py_UNUSED(ignored))
 }
 
 static int
-rp_init(RqPool *self, PyObject *args, PyObject *kwds)
+rl_init(RqLines *self, PyObject *args, PyObject *kwds)
 {
     PyObject *obj;
     Py_buffer nv;
     static char *kwlist[] = {"buffer", NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:RqPool", kwlist, &obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:RqLines", kwlist, &obj))
         return -1;
     if (PyObject_GetBuffer(obj, &nv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
@@ -296,7 +296,7 @@ rp_init(RqPool *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "buffer is not cache-line aligned");
         return -1;
     }
-    rp_release(self, NULL);
+    rl_release(self, NULL);
     self->view = nv;
     self->mem = nv.buf;
     self->len = nv.len;
@@ -304,38 +304,38 @@ rp_init(RqPool *self, PyObject *args, PyObject *kwds)
 }
 
 static void
-rp_dealloc(RqPool *self)
+rl_dealloc(RqLines *self)
 {
-    rp_release(self, NULL);
+    rl_release(self, NULL);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))fn, METH_FASTCALL, doc}
 
-static PyMethodDef rp_methods[] = {
-    FAST("setup", rp_setup,
+static PyMethodDef rl_methods[] = {
+    FAST("setup", rl_setup,
          "setup(base, start, sector, nr_sectors, nr_segs, cpu, hctx, q, op, rq_flags) -> "
          "None | int: own the request, write its setup block."),
-    FAST("start", rp_start,
+    FAST("start", rl_start,
          "start(base, timeout_ns[, now]) -> None | int: blk_mq_start_request()."),
-    FAST("end", rp_end,
+    FAST("end", rl_end,
          "end(base[, now[, status]]) -> tuple | int | None: free the request; what its "
          "end hands on."),
-    {"release", (PyCFunction)rp_release, METH_NOARGS, "Release the buffer (idempotent)."},
+    {"release", (PyCFunction)rl_release, METH_NOARGS, "Release the buffer (idempotent)."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject RqPoolType = {
+static PyTypeObject RqLinesType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mqrt.block._rq.RqPool",
-    .tp_basicsize = sizeof(RqPool),
+    .tp_name = "mqrt.block._rq.RqLines",
+    .tp_basicsize = sizeof(RqLines),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "RqPool(buffer): a request's hot steps on a pool in a writable, "
+    .tp_doc = "RqLines(buffer): a request's hot steps on a pool in a writable, "
               "cache-line aligned buffer (request bases are byte offsets into it).",
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)rp_init,
-    .tp_dealloc = (destructor)rp_dealloc,
-    .tp_methods = rp_methods,
+    .tp_init = (initproc)rl_init,
+    .tp_dealloc = (destructor)rl_dealloc,
+    .tp_methods = rl_methods,
 };
 
 static struct PyModuleDef rq_module = {
@@ -350,12 +350,12 @@ PyInit__rq(void)
 {
     PyObject *m;
 
-    if (PyType_Ready(&RqPoolType) < 0)
+    if (PyType_Ready(&RqLinesType) < 0)
         return NULL;
     m = PyModule_Create(&rq_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "RqPool", (PyObject *)&RqPoolType) < 0
+    if (PyModule_AddObjectRef(m, "RqLines", (PyObject *)&RqLinesType) < 0
         || PyModule_AddIntConstant(m, "OFF_START", OFF_START) < 0
         || PyModule_AddIntConstant(m, "OFF_STATUS", OFF_STATUS) < 0
         || PyModule_AddIntConstant(m, "OFF_FLAGS", OFF_FLAGS) < 0

@@ -19,7 +19,7 @@ SECTOR_SHIFT: int
 #: status), or None when the caller works the issue out
 Ended = tuple[tuple[int, int, int, int, int, int] | None, int, int, int, int, int, int]
 
-class RqPool:
+class RqLines:
     def __init__(self, buffer: Buffer) -> None: ...
     def setup(
         self,

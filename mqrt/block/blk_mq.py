@@ -54,7 +54,7 @@ from collections.abc import Callable
 from functools import partial
 
 from mqrt.block import blk_mq_sched
-from mqrt.block._rq import RqPool
+from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_complete import BlkMqCompletion
 from mqrt.block.blk_mq_structs import (
     _BUSY,
@@ -157,7 +157,7 @@ class BlkMq(BlkMqCompletion):
         #: ``buf16[(rq.base >> 1) + RQ_U16_*]``
         self.buf16 = arena.buf.cast("H")
         #: a request's hot steps (own + set up, start, end) in one C call each
-        self.rqpool = RqPool(arena.buf)
+        self.rqlines = RqLines(arena.buf)
         #: submit_bios() may take submit_bio()'s lines inline: not when a subclass has
         #: a submit_bio of its own (the sq mode's takes the queue lock)
         self._inline_submit = type(self).submit_bio is BlkMq.submit_bio
@@ -245,7 +245,7 @@ class BlkMq(BlkMqCompletion):
 
     def close(self) -> None:
         self.buf16.release()
-        self.rqpool.release()
+        self.rqlines.release()
         for queue in self.queues:
             queue.close()
         for pool in self._rqs.values():
@@ -538,7 +538,7 @@ class BlkMq(BlkMqCompletion):
         shallow_writes = queue.async_depth != 0
         qi = queue.index
         pool = self.rq_base[qi]
-        setup = self.rqpool.setup
+        setup = self.rqlines.setup
         cpu = self.cpu
         tracing = trace.on
         # the hctx of the previous fast bio, and what its tag get needs

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING
 
-from mqrt.block._rq import RqPool
+from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
     _IN_FLIGHT,
@@ -75,7 +75,7 @@ class BlkMqCompletion:
     a: AtomicView
     buf: memoryview
     buf16: memoryview  #: the arena as 16-bit words (a request's cpu, hctx, q)
-    rqpool: RqPool  #: a request's hot steps in C (mqrt.block._rq)
+    rqlines: RqLines  #: a request's hot steps in C (mqrt.block._rq)
     cpu: int
     sys: CpuSys
     clock: Callable[[], int]
@@ -103,9 +103,9 @@ class BlkMqCompletion:
         timeout work that sees IN_FLIGHT sees the deadline)."""
         clock = self.clock
         if clock is _monotonic_ns:  # the clock, the times, IN_FLIGHT: one C call
-            st = self.rqpool.start(rq.base, rq.timeout_ns)
+            st = self.rqlines.start(rq.base, rq.timeout_ns)
         else:  # a clock of its own (tests step one)
-            st = self.rqpool.start(rq.base, rq.timeout_ns, clock())
+            st = self.rqlines.start(rq.base, rq.timeout_ns, clock())
         if st is not None:  # it was not ALLOCATED and IDLE
             self.violation(f"start of request {rq.id} in state {st:#x}")
 
@@ -269,9 +269,9 @@ class BlkMqCompletion:
         # what the end hands on, in one call (mqrt.block._rq).
         clock = self.clock
         if clock is _monotonic_ns:
-            ended = self.rqpool.end(rq.base, now, status)
+            ended = self.rqlines.end(rq.base, now, status)
         else:  # a clock of its own (tests step one)
-            ended = self.rqpool.end(rq.base, now or clock(), status)
+            ended = self.rqlines.end(rq.base, now or clock(), status)
         if ended.__class__ is not tuple:
             if ended is None:  # another end, or the next user, won
                 self.stats["stale_completions"] += 1
