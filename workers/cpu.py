@@ -596,10 +596,8 @@ class Cpu:
                 self.in_task = True
                 try:
                     mq.start_plug(n)
-                    next_bio, submit_bio = job.next_bio, mq.submit_bio
-                    for _ in range(n):
-                        op, sector, nr_sectors = next_bio()
-                        submit_bio(queue, op, sector, nr_sectors, clock(), hipri)
+                    ops, sectors, lens = job.next_bios(n)
+                    mq.submit_bios(queue, ops, sectors, lens, hipri)  # io_submit()
                     job.mark_submit(n)
                     mq.finish_plug()
                 finally:

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from functools import partial
 
 from mqrt.block import blk_mq_sched
+from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_complete import BlkMqCompletion
 from mqrt.block.blk_mq_structs import (
     _BUSY,
@@ -112,6 +113,10 @@ _PLUG_FLUSH_SECTORS = BLK_PLUG_FLUSH_SIZE >> SECTOR_SHIFT
 _EV_TAG_GET, _EV_DISPATCH = int(Ev.TAG_GET), int(Ev.DISPATCH)
 
 
+def _no_tag() -> int:
+    return -1
+
+
 def _pool_accessors(arena: Arena, tset: TagSet, tags: list[Tags | None]) -> list[Request]:
     """This CPU's accessors for every request of ``tset``'s pool, by request id.  At
     the ids of tags blk_mq_map_swqueue() freed (an hctx no CPU maps) it keeps inert
@@ -151,6 +156,11 @@ class BlkMq(BlkMqCompletion):
         #: the arena as 16-bit words: a request's cpu, hctx and q fields are
         #: ``buf16[(rq.base >> 1) + RQ_U16_*]``
         self.buf16 = arena.buf.cast("H")
+        #: a request's hot steps (own + set up, start, end) in one C call each
+        self.rqlines = RqLines(arena.buf)
+        #: submit_bios() may take submit_bio()'s lines inline: not when a subclass has
+        #: a submit_bio of its own (the sq mode's takes the queue lock)
+        self._inline_submit = type(self).submit_bio is BlkMq.submit_bio
         self.cpu = cpu
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
@@ -235,6 +245,7 @@ class BlkMq(BlkMqCompletion):
 
     def close(self) -> None:
         self.buf16.release()
+        self.rqlines.release()
         for queue in self.queues:
             queue.close()
         for pool in self._rqs.values():
@@ -316,18 +327,7 @@ class BlkMq(BlkMqCompletion):
                 if tag >= 0:
                     tag += tags.nr_reserved_tags
             if tag < 0:
-                # the slow path may sleep: say for what (the detectors ask what the
-                # sleeper may take: its queue's fair share, its shallow depth)
-                self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
-                tag = tags.get_tag(
-                    reserved,
-                    nowait,
-                    hctx.may_queue if shared else None,
-                    hctx.wait_index_off,
-                    hctx.run_sync,
-                    self.io_schedule,
-                    shallow=shallow,
-                )
+                tag = self._get_tag_slow(queue, hctx, shallow, reserved, nowait)
                 if tag < 0:
                     return -1
             rq_id = tags.rq_base + tag
@@ -371,6 +371,25 @@ class BlkMq(BlkMqCompletion):
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
+
+    def _get_tag_slow(
+        self, queue: Queue, hctx: HwCtx, shallow: int, reserved: bool, nowait: bool
+    ) -> int:
+        """blk_mq_get_tag() past its first try: the slow path, which may sleep."""
+        tags = hctx.tags
+        assert tags is not None
+        # say for what the task may sleep (the detectors ask what the sleeper may
+        # take: its queue's fair share, its shallow depth)
+        self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
+        return tags.get_tag(
+            reserved,
+            nowait,
+            hctx.may_queue if queue.shared else None,
+            hctx.wait_index_off,
+            hctx.run_sync,
+            self.io_schedule,
+            shallow=shallow,
+        )
 
     def _own(self, base: int, rq_id: int) -> None:
         """A tag was just taken: its request (at ``base``) must be free; mark it
@@ -491,6 +510,91 @@ class BlkMq(BlkMqCompletion):
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+
+    def submit_bios(
+        self, queue: Queue, ops: list[int], sectors: list[int], lens: list[int], polled: bool
+    ) -> None:
+        """io_submit()'s loop: :meth:`submit_bio` for each bio, in order, each stamped
+        with its own start as it is submitted (fio's io_u start_time).
+
+        Inside a plug, a bio that can merge nowhere (no plugged request starts or ends
+        at its edges, none of this CPU's requests waits on its ctx lists), on a queue
+        of its own tags with no shallow depth, takes the lines of submit_bio() it
+        would take anyway -- a tag's first try, its request set up, onto the plug --
+        here, without a call per bio; every other bio (and one whose tag's first try
+        fails) goes through :meth:`submit_bio` or its slow path as before, and so
+        does every bio of a subclass with a submit_bio of its own (the sq mode's
+        takes the queue lock)."""
+        plug = self.plug
+        clock = self.clock
+        submit_bio = self.submit_bio
+        if plug is None or polled or queue.shared or not self._inline_submit:
+            for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
+                submit_bio(queue, op, sector, nr_sectors, clock(), polled)
+            return
+        bounds = plug.bounds
+        merge = queue.merge
+        hctx_by_op = queue.hctx_by_op
+        shallow_writes = queue.async_depth != 0
+        qi = queue.index
+        pool = self.rq_base[qi]
+        setup = self.rqlines.setup
+        cpu = self.cpu
+        tracing = trace.on
+        # the hctx of the previous fast bio, and what its tag get needs
+        last_hctx: HwCtx | None = None
+        sb_get: Callable[[], int] = _no_tag
+        first = hidx = 0
+        fast = 0  # bios submitted here (counted at the end)
+        try:
+            for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
+                start_ns = clock()
+                end = sector + nr_sectors
+                if (
+                    (merge and (sector in bounds or end in bounds))
+                    or queue.ctx_queued
+                    or plug.nr_ios > 1
+                    or plug.cached
+                    or (shallow_writes and op == _WRITE)
+                ):
+                    submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
+                    continue
+                fast += 1
+                hctx = hctx_by_op[op]
+                if hctx is not last_hctx:
+                    tags = hctx.tags
+                    assert tags is not None  # a ctx maps only to hctxs with tags
+                    sb_get = tags.bitmap_sb.get
+                    first = tags.rq_base + tags.nr_reserved_tags
+                    hidx = hctx.index
+                    last_hctx = hctx
+                # the fast path of blk_mq_get_tag(), as _get_request() has it
+                tag = sb_get()
+                if tag >= 0:
+                    rq_id = first + tag
+                else:
+                    rq_id = hctx.rq_base + self._get_tag_slow(queue, hctx, 0, False, False)
+                base = pool[rq_id]
+                # _own() (the request must be free; mark it allocated) and the setup block
+                st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
+                           hidx, qi, op, 0)  # fmt: skip
+                if st is not None:
+                    self.violation(f"request {rq_id} handed out while owned ({st:#x})")
+                if tracing:
+                    trace.emit(_EV_TAG_GET, rq_id - hctx.rq_base,
+                               self.a.read(base) >> RQ_GEN_SHIFT, hidx, qi)  # fmt: skip
+                # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
+                rqs = plug.rqs
+                if rqs and (
+                    len(rqs) >= BLK_MAX_REQUEST_COUNT or plug.last_sectors >= _PLUG_FLUSH_SECTORS
+                ):
+                    self.flush_plug(plug)
+                    rqs = plug.rqs
+                rqs.append((queue, hctx, rq_id))
+                plug.last_sectors = nr_sectors
+                bounds[end] = bounds[sector] = None
+        finally:
+            self.nr_bios += fast
 
     # -- merging ---------------------------------------------------------------------------------
 
@@ -640,29 +744,36 @@ class BlkMq(BlkMqCompletion):
         queued = 0
         prev: HwCtx | None = None
         a = self.a
+        read = a.read
+        tracing = trace.on
+        # what the run of requests of one hctx shares, looked up when the hctx changes
+        ops = queue_rq = pool = None
+        direct = False
+        state_off = flags_off = busy_off = 0
         while i < n:
             queue, hctx, rq_id = rqs[i]
             i += 1
-            if prev is not None and hctx is not prev:
-                if queued and prev.queue.ops.commit_rqs is not None:
+            if hctx is not prev:
+                if prev is not None and queued and prev.queue.ops.commit_rqs is not None:
                     prev.queue.ops.commit_rqs(self, prev)
                 queued = 0
-            prev = hctx
+                prev = hctx
+                ops = queue.ops
+                queue_rq = ops.queue_rq
+                direct = ops.get_budget is None
+                pool = self.rqs[queue.index]
+                state_off, flags_off = hctx.state_off, queue.flags_off
+                busy_off = hctx.dispatch_busy_off
             last = i == n or rqs[i][1] is not hctx
-            ops = queue.ops
-            if (
-                ops.get_budget is None
-                and not a.read(hctx.state_off) & _STOPPED
-                and not a.read(queue.flags_off) & _QUIESCED
-            ):
+            if direct and not read(state_off) & _STOPPED and not read(flags_off) & _QUIESCED:
                 # blk_mq_request_issue_directly() without a budget to take, inlined.
-                if trace.on:
+                if tracing:
                     trace.emit(_EV_DISPATCH, rq_id - hctx.rq_base, 0, hctx.index, queue.index)
-                ret = ops.queue_rq(self, hctx, self.rqs[queue.index][rq_id], last)
+                ret = queue_rq(self, hctx, pool[rq_id], last)  # type: ignore[misc,index]
                 self.nr_issued += 1
                 if ret == 0:
                     queued += 1
-                    if a.read32(hctx.dispatch_busy_off):
+                    if a.read32(busy_off):
                         hctx.update_dispatch_busy(False)
                     continue
                 ret = self._issue_failed(queue, hctx, rq_id, ret)

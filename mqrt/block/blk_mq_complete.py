@@ -14,17 +14,17 @@ completes and ends them its own lean way.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING
 
+from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
     _IN_FLIGHT,
-    _OWNED_OR_BUSY,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_REQUEUED,
     _SCHED_RESTART,
-    RQ_ALLOCATED,
     RQ_END,
     RQ_GEN_SHIFT,
     RQ_OFF_DEADLINE,
@@ -33,7 +33,6 @@ from mqrt.block.blk_mq_structs import (
     RQ_OFF_ISSUE,
     RQ_OFF_STATUS,
     RQ_STATE_MASK,
-    RQ_TIMES,
     RQ_U16_CPU,
     RQ_U16_HCTX,
     RQ_U16_Q,
@@ -76,6 +75,7 @@ class BlkMqCompletion:
     a: AtomicView
     buf: memoryview
     buf16: memoryview  #: the arena as 16-bit words (a request's cpu, hctx, q)
+    rqlines: RqLines  #: a request's hot steps in C (mqrt.block._rq)
     cpu: int
     sys: CpuSys
     clock: Callable[[], int]
@@ -101,14 +101,13 @@ class BlkMqCompletion:
     def start_request(self, rq: Request) -> None:
         """blk_mq_start_request(): arm the timeout, then IN_FLIGHT (release: the
         timeout work that sees IN_FLIGHT sees the deadline)."""
-        a = self.a
-        base = rq.base
-        st = a.read(base)
-        if st & _OWNED_OR_BUSY != RQ_ALLOCATED:
+        clock = self.clock
+        if clock is _monotonic_ns:  # the clock, the times, IN_FLIGHT: one C call
+            st = self.rqlines.start(rq.base, rq.timeout_ns)
+        else:  # a clock of its own (tests step one)
+            st = self.rqlines.start(rq.base, rq.timeout_ns, clock())
+        if st is not None:  # it was not ALLOCATED and IDLE
             self.violation(f"start of request {rq.id} in state {st:#x}")
-        now = self.clock()
-        RQ_TIMES.pack_into(self.buf, base + RQ_OFF_DEADLINE, now + rq.timeout_ns, now)
-        a.store_release(base, (st & ~RQ_STATE_MASK) | _IN_FLIGHT)
 
     def _requeue_unstarted(self, rq: Request) -> None:
         """__blk_mq_requeue_request(): a started request (refused by the driver, or
@@ -266,36 +265,36 @@ class BlkMqCompletion:
         clat runs from there): the request's start, or for one that went back to the
         block layer its first issue (``issue_time_ns``), or for one never started
         (failed as the driver got it) its end."""
-        a = self.a
-        base = rq.base
-        st = a.read(base)
-        if not st & RQ_ALLOCATED:
-            self.violation(f"end of request {rq.id} in state {st:#x}")
+        # The free (a CAS to the next generation's IDLE, from an allocated state) and
+        # what the end hands on, in one call (mqrt.block._rq).
+        clock = self.clock
+        if clock is _monotonic_ns:
+            ended = self.rqlines.end(rq.base, now, status)
+        else:  # a clock of its own (tests step one)
+            ended = self.rqlines.end(rq.base, now or clock(), status)
+        if ended.__class__ is not tuple:
+            if ended is None:  # another end, or the next user, won
+                self.stats["stale_completions"] += 1
+            else:
+                self.violation(f"end of request {rq.id} in state {ended:#x}")
             return None
-        if a.cmpxchg(base, st, ((st >> RQ_GEN_SHIFT) + 1) << RQ_GEN_SHIFT) != st:
-            self.stats["stale_completions"] += 1
-            return None
-        io_start, start, nr_sectors, nr_bios, cpu, h, q, op, rq_flags, rq_status = (
-            RQ_END.unpack_from(self.buf, base + RQ_OFF_IO_START)
-        )
-        if st & RQ_STATE_MASK and not rq_flags & _RQF_REQUEUED:
-            issue = io_start  # the common case: started once
+        done, st, cpu, h, q, rq_flags, now = ended  # now: the one given, or the clock
+        if done is None:  # handed back to the block layer, or never started
+            info: tuple = self._end_info(rq.base, rq_flags, status, now)
         else:
-            issue = self._issue_of(base, rq_flags, now)
-        if status is None:
-            status = rq_status
+            info = done
+        nr_bios = info[1]
         self.nr_completed += 1
         if trace.on:
-            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, status)
-        info: tuple = (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue, status)
+            trace.emit(_EV_END, rq.tag, st >> RQ_GEN_SHIFT, h, q, info[5])
         if nr_bios > 1:  # merged bios: their submitter holds the chain
             info = (*info, rq.id, st >> RQ_GEN_SHIFT)
             if cpu == self.cpu:
-                self.bios_done(q, info, now or self.clock())
+                self.bios_done(q, info, now)
             else:
                 self.sys.bio_done(cpu, q, info)
         elif cpu == self.cpu and self.end_io is not None:
-            self.end_io[q](info, now or self.clock())  # bio_endio() on the submitting CPU
+            self.end_io[q](info, now)  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
         hctx = self.queues[q].hctxs[h]
@@ -303,16 +302,30 @@ class BlkMqCompletion:
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
         tags = rq.tags
-        tag = rq.tag - tags.nr_reserved_tags
-        if tag >= 0 and batch is not None:
+        if batch is None:
+            if rq_flags & _RQF_MQ_INFLIGHT:
+                self._dec_active(hctx)
+            tags.put_tag(rq.tag, cpu)
+            if self.a.read(hctx.state_off) & _SCHED_RESTART:
+                self._sched_restart(hctx)
+        elif rq.tag >= tags.nr_reserved_tags:
             batch.setdefault(id(hctx), (hctx, []))[1].append(rq.tag)
         else:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)
             tags.put_tag(rq.tag, cpu)
-        if batch is None and a.read(hctx.state_off) & _SCHED_RESTART:
-            self._sched_restart(hctx)
         return hctx
+
+    def _end_info(self, base: int, rq_flags: int, status: int | None, now: int) -> tuple:
+        """The bio's (op, nr_bios, bytes, start, issue, status) of a request just freed
+        that was not simply started once (see :meth:`_issue_of`)."""
+        _io, start, nr_sectors, nr_bios, _cpu, _h, _q, op, _f, rq_status = RQ_END.unpack_from(
+            self.buf, base + RQ_OFF_IO_START
+        )
+        issue = self._issue_of(base, rq_flags, now)
+        if status is None:
+            status = rq_status
+        return (op, nr_bios, nr_sectors << SECTOR_SHIFT, start, issue, status)
 
     def bios_done(self, q: int, info: tuple, now: int) -> None:
         """req_bio_endio() for every bio of a merged request, on the CPU that

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mqrt.block import _rq
 from mqrt.block import blk_mq_types as _types
 from mqrt.block.blk_mq_cpumap import HctxType, QueueMap, Topology
 from mqrt.block.blk_mq_tag import Tags, TagsSpec
@@ -203,6 +204,21 @@ assert RQ_OFF_SECTOR + RQ_EXTENT.size == RQ_OFF_NR_SECTORS + RQ_SIZE.size
 assert REQUEST["nr_bios"].itemsize == REQUEST["nr_phys_segments"].itemsize == 2
 assert REQUEST["cpu"].itemsize == REQUEST["hctx"].itemsize == REQUEST["q"].itemsize == 2
 assert not (RQ_OFF_CPU | RQ_OFF_HCTX | RQ_OFF_Q) & 1
+# mqrt.block._rq writes and reads the hot line at fixed offsets: they must be these.
+assert (_rq.OFF_START, _rq.OFF_IO_START, _rq.OFF_Q, _rq.OFF_FLAGS, _rq.OFF_STATUS) == (
+    RQ_OFF_SETUP,
+    RQ_OFF_IO_START,
+    RQ_OFF_Q,
+    RQ_OFF_FLAGS,
+    RQ_OFF_STATUS,
+)
+assert (_rq.ALLOCATED, _rq.STATE_MASK, _rq.GEN_SHIFT, _rq.IN_FLIGHT) == (
+    RQ_ALLOCATED,
+    RQ_STATE_MASK,
+    RQ_GEN_SHIFT,
+    _IN_FLIGHT,
+)
+assert RQ_SETUP.format == "<QQIHHHHHB1xIi" and RQ_TIMES.format == "<QQ"  # and their types
 assert REQUEST.itemsize == 2 * CACHELINE
 
 
