@@ -123,6 +123,9 @@ class CpuPlan:
     #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
     #: MQRT_PROFILE_DIR does the same for any run)
     profile_dir: str | None = None
+    #: more emulated CPUs than host cores: the CPU offers the host scheduler a
+    #: preemption point where it holds no tags (:data:`mqrt.lib.wait.cond_resched`)
+    shares_core: bool = False
 
 
 class Cpu:
@@ -651,14 +654,25 @@ class Cpu:
                 self.counters["idle_waits"] += 1
                 if timeout < 0 or timeout > HEARTBEAT_NS / 1e9:
                     timeout = HEARTBEAT_NS / 1e9
-        for fd in wait.wait_fds(self.epoll, self._fds, timeout):
+        elif timeout == 0.0 and self.plan.shares_core:
+            # A busy CPU's look between batches, where it holds no plugged tags: the
+            # host may switch to another CPU of this core here rather than mid-plug.
+            wait.cond_resched()
+        blocked = in_sleep and timeout != 0.0
+        if blocked and not self.waiters.block():
+            return  # a waker already set the task running: no need to block
+        fds = wait.wait_fds(self.epoll, self._fds, timeout)
+        if blocked:
+            self.waiters.unblock()
+        for fd in fds:
             if fd == self.ipi_fd:
                 self._handle_ipis()
             elif fd in self.irq_handlers:
                 self.irq_handlers[fd]()
             elif fd == self.efd:
-                if not in_sleep:
-                    self.waiters.drain()  # a stale wake-up: nobody is sleeping
+                # A wake-up, or a late one for a wait already over: the state word
+                # decides whether the task still sleeps (Cpu._sleep looks again).
+                self.waiters.drain()
             else:
                 self._handle_ctl()
         self._interrupts()

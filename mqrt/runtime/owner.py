@@ -252,6 +252,7 @@ class _Run:
             plan = CpuPlan(
                 cpu=cpu,
                 host_core=self.plan_cores[cpu] if spec.pin else None,
+                shares_core=spec.nr_cpus > len(self.allowed),
                 arena=self.arena,
                 waiters=self.wspec,
                 eventfds=self.eventfds,
