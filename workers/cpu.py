@@ -10,7 +10,9 @@ One wait point: an epoll over the IPI pipe, the control pipe and the CPU's waite
 eventfd, with the next timer as timeout.  When its jobs are at full depth (or
 rate-limited, or finished) the CPU blocks there; it never spins on a core another
 CPU may need.  While the task sleeps for a tag (:meth:`Cpu.schedule`) the same wait
-keeps taking interrupts, as a kernel CPU does.
+keeps taking interrupts, as a kernel CPU does.  A CPU that shares its host core with
+other CPUs offers the host a preemption point at its busy look between batches, where
+it holds no plugged tags (:data:`mqrt.lib.wait.cond_resched`).
 
 IPI messages (48 bytes, written whole: < PIPE_BUF, so never interleaved):
 
