@@ -159,3 +159,12 @@ def test_real_process_sleeps_until_woken(wq_rig):
         p.close()
         os.close(r)
         os.close(w)
+
+
+def test_preemption_points_only_where_cpus_share_a_core():
+    from mqrt.workers.cpu import PREEMPT_POINTS_MAX_CPUS_PER_CORE, preempt_points
+
+    assert not preempt_points(1, 2) and not preempt_points(2, 2)  # a core each
+    assert preempt_points(3, 2) and preempt_points(8, 2)
+    most = 2 * PREEMPT_POINTS_MAX_CPUS_PER_CORE
+    assert preempt_points(most, 2) and not preempt_points(most + 1, 2)
