@@ -48,12 +48,12 @@ def test_lost_wakeup(monkeypatch):
 def test_lost_wakeup_counted_while_others_run(monkeypatch):
     """A sleeper no wake-up reaches while the others keep running: decided by the
     frees its map saw during that one sleep, not by how long it slept."""
-    real = Waiters.try_to_wake_up
+    real = Waiters.set_running
 
     def never_cpu3(self, slot):  # wake-ups pass over cpu3's entry, as if it ran
         return False if slot == 3 else real(self, slot)
 
-    monkeypatch.setattr(Waiters, "try_to_wake_up", never_cpu3)
+    monkeypatch.setattr(Waiters, "set_running", never_cpu3)
     result = watched(cpus=4, irqmode="timer", completion_nsec=20_000, hw_queue_depth=8,
                      iodepth=16, submit_queues=1)  # fmt: skip
     f = result.finding

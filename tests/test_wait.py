@@ -77,7 +77,57 @@ def test_wake_before_sleep_is_not_lost(wq_rig):
     # True, not a 5 s timeout: the eventfd kept the wake-up (no wall-clock test)
     assert me.w.schedule(5.0)
     me.finish_wait()
-    assert not me.w.schedule(0)  # consumed; nothing stale left
+    me.prepare_to_wait_exclusive()
+    assert not me.w.schedule(0)  # the next wait is not ended by the last wake-up
+    me.finish_wait()
+
+
+def _eventfd_count(wq, slot):
+    try:
+        return os.eventfd_read(wq.w.eventfds[slot])
+    except BlockingIOError:
+        return 0
+
+
+def test_waking_a_task_not_blocked_costs_no_eventfd_write(wq_rig):
+    """A task that prepared to wait but has not blocked yet is set running and not
+    kicked: it sees its state before it blocks (Waiters.block)."""
+    me = wq_rig(1)
+    me.prepare_to_wait_exclusive()
+    assert wq_rig(0).wake_up() == 1
+    assert _eventfd_count(me, 1) == 0
+    assert not me.w.block()  # already running: it must not block
+    assert me.w.schedule(5.0)
+    me.finish_wait()
+
+
+def test_waking_a_blocked_task_writes_its_eventfd(wq_rig):
+    me = wq_rig(1)
+    me.prepare_to_wait_exclusive()
+    assert me.w.block()  # asleep: it may block, and says so
+    assert wq_rig(0).wake_up() == 1
+    assert _eventfd_count(me, 1) == 1
+    me.w.unblock()
+    me.finish_wait()
+
+
+def test_late_kick_does_not_end_the_next_wait(wq_rig):
+    """An eventfd write that lands after its wait ended (a waker kicks after dropping
+    the queue lock) leaves a count behind; the next wait drains it and goes by its
+    state word, so it still sleeps."""
+    me = wq_rig(1)
+    me.prepare_to_wait_exclusive()
+    assert me.w.block()
+    assert wq_rig(0).wake_up() == 1
+    me.w.unblock()
+    me.finish_wait()
+    os.eventfd_write(me.w.eventfds[1], 1)  # the late kick of that wake-up
+    me.prepare_to_wait_exclusive()
+    assert not me.w.schedule(0)  # woken by the count, drained it, still asleep
+    assert _eventfd_count(me, 1) == 0
+    assert wq_rig(0).wake_up() == 1
+    assert me.w.schedule(0)
+    me.finish_wait()
 
 
 def _sleeper(make, ready_fd):
@@ -109,3 +159,12 @@ def test_real_process_sleeps_until_woken(wq_rig):
         p.close()
         os.close(r)
         os.close(w)
+
+
+def test_preemption_points_only_where_cpus_share_a_core():
+    from mqrt.workers.cpu import PREEMPT_POINTS_MAX_CPUS_PER_CORE, preempt_points
+
+    assert not preempt_points(1, 2) and not preempt_points(2, 2)  # a core each
+    assert preempt_points(3, 2) and preempt_points(8, 2)
+    most = 2 * PREEMPT_POINTS_MAX_CPUS_PER_CORE
+    assert preempt_points(most, 2) and not preempt_points(most + 1, 2)

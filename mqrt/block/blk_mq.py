@@ -882,7 +882,11 @@ class BlkMq(BlkMqCompletion):
         self.sys.kblockd_run(self._next_cpu(hctx), hctx.queue.index, hctx.index, delay_ns)
 
     def _next_cpu(self, hctx: HwCtx) -> int:
-        """blk_mq_hctx_next_cpu(): stay on a CPU of the mask for a batch of runs."""
+        """blk_mq_hctx_next_cpu(): stay on a CPU of the mask for a batch of runs.  A
+        queue with a single hardware queue returns WORK_CPU_UNBOUND, which kblockd
+        (a bound workqueue) runs on the CPU that queued the work: this CPU."""
+        if hctx.queue.nr_hw_queues == 1:
+            return self.cpu
         mask = hctx.cpumask
         if len(mask) == 1:
             return mask[0]

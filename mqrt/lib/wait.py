@@ -34,12 +34,31 @@ entry.sleep_seq    the waiter, under lock     one sleep told from the next, for 
 entry.waits_for    the waiter, lock-free,     what it waits for, in its caller's terms
                    before it prepares to      (:meth:`Waiters.set_waits_for`); read only by
                    wait                       observers, never by the wait logic
+entry.blocked      the waiter, lock-free      1 while it is (about to be) blocked in its wait
+                                              point: only then does a waker write its eventfd
 =================  =========================  ================================================
 
-A waker writes the eventfd while still holding the queue lock, so once
-:meth:`WaitQueue.finish_wait` has taken and dropped that lock no wake-up for this
-wait can arrive late; ``finish_wait`` then drains the eventfd, and the next wait
-starts clean.
+Waking costs a system call only for a task that is really blocked
+    The state word decides whether a task is asleep; the eventfd only gets a blocked
+    process out of its wait call.  A task that prepared to wait is often still
+    running (trying once more for a tag, flushing its plug, serving interrupts) or
+    waiting for a core, not blocked: the kernel's TIF_POLLING_NRFLAG case, where a
+    wake-up needs no IPI because the target looks at its flag anyway.  So a waiter
+    sets ``blocked`` (a fully ordered exchange) and then reads its state once more
+    before it blocks (:meth:`Waiters.block`); a waker changes the state (a fully
+    ordered cmpxchg) and then reads ``blocked``, and writes the eventfd only if it is
+    set.  Of two such store-then-load pairs at least one sees the other's store: the
+    waker writes the eventfd, or the waiter sees itself running and does not block.
+
+Wake-ups leave the queue lock first (the kernel's wake_q)
+    :meth:`WaitQueue.wake_up_nr` changes each woken task's state and takes its entry
+    off the queue under the lock, and writes the eventfds after dropping it: a waker
+    that the host preempts right after its write (the woken task may take its core)
+    does not do so holding the lock every other waker and sleeper of the queue
+    spins on.  An eventfd write may therefore land after the wait it was for has
+    ended; it is harmless, because a waiter that finds its eventfd readable drains it
+    and goes by its state word, never by the eventfd (``finish_wait`` also drains, so
+    a wait usually starts clean).
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ import contextlib
 import enum
 import os
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,7 +103,11 @@ WAIT_QUEUE_ENTRY = cacheline_struct(
      # and hctx of a tag allocation); written by the owner before it prepares to
      # wait, so the lock and the full barrier of that step order it before the
      # sleeping state an observer sees; never read by the wait logic
-     ("waits_for", "<i8")]
+     ("waits_for", "<i8"),
+     # 1 while the owner is blocked (or about to block) in its wait point: set by the
+     # owner with a full barrier before its last look at ``state``, read by a waker
+     # after its state cmpxchg (Waiters.block)
+     ("blocked", "<i4")]
 )  # fmt: skip
 
 #: Spins on a busy bit lock before yielding the core (the holder may be preempted).
@@ -96,6 +120,15 @@ LONG_SPIN_YIELDS = 256
 long_spin_hook: Callable[[], None] | None = None
 
 NIL = -1
+
+#: cond_resched() for a process: reading this thread's CPU clock makes the host
+#: kernel account the time the task has run (update_curr()), and an EEVDF scheduler
+#: (Linux 6.6+) that finds the task past its slice reschedules it on the way back to
+#: user space.  An emulated CPU calls it where it holds nothing other CPUs wait for
+#: (no plugged tags, no lock), so that a host core shared by several CPUs switches
+#: between them there rather than at a tick in the middle of a plug, with its tags
+#: held by a process that is not running.  Elsewhere it only costs the system call.
+cond_resched = time.thread_time_ns
 
 
 class TaskState(enum.IntEnum):
@@ -160,6 +193,7 @@ class Waiters:
         v["flags"] = 0
         v["queued_on"] = NIL
         v["waits_for"] = NIL
+        v["blocked"] = 0
         del v
 
     @staticmethod
@@ -187,10 +221,12 @@ class Waiters:
         self._queued_on = field_offset(d, "queued_on")
         self._sleep_seq = field_offset(d, "sleep_seq")
         self._waits_for = field_offset(d, "waits_for")
+        self._blocked = field_offset(d, "blocked")
         # The sleeping side's state word and eventfd: this process's slot's.  A process
         # without a slot only wakes; -1 makes a sleeping-side call fail loudly.
         self._my_state = NIL if me is None else self.entry(me) + self._state
         self._my_eventfd = NIL if me is None else eventfds[me]
+        self._my_blocked = NIL if me is None else self.entry(me) + self._blocked
         self._poll: select.poll | None = None
 
     def entry(self, slot: int) -> int:
@@ -205,19 +241,40 @@ class Waiters:
         self.a.xchg32(self._my_state, state)
 
     def schedule(self, timeout: float | None = None) -> bool:
-        """Sleep until woken (or ``timeout`` seconds pass); True if woken.
+        """Sleep until woken (or ``timeout`` seconds pass); True if woken, that is if
+        the task is running again.
 
-        Returns at once if a wake-up already arrived since the last drain, as a
-        kernel task whose state was set back to RUNNING does not sleep.
+        Returns at once if a waker already set the task running, as a kernel task
+        whose state was set back to RUNNING does not sleep.
         """
         if self._poll is None:
             self._poll = select.poll()
             self._poll.register(self._my_eventfd, select.POLLIN)
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        if not self._poll.poll(ms):
-            return False
-        self.drain()  # consumed: the next schedule() sleeps again
-        return True
+        if self.block():
+            try:
+                self._poll.poll(ms)
+            finally:
+                self.unblock()
+            self.drain()
+        return not self.sleeping()
+
+    def block(self) -> bool:
+        """The task is about to block in its wait point (the eventfd among its
+        descriptors) until woken: say so, then look at the state once more.  False if
+        a waker already set it running (then it must not block, and is not marked
+        blocked); True if it may block, and must :meth:`unblock` when its wait call
+        returns.  The exchange is a full barrier: the flag is visible before the
+        state is read (pairs with the waker's cmpxchg, then its read of the flag)."""
+        self.a.xchg32(self._my_blocked, 1)
+        if self.a.read32(self._my_state) == TaskState.UNINTERRUPTIBLE:
+            return True
+        self.a.set32(self._my_blocked, 0)
+        return False
+
+    def unblock(self) -> None:
+        """The wait call returned: wakers no longer need to write the eventfd."""
+        self.a.set32(self._my_blocked, 0)
 
     def set_waits_for(self, key: int) -> None:
         """Say what this process's next sleeps wait for (a key its caller defines;
@@ -245,15 +302,28 @@ class Waiters:
     # -- the waking side ---------------------------------------------------------------
 
     def try_to_wake_up(self, slot: int) -> bool:
-        """Move slot from UNINTERRUPTIBLE to RUNNING and kick its eventfd; False if it
-        was already running (then nothing is done, as in the kernel)."""
-        off = self.entry(slot) + self._state
-        if self.a.cmpxchg32(off, TaskState.UNINTERRUPTIBLE, TaskState.RUNNING) != (
-            TaskState.UNINTERRUPTIBLE
-        ):
+        """Move slot from UNINTERRUPTIBLE to RUNNING and kick its eventfd if it is
+        blocked; False if it was already running (then nothing is done, as in the
+        kernel)."""
+        if not self.set_running(slot):
             return False
-        os.eventfd_write(self.eventfds[slot], 1)
+        self.kick(slot)
         return True
+
+    def set_running(self, slot: int) -> bool:
+        """The state half of try_to_wake_up(): UNINTERRUPTIBLE -> RUNNING by a fully
+        ordered cmpxchg; False if the task was already running."""
+        off = self.entry(slot) + self._state
+        return self.a.cmpxchg32(off, TaskState.UNINTERRUPTIBLE, TaskState.RUNNING) == (
+            TaskState.UNINTERRUPTIBLE
+        )
+
+    def kick(self, slot: int) -> None:
+        """The wake half: after :meth:`set_running` (whose barrier orders the state
+        before this read), write slot's eventfd if its task is blocked.  A task not
+        blocked yet sees its new state before it blocks (:meth:`block`)."""
+        if self.a.read32(self.entry(slot) + self._blocked):
+            os.eventfd_write(self.eventfds[slot], 1)
 
 
 class WaitQueue:
@@ -386,6 +456,7 @@ class WaitQueue:
         is skipped and not counted, as try_to_wake_up() reports it."""
         w, a = self.w, self.a
         woken = 0
+        wake_q = []  # tasks set running under the lock, kicked after it
         spin_lock(a, self._lock)
         try:
             slot = a.read32(self._first)
@@ -393,8 +464,9 @@ class WaitQueue:
                 e = w.entry(slot)
                 nxt = a.read32(e + w._next)
                 exclusive = a.read32(e + w._flags) & WqFlag.EXCLUSIVE
-                if w.try_to_wake_up(slot):
+                if w.set_running(slot):
                     self._del(slot)
+                    wake_q.append(slot)
                     if exclusive:
                         woken += 1
                 slot = nxt
@@ -402,6 +474,8 @@ class WaitQueue:
                 a.set32(self._wakeups, a.read32(self._wakeups) + 1 & 0xFFFFFFFF)
         finally:
             spin_unlock(a, self._lock)
+        for slot in wake_q:  # wake_up_q()
+            w.kick(slot)
         return woken
 
     def wake_up(self) -> int:

@@ -233,7 +233,7 @@ class _Run:
 
     def _start_cpus(self) -> None:
         from mqrt.lib.sbitmap import SbitmapQueue
-        from mqrt.workers.cpu import CpuPlan, cpu_main
+        from mqrt.workers.cpu import CpuPlan, cpu_main, preempt_points
 
         spec, queues, ops = self.spec, self.queues, self.ops
         # a watched run counts every tag map's frees (the detectors' evidence); the
@@ -252,6 +252,7 @@ class _Run:
             plan = CpuPlan(
                 cpu=cpu,
                 host_core=self.plan_cores[cpu] if spec.pin else None,
+                preempt_points=preempt_points(spec.nr_cpus, len(self.allowed)),
                 arena=self.arena,
                 waiters=self.wspec,
                 eventfds=self.eventfds,
