@@ -123,6 +123,9 @@ class CpuPlan:
     #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
     #: MQRT_PROFILE_DIR does the same for any run)
     profile_dir: str | None = None
+    #: the request pools' accessors, made once by the runtime before it forked
+    #: (mqrt.block.blk_mq_setup.prepare_cpus): this CPU's inherited copy
+    pools: dict[int, Any] | None = None
 
 
 class Cpu:
@@ -158,7 +161,7 @@ class Cpu:
         self.t_run0 = self.t_run1 = self.t_stop = 0
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
-        self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
+        self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self, plan.pools)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
         self.jobs = [
             IoJob(
@@ -467,7 +470,12 @@ class Cpu:
 
     def main(self) -> None:
         self._publish(PHASE_READY)
-        self._send_res(wire.Ready(wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core))
+        # a forked child's CPU time starts at zero: all of it so far is its set-up
+        self._send_res(
+            wire.Ready(
+                wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core, time.process_time_ns()
+            )
+        )
         while self._start_ns is None and not self.exiting:
             self.ctl.poll(HEARTBEAT_NS / 1e9)
             self._maybe_publish(PHASE_READY)

@@ -43,7 +43,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
 )
-from mqrt.block.blk_mq_tag import queue_tag_busy_iter
+from mqrt.block.blk_mq_tag import Tags, queue_tag_busy_iter
 from mqrt.block.blk_mq_types import (
     SECTOR_SHIFT,
     EhRet,
@@ -302,7 +302,7 @@ class BlkMqCompletion:
         # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint after its
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
-        tags = rq.tags
+        tags: Tags = hctx.tags  # the tags the request came from (never None)
         tag = rq.tag - tags.nr_reserved_tags
         if tag >= 0 and batch is not None:
             batch.setdefault(id(hctx), (hctx, []))[1].append(rq.tag)

@@ -31,19 +31,21 @@ killed) leaves no process and no ``/dev/shm`` segment behind.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from mqrt.block.blk_mq import Pools, release_pools
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
-from mqrt.block.blk_mq_setup import init_shared, teardown
+from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
-from mqrt.lib import inject, signals, wire
+from mqrt.lib import inject, proc, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -62,6 +64,21 @@ from mqrt.runtime.spec import RunError, RunResult, RunSpec
 from mqrt.runtime.watchdog import Watchdog
 
 _fork = mp.get_context("fork")
+
+
+@contextlib.contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """While the CPUs fork: every object the owner has so far is moved out of the
+    collector's reach (gc.freeze()).  A child's collections then never walk the
+    inherited heap, which would write to (and so copy) every page of it: set-up
+    and run time, and memory, of each of hundreds of children.  The owner takes
+    its objects back afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -95,6 +112,7 @@ class _Run:
         self.dev: DeviceProcess | None = None  # the driver's device process, if any
         self.device_result: dict[str, Any] = {}
         self.device_info: dict[str, Any] = {}
+        self.pools: Pools = {}  #: the CPUs' shared request accessors (prepare_cpus)
 
     def run(self) -> RunResult:
         from mqrt.workers.cpu import CPU_STATS
@@ -122,7 +140,7 @@ class _Run:
                 with signals.forking():
                     self._start_device()
                 inject.configure(spec.inject or {}, spec.seed, spec.inject_irqs)
-                with signals.forking():
+                with signals.forking(), _frozen_gc():
                     self._start_cpus()
                 return self._drive()
             except KeyboardInterrupt:
@@ -137,6 +155,7 @@ class _Run:
         reap(self.procs, join_s=0.0 if stopping else JOIN_TIMEOUT_S)
         # The driver's remove path; a run that left requests in flight has
         # reported them (invariants), and its queues stay as they are.
+        release_pools(self.pools)  # the owner's own views, before the arena closes
         with contextlib.suppress(BlkMqError):
             teardown(self.queues)
         for c in self.conns:
@@ -232,10 +251,15 @@ class _Run:
         return check
 
     def _start_cpus(self) -> None:
+        import numpy.random  # noqa: F401  (the jobs' generators: imported once, here)
+
         from mqrt.lib.sbitmap import SbitmapQueue
         from mqrt.workers.cpu import CpuPlan, cpu_main
 
         spec, queues, ops = self.spec, self.queues, self.ops
+        # what every CPU's handles share, made once and inherited (mqrt.block.blk_mq_setup)
+        self.pools = prepare_cpus(self.arena, queues)
+        proc.prepare()
         # a watched run counts every tag map's frees (the detectors' evidence); the
         # CPUs inherit the switch through fork
         SbitmapQueue.count_frees = spec.detect
@@ -244,6 +268,7 @@ class _Run:
         timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]
         self.ctl_w, self.res_r = [], []
         child_ends = []
+        t_fork = time.monotonic()
         for cpu in range(self.n):
             c_r, c_w = _fork.Pipe(duplex=False)
             r_r, r_w = _fork.Pipe(duplex=False)
@@ -271,16 +296,19 @@ class _Run:
                 actions=spec.actions,
                 trace=self.trace_spec,
                 profile_dir=spec.profile_dir,
+                pools=self.pools,
             )
-            p = _fork.Process(
-                target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True
-            )
-            p.start()
+            p = proc.fork(cpu_main, (plan, c_r, r_w), f"mqrt-cpu{cpu}")
             self.procs.insert(cpu, p)
             self.ctl_w.append(c_w)
             self.res_r.append(r_r)
         for c in child_ends:
             c.close()
+        if spec.on_event is not None:
+            spec.on_event(
+                f"forked {self.n} CPUs in {(time.monotonic() - t_fork) * 1e3:.0f} ms "
+                f"({(time.monotonic() - self.t_begin) * 1e3:.0f} ms into the run)"
+            )
 
     def _drive(self) -> RunResult:
         """Drive the started CPUs to the run's result (:class:`~mqrt.runtime.manager.Manager`)."""
