@@ -126,6 +126,9 @@ class CpuPlan:
     #: the request pools' accessors, made once by the runtime before it forked
     #: (mqrt.block.blk_mq_setup.prepare_cpus): this CPU's inherited copy
     pools: dict[int, Any] | None = None
+    #: (read, write) ends of the runtime's start gate: this CPU closes its copy of
+    #: the write end and waits for EOF (every CPU forked) before its set-up
+    gate: tuple[int, int] | None = None
 
 
 class Cpu:
@@ -754,6 +757,12 @@ def _hang(kind: str) -> None:
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
     """Entry point of a CPU worker process (forked by the runtime)."""
     child_init(plan.owner_pid, plan.host_core, f"mqrt-cpu{plan.cpu}")
+    if plan.gate is not None:
+        gate_r, gate_w = plan.gate
+        os.close(gate_w)
+        with contextlib.suppress(OSError):
+            os.read(gate_r, 1)  # EOF: the runtime forked every CPU (or died)
+        os.close(gate_r)
     inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)

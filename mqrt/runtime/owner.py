@@ -254,7 +254,6 @@ class _Run:
         import numpy.random  # noqa: F401  (the jobs' generators: imported once, here)
 
         from mqrt.lib.sbitmap import SbitmapQueue
-        from mqrt.workers.cpu import CpuPlan, cpu_main
 
         spec, queues, ops = self.spec, self.queues, self.ops
         # what every CPU's handles share, made once and inherited (mqrt.block.blk_mq_setup)
@@ -266,9 +265,38 @@ class _Run:
         timeout_cpu = [q.index % self.n for q in queues]
         # the driver's timer (if any) runs on the first CPU of the queue's hctx 0
         timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]
-        self.ctl_w, self.res_r = [], []
-        child_ends = []
+        self.ctl_w: list[Any] = []
+        self.res_r: list[Any] = []
+        child_ends: list[Any] = []
         t_fork = time.monotonic()
+        # The gate: each CPU waits on it before its set-up, until the last fork
+        # (EOF once the owner and every child closed the write end).  The forks
+        # then do not queue behind hundreds of set-ups on the same few cores.
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._fork_cpus((gate_r, gate_w), timeout_cpu, timer_cpu, child_ends)
+        finally:
+            os.close(gate_w)  # the CPUs go
+            os.close(gate_r)
+        for c in child_ends:
+            c.close()
+        if spec.on_event is not None:
+            spec.on_event(
+                f"forked {self.n} CPUs in {(time.monotonic() - t_fork) * 1e3:.0f} ms "
+                f"({(time.monotonic() - self.t_begin) * 1e3:.0f} ms into the run)"
+            )
+
+    def _fork_cpus(
+        self,
+        gate: tuple[int, int],
+        timeout_cpu: list[int],
+        timer_cpu: list[int],
+        child_ends: list[Any],
+    ) -> None:
+        """Fork the CPUs, one after another (each waits at the gate)."""
+        from mqrt.workers.cpu import CpuPlan, cpu_main
+
+        spec, queues = self.spec, self.queues
         for cpu in range(self.n):
             c_r, c_w = _fork.Pipe(duplex=False)
             r_r, r_w = _fork.Pipe(duplex=False)
@@ -284,7 +312,7 @@ class _Run:
                 ipi_w=self.ipi_w,
                 stats=self.stats_region,
                 queues=queues,
-                driver=ops,
+                driver=self.ops,
                 job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,
                 dev_bytes=self.dev_bytes,
                 timeout_scan_cpu=timeout_cpu,
@@ -297,18 +325,12 @@ class _Run:
                 trace=self.trace_spec,
                 profile_dir=spec.profile_dir,
                 pools=self.pools,
+                gate=gate,
             )
             p = proc.fork(cpu_main, (plan, c_r, r_w), f"mqrt-cpu{cpu}")
             self.procs.insert(cpu, p)
             self.ctl_w.append(c_w)
             self.res_r.append(r_r)
-        for c in child_ends:
-            c.close()
-        if spec.on_event is not None:
-            spec.on_event(
-                f"forked {self.n} CPUs in {(time.monotonic() - t_fork) * 1e3:.0f} ms "
-                f"({(time.monotonic() - self.t_begin) * 1e3:.0f} ms into the run)"
-            )
 
     def _drive(self) -> RunResult:
         """Drive the started CPUs to the run's result (:class:`~mqrt.runtime.manager.Manager`)."""
