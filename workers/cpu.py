@@ -34,6 +34,7 @@ until ``exit`` -> result.
 from __future__ import annotations
 
 import contextlib
+import gc
 import heapq
 import os
 import resource
@@ -128,6 +129,12 @@ class CpuPlan:
     #: the CPU offers the host scheduler a preemption point where it holds no tags
     #: (:data:`mqrt.lib.wait.cond_resched`): see :func:`preempt_points`
     preempt_points: bool = False
+    #: the request pools' accessors, made once by the runtime before it forked
+    #: (mqrt.block.blk_mq_setup.prepare_cpus): this CPU's inherited copy
+    pools: dict[int, Any] | None = None
+    #: (read, write) ends of the runtime's start gate: this CPU closes its copy of
+    #: the write end and waits for EOF (every CPU forked) before its set-up
+    gate: tuple[int, int] | None = None
 
 
 class Cpu:
@@ -163,7 +170,7 @@ class Cpu:
         self.t_run0 = self.t_run1 = self.t_stop = 0
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
-        self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self)
+        self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self, plan.pools)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
         self.jobs = [
             IoJob(
@@ -472,7 +479,12 @@ class Cpu:
 
     def main(self) -> None:
         self._publish(PHASE_READY)
-        self._send_res(wire.Ready(wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core))
+        # a forked child's CPU time starts at zero: all of it so far is its set-up
+        self._send_res(
+            wire.Ready(
+                wire.Role.CPU, os.getpid(), self.cpu, self.plan.host_core, time.process_time_ns()
+            )
+        )
         while self._start_ns is None and not self.exiting:
             self.ctl.poll(HEARTBEAT_NS / 1e9)
             self._maybe_publish(PHASE_READY)
@@ -776,9 +788,20 @@ def _hang(kind: str) -> None:
 def cpu_main(plan: CpuPlan, ctl, res) -> None:
     """Entry point of a CPU worker process (forked by the runtime)."""
     child_init(plan.owner_pid, plan.host_core, f"mqrt-cpu{plan.cpu}")
+    if plan.gate is not None:
+        gate_r, gate_w = plan.gate
+        os.close(gate_w)
+        with contextlib.suppress(OSError):
+            os.read(gate_r, 1)  # EOF: the runtime forked every CPU (or died)
+        os.close(gate_r)
     inject.seed_cpu(plan.cpu)
     try:
         cpu = Cpu(plan, ctl, res)
+        # What the set-up made lives as long as the CPU: out of the collector's reach
+        # (as the inherited heap is, gc.freeze() in the runtime), so the set-up's
+        # allocations never bring a full collection, which walks and copies the
+        # heap, into the measured run.
+        gc.freeze()
         profile_dir = plan.profile_dir or os.environ.get("MQRT_PROFILE_DIR")
         if profile_dir:  # cProfile each CPU into that folder
             import cProfile

@@ -117,23 +117,50 @@ def _no_tag() -> int:
     return -1
 
 
-def _pool_accessors(arena: Arena, tset: TagSet, tags: list[Tags | None]) -> list[Request]:
-    """This CPU's accessors for every request of ``tset``'s pool, by request id.  At
-    the ids of tags blk_mq_map_swqueue() freed (an hctx no CPU maps) it keeps inert
-    accessors, never allocated, so ids do not move."""
+def pool_accessors(arena: Arena, tset: TagSet) -> list[Request]:
+    """Accessors for every request of ``tset``'s pool, by request id: the same for
+    every CPU (a request's tags handle is its hctx's, ``hctx.tags``), so the runtime
+    makes them once before it forks the CPUs, which inherit them
+    (:class:`BlkMq`'s ``pools``).  At the ids of tags blk_mq_map_swqueue() freed (an
+    hctx no CPU maps) it keeps inert accessors, never allocated, so ids do not move."""
     region = tset.rq_region
     assert region is not None  # an allocated set
     depth = tset.queue_depth
     pool: list[Request] = []
-    for i, t in enumerate(tags):
-        if t is None:
+    for i, s in enumerate(tset.tags):
+        if s is None:
             pool += [Request.at(arena, region, i * depth + tag, tag) for tag in range(depth)]
         else:
             pool += [
-                Request(arena, region, t.rq_base + tag, t, tag, tset.timeout_ns)
-                for tag in range(t.nr_tags)
+                Request(arena, region, s.rq_base + tag, None, tag, tset.timeout_ns)
+                for tag in range(s.nr_tags)
             ]
     return pool
+
+
+#: By ``id(tag set)``: its pool's accessors and their offsets (``rq.base``), by id.
+Pools = dict[int, tuple[list[Request], list[int]]]
+
+
+def prepare_pools(arena: Arena, queues: list[RequestQueue]) -> Pools:
+    """Every tag set's :func:`pool_accessors` and their offsets: made by the
+    runtime before it forks the CPUs (each inherits a copy; the runtime releases its
+    own with :func:`release_pools`)."""
+    pools: Pools = {}
+    for q in queues:
+        if id(q.tag_set) not in pools:
+            pool = pool_accessors(arena, q.tag_set)
+            pools[id(q.tag_set)] = (pool, [rq.base for rq in pool])
+    return pools
+
+
+def release_pools(pools: Pools) -> None:
+    """Let go of the pools' views of the arena (before it is closed)."""
+    for pool, _ in pools.values():
+        for rq in pool:
+            if rq.pdu is not None:
+                rq.pdu.release()
+    pools.clear()
 
 
 class BlkMq(BlkMqCompletion):
@@ -149,7 +176,10 @@ class BlkMq(BlkMqCompletion):
         cpu: int,
         queues: list[RequestQueue],
         sys: CpuSys,
+        pools: Pools | None = None,
     ):
+        """``pools``: the request pools' accessors made before (:func:`prepare_pools`),
+        this process's own copy; by default made here."""
         self.arena = arena
         self.a = arena.atomic
         self.buf = arena.buf
@@ -170,20 +200,25 @@ class BlkMq(BlkMqCompletion):
         self._plug = Plug()  #: the task's plug, started and finished again and again
         self._rqs: dict[int, list[Request]] = {}  # id(tag set) -> pool accessors
         self._tags: dict[int, list[Tags | None]] = {}
+        bases: dict[int, list[int]] = {}  # id(tag set) -> the accessors' offsets
         for q in queues:
             tset = q.tag_set
             if id(tset) in self._tags:
                 continue
             tags = [None if s is None else Tags(arena, s, waiters, cpu) for s in tset.tags]
             self._tags[id(tset)] = tags
-            self._rqs[id(tset)] = _pool_accessors(arena, tset, tags)
+            made = pools.get(id(tset)) if pools is not None else None
+            if made is None:
+                pool = pool_accessors(arena, tset)
+                made = pool, [rq.base for rq in pool]
+            self._rqs[id(tset)], bases[id(tset)] = made
         self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu) for q in queues]
         for queue in self.queues:
             for hctx in queue.hctxs:
                 hctx.run_sync = partial(self.run_hw_queue, hctx, False)
         #: per queue: the request pool accessors of its tag set, and their offsets
         self.rqs = [self._rqs[id(q.tag_set)] for q in queues]
-        self.rq_base = [[rq.base for rq in pool] for pool in self.rqs]
+        self.rq_base = [bases[id(q.tag_set)] for q in queues]
         #: Per queue: bi_end_io of the bios this CPU submits, called directly when
         #: they complete here (None: always through ``sys.bio_done``).
         self.end_io: list[Callable[[tuple, int], None]] | None = None

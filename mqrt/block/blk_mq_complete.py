@@ -42,7 +42,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
 )
-from mqrt.block.blk_mq_tag import queue_tag_busy_iter
+from mqrt.block.blk_mq_tag import Tags, queue_tag_busy_iter
 from mqrt.block.blk_mq_types import (
     SECTOR_SHIFT,
     EhRet,
@@ -301,7 +301,7 @@ class BlkMqCompletion:
         # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint after its
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
-        tags = rq.tags
+        tags: Tags = hctx.tags  # type: ignore[assignment]  # the request came from them
         if batch is None:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)

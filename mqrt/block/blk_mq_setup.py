@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -85,6 +85,10 @@ from mqrt.lib.shm import Arena, Layout
 QUEUE_IDA = "blk_queue"
 
 # -- errors ---------------------------------------------------------------------------------
+
+
+if TYPE_CHECKING:
+    from mqrt.block.blk_mq import Pools
 
 
 def _einval(msg: str) -> BlkMqError:
@@ -659,3 +663,24 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
         for list_spec in [*q.dispatch, q.requeue_list, *(s for ls in q.ctx_lists for s in ls)]:
             if list_spec is not None:
                 RqList.init(arena, list_spec)
+
+
+def prepare_cpus(arena: Arena, queues: list[RequestQueue]) -> Pools:
+    """Owner only, after :func:`init_shared` and before the CPUs fork: what every
+    CPU's handles share, made once here and inherited through fork (a CPU's set-up
+    is then O(its handles), not O(CPUs x hctxs) address arithmetic each): the
+    offsets of every tags bitmap (:func:`mqrt.lib.sbitmap.addresses`), and the
+    request pools' accessors by ``id(tag set)`` (:func:`mqrt.block.blk_mq.prepare_pools`;
+    the owner releases its own with :func:`mqrt.block.blk_mq.release_pools`)."""
+    from mqrt.block.blk_mq import prepare_pools
+    from mqrt.lib.sbitmap import addresses
+
+    for q in queues:
+        tset = q.tag_set
+        for spec in [*tset.tags, tset.shared_sbitmap_tags]:
+            if spec is None:
+                continue
+            addresses(spec.bitmap_tags.sb)
+            if spec.breserved_tags is not None:
+                addresses(spec.breserved_tags.sb)
+    return prepare_pools(arena, queues)

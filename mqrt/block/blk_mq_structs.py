@@ -618,7 +618,13 @@ class Request:
     __slots__ = ("_a", "_buf", "base", "id", "pdu", "tag", "tags", "timeout_ns")
 
     def __init__(
-        self, arena: PoolMemory, region: Region, rq_id: int, tags: Tags, tag: int, timeout_ns: int
+        self,
+        arena: PoolMemory,
+        region: Region,
+        rq_id: int,
+        tags: Tags | None,
+        tag: int,
+        timeout_ns: int,
     ):
         self._bind(arena, region, rq_id, tag)
         self.tags = tags

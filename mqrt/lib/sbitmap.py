@@ -216,6 +216,31 @@ class SbitmapQueueSpec:
     ws: Region
 
 
+#: addresses(): per spec (by identity), its offsets; bounded (tests make many runs)
+_ADDRESSES: dict[int, tuple[SbitmapSpec, tuple[list[int], list[int], list[int], list[int]]]] = {}
+
+
+def addresses(spec: SbitmapSpec) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The offsets of ``spec``'s per-CPU hints and of its words' ``word``, ``cleared``
+    and ``swap_lock``: the same for every CPU, computed once per spec and shared by
+    its handles (read only).  The runtime computes them before it forks the CPUs,
+    which inherit them: a CPU's handle on a map is then O(1), not O(CPUs + words)."""
+    hit = _ADDRESSES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    w = spec.words
+    out = (
+        [spec.hints.addr(c) for c in range(spec.nr_cpus)],
+        [w.addr(i, "word") for i in range(w.count)],
+        [w.addr(i, "cleared") for i in range(w.count)],
+        [w.addr(i, "swap_lock") for i in range(w.count)],
+    )
+    if len(_ADDRESSES) >= 4096:
+        _ADDRESSES.clear()
+    _ADDRESSES[id(spec)] = (spec, out)
+    return out
+
+
 def _u32(v: int) -> int:
     return v & UINT_MAX
 
@@ -274,14 +299,12 @@ class Sbitmap:
         o = spec.header.offsets()
         self._depth = o.depth
         self._map_nr = o.map_nr
-        self._hints = [spec.hints.addr(c) for c in range(spec.nr_cpus)]
+        # the same for every CPU: computed once (the runtime does it before it forks)
+        self._hints, self._word, self._cleared, self._swap_lock = addresses(spec)
         self._hint = self._hints[cpu]
         w = spec.words
-        self._word = [w.addr(i, "word") for i in range(w.count)]
-        self._cleared = [w.addr(i, "cleared") for i in range(w.count)]
         #: the words (and cleared masks) as a map for the C calls
         self._map, self._cleared_map, self._map_stride = self._word[0], self._cleared[0], w.stride
-        self._swap_lock = [w.addr(i, "swap_lock") for i in range(w.count)]
         self._rng = random.Random(cpu if seed is None else seed)
 
     # -- geometry ---------------------------------------------------------------------

@@ -177,18 +177,43 @@ class Region:
     def nbytes(self) -> int:
         return self.stride * self.count
 
+    def _fields(self) -> tuple[int, dict[str, int]]:
+        """(stride, field name -> offset in an element), worked out once per region
+        (not a dataclass field: equality, hash and repr ignore it).  The runtime's
+        owner has asked for most regions' before it forks, so the CPUs inherit
+        them instead of asking numpy again, hundreds of times each."""
+        try:
+            return self.__dict__["_field_offsets"]
+        except KeyError:
+            pass
+        names = self.dtype.names
+        fields = (
+            {name: int(spec[1]) for name, spec in dtype_fields(self.dtype).items()}
+            if names is not None
+            else {}
+        )
+        got = (int(self.dtype.itemsize), fields)
+        object.__setattr__(self, "_field_offsets", got)
+        return got
+
     def addr(self, index: int = 0, fieldname: str | None = None) -> int:
         """Absolute offset of element ``index`` (or of one of its fields)."""
         if not 0 <= index < self.count:
             raise IndexError(f"{self.name}[{index}] out of range 0..{self.count - 1}")
-        base = self.offset + index * self.stride
-        return base if fieldname is None else base + field_offset(self.dtype, fieldname)
+        stride, fields = self._fields()
+        base = self.offset + index * stride
+        if fieldname is None:
+            return base
+        if not fields:
+            field_offset(self.dtype, fieldname)  # its TypeError
+        return base + fields[fieldname]
 
     def offsets(self, index: int = 0) -> SimpleNamespace:
         """Absolute offsets of every field of element ``index``, as attributes."""
         base = self.addr(index)
-        fields = dtype_fields(self.dtype)
-        return SimpleNamespace(**{name: base + spec[1] for name, spec in fields.items()})
+        if not self._fields()[1]:
+            dtype_fields(self.dtype)  # its TypeError
+        return SimpleNamespace(**{name: base + off for name, off in self._fields()[1].items()})
 
 
 @dataclass

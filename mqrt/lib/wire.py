@@ -100,6 +100,8 @@ class Ready:
     pid: int
     cpu: int | None = None  #: the CPU's number (None: the device)
     host_core: int | None = None  #: where it is pinned (None: not pinned)
+    #: CPU time the child spent from its fork to this message (its set-up), ns
+    setup_cpu_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

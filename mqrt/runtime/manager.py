@@ -90,6 +90,8 @@ class Manager:
         self.device_dead: dict[str, Any] | None = None
         self.t0_ns = self.end_ns = 0
         self.setup_s = self.t0_wall = 0.0
+        #: the CPUs' set-up (fork to ready), CPU time: summed, and the longest
+        self.setup_cpu_ns = self.setup_cpu_max_ns = 0
         self.timeout_s = max(q.tag_set.timeout_ns for q in run.queues) / 1e9
         self.next_progress = 0.0
         self.interrupted = False
@@ -164,7 +166,11 @@ class Manager:
         self.end_ns = self.t0_ns + int((job.ramp_time + job.runtime) * 1e9)
         self.deadline = self.end_ns / 1e9 + self.timeout_s + DRAIN_GRACE_S
         self.phase = Phase.RUNNING
-        self.say(f"every CPU ready after {self.setup_s:.2f} s: running")
+        self.say(
+            f"every CPU ready after {self.setup_s:.2f} s: running (set-up CPU time: "
+            f"runtime {time.process_time():.2f} s, CPUs {self.setup_cpu_ns / 1e9:.2f} s, "
+            f"{self.setup_cpu_max_ns / 1e6:.1f} ms at most for one)"
+        )
 
     def say(self, line: str) -> None:
         """One line of the run's life, for whoever asked (RunSpec.on_event)."""
@@ -336,8 +342,10 @@ class Manager:
     def on_message(self, i: int, msg: wire.Report) -> None:
         """CPU ``i`` said something on its result pipe."""
         match msg:
-            case wire.Ready():
+            case wire.Ready(setup_cpu_ns=ns):
                 self.ready.add(i)
+                self.setup_cpu_ns += ns
+                self.setup_cpu_max_ns = max(self.setup_cpu_max_ns, ns)
             case wire.Drained():
                 self.drained.add(i)
             case wire.CpuResult(report=report):

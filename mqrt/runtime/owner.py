@@ -31,19 +31,21 @@ killed) leaves no process and no ``/dev/shm`` segment behind.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from mqrt.block.blk_mq import Pools, release_pools
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
-from mqrt.block.blk_mq_setup import init_shared, teardown
+from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
-from mqrt.lib import inject, signals, wire
+from mqrt.lib import inject, proc, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -62,6 +64,21 @@ from mqrt.runtime.spec import RunError, RunResult, RunSpec
 from mqrt.runtime.watchdog import Watchdog
 
 _fork = mp.get_context("fork")
+
+
+@contextlib.contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """While the CPUs fork: every object the owner has so far is moved out of the
+    collector's reach (gc.freeze()).  A child's collections then never walk the
+    inherited heap, which would write to (and so copy) every page of it: set-up
+    and run time, and memory, of each of hundreds of children.  The owner takes
+    its objects back afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -95,6 +112,7 @@ class _Run:
         self.dev: DeviceProcess | None = None  # the driver's device process, if any
         self.device_result: dict[str, Any] = {}
         self.device_info: dict[str, Any] = {}
+        self.pools: Pools = {}  #: the CPUs' shared request accessors (prepare_cpus)
 
     def run(self) -> RunResult:
         from mqrt.workers.cpu import CPU_STATS
@@ -122,7 +140,7 @@ class _Run:
                 with signals.forking():
                     self._start_device()
                 inject.configure(spec.inject or {}, spec.seed, spec.inject_irqs)
-                with signals.forking():
+                with signals.forking(), _frozen_gc():
                     self._start_cpus()
                 return self._drive()
             except KeyboardInterrupt:
@@ -137,6 +155,7 @@ class _Run:
         reap(self.procs, join_s=0.0 if stopping else JOIN_TIMEOUT_S)
         # The driver's remove path; a run that left requests in flight has
         # reported them (invariants), and its queues stay as they are.
+        release_pools(self.pools)  # the owner's own views, before the arena closes
         with contextlib.suppress(BlkMqError):
             teardown(self.queues)
         for c in self.conns:
@@ -232,18 +251,52 @@ class _Run:
         return check
 
     def _start_cpus(self) -> None:
+        import numpy.random  # noqa: F401  (the jobs' generators: imported once, here)
+
         from mqrt.lib.sbitmap import SbitmapQueue
-        from mqrt.workers.cpu import CpuPlan, cpu_main, preempt_points
 
         spec, queues, ops = self.spec, self.queues, self.ops
+        # what every CPU's handles share, made once and inherited (mqrt.block.blk_mq_setup)
+        self.pools = prepare_cpus(self.arena, queues)
+        proc.prepare()
         # a watched run counts every tag map's frees (the detectors' evidence); the
         # CPUs inherit the switch through fork
         SbitmapQueue.count_frees = spec.detect
         timeout_cpu = [q.index % self.n for q in queues]
         # the driver's timer (if any) runs on the first CPU of the queue's hctx 0
         timer_cpu = [q.hctx_cpus[0][0] if ops.timer_interval_ns(q.index) else -1 for q in queues]
-        self.ctl_w, self.res_r = [], []
-        child_ends = []
+        self.ctl_w: list[Any] = []
+        self.res_r: list[Any] = []
+        child_ends: list[Any] = []
+        t_fork = time.monotonic()
+        # The gate: each CPU waits on it before its set-up, until the last fork
+        # (EOF once the owner and every child closed the write end).  The forks
+        # then do not queue behind hundreds of set-ups on the same few cores.
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._fork_cpus((gate_r, gate_w), timeout_cpu, timer_cpu, child_ends)
+        finally:
+            os.close(gate_w)  # the CPUs go
+            os.close(gate_r)
+        for c in child_ends:
+            c.close()
+        if spec.on_event is not None:
+            spec.on_event(
+                f"forked {self.n} CPUs in {(time.monotonic() - t_fork) * 1e3:.0f} ms "
+                f"({(time.monotonic() - self.t_begin) * 1e3:.0f} ms into the run)"
+            )
+
+    def _fork_cpus(
+        self,
+        gate: tuple[int, int],
+        timeout_cpu: list[int],
+        timer_cpu: list[int],
+        child_ends: list[Any],
+    ) -> None:
+        """Fork the CPUs, one after another (each waits at the gate)."""
+        from mqrt.workers.cpu import CpuPlan, cpu_main, preempt_points
+
+        spec, queues = self.spec, self.queues
         for cpu in range(self.n):
             c_r, c_w = _fork.Pipe(duplex=False)
             r_r, r_w = _fork.Pipe(duplex=False)
@@ -260,7 +313,7 @@ class _Run:
                 ipi_w=self.ipi_w,
                 stats=self.stats_region,
                 queues=queues,
-                driver=ops,
+                driver=self.ops,
                 job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,
                 dev_bytes=self.dev_bytes,
                 timeout_scan_cpu=timeout_cpu,
@@ -272,16 +325,13 @@ class _Run:
                 actions=spec.actions,
                 trace=self.trace_spec,
                 profile_dir=spec.profile_dir,
+                pools=self.pools,
+                gate=gate,
             )
-            p = _fork.Process(
-                target=cpu_main, args=(plan, c_r, r_w), name=f"mqrt-cpu{cpu}", daemon=True
-            )
-            p.start()
+            p = proc.fork(cpu_main, (plan, c_r, r_w), f"mqrt-cpu{cpu}")
             self.procs.insert(cpu, p)
             self.ctl_w.append(c_w)
             self.res_r.append(r_r)
-        for c in child_ends:
-            c.close()
 
     def _drive(self) -> RunResult:
         """Drive the started CPUs to the run's result (:class:`~mqrt.runtime.manager.Manager`)."""
