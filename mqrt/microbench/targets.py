@@ -20,7 +20,7 @@ TARGETS: list[tuple[str, str | None, float]] = [
     ("ring.spsc.batch", "peer.mp_queue", 15.0),
     ("ring.spsc.batch", "peer.faster_fifo.batch", 4.0),
     ("ring.mpsc.2producers", None, 1e6),
-    ("sbitmap.get_put", None, 1500.0),
+    ("sbitmap.get_put", None, 400.0),
 ]
 
 #: (case, baseline, the most it may cost over the baseline, in %).  The trace's cost
