@@ -70,6 +70,17 @@ _BY_FUNC: dict[tuple[str, str], str] = {
     ("connection.py", "*"): "event loop",
 }
 
+# The compiled steps of the path (builtins, file "~"), by their method names: a step's
+# stage, whoever calls it (submit_bios() takes submit_bio()'s lines inline).
+_BY_BUILTIN: dict[str, str] = {
+    "<method 'setup' of 'mqrt.block._rq.RqLines' objects>": "request init",
+    "<method 'start' of 'mqrt.block._rq.RqLines' objects>": "queue_rq/driver",
+    "<method 'end' of 'mqrt.block._rq.RqLines' objects>": "end_request",
+    "<method 'done' of 'mqrt.workers._jobsink.BioSink' objects>": "fio job/bio",
+    "<method 'find_and_set_zero_bit_at' of 'mqrt.lib._atomic.AtomicView' objects>": "tag get",
+    "<method 'deferred_clear_bit_at' of 'mqrt.lib._atomic.AtomicView' objects>": "tag free",
+}
+
 # sbitmap's functions are tag get or tag free by name.
 _SBITMAP_FREE = ("clear", "clear_batch", "put", "deferred", "wake", "_legacy", "_update")
 
@@ -80,8 +91,8 @@ _IDLE = ("<method 'poll' of 'select.", "<built-in method time.sleep>", "<built-i
 
 def _stage_of(func: tuple[str, int, str]) -> str | None:
     path, _line, name = func
-    if path == "~" and name.startswith(_IDLE):
-        return "idle"
+    if path == "~":
+        return "idle" if name.startswith(_IDLE) else _BY_BUILTIN.get(name)
     base = os.path.basename(path)
     if base == "sbitmap.py":
         return "tag free" if name.startswith(_SBITMAP_FREE) else "tag get"
