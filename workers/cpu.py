@@ -24,6 +24,9 @@ IPI_RUN         q, hctx, delay: kblockd work, run the hctx here
 IPI_BIO_DONE    q, op, nr_bios, bytes, start, io_start, status: a job's I/Os finished;
                 with nr_bios > 1 also the rq id and generation, under which this CPU
                 keeps the request's merged bios (BlkMq.bios_done)
+IPI_RCU         (none): an expedited grace period asks for a quiescent state
+                (mqrt.lib.rcu), reported here or when the read-side section the
+                IPI nested in ends
 ==============  =====================================================================
 
 Life cycle (driven by the runtime over the control pipe): ready -> start -> run until
@@ -51,15 +54,16 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
-from mqrt.lib import inject, retries, trace, wait, wire
+from mqrt.lib import inject, rcu, retries, trace, wait, wire
 from mqrt.lib.proc import child_init
+from mqrt.lib.rcu import RcuReader, RcuSpec
 from mqrt.lib.shm import Arena, Region, cacheline_struct
 from mqrt.lib.trace import Tracer, TraceSpec
 from mqrt.lib.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
 
 IPI = struct.Struct("<BBHiIiQQQQ")
-IPI_COMPLETE, IPI_RUN, IPI_BIO_DONE = 1, 2, 3
+IPI_COMPLETE, IPI_RUN, IPI_BIO_DONE, IPI_RCU = 1, 2, 3, 4
 #: How often a CPU publishes its live counters to the arena, ns.
 PUBLISH_NS = 50_000_000
 
@@ -122,6 +126,8 @@ class CpuPlan:
     #: (seconds after the start, action, args) run once by CPU 0: a sysfs write in
     #: the middle of a run, e.g. ("nr_requests", (queue, nr))
     actions: list[tuple[float, str, tuple]] | None = None
+    #: the run's RCU state (grace periods ask every CPU for a quiescent state)
+    rcu: RcuSpec | None = None
     trace: TraceSpec | None = None  #: the event trace's rings, if the run traces
     #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
     #: MQRT_PROFILE_DIR does the same for any run)
@@ -169,6 +175,8 @@ class Cpu:
         self.ru_end: resource.struct_rusage | None = None
         self.t_run0 = self.t_run1 = self.t_stop = 0
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
+        if plan.rcu is not None:
+            rcu.install(RcuReader(plan.arena, plan.rcu, plan.cpu, self.waiters, self._ipi_rcu))
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self, plan.pools)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
@@ -284,6 +292,10 @@ class Cpu:
         else:
             self._send(cpu, IPI.pack(IPI_RUN, 0, q, hctx, 0, 0, delay_ns, 0, 0, 0))
 
+    def _ipi_rcu(self, cpu: int) -> None:
+        """An expedited grace period asks ``cpu`` for a quiescent state."""
+        self._send(cpu, IPI.pack(IPI_RCU, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+
     def kick_requeue(self, q: int) -> None:
         self.requeue_pending.add(q)
 
@@ -369,6 +381,8 @@ class Cpu:
                 mq.ipi_complete(q, a, b)
             elif kind == IPI_RUN:
                 self.runs[(q, a)] = now + c
+            elif kind == IPI_RCU:
+                rcu.reader.note_qs()  # now, or when the section it nested in ends
 
     # -- interrupts, timers and kblockd ------------------------------------------------------------
 

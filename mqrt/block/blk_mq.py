@@ -79,6 +79,7 @@ from mqrt.block.blk_mq_structs import (
     CpuSys,
     HwCtx,
     Plug,
+    PlugRq,
     Queue,
     Request,
     RequestQueue,
@@ -99,7 +100,7 @@ from mqrt.block.blk_mq_types import (
     Rqf,
 )
 from mqrt.block.blk_settings import bio_segments
-from mqrt.lib import trace
+from mqrt.lib import rcu, trace
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import Ev
 from mqrt.lib.wait import Waiters
@@ -190,7 +191,7 @@ class BlkMq(BlkMqCompletion):
         self.rqlines = RqLines(arena.buf)
         #: submit_bios() may take submit_bio()'s lines inline: not when a subclass has
         #: a submit_bio of its own (the sq mode's takes the queue lock)
-        self._inline_submit = type(self).submit_bio is BlkMq.submit_bio
+        self._inline_submit = type(self).blk_mq_submit_bio is BlkMq.blk_mq_submit_bio
         self.cpu = cpu
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
@@ -212,7 +213,7 @@ class BlkMq(BlkMqCompletion):
                 pool = pool_accessors(arena, tset)
                 made = pool, [rq.base for rq in pool]
             self._rqs[id(tset)], bases[id(tset)] = made
-        self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu) for q in queues]
+        self.queues = [Queue(arena, q, self._tags[id(q.tag_set)], cpu, waiters) for q in queues]
         for queue in self.queues:
             for hctx in queue.hctxs:
                 hctx.run_sync = partial(self.run_hw_queue, hctx, False)
@@ -257,6 +258,7 @@ class BlkMq(BlkMqCompletion):
                 "polled",
                 "batched_completions",
                 "ctx_merges",
+                "freeze_waits",
             ),
             0,
         )
@@ -312,11 +314,16 @@ class BlkMq(BlkMqCompletion):
         """__blk_mq_alloc_requests(): a tag (sleeping while none is free unless
         ``nowait``), its request set up and owned; the request id, or -1.  A
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
+        if not queue.q_usage.tryget_live() and not self.queue_enter(queue, 1, nowait):
+            return -1
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
-        return self._get_request(
+        rq_id = self._get_request(
             queue, hctx, op, sector, nr_sectors, bio_segments(nr_sectors), start_ns, polled,
             reserved, nowait,
         )  # fmt: skip
+        if rq_id < 0:
+            self.queue_exit(queue, 1)
+        return rq_id
 
     def _get_request(
         self,
@@ -489,6 +496,28 @@ class BlkMq(BlkMqCompletion):
             if plug.cached:
                 self._free_plug_rqs(plug)
 
+    # -- q_usage_counter ---------------------------------------------------------------------
+
+    def queue_enter(self, queue: Queue, nr: int, nowait: bool = False) -> bool:
+        """blk_queue_enter() past its fast path (``queue.q_usage.tryget_live``): the
+        queue is frozen, so the task sleeps on ``mq_freeze_wq`` until it thaws, after
+        issuing its plug (whose requests hold references the freeze waits for).
+        False with ``nowait`` (BLK_MQ_REQ_NOWAIT) or for a task that cannot sleep."""
+        ref = queue.q_usage
+        a = self.a
+        while not ref.tryget_live(nr):
+            if nowait or self.waiters.me is None:
+                return False
+            wq = queue.freeze_wq
+            wq.prepare_to_wait()
+            if a.read32(queue.freeze_depth_off):
+                self.stats["freeze_waits"] += 1
+                self.io_schedule()
+            wq.finish_wait()
+        return True
+
+    # -- submission (continued) ----------------------------------------------------------------
+
     def submit_bio(
         self,
         queue: Queue,
@@ -498,6 +527,23 @@ class BlkMq(BlkMqCompletion):
         start_ns: int,
         polled: bool = False,
     ) -> None:
+        """submit_bio(): enter the queue (a reference on q_usage_counter, sleeping
+        while it is frozen), then :meth:`blk_mq_submit_bio`; a bio that merged gives
+        its reference back (the request it joined holds one)."""
+        if not queue.q_usage.tryget_live():
+            self.queue_enter(queue, 1)
+        if self.blk_mq_submit_bio(queue, op, sector, nr_sectors, start_ns, polled):
+            self.queue_exit(queue, 1)
+
+    def blk_mq_submit_bio(
+        self,
+        queue: Queue,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        start_ns: int,
+        polled: bool = False,
+    ) -> bool:
         """blk_mq_submit_bio() as Linux 5.10 has it: merge into a plugged request
         (:meth:`attempt_plug_merge`), else into one waiting on this CPU's ctx list
         (:meth:`sched_bio_merge`), else allocate a request and plug it, or issue it
@@ -508,7 +554,11 @@ class BlkMq(BlkMqCompletion):
         A bio adjacent to no plugged request (every random bio) costs two dict
         lookups in the plug's bounds; the ctx list is looked at only while this CPU
         has put requests on its ctx lists (``queue.ctx_queued``), and then only if its
-        bit in the hctx's ctx_map says it holds some (list_empty_careful())."""
+        bit in the hctx's ctx_map says it holds some (list_empty_careful()).
+
+        The caller holds a reference on the queue for the bio; True if the bio merged
+        (the caller gives that reference back), False if it became a request (which
+        keeps it until it is freed)."""
         self.nr_bios += 1
         if polled and not queue.poll_capable:
             polled = False
@@ -520,11 +570,11 @@ class BlkMq(BlkMqCompletion):
             and queue.merge
             and self.attempt_plug_merge(plug, queue, op, sector, nr_sectors, start_ns, polled)
         ):
-            return
+            return True
         if queue.ctx_queued and self.sched_bio_merge(
             queue, op, sector, nr_sectors, start_ns, polled
         ):
-            return
+            return True
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
         rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
@@ -539,12 +589,13 @@ class BlkMq(BlkMqCompletion):
             rqs.append((queue, hctx, rq_id))
             plug.last_sectors = nr_sectors
             plug.bounds[end] = plug.bounds[sector] = None
-            return
+            return False
         if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
             self.insert_request(queue, rq_id)
             self.run_hw_queue(hctx, True)
         else:
             self.try_issue_directly(queue, hctx, rq_id)
+        return False
 
     def submit_bios(
         self, queue: Queue, ops: list[int], sectors: list[int], lens: list[int], polled: bool
@@ -562,11 +613,18 @@ class BlkMq(BlkMqCompletion):
         takes the queue lock)."""
         plug = self.plug
         clock = self.clock
-        submit_bio = self.submit_bio
         if plug is None or polled or queue.shared or not self._inline_submit:
+            submit_bio = self.submit_bio
             for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
                 submit_bio(queue, op, sector, nr_sectors, clock(), polled)
             return
+        # a reference on the queue for each bio of the batch (the plug is empty here:
+        # a frozen queue is waited for holding none); merged bios give theirs back
+        nr = len(ops)
+        if not queue.q_usage.tryget_live(nr):
+            self.queue_enter(queue, nr)
+        merged = 0
+        submit_one = self.blk_mq_submit_bio
         bounds = plug.bounds
         merge = queue.merge
         hctx_by_op = queue.hctx_by_op
@@ -592,7 +650,7 @@ class BlkMq(BlkMqCompletion):
                     or plug.cached
                     or (shallow_writes and op == _WRITE)
                 ):
-                    submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
+                    merged += submit_one(queue, op, sector, nr_sectors, start_ns, polled)
                     continue
                 fast += 1
                 hctx = hctx_by_op[op]
@@ -630,6 +688,8 @@ class BlkMq(BlkMqCompletion):
                 bounds[end] = bounds[sector] = None
         finally:
             self.nr_bios += fast
+            if merged:
+                self.queue_exit(queue, merged)
 
     # -- merging ---------------------------------------------------------------------------------
 
@@ -774,6 +834,17 @@ class BlkMq(BlkMqCompletion):
             for hctx in dict.fromkeys(h for _q, h, _r in rqs):
                 self.run_hw_queue(hctx, True)
             return
+        # blk_mq_try_issue_list_directly(): each issue checks QUIESCED inside an RCU
+        # read-side section (hctx_lock()); one section covers the whole list
+        reader = rcu.reader
+        reader.lock()
+        try:
+            self._issue_plug_list(rqs)
+        finally:
+            reader.unlock()
+
+    def _issue_plug_list(self, rqs: list[PlugRq]) -> None:
+        """The plug's requests, in order, straight to their drivers (direct issue)."""
         i = 0
         n = len(rqs)
         queued = 0
@@ -832,14 +903,20 @@ class BlkMq(BlkMqCompletion):
                 self.end_request_by_id(queue, rq_id, ret)
 
     def request_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
-        """blk_mq_request_issue_directly(): budget, then ->queue_rq."""
-        a = self.a
-        if a.read(hctx.state_off) & _STOPPED or a.read(queue.flags_off) & _QUIESCED:
-            return BlkStatus.RESOURCE
-        ops = queue.ops
-        if ops.get_budget is not None and not ops.get_budget(self, queue):
-            return BlkStatus.RESOURCE
-        return self._issue_directly(queue, hctx, rq_id, last)
+        """blk_mq_request_issue_directly(): budget, then ->queue_rq, the QUIESCED
+        check and the issue in one RCU read-side section (hctx_lock())."""
+        reader = rcu.reader
+        reader.lock()
+        try:
+            a = self.a
+            if a.read(hctx.state_off) & _STOPPED or a.read(queue.flags_off) & _QUIESCED:
+                return BlkStatus.RESOURCE
+            ops = queue.ops
+            if ops.get_budget is not None and not ops.get_budget(self, queue):
+                return BlkStatus.RESOURCE
+            return self._issue_directly(queue, hctx, rq_id, last)
+        finally:
+            reader.unlock()
 
     def _issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int, last: bool) -> int:
         """__blk_mq_issue_directly()."""
@@ -868,7 +945,15 @@ class BlkMq(BlkMqCompletion):
         return ret
 
     def try_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int) -> None:
-        """blk_mq_try_issue_directly()."""
+        """blk_mq_try_issue_directly(): in an RCU read-side section (hctx_lock())."""
+        reader = rcu.reader
+        reader.lock()
+        try:
+            self._try_issue_directly(queue, hctx, rq_id)
+        finally:
+            reader.unlock()
+
+    def _try_issue_directly(self, queue: Queue, hctx: HwCtx, rq_id: int) -> None:
         a = self.a
         if a.read(hctx.state_off) & _STOPPED or a.read(queue.flags_off) & _QUIESCED:
             self.insert_request(queue, rq_id)

@@ -297,7 +297,11 @@ class BlkMqCompletion:
             self.end_io[q](info, now)  # bio_endio() on the submitting CPU
         else:
             self.sys.bio_done(cpu, q, info)
-        hctx = self.queues[q].hctxs[h]
+        queue = self.queues[q]
+        hctx = queue.hctxs[h]
+        # blk_queue_exit(): the request's reference on the queue
+        if queue.q_usage.put():
+            queue.freeze_wq.wake_up_all()
         # blk_mq_put_tag(): the tag goes back as the submitting CPU's hint after its
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
@@ -388,6 +392,12 @@ class BlkMqCompletion:
         """__blk_mq_sub_active_requests(); below zero is a broken invariant."""
         if self.a.fetch_sub32(hctx.nr_active_off, nr) - nr & 0x80000000:
             self.violation(f"nr_active of {hctx.queue.q.name} hctx{hctx.index} below zero")
+
+    def queue_exit(self, queue: Queue, nr: int) -> None:
+        """blk_queue_exit() of ``nr`` references: the last one of a frozen queue
+        wakes its freezer (blk_queue_usage_counter_release())."""
+        if queue.q_usage.put(nr):
+            queue.freeze_wq.wake_up_all()
 
     def end_request_by_id(self, queue: Queue, rq_id: int, status: int) -> None:
         self.end_request(self.rqs[queue.index][rq_id], status)

@@ -74,10 +74,10 @@ class SqBlkMq(BlkMq):
         if not depth:
             spin_unlock(self.a, queue.lock_off)
 
-    def submit_bio(self, queue, op, sector, nr_sectors, start_ns, polled=False):
+    def blk_mq_submit_bio(self, queue, op, sector, nr_sectors, start_ns, polled=False):
         self._lock(queue)
         try:
-            super().submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
+            return super().blk_mq_submit_bio(queue, op, sector, nr_sectors, start_ns, polled)
         finally:
             self._unlock(queue)
 

@@ -17,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from mqrt.block.blk_mq_types import HctxState
+from mqrt.lib import rcu
 
 if TYPE_CHECKING:
     from mqrt.block.blk_mq import BlkMq
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
 
 
 def dispatch_requests(mq: BlkMq, hctx: HwCtx) -> None:
+    """__blk_mq_run_hw_queue(): :func:`sched_dispatch_requests` inside an RCU
+    read-side section (hctx_lock()), so that once blk_mq_quiesce_queue() has set
+    QUIESCED and waited for a grace period no dispatch is left running."""
+    reader = rcu.reader
+    reader.lock()
+    try:
+        sched_dispatch_requests(mq, hctx)
+    finally:
+        reader.unlock()
+
+
+def sched_dispatch_requests(mq: BlkMq, hctx: HwCtx) -> None:
     """blk_mq_sched_dispatch_requests() with no elevator: the dispatch list first
     (marking SCHED_RESTART), then one ctx at a time while the hctx is busy, else
     every busy ctx at once."""

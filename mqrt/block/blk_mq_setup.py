@@ -56,6 +56,7 @@ from mqrt.block.blk_mq_structs import (
     CTX_MAP_SHIFT,
     HCTX,
     QUEUE,
+    QUEUE_OFF_FREEZE_WQ,
     RQ_ALLOCATED,
     RQ_U16_LIMIT,
     SHARED_TAG_MODELS,
@@ -78,8 +79,10 @@ from mqrt.block.blk_mq_types import (
     BlkMqOps,
     QueueFlag,
 )
+from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.sbitmap import UINT_MAX, Sbitmap
 from mqrt.lib.shm import Arena, Layout
+from mqrt.lib.wait import WaitQueue
 
 #: The layout's id space for request queues (the kernel's blk_queue_ida).
 QUEUE_IDA = "blk_queue"
@@ -520,6 +523,7 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
                 lists.append(declare_rq_list(layout, f"{name}.cpu{cpu}.rq_list{t}", depth))
         q.ctx_lists.append(lists)
     q.requeue_list = declare_rq_list(layout, f"{name}.requeue_list", len(tset.tags) * depth)
+    q.q_usage = PercpuRef.declare(layout, f"{name}.q_usage_counter", tset.nr_cpus)
 
 
 def init_sq_queue(
@@ -657,6 +661,8 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
             flags |= 1 << QueueFlag.SAME_FORCE
         v["queue_flags"] = flags
         del v
+        PercpuRef.init(arena, q.q_usage)
+        WaitQueue.init(arena, q.header.addr(0) + QUEUE_OFF_FREEZE_WQ)
         for hctx in q.hctxs:
             assert hctx.ctx_map is not None  # declared by init_queue
             Sbitmap.init(arena, hctx.ctx_map)

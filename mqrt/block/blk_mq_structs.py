@@ -60,6 +60,7 @@ from mqrt.block.blk_mq_types import (
 from mqrt.block.blk_settings import QueueLimits
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.idr import Ida
+from mqrt.lib.percpu_ref import PercpuRef, PercpuRefSpec
 from mqrt.lib.sbitmap import SbitmapSpec, SbqGeneration
 from mqrt.lib.shm import (
     CACHELINE,
@@ -71,7 +72,7 @@ from mqrt.lib.shm import (
     field_offset,
     struct_of,
 )
-from mqrt.lib.wait import spin_lock, spin_unlock
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock, spin_unlock
 
 #: The statuses with which a driver refuses a request for now.
 _BUSY = (int(BlkStatus.RESOURCE), int(BlkStatus.DEV_RESOURCE))
@@ -249,7 +250,12 @@ QUEUE = cacheline_struct(
     [("queue_flags", "<u8")],  # QUEUE_FLAG_* bits
     [("queue_lock", "<u8")],  # the legacy queue_lock (bit 0): --mode sq only
     [("nr_active_requests_shared_tags", "<i4"), ("max_active", "<i4")],
+    # the transitions' nesting (the sysfs writer's, fully ordered RMWs), and
+    # mq_freeze_wq: the freezer waits there for q_usage_counter to drain, submitters
+    # for the queue to thaw
+    [("mq_freeze_depth", "<i4"), ("quiesce_depth", "<i4"), ("mq_freeze_wq", WAIT_QUEUE_HEAD)],
 )
+QUEUE_OFF_FREEZE_WQ = field_offset(QUEUE, "mq_freeze_wq")
 
 
 @dataclass(frozen=True)
@@ -561,6 +567,8 @@ class RequestQueue:
     header: Region = field(init=False, repr=False)
     hctx_region: Region = field(init=False, repr=False)
     requeue_list: RqListSpec = field(init=False, repr=False)
+    #: q->q_usage_counter: a reference per request (and per bio until it has one)
+    q_usage: PercpuRefSpec = field(init=False, repr=False)
     #: the id space ``index`` came from (cleanup_queue gives it back)
     ida: Ida = field(init=False, repr=False)
 
@@ -829,8 +837,17 @@ class HwCtx:
 class Queue:
     """A CPU's handle on a request queue: its hctxs and this CPU's ctx."""
 
-    def __init__(self, arena: Arena, q: RequestQueue, tags: list[Tags | None], cpu: int):
-        """``tags``: this CPU's handles on the set's tags, parallel to ``set.tags``."""
+    def __init__(
+        self,
+        arena: Arena,
+        q: RequestQueue,
+        tags: list[Tags | None],
+        cpu: int,
+        waiters: Waiters | None = None,
+    ):
+        """``tags``: this CPU's handles on the set's tags, parallel to ``set.tags``;
+        ``waiters``: the task's waiter slot (it sleeps on ``mq_freeze_wq`` while the
+        queue is frozen; without one it only wakes)."""
         self.q = q
         self.index = q.index
         self.tset = q.tag_set
@@ -864,6 +881,14 @@ class Queue:
         o = q.header.offsets()
         self.flags_off = o.queue_flags
         self.lock_off = o.queue_lock
+        self.freeze_depth_off = o.mq_freeze_depth
+        self.quiesce_depth_off = o.quiesce_depth
+        #: q->q_usage_counter, counted on this CPU's line
+        self.q_usage = PercpuRef(arena, q.q_usage, cpu)
+        #: q->mq_freeze_wq
+        self.freeze_wq_head = q.header.addr(0) + QUEUE_OFF_FREEZE_WQ
+        if waiters is not None:
+            self.freeze_wq = WaitQueue(waiters, self.freeze_wq_head)
         self.requeue_list = RqList(arena, q.requeue_list)
         self.set_limits(q.limits)
         #: blk_queue_nomerges() is false: bios may merge (plug, ctx list)

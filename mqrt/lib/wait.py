@@ -68,8 +68,9 @@ import enum
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -120,6 +121,8 @@ LONG_SPIN_YIELDS = 256
 long_spin_hook: Callable[[], None] | None = None
 
 NIL = -1
+
+T = TypeVar("T")
 
 #: cond_resched() for a process: reading this thread's CPU clock makes the host
 #: kernel account the time the task has run (update_curr()), and an EEVDF scheduler
@@ -498,6 +501,39 @@ class WaitQueue:
         finally:
             spin_unlock(self.a, self._lock)
         return out
+
+
+# -- tasks written as generators ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaitEvent:
+    """What a task written as a generator yields to sleep: wait_event() on the wait
+    queue whose head is at byte offset ``head`` until ``cond()`` holds.  The task's
+    runner queues the task's own entry (prepare_to_wait), looks at ``cond`` once more,
+    and resumes the generator once a wake-up finds it true."""
+
+    head: int
+    cond: Callable[[], bool]
+
+
+def run_task(task: Generator[WaitEvent, None, T], waiters: Waiters) -> T:
+    """Run a task written as a generator in a process that has nothing else to do
+    (a test, a tool): each :class:`WaitEvent` it yields is a real sleep of
+    ``waiters``' slot on that wait queue.  Returns what the task returns."""
+    try:
+        event = next(task)
+        while True:
+            wq = WaitQueue(waiters, event.head)
+            while True:
+                wq.prepare_to_wait()
+                if event.cond():
+                    break
+                waiters.schedule()
+            wq.finish_wait()
+            event = task.send(None)
+    except StopIteration as done:
+        return done.value
 
 
 # -- one wait point with precise timeouts --------------------------------------------------------

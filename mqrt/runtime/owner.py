@@ -45,7 +45,7 @@ from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_pl
 from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
-from mqrt.lib import inject, proc, signals, wire
+from mqrt.lib import inject, proc, rcu, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -125,6 +125,7 @@ class _Run:
         self.messages = list(dict.fromkeys(self.messages))
         self.wspec = Waiters.declare(layout, self.n)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
+        self.rcu_spec = rcu.declare(layout, self.n)
         self.trace_spec = (
             TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
         )
@@ -170,6 +171,7 @@ class _Run:
         init_shared(arena, self.queues, self.spec.seed)
         ops.init_shared(arena)
         Waiters.init(arena, self.wspec)
+        rcu.init(arena, self.rcu_spec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.fds += self.eventfds
         self.fds += ops.make_fds()
@@ -323,6 +325,7 @@ class _Run:
                 mode=spec.mode,
                 queue_jobs=spec.queue_jobs,
                 actions=spec.actions,
+                rcu=self.rcu_spec,
                 trace=self.trace_spec,
                 profile_dir=spec.profile_dir,
                 pools=self.pools,
