@@ -29,6 +29,7 @@ from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_setup import init_shared, teardown
 from mqrt.block.blk_mq_structs import HwCtxSpec, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
+from mqrt.lib import rcu
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
 
@@ -133,11 +134,19 @@ class Rig:
         self.topology = Topology.emulated(nr_cpus)
         self.ops, self.queues = setup(self.layout, self.topology)
         self.wspec = Waiters.declare(self.layout, nr_cpus)
+        self.rcu_spec = rcu.declare(self.layout, nr_cpus)
         self.arena = Arena.create(self.layout)
         init_shared(self.arena, self.queues)
         self.ops.init_shared(self.arena)
         Waiters.init(self.arena, self.wspec)
+        rcu.init(self.arena, self.rcu_spec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
+        # One process plays every CPU: a grace period needs no IPI (none of the others
+        # can be inside a read-side section while this one runs).
+        self._rcu = rcu.RcuReader(
+            self.arena, self.rcu_spec, cpu, Waiters(self.arena, self.wspec, self.eventfds, None)
+        )
+        rcu.install(self._rcu)
         self.cpus: list[ScriptedCpu] = []
         self.mqs: list[BlkMq] = []
         on_cpus = list(range(nr_cpus)) if on_cpus is None else list(on_cpus)
@@ -167,6 +176,8 @@ class Rig:
         teardown(self.queues)
 
     def close(self) -> None:
+        if rcu.reader is self._rcu:  # the latest rig's: gone with its arena
+            rcu.install(rcu.RcuNesting())
         for mq in self.mqs:
             mq.close()
         for fd in self.eventfds:

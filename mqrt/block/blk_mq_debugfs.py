@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.shm import Arena
 
 
 def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
     """At the end of a run (every CPU stopped): no tag still allocated, every request
-    IDLE and unowned, nr_active back to 0, lists empty.  Returns counts and the
+    IDLE and unowned, nr_active back to 0, no reference on a queue but its own,
+    lists empty.  Returns counts and the
     first few problems found."""
     problems: list[str] = []
     leaked_tags = 0
@@ -49,7 +51,14 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                 if used and len(problems) < 10:
                     problems.append(f"{sb.name}: {used} tags still allocated")
     negative_active = 0
+    queue_refs = 0
     for q in queues:
+        # q_usage_counter: the initial reference only (none while frozen and drained)
+        ref = PercpuRef(arena, q.q_usage, 0)
+        held = ref.outstanding() - (0 if ref.is_dying() else 1)
+        if held:
+            queue_refs += held
+            problems.append(f"{q.name}: q_usage_counter holds {held} references at the end")
         v = arena.view(q.hctx_region)
         for h, nr in enumerate(v["nr_active"]):
             if nr != 0:
@@ -66,6 +75,7 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
         "leaked_tags": leaked_tags,
         "owned_requests": busy_rqs,
         "nr_active_negative": negative_active,
+        "queue_refs": queue_refs,
         "problems": problems,
     }
 
