@@ -116,7 +116,7 @@ def lookup(name: str) -> Attribute:
 # -- queue/nr_requests ---------------------------------------------------------------------------
 
 
-def _parse_nr_requests(text: str | None) -> int:
+def queue_requests_parse(text: str | None) -> int:
     try:
         nr = int(text or "")
     except ValueError:
@@ -126,7 +126,7 @@ def _parse_nr_requests(text: str | None) -> int:
     return nr
 
 
-def _check_nr_requests(nr: int, queue: QueueInfo) -> None:
+def queue_requests_check(nr: int, queue: QueueInfo) -> None:
     lo, hi = queue.nr_reserved_tags + 1, queue.nr_tags
     if not lo <= nr <= hi:
         raise SysfsError(
@@ -144,7 +144,7 @@ def nr_requests(mq: Any, q: int) -> int:
     return 0
 
 
-def _store_nr_requests(ctx: StoreCtx, q: int, nr: int) -> Store:
+def queue_requests_store(ctx: StoreCtx, q: int, nr: int) -> Store:
     """queue_requests_store() -> blk_mq_update_nr_requests(): each tags' bitmap resized
     (sbitmap_queue_resize, which recomputes wake_batch).  The kernel freezes and
     quiesces the queue around it; this store does not (the resize runs under load)."""
@@ -161,9 +161,9 @@ register(
     Attribute(
         name="queue/nr_requests",
         help="queue/nr_requests=N: the tags allocatable, 1..the tag set's queue depth",
-        parse=_parse_nr_requests,
-        check=_check_nr_requests,
-        store=_store_nr_requests,
+        parse=queue_requests_parse,
+        check=queue_requests_check,
+        store=queue_requests_store,
     )
 )
 
