@@ -54,6 +54,7 @@ from mqrt.block.blk_mq import BlkMq
 from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
+from mqrt.block.blk_sysfs import StoreCtx, TimedWrite
 from mqrt.lib import inject, rcu, retries, trace, wait, wire
 from mqrt.lib.proc import child_init
 from mqrt.lib.rcu import RcuReader, RcuSpec
@@ -61,6 +62,7 @@ from mqrt.lib.shm import Arena, Region, cacheline_struct
 from mqrt.lib.trace import Tracer, TraceSpec
 from mqrt.lib.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
+from mqrt.workers.kthread import Writer
 
 IPI = struct.Struct("<BBHiIiQQQQ")
 IPI_COMPLETE, IPI_RUN, IPI_BIO_DONE, IPI_RCU = 1, 2, 3, 4
@@ -123,11 +125,13 @@ class CpuPlan:
     #: per request queue, the job to run on it (None: ``job`` on every queue); the
     #: run's runtime, ramp_time and hipri come from ``job``
     queue_jobs: list[JobSpec] | None = None
-    #: (seconds after the start, action, args) run once by CPU 0: a sysfs write in
-    #: the middle of a run, e.g. ("nr_requests", (queue, nr))
-    actions: list[tuple[float, str, tuple]] | None = None
     #: the run's RCU state (grace periods ask every CPU for a quiescent state)
     rcu: RcuSpec | None = None
+    #: the run's timed sysfs writes, made by the writer task of CPU 0
+    #: (workers/kthread.py), bound to the run's queues
+    timeline: list[TimedWrite] | None = None
+    #: the writer task's waiter slot (its eventfd is in CPU 0's wait point)
+    writer_slot: int = -1
     trace: TraceSpec | None = None  #: the event trace's rings, if the run traces
     #: cProfile this CPU into DIR/cpuN.prof (``mqrt bench --profile``; the variable
     #: MQRT_PROFILE_DIR does the same for any run)
@@ -215,6 +219,15 @@ class Cpu:
         )
         self.driver_irq_poll = plan.driver.irq_poll
         self._fds = [self.ipi_fd, self.efd, ctl.fileno(), *self.irq_handlers]
+        #: the sysfs writer task (CPU 0 of a run with a timeline): its own waiter
+        #: slot and eventfd, in this CPU's wait point; the task is made at the start
+        self.writer: Writer | None = None
+        self.writer_waiters: Waiters | None = None
+        self.writer_efd = -1
+        if plan.timeline and plan.writer_slot >= 0:
+            self.writer_waiters = Waiters(plan.arena, plan.waiters, plan.eventfds, plan.writer_slot)
+            self.writer_efd = plan.eventfds[plan.writer_slot]
+            self._fds.append(self.writer_efd)
         self.epoll = select.epoll()
         for fd in self._fds:
             self.epoll.register(fd, select.EPOLLIN)
@@ -429,6 +442,10 @@ class Cpu:
             deadlines.append(min(self.runs.values()))
         if until_ns is not None:
             deadlines.append(until_ns)
+        if self.writer is not None:
+            due = self.writer.next_ns()
+            if due is not None:
+                deadlines.append(due)
         if self.softirqs or self.requeue_pending or self.outbox:
             return 0.0 if not self.outbox else 0.001
         if not deadlines:
@@ -453,14 +470,20 @@ class Cpu:
                 msg = wire.recv_command(self.ctl)
             except EOFError:
                 self.exiting = self.stopping = True
+                if self.writer is not None:
+                    self.writer.stop()
                 return
             match msg:
                 case wire.Stop():
                     self.stopping = True
+                    if self.writer is not None:
+                        self.writer.stop()
                     if not self._abandon_ns:
                         self._abandon_ns = self.clock() + STOP_DRAIN_NS
                 case wire.Exit():
                     self.exiting = self.stopping = True
+                    if self.writer is not None:
+                        self.writer.stop()
                 case wire.Start(t0_ns=t0):
                     self._start_ns = t0
 
@@ -513,6 +536,11 @@ class Cpu:
         spec = self.plan.job
         ramp_ns = int(spec.ramp_time * 1e9)
         end_ns = t0 + ramp_ns + int(spec.runtime * 1e9)
+        if self.writer_waiters is not None and self.plan.timeline:
+            ctx = StoreCtx(self.mq, self.writer_waiters, self, self.clock)
+            self.writer = Writer(
+                self.plan.timeline, ctx, self.writer_waiters, t0, end_ns, self.clock
+            )
         for job in self.jobs:
             job.record_from_ns = t0 + ramp_ns
         now = self.clock()
@@ -534,15 +562,13 @@ class Cpu:
         with contextlib.suppress(Stopped):
             while not self.exiting:
                 self._serve(None)
+        if self.writer is not None:
+            self.writer.close()
         self._report()
 
     def _setup_periodic(self, t0: int) -> None:
         plan = self.plan
         driver = plan.driver
-        if self.cpu == 0:
-            for at_s, action, args in plan.actions or ():
-                fn = {"nr_requests": self.mq.update_nr_requests}[action]
-                self._add_work(t0 + int(at_s * 1e9), fn, *args)
         for q, owner in enumerate(plan.timeout_scan_cpu):
             if owner == self.cpu:
                 queue = self.mq.queues[q]
@@ -684,12 +710,24 @@ class Cpu:
             # A busy CPU's look between batches, where it holds no plugged tags: the
             # host may switch to another CPU of this core here rather than mid-plug.
             wait.cond_resched()
+        # The writer task parked on a wait queue blocks with the CPU: its waker must
+        # write its eventfd, unless it woke it already (then the CPU does not block).
+        ww = self.writer_waiters
+        writer_blocked = False
+        if timeout != 0.0 and ww is not None and self.writer and self.writer.parked:
+            writer_blocked = ww.block()
+            if not writer_blocked:
+                timeout = 0.0
         blocked = in_sleep and timeout != 0.0
         if blocked and not self.waiters.block():
+            if writer_blocked and ww is not None:
+                ww.unblock()
             return  # a waker already set the task running: no need to block
         fds = wait.wait_fds(self.epoll, self._fds, timeout)
         if blocked:
             self.waiters.unblock()
+        if writer_blocked and ww is not None:
+            ww.unblock()
         for fd in fds:
             if fd == self.ipi_fd:
                 self._handle_ipis()
@@ -699,9 +737,13 @@ class Cpu:
                 # A wake-up, or a late one for a wait already over: the state word
                 # decides whether the task still sleeps (Cpu._sleep looks again).
                 self.waiters.drain()
+            elif fd == self.writer_efd and ww is not None:
+                ww.drain()  # the same, for the writer task
             else:
                 self._handle_ctl()
         self._interrupts()
+        if self.writer is not None:
+            self.writer.run()
         if timeout != 0.0 and self.clock() >= self._next_pub:
             self._publish(self._phase)  # the heartbeat of an idle CPU
 
@@ -755,6 +797,7 @@ class Cpu:
             "hctx": hctx_stats,
             "violations": mq.violations,
             "jobs": [j.to_wire() for j in self.jobs],
+            "sysfs": self.writer.report() if self.writer is not None else {},
         }
         self._send_res(wire.CpuResult(report))
 

@@ -20,6 +20,9 @@ The subset of fio's job file format (fio HOWTO, "Job file format") that mqrt rea
   the working directory, where fio looks first); includes nest up to
   :data:`MAX_INCLUDE_DEPTH` deep, a cycle is an error, and an included file may not
   contain sections (as in fio).
+* ``at=`` and ``every=`` (mqrt's timeline of sysfs writes, :mod:`mqrt.bench.timeline`)
+  may be given on several lines: each line is one more write (a global section's
+  come first), kept in :attr:`JobSection.timeline` with its line, not in ``options``.
 * Not supported: fio's reserved keywords (``$ncpus``, ``$mb_memory``,
   ``$pagesize``), arithmetic in values, and several job files per run.
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +55,8 @@ __all__ = [
 
 #: How deep ``include`` may nest.
 MAX_INCLUDE_DEPTH = 16
+#: Options that add one more value with each line (the timeline's writes).
+LIST_OPTIONS = ("at", "every")
 
 _ENV = re.compile(r"\$\{([^}]*)\}")
 _COMMENT = re.compile(r"[#;]")
@@ -79,6 +84,8 @@ class JobSection:
     lines: dict[str, tuple[str, int]]
     #: Where the ``[section]`` header is: (file, line).
     header: tuple[str, int]
+    #: :data:`LIST_OPTIONS` given, in file order: (option, value, file, line)
+    timeline: list[tuple[str, str, str, int]] = field(default_factory=list)
 
     def line_of(self, option: str) -> str:
         """``file:line`` where ``option`` was set (the section header if it was not)."""
@@ -142,11 +149,19 @@ def _read(path: Path, display: str, at: str | None) -> str:
 
 
 class _Section:
-    def __init__(self, name: str, file: str, line: int, defaults: dict[str, _Opt]) -> None:
+    def __init__(
+        self,
+        name: str,
+        file: str,
+        line: int,
+        defaults: dict[str, _Opt],
+        lists: list[tuple[str, _Opt]],
+    ) -> None:
         self.name = name
         self.header = (file, line)
         self.is_global = name.startswith("global")  # fio: strncmp(name, "global", 6)
         self.opts: dict[str, _Opt] = dict(defaults)
+        self.lists: list[tuple[str, _Opt]] = list(lists)  #: LIST_OPTIONS, in order
 
 
 class _Parser:
@@ -154,6 +169,7 @@ class _Parser:
         self.known = None if known is None else {canonical(k) for k in known}
         self.flags = None if flags is None else {canonical(k) for k in flags}
         self.defaults: dict[str, _Opt] = {}
+        self.default_lists: list[tuple[str, _Opt]] = []
         self.section: _Section | None = None
         self.jobs: list[JobSection] = []
         self.names: dict[str, str] = {}  # job name -> file:line of its header
@@ -198,7 +214,7 @@ class _Parser:
         if not name:
             raise KnobError(f"{at}: empty section name {line!r}")
         self._close()
-        section = _Section(name, file, lineno, self.defaults)
+        section = _Section(name, file, lineno, self.defaults, self.default_lists)
         if not section.is_global:
             if name in self.names:
                 raise KnobError(
@@ -213,6 +229,7 @@ class _Parser:
             return
         if section.is_global:
             self.defaults = section.opts
+            self.default_lists = section.lists
             return
         opts = section.opts
         self.jobs.append(
@@ -221,6 +238,7 @@ class _Parser:
                 options={k: o.value for k, o in opts.items()},
                 lines={k: (o.file, o.line) for k, o in opts.items()},
                 header=section.header,
+                timeline=[(k, o.value, o.file, o.line) for k, o in section.lists],
             )
         )
 
@@ -257,6 +275,9 @@ class _Parser:
             value = "1"
         value = _expand(value, at, key)
         assert self.section is not None
+        if name in LIST_OPTIONS:
+            self.section.lists.append((name, _Opt(value, file, lineno)))
+            return
         opts = self.section.opts
         opts.pop(name, None)  # a later setting moves to the end: file order
         opts[name] = _Opt(value, file, lineno)

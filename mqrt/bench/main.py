@@ -182,6 +182,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sbq.clear.before_wake, tag.get.before_sleep, ...) wait up to MAX_US "
         "microseconds, PCT percent of the time (seeded by --seed)",
     )  # fmt: skip
+    tl = p.add_argument_group(
+        "timeline (sysfs writes during the run, made in turn by a writer task on CPU 0; "
+        "times after the run's start: 2s, 2.5s, 500ms, 250us, a bare number is seconds)"
+    )
+    tl.add_argument(
+        "--at", action="append", default=[], metavar="TIME:WRITE",
+        help="write once at TIME; WRITE is [DEV/]ATTR=VALUE or [DEV/]VERB[=ARG], DEV a "
+        "queue of the run (nullb0, nvme0n1, ...; none: every queue in turn). Attributes: "
+        f"{_attributes_help()}. E.g. --at 2s:nullb0/queue/nr_requests=32. Repeatable",
+    )  # fmt: skip
+    tl.add_argument(
+        "--every", action="append", default=[], metavar="PERIOD[@FROM[..TO]]:WRITE",
+        help="write every PERIOD (>= 1ms) from FROM (default 0) while before TO (default: "
+        "the run's end); a tick due while another write runs starts late, ticks that "
+        "passed meanwhile are skipped (counted). E.g. --every 50ms@1s..3s:queue/nr_requests=16. "
+        "Repeatable",
+    )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument(
         "--output-format",
@@ -232,6 +249,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _attributes_help() -> str:
+    from mqrt.block.blk_sysfs import ATTRIBUTES
+
+    return "; ".join(a.help for a in ATTRIBUTES.values())
+
+
 #: fio's --output-format values.
 OUTPUT_FORMATS = ("normal", "json", "json+", "terse")
 
@@ -261,8 +284,29 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {k[5:]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
 
 
-def build(given: dict[str, Any]):
-    """Validate every option and build the RunSpec (UsageError-free: KnobError)."""
+def build(given: dict[str, Any], timeline: list | None = None):
+    """Validate every option and build the RunSpec (UsageError-free: KnobError);
+    ``timeline``: the run's parsed --at/--every writes (mqrt.bench.timeline), checked
+    here against the queues the configuration makes."""
+    spec, config, queues = _build(given)
+    if timeline:
+        from mqrt.bench.timeline import TimelineError, bind
+
+        if spec.mode == "raw":
+            raise TimelineError(
+                f"{timeline[0].source}: {timeline[0].text!r}: --mode raw has no block "
+                "layer, so no queue attributes"
+            )
+        bind(timeline, queues)
+        spec.timeline = list(timeline)
+        config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
+    return spec, config
+
+
+def _build(given: dict[str, Any]):
+    """build() without the timeline: the RunSpec, the report's configuration and the
+    queues the run will have (mqrt.block.blk_sysfs.QueueInfo)."""
+    from mqrt.block.blk_sysfs import QueueInfo
     from mqrt.device import null_blk, nvme
     from mqrt.device.nvme_model import DEVICE_KNOBS
     from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
@@ -284,6 +328,8 @@ def build(given: dict[str, Any]):
     if wrong:
         raise KnobError(f"{wrong[0]}: an nvme option; add --driver nvme")
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
+    # null_add_dev(): nullbN, each queue with the set's hw_queue_depth tags
+    queues = [QueueInfo(f"nullb{i}", i, nullb.hw_queue_depth) for i in range(nullb.nr_devices)]
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = nullb.gb << 30
     if job.min_bs % nullb.blocksize:
@@ -315,7 +361,8 @@ def build(given: dict[str, Any]):
         )
         return ops, queues, dev_bytes
 
-    return _spec(job, runv, setup, cpus_allowed, "nullb", null_blk.describe(nullb))
+    spec, config = _spec(job, runv, setup, cpus_allowed, "nullb", null_blk.describe(nullb))
+    return spec, config, queues
 
 
 def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
@@ -393,7 +440,14 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
         )
         return ops, queues, dev_bytes
 
-    return _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))
+    from mqrt.block.blk_sysfs import QueueInfo
+
+    # the namespaces' queues, nvme0n1.., on the I/O tag set (one SQ slot kept empty)
+    queues = [
+        QueueInfo(f"nvme0n{i + 1}", i, cfg.io_queue_depth - 1) for i in range(cfg.nr_namespaces)
+    ]
+    spec, config = _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))
+    return spec, config, queues
 
 
 def _generation(runv):
@@ -511,10 +565,15 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     points (each with its RunSpec), the axes with typed values, the repetitions, and
     whether this is the default sweep."""
     from mqrt.bench.sweep import points, split_axes
+    from mqrt.bench.timeline import TimelineError
+    from mqrt.bench.timeline import parse as parse_timeline
 
     given = _given(args)
     knobs = _all_knobs()
-    is_default = not given and not args.jobfile
+    cli_timeline = parse_timeline(
+        getattr(args, "at", None) or [], getattr(args, "every", None) or [], "--"
+    )
+    is_default = not given and not args.jobfile and not cli_timeline
     repeat = args.repeat or (DEFAULT_REPEAT if is_default else 1)
     sections: list[tuple[str | None, dict[str, Any], Any, dict[str, str]]] = []
     if is_default:
@@ -526,8 +585,13 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     planned = []
     axes_all: dict[str, list[Any]] = {}
     for name, options, sec, report_opts in sections:
+        timeline = _section_timeline(sec)
+        if "_members" in options:  # every member's writes, each once (a global's)
+            for _m, _o, msec, _r in options["_members"][1:]:
+                timeline += [w for w in _section_timeline(msec) if w not in timeline]
+        timeline += cli_timeline
         if "_members" in options:
-            p = _plan_group(options["_members"])
+            p = _plan_group(options["_members"], timeline)
             p.params = {"job": name}
             planned.append(p)
             axes_all.setdefault("job", []).append(name)
@@ -538,7 +602,9 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
             raise sec.located(exc) if sec is not None else exc from None
         for p in points(base, axes):
             try:
-                spec, config = build(dict(p.given))
+                spec, config = build(dict(p.given), timeline)
+            except TimelineError:
+                raise  # it names its option and where it was given
             except KnobError as exc:
                 where = f" (at {_point_label(name, p.params)})" if axes or name else ""
                 err = KnobError(f"{exc}{where}")
@@ -561,7 +627,17 @@ def plan_points(args: argparse.Namespace) -> tuple[list, dict[str, list[Any]], i
     return planned, axes_all, repeat, is_default
 
 
-def _plan_group(members: list):
+def _section_timeline(sec) -> list:
+    """A job section's ``at=`` and ``every=`` lines, parsed (errors with file:line)."""
+    from mqrt.bench.timeline import parse_at, parse_every
+
+    if sec is None:
+        return []
+    parsers = {"at": parse_at, "every": parse_every}
+    return [parsers[key](value, f"{file}:{line}: {key}") for key, value, file, line in sec.timeline]
+
+
+def _plan_group(members: list, timeline: list | None = None):
     """One point running fio's jobs of a group side by side: every member's clones
     on CPUs of their own (member after member, as fio's cpus_allowed_policy=split
     deals them out), one RunSpec."""
@@ -592,8 +668,12 @@ def _plan_group(members: list):
             first_given = given
     assert first_given is not None
     sec0 = members[0][2]
+    from mqrt.bench.timeline import TimelineError
+
     try:
-        spec, config = build({**first_given, "cpus": len(cpu_jobs)})
+        spec, config = build({**first_given, "cpus": len(cpu_jobs)}, timeline)
+    except TimelineError:
+        raise
     except KnobError as exc:
         raise sec0.located(exc) from None
     spec.job = max(cpu_jobs, key=lambda j: j.ramp_time + j.runtime)

@@ -25,8 +25,9 @@ from mqrt.block.blk_stat import (
     parse_percentile_list,
 )
 
-#: Version of the ``mqrt`` object; 2 added the sweep and its points.
-SCHEMA = "mqrt.bench/2"
+#: Version of the ``mqrt`` object; 2 added the sweep and its points, 3 each run's
+#: ``transitions`` (the timeline's sysfs writes).
+SCHEMA = "mqrt.bench/3"
 
 
 def _merge_jobs(result, q: int) -> dict[str, Any]:
@@ -300,7 +301,41 @@ def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
         "device": {**result.device, **device_costs(result.device)},
         "driver": _sum_driver(result),
         "messages": result.messages,
+        "transitions": transitions(result.sysfs),
     }
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def transitions(sysfs: dict[str, Any]) -> dict[str, Any]:
+    """The timeline's writes of one run: every transition (``list``: times in ns after
+    the run's start), each --at/--every's ticks started, late and skipped
+    (``writes``), and per attribute (``summary``) the count, the duration's median
+    and maximum and the median of each numeric field its store reported."""
+    trans = sysfs.get("transitions", [])
+    own = {"write", "attr", "dev", "value", "scheduled_ns", "start_ns", "end_ns", "duration_ns"}
+    summary: dict[str, dict[str, Any]] = {}
+    for attr in dict.fromkeys(t["attr"] for t in trans):
+        mine = [t for t in trans if t["attr"] == attr]
+        durations = [t["duration_ns"] for t in mine]
+        fields: dict[str, list[float]] = {}
+        for t in mine:
+            for k, v in t.items():
+                if k not in own and isinstance(v, int | float) and not isinstance(v, bool):
+                    fields.setdefault(k, []).append(v)
+        summary[attr] = {
+            "count": len(mine),
+            "errors": sum("error" in t for t in mine),
+            "aborted": sum(bool(t.get("aborted")) for t in mine),
+            "duration_ns_median": _median(durations),
+            "duration_ns_max": max(durations),
+            "fields_median": {k: _median(v) for k, v in fields.items()},
+        }
+    return {"list": trans, "writes": sysfs.get("writes", []), "summary": summary}
 
 
 def _sum_driver(result) -> dict[str, int]:

@@ -254,6 +254,7 @@ def _mqrt_lines(m: dict[str, Any], out) -> None:
             print(f"  ! {p}", file=out)
     for msg in m["messages"]:
         print(f"mqrt: note: {msg}", file=out)
+    _transition_lines(m.get("transitions", {}), out)
     totals: dict[str, int] = {}
     for c in m["cpus"]:
         for k, v in {**c["blk_mq"], **c["counters"]}.items():
@@ -271,6 +272,29 @@ def _mqrt_lines(m: dict[str, Any], out) -> None:
         "write_merges",
     )
     print("mqrt: " + ", ".join(f"{k}={totals.get(k, 0)}" for k in keys), file=out)
+
+
+def _transition_lines(tr: dict[str, Any], out) -> None:
+    """The timeline's writes: per attribute, how many, how long, what their stores
+    reported (medians); per --at/--every, late and skipped ticks."""
+    if not tr.get("writes"):
+        return
+    print("mqrt: transitions:", file=out)
+    for attr, s in tr["summary"].items():
+        fields = "".join(f", {k} {v:g}" for k, v in s["fields_median"].items())
+        bad = "".join(f", {s[k]} {k}" for k in ("errors", "aborted") if s[k])
+        print(
+            f"  {attr}: {s['count']} writes{bad}, duration median "
+            f"{_us(s['duration_ns_median'])} max {_us(s['duration_ns_max'])}{fields} "
+            "(medians)",
+            file=out,
+        )
+    for w in tr["writes"]:
+        print(
+            f"  {w['kind']} {w['write']}: {w['started']} started, {w['late']} late, "
+            f"{w['skipped']} skipped",
+            file=out,
+        )
 
 
 def render_report(report: dict[str, Any], out) -> None:

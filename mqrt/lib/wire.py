@@ -75,6 +75,9 @@ class CpuReport(TypedDict):
     hctx: list[dict[str, int]]  #: per hctx with activity: q, hctx and its counters
     violations: list[str]  #: broken invariants it saw
     jobs: list[dict[str, Any]]  #: per request queue, the job's statistics
+    #: CPU 0 of a run with a timeline: its sysfs writer's ``transitions`` (one per
+    #: write made) and ``writes`` (per --at/--every: started, late, skipped); else {}
+    sysfs: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,9 @@ class Scenario:
     #: the injected spinning delays take the CPU's pending interrupts, nested in the
     #: task's operation (see mqrt.lib.inject)
     inject_irqs: bool = False
-    #: sysfs writes during the run: (seconds after the start, action, args)
-    actions: tuple[tuple[float, str, tuple], ...] = ()
+    #: sysfs writes during the run, as ``mqrt bench --at`` takes them
+    #: (``"0.3s:nullb0/queue/nr_requests=4"``; mqrt.bench.timeline)
+    timeline: tuple[str, ...] = ()
     attempt_s: float = 5.0
 
     def injected_window(self) -> str:

@@ -132,6 +132,7 @@ def main_list(args: argparse.Namespace) -> int:
             "detectors": list(b.detectors),
             "interleaving": b.interleaving,
             "window": b.window,
+            "timeline": list(b.scenario.timeline),
         }
         for b in CATALOGUE.values()
     ]
@@ -144,6 +145,8 @@ def main_list(args: argparse.Namespace) -> int:
         kind = "race" if b.interleaving else "logic"
         print(f"{b.name:<{width}}  {b.commit:<{cw}}  {kind}  {b.what}")
         print(f"{'':<{width}}  {'':<{cw}}  {'':4}  ({b.subject})")
+        if b.scenario.timeline:
+            print(f"{'':<{width}}  {'':<{cw}}  {'':4}  timeline: {', '.join(b.scenario.timeline)}")
     n = sum(b.interleaving for b in CATALOGUE.values())
     print(
         f"\n{len(CATALOGUE)} bugs: {n} races (need two CPUs to interleave in a window), "
@@ -404,6 +407,7 @@ def run_bug(
         "seed": seed,
         "seed_found": seed_found,
         "inject": inject,
+        "timeline": list(bug.scenario.timeline),
         "finding": finding,
         "trace_dump": trace_dump,
     }
@@ -415,11 +419,12 @@ def build_scenario(bug: Bug, seed: int, runtime: float, inject: bool = True):
     """The RunSpec of one attempt: the scenario's options, per-queue jobs, injection
     points (unless not ``inject``) and the detectors."""
     from mqrt.bench.main import build
+    from mqrt.bench.timeline import parse_at
     from mqrt.workers.ioengine import JOB_KNOBS, JobSpec
 
     sc = bug.scenario
     given = {**sc.given, "runtime": runtime, "seed": seed}
-    spec, config = build(given)
+    spec, config = build(given, timeline=[parse_at(t, "timeline") for t in sc.timeline])
     if sc.queue_jobs:
         job_names = {k.name for k in JOB_KNOBS}
         base = {k: v for k, v in given.items() if k in job_names}
@@ -430,14 +435,13 @@ def build_scenario(bug: Bug, seed: int, runtime: float, inject: bool = True):
         config["queue_jobs"] = {str(q): o for q, o in sc.queue_jobs.items()}
     spec.detect = True
     spec.trace_entries = TRACE_ENTRIES
-    spec.actions = list(sc.actions) or None
     points = sc.inject if inject else {}
     spec.inject = dict(points) or None
     spec.inject_irqs = sc.inject_irqs
     config["inject"] = {k: list(v) for k, v in points.items()}
     if sc.inject_irqs and points:
         config["inject_irqs"] = True
-    config["actions"] = [list(a) for a in sc.actions]
+    config["timeline"] = list(sc.timeline)
     return spec, config
 
 

@@ -467,6 +467,7 @@ class Manager:
             finding=self.finding,
             trace_dump=dumped,
             device={**r.device_info, **r.device_result} if r.dev is not None else {},
+            sysfs=results[0].get("sysfs", {}) if 0 in results else {},
         )
         if dead_list or self.errors:
             parts = [

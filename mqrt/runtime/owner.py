@@ -7,7 +7,8 @@ they measured, and cleans up on every path.
       | layout <- driver setup (alloc_tag_set: the request pools, ->init_request;
       |           init_queue: ->init_hctx) + waiters + CPU stats
       | arena = Arena.create(layout); init tags, lists; the pools moved in; ops.init_shared
-      | eventfds (one per CPU waiter), IPI pipes, ops.make_fds, control + result pipes
+      | eventfds (one per CPU waiter, one for CPU 0's sysfs writer), IPI pipes,
+      |   ops.make_fds, control + result pipes
       | the driver's device, if it has one: ops.start_device -> "ready" -> ops.probe
       | fork CPU 0..N-1 (pinned to host cores, wrapping around)
       |          \\-- each: ready -> start -> run -> drain -> drained -> exit -> result
@@ -40,11 +41,13 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from mqrt.block import blk_sysfs
 from mqrt.block.blk_mq import Pools, release_pools
 from mqrt.block.blk_mq_cpumap import Topology, format_cpulist, host_cpus, pin_plan
 from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
+from mqrt.block.blk_sysfs import QueueInfo, TimedWrite
 from mqrt.lib import inject, proc, rcu, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
@@ -81,6 +84,22 @@ def _frozen_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _bind_timeline(writes: list[TimedWrite], queues: list) -> list[TimedWrite]:
+    """The timeline's writes with the queues they go to, checked against the queues
+    the driver's setup built (the command checked them against its configuration
+    already; a difference is a BlkMqError naming the write)."""
+    infos = [
+        QueueInfo(q.name, q.index, q.tag_set.queue_depth, q.tag_set.reserved_tags) for q in queues
+    ]
+    out = []
+    for w in writes:
+        try:
+            out += blk_sysfs.bind([w], infos)
+        except blk_sysfs.SysfsError as exc:
+            raise BlkMqError(f"{w.source}: {w.text!r}: {exc}") from None
+    return out
+
+
 def run(spec: RunSpec) -> RunResult:
     """Run one job on every emulated CPU (and the driver's device process, if it has
     one) and return what they measured."""
@@ -113,6 +132,7 @@ class _Run:
         self.device_result: dict[str, Any] = {}
         self.device_info: dict[str, Any] = {}
         self.pools: Pools = {}  #: the CPUs' shared request accessors (prepare_cpus)
+        self.timeline: list[TimedWrite] | None = None  #: spec.timeline bound to the queues
 
     def run(self) -> RunResult:
         from mqrt.workers.cpu import CPU_STATS
@@ -123,7 +143,10 @@ class _Run:
         for q in self.queues:
             self.messages.extend(q.tag_set.messages)
         self.messages = list(dict.fromkeys(self.messages))
-        self.wspec = Waiters.declare(layout, self.n)
+        if spec.timeline:
+            self.timeline = _bind_timeline(spec.timeline, self.queues)
+        # a slot per CPU, and one for the sysfs writer task of CPU 0 (its slot: n)
+        self.wspec = Waiters.declare(layout, self.n + 1)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
         self.rcu_spec = rcu.declare(layout, self.n)
         self.trace_spec = (
@@ -324,8 +347,9 @@ class _Run:
                 owner_pid=os.getpid(),
                 mode=spec.mode,
                 queue_jobs=spec.queue_jobs,
-                actions=spec.actions,
                 rcu=self.rcu_spec,
+                timeline=self.timeline if cpu == 0 else None,
+                writer_slot=self.n,
                 trace=self.trace_spec,
                 profile_dir=spec.profile_dir,
                 pools=self.pools,

@@ -14,6 +14,7 @@ from typing import Any
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import RequestQueue
 from mqrt.block.blk_mq_types import BlkMqOps
+from mqrt.block.blk_sysfs import TimedWrite
 from mqrt.lib import wire
 from mqrt.lib.shm import Layout
 
@@ -51,8 +52,9 @@ class RunSpec:
     cpu_jobs: list[Any] | None = None
     #: the report's jobs when ``cpu_jobs`` is set: (name, the CPUs running it)
     job_members: list[tuple[str, list[int]]] | None = None
-    #: (seconds after the start, action, args) done once by CPU 0 (workers.cpu)
-    actions: list[tuple[float, str, tuple]] | None = None
+    #: sysfs writes at given times (--at, --every), made by CPU 0's writer task
+    #: (workers/kthread.py); the owner binds them to the queues the setup built
+    timeline: list[TimedWrite] | None = None
     #: injection points to arm for the run: name -> (percent, max µs) (mqrt.lib.inject)
     inject: dict[str, tuple[float, int]] | None = None
     #: the injected spinning delays take the CPU's interrupts, nested (mqrt.lib.inject)
@@ -97,3 +99,6 @@ class RunResult:
     finding: dict[str, Any] | None = None
     #: the trace dump written for a failed run (RunSpec.trace_dump), if any
     trace_dump: str | None = None
+    #: the timeline's writes (CPU 0's writer): ``transitions`` and per write its
+    #: ``started``/``late``/``skipped`` (``writes``); {} without a timeline
+    sysfs: dict[str, Any] = field(default_factory=dict)

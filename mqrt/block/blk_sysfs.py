@@ -1,0 +1,371 @@
+"""The request queue's sysfs attributes that a run may write while it goes: the
+user-space block/blk-sysfs.c (Linux 6.6).
+
+An attribute has a name as it appears under ``/sys/block/<dev>/`` (``queue/nr_requests``)
+or a verb (an action with an optional argument), and three parts:
+
+* ``parse(text)``: the value as the user wrote it -> a typed value, or a
+  :class:`SysfsError` naming the attribute and the values it takes;
+* ``check(value, queue)``: what needs the run's configuration (the queue's tag depth,
+  ...), done when the run is built, before any process starts;
+* ``store(ctx, q, value)``: the write itself, a generator run by the sysfs writer
+  task on CPU 0 (``workers/kthread.py``).  It may yield :class:`Wait` (sleep on a
+  shared wait queue until a condition holds; the CPU's own task keeps running
+  meanwhile) or :class:`Sleep` (a timer); what it returns is the transition's
+  report, fields of its own (numbers are summarised per attribute).
+
+The store runs in the CPU process with that CPU's :class:`~mqrt.block.blk_mq.BlkMq`
+(``ctx.mq``) and the writer's own waiter slot (``ctx.waiters``).  A store whose
+writer is stopped mid-way gets ``GeneratorExit`` at its current yield: a ``finally``
+there undoes a half-done transition.
+
+:data:`ATTRIBUTES` is the registry: :func:`register` adds one.  Queue attributes
+(``per_queue``) are written to one queue (``nullb0/queue/nr_requests=32``) or, without
+a device, to every queue of the run in turn; the others take no device.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from mqrt.block import blk_mq_freeze as freeze
+from mqrt.block.blk_mq_structs import BlkMqError
+from mqrt.lib.wait import WaitEvent
+
+
+class SysfsError(ValueError):
+    """A value an attribute refuses: one line naming the attribute."""
+
+
+#: Sleep on a shared wait queue until a condition holds (``wait_event()``): the
+#: block layer's transitions (:mod:`mqrt.block.blk_mq_freeze`) and grace periods
+#: (:mod:`mqrt.lib.rcu`) yield it; the writer prepares to wait, looks at the condition,
+#: and is parked until a wake-up (or its CPU's next loop) finds it true.
+Wait = WaitEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Resume after ``ns`` nanoseconds (``msleep()``; a timer of the writer's CPU)."""
+
+    ns: int
+
+
+#: What a store yields, and the generator it is.
+Step = Wait | Sleep
+Store = Generator[Step, None, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """What validation knows of a queue of the run before any process starts."""
+
+    name: str  #: as the run names it: nullb0, nvme0n1, ...
+    index: int  #: its position in the run's queues (the requests' ``q``)
+    nr_tags: int  #: the tag set's queue_depth (reserved tags included)
+    nr_reserved_tags: int = 0
+
+
+@dataclass
+class StoreCtx:
+    """What a store runs with, in the writer's CPU process."""
+
+    mq: Any  #: that CPU's BlkMq
+    waiters: Any  #: the writer's Waiters (its own slot): for WaitQueue(ctx.waiters, head)
+    cpu: Any  #: the CPU (mqrt.block.blk_mq_structs.CpuSys)
+    clock: Callable[[], int]  #: time.monotonic_ns
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str  #: ``queue/nr_requests``, or a verb's name (``freeze``)
+    help: str  #: one line: what it takes
+    parse: Callable[[str | None], Any]  #: value text (None: no ``=VALUE``) -> typed
+    store: Callable[[StoreCtx, int, Any], Store]  #: q is -1 for an attribute of no queue
+    check: Callable[[Any, QueueInfo], None] | None = None  #: SysfsError if it does not fit
+    per_queue: bool = True  #: written per queue; False: of the whole run (no DEV)
+    verb: bool = False  #: an action: ``=ARG`` optional
+
+
+#: name -> attribute, in registration order.
+ATTRIBUTES: dict[str, Attribute] = {}
+
+
+def register(attr: Attribute) -> Attribute:
+    if attr.name in ATTRIBUTES:
+        raise ValueError(f"sysfs attribute {attr.name!r} registered twice")
+    ATTRIBUTES[attr.name] = attr
+    return attr
+
+
+def known() -> str:
+    """The registered names, for error messages."""
+    return ", ".join(ATTRIBUTES)
+
+
+def lookup(name: str) -> Attribute:
+    attr = ATTRIBUTES.get(name)
+    if attr is None:
+        raise SysfsError(f"unknown attribute {name!r} (known: {known()})")
+    return attr
+
+
+# -- queue/nr_requests ---------------------------------------------------------------------------
+
+
+def queue_requests_parse(text: str | None) -> int:
+    try:
+        nr = int(text or "")
+    except ValueError:
+        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}") from None
+    if nr < 1:
+        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}")
+    return nr
+
+
+def queue_requests_check(nr: int, queue: QueueInfo) -> None:
+    lo, hi = queue.nr_reserved_tags + 1, queue.nr_tags
+    if not lo <= nr <= hi:
+        raise SysfsError(
+            f"queue/nr_requests: {queue.name} takes {lo}..{hi} (its tag depth), got {nr}"
+        )
+
+
+def nr_requests(mq: Any, q: int) -> int:
+    """The queue's nr_requests as its first mapped hctx's tag bitmap says (shared
+    memory: what every CPU allocates from)."""
+    for hctx in mq.queues[q].hctxs:
+        tags = hctx.tags
+        if tags is not None:
+            return int(tags.bitmap_tags.sb.depth) + tags.nr_reserved_tags
+    return 0
+
+
+def queue_requests_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """queue_requests_store() -> blk_mq_update_nr_requests(): with the queue frozen and
+    quiesced, each tags' bitmap resized (sbitmap_queue_resize, which recomputes
+    wake_batch)."""
+    mq = ctx.mq
+    queue = mq.queues[q]
+    before = nr_requests(mq, q)
+    report: dict[str, Any] = {}
+    yield from _frozen(ctx, queue, report)
+    try:
+        yield from freeze.quiesce_queue(mq, queue)
+        try:
+            mq.update_nr_requests(q, nr)
+        except BlkMqError as exc:
+            raise SysfsError(str(exc)) from None
+        finally:
+            freeze.unquiesce_queue(mq, queue)
+    finally:
+        freeze.unfreeze_queue(mq, queue)
+    return {**report, "nr_requests_before": before, "nr_requests": nr_requests(mq, q)}
+
+
+def queue_requests_unfrozen_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """The resize of ``queue/nr_requests`` alone, neither frozen nor quiesced: it meets
+    tag gets, frees and wake-ups in flight (the race catalogue's resizes, and the
+    kernel's own wake_batch updates as queues go active and idle, which no freeze
+    covers)."""
+    before = nr_requests(ctx.mq, q)
+    try:
+        ctx.mq.update_nr_requests(q, nr)
+    except BlkMqError as exc:
+        raise SysfsError(str(exc)) from None
+    return {"nr_requests_before": before, "nr_requests": nr_requests(ctx.mq, q)}
+    yield  # a generator: this store never sleeps
+
+
+register(
+    Attribute(
+        name="queue/nr_requests",
+        help="queue/nr_requests=N: the tags allocatable, 1..the tag set's queue depth "
+        "(the queue frozen and quiesced around the resize)",
+        parse=queue_requests_parse,
+        check=queue_requests_check,
+        store=queue_requests_store,
+    )
+)
+register(
+    Attribute(
+        name="debug/nr_requests_unfrozen",
+        help="debug/nr_requests_unfrozen=N: queue/nr_requests's resize without the freeze "
+        "(it meets the I/O in flight)",
+        parse=queue_requests_parse,
+        check=queue_requests_check,
+        store=queue_requests_unfrozen_store,
+    )
+)
+
+
+# -- verbs: freeze and quiesce -------------------------------------------------------------------
+
+
+def hold_parse(name: str) -> Callable[[str | None], int]:
+    def parse(text: str | None) -> int:
+        """``VERB`` (no hold) or ``VERB=TIME`` (how long to hold it: 10ms, 0.5s)."""
+        if text is None:
+            return 0
+        ns = parse_duration_ns(text)
+        if ns is None or ns > MAX_HOLD_NS:
+            raise SysfsError(
+                f"{name}: the hold must be a time up to 60s (e.g. 10ms, 0.5s, 250us), got {text!r}"
+            )
+        return ns
+
+    return parse
+
+
+#: The longest hold of a verb's transition.
+MAX_HOLD_NS = 60 * 10**9
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(s|ms|us|ns)?$")
+_DURATION_UNIT_NS = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1, None: 10**9}
+
+
+def parse_duration_ns(text: str) -> int | None:
+    """``2s``, ``2.5s``, ``500ms``, ``250us``, ``2`` (seconds) -> ns; None if not a time."""
+    m = _DURATION.match(text.strip())
+    if m is None:
+        return None
+    return round(float(m.group(1)) * _DURATION_UNIT_NS[m.group(2)])
+
+
+def _frozen(ctx: StoreCtx, queue: Any, report: dict[str, Any]) -> Generator[Step, None, None]:
+    """blk_mq_freeze_queue(), timed: the references held when it began (requests in
+    flight and bios entering), the grace period, and how long it waited for them."""
+    mq = ctx.mq
+    clock = ctx.clock
+    report["in_flight"] = max(0, queue.q_usage.outstanding() - 1)
+    t0 = clock()
+    yield from freeze.freeze_queue_start(mq, queue)
+    t1 = clock()
+    try:
+        yield from freeze.freeze_queue_wait(queue)
+    except BaseException:
+        freeze.unfreeze_queue(mq, queue)
+        raise
+    report["grace_period_ns"] = t1 - t0
+    report["freeze_wait_ns"] = clock() - t0
+
+
+def freeze_store(ctx: StoreCtx, q: int, hold_ns: int) -> Store:
+    """blk_mq_freeze_queue(), hold, blk_mq_unfreeze_queue(): submitters wait while the
+    queue is frozen; the report says how long the freeze waited for the I/O in flight."""
+    queue = ctx.mq.queues[q]
+    report: dict[str, Any] = {}
+    yield from _frozen(ctx, queue, report)
+    try:
+        if hold_ns:
+            yield Sleep(hold_ns)
+    finally:
+        freeze.unfreeze_queue(ctx.mq, queue)
+    return report
+
+
+def _quiesce_store(tagset: bool) -> Callable[[StoreCtx, int, int], Store]:
+    def store(ctx: StoreCtx, q: int, hold_ns: int) -> Store:
+        mq = ctx.mq
+        queue = mq.queues[q]
+        queues = freeze.tagset_queues(mq, queue) if tagset else [queue]
+        t0 = ctx.clock()
+        yield from freeze.quiesce_tagset(mq, queues)
+        report: dict[str, Any] = {"grace_period_ns": ctx.clock() - t0, "queues": len(queues)}
+        try:
+            if hold_ns:
+                yield Sleep(hold_ns)
+        finally:
+            freeze.unquiesce_tagset(mq, queues)
+        return report
+
+    store.__doc__ = (
+        "blk_mq_quiesce_tagset(): every queue of the tag set"
+        if tagset
+        else "blk_mq_quiesce_queue()"
+    ) + " quiesced (no ->queue_rq once it returns), held, then unquiesced and run."
+    return store
+
+
+register(
+    Attribute(
+        name="freeze",
+        help="freeze[=HOLD]: freeze the queue (wait for its I/O in flight), hold it "
+        "frozen HOLD (e.g. 10ms), unfreeze",
+        parse=hold_parse("freeze"),
+        store=freeze_store,
+        verb=True,
+    )
+)
+register(
+    Attribute(
+        name="quiesce",
+        help="quiesce[=HOLD]: quiesce the queue (no ->queue_rq), hold HOLD, unquiesce",
+        parse=hold_parse("quiesce"),
+        store=_quiesce_store(tagset=False),
+        verb=True,
+    )
+)
+register(
+    Attribute(
+        name="quiesce_tagset",
+        help="quiesce_tagset[=HOLD]: quiesce every queue of the queue's tag set with one "
+        "grace period, hold HOLD, unquiesce them",
+        parse=hold_parse("quiesce_tagset"),
+        store=_quiesce_store(tagset=True),
+        verb=True,
+    )
+)
+
+
+# -- the timeline: writes at given times of a run ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimedWrite:
+    """One ``--at`` or ``--every`` of a run: when, what, to which queues.  Times are ns
+    after the run's common start (t0)."""
+
+    text: str  #: as given, for reports: ``2s:nullb0/queue/nr_requests=32``
+    kind: str  #: "at" or "every"
+    at_ns: int  #: --at: when; --every: its first tick (FROM)
+    period_ns: int  #: --every: the period (0 for --at)
+    until_ns: int  #: --every: no tick at or after this (-1: until the run's deadline)
+    dev: str | None  #: the queue named, None: every queue (or an attribute of no queue)
+    attr: str
+    value: Any  #: typed by the attribute's parse
+    value_text: str | None
+    #: where it was given, for errors: ``--at``, ``jobs.fio:3: every``, ``timeline``
+    source: str = "at"
+    #: the queues written, each in turn: (index, name); set when the run is built
+    #: (:func:`bind`); ((-1, ""),) for an attribute of no queue
+    targets: tuple[tuple[int, str], ...] = ()
+
+
+def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
+    """Each write with its target queues, checked against them (SysfsError naming the
+    write: a device that is not a queue of the run, a value out of the queue's range)."""
+    import dataclasses
+
+    by_name = {q.name: q for q in queues}
+    out = []
+    for w in writes:
+        attr = lookup(w.attr)
+        if not attr.per_queue:
+            out.append(dataclasses.replace(w, targets=((-1, ""),)))
+            continue
+        if w.dev is None:
+            targets = list(queues)
+        elif w.dev in by_name:
+            targets = [by_name[w.dev]]
+        else:
+            raise SysfsError(
+                f"{w.dev!r} is not a queue of this run (its queues: {', '.join(by_name) or 'none'})"
+            )
+        if attr.check is not None:
+            for q in targets:
+                attr.check(w.value, q)
+        out.append(dataclasses.replace(w, targets=tuple((q.index, q.name) for q in targets)))
+    return out
