@@ -61,10 +61,10 @@ def test_the_documented_examples_parse():
         (parse_at, "-1s:queue/nr_requests=4", "bad time '-1s'"),
         (parse_at, "queue/nr_requests=4", "expected TIME:WRITE"),
         (parse_at, "1s:nullb0/queue/scheduler=none",
-         "unknown attribute 'queue/scheduler' (known: queue/nr_requests)"),
+         "unknown attribute 'queue/scheduler' (known: queue/nr_requests, "),
         (parse_at, "1s:nullb0/queue/iosched/fifo_batch=8",
-         "unknown attribute 'queue/iosched/fifo_batch' (known: queue/nr_requests)"),
-        (parse_at, "1s:freeze", "unknown attribute 'freeze' (known: queue/nr_requests)"),
+         "unknown attribute 'queue/iosched/fifo_batch' (known: queue/nr_requests, "),
+        (parse_at, "1s:thaw", "unknown attribute 'thaw' (known: queue/nr_requests, "),
         (parse_at, "1s:queue/nr_requests=many",
          "queue/nr_requests: must be an integer >= 1, got 'many'"),
         (parse_at, "1s:queue/nr_requests=0", "must be an integer >= 1, got '0'"),
@@ -112,7 +112,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     for args, expected in [
         (["--at", "1s:nullb0/queue/scheduler=none"],
          "mqrt: error: --at: '1s:nullb0/queue/scheduler=none': unknown attribute "
-         "'queue/scheduler' (known: queue/nr_requests)"),
+         "'queue/scheduler' (known: queue/nr_requests, "),
         (["--every", "50ms@2s..1s:queue/nr_requests=8"],
          "mqrt: error: --every: '50ms@2s..1s:queue/nr_requests=8': the window '2s..1s' is "
          "empty (FROM must be before TO)"),
@@ -122,7 +122,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     ]:  # fmt: skip
         out = mqrt("bench", "--runtime", "0.2", *args)
         assert out.returncode == 2
-        assert out.stderr.strip() == expected
+        assert out.stderr.strip().startswith(expected) and out.stderr.count("\n") == 1
     help_text = mqrt("bench", "--help").stdout
     assert "--at TIME:WRITE" in help_text and "--every PERIOD[@FROM[..TO]]:WRITE" in help_text
 

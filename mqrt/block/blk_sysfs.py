@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqrt.block import blk_mq_freeze as freeze
-from mqrt.block.blk_mq_structs import BlkMqError
+from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
 from mqrt.lib.wait import WaitEvent
 
 
@@ -252,17 +252,36 @@ def _frozen(ctx: StoreCtx, queue: Any, report: dict[str, Any]) -> Generator[Step
     report["freeze_wait_ns"] = clock() - t0
 
 
+def started_between(mq: Any, q: int, t0: int, t1: int) -> int:
+    """Requests of queue ``q`` whose last start (``io_start_time_ns``: every
+    ->queue_rq that took one stamps it) falls in [t0, t1]: what a frozen or quiesced
+    queue must not have."""
+    a = mq.a
+    buf16 = mq.buf16
+    n = 0
+    for rq in mq.rqs[q]:
+        if buf16[(rq.base >> 1) + RQ_U16_Q] == q and t0 <= a.read(rq.base + RQ_OFF_IO_START) <= t1:
+            n += 1
+    return n
+
+
 def freeze_store(ctx: StoreCtx, q: int, hold_ns: int) -> Store:
     """blk_mq_freeze_queue(), hold, blk_mq_unfreeze_queue(): submitters wait while the
-    queue is frozen; the report says how long the freeze waited for the I/O in flight."""
-    queue = ctx.mq.queues[q]
+    queue is frozen.  The report says how long the freeze waited for the I/O in flight,
+    and checks the frozen stretch: no reference taken (the counter still at zero) and no
+    request started."""
+    mq = ctx.mq
+    queue = mq.queues[q]
     report: dict[str, Any] = {}
     yield from _frozen(ctx, queue, report)
+    frozen_at = ctx.clock()
     try:
         if hold_ns:
             yield Sleep(hold_ns)
+        report["refs_while_frozen"] = queue.q_usage.outstanding()
+        report["started_while_frozen"] = started_between(mq, q, frozen_at, ctx.clock())
     finally:
-        freeze.unfreeze_queue(ctx.mq, queue)
+        freeze.unfreeze_queue(mq, queue)
     return report
 
 
@@ -273,10 +292,15 @@ def _quiesce_store(tagset: bool) -> Callable[[StoreCtx, int, int], Store]:
         queues = freeze.tagset_queues(mq, queue) if tagset else [queue]
         t0 = ctx.clock()
         yield from freeze.quiesce_tagset(mq, queues)
-        report: dict[str, Any] = {"grace_period_ns": ctx.clock() - t0, "queues": len(queues)}
+        quiesced_at = ctx.clock()
+        report: dict[str, Any] = {"grace_period_ns": quiesced_at - t0, "queues": len(queues)}
         try:
             if hold_ns:
                 yield Sleep(hold_ns)
+            now = ctx.clock()
+            report["started_while_quiesced"] = sum(
+                started_between(mq, x.index, quiesced_at, now) for x in queues
+            )
         finally:
             freeze.unquiesce_tagset(mq, queues)
         return report
