@@ -70,7 +70,7 @@ CLEARED_RACE = Bug(
             "cpus": 2,
         },
         queue_jobs={0: {"iodepth": 1, "rate_iops": 20}},
-        timeline=("25ms:nullb0/queue/nr_requests=64",),
+        timeline=("25ms:nullb0/debug/nr_requests_unfrozen=64",),
         inject={
             "sbitmap.get.before_fold": (100.0, 300),
             "sbitmap.fold.after_xchg": (100.0, 5000),

@@ -85,7 +85,8 @@ RESIZE_WAKEUP_HANG = Bug(
         "left to free, the count never reached zero and the sleepers were never woken. "
         "The fix resets every wait_cnt when wake_batch changes. Scenario: legacy "
         "sbitmap, 64 tags (wake_batch 8), 2 CPUs keeping 32 I/Os each; 0.3 s in, "
-        "nr_requests drops to 4."
+        "nr_requests drops to 4, by the resize alone (debug/nr_requests_unfrozen): "
+        "the sleepers that hang are the ones already waiting when it lands."
     ),
     scenario=Scenario(
         given={
@@ -96,7 +97,7 @@ RESIZE_WAKEUP_HANG = Bug(
             "iodepth": 32,
             "cpus": 2,
         },
-        timeline=("0.3s:nullb0/queue/nr_requests=4",),
+        timeline=("0.3s:nullb0/debug/nr_requests_unfrozen=4",),
         attempt_s=3.0,
     ),
     patches=((SbitmapQueue, "_update_wake_batch", _update_wake_batch_keep_wait_cnt),),
@@ -145,8 +146,8 @@ BATCH_STORES_REORDERED = Bug(
         "may show them; the window is a waker on another CPU between the two. In the "
         "kernel an nr_requests write freezes the queue first; the resizes that meet "
         "wakers are kyber's, which resizes its domain-token sbitmaps from a timer as "
-        "latencies move. mqrt has no kyber and does not freeze, so the scenario "
-        "resizes the tag map itself under load. "
+        "latencies move. mqrt has no kyber, so the scenario resizes the tag map itself "
+        "under load without the freeze (debug/nr_requests_unfrozen). "
         "Scenario: legacy sbitmap, 64 tags (wake_batch 8), 3 CPUs keeping 32 I/Os "
         "each (sleepers on several wait queues), 20 us timer completions; 1 s in, "
         "nr_requests drops to 2 (wake_batch 1), the resizing CPU held up to 20 ms "
@@ -161,7 +162,7 @@ BATCH_STORES_REORDERED = Bug(
             "iodepth": 32,
             "cpus": 3,
         },
-        timeline=("1s:nullb0/queue/nr_requests=2",),
+        timeline=("1s:nullb0/debug/nr_requests_unfrozen=2",),
         inject={"sbq.batch.between_stores": (100.0, 20000)},
         attempt_s=3.0,
     ),
