@@ -964,7 +964,15 @@ class SbitmapQueue:
         if inject.armed:
             inject.hit("sbq.wake.before_reset")
         wake_batch = a.read32(self._wake_batch)
-        woken = ws.wake_up_nr(wake_batch)
+        # The woken tasks are set running and dequeued now, but their eventfds are
+        # written only once the count is reset (wake_q): from the zero above to the
+        # reset every other free skips this wait state (sbq_wake_ptr), and with it the
+        # only one with sleepers, that free wakes nobody (the lost wake-up that
+        # 30514bd2dd4e accepts).  The kernel runs this stretch as one short, usually
+        # interrupt-context, sequence; a process that writes an eventfd here hands
+        # its host core to the task it woke and keeps the count at 0 for a whole slice.
+        wake_q: list[int] = []
+        woken = ws.wake_up_nr(wake_batch, wake_q)
         if trace.on and woken:
             trace.emit(_EV_WAKE_UP, -1, 0, 0, 0, woken)
         if inject.armed:
@@ -974,6 +982,8 @@ class SbitmapQueue:
         old = a.read32(self._wake_index)
         a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
         a.set32(cnt_off, wake_batch)
+        if wake_q:
+            ws.w.wake_up_q(wake_q)
         return ret or nr > 0, nr
 
     def wake_all(self) -> None:
