@@ -27,8 +27,13 @@ Generations (:class:`SbqGeneration`, ``mqrt bench --sbitmap``)
     * ``LEGACY``, v6.1: a per-wait-state ``wait_cnt`` counts frees down; the free
       that takes it to zero wakes ``wake_batch`` waiters on that state, advances
       ``wake_index`` and resets the count (040b83fcecfb, 4acb83417cad, 48c033314f37
-      are all in 6.1).  A shallow depth limits each word; ``wake_batch`` counts the
-      bits usable per word under ``min_shallow_depth``.  Later fixes it carries:
+      are all in 6.1).  It keeps the lost wake-up 30514bd2dd4e accepts (a free skips
+      a wait state whose count a waker holds at 0; with only that one holding
+      sleepers it wakes nobody), which 4f8126bb2308 (6.2) removes with the counts;
+      the woken tasks' eventfds are written after the reset, so a waker does not
+      hand its host core away while it holds a count at 0.  A shallow depth limits
+      each word; ``wake_batch`` counts the bits usable per word under
+      ``min_shallow_depth``.  Later fixes it carries:
       b5fcf7871acb (6.3, no floor of 4 on the recalculated batch:
       ``wake_batch_min4``), 4f1731df60f9 (6.5, active_queues and wake_batch changed
       under tags->lock, in :mod:`mqrt.block.blk_mq_tag`: ``active_queues_unlocked``),
