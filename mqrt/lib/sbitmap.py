@@ -969,13 +969,13 @@ class SbitmapQueue:
         if inject.armed:
             inject.hit("sbq.wake.before_reset")
         wake_batch = a.read32(self._wake_batch)
-        # The woken tasks are set running and dequeued now, but their eventfds are
-        # written only once the count is reset (wake_q): from the zero above to the
-        # reset every other free skips this wait state (sbq_wake_ptr), and with it the
-        # only one with sleepers, that free wakes nobody (the lost wake-up that
-        # 30514bd2dd4e accepts).  The kernel runs this stretch as one short, usually
-        # interrupt-context, sequence; a process that writes an eventfd here hands
-        # its host core to the task it woke and keeps the count at 0 for a whole slice.
+        # The woken tasks are set running and dequeued now; their eventfds are
+        # written once the count is reset (wake_q).  From the zero above to the
+        # reset every other free skips this wait state (sbq_wake_ptr), and one that
+        # finds no other with sleepers wakes nobody: the lost wake-up 30514bd2dd4e
+        # accepts.  The kernel runs this stretch as one short sequence, usually in
+        # interrupt context; a process writing an eventfd here would hand its host
+        # core to the task it woke and keep the count at 0 for a whole slice.
         wake_q: list[int] = []
         woken = ws.wake_up_nr(wake_batch, wake_q)
         if trace.on and woken:
