@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from mqrt.block.blk_mq_tag import Tags, declare_tags, init_tags
+from mqrt.lib import inject
 from mqrt.lib.sbitmap import (
     SBQ_WAIT_QUEUES,
     SbitmapQueue,
@@ -310,6 +311,51 @@ def test_legacy_resize_resets_wait_cnt(rig_factory):
     _sleep_on(rig, 1)
     freer.clear(tags[0], 0)
     assert _woken(rig, 1)
+
+
+def test_legacy_wakeup_kicks_the_woken_after_the_count_is_reset(rig_factory):
+    """From the free that takes a wait state's wait_cnt to 0 to its reset, every other
+    free skips that wait state (sbq_wake_ptr), and with it the only one with
+    sleepers wakes nobody (30514bd2dd4e).  The task a legacy wake-up woke is set
+    running at once, but its eventfd is written only after the reset: a waker whose
+    write hands its host core to the woken task holds no count at 0 meanwhile.
+    Looked at from an interrupt taken at the point before the reset (the injected
+    spin takes them), the woken task is running and its eventfd still unwritten."""
+    rig = rig_factory(8, nr_waiters=2, generation=SbqGeneration.LEGACY)  # wake_batch 1
+    freer = rig.sbq(me=0)
+    efd = rig.eventfds[1]
+    seen: list[tuple[int, bool, int]] = []  # (wait_cnt, woken, eventfd count) there
+
+    def at_the_point():
+        if not seen:
+            try:
+                kicked = os.eventfd_read(efd)
+            except BlockingIOError:
+                kicked = 0
+            seen.append((freer.a.read32(freer._wait_cnt[0]), _woken(rig, 1), kicked))
+
+    inject.configure({"sbq.wake.before_cnt_reset": (100.0, 200)}, seed=1, with_irqs=True)
+    inject.irq_hook = at_the_point
+    try:
+        for _ in range(50):  # until an interrupt came in the spin (the first, mostly)
+            tags = [freer.get() for _ in range(8)]
+            sleeper, wait = _sleep_on(rig, 1)
+            assert sleeper.ws[0].w.block()  # blocked in its wait point: needs the kick
+            freer.clear(tags[0], 0)
+            assert _woken(rig, 1)
+            kicked_after = os.eventfd_read(efd) if not seen or not seen[0][2] else 0
+            sleeper.ws[0].w.unblock()
+            sleeper.finish_wait(0, wait)
+            for tag in tags[1:]:
+                freer.clear(tag, 0)
+            if seen:
+                break
+    finally:
+        inject.configure({})
+        inject.irq_hook = None
+    assert seen, "no interrupt was taken at the point in 50 wake-ups"
+    assert seen[0] == (0, True, 0), f"at the point: (wait_cnt, woken, kicks) = {seen[0]}"
+    assert kicked_after == 1
 
 
 def test_wake_all(rig_factory):

@@ -111,6 +111,24 @@ def test_waking_a_blocked_task_writes_its_eventfd(wq_rig):
     me.finish_wait()
 
 
+def test_a_wake_q_defers_the_kicks_to_its_caller(wq_rig):
+    """wake_up_nr with a wake_q list: the task is set running and dequeued at once,
+    its eventfd written only by wake_up_q (the legacy sbitmap wake-up resets its
+    count in between)."""
+    me = wq_rig(1)
+    me.prepare_to_wait_exclusive()
+    assert me.w.block()
+    waker = wq_rig(0)
+    wake_q: list[int] = []
+    assert waker.wake_up_nr(1, wake_q) == 1
+    assert wake_q == [1] and state(waker, 1) == TaskState.RUNNING and not waker.active()
+    assert _eventfd_count(me, 1) == 0
+    waker.w.wake_up_q(wake_q)
+    assert _eventfd_count(me, 1) == 1
+    me.w.unblock()
+    me.finish_wait()
+
+
 def test_late_kick_does_not_end_the_next_wait(wq_rig):
     """An eventfd write that lands after its wait ended (a waker kicks after dropping
     the queue lock) leaves a count behind; the next wait drains it and goes by its

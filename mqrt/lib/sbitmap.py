@@ -27,8 +27,13 @@ Generations (:class:`SbqGeneration`, ``mqrt bench --sbitmap``)
     * ``LEGACY``, v6.1: a per-wait-state ``wait_cnt`` counts frees down; the free
       that takes it to zero wakes ``wake_batch`` waiters on that state, advances
       ``wake_index`` and resets the count (040b83fcecfb, 4acb83417cad, 48c033314f37
-      are all in 6.1).  A shallow depth limits each word; ``wake_batch`` counts the
-      bits usable per word under ``min_shallow_depth``.  Later fixes it carries:
+      are all in 6.1).  It keeps the lost wake-up 30514bd2dd4e accepts (a free skips
+      a wait state whose count a waker holds at 0; with only that one holding
+      sleepers it wakes nobody), which 4f8126bb2308 (6.2) removes with the counts;
+      the woken tasks' eventfds are written after the reset, so a waker does not
+      hand its host core away while it holds a count at 0.  A shallow depth limits
+      each word; ``wake_batch`` counts the bits usable per word under
+      ``min_shallow_depth``.  Later fixes it carries:
       b5fcf7871acb (6.3, no floor of 4 on the recalculated batch:
       ``wake_batch_min4``), 4f1731df60f9 (6.5, active_queues and wake_batch changed
       under tags->lock, in :mod:`mqrt.block.blk_mq_tag`: ``active_queues_unlocked``),
@@ -964,7 +969,15 @@ class SbitmapQueue:
         if inject.armed:
             inject.hit("sbq.wake.before_reset")
         wake_batch = a.read32(self._wake_batch)
-        woken = ws.wake_up_nr(wake_batch)
+        # The woken tasks are set running and dequeued now; their eventfds are
+        # written once the count is reset (wake_q).  From the zero above to the
+        # reset every other free skips this wait state (sbq_wake_ptr), and one that
+        # finds no other with sleepers wakes nobody: the lost wake-up 30514bd2dd4e
+        # accepts.  The kernel runs this stretch as one short sequence, usually in
+        # interrupt context; a process writing an eventfd here would hand its host
+        # core to the task it woke and keep the count at 0 for a whole slice.
+        wake_q: list[int] = []
+        woken = ws.wake_up_nr(wake_batch, wake_q)
         if trace.on and woken:
             trace.emit(_EV_WAKE_UP, -1, 0, 0, 0, woken)
         if inject.armed:
@@ -974,6 +987,8 @@ class SbitmapQueue:
         old = a.read32(self._wake_index)
         a.cmpxchg32(self._wake_index, old, (old + 1) % SBQ_WAIT_QUEUES)
         a.set32(cnt_off, wake_batch)
+        if wake_q:
+            ws.w.wake_up_q(wake_q)
         return ret or nr > 0, nr
 
     def wake_all(self) -> None:

@@ -321,6 +321,11 @@ class Waiters:
             TaskState.UNINTERRUPTIBLE
         )
 
+    def wake_up_q(self, slots: list[int]) -> None:
+        """wake_up_q(): kick the tasks a wake-up set running (:meth:`kick` each)."""
+        for slot in slots:
+            self.kick(slot)
+
     def kick(self, slot: int) -> None:
         """The wake half: after :meth:`set_running` (whose barrier orders the state
         before this read), write slot's eventfd if its task is blocked.  A task not
@@ -452,14 +457,21 @@ class WaitQueue:
                 spin_unlock(self.a, self._lock)
         self.w.drain()
 
-    def wake_up_nr(self, nr: int) -> int:
+    def wake_up_nr(self, nr: int, wake_q: list[int] | None = None) -> int:
         """Wake every non-exclusive waiter and up to ``nr`` exclusive ones, oldest
         first; woken entries leave the queue (autoremove_wake_function).  Returns the
         number of exclusive waiters woken.  An entry whose task is already running
-        is skipped and not counted, as try_to_wake_up() reports it."""
+        is skipped and not counted, as try_to_wake_up() reports it.
+
+        The woken tasks' eventfds are written after the queue lock is dropped; given
+        a ``wake_q`` list, their slots are appended to it instead and the caller
+        kicks them (:meth:`Waiters.wake_up_q`) once it has finished what the kernel
+        does before a woken task can take its CPU from it."""
         w, a = self.w, self.a
         woken = 0
-        wake_q = []  # tasks set running under the lock, kicked after it
+        deferred = wake_q is not None
+        if wake_q is None:
+            wake_q = []  # tasks set running under the lock, kicked after it
         spin_lock(a, self._lock)
         try:
             slot = a.read32(self._first)
@@ -477,8 +489,8 @@ class WaitQueue:
                 a.set32(self._wakeups, a.read32(self._wakeups) + 1 & 0xFFFFFFFF)
         finally:
             spin_unlock(a, self._lock)
-        for slot in wake_q:  # wake_up_q()
-            w.kick(slot)
+        if not deferred:
+            w.wake_up_q(wake_q)
         return woken
 
     def wake_up(self) -> int:
