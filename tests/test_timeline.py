@@ -326,3 +326,16 @@ def test_a_store_sleeps_on_a_wait_queue_while_the_cpus_task_runs():
         assert last[0].get("aborted") is True and "woken" not in last[0]
     else:
         assert writes[3]["skipped"] == 1
+
+
+def test_race_scenarios_give_their_timeline_in_bench_syntax():
+    from mqrt.race.catalogue import CATALOGUE
+
+    for bug in CATALOGUE.values():
+        for text in bug.scenario.timeline:
+            parse_at(text, "timeline")  # the bench's parser takes each
+    out = mqrt("race", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["resize_wakeup_hang"]["timeline"] == ["0.3s:nullb0/queue/nr_requests=4"]
+    assert "timeline: 0.3s:nullb0/queue/nr_requests=4" in mqrt("race", "list").stdout
