@@ -7,6 +7,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -326,3 +331,63 @@ def test_a_store_sleeps_on_a_wait_queue_while_the_cpus_task_runs():
         assert last[0].get("aborted") is True and "woken" not in last[0]
     else:
         assert writes[3]["skipped"] == 1
+
+
+def test_race_scenarios_give_their_timeline_in_bench_syntax():
+    from mqrt.race.catalogue import CATALOGUE
+
+    for bug in CATALOGUE.values():
+        for text in bug.scenario.timeline:
+            parse_at(text, "timeline")  # the bench's parser takes each
+    out = mqrt("race", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["resize_wakeup_hang"]["timeline"] == ["0.3s:nullb0/queue/nr_requests=4"]
+    assert "timeline: 0.3s:nullb0/queue/nr_requests=4" in mqrt("race", "list").stdout
+
+
+#: Registers, in the command's process (the CPUs inherit it through fork), a store
+#: that says when it starts, sleeps on a wait queue nobody wakes for a condition that
+#: never holds, and says when it is closed.
+_FOREVER = """
+import os
+from mqrt.block import blk_sysfs
+def _forever(ctx, q, value):
+    head = ctx.mq.queues[q].hctxs[0].tags.bitmap_tags.ws[0].head
+    open(os.environ["MARK"] + ".started", "w").close()
+    try:
+        yield blk_sysfs.Wait(head, lambda: False)
+    finally:
+        open(os.environ["MARK"] + ".closed", "w").close()
+    return {}
+blk_sysfs.register(blk_sysfs.Attribute("test/forever", "test/forever=N", int, _forever))
+"""
+
+
+def test_ctrl_c_closes_a_parked_store(tmp_path):
+    mark = str(tmp_path / "store")
+    code = f"{_FOREVER}\nimport sys\nfrom mqrt.cli import main\nsys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", "--runtime", "60", "--cpus", "2", "-q",
+         "--at", "0:test/forever=1", "--output-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MARK": mark},
+    )  # fmt: skip
+    try:
+        while not os.path.exists(mark + ".started") and p.poll() is None:
+            time.sleep(0.02)  # waiting for a state (the store started), not for a time
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err
+    assert os.path.exists(mark + ".closed")
+    tr = json.loads(out)["mqrt"]["points"][0]["run"]["transitions"]
+    (t,) = tr["list"]
+    assert t["attr"] == "test/forever" and t["aborted"] is True
+    assert tr["writes"] == [
+        {"write": "0:test/forever=1", "kind": "at", "started": 1, "late": 0, "skipped": 0}
+    ]
+    assert tr["summary"]["test/forever"]["aborted"] == 1

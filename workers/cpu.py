@@ -29,6 +29,10 @@ IPI_RCU         (none): an expedited grace period asks for a quiescent state
                 IPI nested in ends
 ==============  =====================================================================
 
+CPU 0 of a run with a timeline (``--at``, ``--every``) also runs the sysfs writer, a
+second task with a waiter slot and eventfd of its own (:mod:`mqrt.workers.kthread`):
+its event loop steps the writer at each pass, and blocks with it when it is parked.
+
 Life cycle (driven by the runtime over the control pipe): ready -> start -> run until
 the deadline or ``stop`` -> drain own I/Os -> ``drained`` -> keep serving interrupts
 until ``exit`` -> result.
@@ -164,7 +168,7 @@ class Cpu:
         self.ipi_w = plan.ipi_w
         self.softirqs: deque[tuple[Callable[[int, int], None], int, int]] = deque()
         #: (expires, seq, fn, args, hard): hard is a driver's hrtimer (an interrupt),
-        #: not the CPU's own periodic work or a sysfs action
+        #: not the CPU's own periodic work
         self.timers: list[tuple[int, int, Callable[..., None], tuple, bool]] = []
         self._timer_seq = 0
         self.runs: dict[tuple[int, int], int] = {}  #: pending kblockd runs -> due ns
@@ -292,7 +296,7 @@ class Cpu:
         heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args, True))
 
     def _add_work(self, expires_ns: int, fn: Callable[..., None], *args: Any) -> None:
-        """The CPU's own timed work (periodic work, a sysfs action)."""
+        """The CPU's own timed work (the timeout work, a driver's timer)."""
         self._timer_seq += 1
         heapq.heappush(self.timers, (expires_ns, self._timer_seq, fn, args, False))
 
