@@ -281,7 +281,10 @@ def _transition_lines(tr: dict[str, Any], out) -> None:
         return
     print("mqrt: transitions:", file=out)
     for attr, s in tr["summary"].items():
-        fields = "".join(f", {k} {v:g}" for k, v in s["fields_median"].items())
+        fields = "".join(
+            f", {k[:-3]} {_us(v)}" if k.endswith("_ns") else f", {k} {v:g}"
+            for k, v in s["fields_median"].items()
+        )
         bad = "".join(f", {s[k]} {k}" for k in ("errors", "aborted") if s[k])
         print(
             f"  {attr}: {s['count']} writes{bad}, duration median "

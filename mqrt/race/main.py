@@ -467,7 +467,7 @@ def write_report(out: dict[str, Any], bug: Bug, config: dict[str, Any], report_d
         lines += ["", f"finding: {f['detector']} at {f['at_s']:.2f} s: {f['message']}", ""]
         lines.append("sleeping tasks:")
         for s in snap.get("sleeping", []):
-            lines.append(f"  cpu{s['cpu']} on {s['queued_on']}")
+            lines.append(f"  {s.get('task', 'cpu' + str(s['cpu']))} on {s['queued_on']}")
         for name, m in snap.get("maps", {}).items():
             lines += ["", f"debugfs {name} tags:", m["tags"].rstrip()]
             held = ", ".join(f"{h['tag']}:{h['state']}" for h in m["held"]) or "none"

@@ -175,6 +175,7 @@ class Monitor:
         self._procs = [psutil.Process(pid) for pid in pids or ()]
         self.waiters = Waiters(arena, wspec, eventfds, None)
         self.nr_waiters = wspec.nr_waiters
+        self.nr_cpus = nr_cpus  #: waiter slots past them are the sysfs writer's
         self.stats = [cpu_stats.offsets(i) for i in range(nr_cpus)]
         self.maps: list[_Map] = []
         self.queue_views: list[Queue] = []
@@ -250,7 +251,14 @@ class Monitor:
         for slot in range(self.nr_waiters):
             entry = self.waiters.entry(slot)
             if self.a.read32(entry + self.waiters._state) == TaskState.UNINTERRUPTIBLE:
-                out.append({"cpu": slot, "queued_on": self._where(self.a.read(entry + _QUEUED_ON))})
+                task = f"cpu{slot}" if slot < self.nr_cpus else "sysfs writer (cpu0)"
+                out.append(
+                    {
+                        "cpu": slot,
+                        "task": task,
+                        "queued_on": self._where(self.a.read(entry + _QUEUED_ON)),
+                    }
+                )
         return out
 
     def _where(self, head: int) -> str:
