@@ -49,6 +49,16 @@ def test_rmw_return_old_values(view):
     assert view.read(0) == 0x30
 
 
+def test_percpu_add_adds_only_while_the_flags_word_is_zero(view):
+    # flags at 0, the counter at 64
+    assert view.percpu_add(0, 64, 3) is True and view.read(64) == 3
+    assert view.percpu_add(0, 64, -1 % (1 << 64)) is True and view.read(64) == 2
+    view.set(0, 1)  # atomic mode: nothing changes
+    assert view.percpu_add(0, 64, 5) is False and view.read(64) == 2
+    view.set(0, 0)
+    assert view.percpu_add(0, 64, -3 % (1 << 64)) is True and view.read(64) == (1 << 64) - 1
+
+
 def test_64bit_words_are_unsigned_and_wrap(view):
     view.set(8, -1)
     assert view.read(8) == 2**64 - 1

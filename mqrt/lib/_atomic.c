@@ -289,6 +289,27 @@ DEFINE_RMW(av_fetch_sub32, int32_t, 4, __atomic_fetch_sub, BOX_I32, get_i32)
 DEFINE_RMW(av_fetch_or32, int32_t, 4, __atomic_fetch_or, BOX_I32, get_i32)
 DEFINE_RMW(av_fetch_and32, int32_t, 4, __atomic_fetch_and, BOX_I32, get_i32)
 
+/* percpu_add(flags_off, off, v) -> bool: a percpu_ref's per-CPU step
+ * (mqrt.lib.percpu_ref): if the 64-bit word at flags_off reads 0 (relaxed, as the
+ * kernel's __ref_is_percpu() reads it), add v to the 64-bit word at off (fully ordered,
+ * as fetch_add) and return True; otherwise change nothing and return False. */
+static PyObject *
+av_percpu_add(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t *flags, *p;
+    uint64_t v;
+    if (check_nargs("percpu_add", nargs, 3) < 0)
+        return NULL;
+    if (get_u64(args[2], &v) < 0 || !(flags = word_addr(self, args[0], 8))
+        || !(p = word_addr(self, args[1], 8)))
+        return NULL;
+    if (__atomic_load_n(flags, __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
+    __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+    SMP_MB_AFTER_RMW();
+    Py_RETURN_TRUE;
+}
+
 /* ---- bit operations on 64-bit words ------------------------------------------------ */
 
 static PyObject *
@@ -631,6 +652,9 @@ static PyMethodDef av_methods[] = {
          "cmpxchg(off, old, new) -> int: value found; the swap happened iff it equals old."),
     FAST("xchg", av_xchg, "xchg(off, v) -> int: store v, return the old value."),
     FAST("fetch_add", av_fetch_add, "fetch_add(off, v) -> int: old value."),
+    FAST("percpu_add", av_percpu_add,
+         "percpu_add(flags_off, off, v) -> bool: if the word at flags_off is 0, fetch_add v "
+         "at off and True; else False."),
     FAST("fetch_sub", av_fetch_sub, "fetch_sub(off, v) -> int: old value."),
     FAST("fetch_or", av_fetch_or, "fetch_or(off, mask) -> int: old value."),
     FAST("fetch_and", av_fetch_and, "fetch_and(off, mask) -> int: old value."),

@@ -119,10 +119,11 @@ class PercpuRef:
     def tryget_live(self, nr: int = 1) -> bool:
         """percpu_ref_tryget_live() (of ``nr`` references): False once killed."""
         a = self.a
-        flags = a.read(self.flags_off)
-        if not flags:
-            a.fetch_add(self.mine, nr)
+        if a.percpu_add(self.flags_off, self.mine, nr):  # per-CPU mode: one C step
             return True
+        flags = a.read(self.flags_off)
+        if not flags:  # back to per-CPU meanwhile
+            return self.tryget_live(nr)
         if flags & RefFlag.DEAD:
             return False
         a.fetch_add(self.count_off, nr)  # atomic and live: never at zero here
@@ -132,8 +133,7 @@ class PercpuRef:
         """percpu_ref_put_many(): True if this put took the count to zero (the
         caller runs the release)."""
         a = self.a
-        if not a.read(self.flags_off):
-            a.fetch_add(self.mine, -nr)
+        if a.percpu_add(self.flags_off, self.mine, -nr % _U64):  # per-CPU mode
             return False
         return _signed(a.fetch_sub(self.count_off, nr)) == nr
 
