@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -458,36 +459,61 @@ def _replay(dd: DeadlineData, m: DdModel, steps: list[tuple]) -> None:
 # -- real processes ------------------------------------------------------------------------
 
 INSERTERS, PER_INSERTER = 3, 60
+#: the sectors of one inserter's bios: far from the others', so no merge crosses over
+REGION = 1 << 20
 
 
 def _inserter(arena_handle, layout: Layout, spec: DeadlineSpec, k: int) -> None:
+    """Submit PER_INSERTER bios of 8 sectors in this inserter's region, the even slots
+    first (then say so in ``halves``), then the odd ones, each as the block layer
+    would: a back merge into a queued request if one ends where the bio starts (then a
+    merge with the request that now follows it, freeing that one), else a front merge,
+    else a new request.  The ids this
+    inserter used and freed are recorded in its row of ``<q>.ids``."""
     with Arena.attach(arena_handle, layout) as arena:
         dd = DeadlineData(arena, spec)
+        ids = arena.view("ids")
+        halves_off = layout["halves"].offset
+        next_id = k * 2 * PER_INSERTER
         try:
-            for i in range(PER_INSERTER):
-                rq = k * PER_INSERTER + i
-                # direction and sector spread so batches, sector order and both FIFOs
-                # are all exercised; some at-head inserts
-                dd.insert(
-                    rq,
-                    rq % 2,
-                    (rq * 37) % 512 * 8,
-                    8,
-                    at_head=rq % 11 == 0,
-                    now_ns=time.monotonic_ns(),
-                )
-                if i % 8 == 0:
-                    with dd.locked():
-                        dd.find_merge(0, 4096 + k, 8)
+            slots = list(range(0, PER_INSERTER, 2)) + list(range(1, PER_INSERTER, 2))
+            for n, slot in enumerate(slots):
+                sector, op = k * REGION + slot * 8, k % 2
+                freed = NIL
+                with dd.locked():
+                    kind, rq = dd.find_merge(op, sector, 8)
+                    if kind == ElvMerge.BACK_MERGE:
+                        start, size = dd.rq_range(rq)
+                        dd.request_merged(rq, start, size + 8)
+                        nxt = dd.latter_request(rq)
+                        if nxt != NIL and dd.rq_range(nxt)[0] == sector + 8:
+                            dd.requests_merged(rq, nxt)
+                            freed = nxt
+                    elif kind == ElvMerge.FRONT_MERGE:
+                        start, size = dd.rq_range(rq)
+                        dd.request_merged(rq, sector, size + 8)
+                if freed != NIL:
+                    dd.finish(freed)
+                    ids[freed]["freed"] += 1
+                if kind == ElvMerge.NO_MERGE:
+                    rq, next_id = next_id, next_id + 1
+                    ids[rq]["used"] += 1
+                    dd.insert(rq, op, sector, 8, at_head=n % 13 == 0, now_ns=time.monotonic_ns())
+                if n + 1 == (PER_INSERTER + 1) // 2:
+                    arena.atomic.fetch_add(halves_off, 1)  # the even half is queued
+                if n % 8 == 0:
                     os.sched_yield()
         finally:
+            del ids
             dd.close()
 
 
 def test_concurrent_inserters_and_one_dispatcher_dispatch_every_request_once():
-    nr = INSERTERS * PER_INSERTER
+    nr = INSERTERS * 2 * PER_INSERTER
     layout = Layout()
     spec = DeadlineData.declare(layout, "q0", nr)
+    layout.add("ids", np.dtype([("used", "<i8"), ("freed", "<i8")]), nr)
+    layout.add("halves", "<u8")
     with Arena.create(layout) as arena:
         DeadlineData.init(arena, spec)
         dd = DeadlineData(arena, spec)
@@ -498,15 +524,24 @@ def test_concurrent_inserters_and_one_dispatcher_dispatch_every_request_once():
         for p in procs:
             p.start()
         seen: Counter[int] = Counter()
+        sectors = 0
         deadline = time.monotonic() + DEADLOCK_TIMEOUT  # only a hang guard
         try:
-            while sum(seen.values()) < nr and time.monotonic() < deadline:
+            # dispatch from the moment every inserter queued its even half: the odd
+            # halves' merges then race with the dispatches
+            halves = layout["halves"].offset
+            while arena.atomic.read(halves) < INSERTERS and time.monotonic() < deadline:
+                os.sched_yield()
+            while time.monotonic() < deadline:
                 if not dd.has_work():
+                    if not any(p.is_alive() for p in procs) and not dd.has_work():
+                        break
                     os.sched_yield()
                     continue
                 rq = dd.dispatch(time.monotonic_ns())
                 if rq != NIL:
                     seen[rq] += 1
+                    sectors += dd.rq_range(rq)[1]
                     dd.finish(rq)
         finally:
             for p in procs:
@@ -516,14 +551,24 @@ def test_concurrent_inserters_and_one_dispatcher_dispatch_every_request_once():
                     p.join()
         assert [p.exitcode for p in procs] == [0] * INSERTERS
         assert dd.dispatch(time.monotonic_ns()) == NIL and not dd.has_work()
-        assert sorted(seen) == list(range(nr)) and set(seen.values()) == {1}
+        ids = arena.view("ids")
+        used = {rq for rq in range(nr) if ids[rq]["used"]}
+        freed = {rq for rq in range(nr) if ids[rq]["freed"]}
+        assert set(ids["used"]) <= {0, 1} and set(ids["freed"]) <= {0, 1}
+        # every request either dispatched once or merged away once, never both
+        assert set(seen.values()) == {1} and set(seen) | freed == used
+        assert not set(seen) & freed
+        # every bio's sectors reached the dispatcher, in some request, exactly once
+        assert sectors == INSERTERS * PER_INSERTER * 8
         assert dd.check() == []
         assert dd.counters() == {
-            "inserted": nr,
-            "merged": 0,
-            "dispatched": nr,
-            "completed": nr,
+            "inserted": len(used),
+            "merged": len(freed),
+            "dispatched": len(seen),
+            "completed": len(used),
             "queued": 0,
             "owned_by_driver": 0,
         }
+        print(f"requests {len(used)}, merged away {len(freed)}")
+        del ids
         dd.close()

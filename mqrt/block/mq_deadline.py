@@ -596,6 +596,12 @@ class DeadlineData:
         self._assert_held()
         return self._r[self._rq(rq) + _SN]
 
+    def rq_range(self, rq: int) -> tuple[int, int]:
+        """(sector, nr_sectors) of a request the scheduler holds, as its last insert or
+        merge left them (lock held, or the request dispatched to the caller)."""
+        b = self._rq(rq)
+        return self._r[b + _SEC], self._r[b + _END] - self._r[b + _SEC]
+
     def request_merged(self, rq: int, new_sector: int, new_nr_sectors: int) -> None:
         """A bio merged into queued ``rq``, which now covers ``new_sector`` +
         ``new_nr_sectors``; a front merge (its start moved) repositions it in the
