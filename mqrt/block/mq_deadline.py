@@ -670,7 +670,7 @@ class DeadlineData:
 
     def show_knob(self, name: str) -> str:
         """The sysfs attribute ``name`` as the kernel shows it (``"%d\\n"``; expiries
-        in ms)."""
+        in ms), read without the lock as the kernel's show does."""
         idx = _knob_index(name)
         value = self._d[idx]
         if name in _MS_KNOBS:
@@ -778,8 +778,9 @@ class DeadlineData:
         Every request with ON_FIFO is on exactly its direction's FIFO and sort list,
         every ON_DISPATCH one on the dispatch list, no other request on any list;
         links agree both ways and with first/last; the sort lists are in sector
-        order and the FIFOs in deadline order but for merged requests (which keep an
-        earlier deadline); ``next_rq`` is on its sort list; the counts match."""
+        order; ``next_rq`` is on its sort list; the counts match.  (A FIFO is in
+        insertion order, not always in deadline order: an expiry lowered between
+        two inserts gives the later one the earlier deadline, as in the kernel.)"""
         with self.locked():
             return self._check()
 
