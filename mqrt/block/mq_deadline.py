@@ -28,7 +28,9 @@ scheduler request ``0..nr_requests-1``, the ids the caller's sched_tags hand out
 * the statistics of ``struct io_stats_per_prio``: ``inserted``, ``merged``,
   ``dispatched`` (under the lock) and ``completed`` (an atomic: ``finish`` runs
   without the lock); debugfs's ``queued`` is inserted - completed and
-  ``owned_by_driver`` dispatched + merged - completed;
+  ``owned_by_driver`` dispatched + merged - completed (a requeued request is
+  dispatched, and counted, again: v6.1's mq-deadline has no requeue op, so it stays
+  in ``owned_by_driver``);
 * the knobs (sysfs: ``read_expire``, ``write_expire`` in ms, ``writes_starved``,
   ``front_merges``, ``fifo_batch``, ``async_depth``).
 
