@@ -156,6 +156,21 @@ def test_at_head_and_requeues_are_dispatched_first(make_dd):
     assert not dd.has_work()
 
 
+def test_insert_requests_under_one_lock_hold(make_dd):
+    dd = make_dd()
+    dd.insert_requests([(0, R, 16, 8), (1, R, 0, 8), (2, W, 0, 8)], now_ns=0)
+    dd.insert_requests([(3, R, 64, 8), (4, R, 72, 8)], at_head=True, now_ns=0)
+    assert dd.state()["dispatch"] == [4, 3]  # each list_add goes before the last
+    with pytest.raises(ValueError, match="request 0 is already queued"):
+        dd.insert_requests([(5, R, 0, 8), (0, R, 0, 8)])
+    with pytest.raises(ValueError, match="twice"):
+        dd.insert_requests([(5, R, 0, 8), (5, R, 0, 8)])
+    with pytest.raises(IndexError, match="out of range"):
+        dd.insert_requests([(5, R, 0, 8), (99, R, 0, 8)])
+    assert dd.counters()["inserted"] == 5  # the refused calls changed nothing
+    assert drain(dd, 1) == [4, 3, 0, 1, 2]
+
+
 def test_merge_lookups_and_front_merges_knob(make_dd):
     dd = make_dd()
     dd.insert(0, R, 100, 8, now_ns=0)

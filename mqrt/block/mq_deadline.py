@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mqrt.lib.knobs import Knob, KnobError
@@ -445,35 +445,55 @@ class DeadlineData:
         sort list by ``sector`` and its FIFO with the deadline ``now_ns`` + its
         direction's expiry.  ``inserted`` counts a request once however often it is
         inserted (a requeue is not counted again)."""
-        b = self._rq(rq)
-        if nr_sectors < 0 or sector < 0:
-            raise ValueError(f"{self.spec.name}: bad range {sector}+{nr_sectors}")
-        d, r = self._d, self._r
-        dd_dir = op & 1
+        self.insert_requests([(rq, op, sector, nr_sectors)], at_head, now_ns)
+
+    def insert_requests(
+        self, rqs: Sequence[tuple[int, int, int, int]], at_head: bool = False, now_ns: int = 0
+    ) -> None:
+        """dd_insert_requests(): ``(rq, op, sector, nr_sectors)`` of each request, in
+        order, under one hold of dd->lock (at the head, each goes before the ones
+        inserted before it, as list_add puts them).  Checked whole before any is
+        inserted: a ValueError changes nothing."""
+        for rq, _, sector, nr_sectors in rqs:
+            self._rq(rq)
+            if nr_sectors < 0 or sector < 0:
+                raise ValueError(f"{self.spec.name}: bad range {sector}+{nr_sectors}")
+        if len({rq for rq, *_ in rqs}) != len(rqs):
+            raise ValueError(f"{self.spec.name}: a request twice in one insert")
         self.lock()
         try:
-            flags = r[b + _FL]
-            if flags & (RQ_ON_FIFO | RQ_ON_DISPATCH):
-                raise ValueError(f"{self.spec.name}: request {rq} is already queued")
-            if not flags & RQ_INSERTED:
-                d[_INSERTED] += 1
-                flags |= RQ_INSERTED
-            r[b + _SEC] = sector
-            r[b + _END] = sector + nr_sectors
-            flags = (flags & ~RQ_WRITE) | dd_dir
-            if at_head:
-                r[b + _FT] = now_ns
-                r[b + _FL] = flags | RQ_ON_DISPATCH
-                self._fifo_add_head(rq, _DISP_FIRST, _DISP_LAST)
-                d[_NR_DISP] += 1
-            else:
-                r[b + _FL] = flags | RQ_ON_FIFO
-                self._sort_add(rq, dd_dir)
-                r[b + _FT] = now_ns + d[_EXPIRE[dd_dir]]
-                self._fifo_add_tail(rq, _FIFO_FIRST[dd_dir], _FIFO_LAST[dd_dir])
-                d[_NR_QUEUED[dd_dir]] += 1
+            r = self._r
+            for rq, *_ in rqs:
+                if r[rq * _RQ_FIELDS + _FL] & (RQ_ON_FIFO | RQ_ON_DISPATCH):
+                    raise ValueError(f"{self.spec.name}: request {rq} is already queued")
+            for rq, op, sector, nr_sectors in rqs:
+                self._insert(rq, op & 1, sector, nr_sectors, at_head, now_ns)
         finally:
             self.unlock()
+
+    def _insert(
+        self, rq: int, dd_dir: int, sector: int, nr_sectors: int, at_head: bool, now_ns: int
+    ) -> None:
+        """dd_insert_request(), lock held, arguments checked."""
+        d, r, b = self._d, self._r, rq * _RQ_FIELDS
+        flags = r[b + _FL]
+        if not flags & RQ_INSERTED:
+            d[_INSERTED] += 1
+            flags |= RQ_INSERTED
+        r[b + _SEC] = sector
+        r[b + _END] = sector + nr_sectors
+        flags = (flags & ~RQ_WRITE) | dd_dir
+        if at_head:
+            r[b + _FT] = now_ns
+            r[b + _FL] = flags | RQ_ON_DISPATCH
+            self._fifo_add_head(rq, _DISP_FIRST, _DISP_LAST)
+            d[_NR_DISP] += 1
+        else:
+            r[b + _FL] = flags | RQ_ON_FIFO
+            self._sort_add(rq, dd_dir)
+            r[b + _FT] = now_ns + d[_EXPIRE[dd_dir]]
+            self._fifo_add_tail(rq, _FIFO_FIRST[dd_dir], _FIFO_LAST[dd_dir])
+            d[_NR_QUEUED[dd_dir]] += 1
 
     def dispatch(self, now_ns: int) -> int:
         """dd_dispatch_request(): the next request to hand to the driver, or -1."""
