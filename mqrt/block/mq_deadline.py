@@ -445,7 +445,16 @@ class DeadlineData:
         sort list by ``sector`` and its FIFO with the deadline ``now_ns`` + its
         direction's expiry.  ``inserted`` counts a request once however often it is
         inserted (a requeue is not counted again)."""
-        self.insert_requests([(rq, op, sector, nr_sectors)], at_head, now_ns)
+        b = self._rq(rq)
+        if nr_sectors < 0 or sector < 0:
+            raise ValueError(f"{self.spec.name}: bad range {sector}+{nr_sectors}")
+        self.lock()
+        try:
+            if self._r[b + _FL] & (RQ_ON_FIFO | RQ_ON_DISPATCH):
+                raise ValueError(f"{self.spec.name}: request {rq} is already queued")
+            self._insert(rq, op & 1, sector, nr_sectors, at_head, now_ns)
+        finally:
+            self.unlock()
 
     def insert_requests(
         self, rqs: Sequence[tuple[int, int, int, int]], at_head: bool = False, now_ns: int = 0
