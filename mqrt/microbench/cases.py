@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mqrt.block.mq_deadline import DeadlineData
 from mqrt.lib.ring import MpscRing, SpscRing
 from mqrt.lib.sbitmap import SbitmapQueue
 from mqrt.lib.shm import Layout, cacheline_struct
@@ -254,6 +255,25 @@ def _sbitmap(scale: float) -> float:
         return _sbq_loop(rig, 0, int(100_000 * scale))
 
 
+def _dd_insert_dispatch(scale: float) -> float:
+    """One request through mq-deadline: insert (sort and FIFO lists), dispatch (the
+    batch's next in sector order), finish; 32 scheduler requests, a sequential read
+    stream, one process."""
+    n = int(100_000 * scale)
+    with scratch_arena(lambda lay: DeadlineData.declare(lay, "q", 32)) as (arena, (spec,)):
+        DeadlineData.init(arena, spec)
+        dd = DeadlineData(arena, spec)
+        insert, dispatch, finish = dd.insert, dd.dispatch, dd.finish
+        try:
+            t0 = time.perf_counter()
+            for i in range(n):
+                insert(i & 31, 0, i * 8, 8, False, i)
+                finish(dispatch(i))
+            return (time.perf_counter() - t0) / n * 1e9
+        finally:
+            dd.close()
+
+
 def _trace_emit(scale: float) -> float:
     """One trace event as the data path writes it (``if trace.on: trace.emit(...)``)."""
     from mqrt.lib import trace
@@ -375,6 +395,12 @@ CASES: list[Case] = [
         "ns/op",
         _sbitmap_contended,
         what="sbitmap_queue get + clear, 2 processes, one bitmap",
+    ),
+    Case(
+        "mq_deadline.insert_dispatch",
+        "ns/op",
+        _dd_insert_dispatch,
+        what="mq-deadline insert + dispatch + finish of one request, 1 process",
     ),
     Case(
         "trace.emit",
