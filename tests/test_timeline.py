@@ -342,8 +342,8 @@ def test_race_scenarios_give_their_timeline_in_bench_syntax():
     out = mqrt("race", "list", "--json")
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)}
-    assert rows["resize_wakeup_hang"]["timeline"] == ["0.3s:nullb0/queue/nr_requests=4"]
-    assert "timeline: 0.3s:nullb0/queue/nr_requests=4" in mqrt("race", "list").stdout
+    assert rows["resize_wakeup_hang"]["timeline"] == ["0.3s:nullb0/debug/nr_requests_unfrozen=4"]
+    assert "timeline: 0.3s:nullb0/debug/nr_requests_unfrozen=4" in mqrt("race", "list").stdout
 
 
 #: Registers, in the command's process (the CPUs inherit it through fork), a store
