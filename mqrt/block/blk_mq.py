@@ -76,6 +76,7 @@ from mqrt.block.blk_mq_structs import (
     RQ_SIZE,
     RQ_U16_CPU,
     RQ_U16_HCTX,
+    BlkMqError,
     CpuSys,
     HwCtx,
     Plug,
@@ -502,12 +503,14 @@ class BlkMq(BlkMqCompletion):
         """blk_queue_enter() past its fast path (``queue.q_usage.tryget_live``): the
         queue is frozen, so the task sleeps on ``mq_freeze_wq`` until it thaws, after
         issuing its plug (whose requests hold references the freeze waits for).
-        False with ``nowait`` (BLK_MQ_REQ_NOWAIT) or for a task that cannot sleep."""
+        False with ``nowait`` (BLK_MQ_REQ_NOWAIT)."""
         ref = queue.q_usage
         a = self.a
         while not ref.tryget_live(nr):
-            if nowait or self.waiters.me is None:
+            if nowait:
                 return False
+            if self.waiters.me is None:
+                raise BlkMqError(f"{queue.q.name} is frozen and this process cannot sleep")
             wq = queue.freeze_wq
             wq.prepare_to_wait()
             if a.read32(queue.freeze_depth_off):
