@@ -302,7 +302,7 @@ def test_a_store_sleeps_on_a_wait_queue_while_the_cpus_task_runs():
         _registered(_attr("test/sleep", _store_sleep)),
     ):
         spec, _ = build(
-            {**LOADED, "runtime": "0.8"},
+            {**LOADED, "runtime": "1.5"},
             [
                 parse_at("0.1s:test/wait_completions=2000", "--at"),
                 parse_at("0.2s:test/sleep=100", "--at"),
