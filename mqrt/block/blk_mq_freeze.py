@@ -91,6 +91,12 @@ def quiesce_queue_nowait(mq: BlkMq, queue: Queue) -> None:
         mq.a.set_bit(queue.flags_off, QueueFlag.QUIESCED)
 
 
+def wait_quiesce_done() -> Transition:
+    """blk_mq_wait_quiesce_done(): a grace period, after which no dispatch that could
+    have missed QUIESCED is left running."""
+    yield from _grace_period()
+
+
 def quiesce_queue(mq: BlkMq, queue: Queue) -> Transition:
     """blk_mq_quiesce_queue(): once it returns, no ->queue_rq of the queue runs."""
     quiesce_queue_nowait(mq, queue)

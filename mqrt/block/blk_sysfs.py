@@ -154,8 +154,9 @@ def queue_requests_store(ctx: StoreCtx, q: int, nr: int) -> Store:
     report: dict[str, Any] = {}
     yield from _frozen(ctx, queue, report)
     try:
-        yield from freeze.quiesce_queue(mq, queue)
+        freeze.quiesce_queue_nowait(mq, queue)
         try:
+            yield from freeze.wait_quiesce_done()
             mq.update_nr_requests(q, nr)
         except BlkMqError as exc:
             raise SysfsError(str(exc)) from None
@@ -291,10 +292,13 @@ def _quiesce_store(tagset: bool) -> Callable[[StoreCtx, int, int], Store]:
         queue = mq.queues[q]
         queues = freeze.tagset_queues(mq, queue) if tagset else [queue]
         t0 = ctx.clock()
-        yield from freeze.quiesce_tagset(mq, queues)
-        quiesced_at = ctx.clock()
-        report: dict[str, Any] = {"grace_period_ns": quiesced_at - t0, "queues": len(queues)}
-        try:
+        for x in queues:
+            freeze.quiesce_queue_nowait(mq, x)
+        report: dict[str, Any] = {"queues": len(queues)}
+        try:  # unquiesced however it ends (a stop closes the store at a yield)
+            yield from freeze.wait_quiesce_done()
+            quiesced_at = ctx.clock()
+            report["grace_period_ns"] = quiesced_at - t0
             if hold_ns:
                 yield Sleep(hold_ns)
             now = ctx.clock()
