@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,8 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from mqrt.lib import proc
 
-def _spin() -> None:  # pragma: no cover - runs in a child until terminated
+
+def _spin(parent_pid: int) -> None:  # pragma: no cover - runs in a child until terminated
+    # dies with the command, even one killed outright (SIGKILL): a busy loop that
+    # outlived it would load the host for good
+    proc.child_init(parent_pid, None, "mqrt-busy")
     while True:
         pass
 
@@ -26,7 +32,10 @@ def busy_loops(n: int) -> Iterator[None]:
     """``n`` processes spinning on the CPU for the duration (load ``n`` on top of
     whatever runs meanwhile); they are terminated on every way out."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_spin, name=f"mqrt-busy{i}", daemon=True) for i in range(n)]
+    me = os.getpid()
+    procs = [
+        ctx.Process(target=_spin, args=(me,), name=f"mqrt-busy{i}", daemon=True) for i in range(n)
+    ]
     try:
         for p in procs:
             p.start()
