@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -115,3 +117,17 @@ def scripted_rigs(setup_for: Callable[..., Any]) -> Iterator[Callable[..., tuple
     finally:
         for rig in rigs:
             rig.close()
+
+
+def interrupt(p: subprocess.Popen, ready: Callable[[], bool]) -> tuple[str, str]:
+    """Ctrl-C a running command once ``ready()`` says it got where the test wants it
+    (a state, not a time): its stdout and stderr; it is killed and reaped on every
+    way out."""
+    try:
+        assert ready()
+        p.send_signal(signal.SIGINT)
+        return p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()

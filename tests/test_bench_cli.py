@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from tests.helpers import stderr_lines, wait_for_work
+from tests.helpers import interrupt, stderr_lines, wait_for_work
 from tests.test_cli import mqrt
 
 pytestmark = pytest.mark.timing
@@ -176,15 +176,8 @@ def test_ctrl_c_stops_cleanly_with_what_was_measured():
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    try:
-        # the run's CPUs are doing I/O (start-up and a loaded host vary)
-        assert wait_for_work(p.pid, 0.3)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    # the run's CPUs are doing I/O (start-up and a loaded host vary)
+    out, err = interrupt(p, lambda: wait_for_work(p.pid, 0.3))
     assert p.returncode == 130, err
     assert "interrupted" in err
     report = json.loads(out)

@@ -4,7 +4,6 @@ real CPUs, real reports, Ctrl-C in the middle."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 from mqrt.bench.sweep import expand_values, median_index, split_axes
 from mqrt.lib.knobs import KnobError
 from mqrt.workers.ioengine import JOB_KNOBS
-from tests.helpers import wait_for_work
+from tests.helpers import interrupt, wait_for_work
 from tests.test_cli import mqrt
 
 pytestmark = pytest.mark.timing
@@ -126,15 +125,8 @@ def test_ctrl_c_mid_sweep_reports_the_points_so_far():
          "--irqmode", "none", "--output-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        # into the second point: its two CPUs are doing I/O (the first point has one)
-        assert wait_for_work(p.pid, 0.2, procs=2)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    # into the second point: its two CPUs are doing I/O (the first point has one)
+    out, err = interrupt(p, lambda: wait_for_work(p.pid, 0.2, procs=2))
     assert p.returncode == 130, err
     m = json.loads(out)["mqrt"]
     assert m["interrupted"] and m["sweep"]["points_done"] < m["sweep"]["points"] == 2

@@ -8,7 +8,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from mqrt.block.blk_sysfs import Attribute, Sleep, Wait
 from mqrt.lib.knobs import KnobError
 from mqrt.lib.wait import WaitQueue
 from mqrt.runtime.owner import run
+from tests.helpers import interrupt
 from tests.test_cli import mqrt
 
 # -- syntax -----------------------------------------------------------------------------------
@@ -373,15 +373,13 @@ def test_ctrl_c_closes_a_parked_store(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MARK": mark},
     )  # fmt: skip
-    try:
+
+    def started() -> bool:
         while not os.path.exists(mark + ".started") and p.poll() is None:
             time.sleep(0.02)  # waiting for a state (the store started), not for a time
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+        return True
+
+    out, err = interrupt(p, started)
     assert p.returncode == 130, err
     assert os.path.exists(mark + ".closed")
     tr = json.loads(out)["mqrt"]["points"][0]["run"]["transitions"]
