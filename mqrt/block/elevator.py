@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mqrt.block.blk_mq_types import BlkMqFlag
 from mqrt.block.mq_deadline import DeadlineData
+from mqrt.lib.knobs import KnobError
 
 if TYPE_CHECKING:
     from mqrt.block.blk_mq_structs import Queue, TagSet
@@ -38,7 +39,7 @@ ELEVATOR_NAMES = {v: k for k, v in ELEVATORS.items()}
 SCHEDULER_CHOICES = (*ELEVATORS, "default")
 
 
-class ElevatorError(ValueError):
+class ElevatorError(KnobError):
     """An elevator a queue cannot have: one line naming it."""
 
 
