@@ -306,6 +306,14 @@ def build(given: dict[str, Any], timeline: list | None = None):
                 f"{timeline[0].source}: {timeline[0].text!r}: --mode raw has no block "
                 "layer, so no queue attributes"
             )
+        if spec.mode == "sq":
+            for w in timeline:
+                if w.attr.startswith("queue/iosched/") or (
+                    w.attr == "queue/scheduler" and w.value != "none"
+                ):
+                    raise TimelineError(
+                        f"{w.source}: {w.text!r}: --mode sq has no elevator (use --mode mq)"
+                    )
         bind(timeline, queues)
         spec.timeline = list(timeline)
         config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
