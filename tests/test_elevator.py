@@ -4,6 +4,8 @@ finish at completion, and the switch on a frozen, quiesced queue."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from mqrt.block import elevator as elv
@@ -11,6 +13,7 @@ from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
 from mqrt.block.blk_mq_structs import BlkMqError, TagSet
 from mqrt.block.blk_mq_types import BlkMqFlag, BlkStatus, ReqOp, Rqf, RqState
+from tests.dd_model import DdModel
 from tests.helpers import scripted_rigs
 
 READ, WRITE = int(ReqOp.READ), int(ReqOp.WRITE)
@@ -259,4 +262,50 @@ def test_two_hctxs_share_the_queue_elevator(make):
     while ops.started:
         rig.mqs[0].end_request(ops.started.pop(0), BlkStatus.OK)
     assert q0.dd.counters()["completed"] == 2
+    clean(rig)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_block_layer_dispatch_order_is_the_models(make, seed):
+    """Bios submitted through the block layer at stepped times, hw queue runs now and
+    then: the order the driver gets requests in is the model's (tests/dd_model.py),
+    with expiries, write starvation and batches in play."""
+    rnd = random.Random(seed)
+    rig, ops = make(depth=64)
+    mq = rig.mq
+    q = mq.queues[0]
+    t = [10**12]
+    mq.clock = lambda: t[0]
+    model = DdModel(64)
+    knobs = {"read_expire": 2, "write_expire": 6, "writes_starved": 1, "fifo_batch": 3}
+    for name, value in knobs.items():
+        elv.store_iosched(q, name, str(value))
+        model.store(name, value)
+    sectors = rnd.sample(range(1 << 16), 300)
+    got: list[int] = []
+    want: list[int] = []
+
+    def run_and_complete() -> None:
+        rig.sys.run_kblockd()
+        got.extend(rq.setup()[1] for rq in ops.started)
+        while model.has_work():
+            want.append(model.dispatch(t[0]))
+        for sector in want[len(want) - len(ops.started) :]:
+            model.finish(sector)
+        complete_all(rig, ops)
+
+    outstanding = 0
+    for k in sectors:
+        t[0] += rnd.randrange(0, 1_500_000)
+        op = rnd.choice((READ, READ, WRITE))
+        sector = 64 * k  # 8 sectors each: never adjacent, no merges; the model's key
+        mq.submit_bio(q, op, sector, 8, t[0])
+        model.insert(sector, op, sector, 8, False, t[0])
+        outstanding += 1
+        if outstanding >= 40 or rnd.random() < 0.3:
+            run_and_complete()
+            outstanding = 0
+    run_and_complete()
+    assert len(got) == 300 and got == want
+    assert q.dd.counters()["completed"] == model.completed == 300
     clean(rig)

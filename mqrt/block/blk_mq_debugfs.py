@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.block.elevator import ELEVATOR_NAMES
 from mqrt.block.mq_deadline import DeadlineData
 from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.shm import Arena
@@ -103,3 +104,18 @@ def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
         out = [{"hctx": h, "max_active": int(m)} for h, m in enumerate(v["max_active"])]
     del v
     return out
+
+
+def elevator_report(arena: Arena, q: RequestQueue) -> dict[str, Any]:
+    """The queue's elevator at the end of a run and, for a queue that may have one,
+    mq-deadline's counters (``inserted``, ``merged``, ``dispatched``, ``completed``)
+    since its last init: the elevator debugfs files' numbers."""
+    qv = arena.view(q.header)
+    name = ELEVATOR_NAMES.get(int(qv["elevator"][0]), "?")
+    del qv
+    if q.dd is None:
+        return {"name": name}
+    dd = DeadlineData(arena, q.dd)
+    counters = dd.counters()
+    dd.close()
+    return {"name": name, **counters}

@@ -166,7 +166,8 @@ def elv_bio_merge(
     def mine(rq_id: int) -> bool:  # elv_bio_merge_ok(), and our chain's rule
         return buf16[(pool[rq_id] >> 1) + RQ_U16_CPU] == cpu
 
-    with dd.locked():
+    dd.lock()
+    try:
         kind, rq_id = dd.find_merge(op, sector, nr_sectors, mine)
         if kind == ElvMerge.NO_MERGE:
             return False
@@ -176,5 +177,7 @@ def elv_bio_merge(
             mq.buf, pool[rq_id] + RQ_OFF_SECTOR
         )
         dd.request_merged(rq_id, new_sector, new_sectors)
+    finally:
+        dd.unlock()
     mq.stats["elv_merges"] += 1
     return True

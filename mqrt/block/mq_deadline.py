@@ -620,11 +620,14 @@ class DeadlineData:
         end = sector + nr_sectors
         pos = d[_SORT_FIRST[dd_dir]]
         while pos != NIL:
-            if r[pos * _RQ_FIELDS + _END] == sector:
+            b = pos * _RQ_FIELDS
+            if r[b + _END] == sector:
                 if ok is None or ok(pos):
                     return ElvMerge.BACK_MERGE, pos
                 break
-            pos = r[pos * _RQ_FIELDS + _SN]
+            if r[b + _SEC] >= sector:  # sorted by start: none later ends at it
+                break
+            pos = r[b + _SN]
         if d[_FRONT_MERGES]:
             pos = d[_SORT_FIRST[dd_dir]]
             while pos != NIL:
