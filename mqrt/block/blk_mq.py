@@ -853,8 +853,17 @@ class BlkMq(BlkMqCompletion):
         rqs = plug.clear()
         self.stats["plug_flushes"] += 1
         if from_schedule or has_elevator:  # blk_mq_dispatch_plug_list(plug, from_schedule)
+            elv: dict[int, list[int]] = {}  # queue -> its requests for the elevator
             for queue, _hctx, rq_id in rqs:
-                self.insert_request(queue, rq_id)
+                if (
+                    has_elevator
+                    and self.a.read32(self.rq_base[queue.index][rq_id] + RQ_OFF_FLAGS) & _RQF_ELV
+                ):
+                    elv.setdefault(queue.index, []).append(rq_id)
+                else:
+                    self.insert_request(queue, rq_id)
+            for qi, rq_ids in elv.items():
+                blk_mq_sched.elv_insert_requests(self, self.queues[qi], rq_ids)
             for hctx in dict.fromkeys(h for _q, h, _r in rqs):
                 self.run_hw_queue(hctx, from_schedule)
             return

@@ -120,23 +120,34 @@ def do_dispatch_sched(mq: BlkMq, hctx: HwCtx) -> None:
     pool = mq.rqs[queue.index]
     clock = mq.clock
     while True:
+        if not dd.has_work() or not hctx.dispatch.empty():
+            return
         max_dispatch = 1 if hctx.dispatch_busy else dd.nr_requests()
+        got = dd.dispatch_batch(clock(), max_dispatch)  # one hold of dd->lock
+        if not got:
+            return
         by_hctx: dict[int, list[int]] = {}
-        count = 0
-        while count < max_dispatch and dd.has_work():
-            if not hctx.dispatch.empty():
-                break
-            rq_id = dd.dispatch(clock())
-            if rq_id < 0:
-                break
-            count += 1
+        for rq_id in got:
             h = buf16[(pool[rq_id].base >> 1) + RQ_U16_HCTX]
             by_hctx.setdefault(h, []).append(rq_id)
-        if not count:
-            return
         for h, rq_list in by_hctx.items():
             if not mq.dispatch_rq_list(queue.hctxs[h], rq_list):
                 return
+
+
+def elv_insert_requests(mq: BlkMq, queue: Queue, rq_ids: list[int]) -> None:
+    """blk_mq_sched_insert_requests() -> dd_insert_requests(): a flushed plug's
+    requests of one queue, allocated with its elevator, in one hold of dd->lock."""
+    dd = queue.dd
+    assert dd is not None
+    buf, buf16, pool = mq.buf, mq.buf16, mq.rq_base[queue.index]
+    rqs = []
+    for rq_id in rq_ids:
+        base = pool[rq_id]
+        sector, nr_sectors, _bios, _segs = RQ_EXTENT.unpack_from(buf, base + RQ_OFF_SECTOR)
+        rqs.append((rq_id, buf[base + RQ_OFF_OP], sector, nr_sectors))
+        queue.hctxs[buf16[(base >> 1) + RQ_U16_HCTX]].stats["queued"] += 1
+    dd.insert_requests(rqs, False, mq.clock())
 
 
 def elv_insert(mq: BlkMq, queue: Queue, rq_id: int, base: int, at_head: bool) -> None:

@@ -533,6 +533,20 @@ class DeadlineData:
         finally:
             self.unlock()
 
+    def dispatch_batch(self, now_ns: int, nr: int) -> list[int]:
+        """Up to ``nr`` dd_dispatch_request()s in one hold of dd->lock, in order."""
+        out: list[int] = []
+        self.lock()
+        try:
+            while len(out) < nr:
+                rq = self._dispatch(now_ns)
+                if rq == NIL:
+                    break
+                out.append(rq)
+        finally:
+            self.unlock()
+        return out
+
     def _dispatch(self, now_ns: int) -> int:
         """__dd_dispatch_request() for the one level in use, lock held."""
         d, r = self._d, self._r
