@@ -19,13 +19,18 @@ from tests.helpers import scripted_rigs
 READ, WRITE = int(ReqOp.READ), int(ReqOp.WRITE)
 
 
-def sched_setup(ops, depth=8, nr_hw_queues=1, nr_queues=1, elevator="mq-deadline", flags=None):
+def sched_setup(
+    ops, depth=8, nr_hw_queues=1, nr_queues=1, elevator="mq-deadline", flags=None, nomerges=0
+):
     def setup(layout, topology):
         tset = TagSet(ops=ops, nr_hw_queues=nr_hw_queues, queue_depth=depth)
         if flags is not None:
             tset.flags = flags
         alloc_tag_set(tset, layout, topology)
-        queues = [init_queue(tset, layout, f"q{i}", elevator=elevator) for i in range(nr_queues)]
+        queues = [
+            init_queue(tset, layout, f"q{i}", elevator=elevator, nomerges=nomerges)
+            for i in range(nr_queues)
+        ]
         return ops, queues
 
     return setup
@@ -162,6 +167,19 @@ def test_bios_merge_into_a_request_the_elevator_holds(make):
     assert q.dd.counters()["inserted"] == 1
     complete_all(rig, ops)
     assert rig.mq.merges_by_op[WRITE] == 2 and rig.mq.counters()["open_bio_chains"] == 0
+    clean(rig)
+
+
+@pytest.mark.parametrize("nomerges", [1, 2])
+def test_nomerges_keeps_bios_out_of_the_elevators_requests(make, nomerges):
+    rig, ops = make(depth=16, nomerges=nomerges)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, WRITE, 800, 8, 1)
+    rig.mq.submit_bio(q, WRITE, 808, 8, 2)
+    assert rig.mq.stats["elv_merges"] == 0
+    rig.sys.run_kblockd()
+    assert len(ops.started) == 2
+    complete_all(rig, ops)
     clean(rig)
 
 

@@ -22,8 +22,9 @@ path; it asks its CPU for the services a kernel CPU has (softirqs, timers, IPIs,
 kblockd, sleeping) through :class:`~mqrt.block.blk_mq_structs.CpuSys`.
 
 Deviations from Linux
-    * No I/O scheduler (``none``): the driver tag is allocated with the request and is
-      its identity; requests live in the tag set's pool at ``tags.rq_base + tag``.
+    * No scheduler tags: with an elevator as without, the driver tag is allocated
+      with the request and is its identity; requests live in the tag set's pool at
+      ``tags.rq_base + tag`` (see :mod:`mqrt.block.elevator`).
     * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
     * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
@@ -585,8 +586,10 @@ class BlkMq(BlkMqCompletion):
             return True
         elv = self.a.read32(queue.elevator_off)
         if elv:
-            if queue.merge and blk_mq_sched.elv_bio_merge(
-                self, queue, op, sector, nr_sectors, start_ns
+            if (
+                queue.merge
+                and not queue.one_hit
+                and blk_mq_sched.elv_bio_merge(self, queue, op, sector, nr_sectors, start_ns)
             ):
                 return True
         elif queue.ctx_queued and self.sched_bio_merge(
