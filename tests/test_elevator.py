@@ -327,3 +327,24 @@ def test_block_layer_dispatch_order_is_the_models(make, seed):
     assert len(got) == 300 and got == want
     assert q.dd.counters()["completed"] == model.completed == 300
     clean(rig)
+
+
+def test_nr_active_counts_the_requests_of_each_queue_on_a_shared_set(make):
+    """TAG_QUEUE_SHARED: a request holds its driver tag from allocation, so it counts
+    in its hctx's nr_active (RQF_MQ_INFLIGHT) while it waits in the elevator, and
+    its end gives it back."""
+    rig, ops = make(depth=16, nr_queues=2)
+    q0, q1 = rig.mq.queues
+    assert q0.shared and q1.shared
+    rig.mq.submit_bio(q0, READ, 800, 8, 1)
+    rig.mq.submit_bio(q0, READ, 1600, 8, 1)
+    rig.mq.submit_bio(q1, READ, 800, 8, 1)
+    assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (2, 1)
+    assert ops.calls == 0  # all three still in their queue's elevator
+    rig.sys.run_kblockd()
+    assert len(ops.started) == 3
+    assert all(rq.rq_flags & Rqf.MQ_INFLIGHT for rq in ops.started)
+    complete_all(rig, ops)
+    assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (0, 0)
+    assert q0.dd.counters()["completed"] == 2 and q1.dd.counters()["completed"] == 1
+    clean(rig)
