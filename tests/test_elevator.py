@@ -348,3 +348,13 @@ def test_nr_active_counts_the_requests_of_each_queue_on_a_shared_set(make):
     assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (0, 0)
     assert q0.dd.counters()["completed"] == 2 and q1.dd.counters()["completed"] == 1
     clean(rig)
+
+
+def test_nr_requests_write_updates_async_depth_and_the_tags_min_shallow_depth(make):
+    rig, _ops = make(depth=64)
+    q = rig.mq.queues[0]
+    tags = q.hctxs[0].tags
+    assert q.dd.show_knob("async_depth") == "48\n" and tags.bitmap_tags.min_shallow_depth == 48
+    rig.mq.update_nr_requests(0, 8)  # blk_mq_update_nr_requests(): dd_depth_updated()
+    assert q.dd.show_knob("async_depth") == "6\n" and tags.bitmap_tags.min_shallow_depth == 6
+    assert rig.mq.alloc_request(q, WRITE, 0, 8, 1, nowait=True) >= 0

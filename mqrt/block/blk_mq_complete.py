@@ -17,6 +17,7 @@ from collections.abc import Callable
 from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING
 
+from mqrt.block import elevator
 from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
@@ -492,7 +493,7 @@ class BlkMqCompletion:
                 )
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
         if queue.dd is not None and queue.elevator():  # e->type->ops.depth_updated
-            queue.dd.depth_updated(nr)
+            elevator.depth_updated(queue, nr)
 
 
 class TimeoutScan:

@@ -99,6 +99,13 @@ def _min_shallow_depth(queue: Queue, depth: int) -> None:
             tags.bitmap_tags.set_min_shallow_depth(depth)
 
 
+def depth_updated(queue: Queue, nr_requests: int) -> None:
+    """dd_depth_updated() for a new ``nr_requests`` (blk_mq_update_nr_requests()):
+    ``async_depth`` from it, declared to the tags as their min_shallow_depth."""
+    assert queue.dd is not None
+    _min_shallow_depth(queue, queue.dd.depth_updated(nr_requests))
+
+
 def store_iosched(queue: Queue, name: str, text: str) -> None:
     """A write to ``queue/iosched/<name>`` of a queue whose elevator is mq-deadline
     (the attribute exists only then); a new ``async_depth`` is declared to the tags
@@ -130,6 +137,6 @@ def elevator_switch(queue: Queue, name: str, nr_requests: int) -> str:
             raise ElevatorError(f"queue/scheduler: {queue.q.name}: {problems[0]}")
     if name == "mq-deadline":
         dd.reinit()
-        _min_shallow_depth(queue, dd.depth_updated(nr_requests))
+        depth_updated(queue, nr_requests)
     queue.a.set32(queue.elevator_off, ELEVATORS[name])
     return old
