@@ -946,7 +946,7 @@ class NvmeOps(BlkMqOps):
         if tags is None or tag >= tags.nr_tags:  # no tags: an hctx no CPU maps
             self.stats["genctr_mismatch"] += 1
             return
-        rq = mq.rqs[0][tags.rq_base + tag]  # every namespace shares the tag set's pool
+        rq = tags.rq_of(mq.rqs[0], tag)  # every namespace shares the tag set's pool
         genctr = rq.pdu[_GENCTR]
         if cid >> 12 != genctr:
             # "request %#x genctr mismatch (got %#x expected %#x)"

@@ -680,11 +680,13 @@ def test_request_layout_is_declared_once():
     assert words[s.RQ_U16_CPU] == 257 and words[s.RQ_U16_HCTX] == 18 and words[s.RQ_U16_Q] == 19
     assert buf[s.RQ_OFF_OP] == 1
     assert int.from_bytes(buf[s.RQ_OFF_ISSUE : s.RQ_OFF_ISSUE + 8], "little") == 23
-    # The hot fields fill the first line; issue_time_ns opens the second, and a PDU
-    # follows it; the block layer's fields do not move.
+    # The hot fields fill the first line; issue_time_ns opens the second, a scheduler
+    # request's tag and internal_tag follow, then a PDU; the block layer's fields do
+    # not move.
     assert s.RQ_OFF_ISSUE == 64 == s.RQ_OFF_SETUP + s.RQ_SETUP.size
+    assert (s.RQ_OFF_TAG, s.RQ_OFF_INTERNAL_TAG) == (72, 76)
     with_pdu = request_dtype(40)
-    assert with_pdu.fields["pdu"][1] == 72 and with_pdu.itemsize == 128
+    assert with_pdu.fields["pdu"][1] == 80 and with_pdu.itemsize == 128
     assert all(with_pdu.fields[k][1] == s.REQUEST.fields[k][1] for k in values)
 
 
@@ -756,10 +758,16 @@ def test_init_request_pdu_reaches_every_cpu(rigs):
     ops = PduOps()
     rig = rigs(rig_setup(ops, nr_hw_queues=2, depth=4, cmd_size=8), nr_cpus=2)
     for mq in rig.mqs:
-        for rq in mq.rqs[0]:
+        pool = mq.rqs[0]
+        assert len(pool) == 2 * 4 + 2 * 8  # the driver pool, then the queue's sched pool
+        for rq in pool[:8]:
             hctx_idx = rq.id // 4
             assert bytes(rq.pdu[0:3]) == bytes([hctx_idx, rq.tag, 0])
             assert rq.state == RqState.IDLE and rq.state_word == 0
+        for rq in pool[8:]:  # blk_mq_sched_alloc_map_and_rqs(): ->init_request too
+            hctx_idx = (rq.id - 8) // 8
+            assert bytes(rq.pdu[0:3]) == bytes([hctx_idx, rq.internal_tag, 0])
+            assert rq.state == RqState.IDLE and rq.tag == -1
 
 
 def test_init_request_failure_halves_depth():

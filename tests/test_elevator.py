@@ -11,8 +11,16 @@ import pytest
 from mqrt.block import elevator as elv
 from mqrt.block.blk_mq_debugfs import check_invariants
 from mqrt.block.blk_mq_setup import alloc_tag_set, init_queue
-from mqrt.block.blk_mq_structs import BlkMqError, TagSet
-from mqrt.block.blk_mq_types import BlkMqFlag, BlkStatus, ReqOp, Rqf, RqState
+from mqrt.block.blk_mq_structs import RQ_ALLOCATED, BlkMqError, TagSet
+from mqrt.block.blk_mq_types import (
+    BLK_MQ_RESOURCE_DELAY_NS,
+    BlkMqFlag,
+    BlkStatus,
+    HctxState,
+    ReqOp,
+    Rqf,
+    RqState,
+)
 from tests.dd_model import DdModel
 from tests.helpers import scripted_rigs
 
@@ -203,14 +211,18 @@ def test_a_refused_request_waits_on_the_dispatch_list_and_reruns(make):
 
 
 def test_async_depth_limits_writes_not_reads(make):
-    # 64 tags: 4 words of 16; 6.6's shallow depth is per word (dd_limit_depth)
-    rig, _ops = make(depth=64)
+    # queue_depth 32: 64 sched tags, 4 words of 16; 6.6's shallow depth is per word
+    # (dd_limit_depth), on the sched tags; the driver tags are not touched
+    rig, _ops = make(depth=32)
     q = rig.mq.queues[0]
+    sched, tags = q.hctxs[0].sched_tags, q.hctxs[0].tags
+    assert sched.bitmap_tags.sb.depth == 64 and sched.bitmap_tags.sb.map_nr == 4
     elv.store_iosched(q, "async_depth", "2")
     writes = [rig.mq.alloc_request(q, WRITE, 8 * i, 8, 1, nowait=True) for i in range(64)]
     assert sum(r >= 0 for r in writes) == 2 * 4
     reads = [rig.mq.alloc_request(q, READ, 800 + 8 * i, 8, 1, nowait=True) for i in range(64)]
     assert sum(r >= 0 for r in reads) == 64 - 8
+    assert sched.bitmap_tags.sb.weight() == 64 and tags.bitmap_tags.sb.weight() == 0
 
 
 def test_requeue_goes_back_to_the_head_of_the_elevator(make):
@@ -330,20 +342,23 @@ def test_block_layer_dispatch_order_is_the_models(make, seed):
 
 
 def test_nr_active_counts_the_requests_of_each_queue_on_a_shared_set(make):
-    """TAG_QUEUE_SHARED: a request holds its driver tag from allocation, so it counts
-    in its hctx's nr_active (RQF_MQ_INFLIGHT) while it waits in the elevator, and
-    its end gives it back."""
+    """TAG_QUEUE_SHARED: a request waiting in the elevator holds a sched tag only, so
+    it counts nowhere; the driver tag it takes at dispatch counts in its hctx's
+    nr_active (RQF_MQ_INFLIGHT, the queue marked active), and its end gives it back."""
     rig, ops = make(depth=16, nr_queues=2)
     q0, q1 = rig.mq.queues
     assert q0.shared and q1.shared
     rig.mq.submit_bio(q0, READ, 800, 8, 1)
     rig.mq.submit_bio(q0, READ, 1600, 8, 1)
     rig.mq.submit_bio(q1, READ, 800, 8, 1)
-    assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (2, 1)
+    assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (0, 0)
+    assert q0.hctxs[0].tags.active_queues == 0
     assert ops.calls == 0  # all three still in their queue's elevator
     rig.sys.run_kblockd()
     assert len(ops.started) == 3
     assert all(rq.rq_flags & Rqf.MQ_INFLIGHT for rq in ops.started)
+    assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (2, 1)
+    assert q0.hctxs[0].tags.active_queues == 2
     complete_all(rig, ops)
     assert (q0.hctxs[0].nr_active, q1.hctxs[0].nr_active) == (0, 0)
     assert q0.dd.counters()["completed"] == 2 and q1.dd.counters()["completed"] == 1
@@ -351,10 +366,128 @@ def test_nr_active_counts_the_requests_of_each_queue_on_a_shared_set(make):
 
 
 def test_nr_requests_write_updates_async_depth_and_the_tags_min_shallow_depth(make):
-    rig, _ops = make(depth=64)
+    rig, _ops = make(depth=32)  # 64 sched tags
     q = rig.mq.queues[0]
-    tags = q.hctxs[0].tags
+    tags = q.hctxs[0].sched_tags
     assert q.dd.show_knob("async_depth") == "48\n" and tags.bitmap_tags.min_shallow_depth == 48
     rig.mq.update_nr_requests(0, 8)  # blk_mq_update_nr_requests(): dd_depth_updated()
     assert q.dd.show_knob("async_depth") == "6\n" and tags.bitmap_tags.min_shallow_depth == 6
+    # the sched tags were resized, the driver tags were not
+    assert tags.bitmap_tags.sb.depth == 8 and q.hctxs[0].tags.bitmap_tags.sb.depth == 32
     assert rig.mq.alloc_request(q, WRITE, 0, 8, 1, nowait=True) >= 0
+
+
+# -- the two-level tag: a sched tag at allocation, a driver tag at dispatch ----------------
+
+
+def test_allocation_takes_a_sched_tag_and_dispatch_the_driver_tag(make):
+    rig, ops = make(depth=4)  # 4 driver tags, 8 sched tags
+    mq = rig.mq
+    q = mq.queues[0]
+    hctx = q.hctxs[0]
+    sched, tags = hctx.sched_tags, hctx.tags
+    assert sched.nr_tags == 8 and tags.nr_tags == 4
+    mq.submit_bio(q, READ, 800, 8, 1)
+    assert sched.bitmap_tags.sb.weight() == 1 and tags.bitmap_tags.sb.weight() == 0
+    (rq_id,) = [t for t in range(len(mq.rqs[0])) if mq.rqs[0][t].state_word & RQ_ALLOCATED]
+    rq = mq.rqs[0][rq_id]
+    # a request of the queue's sched pool, numbered after the driver pool, no driver tag
+    assert rq_id >= 4 and rq.tag == -1 and rq.internal_tag == rq_id - sched.rq_base
+    assert rq.rq_flags & Rqf.ELV
+    rig.sys.run_kblockd()
+    assert ops.started == [rq] and 0 <= rq.tag < 4
+    assert tags.bitmap_tags.sb.weight() == 1
+    assert tags.rq_of(mq.rqs[0], rq.tag) is rq  # tags->rqs[tag]
+    complete_all(rig, ops)
+    # both tags back: the driver tag (and its rqs[] entry), then the sched tag
+    assert rq.tag == -1 and tags.rq_id_of(0) == tags.rq_base
+    assert sched.bitmap_tags.sb.weight() == 0 and tags.bitmap_tags.sb.weight() == 0
+    clean(rig)
+
+
+def test_with_every_driver_tag_held_a_request_waits_on_the_dispatch_list(make):
+    """More requests than driver tags: the round dispatches what it has tags for,
+    the rest goes to hctx->dispatch with SCHED_RESTART set and a delayed rerun; a
+    driver tag freed by a completion restarts the hctx and the next one goes."""
+    rig, ops = make(depth=2)  # 2 driver tags, 4 sched tags
+    mq = rig.mq
+    q = mq.queues[0]
+    hctx = q.hctxs[0]
+    for i in range(4):
+        mq.submit_bio(q, READ, 1000 * (i + 1), 8, 1)
+    assert hctx.sched_tags.bitmap_tags.sb.weight() == 4
+    rig.sys.run_kblockd()
+    assert [rq.setup()[1] for rq in ops.started] == [1000, 2000]
+    assert ops.calls == 2  # the third never reached the driver
+    assert len(hctx.dispatch) == 2 and not q.dd.has_work()
+    assert hctx.test_state(HctxState.SCHED_RESTART)
+    assert mq.stats["driver_tag_waits"] == 1 and hctx.stats["no_driver_tag"] == 1
+    assert rig.sys.runs == {(0, 0): BLK_MQ_RESOURCE_DELAY_NS}  # the delayed rerun
+    rig.sys.runs.clear()
+    # a completion frees a driver tag: the restart reruns the hctx
+    mq.end_request(ops.started.pop(0), BlkStatus.OK)
+    assert not hctx.test_state(HctxState.SCHED_RESTART) and hctx.stats["restart"] == 1
+    rig.sys.run_kblockd()
+    assert [rq.setup()[1] for rq in ops.started] == [2000, 3000] and len(hctx.dispatch) == 1
+    complete_all(rig, ops)
+    rig.sys.run_kblockd()
+    assert [rq.setup()[1] for rq in ops.started] == [4000] and hctx.dispatch.empty()
+    complete_all(rig, ops)
+    assert q.dd.counters()["completed"] == 4
+    clean(rig)
+
+
+def test_a_refused_request_gives_its_driver_tag_back(make):
+    rig, ops = make(depth=4)
+    ops.script = [int(BlkStatus.DEV_RESOURCE)]
+    q = rig.mq.queues[0]
+    hctx = q.hctxs[0]
+    rig.mq.submit_bio(q, READ, 800, 8, 1)
+    rig.sys.run_kblockd()
+    assert ops.started == [] and len(hctx.dispatch) == 1
+    # __blk_mq_requeue_request(): the driver tag went back, the sched tag is kept
+    assert hctx.tags.bitmap_tags.sb.weight() == 0 and hctx.sched_tags.bitmap_tags.sb.weight() == 1
+    rig.sys.run_kblockd()
+    (rq,) = ops.started
+    assert rq.tag >= 0 and hctx.tags.bitmap_tags.sb.weight() == 1
+    complete_all(rig, ops)
+    clean(rig)
+
+
+def test_the_driver_tags_fair_share_holds_a_queue_at_dispatch(make):
+    """Two queues on a shared set of 8 driver tags, both active: each may hold 4
+    (hctx_may_queue at blk_mq_get_driver_tag); q0's fifth request waits on its
+    dispatch list while its sched tags had room for it."""
+    rig, ops = make(depth=8, nr_queues=2)
+    mq = rig.mq
+    q0, q1 = mq.queues
+    mq.submit_bio(q1, READ, 100, 8, 1)
+    rig.sys.run_kblockd()
+    assert q0.hctxs[0].tags.active_queues == 1
+    for i in range(6):
+        mq.submit_bio(q0, READ, 1000 * (i + 1), 8, 1)
+    rig.sys.run_kblockd()
+    assert q0.hctxs[0].nr_active == 4 and len(ops.started) == 5
+    assert len(q0.hctxs[0].dispatch) == 2 and mq.stats["driver_tag_waits"] == 1
+    while ops.started or not q0.hctxs[0].dispatch.empty():
+        complete_all(rig, ops)
+        rig.sys.run_kblockd()
+    assert q0.dd.counters()["completed"] == 6 and q1.dd.counters()["completed"] == 1
+    clean(rig)
+
+
+def test_the_switch_to_mq_deadline_sets_up_nr_requests_sched_tags(make):
+    rig, ops = make(depth=16, elevator="none")
+    mq = rig.mq
+    q = mq.queues[0]
+    mq.submit_bio(q, READ, 800, 8, 1)
+    complete_all(rig, ops)
+    assert elv.elevator_switch(q, "mq-deadline", q.q.nr_sched_rqs) == "none"
+    sched = q.hctxs[0].sched_tags
+    assert sched.bitmap_tags.sb.depth == 32 and sched.bitmap_tags.min_shallow_depth == 24
+    mq.submit_bio(q, WRITE, 800, 8, 1)
+    rig.sys.run_kblockd()
+    (rq,) = ops.started
+    assert rq.internal_tag >= 0 and rq.tag >= 0
+    complete_all(rig, ops)
+    clean(rig)

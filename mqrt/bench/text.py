@@ -246,7 +246,8 @@ def _mqrt_lines(m: dict[str, Any], out) -> None:
         state = "ok" if not inv["violations"] else "VIOLATED"
         print(
             f"mqrt: invariants {state}: {inv['violations']} violations, "
-            f"{inv['leaked_tags']} tags leaked, {inv['owned_requests']} requests still owned, "
+            f"{inv['leaked_tags']} tags leaked ({inv.get('leaked_sched_tags', 0)} sched tags), "
+            f"{inv['owned_requests']} requests still owned, "
             f"{inv['stale_completions']} stale completions dropped",
             file=out,
         )

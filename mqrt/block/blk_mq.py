@@ -69,11 +69,13 @@ from mqrt.block.blk_mq_structs import (
     RQ_ALLOCATED,
     RQ_EXTENT,
     RQ_GEN_SHIFT,
+    RQ_NO_TAG,
     RQ_OFF_FLAGS,
     RQ_OFF_NR_SECTORS,
     RQ_OFF_OP,
     RQ_OFF_SECTOR,
     RQ_OFF_SETUP,
+    RQ_OFF_TAG,
     RQ_SETUP,
     RQ_SIZE,
     RQ_U16_CPU,
@@ -86,6 +88,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
     Request,
     RequestQueue,
+    SchedRequest,
     TagSet,
 )
 from mqrt.block.blk_mq_tag import Tags, tag_wait_key
@@ -139,6 +142,16 @@ def pool_accessors(arena: Arena, tset: TagSet) -> list[Request]:
                 Request(arena, region, s.rq_base + tag, None, tag, tset.timeout_ns)
                 for tag in range(s.nr_tags)
             ]
+    for q in sorted(tset.tag_list, key=lambda q: q.sched_rq_first):
+        if q.sched_region is None:
+            continue
+        nr = q.nr_sched_rqs
+        pool += [
+            SchedRequest(
+                arena, q.sched_region, i, q.sched_rq_first + i, None, i % nr, tset.timeout_ns
+            )
+            for i in range(q.sched_region.count)
+        ]
     return pool
 
 
@@ -262,6 +275,7 @@ class BlkMq(BlkMqCompletion):
                 "batched_completions",
                 "ctx_merges",
                 "elv_merges",
+                "driver_tag_waits",
                 "freeze_waits",
             ),
             0,
@@ -344,18 +358,18 @@ class BlkMq(BlkMqCompletion):
     ) -> int:
         """:meth:`alloc_request` on ``hctx`` (the one blk_mq_map_queue() picked for
         the bio), for a bio of ``nr_segs`` segments."""
+        # q->elevator, stable while the caller holds its reference on the queue
+        if self.a.read32(queue.elevator_off):
+            return self._get_sched_request(
+                queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved, nowait
+            )
         tags = hctx.tags
         assert tags is not None  # a ctx maps only to hctxs with tags (blk_mq_map_swqueue)
         shared = queue.shared
         rq_id = -1
         plug = self.plug
-        # q->elevator, stable while the caller holds its reference on the queue
-        elv = self.a.read32(queue.elevator_off)
-        if elv:  # dd_limit_depth(): writes (mqrt's async I/O) below async_depth
-            shallow = queue.dd.limit_depth(op, op != _WRITE)  # type: ignore[union-attr]
-        else:
-            shallow = queue.async_depth if op == _WRITE else 0
-        if plug is not None and not shared and not reserved and not shallow and not elv:
+        shallow = queue.async_depth if op == _WRITE else 0
+        if plug is not None and not shared and not reserved and not shallow:
             # blk_mq_get_new_requests() with a plug: the plug's cached requests, after
             # taking a batch of tags for its nr_ios (blk_mq_get_tags(): not with
             # shared tags, reserved tags or a shallow depth).
@@ -401,28 +415,78 @@ class BlkMq(BlkMqCompletion):
                 a.set32(hctx.max_active_off, nr)
         if reserved:
             rq_flags |= _RQF_RESV
-        if elv:
-            rq_flags |= _RQF_ELV
         if polled:
             rq_flags |= _RQF_POLLED
-        RQ_SETUP.pack_into(
-            self.buf,
-            base + RQ_OFF_SETUP,
-            start_ns,
-            sector,
-            nr_sectors,
-            1,
-            nr_segs,
-            self.cpu,
-            hctx.index,
-            queue.index,
-            op,
-            rq_flags,
-            0,
-        )
+        self._setup(base, start_ns, sector, nr_sectors, nr_segs, hctx, queue, op, rq_flags)
         if trace.on:
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
+        return rq_id
+
+    def _setup(
+        self,
+        base: int,
+        start_ns: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        hctx: HwCtx,
+        queue: Queue,
+        op: int,
+        rq_flags: int,
+    ) -> None:
+        """blk_mq_rq_ctx_init(): the request's setup block, in one write."""
+        RQ_SETUP.pack_into(
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, nr_segs, self.cpu,
+            hctx.index, queue.index, op, rq_flags, 0,
+        )  # fmt: skip
+
+    def _get_sched_request(
+        self,
+        queue: Queue,
+        hctx: HwCtx,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        start_ns: int,
+        polled: bool,
+        reserved: bool,
+        nowait: bool,
+    ) -> int:
+        """__blk_mq_alloc_requests() with an elevator: a tag of ``hctx->sched_tags``
+        (writes, mqrt's async I/O, below dd_limit_depth()'s async_depth), whose
+        request of the queue's sched pool gets RQF_ELV and no driver tag
+        (``rq->tag = -1``: it takes one at dispatch, :meth:`get_driver_tag`, and with
+        it its active count on a shared set)."""
+        tags = hctx.sched_tags
+        dd = queue.dd
+        assert tags is not None and dd is not None  # an elevator only on such a queue
+        shallow = 0 if reserved else dd.limit_depth(op, op != _WRITE)
+        tag = -1
+        if not reserved:
+            tag = tags.bitmap_tags.get_shallow(shallow) if shallow else tags.bitmap_sb.get()
+            if tag >= 0:
+                tag += tags.nr_reserved_tags
+        if tag < 0:
+            self.waiters.set_waits_for(tag_wait_key(queue.index, hctx.index, shallow))
+            tag = tags.get_tag(reserved, nowait, None, hctx.wait_index_off, hctx.run_sync,
+                               self.io_schedule, shallow=shallow)  # fmt: skip
+            if tag < 0:
+                return -1
+        rq_id = tags.rq_base + tag
+        base = self.rq_base[queue.index][rq_id]
+        self._own(base, rq_id)
+        self.a.set32(base + RQ_OFF_TAG, RQ_NO_TAG)
+        rq_flags = _RQF_ELV
+        if reserved:
+            rq_flags |= _RQF_RESV
+        if polled:
+            rq_flags |= _RQF_POLLED
+        self._setup(base, start_ns, sector, nr_sectors, nr_segs, hctx, queue, op, rq_flags)
+        if trace.on:
+            trace.emit(_EV_TAG_GET, tag, self.a.read(base) >> RQ_GEN_SHIFT, hctx.index,
+                       queue.index)  # fmt: skip
         return rq_id
 
     def _get_tag_slow(
@@ -1078,11 +1142,54 @@ class BlkMq(BlkMqCompletion):
             if self.a.test_and_clear_bit(hctx.state_off, HctxState.STOPPED):
                 self.run_hw_queue(hctx, run_async)
 
+    def get_driver_tag(self, hctx: HwCtx, rq: Request) -> bool:
+        """blk_mq_get_driver_tag() for a scheduler request about to be dispatched: a
+        tag of ``hctx->tags`` without sleeping (reserved if its sched tag is, else
+        held to the queue's fair share of a shared set, which counts the queue
+        active first), ``rq->tag``, its active count on a shared set
+        (RQF_MQ_INFLIGHT) and ``tags->rqs[tag] = rq``.  False if none is free."""
+        tags = hctx.tags
+        assert tags is not None  # a request is only ever on an hctx with tags
+        a = self.a
+        base = rq.base
+        shared = hctx.queue.shared
+        if shared:
+            tags.tag_busy(hctx.active_off, hctx.active_bit)
+        if rq.internal_tag < tags.nr_reserved_tags:  # blk_mq_tag_is_reserved(sched_tags)
+            assert tags.breserved_tags is not None  # the set reserves tags for both maps
+            tag = tags.breserved_tags.sb.get()
+        else:
+            if shared and not hctx.may_queue():
+                return False
+            tag = tags.bitmap_sb.get()
+            if tag >= 0:
+                tag += tags.nr_reserved_tags
+        if tag < 0:
+            return False
+        a.set32(base + RQ_OFF_TAG, tag)
+        if shared and not a.fetch_or32(base + RQ_OFF_FLAGS, _RQF_MQ_INFLIGHT) & _RQF_MQ_INFLIGHT:
+            nr = a.fetch_add32(hctx.nr_active_off, 1) + 1
+            if tags.last_share and nr > a.read32(hctx.max_active_off):
+                a.set32(hctx.max_active_off, nr)
+        tags.set_rq(tag, rq.id)
+        return True
+
+    def _no_driver_tag(self, hctx: HwCtx) -> None:
+        """blk_mq_mark_tag_wait() without a wait-queue callback: mark SCHED_RESTART
+        (a driver tag this hctx frees reruns it) and rerun it after
+        BLK_MQ_RESOURCE_DELAY (a tag freed by another hctx or queue of a shared set
+        restarts nothing here)."""
+        self.stats["driver_tag_waits"] += 1
+        hctx.stats["no_driver_tag"] += 1
+        self.a.set_bit(hctx.state_off, HctxState.SCHED_RESTART)
+        self.delay_run_hw_queue(hctx, BLK_MQ_RESOURCE_DELAY_NS)
+
     def dispatch_rq_list(self, hctx: HwCtx, rq_list: list[int]) -> bool:
-        """blk_mq_dispatch_rq_list(): ->queue_rq each request in order; on BUSY put
+        """blk_mq_dispatch_rq_list(): ->queue_rq each request in order, a scheduler
+        request taking its driver tag first (:meth:`get_driver_tag`); on BUSY put
         the rest on ``hctx->dispatch`` and arrange a rerun: now if SCHED_RESTART is not
-        set, after 3 ms on BLK_STS_RESOURCE, or on the next completion.  True if the
-        whole list was issued."""
+        set, after 3 ms on BLK_STS_RESOURCE, or on the next completion; with no
+        driver tag, :meth:`_no_driver_tag`.  True if the whole list was issued."""
         queue = hctx.queue
         ops = queue.ops
         rqs = self.rqs[queue.index]
@@ -1092,10 +1199,17 @@ class BlkMq(BlkMqCompletion):
         no_budget = False
         i = 0
         n = len(rq_list)
+        no_tag = False
         while i < n:
             rq_id = rq_list[i]
             if ops.get_budget is not None and not ops.get_budget(self, queue):
                 no_budget = True
+                break
+            if rqs[rq_id].tag < 0 and not self.get_driver_tag(hctx, rqs[rq_id]):
+                # blk_mq_prep_dispatch_rq(): no driver tag; the budget goes back
+                if ops.put_budget is not None:
+                    ops.put_budget(self, queue)
+                no_tag = True
                 break
             i += 1
             if trace.on:
@@ -1121,6 +1235,10 @@ class BlkMq(BlkMqCompletion):
             ops.commit_rqs(self, hctx)
         if i < n:
             hctx.dispatch.add(rq_list[i:])
+            if no_tag:
+                self._no_driver_tag(hctx)
+                hctx.update_dispatch_busy(True)
+                return False
             needs_restart = self.a.test_bit(hctx.state_off, HctxState.SCHED_RESTART)
             if no_budget:
                 needs_resource = True

@@ -29,11 +29,13 @@ from mqrt.block.blk_mq_structs import (
     _SCHED_RESTART,
     RQ_END,
     RQ_GEN_SHIFT,
+    RQ_NO_TAG,
     RQ_OFF_DEADLINE,
     RQ_OFF_FLAGS,
     RQ_OFF_IO_START,
     RQ_OFF_ISSUE,
     RQ_OFF_STATUS,
+    RQ_OFF_TAG,
     RQ_STATE_MASK,
     RQ_U16_CPU,
     RQ_U16_HCTX,
@@ -111,10 +113,34 @@ class BlkMqCompletion:
         if st is not None:  # it was not ALLOCATED and IDLE
             self.violation(f"start of request {rq.id} in state {st:#x}")
 
+    def put_driver_tag(self, rq: Request, hctx: HwCtx | None = None) -> None:
+        """blk_mq_put_driver_tag(): a scheduler request gives its driver tag back
+        (``tags->rqs[tag]`` first, then ``rq->tag = -1``, its active count if it had
+        one, the tag); nothing for one holding none, or for a request of the driver
+        pool (the tag is its identity: it keeps it until it is freed)."""
+        if rq.internal_tag < 0:
+            return
+        tag = rq.tag
+        if tag < 0:
+            return
+        a = self.a
+        base = rq.base
+        if hctx is None:
+            half = base >> 1
+            hctx = self.queues[self.buf16[half + RQ_U16_Q]].hctxs[self.buf16[half + RQ_U16_HCTX]]
+        tags = hctx.tags
+        assert tags is not None  # the tag came from them
+        tags.clear_rq(tag)
+        a.set32(base + RQ_OFF_TAG, RQ_NO_TAG)
+        if a.fetch_and32(base + RQ_OFF_FLAGS, ~_RQF_MQ_INFLIGHT) & _RQF_MQ_INFLIGHT:
+            self._dec_active(hctx)
+        tags.put_tag(tag, self.buf16[(base >> 1) + RQ_U16_CPU])
+
     def _requeue_unstarted(self, rq: Request) -> None:
         """__blk_mq_requeue_request(): a started request (refused by the driver, or
-        completed and sent back by its ->complete) goes back to IDLE; it keeps its
-        tag (no scheduler).
+        completed and sent back by its ->complete) goes back to IDLE; a scheduler
+        request gives its driver tag back (:meth:`put_driver_tag`: it takes one
+        again at its next dispatch), a request of the driver pool keeps its tag.
 
         The first time a request comes back (RQF_REQUEUED not yet set), its first
         issue is kept in ``issue_time_ns`` before a later start overwrites
@@ -130,6 +156,7 @@ class BlkMqCompletion:
         if started:
             a.store_release(base, st & ~RQ_STATE_MASK)
             a.fetch_and32(base + RQ_OFF_FLAGS, ~_TIMED_OUT)
+        self.put_driver_tag(rq)
 
     def requeue_request(self, rq: Request, kick: bool) -> None:
         """blk_mq_requeue_request(): back to IDLE and onto the queue's requeue list."""
@@ -310,7 +337,12 @@ class BlkMqCompletion:
         # active count is dropped, or joins the batch, which drops the counts of its
         # tags in one go (reserved tags are never batched).
         tags: Tags = hctx.tags  # type: ignore[assignment]  # the request came from them
-        if batch is None:
+        if rq_flags & _RQF_ELV:  # the driver tag first, then the sched tag
+            self.put_driver_tag(rq, hctx)
+            hctx.sched_tags.put_tag(rq.internal_tag, cpu)  # type: ignore[union-attr]
+            if batch is None and self.a.read(hctx.state_off) & _SCHED_RESTART:
+                self._sched_restart(hctx)
+        elif batch is None:
             if rq_flags & _RQF_MQ_INFLIGHT:
                 self._dec_active(hctx)
             tags.put_tag(rq.tag, cpu)
@@ -478,9 +510,15 @@ class BlkMqCompletion:
 
     def update_nr_requests(self, q: int, nr: int) -> None:
         """blk_mq_update_nr_requests(): a write to queue/nr_requests resizes each
-        tags' bitmap (sbitmap_queue_resize, which recomputes wake_batch).  The kernel
+        tags' bitmap (sbitmap_queue_resize, which recomputes wake_batch): the
+        scheduler tags with an elevator (which is told: dd_depth_updated()), else
+        the driver tags.  The kernel
         freezes the queue around it; here the I/O keeps going (see Deviations)."""
         queue = self.queues[q]
+        if queue.dd is not None and queue.elevator():  # the scheduler tags, then dd
+            elevator.resize_sched_tags(queue, nr)
+            elevator.depth_updated(queue, nr)
+            return
         done: set[str] = set()  # each bitmap once (5.10 shared sbitmap: the set's)
         for hctx in queue.hctxs:
             tags = hctx.tags
@@ -492,8 +530,6 @@ class BlkMqCompletion:
                     f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
                 )
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
-        if queue.dd is not None and queue.elevator():  # e->type->ops.depth_updated
-            elevator.depth_updated(queue, nr)
 
 
 class TimeoutScan:

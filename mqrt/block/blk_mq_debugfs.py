@@ -6,9 +6,11 @@ the formats may change at any time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.block.blk_mq_tag import RQS_NONE, TagsSpec
 from mqrt.block.elevator import ELEVATOR_NAMES
 from mqrt.block.mq_deadline import DeadlineData
 from mqrt.lib.percpu_ref import PercpuRef
@@ -24,34 +26,23 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
     leaked_tags = 0
     busy_rqs = 0
     sets = {id(q.tag_set): q.tag_set for q in queues}
-    a = arena.atomic
-    for tset in sets.values():
-        v = arena.view(tset.rq_region)  # type: ignore[arg-type]
+    pools = [(tset.name, tset.rq_region) for tset in sets.values()]
+    pools += [(q.name, q.sched_region) for q in queues if q.sched_region is not None]
+    for name, region in pools:
+        v = arena.view(region)  # type: ignore[arg-type]
         states = v["state"].copy()
         del v
         for rq_id, st in enumerate(states):
             if int(st) & (RQ_ALLOCATED | RQ_STATE_MASK):
                 busy_rqs += 1
                 if len(problems) < 10:
-                    problems.append(
-                        f"{tset.name}: request {rq_id} still owned (state {int(st):#x})"
-                    )
-        seen: set[str] = set()  # 5.10 shared sbitmap: every hctx's tags, one bitmap
-        for spec in tset.tags:
-            if spec is None:  # freed: an hctx no CPU maps
-                continue
-            for sbq in (spec.bitmap_tags, spec.breserved_tags):
-                if sbq is None or sbq.sb.name in seen:
-                    continue
-                seen.add(sbq.sb.name)
-                sb = sbq.sb
-                used = 0
-                for i in range(sb.map_nr):
-                    word = a.read(sb.words.addr(i, "word")) & ~a.read(sb.words.addr(i, "cleared"))
-                    used += word.bit_count()
-                leaked_tags += used
-                if used and len(problems) < 10:
-                    problems.append(f"{sb.name}: {used} tags still allocated")
+                    problems.append(f"{name}: request {rq_id} still owned (state {int(st):#x})")
+    seen: set[str] = set()  # 5.10 shared sbitmap: every hctx's tags, one bitmap
+    for tset in sets.values():
+        leaked_tags += _tags_used(arena, tset.tags, seen, problems)
+    leaked_sched_tags = 0
+    for q in queues:
+        leaked_sched_tags += _tags_used(arena, q.sched_tags, seen, problems)
     negative_active = 0
     queue_refs = 0
     elv_queued = 0
@@ -84,12 +75,44 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                 problems.append(f"{q.name}: mq-deadline holds {queued} requests at the end")
     return {
         "leaked_tags": leaked_tags,
+        "leaked_sched_tags": leaked_sched_tags,
         "owned_requests": busy_rqs,
         "nr_active_negative": negative_active,
         "queue_refs": queue_refs,
         "elv_queued": elv_queued,
         "problems": problems,
     }
+
+
+def _tags_used(
+    arena: Arena, specs: Sequence[TagsSpec | None], seen: set[str], problems: list[str]
+) -> int:
+    """How many tags of ``specs`` are still allocated (each bitmap once), with a
+    problem for each bitmap that has some and for each ``tags->rqs[]`` entry still
+    naming a scheduler request."""
+    a = arena.atomic
+    used_all = 0
+    for spec in specs:
+        if spec is None:  # freed: an hctx no CPU maps
+            continue
+        for sbq in (spec.bitmap_tags, spec.breserved_tags):
+            if sbq is None or sbq.sb.name in seen:
+                continue
+            seen.add(sbq.sb.name)
+            sb = sbq.sb
+            used = 0
+            for i in range(sb.map_nr):
+                word = a.read(sb.words.addr(i, "word")) & ~a.read(sb.words.addr(i, "cleared"))
+                used += word.bit_count()
+            used_all += used
+            if used and len(problems) < 10:
+                problems.append(f"{sb.name}: {used} tags still allocated")
+        v = arena.view(spec.rqs)
+        named = int((v != RQS_NONE).sum())
+        del v
+        if named and len(problems) < 10:
+            problems.append(f"{spec.rqs.name}: {named} driver tags still name a request")
+    return used_all
 
 
 def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:

@@ -58,6 +58,9 @@ from mqrt.block.blk_mq_structs import (
     QUEUE,
     QUEUE_OFF_FREEZE_WQ,
     RQ_ALLOCATED,
+    RQ_NO_TAG,
+    RQ_OFF_INTERNAL_TAG,
+    RQ_OFF_TAG,
     RQ_U16_LIMIT,
     SHARED_TAG_MODELS,
     BlkMqError,
@@ -74,6 +77,7 @@ from mqrt.block.blk_mq_tag import BLK_MQ_TAG_MIN, declare_tags, init_tags, share
 from mqrt.block.blk_mq_types import (
     BLK_MQ_MAX_DEPTH,
     BLK_MQ_NO_HCTX_IDX,
+    BLKDEV_DEFAULT_RQ,
     QUEUE_FLAG_MQ_DEFAULT,
     BlkMqFlag,
     BlkMqOps,
@@ -511,7 +515,10 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
     q.header = layout.add(f"{name}.queue", QUEUE)
     q.hctx_region = layout.add(f"{name}.hctx", HCTX, q.nr_hw_queues)
     depth = tset.queue_depth
-    # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth.
+    nr_sched = 0 if tset.flags & BlkMqFlag.NO_SCHED else _nr_sched_rqs(tset)
+    # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth,
+    # or of one hctx's sched tags.
+    depth = max(depth, nr_sched)
     q.dispatch = [
         declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(q.nr_hw_queues)
     ]
@@ -529,14 +536,69 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
             if tmap is None or not tmap.nr_queues:
                 lists.append(None)  # aliases DEFAULT
             else:
-                lists.append(declare_rq_list(layout, f"{name}.cpu{cpu}.rq_list{t}", depth))
+                lists.append(
+                    declare_rq_list(layout, f"{name}.cpu{cpu}.rq_list{t}", tset.queue_depth)
+                )
         q.ctx_lists.append(lists)
-    q.requeue_list = declare_rq_list(layout, f"{name}.requeue_list", len(tset.tags) * depth)
+    q.requeue_list = declare_rq_list(
+        layout,
+        f"{name}.requeue_list",
+        max(len(tset.tags) * tset.queue_depth, q.nr_hw_queues * nr_sched),
+    )
     q.q_usage = PercpuRef.declare(layout, f"{name}.q_usage_counter", tset.nr_cpus)
     if not tset.flags & BlkMqFlag.NO_SCHED:
-        # an elevator's data, for every request of the set's pool (a switch may come)
-        assert tset.rq_region is not None  # an allocated set
-        q.dd = DeadlineData.declare(layout, name, tset.rq_region.count)
+        # an elevator's data, sched tags and requests (a switch may come)
+        _declare_sched(q, layout)
+
+
+def _nr_sched_rqs(tset: TagSet) -> int:
+    """q->nr_requests as blk_mq_init_sched() sets it: the depth of each sched tags."""
+    return 2 * min(tset.queue_depth, BLKDEV_DEFAULT_RQ)
+
+
+def _declare_sched(q: RequestQueue, layout: Layout) -> None:
+    """blk_mq_sched_alloc_map_and_rqs() for every hctx up front (the arena cannot
+    grow): each hctx's scheduler tags of ``2 * min(queue_depth, BLKDEV_DEFAULT_RQ)``
+    (q->nr_requests at blk_mq_init_sched()) and their requests, ->init_request on
+    each, numbered in the tag set's id space after its driver pool and the sched
+    pools of the set's queues declared before; then mq-deadline's data for them."""
+    tset = q.tag_set
+    assert tset.rq_region is not None  # an allocated set
+    nr = _nr_sched_rqs(tset)
+    q.nr_sched_rqs = nr
+    q.sched_rq_first = tset.rq_region.count + tset.sched_rqs
+    count = q.nr_hw_queues * nr
+    tset.sched_rqs += count
+    pool = RqPool(f"{q.name}.sched_rqs", request_dtype(tset.cmd_size), count)
+    init = tset.ops.init_request
+    for h in range(q.nr_hw_queues):
+        for t in range(nr):
+            rq = pool.request(h * nr + t, t)
+            pool.atomic.set32(rq.base + RQ_OFF_TAG, RQ_NO_TAG)
+            pool.atomic.set32(rq.base + RQ_OFF_INTERNAL_TAG, t)
+            if init is not None:
+                ret = _call_op(init, tset, rq, h, _hw_queue_to_node(tset, h))
+                if ret:
+                    pool.release()
+                    raise BlkMqError(
+                        f"ENOMEM: {q.name}: init_request failed for sched request {t} of "
+                        f"hctx {h} ({errno_name(ret)})"
+                    )
+        q.sched_tags.append(
+            declare_tags(
+                layout,
+                f"{q.name}.hctx{h}.sched_tags",
+                h,
+                nr,
+                tset.reserved_tags,
+                tset.nr_cpus,
+                q.sched_rq_first + h * nr,
+                generation=tset.generation,
+            )
+        )
+    q.sched_pool = pool
+    q.sched_region = layout.add(f"{q.name}.sched_rqs", pool.region.dtype, count)
+    q.dd = DeadlineData.declare(layout, q.name, q.sched_rq_first + count)
 
 
 def init_sq_queue(
@@ -656,8 +718,6 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
                 (x.async_depth for x in queues if x.tag_set is tset and x.async_depth),
                 default=UINT_MAX,
             )
-            if any(x.tag_set is tset and x.elevator == "mq-deadline" for x in queues):
-                shallow = min(shallow, async_depth_for(tset.queue_depth))
             if tset.shared_sbitmap_tags is not None:  # 5.10: the bitmaps every hctx uses
                 init_tags(arena, tset.shared_sbitmap_tags, seed, shallow)
             else:
@@ -676,7 +736,13 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
             flags |= 1 << QueueFlag.SAME_FORCE
         v["queue_flags"] = flags
         del v
-        elevator_init(arena, q, q.elevator, tset.queue_depth)
+        if q.sched_pool is not None:
+            assert q.sched_region is not None  # declared with it
+            q.sched_pool.move_to(arena, q.sched_region)
+            shallow = async_depth_for(q.nr_sched_rqs) if q.elevator == "mq-deadline" else UINT_MAX
+            for i, spec in enumerate(q.sched_tags):
+                init_tags(arena, spec, seed + 7 + 2 * i, shallow)
+        elevator_init(arena, q, q.elevator, q.nr_sched_rqs)
         PercpuRef.init(arena, q.q_usage)
         WaitQueue.init(arena, q.header.addr(0) + QUEUE_OFF_FREEZE_WQ)
         for hctx in q.hctxs:

@@ -128,6 +128,11 @@ _RQ_FIELDS = [
 #: The block layer's field on the second line, read and written only when a request
 #: goes back to the block layer (RQF_REQUEUED): off the hot line.
 _RQ_ISSUE_FIELDS = [("issue_time_ns", "<u8")]
+#: A scheduler request's tags, on the second line: ``tag`` its driver tag
+#: (:data:`RQ_NO_TAG` while it has none), ``internal_tag`` its sched tag.
+_RQ_SCHED_FIELDS = [("tag", "<i4"), ("internal_tag", "<i4")]
+#: ``rq->tag`` of a scheduler request holding no driver tag (BLK_MQ_NO_TAG).
+RQ_NO_TAG = -1
 
 
 def request_dtype(cmd_size: int) -> np.dtype:
@@ -145,6 +150,10 @@ def request_dtype(cmd_size: int) -> np.dtype:
     issue_time_ns     the CPU that hands the request back to the block layer
                       the first time (RQF_REQUEUED): when it was first issued,
                       its first start or, refused before starting, the refusal
+    tag               a scheduler request's driver tag: the dispatching CPU
+                      that took it (blk_mq_get_driver_tag()), before
+                      ->queue_rq; reset by whoever puts it back (requeue, end)
+    internal_tag      a scheduler request's sched tag: fixed at set-up
     pdu               the driver, while it owns the request
     ================  =====================================================
 
@@ -152,7 +161,7 @@ def request_dtype(cmd_size: int) -> np.dtype:
     io_u): a retried request's stall is completion latency, as fio sees it, while
     ``io_start_time_ns`` stays the kernel's, the last start.
     """
-    second = list(_RQ_ISSUE_FIELDS)
+    second = [*_RQ_ISSUE_FIELDS, *_RQ_SCHED_FIELDS]
     if cmd_size:
         second.append(("pdu", f"V{cmd_size}"))
     return cacheline_struct(_RQ_FIELDS, second)
@@ -175,6 +184,8 @@ RQ_OFF_OP = field_offset(REQUEST, "op")
 RQ_OFF_FLAGS = field_offset(REQUEST, "rq_flags")
 RQ_OFF_STATUS = field_offset(REQUEST, "status")
 RQ_OFF_ISSUE = field_offset(REQUEST, "issue_time_ns")
+RQ_OFF_TAG = field_offset(REQUEST, "tag")
+RQ_OFF_INTERNAL_TAG = field_offset(REQUEST, "internal_tag")
 #: The 16-bit fields as indexes into a ``cast("H")`` view of the arena, from the
 #: request's ``base >> 1`` (hot paths read cpu, hctx and q whole, with one index).
 RQ_U16_CPU = RQ_OFF_CPU >> 1
@@ -481,6 +492,8 @@ class TagSet:
     shared_sbitmap_tags: TagsSpec | None = None
     rq_region: Region | None = None  #: the request pool's region of the arena
     rq_pool: RqPool | None = field(default=None, repr=False)  #: where the requests are now
+    #: request ids handed to the queues' scheduler pools, numbered after the driver pool
+    sched_rqs: int = 0
     tag_list: list[RequestQueue] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)  #: what the kernel would pr_info
 
@@ -561,6 +574,13 @@ class RequestQueue:
     #: mq-deadline's data and its requests' lines, declared up front for a queue that
     #: may have an elevator (the arena cannot grow); None for a NO_SCHED set's queue
     dd: DeadlineSpec | None = field(default=None, repr=False)
+    #: hctx->sched_tags, by hctx (declared with ``dd``): each of ``nr_sched_rqs``
+    #: tags, naming the requests of ``sched_region`` from ``sched_rq_first`` on
+    sched_tags: list[TagsSpec] = field(default_factory=list, repr=False)
+    nr_sched_rqs: int = 0
+    sched_rq_first: int = 0  #: request id (in the tag set's id space) of the first
+    sched_region: Region | None = field(default=None, repr=False)
+    sched_pool: RqPool | None = field(default=None, repr=False)
 
     # Built by init_queue():
     nr_hw_queues: int = 0
@@ -643,7 +663,8 @@ class Request:
         tag: int,
         timeout_ns: int,
     ):
-        self._bind(arena, region, rq_id, tag)
+        self._bind(arena, region, rq_id)
+        self.tag = tag
         self.tags = tags
         self.timeout_ns = timeout_ns  #: the tag set's (q->rq_timeout)
 
@@ -653,16 +674,16 @@ class Request:
         owner's ->init_request and ->exit_request get, and what a CPU keeps at the
         ids of requests blk_mq_map_swqueue() freed (never allocated, always IDLE)."""
         rq = cls.__new__(cls)
-        rq._bind(mem, region, rq_id, tag)
+        rq._bind(mem, region, rq_id)
+        rq.tag = tag
         rq.timeout_ns = 0
         return rq
 
-    def _bind(self, mem: PoolMemory, region: Region, rq_id: int, tag: int) -> None:
+    def _bind(self, mem: PoolMemory, region: Region, rq_id: int) -> None:
         self._a = mem.atomic
         self._buf = mem.buf
         self.id = rq_id
         self.base = region.addr(rq_id)
-        self.tag = tag
         if "pdu" in (region.dtype.names or ()):
             off = self.base + field_offset(region.dtype, "pdu")
             self.pdu: memoryview | None = mem.buf[off : off + region.dtype["pdu"].itemsize]
@@ -723,8 +744,47 @@ class Request:
         st = self.setup()
         return (
             f"{self.id:#x} {{.op={ReqOp(st[8]).name}, .rq_flags={Rqf(st[9])!s}, "
-            f".state={self.state.name.lower()}, .tag={self.tag}, .internal_tag=-1}}"
+            f".state={self.state.name.lower()}, .tag={self.tag}, "
+            f".internal_tag={self.internal_tag}}}"
         )
+
+    @property
+    def internal_tag(self) -> int:
+        return -1
+
+
+class SchedRequest(Request):
+    """An accessor for a request of a queue's scheduler pool (``sched_tags->static_rqs``):
+    ``id`` numbers it after the tag set's driver pool, ``internal_tag`` is its sched
+    tag, and ``tag`` its driver tag as the request says now (-1 while it holds none:
+    it takes one at dispatch)."""
+
+    __slots__ = ("_internal_tag", "_tag_off")
+
+    def __init__(
+        self,
+        mem: PoolMemory,
+        region: Region,
+        index: int,
+        rq_id: int,
+        tags: Tags | None,
+        internal_tag: int,
+        timeout_ns: int,
+    ):
+        self._bind(mem, region, index)
+        self.id = rq_id
+        self.tags = tags
+        self.timeout_ns = timeout_ns
+        self._internal_tag = internal_tag
+        self._tag_off = self.base + RQ_OFF_TAG
+
+    @property
+    def tag(self) -> int:  # type: ignore[override]
+        return self._a.read32(self._tag_off)
+
+    @property
+    def internal_tag(self) -> int:
+        return self._internal_tag
 
 
 class HwCtx:
@@ -741,6 +801,8 @@ class HwCtx:
         self.cpumask = q.hctx_cpus[index]
         self._cpuset = frozenset(self.cpumask)
         self.tags = tags
+        #: hctx->sched_tags (set by :class:`Queue` for a queue that may have an elevator)
+        self.sched_tags: Tags | None = None
         #: request id of tag 0 of its tags (0 without tags)
         self.rq_base = tags.rq_base if tags is not None else 0
         self.driver_data = spec.driver_data
@@ -771,7 +833,9 @@ class HwCtx:
         self.next_cpu_idx = 0
         self.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
         # This CPU's counters for the hctx (debugfs-like, reported at the end).
-        self.stats = {"run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0}
+        self.stats = {
+            "run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0, "no_driver_tag": 0
+        }  # fmt: skip
 
     def may_queue(self) -> bool:
         tags = self.tags
@@ -878,6 +942,9 @@ class Queue:
             )
             for h, spec in enumerate(q.hctxs)
         ]
+        if waiters is not None:
+            for hctx, spec in zip(self.hctxs, q.sched_tags, strict=False):
+                hctx.sched_tags = Tags(arena, spec, waiters, cpu)
         self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
         #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
         self.hctx_by_op = [

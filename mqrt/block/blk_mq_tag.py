@@ -22,9 +22,12 @@ recalculated for the number of active users.
 
 Deviations from Linux
     * A tag's request lives in the tag set's request pool in shared memory at
-      ``rq_base + tag`` (``tags->static_rqs``); with no scheduler tags (an elevator
-      orders requests that hold their driver tag) the driver tag is the request's
-      identity, so there is no separate ``rqs[]`` indirection.
+      ``rq_base + tag`` (``tags->static_rqs``): without an elevator the driver tag
+      is the request's identity and ``tags->rqs[]`` is not written.  A scheduler
+      request (a queue's sched pool, :class:`~mqrt.block.blk_mq_structs.SchedRequest`)
+      that takes a driver tag at dispatch is named in ``rqs[tag]`` (its request id)
+      while it holds it; :meth:`Tags.rq_of` turns a driver tag into its request
+      either way.
     * ``tags->lock`` is a bit spinlock in the arena.
     * 5.10 shared sbitmap: the header of the set's tags (``active_queues``, the
       kernel's ``set->active_queues_shared_sbitmap``, and ``lock``) is every hctx's
@@ -38,6 +41,10 @@ Concurrency
       (``blk_mq_update_wake_batch``, 4f1731df60f9 of 6.5, carried by every
       generation); read locklessly by :meth:`Tags.may_queue` (READ_ONCE), as in the
       kernel.
+    * ``rqs[tag]``: written (store-release) by the CPU that took the driver tag for
+      a scheduler request, before ->queue_rq; reset by the CPU that puts the tag
+      back, before the bitmap's clear; read (load-acquire) by whoever turns a busy
+      tag into its request (completion by tag, the iterators).
     * ``nr_active`` (per hctx, or per queue with ``TAG_HCTX_SHARED``): atomic
       increment after a tag is taken, decrement when it is freed; the fair-share test
       reads it before taking the tag, so it can overshoot by one per racing CPU, as
@@ -69,6 +76,8 @@ _IDLE = int(RqState.IDLE)
 
 #: The "no tag" sentinel (BLK_MQ_NO_TAG).
 BLK_MQ_NO_TAG = -1
+#: ``tags->rqs[tag]`` of a tag no scheduler request holds.
+RQS_NONE = -1
 #: The smallest usable depth beyond the reserved tags (BLK_MQ_TAG_MIN).
 BLK_MQ_TAG_MIN = 1
 #: The floor of a queue's fair share of a shared tag map.
@@ -92,6 +101,7 @@ class TagsSpec:
     header: Region
     bitmap_tags: SbitmapQueueSpec
     breserved_tags: SbitmapQueueSpec | None
+    rqs: Region  #: tags->rqs[]: the scheduler request holding each tag, by request id
 
 
 def declare_tags(
@@ -109,6 +119,7 @@ def declare_tags(
     """blk_mq_init_tags(): reserve one tags' header and bitmaps in ``layout``."""
     depth = nr_tags - nr_reserved_tags
     header = layout.add(f"{name}.header", TAGS_HEADER)
+    rqs = layout.add(f"{name}.rqs_map", "<i4", nr_tags)
     bitmap = SbitmapQueue.declare(
         layout,
         f"{name}.bitmap_tags",
@@ -127,7 +138,7 @@ def declare_tags(
             round_robin=round_robin,
             generation=generation,
         )
-    return TagsSpec(index, nr_tags, nr_reserved_tags, rq_base, header, bitmap, reserved)
+    return TagsSpec(index, nr_tags, nr_reserved_tags, rq_base, header, bitmap, reserved, rqs)
 
 
 def share_sbitmap(shared: TagsSpec, index: int, rq_base: int) -> TagsSpec:
@@ -147,6 +158,7 @@ def init_tags(
     o = spec.header.offsets()
     arena.atomic.set32(o.active_queues, 0)
     arena.atomic.set(o.lock, 0)
+    arena.buf[spec.rqs.offset : spec.rqs.offset + spec.rqs.nbytes] = b"\xff" * spec.rqs.nbytes
     SbitmapQueue.init(arena, spec.bitmap_tags, seed, min_shallow_depth)
     if spec.breserved_tags is not None:
         SbitmapQueue.init(arena, spec.breserved_tags, seed + 1)
@@ -173,6 +185,7 @@ class Tags:
         o = spec.header.offsets()
         self._active_queues = o.active_queues
         self._lock = o.lock
+        self._rqs = spec.rqs.offset
         #: The share this CPU's last fair-share check allowed (0: not limited); lets
         #: the caller record how far a limited user went (max_active).
         self.last_share = 0
@@ -357,6 +370,33 @@ class Tags:
         if bt.count_frees:
             bt.free_end(len(tag_list))
 
+    # -- tags->rqs[]: a driver tag's request -----------------------------------------------------
+
+    def set_rq(self, tag: int, rq_id: int) -> None:
+        """``tags->rqs[tag] = rq``: a scheduler request took driver ``tag``."""
+        self.a.store_release32(self._rqs + 4 * tag, rq_id)
+
+    def clear_rq(self, tag: int) -> None:
+        """A scheduler request gives driver ``tag`` back (before the bitmap's clear)."""
+        self.a.set32(self._rqs + 4 * tag, RQS_NONE)
+
+    def rq_id_of(self, tag: int) -> int:
+        """The request id holding driver ``tag``: the scheduler request ``rqs[tag]``
+        names, else the driver pool's request of that tag (``rq_base + tag``)."""
+        r = self.a.load_acquire32(self._rqs + 4 * tag)
+        return self.rq_base + tag if r == RQS_NONE else r
+
+    def nr_sched_held(self) -> int:
+        """How many driver tags scheduler requests hold now (``rqs[]`` entries set),
+        read one by one: for observers."""
+        read32 = self.a.read32
+        return sum(1 for t in range(self.nr_tags) if read32(self._rqs + 4 * t) != RQS_NONE)
+
+    def rq_of(self, rqs: Sequence[Request], tag: int) -> Request:
+        """The request of driver ``tag`` (``tags->rqs[tag]``), from ``rqs``, the tag
+        set's accessors by request id."""
+        return rqs[self.rq_id_of(tag)]
+
     # -- iterating over busy tags (blk_mq_queue_tag_busy_iter, blk_mq_tagset_busy_iter) -------
 
     def find_and_get_req(self, rqs: Sequence[Request], tag: int) -> int:
@@ -372,7 +412,7 @@ class Tags:
         instance, and a callback acts on the request only at that generation (a
         cmpxchg against it, as :meth:`BlkMqCompletion.complete_request` does with
         ``gen``); whatever it finds of another generation is not its own."""
-        st = self.a.load_acquire(rqs[self.rq_base + tag].base)
+        st = self.a.load_acquire(self.rq_of(rqs, tag).base)
         return st if st & RQ_ALLOCATED else -1
 
     def busy_iter(
@@ -395,10 +435,10 @@ class Tags:
             def one(bitnr: int) -> bool:
                 nonlocal go
                 tag = bitnr + offset
-                st = self.find_and_get_req(rqs, tag)
-                if st < 0 or (started and st & RQ_STATE_MASK == _IDLE):
+                rq = self.rq_of(rqs, tag)
+                st = self.a.load_acquire(rq.base)  # find_and_get_req(), on that request
+                if not st & RQ_ALLOCATED or (started and st & RQ_STATE_MASK == _IDLE):
                     return True
-                rq = rqs[self.rq_base + tag]
                 if match is not None and not match(rq):
                     return True
                 go = fn(rq, st)

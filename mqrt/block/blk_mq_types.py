@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: Largest queue_depth a tag set may ask for (BLK_MQ_MAX_DEPTH).
 BLK_MQ_MAX_DEPTH = 10240
+#: An elevator's scheduler tags are ``2 * min(queue_depth, BLKDEV_DEFAULT_RQ)``.
+BLKDEV_DEFAULT_RQ = 128
 #: Requests a plug collects before it flushes (BLK_MAX_REQUEST_COUNT).
 BLK_MAX_REQUEST_COUNT = 32
 #: A plug also flushes once its last request is this big (BLK_PLUG_FLUSH_SIZE).

@@ -145,9 +145,10 @@ def queue_requests_check(nr: int, queue: QueueInfo) -> None:
 
 def nr_requests(mq: Any, q: int) -> int:
     """The queue's nr_requests as its first mapped hctx's tag bitmap says (shared
-    memory: what every CPU allocates from)."""
-    for hctx in mq.queues[q].hctxs:
-        tags = hctx.tags
+    memory: what every CPU allocates from): its scheduler tags with an elevator."""
+    queue = mq.queues[q]
+    for hctx in queue.hctxs:
+        tags = hctx.sched_tags if queue.elevator() else hctx.tags
         if tags is not None:
             return int(tags.bitmap_tags.sb.depth) + tags.nr_reserved_tags
     return 0
@@ -194,7 +195,7 @@ def queue_requests_unfrozen_store(ctx: StoreCtx, q: int, nr: int) -> Store:
     before = nr_requests(ctx.mq, q)
     try:
         ctx.mq.update_nr_requests(q, nr)
-    except BlkMqError as exc:
+    except (BlkMqError, ElevatorError) as exc:
         raise SysfsError(str(exc)) from None
     return {"nr_requests_before": before, "nr_requests": nr_requests(ctx.mq, q)}
     yield  # a generator: this store never sleeps
@@ -239,7 +240,7 @@ def queue_scheduler_store(ctx: StoreCtx, q: int, name: str) -> Store:
     before = ELEVATOR_NAMES[queue.elevator()]
     if before == name:
         return {"scheduler_before": before, "scheduler": name}
-    nr = nr_requests(ctx.mq, q)
+    nr = queue.q.nr_sched_rqs  # blk_mq_init_sched()'s q->nr_requests
     report = yield from _frozen_quiesced(ctx, q, lambda: elevator_switch(queue, name, nr))
     return {**report, "scheduler_before": before, "scheduler": name}
 

@@ -13,11 +13,20 @@ mq-deadline's data is declared for every queue of a set that may have an elevato
 (not ``BLK_MQ_F_NO_SCHED``) when the queue is declared: the arena cannot grow, so a
 switch only initialises it again (``elevator_init``: empty lists, the default knobs).
 
-Deviations from Linux: no scheduler tags.  A request keeps the driver tag it was
-allocated with (its identity, as with ``none``); mq-deadline orders, merges and
-expires the requests that hold one, and ``async_depth`` is the shallow depth of the
-driver tags that writes take.  A bio merges through the elevator only into a request
-its own CPU submitted (the merged bios' chain is kept by the request's submitter).
+With an elevator a request has two tags (``blk-mq-sched.c``): at allocation a tag of
+its hctx's scheduler tags (``hctx->sched_tags``, ``nr_requests`` deep: ``2 *
+min(queue_depth, 128)`` when the elevator is set up), whose request of the queue's
+sched pool (``rq->internal_tag``) mq-deadline orders, merges and expires; at dispatch
+a driver tag (``blk_mq_get_driver_tag``, ``rq->tag``, ``tags->rqs[tag]``), given back
+first when the request ends or goes back to the block layer.  ``async_depth`` is the
+shallow depth of the scheduler tags that writes take, ``queue/nr_requests`` resizes
+them.  The sched tags and pools are declared for every hctx up front like the data.
+
+Deviations from Linux: the scheduler tags cannot grow past the depth they were
+declared with (the kernel reallocates them up to ``MAX_SCHED_RQ``); with
+``BLK_MQ_F_TAG_HCTX_SHARED`` each hctx still has scheduler tags of its own (6.1 shares
+one per queue).  A bio merges through the elevator only into a request its own CPU
+submitted (the merged bios' chain is kept by the request's submitter).
 """
 
 from __future__ import annotations
@@ -91,12 +100,27 @@ def elevator_init(arena: Any, queue_spec: Any, name: str, nr_requests: int) -> N
 
 
 def _min_shallow_depth(queue: Queue, depth: int) -> None:
-    """sbitmap_queue_min_shallow_depth() of the tags the elevator's shallow depth
-    applies to (the driver tags here), never raised: a smaller one stays."""
+    """sbitmap_queue_min_shallow_depth() of the scheduler tags (dd_depth_updated()
+    declares its async_depth to them), never raised: a smaller one stays."""
     for hctx in queue.hctxs:
-        tags = hctx.tags
+        tags = hctx.sched_tags
         if tags is not None and depth < tags.bitmap_tags.min_shallow_depth:
             tags.bitmap_tags.set_min_shallow_depth(depth)
+
+
+def resize_sched_tags(queue: Queue, nr: int) -> None:
+    """blk_mq_update_nr_requests() with an elevator: each hctx's scheduler tags to
+    ``nr`` (the depth they were declared with at most)."""
+    for hctx in queue.hctxs:
+        tags = hctx.sched_tags
+        if tags is None:
+            continue
+        if nr <= tags.nr_reserved_tags or nr > tags.nr_tags:
+            raise ElevatorError(
+                f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags} with "
+                f"an elevator (its scheduler tags), got {nr}"
+            )
+        tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
 
 
 def depth_updated(queue: Queue, nr_requests: int) -> None:
@@ -124,7 +148,8 @@ def store_iosched(queue: Queue, name: str, text: str) -> None:
 def elevator_switch(queue: Queue, name: str, nr_requests: int) -> str:
     """elevator_switch() with the queue frozen and quiesced (the caller's): exit the
     old elevator, init the new one (an mq-deadline starts empty with its default
-    knobs), publish its id.  Returns the old one's name."""
+    knobs and ``nr_requests`` scheduler tags: none is held, the queue is frozen),
+    publish its id.  Returns the old one's name."""
     old = ELEVATOR_NAMES[queue.elevator()]
     if name == old:
         return old
@@ -135,8 +160,9 @@ def elevator_switch(queue: Queue, name: str, nr_requests: int) -> str:
         problems = dd.check()
         if problems:
             raise ElevatorError(f"queue/scheduler: {queue.q.name}: {problems[0]}")
-    if name == "mq-deadline":
+    if name == "mq-deadline":  # blk_mq_init_sched(): nr_requests sched tags, empty
         dd.reinit()
+        resize_sched_tags(queue, nr_requests)
         depth_updated(queue, nr_requests)
     queue.a.set32(queue.elevator_off, ELEVATORS[name])
     return old

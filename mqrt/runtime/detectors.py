@@ -520,6 +520,7 @@ class Monitor:
 
     def _free_tags(self, m: _Map) -> int:
         busy = sum(1 for rq in m.rqs if self.a.read(rq.base) & RQ_ALLOCATED)
+        busy += m.tags.nr_sched_held()  # driver tags scheduler requests hold
         return m.tags.bitmap_tags.sb.depth - busy
 
     def _held_twice(self, m: _Map, at: float) -> Finding | None:
