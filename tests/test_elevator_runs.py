@@ -32,6 +32,7 @@ def _run(given: dict[str, str], at: list[str] = (), every: list[str] = ()) -> An
     inv = result.invariants
     assert inv["violations"] == 0 and inv["problems"] == [], inv
     assert inv["leaked_tags"] == 0 and inv["owned_requests"] == 0 and inv["queue_refs"] == 0
+    assert inv["leaked_sched_tags"] == 0
     assert inv["elv_queued"] == 0
     jobs = [j for c in result.cpus for j in c["jobs"]]
     assert all(j["inflight"] == 0 for j in jobs)
@@ -71,6 +72,34 @@ def test_mq_deadline_on_shared_tags_every_request_through_the_elevator_once(give
         assert e["inserted"] > 0
         assert e["inserted"] == e["dispatched"] == e["completed"]
         assert e["queued"] == 0 and e["owned_by_driver"] == 0
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param(
+            {"nr_devices": "2", "shared_tags": "1", "submit_queues": "2", "hw_queue_depth": "4",
+             **NULLB_TIMER},
+            id="nullb",
+        ),
+        pytest.param(
+            {"driver": "nvme", "nr_namespaces": "2", "nr_io_queues": "2", "io_queue_depth": "5"},
+            id="nvme-2ns",
+        ),
+    ],
+)  # fmt: skip
+def test_fewer_driver_tags_than_sched_tags_requests_wait_for_one_at_dispatch(given):
+    """queue_depth 4 (nr_requests 8 sched tags per hctx) on a set two queues share,
+    32 I/Os kept: requests wait in the elevator for a sched tag and at dispatch for a
+    driver tag (hctx->dispatch, then a restart or the delayed rerun); every one ends
+    once, and no sched tag, driver tag or tags->rqs[] entry is left."""
+    result = _run({**given, "scheduler": "mq-deadline"})
+    _requests_ended_once(result)
+    assert _blk(result, "driver_tag_waits") > 0
+    elvs = [q["elevator"] for q in result.queues]
+    assert sum(e["inserted"] for e in elvs) == _blk(result, "requests")
+    for e in elvs:
+        assert e["inserted"] > 0 and e["inserted"] == e["dispatched"] == e["completed"]
 
 
 def test_default_scheduler_follows_the_kernel_choice():

@@ -10,9 +10,9 @@ round robin over the ctxs (``blk_mq_do_dispatch_ctx``), otherwise every pending 
 list at once (``blk_mq_flush_busy_ctxs``).  ``blk_mq_dispatch_rq_list`` itself is in
 :mod:`mqrt.block.blk_mq`, as in the kernel.
 
-Deviations from Linux: no scheduler tags (see :mod:`mqrt.block.elevator`): a request
-the elevator hands out already holds its driver tag, so there is no
-``blk_mq_get_driver_tag`` step; the budget is taken by ``dispatch_rq_list``.
+A request the elevator hands out takes its driver tag in ``dispatch_rq_list``
+(``blk_mq_get_driver_tag``, after its budget); one that finds none waits on the
+dispatch list (see :mod:`mqrt.block.elevator`).
 """
 
 from __future__ import annotations
@@ -130,9 +130,11 @@ def do_dispatch_sched(mq: BlkMq, hctx: HwCtx) -> None:
         for rq_id in got:
             h = buf16[(pool[rq_id].base >> 1) + RQ_U16_HCTX]
             by_hctx.setdefault(h, []).append(rq_id)
-        for h, rq_list in by_hctx.items():
-            if not mq.dispatch_rq_list(queue.hctxs[h], rq_list):
-                return
+        # blk_mq_dispatch_hctx_list() for each hctx's requests, every one of them
+        # (a refused hctx keeps the rest of its own on its dispatch list)
+        done = [mq.dispatch_rq_list(queue.hctxs[h], rq_list) for h, rq_list in by_hctx.items()]
+        if not all(done):
+            return
 
 
 def elv_insert_requests(mq: BlkMq, queue: Queue, rq_ids: list[int]) -> None:
