@@ -22,9 +22,12 @@ path; it asks its CPU for the services a kernel CPU has (softirqs, timers, IPIs,
 kblockd, sleeping) through :class:`~mqrt.block.blk_mq_structs.CpuSys`.
 
 Deviations from Linux
-    * No scheduler tags: with an elevator as without, the driver tag is allocated
-      with the request and is its identity; requests live in the tag set's pool at
-      ``tags.rq_base + tag`` (see :mod:`mqrt.block.elevator`).
+    * Without an elevator the driver tag is the request's identity (the tag set's
+      pool at ``tags.rq_base + tag``); with one a request is of its queue's sched
+      pool, named by its sched tag, and takes a driver tag at dispatch
+      (:meth:`BlkMq.get_driver_tag`); with none free it waits on ``hctx->dispatch``
+      for a restart or a delayed rerun, not a wait-queue callback (see
+      :mod:`mqrt.block.elevator`).
     * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
     * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
