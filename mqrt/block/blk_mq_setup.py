@@ -515,10 +515,10 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
     q.header = layout.add(f"{name}.queue", QUEUE)
     q.hctx_region = layout.add(f"{name}.hctx", HCTX, q.nr_hw_queues)
     depth = tset.queue_depth
+    # (or of one hctx's sched tags: the dispatch lists and the requeue list)
     nr_sched = 0 if tset.flags & BlkMqFlag.NO_SCHED else _nr_sched_rqs(tset)
-    # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth,
-    # or of one hctx's sched tags.
     depth = max(depth, nr_sched)
+    # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth.
     q.dispatch = [
         declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(q.nr_hw_queues)
     ]
@@ -543,7 +543,7 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
     q.requeue_list = declare_rq_list(
         layout,
         f"{name}.requeue_list",
-        max(len(tset.tags) * tset.queue_depth, q.nr_hw_queues * nr_sched),
+        max(len(tset.tags) * tset.queue_depth, len(q.hctxs) * nr_sched),
     )
     q.q_usage = PercpuRef.declare(layout, f"{name}.q_usage_counter", tset.nr_cpus)
     if not tset.flags & BlkMqFlag.NO_SCHED:
@@ -567,11 +567,11 @@ def _declare_sched(q: RequestQueue, layout: Layout) -> None:
     nr = _nr_sched_rqs(tset)
     q.nr_sched_rqs = nr
     q.sched_rq_first = tset.rq_region.count + tset.sched_rqs
-    count = q.nr_hw_queues * nr
+    count = len(q.hctxs) * nr  # every hctx the queue may have
     tset.sched_rqs += count
     pool = RqPool(f"{q.name}.sched_rqs", request_dtype(tset.cmd_size), count)
     init = tset.ops.init_request
-    for h in range(q.nr_hw_queues):
+    for h in range(len(q.hctxs)):
         for t in range(nr):
             rq = pool.request(h * nr + t, t)
             pool.atomic.set32(rq.base + RQ_OFF_TAG, RQ_NO_TAG)
