@@ -491,3 +491,18 @@ def test_the_switch_to_mq_deadline_sets_up_nr_requests_sched_tags(make):
     assert rq.internal_tag >= 0 and rq.tag >= 0
     complete_all(rig, ops)
     clean(rig)
+
+
+def test_the_invariants_see_a_sched_tag_and_a_driver_tag_left_held(make):
+    rig, ops = make(depth=4)
+    q = rig.mq.queues[0]
+    rig.mq.submit_bio(q, READ, 800, 8, 1)
+    inv = check_invariants(rig.arena, rig.queues)
+    assert inv["leaked_sched_tags"] == 1 and inv["leaked_tags"] == 0
+    assert inv["owned_requests"] == 1 and any("sched_tags" in p for p in inv["problems"])
+    rig.sys.run_kblockd()
+    inv = check_invariants(rig.arena, rig.queues)
+    assert inv["leaked_sched_tags"] == 1 and inv["leaked_tags"] == 1
+    assert any("rqs_map: 1 driver tags still name a request" in p for p in inv["problems"])
+    complete_all(rig, ops)
+    clean(rig)

@@ -118,9 +118,14 @@ def test_sequential_writes_merge_in_the_elevator():
     assert _blk(result, "write_merges") > 0
 
 
-def test_scheduler_switch_under_load_exact_totals():
+@pytest.mark.parametrize(
+    "depth", [pytest.param({}, id="default-depth"), pytest.param({"hw_queue_depth": "4"}, id="4")]
+)
+def test_scheduler_switch_under_load_exact_totals(depth):
+    """Switches both ways under load; with 4 driver tags (8 sched tags) requests also
+    wait for driver tags at dispatch while the switches freeze and drain the queue."""
     result = _run(
-        {"nr_devices": "2", "shared_tags": "1", "runtime": "1.5", **NULLB_TIMER},
+        {"nr_devices": "2", "shared_tags": "1", "runtime": "1.5", **NULLB_TIMER, **depth},
         every=[
             "100ms@100ms..1.3s:queue/scheduler=mq-deadline",
             "100ms@150ms..1.3s:queue/scheduler=none",
