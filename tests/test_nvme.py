@@ -181,6 +181,9 @@ def test_a_stale_completion_is_caught_by_the_genctr_check():
         nr_tags = 8
         rq_base = 0
 
+        def rq_of(self, rqs, tag):  # Tags.rq_of() of a tag no scheduler request holds
+            return rqs[self.rq_base + tag]
+
     class FakeRq:
         pdu = bytearray([3, 0])
         gen = 0

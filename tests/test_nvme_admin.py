@@ -171,8 +171,14 @@ def test_the_set_up_ops_point_every_hctx_and_iod_at_its_nvme_queue():
         assert [h.driver_data for h in rig.mq.queues[0].hctxs] == ops.nvmeqs[1:]
         assert [h.driver_data for h in ops.admin_q.hctxs] == [ops.nvmeqs[0]]
         depth = tset.queue_depth
-        for rq in rig.mq.rqs[0]:
+        pool = rig.mq.rqs[0]
+        for rq in pool[: tset.rq_region.count]:
             assert nvme._IOD_QID.unpack_from(rq.pdu, nvme._QID)[0] == rq.id // depth + 1  # type: ignore[arg-type]
+        for q in rig.queues:  # each namespace's sched pool: its hctx's I/O queue too
+            for i in range(q.sched_region.count):
+                rq = pool[q.sched_rq_first + i]
+                want = i // q.nr_sched_rqs + 1
+                assert nvme._IOD_QID.unpack_from(rq.pdu, nvme._QID)[0] == want  # type: ignore[arg-type]
         for rq in ops.admin.rqs:  # type: ignore[union-attr]
             assert nvme._IOD_QID.unpack_from(rq.pdu, nvme._QID)[0] == 0  # type: ignore[arg-type]
     finally:
