@@ -120,11 +120,11 @@ class BlkMqCompletion:
         pool (the tag is its identity: it keeps it until it is freed)."""
         if rq.internal_tag < 0:
             return
-        tag = rq.tag
-        if tag < 0:
-            return
         a = self.a
         base = rq.base
+        tag = a.read32(base + RQ_OFF_TAG)
+        if tag < 0:
+            return
         if hctx is None:
             half = base >> 1
             hctx = self.queues[self.buf16[half + RQ_U16_Q]].hctxs[self.buf16[half + RQ_U16_HCTX]]

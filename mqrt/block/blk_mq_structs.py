@@ -653,6 +653,9 @@ class Request:
     """
 
     __slots__ = ("_a", "_buf", "base", "id", "pdu", "tag", "tags", "timeout_ns")
+    #: ``rq->internal_tag``: none for a request of the driver pool (its tag is its
+    #: identity); a :class:`SchedRequest`'s sched tag
+    internal_tag = -1
 
     def __init__(
         self,
@@ -748,10 +751,6 @@ class Request:
             f".internal_tag={self.internal_tag}}}"
         )
 
-    @property
-    def internal_tag(self) -> int:
-        return -1
-
 
 class SchedRequest(Request):
     """An accessor for a request of a queue's scheduler pool (``sched_tags->static_rqs``):
@@ -759,7 +758,7 @@ class SchedRequest(Request):
     tag, and ``tag`` its driver tag as the request says now (-1 while it holds none:
     it takes one at dispatch)."""
 
-    __slots__ = ("_internal_tag", "_tag_off")
+    __slots__ = ("_tag_off", "internal_tag")
 
     def __init__(
         self,
@@ -775,16 +774,12 @@ class SchedRequest(Request):
         self.id = rq_id
         self.tags = tags
         self.timeout_ns = timeout_ns
-        self._internal_tag = internal_tag
+        self.internal_tag = internal_tag  # this slot shadows the class's -1
         self._tag_off = self.base + RQ_OFF_TAG
 
     @property
     def tag(self) -> int:  # type: ignore[override]
         return self._a.read32(self._tag_off)
-
-    @property
-    def internal_tag(self) -> int:
-        return self._internal_tag
 
 
 class HwCtx:
