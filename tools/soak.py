@@ -12,6 +12,14 @@ invariants), stale completions dropped, leaked tags and owned requests; and
 whether memory stayed flat: the last third's median within ``--flat-pct`` of the
 second third's (the first third is warm-up).  Exit status 0 when all of these
 hold, 1 otherwise.
+
+A soak of the live transitions gives the run a timeline and says how many writes of
+each attribute it must have made; every one must end without an error, an abort or a
+violation (a reference taken or a request started while a queue was frozen or
+quiesced):
+
+    python tools/soak.py --minutes 2 --expect freeze=1000 -- --cpus 4 \
+        --shared_tags 1 --nr_devices 2 --every 100ms:freeze
 """
 
 from __future__ import annotations
@@ -47,8 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--every", type=float, default=15.0, help="seconds between samples")
     ap.add_argument("--flat-pct", type=float, default=5.0)
+    ap.add_argument(
+        "--expect", action="append", default=[], metavar="ATTR=N",
+        help="the run must have made at least N writes of the timeline attribute ATTR",
+    )  # fmt: skip
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then mqrt bench options")
     args = ap.parse_args(argv)
+    expect: dict[str, int] = {}
+    for e in args.expect:
+        attr, sep, n = e.rpartition("=")
+        if not sep or not attr or not n.isdigit():
+            ap.error(f"--expect: ATTR=N with N a count, got {e!r}")
+        expect[attr] = int(n)
     bench = [a for a in args.bench_args if a != "--"]
     runtime = int(args.minutes * 60)
     with tempfile.TemporaryFile("w+") as out:
@@ -77,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = report["jobs"]
     ios = sum(j[d]["total_ios"] for j in jobs for d in ("read", "write"))
     timeouts = sum(c["blk_mq"].get("timeouts", 0) for c in run["cpus"])
-    third = max(1, len(samples) // 3)
-    mid = statistics.median(s for _, s in samples[third : 2 * third]) if samples else 0
-    end = statistics.median(s for _, s in samples[2 * third :]) if samples else 0
+    # memory is judged from three samples on (a shorter run has no warm-up to skip)
+    third = len(samples) // 3
+    mid = statistics.median(s for _, s in samples[third : 2 * third]) if third else 0
+    end = statistics.median(s for _, s in samples[2 * third :]) if third else 0
     growth = 100.0 * (end - mid) / mid if mid else 0.0
     verdict = {
         "ios": ios,
@@ -90,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         "stale_completions_dropped": inv.get("stale_completions", 0),
         "leaked_tags": inv.get("leaked_tags", 0),
         "owned_requests": inv.get("owned_requests", 0),
+        "queue_refs": inv.get("queue_refs", 0),
+        "nr_active_negative": inv.get("nr_active_negative", 0),
+        "transitions": {
+            attr: {k: t[k] for k in ("count", "errors", "aborted", "violations")}
+            for attr, t in run.get("transitions", {}).get("summary", {}).items()
+        },
         "memory_mid_mib": round(mid / 2**20, 1),
         "memory_end_mib": round(end / 2**20, 1),
         "memory_growth_pct": round(growth, 2),
@@ -101,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         and verdict["violations"] == 0
         and verdict["leaked_tags"] == 0
         and verdict["owned_requests"] == 0
+        and verdict["queue_refs"] == 0
+        and verdict["nr_active_negative"] == 0
+        and all(
+            t["errors"] == 0 and t["aborted"] == 0 and t["violations"] == 0
+            for t in verdict["transitions"].values()
+        )
+        and all(verdict["transitions"].get(a, {}).get("count", 0) >= n for a, n in expect.items())
         and abs(growth) <= args.flat_pct
     )
     print(f"soak: {'ok' if ok else 'FAILED'}")

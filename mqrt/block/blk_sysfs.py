@@ -54,6 +54,11 @@ class Sleep:
     ns: int
 
 
+#: Report fields that count what a transition must never see (a reference taken or a
+#: request started while the queue was frozen or quiesced): each is 0 on correct code,
+#: and the report sums them per attribute as ``violations``.
+VIOLATIONS = frozenset({"refs_while_frozen", "started_while_frozen", "started_while_quiesced"})
+
 #: What a store yields, and the generator it is.
 Step = Wait | Sleep
 Store = Generator[Step, None, dict[str, Any]]
