@@ -182,7 +182,7 @@ class Cpu:
         self.ru_start: resource.struct_rusage | None = None
         self.ru_end: resource.struct_rusage | None = None
         self.t_run0 = self.t_run1 = self.t_stop = 0
-        self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
+        self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "sleeps": 0}
         if plan.rcu is not None:
             rcu.install(RcuReader(plan.arena, plan.rcu, plan.cpu, self.waiters, self._ipi_rcu))
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
@@ -334,9 +334,11 @@ class Cpu:
             )
 
     def schedule(self) -> None:
-        """The task sleeps (for a tag) until a waker sets it running again; the CPU
-        keeps taking its interrupts (which may be what frees the tag) meanwhile."""
-        self.counters["tag_sleeps"] += 1
+        """The task sleeps (for a tag, or for a frozen queue to thaw) until a waker
+        sets it running again; the CPU keeps taking its interrupts (which may be what
+        frees the tag) meanwhile.  Counted as ``sleeps``; the tag maps count their own
+        (``tag_sleeps``)."""
+        self.counters["sleeps"] += 1
         in_task, self.in_task = self.in_task, False  # interrupts run at the wait point
         try:
             self._sleep()

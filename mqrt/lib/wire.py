@@ -70,7 +70,7 @@ class CpuReport(TypedDict):
     vol_ctx_switches: int
     blk_mq: dict[str, int]  #: the block layer's counters on this CPU
     driver: dict[str, int]  #: the driver's (BlkMqOps.driver_stats)
-    cpu_counters: dict[str, int]  #: IPIs, wake-ups, tag sleeps
+    cpu_counters: dict[str, int]  #: IPIs, wake-ups, the task's sleeps, tag sleeps
     inject_hits: dict[str, int]
     hctx: list[dict[str, int]]  #: per hctx with activity: q, hctx and its counters
     violations: list[str]  #: broken invariants it saw
