@@ -249,6 +249,8 @@ class NullbOps(BlkMqOps):
         self._init_hctx_calls = 0
         self._requeue_selection: dict[tuple[int, int], int] = {}
         self._mq: BlkMq | None = None
+        #: Faults this CPU's copy injected, per fault attr (its driver_stats)
+        self.injected = {"timeout": 0, "requeue": 0}
 
     # -- the device side of the fault attrs (shared in the arena) -------------------------------
 
@@ -289,12 +291,15 @@ class NullbOps(BlkMqOps):
             return False
         while True:  # atomic_dec_not_zero() unless unlimited (-1)
             times = _s64(a.read(times_off))
-            if times == -1:
-                return True
             if times == 0:
                 return False
-            if a.cmpxchg(times_off, times, times - 1) == times:
+            if times == -1 or a.cmpxchg(times_off, times, times - 1) == times:
+                self.injected[name] += 1
                 return True
+
+    def driver_stats(self) -> dict[str, int]:
+        """The faults this CPU injected: ``timeout_faults``, ``requeue_faults``."""
+        return {f"{name}_faults": n for name, n in self.injected.items()}
 
     # -- blk_mq_ops -------------------------------------------------------------------------------
 
