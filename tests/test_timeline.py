@@ -230,8 +230,8 @@ def test_every_makes_the_ticks_of_its_window_less_the_skipped_ones():
 
 def test_bench_reports_the_transitions():
     out = mqrt(
-        "bench", "--runtime", "0.6", "--cpus", "2", "--irqmode", "timer", "--quiet",
-        "--at", "0.2s:queue/nr_requests=8", "--every", "100ms@300ms:queue/nr_requests=32",
+        "bench", "--runtime", "1.5", "--cpus", "2", "--irqmode", "timer", "--quiet",
+        "--at", "0.2s:queue/nr_requests=8", "--every", "100ms@300ms..600ms:queue/nr_requests=32",
         "--output-format", "json,normal",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
