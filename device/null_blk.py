@@ -451,6 +451,7 @@ def setup(
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
     nomerges: int = 0,
+    elevator: str = "none",
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
     queues with their limits, and the fault state, declared in ``layout``."""
@@ -497,6 +498,7 @@ def setup(
             rq_affinity=rq_affinity,
             async_depth=async_depth,
             nomerges=nomerges,
+            elevator=elevator,
         )
         null_set_max_sectors(dev.q, cfg.max_sectors, cfg.blocksize)
         queues.append(dev.q)

@@ -1189,6 +1189,7 @@ def setup(
     generation: SbqGeneration = SbqGeneration.CURRENT,
     async_depth: int = 0,
     nomerges: int = 0,
+    elevator: str = "none",
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """The controller's queues, the admin tag set and admin_q
     (:meth:`NvmeOps.alloc_admin_tags`), then nvme_alloc_io_tag_set() and one queue per
@@ -1224,6 +1225,7 @@ def setup(
             rq_affinity=rq_affinity,
             async_depth=async_depth,
             nomerges=nomerges,
+            elevator=elevator,
         )
         for i in range(cfg.nr_namespaces)
     ]

@@ -68,10 +68,12 @@ def test_the_documented_examples_parse():
          "a bare number is seconds)"),
         (parse_at, "-1s:queue/nr_requests=4", "bad time '-1s'"),
         (parse_at, "queue/nr_requests=4", "expected TIME:WRITE"),
-        (parse_at, "1s:nullb0/queue/scheduler=none",
-         "unknown attribute 'queue/scheduler' (known: queue/nr_requests, "),
-        (parse_at, "1s:nullb0/queue/iosched/fifo_batch=8",
-         "unknown attribute 'queue/iosched/fifo_batch' (known: queue/nr_requests, "),
+        (parse_at, "1s:nullb0/queue/scheduler=bfq",
+         "queue/scheduler: must be one of none, mq-deadline, got 'bfq'"),
+        (parse_at, "1s:nullb0/queue/iosched/fifo_batch=-1",
+         "queue/iosched/fifo_batch: must be 0..2147483647, got '-1'"),
+        (parse_at, "1s:nullb0/queue/iosched/quantum=8",
+         "unknown attribute 'queue/iosched/quantum' (known: queue/nr_requests, "),
         (parse_at, "1s:thaw", "unknown attribute 'thaw' (known: queue/nr_requests, "),
         (parse_at, "1s:queue/nr_requests=many",
          "queue/nr_requests: must be an integer >= 1, got 'many'"),
@@ -118,9 +120,12 @@ def test_validation_against_the_runs_queues():
 
 def test_command_line_errors_are_one_line(tmp_path):
     for args, expected in [
-        (["--at", "1s:nullb0/queue/scheduler=none"],
-         "mqrt: error: --at: '1s:nullb0/queue/scheduler=none': unknown attribute "
-         "'queue/scheduler' (known: queue/nr_requests, "),
+        (["--at", "1s:nullb0/queue/scheduler=bfq"],
+         "mqrt: error: --at: '1s:nullb0/queue/scheduler=bfq': queue/scheduler: must be one "
+         "of none, mq-deadline, got 'bfq'"),
+        (["--mode", "sq", "--at", "1s:queue/scheduler=mq-deadline"],
+         "mqrt: error: --at: '1s:queue/scheduler=mq-deadline': --mode sq has no elevator "
+         "(use --mode mq)"),
         (["--every", "50ms@2s..1s:queue/nr_requests=8"],
          "mqrt: error: --every: '50ms@2s..1s:queue/nr_requests=8': the window '2s..1s' is "
          "empty (FROM must be before TO)"),

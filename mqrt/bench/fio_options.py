@@ -195,7 +195,6 @@ NO_EFFECT: Mapping[str, str] = {
     "gid": _NO_HOST,
     "gtod_cpu": _NO_HOST,
     "clocksource": "times are CLOCK_MONOTONIC",
-    "ioscheduler": "the scheduler is blk-mq's none (or mq-deadline's async_depth)",
     "disk_util": "disk_util is always reported",
     "exitall": "every job of a group ends at its runtime",
     "group_reporting": "the report already merges a job's clones (its CPUs) into one",
@@ -700,6 +699,7 @@ _HANDLERS: dict[str, Callable[[_Ctx, str, str], None]] = {
     "offset_increment": _size_pct("offset_increment", None),
     "random_distribution": _direct_copy("random_distribution"),
     "random_generator": _direct_copy("random_generator"),
+    "ioscheduler": _direct_copy("scheduler"),
 }
 # randrepeat=0 asks for a new seed each run: honoured; 1 (fio's default) is the rule.
 _HANDLERS["randrepeat"] = _randrepeat
@@ -717,6 +717,7 @@ _SWEEPABLE = {
     "size": "size",
     "numjobs": "cpus",
     "rw": "rw",
+    "ioscheduler": "scheduler",
 }
 #: fio options that take fio's read,write,trim comma list.
 _PER_DIRECTION = frozenset(

@@ -87,6 +87,15 @@ RUN_KNOBS: tuple[Knob, ...] = (
         0,
         2,
     ),
+    Knob(
+        "scheduler",
+        "choice",
+        "none",
+        "I/O scheduler of every queue (sysfs queue/scheduler; fio's ioscheduler): none, "
+        "mq-deadline, or default (the kernel's choice: mq-deadline for a device of one "
+        "hw queue, none for more); --mode mq only. Default: none",
+        choices={c: c for c in ("none", "mq-deadline", "default")},
+    ),
     Knob("io_timeout", "int", 5000, "Request timeout in ms. Default: 5000 (null_blk)", 1, 3600000),
     Knob(
         "nomerges",
@@ -297,6 +306,14 @@ def build(given: dict[str, Any], timeline: list | None = None):
                 f"{timeline[0].source}: {timeline[0].text!r}: --mode raw has no block "
                 "layer, so no queue attributes"
             )
+        if spec.mode == "sq":
+            for w in timeline:
+                if w.attr.startswith("queue/iosched/") or (
+                    w.attr == "queue/scheduler" and w.value != "none"
+                ):
+                    raise TimelineError(
+                        f"{w.source}: {w.text!r}: --mode sq has no elevator (use --mode mq)"
+                    )
         bind(timeline, queues)
         spec.timeline = list(timeline)
         config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
@@ -307,6 +324,7 @@ def _build(given: dict[str, Any]):
     """build() without the timeline: the RunSpec, the report's configuration and the
     queues the run will have (mqrt.block.blk_sysfs.QueueInfo)."""
     from mqrt.block.blk_sysfs import QueueInfo
+    from mqrt.block.elevator import check_mode
     from mqrt.device import null_blk, nvme
     from mqrt.device.nvme_model import DEVICE_KNOBS
     from mqrt.workers.ioengine import JOB_FILE_KNOBS, JOB_KNOBS, JobSpec
@@ -322,6 +340,7 @@ def _build(given: dict[str, Any]):
     job = JobSpec.from_options({k: v for k, v in given.items() if k in job_names})
     runv = parse_knobs(RUN_KNOBS, {k: v for k, v in given.items() if k in run_names})
     _apply_mode(given, runv)
+    check_mode(runv["scheduler"], runv["mode"])
     if runv["driver"] == "nvme":
         return _build_nvme(given, job, runv, nullb_names, nvme_names)
     wrong = sorted(set(given) & (nvme_names - nullb_names))
@@ -358,6 +377,7 @@ def _build(given: dict[str, Any]):
             generation=_generation(runv),
             async_depth=runv["async_depth"],
             nomerges=runv["nomerges"],
+            elevator=runv["scheduler"] if runv["mode"] == "mq" else "none",
         )
         return ops, queues, dev_bytes
 
@@ -437,6 +457,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
             generation=_generation(runv),
             async_depth=runv["async_depth"],
             nomerges=runv["nomerges"],
+            elevator=runv["scheduler"] if runv["mode"] == "mq" else "none",
         )
         return ops, queues, dev_bytes
 

@@ -22,8 +22,9 @@ path; it asks its CPU for the services a kernel CPU has (softirqs, timers, IPIs,
 kblockd, sleeping) through :class:`~mqrt.block.blk_mq_structs.CpuSys`.
 
 Deviations from Linux
-    * No I/O scheduler (``none``): the driver tag is allocated with the request and is
-      its identity; requests live in the tag set's pool at ``tags.rq_base + tag``.
+    * No scheduler tags: with an elevator as without, the driver tag is allocated
+      with the request and is its identity; requests live in the tag set's pool at
+      ``tags.rq_base + tag`` (see :mod:`mqrt.block.elevator`).
     * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
     * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
@@ -60,6 +61,7 @@ from mqrt.block.blk_mq_structs import (
     _BUSY,
     _OWNED_OR_BUSY,
     _QUIESCED,
+    _RQF_ELV,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_RESV,
@@ -259,6 +261,7 @@ class BlkMq(BlkMqCompletion):
                 "polled",
                 "batched_completions",
                 "ctx_merges",
+                "elv_merges",
                 "freeze_waits",
             ),
             0,
@@ -346,8 +349,13 @@ class BlkMq(BlkMqCompletion):
         shared = queue.shared
         rq_id = -1
         plug = self.plug
-        shallow = queue.async_depth if op == _WRITE else 0
-        if plug is not None and not shared and not reserved and not shallow:
+        # q->elevator, stable while the caller holds its reference on the queue
+        elv = self.a.read32(queue.elevator_off)
+        if elv:  # dd_limit_depth(): writes (mqrt's async I/O) below async_depth
+            shallow = queue.dd.limit_depth(op, op != _WRITE)  # type: ignore[union-attr]
+        else:
+            shallow = queue.async_depth if op == _WRITE else 0
+        if plug is not None and not shared and not reserved and not shallow and not elv:
             # blk_mq_get_new_requests() with a plug: the plug's cached requests, after
             # taking a batch of tags for its nr_ios (blk_mq_get_tags(): not with
             # shared tags, reserved tags or a shallow depth).
@@ -393,6 +401,8 @@ class BlkMq(BlkMqCompletion):
                 a.set32(hctx.max_active_off, nr)
         if reserved:
             rq_flags |= _RQF_RESV
+        if elv:
+            rq_flags |= _RQF_ELV
         if polled:
             rq_flags |= _RQF_POLLED
         RQ_SETUP.pack_into(
@@ -574,7 +584,15 @@ class BlkMq(BlkMqCompletion):
             and self.attempt_plug_merge(plug, queue, op, sector, nr_sectors, start_ns, polled)
         ):
             return True
-        if queue.ctx_queued and self.sched_bio_merge(
+        elv = self.a.read32(queue.elevator_off)
+        if elv:
+            if (
+                queue.merge
+                and not queue.one_hit
+                and blk_mq_sched.elv_bio_merge(self, queue, op, sector, nr_sectors, start_ns)
+            ):
+                return True
+        elif queue.ctx_queued and self.sched_bio_merge(
             queue, op, sector, nr_sectors, start_ns, polled
         ):
             return True
@@ -582,6 +600,8 @@ class BlkMq(BlkMqCompletion):
         nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
         rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
         if plug is not None:
+            if elv:
+                plug.has_elevator = True
             # blk_add_rq_to_plug(): flush first at 32 requests or after a big request.
             rqs = plug.rqs
             if rqs and (
@@ -593,7 +613,7 @@ class BlkMq(BlkMqCompletion):
             plug.last_sectors = nr_sectors
             plug.bounds[end] = plug.bounds[sector] = None
             return False
-        if self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1:
+        if elv or (self.a.read32(hctx.dispatch_busy_off) and queue.nr_hw_queues == 1):
             self.insert_request(queue, rq_id)
             self.run_hw_queue(hctx, True)
         else:
@@ -626,6 +646,8 @@ class BlkMq(BlkMqCompletion):
         nr = len(ops)
         if not queue.q_usage.tryget_live(nr):
             self.queue_enter(queue, nr)
+        # with an elevator every bio takes blk_mq_submit_bio() (stable: the references)
+        elv = self.a.read32(queue.elevator_off)
         merged = 0
         submit_one = self.blk_mq_submit_bio
         bounds = plug.bounds
@@ -652,6 +674,7 @@ class BlkMq(BlkMqCompletion):
                     or plug.nr_ios > 1
                     or plug.cached
                     or (shallow_writes and op == _WRITE)
+                    or elv
                 ):
                     merged += submit_one(queue, op, sector, nr_sectors, start_ns, polled)
                     continue
@@ -829,13 +852,23 @@ class BlkMq(BlkMqCompletion):
     def flush_plug(self, plug: Plug, from_schedule: bool = False) -> None:
         """blk_mq_flush_plug_list(): issue the plugged requests hctx by hctx; what a
         busy driver refuses goes to ``hctx->dispatch``, the rest to the ctxs."""
+        has_elevator = plug.has_elevator
         rqs = plug.clear()
         self.stats["plug_flushes"] += 1
-        if from_schedule:  # blk_mq_dispatch_plug_list(plug, from_schedule)
+        if from_schedule or has_elevator:  # blk_mq_dispatch_plug_list(plug, from_schedule)
+            elv: dict[int, list[int]] = {}  # queue -> its requests for the elevator
             for queue, _hctx, rq_id in rqs:
-                self.insert_request(queue, rq_id)
+                if (
+                    has_elevator
+                    and self.a.read32(self.rq_base[queue.index][rq_id] + RQ_OFF_FLAGS) & _RQF_ELV
+                ):
+                    elv.setdefault(queue.index, []).append(rq_id)
+                else:
+                    self.insert_request(queue, rq_id)
+            for qi, rq_ids in elv.items():
+                blk_mq_sched.elv_insert_requests(self, self.queues[qi], rq_ids)
             for hctx in dict.fromkeys(h for _q, h, _r in rqs):
-                self.run_hw_queue(hctx, True)
+                self.run_hw_queue(hctx, from_schedule)
             return
         # blk_mq_try_issue_list_directly(): each issue checks QUIESCED inside an RCU
         # read-side section (hctx_lock()); one section covers the whole list
@@ -976,9 +1009,14 @@ class BlkMq(BlkMqCompletion):
             self.end_request_by_id(queue, rq_id, ret)
 
     def insert_request(self, queue: Queue, rq_id: int, at_head: bool = False) -> None:
-        """blk_mq_insert_request() without an elevator: onto the submitting CPU's ctx
+        """blk_mq_insert_request(): a request allocated with an elevator goes to the
+        elevator (dd_insert_request()); without one, onto the submitting CPU's ctx
         list for the request's hctx, marking the ctx pending."""
-        half = self.rqs[queue.index][rq_id].base >> 1
+        base = self.rqs[queue.index][rq_id].base
+        if self.a.read32(base + RQ_OFF_FLAGS) & _RQF_ELV:
+            blk_mq_sched.elv_insert(self, queue, rq_id, base, at_head)
+            return
+        half = base >> 1
         buf16 = self.buf16
         hctx = queue.hctxs[buf16[half + RQ_U16_HCTX]]
         cpu = buf16[half + RQ_U16_CPU]

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING
 
+from mqrt.block import elevator
 from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
     _IN_FLIGHT,
+    _RQF_ELV,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_REQUEUED,
@@ -299,6 +301,8 @@ class BlkMqCompletion:
             self.sys.bio_done(cpu, q, info)
         queue = self.queues[q]
         hctx = queue.hctxs[h]
+        if rq_flags & _RQF_ELV:  # blk_mq_sched_requeue/finish: dd_finish_request()
+            queue.dd.finish(rq.id)  # type: ignore[union-attr]
         # blk_queue_exit(): the request's reference on the queue
         if queue.q_usage.put():
             queue.freeze_wq.wake_up_all()
@@ -488,6 +492,8 @@ class BlkMqCompletion:
                     f"nr_requests: must be in {tags.nr_reserved_tags + 1}..{tags.nr_tags}, got {nr}"
                 )
             tags.bitmap_tags.resize(nr - tags.nr_reserved_tags)
+        if queue.dd is not None and queue.elevator():  # e->type->ops.depth_updated
+            elevator.depth_updated(queue, nr)
 
 
 class TimeoutScan:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.block.elevator import ELEVATOR_NAMES
+from mqrt.block.mq_deadline import DeadlineData
 from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.shm import Arena
 
@@ -16,7 +18,7 @@ from mqrt.lib.shm import Arena
 def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
     """At the end of a run (every CPU stopped): no tag still allocated, every request
     IDLE and unowned, nr_active back to 0, no reference on a queue but its own,
-    lists empty.  Returns counts and the
+    lists empty, the elevator whole and empty.  Returns counts and the
     first few problems found."""
     problems: list[str] = []
     leaked_tags = 0
@@ -52,6 +54,7 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
                     problems.append(f"{sb.name}: {used} tags still allocated")
     negative_active = 0
     queue_refs = 0
+    elv_queued = 0
     for q in queues:
         # q_usage_counter: the initial reference only (none while frozen and drained)
         ref = PercpuRef(arena, q.q_usage, 0)
@@ -71,11 +74,20 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
         if nr != 0:
             negative_active += int(nr < 0)
             problems.append(f"{q.name}: nr_active_requests_shared_tags={nr} at the end")
+        if q.dd is not None:  # the elevator: lists whole, nothing left in it
+            dd = DeadlineData(arena, q.dd)
+            problems += [f"{q.name}: mq-deadline: {p}" for p in dd.check()]
+            queued = dd.counters()["queued"]
+            dd.close()
+            elv_queued += queued
+            if queued:
+                problems.append(f"{q.name}: mq-deadline holds {queued} requests at the end")
     return {
         "leaked_tags": leaked_tags,
         "owned_requests": busy_rqs,
         "nr_active_negative": negative_active,
         "queue_refs": queue_refs,
+        "elv_queued": elv_queued,
         "problems": problems,
     }
 
@@ -92,3 +104,18 @@ def fair_share_report(arena: Arena, q: RequestQueue) -> list[dict[str, int]]:
         out = [{"hctx": h, "max_active": int(m)} for h, m in enumerate(v["max_active"])]
     del v
     return out
+
+
+def elevator_report(arena: Arena, q: RequestQueue) -> dict[str, Any]:
+    """The queue's elevator at the end of a run and, for a queue that may have one,
+    mq-deadline's counters (``inserted``, ``merged``, ``dispatched``, ``completed``)
+    since its last init: the elevator debugfs files' numbers."""
+    qv = arena.view(q.header)
+    name = ELEVATOR_NAMES.get(int(qv["elevator"][0]), "?")
+    del qv
+    if q.dd is None:
+        return {"name": name}
+    dd = DeadlineData(arena, q.dd)
+    counters = dd.counters()
+    dd.close()
+    return {"name": name, **counters}

@@ -79,6 +79,8 @@ from mqrt.block.blk_mq_types import (
     BlkMqOps,
     QueueFlag,
 )
+from mqrt.block.elevator import ElevatorError, elevator_init, elevator_init_mq
+from mqrt.block.mq_deadline import DeadlineData, async_depth_for
 from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.sbitmap import UINT_MAX, Sbitmap
 from mqrt.lib.shm import Arena, Layout
@@ -411,6 +413,7 @@ def init_queue(
     nomerges: int = 0,
     async_depth: int = 0,
     id_space: str = QUEUE_IDA,
+    elevator: str = "none",
 ) -> RequestQueue:
     """blk_mq_init_queue(): a queue id (the layout's queue ida), hctxs set up by
     ->init_hctx (unwound with ->exit_hctx if one fails: -ENOMEM), ctxs and the ctx
@@ -420,7 +423,8 @@ def init_queue(
     map, as mq-deadline does (its tags then declare it as their min_shallow_depth).
     ``id_space`` names the layout's ida the id comes from: :data:`QUEUE_IDA` for a
     run's queues; a queue that each process drives through a block layer of its own,
-    alone in its queue table (nvme's admin_q), takes its id from a space of its own."""
+    alone in its queue table (nvme's admin_q), takes its id from a space of its own.
+    ``elevator``: ``none``, ``mq-deadline`` or ``default`` (elevator_init_mq())."""
     if not tset.tags:
         raise _einval(f"tag set {tset.name} is not allocated")
     if rq_affinity not in (0, 1, 2):
@@ -431,6 +435,10 @@ def init_queue(
         raise _einval(f"async_depth must be in 0..{tset.queue_depth}, got {async_depth}")
     if f"{name}.queue" in layout.regions:
         raise BlkMqError(f"EEXIST: a queue named {name} is already declared")
+    try:
+        chosen = elevator_init_mq(tset, elevator)
+    except ElevatorError as exc:
+        raise _einval(str(exc)) from None
     ida = layout.ida(id_space)
     qid = ida.alloc(0, RQ_U16_LIMIT - 1)  # a request's q field is 16 bits
     if qid < 0:  # blk_alloc_queue(): ida_simple_get() failed
@@ -439,6 +447,7 @@ def init_queue(
     q.ida = ida
     q.async_depth = async_depth
     q.nr_hw_queues = tset.nr_hw_queues
+    q.elevator = chosen
     nr_cpus = tset.nr_cpus
     # blk_mq_map_swqueue(): each ctx's hctx per type; each hctx's cpumask and ctxs.
     q.ctx_hctx = [[map_for(tset.map, cpu, HctxType(t)) for t in HctxType] for cpu in range(nr_cpus)]
@@ -524,6 +533,10 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
         q.ctx_lists.append(lists)
     q.requeue_list = declare_rq_list(layout, f"{name}.requeue_list", len(tset.tags) * depth)
     q.q_usage = PercpuRef.declare(layout, f"{name}.q_usage_counter", tset.nr_cpus)
+    if not tset.flags & BlkMqFlag.NO_SCHED:
+        # an elevator's data, for every request of the set's pool (a switch may come)
+        assert tset.rq_region is not None  # an allocated set
+        q.dd = DeadlineData.declare(layout, name, tset.rq_region.count)
 
 
 def init_sq_queue(
@@ -643,6 +656,8 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
                 (x.async_depth for x in queues if x.tag_set is tset and x.async_depth),
                 default=UINT_MAX,
             )
+            if any(x.tag_set is tset and x.elevator == "mq-deadline" for x in queues):
+                shallow = min(shallow, async_depth_for(tset.queue_depth))
             if tset.shared_sbitmap_tags is not None:  # 5.10: the bitmaps every hctx uses
                 init_tags(arena, tset.shared_sbitmap_tags, seed, shallow)
             else:
@@ -661,6 +676,7 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
             flags |= 1 << QueueFlag.SAME_FORCE
         v["queue_flags"] = flags
         del v
+        elevator_init(arena, q, q.elevator, tset.queue_depth)
         PercpuRef.init(arena, q.q_usage)
         WaitQueue.init(arena, q.header.addr(0) + QUEUE_OFF_FREEZE_WQ)
         for hctx in q.hctxs:

@@ -58,6 +58,7 @@ from mqrt.block.blk_mq_types import (
     RqState,
 )
 from mqrt.block.blk_settings import QueueLimits
+from mqrt.block.mq_deadline import DeadlineData, DeadlineSpec
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.idr import Ida
 from mqrt.lib.percpu_ref import PercpuRef, PercpuRefSpec
@@ -82,6 +83,7 @@ _RQF_MQ_INFLIGHT = int(Rqf.MQ_INFLIGHT)
 _RQF_RESV = int(Rqf.RESV)
 _RQF_POLLED = int(Rqf.POLLED)
 _RQF_REQUEUED = int(Rqf.REQUEUED)
+_RQF_ELV = int(Rqf.ELV)
 _STOPPED = 1 << HctxState.STOPPED
 _SCHED_RESTART = 1 << HctxState.SCHED_RESTART
 _QUIESCED = 1 << QueueFlag.QUIESCED
@@ -247,7 +249,9 @@ _CTX_MAP_BIT_MASK = (1 << CTX_MAP_SHIFT) - 1
 
 #: struct request_queue, the shared part.
 QUEUE = cacheline_struct(
-    [("queue_flags", "<u8")],  # QUEUE_FLAG_* bits
+    # QUEUE_FLAG_* bits; q->elevator: the elevator's id (mqrt.block.elevator), changed
+    # only with the queue frozen and quiesced
+    [("queue_flags", "<u8"), ("elevator", "<i4")],
     [("queue_lock", "<u8")],  # the legacy queue_lock (bit 0): --mode sq only
     [("nr_active_requests_shared_tags", "<i4"), ("max_active", "<i4")],
     # the transitions' nesting (the sysfs writer's, fully ordered RMWs), and
@@ -552,6 +556,11 @@ class RequestQueue:
     #: q->limits: blk_set_default_limits() until the driver sets its own
     #: (:mod:`mqrt.block.blk_settings`)
     limits: QueueLimits = field(default_factory=QueueLimits)
+    #: the elevator elevator_init_mq() chose: "none" or "mq-deadline"
+    elevator: str = "none"
+    #: mq-deadline's data and its requests' lines, declared up front for a queue that
+    #: may have an elevator (the arena cannot grow); None for a NO_SCHED set's queue
+    dd: DeadlineSpec | None = field(default=None, repr=False)
 
     # Built by init_queue():
     nr_hw_queues: int = 0
@@ -802,7 +811,10 @@ class HwCtx:
         if not self.dispatch.empty():
             return True
         read = self.a.read
-        return any(read(off) for off in self._ctx_words)
+        if any(read(off) for off in self._ctx_words):
+            return True
+        queue = self.queue  # blk_mq_sched_has_work()
+        return queue.dd is not None and bool(queue.elevator()) and queue.dd.has_work()
 
     def busy_ctxs(self) -> list[int]:
         """index_hw of every ctx marked pending (sbitmap_for_each_set())."""
@@ -902,6 +914,9 @@ class Queue:
         #: look at the list when nothing of this CPU's can be waiting there).
         self.ctx_queued = False
         self.async_depth = q.async_depth
+        #: q->elevator's word, and this CPU's handle on the mq-deadline data
+        self.elevator_off = o.elevator
+        self.dd = DeadlineData(arena, q.dd) if q.dd is not None else None
         self.same_comp = q.rq_affinity >= 1
         self.same_force = q.rq_affinity == 2
         self.nr_hw_queues = q.nr_hw_queues
@@ -929,7 +944,15 @@ class Queue:
     def quiesced(self) -> bool:
         return self.a.test_bit(self.flags_off, QueueFlag.QUIESCED)
 
+    def elevator(self) -> int:
+        """q->elevator: the id of the queue's elevator (0: none).  Stable for whoever
+        holds a reference on q_usage_counter or an RCU read-side section: it changes
+        only with the queue frozen and quiesced."""
+        return self.a.read32(self.elevator_off)
+
     def close(self) -> None:
+        if self.dd is not None:
+            self.dd.close()
         self.requeue_list.close()
         for h in self.hctxs:
             h.dispatch.close()
@@ -951,7 +974,7 @@ class Plug:
     ends), which two dict lookups tell without a walk of the list; any other bio
     walks it."""
 
-    __slots__ = ("bounds", "cached", "last_sectors", "nr_ios", "rqs")
+    __slots__ = ("bounds", "cached", "has_elevator", "last_sectors", "nr_ios", "rqs")
 
     def __init__(self, nr_ios: int = 1) -> None:
         self.rqs: list[PlugRq] = []
@@ -964,11 +987,14 @@ class Plug:
         self.bounds: dict[int, None] = {}
         #: the size of the newest plugged request (the flush at BLK_PLUG_FLUSH_SIZE)
         self.last_sectors = 0
+        #: plug->has_elevator: a plugged request goes through an elevator
+        self.has_elevator = False
 
     def clear(self) -> list[PlugRq]:
         """Empty the plug list (a flush); its requests, oldest first."""
         rqs, self.rqs = self.rqs, []
         self.bounds.clear()
+        self.has_elevator = False
         return rqs
 
 

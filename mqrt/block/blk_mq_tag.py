@@ -22,8 +22,9 @@ recalculated for the number of active users.
 
 Deviations from Linux
     * A tag's request lives in the tag set's request pool in shared memory at
-      ``rq_base + tag`` (``tags->static_rqs``); with no I/O scheduler the driver tag
-      is the request's identity, so there is no separate ``rqs[]`` indirection.
+      ``rq_base + tag`` (``tags->static_rqs``); with no scheduler tags (an elevator
+      orders requests that hold their driver tag) the driver tag is the request's
+      identity, so there is no separate ``rqs[]`` indirection.
     * ``tags->lock`` is a bit spinlock in the arena.
     * 5.10 shared sbitmap: the header of the set's tags (``active_queues``, the
       kernel's ``set->active_queues_shared_sbitmap``, and ``lock``) is every hctx's

@@ -151,6 +151,9 @@ class Rqf(enum.IntFlag):
     #: ``issue_time_ns`` holds when it was first issued (fio's issue time: its slat
     #: ends there, its clat runs from there through every retry)
     REQUEUED = 1 << 8
+    #: RQF_ELV: allocated while the queue had an elevator; the elevator sees it
+    #: inserted, dispatched and finished
+    ELV = 1 << 9
 
 
 class ReqOp(enum.IntEnum):

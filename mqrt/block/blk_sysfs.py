@@ -33,6 +33,15 @@ from typing import Any
 
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
+from mqrt.block.elevator import (
+    ELEVATOR_NAMES,
+    ELEVATORS,
+    ElevatorError,
+    elevator_switch,
+    store_iosched,
+)
+from mqrt.block.mq_deadline import KNOBS as DD_KNOBS
+from mqrt.lib.knobs import Knob, KnobError
 from mqrt.lib.wait import WaitEvent
 
 
@@ -149,27 +158,37 @@ def nr_requests(mq: Any, q: int) -> int:
     return 0
 
 
-def queue_requests_store(ctx: StoreCtx, q: int, nr: int) -> Store:
-    """queue_requests_store() -> blk_mq_update_nr_requests(): with the queue frozen and
-    quiesced, each tags' bitmap resized (sbitmap_queue_resize, which recomputes
-    wake_batch)."""
+def _frozen_quiesced(
+    ctx: StoreCtx, q: int, change: Callable[[], object]
+) -> Generator[Step, None, dict[str, Any]]:
+    """``change()`` with the queue frozen (timed: :func:`_frozen`) and quiesced, both
+    undone however it ends; its BlkMqError (an ElevatorError) is the store's
+    SysfsError."""
     mq = ctx.mq
     queue = mq.queues[q]
-    before = nr_requests(mq, q)
     report: dict[str, Any] = {}
     yield from _frozen(ctx, queue, report)
     try:
         freeze.quiesce_queue_nowait(mq, queue)
         try:
             yield from freeze.wait_quiesce_done()
-            mq.update_nr_requests(q, nr)
-        except BlkMqError as exc:
+            change()
+        except (BlkMqError, ElevatorError) as exc:
             raise SysfsError(str(exc)) from None
         finally:
             freeze.unquiesce_queue(mq, queue)
     finally:
         freeze.unfreeze_queue(mq, queue)
-    return {**report, "nr_requests_before": before, "nr_requests": nr_requests(mq, q)}
+    return report
+
+
+def queue_requests_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """queue_requests_store() -> blk_mq_update_nr_requests(): with the queue frozen and
+    quiesced, each tags' bitmap resized (sbitmap_queue_resize, which recomputes
+    wake_batch), and the elevator told (dd_depth_updated())."""
+    before = nr_requests(ctx.mq, q)
+    report = yield from _frozen_quiesced(ctx, q, lambda: ctx.mq.update_nr_requests(q, nr))
+    return {**report, "nr_requests_before": before, "nr_requests": nr_requests(ctx.mq, q)}
 
 
 def queue_requests_unfrozen_store(ctx: StoreCtx, q: int, nr: int) -> Store:
@@ -206,6 +225,73 @@ register(
         store=queue_requests_unfrozen_store,
     )
 )
+
+
+# -- queue/scheduler and queue/iosched/* --------------------------------------------------------
+
+
+def queue_scheduler_parse(text: str | None) -> str:
+    if text not in ELEVATORS:
+        raise SysfsError(f"queue/scheduler: must be one of {', '.join(ELEVATORS)}, got {text!r}")
+    return text
+
+
+def queue_scheduler_store(ctx: StoreCtx, q: int, name: str) -> Store:
+    """elv_iosched_store() -> elevator_change(): nothing to do for the elevator the
+    queue has; otherwise, frozen and quiesced, the old one exits and the new one is
+    set up (:func:`~mqrt.block.elevator.elevator_switch`)."""
+    queue = ctx.mq.queues[q]
+    before = ELEVATOR_NAMES[queue.elevator()]
+    if before == name:
+        return {"scheduler_before": before, "scheduler": name}
+    nr = nr_requests(ctx.mq, q)
+    report = yield from _frozen_quiesced(ctx, q, lambda: elevator_switch(queue, name, nr))
+    return {**report, "scheduler_before": before, "scheduler": name}
+
+
+register(
+    Attribute(
+        name="queue/scheduler",
+        help="queue/scheduler=none|mq-deadline: switch the queue's I/O scheduler (frozen "
+        "and quiesced around the switch; mq-deadline starts with its default knobs)",
+        parse=queue_scheduler_parse,
+        store=queue_scheduler_store,
+    )
+)
+
+
+def _iosched_attribute(knob: Knob) -> Attribute:
+    attr = f"queue/iosched/{knob.name}"
+
+    def parse(text: str | None) -> str:
+        try:
+            knob.parse((text or "").strip())
+        except KnobError as exc:
+            raise SysfsError(f"queue/iosched/{exc}") from None
+        return (text or "").strip()
+
+    def store(ctx: StoreCtx, q: int, text: str) -> Store:
+        """deadline_*_store(): the knob of the queue's mq-deadline, which it must have
+        when the write comes (the attribute exists only then)."""
+        queue = ctx.mq.queues[q]
+        try:
+            before = queue.dd.show_knob(knob.name).strip() if queue.dd is not None else ""
+            store_iosched(queue, knob.name, text)
+        except ElevatorError as exc:
+            raise SysfsError(str(exc)) from None
+        return {f"{knob.name}_before": before, knob.name: queue.dd.show_knob(knob.name).strip()}
+        yield  # a generator: this store never sleeps
+
+    return Attribute(
+        name=attr,
+        help=f"{attr}=N: mq-deadline's {knob.help} (a queue whose scheduler is mq-deadline)",
+        parse=parse,
+        store=store,
+    )
+
+
+for _knob in DD_KNOBS.values():
+    register(_iosched_attribute(_knob))
 
 
 # -- verbs: freeze and quiesce -------------------------------------------------------------------

@@ -303,6 +303,27 @@ class DeadlineData:
             r[name] = 0
         del v, r
 
+    def reinit(self) -> None:
+        """dd_init_sched() again on a live queue (an elevator switch, the queue frozen
+        and quiesced by the caller: no request is queued): empty lists, the default
+        knobs, the statistics from 0."""
+        d, r = self._d, self._r
+        with self.locked():
+            for i in range(1, len(d)):
+                d[i] = 0
+            for dd_dir in (DD_READ, DD_WRITE):
+                for idx in (_FIFO_FIRST, _FIFO_LAST, _SORT_FIRST, _SORT_LAST, _NEXT_RQ):
+                    d[idx[dd_dir]] = NIL
+            d[_DISP_FIRST] = d[_DISP_LAST] = NIL
+            d[_LAST_DIR] = DD_WRITE
+            d[_EXPIRE[DD_READ]], d[_EXPIRE[DD_WRITE]] = READ_EXPIRE_NS, WRITE_EXPIRE_NS
+            d[_WRITES_STARVED], d[_FRONT_MERGES] = WRITES_STARVED, 1
+            d[_FIFO_BATCH], d[_NR_REQUESTS] = FIFO_BATCH, self.nr
+            d[_ASYNC_DEPTH] = async_depth_for(self.nr)
+            for b in range(0, len(r), _RQ_FIELDS):
+                r[b + _FN] = r[b + _FP] = r[b + _SN] = r[b + _SP] = NIL
+                r[b + _SEC] = r[b + _END] = r[b + _FT] = r[b + _FL] = 0
+
     def close(self) -> None:
         self._d.release()
         self._r.release()
@@ -512,6 +533,20 @@ class DeadlineData:
         finally:
             self.unlock()
 
+    def dispatch_batch(self, now_ns: int, nr: int) -> list[int]:
+        """Up to ``nr`` dd_dispatch_request()s in one hold of dd->lock, in order."""
+        out: list[int] = []
+        self.lock()
+        try:
+            while len(out) < nr:
+                rq = self._dispatch(now_ns)
+                if rq == NIL:
+                    break
+                out.append(rq)
+        finally:
+            self.unlock()
+        return out
+
     def _dispatch(self, now_ns: int) -> int:
         """__dd_dispatch_request() for the one level in use, lock held."""
         d, r = self._d, self._r
@@ -599,11 +634,14 @@ class DeadlineData:
         end = sector + nr_sectors
         pos = d[_SORT_FIRST[dd_dir]]
         while pos != NIL:
-            if r[pos * _RQ_FIELDS + _END] == sector:
+            b = pos * _RQ_FIELDS
+            if r[b + _END] == sector:
                 if ok is None or ok(pos):
                     return ElvMerge.BACK_MERGE, pos
                 break
-            pos = r[pos * _RQ_FIELDS + _SN]
+            if r[b + _SEC] >= sector:  # sorted by start: none later ends at it
+                break
+            pos = r[b + _SN]
         if d[_FRONT_MERGES]:
             pos = d[_SORT_FIRST[dd_dir]]
             while pos != NIL:
@@ -683,6 +721,10 @@ class DeadlineData:
         if sync and not op & 1:
             return 0
         return self.a.read(self._off + _ASYNC_DEPTH * _W)
+
+    def nr_requests(self) -> int:
+        """q->nr_requests as the scheduler last heard it (a relaxed load)."""
+        return self._d[_NR_REQUESTS]
 
     def depth_updated(self, nr_requests: int) -> int:
         """dd_depth_updated(): ``async_depth`` from the scheduler's ``nr_requests``;

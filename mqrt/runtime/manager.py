@@ -13,7 +13,7 @@ from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
 from mqrt.block.blk_mq_cpumap import format_cpulist
-from mqrt.block.blk_mq_debugfs import check_invariants, fair_share_report
+from mqrt.block.blk_mq_debugfs import check_invariants, elevator_report, fair_share_report
 from mqrt.lib import signals, wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
@@ -448,6 +448,7 @@ class Manager:
                     "index": q.index,
                     "limits": {**q.limits.describe(), "nomerges": q.nomerges},
                     "fair_share": fair_share_report(r.arena, q),
+                    "elevator": elevator_report(r.arena, q),
                 }
                 for q in r.queues
             ],
