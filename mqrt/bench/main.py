@@ -297,7 +297,7 @@ def build(given: dict[str, Any], timeline: list | None = None):
                 f"{timeline[0].source}: {timeline[0].text!r}: --mode raw has no block "
                 "layer, so no queue attributes"
             )
-        bind(timeline, queues)
+        bind(timeline, queues, spec.nr_cpus)
         spec.timeline = list(timeline)
         config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
     return spec, config

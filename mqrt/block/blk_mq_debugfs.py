@@ -9,14 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
+from mqrt.lib.cpuhp import CpuhpSpec, CpuhpState
 from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.shm import Arena
 
 
-def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
+def check_invariants(
+    arena: Arena, queues: list[RequestQueue], hotplug: CpuhpSpec | None = None
+) -> dict[str, Any]:
     """At the end of a run (every CPU stopped): no tag still allocated, every request
     IDLE and unowned, nr_active back to 0, no reference on a queue but its own,
-    lists empty.  Returns counts and the
+    lists empty; with CPU hotplug, no request left on an offline CPU's ctx and no
+    hctx INACTIVE while one of its CPUs is online.  Returns counts and the
     first few problems found."""
     problems: list[str] = []
     leaked_tags = 0
@@ -71,6 +75,10 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
         if nr != 0:
             negative_active += int(nr < 0)
             problems.append(f"{q.name}: nr_active_requests_shared_tags={nr} at the end")
+    if hotplug is not None:
+        from mqrt.block.blk_mq_cpuhp import stranded
+
+        problems += stranded(arena, queues, CpuhpState(arena, hotplug))
     return {
         "leaked_tags": leaked_tags,
         "owned_requests": busy_rqs,

@@ -151,6 +151,15 @@ class Rqf(enum.IntFlag):
     #: ``issue_time_ns`` holds when it was first issued (fio's issue time: its slat
     #: ends there, its clat runs from there through every retry)
     REQUEUED = 1 << 8
+    #: mqrt's, no kernel flag: allocated by a task whose CPU went offline, on the ctx
+    #: of the CPU it moved to (rq->mq_ctx); bits RQF_HOME_SHIFT.. of rq_flags name the
+    #: task's own CPU, where its bios go back.  No ctx-list merge takes it (its bios
+    #: are another process's).
+    MIGRATED = 1 << 9
+
+
+#: rq_flags bits 16-31 of a MIGRATED request: the CPU of the task that submitted it.
+RQF_HOME_SHIFT = 16
 
 
 class ReqOp(enum.IntEnum):
