@@ -74,6 +74,7 @@ def parse_write(option: str, text: str, write: str) -> tuple[str | None, str, ob
             dev, name = head, rest
     if not name:
         raise _err(option, text, "no attribute (WRITE is [DEV/]ATTR=VALUE)")
+    written = name
     name, number = blk_sysfs.split_numbered(name)
     try:
         attr = blk_sysfs.lookup(name)
@@ -87,7 +88,7 @@ def parse_write(option: str, text: str, write: str) -> tuple[str | None, str, ob
             if attr.check_cpus is not None and number == 0:
                 attr.check_cpus(typed, 1)  # the boot CPU: refused before the run is built
     except SysfsError as exc:
-        why = str(exc) if number is None else str(exc).replace(name, lhs, 1)
+        why = str(exc) if number is None else str(exc).replace(name, written, 1)
         raise _err(option, text, why) from None
     return dev, name, typed, value_text
 
