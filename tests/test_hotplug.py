@@ -16,7 +16,6 @@ from mqrt.block import blk_mq_cpuhp
 from mqrt.block.blk_mq_structs import RQ_U16_CPU, RQ_U16_HCTX
 from mqrt.block.blk_mq_types import RQF_HOME_SHIFT, BlkStatus, HctxState, ReqOp, Rqf
 from mqrt.block.blk_sysfs import Sleep
-from mqrt.lib import cpuhp
 from mqrt.lib.wait import WaitEvent
 from mqrt.runtime.owner import run
 from mqrt.testing import Rig, ScriptOps
@@ -211,7 +210,7 @@ def test_cpu_online_writes_are_checked():
             build(base, [parse_at(text, "--at")])
     with pytest.raises(TimelineError, match=r"cpu2/online: this run has CPUs 1\.\.1"):
         build(base, [parse_at("1s:cpu2/online=0", "--at")])
-    spec, config = build(base, [parse_at("1s:cpu1/online=0", "--at")])
+    spec, _config = build(base, [parse_at("1s:cpu1/online=0", "--at")])
     assert spec.timeline[0].value == (1, 0) and spec.timeline[0].attr == "cpuN/online"
 
 
