@@ -154,6 +154,52 @@ def test_dead_splices_exactly_the_dead_cpus_ctx_to_its_hctx_dispatch(hotplug_rig
     clean(rig)
 
 
+def test_an_away_tasks_requests_take_no_ctx_merge_and_end_with_their_job():
+    """cpu1's task, moved to cpu0 while cpu1 is offline, puts its requests on cpu0's
+    ctx list: cpu0's own bios do not merge into them (their bios are cpu1's), and cpu1
+    tries no ctx-list merge; plug merges stay, their chain ended at home."""
+    from tests.test_blk_merge import merge_setup
+
+    ops = ScriptOps()
+    rig = Rig(merge_setup(ops), nr_cpus=2, hotplug=True)
+    try:
+        mq0, mq1 = rig.mqs
+        q0, q1 = mq0.queues[0], mq1.queues[0]
+        task = down(rig, 1)
+        step(task)  # cpu1 is not its hctx's last CPU: straight to the wait for its task
+        assert mq1.follow_task() and isinstance(step(task), dict)
+        mq0.stop_hw_queues(q0)  # what is submitted waits on the ctx lists
+        mq0.submit_bio(q0, READ, 500, 8, 0)  # cpu0 now looks at its ctx list for merges
+        mq1.submit_bio(q1, READ, 100, 8, 1)
+        mq0.submit_bio(q0, READ, 108, 8, 2)  # adjacent, on the same list: no merge
+        mq1.submit_bio(q1, READ, 116, 8, 3)  # cpu1 away: no ctx-list merge either
+        mq1.start_plug(2)
+        mq1.submit_bio(q1, READ, 200, 8, 4)
+        mq1.submit_bio(q1, READ, 208, 8, 5)  # a plug merge
+        mq1.finish_plug()
+        hctx = q0.hctxs[0]
+        lst0, _ = q0.ctx_lists[(0, hctx.type)]
+        # the plug's request went to hctx->dispatch (the stopped queue refused it)
+        assert len(lst0) == 4 and len(hctx.dispatch) == 1
+        assert len(q0.ctx_lists[(1, hctx.type)][0]) == 0
+        assert mq0.stats["ctx_merges"] == mq1.stats["ctx_merges"] == 0
+        assert sum(mq1.merges_by_op) == 1
+        mq0.start_stopped_hw_queues(q0, False)
+        assert sorted(rq.setup()[1:4] for rq in ops.started) == [
+            (100, 8, 1), (108, 8, 1), (116, 8, 1), (200, 16, 2), (500, 8, 1),
+        ]  # fmt: skip
+        for rq in list(ops.started):
+            mq0.end_request(rq, BlkStatus.OK)
+        # cpu0's request ends with its own job; cpu1's go home, the merged one with
+        # its chain kept by cpu1
+        owners = [cpu for cpu, _q, _info in rig.cpus[0].done]
+        assert sorted(owners) == [0, 0, 1, 1, 1] and mq0.stats["migrated_ends"] == 3
+        up(rig, 1)
+        clean(rig)
+    finally:
+        rig.close()
+
+
 def test_kblockd_runs_and_completion_ipis_skip_an_offline_cpu(hotplug_rig):
     rig, _ops = hotplug_rig(3, nr_hw_queues=2)
     mq0 = rig.mqs[0]
