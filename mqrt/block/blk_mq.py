@@ -368,7 +368,8 @@ class BlkMq(BlkMqCompletion):
             cached = plug.cached
             if not cached and plug.nr_ios > 1:
                 self._alloc_batch(tags, hctx, plug)
-                if self.a.read(hctx.state_off) & _INACTIVE:  # as the single tag's re-check
+                # as the single tag's re-check (INACTIVE is set only in a hotplug run)
+                if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
                     self._free_plug_rqs(plug)
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
@@ -389,7 +390,7 @@ class BlkMq(BlkMqCompletion):
                 tag = self._get_tag_slow(queue, hctx, shallow, reserved, nowait)
                 if tag < 0:
                     return -1
-            if self.a.read(hctx.state_off) & _INACTIVE:
+            if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
                 tags.put_tag(tag, self.cpu)
                 return self._inactive_retry(
                     queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved,
@@ -712,6 +713,7 @@ class BlkMq(BlkMqCompletion):
         setup = self.rqlines.setup
         cpu, home = self.ctx_cpu, self.rq_home
         read = self.a.read
+        hotplug = self.hotplug is not None  # INACTIVE is set only in a hotplug run
         tracing = trace.on
         # the hctx of the previous fast bio, and what its tag get needs
         last_hctx: HwCtx | None = None
@@ -747,7 +749,7 @@ class BlkMq(BlkMqCompletion):
                     rq_id = first + tag
                 else:
                     rq_id = hctx.rq_base + self._get_tag_slow(queue, hctx, 0, False, False)
-                if read(state_off) & _INACTIVE:
+                if hotplug and read(state_off) & _INACTIVE:
                     # blk_mq_get_tag()'s re-check: the tag back, the long way (the task
                     # moves), then on with where it runs now
                     hctx.tags.put_tag(rq_id - hctx.rq_base, self.cpu)  # type: ignore[union-attr]
