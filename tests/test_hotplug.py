@@ -367,3 +367,16 @@ def test_offline_of_one_cpu_of_a_shared_hctx_moves_what_waits_in_its_ctx():
     off, _on = _offline_onlines(result)
     assert len(off) >= 3
     assert all(t.get("noop") or (t["inactive"] == 0 and t["in_flight"] == 0) for t in off)
+
+
+def test_the_report_summarises_offline_and_online_apart():
+    from mqrt.bench.report import transitions
+
+    def t(value: str, **fields: int) -> dict[str, Any]:
+        return {"write": "x", "attr": "cpuN/online", "value": value, "duration_ns": 10, **fields}
+
+    tr = transitions({"transitions": [t("0", moved=2), t("1", reactivated=1), t("0", moved=4)]})
+    s = tr["summary"]
+    assert set(s) == {"cpuN/online=0", "cpuN/online=1"}
+    assert s["cpuN/online=0"]["count"] == 2 and s["cpuN/online=0"]["fields_median"] == {"moved": 3}
+    assert s["cpuN/online=1"]["fields_median"] == {"reactivated": 1}

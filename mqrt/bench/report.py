@@ -315,12 +315,21 @@ def transitions(sysfs: dict[str, Any]) -> dict[str, Any]:
     """The timeline's writes of one run: every transition (``list``: times in ns after
     the run's start), each --at/--every's ticks started, late and skipped
     (``writes``), and per attribute (``summary``) the count, the duration's median
-    and maximum and the median of each numeric field its store reported."""
+    and maximum and the median of each numeric field its store reported.  A numbered
+    attribute is summarised per value (``cpuN/online=0``, ``cpuN/online=1``): its
+    values are different transitions."""
+    from mqrt.block.blk_sysfs import ATTRIBUTES
+
     trans = sysfs.get("transitions", [])
     own = {"write", "attr", "dev", "value", "scheduled_ns", "start_ns", "end_ns", "duration_ns"}
+
+    def key(t: dict[str, Any]) -> str:
+        attr = ATTRIBUTES.get(t["attr"])
+        return f"{t['attr']}={t['value']}" if attr is not None and attr.numbered else t["attr"]
+
     summary: dict[str, dict[str, Any]] = {}
-    for attr in dict.fromkeys(t["attr"] for t in trans):
-        mine = [t for t in trans if t["attr"] == attr]
+    for attr in dict.fromkeys(key(t) for t in trans):
+        mine = [t for t in trans if key(t) == attr]
         durations = [t["duration_ns"] for t in mine]
         fields: dict[str, list[float]] = {}
         for t in mine:
