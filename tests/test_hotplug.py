@@ -333,6 +333,7 @@ def test_offline_of_an_hctxs_last_cpu_waits_for_its_requests_and_its_task_moves(
     [
         pytest.param({}, id="nullb"),
         pytest.param({"nr_devices": "2", "shared_tags": "1"}, id="nullb-shared-tags"),
+        pytest.param({"poll_queues": "2", "hipri": "1"}, id="nullb-polled"),
         pytest.param(
             {"driver": "nvme", "nr_io_queues": "2", "latency_ns": "500000"},
             id="nvme",

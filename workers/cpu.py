@@ -613,12 +613,21 @@ class Cpu:
         next_allowed = [clock()] * len(jobs)
         sized = all(job.limit or job.limit_bytes for job in jobs)
         hotplug = mq.hotplug is not None
+        polled_ctx = mq.ctx_cpu  # the ctx whose POLL hctxs this CPU reaps
         while True:
             now = clock()
             if now >= end_ns or self.stopping:
                 return
             if hotplug:  # CPU hotplug moved the task (or let it home): no plug held here
                 mq.follow_task()
+                if self.poll_hctxs and mq.ctx_cpu != polled_ctx:
+                    # hipri: the task also reaps the POLL hctxs it now submits to
+                    polled_ctx = mq.ctx_cpu
+                    self.poll_hctxs = list(
+                        dict.fromkeys(
+                            [*self.poll_hctxs, *(q.hctx_poll for q in mq.queues if q.poll_capable)]
+                        )
+                    )
             if sized and all(not j.remaining() and not j.inflight for j in jobs):
                 return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
