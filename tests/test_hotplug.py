@@ -256,6 +256,8 @@ def test_cpu_online_writes_are_checked():
             build(base, [parse_at(text, "--at")])
     with pytest.raises(TimelineError, match=r"cpu2/online: this run has CPUs 1\.\.1"):
         build(base, [parse_at("1s:cpu2/online=0", "--at")])
+    with pytest.raises(TimelineError, match=r"cpu1/online: this run has one CPU, CPU 0"):
+        build({"cpus": "1"}, [parse_at("1s:cpu1/online=0", "--at")])
     spec, _config = build(base, [parse_at("1s:cpu1/online=0", "--at")])
     assert spec.timeline[0].value == (1, 0) and spec.timeline[0].attr == "cpuN/online"
 

@@ -387,6 +387,8 @@ def cpu_online_check(value: tuple[int, int], nr_cpus: int) -> None:
         raise SysfsError(
             "cpu0/online: CPU 0 is the boot CPU (it runs the sysfs writer) and cannot go offline"
         )
+    if nr_cpus < 2:
+        raise SysfsError(f"cpu{cpu}/online: this run has one CPU, CPU 0, which stays online")
     if not 1 <= cpu < nr_cpus:
         raise SysfsError(f"cpu{cpu}/online: this run has CPUs 1..{nr_cpus - 1} to take offline")
 
