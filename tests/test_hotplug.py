@@ -326,7 +326,7 @@ def test_offline_of_an_hctxs_last_cpu_waits_for_its_requests_and_its_task_moves(
     # cpu1's task went away and came back, and submitted meanwhile: its requests
     # on cpu0's ctx ended with their bios sent home
     moves = result.cpus[1]["blk_mq"]["task_moves"]
-    assert 2 <= moves <= len(off) + len(on)
+    assert 2 <= moves <= len(off) + len(on) + 1  # + an offline the run's end rolled back
     assert result.cpus[0]["blk_mq"]["task_moves"] == 0
     assert sum(c["blk_mq"]["migrated_ends"] for c in result.cpus) > 0
 
