@@ -314,7 +314,7 @@ def build(given: dict[str, Any], timeline: list | None = None):
                     raise TimelineError(
                         f"{w.source}: {w.text!r}: --mode sq has no elevator (use --mode mq)"
                     )
-        bind(timeline, queues)
+        bind(timeline, queues, spec.nr_cpus)
         spec.timeline = list(timeline)
         config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
     return spec, config

@@ -59,9 +59,11 @@ from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_complete import BlkMqCompletion
 from mqrt.block.blk_mq_structs import (
     _BUSY,
+    _INACTIVE,
     _OWNED_OR_BUSY,
     _QUIESCED,
     _RQF_ELV,
+    _RQF_MIGRATED,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_RESV,
@@ -95,6 +97,7 @@ from mqrt.block.blk_mq_types import (
     BLK_MQ_CTX_MERGE_CHECKS,
     BLK_MQ_RESOURCE_DELAY_NS,
     BLK_PLUG_FLUSH_SIZE,
+    RQF_HOME_SHIFT,
     SECTOR_SHIFT,
     BlkMqFlag,
     BlkStatus,
@@ -104,6 +107,7 @@ from mqrt.block.blk_mq_types import (
 )
 from mqrt.block.blk_settings import bio_segments
 from mqrt.lib import rcu, trace
+from mqrt.lib.cpuhp import BOOT_CPU, CpuhpState
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import Ev
 from mqrt.lib.wait import Waiters
@@ -196,6 +200,14 @@ class BlkMq(BlkMqCompletion):
         #: a submit_bio of its own (the sq mode's takes the queue lock)
         self._inline_submit = type(self).blk_mq_submit_bio is BlkMq.blk_mq_submit_bio
         self.cpu = cpu
+        #: the CPU whose ctx this CPU's task allocates from (rq->mq_ctx): this one, or
+        #: while this CPU is offline the one CPU hotplug moved its task to
+        self.ctx_cpu = cpu
+        #: rq_flags of every request the task allocates: 0 at home; away, MIGRATED
+        #: with this CPU's number (where the bios go back) from RQF_HOME_SHIFT
+        self.rq_home = 0
+        #: the run's CPU hotplug state (None: no CPU of the run goes offline)
+        self.hotplug: CpuhpState | None = None
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
         self.mq = self
@@ -263,6 +275,8 @@ class BlkMq(BlkMqCompletion):
                 "ctx_merges",
                 "elv_merges",
                 "freeze_waits",
+                "migrated_ends",  # requests of a task away from its offline CPU, ended here
+                "task_moves",  # CPU hotplug moved this CPU's task (away or home)
             ),
             0,
         )
@@ -362,6 +376,9 @@ class BlkMq(BlkMqCompletion):
             cached = plug.cached
             if not cached and plug.nr_ios > 1:
                 self._alloc_batch(tags, hctx, plug)
+                # as the single tag's re-check (INACTIVE is set only in a hotplug run)
+                if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
+                    self._free_plug_rqs(plug)
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
         if rq_id < 0:
@@ -381,6 +398,12 @@ class BlkMq(BlkMqCompletion):
                 tag = self._get_tag_slow(queue, hctx, shallow, reserved, nowait)
                 if tag < 0:
                     return -1
+            if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
+                tags.put_tag(tag, self.cpu)
+                return self._inactive_retry(
+                    queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved,
+                    nowait,
+                )  # fmt: skip
             rq_id = tags.rq_base + tag
             base = self.rq_base[queue.index][rq_id]
             # _own(), inlined: the request must be free; mark it allocated
@@ -405,6 +428,7 @@ class BlkMq(BlkMqCompletion):
             rq_flags |= _RQF_ELV
         if polled:
             rq_flags |= _RQF_POLLED
+        rq_flags |= self.rq_home
         RQ_SETUP.pack_into(
             self.buf,
             base + RQ_OFF_SETUP,
@@ -413,7 +437,7 @@ class BlkMq(BlkMqCompletion):
             nr_sectors,
             1,
             nr_segs,
-            self.cpu,
+            self.ctx_cpu,
             hctx.index,
             queue.index,
             op,
@@ -424,6 +448,55 @@ class BlkMq(BlkMqCompletion):
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
         return rq_id
+
+    def _inactive_retry(
+        self,
+        queue: Queue,
+        hctx: HwCtx,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        start_ns: int,
+        polled: bool,
+        reserved: bool,
+        nowait: bool,
+    ) -> int:
+        """blk_mq_get_tag() found the hctx INACTIVE after taking its tag (given back
+        by the caller): its CPUs are going offline, so the task is moved off this CPU
+        (the kernel's msleep() that lets the scheduler push it) and the allocation
+        starts again on the ctx of the CPU it now runs on; -1 with ``nowait``."""
+        if not self.follow_task():
+            raise BlkMqError(
+                f"cpu{self.cpu}: hctx{hctx.index} of {queue.q.name} is inactive and this "
+                "CPU's task has no other CPU to run on"
+            )
+        if nowait:
+            return -1
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        return self._get_request(
+            queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved, nowait
+        )
+
+    def follow_task(self) -> bool:
+        """The task goes where CPU hotplug put it (:mod:`mqrt.lib.cpuhp`): its new
+        requests take that CPU's ctx and hctxs, their bios still end here; back at
+        home, as before.  Called between two batches of submissions (no plug) and
+        when a tag's hctx turned INACTIVE.  True if the task moved."""
+        hp = self.hotplug
+        if hp is None:
+            return False
+        target = hp.target(self.cpu)
+        if target == self.ctx_cpu:
+            return False
+        self.ctx_cpu = target
+        home = target == self.cpu
+        self.rq_home = 0 if home else _RQF_MIGRATED | self.cpu << RQF_HOME_SHIFT
+        for queue in self.queues:
+            queue.set_ctx(target, home)
+        hp.moved(self.cpu, target)
+        self.stats["task_moves"] += 1
+        return True
 
     def _get_tag_slow(
         self, queue: Queue, hctx: HwCtx, shallow: int, reserved: bool, nowait: bool
@@ -598,7 +671,10 @@ class BlkMq(BlkMqCompletion):
             return True
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
+        ctx_cpu = self.ctx_cpu
         rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
+        if self.ctx_cpu != ctx_cpu:  # the task moved while it allocated (INACTIVE)
+            hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         if plug is not None:
             if elv:
                 plug.has_elevator = True
@@ -657,12 +733,14 @@ class BlkMq(BlkMqCompletion):
         qi = queue.index
         pool = self.rq_base[qi]
         setup = self.rqlines.setup
-        cpu = self.cpu
+        cpu, home = self.ctx_cpu, self.rq_home
+        read = self.a.read
+        hotplug = self.hotplug is not None  # INACTIVE is set only in a hotplug run
         tracing = trace.on
         # the hctx of the previous fast bio, and what its tag get needs
         last_hctx: HwCtx | None = None
         sb_get: Callable[[], int] = _no_tag
-        first = hidx = 0
+        first = hidx = state_off = 0
         fast = 0  # bios submitted here (counted at the end)
         try:
             for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
@@ -686,6 +764,7 @@ class BlkMq(BlkMqCompletion):
                     sb_get = tags.bitmap_sb.get
                     first = tags.rq_base + tags.nr_reserved_tags
                     hidx = hctx.index
+                    state_off = hctx.state_off
                     last_hctx = hctx
                 # the fast path of blk_mq_get_tag(), as _get_request() has it
                 tag = sb_get()
@@ -693,10 +772,23 @@ class BlkMq(BlkMqCompletion):
                     rq_id = first + tag
                 else:
                     rq_id = hctx.rq_base + self._get_tag_slow(queue, hctx, 0, False, False)
+                if hotplug and read(state_off) & _INACTIVE:
+                    # blk_mq_get_tag()'s re-check: the tag back, the long way (the task
+                    # moves), then on with where it runs now
+                    hctx.tags.put_tag(rq_id - hctx.rq_base, self.cpu)  # type: ignore[union-attr]
+                    fast -= 1
+                    merged += submit_one(queue, op, sector, nr_sectors, start_ns, polled)
+                    cpu, home, hctx_by_op, last_hctx = (
+                        self.ctx_cpu,
+                        self.rq_home,
+                        queue.hctx_by_op,
+                        None,
+                    )
+                    continue
                 base = pool[rq_id]
                 # _own() (the request must be free; mark it allocated) and the setup block
                 st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
-                           hidx, qi, op, 0)  # fmt: skip
+                           hidx, qi, op, home)  # fmt: skip
                 if st is not None:
                     self.violation(f"request {rq_id} handed out while owned ({st:#x})")
                 if tracing:
@@ -772,7 +864,11 @@ class BlkMq(BlkMqCompletion):
                 queue.ctx_queued = False
             return False
 
+        pool = self.rq_base[queue.index]
+
         def try_merge(rq_id: int) -> bool | None:
+            if a.read32(pool[rq_id] + RQ_OFF_FLAGS) & _RQF_MIGRATED:
+                return None  # another process's bios: not this CPU's to grow
             merged = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
             return None if merged is None else bool(merged)
 
@@ -1033,7 +1129,11 @@ class BlkMq(BlkMqCompletion):
         cpumask and the run may be synchronous; otherwise on kblockd."""
         if hctx.queue.quiesced() or not hctx.has_pending():
             return
-        if run_async or not hctx.in_cpumask(self.cpu) or hctx.queue.tset.flags & BlkMqFlag.BLOCKING:
+        if (
+            run_async
+            or not hctx.in_cpumask(self.ctx_cpu)
+            or hctx.queue.tset.flags & BlkMqFlag.BLOCKING
+        ):
             self.delay_run_hw_queue(hctx, 0)
             return
         blk_mq_sched.dispatch_requests(self, hctx)
@@ -1047,8 +1147,11 @@ class BlkMq(BlkMqCompletion):
         queue with a single hardware queue returns WORK_CPU_UNBOUND, which kblockd
         (a bound workqueue) runs on the CPU that queued the work: this CPU."""
         if hctx.queue.nr_hw_queues == 1:
-            return self.cpu
+            return self.ctx_cpu
         mask = hctx.cpumask
+        hp = self.hotplug
+        if hp is not None and hp.nr_offline():
+            return self._next_online_cpu(hctx, hp)
         if len(mask) == 1:
             return mask[0]
         hctx.next_cpu_batch -= 1
@@ -1056,6 +1159,19 @@ class BlkMq(BlkMqCompletion):
             hctx.next_cpu_idx = (hctx.next_cpu_idx + 1) % len(mask)
             hctx.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
         return mask[hctx.next_cpu_idx]
+
+    def _next_online_cpu(self, hctx: HwCtx, hp: CpuhpState) -> int:
+        """blk_mq_hctx_next_cpu() while CPUs are offline: the next online CPU of the
+        mask; none online (an INACTIVE hctx), WORK_CPU_UNBOUND: where the caller's
+        task runs, if online, else the boot CPU."""
+        mask = hctx.cpumask
+        n = len(mask)
+        for i in range(n):
+            idx = (hctx.next_cpu_idx + i) % n
+            if hp.online(mask[idx]):
+                hctx.next_cpu_idx = idx
+                return mask[idx]
+        return self.ctx_cpu if hp.online(self.ctx_cpu) else BOOT_CPU
 
     def run_work(self, q: int, h: int) -> None:
         """blk_mq_run_work_fn(): kblockd ran this hctx's work on this CPU."""

@@ -84,7 +84,9 @@ _RQF_RESV = int(Rqf.RESV)
 _RQF_POLLED = int(Rqf.POLLED)
 _RQF_REQUEUED = int(Rqf.REQUEUED)
 _RQF_ELV = int(Rqf.ELV)
+_RQF_MIGRATED = int(Rqf.MIGRATED)
 _STOPPED = 1 << HctxState.STOPPED
+_INACTIVE = 1 << HctxState.INACTIVE
 _SCHED_RESTART = 1 << HctxState.SCHED_RESTART
 _QUIESCED = 1 << QueueFlag.QUIESCED
 
@@ -878,17 +880,11 @@ class Queue:
             )
             for h, spec in enumerate(q.hctxs)
         ]
-        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
-        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
-        self.hctx_by_op = [
-            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
-        ]
         #: QUEUE_FLAG_POLL: the set has poll queues, so polled bios use the POLL map
         #: (without them a polled bio is an ordinary one, as blk_queue_poll says).
         tset = q.tag_set
         self.poll_capable = tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues > 0
-        #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
-        self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
+        self._map_ctx(cpu)
 
         o = q.header.offsets()
         self.flags_off = o.queue_flags
@@ -925,12 +921,38 @@ class Queue:
         for h, hctx in enumerate(self.hctxs):
             for index_hw, ctx_cpu in enumerate(q.hctx_ctxs[h]):
                 self.ctx_lists[(ctx_cpu, hctx.type)] = (hctx.ctx_lists[index_hw], index_hw)
+        self._merge_lists(cpu)
+        #: should_merge as the queue has it (a task away from its CPU does without)
+        self._should_merge = self.should_merge
+
+    def _map_ctx(self, cpu: int) -> None:
+        """The hctxs of ``cpu``'s ctx, as this CPU's task submits to them."""
+        q = self.q
+        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
+        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
+        self.hctx_by_op = [
+            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
+        ]
+        #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
+        self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
+
+    def _merge_lists(self, cpu: int) -> None:
         #: This CPU's ctx rq_list a bio of each op (and a polled bio) would merge into
         #: (ctx->rq_lists[hctx->type] of the hctx blk_mq_map_queue() picks), with the
         #: word and bit of that hctx's ctx_map that say it is not empty.
         self.rq_merge_by_op = [self._merge_list(cpu, h) for h in self.hctx_by_op]
         self.rq_merge_poll = self._merge_list(cpu, self.hctx_poll)
         self.rq_merge_lists = list(dict.fromkeys([*self.rq_merge_by_op, self.rq_merge_poll]))
+
+    def set_ctx(self, cpu: int, home: bool) -> None:
+        """CPU hotplug moved this CPU's task to ``cpu`` (or back home): new requests
+        take that CPU's ctx and hctxs.  Away from home the task tries no ctx-list
+        merge (the lists it would look at are another process's), so ``ctx_queued``
+        is dropped."""
+        self._map_ctx(cpu)
+        self._merge_lists(cpu)
+        self.should_merge = self._should_merge and home
+        self.ctx_queued = False
 
     def set_limits(self, lim: QueueLimits) -> None:
         """Take the queue's limits (at creation, and when the driver sets new ones)."""

@@ -31,6 +31,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from mqrt.block import blk_mq_cpuhp
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
 from mqrt.block.elevator import (
@@ -102,6 +103,11 @@ class Attribute:
     check: Callable[[Any, QueueInfo], None] | None = None  #: SysfsError if it does not fit
     per_queue: bool = True  #: written per queue; False: of the whole run (no DEV)
     verb: bool = False  #: an action: ``=ARG`` optional
+    #: named with a number where the name has ``N`` (``cpuN/online``: ``cpu3/online``);
+    #: the typed value is then (number, parsed value)
+    numbered: bool = False
+    #: checked against the run's number of CPUs (SysfsError if it does not fit)
+    check_cpus: Callable[[Any, int], None] | None = None
 
 
 #: name -> attribute, in registration order.
@@ -118,6 +124,21 @@ def register(attr: Attribute) -> Attribute:
 def known() -> str:
     """The registered names, for error messages."""
     return ", ".join(ATTRIBUTES)
+
+
+_NUMBERED = re.compile(r"^([a-z_]+)(\d+)/(.+)$")
+
+
+def split_numbered(name: str) -> tuple[str, int | None]:
+    """``cpu3/online`` -> (``cpuN/online``, 3) for a numbered attribute; any other
+    name -> (name, None)."""
+    m = _NUMBERED.match(name)
+    if m is not None:
+        key = f"{m.group(1)}N/{m.group(3)}"
+        attr = ATTRIBUTES.get(key)
+        if attr is not None and attr.numbered:
+            return key, int(m.group(2))
+    return name, None
 
 
 def lookup(name: str) -> Attribute:
@@ -439,6 +460,50 @@ register(
 )
 
 
+# -- cpuN/online: CPU hotplug ------------------------------------------------------------------
+
+#: The attribute's registered name (``cpu3/online`` in a write).
+CPU_ONLINE = "cpuN/online"
+
+
+def cpu_online_parse(text: str | None) -> int:
+    if text is None or text.strip() not in ("0", "1"):
+        raise SysfsError(f"cpuN/online: must be 0 (offline) or 1 (online), got {text!r}")
+    return int(text)
+
+
+def cpu_online_check(value: tuple[int, int], nr_cpus: int) -> None:
+    cpu, _online = value
+    if cpu == 0:
+        raise SysfsError(
+            "cpu0/online: CPU 0 is the boot CPU (it runs the sysfs writer) and cannot go offline"
+        )
+    if nr_cpus < 2:
+        raise SysfsError(f"cpu{cpu}/online: this run has one CPU, CPU 0, which stays online")
+    if not 1 <= cpu < nr_cpus:
+        raise SysfsError(f"cpu{cpu}/online: this run has CPUs 1..{nr_cpus - 1} to take offline")
+
+
+def cpu_online_store(ctx: StoreCtx, q: int, value: tuple[int, int]) -> Store:
+    """Take a CPU down or bring it up (:mod:`mqrt.block.blk_mq_cpuhp`)."""
+    cpu, online = value
+    return (yield from blk_mq_cpuhp.store_online(ctx.mq, ctx.clock, Sleep, cpu, bool(online)))
+
+
+register(
+    Attribute(
+        name=CPU_ONLINE,
+        help="cpuN/online=0|1: take CPU N (not CPU 0) offline, or bring it back online "
+        "(its task moves to another CPU meanwhile)",
+        parse=cpu_online_parse,
+        store=cpu_online_store,
+        per_queue=False,
+        numbered=True,
+        check_cpus=cpu_online_check,
+    )
+)
+
+
 # -- the timeline: writes at given times of a run ------------------------------------------------
 
 
@@ -463,15 +528,18 @@ class TimedWrite:
     targets: tuple[tuple[int, str], ...] = ()
 
 
-def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
+def bind(writes: list[TimedWrite], queues: list[QueueInfo], nr_cpus: int = 0) -> list[TimedWrite]:
     """Each write with its target queues, checked against them (SysfsError naming the
-    write: a device that is not a queue of the run, a value out of the queue's range)."""
+    write: a device that is not a queue of the run, a value out of the queue's range)
+    and, given ``nr_cpus``, against the run's CPUs."""
     import dataclasses
 
     by_name = {q.name: q for q in queues}
     out = []
     for w in writes:
         attr = lookup(w.attr)
+        if attr.check_cpus is not None and nr_cpus:
+            attr.check_cpus(w.value, nr_cpus)
         if not attr.per_queue:
             out.append(dataclasses.replace(w, targets=((-1, ""),)))
             continue
