@@ -25,7 +25,7 @@ def test_a_soak_of_transitions_counts_them_and_passes_on_correct_code():
         "--cpus", "2", "--shared_tags", "1", "--nr_devices", "2", "--every", "200ms:freeze",
     )  # fmt: skip
     freeze = verdict["transitions"]["freeze"]
-    assert rc == 0, verdict
+    assert rc == 0, json.dumps(verdict)
     assert freeze["count"] >= 4 and freeze["errors"] == freeze["violations"] == 0
     assert verdict["ios"] > 0 and verdict["leaked_tags"] == 0 and verdict["queue_refs"] == 0
 

@@ -10,13 +10,14 @@ the run's own account: I/Os completed, timeouts (the faults' recovery at work),
 violations (lost requests, in flight at the end; double completions; broken
 invariants), stale completions dropped, leaked tags and owned requests; and
 whether memory stayed flat: the last third's median within ``--flat-pct`` of the
-second third's (the first third is warm-up).  Exit status 0 when all of these
+second third's (the first third is warm-up; a run of fewer than six samples is too
+short to judge, and its memory is not).  Exit status 0 when all of these
 hold, 1 otherwise.
 
 A soak of the live transitions gives the run a timeline and says how many writes of
-each attribute it must have made; every one must end without an error, an abort or a
-violation (a reference taken or a request started while a queue was frozen or
-quiesced):
+each attribute it must have made; every one must end without an error or a violation
+(a reference taken or a request started while a queue was frozen or quiesced), and
+none but the one running at the deadline may be aborted:
 
     python tools/soak.py --minutes 2 --expect freeze=1000 -- --cpus 4 \
         --shared_tags 1 --nr_devices 2 --every 100ms:freeze
@@ -95,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = report["jobs"]
     ios = sum(j[d]["total_ios"] for j in jobs for d in ("read", "write"))
     timeouts = sum(c["blk_mq"].get("timeouts", 0) for c in run["cpus"])
-    # memory is judged from three samples on (a shorter run has no warm-up to skip)
-    third = len(samples) // 3
+    # memory is judged from six samples on (the first third is warm-up, and a short
+    # run's few samples are all warm-up)
+    third = len(samples) // 3 if len(samples) >= 6 else 0
     mid = statistics.median(s for _, s in samples[third : 2 * third]) if third else 0
     end = statistics.median(s for _, s in samples[2 * third :]) if third else 0
     growth = 100.0 * (end - mid) / mid if mid else 0.0
+    trans = run.get("transitions", {}).get("list", [])
     verdict = {
         "ios": ios,
         "timeouts": timeouts,
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "owned_requests": inv.get("owned_requests", 0),
         "queue_refs": inv.get("queue_refs", 0),
         "nr_active_negative": inv.get("nr_active_negative", 0),
+        # a stop closes the write running at the deadline: only the last may be aborted
+        "aborted_before_the_end": sum(
+            bool(t.get("aborted")) for t in sorted(trans, key=lambda t: t["start_ns"])[:-1]
+        ),
         "transitions": {
             attr: {k: t[k] for k in ("count", "errors", "aborted", "violations")}
             for attr, t in run.get("transitions", {}).get("summary", {}).items()
@@ -128,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         and verdict["owned_requests"] == 0
         and verdict["queue_refs"] == 0
         and verdict["nr_active_negative"] == 0
-        and all(
-            t["errors"] == 0 and t["aborted"] == 0 and t["violations"] == 0
-            for t in verdict["transitions"].values()
-        )
+        and all(t["errors"] == 0 and t["violations"] == 0 for t in verdict["transitions"].values())
+        and verdict["aborted_before_the_end"] == 0
         and all(verdict["transitions"].get(a, {}).get("count", 0) >= n for a, n in expect.items())
         and abs(growth) <= args.flat_pct
     )
