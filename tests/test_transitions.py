@@ -6,6 +6,7 @@ invariants (every request ended once, no tag, nr_active or queue reference left)
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from mqrt.bench.main import build
@@ -93,3 +94,82 @@ def test_nr_requests_write_freezes_and_quiesces_the_queue_under_load():
         ("nullb0", 64, 8), ("nullb0", 8, 64), ("nullb1", 64, 64),
     ]  # fmt: skip
     assert all(t["freeze_wait_ns"] >= t["grace_period_ns"] > 0 for t in made)
+
+
+#: blk_mq_map_queues() for 4 CPUs, one thread a core (--cpus_per_core 1): CPU i ->
+#: hctx i % nr.
+KERNEL_MAP = {nr: [cpu % nr for cpu in range(4)] for nr in (1, 2, 4)}
+
+
+def _allocs_by_map(result: Any) -> dict[tuple[int, int, int], list[int]]:
+    """(cpu, queue, map generation) -> the requests that CPU allocated on each hctx
+    while it followed that map (from each CPU's cumulative snapshots)."""
+    out: dict[tuple[int, int, int], list[int]] = {}
+    for c in result.cpus:
+        last: dict[int, list[int]] = {}
+        for snap in c["hctx_maps"]:
+            q = snap["q"]
+            prev = last.get(q, [0] * len(snap["alloc"]))
+            delta = [a - b for a, b in zip(snap["alloc"], prev, strict=True)]
+            key = (c["cpu"], q, snap["map_gen"])
+            out[key] = [a + b for a, b in zip(out.get(key, [0] * len(delta)), delta, strict=True)]
+            last[q] = snap["alloc"]
+            nr = snap["nr_hw_queues"]
+            assert snap["hctx"] == KERNEL_MAP[nr][c["cpu"]], snap
+    return out
+
+
+def _check_nr_hw_queues(result: Any, chain: list[tuple[int, int]]) -> None:
+    made = _made(result, len(chain))
+    assert [(t["nr_hw_queues_before"], t["nr_hw_queues"]) for t in made] == chain
+    for t in made:
+        # one transition for the tag set: both queues frozen and remapped, nothing
+        # left on a list of the old map
+        assert t["queues"] == 2 and t["stranded"] == 0 and t["freeze_wait_ns"] > 0
+    nr_by_gen = {0: 1}
+    for t in made:
+        nr_by_gen[t["map_gen"]] = t["nr_hw_queues"]
+    allocs = _allocs_by_map(result)
+    for (cpu, q, gen), per_hctx in allocs.items():
+        want = KERNEL_MAP[nr_by_gen[gen]][cpu]
+        # every request this CPU allocated under a map went to the hctx it names
+        assert [h for h, n in enumerate(per_hctx) if n] in ([], [want]), (cpu, q, gen, per_hctx)
+    # under 4 queues each CPU's I/O went to its own hctx: all four were used
+    for q in (0, 1):
+        used = {
+            h
+            for (_cpu, qq, gen), per_hctx in allocs.items()
+            if qq == q and nr_by_gen[gen] == 4
+            for h, n in enumerate(per_hctx)
+            if n
+        }
+        assert used == {0, 1, 2, 3}
+
+
+SHARED_SET = {"cpus": "4", "cpus_per_core": "1", "nr_devices": "2", "shared_tags": "1"}
+
+
+def test_update_nr_hw_queues_1_4_1_under_load_on_a_shared_tag_set():
+    result = _run({**SHARED_SET, "runtime": "3"}, at=["1s:nr_hw_queues=4", "2s:nr_hw_queues=1"])
+    _check_nr_hw_queues(result, [(1, 4), (4, 1)])
+
+
+def test_update_nr_hw_queues_with_a_shared_tag_bitmap():
+    result = _run(
+        {**SHARED_SET, "runtime": "3", "shared_tag_bitmap": "1"},
+        at=["1s:nullb1/nr_hw_queues=4", "2s:nullb0/nr_hw_queues=1"],
+    )
+    _check_nr_hw_queues(result, [(1, 4), (4, 1)])
+
+
+def test_update_nr_hw_queues_every_100ms():
+    result = _run(
+        {**SHARED_SET, "runtime": "2.5"},
+        every=["200ms@200ms..2s:nr_hw_queues=4", "200ms@300ms..2s:nr_hw_queues=1"],
+    )
+    made = _made(result, 4)
+    # each transition starts from where the one before left the set
+    chain = [(t["nr_hw_queues_before"], t["nr_hw_queues"]) for t in made]
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chain)), chain
+    assert chain[0][0] == 1 and all(t["stranded"] == 0 for t in made)
+    assert sum(1 for before, after in chain if before != after) >= 2

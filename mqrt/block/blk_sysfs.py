@@ -21,7 +21,9 @@ there undoes a half-done transition.
 
 :data:`ATTRIBUTES` is the registry: :func:`register` adds one.  Queue attributes
 (``per_queue``) are written to one queue (``nullb0/queue/nr_requests=32``) or, without
-a device, to every queue of the run in turn; the others take no device.
+a device, to every queue of the run in turn; tag set attributes (``per_tag_set``:
+``nr_hw_queues``) once per tag set, the device naming the set by one of its queues
+(``nullb1/nr_hw_queues=2``); the others take no device.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
+from mqrt.block.blk_mq_update import update_nr_hw_queues
 from mqrt.lib.wait import WaitEvent
 
 
@@ -67,6 +70,9 @@ class QueueInfo:
     index: int  #: its position in the run's queues (the requests' ``q``)
     nr_tags: int  #: the tag set's queue_depth (reserved tags included)
     nr_reserved_tags: int = 0
+    tag_set: str = ""  #: its tag set's name (queues that share one name the same)
+    #: the most hw queues its tag set may have (0: the count cannot change)
+    max_hw_queues: int = 0
 
 
 @dataclass
@@ -88,6 +94,9 @@ class Attribute:
     check: Callable[[Any, QueueInfo], None] | None = None  #: SysfsError if it does not fit
     per_queue: bool = True  #: written per queue; False: of the whole run (no DEV)
     verb: bool = False  #: an action: ``=ARG`` optional
+    #: written once per tag set (DEV names the set by one of its queues; without DEV,
+    #: every tag set of the run in turn)
+    per_tag_set: bool = False
 
 
 #: name -> attribute, in registration order.
@@ -348,6 +357,54 @@ register(
 )
 
 
+# -- nr_hw_queues ---------------------------------------------------------------------------------
+
+
+def nr_hw_queues_parse(text: str | None) -> int:
+    try:
+        nr = int(text or "")
+    except ValueError:
+        raise SysfsError(f"nr_hw_queues: must be an integer >= 1, got {text!r}") from None
+    if nr < 1:
+        raise SysfsError(f"nr_hw_queues: must be an integer >= 1, got {text!r}")
+    return nr
+
+
+def nr_hw_queues_check(nr: int, queue: QueueInfo) -> None:
+    if not queue.max_hw_queues:
+        raise SysfsError(
+            f"nr_hw_queues: {queue.name}'s tag set cannot change its hw queue count "
+            "(nullb: declare --max_hw_queues; nvme: its I/O queues are fixed at probe)"
+        )
+    if not 1 <= nr <= queue.max_hw_queues:
+        raise SysfsError(
+            f"nr_hw_queues: {queue.name}'s tag set takes 1..{queue.max_hw_queues} "
+            f"(max_hw_queues), got {nr}"
+        )
+
+
+def nr_hw_queues_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """blk_mq_update_nr_hw_queues() on the tag set of queue ``q``
+    (:mod:`mqrt.block.blk_mq_update`)."""
+    try:
+        return (yield from update_nr_hw_queues(ctx.mq, ctx.mq.queues[q], nr, ctx.clock))
+    except BlkMqError as exc:
+        raise SysfsError(str(exc)) from None
+
+
+register(
+    Attribute(
+        name="nr_hw_queues",
+        help="nr_hw_queues=N: the tag set's hw queue count, 1..its max_hw_queues (every "
+        "queue of the set frozen, CPUs remapped: blk_mq_update_nr_hw_queues)",
+        parse=nr_hw_queues_parse,
+        check=nr_hw_queues_check,
+        store=nr_hw_queues_store,
+        per_tag_set=True,
+    )
+)
+
+
 # -- the timeline: writes at given times of a run ------------------------------------------------
 
 
@@ -392,6 +449,8 @@ def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
             raise SysfsError(
                 f"{w.dev!r} is not a queue of this run (its queues: {', '.join(by_name) or 'none'})"
             )
+        if attr.per_tag_set:  # the first queue of each set named
+            targets = list({q.tag_set or q.name: q for q in reversed(targets)}.values())[::-1]
         if attr.check is not None:
             for q in targets:
                 attr.check(w.value, q)
