@@ -18,9 +18,9 @@ from mqrt.runtime.owner import run
 LOADED = {"cpus": "2", "irqmode": "timer", "completion_nsec": "1000000", "iodepth": "16"}
 
 
-def _run(given: dict[str, str], at: list[str] = (), every: list[str] = ()) -> Any:  # type: ignore[assignment]
+def _run(given: dict[str, str], at: list[str] = (), every: list[str] = (), base=LOADED) -> Any:  # type: ignore[assignment]
     writes = [parse_at(t, "--at") for t in at] + [parse_every(t, "--every") for t in every]
-    spec, _ = build({**LOADED, **given}, writes)
+    spec, _ = build({**base, **given}, writes)
     result = run(spec)
     inv = result.invariants
     assert inv["violations"] == 0 and inv["problems"] == [], inv
@@ -120,13 +120,16 @@ def _allocs_by_map(result: Any) -> dict[tuple[int, int, int], list[int]]:
 
 
 def _check_nr_hw_queues(result: Any, chain: list[tuple[int, int]]) -> None:
+    """The transitions made ``chain`` (before, after), each on both queues with
+    nothing stranded, and every CPU's requests under each map went to the hctx
+    blk_mq_map_queues() gives it."""
     made = _made(result, len(chain))
     assert [(t["nr_hw_queues_before"], t["nr_hw_queues"]) for t in made] == chain
     for t in made:
         # one transition for the tag set: both queues frozen and remapped, nothing
         # left on a list of the old map
         assert t["queues"] == 2 and t["stranded"] == 0 and t["freeze_wait_ns"] > 0
-    nr_by_gen = {0: 1}
+    nr_by_gen = {0: chain[0][0]}
     for t in made:
         nr_by_gen[t["map_gen"]] = t["nr_hw_queues"]
     allocs = _allocs_by_map(result)
@@ -160,6 +163,18 @@ def test_update_nr_hw_queues_with_a_shared_tag_bitmap():
         at=["1s:nullb1/nr_hw_queues=4", "2s:nullb0/nr_hw_queues=1"],
     )
     _check_nr_hw_queues(result, [(1, 4), (4, 1)])
+
+
+def test_update_nr_hw_queues_4_1_4_on_nvme_namespaces():
+    """nvme: the count goes down and back up to the I/O queues the probe created
+    (both namespaces' queues are on the one I/O tag set)."""
+    nvme = {"driver": "nvme", "cpus": "4", "cpus_per_core": "1", "iodepth": "16"}
+    result = _run(
+        {"runtime": "3", "nr_namespaces": "2"},
+        at=["1s:nr_hw_queues=1", "2s:nr_hw_queues=4"],
+        base=nvme,
+    )
+    _check_nr_hw_queues(result, [(4, 1), (1, 4)])
 
 
 def test_update_nr_hw_queues_every_100ms():

@@ -176,3 +176,30 @@ def test_out_of_range_and_fixed_sets_are_refused(rig_factory):
         update(rig2.mq, rig2.mq.queues[0], 2)
     with pytest.raises(BlkMqError, match=r"max_hw_queues must be in 2\.\.8"):
         rig_factory(nr_cpus=NR_CPUS, nr_hw_queues=2, max_hw_queues=9)
+
+
+@pytest.mark.parametrize(
+    ("given", "write", "message"),
+    [
+        ({"cpus": "4"}, "1s:nr_hw_queues=5", "nullb0's tag set takes 1..4"),
+        ({"cpus": "4", "max_hw_queues": "2"}, "1s:nr_hw_queues=3", "takes 1..2"),
+        ({"cpus": "4"}, "1s:nr_hw_queues=0", "must be an integer >= 1, got '0'"),
+        (
+            {"cpus": "4", "max_hw_queues": "8"},
+            "1s:nr_hw_queues=2",
+            "max_hw_queues: must be in 1..4",
+        ),
+        ({"cpus": "4", "poll_queues": "1"}, "1s:nr_hw_queues=2", "without poll_queues"),
+        ({"cpus": "4", "mode": "sq"}, "1s:nr_hw_queues=2", "--mode sq has a fixed"),
+        ({"driver": "nvme", "cpus": "4", "nr_io_queues": "2"}, "1s:nr_hw_queues=3", "takes 1..2"),
+        ({"driver": "nvme", "cpus": "4"}, "1s:nullb0/nr_hw_queues=2", "'nullb0' is not a queue"),
+    ],
+)
+def test_bad_nr_hw_queues_writes_are_one_line_errors(given, write, message):
+    from mqrt.bench.main import build
+    from mqrt.bench.timeline import parse_at
+    from mqrt.lib.knobs import KnobError
+
+    with pytest.raises(KnobError) as exc:
+        build({"runtime": "1", **given}, [parse_at(write, "--at")])
+    assert message in str(exc.value) and "\n" not in str(exc.value)

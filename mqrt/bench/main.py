@@ -324,7 +324,7 @@ def _build(given: dict[str, Any], timeline: list):
     runv = parse_knobs(RUN_KNOBS, {k: v for k, v in given.items() if k in run_names})
     _apply_mode(given, runv)
     if runv["driver"] == "nvme":
-        return _build_nvme(given, job, runv, nullb_names, nvme_names)
+        return _build_nvme(given, job, runv, nullb_names, nvme_names, timeline)
     wrong = sorted(set(given) & (nvme_names - nullb_names))
     if wrong:
         raise KnobError(f"{wrong[0]}: an nvme option; add --driver nvme")
@@ -451,7 +451,7 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
     return spec, config
 
 
-def _build_nvme(given, job, runv, nullb_names, nvme_names):
+def _build_nvme(given, job, runv, nullb_names, nvme_names, timeline):
     from mqrt.device import nvme
 
     wrong = sorted(set(given) & (nullb_names - nvme_names))
@@ -462,6 +462,16 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
         raise KnobError(f"bs: must be a multiple of the lba_size {cfg.lba_size}, got {job.bs}")
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = cfg.ns_gb << 30
+    # nr_hw_queues=N: up to the I/O queues the probe creates (nvme_setup_io_queues())
+    max_hw_queues = 0
+    if any(w.attr == "nr_hw_queues" for w in timeline):
+        if cfg.poll_queues:
+            raise KnobError(
+                "poll_queues: the hw queue count changes only without poll queues (one queue map)"
+            )
+        if runv["mode"] != "mq":
+            raise KnobError(f"mode: --mode {runv['mode']} has a fixed hw queue count")
+        max_hw_queues = min(cfg.nr_io_queues or runv["cpus"], runv["cpus"])
 
     def setup(layout, topology):
         ops, queues = nvme.setup(
@@ -473,6 +483,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
             generation=_generation(runv),
             async_depth=runv["async_depth"],
             nomerges=runv["nomerges"],
+            resizable=bool(max_hw_queues),
         )
         return ops, queues, dev_bytes
 
@@ -480,7 +491,13 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
 
     # the namespaces' queues, nvme0n1.., on the I/O tag set (one SQ slot kept empty)
     queues = [
-        QueueInfo(f"nvme0n{i + 1}", i, cfg.io_queue_depth - 1, tag_set="nvme_tag_set")
+        QueueInfo(
+            f"nvme0n{i + 1}",
+            i,
+            cfg.io_queue_depth - 1,
+            tag_set="nvme_tag_set",
+            max_hw_queues=max_hw_queues,
+        )
         for i in range(cfg.nr_namespaces)
     ]
     spec, config = _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))

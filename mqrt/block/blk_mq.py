@@ -1080,6 +1080,8 @@ class BlkMq(BlkMqCompletion):
         mask = hctx.cpumask
         if len(mask) == 1:
             return mask[0]
+        if not mask:  # an hctx blk_mq_update_nr_hw_queues() left without CPUs
+            return self.cpu
         hctx.next_cpu_batch -= 1
         if hctx.next_cpu_batch <= 0:
             hctx.next_cpu_idx = (hctx.next_cpu_idx + 1) % len(mask)

@@ -372,14 +372,11 @@ def nr_hw_queues_parse(text: str | None) -> int:
 
 def nr_hw_queues_check(nr: int, queue: QueueInfo) -> None:
     if not queue.max_hw_queues:
-        raise SysfsError(
-            f"nr_hw_queues: {queue.name}'s tag set cannot change its hw queue count "
-            "(nullb: declare --max_hw_queues; nvme: its I/O queues are fixed at probe)"
-        )
+        raise SysfsError(f"nr_hw_queues: {queue.name}'s tag set cannot change its hw queue count")
     if not 1 <= nr <= queue.max_hw_queues:
         raise SysfsError(
             f"nr_hw_queues: {queue.name}'s tag set takes 1..{queue.max_hw_queues} "
-            f"(max_hw_queues), got {nr}"
+            f"(its max_hw_queues: nullb's --max_hw_queues, nvme's I/O queues), got {nr}"
         )
 
 
