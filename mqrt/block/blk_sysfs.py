@@ -125,14 +125,19 @@ def lookup(name: str) -> Attribute:
 # -- queue/nr_requests ---------------------------------------------------------------------------
 
 
-def queue_requests_parse(text: str | None) -> int:
+def parse_count(name: str, text: str | None) -> int:
+    """An integer >= 1, or a SysfsError naming the attribute."""
     try:
         nr = int(text or "")
     except ValueError:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}") from None
+        nr = 0
     if nr < 1:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}")
+        raise SysfsError(f"{name}: must be an integer >= 1, got {text!r}")
     return nr
+
+
+def queue_requests_parse(text: str | None) -> int:
+    return parse_count("queue/nr_requests", text)
 
 
 def queue_requests_check(nr: int, queue: QueueInfo) -> None:
@@ -361,13 +366,7 @@ register(
 
 
 def nr_hw_queues_parse(text: str | None) -> int:
-    try:
-        nr = int(text or "")
-    except ValueError:
-        raise SysfsError(f"nr_hw_queues: must be an integer >= 1, got {text!r}") from None
-    if nr < 1:
-        raise SysfsError(f"nr_hw_queues: must be an integer >= 1, got {text!r}")
-    return nr
+    return parse_count("nr_hw_queues", text)
 
 
 def nr_hw_queues_check(nr: int, queue: QueueInfo) -> None:
