@@ -469,10 +469,9 @@ class TagSet:
     #: "5.10" a blk_mq_tags and a pool of queue_depth per hctx whose bitmaps are the
     #: set's shared sbitmaps.
     shared_tag_model: str = "6.x"
-    #: The most hardware queues the set may have during a run (0: ``nr_hw_queues``,
-    #: and the count cannot change):
-    #: the arena cannot grow, so every hctx up to it (and each one's tags and
-    #: requests, without shared tags) is declared at set-up, idle until
+    #: The most hardware queues the set may have during a run (0: the count cannot
+    #: change).  The arena cannot grow, so every hctx up to it (and each one's tags
+    #: and requests, without shared tags) is declared at set-up, idle until
     #: blk_mq_update_nr_hw_queues() maps CPUs to it (the kernel's bound is nr_cpu_ids).
     max_hw_queues: int = 0
 
