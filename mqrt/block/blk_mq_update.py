@@ -4,18 +4,19 @@
 The sysfs writer (CPU 0's second task) runs it as a generator that yields where the
 kernel's caller sleeps, in the kernel's order:
 
-1. freeze every queue of the tag set (``set->tag_list``): no request is in flight
+1. a count the set already has (one queue map) changes nothing: no freeze;
+2. freeze every queue of the tag set (``set->tag_list``): no request is in flight
    once the freezes end, so none is left on a list of the old map;
-2. quiesce them too (one grace period): no hctx run that began under the old map
+3. quiesce them too (one grace period): no hctx run that began under the old map
    is left (see "the map" below);
-3. switch their elevators to none (:func:`elevator_switch_none`, a hook: every
+4. switch their elevators to none (:func:`elevator_switch_none`, a hook: every
    queue's scheduler is ``none`` here, so there is nothing to save);
-4. ``set->nr_hw_queues = N``, ``blk_mq_update_queue_map()`` (the driver's
+5. ``set->nr_hw_queues = N``, ``blk_mq_update_queue_map()`` (the driver's
    ``->map_queues`` or the default ``blk_mq_map_queues()``),
    ``blk_mq_realloc_hw_ctxs()`` (the hctxs are declared up to the set's
    ``max_hw_queues``: a deactivated one goes idle on its tags), and
    ``blk_mq_map_swqueue()`` for each queue;
-5. the elevators back (:func:`elevator_switch_back`); unquiesce, unfreeze.
+6. the elevators back (:func:`elevator_switch_back`); unquiesce, unfreeze.
 
 **The map.** Each process has its own copy of the tag set, its queues and its
 handles, so the CPU -> hctx map that every CPU must follow is in the arena
@@ -29,10 +30,11 @@ waited for by it), and rebuilds its handles when it changed
 (:meth:`mqrt.block.blk_mq.BlkMq.sync_map`).  Completions of requests of the old map
 all happened before the freeze ended.
 
-Deviations from Linux: the set is quiesced as well as frozen (the kernel's hctxs are
-one shared structure that ``blk_mq_map_swqueue()`` changes in place; here each CPU's
-view is rebuilt from the arena, and the quiesce makes sure no hctx run of the old
-view overlaps the new one); hctxs past ``nr_hw_queues`` are declared, with their tags
+Deviations from Linux 6.1: the set is quiesced as well as frozen, as a later
+upstream fix does too (with ``none`` as the elevator nothing quiesced the queues, so
+a hw queue run could overlap the reallocation of the hctxs); here each CPU's view is
+rebuilt from the arena, and the quiesce makes sure no hctx run of the old view
+overlaps the new one; hctxs past ``nr_hw_queues`` are declared, with their tags
 and requests, and set up by ``->init_hctx`` when the queue is (their ``driver_data``
 must be inherited through fork), so the transition calls no driver set-up op; only
 sets of one queue map (``nr_maps`` 1) change their count.
@@ -118,6 +120,9 @@ def update_nr_hw_queues(mq: BlkMq, queue: Queue, nr: int, clock: Callable[[], in
     mq.sync_map(queue)  # the writer is the only one to change it: stable
     queues = freeze.tagset_queues(mq, queue)
     report: dict[str, Any] = {"queues": len(queues), "nr_hw_queues_before": tset.nr_hw_queues}
+    if nr == tset.nr_hw_queues:  # one queue map and the same count: nothing to do
+        report["nr_hw_queues"] = nr
+        return report
     frozen: list[Queue] = []
     quiesced: list[Queue] = []
     t0 = clock()
@@ -136,8 +141,7 @@ def update_nr_hw_queues(mq: BlkMq, queue: Queue, nr: int, clock: Callable[[], in
             saved = elevator_switch_none(mq, queues)
             t1 = clock()
             report["stranded"] = stranded(mq, queues)
-            if nr != tset.nr_hw_queues:
-                report["map_gen"] = remap(mq, queues, nr)
+            report["map_gen"] = remap(mq, queues, nr)
             report["remap_ns"] = clock() - t1
             elevator_switch_back(mq, queues, saved)
         finally:
