@@ -120,6 +120,16 @@ NULLB_KNOBS: tuple[Knob, ...] = (
         0,
         1024,
     ),
+    Knob(
+        "max_hw_queues",
+        "int",
+        0,
+        "Most submission queues the tag set may get during the run (the timeline's "
+        "nr_hw_queues=N, up to the CPU count; declared idle at set-up). Default: 0 (the "
+        "CPU count when the timeline writes nr_hw_queues, else submit_queues)",
+        0,
+        1024,
+    ),
     Knob("hw_queue_depth", "int", 64, "Queue depth for each hardware queue. Default: 64", 1, 65536),
     Knob(
         "irqmode",
@@ -414,13 +424,15 @@ class NullbOps(BlkMqOps):
         return EhRet.DONE
 
     def map_queues(self, tset: TagSet) -> None:
-        """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues."""
+        """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues.
+        ``submit_queues`` follows the set's nr_hw_queues (nullb_update_nr_hw_queues())."""
         topo: Topology = tset.topology
         submit = self.submit_queues
         poll = self.poll_queues if tset.nr_maps > HctxType.POLL else 0
         if submit + poll != tset.nr_hw_queues:
-            # nr_hw_queues was capped at the CPU count: shrink the submit queues.
+            # nr_hw_queues was capped at the CPU count, or changed: the submit queues follow.
             submit = max(1, tset.nr_hw_queues - poll)
+            self.submit_queues = submit
         map_queue_types(tset.map, topo, (submit, 0, poll))
 
 
@@ -452,9 +464,12 @@ def setup(
     async_depth: int = 0,
     nomerges: int = 0,
     elevator: str = "none",
+    max_hw_queues: int = 0,
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
-    queues with their limits, and the fault state, declared in ``layout``."""
+    queues with their limits, and the fault state, declared in ``layout``.
+    ``max_hw_queues``: the most submit queues a set may get during the run (0: the
+    count cannot change); the sets are declared up to it."""
     ops = NullbOps(cfg, seed)
     flags = BlkMqFlag.SHOULD_MERGE  # null_init_tag_set()
     if cfg.blocking:
@@ -482,6 +497,7 @@ def setup(
             pool_limit_bytes=pool_limit_bytes,
             generation=generation,
             shared_tag_model=cfg.shared_tag_model,
+            max_hw_queues=max_hw_queues,
         )
         return alloc_tag_set(tset, layout, topology)
 

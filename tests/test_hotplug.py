@@ -384,3 +384,34 @@ def test_the_report_summarises_offline_and_online_apart():
     assert set(s) == {"cpuN/online=0", "cpuN/online=1"}
     assert s["cpuN/online=0"]["count"] == 2 and s["cpuN/online=0"]["fields_median"] == {"moved": 3}
     assert s["cpuN/online=1"]["fields_median"] == {"reactivated": 1}
+
+
+def test_a_remap_leaves_no_hctx_inactive_with_an_online_cpu():
+    """An hctx INACTIVE since its last CPU went down, remapped (nr_hw_queues 2 -> 1)
+    while that CPU is offline, then given CPUs again (1 -> 2) after it came back:
+    INACTIVE does not outlive the map it was set under, and the CPU allocates there."""
+    from tests.test_update_nr_hw_queues import nrhw_setup, update
+
+    ops = ScriptOps()
+    rig = Rig(
+        nrhw_setup(ops, nr_hw_queues=2, max_hw_queues=2, nr_queues=1), nr_cpus=2, hotplug=True
+    )
+    try:
+        mq0, mq1 = rig.mqs
+        task = down(rig, 1)
+        event = step(task)
+        assert not isinstance(event, dict) and mq1.follow_task()  # the task moves to cpu0
+        assert step(task)["inactive"] == 1
+        assert mq0.queues[0].hctxs[1].test_state(HctxState.INACTIVE)
+        assert update(mq0, mq0.queues[0], 1)["nr_hw_queues"] == 1
+        assert not mq0.queues[0].hctxs[1].test_state(HctxState.INACTIVE)  # no CPU maps it
+        up(rig, 1)
+        assert mq1.follow_task()
+        assert update(mq0, mq0.queues[0], 2)["nr_hw_queues"] == 2
+        q1 = mq1.queues[0]
+        mq1.submit_bio(q1, READ, 0, 8, 0)
+        assert rq_fields(mq1, ops.started[-1]) == (1, 1, 0)
+        mq1.end_request(ops.started[-1], BlkStatus.OK)
+        assert blk_mq_cpuhp.stranded(rig.arena, rig.queues, rig.hotplug) == []
+    finally:
+        rig.close()

@@ -825,6 +825,8 @@ class Cpu:
             "violations": mq.violations,
             "jobs": [j.to_wire() for j in self.jobs],
             "sysfs": self.writer.report() if self.writer is not None else {},
+            "hctx_maps": mq.map_history
+            + [mq.map_snapshot(q) for q in mq.queues if q.map_gen or mq.map_history],
         }
         self._send_res(wire.CpuResult(report))
 

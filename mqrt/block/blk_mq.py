@@ -25,13 +25,17 @@ Deviations from Linux
     * No scheduler tags: with an elevator as without, the driver tag is allocated
       with the request and is its identity; requests live in the tag set's pool at
       ``tags.rq_base + tag`` (see :mod:`mqrt.block.elevator`).
-    * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
+    * A task moves only when CPU hotplug takes its CPU offline (:mod:`mqrt.lib.cpuhp`):
+      it learns its target between batches or when a tag's hctx is INACTIVE, where
+      blk_mq_get_tag() re-derives ctx/hctx.
     * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
       bit next to MQ_RQ_*; every transition is a cmpxchg from the expected state,
       so a request finishes exactly once even when a completion races a timeout.
-    * A queue's hctxs, ctxs and tag set are fixed for the run (no update_nr_hw_queues,
-      no hotplug); TAG_QUEUE_SHARED is decided when the queues are set up.
+    * A queue's tag set and ctxs are fixed for the run; its hctx count
+      and CPU -> hctx map change only through blk_mq_update_nr_hw_queues()
+      (:mod:`mqrt.block.blk_mq_update`), which each CPU follows (:meth:`BlkMq.sync_map`);
+      TAG_QUEUE_SHARED is decided when the queues are set up.
     * Merges are 5.10's (the plug list newest first, then the newest 8 requests of the
       ctx list), except: nomerges=1 tries only the newest request of each; a bio looks
       at its ctx list only while its CPU has put requests there (``Queue.ctx_queued``,
@@ -53,10 +57,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from mqrt.block import blk_mq_sched
 from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_complete import BlkMqCompletion
+from mqrt.block.blk_mq_map import map_swqueue, read_map
 from mqrt.block.blk_mq_structs import (
     _BUSY,
     _INACTIVE,
@@ -281,6 +287,8 @@ class BlkMq(BlkMqCompletion):
             0,
         )
         self.violations: list[str] = []
+        #: :meth:`map_snapshot` of a queue each time this CPU followed a new map
+        self.map_history: list[dict[str, Any]] = []
 
     def counters(self) -> dict[str, int]:
         """This CPU's block-layer counters."""
@@ -334,6 +342,8 @@ class BlkMq(BlkMqCompletion):
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         if not queue.q_usage.tryget_live() and not self.queue_enter(queue, 1, nowait):
             return -1
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         rq_id = self._get_request(
             queue, hctx, op, sector, nr_sectors, bio_segments(nr_sectors), start_ns, polled,
@@ -429,6 +439,7 @@ class BlkMq(BlkMqCompletion):
         if polled:
             rq_flags |= _RQF_POLLED
         rq_flags |= self.rq_home
+        hctx.nr_alloc += 1
         RQ_SETUP.pack_into(
             self.buf,
             base + RQ_OFF_SETUP,
@@ -580,6 +591,51 @@ class BlkMq(BlkMqCompletion):
             if plug.cached:
                 self._free_plug_rqs(plug)
 
+    # -- the CPU -> hctx map -----------------------------------------------------------------
+
+    def sync_map(self, queue: Queue) -> None:
+        """Follow the tag set's map if it changed (blk_mq_update_nr_hw_queues() on
+        another CPU): read it from the arena (:func:`read_map`) and rebuild this CPU's
+        handles of every queue of the set (blk_mq_map_swqueue() in this process).
+
+        Called only where the map cannot change meanwhile: holding a reference on the
+        queue (after blk_queue_enter(), or for a request), which the transition's
+        freeze waits for, or inside an hctx run's RCU read-side section, which its
+        quiesce waits for.  A reference taken after the last unfreeze, or a section
+        begun after the quiesce's grace period, reads the new generation: the writer
+        stored it (release) before it unquiesced and unfroze."""
+        a = self.a
+        if a.load_acquire32(queue.map_gen_off) == queue.map_gen:
+            return
+        tset = queue.tset
+        gen = read_map(a, tset)
+        for x in self.queues:
+            if x.tset is tset:
+                self.remap(x, gen)
+
+    def remap(self, queue: Queue, gen: int) -> None:
+        """Rebuild this CPU's handles of ``queue`` from its tag set's map (this
+        process's copy, already updated), now at generation ``gen``; what this CPU
+        allocated on each hctx under the previous one goes to :attr:`map_history`."""
+        self.map_history.append(self.map_snapshot(queue))
+        map_swqueue(queue.q)
+        for hctx in queue.hctxs:
+            hctx.map_ctxs()
+        queue.map_ctxs()
+        queue.ctx_queued = False
+        queue.map_gen = gen
+
+    def map_snapshot(self, queue: Queue) -> dict[str, Any]:
+        """The map generation this CPU follows for ``queue`` and the requests it has
+        allocated on each of the queue's hctxs so far (cumulative)."""
+        return {
+            "q": queue.index,
+            "map_gen": queue.map_gen,
+            "nr_hw_queues": queue.nr_hw_queues,
+            "hctx": queue.ctx_hctx[0].index,
+            "alloc": [h.nr_alloc for h in queue.hctxs],
+        }
+
     # -- q_usage_counter ---------------------------------------------------------------------
 
     def queue_enter(self, queue: Queue, nr: int, nowait: bool = False) -> bool:
@@ -618,6 +674,8 @@ class BlkMq(BlkMqCompletion):
         its reference back (the request it joined holds one)."""
         if not queue.q_usage.tryget_live():
             self.queue_enter(queue, 1)
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         if self.blk_mq_submit_bio(queue, op, sector, nr_sectors, start_ns, polled):
             self.queue_exit(queue, 1)
 
@@ -722,6 +780,8 @@ class BlkMq(BlkMqCompletion):
         nr = len(ops)
         if not queue.q_usage.tryget_live(nr):
             self.queue_enter(queue, nr)
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         # with an elevator every bio takes blk_mq_submit_bio() (stable: the references)
         elv = self.a.read32(queue.elevator_off)
         merged = 0
@@ -742,6 +802,7 @@ class BlkMq(BlkMqCompletion):
         sb_get: Callable[[], int] = _no_tag
         first = hidx = state_off = 0
         fast = 0  # bios submitted here (counted at the end)
+        on_hctx = 0  # of them, on last_hctx (counted when it changes, and at the end)
         try:
             for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
                 start_ns = clock()
@@ -759,6 +820,9 @@ class BlkMq(BlkMqCompletion):
                 fast += 1
                 hctx = hctx_by_op[op]
                 if hctx is not last_hctx:
+                    if last_hctx is not None:
+                        last_hctx.nr_alloc += on_hctx
+                        on_hctx = 0
                     tags = hctx.tags
                     assert tags is not None  # a ctx maps only to hctxs with tags
                     sb_get = tags.bitmap_sb.get
@@ -766,6 +830,7 @@ class BlkMq(BlkMqCompletion):
                     hidx = hctx.index
                     state_off = hctx.state_off
                     last_hctx = hctx
+                on_hctx += 1
                 # the fast path of blk_mq_get_tag(), as _get_request() has it
                 tag = sb_get()
                 if tag >= 0:
@@ -806,6 +871,8 @@ class BlkMq(BlkMqCompletion):
                 bounds[end] = bounds[sector] = None
         finally:
             self.nr_bios += fast
+            if last_hctx is not None:
+                last_hctx.nr_alloc += on_hctx
             if merged:
                 self.queue_exit(queue, merged)
 
@@ -1108,6 +1175,8 @@ class BlkMq(BlkMqCompletion):
         """blk_mq_insert_request(): a request allocated with an elevator goes to the
         elevator (dd_insert_request()); without one, onto the submitting CPU's ctx
         list for the request's hctx, marking the ctx pending."""
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)  # the request holds a reference: the map is stable
         base = self.rqs[queue.index][rq_id].base
         if self.a.read32(base + RQ_OFF_FLAGS) & _RQF_ELV:
             blk_mq_sched.elv_insert(self, queue, rq_id, base, at_head)
@@ -1154,6 +1223,8 @@ class BlkMq(BlkMqCompletion):
             return self._next_online_cpu(hctx, hp)
         if len(mask) == 1:
             return mask[0]
+        if not mask:  # an hctx blk_mq_update_nr_hw_queues() left without CPUs
+            return self.cpu
         hctx.next_cpu_batch -= 1
         if hctx.next_cpu_batch <= 0:
             hctx.next_cpu_idx = (hctx.next_cpu_idx + 1) % len(mask)

@@ -21,7 +21,9 @@ there undoes a half-done transition.
 
 :data:`ATTRIBUTES` is the registry: :func:`register` adds one.  Queue attributes
 (``per_queue``) are written to one queue (``nullb0/queue/nr_requests=32``) or, without
-a device, to every queue of the run in turn; the others take no device.
+a device, to every queue of the run in turn; tag set attributes (``per_tag_set``:
+``nr_hw_queues``) once per tag set, the device naming the set by one of its queues
+(``nullb1/nr_hw_queues=2``); the others take no device.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from mqrt.block import blk_mq_cpuhp
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
+from mqrt.block.blk_mq_update import update_nr_hw_queues
 from mqrt.block.elevator import (
     ELEVATOR_NAMES,
     ELEVATORS,
@@ -82,6 +85,9 @@ class QueueInfo:
     index: int  #: its position in the run's queues (the requests' ``q``)
     nr_tags: int  #: the tag set's queue_depth (reserved tags included)
     nr_reserved_tags: int = 0
+    tag_set: str = ""  #: its tag set's name (queues that share one name the same)
+    #: the most hw queues its tag set may have (0: the count cannot change)
+    max_hw_queues: int = 0
 
 
 @dataclass
@@ -108,6 +114,9 @@ class Attribute:
     numbered: bool = False
     #: checked against the run's number of CPUs (SysfsError if it does not fit)
     check_cpus: Callable[[Any, int], None] | None = None
+    #: written once per tag set (DEV names the set by one of its queues; without DEV,
+    #: every tag set of the run in turn)
+    per_tag_set: bool = False
 
 
 #: name -> attribute, in registration order.
@@ -151,14 +160,19 @@ def lookup(name: str) -> Attribute:
 # -- queue/nr_requests ---------------------------------------------------------------------------
 
 
-def queue_requests_parse(text: str | None) -> int:
+def parse_count(name: str, text: str | None) -> int:
+    """An integer >= 1, or a SysfsError naming the attribute."""
     try:
         nr = int(text or "")
     except ValueError:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}") from None
+        nr = 0
     if nr < 1:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}")
+        raise SysfsError(f"{name}: must be an integer >= 1, got {text!r}")
     return nr
+
+
+def queue_requests_parse(text: str | None) -> int:
+    return parse_count("queue/nr_requests", text)
 
 
 def queue_requests_check(nr: int, queue: QueueInfo) -> None:
@@ -490,6 +504,32 @@ def cpu_online_store(ctx: StoreCtx, q: int, value: tuple[int, int]) -> Store:
     return (yield from blk_mq_cpuhp.store_online(ctx.mq, ctx.clock, Sleep, cpu, bool(online)))
 
 
+# -- nr_hw_queues ---------------------------------------------------------------------------------
+
+
+def nr_hw_queues_parse(text: str | None) -> int:
+    return parse_count("nr_hw_queues", text)
+
+
+def nr_hw_queues_check(nr: int, queue: QueueInfo) -> None:
+    if not queue.max_hw_queues:
+        raise SysfsError(f"nr_hw_queues: {queue.name}'s tag set cannot change its hw queue count")
+    if not 1 <= nr <= queue.max_hw_queues:
+        raise SysfsError(
+            f"nr_hw_queues: {queue.name}'s tag set takes 1..{queue.max_hw_queues} "
+            f"(its max_hw_queues: nullb's --max_hw_queues, nvme's I/O queues), got {nr}"
+        )
+
+
+def nr_hw_queues_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """blk_mq_update_nr_hw_queues() on the tag set of queue ``q``
+    (:mod:`mqrt.block.blk_mq_update`)."""
+    try:
+        return (yield from update_nr_hw_queues(ctx.mq, ctx.mq.queues[q], nr, ctx.clock))
+    except BlkMqError as exc:
+        raise SysfsError(str(exc)) from None
+
+
 register(
     Attribute(
         name=CPU_ONLINE,
@@ -500,6 +540,19 @@ register(
         per_queue=False,
         numbered=True,
         check_cpus=cpu_online_check,
+    )
+)
+
+
+register(
+    Attribute(
+        name="nr_hw_queues",
+        help="nr_hw_queues=N: the tag set's hw queue count, 1..its max_hw_queues (every "
+        "queue of the set frozen, CPUs remapped: blk_mq_update_nr_hw_queues)",
+        parse=nr_hw_queues_parse,
+        check=nr_hw_queues_check,
+        store=nr_hw_queues_store,
+        per_tag_set=True,
     )
 )
 
@@ -551,6 +604,8 @@ def bind(writes: list[TimedWrite], queues: list[QueueInfo], nr_cpus: int = 0) ->
             raise SysfsError(
                 f"{w.dev!r} is not a queue of this run (its queues: {', '.join(by_name) or 'none'})"
             )
+        if attr.per_tag_set:  # the first queue of each set named
+            targets = list({q.tag_set or q.name: q for q in reversed(targets)}.values())[::-1]
         if attr.check is not None:
             for q in targets:
                 attr.check(w.value, q)

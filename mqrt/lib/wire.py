@@ -78,6 +78,10 @@ class CpuReport(TypedDict):
     #: CPU 0 of a run with a timeline: its sysfs writer's ``transitions`` (one per
     #: write made) and ``writes`` (per --at/--every: started, late, skipped); else {}
     sysfs: dict[str, Any]
+    #: per queue whose tag set's hctx count changed during the run: for each map this
+    #: CPU followed, in order, its generation, nr_hw_queues, this CPU's hctx and the
+    #: requests it allocated on each hctx until it left that map (cumulative); [] else
+    hctx_maps: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,15 @@ def _bind_timeline(writes: list[TimedWrite], queues: list, nr_cpus: int) -> list
     the driver's setup built (the command checked them against its configuration
     already; a difference is a BlkMqError naming the write)."""
     infos = [
-        QueueInfo(q.name, q.index, q.tag_set.queue_depth, q.tag_set.reserved_tags) for q in queues
+        QueueInfo(
+            q.name,
+            q.index,
+            q.tag_set.queue_depth,
+            q.tag_set.reserved_tags,
+            q.tag_set.name,
+            q.tag_set.max_hw_queues,
+        )
+        for q in queues
     ]
     out = []
     for w in writes:
