@@ -195,6 +195,18 @@ def test_update_nr_hw_queues_4_1_4_on_nvme_namespaces():
     _check_nr_hw_queues(result, [(4, 1), (1, 4)])
 
 
+def test_update_nr_hw_queues_switches_the_elevators_to_none_and_back():
+    result = _run(
+        {**SHARED_SET, "runtime": "3", "scheduler": "mq-deadline"},
+        at=["1s:nr_hw_queues=4", "2s:nr_hw_queues=1"],
+    )
+    _check_nr_hw_queues(result, [(1, 4), (4, 1)])
+    for t in _made(result, 2):
+        assert t["elevators"] == ["mq-deadline", "mq-deadline"]
+    for q in result.queues:  # back on both queues, and it saw the I/O after the changes
+        assert q["elevator"]["name"] == "mq-deadline" and q["elevator"]["dispatched"] > 0, q
+
+
 def test_update_nr_hw_queues_every_100ms():
     result = _run(
         {**SHARED_SET, "runtime": "2.5"},

@@ -9,14 +9,14 @@ kernel's caller sleeps, in the kernel's order:
    once the freezes end, so none is left on a list of the old map;
 3. quiesce them too (one grace period): no hctx run that began under the old map
    is left (see "the map" below);
-4. switch their elevators to none (:func:`elevator_switch_none`, a hook: every
-   queue's scheduler is ``none`` here, so there is nothing to save);
+4. switch their elevators to none, each saved by name (:func:`elevator_switch_none`);
 5. ``set->nr_hw_queues = N``, ``blk_mq_update_queue_map()`` (the driver's
    ``->map_queues`` or the default ``blk_mq_map_queues()``),
    ``blk_mq_realloc_hw_ctxs()`` (the hctxs are declared up to the set's
    ``max_hw_queues``: a deactivated one goes idle on its tags), and
    ``blk_mq_map_swqueue()`` for each queue;
-6. the elevators back (:func:`elevator_switch_back`); unquiesce, unfreeze.
+6. the elevators back, new instances with their default knobs
+   (:func:`elevator_switch_back`); unquiesce, unfreeze.
 
 **The map.** Each process has its own copy of the tag set, its queues and its
 handles, so the CPU -> hctx map that every CPU must follow is in the arena
@@ -50,6 +50,7 @@ from mqrt.block.blk_mq_map import publish_map
 from mqrt.block.blk_mq_setup import update_queue_map
 from mqrt.block.blk_mq_structs import _INACTIVE, BlkMqError
 from mqrt.block.blk_mq_types import HctxState
+from mqrt.block.elevator import elevator_switch
 from mqrt.lib.wait import WaitEvent
 
 if TYPE_CHECKING:
@@ -59,14 +60,19 @@ if TYPE_CHECKING:
 Update = Generator[WaitEvent, None, dict[str, Any]]
 
 
-def elevator_switch_none(mq: BlkMq, queues: list[Queue]) -> list[Any]:
-    """blk_mq_elv_switch_none(): each queue's elevator, saved, then ``none``.  Every
-    queue runs ``none`` here: nothing to save (the I/O scheduler fills this in)."""
-    return []
+def elevator_switch_none(mq: BlkMq, queues: list[Queue]) -> list[str]:
+    """blk_mq_elv_switch_none(): each queue's elevator, saved by name, then ``none``
+    (the queues are frozen and quiesced: nothing is in an elevator)."""
+    return [elevator_switch(x, "none", 0) for x in queues]
 
 
-def elevator_switch_back(mq: BlkMq, queues: list[Queue], saved: list[Any]) -> None:
-    """blk_mq_elv_switch_back(): the saved elevators back on their queues."""
+def elevator_switch_back(mq: BlkMq, queues: list[Queue], saved: list[str]) -> None:
+    """blk_mq_elv_switch_back(): the saved elevators back on their queues, each a new
+    instance with its default knobs, as the kernel's."""
+    from mqrt.block.blk_sysfs import nr_requests  # the attribute's module imports this one
+
+    for x, name in zip(queues, saved, strict=True):
+        elevator_switch(x, name, nr_requests(mq, x.index))
 
 
 def stranded(mq: BlkMq, queues: list[Queue]) -> int:
@@ -149,11 +155,14 @@ def update_nr_hw_queues(mq: BlkMq, queue: Queue, nr: int, clock: Callable[[], in
                 freeze.quiesce_queue_nowait(mq, x)
             yield from freeze.wait_quiesce_done()
             saved = elevator_switch_none(mq, queues)
-            t1 = clock()
-            report["stranded"] = stranded(mq, queues)
-            report["map_gen"] = remap(mq, queues, nr)
-            report["remap_ns"] = clock() - t1
-            elevator_switch_back(mq, queues, saved)
+            try:  # a map the driver refuses keeps the old count, and the elevators
+                t1 = clock()
+                report["stranded"] = stranded(mq, queues)
+                report["map_gen"] = remap(mq, queues, nr)
+                report["remap_ns"] = clock() - t1
+            finally:
+                elevator_switch_back(mq, queues, saved)
+            report["elevators"] = saved
         finally:
             freeze.unquiesce_tagset(mq, quiesced)
     finally:
