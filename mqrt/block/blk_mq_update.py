@@ -69,10 +69,9 @@ def elevator_switch_none(mq: BlkMq, queues: list[Queue]) -> list[str]:
 def elevator_switch_back(mq: BlkMq, queues: list[Queue], saved: list[str]) -> None:
     """blk_mq_elv_switch_back(): the saved elevators back on their queues, each a new
     instance with its default knobs, as the kernel's."""
-    from mqrt.block.blk_sysfs import nr_requests  # the attribute's module imports this one
-
     for x, name in zip(queues, saved, strict=True):
-        elevator_switch(x, name, nr_requests(mq, x.index))
+        tags = next(h.tags for h in x.hctxs if h.tags is not None)
+        elevator_switch(x, name, int(tags.bitmap_tags.sb.depth) + tags.nr_reserved_tags)
 
 
 def stranded(mq: BlkMq, queues: list[Queue]) -> int:
