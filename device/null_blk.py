@@ -120,6 +120,16 @@ NULLB_KNOBS: tuple[Knob, ...] = (
         0,
         1024,
     ),
+    Knob(
+        "max_hw_queues",
+        "int",
+        0,
+        "Most submission queues the tag set may get during the run (the timeline's "
+        "nr_hw_queues=N, up to the CPU count; declared idle at set-up). Default: 0 (the "
+        "CPU count when the timeline writes nr_hw_queues, else submit_queues)",
+        0,
+        1024,
+    ),
     Knob("hw_queue_depth", "int", 64, "Queue depth for each hardware queue. Default: 64", 1, 65536),
     Knob(
         "irqmode",
@@ -249,6 +259,8 @@ class NullbOps(BlkMqOps):
         self._init_hctx_calls = 0
         self._requeue_selection: dict[tuple[int, int], int] = {}
         self._mq: BlkMq | None = None
+        #: Faults this CPU's copy injected, per fault attr (its driver_stats)
+        self.injected = {"timeout": 0, "requeue": 0}
 
     # -- the device side of the fault attrs (shared in the arena) -------------------------------
 
@@ -289,12 +301,15 @@ class NullbOps(BlkMqOps):
             return False
         while True:  # atomic_dec_not_zero() unless unlimited (-1)
             times = _s64(a.read(times_off))
-            if times == -1:
-                return True
             if times == 0:
                 return False
-            if a.cmpxchg(times_off, times, times - 1) == times:
+            if times == -1 or a.cmpxchg(times_off, times, times - 1) == times:
+                self.injected[name] += 1
                 return True
+
+    def driver_stats(self) -> dict[str, int]:
+        """The faults this CPU injected: ``timeout_faults``, ``requeue_faults``."""
+        return {f"{name}_faults": n for name, n in self.injected.items()}
 
     # -- blk_mq_ops -------------------------------------------------------------------------------
 
@@ -409,13 +424,15 @@ class NullbOps(BlkMqOps):
         return EhRet.DONE
 
     def map_queues(self, tset: TagSet) -> None:
-        """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues."""
+        """null_map_queues(): DEFAULT = submit_queues, READ none, POLL = poll_queues.
+        ``submit_queues`` follows the set's nr_hw_queues (nullb_update_nr_hw_queues())."""
         topo: Topology = tset.topology
         submit = self.submit_queues
         poll = self.poll_queues if tset.nr_maps > HctxType.POLL else 0
         if submit + poll != tset.nr_hw_queues:
-            # nr_hw_queues was capped at the CPU count: shrink the submit queues.
+            # nr_hw_queues was capped at the CPU count, or changed: the submit queues follow.
             submit = max(1, tset.nr_hw_queues - poll)
+            self.submit_queues = submit
         map_queue_types(tset.map, topo, (submit, 0, poll))
 
 
@@ -447,9 +464,12 @@ def setup(
     async_depth: int = 0,
     nomerges: int = 0,
     elevator: str = "none",
+    max_hw_queues: int = 0,
 ) -> tuple[NullbOps, list[RequestQueue]]:
     """null_add_dev() for every device: tag sets (one shared set with shared_tags),
-    queues with their limits, and the fault state, declared in ``layout``."""
+    queues with their limits, and the fault state, declared in ``layout``.
+    ``max_hw_queues``: the most submit queues a set may get during the run (0: the
+    count cannot change); the sets are declared up to it."""
     ops = NullbOps(cfg, seed)
     flags = BlkMqFlag.SHOULD_MERGE  # null_init_tag_set()
     if cfg.blocking:
@@ -477,6 +497,7 @@ def setup(
             pool_limit_bytes=pool_limit_bytes,
             generation=generation,
             shared_tag_model=cfg.shared_tag_model,
+            max_hw_queues=max_hw_queues,
         )
         return alloc_tag_set(tset, layout, topology)
 

@@ -820,11 +820,13 @@ class NvmeOps(BlkMqOps):
 
     def map_queues(self, tset: TagSet) -> None:
         """nvme_pci_map_queues(): DEFAULT over the interrupt-driven queues, no READ
-        queues, POLL over the poll queues (numbered after them)."""
+        queues, POLL over the poll queues (numbered after them).  After
+        blk_mq_update_nr_hw_queues() the DEFAULT map uses the first ``nr_hw_queues``
+        of the I/O queues the probe created."""
         from mqrt.block.blk_mq_cpumap import map_queue_types
 
         poll = self.nr_poll_queues
-        map_queue_types(tset.map, tset.topology, (self.nr_io_queues - poll, 0, poll))
+        map_queue_types(tset.map, tset.topology, (tset.nr_hw_queues - poll, 0, poll))
 
     def poll(self, mq: BlkMq, hctx: HwCtx) -> int:
         """nvme_poll(): a lockless look at the CQ, then reap it unless another CPU
@@ -1190,10 +1192,13 @@ def setup(
     async_depth: int = 0,
     nomerges: int = 0,
     elevator: str = "none",
+    resizable: bool = False,
 ) -> tuple[NvmeOps, list[RequestQueue]]:
     """The controller's queues, the admin tag set and admin_q
     (:meth:`NvmeOps.alloc_admin_tags`), then nvme_alloc_io_tag_set() and one queue per
-    namespace, declared in ``layout``."""
+    namespace, declared in ``layout``.  ``resizable``: the I/O tag set's hctx count
+    may change during the run (blk_mq_update_nr_hw_queues()), up to the I/O queues
+    the probe creates (its ``max_hw_queues``; not with poll queues)."""
     nr_default = min(cfg.nr_io_queues or topology.nr_cpus, topology.nr_cpus)
     nr_poll = min(cfg.poll_queues, topology.nr_cpus)
     nr_io_queues = nr_default + nr_poll
@@ -1212,6 +1217,7 @@ def setup(
         name="nvme_tag_set",
         pool_limit_bytes=pool_limit_bytes,
         generation=generation,
+        max_hw_queues=nr_io_queues if resizable else 0,
     )
     ops.tagset = tset
     alloc_tag_set(tset, layout, topology)

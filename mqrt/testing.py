@@ -29,7 +29,7 @@ from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_setup import init_shared, teardown
 from mqrt.block.blk_mq_structs import HwCtxSpec, Request, RequestQueue, TagSet
 from mqrt.block.blk_mq_types import BlkMqOps, BlkStatus, EhRet
-from mqrt.lib import rcu
+from mqrt.lib import cpuhp, rcu
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.wait import Waiters
 
@@ -120,7 +120,8 @@ class Rig:
     (:attr:`mqs`) and one :class:`ScriptedCpu` (:attr:`cpus`) per CPU of ``on_cpus``
     (default: every CPU; a subset keeps a rig of many CPUs cheap), in that order.  The
     driver is bound to CPU ``cpu``.  :meth:`close` releases everything (the arena is
-    unlinked).
+    unlinked).  With ``hotplug`` the rig has CPU hotplug's state
+    (:mod:`mqrt.lib.cpuhp`: :attr:`hotplug`) and every CPU's block layer follows it.
     """
 
     def __init__(
@@ -129,17 +130,21 @@ class Rig:
         nr_cpus: int = 1,
         cpu: int = 0,
         on_cpus: Sequence[int] | None = None,
+        hotplug: bool = False,
     ):
         self.layout = Layout()
         self.topology = Topology.emulated(nr_cpus)
         self.ops, self.queues = setup(self.layout, self.topology)
         self.wspec = Waiters.declare(self.layout, nr_cpus)
         self.rcu_spec = rcu.declare(self.layout, nr_cpus)
+        self.cpuhp_spec = cpuhp.declare(self.layout, nr_cpus) if hotplug else None
         self.arena = Arena.create(self.layout)
         init_shared(self.arena, self.queues)
         self.ops.init_shared(self.arena)
         Waiters.init(self.arena, self.wspec)
         rcu.init(self.arena, self.rcu_spec)
+        if self.cpuhp_spec is not None:
+            cpuhp.init(self.arena, self.cpuhp_spec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         # One process plays every CPU: a grace period needs no IPI (none of the others
         # can be inside a read-side section while this one runs).
@@ -156,9 +161,13 @@ class Rig:
                 self.arena, Waiters(self.arena, self.wspec, self.eventfds, c), c, self.queues, sys_
             )
             sys_.mq = mq
+            if self.cpuhp_spec is not None:
+                mq.hotplug = cpuhp.CpuhpState(self.arena, self.cpuhp_spec, mq.waiters)
             self.cpus.append(sys_)
             self.mqs.append(mq)
         self.ops.bind(self.arena, self.mqs[on_cpus.index(cpu)], cpu)
+        #: CPU hotplug's state as the first CPU sees it (None without ``hotplug``)
+        self.hotplug = self.mqs[0].hotplug
 
     @property
     def mq(self) -> BlkMq:

@@ -9,6 +9,7 @@ import pytest
 
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_types import BlkStatus, ReqOp
+from mqrt.lib import rcu
 from mqrt.lib.wait import WaitEvent
 from tests.helpers import scripted_rigs
 from tests.test_blk_mq import clean, script_setup
@@ -71,6 +72,32 @@ def test_freeze_waits_for_requests_in_flight_and_blocks_new_ones(rig_factory):
     assert len(ops.started) == 6
     mq.end_request(ops.started[-1], BlkStatus.OK)
     assert q.q_usage.outstanding() == 1
+    clean(rig)
+
+
+def test_a_freeze_closed_during_its_grace_period_leaves_the_queue_live(rig_factory):
+    rig, ops = rig_factory()
+    mq = rig.mq
+    q = mq.queues[0]
+    mq.submit_bio(q, READ, 0, 8, 0)
+    rcu.reader.lock()  # this CPU is inside a read-side section: the grace period waits
+    try:
+        start = freeze.freeze_queue_start(mq, q)
+        assert run_until_wait(start) is not None
+        assert freeze.frozen(mq, q) and q.q_usage.is_dying()
+        assert not q.q_usage.tryget_live()
+        start.close()  # a stop, mid grace period
+    finally:
+        rcu.reader.unlock()
+    assert not freeze.frozen(mq, q) and not q.q_usage.is_dying()
+    assert q.q_usage.outstanding() == 1 + 1  # the request in flight kept its reference
+    mq.submit_bio(q, READ, 800, 8, 0)
+    for rq in list(ops.started):
+        mq.end_request(rq, BlkStatus.OK)
+    assert q.q_usage.outstanding() == 1
+    assert run_until_wait(freeze.freeze_queue(mq, q)) is None  # a later freeze completes
+    assert q.q_usage.is_zero()
+    freeze.unfreeze_queue(mq, q)
     clean(rig)
 
 

@@ -6,6 +6,7 @@ or elevator entry left) hold."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from mqrt.bench.main import build
 from mqrt.bench.timeline import parse_at, parse_every
 from mqrt.runtime.owner import run
+from tests.test_cli import mqrt
 
 #: 2 CPUs keeping 16 I/Os each (nullb: on timer completions of 200 us): the elevator
 #: holds requests, and a switch finds I/O in flight.
@@ -148,3 +150,15 @@ def test_scheduler_switch_under_load_exact_totals(depth):
         assert t["freeze_wait_ns"] >= t["grace_period_ns"] > 0
     # mq-deadline's epochs handled requests, each finished
     assert sum(q["elevator"]["inserted"] for q in result.queues) > 0
+
+
+def test_job_file_ioscheduler_sweeps_the_scheduler(tmp_path):
+    path = tmp_path / "jobs.fio"
+    path.write_text("[seqwrite]\nrw=write\nbs=4k\nruntime=300ms\nioscheduler={none,mq-deadline}\n")
+    out = mqrt("bench", str(path), "--output-format", "json", "--quiet")
+    assert out.returncode == 0, out.stderr
+    points = json.loads(out.stdout)["mqrt"]["points"]
+    assert [p["params"]["scheduler"] for p in points] == ["none", "mq-deadline"]
+    elvs = [p["run"]["queues"][0]["elevator"] for p in points]
+    assert [e["name"] for e in elvs] == ["none", "mq-deadline"]
+    assert elvs[0]["inserted"] == 0 < elvs[1]["inserted"] == elvs[1]["completed"]

@@ -87,7 +87,10 @@ def test_requeue_and_timeout_faults_finish_every_request_once():
 def test_fault_budget_times_is_shared_by_all_cpus():
     result = run_nullb(irqmode="none", timeout="1,100,0,3", io_timeout=20)
     assert_clean(result)
-    assert totals(result)["timeouts"] == 3
+    # three faults in all, not three per CPU; each times out (and a request a loaded
+    # host held past the 20 ms may time out too)
+    assert sum(c["driver"]["timeout_faults"] for c in result.cpus) == 3
+    assert totals(result)["timeouts"] >= 3
 
 
 def test_shared_tags_keep_queues_within_their_fair_share():

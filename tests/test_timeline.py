@@ -5,6 +5,7 @@ the writes (workers/kthread.py), reported as transitions."""
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from mqrt.bench import report as report_mod
+from mqrt.bench import text as text_mod
 from mqrt.bench.jobfile import parse_jobfile_text
 from mqrt.bench.main import _section_timeline, build
 from mqrt.bench.timeline import (
@@ -232,8 +235,8 @@ def test_every_makes_the_ticks_of_its_window_less_the_skipped_ones():
 
 def test_bench_reports_the_transitions():
     out = mqrt(
-        "bench", "--runtime", "0.6", "--cpus", "2", "--irqmode", "timer", "--quiet",
-        "--at", "0.2s:queue/nr_requests=8", "--every", "100ms@300ms:queue/nr_requests=32",
+        "bench", "--runtime", "1.5", "--cpus", "2", "--irqmode", "timer", "--quiet",
+        "--at", "0.2s:queue/nr_requests=8", "--every", "100ms@300ms..600ms:queue/nr_requests=32",
         "--output-format", "json,normal",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -246,7 +249,7 @@ def test_bench_reports_the_transitions():
     assert at["started"] + at["skipped"] == 1 and every["started"] + every["skipped"] == 3
     assert len(tr["list"]) == at["started"] + every["started"]
     s = tr["summary"]["queue/nr_requests"]
-    assert s["count"] == len(tr["list"]) and s["errors"] == 0
+    assert s["count"] == len(tr["list"]) and s["errors"] == 0 and s["violations"] == 0
     assert s["duration_ns_max"] >= s["duration_ns_median"] > 0
     assert s["fields_median"]["nr_requests"] in (8, 20, 32)
     assert "mqrt: transitions:" in text
@@ -254,6 +257,23 @@ def test_bench_reports_the_transitions():
     assert (
         f"  at 0.2s:queue/nr_requests=8: {at['started']} started, 0 late, {at['skipped']} skipped"
     ) in text
+
+
+def test_the_summary_sums_what_a_transition_must_never_see():
+    base = {"attr": "freeze", "duration_ns": 10}
+    sysfs = {
+        "writes": [{"write": "1s:freeze", "kind": "at", "started": 2, "late": 0, "skipped": 0}],
+        "transitions": [
+            {**base, "refs_while_frozen": 0, "started_while_frozen": 2, "in_flight": 5},
+            {**base, "refs_while_frozen": 1, "started_while_frozen": 0, "in_flight": 7},
+        ],
+    }
+    s = report_mod.transitions(sysfs)["summary"]["freeze"]
+    assert s["violations"] == 3
+    assert s["fields_median"]["in_flight"] == 6
+    out = io.StringIO()
+    text_mod._transition_lines(report_mod.transitions(sysfs), out)
+    assert "freeze: 2 writes, 3 violations, duration median" in out.getvalue()
 
 
 # -- a store that sleeps: Wait and Sleep through the runner ----------------------------------

@@ -60,6 +60,7 @@ from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
 from mqrt.block.blk_sysfs import StoreCtx, TimedWrite
 from mqrt.lib import inject, rcu, retries, trace, wait, wire
+from mqrt.lib.cpuhp import CpuhpSpec, CpuhpState
 from mqrt.lib.proc import child_init
 from mqrt.lib.rcu import RcuReader, RcuSpec
 from mqrt.lib.shm import Arena, Region, cacheline_struct
@@ -131,6 +132,8 @@ class CpuPlan:
     queue_jobs: list[JobSpec] | None = None
     #: the run's RCU state (grace periods ask every CPU for a quiescent state)
     rcu: RcuSpec | None = None
+    #: the run's CPU hotplug state (a timeline that takes CPUs offline)
+    hotplug: CpuhpSpec | None = None
     #: the run's timed sysfs writes, made by the writer task of CPU 0
     #: (workers/kthread.py), bound to the run's queues
     timeline: list[TimedWrite] | None = None
@@ -182,11 +185,13 @@ class Cpu:
         self.ru_start: resource.struct_rusage | None = None
         self.ru_end: resource.struct_rusage | None = None
         self.t_run0 = self.t_run1 = self.t_stop = 0
-        self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "tag_sleeps": 0}
+        self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "sleeps": 0}
         if plan.rcu is not None:
             rcu.install(RcuReader(plan.arena, plan.rcu, plan.cpu, self.waiters, self._ipi_rcu))
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self, plan.pools)
+        if plan.hotplug is not None:
+            self.mq.hotplug = CpuhpState(plan.arena, plan.hotplug, self.waiters)
         plan.driver.bind(plan.arena, self.mq, plan.cpu)
         self.jobs = [
             IoJob(
@@ -334,9 +339,11 @@ class Cpu:
             )
 
     def schedule(self) -> None:
-        """The task sleeps (for a tag) until a waker sets it running again; the CPU
-        keeps taking its interrupts (which may be what frees the tag) meanwhile."""
-        self.counters["tag_sleeps"] += 1
+        """The task sleeps (for a tag, or for a frozen queue to thaw) until a waker
+        sets it running again; the CPU keeps taking its interrupts (which may be what
+        frees the tag) meanwhile.  Counted as ``sleeps``; the tag maps count their own
+        (``tag_sleeps``)."""
+        self.counters["sleeps"] += 1
         in_task, self.in_task = self.in_task, False  # interrupts run at the wait point
         try:
             self._sleep()
@@ -554,7 +561,11 @@ class Cpu:
         self.t_run0 = self.clock()
         self.t_stop = t0 + ramp_ns
         try:
-            self._run(end_ns)
+            try:
+                self._run(end_ns)
+            finally:
+                if self.mq.hotplug is not None:  # the task submits no more: it follows any move
+                    self.mq.hotplug.task_exit(self.cpu)
             self.t_stop = self.clock()
             self._drain()
         except Stopped:
@@ -603,10 +614,22 @@ class Cpu:
         next_pub = clock() + PUBLISH_NS
         next_allowed = [clock()] * len(jobs)
         sized = all(job.limit or job.limit_bytes for job in jobs)
+        hotplug = mq.hotplug is not None
+        polled_ctx = mq.ctx_cpu  # the ctx whose POLL hctxs this CPU reaps
         while True:
             now = clock()
             if now >= end_ns or self.stopping:
                 return
+            if hotplug:  # CPU hotplug moved the task (or let it home): no plug held here
+                mq.follow_task()
+                if self.poll_hctxs and mq.ctx_cpu != polled_ctx:
+                    # hipri: the task also reaps the POLL hctxs it now submits to
+                    polled_ctx = mq.ctx_cpu
+                    self.poll_hctxs = list(
+                        dict.fromkeys(
+                            [*self.poll_hctxs, *(q.hctx_poll for q in mq.queues if q.poll_capable)]
+                        )
+                    )
             if sized and all(not j.remaining() and not j.inflight for j in jobs):
                 return  # every job did its --size
             if now >= next_pub:  # also where a busy CPU looks at its control pipe
@@ -802,6 +825,8 @@ class Cpu:
             "violations": mq.violations,
             "jobs": [j.to_wire() for j in self.jobs],
             "sysfs": self.writer.report() if self.writer is not None else {},
+            "hctx_maps": mq.map_history
+            + [mq.map_snapshot(q) for q in mq.queues if q.map_gen or mq.map_history],
         }
         self._send_res(wire.CpuResult(report))
 

@@ -297,7 +297,7 @@ def build(given: dict[str, Any], timeline: list | None = None):
     """Validate every option and build the RunSpec (UsageError-free: KnobError);
     ``timeline``: the run's parsed --at/--every writes (mqrt.bench.timeline), checked
     here against the queues the configuration makes."""
-    spec, config, queues = _build(given)
+    spec, config, queues = _build(given, timeline or [])
     if timeline:
         from mqrt.bench.timeline import TimelineError, bind
 
@@ -314,15 +314,16 @@ def build(given: dict[str, Any], timeline: list | None = None):
                     raise TimelineError(
                         f"{w.source}: {w.text!r}: --mode sq has no elevator (use --mode mq)"
                     )
-        bind(timeline, queues)
+        bind(timeline, queues, spec.nr_cpus)
         spec.timeline = list(timeline)
         config["timeline"] = [f"{w.kind} {w.text}" for w in timeline]
     return spec, config
 
 
-def _build(given: dict[str, Any]):
-    """build() without the timeline: the RunSpec, the report's configuration and the
-    queues the run will have (mqrt.block.blk_sysfs.QueueInfo)."""
+def _build(given: dict[str, Any], timeline: list):
+    """build() without binding the timeline: the RunSpec, the report's configuration
+    and the queues the run will have (mqrt.block.blk_sysfs.QueueInfo); ``timeline``
+    says whether the tag sets must be declared for nr_hw_queues writes."""
     from mqrt.block.blk_sysfs import QueueInfo
     from mqrt.block.elevator import check_mode
     from mqrt.device import null_blk, nvme
@@ -342,13 +343,23 @@ def _build(given: dict[str, Any]):
     _apply_mode(given, runv)
     check_mode(runv["scheduler"], runv["mode"])
     if runv["driver"] == "nvme":
-        return _build_nvme(given, job, runv, nullb_names, nvme_names)
+        return _build_nvme(given, job, runv, nullb_names, nvme_names, timeline)
     wrong = sorted(set(given) & (nvme_names - nullb_names))
     if wrong:
         raise KnobError(f"{wrong[0]}: an nvme option; add --driver nvme")
     nullb = null_blk.parse_config({k: v for k, v in given.items() if k in nullb_names})
+    max_hw_queues = _max_hw_queues(nullb, runv, timeline)
     # null_add_dev(): nullbN, each queue with the set's hw_queue_depth tags
-    queues = [QueueInfo(f"nullb{i}", i, nullb.hw_queue_depth) for i in range(nullb.nr_devices)]
+    queues = [
+        QueueInfo(
+            f"nullb{i}",
+            i,
+            nullb.hw_queue_depth,
+            tag_set="nullb_tag_set" if nullb.shared_tags else f"nullb{i}.tag_set",
+            max_hw_queues=max_hw_queues,
+        )
+        for i in range(nullb.nr_devices)
+    ]
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = nullb.gb << 30
     if job.min_bs % nullb.blocksize:
@@ -378,11 +389,36 @@ def _build(given: dict[str, Any]):
             async_depth=runv["async_depth"],
             nomerges=runv["nomerges"],
             elevator=runv["scheduler"] if runv["mode"] == "mq" else "none",
+            max_hw_queues=max_hw_queues,
         )
         return ops, queues, dev_bytes
 
     spec, config = _spec(job, runv, setup, cpus_allowed, "nullb", null_blk.describe(nullb))
     return spec, config, queues
+
+
+def _max_hw_queues(nullb, runv: dict[str, Any], timeline: list) -> int:
+    """The most submit queues each nullb tag set is declared with: ``max_hw_queues``,
+    or the CPU count (the kernel's nr_cpu_ids bound) when the timeline writes
+    nr_hw_queues; 0 (the count cannot change) otherwise."""
+    given = nullb.max_hw_queues
+    if not given and not any(w.attr == "nr_hw_queues" for w in timeline):
+        return 0
+    cpus = runv["cpus"]
+    if not given:
+        given = cpus
+    submit = min(nullb.submit_queues, cpus)
+    if not submit <= given <= cpus:
+        raise KnobError(
+            f"max_hw_queues: must be in {submit}..{cpus} (submit_queues..cpus), got {given}"
+        )
+    if nullb.poll_queues:
+        raise KnobError(
+            "max_hw_queues: the hw queue count changes only without poll_queues (one queue map)"
+        )
+    if runv["mode"] != "mq":
+        raise KnobError(f"max_hw_queues: --mode {runv['mode']} has a fixed hw queue count")
+    return given
 
 
 def _apply_mode(given: dict[str, Any], runv: dict[str, Any]) -> None:
@@ -435,7 +471,7 @@ def _spec(job, runv, setup, cpus_allowed, driver: str, driver_config: dict[str, 
     return spec, config
 
 
-def _build_nvme(given, job, runv, nullb_names, nvme_names):
+def _build_nvme(given, job, runv, nullb_names, nvme_names, timeline):
     from mqrt.device import nvme
 
     wrong = sorted(set(given) & (nullb_names - nvme_names))
@@ -446,6 +482,16 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
         raise KnobError(f"bs: must be a multiple of the lba_size {cfg.lba_size}, got {job.bs}")
     cpus_allowed = _cpus_allowed(runv)
     dev_bytes = cfg.ns_gb << 30
+    # nr_hw_queues=N: up to the I/O queues the probe creates (nvme_setup_io_queues())
+    max_hw_queues = 0
+    if any(w.attr == "nr_hw_queues" for w in timeline):
+        if cfg.poll_queues:
+            raise KnobError(
+                "poll_queues: the hw queue count changes only without poll queues (one queue map)"
+            )
+        if runv["mode"] != "mq":
+            raise KnobError(f"mode: --mode {runv['mode']} has a fixed hw queue count")
+        max_hw_queues = min(cfg.nr_io_queues or runv["cpus"], runv["cpus"])
 
     def setup(layout, topology):
         ops, queues = nvme.setup(
@@ -458,6 +504,7 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
             async_depth=runv["async_depth"],
             nomerges=runv["nomerges"],
             elevator=runv["scheduler"] if runv["mode"] == "mq" else "none",
+            resizable=bool(max_hw_queues),
         )
         return ops, queues, dev_bytes
 
@@ -465,7 +512,14 @@ def _build_nvme(given, job, runv, nullb_names, nvme_names):
 
     # the namespaces' queues, nvme0n1.., on the I/O tag set (one SQ slot kept empty)
     queues = [
-        QueueInfo(f"nvme0n{i + 1}", i, cfg.io_queue_depth - 1) for i in range(cfg.nr_namespaces)
+        QueueInfo(
+            f"nvme0n{i + 1}",
+            i,
+            cfg.io_queue_depth - 1,
+            tag_set="nvme_tag_set",
+            max_hw_queues=max_hw_queues,
+        )
+        for i in range(cfg.nr_namespaces)
     ]
     spec, config = _spec(job, runv, setup, cpus_allowed, "nvme", nvme.describe(cfg))
     return spec, config, queues

@@ -24,6 +24,7 @@ from mqrt.block.blk_stat import (
     iodepth_level,
     parse_percentile_list,
 )
+from mqrt.block.blk_sysfs import ATTRIBUTES, VIOLATIONS
 
 #: Version of the ``mqrt`` object; 2 added the sweep and its points, 3 each run's
 #: ``transitions`` (the timeline's sysfs writes).
@@ -315,12 +316,20 @@ def transitions(sysfs: dict[str, Any]) -> dict[str, Any]:
     """The timeline's writes of one run: every transition (``list``: times in ns after
     the run's start), each --at/--every's ticks started, late and skipped
     (``writes``), and per attribute (``summary``) the count, the duration's median
-    and maximum and the median of each numeric field its store reported."""
+    and maximum, the median of each numeric field its store reported, and the sum of
+    the fields that must stay 0 (``violations``: :data:`~mqrt.block.blk_sysfs.VIOLATIONS`).
+    A numbered attribute is summarised per value (``cpuN/online=0``,
+    ``cpuN/online=1``): its values are different transitions."""
     trans = sysfs.get("transitions", [])
     own = {"write", "attr", "dev", "value", "scheduled_ns", "start_ns", "end_ns", "duration_ns"}
+
+    def key(t: dict[str, Any]) -> str:
+        attr = ATTRIBUTES.get(t["attr"])
+        return f"{t['attr']}={t['value']}" if attr is not None and attr.numbered else t["attr"]
+
     summary: dict[str, dict[str, Any]] = {}
-    for attr in dict.fromkeys(t["attr"] for t in trans):
-        mine = [t for t in trans if t["attr"] == attr]
+    for attr in dict.fromkeys(key(t) for t in trans):
+        mine = [t for t in trans if key(t) == attr]
         durations = [t["duration_ns"] for t in mine]
         fields: dict[str, list[float]] = {}
         for t in mine:
@@ -331,6 +340,7 @@ def transitions(sysfs: dict[str, Any]) -> dict[str, Any]:
             "count": len(mine),
             "errors": sum("error" in t for t in mine),
             "aborted": sum(bool(t.get("aborted")) for t in mine),
+            "violations": sum(t.get(k, 0) for t in mine for k in VIOLATIONS),
             "duration_ns_median": _median(durations),
             "duration_ns_max": max(durations),
             "fields_median": {k: _median(v) for k, v in fields.items()},

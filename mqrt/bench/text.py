@@ -286,7 +286,7 @@ def _transition_lines(tr: dict[str, Any], out) -> None:
             f", {k[:-3]} {_us(v)}" if k.endswith("_ns") else f", {k} {v:g}"
             for k, v in s["fields_median"].items()
         )
-        bad = "".join(f", {s[k]} {k}" for k in ("errors", "aborted") if s[k])
+        bad = "".join(f", {s[k]} {k}" for k in ("errors", "aborted", "violations") if s.get(k))
         print(
             f"  {attr}: {s['count']} writes{bad}, duration median "
             f"{_us(s['duration_ns_median'])} max {_us(s['duration_ns_max'])}{fields} "

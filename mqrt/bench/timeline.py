@@ -74,6 +74,8 @@ def parse_write(option: str, text: str, write: str) -> tuple[str | None, str, ob
             dev, name = head, rest
     if not name:
         raise _err(option, text, "no attribute (WRITE is [DEV/]ATTR=VALUE)")
+    written = name
+    name, number = blk_sysfs.split_numbered(name)
     try:
         attr = blk_sysfs.lookup(name)
         if dev is not None and not attr.per_queue:
@@ -81,8 +83,13 @@ def parse_write(option: str, text: str, write: str) -> tuple[str | None, str, ob
         if value_text is None and not attr.verb:
             raise SysfsError(f"{name} needs a value ({attr.help})")
         typed = attr.parse(value_text)
+        if number is not None:
+            typed = (number, typed)
+            if attr.check_cpus is not None and number == 0:
+                attr.check_cpus(typed, 1)  # the boot CPU: refused before the run is built
     except SysfsError as exc:
-        raise _err(option, text, str(exc)) from None
+        why = str(exc) if number is None else str(exc).replace(name, written, 1)
+        raise _err(option, text, why) from None
     return dev, name, typed, value_text
 
 
@@ -138,12 +145,12 @@ def parse(at: list[str], every: list[str], option_prefix: str = "") -> list[Time
     ]
 
 
-def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
+def bind(writes: list[TimedWrite], queues: list[QueueInfo], nr_cpus: int = 0) -> list[TimedWrite]:
     """:func:`mqrt.block.blk_sysfs.bind`, its errors naming the write's option."""
     out = []
     for w in writes:
         try:
-            out += blk_sysfs.bind([w], queues)
+            out += blk_sysfs.bind([w], queues, nr_cpus)
         except SysfsError as exc:
             raise _err(w.source, w.text, str(exc)) from None
     return out

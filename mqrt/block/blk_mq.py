@@ -28,13 +28,17 @@ Deviations from Linux
       (:meth:`BlkMq.get_driver_tag`); with none free it waits on ``hctx->dispatch``
       for a restart or a delayed rerun, not a wait-queue callback (see
       :mod:`mqrt.block.elevator`).
-    * Tasks never migrate, so blk_mq_get_tag() need not re-derive ctx/hctx.
+    * A task moves only when CPU hotplug takes its CPU offline (:mod:`mqrt.lib.cpuhp`):
+      it learns its target between batches or when a tag's hctx is INACTIVE, where
+      blk_mq_get_tag() re-derives ctx/hctx.
     * ``hctx->next_cpu`` (kblockd CPU round robin) is per CPU.
     * The request state word carries a generation (bits 8+) and an ``allocated``
       bit next to MQ_RQ_*; every transition is a cmpxchg from the expected state,
       so a request finishes exactly once even when a completion races a timeout.
-    * A queue's hctxs, ctxs and tag set are fixed for the run (no update_nr_hw_queues,
-      no hotplug); TAG_QUEUE_SHARED is decided when the queues are set up.
+    * A queue's tag set and ctxs are fixed for the run; its hctx count
+      and CPU -> hctx map change only through blk_mq_update_nr_hw_queues()
+      (:mod:`mqrt.block.blk_mq_update`), which each CPU follows (:meth:`BlkMq.sync_map`);
+      TAG_QUEUE_SHARED is decided when the queues are set up.
     * Merges are 5.10's (the plug list newest first, then the newest 8 requests of the
       ctx list), except: nomerges=1 tries only the newest request of each; a bio looks
       at its ctx list only while its CPU has put requests there (``Queue.ctx_queued``,
@@ -56,15 +60,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from mqrt.block import blk_mq_sched
 from mqrt.block._rq import RqLines
 from mqrt.block.blk_mq_complete import BlkMqCompletion
+from mqrt.block.blk_mq_map import map_swqueue, read_map
 from mqrt.block.blk_mq_structs import (
     _BUSY,
+    _INACTIVE,
     _OWNED_OR_BUSY,
     _QUIESCED,
     _RQF_ELV,
+    _RQF_MIGRATED,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_RESV,
@@ -101,6 +109,7 @@ from mqrt.block.blk_mq_types import (
     BLK_MQ_CTX_MERGE_CHECKS,
     BLK_MQ_RESOURCE_DELAY_NS,
     BLK_PLUG_FLUSH_SIZE,
+    RQF_HOME_SHIFT,
     SECTOR_SHIFT,
     BlkMqFlag,
     BlkStatus,
@@ -110,6 +119,7 @@ from mqrt.block.blk_mq_types import (
 )
 from mqrt.block.blk_settings import bio_segments
 from mqrt.lib import rcu, trace
+from mqrt.lib.cpuhp import BOOT_CPU, CpuhpState
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import Ev
 from mqrt.lib.wait import Waiters
@@ -212,6 +222,14 @@ class BlkMq(BlkMqCompletion):
         #: a submit_bio of its own (the sq mode's takes the queue lock)
         self._inline_submit = type(self).blk_mq_submit_bio is BlkMq.blk_mq_submit_bio
         self.cpu = cpu
+        #: the CPU whose ctx this CPU's task allocates from (rq->mq_ctx): this one, or
+        #: while this CPU is offline the one CPU hotplug moved its task to
+        self.ctx_cpu = cpu
+        #: rq_flags of every request the task allocates: 0 at home; away, MIGRATED
+        #: with this CPU's number (where the bios go back) from RQF_HOME_SHIFT
+        self.rq_home = 0
+        #: the run's CPU hotplug state (None: no CPU of the run goes offline)
+        self.hotplug: CpuhpState | None = None
         self.sys = sys
         self.waiters = waiters  #: this CPU's slot: it says what its tag sleeps wait for
         self.mq = self
@@ -280,10 +298,14 @@ class BlkMq(BlkMqCompletion):
                 "elv_merges",
                 "driver_tag_waits",
                 "freeze_waits",
+                "migrated_ends",  # requests of a task away from its offline CPU, ended here
+                "task_moves",  # CPU hotplug moved this CPU's task (away or home)
             ),
             0,
         )
         self.violations: list[str] = []
+        #: :meth:`map_snapshot` of a queue each time this CPU followed a new map
+        self.map_history: list[dict[str, Any]] = []
 
     def counters(self) -> dict[str, int]:
         """This CPU's block-layer counters."""
@@ -337,6 +359,8 @@ class BlkMq(BlkMqCompletion):
         ``polled`` request comes from the POLL hctx (the queue must be poll capable)."""
         if not queue.q_usage.tryget_live() and not self.queue_enter(queue, 1, nowait):
             return -1
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         rq_id = self._get_request(
             queue, hctx, op, sector, nr_sectors, bio_segments(nr_sectors), start_ns, polled,
@@ -379,6 +403,9 @@ class BlkMq(BlkMqCompletion):
             cached = plug.cached
             if not cached and plug.nr_ios > 1:
                 self._alloc_batch(tags, hctx, plug)
+                # as the single tag's re-check (INACTIVE is set only in a hotplug run)
+                if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
+                    self._free_plug_rqs(plug)
             if cached and cached[-1][0] is hctx:
                 rq_id = cached.pop()[1]
         if rq_id < 0:
@@ -398,6 +425,12 @@ class BlkMq(BlkMqCompletion):
                 tag = self._get_tag_slow(queue, hctx, shallow, reserved, nowait)
                 if tag < 0:
                     return -1
+            if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
+                tags.put_tag(tag, self.cpu)
+                return self._inactive_retry(
+                    queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved,
+                    nowait,
+                )  # fmt: skip
             rq_id = tags.rq_base + tag
             base = self.rq_base[queue.index][rq_id]
             # _own(), inlined: the request must be free; mark it allocated
@@ -438,10 +471,12 @@ class BlkMq(BlkMqCompletion):
         op: int,
         rq_flags: int,
     ) -> None:
-        """blk_mq_rq_ctx_init(): the request's setup block, in one write."""
+        """blk_mq_rq_ctx_init(): the request's setup block, in one write (on the ctx
+        of the CPU the task runs on; away from home, RQF_MIGRATED and its home)."""
+        hctx.nr_alloc += 1
         RQ_SETUP.pack_into(
-            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, nr_segs, self.cpu,
-            hctx.index, queue.index, op, rq_flags, 0,
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, nr_segs,
+            self.ctx_cpu, hctx.index, queue.index, op, rq_flags | self.rq_home, 0,
         )  # fmt: skip
 
     def _get_sched_request(
@@ -477,6 +512,11 @@ class BlkMq(BlkMqCompletion):
                                self.io_schedule, shallow=shallow)  # fmt: skip
             if tag < 0:
                 return -1
+        if self.hotplug is not None and self.a.read(hctx.state_off) & _INACTIVE:
+            tags.put_tag(tag, self.cpu)  # blk_mq_get_tag()'s re-check, as for a driver tag
+            return self._inactive_retry(
+                queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved, nowait
+            )
         rq_id = tags.rq_base + tag
         base = self.rq_base[queue.index][rq_id]
         self._own(base, rq_id)
@@ -491,6 +531,55 @@ class BlkMq(BlkMqCompletion):
             trace.emit(_EV_TAG_GET, tag, self.a.read(base) >> RQ_GEN_SHIFT, hctx.index,
                        queue.index)  # fmt: skip
         return rq_id
+
+    def _inactive_retry(
+        self,
+        queue: Queue,
+        hctx: HwCtx,
+        op: int,
+        sector: int,
+        nr_sectors: int,
+        nr_segs: int,
+        start_ns: int,
+        polled: bool,
+        reserved: bool,
+        nowait: bool,
+    ) -> int:
+        """blk_mq_get_tag() found the hctx INACTIVE after taking its tag (given back
+        by the caller): its CPUs are going offline, so the task is moved off this CPU
+        (the kernel's msleep() that lets the scheduler push it) and the allocation
+        starts again on the ctx of the CPU it now runs on; -1 with ``nowait``."""
+        if not self.follow_task():
+            raise BlkMqError(
+                f"cpu{self.cpu}: hctx{hctx.index} of {queue.q.name} is inactive and this "
+                "CPU's task has no other CPU to run on"
+            )
+        if nowait:
+            return -1
+        hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
+        return self._get_request(
+            queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled, reserved, nowait
+        )
+
+    def follow_task(self) -> bool:
+        """The task goes where CPU hotplug put it (:mod:`mqrt.lib.cpuhp`): its new
+        requests take that CPU's ctx and hctxs, their bios still end here; back at
+        home, as before.  Called between two batches of submissions (no plug) and
+        when a tag's hctx turned INACTIVE.  True if the task moved."""
+        hp = self.hotplug
+        if hp is None:
+            return False
+        target = hp.target(self.cpu)
+        if target == self.ctx_cpu:
+            return False
+        self.ctx_cpu = target
+        home = target == self.cpu
+        self.rq_home = 0 if home else _RQF_MIGRATED | self.cpu << RQF_HOME_SHIFT
+        for queue in self.queues:
+            queue.set_ctx(target, home)
+        hp.moved(self.cpu, target)
+        self.stats["task_moves"] += 1
+        return True
 
     def _get_tag_slow(
         self, queue: Queue, hctx: HwCtx, shallow: int, reserved: bool, nowait: bool
@@ -574,6 +663,51 @@ class BlkMq(BlkMqCompletion):
             if plug.cached:
                 self._free_plug_rqs(plug)
 
+    # -- the CPU -> hctx map -----------------------------------------------------------------
+
+    def sync_map(self, queue: Queue) -> None:
+        """Follow the tag set's map if it changed (blk_mq_update_nr_hw_queues() on
+        another CPU): read it from the arena (:func:`read_map`) and rebuild this CPU's
+        handles of every queue of the set (blk_mq_map_swqueue() in this process).
+
+        Called only where the map cannot change meanwhile: holding a reference on the
+        queue (after blk_queue_enter(), or for a request), which the transition's
+        freeze waits for, or inside an hctx run's RCU read-side section, which its
+        quiesce waits for.  A reference taken after the last unfreeze, or a section
+        begun after the quiesce's grace period, reads the new generation: the writer
+        stored it (release) before it unquiesced and unfroze."""
+        a = self.a
+        if a.load_acquire32(queue.map_gen_off) == queue.map_gen:
+            return
+        tset = queue.tset
+        gen = read_map(a, tset)
+        for x in self.queues:
+            if x.tset is tset:
+                self.remap(x, gen)
+
+    def remap(self, queue: Queue, gen: int) -> None:
+        """Rebuild this CPU's handles of ``queue`` from its tag set's map (this
+        process's copy, already updated), now at generation ``gen``; what this CPU
+        allocated on each hctx under the previous one goes to :attr:`map_history`."""
+        self.map_history.append(self.map_snapshot(queue))
+        map_swqueue(queue.q)
+        for hctx in queue.hctxs:
+            hctx.map_ctxs()
+        queue.map_ctxs()
+        queue.ctx_queued = False
+        queue.map_gen = gen
+
+    def map_snapshot(self, queue: Queue) -> dict[str, Any]:
+        """The map generation this CPU follows for ``queue`` and the requests it has
+        allocated on each of the queue's hctxs so far (cumulative)."""
+        return {
+            "q": queue.index,
+            "map_gen": queue.map_gen,
+            "nr_hw_queues": queue.nr_hw_queues,
+            "hctx": queue.ctx_hctx[0].index,
+            "alloc": [h.nr_alloc for h in queue.hctxs],
+        }
+
     # -- q_usage_counter ---------------------------------------------------------------------
 
     def queue_enter(self, queue: Queue, nr: int, nowait: bool = False) -> bool:
@@ -612,6 +746,8 @@ class BlkMq(BlkMqCompletion):
         its reference back (the request it joined holds one)."""
         if not queue.q_usage.tryget_live():
             self.queue_enter(queue, 1)
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         if self.blk_mq_submit_bio(queue, op, sector, nr_sectors, start_ns, polled):
             self.queue_exit(queue, 1)
 
@@ -665,7 +801,10 @@ class BlkMq(BlkMqCompletion):
             return True
         hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         nr_segs = (nr_sectors + 7) >> 3  # bio_segments(): one per page
+        ctx_cpu = self.ctx_cpu
         rq_id = self._get_request(queue, hctx, op, sector, nr_sectors, nr_segs, start_ns, polled)
+        if self.ctx_cpu != ctx_cpu:  # the task moved while it allocated (INACTIVE)
+            hctx = queue.hctx_poll if polled else queue.hctx_by_op[op]
         if plug is not None:
             if elv:
                 plug.has_elevator = True
@@ -713,6 +852,8 @@ class BlkMq(BlkMqCompletion):
         nr = len(ops)
         if not queue.q_usage.tryget_live(nr):
             self.queue_enter(queue, nr)
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)
         # with an elevator every bio takes blk_mq_submit_bio() (stable: the references)
         elv = self.a.read32(queue.elevator_off)
         merged = 0
@@ -724,13 +865,16 @@ class BlkMq(BlkMqCompletion):
         qi = queue.index
         pool = self.rq_base[qi]
         setup = self.rqlines.setup
-        cpu = self.cpu
+        cpu, home = self.ctx_cpu, self.rq_home
+        read = self.a.read
+        hotplug = self.hotplug is not None  # INACTIVE is set only in a hotplug run
         tracing = trace.on
         # the hctx of the previous fast bio, and what its tag get needs
         last_hctx: HwCtx | None = None
         sb_get: Callable[[], int] = _no_tag
-        first = hidx = 0
+        first = hidx = state_off = 0
         fast = 0  # bios submitted here (counted at the end)
+        on_hctx = 0  # of them, on last_hctx (counted when it changes, and at the end)
         try:
             for op, sector, nr_sectors in zip(ops, sectors, lens, strict=True):
                 start_ns = clock()
@@ -748,22 +892,40 @@ class BlkMq(BlkMqCompletion):
                 fast += 1
                 hctx = hctx_by_op[op]
                 if hctx is not last_hctx:
+                    if last_hctx is not None:
+                        last_hctx.nr_alloc += on_hctx
+                        on_hctx = 0
                     tags = hctx.tags
                     assert tags is not None  # a ctx maps only to hctxs with tags
                     sb_get = tags.bitmap_sb.get
                     first = tags.rq_base + tags.nr_reserved_tags
                     hidx = hctx.index
+                    state_off = hctx.state_off
                     last_hctx = hctx
+                on_hctx += 1
                 # the fast path of blk_mq_get_tag(), as _get_request() has it
                 tag = sb_get()
                 if tag >= 0:
                     rq_id = first + tag
                 else:
                     rq_id = hctx.rq_base + self._get_tag_slow(queue, hctx, 0, False, False)
+                if hotplug and read(state_off) & _INACTIVE:
+                    # blk_mq_get_tag()'s re-check: the tag back, the long way (the task
+                    # moves), then on with where it runs now
+                    hctx.tags.put_tag(rq_id - hctx.rq_base, self.cpu)  # type: ignore[union-attr]
+                    fast -= 1
+                    merged += submit_one(queue, op, sector, nr_sectors, start_ns, polled)
+                    cpu, home, hctx_by_op, last_hctx = (
+                        self.ctx_cpu,
+                        self.rq_home,
+                        queue.hctx_by_op,
+                        None,
+                    )
+                    continue
                 base = pool[rq_id]
                 # _own() (the request must be free; mark it allocated) and the setup block
                 st = setup(base, start_ns, sector, nr_sectors, (nr_sectors + 7) >> 3, cpu,
-                           hidx, qi, op, 0)  # fmt: skip
+                           hidx, qi, op, home)  # fmt: skip
                 if st is not None:
                     self.violation(f"request {rq_id} handed out while owned ({st:#x})")
                 if tracing:
@@ -781,6 +943,8 @@ class BlkMq(BlkMqCompletion):
                 bounds[end] = bounds[sector] = None
         finally:
             self.nr_bios += fast
+            if last_hctx is not None:
+                last_hctx.nr_alloc += on_hctx
             if merged:
                 self.queue_exit(queue, merged)
 
@@ -839,7 +1003,11 @@ class BlkMq(BlkMqCompletion):
                 queue.ctx_queued = False
             return False
 
+        pool = self.rq_base[queue.index]
+
         def try_merge(rq_id: int) -> bool | None:
+            if a.read32(pool[rq_id] + RQ_OFF_FLAGS) & _RQF_MIGRATED:
+                return None  # another process's bios: not this CPU's to grow
             merged = self.bio_attempt_merge(queue, rq_id, op, sector, nr_sectors, start_ns)
             return None if merged is None else bool(merged)
 
@@ -1079,6 +1247,8 @@ class BlkMq(BlkMqCompletion):
         """blk_mq_insert_request(): a request allocated with an elevator goes to the
         elevator (dd_insert_request()); without one, onto the submitting CPU's ctx
         list for the request's hctx, marking the ctx pending."""
+        if self.a.read32(queue.map_gen_off) != queue.map_gen:
+            self.sync_map(queue)  # the request holds a reference: the map is stable
         base = self.rqs[queue.index][rq_id].base
         if self.a.read32(base + RQ_OFF_FLAGS) & _RQF_ELV:
             blk_mq_sched.elv_insert(self, queue, rq_id, base, at_head)
@@ -1100,7 +1270,11 @@ class BlkMq(BlkMqCompletion):
         cpumask and the run may be synchronous; otherwise on kblockd."""
         if hctx.queue.quiesced() or not hctx.has_pending():
             return
-        if run_async or not hctx.in_cpumask(self.cpu) or hctx.queue.tset.flags & BlkMqFlag.BLOCKING:
+        if (
+            run_async
+            or not hctx.in_cpumask(self.ctx_cpu)
+            or hctx.queue.tset.flags & BlkMqFlag.BLOCKING
+        ):
             self.delay_run_hw_queue(hctx, 0)
             return
         blk_mq_sched.dispatch_requests(self, hctx)
@@ -1114,15 +1288,33 @@ class BlkMq(BlkMqCompletion):
         queue with a single hardware queue returns WORK_CPU_UNBOUND, which kblockd
         (a bound workqueue) runs on the CPU that queued the work: this CPU."""
         if hctx.queue.nr_hw_queues == 1:
-            return self.cpu
+            return self.ctx_cpu
         mask = hctx.cpumask
+        hp = self.hotplug
+        if hp is not None and hp.nr_offline():
+            return self._next_online_cpu(hctx, hp)
         if len(mask) == 1:
             return mask[0]
+        if not mask:  # an hctx blk_mq_update_nr_hw_queues() left without CPUs
+            return self.cpu
         hctx.next_cpu_batch -= 1
         if hctx.next_cpu_batch <= 0:
             hctx.next_cpu_idx = (hctx.next_cpu_idx + 1) % len(mask)
             hctx.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
         return mask[hctx.next_cpu_idx]
+
+    def _next_online_cpu(self, hctx: HwCtx, hp: CpuhpState) -> int:
+        """blk_mq_hctx_next_cpu() while CPUs are offline: the next online CPU of the
+        mask; none online (an INACTIVE hctx), WORK_CPU_UNBOUND: where the caller's
+        task runs, if online, else the boot CPU."""
+        mask = hctx.cpumask
+        n = len(mask)
+        for i in range(n):
+            idx = (hctx.next_cpu_idx + i) % n
+            if hp.online(mask[idx]):
+                hctx.next_cpu_idx = idx
+                return mask[idx]
+        return self.ctx_cpu if hp.online(self.ctx_cpu) else BOOT_CPU
 
     def run_work(self, q: int, h: int) -> None:
         """blk_mq_run_work_fn(): kblockd ran this hctx's work on this CPU."""

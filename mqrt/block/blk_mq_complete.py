@@ -23,6 +23,7 @@ from mqrt.block.blk_mq_cpumap import Topology
 from mqrt.block.blk_mq_structs import (
     _IN_FLIGHT,
     _RQF_ELV,
+    _RQF_MIGRATED,
     _RQF_MQ_INFLIGHT,
     _RQF_POLLED,
     _RQF_REQUEUED,
@@ -48,6 +49,7 @@ from mqrt.block.blk_mq_structs import (
 )
 from mqrt.block.blk_mq_tag import Tags, queue_tag_busy_iter
 from mqrt.block.blk_mq_types import (
+    RQF_HOME_SHIFT,
     SECTOR_SHIFT,
     EhRet,
     HctxState,
@@ -60,6 +62,7 @@ from mqrt.lib.trace import Ev
 
 if TYPE_CHECKING:
     from mqrt.block.blk_mq import BlkMq
+    from mqrt.lib.cpuhp import CpuhpState
 
 #: Tags freed by a completion batch, per hctx (blk_mq_end_request_batch()'s tags[]
 #: for its cur_hctx): id(hctx) -> (hctx, tags to free).
@@ -81,6 +84,7 @@ class BlkMqCompletion:
     buf16: memoryview  #: the arena as 16-bit words (a request's cpu, hctx, q)
     rqlines: RqLines  #: a request's hot steps in C (mqrt.block._rq)
     cpu: int
+    hotplug: CpuhpState | None
     sys: CpuSys
     clock: Callable[[], int]
     queues: list[Queue]
@@ -228,6 +232,7 @@ class BlkMqCompletion:
             queue.same_comp
             and submit_cpu != cpu
             and (queue.same_force or not self.topology.share_cache(cpu, submit_cpu))  # type: ignore[union-attr]
+            and (self.hotplug is None or self.hotplug.online(submit_cpu))  # no IPI to it offline
         ):
             self.stats["ipis_sent"] += 1
             if trace.on:
@@ -308,6 +313,9 @@ class BlkMqCompletion:
                 self.violation(f"end of request {rq.id} in state {ended:#x}")
             return None
         done, st, cpu, h, q, rq_flags, now = ended  # now: the one given, or the clock
+        if rq_flags & _RQF_MIGRATED:  # its bios are with the task's own CPU
+            cpu = rq_flags >> RQF_HOME_SHIFT
+            self.stats["migrated_ends"] += 1
         if done is None:  # handed back to the block layer, or never started
             info: tuple = self._end_info(rq.base, rq_flags, status, now)
         else:

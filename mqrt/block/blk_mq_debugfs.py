@@ -13,15 +13,19 @@ from mqrt.block.blk_mq_structs import RQ_ALLOCATED, RQ_STATE_MASK, RequestQueue
 from mqrt.block.blk_mq_tag import RQS_NONE, TagsSpec
 from mqrt.block.elevator import ELEVATOR_NAMES
 from mqrt.block.mq_deadline import DeadlineData
+from mqrt.lib.cpuhp import CpuhpSpec, CpuhpState
 from mqrt.lib.percpu_ref import PercpuRef
 from mqrt.lib.shm import Arena
 
 
-def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]:
+def check_invariants(
+    arena: Arena, queues: list[RequestQueue], hotplug: CpuhpSpec | None = None
+) -> dict[str, Any]:
     """At the end of a run (every CPU stopped): no tag still allocated, every request
     IDLE and unowned, nr_active back to 0, no reference on a queue but its own,
-    lists empty, the elevator whole and empty.  Returns counts and the
-    first few problems found."""
+    lists empty, the elevator whole and empty; with CPU hotplug, no request left on
+    an offline CPU's ctx and no hctx INACTIVE while one of its CPUs is online.
+    Returns counts and the first few problems found."""
     problems: list[str] = []
     leaked_tags = 0
     busy_rqs = 0
@@ -73,6 +77,10 @@ def check_invariants(arena: Arena, queues: list[RequestQueue]) -> dict[str, Any]
             elv_queued += queued
             if queued:
                 problems.append(f"{q.name}: mq-deadline holds {queued} requests at the end")
+    if hotplug is not None:
+        from mqrt.block.blk_mq_cpuhp import stranded
+
+        problems += stranded(arena, queues, CpuhpState(arena, hotplug))
     return {
         "leaked_tags": leaked_tags,
         "leaked_sched_tags": leaked_sched_tags,

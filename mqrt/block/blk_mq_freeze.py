@@ -47,11 +47,19 @@ def _grace_period() -> Transition:
 
 
 def freeze_queue_start(mq: BlkMq, queue: Queue) -> Transition:
-    """blk_freeze_queue_start(): no new reference; what is queued is dispatched."""
+    """blk_freeze_queue_start(): no new reference; what is queued is dispatched.
+    Closed during its grace period (a stop), it gives the freeze up: the counter is
+    live again and the submitters that saw it dying are woken."""
     if mq.a.fetch_add32(queue.freeze_depth_off, 1) == 0:
         ref = queue.q_usage
         ref.kill()
-        yield from _grace_period()
+        try:
+            yield from _grace_period()
+        except GeneratorExit:
+            ref.revive()
+            mq.a.fetch_sub32(queue.freeze_depth_off, 1)
+            queue.freeze_wq.wake_up_all()
+            raise
         if ref.fold():
             queue.freeze_wq.wake_up_all()
         mq.run_hw_queues(queue, False)

@@ -54,6 +54,11 @@ def sched_dispatch_requests(mq: BlkMq, hctx: HwCtx) -> None:
     every busy ctx at once."""
     if hctx.stopped() or hctx.queue.quiesced():
         return
+    queue = hctx.queue
+    if mq.a.read32(queue.map_gen_off) != queue.map_gen:
+        mq.sync_map(queue)  # inside the run's RCU section: the map is stable
+        if not hctx.cpumask:
+            return  # no CPU maps it any more; its lists were empty when it lost them
     mq.stats["hctx_runs"] += 1
     hctx.stats["run"] += 1
     rq_list = hctx.dispatch.take() if not hctx.dispatch.empty() else []

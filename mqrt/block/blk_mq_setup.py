@@ -43,18 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mqrt.block.blk_mq_cpumap import (
-    HCTX_MAX_TYPES,
-    HctxType,
-    QueueMap,
-    Topology,
-    map_for,
-    map_queues,
-    queue_cpumasks,
-)
+from mqrt.block.blk_mq_cpumap import HCTX_MAX_TYPES, HctxType, QueueMap, Topology, map_queues
+from mqrt.block.blk_mq_map import map_swqueue, publish_map
 from mqrt.block.blk_mq_structs import (
     CTX_MAP_SHIFT,
     HCTX,
+    MQ_MAP,
     QUEUE,
     QUEUE_OFF_FREEZE_WQ,
     RQ_ALLOCATED,
@@ -182,19 +176,31 @@ def alloc_tag_set(tset: TagSet, layout: Layout, topology: Topology) -> TagSet:
         tset.nr_hw_queues = nr_cpus
     if tset.nr_hw_queues > RQ_U16_LIMIT:  # a request's hctx field is 16 bits
         raise _einval(f"nr_hw_queues must be <= {RQ_U16_LIMIT}, got {tset.nr_hw_queues}")
+    if tset.max_hw_queues:
+        if tset.nr_maps != 1:
+            raise _einval(
+                f"max_hw_queues needs a single queue map (nr_maps 1), got nr_maps {tset.nr_maps}"
+            )
+        if not tset.nr_hw_queues <= tset.max_hw_queues <= nr_cpus:
+            raise _einval(
+                f"max_hw_queues must be in {tset.nr_hw_queues}..{nr_cpus} (nr_hw_queues.."
+                f"nr_cpu_ids), got {tset.max_hw_queues}"
+            )
     tset.nr_cpus = nr_cpus
     tset.topology = topology
     tset.map = [QueueMap(nr_queues=tset.nr_hw_queues) for _ in range(tset.nr_maps)]
     try:
-        _update_queue_map(tset)
+        update_queue_map(tset)
         _alloc_map_and_rqs(tset, layout)
     except BlkMqError:
         tset.map = []  # out_free_mq_map
         raise
+    tset.map_region = layout.add(f"{tset.name}.mq_map", MQ_MAP)
+    tset.map_cpus = layout.add(f"{tset.name}.mq_map.cpus", "<i4", nr_cpus)
     return tset
 
 
-def _update_queue_map(tset: TagSet) -> None:
+def update_queue_map(tset: TagSet) -> None:
     """blk_mq_update_queue_map(): the driver's ->map_queues on maps cleared first
     (blk_mq_clear_mq_map(): every CPU to hctx 0), or the default map.  A map the
     driver refuses or leaves unusable is -EINVAL."""
@@ -251,7 +257,7 @@ def _alloc_map_and_rqs(tset: TagSet, layout: Layout) -> None:
     after blk_mq_alloc_map_and_requests())."""
     limit = tset.pool_limit_bytes if tset.pool_limit_bytes is not None else _default_pool_limit()
     rq_dtype = request_dtype(tset.cmd_size)
-    nr_tags_sets = 1 if tset.single_tags else tset.nr_hw_queues
+    nr_tags_sets = 1 if tset.single_tags else tset.nr_declared_hctxs
     depth = tset.queue_depth
     while True:
         pool, why = _alloc_rq_maps(tset, rq_dtype, nr_tags_sets, limit)
@@ -450,27 +456,13 @@ def init_queue(
     q = RequestQueue(tset, qid, name, queuedata, rq_affinity, nomerges)
     q.ida = ida
     q.async_depth = async_depth
-    q.nr_hw_queues = tset.nr_hw_queues
     q.elevator = chosen
-    nr_cpus = tset.nr_cpus
-    # blk_mq_map_swqueue(): each ctx's hctx per type; each hctx's cpumask and ctxs.
-    q.ctx_hctx = [[map_for(tset.map, cpu, HctxType(t)) for t in HctxType] for cpu in range(nr_cpus)]
-    q.hctx_type = [HctxType.DEFAULT] * q.nr_hw_queues
-    masks: list[set[int]] = [set() for _ in range(q.nr_hw_queues)]
-    for t, qmap in enumerate(tset.map):
-        if not qmap.nr_queues:
-            continue
-        for h, cpus in enumerate(queue_cpumasks(qmap, q.nr_hw_queues)):
-            if cpus:
-                masks[h].update(cpus)
-                q.hctx_type[h] = HctxType(t)
-    q.hctx_cpus = [sorted(m) for m in masks]
-    q.hctx_ctxs = [sorted(m) for m in masks]
     flags = tset.flags & ~BlkMqFlag.TAG_QUEUE_SHARED
     q.hctxs = [
-        HwCtxSpec(h, q, q.hctx_type[h], q.hctx_cpus[h], _hw_queue_to_node(tset, h), flags)
-        for h in range(q.nr_hw_queues)
+        HwCtxSpec(h, q, HctxType.DEFAULT, [], _hw_queue_to_node(tset, h), flags)
+        for h in range(tset.nr_declared_hctxs)
     ]
+    map_swqueue(q)
     _init_hctxs(q)
     _declare_queue(q, layout)
     # blk_mq_add_queue_tag_set(): a second user makes the set shared.
@@ -479,7 +471,7 @@ def init_queue(
         _update_tag_set_shared(tset, True)
     # blk_mq_map_swqueue(): an hctx no CPU maps gets no tags; its own (not hctx 0's)
     # are freed with their requests.
-    for h, hctx in enumerate(q.hctxs):
+    for h, hctx in enumerate(q.hctxs[: q.nr_hw_queues]):
         if not hctx.cpumask:
             if h and not tset.single_tags:
                 _free_map_and_rqs(tset, h)
@@ -513,20 +505,22 @@ def _declare_queue(q: RequestQueue, layout: Layout) -> None:
     tset = q.tag_set
     name = q.name
     q.header = layout.add(f"{name}.queue", QUEUE)
-    q.hctx_region = layout.add(f"{name}.hctx", HCTX, q.nr_hw_queues)
+    q.hctx_region = layout.add(f"{name}.hctx", HCTX, len(q.hctxs))
     depth = tset.queue_depth
     # (or of one hctx's sched tags: the dispatch lists and the requeue list)
     nr_sched = 0 if tset.flags & BlkMqFlag.NO_SCHED else _nr_sched_rqs(tset)
     depth = max(depth, nr_sched)
     # A list holds requests of one hctx's tags (or of 6.x shared tags): at most depth.
     q.dispatch = [
-        declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(q.nr_hw_queues)
+        declare_rq_list(layout, f"{name}.hctx{h}.dispatch", depth) for h in range(len(q.hctxs))
     ]
     for h, hctx in enumerate(q.hctxs):
         # blk_mq_alloc_hctx(): sbitmap_init_node(&hctx->ctx_map, ..., ilog2(8)), sized
         # as blk_mq_map_swqueue()'s sbitmap_resize() leaves it (hctx->nr_ctx bits).
+        # a set whose hctx count may change: room for every CPU's ctx
+        nr_ctx = tset.nr_cpus if tset.resizable else hctx.nr_ctx
         hctx.ctx_map = Sbitmap.declare(
-            layout, f"{name}.hctx{h}.ctx_map", max(1, hctx.nr_ctx), 1, shift=CTX_MAP_SHIFT
+            layout, f"{name}.hctx{h}.ctx_map", max(1, nr_ctx), 1, shift=CTX_MAP_SHIFT
         )
     q.ctx_lists = []
     for cpu in range(tset.nr_cpus):
@@ -726,6 +720,7 @@ def init_shared(arena: Arena, queues: list[RequestQueue], seed: int = 0) -> None
                         init_tags(arena, spec, seed + 2 * i, shallow)
             assert tset.rq_pool is not None and tset.rq_region is not None  # allocated
             tset.rq_pool.move_to(arena, tset.rq_region)
+            publish_map(arena.atomic, tset, 0)
         v = arena.view(q.header)
         flags = QUEUE_FLAG_MQ_DEFAULT
         if tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues:

@@ -84,7 +84,9 @@ _RQF_RESV = int(Rqf.RESV)
 _RQF_POLLED = int(Rqf.POLLED)
 _RQF_REQUEUED = int(Rqf.REQUEUED)
 _RQF_ELV = int(Rqf.ELV)
+_RQF_MIGRATED = int(Rqf.MIGRATED)
 _STOPPED = 1 << HctxState.STOPPED
+_INACTIVE = 1 << HctxState.INACTIVE
 _SCHED_RESTART = 1 << HctxState.SCHED_RESTART
 _QUIESCED = 1 << QueueFlag.QUIESCED
 
@@ -271,6 +273,12 @@ QUEUE = cacheline_struct(
     [("mq_freeze_depth", "<i4"), ("quiesce_depth", "<i4"), ("mq_freeze_wq", WAIT_QUEUE_HEAD)],
 )
 QUEUE_OFF_FREEZE_WQ = field_offset(QUEUE, "mq_freeze_wq")
+
+#: A tag set's CPU -> hctx map as every CPU reads it (the DEFAULT map; its ``mq_map``
+#: entries are the int32 array ``TagSet.map_cpus``): written by the sysfs writer
+#: while every queue of the set is frozen and quiesced, ``map_gen`` last (even when
+#: stable, odd while being written).
+MQ_MAP = cacheline_struct([("map_gen", "<u4"), ("nr_hw_queues", "<u4")])
 
 
 @dataclass(frozen=True)
@@ -478,6 +486,11 @@ class TagSet:
     #: "5.10" a blk_mq_tags and a pool of queue_depth per hctx whose bitmaps are the
     #: set's shared sbitmaps.
     shared_tag_model: str = "6.x"
+    #: The most hardware queues the set may have during a run (0: the count cannot
+    #: change).  The arena cannot grow, so every hctx up to it (and each one's tags
+    #: and requests, without shared tags) is declared at set-up, idle until
+    #: blk_mq_update_nr_hw_queues() maps CPUs to it (the kernel's bound is nr_cpu_ids).
+    max_hw_queues: int = 0
 
     # Filled in by alloc_tag_set():
     nr_cpus: int = 0
@@ -496,6 +509,11 @@ class TagSet:
     sched_rqs: int = 0
     tag_list: list[RequestQueue] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)  #: what the kernel would pr_info
+    #: The DEFAULT map and nr_hw_queues in the arena (:data:`MQ_MAP`), with a
+    #: generation every CPU compares with its own when it enters a queue of the set.
+    map_region: Region | None = field(default=None, repr=False)
+    #: mq_map[cpu] of the DEFAULT map in the arena (int32 per CPU)
+    map_cpus: Region | None = field(default=None, repr=False)
 
     @property
     def shared_tags(self) -> bool:
@@ -521,6 +539,17 @@ class TagSet:
 
     def tags_for(self, hctx_idx: int) -> TagsSpec | None:
         return self.tags[0] if self.single_tags else self.tags[hctx_idx]
+
+    @property
+    def resizable(self) -> bool:
+        """The set's hctx count may change during the run
+        (blk_mq_update_nr_hw_queues()): a maximum was declared."""
+        return self.max_hw_queues > 0
+
+    @property
+    def nr_declared_hctxs(self) -> int:
+        """Hardware queues declared in the arena: the maximum, or nr_hw_queues."""
+        return max(self.max_hw_queues, self.nr_hw_queues)
 
 
 @dataclass(eq=False)
@@ -792,9 +821,6 @@ class HwCtx:
         self.q = q
         self.queue = queue
         self.index = index
-        self.type = q.hctx_type[index]
-        self.cpumask = q.hctx_cpus[index]
-        self._cpuset = frozenset(self.cpumask)
         self.tags = tags
         #: hctx->sched_tags (set by :class:`Queue` for a queue that may have an elevator)
         self.sched_tags: Tags | None = None
@@ -807,10 +833,9 @@ class HwCtx:
         self.dispatch_busy_off = o.dispatch_busy
         ctx_map = spec.ctx_map
         assert ctx_map is not None, "init_queue declares every hctx's ctx_map"
-        #: the ctx_map's words, 8 ctxs (index_hw >> CTX_MAP_SHIFT) each
-        self._ctx_words = [ctx_map.words.addr(w, "word") for w in range(ctx_map.map_nr)]
+        self._ctx_map = ctx_map
         self.dispatch = RqList(arena, q.dispatch[index])
-        self.ctx_lists = [RqList(arena, q.ctx_lists[cpu][self.type]) for cpu in q.hctx_ctxs[index]]  # type: ignore[arg-type]
+        self.map_ctxs()
         # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
         self.active_bit: int  #: QUEUE_FLAG_HCTX_ACTIVE or BLK_MQ_S_TAG_ACTIVE
         if q.tag_set.shared_tags:
@@ -827,10 +852,28 @@ class HwCtx:
         self.run_sync: Callable[[], None] = lambda: None  #: set by BlkMq: run it here
         self.next_cpu_idx = 0
         self.next_cpu_batch = BLK_MQ_CPU_WORK_BATCH
+        #: requests this CPU allocated on the hctx
+        self.nr_alloc = 0
         # This CPU's counters for the hctx (debugfs-like, reported at the end).
         self.stats = {
             "run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0, "no_driver_tag": 0
         }  # fmt: skip
+
+    def map_ctxs(self) -> None:
+        """Take the hctx's ctxs from ``q`` (blk_mq_map_swqueue()'s result in this
+        process): its type, cpumask, ctx lists by index_hw and the ctx_map words
+        they use."""
+        q, index = self.q, self.index
+        self.type = q.hctx_type[index]
+        self.cpumask = q.hctx_cpus[index]
+        self._cpuset = frozenset(self.cpumask)
+        ctx_rqlist = self.queue.ctx_rqlist
+        self.ctx_lists = [ctx_rqlist(cpu, self.type) for cpu in q.hctx_ctxs[index]]
+        #: the ctx_map's words in use, 8 ctxs (index_hw >> CTX_MAP_SHIFT) each
+        nr_words = max(1, -(-len(self.ctx_lists) >> CTX_MAP_SHIFT))
+        self._ctx_words = [self._ctx_map.words.addr(w, "word") for w in range(nr_words)]
+        self.dispatch_from = 0
+        self.next_cpu_idx = 0
 
     def may_queue(self) -> bool:
         tags = self.tags
@@ -926,6 +969,10 @@ class Queue:
         self.shared = q.shared
         self.timeout_ns = q.tag_set.timeout_ns
         self.a = arena.atomic
+        self.cpu = cpu
+        self._arena = arena
+        #: every CPU's ctx rq_list handle this CPU has made, by (cpu, type)
+        self._rqlists: dict[tuple[int, int], RqList] = {}
         single_tags = self.tset.single_tags
         self.hctxs = [
             HwCtx(
@@ -940,18 +987,6 @@ class Queue:
         if waiters is not None:
             for hctx, spec in zip(self.hctxs, q.sched_tags, strict=False):
                 hctx.sched_tags = Tags(arena, spec, waiters, cpu)
-        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
-        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
-        self.hctx_by_op = [
-            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
-        ]
-        #: QUEUE_FLAG_POLL: the set has poll queues, so polled bios use the POLL map
-        #: (without them a polled bio is an ordinary one, as blk_queue_poll says).
-        tset = q.tag_set
-        self.poll_capable = tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues > 0
-        #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
-        self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
-
         o = q.header.offsets()
         self.flags_off = o.queue_flags
         self.lock_off = o.queue_lock
@@ -981,18 +1016,75 @@ class Queue:
         self.dd = DeadlineData(arena, q.dd) if q.dd is not None else None
         self.same_comp = q.rq_affinity >= 1
         self.same_force = q.rq_affinity == 2
+        tset = self.tset
+        #: the tag set's map generation in the arena, and the one this CPU's handles
+        #: follow (:meth:`mqrt.block.blk_mq.BlkMq.sync_map`)
+        self.map_gen_off = tset.map_region.addr(0, "map_gen") if tset.map_region else -1
+        self.map_gen = 0
+        #: the CPU whose ctx this CPU's task submits on: its own, or where CPU hotplug
+        #: moved it (:meth:`set_ctx`)
+        self.task_cpu = cpu
+        #: should_merge as the queue has it (a task away from its CPU does without)
+        self._should_merge = self.should_merge
+        self.map_ctxs()
+
+    def map_ctxs(self) -> None:
+        """Take the CPU -> hctx map from ``q`` (this process's copy): each ctx's
+        hctxs, the hctx a bio of each op goes to (from the task's ctx), the ctx lists
+        by hctx."""
+        q, cpu = self.q, self.task_cpu
         self.nr_hw_queues = q.nr_hw_queues
+        #: QUEUE_FLAG_POLL: the set has poll queues, so polled bios use the POLL map
+        #: (without them a polled bio is an ordinary one, as blk_queue_poll says).
+        tset = q.tag_set
+        self.poll_capable = tset.nr_maps > HctxType.POLL and tset.map[HctxType.POLL].nr_queues > 0
+        self._map_ctx(cpu)
         #: ctx rq_lists by (submitting cpu, type) for inserts (any CPU may insert).
         self.ctx_lists: dict[tuple[int, int], tuple[RqList, int]] = {}
         for h, hctx in enumerate(self.hctxs):
             for index_hw, ctx_cpu in enumerate(q.hctx_ctxs[h]):
                 self.ctx_lists[(ctx_cpu, hctx.type)] = (hctx.ctx_lists[index_hw], index_hw)
+        self._merge_lists(cpu)
+
+    def _map_ctx(self, cpu: int) -> None:
+        """The hctxs of ``cpu``'s ctx, as this CPU's task submits to them."""
+        q = self.q
+        self.ctx_hctx = [self.hctxs[h] for h in q.ctx_hctx[cpu]]  #: ctx->hctxs[type]
+        #: blk_mq_map_queue() by op: reads use the READ map (aliasing DEFAULT).
+        self.hctx_by_op = [
+            self.ctx_hctx[HctxType.READ if op == ReqOp.READ else HctxType.DEFAULT] for op in ReqOp
+        ]
+        #: The POLL hctx; without poll queues, the DEFAULT one (never used for polling).
+        self.hctx_poll = self.ctx_hctx[HctxType.POLL if self.poll_capable else HctxType.DEFAULT]
+
+    def _merge_lists(self, cpu: int) -> None:
         #: This CPU's ctx rq_list a bio of each op (and a polled bio) would merge into
         #: (ctx->rq_lists[hctx->type] of the hctx blk_mq_map_queue() picks), with the
         #: word and bit of that hctx's ctx_map that say it is not empty.
         self.rq_merge_by_op = [self._merge_list(cpu, h) for h in self.hctx_by_op]
         self.rq_merge_poll = self._merge_list(cpu, self.hctx_poll)
         self.rq_merge_lists = list(dict.fromkeys([*self.rq_merge_by_op, self.rq_merge_poll]))
+
+    def set_ctx(self, cpu: int, home: bool) -> None:
+        """CPU hotplug moved this CPU's task to ``cpu`` (or back home): new requests
+        take that CPU's ctx and hctxs.  Away from home the task tries no ctx-list
+        merge (the lists it would look at are another process's), so ``ctx_queued``
+        is dropped."""
+        self.task_cpu = cpu
+        self._map_ctx(cpu)
+        self._merge_lists(cpu)
+        self.should_merge = self._should_merge and home
+        self.ctx_queued = False
+
+    def ctx_rqlist(self, cpu: int, hctx_type: int) -> RqList:
+        """CPU ``cpu``'s ctx rq_list of ``hctx_type`` (ctx->rq_lists[type]), one
+        handle each, made when first needed."""
+        lst = self._rqlists.get((cpu, hctx_type))
+        if lst is None:
+            spec = self.q.ctx_lists[cpu][hctx_type]
+            assert spec is not None  # a type with queues has its lists
+            lst = self._rqlists[(cpu, hctx_type)] = RqList(self._arena, spec)
+        return lst
 
     def set_limits(self, lim: QueueLimits) -> None:
         """Take the queue's limits (at creation, and when the driver sets new ones)."""
@@ -1018,8 +1110,8 @@ class Queue:
         self.requeue_list.close()
         for h in self.hctxs:
             h.dispatch.close()
-            for lst in h.ctx_lists:
-                lst.close()
+        for lst in self._rqlists.values():
+            lst.close()
 
 
 #: A plugged request: (queue, hctx, rq id); merges read and grow it in the pool.

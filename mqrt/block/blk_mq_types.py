@@ -156,6 +156,15 @@ class Rqf(enum.IntFlag):
     #: RQF_ELV: allocated while the queue had an elevator; the elevator sees it
     #: inserted, dispatched and finished
     ELV = 1 << 9
+    #: mqrt's, no kernel flag: allocated by a task whose CPU went offline, on the ctx
+    #: of the CPU it moved to (rq->mq_ctx); bits RQF_HOME_SHIFT.. of rq_flags name the
+    #: task's own CPU, where its bios go back.  No ctx-list merge takes it (its bios
+    #: are another process's).
+    MIGRATED = 1 << 10
+
+
+#: rq_flags bits 16-31 of a MIGRATED request: the CPU of the task that submitted it.
+RQF_HOME_SHIFT = 16
 
 
 class ReqOp(enum.IntEnum):

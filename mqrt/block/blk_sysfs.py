@@ -21,7 +21,9 @@ there undoes a half-done transition.
 
 :data:`ATTRIBUTES` is the registry: :func:`register` adds one.  Queue attributes
 (``per_queue``) are written to one queue (``nullb0/queue/nr_requests=32``) or, without
-a device, to every queue of the run in turn; the others take no device.
+a device, to every queue of the run in turn; tag set attributes (``per_tag_set``:
+``nr_hw_queues``) once per tag set, the device naming the set by one of its queues
+(``nullb1/nr_hw_queues=2``); the others take no device.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from mqrt.block import blk_mq_cpuhp
 from mqrt.block import blk_mq_freeze as freeze
 from mqrt.block.blk_mq_structs import RQ_OFF_IO_START, RQ_U16_Q, BlkMqError
+from mqrt.block.blk_mq_update import update_nr_hw_queues
 from mqrt.block.elevator import (
     ELEVATOR_NAMES,
     ELEVATORS,
@@ -63,6 +67,11 @@ class Sleep:
     ns: int
 
 
+#: Report fields that count what a transition must never see (a reference taken or a
+#: request started while the queue was frozen or quiesced): each is 0 on correct code,
+#: and the report sums them per attribute as ``violations``.
+VIOLATIONS = frozenset({"refs_while_frozen", "started_while_frozen", "started_while_quiesced"})
+
 #: What a store yields, and the generator it is.
 Step = Wait | Sleep
 Store = Generator[Step, None, dict[str, Any]]
@@ -76,6 +85,9 @@ class QueueInfo:
     index: int  #: its position in the run's queues (the requests' ``q``)
     nr_tags: int  #: the tag set's queue_depth (reserved tags included)
     nr_reserved_tags: int = 0
+    tag_set: str = ""  #: its tag set's name (queues that share one name the same)
+    #: the most hw queues its tag set may have (0: the count cannot change)
+    max_hw_queues: int = 0
 
 
 @dataclass
@@ -97,6 +109,14 @@ class Attribute:
     check: Callable[[Any, QueueInfo], None] | None = None  #: SysfsError if it does not fit
     per_queue: bool = True  #: written per queue; False: of the whole run (no DEV)
     verb: bool = False  #: an action: ``=ARG`` optional
+    #: named with a number where the name has ``N`` (``cpuN/online``: ``cpu3/online``);
+    #: the typed value is then (number, parsed value)
+    numbered: bool = False
+    #: checked against the run's number of CPUs (SysfsError if it does not fit)
+    check_cpus: Callable[[Any, int], None] | None = None
+    #: written once per tag set (DEV names the set by one of its queues; without DEV,
+    #: every tag set of the run in turn)
+    per_tag_set: bool = False
 
 
 #: name -> attribute, in registration order.
@@ -115,6 +135,21 @@ def known() -> str:
     return ", ".join(ATTRIBUTES)
 
 
+_NUMBERED = re.compile(r"^([a-z_]+)(\d+)/(.+)$")
+
+
+def split_numbered(name: str) -> tuple[str, int | None]:
+    """``cpu3/online`` -> (``cpuN/online``, 3) for a numbered attribute; any other
+    name -> (name, None)."""
+    m = _NUMBERED.match(name)
+    if m is not None:
+        key = f"{m.group(1)}N/{m.group(3)}"
+        attr = ATTRIBUTES.get(key)
+        if attr is not None and attr.numbered:
+            return key, int(m.group(2))
+    return name, None
+
+
 def lookup(name: str) -> Attribute:
     attr = ATTRIBUTES.get(name)
     if attr is None:
@@ -125,14 +160,19 @@ def lookup(name: str) -> Attribute:
 # -- queue/nr_requests ---------------------------------------------------------------------------
 
 
-def queue_requests_parse(text: str | None) -> int:
+def parse_count(name: str, text: str | None) -> int:
+    """An integer >= 1, or a SysfsError naming the attribute."""
     try:
         nr = int(text or "")
     except ValueError:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}") from None
+        nr = 0
     if nr < 1:
-        raise SysfsError(f"queue/nr_requests: must be an integer >= 1, got {text!r}")
+        raise SysfsError(f"{name}: must be an integer >= 1, got {text!r}")
     return nr
+
+
+def queue_requests_parse(text: str | None) -> int:
+    return parse_count("queue/nr_requests", text)
 
 
 def queue_requests_check(nr: int, queue: QueueInfo) -> None:
@@ -435,6 +475,89 @@ register(
 )
 
 
+# -- cpuN/online: CPU hotplug ------------------------------------------------------------------
+
+#: The attribute's registered name (``cpu3/online`` in a write).
+CPU_ONLINE = "cpuN/online"
+
+
+def cpu_online_parse(text: str | None) -> int:
+    if text is None or text.strip() not in ("0", "1"):
+        raise SysfsError(f"cpuN/online: must be 0 (offline) or 1 (online), got {text!r}")
+    return int(text)
+
+
+def cpu_online_check(value: tuple[int, int], nr_cpus: int) -> None:
+    cpu, _online = value
+    if cpu == 0:
+        raise SysfsError(
+            "cpu0/online: CPU 0 is the boot CPU (it runs the sysfs writer) and cannot go offline"
+        )
+    if nr_cpus < 2:
+        raise SysfsError(f"cpu{cpu}/online: this run has one CPU, CPU 0, which stays online")
+    if not 1 <= cpu < nr_cpus:
+        raise SysfsError(f"cpu{cpu}/online: this run has CPUs 1..{nr_cpus - 1} to take offline")
+
+
+def cpu_online_store(ctx: StoreCtx, q: int, value: tuple[int, int]) -> Store:
+    """Take a CPU down or bring it up (:mod:`mqrt.block.blk_mq_cpuhp`)."""
+    cpu, online = value
+    return (yield from blk_mq_cpuhp.store_online(ctx.mq, ctx.clock, Sleep, cpu, bool(online)))
+
+
+# -- nr_hw_queues ---------------------------------------------------------------------------------
+
+
+def nr_hw_queues_parse(text: str | None) -> int:
+    return parse_count("nr_hw_queues", text)
+
+
+def nr_hw_queues_check(nr: int, queue: QueueInfo) -> None:
+    if not queue.max_hw_queues:
+        raise SysfsError(f"nr_hw_queues: {queue.name}'s tag set cannot change its hw queue count")
+    if not 1 <= nr <= queue.max_hw_queues:
+        raise SysfsError(
+            f"nr_hw_queues: {queue.name}'s tag set takes 1..{queue.max_hw_queues} "
+            f"(its max_hw_queues: nullb's --max_hw_queues, nvme's I/O queues), got {nr}"
+        )
+
+
+def nr_hw_queues_store(ctx: StoreCtx, q: int, nr: int) -> Store:
+    """blk_mq_update_nr_hw_queues() on the tag set of queue ``q``
+    (:mod:`mqrt.block.blk_mq_update`)."""
+    try:
+        return (yield from update_nr_hw_queues(ctx.mq, ctx.mq.queues[q], nr, ctx.clock))
+    except BlkMqError as exc:
+        raise SysfsError(str(exc)) from None
+
+
+register(
+    Attribute(
+        name=CPU_ONLINE,
+        help="cpuN/online=0|1: take CPU N (not CPU 0) offline, or bring it back online "
+        "(its task moves to another CPU meanwhile)",
+        parse=cpu_online_parse,
+        store=cpu_online_store,
+        per_queue=False,
+        numbered=True,
+        check_cpus=cpu_online_check,
+    )
+)
+
+
+register(
+    Attribute(
+        name="nr_hw_queues",
+        help="nr_hw_queues=N: the tag set's hw queue count, 1..its max_hw_queues (every "
+        "queue of the set frozen, CPUs remapped: blk_mq_update_nr_hw_queues)",
+        parse=nr_hw_queues_parse,
+        check=nr_hw_queues_check,
+        store=nr_hw_queues_store,
+        per_tag_set=True,
+    )
+)
+
+
 # -- the timeline: writes at given times of a run ------------------------------------------------
 
 
@@ -459,15 +582,18 @@ class TimedWrite:
     targets: tuple[tuple[int, str], ...] = ()
 
 
-def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
+def bind(writes: list[TimedWrite], queues: list[QueueInfo], nr_cpus: int = 0) -> list[TimedWrite]:
     """Each write with its target queues, checked against them (SysfsError naming the
-    write: a device that is not a queue of the run, a value out of the queue's range)."""
+    write: a device that is not a queue of the run, a value out of the queue's range)
+    and, given ``nr_cpus``, against the run's CPUs."""
     import dataclasses
 
     by_name = {q.name: q for q in queues}
     out = []
     for w in writes:
         attr = lookup(w.attr)
+        if attr.check_cpus is not None and nr_cpus:
+            attr.check_cpus(w.value, nr_cpus)
         if not attr.per_queue:
             out.append(dataclasses.replace(w, targets=((-1, ""),)))
             continue
@@ -479,6 +605,8 @@ def bind(writes: list[TimedWrite], queues: list[QueueInfo]) -> list[TimedWrite]:
             raise SysfsError(
                 f"{w.dev!r} is not a queue of this run (its queues: {', '.join(by_name) or 'none'})"
             )
+        if attr.per_tag_set:  # the first queue of each set named
+            targets = list({q.tag_set or q.name: q for q in reversed(targets)}.values())[::-1]
         if attr.check is not None:
             for q in targets:
                 attr.check(w.value, q)

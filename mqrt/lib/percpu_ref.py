@@ -26,9 +26,12 @@ The count of references held, whatever the mode::
 Ownership and ordering (the rows of docs/ARCHITECTURE.md):
 
 * ``flags``: set by the killer (fetch_or, a full barrier), cleared by the
-  resurrector (store_release, after the counters are zero); every get and put loads
-  it plainly inside its read-side section.  The grace period between the kill and
-  the fold is what orders a straggler's per-CPU add before the fold.
+  resurrector (store_release, after the counters are zero) or by a killer that gives
+  up before the fold (``revive``: store_release; the per-CPU counters were never
+  moved, so a get that saw the dying flag and one that did not both stay counted);
+  every get and put loads it plainly inside its read-side section.  The grace
+  period between the kill and the fold is what orders a straggler's per-CPU add
+  before the fold.
 * per-CPU ``count``: its CPU only (fetch_add) while ``flags`` is 0; zeroed by the
   folder (xchg), after the grace period, when no CPU writes it any more.
 * ``count``: atomic-mode gets and puts, the folder and the resurrector, all fully
@@ -149,6 +152,14 @@ class PercpuRef:
         a = self.a
         a.set(self.switching_off, 1)
         a.fetch_or(self.flags_off, RefFlag.ATOMIC | RefFlag.DEAD)
+
+    def revive(self) -> None:
+        """Undo :meth:`kill` before the fold (a freeze given up mid grace period):
+        nothing was moved out of the per-CPU counters, so they still hold every
+        reference, and per-CPU mode simply resumes."""
+        a = self.a
+        a.store_release(self.flags_off, 0)
+        a.set(self.switching_off, 0)
 
     def fold(self) -> bool:
         """After the grace period: move the per-CPU counts into ``count`` (zeroing

@@ -70,7 +70,7 @@ class CpuReport(TypedDict):
     vol_ctx_switches: int
     blk_mq: dict[str, int]  #: the block layer's counters on this CPU
     driver: dict[str, int]  #: the driver's (BlkMqOps.driver_stats)
-    cpu_counters: dict[str, int]  #: IPIs, wake-ups, tag sleeps
+    cpu_counters: dict[str, int]  #: IPIs, wake-ups, the task's sleeps, tag sleeps
     inject_hits: dict[str, int]
     hctx: list[dict[str, int]]  #: per hctx with activity: q, hctx and its counters
     violations: list[str]  #: broken invariants it saw
@@ -78,6 +78,10 @@ class CpuReport(TypedDict):
     #: CPU 0 of a run with a timeline: its sysfs writer's ``transitions`` (one per
     #: write made) and ``writes`` (per --at/--every: started, late, skipped); else {}
     sysfs: dict[str, Any]
+    #: per queue whose tag set's hctx count changed during the run: for each map this
+    #: CPU followed, in order, its generation, nr_hw_queues, this CPU's hctx and the
+    #: requests it allocated on each hctx until it left that map (cumulative); [] else
+    hctx_maps: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)

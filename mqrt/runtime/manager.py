@@ -505,7 +505,7 @@ class Manager:
         abandoned = sum(j["inflight"] for c in reports for j in c["jobs"])
         if abandoned and self.interrupted:
             return {"skipped": f"{abandoned} I/Os still in flight when the stop gave up on them"}
-        invariants = check_invariants(self.r.arena, self.r.queues)
+        invariants = check_invariants(self.r.arena, self.r.queues, self.r.cpuhp_spec)
         invariants["violations"] = (
             sum(c["blk_mq"]["violations"] for c in reports)
             + len(invariants["problems"])

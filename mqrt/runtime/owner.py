@@ -48,7 +48,7 @@ from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
 from mqrt.block.blk_sysfs import QueueInfo, TimedWrite
-from mqrt.lib import inject, proc, rcu, signals, wire
+from mqrt.lib import cpuhp, inject, proc, rcu, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -84,17 +84,25 @@ def _frozen_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _bind_timeline(writes: list[TimedWrite], queues: list) -> list[TimedWrite]:
+def _bind_timeline(writes: list[TimedWrite], queues: list, nr_cpus: int) -> list[TimedWrite]:
     """The timeline's writes with the queues they go to, checked against the queues
     the driver's setup built (the command checked them against its configuration
     already; a difference is a BlkMqError naming the write)."""
     infos = [
-        QueueInfo(q.name, q.index, q.tag_set.queue_depth, q.tag_set.reserved_tags) for q in queues
+        QueueInfo(
+            q.name,
+            q.index,
+            q.tag_set.queue_depth,
+            q.tag_set.reserved_tags,
+            q.tag_set.name,
+            q.tag_set.max_hw_queues,
+        )
+        for q in queues
     ]
     out = []
     for w in writes:
         try:
-            out += blk_sysfs.bind([w], infos)
+            out += blk_sysfs.bind([w], infos, nr_cpus)
         except blk_sysfs.SysfsError as exc:
             raise BlkMqError(f"{w.source}: {w.text!r}: {exc}") from None
     return out
@@ -144,11 +152,17 @@ class _Run:
             self.messages.extend(q.tag_set.messages)
         self.messages = list(dict.fromkeys(self.messages))
         if spec.timeline:
-            self.timeline = _bind_timeline(spec.timeline, self.queues)
+            self.timeline = _bind_timeline(spec.timeline, self.queues, self.n)
         # a slot per CPU, and one for the sysfs writer task of CPU 0 (its slot: n)
         self.wspec = Waiters.declare(layout, self.n + 1)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
         self.rcu_spec = rcu.declare(layout, self.n)
+        # CPU hotplug's masks: only for a run whose timeline takes CPUs offline
+        self.cpuhp_spec = (
+            cpuhp.declare(layout, self.n)
+            if any(w.attr == blk_sysfs.CPU_ONLINE for w in self.timeline or ())
+            else None
+        )
         self.trace_spec = (
             TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
         )
@@ -195,6 +209,8 @@ class _Run:
         ops.init_shared(arena)
         Waiters.init(arena, self.wspec)
         rcu.init(arena, self.rcu_spec)
+        if self.cpuhp_spec is not None:
+            cpuhp.init(arena, self.cpuhp_spec)
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.fds += self.eventfds
         self.fds += ops.make_fds()
@@ -348,6 +364,7 @@ class _Run:
                 mode=spec.mode,
                 queue_jobs=spec.queue_jobs,
                 rcu=self.rcu_spec,
+                hotplug=self.cpuhp_spec,
                 timeline=self.timeline if cpu == 0 else None,
                 writer_slot=self.n,
                 trace=self.trace_spec,
