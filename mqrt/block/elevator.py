@@ -91,11 +91,8 @@ def elevator_init(arena: Any, queue_spec: Any, name: str, nr_requests: int) -> N
     dd = queue_spec.dd
     if name != "none" and dd is None:
         raise ElevatorError(f"scheduler: {queue_spec.name} takes no elevator (NO_SCHED)")
-    if dd is not None:
-        DeadlineData.init(arena, dd)
-        handle = DeadlineData(arena, dd)
-        handle.depth_updated(nr_requests)
-        handle.close()
+    if dd is not None:  # no lock taken: no other process exists yet
+        DeadlineData.init(arena, dd, nr_requests)
     arena.atomic.set32(queue_spec.header.addr(0, "elevator"), ELEVATORS[name])
 
 

@@ -279,9 +279,13 @@ class DeadlineData:
         return DeadlineSpec(name, nr_requests, data, rqs)
 
     @staticmethod
-    def init(arena: Arena, spec: DeadlineSpec) -> None:
+    def init(arena: Arena, spec: DeadlineSpec, nr_requests: int = 0) -> None:
         """dd_init_sched() and dd_depth_updated(), in the owner before anyone else
-        attaches: empty lists, v6.1's default knobs, ``last_dir`` WRITE."""
+        attaches: empty lists, v6.1's default knobs, ``last_dir`` WRITE, and
+        ``nr_requests`` (default: every request line) with its ``async_depth``."""
+        nr = nr_requests or spec.nr_requests
+        if not 1 <= nr <= spec.nr_requests:
+            raise ValueError(f"{spec.name}: nr_requests must be 1..{spec.nr_requests}, got {nr}")
         v = arena.view(spec.data)
         v[0] = 0
         for d in DIR_NAMES:
@@ -294,8 +298,8 @@ class DeadlineData:
         v["writes_starved"] = WRITES_STARVED
         v["front_merges"] = 1
         v["fifo_batch"] = FIFO_BATCH
-        v["nr_requests"] = spec.nr_requests
-        v["async_depth"] = async_depth_for(spec.nr_requests)
+        v["nr_requests"] = nr
+        v["async_depth"] = async_depth_for(nr)
         r = arena.view(spec.rqs)
         for name in ("fifo_next", "fifo_prev", "sort_next", "sort_prev"):
             r[name] = NIL
