@@ -8,8 +8,9 @@ fallback map, plus the cpulist syntax of ``lib/bitmap.c``.
 
 Deviations from the kernel:
 
-- present == possible CPUs: emulated CPUs are always present (there is no hotplug),
-  so step 1 of :func:`map_queues` maps the first ``nr_queues`` CPUs and step 2 the rest.
+- present == possible CPUs: emulated CPUs are always present (CPU hotplug takes a
+  CPU offline, never out of the map, as the kernel's map covers possible CPUs), so
+  step 1 of :func:`map_queues` maps the first ``nr_queues`` CPUs and step 2 the rest.
 - The topology is an explicit :class:`Topology` value passed in, not per-CPU arch
   state (``topology_sibling_cpumask()``, ``sd_llc_id``); it describes the *emulated*
   CPUs, derived from the host where they are pinned (:meth:`Topology.host`).
