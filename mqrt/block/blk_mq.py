@@ -453,7 +453,11 @@ class BlkMq(BlkMqCompletion):
             rq_flags |= _RQF_RESV
         if polled:
             rq_flags |= _RQF_POLLED
-        self._setup(base, start_ns, sector, nr_sectors, nr_segs, hctx, queue, op, rq_flags)
+        hctx.nr_alloc += 1
+        RQ_SETUP.pack_into(  # _setup(), inlined on the per-I/O path
+            self.buf, base + RQ_OFF_SETUP, start_ns, sector, nr_sectors, 1, nr_segs,
+            self.ctx_cpu, hctx.index, queue.index, op, rq_flags | self.rq_home, 0,
+        )  # fmt: skip
         if trace.on:
             trace.emit(_EV_TAG_GET, rq_id - tags.rq_base, self.a.read(base) >> RQ_GEN_SHIFT,
                        hctx.index, queue.index)  # fmt: skip
