@@ -4,6 +4,7 @@ real CPUs, real reports, Ctrl-C in the middle."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -150,3 +151,27 @@ def test_the_status_line_names_the_run_and_the_eta(monkeypatch, capsys):
     quiet = Progress(True, total_runs=1, run_s=1.0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert not Progress(True, total_runs=1, run_s=1.0).enabled and quiet.enabled
+
+
+def test_a_run_is_named_on_a_terminal_or_with_v(monkeypatch, capsys):
+    from mqrt.bench.text import Progress
+
+    line = "run mqrt-1-2-3: owner pid 1, 2 CPUs"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    Progress(True, total_runs=1, run_s=1.0).announce(line)
+    Progress(False, total_runs=1, run_s=1.0).announce(line)  # --quiet
+    assert capsys.readouterr().err == f"mqrt: {line}\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    Progress(True, total_runs=1, run_s=1.0).announce(line)  # piped
+    assert capsys.readouterr().err == ""
+    Progress(True, total_runs=1, run_s=1.0, verbose=True).announce(line)
+    assert capsys.readouterr().err == f"mqrt: {line}\n"
+
+
+def test_bench_v_names_its_segment_while_it_exists():
+    out = mqrt("bench", "--cpus", "1", "--runtime", "0.3", "-v")
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("mqrt: run mqrt-")]
+    # the segment's name carries its owner's pid (mqrt-<pid>-<start time>-<random>)
+    m = re.fullmatch(r"mqrt: run (mqrt-(\d+)-\d+-[0-9a-f]{8}): owner pid (\d+), 1 CPUs", line)
+    assert m is not None and m.group(2) == m.group(3), line

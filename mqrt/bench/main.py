@@ -828,6 +828,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 progress.start_run(label)
                 p.spec.progress = progress
                 p.spec.on_event = progress.event
+                p.spec.on_start = progress.announce
                 if args.trace or args.trace_dump:
                     p.spec.trace_entries = TRACE_ENTRIES
                     p.spec.trace_dump = args.trace_dump

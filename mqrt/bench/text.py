@@ -458,14 +458,24 @@ class Progress:
         self.last: tuple[float, int] | None = None
         self.shown = False
 
-    def event(self, line: str) -> None:
-        """A line of the run's life (``-v``): printed above the status line."""
-        if not self.verbose:
-            return
+    def _line(self, line: str) -> None:
+        """One line above the status line."""
         if self.shown:
             sys.stderr.write("\r" + " " * 100 + "\r")
         sys.stderr.write(f"mqrt: {line}\n")
         sys.stderr.flush()
+
+    def event(self, line: str) -> None:
+        """A line of the run's life (``-v``)."""
+        if self.verbose:
+            self._line(line)
+
+    def announce(self, line: str) -> None:
+        """The line that names a run (its segment, its owner): printed with ``-v``, or
+        when stderr is a terminal (not with ``--quiet``), so a second terminal can find
+        the run while it goes."""
+        if self.verbose or self.enabled:
+            self._line(line)
 
     def start_run(self, label: str) -> None:
         self.label = label

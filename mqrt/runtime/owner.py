@@ -170,8 +170,8 @@ class _Run:
         # first; a second one, or one before the CPUs run, unwinds through here)
         with signals.handled(), Arena.create(layout, guard=True) as arena:
             self.arena = arena
-            if spec.on_event is not None:
-                spec.on_event(f"run {arena.name}: owner pid {os.getpid()}, {self.n} CPUs")
+            if spec.on_start is not None:
+                spec.on_start(f"run {arena.name}: owner pid {os.getpid()}, {self.n} CPUs")
             stopping = False
             try:
                 self._init_arena()

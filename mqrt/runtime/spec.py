@@ -76,6 +76,9 @@ class RunSpec:
     #: Called with one line at each step of the run's life (set-up, start, deadline,
     #: stop, exit): what ``mqrt bench -v`` prints.
     on_event: Callable[[str], None] | None = None
+    #: Called once the run's segment exists, with the line that names it (``run
+    #: <segment>: owner pid <pid>, <n> CPUs``), so another terminal can find the run.
+    on_start: Callable[[str], None] | None = None
 
 
 @dataclass
