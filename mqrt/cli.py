@@ -1,4 +1,5 @@
-"""The ``mqrt`` command line: ``bench``, ``compare``, ``plot``, ``race``, ``microbench``.
+"""The ``mqrt`` command line: ``bench``, ``compare``, ``plot``, ``race``, ``microbench``,
+``inspect``.
 
 User mistakes end in a one-line ``mqrt: error: ...`` naming the bad option and exit
 status 2, never a traceback.  Ctrl-C, SIGTERM and SIGHUP are handled alike
@@ -39,11 +40,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from mqrt import compare, plot
     from mqrt.bench import main as bench
+    from mqrt.inspect import main as inspect
     from mqrt.microbench import main as microbench
     from mqrt.race import main as race
 
     bench.add_parser(sub)
     compare.add_parser(sub)
+    inspect.add_parser(sub)
     microbench.add_parser(sub)
     plot.add_parser(sub)
     race.add_parser(sub)

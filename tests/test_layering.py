@@ -32,6 +32,7 @@ LAYERS = {
     "mqrt.race": 4,
     "mqrt.microbench": 4,
     "mqrt.compare": 4,
+    "mqrt.inspect": 4,
     "mqrt.plot": 4,
     "mqrt.cli": 5,
     "mqrt.__main__": 5,

@@ -1,0 +1,1 @@
+"""``mqrt inspect``: the runs of this user on this host (``main``)."""
