@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from mqrt.inspect.main import list_runs
 from tests.helpers import wait_for_work
@@ -35,3 +36,72 @@ def test_a_running_run_is_listed_and_gone_once_it_ended():
     assert bench.returncode == 130, err
     # the owner unlinks its segment before it exits
     assert not any(r.owner_pid == bench.pid for r in list_runs())
+
+
+def _inspect(run: str, *paths: str) -> dict[str, str]:
+    out = mqrt("inspect", run, *paths, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
+    """Attach to a real run whose requests stay in flight (null_blk's timer completes
+    each after 2 s): the configured depths, the map's CPU lists, and tags in use that
+    match what the run itself counts in flight."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "mqrt", "bench", "--cpus", "2", "--submit_queues", "2",
+         "--hw_queue_depth", "16", "--iodepth", "4", "--irqmode", "2",
+         "--completion_nsec", "2000000000", "--runtime", "60", "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seg = ""
+        deadline = time.monotonic() + 120
+        while not seg and time.monotonic() < deadline:  # the run's segment, once running
+            seg = next(
+                (
+                    r.segment
+                    for r in list_runs()
+                    if r.owner_pid == bench.pid and r.state == "running"
+                ),
+                "",
+            )
+            time.sleep(0.05)
+        assert seg, "the run never started"
+        dev = "sys/block/nullb0"
+        dbg = "sys/kernel/debug/block/nullb0"
+        # every CPU submitted its iodepth (published with its heartbeat): 4 each
+        got: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            got = _inspect(seg, f"/{dev}", f"/{dbg}/hctx0", f"/{dbg}/hctx1", "/proc/diskstats")
+            if got[f"{dev}/inflight"].split()[0] == "8":
+                break
+            time.sleep(0.05)
+        assert got[f"{dev}/inflight"].split() == ["8", "0"]
+        assert got[f"{dev}/mq/0/cpu_list"] == "0\n" and got[f"{dev}/mq/1/cpu_list"] == "1\n"
+        assert got[f"{dev}/mq/0/nr_tags"] == "16\n" and got[f"{dev}/mq/0/nr_reserved_tags"] == "0\n"
+        assert got[f"{dev}/queue/nr_requests"] == "16\n"
+        assert got[f"{dev}/queue/scheduler"].split() == ["[none]", "mq-deadline"]
+        stat = got[f"{dev}/stat"].split()
+        assert len(stat) == 17 and stat[8] == "8"
+        assert got["proc/diskstats"].split()[2] == "nullb0"
+        for h in (0, 1):
+            assert "nr_tags=16\n" in got[f"{dbg}/hctx{h}/tags"]
+            # the tags in use are the run's requests in flight: 4 per hctx, each started
+            assert "busy=4\n" in got[f"{dbg}/hctx{h}/tags"]
+            busy = got[f"{dbg}/hctx{h}/busy"].splitlines()
+            assert len(busy) == 4 and all(".state=in_flight" in line for line in busy)
+            assert got[f"{dbg}/hctx{h}/type"] == "default\n"
+            assert got[f"{dbg}/hctx{h}/flags"].startswith("alloc_policy=FIFO ")
+        one = mqrt("inspect", seg, f"{dbg}/hctx0/tags_bitmap")
+        assert one.returncode == 0 and one.stdout.startswith("00000000: "), one.stdout
+        hexbytes = "".join(one.stdout.split(":", 1)[1].split())
+        assert len(hexbytes) == 4 and bin(int(hexbytes, 16)).count("1") == 4  # 16 tags, 4 held
+        bad = mqrt("inspect", seg, "block/nullb9")
+        assert bad.returncode == 2 and "PATH: 'block/nullb9' names no file" in bad.stderr
+    finally:
+        bench.send_signal(2)
+        _, err = bench.communicate(timeout=120)
+    assert bench.returncode == 130, err
+    ended = mqrt("inspect", seg)
+    assert ended.returncode == 2 and "has ended" in ended.stderr

@@ -68,6 +68,7 @@ from mqrt.lib.trace import Tracer, TraceSpec
 from mqrt.lib.wait import Waiters, WaitersSpec
 from mqrt.workers.ioengine import IoJob, JobSpec
 from mqrt.workers.kthread import Writer
+from mqrt.workers.live import DISK_FIELDS, LiveSpec, Publisher
 
 IPI = struct.Struct("<BBHiIiQQQQ")
 IPI_COMPLETE, IPI_RUN, IPI_BIO_DONE, IPI_RCU = 1, 2, 3, 4
@@ -118,6 +119,7 @@ class CpuPlan:
     ipi_r: list[int]
     ipi_w: list[int]
     stats: Region
+    live: LiveSpec  #: where this CPU publishes its counters for observers
     queues: list[RequestQueue]
     driver: BlkMqOps  #: the driver (this CPU binds its forked copy)
     job: JobSpec
@@ -221,6 +223,7 @@ class Cpu:
 
         o = plan.stats.offsets(plan.cpu)
         self._st = o
+        self._live = Publisher(plan.arena, plan.live, plan.cpu)
         retries.install(plan.arena.atomic, o.retries)
         #: Interrupt vectors affine to this CPU: fd -> handler (the driver's irq).
         self.irq_handlers: dict[int, Callable[[], None]] = dict(
@@ -510,7 +513,23 @@ class Cpu:
         a.set(o.phase, phase)
         self._phase = phase
         a.set(o.stale, self.mq.stats["stale_completions"])
+        self._publish_live()
         self._next_pub = self.clock() + PUBLISH_NS
+
+    def _publish_live(self) -> None:
+        """Every counter an observer shows (mqrt.workers.live), into this CPU's blocks."""
+        mq = self.mq
+        counters = {**mq.counters(), **self.counters, **self._tags_stats()}
+        disks = [[0] * len(DISK_FIELDS) for _ in mq.queues]
+        for j in self.jobs:
+            r, w = j.dirs
+            row = (
+                r.requests, r.ios - r.requests, r.nbytes >> 9, r.ticks_ns,
+                w.requests, w.ios - w.requests, w.nbytes >> 9, w.ticks_ns,
+                j.inflight,
+            )  # fmt: skip
+            disks[j.q] = [x + y for x, y in zip(disks[j.q], row, strict=True)]
+        self._live.publish(counters, [q.hctxs for q in mq.queues], disks)
 
     def _on_violation(self) -> None:
         """BlkMq found a broken invariant: publish it now (the runtime's detectors)."""
@@ -785,6 +804,15 @@ class Cpu:
             if not self._poll_inflight():
                 self._serve(self._abandon_ns or None)
 
+    def _tags_stats(self) -> dict[str, int]:
+        waits = sleeps = 0
+        for tags_list in self.mq._tags.values():
+            for t in tags_list:
+                if t is not None:
+                    waits += t.nr_tag_waits
+                    sleeps += t.nr_tag_sleeps
+        return {"tag_waits": waits, "tag_sleeps": sleeps}
+
     def _report(self) -> None:
         mq = self.mq
         ru0 = self.ru_start or resource.getrusage(resource.RUSAGE_SELF)
@@ -795,13 +823,7 @@ class Cpu:
             for h in q.hctxs
             if any(h.stats.values())
         ]
-        tags_stats = {"tag_waits": 0, "tag_sleeps": 0}
-        for tags_list in mq._tags.values():
-            for t in tags_list:
-                if t is None:
-                    continue
-                tags_stats["tag_waits"] += t.nr_tag_waits
-                tags_stats["tag_sleeps"] += t.nr_tag_sleeps
+        tags_stats = self._tags_stats()
         report: wire.CpuReport = {
             "cpu": self.cpu,
             "pid": os.getpid(),

@@ -1430,6 +1430,7 @@ class BlkMq(BlkMqCompletion):
                 break
             self.end_request_by_id(queue, rq_id, ret)
         hctx.stats["dispatched"] += queued
+        hctx.dispatched_order[min(6, queued.bit_length())] += 1  # queued_to_index()
         if i < n and queued and ops.commit_rqs is not None:
             ops.commit_rqs(self, hctx)
         if i < n:

@@ -858,6 +858,8 @@ class HwCtx:
         self.stats = {
             "run": 0, "dispatched": 0, "queued": 0, "busy": 0, "restart": 0, "no_driver_tag": 0
         }  # fmt: skip
+        #: hctx->dispatched[]: dispatches by requests queued (0, 1, 2-3, 4-7, ..., 32+)
+        self.dispatched_order = [0] * 7
 
     def map_ctxs(self) -> None:
         """Take the hctx's ctxs from ``q`` (blk_mq_map_swqueue()'s result in this

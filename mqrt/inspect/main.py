@@ -7,20 +7,36 @@ and the owners' processes, never the segments: it cannot disturb a run.
 For each run: its segment, the owner's pid, its command line, its age (since the owner
 started), the segment's size, and its state: ``running`` while the owner lives,
 ``stale`` once it is gone (the run's guardian removes the segment; the next run of
-mqrt reclaims one that was left).
+mqrt reclaims one that was left).  The state of a running run is its phase as its
+owner publishes it (``setup``, ``running``, ``draining``, ``exit``), read from the
+first bytes of its segment through a read-only mapping.
+
+``mqrt inspect RUN [PATH...]`` maps that run's segment read-only and prints its
+debugfs and sysfs files in the kernel's names and formats
+(``sys/kernel/debug/block/<dev>/hctxN/tags``, ``sys/block/<dev>/mq/N/cpu_list``,
+``sys/block/<dev>/stat``, ``proc/diskstats``, ...: :mod:`mqrt.inspect.tree`).  RUN
+is a segment name, its owner's pid or the start of a name; each PATH a file, a
+directory or a shell pattern (``'block/nullb0/hctx0/*'``).  One file prints as
+``cat`` would; several as ``grep -r . DIR`` would, ``path:line``.  ``--json`` gives
+``{path: contents}``; ``--watch SECONDS`` reads them again every SECONDS until the
+run ends or Ctrl-C.  The inspector cannot change the run: see
+:mod:`mqrt.inspect.attach`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import psutil
 
+from mqrt.errors import UsageError
 from mqrt.lib.shm import SHM_DIR, list_segments, owner_alive, segment_owner
 
 
@@ -30,10 +46,34 @@ class RunInfo:
 
     segment: str
     owner_pid: int
-    state: str  #: running | stale
+    state: str  #: setup | running | draining | exit (the owner's phase), or stale
     age_s: float | None  #: since the owner started (None once it is gone)
     size_bytes: int
     cmdline: str
+
+
+def run_state(name: str) -> str:
+    """A live run's phase from its superblock (a read-only mapping of its first
+    page), or ``running`` when that cannot be read (being set up)."""
+    import mmap
+
+    from mqrt.runtime.manifest import MAGIC, SUPERBLOCK, RunPhase
+
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return "running"
+    try:
+        with mmap.mmap(fd, SUPERBLOCK.itemsize, prot=mmap.PROT_READ) as mm:
+            sb = np.frombuffer(mm, dtype=SUPERBLOCK, count=1).copy()[0]
+    except (OSError, ValueError):
+        return "running"
+    finally:
+        os.close(fd)
+    if int(sb["magic"]) != MAGIC:
+        return "setup"
+    phase = int(sb["phase"])
+    return RunPhase(phase).name.lower() if phase in RunPhase._value2member_map_ else "running"
 
 
 def list_runs(uid: int | None = None) -> list[RunInfo]:
@@ -61,7 +101,8 @@ def list_runs(uid: int | None = None) -> list[RunInfo]:
                 cmdline = " ".join(p.cmdline())
             except psutil.Error:  # it ended meanwhile
                 alive = False
-        runs.append(RunInfo(name, pid, "running" if alive else "stale", age, st.st_size, cmdline))
+        state = run_state(name) if alive else "stale"
+        runs.append(RunInfo(name, pid, state, age, st.st_size, cmdline))
     runs.sort(key=lambda r: -(r.age_s or 0.0))
     return runs
 
@@ -115,19 +156,69 @@ def render(runs: list[RunInfo]) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="list the runs of this user on this host",
+        help="list this user's runs, or show a live run's debugfs and sysfs files",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list, one entry per run")
+    p.add_argument("run", nargs="?", metavar="RUN", help="segment, owner pid or a name's start")
+    p.add_argument(
+        "paths", nargs="*", metavar="PATH", help="files, directories or patterns (default: all)"
+    )
+    p.add_argument("--json", action="store_true", help="JSON: a list of runs, or path -> text")
+    p.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="read again every SECONDS until the run ends"
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    runs = list_runs()
-    if args.json:
-        out: list[dict[str, Any]] = [asdict(r) for r in runs]
-        print(json.dumps(out, indent=2))
-    else:
-        render(runs)
-    return 0
+    if args.run is None:
+        if args.paths or args.watch is not None:
+            raise UsageError("PATH and --watch need a RUN (`mqrt inspect` lists the runs)")
+        runs = list_runs()
+        if args.json:
+            out: list[dict[str, Any]] = [asdict(r) for r in runs]
+            print(json.dumps(out, indent=2))
+        else:
+            render(runs)
+        return 0
+    if args.watch is not None and not 0.05 <= args.watch <= 3600:
+        raise UsageError(f"--watch: SECONDS must be in 0.05..3600, got {args.watch:g}")
+    return show_run(args.run, args.paths, args.json, args.watch)
+
+
+def show_run(run: str, patterns: list[str], as_json: bool, watch: float | None) -> int:
+    """Print the files of ``run`` once, or every ``watch`` seconds until it ends."""
+    import sys
+
+    from mqrt.inspect.attach import RunView, resolve
+    from mqrt.inspect.tree import Tree, read, select
+
+    with RunView(resolve(run)) as view, contextlib.closing(Tree(view)) as tree:
+        paths = select(tree.files, patterns)
+        while True:
+            got = read(tree.files, paths)
+            if as_json:
+                print(json.dumps(got, indent=None if watch else 2), flush=True)
+            else:
+                _print_files(got, watch is not None)
+            if watch is None:
+                return 0
+            if view.ended():
+                print(f"mqrt inspect: run {view.name} ended", file=sys.stderr)
+                return 0
+            time.sleep(watch)
+            if view.ended():
+                print(f"mqrt inspect: run {view.name} ended", file=sys.stderr)
+                return 0
+            tree.refresh()
+
+
+def _print_files(got: dict[str, str], stamp: bool) -> None:
+    if stamp:
+        print(f"--- {time.strftime('%H:%M:%S')}")
+    if len(got) == 1:
+        print(next(iter(got.values())), end="", flush=True)
+        return
+    lines = [f"/{path}:{line}" for path, text in got.items() for line in text.splitlines() if line]
+    print("\n".join(lines), flush=True)

@@ -33,6 +33,10 @@
  * counters); 32-bit operations work on signed words (atomic_t: ws_active, wait_cnt,
  * nr_active).  Arguments wrap modulo the word size, as kernel atomics do.
  *
+ * A view made with readonly=True takes a read-only buffer (a PROT_READ mapping: an
+ * inspector of a live run) and refuses every operation that writes, with
+ * PermissionError, before touching the word; loads work as on any view.
+ *
  * Every access is checked against the buffer: an offset outside it raises IndexError,
  * a misaligned one ValueError, and a view that is released or was never initialised
  * ValueError - never a segfault.  Arguments are converted before the address is
@@ -92,6 +96,7 @@ typedef struct {
     char *base;          /* NULL until initialised and once released */
     Py_ssize_t len;
     uint64_t gen;        /* bumped by every (re)initialisation and release */
+    int readonly;        /* bound to a read-only buffer: loads only */
 } AtomicView;
 
 /* Cold: the error for a view with no buffer. */
@@ -141,6 +146,28 @@ word_addr(AtomicView *self, PyObject *arg, Py_ssize_t width)
                          "offset out of range for a %zd-byte word in a %zd-byte buffer",
                          width, self->len);
         }
+        return NULL;
+    }
+    return word_addr_at(self, off, width);
+}
+
+/* The address of a word this operation writes: word_addr(), refused on a read-only
+ * view (a PROT_READ mapping would fault). */
+static inline void *
+word_waddr(AtomicView *self, PyObject *arg, Py_ssize_t width)
+{
+    if (self->readonly && self->base != NULL) {
+        PyErr_SetString(PyExc_PermissionError, "write through a read-only AtomicView");
+        return NULL;
+    }
+    return word_addr(self, arg, width);
+}
+
+static inline void *
+word_waddr_at(AtomicView *self, Py_ssize_t off, Py_ssize_t width)
+{
+    if (self->readonly && self->base != NULL) {
+        PyErr_SetString(PyExc_PermissionError, "write through a read-only AtomicView");
         return NULL;
     }
     return word_addr_at(self, off, width);
@@ -210,7 +237,7 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         type v;                                                                       \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
+        if (unbox(args[1], &v) < 0 || !(p = word_waddr(self, args[0], width)))         \
             return NULL;                                                              \
         __atomic_store_n(p, v, order);                                                \
         Py_RETURN_NONE;                                                               \
@@ -225,7 +252,7 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         type v, old;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
+        if (unbox(args[1], &v) < 0 || !(p = word_waddr(self, args[0], width)))         \
             return NULL;                                                              \
         old = builtin(p, v, __ATOMIC_SEQ_CST);                                        \
         SMP_MB_AFTER_RMW();                                                           \
@@ -239,7 +266,7 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         type v, old;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (unbox(args[1], &v) < 0 || !(p = word_addr(self, args[0], width)))         \
+        if (unbox(args[1], &v) < 0 || !(p = word_waddr(self, args[0], width)))         \
             return NULL;                                                              \
         old = __atomic_fetch_and(p, (type)~v, __ATOMIC_SEQ_CST);                      \
         SMP_MB_AFTER_RMW();                                                           \
@@ -255,7 +282,7 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         if (check_nargs(#fn, nargs, 3) < 0)                                           \
             return NULL;                                                              \
         if (unbox(args[1], &expected) < 0 || unbox(args[2], &desired) < 0             \
-            || !(p = word_addr(self, args[0], width)))                                \
+            || !(p = word_waddr(self, args[0], width)))                               \
             return NULL;                                                              \
         __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,       \
                                     __ATOMIC_SEQ_CST);                                \
@@ -301,7 +328,7 @@ av_percpu_add(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
     if (check_nargs("percpu_add", nargs, 3) < 0)
         return NULL;
     if (get_u64(args[2], &v) < 0 || !(flags = word_addr(self, args[0], 8))
-        || !(p = word_addr(self, args[1], 8)))
+        || !(p = word_waddr(self, args[1], 8)))
         return NULL;
     if (__atomic_load_n(flags, __ATOMIC_RELAXED))
         Py_RETURN_FALSE;
@@ -333,7 +360,7 @@ av_test_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
         unsigned nr;                                                                  \
         if (check_nargs(#fn, nargs, 2) < 0)                                           \
             return NULL;                                                              \
-        if (get_bitnr(args[1], &nr) < 0 || !(p = word_addr(self, args[0], 8)))        \
+        if (get_bitnr(args[1], &nr) < 0 || !(p = word_waddr(self, args[0], 8)))       \
             return NULL;                                                              \
         old = builtin(p, make_mask(nr), order);                                       \
         if (order == __ATOMIC_SEQ_CST)                                                \
@@ -424,7 +451,7 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Format(PyExc_ValueError, "hint %ld is negative", hint);
         return NULL;
     }
-    if (!(p = word_addr(self, args[0], 8)))
+    if (!(p = word_waddr(self, args[0], 8)))
         return NULL;
     return PyLong_FromLong(get_word(p, (unsigned)depth, hint < 64 ? (unsigned)hint : 64, wrap));
 }
@@ -493,7 +520,7 @@ av_find_and_set_zero_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t 
     /* the map's offset, an int or nothing (runs no Python code), comes last */
     if ((map_off = map_word_off(self, args[0], index, stride)) == -1 && PyErr_Occurred())
         return NULL;
-    if (!(p = word_addr_at(self, map_off, 8)))
+    if (!(p = word_waddr_at(self, map_off, 8)))
         return NULL;
     nr = get_word(p, (unsigned)word_depth, 0, 1);
     return PyLong_FromLong(nr == -1 ? -1 : (index << shift) + nr);
@@ -543,13 +570,13 @@ av_deferred_clear_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t nar
     /* offsets last: ints or nothing, they run no Python code */
     if ((map_off = map_word_off(self, args[0], nr >> shift, stride)) == -1 && PyErr_Occurred())
         return NULL;
-    if (!(p = word_addr_at(self, map_off, 8)) || !(ws_active = word_addr(self, args[4], 4)))
+    if (!(p = word_waddr_at(self, map_off, 8)) || !(ws_active = word_addr(self, args[4], 4)))
         return NULL;
     hint_off = PyLong_AsSsize_t(args[5]);
     if (hint_off == -1 && PyErr_Occurred())
         return NULL;
     if (hint_off >= 0
-        && (!(hint = word_addr_at(self, hint_off, 4)) || !(depth = word_addr(self, args[6], 4))))
+        && (!(hint = word_waddr_at(self, hint_off, 4)) || !(depth = word_addr(self, args[6], 4))))
         return NULL;
     __atomic_fetch_or(p, BIT(nr & ((1L << shift) - 1)), __ATOMIC_SEQ_CST);
     SMP_MB_AFTER_RMW();
@@ -598,12 +625,12 @@ av_init(AtomicView *self, PyObject *args, PyObject *kwds)
 {
     PyObject *obj;
     Py_buffer nv, old;
-    int had;
-    static char *kwlist[] = {"buffer", NULL};
+    int had, readonly = 0;
+    static char *kwlist[] = {"buffer", "readonly", NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:AtomicView", kwlist, &obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$p:AtomicView", kwlist, &obj, &readonly))
         return -1;
-    if (PyObject_GetBuffer(obj, &nv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(obj, &nv, (readonly ? 0 : PyBUF_WRITABLE) | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     if (nv.buf == NULL || ((uintptr_t)nv.buf & 7) != 0) {
         const char *why = nv.buf == NULL ? "buffer has no memory" : "buffer is not 8-byte aligned";
@@ -616,6 +643,7 @@ av_init(AtomicView *self, PyObject *args, PyObject *kwds)
     self->view = nv;
     self->base = nv.buf;
     self->len = nv.len;
+    self->readonly = readonly;
     self->gen++;
     if (had)
         PyBuffer_Release(&old);
@@ -633,6 +661,12 @@ static PyObject *
 av_get_nbytes(AtomicView *self, void *closure)
 {
     return PyLong_FromSsize_t(self->len);
+}
+
+static PyObject *
+av_get_readonly(AtomicView *self, void *closure)
+{
+    return PyBool_FromLong(self->readonly);
 }
 
 static PyObject *
@@ -698,6 +732,8 @@ static PyMethodDef av_methods[] = {
 static PyGetSetDef av_getset[] = {
     {"nbytes", (getter)av_get_nbytes, NULL, "Size of the buffer in bytes (0 once released).", NULL},
     {"released", (getter)av_get_released, NULL, "True once release() was called.", NULL},
+    {"readonly", (getter)av_get_readonly, NULL,
+     "True if bound read-only (AtomicView(buf, readonly=True)): loads only.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -706,7 +742,8 @@ static PyTypeObject AtomicViewType = {
     .tp_name = "mqrt.lib._atomic.AtomicView",
     .tp_basicsize = sizeof(AtomicView),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "AtomicView(buffer): atomic word operations at byte offsets of a writable buffer.\n\n"
+    .tp_doc = "AtomicView(buffer, *, readonly=False): atomic word operations at byte offsets\n"
+              "of a writable buffer (with readonly=True, loads on a read-only one).\n\n"
               "Holds a buffer export until release(); a SharedMemory cannot close while\n"
               "a view on it is alive.  Calling __init__ again rebinds the view to a new\n"
               "buffer (TraceWriters bound before then refuse to write); if it fails, the\n"
@@ -770,6 +807,10 @@ tw_init(TraceWriter *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError,
                         av->gen ? "TraceWriter on a released AtomicView"
                                 : "TraceWriter on an uninitialised AtomicView");
+        return -1;
+    }
+    if (av->readonly) {
+        PyErr_SetString(PyExc_PermissionError, "TraceWriter on a read-only AtomicView");
         return -1;
     }
     if (entries < 2 || (entries & (entries - 1))) {

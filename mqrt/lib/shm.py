@@ -49,6 +49,7 @@ Python 3.11's resource tracker (python/cpython#82300)
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import select
@@ -385,15 +386,24 @@ class Arena:
 
     def __init__(
         self,
-        shm: shared_memory.SharedMemory,
+        shm: shared_memory.SharedMemory | None,
         layout: Layout,
         owner: bool,
         guardian: _Guardian | None = None,
+        *,
+        readonly: tuple[str, mmap.mmap] | None = None,
     ):
         self._shm = shm
+        self._mmap: mmap.mmap | None = None
         self.layout = layout
-        assert shm.buf is not None, f"{shm.name} is closed"
-        self.atomic = AtomicView(shm.buf)
+        if readonly is not None:  # open_readonly(): a PROT_READ mapping, loads only
+            self._name, self._mmap = readonly
+            self._mem: memoryview | None = memoryview(self._mmap)
+            self.atomic = AtomicView(self._mem, readonly=True)
+        else:
+            assert shm is not None and shm.buf is not None, "a closed segment"
+            self._name, self._mem = shm.name, shm.buf
+            self.atomic = AtomicView(shm.buf)
         #: pid of the creating process, or None in an attached child.  Compared with
         #: os.getpid() before unlinking, so a forked copy of the owner never unlinks.
         self._owner_pid = os.getpid() if owner else None
@@ -402,7 +412,7 @@ class Arena:
         self._finalizer: weakref.finalize[[str, int, _Guardian | None], Arena] | None = None
         if owner:
             self._finalizer = weakref.finalize(
-                self, _unlink_at_exit, shm.name, os.getpid(), guardian
+                self, _unlink_at_exit, self._name, os.getpid(), guardian
             )
 
     # -- lifecycle -----------------------------------------------------------------
@@ -460,13 +470,34 @@ class Arena:
             raise ValueError(f"arena {handle.name} is smaller than its handle says")
         return cls(shm, layout, owner=False)
 
+    @classmethod
+    def open_readonly(cls, name: str, layout: Layout | None = None) -> Arena:
+        """Map run segment ``name`` read-only (``PROT_READ``): an inspector's view of
+        a live run, which can neither write to it (the mapping would fault, and
+        :attr:`atomic` refuses every write first) nor unlink it.  The segment is
+        0600: only its user can open it (PermissionError otherwise).  Once the run
+        ends and unlinks the segment, the mapping still reads its last state."""
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise ValueError(f"segment {name} is empty")
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(None, layout or Layout(), owner=False, readonly=(name, mm))
+
     @property
     def handle(self) -> ArenaHandle:
-        return ArenaHandle(self._shm.name, self.layout.size)
+        return ArenaHandle(self.name, self.layout.size)
 
     @property
     def name(self) -> str:
-        return self._shm.name
+        return self._name
+
+    @property
+    def readonly(self) -> bool:
+        return self._mmap is not None
 
     @property
     def is_owner(self) -> bool:
@@ -482,7 +513,15 @@ class Arena:
             return
         self._closed = True
         self.atomic.release()
+        if self._mmap is not None:
+            assert self._mem is not None
+            with contextlib.suppress(BufferError):  # numpy views still alive: kept
+                self._mem.release()
+                self._mmap.close()
+            self._mem = None
+            return
         with contextlib.suppress(BufferError):
+            assert self._shm is not None
             self._shm.close()
         if self.is_owner:
             if self._finalizer is not None:
@@ -503,9 +542,9 @@ class Arena:
     def buf(self) -> memoryview:
         """The raw bytes (for bulk copies such as ring entries); a ValueError once the
         arena is closed."""
-        buf = self._shm.buf
-        if buf is None:
-            raise ValueError(f"arena {self._shm.name} is closed")
+        buf = self._mem if self._mmap is not None else self._shm.buf if self._shm else None
+        if buf is None or self._closed:
+            raise ValueError(f"arena {self.name} is closed")
         return buf
 
     def view(self, region: Region | str) -> np.ndarray:
@@ -514,7 +553,7 @@ class Arena:
         Not for the hot path or for read-modify-write: use :attr:`atomic`.
         """
         r = self.layout[region] if isinstance(region, str) else region
-        return np.ndarray((r.count,), dtype=r.dtype, buffer=self._shm.buf, offset=r.offset)
+        return np.ndarray((r.count,), dtype=r.dtype, buffer=self.buf, offset=r.offset)
 
 
 def _unlink_at_exit(name: str, owner_pid: int, guardian: _Guardian | None) -> None:

@@ -17,6 +17,7 @@ from mqrt.block.blk_mq_debugfs import check_invariants, elevator_report, fair_sh
 from mqrt.lib import signals, wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
+from mqrt.runtime import manifest
 from mqrt.runtime.children import (
     JOIN_TIMEOUT_S,
     exit_name,
@@ -26,6 +27,7 @@ from mqrt.runtime.children import (
     recv,
     send,
 )
+from mqrt.runtime.manifest import RunPhase
 from mqrt.runtime.spec import RunError, RunResult
 from mqrt.runtime.watchdog import Stall, Watchdog
 
@@ -166,6 +168,7 @@ class Manager:
         self.end_ns = self.t0_ns + int((job.ramp_time + job.runtime) * 1e9)
         self.deadline = self.end_ns / 1e9 + self.timeout_s + DRAIN_GRACE_S
         self.phase = Phase.RUNNING
+        manifest.set_phase(self.r.arena, RunPhase.RUNNING, self.t0_ns, self.end_ns)
         self.say(
             f"every CPU ready after {self.setup_s:.2f} s: running (set-up CPU time: "
             f"runtime {time.process_time():.2f} s, CPUs {self.setup_cpu_ns / 1e9:.2f} s, "
@@ -304,6 +307,7 @@ class Manager:
     def report_progress(self, now: float) -> None:
         if self.phase is Phase.RUNNING and not self.said_deadline and now >= self.end_ns / 1e9:
             self.said_deadline = True
+            manifest.set_phase(self.r.arena, RunPhase.DRAINING)
             self.say("the deadline passed: the CPUs drain their I/Os")
         progress = self.spec.progress
         if progress is None or self.phase is not Phase.RUNNING or now < self.next_progress:
@@ -402,6 +406,7 @@ class Manager:
             f"{signal.Signals(signum).name}: stopping, the CPUs drain their I/Os (1 s at most)"
         )
         if self.phase is Phase.RUNNING:
+            manifest.set_phase(self.r.arena, RunPhase.DRAINING)
             self._send_all(wire.Stop())
 
     def enter_exit(self) -> None:
@@ -410,6 +415,7 @@ class Manager:
             return
         self._send_all(wire.Exit())
         self.phase = Phase.EXIT
+        manifest.set_phase(self.r.arena, RunPhase.EXIT)
         self.say("the CPUs are told to exit")
         self.deadline = time.monotonic() + JOIN_TIMEOUT_S + 5
 

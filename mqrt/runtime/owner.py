@@ -53,6 +53,7 @@ from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
 from mqrt.lib.wait import Waiters
+from mqrt.runtime import manifest
 from mqrt.runtime.children import (
     JOIN_TIMEOUT_S,
     READY_TIMEOUT_S,
@@ -143,10 +144,12 @@ class _Run:
         self.timeline: list[TimedWrite] | None = None  #: spec.timeline bound to the queues
 
     def run(self) -> RunResult:
+        from mqrt.workers import live
         from mqrt.workers.cpu import CPU_STATS
 
         spec = self.spec
         layout = Layout()
+        self.superblock = manifest.declare(layout)  # offset 0: what an inspector reads first
         self.ops, self.queues, self.dev_bytes = spec.setup(layout, self.topology)
         for q in self.queues:
             self.messages.extend(q.tag_set.messages)
@@ -156,6 +159,7 @@ class _Run:
         # a slot per CPU, and one for the sysfs writer task of CPU 0 (its slot: n)
         self.wspec = Waiters.declare(layout, self.n + 1)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
+        self.live_spec = live.declare(layout, self.n, [len(q.hctxs) for q in self.queues])
         self.rcu_spec = rcu.declare(layout, self.n)
         # CPU hotplug's masks: only for a run whose timeline takes CPUs offline
         self.cpuhp_spec = (
@@ -166,6 +170,8 @@ class _Run:
         self.trace_spec = (
             TraceSpec.declare(layout, self.n, spec.trace_entries) if spec.trace_entries else None
         )
+        # last: the declarations above, for mqrt inspect and mqrt top
+        self.manifest_region, self.manifest_blob = manifest.seal(layout, self._manifest(layout))
         # Ctrl-C, SIGTERM, SIGHUP: mqrt.lib.signals (the Manager stops the run on the
         # first; a second one, or one before the CPUs run, unwinds through here)
         with signals.handled(), Arena.create(layout, guard=True) as arena:
@@ -187,6 +193,24 @@ class _Run:
             finally:
                 with signals.shielded():
                     self._cleanup(stopping)
+
+    def _manifest(self, layout: Layout) -> manifest.Manifest:
+        import mqrt
+
+        return manifest.Manifest(
+            mqrt_version=mqrt.__version__,
+            cmdline=manifest.this_cmdline(),
+            nr_cpus=self.n,
+            driver=type(self.ops).__name__,
+            layout=layout,
+            queues=self.queues,
+            waiters=self.wspec,
+            cpu_stats=self.stats_region,
+            rcu=self.rcu_spec,
+            cpuhp=self.cpuhp_spec,
+            trace=self.trace_spec,
+            extra={"live": self.live_spec},
+        )
 
     def _cleanup(self, stopping: bool) -> None:
         inject.configure({})
@@ -211,6 +235,8 @@ class _Run:
         rcu.init(arena, self.rcu_spec)
         if self.cpuhp_spec is not None:
             cpuhp.init(arena, self.cpuhp_spec)
+        manifest.publish(arena, self.superblock, self.manifest_region, self.manifest_blob, self.n)
+        del self.manifest_blob
         self.eventfds = Waiters.create_eventfds(self.wspec)
         self.fds += self.eventfds
         self.fds += ops.make_fds()
@@ -353,6 +379,7 @@ class _Run:
                 ipi_r=self.ipi_r,
                 ipi_w=self.ipi_w,
                 stats=self.stats_region,
+                live=self.live_spec,
                 queues=queues,
                 driver=self.ops,
                 job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,
