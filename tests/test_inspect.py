@@ -105,3 +105,37 @@ def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
     assert bench.returncode == 130, err
     ended = mqrt("inspect", seg)
     assert ended.returncode == 2 and "has ended" in ended.stderr
+
+
+def test_an_attached_inspector_watches_until_the_run_ends():
+    """mqrt bench --inspector: the watcher process reads the run's files while it goes
+    and ends by itself, with status 0, once the run is over."""
+    from mqrt.inspect.watcher import Inspector
+
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "mqrt", "bench", "--cpus", "1", "--runtime", "3", "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seg = ""
+        deadline = time.monotonic() + 120
+        while not seg and time.monotonic() < deadline:
+            seg = next((r.segment for r in list_runs() if r.owner_pid == bench.pid), "")
+            time.sleep(0.02)
+        assert seg, "the run never started"
+        with Inspector(10) as inspector:
+            while time.monotonic() < deadline:  # attachable once its manifest is there
+                if mqrt("inspect", seg, "proc/diskstats").returncode == 0:
+                    break
+                time.sleep(0.05)
+            inspector.attach(seg)
+            watcher = inspector.proc
+            assert watcher is not None and watcher.poll() is None
+            _, err = bench.communicate(timeout=120)
+        # the with block waited for the watcher: it saw the run end
+        assert watcher.returncode == 0
+    finally:
+        if bench.returncode is None:  # a failure above: end the run
+            bench.kill()
+            bench.communicate(timeout=120)
+    assert bench.returncode == 0, err

@@ -229,3 +229,34 @@ def test_an_mqrt_process_has_one_thread():
         env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")},
     ).stdout
     assert out.strip() == "1"
+
+
+def test_a_readonly_mapping_reads_live_words_and_can_write_none():
+    """Arena.open_readonly: PROT_READ, loads see the owner's later stores, every write
+    is refused before it is tried (a store would fault), the mapping never unlinks
+    and still reads the last state once the owner has unlinked the segment."""
+    layout = Layout()
+    r = layout.add("words", cacheline_struct([("a", "<u8"), ("b", "<i4")]), 2)
+    with Arena.create(layout) as owner:
+        ro = Arena.open_readonly(owner.name)
+        assert ro.readonly and ro.atomic.readonly and not owner.readonly
+        off = r.addr(1, "a")
+        owner.atomic.set(off, 41)
+        assert ro.atomic.read(off) == 41
+        owner.atomic.fetch_add(off, 1)
+        assert ro.atomic.load_acquire(off) == 42
+        assert not ro.view(r).flags.writeable
+        for op, args in (
+            ("set", (off, 1)), ("fetch_add", (off, 1)), ("cmpxchg", (off, 42, 0)),
+            ("xchg", (off, 0)), ("set_bit", (off, 0)), ("test_and_set_bit_lock", (off, 0)),
+            ("store_release32", (r.addr(1, "b"), 1)), ("find_and_set_zero_bit", (off, 8, 0, True)),
+        ):  # fmt: skip
+            with pytest.raises(PermissionError):
+                getattr(ro.atomic, op)(*args)
+        assert owner.atomic.read(off) == 42  # untouched
+        name = owner.name
+    assert not os.path.exists(f"/dev/shm/{name}")  # the owner unlinked it
+    assert ro.atomic.read(off) == 42  # the mapping outlives the name
+    ro.close()
+    with pytest.raises(FileNotFoundError):
+        Arena.open_readonly(name)

@@ -136,6 +136,16 @@ RUN_KNOBS: tuple[Knob, ...] = (
         choices={"legacy": "legacy", "current": "current", "newest": "newest"},
     ),
     Knob("seed", "int", 0, "Seed for everything random in the run. Default: 0", 0, 1 << 62),
+    Knob(
+        "inspector",
+        "int",
+        0,
+        "Attach a read-only inspector to each run that reads every one of its debugfs "
+        "and sysfs files this many times a second (mqrt inspect RUN --watch): what "
+        "watching a run costs it; 0: none. Default: 0",
+        0,
+        100,
+    ),
 )
 
 
@@ -804,6 +814,7 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
     from mqrt.bench.sweep import format_params
     from mqrt.bench.text import Progress
     from mqrt.block.blk_mq_structs import BlkMqError
+    from mqrt.inspect.watcher import Inspector
     from mqrt.runtime.owner import run
     from mqrt.runtime.spec import RunError
 
@@ -829,6 +840,8 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                 p.spec.progress = progress
                 p.spec.on_event = progress.event
                 p.spec.on_start = progress.announce
+                inspector = Inspector(p.config["run"]["inspector"])
+                p.spec.on_published = inspector.attach
                 if args.trace or args.trace_dump:
                     p.spec.trace_entries = TRACE_ENTRIES
                     p.spec.trace_dump = args.trace_dump
@@ -836,7 +849,8 @@ def _run_and_report(planned, axes, repeat, is_default, args, out) -> int:
                     nr_runs += 1
                     p.spec.profile_dir = _profile_dir(args.profile, nr_runs, len(planned) * repeat)
                 try:
-                    result = run(p.spec)
+                    with inspector:
+                        result = run(p.spec)
                 except signals.Abort:
                     raise
                 except KeyboardInterrupt:  # before a run's CPUs ran: keep what was measured

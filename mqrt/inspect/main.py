@@ -211,7 +211,8 @@ def show_run(run: str, patterns: list[str], as_json: bool, watch: float | None) 
             if view.ended():
                 print(f"mqrt inspect: run {view.name} ended", file=sys.stderr)
                 return 0
-            tree.refresh()
+            if tree.refresh():  # the map changed: the files a pattern names may too
+                paths = select(tree.files, patterns)
 
 
 def _print_files(got: dict[str, str], stamp: bool) -> None:

@@ -98,11 +98,17 @@ class Tree:
 
     # -- the counters the CPUs published ------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Read the published counters again (and the map: an ``nr_hw_queues`` write
-        changes it)."""
+    def refresh(self) -> bool:
+        """Read the published counters again, and the map: after an ``nr_hw_queues``
+        write the files are made again for the new map (True then)."""
         self._live = None
+        before = [[list(c) for c in q.hctx_cpus] for q in self.v.queues]
         self.v.refresh_map()
+        if before == [[list(c) for c in q.hctx_cpus] for q in self.v.queues]:
+            return False
+        self.files.clear()
+        self._build()
+        return True
 
     def live(self) -> tuple[Any, Any, Any]:
         if self._live is None:
@@ -173,7 +179,7 @@ class Tree:
         f[f"{d}/run"] = lambda: f"{self.hctx_sum(qi, h, 'run')}\n"
         f[f"{d}/queued"] = lambda: f"{self.hctx_sum(qi, h, 'queued')}\n"
         f[f"{d}/dispatched"] = lambda: self.dispatched(qi, h)
-        for cpu in range(self.v.manifest.nr_cpus):
+        for cpu in q.hctx_cpus[h]:  # the hctx's ctxs, as the kernel registers them
             c = f"{d}/cpu{cpu}"
             kind = HctxType(q.hctx_type[h]).name.lower()
             f[f"{c}/{kind}_rq_list"] = partial(self.ctx_list, q, handle, hctx, cpu)
@@ -389,4 +395,5 @@ def select(files: dict[str, Reader], patterns: list[str]) -> list[str]:
 
 
 def read(files: dict[str, Reader], paths: list[str]) -> dict[str, str]:
-    return {p: files[p]() for p in paths}
+    """The files at ``paths`` that exist now (a remap may remove some)."""
+    return {p: files[p]() for p in paths if p in files}

@@ -181,6 +181,8 @@ class _Run:
             stopping = False
             try:
                 self._init_arena()
+                if spec.on_published is not None:
+                    spec.on_published(arena.name)
                 with signals.forking():
                     self._start_device()
                 inject.configure(spec.inject or {}, spec.seed, spec.inject_irqs)

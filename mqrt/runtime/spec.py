@@ -79,6 +79,9 @@ class RunSpec:
     #: Called once the run's segment exists, with the line that names it (``run
     #: <segment>: owner pid <pid>, <n> CPUs``), so another terminal can find the run.
     on_start: Callable[[str], None] | None = None
+    #: Called with the run's segment name once its manifest is published, before
+    #: the CPUs start: from then on ``mqrt inspect`` can attach to it.
+    on_published: Callable[[str], None] | None = None
 
 
 @dataclass
