@@ -149,6 +149,7 @@ def test_nvme_bench_prints_latency_next_to_the_wakeup_reference():
         (("--driver", "nvme", "--irqmode", "none"), "irqmode: a nullb option"),
         (("--latency_ns", "5"), "latency_ns: an nvme option; add --driver nvme"),
         (("--runtime", "nan"), "runtime: must be 0.01..86400, got 'nan'"),
+        (("--inspector", "101"), "inspector: must be 0..100, got '101'"),
         (("-o", "/nonexistent/dir/x.json"), "cannot write /nonexistent/dir/x.json"),
         (
             ("--mode", "raw", "--cpus", "4", "--shared_tag_bitmap", "1", "--hw_queue_depth", "2"),

@@ -107,13 +107,22 @@ def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
     assert ended.returncode == 2 and "has ended" in ended.stderr
 
 
+def _maps(pid: int, segment: str) -> bool:
+    """Whether process ``pid`` has ``segment`` mapped."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(segment in line for line in f)
+    except OSError:
+        return False
+
+
 def test_an_attached_inspector_watches_until_the_run_ends():
-    """mqrt bench --inspector: the watcher process reads the run's files while it goes
-    and ends by itself, with status 0, once the run is over."""
+    """mqrt bench --inspector: the watcher process maps the run (read-only) while it
+    goes, and ends by itself, with status 0, once the run is over."""
     from mqrt.inspect.watcher import Inspector
 
     bench = subprocess.Popen(
-        [sys.executable, "-m", "mqrt", "bench", "--cpus", "1", "--runtime", "3", "--quiet"],
+        [sys.executable, "-m", "mqrt", "bench", "--cpus", "1", "--runtime", "60", "--quiet"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -130,7 +139,12 @@ def test_an_attached_inspector_watches_until_the_run_ends():
                 time.sleep(0.05)
             inspector.attach(seg)
             watcher = inspector.proc
-            assert watcher is not None and watcher.poll() is None
+            assert watcher is not None
+            while watcher.poll() is None and not _maps(watcher.pid, seg):
+                assert time.monotonic() < deadline, "the watcher never attached"
+                time.sleep(0.02)
+            assert watcher.poll() is None  # attached, and watching
+            bench.send_signal(2)  # the run ends (Ctrl-C): the watcher sees it
             _, err = bench.communicate(timeout=120)
         # the with block waited for the watcher: it saw the run end
         assert watcher.returncode == 0
@@ -138,4 +152,4 @@ def test_an_attached_inspector_watches_until_the_run_ends():
         if bench.returncode is None:  # a failure above: end the run
             bench.kill()
             bench.communicate(timeout=120)
-    assert bench.returncode == 0, err
+    assert bench.returncode == 130, err

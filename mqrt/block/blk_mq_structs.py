@@ -775,10 +775,21 @@ class Request:
         """debugfs one-liner for hctxN/busy and hctxN/dispatch."""
         st = self.setup()
         return (
-            f"{self.id:#x} {{.op={ReqOp(st[8]).name}, .rq_flags={Rqf(st[9])!s}, "
+            f"{self.id:#x} {{.op={ReqOp(st[8]).name}, .rq_flags={rqf_names(st[9])}, "
             f".state={self.state.name.lower()}, .tag={self.tag}, "
             f".internal_tag={self.internal_tag}}}"
         )
+
+
+def rqf_names(flags: int) -> str:
+    """blk_flags_show() of rq_flags: the set flags' names, '|' between them (a bit
+    mqrt does not name: its number)."""
+    out = []
+    for bit in range(flags.bit_length()):
+        if flags >> bit & 1:
+            name = Rqf(1 << bit).name if (1 << bit) in Rqf._value2member_map_ else None
+            out.append(name or str(bit))
+    return "|".join(out)
 
 
 class SchedRequest(Request):
