@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 from mqrt.lib.knobs import Knob, KnobError
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 #: rq_data_dir(): READ or WRITE (op_is_write: the op's low bit)
@@ -335,7 +336,7 @@ class DeadlineData:
     # -- the lock --------------------------------------------------------------------
 
     def lock(self) -> None:
-        spin_lock(self.a, self._lock_off)
+        spin_lock(self.a, self._lock_off, LockClass.DD_LOCK)
         self._held = True
 
     def unlock(self) -> None:

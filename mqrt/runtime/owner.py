@@ -48,7 +48,7 @@ from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
 from mqrt.block.blk_sysfs import QueueInfo, TimedWrite
-from mqrt.lib import cpuhp, inject, proc, rcu, signals, wire
+from mqrt.lib import cpuhp, inject, lockstat, proc, rcu, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -156,6 +156,7 @@ class _Run:
         # a slot per CPU, and one for the sysfs writer task of CPU 0 (its slot: n)
         self.wspec = Waiters.declare(layout, self.n + 1)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
+        self.lock_stat_region = lockstat.declare(layout, self.n)
         self.rcu_spec = rcu.declare(layout, self.n)
         # CPU hotplug's masks: only for a run whose timeline takes CPUs offline
         self.cpuhp_spec = (
@@ -353,6 +354,7 @@ class _Run:
                 ipi_r=self.ipi_r,
                 ipi_w=self.ipi_w,
                 stats=self.stats_region,
+                lock_stat=self.lock_stat_region,
                 queues=queues,
                 driver=self.ops,
                 job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,
