@@ -16,9 +16,10 @@ What is counted, per CPU and per class (:data:`FIELDS`):
     taken, a find-and-set that lost a race for its bit at least once, a cmpxchg that
     failed at least once (lock_stat's *contentions*)
 ``acquisitions``
-    every acquisition: spin locks and batch gets counted in a process-local list and
+    every acquisition: spin locks and cmpxchg loops counted in a process-local list and
     published with :func:`publish` (the CPU's live counters' cadence, and at its end);
-    the tag words' by the C call itself (lock_stat's *acquisitions*)
+    for the tag words the tags taken, by the C call itself (a batch get: the tags of
+    its cmpxchg, :func:`acquired`) (lock_stat's *acquisitions*)
 ``wait_ns``, ``wait_max_ns``
     time from the first failed try to the acquisition (CLOCK_MONOTONIC, read only on
     the contended branch), summed and the longest (lock_stat's *waittime-total* and
@@ -179,6 +180,16 @@ def contended(cls: int, wait_ns: int, retries: int, yields: int = 0) -> None:
     a.set(off + 8 * RETRIES, a.read(off + 8 * RETRIES) + retries)
     if yields:
         a.set(off + 8 * YIELDS, a.read(off + 8 * YIELDS) + yields)
+
+
+def acquired(cls: int, n: int = 1) -> None:
+    """Count ``n`` acquisitions of a class C counts itself (:data:`C_COUNTED`), in the
+    arena at once (read-add-store of this process's own word): the tags a batch get
+    took off a word."""
+    a = _a
+    if a is not None:
+        off = _base + cls * CLASS_STRIDE + 8 * ACQUISITIONS
+        a.set(off, a.read(off) + n)
 
 
 def publish() -> None:

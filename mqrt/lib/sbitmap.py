@@ -832,9 +832,10 @@ class SbitmapQueue:
                             val = found
                         if lost:
                             lockstat.contended(sb.lock_class, lockstat.clock() - t0, lost)
-                        _acq[sb.lock_class] += 1
                         get_mask = (get_mask & ~val) >> nr
                         if get_mask:
+                            # the words' acquisitions are tags taken (C counts the rest)
+                            lockstat.acquired(sb.lock_class, get_mask.bit_count())
                             offset = nr + (index << sb.shift)
                             sb._hint_after_get(depth, hint, offset + nr_tags - 1)
                             return get_mask, offset
