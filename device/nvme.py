@@ -153,10 +153,10 @@ from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.lib import trace, wait
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region
 from mqrt.lib.trace import Ev
-from mqrt.lib.lockstat import LockClass
 from mqrt.lib.wait import Waiters, WaitersSpec, spin_lock, spin_unlock
 
 _fork = mp.get_context("fork")

@@ -245,7 +245,8 @@ def test_bench_json_has_lock_stat_consistent_with_the_run() -> None:
     ls = point["lock_stat"]
     assert set(ls) == set(CLASS_NAMES.values())
     for name, s in ls.items():
-        assert all(isinstance(v, int) and v >= 0 for k, v in s.items() if k != "contentions_per_cpu")
+        counts = [v for k, v in s.items() if k != "contentions_per_cpu"]
+        assert all(isinstance(v, int) and v >= 0 for v in counts), name
         assert len(s["contentions_per_cpu"]) == 2
         assert sum(s["contentions_per_cpu"]) == s["contentions"], name
         assert s["wait_max_ns"] <= s["wait_ns"] and s["contentions"] <= s["retries"]

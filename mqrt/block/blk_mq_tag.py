@@ -59,10 +59,10 @@ from typing import TYPE_CHECKING
 
 from mqrt.block.blk_mq_types import RQ_ALLOCATED, RQ_STATE_MASK, RqState
 from mqrt.lib import inject, trace
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
-from mqrt.lib.lockstat import LockClass
 from mqrt.lib.wait import Waiters, spin_lock, spin_unlock
 
 if TYPE_CHECKING:

@@ -70,8 +70,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mqrt.lib.knobs import Knob, KnobError
-from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 from mqrt.lib.lockstat import LockClass
+from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 #: rq_data_dir(): READ or WRITE (op_is_write: the op's low bit)

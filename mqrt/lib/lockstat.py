@@ -264,8 +264,8 @@ def format_proc(stats: Mapping[str, Mapping[str, Any]]) -> str:
     cols = ("class name", "con-bounces", "contentions", "waittime-min", "waittime-max",
             "waittime-total", "waittime-avg", "acq-bounces", "acquisitions",
             "holdtime-min", "holdtime-max", "holdtime-total", "holdtime-avg")  # fmt: skip
-    lines = ["lock_stat version 0.4", rule, f"{cols[0]:>40}" + "".join(f" {c:>14}" for c in cols[1:]),
-             rule, ""]  # fmt: skip
+    header = f"{cols[0]:>40}" + "".join(f" {c:>14}" for c in cols[1:])
+    lines = ["lock_stat version 0.4", rule, header, rule, ""]
     rows = sorted(
         ((name, s) for name, s in stats.items() if s["contentions"] or s["acquisitions"]),
         key=lambda r: -int(r[1]["contentions"]),

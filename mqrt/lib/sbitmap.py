@@ -116,9 +116,9 @@ from dataclasses import dataclass
 
 from mqrt.lib import inject, lockstat, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
-from mqrt.lib.lockstat import LockClass
 from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock_contended
 
 #: Number of wait queues in a sbitmap_queue.

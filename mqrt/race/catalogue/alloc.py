@@ -4,8 +4,8 @@ bits."""
 from __future__ import annotations
 
 from mqrt.lib import inject
-from mqrt.lib.sbitmap import Sbitmap
 from mqrt.lib.lockstat import LockClass
+from mqrt.lib.sbitmap import Sbitmap
 from mqrt.lib.wait import spin_lock, spin_unlock
 from mqrt.race.entry import Bug, Scenario
 
