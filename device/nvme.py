@@ -153,6 +153,7 @@ from mqrt.device.nvme_model import DEVICE_KNOBS
 from mqrt.lib import trace, wait
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.knobs import Knob, KnobError, KnobValues, parse_knobs
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import SbqGeneration
 from mqrt.lib.shm import Arena, Layout, Region
 from mqrt.lib.trace import Ev
@@ -228,12 +229,14 @@ NVME_READY_TIMEOUT_S = 10.0
 #: DNR on a dead controller.
 _CANCELLED = int(Status.HOST_ABORTED_CMD)
 _CANCELLED_DNR = NVME_SC_DNR | _CANCELLED
+#: The lock classes of a queue pair's locks (plain ints: the submission path's).
+_SQ_LOCK, _CQ_LOCK = int(LockClass.NVME_SQ_LOCK), int(LockClass.NVME_CQ_LOCK)
 
 
 def set_queue_enabled(a, o, on: bool) -> None:
     """Set or clear NVMEQ_ENABLED of the queue whose words are at ``o`` (under its
     sq_lock, which every submitter holds while it checks the flag)."""
-    spin_lock(a, o.sq_lock)
+    spin_lock(a, o.sq_lock, _SQ_LOCK)
     a.set32(o.enabled, int(on))
     spin_unlock(a, o.sq_lock)
 
@@ -281,7 +284,7 @@ class NvmeQueue:
         it is not.  A reset clears ``enabled`` under the same lock, so a command
         either is in the SQ before the reset looks, or is never written."""
         a, o = self.a, self.o
-        spin_lock(a, o.sq_lock)
+        spin_lock(a, o.sq_lock, _SQ_LOCK)
         if a.read32(o.enabled):
             return True
         spin_unlock(a, o.sq_lock)
@@ -314,7 +317,7 @@ class NvmeQueue:
     def commit(self) -> None:
         """nvme_commit_rqs(): ring the doorbell for entries written without it."""
         a, o = self.a, self.o
-        spin_lock(a, o.sq_lock)
+        spin_lock(a, o.sq_lock, _SQ_LOCK)
         try:
             tail = a.read32(o.sq_tail)
             if tail != a.read32(o.last_sq_tail):
@@ -347,7 +350,7 @@ class NvmeQueue:
             if a.test_and_set_bit_lock(o.cq_lock, 0):
                 return []
         else:
-            spin_lock(a, o.cq_lock)
+            spin_lock(a, o.cq_lock, _CQ_LOCK)
         try:
             # the loop over entries (each one's last dword, with the phase tag,
             # load-acquired before the rest is read) is cq_reap, in C
@@ -368,8 +371,8 @@ class NvmeQueue:
         so nobody submits): tails, heads and doorbells to 0, phase 1, the CQ zeroed
         so no old entry carries the phase the host expects next."""
         a, o = self.a, self.o
-        spin_lock(a, o.sq_lock)
-        spin_lock(a, o.cq_lock)
+        spin_lock(a, o.sq_lock, _SQ_LOCK)
+        spin_lock(a, o.cq_lock, _CQ_LOCK)
         try:
             for name in ("sq_tail", "last_sq_tail", "sq_tail_db", "sq_event_idx", "cq_head",
                          "cq_head_db"):  # fmt: skip

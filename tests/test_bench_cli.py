@@ -41,7 +41,7 @@ def test_bench_json_is_fio_shaped_with_an_mqrt_object():
         assert key in job
     assert set(job["iodepth_level"]) == {"1", "2", "4", "8", "16", "32", ">=64"}
     m = report["mqrt"]
-    assert m["schema"] == "mqrt.bench/3"
+    assert m["schema"] == "mqrt.bench/4"
     assert m["config"]["nullb"]["irqmode"] == "timer"
     assert m["config"]["job"]["iodepth"] == 32
     assert m["invariants"] == {"violations": 0, "runs": 1}

@@ -93,6 +93,8 @@ def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
             assert len(busy) == 4 and all(".state=in_flight" in line for line in busy)
             assert got[f"{dbg}/hctx{h}/type"] == "default\n"
             assert got[f"{dbg}/hctx{h}/flags"].startswith("alloc_policy=FIFO ")
+        lock_stat = _inspect(seg, "/proc/lock_stat")["proc/lock_stat"]
+        assert lock_stat.startswith("lock_stat version 0.4\n") and "class name" in lock_stat
         one = mqrt("inspect", seg, f"{dbg}/hctx0/tags_bitmap")
         assert one.returncode == 0 and one.stdout.startswith("00000000: "), one.stdout
         hexbytes = "".join(one.stdout.split(":", 1)[1].split())

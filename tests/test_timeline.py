@@ -243,7 +243,7 @@ def test_bench_reports_the_transitions():
     text = out.stdout[out.stdout.index("\nnullb0: (") :]
     report = json.loads(out.stdout[: len(out.stdout) - len(text)])
     tr = report["mqrt"]["points"][0]["run"]["transitions"]
-    assert report["mqrt"]["schema"] == "mqrt.bench/3"
+    assert report["mqrt"]["schema"] == "mqrt.bench/4"
     at, every = tr["writes"]
     # each tick made or skipped (a host that keeps CPU 0 off its core past the end)
     assert at["started"] + at["skipped"] == 1 and every["started"] + every["skipped"] == 3

@@ -59,7 +59,7 @@ from mqrt.block.blk_mq_modes import RawBlkMq, SqBlkMq
 from mqrt.block.blk_mq_structs import RequestQueue, Stopped
 from mqrt.block.blk_mq_types import BlkMqOps
 from mqrt.block.blk_sysfs import StoreCtx, TimedWrite
-from mqrt.lib import inject, rcu, retries, trace, wait, wire
+from mqrt.lib import inject, lockstat, rcu, retries, trace, wait, wire
 from mqrt.lib.cpuhp import CpuhpSpec, CpuhpState
 from mqrt.lib.proc import child_init
 from mqrt.lib.rcu import RcuReader, RcuSpec
@@ -123,6 +123,7 @@ class CpuPlan:
     ipi_w: list[int]
     stats: Region
     live: LiveSpec  #: where this CPU publishes its counters for observers
+    lock_stat: Region  #: every CPU's lock_stat counters (mqrt.lib.lockstat)
     queues: list[RequestQueue]
     driver: BlkMqOps  #: the driver (this CPU binds its forked copy)
     job: JobSpec
@@ -193,6 +194,8 @@ class Cpu:
         self.counters = {"ipis_received": 0, "irq_wakeups": 0, "idle_waits": 0, "sleeps": 0}
         if plan.rcu is not None:
             rcu.install(RcuReader(plan.arena, plan.rcu, plan.cpu, self.waiters, self._ipi_rcu))
+        # before the block layer's handles: they take their counters' offsets when made
+        lockstat.install(plan.arena.atomic, plan.lock_stat, plan.cpu)
         mq_class = {"mq": BlkMq, "sq": SqBlkMq, "raw": RawBlkMq}[plan.mode]
         self.mq = mq_class(plan.arena, self.waiters, plan.cpu, plan.queues, self, plan.pools)
         if plan.hotplug is not None:
@@ -518,6 +521,7 @@ class Cpu:
         self._phase = phase
         a.set(o.stale, self.mq.stats["stale_completions"])
         self._publish_live()
+        lockstat.publish()
         self._next_pub = self.clock() + PUBLISH_NS
 
     def _publish_live(self) -> None:
@@ -824,6 +828,7 @@ class Cpu:
 
     def _report(self) -> None:
         mq = self.mq
+        lockstat.publish()  # the last acquisitions, before the runtime reads the arena
         ru0 = self.ru_start or resource.getrusage(resource.RUSAGE_SELF)
         ru1 = self.ru_end or resource.getrusage(resource.RUSAGE_SELF)
         hctx_stats = [

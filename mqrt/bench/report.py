@@ -25,10 +25,11 @@ from mqrt.block.blk_stat import (
     parse_percentile_list,
 )
 from mqrt.block.blk_sysfs import ATTRIBUTES, VIOLATIONS
+from mqrt.lib import lockstat
 
 #: Version of the ``mqrt`` object; 2 added the sweep and its points, 3 each run's
-#: ``transitions`` (the timeline's sysfs writes).
-SCHEMA = "mqrt.bench/3"
+#: ``transitions`` (the timeline's sysfs writes), 4 each point's ``lock_stat``.
+SCHEMA = "mqrt.bench/4"
 
 
 def _merge_jobs(result, q: int) -> dict[str, Any]:
@@ -306,6 +307,15 @@ def run_detail(result, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def lock_stat(result) -> dict[str, Any]:
+    """The run's contention counters per lock class (:func:`mqrt.lib.lockstat.summary`:
+    contentions, acquisitions, wait_ns total, max and average, retries, yields and
+    contentions per CPU), over each CPU's life from its set-up to its report; {} when
+    the run has none."""
+    counters = getattr(result, "lock_stat", None)
+    return {} if counters is None else lockstat.summary(counters)
+
+
 def _median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)
@@ -376,6 +386,7 @@ def run_summary(result, config: dict[str, Any], spec, bins: bool = False) -> dic
         "jobs": jobs,
         "disk_util": disks,
         "detail": run_detail(result, config),
+        "lock_stat": lock_stat(result),
         "host": {**result.host, "python": sys.version.split()[0], "topology": result.topology},
     }
 
@@ -429,6 +440,7 @@ def assemble(
                 "nr_jobs": len(med["jobs"]),
                 "median_run": m,
                 "run": med["detail"],
+                "lock_stat": med.get("lock_stat", {}),
             }
         )
     config = done[0].runs[0]["detail"]["config"] if done else {}

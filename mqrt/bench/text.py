@@ -311,6 +311,7 @@ def render_report(report: dict[str, Any], out) -> None:
         p = points[0]
         sel = slice(p["job_index"], p["job_index"] + p["nr_jobs"])
         render_point(report["jobs"][sel], p["run"], out, report.get("disk_util", [])[sel])
+        render_lock_stat(p.get("lock_stat", {}), out)
         if sweep["repeat"] > 1:
             runs = p["iops_runs"]
             print(
@@ -437,6 +438,38 @@ def render_reference(m: dict[str, Any], out) -> None:
         print(f"mqrt: reference: bare SQ -> device -> CQ loop {_si(loop)} IOPS", file=out)
 
 
+def render_lock_stat(stats: dict[str, Any], out) -> None:
+    """lock_stat's classes that had contentions, longest total wait first: contentions
+    (and their share of the acquisitions), wait total, average and longest, failed
+    tries, yields; one line when none was contended."""
+    rows = sorted(
+        ((name, s) for name, s in stats.items() if s["contentions"]),
+        key=lambda r: -r[1]["wait_ns"],
+    )
+    if not rows:
+        if stats:
+            acq = sum(s["acquisitions"] for s in stats.values())
+            print(f"mqrt: lock_stat: no contention ({_si(acq)} acquisitions)", file=out)
+        return
+    table = Table(title="mqrt: lock_stat (contended classes)", title_justify="left")
+    for col in ("class", "contentions", "of acq.", "wait total", "avg", "max", "retries",
+                "yields"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, s in rows:
+        acq = s["acquisitions"]
+        table.add_row(
+            name,
+            _si(s["contentions"]),
+            f"{100.0 * s['contentions'] / acq:.2f}%" if acq else "-",
+            _us(s["wait_ns"]),
+            _us(s["wait_avg_ns"]),
+            _us(s["wait_max_ns"]),
+            _si(s["retries"]),
+            _si(s["yields"]),
+        )
+    Console(file=out, width=100, highlight=False).print(table)
+
+
 def _us(ns: float | None) -> str:
     return "-" if ns is None else f"{ns / 1000:.1f} us"
 
@@ -497,9 +530,16 @@ class Progress:
         left = self.total - self.done_runs - 1
         eta = snap["remaining_s"] + max(0, left) * self.run_s
         run = f"run {self.done_runs + 1}/{self.total} " if self.total > 1 else ""
+        ls = snap.get("lock_stat") or {}
+        locks = (
+            f", lock contentions {_si(ls['contentions'])}"
+            + (f" (most wait: {ls['top']})" if ls["top"] else "")
+            if ls.get("contentions")
+            else ""
+        )
         sys.stderr.write(
             f"\rmqrt: {run}[{self.label or 'running'}] {_si(iops)} IOPS, "
-            f"inflight {snap['inflight']}, eta {eta:.0f}s   "
+            f"inflight {snap['inflight']}{locks}, eta {eta:.0f}s   "
         )
         sys.stderr.flush()
         self.shown = True

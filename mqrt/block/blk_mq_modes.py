@@ -43,6 +43,7 @@ from mqrt.block.blk_mq_structs import (
     Queue,
 )
 from mqrt.block.blk_mq_types import SECTOR_SHIFT, RqState
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.wait import spin_lock, spin_unlock
 
 _COMPLETE = int(RqState.COMPLETE)
@@ -65,7 +66,7 @@ class SqBlkMq(BlkMq):
             a, off = self.a, queue.lock_off
             if a.read(off) & 1:
                 self.stats["queue_lock_contended"] += 1
-            spin_lock(a, off)
+            spin_lock(a, off, LockClass.QUEUE_LOCK)
         self._held[queue.index] = depth + 1
 
     def _unlock(self, queue: Queue) -> None:
@@ -101,7 +102,7 @@ class SqBlkMq(BlkMq):
             super().io_schedule()
         finally:
             for q, depth in held.items():
-                spin_lock(self.a, self.queues[q].lock_off)
+                spin_lock(self.a, self.queues[q].lock_off, LockClass.QUEUE_LOCK)
                 self._held[q] = depth
 
     def run_hw_queue(self, hctx: HwCtx, run_async: bool) -> None:

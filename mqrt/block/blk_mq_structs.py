@@ -61,6 +61,7 @@ from mqrt.block.blk_settings import QueueLimits
 from mqrt.block.mq_deadline import DeadlineData, DeadlineSpec
 from mqrt.lib._atomic import AtomicView
 from mqrt.lib.idr import Ida
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.percpu_ref import PercpuRef, PercpuRefSpec
 from mqrt.lib.sbitmap import SbitmapSpec, SbqGeneration
 from mqrt.lib.shm import (
@@ -297,13 +298,15 @@ def declare_rq_list(layout: Layout, name: str, nr: int) -> RqListSpec:
 
 
 class RqList:
-    """A FIFO of request ids in the arena, every access under its lock."""
+    """A FIFO of request ids in the arena, every access under its lock (of lock class
+    ``lock_class``: ctx->lock, hctx->lock or q->requeue_lock)."""
 
-    def __init__(self, arena: Arena, spec: RqListSpec):
+    def __init__(self, arena: Arena, spec: RqListSpec, lock_class: int = LockClass.CTX_LOCK):
         self.a = arena.atomic
         self.spec = spec
         o = spec.header.offsets()
         self._lock = o.lock
+        self._cls = int(lock_class)
         #: the monotonic head and tail words: equal when the list is empty
         self.head_off, self.tail_off = o.head, o.tail
         self._mask = spec.capacity - 1
@@ -332,7 +335,7 @@ class RqList:
         """Append ``ids`` (or put them at the head, in order); ``then`` runs before the
         lock is dropped (blk_mq_hctx_mark_pending() under ctx->lock)."""
         a, ids_mv, mask = self.a, self._ids, self._mask
-        spin_lock(a, self._lock)
+        spin_lock(a, self._lock, self._cls)
         try:
             head, tail = a.read(self.head_off), a.read(self.tail_off)
             if tail - head + len(ids) > self.spec.capacity:
@@ -356,7 +359,7 @@ class RqList:
         """Remove and return up to ``max_nr`` ids from the head (all with -1);
         ``if_emptied`` runs under the lock when that leaves the list empty."""
         a, ids_mv, mask = self.a, self._ids, self._mask
-        spin_lock(a, self._lock)
+        spin_lock(a, self._lock, self._cls)
         try:
             head, tail = a.read(self.head_off), a.read(self.tail_off)
             n = tail - head if max_nr < 0 else min(max_nr, tail - head)
@@ -374,7 +377,7 @@ class RqList:
         ``fn`` runs with the lock held: an id it is given stays on the list until
         the lock is dropped (blk_bio_list_merge() under ctx->lock)."""
         a, ids_mv, mask = self.a, self._ids, self._mask
-        spin_lock(a, self._lock)
+        spin_lock(a, self._lock, self._cls)
         try:
             head, tail = a.read(self.head_off), a.read(self.tail_off)
             for pos in range(tail - 1, max(head, tail - max_nr) - 1, -1):
@@ -387,7 +390,7 @@ class RqList:
 
     def snapshot(self) -> list[int]:
         """The ids on the list (under the lock; debugfs)."""
-        spin_lock(self.a, self._lock)
+        spin_lock(self.a, self._lock, self._cls)
         try:
             head, tail = self.a.read(self.head_off), self.a.read(self.tail_off)
             return [self._ids[i & self._mask] for i in range(head, tail)]
@@ -845,7 +848,7 @@ class HwCtx:
         ctx_map = spec.ctx_map
         assert ctx_map is not None, "init_queue declares every hctx's ctx_map"
         self._ctx_map = ctx_map
-        self.dispatch = RqList(arena, q.dispatch[index])
+        self.dispatch = RqList(arena, q.dispatch[index], LockClass.HCTX_LOCK)
         self.map_ctxs()
         # Fair share: per hctx, or per queue with shared tags (QUEUE_FLAG_HCTX_ACTIVE).
         self.active_bit: int  #: QUEUE_FLAG_HCTX_ACTIVE or BLK_MQ_S_TAG_ACTIVE
@@ -999,7 +1002,7 @@ class Queue:
         ]
         if waiters is not None:
             for hctx, spec in zip(self.hctxs, q.sched_tags, strict=False):
-                hctx.sched_tags = Tags(arena, spec, waiters, cpu)
+                hctx.sched_tags = Tags(arena, spec, waiters, cpu, sched=True)
         o = q.header.offsets()
         self.flags_off = o.queue_flags
         self.lock_off = o.queue_lock
@@ -1011,7 +1014,7 @@ class Queue:
         self.freeze_wq_head = q.header.addr(0) + QUEUE_OFF_FREEZE_WQ
         if waiters is not None:
             self.freeze_wq = WaitQueue(waiters, self.freeze_wq_head)
-        self.requeue_list = RqList(arena, q.requeue_list)
+        self.requeue_list = RqList(arena, q.requeue_list, LockClass.REQUEUE_LOCK)
         self.set_limits(q.limits)
         #: blk_queue_nomerges() is false: bios may merge (plug, ctx list)
         self.merge = q.nomerges != 2

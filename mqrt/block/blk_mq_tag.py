@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 
 from mqrt.block.blk_mq_types import RQ_ALLOCATED, RQ_STATE_MASK, RqState
 from mqrt.lib import inject, trace
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import UINT_MAX, SbitmapQueue, SbitmapQueueSpec, SbqGeneration, SbqWait
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
@@ -167,18 +168,23 @@ def init_tags(
 class Tags:
     """One CPU's handle on a ``struct blk_mq_tags``."""
 
-    def __init__(self, arena: Arena, spec: TagsSpec, waiters: Waiters, cpu: int):
+    def __init__(
+        self, arena: Arena, spec: TagsSpec, waiters: Waiters, cpu: int, sched: bool = False
+    ):
+        """``sched``: these are an elevator's sched tags (their words count as lock
+        class ``sched_tags.bitmap``, not ``tags.bitmap``)."""
         self.spec = spec
+        cls = LockClass.SCHED_TAGS_BITMAP if sched else LockClass.TAGS_BITMAP
         self.a = arena.atomic
         self.cpu = cpu
         self.index = spec.index  #: the hctx these tags serve (0 for 6.x shared tags)
         self.nr_tags = spec.nr_tags
         self.nr_reserved_tags = spec.nr_reserved_tags
         self.rq_base = spec.rq_base
-        self.bitmap_tags = SbitmapQueue(arena, spec.bitmap_tags, waiters, cpu)
+        self.bitmap_tags = SbitmapQueue(arena, spec.bitmap_tags, waiters, cpu, lock_class=cls)
         self.bitmap_sb = self.bitmap_tags.sb  #: for the allocation fast path
         self.breserved_tags = (
-            SbitmapQueue(arena, spec.breserved_tags, waiters, cpu)
+            SbitmapQueue(arena, spec.breserved_tags, waiters, cpu, lock_class=cls)
             if spec.breserved_tags is not None
             else None
         )
@@ -204,7 +210,7 @@ class Tags:
         under tags->lock (4f1731df60f9, 6.5: before it the count was an atomic and
         the recalculation ran unlocked, so a racing busy/idle could leave wake_batch
         sized for a stale count; ``mqrt race run active_queues_unlocked``)."""
-        spin_lock(self.a, self._lock)
+        spin_lock(self.a, self._lock, LockClass.TAGS_LOCK)
         try:
             users = self._count_active(delta)
             self.update_wake_batch(users)

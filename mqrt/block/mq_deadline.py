@@ -70,6 +70,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mqrt.lib.knobs import Knob, KnobError
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 from mqrt.lib.wait import spin_lock, spin_unlock
 
@@ -335,7 +336,7 @@ class DeadlineData:
     # -- the lock --------------------------------------------------------------------
 
     def lock(self) -> None:
-        spin_lock(self.a, self._lock_off)
+        spin_lock(self.a, self._lock_off, LockClass.DD_LOCK)
         self._held = True
 
     def unlock(self) -> None:

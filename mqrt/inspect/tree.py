@@ -12,7 +12,7 @@ function that reads it now from a :class:`~mqrt.inspect.attach.RunView`::
     sys/block/<dev>/mq/N/cpu_list, nr_tags, nr_reserved_tags
     sys/block/<dev>/queue/nr_requests, scheduler, iosched/<knob>, max_sectors_kb, ...
     sys/block/<dev>/stat, sys/block/<dev>/inflight
-    proc/diskstats
+    proc/diskstats, proc/lock_stat
 
 The formats are those of Linux 5.10's ``block/blk-mq-debugfs.c``,
 ``block/blk-mq-sysfs.c``, ``block/blk-sysfs.c`` and ``block/genhd.c`` (and
@@ -48,6 +48,7 @@ from mqrt.block.elevator import ELEVATOR_NAMES, ELEVATORS
 from mqrt.block.mq_deadline import KNOBS as DD_KNOBS
 from mqrt.block.mq_deadline import DeadlineData
 from mqrt.inspect.attach import RunView, peek
+from mqrt.lib import lockstat
 from mqrt.lib.sbitmap import Sbitmap
 from mqrt.workers import live
 
@@ -138,6 +139,8 @@ class Tree:
         for qi, (q, handle) in enumerate(zip(self.v.queues, self.v.handles, strict=True)):
             self._queue(qi, q, handle)
         self.files["proc/diskstats"] = self.diskstats
+        if "lock_stat" in self.v.manifest.extra:
+            self.files["proc/lock_stat"] = self.lock_stat
 
     def _queue(self, qi: int, q: RequestQueue, handle: Queue) -> None:
         f = self.files
@@ -326,6 +329,12 @@ class Tree:
         """inflight: "%8u %8u": reads, writes in flight (mqrt: the jobs' I/Os in
         flight, reads and writes together in the first)."""
         return f"{self.disk(qi)['in_flight']:8d} {0:8d}\n"
+
+    def lock_stat(self) -> str:
+        """/proc/lock_stat: every CPU's contention counters summed per lock class
+        (:func:`mqrt.lib.lockstat.format_proc` has what mqrt measures of its columns)."""
+        region = self.v.manifest.extra["lock_stat"]
+        return lockstat.format_proc(lockstat.summary(lockstat.read(self.v.arena, region)))
 
     def diskstats(self) -> str:
         """/proc/diskstats: a line per device (major 0: no real device; minor its

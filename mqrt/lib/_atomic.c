@@ -392,7 +392,7 @@ next_zero_bit(uint64_t val, unsigned depth, unsigned from)
 }
 
 /*
- * find_and_set_zero_bit(off, depth, hint, wrap) -> bit number or -1
+ * find_and_set_zero_bit(off, depth, hint, wrap[, stat_off]) -> bit number or -1
  *
  * Find a zero bit among bits [0, depth) of the word at `off`, starting the search at
  * `hint`, and set it with acquire ordering; on a lost race move past the bit and
@@ -400,11 +400,79 @@ next_zero_bit(uint64_t val, unsigned depth, unsigned from)
  * once it runs off the end.  This is the word loop of sbitmap's __sbitmap_get_word():
  * the same hint handling, including moving back to 0 when the next hint would reach
  * depth - 1.
+ *
+ * Contention accounting (mqrt/lib/lockstat.py): with `stat_off` >= 0 (the calling
+ * process's lock_stat counters of the word's class, LS_NR_FIELDS u64 from there), a
+ * call that lost a race at least once adds to them: contentions += 1, retries += the
+ * races lost, wait_ns += the time from its first lost race to its return (a relaxed
+ * CLOCK_MONOTONIC read at the first lost race and one at the end), wait_max_ns
+ * raised to that time if above it, and every call that set a bit adds 1 to
+ * acquisitions.  One writer per block (the process whose counters they are): plain
+ * relaxed loads and stores, read relaxed by the others.  A call that lost no race
+ * reads no clock and touches only its acquisitions word.
  */
-static long
-get_word(uint64_t *p, unsigned depth, unsigned hint, int wrap)
+enum { LS_CONTENTIONS, LS_ACQUISITIONS, LS_WAIT_NS, LS_WAIT_MAX_NS, LS_RETRIES, LS_NR_FIELDS };
+
+static inline uint64_t
+ls_now_ns(void)
 {
-    uint64_t val;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void
+ls_add(uint64_t *w, uint64_t v)
+{
+    __atomic_store_n(w, __atomic_load_n(w, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+}
+
+/* The lock_stat counters after a call that lost `lost` races since `t0` (and found a
+ * bit or not: `got`); `st` NULL: not counted. */
+static void
+ls_account(uint64_t *st, unsigned long lost, uint64_t t0, int got)
+{
+    uint64_t waited;
+
+    if (got)
+        ls_add(&st[LS_ACQUISITIONS], 1);
+    if (!lost)
+        return;
+    waited = ls_now_ns() - t0;
+    ls_add(&st[LS_CONTENTIONS], 1);
+    ls_add(&st[LS_RETRIES], lost);
+    ls_add(&st[LS_WAIT_NS], waited);
+    if (waited > __atomic_load_n(&st[LS_WAIT_MAX_NS], __ATOMIC_RELAXED))
+        __atomic_store_n(&st[LS_WAIT_MAX_NS], waited, __ATOMIC_RELAXED);
+}
+
+/* The lock_stat block of an optional `stat_off` argument (an int, -1 for none; converting
+ * it runs no Python code): *out is NULL for none.  -1 with an exception if it is not an
+ * int or the block is not inside the buffer. */
+static int
+ls_block(AtomicView *self, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t at, uint64_t **out)
+{
+    Py_ssize_t off;
+
+    *out = NULL;
+    if (nargs <= at)
+        return 0;
+    off = PyLong_AsSsize_t(args[at]);
+    if (off == -1) {
+        if (PyErr_Occurred())
+            return -1;
+        return 0;
+    }
+    if (!(*out = word_addr_at(self, off, 8)) || !word_addr_at(self, off + 8 * (LS_NR_FIELDS - 1), 8))
+        return -1;
+    return 0;
+}
+
+static long
+get_word(uint64_t *p, unsigned depth, unsigned hint, int wrap, uint64_t *st)
+{
+    uint64_t val, t0 = 0;
+    unsigned long lost = 0;
     unsigned nr;
 
     wrap = wrap && hint; /* don't wrap if starting from 0 */
@@ -416,10 +484,18 @@ get_word(uint64_t *p, unsigned depth, unsigned hint, int wrap)
                 hint = 0;
                 continue;
             }
+            if (st)
+                ls_account(st, lost, t0, 0);
             return -1;
         }
-        if (!(__atomic_fetch_or(p, BIT(nr), __ATOMIC_ACQUIRE) & BIT(nr)))
+        if (!(__atomic_fetch_or(p, BIT(nr), __ATOMIC_ACQUIRE) & BIT(nr))) {
+            if (st)
+                ls_account(st, lost, t0, 1);
             return (long)nr;
+        }
+        /* lost a race for bit nr: the contended branch, the only one that counts */
+        if (st && !lost++)
+            t0 = ls_now_ns();
         hint = nr + 1;
         if (hint >= depth - 1)
             hint = 0;
@@ -429,11 +505,11 @@ get_word(uint64_t *p, unsigned depth, unsigned hint, int wrap)
 static PyObject *
 av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t *p;
+    uint64_t *p, *st;
     long depth, hint;
     int wrap;
 
-    if (check_nargs("find_and_set_zero_bit", nargs, 4) < 0)
+    if (nargs != 5 && check_nargs("find_and_set_zero_bit", nargs, 4) < 0)
         return NULL;
     depth = PyLong_AsLong(args[1]);
     if (depth == -1 && PyErr_Occurred())
@@ -451,9 +527,10 @@ av_find_and_set_zero_bit(AtomicView *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Format(PyExc_ValueError, "hint %ld is negative", hint);
         return NULL;
     }
-    if (!(p = word_waddr(self, args[0], 8)))
+    if (ls_block(self, args, nargs, 4, &st) < 0 || !(p = word_waddr(self, args[0], 8)))
         return NULL;
-    return PyLong_FromLong(get_word(p, (unsigned)depth, hint < 64 ? (unsigned)hint : 64, wrap));
+    return PyLong_FromLong(
+        get_word(p, (unsigned)depth, hint < 64 ? (unsigned)hint : 64, wrap, st));
 }
 
 /*
@@ -479,23 +556,24 @@ map_word_off(AtomicView *self, PyObject *arg, long index, long stride)
 }
 
 /*
- * find_and_set_zero_bit_at(map_off, stride, shift, depth, hint) -> bit number or -1
+ * find_and_set_zero_bit_at(map_off, stride, shift, depth, hint[, stat_off])
+ *     -> bit number or -1
  *
  * find_and_set_zero_bit() on the word that holds bit `hint` of a bitmap of `depth`
  * bits spread over words `stride` bytes apart from `map_off`, `1 << shift` bits to a
  * word but the last, which has what is left of depth (sbitmap's __map_depth()): the
  * search starts at the word's bit 0 and wraps (sbitmap's non-round-robin
  * __sbitmap_get_word() call).  Returns the bit's number in the bitmap, or -1 if that
- * word is full.
+ * word is full.  `stat_off`: as find_and_set_zero_bit()'s.
  */
 static PyObject *
 av_find_and_set_zero_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t *p;
+    uint64_t *p, *st;
     long stride, shift, depth, hint, index, word_depth, nr;
     Py_ssize_t map_off;
 
-    if (check_nargs("find_and_set_zero_bit_at", nargs, 5) < 0)
+    if (nargs != 6 && check_nargs("find_and_set_zero_bit_at", nargs, 5) < 0)
         return NULL;
     if ((stride = PyLong_AsLong(args[1])) == -1 && PyErr_Occurred())
         return NULL;
@@ -518,11 +596,13 @@ av_find_and_set_zero_bit_at(AtomicView *self, PyObject *const *args, Py_ssize_t 
     if (word_depth > (1L << shift))
         word_depth = 1L << shift;
     /* the map's offset, an int or nothing (runs no Python code), comes last */
+    if (ls_block(self, args, nargs, 5, &st) < 0)
+        return NULL;
     if ((map_off = map_word_off(self, args[0], index, stride)) == -1 && PyErr_Occurred())
         return NULL;
     if (!(p = word_waddr_at(self, map_off, 8)))
         return NULL;
-    nr = get_word(p, (unsigned)word_depth, 0, 1);
+    nr = get_word(p, (unsigned)word_depth, 0, 1, st);
     return PyLong_FromLong(nr == -1 ? -1 : (index << shift) + nr);
 }
 
@@ -714,10 +794,11 @@ static PyMethodDef av_methods[] = {
     FAST("test_and_clear_bit", av_test_and_clear_bit,
          "test_and_clear_bit(off, nr) -> bool: old bit; fully ordered."),
     FAST("find_and_set_zero_bit", av_find_and_set_zero_bit,
-         "find_and_set_zero_bit(off, depth, hint, wrap) -> int: the bit set, or -1."),
+         "find_and_set_zero_bit(off, depth, hint, wrap[, stat_off]) -> int: the bit set, or "
+         "-1; with stat_off >= 0 the call counts itself in the lock_stat block there."),
     FAST("find_and_set_zero_bit_at", av_find_and_set_zero_bit_at,
-         "find_and_set_zero_bit_at(map_off, stride, shift, depth, hint) -> int: "
-         "find_and_set_zero_bit(word, word_depth, 0, True) on the word of bit hint of a "
+         "find_and_set_zero_bit_at(map_off, stride, shift, depth, hint[, stat_off]) -> int: "
+         "find_and_set_zero_bit(word, word_depth, 0, True[, stat_off]) on the word of bit hint of a "
          "map of words; the bit's number in the map, or -1."),
     FAST("deferred_clear_bit_at", av_deferred_clear_bit_at,
          "deferred_clear_bit_at(map_off, stride, shift, nr, ws_active_off, hint_off, "

@@ -62,6 +62,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mqrt.lib import lockstat
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 
 #: SPSC control words, each on its own cache line (written by different processes).
@@ -75,6 +77,9 @@ MPSC_HEADER = cacheline_struct(
     [("tail", "<u8")],  # producers, by CAS
     [("head", "<u8")],  # consumer only
 )
+
+
+_RING_TAIL = int(LockClass.RING_TAIL)
 
 
 class RingError(ValueError):
@@ -291,13 +296,20 @@ class MpscRing(_RingBase):
         if n <= 0:
             return 0, 0
         pos = a.read(self._tail_off)
+        lost = t0 = 0
         while True:
             last = pos + n - 1
             seq = a.load_acquire(self._seq_off(last))
             if seq == last:
                 found = a.cmpxchg(self._tail_off, pos, pos + n)
                 if found == pos:
+                    if lost:  # lock_stat: the reservation CAS was contended
+                        lockstat.contended(_RING_TAIL, lockstat.clock() - t0, lost)
+                    lockstat.acq[_RING_TAIL] += 1
                     return pos, n
+                if not lost:
+                    t0 = lockstat.clock()
+                lost += 1
                 pos = found  # another producer reserved first
             elif seq < last:
                 # The last slot is still full from the previous lap: shrink the run

@@ -114,11 +114,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mqrt.lib import inject, retries, trace
+from mqrt.lib import inject, lockstat, retries, trace
 from mqrt.lib._atomic import AtomicView, fence
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct
 from mqrt.lib.trace import Ev
-from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock
+from mqrt.lib.wait import WAIT_QUEUE_HEAD, Waiters, WaitQueue, spin_lock_contended
 
 #: Number of wait queues in a sbitmap_queue.
 SBQ_WAIT_QUEUES = 8
@@ -246,6 +247,12 @@ def addresses(spec: SbitmapSpec) -> tuple[list[int], list[int], list[int], list[
     return out
 
 
+#: Lock classes of this module's own locks and counters, and this process's
+#: acquisition counts (:mod:`mqrt.lib.lockstat`).
+_SWAP_LOCK, _WAKE_CNT = int(LockClass.TAGS_SWAP_LOCK), int(LockClass.SBQ_WAKE_CNT)
+_acq = lockstat.acq
+
+
 def _u32(v: int) -> int:
     return v & UINT_MAX
 
@@ -292,7 +299,14 @@ class Sbitmap:
             hint = 0 if spec.round_robin else rng.randrange(spec.depth)
             a.set32(spec.hints.addr(cpu), hint)
 
-    def __init__(self, arena: Arena, spec: SbitmapSpec, cpu: int = 0, seed: int | None = None):
+    def __init__(
+        self,
+        arena: Arena,
+        spec: SbitmapSpec,
+        cpu: int = 0,
+        seed: int | None = None,
+        lock_class: int = LockClass.TAGS_BITMAP,
+    ):
         if not 0 <= cpu < spec.nr_cpus:
             raise ValueError(f"{spec.name}: cpu {cpu} out of range 0..{spec.nr_cpus - 1}")
         self.spec = spec
@@ -311,6 +325,11 @@ class Sbitmap:
         #: the words (and cleared masks) as a map for the C calls
         self._map, self._cleared_map, self._map_stride = self._word[0], self._cleared[0], w.stride
         self._rng = random.Random(cpu if seed is None else seed)
+        #: the lock class of the words (the tags' or the sched tags') and where this
+        #: process counts it: the C searches' ``stat_off`` (-1: not counted; taken when
+        #: the handle is made, so a CPU installs its counters before its handles)
+        self.lock_class = int(lock_class)
+        self._stat = lockstat.stat_off(lock_class)
 
     # -- geometry ---------------------------------------------------------------------
 
@@ -364,7 +383,8 @@ class Sbitmap:
         a = self.a
         lock = self._swap_lock[index]
         if a.test_and_set_bit_lock(lock, 0):  # spin_lock(), its first try inlined
-            spin_lock(a, lock)
+            spin_lock_contended(a, lock, _SWAP_LOCK)
+        _acq[_SWAP_LOCK] += 1
         try:
             if not a.read(self._cleared[index]):
                 if depth == 0:
@@ -384,7 +404,9 @@ class Sbitmap:
     def _find_bit_in_word(self, index: int, depth: int, alloc_hint: int, wrap: bool) -> int:
         """sbitmap_find_bit_in_word()."""
         while True:
-            nr = self.a.find_and_set_zero_bit(self._word[index], depth, alloc_hint, wrap)
+            nr = self.a.find_and_set_zero_bit(
+                self._word[index], depth, alloc_hint, wrap, self._stat
+            )
             if nr != -1:
                 return nr
             if inject.armed:
@@ -433,7 +455,9 @@ class Sbitmap:
         hint = a.read32(self._hint)
         if hint >= depth or self.round_robin:
             return self._get(depth, hint)
-        nr = a.find_and_set_zero_bit_at(self._map, self._map_stride, self.shift, depth, hint)
+        nr = a.find_and_set_zero_bit_at(
+            self._map, self._map_stride, self.shift, depth, hint, self._stat
+        )
         if nr == -1:
             return self._get(depth, hint)
         if nr == hint:  # update_alloc_hint_after_get(): the hint was used, move past it
@@ -652,9 +676,10 @@ class SbitmapQueue:
         waiters: Waiters,
         cpu: int = 0,
         seed: int | None = None,
+        lock_class: int = LockClass.TAGS_BITMAP,
     ):
         self.spec = spec
-        self.sb = Sbitmap(arena, spec.sb, cpu, seed)
+        self.sb = Sbitmap(arena, spec.sb, cpu, seed, lock_class)
         self.a = arena.atomic
         self.cpu = cpu
         self.generation = spec.generation
@@ -795,14 +820,22 @@ class SbitmapQueue:
                     nr = (free & -free).bit_length() - 1 if free else map_depth  # first zero
                     if nr + nr_tags <= map_depth:
                         get_mask = (((1 << nr_tags) - 1) << nr) & _WORD_MASK
+                        lost = t0 = 0
                         while True:
                             found = a.cmpxchg(word_off, val, val | get_mask)
                             if found == val:
                                 break
                             retries.retry()
+                            if not lost:
+                                t0 = lockstat.clock()
+                            lost += 1
                             val = found
+                        if lost:
+                            lockstat.contended(sb.lock_class, lockstat.clock() - t0, lost)
                         get_mask = (get_mask & ~val) >> nr
                         if get_mask:
+                            # the words' acquisitions are tags taken (C counts the rest)
+                            lockstat.acquired(sb.lock_class, get_mask.bit_count())
                             offset = nr + (index << sb.shift)
                             sb._hint_after_get(depth, hint, offset + nr_tags - 1)
                             return get_mask, offset
@@ -890,14 +923,23 @@ class SbitmapQueue:
         wake_batch = a.read32(self._wake_batch)
         a.fetch_add32(self._completion_cnt, nr)
         wakeups = a.read32(self._wakeup_cnt)
+        lost = t0 = 0
         while True:
             if _s32(a.read32(self._completion_cnt) - wakeups) < wake_batch:
+                if lost:
+                    lockstat.contended(_WAKE_CNT, lockstat.clock() - t0, lost)
                 return
             found = a.cmpxchg32(self._wakeup_cnt, wakeups, wakeups + wake_batch)
             if found == wakeups:
                 break
             retries.retry()
+            if not lost:
+                t0 = lockstat.clock()
+            lost += 1
             wakeups = found
+        if lost:
+            lockstat.contended(_WAKE_CNT, lockstat.clock() - t0, lost)
+        _acq[_WAKE_CNT] += 1
         if inject.armed:
             inject.hit("sbq.wake.before_wakeup")
         self._wake_up_ws(wake_batch)
@@ -950,8 +992,11 @@ class SbitmapQueue:
         ws = self.ws[i]
         cnt_off = self._wait_cnt[i]
         cur = a.read32(cnt_off)
+        lost = t0 = 0
         while True:
             if cur == 0:
+                if lost:
+                    lockstat.contended(_WAKE_CNT, lockstat.clock() - t0, lost)
                 return True, nr  # a concurrent waker is resetting this one: try another
             sub = min(nr, cur)
             wait_cnt = cur - sub
@@ -959,7 +1004,13 @@ class SbitmapQueue:
             if found == cur:
                 break
             retries.retry()
+            if not lost:
+                t0 = lockstat.clock()
+            lost += 1
             cur = found
+        if lost:
+            lockstat.contended(_WAKE_CNT, lockstat.clock() - t0, lost)
+        _acq[_WAKE_CNT] += 1
         if wait_cnt > 0:
             # Counted on a queue that may have emptied meanwhile: go again so the
             # free is not lost.

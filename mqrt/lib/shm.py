@@ -73,7 +73,7 @@ CACHELINE = 64
 #: Prefix of every segment a run creates, followed by ``<owner pid>-<random>``.
 SEGMENT_PREFIX = "mqrt-"
 #: Bumped whenever the layout of any shared structure changes shape.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 #: Where Linux keeps POSIX shared memory.
 SHM_DIR = "/dev/shm"
 

@@ -74,7 +74,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from mqrt.lib import lockstat
 from mqrt.lib._atomic import AtomicView, cpu_relax
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.shm import Arena, Layout, Region, cacheline_struct, field_offset
 
 #: A wait_queue_head_t: embedded in other structs (e.g. sbitmap's wait states).
@@ -121,6 +123,7 @@ LONG_SPIN_YIELDS = 256
 long_spin_hook: Callable[[], None] | None = None
 
 NIL = -1
+_WQ_LOCK = int(LockClass.WAIT_QUEUE_LOCK)
 
 T = TypeVar("T")
 
@@ -153,10 +156,28 @@ class WaitersSpec:
     entries: Region
 
 
-def spin_lock(a: AtomicView, off: int) -> None:
-    """Take the bit spinlock in bit 0 of the word at ``off`` (acquire)."""
-    spins = yields = 0
+#: This process's acquisition counts by lock class (lockstat's list, bound once).
+_acq = lockstat.acq
+
+
+def spin_lock(a: AtomicView, off: int, cls: int = LockClass.UNCLASSIFIED) -> None:
+    """Take the bit spinlock in bit 0 of the word at ``off`` (acquire), an acquisition
+    of lock class ``cls`` (:class:`mqrt.lib.lockstat.LockClass`; a plain int on hot
+    paths).  Only a first try that fails goes to the counted, spinning branch."""
+    if a.test_and_set_bit_lock(off, 0):
+        spin_lock_contended(a, off, cls)
+    _acq[cls] += 1
+
+
+def spin_lock_contended(a: AtomicView, off: int, cls: int) -> None:
+    """spin_lock() after its first try failed: spin (``cpu_relax()``, then
+    ``sched_yield()``) until the lock is ours, then count the contention, its tries,
+    yields and wait in ``cls`` (lock_stat's lock_contended()/lock_acquired()).  Does
+    not count the acquisition: the caller does."""
+    t0 = lockstat.clock()
+    spins = yields = tries = 0
     while a.test_and_set_bit_lock(off, 0):
+        tries += 1
         spins += 1
         if spins < SPINS_BEFORE_YIELD:
             cpu_relax()
@@ -166,6 +187,7 @@ def spin_lock(a: AtomicView, off: int) -> None:
             yields += 1
             if yields % LONG_SPIN_YIELDS == 0 and long_spin_hook is not None:
                 long_spin_hook()
+    lockstat.contended(cls, lockstat.clock() - t0, tries + 1, yields)
 
 
 def spin_unlock(a: AtomicView, off: int) -> None:
@@ -430,7 +452,7 @@ class WaitQueue:
     def _prepare(self, exclusive: bool) -> None:
         me = self.w.me
         assert me is not None, "a process without a waiter slot cannot sleep"
-        spin_lock(self.a, self._lock)
+        spin_lock(self.a, self._lock, _WQ_LOCK)
         try:
             if not self._queued_here(me):
                 if exclusive:
@@ -449,7 +471,7 @@ class WaitQueue:
         assert me is not None
         self.w.set_state(TaskState.RUNNING)
         if self.a.read(self.w.entry(me) + self.w._queued_on) != NIL:
-            spin_lock(self.a, self._lock)
+            spin_lock(self.a, self._lock, _WQ_LOCK)
             try:
                 if self._queued_here(me):
                     self._del(me)
@@ -472,7 +494,7 @@ class WaitQueue:
         deferred = wake_q is not None
         if wake_q is None:
             wake_q = []  # tasks set running under the lock, kicked after it
-        spin_lock(a, self._lock)
+        spin_lock(a, self._lock, _WQ_LOCK)
         try:
             slot = a.read32(self._first)
             while slot != NIL and (nr <= 0 or woken < nr):
@@ -504,7 +526,7 @@ class WaitQueue:
     def waiters(self) -> list[int]:
         """Queued slots, oldest first (a snapshot taken under the lock; debugging)."""
         out = []
-        spin_lock(self.a, self._lock)
+        spin_lock(self.a, self._lock, _WQ_LOCK)
         try:
             slot = self.a.read32(self._first)
             while slot != NIL:

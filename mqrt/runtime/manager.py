@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mqrt.block.blk_mq_cpumap import format_cpulist
 from mqrt.block.blk_mq_debugfs import check_invariants, elevator_report, fair_share_report
-from mqrt.lib import signals, wire
+from mqrt.lib import lockstat, signals, wire
 from mqrt.lib.shm import Arena
 from mqrt.lib.trace import dump_msgpack, read_all
 from mqrt.runtime import manifest
@@ -314,7 +314,9 @@ class Manager:
             return
         self.next_progress = now + 0.25
         r = self.r
-        progress(_snapshot(r.arena, r.stats_region, self.n, self.t0_ns, self.end_ns))
+        snap = _snapshot(r.arena, r.stats_region, self.n, self.t0_ns, self.end_ns)
+        snap["lock_stat"] = lockstat.live(lockstat.read(r.arena, r.lock_stat_region))
+        progress(snap)
 
     def wait_for_events(self, alive: list[int]) -> list[Any]:
         """The one wait point: the live CPUs' result pipes and sentinels, and the
@@ -475,6 +477,7 @@ class Manager:
             trace_dump=dumped,
             device={**r.device_info, **r.device_result} if r.dev is not None else {},
             sysfs=results[0].get("sysfs", {}) if 0 in results else {},
+            lock_stat=lockstat.read(r.arena, r.lock_stat_region),
         )
         if dead_list or self.errors:
             parts = [

@@ -48,7 +48,7 @@ from mqrt.block.blk_mq_setup import init_shared, prepare_cpus, teardown
 from mqrt.block.blk_mq_structs import BlkMqError
 from mqrt.block.blk_mq_types import DeviceProcess
 from mqrt.block.blk_sysfs import QueueInfo, TimedWrite
-from mqrt.lib import cpuhp, inject, proc, rcu, signals, wire
+from mqrt.lib import cpuhp, inject, lockstat, proc, rcu, signals, wire
 from mqrt.lib import wait as wait_mod
 from mqrt.lib.shm import Arena, Layout
 from mqrt.lib.trace import TraceSpec
@@ -160,6 +160,7 @@ class _Run:
         self.wspec = Waiters.declare(layout, self.n + 1)
         self.stats_region = layout.add("cpu_stats", CPU_STATS, self.n)
         self.live_spec = live.declare(layout, self.n, [len(q.hctxs) for q in self.queues])
+        self.lock_stat_region = lockstat.declare(layout, self.n)
         self.rcu_spec = rcu.declare(layout, self.n)
         # CPU hotplug's masks: only for a run whose timeline takes CPUs offline
         self.cpuhp_spec = (
@@ -211,7 +212,7 @@ class _Run:
             rcu=self.rcu_spec,
             cpuhp=self.cpuhp_spec,
             trace=self.trace_spec,
-            extra={"live": self.live_spec},
+            extra={"live": self.live_spec, "lock_stat": self.lock_stat_region},
         )
 
     def _cleanup(self, stopping: bool) -> None:
@@ -382,6 +383,7 @@ class _Run:
                 ipi_w=self.ipi_w,
                 stats=self.stats_region,
                 live=self.live_spec,
+                lock_stat=self.lock_stat_region,
                 queues=queues,
                 driver=self.ops,
                 job=spec.cpu_jobs[cpu] if spec.cpu_jobs else spec.job,

@@ -108,3 +108,6 @@ class RunResult:
     #: the timeline's writes (CPU 0's writer): ``transitions`` and per write its
     #: ``started``/``late``/``skipped`` (``writes``); {} without a timeline
     sysfs: dict[str, Any] = field(default_factory=dict)
+    #: lock_stat: every CPU's contention counters, ``[cpu, class, field]``
+    #: (:mod:`mqrt.lib.lockstat`), read from the arena at the end; None if not read
+    lock_stat: Any = None

@@ -4,6 +4,7 @@ bits."""
 from __future__ import annotations
 
 from mqrt.lib import inject
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import Sbitmap
 from mqrt.lib.wait import spin_lock, spin_unlock
 from mqrt.race.entry import Bug, Scenario
@@ -22,7 +23,7 @@ def _deferred_clear_racy(
     if not a.read(self._cleared[index]):
         return False
     lock = self._swap_lock[index]
-    spin_lock(a, lock)
+    spin_lock(a, lock, LockClass.TAGS_SWAP_LOCK)
     try:
         mask = a.xchg(self._cleared[index], 0)
         if inject.armed:

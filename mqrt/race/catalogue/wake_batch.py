@@ -8,6 +8,7 @@ from typing import Any
 from mqrt.block.blk_mq_tag import Tags
 from mqrt.lib import inject
 from mqrt.lib import sbitmap as sbitmap_module
+from mqrt.lib.lockstat import LockClass
 from mqrt.lib.sbitmap import SBQ_WAIT_QUEUES, SBQ_WAKE_BATCH, SbitmapQueue
 from mqrt.lib.wait import spin_lock, spin_unlock
 from mqrt.race.entry import Bug, Scenario
@@ -18,7 +19,7 @@ from mqrt.race.entry import Bug, Scenario
 def _update_active_without_recalc(self: Tags, delta: int) -> int:
     """Before 180dccb0dba4: __blk_mq_tag_busy()/__blk_mq_tag_idle() changed
     active_queues only; wake_batch stayed sized for the whole depth."""
-    spin_lock(self.a, self._lock)
+    spin_lock(self.a, self._lock, LockClass.TAGS_LOCK)
     try:
         return self._count_active(delta)
     finally:
