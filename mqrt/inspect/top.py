@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -62,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from mqrt.errors import UsageError
+from mqrt.lib import signals
 
 #: The views, by key.
 VIEWS = {"c": "cpus", "h": "hctxs", "t": "tags", "d": "devices"}
@@ -235,9 +238,8 @@ class Top:
     def _cpus(self, prev: Sample, cur: Sample, dt: float) -> Table:
         t = Table(
             "cpus",
-            ["cpu", "IOPS", "subm/s", "inflight", "tag_waits/s", "tag_sleeps/s", "sleeps/s",
-             "ipi_tx/s", "ipi_rx/s", "irq_wake/s", "hctx_runs/s", "busy/s", "requeued/s",
-             "retries/s", "hb_age_ms"],
+            ["cpu", "IOPS", "subm/s", "inflight", "twait/s", "tsleep/s", "sleep/s", "ipi_tx/s",
+             "ipi_rx/s", "irq/s", "runs/s", "busy/s", "requeue/s", "retry/s", "hb_ms"],
             sortable=tuple(range(15)),
         )  # fmt: skip
         live_fields = ("tag_waits", "tag_sleeps", "sleeps", "ipis_sent", "ipis_received",
@@ -511,7 +513,12 @@ def renderable(frame: Frame, keys: Keys, views: list[str], interval: float, help
             rt = RichTable(title=t.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
             for i, col in enumerate(t.columns):
                 mark = ("v" if sort[1] else "^") if sort is not None and sort[0] == i else ""
-                rt.add_column(col + mark, justify="left" if i == 0 else "right", no_wrap=True)
+                rt.add_column(
+                    col + mark,
+                    justify="left" if i == 0 else "right",
+                    no_wrap=True,
+                    min_width=len(col + mark),
+                )
             for r in _sorted(t, sort):
                 rt.add_row(*(_fmt(v) for v in r))
             parts.append(rt)
@@ -608,7 +615,8 @@ def cbreak(fd: int) -> Iterator[None]:
         tty.setcbreak(fd)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        with contextlib.suppress(termios.error):  # the terminal hung up: nothing to restore
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def keys_within(fd: int, timeout: float) -> str:
@@ -659,8 +667,14 @@ def live(top: Top, interval: float, read_keys: Callable[[int, float], str] = key
                 screen.update(shown, refresh=True)
                 if ended:
                     return 0
-    except KeyboardInterrupt:  # Ctrl-C quits as q does
+    except KeyboardInterrupt as exc:  # Ctrl-C quits as q does
+        if isinstance(exc, signals.Stop) and exc.signum != signal.SIGINT:
+            raise  # SIGTERM, SIGHUP: the command's usual end (128 + the signal)
         return 0
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        return 128 + signal.SIGHUP  # the terminal went away under the view
     finally:
         if ended:
             print(f"mqrt top: run {top.v.name} ended", file=sys.stderr)
