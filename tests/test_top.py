@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,7 @@ def test_top_once_on_a_real_run():
 def test_top_follows_a_run_to_its_end():
     """Not on a terminal it prints a snapshot each interval until the run ends, then
     says so and exits 0; the run ends as it would have."""
-    bench = _bench("--cpus", "1", "--runtime", "10")
+    bench = _bench("--cpus", "1", "--runtime", "12")
     try:
         assert wait_for_work(bench.pid, 0.1), "the run never started its I/O"
         out = subprocess.run(
@@ -110,7 +109,14 @@ def test_top_follows_a_run_to_its_end():
         _, err = bench.communicate(timeout=120)
     assert bench.returncode == 0, err
     assert out.returncode == 0, out.stderr
-    assert "ended" in out.stderr and out.stdout.count("mqrt top - ") >= 2
+    assert out.stderr == f"mqrt top: run {_segment(out.stdout)} ended\n"
+    assert out.stdout.count("mqrt top - ") >= 1 and "phase ended" in out.stdout
+
+
+def _segment(text: str) -> str:
+    m = re.search(r"mqrt top - (mqrt-\S+)", text)
+    assert m, text
+    return m.group(1)
 
 
 def _tmux(sock: str, *args: str) -> subprocess.CompletedProcess:
@@ -161,18 +167,24 @@ def test_top_in_a_real_terminal(tmp_path):
             60,
         ), screen
         _tmux(sock, "send-keys", "-t", "top", "h")
-        assert wait_until(lambda: shows(r"^hctxs", r"queued/s", r"^\s*nullb0\s+0\s+0-1"), 30), screen
+        assert wait_until(lambda: shows(r"^hctxs", r"queued/s", r"^\s*nullb0\s+0\s+0-1"), 30), (
+            screen
+        )
         assert "twait/s" not in screen
         _tmux(sock, "send-keys", "-t", "top", "t")
-        assert wait_until(lambda: shows(r"^tags", r"wake_batch", r"nullb0\.tag_set/tags0"), 30), screen
+        assert wait_until(lambda: shows(r"^tags", r"wake_batch", r"nullb0\.tag_set/tags0"), 30), (
+            screen
+        )
         _tmux(sock, "send-keys", "-t", "top", "q")
-        assert wait_until(lambda: rc.exists() and rc.read_text().strip() != "", 30), "top did not quit"
+        assert wait_until(lambda: rc.exists() and rc.read_text().strip() != "", 30), (
+            "top did not quit"
+        )
         assert rc.read_text().strip() == "0"
         modes = stty.read_text().split()
         assert "icanon" in modes and "echo" in modes, modes  # cbreak undone
-        assert wait_until(
-            lambda: _tmux(sock, "has-session", "-t", "top").returncode != 0, 30
-        ), "the session outlived its command"
+        assert wait_until(lambda: _tmux(sock, "has-session", "-t", "top").returncode != 0, 30), (
+            "the session outlived its command"
+        )
         assert bench.poll() is None  # the run goes on
     finally:
         _tmux(sock, "kill-server")

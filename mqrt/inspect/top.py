@@ -282,7 +282,9 @@ class Top:
                 def rate(name: str, slot: int = slot) -> float:
                     if not slots:
                         return 0.0
-                    d = int(cur.hctx[slot::slots][name].sum()) - int(prev.hctx[slot::slots][name].sum())
+                    d = int(cur.hctx[slot::slots][name].sum()) - int(
+                        prev.hctx[slot::slots][name].sum()
+                    )
                     return max(0, d) / dt
 
                 bt = hctx.tags.bitmap_tags
@@ -306,7 +308,8 @@ class Top:
             sortable=(2, 3, 4, 6),
         )  # fmt: skip
         elevator = {
-            q.name: handle.elevator() for q, handle in zip(self.v.queues, self.v.handles, strict=True)
+            q.name: handle.elevator()
+            for q, handle in zip(self.v.queues, self.v.handles, strict=True)
         }
         for label, kind, bt in self._maps:
             dev = label.split("/", 1)[0]
@@ -497,7 +500,10 @@ def header_text(h: dict[str, Any], interval: float) -> str:
     )
 
 
-HELP = "keys: c cpus  h hctxs  t tags  d devices  s sort  r reverse  i IOPS  l slowest  w waits  q quit"
+HELP = (
+    "keys: c cpus  h hctxs  t tags  d devices  s sort  r reverse  i IOPS  l slowest  w waits"
+    "  q quit"
+)
 
 
 def renderable(frame: Frame, keys: Keys, views: list[str], interval: float, help_line: bool) -> Any:
@@ -542,7 +548,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--interval", type=float, default=1.0, metavar="SECONDS",
         help="seconds between two samples. Default: 1.0",
     )  # fmt: skip
-    p.add_argument("--once", action="store_true", help="one snapshot (after one interval), then exit")
+    p.add_argument(
+        "--once", action="store_true", help="one snapshot (after one interval), then exit"
+    )
     p.add_argument("--json", action="store_true", help="snapshots as JSON, one object a line")
     p.add_argument(
         "--view", default=None, metavar="VIEWS",
@@ -556,8 +564,8 @@ def _views(spec: str | None) -> list[str]:
     if spec is None:
         return list(VIEWS.values())
     out = []
-    for v in spec.split(","):
-        v = v.strip()
+    for word in spec.split(","):
+        v = word.strip()
         name = VIEWS.get(v, v)
         if name not in VIEWS.values():
             raise UsageError(f"--view: {v!r} is none of cpus, hctxs, tags, devices")
@@ -567,7 +575,9 @@ def _views(spec: str | None) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     if not MIN_INTERVAL <= args.interval <= 3600:
-        raise UsageError(f"--interval: SECONDS must be in {MIN_INTERVAL:g}..3600, got {args.interval:g}")
+        raise UsageError(
+            f"--interval: SECONDS must be in {MIN_INTERVAL:g}..3600, got {args.interval:g}"
+        )
     views = _views(args.view)
     from mqrt.inspect.attach import RunView, resolve
 
@@ -651,7 +661,9 @@ def live(top: Top, interval: float, read_keys: Callable[[int, float], str] = key
                     if not keys.press(k, frame):
                         return 0
                 if typed and frame is not None:
-                    screen.update(renderable(frame, keys, [keys.view], interval, True), refresh=True)
+                    screen.update(
+                        renderable(frame, keys, [keys.view], interval, True), refresh=True
+                    )
                 if time.monotonic() < due:
                     continue
                 due += interval
