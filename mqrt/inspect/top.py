@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from mqrt.block.blk_mq_cpumap import format_cpulist
 from mqrt.errors import UsageError
 from mqrt.lib import signals
 
@@ -413,16 +414,7 @@ def _await(ticks_ns: int, ios: int) -> float | None:
 
 
 def _cpulist(cpus: list[int]) -> str:
-    """A cpulist (``0-3,6``)."""
-    out: list[str] = []
-    for c in sorted(cpus):
-        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == c - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
-        elif out and "-" not in out[-1] and int(out[-1]) == c - 1:
-            out[-1] = f"{out[-1]}-{c}"
-        else:
-            out.append(str(c))
-    return ",".join(out) or "-"
+    return format_cpulist(cpus) or "-"
 
 
 # -- showing a frame ------------------------------------------------------------------------------
