@@ -1,5 +1,5 @@
 """The ``mqrt`` command line: ``bench``, ``compare``, ``plot``, ``race``, ``microbench``,
-``inspect``.
+``inspect``, ``top``.
 
 User mistakes end in a one-line ``mqrt: error: ...`` naming the bad option and exit
 status 2, never a traceback.  Ctrl-C, SIGTERM and SIGHUP are handled alike
@@ -41,6 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from mqrt import compare, plot
     from mqrt.bench import main as bench
     from mqrt.inspect import main as inspect
+    from mqrt.inspect import top
     from mqrt.microbench import main as microbench
     from mqrt.race import main as race
 
@@ -50,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     microbench.add_parser(sub)
     plot.add_parser(sub)
     race.add_parser(sub)
+    top.add_parser(sub)
     return parser
 
 

@@ -582,6 +582,11 @@ class Sbitmap:
         """sbitmap_weight(): bits in use (set and not pending a deferred clear)."""
         return self._weight(True) - self._weight(False)
 
+    def cleared_weight(self) -> int:
+        """Bits freed and not yet folded back (set in ``cleared``): the ``cleared=``
+        of sbitmap_show()."""
+        return self._weight(False)
+
     def alloc_hints(self) -> list[int]:
         return [_u32(self.a.read32(self.spec.hints.addr(c))) for c in range(self.spec.nr_cpus)]
 
@@ -1080,6 +1085,11 @@ class SbitmapQueue:
             wait.active = False
 
     # -- debugfs ---------------------------------------------------------------------------------
+
+    def nr_ws_active(self) -> int:
+        """atomic_read(&sbq->ws_active): tasks counted asleep on the wait states now
+        (a plain read)."""
+        return _s32(self.a.read32(self._ws_active))
 
     def show(self) -> str:
         """sbitmap_queue_show(): the body of debugfs ``hctxN/tags`` after

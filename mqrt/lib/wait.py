@@ -315,6 +315,18 @@ class Waiters:
         v = self.a.read(self.entry(slot) + self._waits_for)
         return v - (1 << 64) if v >> 63 else v
 
+    def asleep(self) -> list[tuple[int, int]]:
+        """(slot, the wait-queue head it is queued on, 0 if none) of every task
+        marked asleep (TASK_UNINTERRUPTIBLE) now: plain reads, no lock taken, so an
+        observer on a read-only mapping may ask; a task may wake as it is read."""
+        a, out = self.a, []
+        for slot in range(self.spec.nr_waiters):
+            entry = self.entry(slot)
+            if a.read32(entry + self._state) == TaskState.UNINTERRUPTIBLE:
+                head = a.read(entry + self._queued_on)
+                out.append((slot, 0 if head >> 63 else head))
+        return out
+
     def sleeping(self) -> bool:
         """This process's task is still marked asleep (no waker has run it)."""
         return self.a.read32(self._my_state) == TaskState.UNINTERRUPTIBLE

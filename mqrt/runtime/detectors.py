@@ -247,19 +247,14 @@ class Monitor:
 
     def sleeping(self) -> list[dict[str, Any]]:
         """Tasks asleep (TASK_UNINTERRUPTIBLE) and the wait-queue head they are on."""
-        out = []
-        for slot in range(self.nr_waiters):
-            entry = self.waiters.entry(slot)
-            if self.a.read32(entry + self.waiters._state) == TaskState.UNINTERRUPTIBLE:
-                task = f"cpu{slot}" if slot < self.nr_cpus else "sysfs writer (cpu0)"
-                out.append(
-                    {
-                        "cpu": slot,
-                        "task": task,
-                        "queued_on": self._where(self.a.read(entry + _QUEUED_ON)),
-                    }
-                )
-        return out
+        return [
+            {
+                "cpu": slot,
+                "task": f"cpu{slot}" if slot < self.nr_cpus else "sysfs writer (cpu0)",
+                "queued_on": self._where(head),
+            }
+            for slot, head in self.waiters.asleep()
+        ]
 
     def _where(self, head: int) -> str:
         where = self._ws_of.get(head)
