@@ -83,6 +83,10 @@ def test_top_once_on_a_real_run():
         assert io["device"] == "nullb0" and io["r/s"] > 0 and io["w/s"] == 0
         assert io["rkB/s"] == pytest.approx(io["r/s"] * 4, rel=1e-6)  # bs 4k
         assert io["r_await"] is not None and io["r_await"] > 0
+        locks = {row["class"]: row for row in snap["locks"]["locks"]}
+        # every I/O took a driver tag: its word's acquisitions run at the run's IOPS
+        assert locks["tags.bitmap"]["acq/s"] > 0 and locks["tags.bitmap"]["con%"] < 100
+        assert all(r["con/s"] >= 0 and r["wait_us/s"] >= 0 for r in locks.values())
         text = mqrt("top", str(bench.pid), "--once", "--interval", "0.3", "--view", "c,h")
         assert text.returncode == 0, text.stderr
         assert f"mqrt top - mqrt-{bench.pid}-" in text.stdout and "phase running" in text.stdout

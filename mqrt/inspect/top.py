@@ -65,10 +65,10 @@ import numpy as np
 
 from mqrt.block.blk_mq_cpumap import format_cpulist
 from mqrt.errors import UsageError
-from mqrt.lib import signals
+from mqrt.lib import lockstat, signals
 
 #: The views, by key.
-VIEWS = {"c": "cpus", "h": "hctxs", "t": "tags", "d": "devices"}
+VIEWS = {"c": "cpus", "h": "hctxs", "t": "tags", "d": "devices", "k": "locks"}
 #: Fewest seconds between two samples: the CPUs publish every 50 ms.
 MIN_INTERVAL = 0.1
 #: The first frame on a terminal comes after this (or the interval, if shorter).
@@ -115,6 +115,7 @@ class Sample:
     hctx: Any  #: live_hctx
     disk: Any  #: live_disk
     nvme: dict[str, Any]  #: nvme.counters and nvme.q<N>, copies (empty for null_blk)
+    locks: Any  #: lock_stat counters [cpu, class, field] (None: a run without them)
 
 
 class Top:
@@ -152,6 +153,7 @@ class Top:
 
         self.v.refresh_map()
         cpu, hctx, disk = live.read(self.v.arena, self.spec)
+        region = self.m.extra.get("lock_stat")
         return Sample(
             time.monotonic_ns(),
             self.v.counters("cpu_stats"),
@@ -159,6 +161,7 @@ class Top:
             hctx,
             disk,
             {name: self.v.counters(name)[0] for name in self._nvme},
+            None if region is None else lockstat.read(self.v.arena, region),
         )
 
     def _tag_maps(self) -> Iterator[tuple[str, str, Any]]:
@@ -212,6 +215,7 @@ class Top:
             "hctxs": [self._hctxs(prev, cur, dt)],
             "tags": [self._tags(asleep)],
             "devices": self._devices(prev, cur, dt),
+            "locks": [self._locks(prev, cur, dt)],
         }
         return Frame(self._header(cur, cpus), views)
 
@@ -324,6 +328,43 @@ class Top:
             t.rows.append(
                 [label, kind, bt.sb.depth, bt.sb.weight(), bt.sb.cleared_weight(),
                  bt.wake_batch, bt.nr_ws_active(), _ws(bt), " ".join(who) or "-"]
+            )  # fmt: skip
+        return t
+
+    def _locks(self, prev: Sample, cur: Sample, dt: float) -> Table:
+        """lock_stat as rates: per lock class with acquisitions or contentions, the
+        contentions, acquisitions and time waited per second, the share of
+        acquisitions that waited, the longest wait so far, and the CPU that waits
+        most (since the run started)."""
+        t = Table(
+            "locks",
+            ["class", "con/s", "acq/s", "con%", "wait_us/s", "wait_max_us", "retry/s",
+             "yield/s", "most_con"],
+            sortable=(1, 2, 3, 4, 5, 6, 7),
+        )  # fmt: skip
+        if cur.locks is None or prev.locks is None:
+            return t
+        d = (cur.locks.astype(np.int64) - prev.locks.astype(np.int64)).clip(min=0)
+        for cls, name in lockstat.CLASS_NAMES.items():
+            total = cur.locks[:, cls, :]
+            if (
+                not total[:, lockstat.ACQUISITIONS].any()
+                and not total[:, lockstat.CONTENTIONS].any()
+            ):
+                continue
+            con, acq = (
+                int(d[:, cls, lockstat.CONTENTIONS].sum()),
+                int(d[:, cls, lockstat.ACQUISITIONS].sum()),
+            )
+            per_cpu = total[:, lockstat.CONTENTIONS]
+            top_cpu = int(per_cpu.argmax())
+            t.rows.append(
+                [name, con / dt, acq / dt, 100.0 * con / acq if acq else 0.0,
+                 int(d[:, cls, lockstat.WAIT_NS].sum()) / dt / 1e3,
+                 int(total[:, lockstat.WAIT_MAX_NS].max()) / 1e3,
+                 int(d[:, cls, lockstat.RETRIES].sum()) / dt,
+                 int(d[:, cls, lockstat.YIELDS].sum()) / dt,
+                 f"cpu{top_cpu}" if per_cpu[top_cpu] else "-"]
             )  # fmt: skip
         return t
 
@@ -493,8 +534,8 @@ def header_text(h: dict[str, Any], interval: float) -> str:
 
 
 HELP = (
-    "keys: c cpus  h hctxs  t tags  d devices  s sort  r reverse  i IOPS  l slowest  w waits"
-    "  q quit"
+    "keys: c cpus  h hctxs  t tags  d devices  k locks  s sort  r reverse  i IOPS  l slowest"
+    "  w waits  q quit"
 )
 
 
