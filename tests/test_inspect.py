@@ -139,9 +139,9 @@ def test_an_attached_inspector_watches_until_the_run_ends():
                 if mqrt("inspect", seg, "proc/diskstats").returncode == 0:
                     break
                 time.sleep(0.05)
+            watcher = inspector.proc  # started before the run is named to it
+            assert watcher is not None and watcher.poll() is None
             inspector.attach(seg)
-            watcher = inspector.proc
-            assert watcher is not None
             while watcher.poll() is None and not _maps(watcher.pid, seg):
                 assert time.monotonic() < deadline, "the watcher never attached"
                 time.sleep(0.02)

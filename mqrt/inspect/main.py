@@ -160,7 +160,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", nargs="?", metavar="RUN", help="segment, owner pid or a name's start")
+    p.add_argument(
+        "run", nargs="?", metavar="RUN", help="segment, owner pid, a name's start, or - (stdin)"
+    )
     p.add_argument(
         "paths", nargs="*", metavar="PATH", help="files, directories or patterns (default: all)"
     )
@@ -184,7 +186,14 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.watch is not None and not 0.05 <= args.watch <= 3600:
         raise UsageError(f"--watch: SECONDS must be in 0.05..3600, got {args.watch:g}")
-    return show_run(args.run, args.paths, args.json, args.watch)
+    run = args.run
+    if run == "-":  # the run's name on stdin (a watcher started before its run)
+        import sys
+
+        run = sys.stdin.readline().strip()
+        if not run:
+            raise UsageError("RUN: '-' and no run's name on stdin")
+    return show_run(run, args.paths, args.json, args.watch)
 
 
 def show_run(run: str, patterns: list[str], as_json: bool, watch: float | None) -> int:

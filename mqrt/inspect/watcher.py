@@ -1,10 +1,12 @@
 """An inspector attached to a run for its whole life: ``mqrt bench --inspector HZ``.
 
-A process of its own (``mqrt inspect RUN --watch 1/HZ --json``, its output thrown
-away) that reads every debugfs and sysfs file of the run HZ times a second, as a user
+A process of its own (``mqrt inspect - --watch 1/HZ --json``, its output thrown away)
+that reads every debugfs and sysfs file of the run HZ times a second, as a user
 watching a run in a second terminal would: what watching costs the run is then a
 benchmark figure (``--inspector 0,10 --repeat 5``: the same run with and without).
-It ends by itself when the run does; the bench reaps it after each run.
+It is started before the run, so its interpreter's start-up is not in the run's
+measured time, and told the run's segment on its stdin once the run's manifest is
+there; it ends by itself when the run does, and the bench reaps it after each run.
 """
 
 from __future__ import annotations
@@ -21,23 +23,31 @@ class Inspector:
         self.hz = hz
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def attach(self, segment: str) -> None:
-        """RunSpec.on_published: the run's manifest is there; start watching it."""
-        if self.hz <= 0:
-            return
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mqrt", "inspect", segment, "--watch", f"{1 / self.hz:g}",
-             "--json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
     def __enter__(self) -> Inspector:
+        if self.hz > 0:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mqrt", "inspect", "-", "--watch", f"{1 / self.hz:g}",
+                 "--json"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         return self
+
+    def attach(self, segment: str) -> None:
+        """RunSpec.on_published: the run's manifest is there; the inspector attaches."""
+        p = self.proc
+        if p is None or p.stdin is None:
+            return
+        with contextlib.suppress(OSError):  # it died: the run goes on without it
+            p.stdin.write(segment.encode() + b"\n")
+            p.stdin.close()
 
     def __exit__(self, *exc: object) -> None:
         p, self.proc = self.proc, None
         if p is None:
             return
+        if p.stdin is not None and not p.stdin.closed:
+            with contextlib.suppress(OSError):
+                p.stdin.close()  # never attached (the run failed first): EOF ends it
         try:
             p.wait(timeout=5)  # it sees the run end within one interval
         except subprocess.TimeoutExpired:
