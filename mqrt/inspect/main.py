@@ -1,8 +1,10 @@
-"""``mqrt inspect``: the runs of this user on this host.
+"""``mqrt inspect``: the runs of this user on this host, and a live run's debugfs and
+sysfs files.
 
 Each run is one shared-memory segment, ``/dev/shm/mqrt-<owner pid>-<owner start
-time>-<random>`` (mode 0600: only its user can map it).  The listing reads the names
-and the owners' processes, never the segments: it cannot disturb a run.
+time>-<random>`` (mode 0600: only its user can map it).  The listing reads the names,
+the owners' processes and each segment's superblock, through a read-only mapping: it
+cannot disturb a run.
 
 For each run: its segment, the owner's pid, its command line, its age (since the owner
 started), the segment's size, and its state: ``running`` while the owner lives,
@@ -190,6 +192,9 @@ def main(args: argparse.Namespace) -> int:
     if run == "-":  # the run's name on stdin (a watcher started before its run)
         import sys
 
+        from mqrt.inspect import attach, tree  # noqa: F401  (loaded before the run starts)
+
+        print("mqrt inspect: ready for a run's name on stdin", file=sys.stderr, flush=True)
         run = sys.stdin.readline().strip()
         if not run:
             raise UsageError("RUN: '-' and no run's name on stdin")
@@ -212,9 +217,6 @@ def show_run(run: str, patterns: list[str], as_json: bool, watch: float | None) 
             else:
                 _print_files(got, watch is not None)
             if watch is None:
-                return 0
-            if view.ended():
-                print(f"mqrt inspect: run {view.name} ended", file=sys.stderr)
                 return 0
             time.sleep(watch)
             if view.ended():

@@ -4,16 +4,21 @@ A process of its own (``mqrt inspect - --watch 1/HZ --json``, its output thrown 
 that reads every debugfs and sysfs file of the run HZ times a second, as a user
 watching a run in a second terminal would: what watching costs the run is then a
 benchmark figure (``--inspector 0,10 --repeat 5``: the same run with and without).
-It is started before the run, so its interpreter's start-up is not in the run's
-measured time, and told the run's segment on its stdin once the run's manifest is
-there; it ends by itself when the run does, and the bench reaps it after each run.
+It is started before the run and waited for until it has loaded what it needs (it
+says so on stderr), so its interpreter's start-up is not in the run's time; it is
+told the run's segment on its stdin once the run's manifest is there, ends by itself
+when the run does, and the bench reaps it after each run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import subprocess
 import sys
+
+#: The longest wait for the inspector's start-up before the run starts anyway.
+READY_S = 60.0
 
 
 class Inspector:
@@ -25,11 +30,15 @@ class Inspector:
 
     def __enter__(self) -> Inspector:
         if self.hz > 0:
-            self.proc = subprocess.Popen(
+            p = self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mqrt", "inspect", "-", "--watch", f"{1 / self.hz:g}",
                  "--json"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
+            assert p.stderr is not None
+            # its "ready" line (or its end), within READY_S on however loaded a host
+            if select.select([p.stderr], [], [], READY_S)[0]:
+                p.stderr.readline()
         return self
 
     def attach(self, segment: str) -> None:
@@ -49,8 +58,10 @@ class Inspector:
             with contextlib.suppress(OSError):
                 p.stdin.close()  # never attached (the run failed first): EOF ends it
         try:
-            p.wait(timeout=5)  # it sees the run end within one interval
+            p.wait(timeout=5)  # it sees the run end within one interval (a line on stderr)
         except subprocess.TimeoutExpired:
             p.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
+        if p.stderr is not None:
+            p.stderr.close()
