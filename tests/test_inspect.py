@@ -45,14 +45,16 @@ def _inspect(run: str, *paths: str) -> dict[str, str]:
 
 
 def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
-    """Attach to a real run whose requests stay in flight (null_blk's timer completes
-    each after 2 s): the configured depths, the map's CPU lists, and tags in use that
-    match what the run itself counts in flight."""
+    """Attach to a real run whose requests stay in flight (null_blk's timer would
+    complete each after 60 s): the configured depths, the map's CPU lists, and tags in
+    use that match what the run itself accounts for at its end (the I/Os in flight
+    its stop gave up on, each CPU's issued and completed)."""
     bench = subprocess.Popen(
         [sys.executable, "-m", "mqrt", "bench", "--cpus", "2", "--submit_queues", "2",
          "--hw_queue_depth", "16", "--iodepth", "4", "--irqmode", "2",
-         "--completion_nsec", "2000000000", "--runtime", "60", "--quiet"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+         "--completion_nsec", "60000000000", "--io_timeout", "300000", "--runtime", "120",
+         "--output-format", "json", "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         seg = ""
@@ -103,8 +105,13 @@ def test_inspect_reads_a_live_runs_debugfs_and_sysfs():
         assert bad.returncode == 2 and "PATH: 'block/nullb9' names no file" in bad.stderr
     finally:
         bench.send_signal(2)
-        _, err = bench.communicate(timeout=120)
+        out, err = bench.communicate(timeout=120)
     assert bench.returncode == 130, err
+    # the run's own end-of-run accounting: the 8 tags inspect saw held, 4 per hctx
+    run = json.loads(out)["mqrt"]["points"][0]["run"]
+    assert run["invariants"]["skipped"].startswith("8 I/Os still in flight"), run["invariants"]
+    for cpu in run["cpus"]:
+        assert cpu["blk_mq"]["issued"] - cpu["blk_mq"]["completed"] == 4, cpu["blk_mq"]
     ended = mqrt("inspect", seg)
     assert ended.returncode == 2 and "has ended" in ended.stderr
 
