@@ -35,7 +35,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import psutil
 
 from mqrt.errors import UsageError
@@ -48,34 +47,30 @@ class RunInfo:
 
     segment: str
     owner_pid: int
-    state: str  #: setup | running | draining | exit (the owner's phase), or stale
+    state: str  #: setup | running | draining | exit (the owner's phase), unknown, or stale
     age_s: float | None  #: since the owner started (None once it is gone)
     size_bytes: int
     cmdline: str
 
 
 def run_state(name: str) -> str:
-    """A live run's phase from its superblock (a read-only mapping of its first
-    page), or ``running`` when that cannot be read (being set up)."""
-    import mmap
-
-    from mqrt.runtime.manifest import MAGIC, SUPERBLOCK, RunPhase
+    """A live run's phase from its superblock (a read-only mapping): ``setup`` until
+    its manifest is there, ``unknown`` for a segment this mqrt cannot read."""
+    from mqrt.lib.shm import Arena
+    from mqrt.runtime import manifest
 
     try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return "running"
-    try:
-        with mmap.mmap(fd, SUPERBLOCK.itemsize, prot=mmap.PROT_READ) as mm:
-            sb = np.frombuffer(mm, dtype=SUPERBLOCK, count=1).copy()[0]
+        arena = Arena.open_readonly(name)
     except (OSError, ValueError):
-        return "running"
-    finally:
-        os.close(fd)
-    if int(sb["magic"]) != MAGIC:
+        return "running"  # it went, or another user's: the owner still runs
+    try:
+        return manifest.read_superblock(arena).phase.name.lower()
+    except manifest.NotPublished:
         return "setup"
-    phase = int(sb["phase"])
-    return RunPhase(phase).name.lower() if phase in RunPhase._value2member_map_ else "running"
+    except manifest.ManifestError:
+        return "unknown"
+    finally:
+        arena.close()
 
 
 def list_runs(uid: int | None = None) -> list[RunInfo]:

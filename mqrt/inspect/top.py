@@ -601,7 +601,7 @@ def _views(spec: str | None) -> list[str]:
         v = word.strip()
         name = VIEWS.get(v, v)
         if name not in VIEWS.values():
-            raise UsageError(f"--view: {v!r} is none of cpus, hctxs, tags, devices")
+            raise UsageError(f"--view: {v!r} is none of {', '.join(VIEWS.values())}")
         out.append(name)
     return out
 

@@ -47,6 +47,7 @@ from mqrt.block.blk_mq_types import BlkMqFlag, HctxState, QueueFlag
 from mqrt.block.elevator import ELEVATOR_NAMES, ELEVATORS
 from mqrt.block.mq_deadline import KNOBS as DD_KNOBS
 from mqrt.block.mq_deadline import DeadlineData
+from mqrt.errors import UsageError
 from mqrt.inspect.attach import RunView, peek
 from mqrt.lib import lockstat
 from mqrt.lib.sbitmap import Sbitmap
@@ -383,8 +384,6 @@ def select(files: dict[str, Reader], patterns: list[str]) -> list[str]:
     """The paths ``patterns`` name: each a path or a directory (with or without the
     leading ``/``), a shell pattern, or a debugfs path from ``block/`` on; a pattern
     that names nothing is a one-line error."""
-    from mqrt.errors import UsageError
-
     if not patterns:
         return list(files)
     out: list[str] = []

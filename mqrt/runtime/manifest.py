@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import enum
 import io
+import os
 import pickle
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +155,6 @@ def seal(layout: Layout, manifest: Manifest) -> tuple[Region, bytes]:
 def publish(arena: Arena, superblock: Region, region: Region, blob: bytes, nr_cpus: int) -> None:
     """Owner, once the arena exists: the manifest's bytes, the superblock's fields,
     then ``magic`` (release)."""
-    import os
-
     arena.buf[region.offset : region.offset + len(blob)] = blob
     a = arena.atomic
     o = superblock.offsets()
@@ -186,6 +184,10 @@ class ManifestError(RuntimeError):
     """The segment is not a run mqrt can read (one line, for the user)."""
 
 
+class NotPublished(ManifestError):
+    """The run is still being set up: its manifest is not there yet."""
+
+
 @dataclass(frozen=True)
 class Superblock:
     phase: RunPhase
@@ -202,7 +204,7 @@ def read_superblock(arena: Arena) -> Superblock:
         raise ManifestError(f"{arena.name} is too small to be a run's segment")
     o = Region("superblock", 0, SUPERBLOCK).offsets()
     if a.load_acquire(o.magic) != MAGIC:
-        raise ManifestError(f"{arena.name} is still being set up (no manifest yet)")
+        raise NotPublished(f"{arena.name} is still being set up (no manifest yet)")
     version = a.read32(o.version)
     if version != LAYOUT_VERSION:
         raise ManifestError(
@@ -234,7 +236,3 @@ def load(arena: Arena) -> Manifest:
     if not isinstance(got, Manifest):
         raise ManifestError(f"{arena.name}: its manifest is a {type(got).__name__}")
     return got
-
-
-def this_cmdline() -> list[str]:
-    return list(sys.argv)

@@ -35,6 +35,7 @@ import contextlib
 import gc
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
@@ -202,7 +203,7 @@ class _Run:
 
         return manifest.Manifest(
             mqrt_version=mqrt.__version__,
-            cmdline=manifest.this_cmdline(),
+            cmdline=list(sys.argv),
             nr_cpus=self.n,
             driver=type(self.ops).__name__,
             layout=layout,
