@@ -149,10 +149,12 @@ BATCH_STORES_REORDERED = Bug(
         "wakers are kyber's, which resizes its domain-token sbitmaps from a timer as "
         "latencies move. mqrt has no kyber, so the scenario resizes the tag map itself "
         "under load without the freeze (debug/nr_requests_unfrozen). "
-        "Scenario: legacy sbitmap, 64 tags (wake_batch 8), 3 CPUs keeping 32 I/Os "
-        "each (sleepers on several wait queues), 20 us timer completions; 1 s in, "
-        "nr_requests drops to 2 (wake_batch 1), the resizing CPU held up to 20 ms "
-        "between the stores; the jobs stop 0.5 s later. Once the resize is over the "
+        "Scenario: legacy sbitmap, 64 tags (wake_batch 8), 3 CPUs keeping 48 I/Os "
+        "each, 20 us timer completions; 1 s in, nr_requests drops to 2 (wake_batch 1), "
+        "the resizing CPU held up to 20 ms between the stores; the jobs stop 0.5 s "
+        "later. The resize runs on one of the CPUs, so while it is held only the other "
+        "two submit: their 96 I/Os over 64 tags keep sleepers on several wait queues "
+        "for the window's wakers. Once the resize is over the "
         "old and the fixed code are the same, and 6.1's wake-up, which both run, "
         "has a lost wake-up of its own: a waker that took the only wait queue with "
         "sleepers to wait_cnt 0 makes every free skip it until it resets the count "
@@ -167,7 +169,7 @@ BATCH_STORES_REORDERED = Bug(
             "hw_queue_depth": 64,
             "irqmode": "timer",
             "completion_nsec": 20_000,
-            "iodepth": 32,
+            "iodepth": 48,
             "cpus": 3,
         },
         timeline=("1s:nullb0/debug/nr_requests_unfrozen=2",),
