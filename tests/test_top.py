@@ -48,6 +48,38 @@ def test_keys_sort_and_switch_views():
     assert _cpulist([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9" and _cpulist([]) == "-"
 
 
+def test_a_narrow_terminal_drops_columns_from_the_right_keeping_the_sorted_one():
+    from rich.console import Console
+
+    from mqrt.inspect.top import renderable
+
+    cols = ["cpu", "IOPS", *(f"counter{i}/s" for i in range(12)), "hb_ms"]
+    rows = [[c, 1234.5 * c, *range(12), 7] for c in range(3)]
+    header = {"run": "r", "phase": "running", "elapsed_s": 1.0, "remaining_s": None,
+              "iops": 1.0, "cpus": 3, "driver": "d", "devices": "nullb0",
+              "slowest_cpu": None, "slowest_cpu_iops": None}  # fmt: skip
+    table = Table("cpus", cols, rows, sortable=tuple(range(len(cols))))
+    frame = Frame(header, {"cpus": [table]})
+
+    def screen(keys: Keys, width: int | None) -> list[str]:
+        console = Console(width=200 if width is None else width, color_system=None)
+        with console.capture() as out:
+            console.print(renderable(frame, keys, ["cpus"], 1.0, False, width))
+        return out.get().splitlines()
+
+    wide = screen(Keys(), None)
+    assert not any("not shown" in line for line in wide)
+    assert any("counter11/s" in line and "hb_ms" in line for line in wide)
+    keys = Keys(sort={"cpus": (12, True)})  # sorted by counter10/s
+    narrow = screen(keys, 80)
+    assert all(len(line) <= 80 for line in narrow), narrow
+    head = next(line for line in narrow if line.lstrip().startswith("cpu "))
+    assert "IOPS" in head and "counter10/sv" in head and "hb_ms" not in head
+    assert "counter11/s" not in head and "…" not in "".join(narrow)
+    caption = " ".join(narrow[narrow.index(next(x for x in narrow if "not shown" in x)) :])
+    assert "counter11/s" in caption and "hb_ms" in caption and "counter10/s," not in caption
+
+
 def test_bad_options_are_one_line_errors():
     out = mqrt("top", "1", "--interval", "0")
     assert out.returncode == 2 and "--interval: SECONDS must be in 0.1..3600, got 0" in out.stderr
@@ -179,6 +211,13 @@ def test_top_in_a_real_terminal(tmp_path):
         assert wait_until(lambda: shows(r"^tags", r"wake_batch", r"nullb0\.tag_set/tags0"), 30), (
             screen
         )
+        # an 80-column terminal: the CPU table drops columns from the right and says so
+        got = _tmux(sock, "resize-window", "-t", "top", "-x", "80", "-y", "48")
+        assert got.returncode == 0, got.stderr
+        _tmux(sock, "send-keys", "-t", "top", "c")
+        assert wait_until(lambda: shows(cpu_row, r"^not shown \(too narrow\): "), 30), screen
+        head = next(line for line in screen.splitlines() if line.lstrip().startswith("cpu "))
+        assert "inflight" in head and "hb_ms" not in head and "…" not in screen, screen
         _tmux(sock, "send-keys", "-t", "top", "q")
         assert wait_until(lambda: rc.exists() and rc.read_text().strip() != "", 30), (
             "top did not quit"

@@ -539,31 +539,71 @@ HELP = (
 )
 
 
-def renderable(frame: Frame, keys: Keys, views: list[str], interval: float, help_line: bool) -> Any:
-    from rich import box
+def renderable(
+    frame: Frame,
+    keys: Keys,
+    views: list[str],
+    interval: float,
+    help_line: bool,
+    width: int | None = None,
+) -> Any:
+    """The frame's header and the tables of ``views``; a table wider than ``width``
+    drops columns from the right, never its label column or the one it is sorted by,
+    and names what it dropped."""
     from rich.console import Group
-    from rich.table import Table as RichTable
     from rich.text import Text
 
     parts: list[Any] = [Text(header_text(frame.header, interval))]
     for name in views:
         for t in frame.views[name]:
-            sort = keys.sort.get(t.title)
-            rt = RichTable(title=t.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-            for i, col in enumerate(t.columns):
-                mark = ("v" if sort[1] else "^") if sort is not None and sort[0] == i else ""
-                rt.add_column(
-                    col + mark,
-                    justify="left" if i == 0 else "right",
-                    no_wrap=True,
-                    min_width=len(col + mark),
-                )
-            for r in _sorted(t, sort):
-                rt.add_row(*(_fmt(v) for v in r))
-            parts.append(rt)
+            parts.append(_rich_table(t, keys.sort.get(t.title), width))
     if help_line:
         parts.append(Text(HELP, style="dim"))
     return Group(*parts)
+
+
+def _rich_table(t: Table, sort: tuple[int, bool] | None, width: int | None) -> Any:
+    from rich import box
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table as RichTable
+
+    rows = [[_fmt(v) for v in r] for r in _sorted(t, sort)]
+    sorted_by = sort[0] if sort is not None else -1
+    heads = [
+        col + (("v" if sort[1] else "^") if sort is not None and i == sorted_by else "")
+        for i, col in enumerate(t.columns)
+    ]
+
+    def build(shown: list[int], caption: bool) -> Any:
+        hidden = [t.columns[i] for i in range(len(t.columns)) if i not in shown]
+        rt = RichTable(
+            title=t.title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            caption=f"not shown (too narrow): {', '.join(hidden)}" if hidden and caption else None,
+            caption_justify="left",
+        )
+        for i in shown:
+            rt.add_column(
+                heads[i], justify="left" if i == 0 else "right", no_wrap=True,
+                min_width=len(heads[i]),
+            )  # fmt: skip
+        for r in rows:
+            rt.add_row(*(r[i] for i in shown))
+        return rt
+
+    shown = list(range(len(t.columns)))
+    if width is not None:
+        console = Console(width=1 << 16)  # unclamped: the table's own width
+        droppable = [i for i in reversed(shown) if i not in (0, sorted_by)]
+        while (
+            droppable
+            and Measurement.get(console, console.options, build(shown, False)).maximum > width
+        ):
+            shown.remove(droppable.pop(0))
+    return build(shown, True)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -588,7 +628,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--view", default=None, metavar="VIEWS",
         help="views to print when not on a terminal, comma-separated: cpus, hctxs, tags, "
-        "devices (or c, h, t, d). Default: all",
+        "devices, locks (or c, h, t, d, k). Default: all",
     )  # fmt: skip
     p.set_defaults(func=main)
 
@@ -695,7 +735,8 @@ def live(top: Top, interval: float, read_keys: Callable[[int, float], str] = key
                         return 0
                 if typed and frame is not None:
                     screen.update(
-                        renderable(frame, keys, [keys.view], interval, True), refresh=True
+                        renderable(frame, keys, [keys.view], interval, True, console.width),
+                        refresh=True,
                     )
                 if time.monotonic() < due:
                     continue
@@ -704,7 +745,7 @@ def live(top: Top, interval: float, read_keys: Callable[[int, float], str] = key
                 frame = top.frame()
                 if ended:
                     frame.header["phase"] = "ended"
-                shown = renderable(frame, keys, [keys.view], interval, not ended)
+                shown = renderable(frame, keys, [keys.view], interval, not ended, console.width)
                 if ended:
                     from rich.console import Group
 
