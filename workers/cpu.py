@@ -594,7 +594,7 @@ class Cpu:
         self.t_stop = t0 + ramp_ns
         try:
             try:
-                self._run(end_ns)
+                self._run(t0, end_ns)
             finally:
                 if self.mq.hotplug is not None:  # the task submits no more: it follows any move
                     self.mq.hotplug.task_exit(self.cpu)
@@ -626,8 +626,10 @@ class Cpu:
                 period = driver.timer_interval_ns(q)
                 self._periodic(q, lambda q: driver.timer(self.mq, q), period)
 
-    def _run(self, end_ns: int) -> None:
-        """Submit while the jobs have room; serve interrupts; block when idle."""
+    def _run(self, t0: int, end_ns: int) -> None:
+        """Submit while the jobs have room; serve interrupts; block when idle.  A
+        ``rate_iops`` job issues at t0 + k / rate_iops, the run's common start: the
+        CPUs' paced jobs keep in step however late each CPU got to its first I/O."""
         mq = self.mq
         jobs = self.jobs
         queues = mq.queues
@@ -644,7 +646,7 @@ class Cpu:
             for j in jobs
         ]
         next_pub = clock() + PUBLISH_NS
-        next_allowed = [clock()] * len(jobs)
+        next_allowed = [t0] * len(jobs)
         sized = all(job.limit or job.limit_bytes for job in jobs)
         hotplug = mq.hotplug is not None
         polled_ctx = mq.ctx_cpu  # the ctx whose POLL hctxs this CPU reaps

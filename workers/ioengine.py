@@ -92,7 +92,15 @@ JOB_KNOBS: tuple[Knob, ...] = (
     Knob("rwmixread", "int", 50, "Percentage of reads in rw/randrw. Default: 50", 0, 100),
     Knob("runtime", "float", 5.0, "Seconds to run (time_based). Default: 5", 0.01, 86400),
     Knob("ramp_time", "float", 0.0, "Seconds run before stats count. Default: 0", 0, 3600),
-    Knob("rate_iops", "int", 0, "IOPS cap per job (0: no cap). Default: 0", 0, 1 << 30),
+    Knob(
+        "rate_iops",
+        "int",
+        0,
+        "IOPS cap per job, issued in even steps from the run's start, so the CPUs' jobs keep in "
+        "step (0: no cap). Default: 0",
+        0,
+        1 << 30,
+    ),
     Knob("size", "size", 0, "Bytes of the device each job spans (0: all). Default: 0", 0, 1 << 60),
     Knob(
         "percentile_list",

@@ -52,12 +52,15 @@ CLEARED_RACE = Bug(
         "with their own 256 tags (64-bit words); 25 ms in, device 0's nr_requests is "
         "cut to 64, leaving it one word (the resize also folds the first round's "
         "frees, so the word starts empty). 2 CPUs each submit one I/O to device 0 every "
-        "50 ms (rate_iops 20, 20 us completions), so they allocate in step and the word "
-        "fills with deferred frees every 32 rounds. The failed search is delayed up to "
-        "300 us before the fold (the two allocators arrive apart) and the fold is held "
-        "open up to 5 ms; the loser sleeps while 8 frees of the other CPU's one I/O "
-        "every 50 ms take 400 ms. Device 1 carries the bulk of the I/O (32 deep per "
-        "CPU) so that a run of the fixed code completes many requests."
+        "50 ms from the run's common start (rate_iops 20, 20 us completions), so they "
+        "allocate in step and the word fills with deferred frees at the 33rd round, "
+        "1.65 s in. The failed search is delayed up to 300 us before the fold (the two "
+        "allocators arrive apart) and the fold is held open up to 20 ms; the loser "
+        "sleeps until 8 frees of the other CPU's one I/O every 50 ms, 400 ms, but the "
+        "jobs stop 0.25 s after the word filled, and nothing wakes it. Device 1 carries "
+        "1,000 I/Os a second per CPU (32 deep) so that a run of the fixed code "
+        "completes requests; more would hold its own folds open often enough to put "
+        "the two CPUs out of step on device 0."
     ),
     scenario=Scenario(
         given={
@@ -70,13 +73,13 @@ CLEARED_RACE = Bug(
             "iodepth_batch_submit": 1,
             "cpus": 2,
         },
-        queue_jobs={0: {"iodepth": 1, "rate_iops": 20}},
+        queue_jobs={0: {"iodepth": 1, "rate_iops": 20}, 1: {"rate_iops": 1000}},
         timeline=("25ms:nullb0/debug/nr_requests_unfrozen=64",),
         inject={
             "sbitmap.get.before_fold": (100.0, 300),
-            "sbitmap.fold.after_xchg": (100.0, 5000),
+            "sbitmap.fold.after_xchg": (100.0, 20000),
         },
-        attempt_s=3.6,
+        attempt_s=1.9,
     ),
     patches=((Sbitmap, "deferred_clear", _deferred_clear_racy),),
     window=(
